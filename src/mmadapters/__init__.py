@@ -1,0 +1,32 @@
+"""mmadapters: parameter-efficient vision-language adapters (LaVIN's MMA, CROME) as native transformers models.
+
+Importing the package registers the models with the transformers Auto classes, so `AutoConfig`,
+`AutoModelForImageTextToText`, `AutoProcessor` and `pipeline("image-text-to-text")` load our checkpoints.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+
+from .modeling.adapters import MMAdapterConfig
+from .modeling.backbones import BackboneMismatchError
+from .modeling.embedded import embedded_backbones
+from .modeling.lavin import ImageTokenMismatchError, LavinConfig, LavinForConditionalGeneration
+from .processing import InvalidImageError, LavinProcessor, PromptTooLongError
+
+AutoConfig.register("lavin", LavinConfig)
+AutoModel.register(LavinConfig, LavinForConditionalGeneration)
+AutoModelForImageTextToText.register(LavinConfig, LavinForConditionalGeneration)
+AutoProcessor.register(LavinConfig, LavinProcessor)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackboneMismatchError",
+    "ImageTokenMismatchError",
+    "InvalidImageError",
+    "LavinConfig",
+    "LavinForConditionalGeneration",
+    "LavinProcessor",
+    "MMAdapterConfig",
+    "PromptTooLongError",
+    "embedded_backbones",
+]

@@ -1,0 +1,22 @@
+"""Adapter building blocks with no model knowledge: layers, configs, and their injection."""
+
+from .config import ADAPTER_CONFIG_NAME, MMAdapterConfig
+from .injection import (
+    find_decoder_layers,
+    find_vision_layers,
+    inject_decoder_adapters,
+    inject_vision_adapters,
+)
+from .mm_adapter import ROUTING_WEIGHTS_KWARG, GroupedLinear, MMAdapter
+
+__all__ = [
+    "ADAPTER_CONFIG_NAME",
+    "GroupedLinear",
+    "MMAdapter",
+    "MMAdapterConfig",
+    "ROUTING_WEIGHTS_KWARG",
+    "find_decoder_layers",
+    "find_vision_layers",
+    "inject_decoder_adapters",
+    "inject_vision_adapters",
+]

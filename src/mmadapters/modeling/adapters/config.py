@@ -1,0 +1,96 @@
+"""PEFT-style configuration of LaVIN's MM-Adapter, saved as `adapter_config.json`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+
+
+@dataclass
+class MMAdapterConfig:
+    """Configuration of the MM-Adapters that LaVIN (Mixture-of-Modality Adaptation) injects.
+
+    Follows PEFT's conventions (a dataclass, `save_pretrained` / `from_pretrained`, `adapter_config.json`),
+    but PEFT cannot register new method types from outside the library, so the adapter lives in our model.
+
+    Args:
+        r: bottleneck width of the down-projection (8 in the paper).
+        groups: groups of the two up-projection experts (block-diagonal, 2 in the paper).
+        dropout: dropout on the down-projection output (0.1 in the paper).
+        scale: scale s of the adapter branch (1 in the paper).
+        temperature: router softmax temperature tau (10 for LLaMA-7B, 5 for 13B).
+        placement: "attn" puts one adapter before self-attention in every decoder layer (the paper);
+            "attn_mlp" adds a second one before the MLP (off in the paper: no gain reported).
+        vision_adapters: inject adapters in every vision encoder layer too (the paper does).
+        official_vision_routing: parity flag for converted official checkpoints only. The official code
+            routes every image of a batch (position by position) by the first image's tokens; the
+            default routes each image by its own first token.
+    """
+
+    r: int = 8
+    groups: int = 2
+    dropout: float = 0.1
+    scale: float = 1.0
+    temperature: float = 10.0
+    placement: Literal["attn", "attn_mlp"] = "attn"
+    vision_adapters: bool = True
+    official_vision_routing: bool = False
+    peft_type: str = "MMA"
+    base_model_name_or_path: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"MMAdapterConfig.r must be a positive integer, got {self.r}.")
+        if self.groups < 1 or self.r % self.groups != 0:
+            raise ValueError(
+                f"MMAdapterConfig.groups={self.groups} must divide r={self.r} (each expert group reads r/groups "
+                "hidden units)."
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"MMAdapterConfig.dropout must be in [0, 1), got {self.dropout}.")
+        if self.temperature <= 0:
+            raise ValueError(f"MMAdapterConfig.temperature must be > 0, got {self.temperature}.")
+        if self.placement not in ("attn", "attn_mlp"):
+            raise ValueError(
+                f"MMAdapterConfig.placement must be 'attn' or 'attn_mlp', got {self.placement!r}."
+            )
+
+    @property
+    def sites_per_layer(self) -> int:
+        """How many adapters each decoder layer holds (1 before attention, +1 before the MLP)."""
+        return 2 if self.placement == "attn_mlp" else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> MMAdapterConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"Unknown MMAdapterConfig field(s) {unknown}; known fields are {sorted(known)}. "
+                "Was this adapter_config.json written by a newer mmadapters or by another adapter method?"
+            )
+        return cls(**values)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        os.makedirs(save_directory, exist_ok=True)
+        with open(os.path.join(save_directory, ADAPTER_CONFIG_NAME), "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> MMAdapterConfig:
+        path = os.path.join(directory, ADAPTER_CONFIG_NAME)
+        with open(path) as f:
+            values = json.load(f)
+        if values.get("peft_type", "MMA") != "MMA":
+            raise ValueError(f"{path} describes a {values['peft_type']!r} adapter, not LaVIN's MMA adapter.")
+        return cls.from_dict(values)

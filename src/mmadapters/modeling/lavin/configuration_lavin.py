@@ -1,0 +1,103 @@
+"""LaVIN model configuration."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+from ..adapters import MMAdapterConfig
+
+
+def default_vision_feature_layers(num_vision_layers: int) -> list[int]:
+    """Every 4th vision layer (4, 8, ..., 24 for ViT-L/14: 6 visual tokens), as in the paper."""
+    return list(range(4, num_vision_layers + 1, 4)) or [num_vision_layers]
+
+
+@strict
+class LavinConfig(PreTrainedConfig):
+    r"""Configuration of [`LavinForConditionalGeneration`]: a frozen LLM and a frozen vision tower joined by
+    LaVIN's MM-Adapters (Luo et al., NeurIPS 2023).
+
+    The defaults describe the paper's LaVIN-7B: LLaMA-7B shapes and CLIP ViT-L/14 at 224 px.
+
+    Args:
+        text_config: config of the frozen LLM (any decoder with an input norm before self-attention).
+        vision_config: config of the frozen vision tower (CLIP or SigLIP vision model).
+        adapter_config: an `MMAdapterConfig` as a dict (also saved on its own as `adapter_config.json`).
+        vision_feature_layers: the vision layers whose first token (CLS) becomes a visual token; default
+            every 4th layer (4, 8, ..., 24 for ViT-L: 6 tokens). Taken before any post-layernorm.
+        vision_feature_pooling: "cls" (the first token; CLIP) or "mean" (mean of all tokens; towers without a
+            CLS token such as SigLIP). Also how vision adapters pick their router input. Default: "mean" for
+            SigLIP-like towers, else "cls".
+        projector_hidden_size: width of the SiLU projector's hidden layer (128 in the paper).
+        image_token_id: id of the image placeholder token in `input_ids`. It may lie outside the LLM's
+            embedding matrix (we never resize the frozen embeddings): those positions are overwritten with
+            visual features before the LLM runs.
+        text_backbone, vision_backbone: where the frozen backbones come from (`name_or_path`, `revision`,
+            `fingerprint`), written by `from_backbones` and checked by `from_pretrained`.
+    """
+
+    model_type = "lavin"
+    sub_configs_defaults = {
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+        "vision_config": SubConfigSpec(
+            config_class=AutoConfig,
+            model_type="clip_vision_model",
+            init_kwargs={
+                "hidden_size": 1024,
+                "intermediate_size": 4096,
+                "num_hidden_layers": 24,
+                "num_attention_heads": 16,
+                "patch_size": 14,
+                "image_size": 224,
+                "projection_dim": 768,
+            },
+        ),
+    }
+
+    text_config: dict | PreTrainedConfig | None = None
+    vision_config: dict | PreTrainedConfig | None = None
+    adapter_config: dict | None = None
+    vision_feature_layers: list[int] | None = None
+    vision_feature_pooling: Literal["cls", "mean"] | None = None
+    projector_hidden_size: int = 128
+    image_token_id: int | None = None
+    text_backbone: dict | None = None
+    vision_backbone: dict | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        # Validate and normalise the adapter config (unknown fields raise a clear error here, early).
+        self.adapter_config = MMAdapterConfig.from_dict(self.adapter_config or {}).to_dict()
+        num_vision_layers = self.vision_config.num_hidden_layers
+        if self.vision_feature_layers is None:
+            self.vision_feature_layers = default_vision_feature_layers(num_vision_layers)
+        bad = [layer for layer in self.vision_feature_layers if not 1 <= layer <= num_vision_layers]
+        if bad or not self.vision_feature_layers:
+            raise ValueError(
+                f"vision_feature_layers={self.vision_feature_layers} must name layers 1..{num_vision_layers} of "
+                "the vision tower (layer k = output of the k-th encoder layer)."
+            )
+        if self.vision_feature_pooling is None:
+            self.vision_feature_pooling = "mean" if "siglip" in self.vision_config.model_type else "cls"
+        if self.image_token_id is None:
+            # First id past the embedding matrix: never collides with a real token.
+            self.image_token_id = self.text_config.vocab_size
+        # Output embeddings are tied (or not) inside the LLM itself; follow it, as LLaVA does.
+        self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Visual tokens per image: one per feature layer (6 for ViT-L/14)."""
+        return len(self.vision_feature_layers)
+
+    @property
+    def mm_adapter_config(self) -> MMAdapterConfig:
+        return MMAdapterConfig.from_dict(self.adapter_config)
+
+
+__all__ = ["LavinConfig"]

@@ -1,0 +1,496 @@
+"""LaVIN: a frozen LLM and a frozen vision tower joined by Mixture-of-Modality adapters (LAVIN.md).
+
+Reading order: `LavinForConditionalGeneration.__init__` (what is built and frozen), `forward` (data flow),
+`compute_routing_table` (where the LLM-side router is computed), `generate`, then saving and loading.
+"""
+
+import os
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    GenerationConfig,
+    GenerationMixin,
+    PreTrainedModel,
+)
+from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..adapters import (
+    ROUTING_WEIGHTS_KWARG,
+    MMAdapter,
+    MMAdapterConfig,
+    find_decoder_layers,
+    find_vision_layers,
+    inject_decoder_adapters,
+    inject_vision_adapters,
+)
+from ..backbones import (
+    BackboneReference,
+    BackboneSpec,
+    check_backbone,
+    freeze,
+    image_token_id_for,
+    load_text_backbone,
+    load_vision_backbone,
+    resolve_checkpoint_folder,
+)
+from .configuration_lavin import LavinConfig
+
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+# Top-level modules that make up the trainable adapter side; everything else is a frozen backbone.
+ADAPTER_MODULES = ("llm_adapters", "vision_adapters", "projector", "modality_embedding")
+# Keyword arguments of `forward` that belong to the loss, not to the LLM.
+LOSS_KWARGS = ("num_items_in_batch", "ignore_index")
+
+
+class ImageTokenMismatchError(ValueError):
+    """The image placeholder tokens in `input_ids` do not match the images in `pixel_values`."""
+
+
+class LavinProjector(nn.Module):
+    """LaVIN's "visual adapter": Linear(vision width -> 128) -> SiLU -> Linear(128 -> LLM width)."""
+
+    def __init__(self, vision_hidden_size: int, hidden_size: int, text_hidden_size: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(vision_hidden_size, hidden_size)
+        self.act = nn.SiLU()
+        self.linear_2 = nn.Linear(hidden_size, text_hidden_size)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for linear in (self.linear_1, self.linear_2):
+            init.xavier_uniform_(linear.weight)
+            init.zeros_(linear.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(features)))
+
+
+class LavinPreTrainedModel(PreTrainedModel):
+    config: LavinConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+    _skip_keys_device_placement = ["past_key_values"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # Backbones are PreTrainedModels: transformers dispatches their own init (and skips loaded weights).
+        # Children are visited before parents, so these overwrite the generic init of their inner Linears.
+        if isinstance(module, (MMAdapter, LavinProjector)):
+            module.reset_parameters()
+        elif isinstance(module, LavinForConditionalGeneration):
+            init.normal_(module.modality_embedding.weight, mean=0.0, std=1.0)
+        else:
+            super()._init_weights(module)
+
+
+class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
+    """LaVIN: MM-Adapters inside a frozen LLM and a frozen CLIP/SigLIP vision tower, routed by modality.
+
+    Build it around any Hub backbones with [`~LavinForConditionalGeneration.from_backbones`]; only the adapter
+    side trains (LLM and vision adapters with their routers, the projector, the modality embedding).
+    """
+
+    def __init__(
+        self,
+        config: LavinConfig,
+        language_model: PreTrainedModel | None = None,
+        vision_tower: PreTrainedModel | None = None,
+    ) -> None:
+        super().__init__(config)
+        adapter_config = config.mm_adapter_config
+        self.language_model = language_model or AutoModelForCausalLM.from_config(config.text_config)
+        self.vision_tower = vision_tower or AutoModel.from_config(config.vision_config)
+        freeze(self.language_model)
+        freeze(self.vision_tower)
+        text_width = config.text_config.hidden_size
+        vision_width = config.vision_config.hidden_size
+
+        # LLM side: one adapter per decoder layer (two with placement="attn_mlp"), routed by modality.
+        decoder_layers = find_decoder_layers(
+            self.language_model, need_mlp_norm=adapter_config.sites_per_layer > 1
+        )
+        self.llm_adapters = nn.ModuleList(
+            nn.ModuleList(
+                MMAdapter(text_width, adapter_config) for _ in range(adapter_config.sites_per_layer)
+            )
+            for _ in decoder_layers
+        )
+        inject_decoder_adapters(decoder_layers, self.llm_adapters)
+
+        # Vision side: one adapter per encoder layer, each image routed by its own CLS (or mean) token.
+        self.vision_adapters = None
+        if adapter_config.vision_adapters:
+            vision_layers = find_vision_layers(self.vision_tower)
+            router_token = "first" if config.vision_feature_pooling == "cls" else "mean"
+            self.vision_adapters = nn.ModuleList(
+                MMAdapter(vision_width, adapter_config, router_token, adapter_config.official_vision_routing)
+                for _ in vision_layers
+            )
+            inject_vision_adapters(vision_layers, self.vision_adapters)
+
+        self.projector = LavinProjector(vision_width, config.projector_hidden_size, text_width)
+        # Index 1: the sample has an image; 0: text only. Its trajectory through the LLM sets the routing.
+        self.modality_embedding = nn.Embedding(2, text_width)
+        self.post_init()
+
+    # ------------------------------------------------------------------------------------------------
+    # Construction around Hub backbones
+    # ------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_backbones(
+        cls,
+        text_model: BackboneSpec,
+        vision_model: BackboneSpec,
+        adapter_config: MMAdapterConfig | None = None,
+        dtype: torch.dtype | str | None = None,
+        text_revision: str | None = None,
+        vision_revision: str | None = None,
+        **config_kwargs: Any,
+    ) -> "LavinForConditionalGeneration":
+        """Build LaVIN around a frozen LLM and a frozen vision tower.
+
+        Args:
+            text_model: a Hub id, a local folder, or a config object (random weights) of a causal LM.
+            vision_model: the same for a CLIP/SigLIP vision tower (a full CLIP checkpoint also works).
+            adapter_config: the MM-Adapter settings (default: the paper's).
+            dtype: dtype of the frozen backbones (adapters stay float32). Default float32.
+            text_revision, vision_revision: Hub revisions to load (recorded in the config).
+            **config_kwargs: other `LavinConfig` fields (vision_feature_layers, projector_hidden_size, ...).
+
+        Works under `with torch.device("meta"):` with config objects, for instant full-size parameter counts.
+        """
+        language_model, text_ref = load_text_backbone(text_model, dtype, text_revision)
+        vision_tower, vision_ref = load_vision_backbone(vision_model, dtype, vision_revision)
+        if "image_token_id" not in config_kwargs and text_ref is not None:
+            config_kwargs["image_token_id"] = image_token_id_for(text_ref.name_or_path, text_ref.revision)
+        adapter_config = adapter_config or MMAdapterConfig()
+        adapter_config.base_model_name_or_path = text_ref.name_or_path if text_ref else None
+        # Building a composite config resets its sub-configs' attention implementation: keep the backbones' own.
+        attention = {
+            "text_config": language_model.config._attn_implementation,
+            "vision_config": vision_tower.config._attn_implementation,
+        }
+        config = LavinConfig(
+            text_config=language_model.config,
+            vision_config=vision_tower.config,
+            adapter_config=adapter_config.to_dict(),
+            text_backbone=text_ref.to_dict() if text_ref else None,
+            vision_backbone=vision_ref.to_dict() if vision_ref else None,
+            **config_kwargs,
+        )
+        config._attn_implementation = attention
+        model = cls(config, language_model=language_model, vision_tower=vision_tower)
+        model.generation_config = GenerationConfig.from_dict(language_model.generation_config.to_dict())
+        return model
+
+    # ------------------------------------------------------------------------------------------------
+    # Forward
+    # ------------------------------------------------------------------------------------------------
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def embed_tokens(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Token embeddings; image placeholders (possibly past the vocabulary) get a dummy id, replaced later."""
+        vocab_size = self.get_input_embeddings().num_embeddings
+        image_mask = input_ids == self.config.image_token_id
+        bad = (~image_mask) & ((input_ids < 0) | (input_ids >= vocab_size))
+        if bad.any():
+            raise ValueError(
+                f"input_ids contain ids outside the LLM vocabulary (0..{vocab_size - 1}) that are not the image "
+                f"token ({self.config.image_token_id}): {input_ids[bad][:5].tolist()}. Was the text tokenized with "
+                "another tokenizer than this model's processor?"
+            )
+        return self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Visual tokens (num_images, num_image_tokens, LLM width): the CLS token after every k-th vision layer
+        (taken from the hidden states, before any post-layernorm), through the projector."""
+        vision_dtype = self.vision_tower.dtype
+        outputs = self.vision_tower(pixel_values=pixel_values.to(vision_dtype), output_hidden_states=True)
+        hidden_states = outputs.hidden_states  # (embeddings, layer 1, ..., layer N)
+        if self.config.vision_feature_pooling == "cls":
+            pooled = [hidden_states[layer][:, 0] for layer in self.config.vision_feature_layers]
+        else:
+            pooled = [hidden_states[layer].mean(dim=1) for layer in self.config.vision_feature_layers]
+        features = torch.stack(pooled, dim=1)
+        return self.projector(features.to(self.projector.linear_1.weight.dtype))
+
+    def compute_routing_table(self) -> torch.Tensor:
+        """The LLM-side routing weights for both modalities: (2 modalities, layers, sites, 2 experts).
+
+        Officially the modality token is prepended at position 0, attends only to itself and nothing attends
+        to it, and in every layer the router reads that token's normed hidden state. Its trajectory therefore
+        depends only on the modality bit, so it is run here once, alone, as a length-1 sequence at position 0,
+        with every adapter routing itself by it; the weights each adapter computed form the table.
+        """
+        adapters = [adapter for layer in self.llm_adapters for adapter in layer]
+        decoder = self.language_model.get_decoder()
+        tokens = self.modality_embedding.weight.unsqueeze(1).to(self.get_input_embeddings().weight.dtype)
+        position_ids = torch.zeros(2, 1, dtype=torch.long, device=tokens.device)
+        for adapter in adapters:
+            adapter.record_routing = True
+        try:
+            decoder(inputs_embeds=tokens, position_ids=position_ids, use_cache=False)
+            weights = torch.stack([adapter.last_routing_weights for adapter in adapters], dim=1)
+        finally:
+            for adapter in adapters:
+                adapter.record_routing = False
+                adapter.last_routing_weights = None
+        return weights.view(2, len(self.llm_adapters), len(self.llm_adapters[0]), 2)
+
+    def modality_of(self, input_ids: torch.LongTensor) -> torch.LongTensor:
+        """1 for each sequence that holds image placeholder tokens, else 0."""
+        return (input_ids == self.config.image_token_id).any(dim=-1).long()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        modality: torch.LongTensor | None = None,
+        routing_weights: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        modality: (batch,) 1 = image sample, 0 = text only. Default: read from the image tokens in `input_ids`.
+        routing_weights: (batch, layers, sites, 2) precomputed LLM routing weights (`generate` passes them so
+            that the routing table is computed once per call). Default: computed here from `modality`.
+        position_ids: positions of the text tokens counted from 0; the LLM sees them shifted by one, because
+            position 0 belongs to the (virtual) modality token, as in training of the official model.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+
+        if pixel_values is not None:
+            if input_ids is None:
+                raise ValueError("pixel_values need input_ids holding the image placeholder tokens.")
+            inputs_embeds = self._place_image_features(input_ids, pixel_values, inputs_embeds)
+        elif input_ids is not None and prefill and (input_ids == self.config.image_token_id).any():
+            raise ImageTokenMismatchError(
+                f"input_ids hold {(input_ids == self.config.image_token_id).sum().item()} image placeholder tokens "
+                "but no pixel_values were given. Pass the images through the processor."
+            )
+
+        if routing_weights is None:
+            if modality is None:
+                if input_ids is None:
+                    raise ValueError("With inputs_embeds, pass `modality` (1 = image sample, 0 = text only).")
+                modality = self.modality_of(input_ids)
+            routing_weights = self.compute_routing_table()[modality]
+
+        if position_ids is None:
+            position_ids = self._text_position_ids(inputs_embeds, attention_mask, past_key_values)
+        loss_kwargs = {key: kwargs.pop(key) for key in LOSS_KWARGS if key in kwargs}
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids + 1,  # position 0 belongs to the modality token
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **{ROUTING_WEIGHTS_KWARG: routing_weights},
+            **kwargs,
+        )
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=outputs.logits,
+                labels=labels,
+                vocab_size=self.config.text_config.vocab_size,
+                **loss_kwargs,
+            )
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=outputs.logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def _place_image_features(
+        self, input_ids: torch.LongTensor, pixel_values: torch.Tensor, inputs_embeds: torch.Tensor
+    ) -> torch.Tensor:
+        image_mask = input_ids == self.config.image_token_id
+        num_images, per_image = pixel_values.shape[0], self.config.num_image_tokens
+        if image_mask.sum().item() != num_images * per_image:
+            raise ImageTokenMismatchError(
+                f"input_ids hold {image_mask.sum().item()} image placeholder tokens but {num_images} image(s) x "
+                f"{per_image} visual tokens = {num_images * per_image} are needed. Build the inputs with the "
+                "model's processor (one image per `<image>` placeholder) and do not truncate inside an image."
+            )
+        features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1).expand_as(inputs_embeds), features)
+
+    @staticmethod
+    def _text_position_ids(
+        inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, past_key_values: Any
+    ) -> torch.LongTensor:
+        """Positions as `generate` computes them: left padding does not shift the real tokens."""
+        seq_len = inputs_embeds.shape[1]
+        if attention_mask is not None:
+            positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+            return positions[:, -seq_len:]
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        return torch.arange(past, past + seq_len, device=inputs_embeds.device).unsqueeze(0)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        modality: torch.LongTensor | None = None,
+        routing_weights: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """`GenerationMixin.generate`, with the routing table computed once per call (not per token).
+
+        The vision tower runs once, in the prefill step (`generate` drops `pixel_values` afterwards).
+        """
+        if routing_weights is None:
+            if modality is None:
+                if input_ids is None:
+                    raise ValueError("generate needs input_ids, or `modality` with inputs_embeds.")
+                modality = self.modality_of(input_ids)
+            routing_weights = self.compute_routing_table()[modality]
+        return super().generate(
+            input_ids=input_ids, pixel_values=pixel_values, routing_weights=routing_weights, **kwargs
+        )
+
+    # ------------------------------------------------------------------------------------------------
+    # Adapter-only checkpoints
+    # ------------------------------------------------------------------------------------------------
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter side only: LLM and vision adapters, projector, modality embedding."""
+        return {k: v for k, v in self.state_dict().items() if k.split(".", 1)[0] in ADAPTER_MODULES}
+
+    def load_adapter_state_dict(
+        self, state_dict: dict[str, torch.Tensor], source: str = "state dict"
+    ) -> None:
+        """Load adapter tensors, refusing missing, unexpected or mis-shaped ones with a clear message."""
+        expected = self.adapter_state_dict()
+        missing = sorted(set(expected) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(expected))
+        mis_shaped = [
+            f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+            for k in sorted(set(expected) & set(state_dict))
+            if state_dict[k].shape != expected[k].shape
+        ]
+        if missing or unexpected or mis_shaped:
+            raise ValueError(
+                f"The adapter weights in {source} do not fit this model: missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]}, shape mismatches {mis_shaped[:5]}. Were they trained with another backbone or "
+                "another adapter configuration?"
+            )
+        self.load_state_dict(state_dict, strict=False)
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        adapter_only: bool = True,
+        processor: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        """Save the adapters only (default: config.json naming the backbones, adapter_config.json,
+        adapter_model.safetensors) or, with `adapter_only=False`, every weight. A processor given is saved too.
+        """
+        if not adapter_only:
+            super().save_pretrained(save_directory, **kwargs)
+        else:
+            unsaved = [
+                role for role in ("text", "vision") if getattr(self.config, f"{role}_backbone") is None
+            ]
+            if unsaved:
+                raise ValueError(
+                    f"The {' and '.join(unsaved)} backbone(s) were built from config objects (random weights), so "
+                    "an adapter-only checkpoint could not be loaded again. Save the backbones with their own "
+                    "`save_pretrained` and build the model from those folders, or use `adapter_only=False`."
+                )
+            os.makedirs(save_directory, exist_ok=True)
+            self.config.save_pretrained(save_directory)
+            self.generation_config.save_pretrained(save_directory)
+            state = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict().items()}
+            save_file(state, os.path.join(save_directory, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+        self.config.mm_adapter_config.save_pretrained(save_directory)
+        if processor is not None:
+            processor.save_pretrained(save_directory)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args: Any,
+        text_model: BackboneSpec | None = None,
+        vision_model: BackboneSpec | None = None,
+        ignore_backbone_mismatch: bool = False,
+        dtype: torch.dtype | str | None = None,
+        revision: str | None = None,
+        **kwargs: Any,
+    ) -> "LavinForConditionalGeneration":
+        """Load a LaVIN checkpoint: adapter-only (the backbones are resolved again from the names in config.json,
+        or from `text_model` / `vision_model` if given, and checked against the recorded fingerprints) or full.
+        """
+        name = os.fspath(pretrained_model_name_or_path)
+        folder = resolve_checkpoint_folder(name, revision)
+        if not os.path.isfile(os.path.join(folder, ADAPTER_WEIGHTS_NAME)):
+            kwargs.pop("config", None)
+            dtype = torch.float32 if dtype in (None, "auto") else dtype
+            return super().from_pretrained(folder, *model_args, dtype=dtype, **kwargs)
+
+        config = LavinConfig.from_pretrained(folder)
+        expected_text = BackboneReference(**config.text_backbone)
+        expected_vision = BackboneReference(**config.vision_backbone)
+        dtype = None if dtype == "auto" else dtype
+        language_model, text_loaded = load_text_backbone(
+            text_model or expected_text.name_or_path, dtype, None if text_model else expected_text.revision
+        )
+        vision_tower, vision_loaded = load_vision_backbone(
+            vision_model or expected_vision.name_or_path,
+            dtype,
+            None if vision_model else expected_vision.revision,
+        )
+        if not ignore_backbone_mismatch:
+            check_backbone("text", expected_text, text_loaded, name)
+            check_backbone("vision", expected_vision, vision_loaded, name)
+        config.text_config = language_model.config
+        config.vision_config = vision_tower.config
+        model = cls(config, language_model=language_model, vision_tower=vision_tower)
+        model.load_adapter_state_dict(load_file(os.path.join(folder, ADAPTER_WEIGHTS_NAME)), source=name)
+        if os.path.isfile(os.path.join(folder, "generation_config.json")):
+            model.generation_config = GenerationConfig.from_pretrained(folder)
+        model.eval()
+        return model
+
+
+__all__ = [
+    "ImageTokenMismatchError",
+    "LavinForConditionalGeneration",
+    "LavinPreTrainedModel",
+    "LavinProjector",
+]

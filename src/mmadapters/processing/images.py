@@ -1,0 +1,107 @@
+"""Reading and validating user images: every failure is a clear `InvalidImageError`, raised before any model runs."""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# 64 megapixels (8000 x 8000): far above what any vision tower uses, far below a decompression bomb.
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+# Wider than a panorama strip; anything beyond is a mistake or an attack, and would resize to a line of pixels.
+MAX_ASPECT_RATIO = 50.0
+
+
+class InvalidImageError(ValueError):
+    """An image could not be read or is not acceptable (corrupt, truncated, absurd size, unsupported type)."""
+
+
+def load_image(image: Any, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, what: str = "image") -> Image.Image:
+    """Open and validate one image; return it as RGB.
+
+    Accepts a PIL image, a path, raw bytes or an (H, W[, C]) uint8 array. Grayscale, RGBA/LA (composited on
+    white), palette, CMYK and 16-bit images are converted; EXIF rotation is applied. Refuses unreadable or
+    truncated files, more than `max_pixels` pixels (checked from the header, before decoding: decompression
+    bombs are never decoded) and aspect ratios beyond 1:50.
+    """
+    label = f"{what} {str(image)[:200]!r}" if isinstance(image, (str, os.PathLike)) else what
+    pil = _open(image, label)
+    width, height = pil.size
+    if width < 1 or height < 1:
+        raise InvalidImageError(f"The {label} is empty ({width}x{height} pixels).")
+    if width * height > max_pixels:
+        raise InvalidImageError(
+            f"The {label} has {width}x{height} = {width * height:,} pixels, more than the limit of {max_pixels:,} "
+            "(a decompression bomb or an absurd size). Downscale it first, or raise `max_image_pixels`."
+        )
+    if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        raise InvalidImageError(
+            f"The {label} is {width}x{height} pixels: an aspect ratio beyond 1:{MAX_ASPECT_RATIO:.0f} would be "
+            "squashed to a line by the vision tower. Crop it first."
+        )
+    try:
+        pil.load()
+        pil = ImageOps.exif_transpose(pil)
+    except (OSError, SyntaxError, ValueError) as error:
+        raise InvalidImageError(
+            f"The {label} is corrupt or truncated and cannot be decoded ({error}). Re-export or re-download it."
+        ) from error
+    return to_rgb(pil)
+
+
+def _open(image: Any, label: str) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+            raise InvalidImageError(
+                f"The {label} is an array of shape {image.shape} and dtype {image.dtype}; expected uint8 (H, W) or "
+                "(H, W, C)."
+            )
+        return Image.fromarray(image)
+    if isinstance(image, (str, os.PathLike)):
+        if not os.path.isfile(image):
+            raise InvalidImageError(f"The {label} does not exist or is not a file.")
+        source: Any = os.fspath(image)
+    elif isinstance(image, (bytes, bytearray)):
+        source = io.BytesIO(image)
+    else:
+        raise InvalidImageError(
+            f"Unsupported {label} of type {type(image).__name__}: pass a PIL image, a file path, bytes or a uint8 "
+            "array."
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(source)
+    except Image.DecompressionBombError as error:
+        raise InvalidImageError(f"Refusing the {label}: {error}") from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise InvalidImageError(
+            f"The {label} is not a readable image ({error}). Supported: the formats Pillow reads (PNG, JPEG, ...)."
+        ) from error
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to RGB: transparency over white, 16-bit and float scaled to 8 bits."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P":
+        image = image.convert("RGBA") if "transparency" in image.info else image.convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16"):
+            scaled = array / 257.0  # 16-bit range onto 8 bits
+        else:  # 32-bit int or float: no fixed range, stretch what is there
+            low, high = float(array.min()), float(array.max())
+            scaled = np.zeros_like(array) if high == low else (array - low) / (high - low) * 255.0
+        return Image.fromarray(scaled.round().astype(np.uint8), mode="L").convert("RGB")
+    return image.convert("RGB")
