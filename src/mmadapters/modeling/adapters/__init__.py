@@ -2,15 +2,18 @@
 
 from .config import ADAPTER_CONFIG_NAME, MMAdapterConfig
 from .injection import (
+    ROUTING_WEIGHTS_KWARG,
+    DecoderLayerAdapters,
     find_decoder_layers,
     find_vision_layers,
     inject_decoder_adapters,
     inject_vision_adapters,
 )
-from .mm_adapter import ROUTING_WEIGHTS_KWARG, GroupedLinear, MMAdapter
+from .mm_adapter import GroupedLinear, MMAdapter
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
+    "DecoderLayerAdapters",
     "GroupedLinear",
     "MMAdapter",
     "MMAdapterConfig",

@@ -1,20 +1,65 @@
 """Injection of MM-Adapters into a frozen Hugging Face decoder and vision tower.
 
-Adapters are attached with forward hooks on the existing norm modules, so no base parameter is renamed or
-moved: the backbone's own checkpoint keys keep loading untouched, and the adapter modules are owned (and
-saved) by the composite model. Where the LLM adapters sit (LAVIN.md section 2):
+Adapters are attached with forward hooks, so no base parameter is renamed or moved: the backbone's own
+checkpoint keys keep loading untouched, and the adapter modules are owned (and saved) by the composite model.
+Where the adapters sit (LAVIN.md section 2):
 
     h = x + Attn(Adapter(input_layernorm(x)))            every decoder layer
     out = h + MLP(Adapter(post_attention_layernorm(h)))  only with placement="attn_mlp"
     vision: x + Attn(Adapter(layer_norm1(x)))            every encoder layer
+
+LLM side: the attention-site adapter transforms the normed hidden states as they enter self-attention (a
+forward pre-hook on `self_attn`, which receives the layer's keyword arguments). That is where the routing
+weights arrive: the LaVIN model passes `mm_routing_weights` (batch, layers, sites, 2) to the LLM forward and
+transformers hands extra keyword arguments to every decoder layer and its `self_attn`. The hook runs inside
+the layer's forward, so a gradient-checkpointed layer recomputes it with the same arguments.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .config import MMAdapterConfig
 from .mm_adapter import MMAdapter
+
+# Keyword argument of the LLM forward that carries the per-layer routing weights down to the decoder layers.
+ROUTING_WEIGHTS_KWARG = "mm_routing_weights"
+
+
+class DecoderLayerAdapters(nn.Module):
+    """The MM-Adapters of one decoder layer: `attn` before self-attention, `mlp` before the MLP (optional)."""
+
+    def __init__(self, hidden_size: int, config: MMAdapterConfig, layer_index: int) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.attn = MMAdapter(hidden_size, config)
+        self.mlp = MMAdapter(hidden_size, config) if config.placement == "attn_mlp" else None
+
+    def sites(self) -> list[MMAdapter]:
+        return [self.attn] if self.mlp is None else [self.attn, self.mlp]
+
+    def attention_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Forward pre-hook on `self_attn`: adapt its input hidden states with this layer's routing weights.
+
+        No routing weights in the arguments means "route by your own first token" (used to run the
+        modality token alone when the routing table is computed).
+        """
+        table = kwargs.get(ROUTING_WEIGHTS_KWARG)
+        rows = None if table is None else table[:, self.layer_index]  # (batch, sites, 2)
+        if self.mlp is not None:  # the MLP runs next in this same layer call
+            self.mlp.routing_weights = None if rows is None else rows[:, 1]
+        attn_weights = None if rows is None else rows[:, 0]
+        if "hidden_states" in kwargs:
+            kwargs["hidden_states"] = self.attn.adapt(kwargs["hidden_states"], attn_weights)
+        else:
+            args = (self.attn.adapt(args[0], attn_weights), *args[1:])
+        return args, kwargs
+
+    def mlp_norm_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """Forward hook on `post_attention_layernorm`: adapt the MLP input."""
+        return self.mlp.adapt(output, self.mlp.routing_weights)
 
 
 def find_decoder_layers(language_model: nn.Module, need_mlp_norm: bool = False) -> nn.ModuleList:
@@ -26,8 +71,8 @@ def find_decoder_layers(language_model: nn.Module, need_mlp_norm: bool = False) 
             f"Cannot find the decoder layers of {type(language_model).__name__}: LaVIN's adapters need a decoder "
             "with a `layers` list (Llama, Mistral, Qwen2, ... style)."
         )
-    norms = ["input_layernorm"] + (["post_attention_layernorm"] if need_mlp_norm else [])
-    for name in norms:
+    needed = ["input_layernorm", "self_attn"] + (["post_attention_layernorm"] if need_mlp_norm else [])
+    for name in needed:
         if not isinstance(getattr(layers[0], name, None), nn.Module):
             raise ValueError(
                 f"{type(layers[0]).__name__} has no `{name}`: LaVIN's MM-Adapter sits on the norm before "
@@ -48,18 +93,17 @@ def find_vision_layers(vision_model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def inject_decoder_adapters(layers: nn.ModuleList, adapters: list[list[MMAdapter]]) -> list[RemovableHandle]:
-    """Hook `adapters[i][0]` on layer i's input norm (and `adapters[i][1]` on its post-attention norm)."""
+def inject_decoder_adapters(layers: nn.ModuleList, adapters: nn.ModuleList) -> list[RemovableHandle]:
+    """Hook `adapters[i]` (a `DecoderLayerAdapters`) into decoder layer i."""
     if len(adapters) != len(layers):
         raise ValueError(f"Got adapters for {len(adapters)} layers, the decoder has {len(layers)}.")
     handles = []
-    norm_names = ("input_layernorm", "post_attention_layernorm")
-    for layer_index, (layer, layer_adapters) in enumerate(zip(layers, adapters, strict=True)):
-        for site_index, adapter in enumerate(layer_adapters):
-            adapter.layer_index, adapter.site_index = layer_index, site_index
-            handles.append(layer.register_forward_pre_hook(adapter.decoder_layer_pre_hook, with_kwargs=True))
-            norm = getattr(layer, norm_names[site_index])
-            handles.append(norm.register_forward_hook(adapter.norm_output_hook))
+    for layer, layer_adapters in zip(layers, adapters, strict=True):
+        handles.append(
+            layer.self_attn.register_forward_pre_hook(layer_adapters.attention_pre_hook, with_kwargs=True)
+        )
+        if layer_adapters.mlp is not None:
+            handles.append(layer.post_attention_layernorm.register_forward_hook(layer_adapters.mlp_norm_hook))
     return handles
 
 

@@ -10,9 +10,6 @@ from transformers import initialization as init
 
 from .config import MMAdapterConfig
 
-# Keyword argument of the LLM forward that carries the per-layer routing weights down to the decoder layers.
-ROUTING_WEIGHTS_KWARG = "mm_routing_weights"
-
 
 class GroupedLinear(nn.Module):
     """A block-diagonal linear layer, equal to the official `Conv1d(in, out, kernel_size=1, groups=g)`.
@@ -77,10 +74,8 @@ class MMAdapter(nn.Module):
         self.expert_b = GroupedLinear(config.r, hidden_size, config.groups)
         self.expert_d = GroupedLinear(config.r, hidden_size, config.groups)
         self.router = nn.Linear(hidden_size, 2)
-        # LLM side: where this adapter sits (decoder layer, site 0 = before attention, 1 = before the MLP),
-        # and its routing weights for the current call, taken from the layer's keyword arguments.
-        self.layer_index: int | None = None
-        self.site_index: int = 0
+        # LLM side, MLP site only: routing weights for the current layer call, handed over by the attention
+        # site's hook of the same layer (see `DecoderLayerAdapters`).
         self.routing_weights: torch.Tensor | None = None
         # When True, self-routed weights are kept in `last_routing_weights` (used to build the routing table).
         self.record_routing = False
@@ -119,23 +114,13 @@ class MMAdapter(nn.Module):
         w = routing_weights.to(x.dtype)
         return x + self.scale * (w[..., 0:1] * self.expert_b(hidden) + w[..., 1:2] * self.expert_d(hidden))
 
-    # --- hooks used by `injection.py`; bound methods so that deepcopy keeps them pointing at the copy ---
-
-    def decoder_layer_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Forward pre-hook on a decoder layer: picks this adapter's row of the routing weights.
-
-        The LaVIN model passes `mm_routing_weights` (batch, layers, sites, 2) to the LLM's forward; transformers
-        hands extra keyword arguments to every decoder layer (and re-runs this hook when a gradient-checkpointed
-        layer is recomputed). Absent weights mean "route by your own first token".
-        """
-        table = kwargs.get(ROUTING_WEIGHTS_KWARG)
-        self.routing_weights = None if table is None else table[:, self.layer_index, self.site_index]
+    def adapt(self, x: torch.Tensor, routing_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply the adapter in its own dtype (float32 over a bf16/fp16 backbone) and cast back."""
+        return self(x.to(self.down.weight.dtype), routing_weights).to(x.dtype)
 
     def norm_output_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        """Forward hook on a norm: replaces its output by the adapted output (adapter kept in its own dtype)."""
-        param_dtype = self.down.weight.dtype
-        adapted = self(output.to(param_dtype), self.routing_weights)
-        return adapted.to(output.dtype)
+        """Forward hook on a norm (vision side): adapt its output, each sequence routed by itself."""
+        return self.adapt(output)
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}, temperature={self.temperature}, router_token={self.router_token!r}"

@@ -22,6 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..adapters import (
     ROUTING_WEIGHTS_KWARG,
+    DecoderLayerAdapters,
     MMAdapter,
     MMAdapterConfig,
     find_decoder_layers,
@@ -122,10 +123,7 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
             self.language_model, need_mlp_norm=adapter_config.sites_per_layer > 1
         )
         self.llm_adapters = nn.ModuleList(
-            nn.ModuleList(
-                MMAdapter(text_width, adapter_config) for _ in range(adapter_config.sites_per_layer)
-            )
-            for _ in decoder_layers
+            DecoderLayerAdapters(text_width, adapter_config, index) for index in range(len(decoder_layers))
         )
         inject_decoder_adapters(decoder_layers, self.llm_adapters)
 
@@ -240,7 +238,7 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         depends only on the modality bit, so it is run here once, alone, as a length-1 sequence at position 0,
         with every adapter routing itself by it; the weights each adapter computed form the table.
         """
-        adapters = [adapter for layer in self.llm_adapters for adapter in layer]
+        adapters = [adapter for layer in self.llm_adapters for adapter in layer.sites()]
         decoder = self.language_model.get_decoder()
         tokens = self.modality_embedding.weight.unsqueeze(1).to(self.get_input_embeddings().weight.dtype)
         position_ids = torch.zeros(2, 1, dtype=torch.long, device=tokens.device)
@@ -253,7 +251,7 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
             for adapter in adapters:
                 adapter.record_routing = False
                 adapter.last_routing_weights = None
-        return weights.view(2, len(self.llm_adapters), len(self.llm_adapters[0]), 2)
+        return weights.view(2, len(self.llm_adapters), len(self.llm_adapters[0].sites()), 2)
 
     def modality_of(self, input_ids: torch.LongTensor) -> torch.LongTensor:
         """1 for each sequence that holds image placeholder tokens, else 0."""

@@ -1,0 +1,131 @@
+"""Shared fixtures: tiny random backbones built from configs, saved locally like Hub checkpoints."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
+
+import mmadapters  # noqa: F401  (registers the Auto classes)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+CORPUS = [
+    "what color is the shape? the shape is red. what shape is in the image? a circle.",
+    "does the image contain a triangle? yes. no. blue green gray teal black yellow brown rectangle",
+    "Image: N/A Image: question answer response instruction user assistant system hello world",
+    "the capital of france is paris. one two three four five six seven eight nine ten.",
+]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '</s>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    model = Tokenizer(models.BPE(unk_token="<unk>"))
+    model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    model.train_from_iterator(CORPUS, trainer=trainer)
+    from tokenizers import decoders
+
+    model.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=model, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_text_config(kind: str = "llama", vocab_size: int = 300, **overrides) -> LlamaConfig:
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        tie_word_embeddings=False,
+    )
+    common.update(overrides)
+    return {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[kind](**common)
+
+
+def tiny_vision_config(kind: str = "clip", **overrides):
+    common = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=8,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    common.update(overrides)
+    return CLIPVisionConfig(**common) if kind == "clip" else SiglipVisionConfig(**common)
+
+
+def save_tiny_llm(path, seed: int = 0, kind: str = "llama", tokenizer=None) -> str:
+    tokenizer = tokenizer or make_tokenizer()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_text_config(kind, vocab_size=len(tokenizer)))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def save_tiny_vision(path, seed: int = 0) -> str:
+    torch.manual_seed(seed)
+    config = tiny_vision_config()
+    CLIPVisionModel(config).save_pretrained(path)
+    CLIPImageProcessorPil(
+        size={"height": 32, "width": 32},
+        do_center_crop=False,
+        resample=3,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    ).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbones(tmp_path_factory) -> tuple[str, str]:
+    """Paths of a tiny Llama (with tokenizer) and a tiny CLIP vision tower (with image processor)."""
+    root = tmp_path_factory.mktemp("backbones")
+    return save_tiny_llm(root / "llm"), save_tiny_vision(root / "vision")
+
+
+@pytest.fixture()
+def randomize_adapters():
+    """Give the zero-initialised experts random weights, so that routing and adapters matter."""
+
+    def apply(model, seed: int = 1, std: float = 0.2):
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if parameter.requires_grad and "expert" in name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+        return model
+
+    return apply

@@ -1,0 +1,203 @@
+"""The MM-Adapter building blocks and their injection (LAVIN.md sections 1, 2 and 5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_text_config, tiny_vision_config
+from torch import nn
+from transformers import AutoModelForCausalLM, CLIPVisionConfig, LlamaConfig
+
+from mmadapters import LavinForConditionalGeneration, MMAdapterConfig
+from mmadapters.modeling.adapters import GroupedLinear, MMAdapter
+
+
+def test_grouped_linear_equals_official_grouped_conv1d():
+    torch.manual_seed(0)
+    conv = nn.Conv1d(8, 64, kernel_size=1, groups=2, bias=True)
+    grouped = GroupedLinear(8, 64, groups=2)
+    with torch.no_grad():
+        grouped.weight.copy_(conv.weight.squeeze(-1))
+        grouped.bias.copy_(conv.bias)
+    x = torch.randn(3, 5, 8)
+    expected = conv(x.transpose(1, 2)).transpose(1, 2)
+    torch.testing.assert_close(grouped(x), expected, rtol=0, atol=1e-6)
+    # Block-diagonal: output half 0 does not read hidden units 4..7.
+    x2 = x.clone()
+    x2[..., 4:] = 0
+    torch.testing.assert_close(grouped(x)[..., :32], grouped(x2)[..., :32])
+
+
+def test_adapter_starts_as_identity_and_matches_formula():
+    torch.manual_seed(0)
+    config = MMAdapterConfig(dropout=0.0, temperature=5.0, scale=0.5)
+    adapter = MMAdapter(16, config)
+    x = torch.randn(2, 7, 16)
+    torch.testing.assert_close(adapter(x), x)  # experts are zero at init
+    with torch.no_grad():
+        for p in (
+            adapter.expert_b.weight,
+            adapter.expert_b.bias,
+            adapter.expert_d.weight,
+            adapter.expert_d.bias,
+        ):
+            p.normal_()
+    w = torch.softmax(adapter.router(x[:, 0]) / 5.0, dim=-1)  # self-routing by the first token
+    hidden = adapter.down(x)
+    expected = x + 0.5 * (
+        w[:, None, 0:1] * adapter.expert_b(hidden) + w[:, None, 1:2] * adapter.expert_d(hidden)
+    )
+    torch.testing.assert_close(adapter(x), expected)
+    given = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    out = adapter(x, given)
+    torch.testing.assert_close(out[0], x[0] + 0.5 * adapter.expert_b(hidden)[0])
+    torch.testing.assert_close(out[1], x[1] + 0.5 * adapter.expert_d(hidden)[1])
+
+
+def test_adapter_init_values():
+    adapter = MMAdapter(64, MMAdapterConfig())
+    assert (
+        torch.count_nonzero(adapter.expert_b.weight) == 0 and torch.count_nonzero(adapter.expert_d.bias) == 0
+    )
+    assert torch.count_nonzero(adapter.down.bias) == 0
+    bound = (6 / (64 + 8)) ** 0.5  # xavier uniform
+    assert adapter.down.weight.abs().max() <= bound and adapter.down.weight.std() > bound / 4
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(r=8, groups=3), "must divide r"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(temperature=0), "temperature"),
+        (dict(placement="mlp"), "placement"),
+    ],
+)
+def test_adapter_config_validation(bad, message):
+    with pytest.raises(ValueError, match=message):
+        MMAdapterConfig(**bad)
+
+
+def test_adapter_config_round_trip(tmp_path):
+    config = MMAdapterConfig(r=4, temperature=5.0, placement="attn_mlp")
+    config.save_pretrained(tmp_path)
+    assert MMAdapterConfig.from_pretrained(tmp_path) == config
+    with pytest.raises(ValueError, match="Unknown MMAdapterConfig field"):
+        MMAdapterConfig.from_dict({"r": 8, "lora_alpha": 16})
+
+
+def llama_7b() -> LlamaConfig:
+    return LlamaConfig()  # the defaults are LLaMA-7B: d=4096, 32 layers
+
+
+def llama_13b() -> LlamaConfig:
+    return LlamaConfig(
+        hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40
+    )
+
+
+def vit_l14() -> CLIPVisionConfig:
+    return CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        patch_size=14,
+        image_size=224,
+    )
+
+
+def trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize(
+    "text_config, temperature, expected, llm_part, projector",
+    [
+        (llama_7b, 10.0, 3_781_296, 2_621_760, 659_584),
+        (llama_13b, 5.0, 5_390_080, 4_096_400, 791_680),
+    ],
+)
+def test_full_size_trainable_counts_match_the_paper(text_config, temperature, expected, llm_part, projector):
+    with torch.device("meta"):
+        model = LavinForConditionalGeneration.from_backbones(
+            text_config(), vit_l14(), adapter_config=MMAdapterConfig(temperature=temperature)
+        )
+    assert model.config.num_image_tokens == 6
+    assert trainable(model) == expected
+    assert trainable(model.llm_adapters) == llm_part
+    assert trainable(model.vision_adapters) == 491_760
+    assert trainable(model.projector) == projector
+    assert model.modality_embedding.weight.numel() == 2 * model.config.text_config.hidden_size
+    # Nothing else trains: every trainable tensor belongs to the adapter side.
+    assert all(
+        name.split(".")[0] in ("llm_adapters", "vision_adapters", "projector", "modality_embedding")
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    )
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+def test_injection_keeps_base_parameter_names(kind):
+    torch.manual_seed(0)
+    bare = AutoModelForCausalLM.from_config(tiny_text_config(kind))
+    bare_names = set(bare.state_dict())
+    model = LavinForConditionalGeneration.from_backbones(tiny_text_config(kind), tiny_vision_config())
+    lm_names = {
+        k.removeprefix("language_model.") for k in model.state_dict() if k.startswith("language_model.")
+    }
+    assert lm_names == bare_names
+    assert len(model.llm_adapters) == 3
+    assert not any(p.requires_grad for p in model.language_model.parameters())
+    assert not any(p.requires_grad for p in model.vision_tower.parameters())
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+def test_adapter_changes_llm_output_through_the_hook(kind, randomize_adapters):
+    model = LavinForConditionalGeneration.from_backbones(tiny_text_config(kind), tiny_vision_config()).eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    before = model(input_ids=ids).logits
+    randomize_adapters(model)
+    after = model(input_ids=ids).logits
+    assert (before - after).abs().max() > 1e-3
+
+
+def test_mlp_placement_adds_a_second_adapter_per_layer(randomize_adapters):
+    config = MMAdapterConfig(placement="attn_mlp")
+    model = LavinForConditionalGeneration.from_backbones(
+        tiny_text_config(), tiny_vision_config(), adapter_config=config
+    )
+    assert all(len(layer.sites()) == 2 for layer in model.llm_adapters)
+    assert model.compute_routing_table().shape == (2, 3, 2, 2)
+    randomize_adapters(model)
+    ids = torch.tensor([[5, 6, 7]])
+    base = model.language_model(input_ids=ids, position_ids=torch.arange(1, 4)[None]).logits
+    assert (model(input_ids=ids).logits - base).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_vision_adapters_route_each_image_by_itself(kind, randomize_adapters):
+    model = LavinForConditionalGeneration.from_backbones(tiny_text_config(), tiny_vision_config(kind)).eval()
+    assert model.config.vision_feature_pooling == ("cls" if kind == "clip" else "mean")
+    randomize_adapters(model)
+    torch.manual_seed(0)
+    pixels = torch.randn(3, 3, 32, 32)
+    together = model.get_image_features(pixels)
+    alone = torch.cat([model.get_image_features(pixels[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+    assert together.shape == (3, 2, 32)  # 8 vision layers -> feature layers 4 and 8
+
+
+def test_official_vision_routing_parity_flag_routes_by_the_first_image(randomize_adapters):
+    config = MMAdapterConfig(official_vision_routing=True)
+    model = LavinForConditionalGeneration.from_backbones(
+        tiny_text_config(), tiny_vision_config(), adapter_config=config
+    )
+    randomize_adapters(model.eval())
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, 32, 32)
+    # Image 1's features depend on image 0 (shared routing), unlike the default per-image routing.
+    with_zero = model.get_image_features(pixels)[1]
+    other = pixels.clone()
+    other[0] = torch.randn(3, 32, 32)
+    assert (model.get_image_features(other)[1] - with_zero).abs().max() > 1e-6

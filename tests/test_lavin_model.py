@@ -1,0 +1,204 @@
+"""LavinForConditionalGeneration: routing, visual path, generation, training (LAVIN.md sections 3 and 4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_text_config, tiny_vision_config
+from transformers import AutoModelForCausalLM
+
+from mmadapters import ImageTokenMismatchError, LavinForConditionalGeneration, LavinProcessor
+
+
+@pytest.fixture()
+def model(tiny_backbones):
+    torch.manual_seed(0)
+    return LavinForConditionalGeneration.from_backbones(*tiny_backbones).eval()
+
+
+@pytest.fixture()
+def processor(tiny_backbones):
+    return LavinProcessor.from_backbones(*tiny_backbones)
+
+
+def official_reference_logits(model, input_ids, pixel_values=None):
+    """The official LaVIN forward, written from the spec: the modality embedding is prepended at position 0,
+    attends only to itself, no later token attends to it, and every adapter routes by the normed hidden state
+    of that first token (the adapters' self-routing mode). Text starts at position 1."""
+    embeds = model.embed_tokens(input_ids)
+    image_mask = input_ids == model.config.image_token_id
+    if pixel_values is not None:
+        features = model.get_image_features(pixel_values).reshape(-1, embeds.shape[-1])
+        embeds = embeds.clone()
+        embeds[image_mask] = features
+    modality = image_mask.any(dim=-1).long()
+    x = torch.cat([model.modality_embedding(modality)[:, None], embeds], dim=1)
+    length = x.shape[1]
+    allowed = torch.tril(torch.ones(length, length, dtype=torch.bool))
+    allowed[1:, 0] = False
+    mask = torch.zeros(length, length).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    mask = mask[None, None].expand(x.shape[0], 1, length, length)
+    logits = model.language_model(
+        inputs_embeds=x, attention_mask=mask, position_ids=torch.arange(length)[None]
+    ).logits
+    return logits[:, 1:]
+
+
+def test_router_equivalence_with_official_prepended_token(model, processor, randomize_adapters):
+    randomize_adapters(model, std=0.5)
+    torch.manual_seed(0)
+    image_prompt = "Image: <image>\nwhat color is the shape?"
+    text_prompt = "Image: N/A\nthe capital of france is"
+    for prompt, images in (
+        (image_prompt, [torch.rand(3, 32, 32).numpy().transpose(1, 2, 0)]),
+        (text_prompt, None),
+    ):
+        if images is not None:
+            images = [(images[0] * 255).astype("uint8")]
+        inputs = processor(images=images, text=prompt)
+        with torch.no_grad():
+            ours = model(**inputs).logits
+            reference = official_reference_logits(model, inputs["input_ids"], inputs.get("pixel_values"))
+        torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
+    # The two modalities are routed differently (otherwise the test above would prove little).
+    table = model.compute_routing_table()
+    assert (table[0] - table[1]).abs().max() > 1e-4
+
+
+def test_routing_table_shape_and_rows(model):
+    table = model.compute_routing_table()
+    assert table.shape == (2, 3, 1, 2)
+    torch.testing.assert_close(table.sum(-1), torch.ones(2, 3, 1))
+
+
+def test_text_only_logits_equal_base_llm_at_init(tiny_backbones, model):
+    base = AutoModelForCausalLM.from_pretrained(tiny_backbones[0], dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 40, 50, 60, 70, 80]])
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+        same_positions = base(input_ids=ids, position_ids=torch.arange(1, 7)[None]).logits
+    torch.testing.assert_close(ours, same_positions, rtol=0, atol=1e-5)
+
+
+def image(seed: int, size: int = 32):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(size, size, 3, generator=generator) * 255).to(torch.uint8).numpy()
+
+
+def test_batched_mixed_generation_equals_one_by_one(model, processor, randomize_adapters):
+    randomize_adapters(model, std=0.3)
+    prompts = [
+        "Image: <image>\nwhat color is the shape?",
+        "Image: N/A\nthe capital of",
+        "Image: <image>\nwhat shape",
+    ]
+    images = [[image(0)], [], [image(1)]]
+    batch = processor(images=images, text=prompts)
+    assert (batch["attention_mask"][:, 0] == 0).any()  # left padded
+    kwargs = dict(max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    batched = model.generate(**batch, **kwargs)
+    new_batched = batched[:, batch["input_ids"].shape[1] :]
+    for i in range(3):
+        single = processor(images=images[i] or None, text=prompts[i])
+        alone = model.generate(**single, **kwargs)[:, single["input_ids"].shape[1] :]
+        assert new_batched[i].tolist() == alone[0].tolist()
+        no_cache = model.generate(**single, use_cache=False, **kwargs)[:, single["input_ids"].shape[1] :]
+        assert no_cache[0].tolist() == alone[0].tolist()
+
+
+def test_generate_runs_vision_tower_and_routing_once(model, processor):
+    calls = {"vision": 0, "table": 0}
+    model.vision_tower.register_forward_hook(lambda *args: calls.__setitem__("vision", calls["vision"] + 1))
+    original = model.compute_routing_table
+
+    def counted():
+        calls["table"] += 1
+        return original()
+
+    model.compute_routing_table = counted
+    inputs = processor(images=[image(0)], text="Image: <image>\nwhat color")
+    model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert calls == {"vision": 1, "table": 1}
+
+
+def test_one_optimizer_step_changes_adapters_only(model, processor):
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs = processor(
+        images=[[image(0)], []],
+        text=["Image: <image>\nwhat color", "Image: N/A\nhello"],
+        answers=["red", "world"],
+    )
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    loss = model(**inputs).loss
+    loss.backward()
+    optimizer.step()
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed  # something trained
+    assert all(
+        k.split(".")[0] in ("llm_adapters", "vision_adapters", "projector", "modality_embedding")
+        for k in changed
+    )
+    for k in before:
+        if k.startswith(("language_model.", "vision_tower.")):
+            assert torch.equal(before[k], after[k]), k
+    # The experts, the routers, the projector and the modality embedding all received gradients.
+    assert any(k.startswith("llm_adapters") and "expert" in k for k in changed)
+    assert any(k.startswith("vision_adapters") and "expert" in k for k in changed)
+    assert any(k.startswith("projector") for k in changed) and "modality_embedding.weight" in changed
+
+
+def test_loss_supervises_only_the_answer(model, processor):
+    inputs = processor(text=["Image: N/A\nhello"], answers=["world"])
+    logits = model(**inputs).logits
+    labels = inputs["labels"]
+    expected = torch.nn.functional.cross_entropy(
+        logits[0, :-1][labels[0, 1:] != -100], labels[0, 1:][labels[0, 1:] != -100]
+    )
+    torch.testing.assert_close(model(**inputs).loss, expected)
+
+
+def test_image_token_mismatch_is_a_clear_error(model, processor):
+    inputs = processor(images=[image(0)], text="Image: <image>\nwhat color")
+    with pytest.raises(ImageTokenMismatchError, match="2 image\\(s\\) x 2 visual tokens"):
+        model(input_ids=inputs["input_ids"], pixel_values=torch.cat([inputs["pixel_values"]] * 2))
+    with pytest.raises(ImageTokenMismatchError, match="no pixel_values"):
+        model(input_ids=inputs["input_ids"])
+    with pytest.raises(ValueError, match="outside the LLM vocabulary"):
+        model(input_ids=torch.tensor([[5, 10_000]]))
+
+
+def test_gradient_checkpointing_gives_same_gradients(model, processor, randomize_adapters):
+    randomize_adapters(model)
+    inputs = processor(
+        images=[[image(0)], []], text=["Image: <image>\nwhat color", "Image: N/A\nhi"], answers=["red", "yo"]
+    )
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+    def grads():
+        model.zero_grad()
+        model(**inputs).loss.backward()
+        return {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None
+        }
+
+    plain = grads()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(plain[name], checkpointed[name], rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_backbone_keeps_fp32_adapters():
+    model = LavinForConditionalGeneration.from_backbones(
+        tiny_text_config(), tiny_vision_config(), dtype=torch.bfloat16
+    )
+    assert model.language_model.dtype == torch.bfloat16 and model.vision_tower.dtype == torch.bfloat16
+    assert model.llm_adapters[0].attn.down.weight.dtype == torch.float32
+    out = model(input_ids=torch.tensor([[5, 6, 7]]), pixel_values=None)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits.float()).all()
