@@ -419,6 +419,8 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         adapter_model.safetensors) or, with `adapter_only=False`, every weight. A processor given is saved too.
         """
         if not adapter_only:
+            # No adapter_config.json here: transformers would take the folder for a PEFT adapter. The adapter
+            # settings are in config.json.
             super().save_pretrained(save_directory, **kwargs)
         else:
             unsaved = [
@@ -435,7 +437,7 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
             self.generation_config.save_pretrained(save_directory)
             state = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict().items()}
             save_file(state, os.path.join(save_directory, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-        self.config.mm_adapter_config.save_pretrained(save_directory)
+            self.config.mm_adapter_config.save_pretrained(save_directory)
         if processor is not None:
             processor.save_pretrained(save_directory)
 
@@ -454,6 +456,10 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         """Load a LaVIN checkpoint: adapter-only (the backbones are resolved again from the names in config.json,
         or from `text_model` / `vision_model` if given, and checked against the recorded fingerprints) or full.
         """
+        # transformers' Auto classes take any folder with an adapter_config.json for a PEFT adapter and pass
+        # these along; our adapters are not PEFT's, and are loaded below.
+        kwargs.pop("adapter_kwargs", None)
+        kwargs.pop("_adapter_model_path", None)
         name = os.fspath(pretrained_model_name_or_path)
         folder = resolve_checkpoint_folder(name, revision)
         if not os.path.isfile(os.path.join(folder, ADAPTER_WEIGHTS_NAME)):

@@ -1,0 +1,185 @@
+"""Adapter-only checkpoints, backbone fingerprints, Auto classes and the pipeline (issue: foundation, item 5)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import save_tiny_llm, tiny_text_config, tiny_vision_config
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, pipeline
+
+from mmadapters import (
+    BackboneMismatchError,
+    LavinConfig,
+    LavinForConditionalGeneration,
+    LavinProcessor,
+    MMAdapterConfig,
+)
+
+
+def image(seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(32, 32, 3, generator=generator) * 255).to(torch.uint8).numpy()
+
+
+@pytest.fixture()
+def trained(tiny_backbones, randomize_adapters):
+    """A model whose adapters differ from their initialisation, with its processor."""
+    torch.manual_seed(0)
+    model = LavinForConditionalGeneration.from_backbones(
+        *tiny_backbones, adapter_config=MMAdapterConfig(temperature=5.0)
+    ).eval()
+    randomize_adapters(model, std=0.3)
+    return model, LavinProcessor.from_backbones(*tiny_backbones)
+
+
+def sample_inputs(processor):
+    return processor(
+        images=[[image(0)], []], text=["Image: <image>\nwhat color is it?", "Image: N/A\nthe capital of"]
+    )
+
+
+def test_adapter_only_round_trip(trained, tmp_path):
+    model, processor = trained
+    model.save_pretrained(tmp_path, processor=processor)
+    files = set(os.listdir(tmp_path))
+    assert {
+        "config.json",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "processor_config.json",
+    } <= files
+    assert "model.safetensors" not in files
+    with safe_open(tmp_path / "adapter_model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert keys == set(model.adapter_state_dict())
+    assert all(
+        k.split(".")[0] in ("llm_adapters", "vision_adapters", "projector", "modality_embedding")
+        for k in keys
+    )
+    assert sum(model.adapter_state_dict()[k].numel() for k in keys) == sum(
+        p.numel() for p in model.parameters() if p.requires_grad
+    )
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["text_backbone"]["name_or_path"].endswith("llm") and config["text_backbone"]["fingerprint"]
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["temperature"] == 5.0
+
+    loaded = LavinForConditionalGeneration.from_pretrained(tmp_path)
+    assert not loaded.training
+    inputs = sample_inputs(processor)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert torch.equal(loaded.generate(**inputs, **kwargs), model.generate(**inputs, **kwargs))
+
+
+def test_full_checkpoint_round_trip(trained, tmp_path):
+    model, processor = trained
+    model.save_pretrained(tmp_path, adapter_only=False)
+    assert os.path.isfile(tmp_path / "model.safetensors")
+    loaded = LavinForConditionalGeneration.from_pretrained(tmp_path)
+    inputs = sample_inputs(processor)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=1e-6)
+
+
+def test_adapter_only_save_refuses_random_backbones(tmp_path):
+    model = LavinForConditionalGeneration.from_backbones(tiny_text_config(), tiny_vision_config())
+    with pytest.raises(ValueError, match="built from config objects"):
+        model.save_pretrained(tmp_path)
+
+
+def test_mismatched_backbone_is_refused(trained, tmp_path, tiny_backbones):
+    model, processor = trained
+    model.save_pretrained(tmp_path / "ckpt")
+    other_llm = save_tiny_llm(tmp_path / "other_llm", seed=123)
+    with pytest.raises(BackboneMismatchError) as error:
+        LavinForConditionalGeneration.from_pretrained(tmp_path / "ckpt", text_model=other_llm)
+    message = str(error.value)
+    assert tiny_backbones[0] in message and other_llm in message and "ignore_backbone_mismatch" in message
+    # An explicit override loads anyway.
+    loaded = LavinForConditionalGeneration.from_pretrained(
+        tmp_path / "ckpt", text_model=other_llm, ignore_backbone_mismatch=True
+    )
+    assert torch.equal(
+        loaded.llm_adapters[0].attn.expert_b.weight, model.llm_adapters[0].attn.expert_b.weight
+    )
+    # The same backbone at another location is accepted.
+    moved = save_tiny_llm(tmp_path / "moved_llm", seed=0)
+    LavinForConditionalGeneration.from_pretrained(tmp_path / "ckpt", text_model=moved)
+
+
+def test_backbone_with_other_shapes_is_refused_even_when_ignored(trained, tmp_path):
+    model, _ = trained
+    model.save_pretrained(tmp_path / "ckpt")
+    from conftest import make_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    wider = tmp_path / "wider"
+    tokenizer = make_tokenizer()
+    AutoModelForCausalLM.from_config(
+        tiny_text_config(vocab_size=len(tokenizer), hidden_size=48)
+    ).save_pretrained(wider)
+    tokenizer.save_pretrained(wider)
+    with pytest.raises(BackboneMismatchError):
+        LavinForConditionalGeneration.from_pretrained(tmp_path / "ckpt", text_model=wider)
+    with pytest.raises(ValueError, match="do not fit this model"):
+        LavinForConditionalGeneration.from_pretrained(
+            tmp_path / "ckpt", text_model=wider, ignore_backbone_mismatch=True
+        )
+
+
+def test_fingerprint_tolerates_dtype(trained, tmp_path):
+    model, _ = trained
+    model.save_pretrained(tmp_path)
+    loaded = LavinForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert loaded.language_model.dtype == torch.bfloat16
+
+
+def test_auto_classes_and_pipeline(trained, tmp_path):
+    model, processor = trained
+    model.save_pretrained(tmp_path, processor=processor)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), LavinConfig)
+    auto_model = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert isinstance(auto_model, LavinForConditionalGeneration)
+    auto_processor = AutoProcessor.from_pretrained(tmp_path)
+    assert isinstance(auto_processor, LavinProcessor)
+    assert auto_processor.num_image_tokens == processor.num_image_tokens
+    assert auto_processor.chat_template == processor.chat_template
+
+    pipe = pipeline("image-text-to-text", model=str(tmp_path))
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": image_file(tmp_path)},
+                {"type": "text", "text": "what color?"},
+            ],
+        }
+    ]
+    result = pipe(text=messages, max_new_tokens=5, do_sample=False, return_full_text=False)
+    # Same tokens as calling the model directly.
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[image_file(tmp_path)], text=prompt)
+    direct = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    expected = processor.decode(direct[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert result[0]["generated_text"] == expected
+
+
+def image_file(folder) -> str:
+    from PIL import Image
+
+    path = os.path.join(folder, "test_image.png")
+    if not os.path.exists(path):
+        Image.fromarray(image(3)).save(path)
+    return path
+
+
+def test_processor_rebuilt_from_backbones_when_not_saved(trained, tmp_path):
+    model, processor = trained
+    model.save_pretrained(tmp_path)  # no processor given
+    rebuilt = AutoProcessor.from_pretrained(tmp_path)
+    assert isinstance(rebuilt, LavinProcessor) and rebuilt.num_image_tokens == model.config.num_image_tokens
