@@ -103,5 +103,5 @@ def to_rgb(image: Image.Image) -> Image.Image:
         else:  # 32-bit int or float: no fixed range, stretch what is there
             low, high = float(array.min()), float(array.max())
             scaled = np.zeros_like(array) if high == low else (array - low) / (high - low) * 255.0
-        return Image.fromarray(scaled.round().astype(np.uint8), mode="L").convert("RGB")
+        return Image.fromarray(scaled.round().astype(np.uint8)).convert("RGB")
     return image.convert("RGB")

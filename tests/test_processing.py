@@ -1,0 +1,202 @@
+"""LavinProcessor: layout, chat template, labels, padding, and every documented bad input (foundation item 4)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmadapters import (
+    ImageTokenMismatchError,
+    InvalidImageError,
+    LavinProcessor,
+    PromptTooLongError,
+)
+from mmadapters.processing import load_image
+
+
+@pytest.fixture()
+def processor(tiny_backbones):
+    return LavinProcessor.from_backbones(*tiny_backbones)
+
+
+def rgb(size=(40, 30), color=(200, 10, 10)):
+    return Image.new("RGB", size, color)
+
+
+def test_placeholder_expansion_and_pixel_values(processor):
+    out = processor(images=[rgb()], text="Image: <image>\nwhat color?")
+    ids = out["input_ids"][0].tolist()
+    assert ids.count(processor.image_token_id) == processor.num_image_tokens == 2
+    assert out["pixel_values"].shape == (1, 3, 32, 32)
+    # The image tokens directly follow "Image: ".
+    prefix = processor.tokenizer("Image: ", add_special_tokens=False)["input_ids"]
+    assert ids[: len(prefix)] == prefix and ids[len(prefix)] == processor.image_token_id
+
+
+def test_chat_template_image_and_text_only(processor):
+    image_chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color?"}]}]
+    text_chat = [{"role": "user", "content": [{"type": "text", "text": "hello"}]}]
+    assert processor.apply_chat_template(image_chat, add_generation_prompt=True) == (
+        "<|user|>Image: <image>\nwhat color?</s><|assistant|>"
+    )
+    assert processor.apply_chat_template(text_chat, add_generation_prompt=True) == (
+        "<|user|>Image: N/A\nhello</s><|assistant|>"
+    )
+    multi_turn = [
+        *image_chat,
+        {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+        {"role": "user", "content": [{"type": "text", "text": "and the shape?"}]},
+    ]
+    assert processor.apply_chat_template(multi_turn, add_generation_prompt=True) == (
+        "<|user|>Image: <image>\nwhat color?</s><|assistant|>red</s><|user|>and the shape?</s><|assistant|>"
+    )
+
+
+def test_apply_chat_template_tokenized_with_image(processor, tmp_path):
+    path = tmp_path / "red.png"
+    rgb().save(path)
+    chat = [
+        {"role": "user", "content": [{"type": "image", "path": str(path)}, {"type": "text", "text": "what?"}]}
+    ]
+    out = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert out["pixel_values"].shape[0] == 1
+    assert (out["input_ids"] == processor.image_token_id).sum() == processor.num_image_tokens
+
+
+def test_mixed_batch_left_padding(processor):
+    out = processor(images=[[rgb()], []], text=["Image: <image>\nwhat color is it?", "Image: N/A\nhi"])
+    assert out["pixel_values"].shape[0] == 1
+    mask = out["attention_mask"]
+    assert mask[0].all() and not mask[1, 0] and mask[1, -1]  # left padding on the shorter sample
+    assert out["input_ids"][1, 0] == processor.tokenizer.pad_token_id
+
+
+def test_labels_supervise_only_the_answer(processor):
+    out = processor(
+        images=[[rgb()], []],
+        text=["Image: <image>\nwhat color is the shape?", "Image: N/A\nhi"],
+        answers=["red", "hi"],
+    )
+    tok = processor.tokenizer
+    for row, answer in enumerate(["red", "hi"]):
+        labels = out["labels"][row]
+        supervised = labels[labels != -100].tolist()
+        assert supervised == tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        # Supervised positions hold the same ids as the input; image tokens and padding are never supervised.
+        ids = out["input_ids"][row]
+        assert torch.equal(ids[labels != -100], labels[labels != -100])
+        assert not ((ids == processor.image_token_id) & (labels != -100)).any()
+    assert out["attention_mask"][1, -1] == 0  # training batches are right-padded
+
+
+def test_image_count_mismatch(processor):
+    with pytest.raises(ImageTokenMismatchError, match="Got 2 image\\(s\\) but the text holds 1"):
+        processor(images=[rgb(), rgb()], text="Image: <image>\nwhat?")
+    with pytest.raises(ImageTokenMismatchError, match="Got 0 image\\(s\\)"):
+        processor(text="Image: <image>\nwhat?")
+    with pytest.raises(ImageTokenMismatchError, match="per sample"):
+        processor(images=[[], [rgb()]], text=["Image: <image>\na", "Image: N/A\nb"])
+
+
+def test_empty_prompt(processor):
+    with pytest.raises(ValueError, match="Prompt 1 is empty"):
+        processor(text=["hello", "   "])
+
+
+def test_over_long_prompt_raise_and_truncate(processor):
+    long_text = "Image: <image>\n" + "the shape is red. " * 40
+    with pytest.raises(PromptTooLongError, match="more than max_length=50"):
+        processor(images=[rgb()], text=long_text, max_length=50)
+    out = processor(images=[rgb()], text=long_text, max_length=50, overflow="truncate_right")
+    assert out["input_ids"].shape[1] == 50
+    assert (out["input_ids"] == processor.image_token_id).sum() == 2
+    # Left truncation would cut the image at the start: refused, not silently broken.
+    with pytest.raises(PromptTooLongError, match="cut image tokens"):
+        processor(images=[rgb()], text=long_text, max_length=50, overflow="truncate_left")
+    text_only = processor(text="Image: N/A\n" + "one two " * 40, max_length=20, overflow="truncate_left")
+    assert text_only["input_ids"].shape[1] == 20
+
+
+def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_truncated_and_unreadable_files(processor, tmp_path):
+    data = png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)))
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InvalidImageError, match="corrupt or truncated"):
+        processor(images=[str(truncated)], text="Image: <image>\nwhat?")
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("this is not an image")
+    with pytest.raises(InvalidImageError, match="not a readable image"):
+        processor(images=[str(not_image)], text="Image: <image>\nwhat?")
+    with pytest.raises(InvalidImageError, match="does not exist"):
+        processor(images=[str(tmp_path / "missing.png")], text="Image: <image>\nwhat?")
+    with pytest.raises(InvalidImageError, match="Unsupported"):
+        processor(images=[12345], text="Image: <image>\nwhat?")
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "CMYK", "P", "I;16", "1", "F"])
+def test_modes_are_converted_to_rgb(mode):
+    image = rgb((20, 20), (200, 100, 50)).convert(mode)
+    loaded = load_image(png_bytes(image, "TIFF" if mode in ("CMYK", "F") else "PNG"))
+    assert loaded.mode == "RGB" and loaded.size == (20, 20)
+
+
+def test_transparency_is_composited_on_white():
+    transparent = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    assert load_image(transparent).getpixel((0, 0)) == (255, 255, 255)
+    palette = Image.new("P", (4, 4), 0)
+    palette.info["transparency"] = 0
+    assert load_image(palette).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_sixteen_bit_keeps_its_scale():
+    array = np.full((4, 4), 65535 // 2, dtype=np.uint16)
+    sixteen_bit = Image.fromarray(array)
+    assert sixteen_bit.mode == "I;16"
+    loaded = load_image(sixteen_bit)
+    assert abs(loaded.getpixel((0, 0))[0] - 127) <= 1
+
+
+def test_decompression_bomb_and_absurd_sizes_are_refused(tiny_backbones, tmp_path):
+    strict = LavinProcessor.from_backbones(*tiny_backbones, max_image_pixels=10_000)
+    big = tmp_path / "big.png"
+    Image.new("L", (200, 200)).save(big)
+    with pytest.raises(InvalidImageError, match="more than the limit of 10,000"):
+        strict(images=[str(big)], text="Image: <image>\nwhat?")
+    # A real bomb: a small file that declares a huge image; refused from the header, never decoded.
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (12_000, 12_000)).save(bomb)
+    assert bomb.stat().st_size < 1_000_000
+    with pytest.raises(InvalidImageError, match="decompression bomb|Refusing"):
+        load_image(str(bomb))
+    with pytest.raises(InvalidImageError, match="aspect ratio"):
+        load_image(Image.new("RGB", (1000, 2)))
+
+
+def test_processor_round_trip(processor, tmp_path):
+    processor.save_pretrained(tmp_path)
+    loaded = LavinProcessor.from_pretrained(tmp_path)
+    assert loaded.num_image_tokens == processor.num_image_tokens
+    assert loaded.image_token_id == processor.image_token_id
+    a = processor(images=[rgb()], text="Image: <image>\nwhat color?")
+    b = loaded(images=[rgb()], text="Image: <image>\nwhat color?")
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
+
+
+def test_official_preprocessing(tiny_backbones):
+    official = LavinProcessor.from_backbones(*tiny_backbones, official_preprocessing=True)
+    out = official(images=[rgb((300, 100), (255, 255, 255))], text="Image: <image>\nwhat?")
+    assert out["pixel_values"].shape == (1, 3, 224, 224)  # resized, not cropped
+    white = (1.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    torch.testing.assert_close(
+        out["pixel_values"][0, :, 0, 0], torch.tensor(white, dtype=torch.float32), atol=1e-3, rtol=0
+    )
