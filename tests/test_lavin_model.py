@@ -202,3 +202,39 @@ def test_bf16_backbone_keeps_fp32_adapters():
     assert model.llm_adapters[0].attn.down.weight.dtype == torch.float32
     out = model(input_ids=torch.tensor([[5, 6, 7]]), pixel_values=None)
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits.float()).all()
+
+
+@pytest.mark.parametrize("placement", ["attn", "attn_mlp"])
+def test_folded_adapters_equal_routed_adapters(tiny_backbones, processor, randomize_adapters, placement):
+    from mmadapters import MMAdapterConfig
+
+    model = LavinForConditionalGeneration.from_backbones(
+        *tiny_backbones, adapter_config=MMAdapterConfig(placement=placement)
+    ).eval()
+    randomize_adapters(model, std=0.3)
+    batch = processor(images=[[image(0)], []], text=["Image: <image>\nwhat color is it?", "Image: N/A\nthe capital"])
+    with torch.no_grad():
+        routed = model(**batch).logits
+        folded = model(**batch, folded_adapters=model.fold_llm_adapters()).logits
+    torch.testing.assert_close(folded, routed, rtol=0, atol=1e-5)
+    # generate in train mode (dropout off) takes the routed path; eval mode the folded one: same tokens.
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    eval_tokens = model.generate(**batch, **kwargs)
+    train_tokens = model.train().generate(**batch, **kwargs)
+    assert torch.equal(eval_tokens, train_tokens)
+
+
+def test_folded_adapters_are_refreshed_when_weights_change(model, randomize_adapters):
+    with torch.no_grad():
+        first = model.fold_llm_adapters()
+        assert model.fold_llm_adapters()[0] is first[0]  # reused while nothing changed
+        randomize_adapters(model, std=0.3)  # in-place update of the experts
+        second = model.fold_llm_adapters()
+    assert second[0] is not first[0] and not torch.equal(second[0], first[0])
+    with torch.no_grad():
+        model.modality_embedding.weight.add_(1.0)
+        third = model.fold_llm_adapters()
+    assert not torch.equal(third[1], second[1])

@@ -69,8 +69,12 @@ def quickstart(output_dir: str) -> dict:
         image, question, answer = sample
     chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     inputs = processor(images=[image], text=processor.apply_chat_template(chat, add_generation_prompt=True))
-    generated = model.generate(**inputs, max_new_tokens=16, do_sample=False)[0, inputs["input_ids"].shape[1] :]
-    print(f"      Q: {question} (reference: {answer})\n      A: {processor.decode(generated, skip_special_tokens=True)}")
+    generated = model.generate(**inputs, max_new_tokens=16, do_sample=False)[
+        0, inputs["input_ids"].shape[1] :
+    ]
+    print(
+        f"      Q: {question} (reference: {answer})\n      A: {processor.decode(generated, skip_special_tokens=True)}"
+    )
 
     print("[5/5] Saving the adapter-only checkpoint and reloading it...")
     checkpoint = Path(output_dir) / "checkpoint"
@@ -96,10 +100,14 @@ def quickstart(output_dir: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mmadapters", description="Multimodal adapters for Hugging Face models.")
+    parser = argparse.ArgumentParser(
+        prog="mmadapters", description="Multimodal adapters for Hugging Face models."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     quick = commands.add_parser("quickstart", help="end-to-end run on the embedded backbones (offline)")
-    quick.add_argument("--output-dir", default="quickstart_output", help="where the checkpoint and summary go")
+    quick.add_argument(
+        "--output-dir", default="quickstart_output", help="where the checkpoint and summary go"
+    )
     args = parser.parse_args(argv)
 
     if args.command == "quickstart":

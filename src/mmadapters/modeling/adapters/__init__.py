@@ -2,6 +2,7 @@
 
 from .config import ADAPTER_CONFIG_NAME, MMAdapterConfig
 from .injection import (
+    FOLDED_ADAPTERS_KWARG,
     ROUTING_WEIGHTS_KWARG,
     DecoderLayerAdapters,
     find_decoder_layers,
@@ -14,6 +15,7 @@ from .mm_adapter import GroupedLinear, MMAdapter
 __all__ = [
     "ADAPTER_CONFIG_NAME",
     "DecoderLayerAdapters",
+    "FOLDED_ADAPTERS_KWARG",
     "GroupedLinear",
     "MMAdapter",
     "MMAdapterConfig",

@@ -24,8 +24,10 @@ from torch.utils.hooks import RemovableHandle
 from .config import MMAdapterConfig
 from .mm_adapter import MMAdapter
 
-# Keyword argument of the LLM forward that carries the per-layer routing weights down to the decoder layers.
+# Keyword arguments of the LLM forward that reach every decoder layer: the per-layer routing weights, or
+# (generation only) the adapters folded per modality with each sequence's modality.
 ROUTING_WEIGHTS_KWARG = "mm_routing_weights"
+FOLDED_ADAPTERS_KWARG = "mm_folded_adapters"
 
 
 class DecoderLayerAdapters(nn.Module):
@@ -46,6 +48,8 @@ class DecoderLayerAdapters(nn.Module):
         No routing weights in the arguments means "route by your own first token" (used to run the
         modality token alone when the routing table is computed).
         """
+        if (folded := kwargs.get(FOLDED_ADAPTERS_KWARG)) is not None:
+            return self._apply_folded(args, kwargs, *folded)
         table = kwargs.get(ROUTING_WEIGHTS_KWARG)
         rows = None if table is None else table[:, self.layer_index]  # (batch, sites, 2)
         if self.mlp is not None:  # the MLP runs next in this same layer call
@@ -57,8 +61,32 @@ class DecoderLayerAdapters(nn.Module):
             args = (self.attn.adapt(args[0], attn_weights), *args[1:])
         return args, kwargs
 
+    def _apply_folded(
+        self, args: tuple, kwargs: dict, ups: list[list[torch.Tensor]], biases: list[list[torch.Tensor]]
+    ) -> tuple[tuple, dict]:
+        # ups[layer][site]: (batch, d, r) and biases[layer][site]: (batch, d), already picked per sequence.
+        up, bias = ups[self.layer_index], biases[self.layer_index]
+        if self.mlp is not None:
+            self.mlp.folded = (up[1], bias[1])
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        adapted = self.attn.forward_folded(hidden.to(up[0].dtype), up[0], bias[0]).to(hidden.dtype)
+        if "hidden_states" in kwargs:
+            kwargs["hidden_states"] = adapted
+        else:
+            args = (adapted, *args[1:])
+        return args, kwargs
+
+    def fold(self, routing_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fold every site for both modalities; `routing_table`: (2, sites, 2) rows of this layer."""
+        folded = [site.fold(routing_table[:, index]) for index, site in enumerate(self.sites())]
+        return torch.stack([up for up, _ in folded]), torch.stack([bias for _, bias in folded])
+
     def mlp_norm_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         """Forward hook on `post_attention_layernorm`: adapt the MLP input."""
+        if self.mlp.folded is not None:
+            up, bias = self.mlp.folded
+            self.mlp.folded = None
+            return self.mlp.forward_folded(output.to(up.dtype), up, bias).to(output.dtype)
         return self.mlp.adapt(output, self.mlp.routing_weights)
 
 

@@ -21,6 +21,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..adapters import (
+    FOLDED_ADAPTERS_KWARG,
     ROUTING_WEIGHTS_KWARG,
     DecoderLayerAdapters,
     MMAdapter,
@@ -141,6 +142,7 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         self.projector = LavinProjector(vision_width, config.projector_hidden_size, text_width)
         # Index 1: the sample has an image; 0: text only. Its trajectory through the LLM sets the routing.
         self.modality_embedding = nn.Embedding(2, text_width)
+        self._folded_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.post_init()
 
     # ------------------------------------------------------------------------------------------------
@@ -253,6 +255,32 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
                 adapter.last_routing_weights = None
         return weights.view(2, len(self.llm_adapters), len(self.llm_adapters[0].sites()), 2)
 
+    def fold_llm_adapters(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LLM adapters folded per modality (for inference): each is then x + U (A x) + c.
+
+        Returns U (layers, sites, 2 modalities, d, r) and c (layers, sites, 2, d). `generate` folds once per call
+        (or reuses the last fold while no weight changed), which makes the per-token adapter cost three small
+        ops (see benchmarks/generation_speed.py).
+        """
+        # The result depends only on weights (the adapters and the frozen LLM the modality token runs through):
+        # reuse it until any of them changes (in-place updates bump a tensor's version, moves change its pointer).
+        key = tuple(
+            (p.data_ptr(), p._version)
+            for p in (
+                *self.language_model.parameters(),
+                *self.llm_adapters.parameters(),
+                self.modality_embedding.weight,
+            )
+        )
+        if self._folded_cache is not None and self._folded_cache[0] == key and not torch.is_grad_enabled():
+            return self._folded_cache[1]
+        table = self.compute_routing_table()  # (2, layers, sites, 2)
+        folded = [layer.fold(table[:, index]) for index, layer in enumerate(self.llm_adapters)]
+        result = torch.stack([up for up, _ in folded]), torch.stack([bias for _, bias in folded])
+        if not torch.is_grad_enabled():
+            self._folded_cache = (key, result)
+        return result
+
     def modality_of(self, input_ids: torch.LongTensor) -> torch.LongTensor:
         """1 for each sequence that holds image placeholder tokens, else 0."""
         return (input_ids == self.config.image_token_id).any(dim=-1).long()
@@ -269,6 +297,7 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         modality: torch.LongTensor | None = None,
         routing_weights: torch.Tensor | None = None,
+        folded_adapters: tuple[torch.Tensor, torch.Tensor] | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
@@ -276,6 +305,7 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         modality: (batch,) 1 = image sample, 0 = text only. Default: read from the image tokens in `input_ids`.
         routing_weights: (batch, layers, sites, 2) precomputed LLM routing weights (`generate` passes them so
             that the routing table is computed once per call). Default: computed here from `modality`.
+        folded_adapters: the output of `fold_llm_adapters` (inference only; `generate` passes it in eval mode).
         position_ids: positions of the text tokens counted from 0; the LLM sees them shifted by one, because
             position 0 belongs to the (virtual) modality token, as in training of the official model.
         """
@@ -295,12 +325,20 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
                 "but no pixel_values were given. Pass the images through the processor."
             )
 
-        if routing_weights is None:
-            if modality is None:
-                if input_ids is None:
-                    raise ValueError("With inputs_embeds, pass `modality` (1 = image sample, 0 = text only).")
-                modality = self.modality_of(input_ids)
-            routing_weights = self.compute_routing_table()[modality]
+        if modality is None and (routing_weights is None or folded_adapters is not None):
+            if input_ids is None:
+                raise ValueError("With inputs_embeds, pass `modality` (1 = image sample, 0 = text only).")
+            modality = self.modality_of(input_ids)
+        if folded_adapters is not None:
+            # Pick each sequence's modality once here, and split per layer and site, so that the per-layer hooks
+            # only index Python lists.
+            ups, biases = (t[:, :, modality] for t in folded_adapters)  # (layers, sites, batch, ...)
+            split = ([list(layer.unbind(0)) for layer in t.unbind(0)] for t in (ups, biases))
+            adapter_kwargs = {FOLDED_ADAPTERS_KWARG: tuple(split)}
+        else:
+            if routing_weights is None:
+                routing_weights = self.compute_routing_table()[modality]
+            adapter_kwargs = {ROUTING_WEIGHTS_KWARG: routing_weights}
 
         if position_ids is None:
             position_ids = self._text_position_ids(inputs_embeds, attention_mask, past_key_values)
@@ -312,7 +350,7 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
             past_key_values=past_key_values,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
-            **{ROUTING_WEIGHTS_KWARG: routing_weights},
+            **adapter_kwargs,
             **kwargs,
         )
         loss = None
@@ -363,22 +401,23 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         modality: torch.LongTensor | None = None,
-        routing_weights: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
-        """`GenerationMixin.generate`, with the routing table computed once per call (not per token).
+        """`GenerationMixin.generate`, with the LLM routing computed once per call (not per token).
 
-        The vision tower runs once, in the prefill step (`generate` drops `pixel_values` afterwards).
+        In eval mode the LLM adapters are also folded once per call into their affine form (`fold_llm_adapters`),
+        so that each generated token pays three small ops per adapter. The vision tower runs once, in the
+        prefill step (`generate` drops `pixel_values` afterwards).
         """
-        if routing_weights is None:
-            if modality is None:
-                if input_ids is None:
-                    raise ValueError("generate needs input_ids, or `modality` with inputs_embeds.")
-                modality = self.modality_of(input_ids)
-            routing_weights = self.compute_routing_table()[modality]
-        return super().generate(
-            input_ids=input_ids, pixel_values=pixel_values, routing_weights=routing_weights, **kwargs
-        )
+        if modality is None:
+            if input_ids is None:
+                raise ValueError("generate needs input_ids, or `modality` with inputs_embeds.")
+            modality = self.modality_of(input_ids)
+        if not self.training and "routing_weights" not in kwargs:
+            kwargs["folded_adapters"] = self.fold_llm_adapters()
+        elif "routing_weights" not in kwargs:
+            kwargs["routing_weights"] = self.compute_routing_table()[modality]
+        return super().generate(input_ids=input_ids, pixel_values=pixel_values, modality=modality, **kwargs)
 
     # ------------------------------------------------------------------------------------------------
     # Adapter-only checkpoints

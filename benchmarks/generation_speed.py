@@ -1,0 +1,90 @@
+"""Generation speed of LaVIN vs. the bare base LLM on the embedded SmolLM2-135M-Instruct, measured in one run.
+
+Text-only: the same chat prompts, the same number of new tokens (greedy, min_new_tokens = max_new_tokens), base
+and LaVIN interleaved round by round so that machine noise hits both alike; the figure is the ratio of
+tokens per second (goal: LaVIN >= 0.95x the base model). Image prefill: the cost of one image in the prompt
+(vision tower + projector + the visual tokens' share of the LLM prefill) as the ratio of an image prompt's
+prefill time to the same prompt's text-only prefill.
+
+    python benchmarks/generation_speed.py [--rounds 5] [--new-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from PIL import Image
+from transformers import AutoModelForCausalLM
+
+import mmadapters
+from mmadapters import LavinForConditionalGeneration, LavinProcessor
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write one sentence about the sea.",
+    "Name three primary colors.",
+    "Explain what a triangle is.",
+]
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    text_model, vision_model = mmadapters.embedded_backbones()
+    lavin = LavinForConditionalGeneration.from_backbones(text_model, vision_model).eval()
+    processor = LavinProcessor.from_backbones(text_model, vision_model)
+    base = AutoModelForCausalLM.from_pretrained(text_model, dtype=torch.float32).eval()
+
+    batches = []
+    for prompt in PROMPTS:
+        chat = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
+        batches.append(processor(text=processor.apply_chat_template(chat, add_generation_prompt=True)))
+    kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+    tokens = len(PROMPTS) * args.new_tokens
+    # Warm-up both once.
+    base.generate(**batches[0], **kwargs)
+    lavin.generate(**batches[0], **kwargs)
+    base_tps, lavin_tps, ratios = [], [], []
+    for _ in range(args.rounds):
+        base_time = sum(timed(lambda b=b: base.generate(**b, **kwargs)) for b in batches)
+        lavin_time = sum(timed(lambda b=b: lavin.generate(**b, **kwargs)) for b in batches)
+        base_tps.append(tokens / base_time)
+        lavin_tps.append(tokens / lavin_time)
+        ratios.append(base_time / lavin_time)
+    print(f"text-only generation, {len(PROMPTS)} prompts x {args.new_tokens} new tokens, {args.rounds} rounds")
+    print(f"  base SmolLM2: {statistics.median(base_tps):.1f} tokens/s (median)")
+    print(f"  LaVIN:        {statistics.median(lavin_tps):.1f} tokens/s (median)")
+    print(f"  LaVIN / base speed ratio: median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})")
+
+    image = Image.new("RGB", (64, 64), (255, 0, 0))
+    question = "What color is the shape?"
+    image_chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text_chat = [{"role": "user", "content": [{"type": "text", "text": question}]}]
+    image_inputs = processor(images=[image], text=processor.apply_chat_template(image_chat, add_generation_prompt=True))
+    text_inputs = processor(text=processor.apply_chat_template(text_chat, add_generation_prompt=True))
+    image_times, text_times, vision_times = [], [], []
+    with torch.no_grad():
+        for _ in range(args.rounds * 4):
+            image_times.append(timed(lambda: lavin(**image_inputs)))
+            text_times.append(timed(lambda: lavin(**text_inputs)))
+            vision_times.append(timed(lambda: lavin.get_image_features(image_inputs["pixel_values"])))
+    image_ms, text_ms = statistics.median(image_times) * 1e3, statistics.median(text_times) * 1e3
+    print(f"prefill with one image ({image_inputs['input_ids'].shape[1]} tokens) vs text-only "
+          f"({text_inputs['input_ids'].shape[1]} tokens): {image_ms:.1f} ms vs {text_ms:.1f} ms "
+          f"= {image_ms / text_ms:.2f}x; vision tower + projector alone: {statistics.median(vision_times) * 1e3:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
