@@ -63,16 +63,59 @@ def main() -> None:
         base_tps.append(tokens / base_time)
         lavin_tps.append(tokens / lavin_time)
         ratios.append(base_time / lavin_time)
-    print(f"text-only generation, {len(PROMPTS)} prompts x {args.new_tokens} new tokens, {args.rounds} rounds")
+    print(
+        f"text-only generation, {len(PROMPTS)} prompts x {args.new_tokens} new tokens, {args.rounds} rounds"
+    )
     print(f"  base SmolLM2: {statistics.median(base_tps):.1f} tokens/s (median)")
     print(f"  LaVIN:        {statistics.median(lavin_tps):.1f} tokens/s (median)")
-    print(f"  LaVIN / base speed ratio: median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})")
+    print(
+        f"  LaVIN / base speed ratio: median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})"
+    )
+
+    # Per-token decode cost with a KV cache, the two models interleaved step by step (less noise than whole
+    # generate calls): the adapters' share of each generated token.
+    from transformers import DynamicCache
+
+    inputs = batches[0]
+    folded = lavin.fold_llm_adapters()
+    modality = lavin.modality_of(inputs["input_ids"])
+    base_steps, lavin_steps = [], []
+    with torch.no_grad():
+        base_cache, lavin_cache = DynamicCache(), DynamicCache()
+        base(**inputs, past_key_values=base_cache, use_cache=True)
+        lavin(
+            **inputs, past_key_values=lavin_cache, use_cache=True, folded_adapters=folded, modality=modality
+        )
+        token = inputs["input_ids"][:, -1:]
+        for step in range(args.rounds * 20):
+            position = torch.tensor([[inputs["input_ids"].shape[1] + step]])
+            base_steps.append(
+                timed(lambda: base(input_ids=token, past_key_values=base_cache, position_ids=position + 1))
+            )
+            lavin_steps.append(
+                timed(
+                    lambda: lavin(
+                        input_ids=token,
+                        past_key_values=lavin_cache,
+                        position_ids=position,
+                        folded_adapters=folded,
+                        modality=modality,
+                    )
+                )
+            )
+    base_ms, lavin_ms = statistics.median(base_steps) * 1e3, statistics.median(lavin_steps) * 1e3
+    print(
+        f"decode step with KV cache ({len(base_steps)} steps, interleaved): base {base_ms:.2f} ms, "
+        f"LaVIN {lavin_ms:.2f} ms: LaVIN / base speed ratio {base_ms / lavin_ms:.3f}"
+    )
 
     image = Image.new("RGB", (64, 64), (255, 0, 0))
     question = "What color is the shape?"
     image_chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     text_chat = [{"role": "user", "content": [{"type": "text", "text": question}]}]
-    image_inputs = processor(images=[image], text=processor.apply_chat_template(image_chat, add_generation_prompt=True))
+    image_inputs = processor(
+        images=[image], text=processor.apply_chat_template(image_chat, add_generation_prompt=True)
+    )
     text_inputs = processor(text=processor.apply_chat_template(text_chat, add_generation_prompt=True))
     image_times, text_times, vision_times = [], [], []
     with torch.no_grad():
@@ -81,9 +124,11 @@ def main() -> None:
             text_times.append(timed(lambda: lavin(**text_inputs)))
             vision_times.append(timed(lambda: lavin.get_image_features(image_inputs["pixel_values"])))
     image_ms, text_ms = statistics.median(image_times) * 1e3, statistics.median(text_times) * 1e3
-    print(f"prefill with one image ({image_inputs['input_ids'].shape[1]} tokens) vs text-only "
-          f"({text_inputs['input_ids'].shape[1]} tokens): {image_ms:.1f} ms vs {text_ms:.1f} ms "
-          f"= {image_ms / text_ms:.2f}x; vision tower + projector alone: {statistics.median(vision_times) * 1e3:.1f} ms")
+    print(
+        f"prefill with one image ({image_inputs['input_ids'].shape[1]} tokens) vs text-only "
+        f"({text_inputs['input_ids'].shape[1]} tokens): {image_ms:.1f} ms vs {text_ms:.1f} ms "
+        f"= {image_ms / text_ms:.2f}x; vision tower + projector alone: {statistics.median(vision_times) * 1e3:.1f} ms"
+    )
 
 
 if __name__ == "__main__":

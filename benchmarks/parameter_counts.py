@@ -26,7 +26,12 @@ SHAPES = {
     ),
 }
 VIT_L14 = CLIPVisionConfig(
-    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14, image_size=224
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    patch_size=14,
+    image_size=224,
 )
 
 
@@ -43,8 +48,10 @@ def adapter_file_bytes(model: LavinForConditionalGeneration) -> int:
 
 
 def main() -> None:
-    print("| backbone (+ ViT-L/14) | LLM adapters | ViT adapters | projector | modality emb. | total trainable "
-          "| paper | adapter file (fp32) | paper |")
+    print(
+        "| backbone (+ ViT-L/14) | LLM adapters | ViT adapters | projector | modality emb. | total trainable "
+        "| paper | adapter file (fp32) | paper |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, (text_config, temperature) in SHAPES.items():
         with torch.device("meta"):

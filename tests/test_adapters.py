@@ -201,3 +201,25 @@ def test_official_vision_routing_parity_flag_routes_by_the_first_image(randomize
     other = pixels.clone()
     other[0] = torch.randn(3, 32, 32)
     assert (model.get_image_features(other)[1] - with_zero).abs().max() > 1e-6
+
+
+def test_wrong_lavin_config_is_a_clear_error():
+    from mmadapters import LavinConfig
+
+    with pytest.raises(ValueError, match="vision_feature_layers=\\[4, 30\\] must name layers 1..8"):
+        LavinConfig(
+            text_config=tiny_text_config(), vision_config=tiny_vision_config(), vision_feature_layers=[4, 30]
+        )
+    with pytest.raises(ValueError, match="Unknown MMAdapterConfig field"):
+        LavinConfig(
+            text_config=tiny_text_config(), vision_config=tiny_vision_config(), adapter_config={"alpha": 1}
+        )
+
+
+def test_unsupported_llm_architecture_is_a_clear_error():
+    from transformers import GPT2Config
+
+    with pytest.raises(ValueError, match="decoder layers|input_layernorm"):
+        LavinForConditionalGeneration.from_backbones(
+            GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100), tiny_vision_config()
+        )

@@ -37,7 +37,9 @@ def test_embedded_image_question_runs_end_to_end(embedded):
     from PIL import Image
 
     model, processor, _ = embedded
-    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the shape?"}]}]
+    chat = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the shape?"}]}
+    ]
     image = Image.new("RGB", (64, 64), (255, 0, 0))
     inputs = processor(images=[image], text=processor.apply_chat_template(chat, add_generation_prompt=True))
     assert inputs["pixel_values"].shape == (1, 3, 64, 64)
@@ -55,4 +57,6 @@ def test_embedded_backbones_are_cached_and_fingerprinted(embedded, tmp_path):
     reloaded = LavinForConditionalGeneration.from_pretrained(tmp_path)
     ids = processor(text="Image: N/A\nHello")["input_ids"]
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+        torch.testing.assert_close(
+            reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0
+        )

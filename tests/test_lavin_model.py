@@ -212,7 +212,9 @@ def test_folded_adapters_equal_routed_adapters(tiny_backbones, processor, random
         *tiny_backbones, adapter_config=MMAdapterConfig(placement=placement)
     ).eval()
     randomize_adapters(model, std=0.3)
-    batch = processor(images=[[image(0)], []], text=["Image: <image>\nwhat color is it?", "Image: N/A\nthe capital"])
+    batch = processor(
+        images=[[image(0)], []], text=["Image: <image>\nwhat color is it?", "Image: N/A\nthe capital"]
+    )
     with torch.no_grad():
         routed = model(**batch).logits
         folded = model(**batch, folded_adapters=model.fold_llm_adapters()).logits
@@ -230,11 +232,11 @@ def test_folded_adapters_equal_routed_adapters(tiny_backbones, processor, random
 def test_folded_adapters_are_refreshed_when_weights_change(model, randomize_adapters):
     with torch.no_grad():
         first = model.fold_llm_adapters()
-        assert model.fold_llm_adapters()[0] is first[0]  # reused while nothing changed
+        assert model.fold_llm_adapters() is first  # reused while nothing changed
         randomize_adapters(model, std=0.3)  # in-place update of the experts
         second = model.fold_llm_adapters()
-    assert second[0] is not first[0] and not torch.equal(second[0], first[0])
+    assert second is not first and not torch.equal(second.up, first.up)
     with torch.no_grad():
         model.modality_embedding.weight.add_(1.0)
         third = model.fold_llm_adapters()
-    assert not torch.equal(third[1], second[1])
+    assert not torch.equal(third.bias, second.bias)

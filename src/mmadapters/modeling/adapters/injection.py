@@ -30,6 +30,37 @@ ROUTING_WEIGHTS_KWARG = "mm_routing_weights"
 FOLDED_ADAPTERS_KWARG = "mm_folded_adapters"
 
 
+class FoldedAdapters:
+    """The LLM adapters of every layer folded per modality (inference): each site is x + U (A x) + c.
+
+    up: (layers, sites, 2 modalities, d, r); bias: (layers, sites, 2, d). `rows` picks each sequence's modality
+    and splits per layer and site, so that the per-layer hooks only index Python lists; a batch of a single
+    modality (the common case) reuses one split, broadcast over the batch.
+    """
+
+    def __init__(self, up: torch.Tensor, bias: torch.Tensor) -> None:
+        self.up = up
+        self.bias = bias
+        self._single_modality_rows: dict[int, tuple[list, list]] = {}
+
+    def rows(self, modality: torch.Tensor) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+        if bool((modality == modality[0]).all()):
+            key = int(modality[0])
+            if key not in self._single_modality_rows:
+                self._single_modality_rows[key] = self._split(slice(key, key + 1))
+            return self._single_modality_rows[key]
+        return self._split(modality)
+
+    def _split(
+        self, index: torch.Tensor | slice
+    ) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+        up, bias = self.up[:, :, index], self.bias[:, :, index]  # (layers, sites, batch or 1, ...)
+        return (
+            [list(layer.unbind(0)) for layer in up.unbind(0)],
+            [list(layer.unbind(0)) for layer in bias.unbind(0)],
+        )
+
+
 class DecoderLayerAdapters(nn.Module):
     """The MM-Adapters of one decoder layer: `attn` before self-attention, `mlp` before the MLP (optional)."""
 
@@ -64,7 +95,7 @@ class DecoderLayerAdapters(nn.Module):
     def _apply_folded(
         self, args: tuple, kwargs: dict, ups: list[list[torch.Tensor]], biases: list[list[torch.Tensor]]
     ) -> tuple[tuple, dict]:
-        # ups[layer][site]: (batch, d, r) and biases[layer][site]: (batch, d), already picked per sequence.
+        # ups[layer][site]: (batch or 1, d, r) and biases[layer][site]: (batch or 1, d), see FoldedAdapters.rows.
         up, bias = ups[self.layer_index], biases[self.layer_index]
         if self.mlp is not None:
             self.mlp.folded = (up[1], bias[1])

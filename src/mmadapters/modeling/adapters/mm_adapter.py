@@ -133,9 +133,9 @@ class MMAdapter(nn.Module):
         return self.scale * mixed, self.scale * (mixed_bias + mixed @ self.down.bias)
 
     def forward_folded(self, x: torch.Tensor, up: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """The adapter from `fold`'s output (one row per sequence): three ops instead of a dozen per token."""
+        """The adapter from `fold`'s output (one row per sequence, or one row for all): a few ops per token."""
         hidden = torch.nn.functional.linear(x, self.down.weight)  # (batch, seq, r)
-        return x + torch.baddbmm(bias.unsqueeze(1), hidden, up.transpose(1, 2))
+        return x + (hidden @ up.transpose(1, 2) + bias.unsqueeze(1))
 
     def adapt(self, x: torch.Tensor, routing_weights: torch.Tensor | None = None) -> torch.Tensor:
         """Apply the adapter in its own dtype (float32 over a bf16/fp16 backbone) and cast back."""

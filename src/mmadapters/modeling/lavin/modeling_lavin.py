@@ -24,6 +24,7 @@ from ..adapters import (
     FOLDED_ADAPTERS_KWARG,
     ROUTING_WEIGHTS_KWARG,
     DecoderLayerAdapters,
+    FoldedAdapters,
     MMAdapter,
     MMAdapterConfig,
     find_decoder_layers,
@@ -142,7 +143,7 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         self.projector = LavinProjector(vision_width, config.projector_hidden_size, text_width)
         # Index 1: the sample has an image; 0: text only. Its trajectory through the LLM sets the routing.
         self.modality_embedding = nn.Embedding(2, text_width)
-        self._folded_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._folded_cache: tuple[tuple, FoldedAdapters] | None = None
         self.post_init()
 
     # ------------------------------------------------------------------------------------------------
@@ -255,29 +256,29 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
                 adapter.last_routing_weights = None
         return weights.view(2, len(self.llm_adapters), len(self.llm_adapters[0].sites()), 2)
 
-    def fold_llm_adapters(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def fold_llm_adapters(self) -> FoldedAdapters:
         """The LLM adapters folded per modality (for inference): each is then x + U (A x) + c.
 
-        Returns U (layers, sites, 2 modalities, d, r) and c (layers, sites, 2, d). `generate` folds once per call
-        (or reuses the last fold while no weight changed), which makes the per-token adapter cost three small
-        ops (see benchmarks/generation_speed.py).
+        `generate` folds once per call (or reuses the last fold while no weight changed), which makes the
+        per-token adapter cost a few small ops (see benchmarks/generation_speed.py).
         """
         # The result depends only on weights (the adapters and the frozen LLM the modality token runs through):
         # reuse it until any of them changes (in-place updates bump a tensor's version, moves change its pointer).
-        key = tuple(
-            (p.data_ptr(), p._version)
-            for p in (
-                *self.language_model.parameters(),
-                *self.llm_adapters.parameters(),
-                self.modality_embedding.weight,
-            )
+        weights = (
+            *self.language_model.parameters(),
+            *self.llm_adapters.parameters(),
+            self.modality_embedding.weight,
         )
-        if self._folded_cache is not None and self._folded_cache[0] == key and not torch.is_grad_enabled():
+        key = tuple((p.data_ptr(), p._version) for p in weights)
+        cacheable = not torch.is_grad_enabled()
+        if cacheable and self._folded_cache is not None and self._folded_cache[0] == key:
             return self._folded_cache[1]
         table = self.compute_routing_table()  # (2, layers, sites, 2)
         folded = [layer.fold(table[:, index]) for index, layer in enumerate(self.llm_adapters)]
-        result = torch.stack([up for up, _ in folded]), torch.stack([bias for _, bias in folded])
-        if not torch.is_grad_enabled():
+        result = FoldedAdapters(
+            torch.stack([up for up, _ in folded]), torch.stack([bias for _, bias in folded])
+        )
+        if cacheable:
             self._folded_cache = (key, result)
         return result
 
@@ -297,7 +298,7 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         modality: torch.LongTensor | None = None,
         routing_weights: torch.Tensor | None = None,
-        folded_adapters: tuple[torch.Tensor, torch.Tensor] | None = None,
+        folded_adapters: FoldedAdapters | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
@@ -330,11 +331,7 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
                 raise ValueError("With inputs_embeds, pass `modality` (1 = image sample, 0 = text only).")
             modality = self.modality_of(input_ids)
         if folded_adapters is not None:
-            # Pick each sequence's modality once here, and split per layer and site, so that the per-layer hooks
-            # only index Python lists.
-            ups, biases = (t[:, :, modality] for t in folded_adapters)  # (layers, sites, batch, ...)
-            split = ([list(layer.unbind(0)) for layer in t.unbind(0)] for t in (ups, biases))
-            adapter_kwargs = {FOLDED_ADAPTERS_KWARG: tuple(split)}
+            adapter_kwargs = {FOLDED_ADAPTERS_KWARG: folded_adapters.rows(modality)}
         else:
             if routing_weights is None:
                 routing_weights = self.compute_routing_table()[modality]
