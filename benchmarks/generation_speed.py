@@ -90,14 +90,14 @@ def main() -> None:
         for step in range(args.rounds * 20):
             position = torch.tensor([[inputs["input_ids"].shape[1] + step]])
             base_steps.append(
-                timed(lambda: base(input_ids=token, past_key_values=base_cache, position_ids=position + 1))
+                timed(lambda p=position: base(input_ids=token, past_key_values=base_cache, position_ids=p + 1))
             )
             lavin_steps.append(
                 timed(
-                    lambda: lavin(
+                    lambda p=position: lavin(
                         input_ids=token,
                         past_key_values=lavin_cache,
-                        position_ids=position,
+                        position_ids=p,
                         folded_adapters=folded,
                         modality=modality,
                     )
