@@ -90,7 +90,9 @@ def main() -> None:
         for step in range(args.rounds * 20):
             position = torch.tensor([[inputs["input_ids"].shape[1] + step]])
             base_steps.append(
-                timed(lambda p=position: base(input_ids=token, past_key_values=base_cache, position_ids=p + 1))
+                timed(
+                    lambda p=position: base(input_ids=token, past_key_values=base_cache, position_ids=p + 1)
+                )
             )
             lavin_steps.append(
                 timed(
