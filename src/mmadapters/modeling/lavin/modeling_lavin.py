@@ -4,11 +4,9 @@ Reading order: `LavinForConditionalGeneration.__init__` (what is built and froze
 `compute_routing_table` (where the LLM-side router is computed), `generate`, then saving and loading.
 """
 
-import os
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (
     AutoModel,
@@ -20,6 +18,7 @@ from transformers import (
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ..adapter_checkpoint import AdapterCheckpointMixin
 from ..adapters import (
     FOLDED_ADAPTERS_KWARG,
     ROUTING_WEIGHTS_KWARG,
@@ -32,19 +31,9 @@ from ..adapters import (
     inject_decoder_adapters,
     inject_vision_adapters,
 )
-from ..backbones import (
-    BackboneReference,
-    BackboneSpec,
-    check_backbone,
-    freeze,
-    image_token_id_for,
-    load_text_backbone,
-    load_vision_backbone,
-    resolve_checkpoint_folder,
-)
+from ..backbones import BackboneSpec, freeze, image_token_id_for, load_text_backbone, load_vision_backbone
 from .configuration_lavin import LavinConfig
 
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 # Top-level modules that make up the trainable adapter side; everything else is a frozen backbone.
 ADAPTER_MODULES = ("llm_adapters", "vision_adapters", "projector", "modality_embedding")
 # Keyword arguments of `forward` that belong to the loss, not to the LLM.
@@ -98,7 +87,7 @@ class LavinPreTrainedModel(PreTrainedModel):
             super()._init_weights(module)
 
 
-class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
+class LavinForConditionalGeneration(AdapterCheckpointMixin, LavinPreTrainedModel, GenerationMixin):
     """LaVIN: MM-Adapters inside a frozen LLM and a frozen CLIP/SigLIP vision tower, routed by modality.
 
     Build it around any Hub backbones with [`~LavinForConditionalGeneration.from_backbones`]; only the adapter
@@ -420,112 +409,12 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
     # Adapter-only checkpoints
     # ------------------------------------------------------------------------------------------------
 
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter side only: LLM and vision adapters, projector, modality embedding."""
-        return {k: v for k, v in self.state_dict().items() if k.split(".", 1)[0] in ADAPTER_MODULES}
+    def adapter_module_names(self) -> tuple[str, ...]:
+        """What an adapter-only checkpoint holds: LLM and vision adapters, projector, modality embedding."""
+        return ADAPTER_MODULES
 
-    def load_adapter_state_dict(
-        self, state_dict: dict[str, torch.Tensor], source: str = "state dict"
-    ) -> None:
-        """Load adapter tensors, refusing missing, unexpected or mis-shaped ones with a clear message."""
-        expected = self.adapter_state_dict()
-        missing = sorted(set(expected) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(expected))
-        mis_shaped = [
-            f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-            for k in sorted(set(expected) & set(state_dict))
-            if state_dict[k].shape != expected[k].shape
-        ]
-        if missing or unexpected or mis_shaped:
-            raise ValueError(
-                f"The adapter weights in {source} do not fit this model: missing {missing[:5]}, unexpected "
-                f"{unexpected[:5]}, shape mismatches {mis_shaped[:5]}. Were they trained with another backbone or "
-                "another adapter configuration?"
-            )
-        self.load_state_dict(state_dict, strict=False)
-
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike,
-        adapter_only: bool = True,
-        processor: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        """Save the adapters only (default: config.json naming the backbones, adapter_config.json,
-        adapter_model.safetensors) or, with `adapter_only=False`, every weight. A processor given is saved too.
-        """
-        if not adapter_only:
-            # No adapter_config.json here: transformers would take the folder for a PEFT adapter. The adapter
-            # settings are in config.json.
-            super().save_pretrained(save_directory, **kwargs)
-        else:
-            unsaved = [
-                role for role in ("text", "vision") if getattr(self.config, f"{role}_backbone") is None
-            ]
-            if unsaved:
-                raise ValueError(
-                    f"The {' and '.join(unsaved)} backbone(s) were built from config objects (random weights), so "
-                    "an adapter-only checkpoint could not be loaded again. Save the backbones with their own "
-                    "`save_pretrained` and build the model from those folders, or use `adapter_only=False`."
-                )
-            os.makedirs(save_directory, exist_ok=True)
-            self.config.save_pretrained(save_directory)
-            self.generation_config.save_pretrained(save_directory)
-            state = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict().items()}
-            save_file(state, os.path.join(save_directory, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-            self.config.mm_adapter_config.save_pretrained(save_directory)
-        if processor is not None:
-            processor.save_pretrained(save_directory)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | os.PathLike,
-        *model_args: Any,
-        text_model: BackboneSpec | None = None,
-        vision_model: BackboneSpec | None = None,
-        ignore_backbone_mismatch: bool = False,
-        dtype: torch.dtype | str | None = None,
-        revision: str | None = None,
-        **kwargs: Any,
-    ) -> "LavinForConditionalGeneration":
-        """Load a LaVIN checkpoint: adapter-only (the backbones are resolved again from the names in config.json,
-        or from `text_model` / `vision_model` if given, and checked against the recorded fingerprints) or full.
-        """
-        # transformers' Auto classes take any folder with an adapter_config.json for a PEFT adapter and pass
-        # these along; our adapters are not PEFT's, and are loaded below.
-        kwargs.pop("adapter_kwargs", None)
-        kwargs.pop("_adapter_model_path", None)
-        name = os.fspath(pretrained_model_name_or_path)
-        folder = resolve_checkpoint_folder(name, revision)
-        if not os.path.isfile(os.path.join(folder, ADAPTER_WEIGHTS_NAME)):
-            kwargs.pop("config", None)
-            dtype = torch.float32 if dtype in (None, "auto") else dtype
-            return super().from_pretrained(folder, *model_args, dtype=dtype, **kwargs)
-
-        config = LavinConfig.from_pretrained(folder)
-        expected_text = BackboneReference(**config.text_backbone)
-        expected_vision = BackboneReference(**config.vision_backbone)
-        dtype = None if dtype == "auto" else dtype
-        language_model, text_loaded = load_text_backbone(
-            text_model or expected_text.name_or_path, dtype, None if text_model else expected_text.revision
-        )
-        vision_tower, vision_loaded = load_vision_backbone(
-            vision_model or expected_vision.name_or_path,
-            dtype,
-            None if vision_model else expected_vision.revision,
-        )
-        if not ignore_backbone_mismatch:
-            check_backbone("text", expected_text, text_loaded, name)
-            check_backbone("vision", expected_vision, vision_loaded, name)
-        config.text_config = language_model.config
-        config.vision_config = vision_tower.config
-        model = cls(config, language_model=language_model, vision_tower=vision_tower)
-        model.load_adapter_state_dict(load_file(os.path.join(folder, ADAPTER_WEIGHTS_NAME)), source=name)
-        if os.path.isfile(os.path.join(folder, "generation_config.json")):
-            model.generation_config = GenerationConfig.from_pretrained(folder)
-        model.eval()
-        return model
+    def adapter_config_to_save(self) -> MMAdapterConfig:
+        return self.config.mm_adapter_config
 
 
 __all__ = [
