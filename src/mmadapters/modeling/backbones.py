@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from transformers import (
     AutoConfig,
-    AutoModel,
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     PreTrainedConfig,
     PreTrainedModel,
 )
@@ -60,12 +60,18 @@ def vision_config_of(config: PreTrainedConfig) -> PreTrainedConfig:
 def load_text_backbone(
     spec: BackboneSpec, dtype: torch.dtype | str | None = None, revision: str | None = None
 ) -> tuple[PreTrainedModel, BackboneReference | None]:
-    """A causal LM from a Hub id / local path (real weights) or a config object (random weights)."""
+    """An LLM with its LM head from a Hub id / local path (real weights) or a config object (random weights):
+    a causal LM, or a seq2seq LM (T5 family) when the config is encoder-decoder."""
     if isinstance(spec, PreTrainedConfig):
-        return AutoModelForCausalLM.from_config(spec, dtype=backbone_dtype(dtype)), None
+        return _text_class_for(spec).from_config(spec, dtype=backbone_dtype(dtype)), None
     name = os.fspath(spec)
-    model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=backbone_dtype(dtype))
+    auto_class = _text_class_for(AutoConfig.from_pretrained(name, revision=revision))
+    model = auto_class.from_pretrained(name, revision=revision, dtype=backbone_dtype(dtype))
     return model, _reference(name, revision, model)
+
+
+def _text_class_for(config: PreTrainedConfig) -> type:
+    return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
 
 
 def load_vision_backbone(
@@ -73,7 +79,8 @@ def load_vision_backbone(
 ) -> tuple[PreTrainedModel, BackboneReference | None]:
     """A vision tower (e.g. CLIPVisionModel) from a Hub id / path (also of a full CLIP) or a config object."""
     if isinstance(spec, PreTrainedConfig):
-        return AutoModel.from_config(vision_config_of(spec), dtype=backbone_dtype(dtype)), None
+        config = vision_config_of(spec)
+        return _vision_class_for(config)._from_config(config, dtype=backbone_dtype(dtype)), None
     name = os.fspath(spec)
     config = vision_config_of(AutoConfig.from_pretrained(name, revision=revision))
     # The vision-only class of the config (CLIPVisionModel, SiglipVisionModel, ...) also loads the vision
@@ -83,8 +90,13 @@ def load_vision_backbone(
 
 
 def _vision_class_for(config: PreTrainedConfig) -> type[PreTrainedModel]:
+    from transformers import Blip2VisionModel, InstructBlipVisionModel
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
+    # Vision towers of BLIP-2 / InstructBLIP have no Auto mapping of their own.
+    unmapped = {"instructblip_vision_model": InstructBlipVisionModel, "blip_2_vision_model": Blip2VisionModel}
+    if config.model_type in unmapped:
+        return unmapped[config.model_type]
     try:
         return MODEL_MAPPING[type(config)]
     except KeyError as error:

@@ -1,6 +1,7 @@
 """Adapter building blocks with no model knowledge: layers, configs, and their injection."""
 
-from .config import ADAPTER_CONFIG_NAME, MMAdapterConfig
+from .config import ADAPTER_CONFIG_NAME, CromeAdapterConfig, MMAdapterConfig
+from .crome_adapter import CromeAdapter
 from .injection import (
     FOLDED_ADAPTERS_KWARG,
     ROUTING_WEIGHTS_KWARG,
@@ -15,6 +16,8 @@ from .mm_adapter import GroupedLinear, MMAdapter
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
+    "CromeAdapter",
+    "CromeAdapterConfig",
     "DecoderLayerAdapters",
     "FOLDED_ADAPTERS_KWARG",
     "FoldedAdapters",

@@ -1,18 +1,54 @@
-"""PEFT-style configuration of LaVIN's MM-Adapter, saved as `adapter_config.json`."""
+"""PEFT-style configurations of our adapters (LaVIN's MM-Adapter, CROME's adapter), saved as `adapter_config.json`."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 
 
+class AdapterConfigFile:
+    """Saving and loading shared by our adapter configs (PEFT's layout: one `adapter_config.json`)."""
+
+    peft_type: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Any:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"Unknown {cls.__name__} field(s) {unknown}; known fields are {sorted(known)}. "
+                "Was this adapter_config.json written by a newer mmadapters or by another adapter method?"
+            )
+        return cls(**values)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        os.makedirs(save_directory, exist_ok=True)
+        with open(os.path.join(save_directory, ADAPTER_CONFIG_NAME), "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> Any:
+        path = os.path.join(directory, ADAPTER_CONFIG_NAME)
+        with open(path) as f:
+            values = json.load(f)
+        expected = cls.__dataclass_fields__["peft_type"].default
+        if values.get("peft_type", expected) != expected:
+            raise ValueError(f"{path} describes a {values['peft_type']!r} adapter, not a {expected} adapter.")
+        return cls.from_dict(values)
+
+
 @dataclass
-class MMAdapterConfig:
+class MMAdapterConfig(AdapterConfigFile):
     """Configuration of the MM-Adapters that LaVIN (Mixture-of-Modality Adaptation) injects.
 
     Follows PEFT's conventions (a dataclass, `save_pretrained` / `from_pretrained`, `adapter_config.json`),
@@ -42,7 +78,6 @@ class MMAdapterConfig:
     official_vision_routing: bool = False
     peft_type: str = "MMA"
     base_model_name_or_path: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -66,31 +101,23 @@ class MMAdapterConfig:
         """How many adapters each decoder layer holds (1 before attention, +1 before the MLP)."""
         return 2 if self.placement == "attn_mlp" else 1
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> MMAdapterConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"Unknown MMAdapterConfig field(s) {unknown}; known fields are {sorted(known)}. "
-                "Was this adapter_config.json written by a newer mmadapters or by another adapter method?"
-            )
-        return cls(**values)
+@dataclass
+class CromeAdapterConfig(AdapterConfigFile):
+    """Configuration of CROME's cross-modal adapter (CROME.md section 2).
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        os.makedirs(save_directory, exist_ok=True)
-        with open(os.path.join(save_directory, ADAPTER_CONFIG_NAME), "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
+    Args:
+        bottleneck: width m of the gated down-projections (256 in the paper: 5 * d * m parameters).
+        bias: biases on the projections (none in the paper).
+        zero_init_up: start the shared up-projection at zero, so the adapter starts as the identity [ours].
+    """
 
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> MMAdapterConfig:
-        path = os.path.join(directory, ADAPTER_CONFIG_NAME)
-        with open(path) as f:
-            values = json.load(f)
-        if values.get("peft_type", "MMA") != "MMA":
-            raise ValueError(f"{path} describes a {values['peft_type']!r} adapter, not LaVIN's MMA adapter.")
-        return cls.from_dict(values)
+    bottleneck: int = 256
+    bias: bool = False
+    zero_init_up: bool = True
+    peft_type: str = "CROME"
+    base_model_name_or_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.bottleneck < 1:
+            raise ValueError(f"CromeAdapterConfig.bottleneck must be a positive integer, got {self.bottleneck}.")
