@@ -1,4 +1,5 @@
+from .base import IGNORE_INDEX, PromptTooLongError
 from .images import InvalidImageError, load_image
-from .processing_lavin import IGNORE_INDEX, LavinProcessor, PromptTooLongError
+from .processing_lavin import LavinProcessor
 
 __all__ = ["IGNORE_INDEX", "InvalidImageError", "LavinProcessor", "PromptTooLongError", "load_image"]

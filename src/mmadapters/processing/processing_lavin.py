@@ -10,85 +10,25 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-import torch
-from transformers import (
-    AutoConfig,
-    AutoImageProcessor,
-    AutoTokenizer,
-    BatchFeature,
-    CLIPImageProcessorPil,
-    PreTrainedConfig,
-    ProcessorMixin,
-)
+from transformers import AutoConfig, AutoTokenizer, BatchFeature, PreTrainedConfig, ProcessorMixin
 
 from ..modeling.backbones import IMAGE_TOKEN, add_image_token, vision_config_of
 from ..modeling.lavin.configuration_lavin import default_vision_feature_layers
-from ..modeling.lavin.modeling_lavin import ImageTokenMismatchError
-from .images import DEFAULT_MAX_IMAGE_PIXELS, load_image
-
-IGNORE_INDEX = -100
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-
-# Rewrites a multimodal conversation into plain-text messages, then hands them to the LLM's own template:
-# an image part becomes "Image: <image>\n"; a conversation without any image starts with "Image: N/A\n".
-_FLATTEN_MESSAGES = """\
-{%- set ns = namespace(has_image=false, first_user=true, flat=[]) -%}
-{%- for message in messages -%}
-  {%- if message['content'] is not string -%}
-    {%- for part in message['content'] -%}
-      {%- if part['type'] == 'image' -%}{%- set ns.has_image = true -%}{%- endif -%}
-    {%- endfor -%}
-  {%- endif -%}
-{%- endfor -%}
-{%- for message in messages -%}
-  {%- if message['content'] is string -%}
-    {%- set text = message['content'] -%}
-  {%- else -%}
-    {%- set parts = namespace(text='') -%}
-    {%- for part in message['content'] -%}
-      {%- if part['type'] == 'image' -%}{%- set parts.text = parts.text + 'Image: <image>\\n' -%}
-      {%- elif part['type'] == 'text' -%}{%- set parts.text = parts.text + part['text'] -%}
-      {%- endif -%}
-    {%- endfor -%}
-    {%- set text = parts.text -%}
-  {%- endif -%}
-  {%- if message['role'] == 'user' and ns.first_user -%}
-    {%- if not ns.has_image -%}{%- set text = 'Image: N/A\\n' + text -%}{%- endif -%}
-    {%- set ns.first_user = false -%}
-  {%- endif -%}
-  {%- set ns.flat = ns.flat + [{'role': message['role'], 'content': text}] -%}
-{%- endfor -%}
-{%- set messages = ns.flat -%}
-"""
-
-# For LLMs without a chat template: LaVIN's instruction format.
-_PLAIN_TEMPLATE = """\
-{%- for message in messages -%}
-  {%- if message['role'] == 'system' -%}{{ message['content'] + '\\n' }}
-  {%- elif message['role'] == 'user' -%}{{ 'Instruction: ' + message['content'] + '\\n' }}
-  {%- elif message['role'] == 'assistant' -%}{{ 'Response: ' + message['content'] + eos_token + '\\n' }}
-  {%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt -%}{{ 'Response:' }}{%- endif -%}
-"""
+from .base import (
+    IGNORE_INDEX,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    OVERFLOW_POLICIES,
+    AdapterProcessorMixin,
+    build_chat_template,
+    has_saved_processor,
+    image_processor_for,
+    resize_only_image_processor,
+)
+from .images import DEFAULT_MAX_IMAGE_PIXELS
 
 
-class PromptTooLongError(ValueError):
-    """A prompt (plus answer) is longer than `max_length` and the overflow policy is "raise"."""
-
-
-def build_chat_template(tokenizer: Any) -> str:
-    """LaVIN's chat template: our message flattening in front of the LLM's own template (or a plain one)."""
-    llm_template = tokenizer.chat_template
-    if isinstance(llm_template, dict):
-        llm_template = llm_template.get("default") or next(iter(llm_template.values()))
-    return _FLATTEN_MESSAGES + (llm_template or _PLAIN_TEMPLATE)
-
-
-class LavinProcessor(ProcessorMixin):
+class LavinProcessor(AdapterProcessorMixin, ProcessorMixin):
     """Turns images and text into LaVIN inputs: validated pixel values, and token ids in which every `<image>`
     placeholder is expanded to `num_image_tokens` image tokens.
 
@@ -114,19 +54,16 @@ class LavinProcessor(ProcessorMixin):
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         **kwargs: Any,
     ) -> None:
-        if overflow not in ("raise", "truncate_left", "truncate_right"):
-            raise ValueError(
-                f"overflow must be 'raise', 'truncate_left' or 'truncate_right', got {overflow!r}"
-            )
+        if overflow not in OVERFLOW_POLICIES:
+            raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
         self.image_token = IMAGE_TOKEN
         self.image_token_id = add_image_token(tokenizer)
         self.num_image_tokens = num_image_tokens
         self.max_length = max_length
         self.overflow = overflow
         self.max_image_pixels = max_image_pixels
-        super().__init__(
-            image_processor, tokenizer, chat_template=chat_template or build_chat_template(tokenizer)
-        )
+        chat_template = chat_template or build_chat_template(tokenizer, "Image: <image>\n", "Image: N/A\n")
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
     @classmethod
     def from_backbones(
@@ -147,21 +84,16 @@ class LavinProcessor(ProcessorMixin):
         if isinstance(text_model, PreTrainedConfig):
             raise ValueError("LavinProcessor needs a tokenizer: pass the LLM as a Hub id or a local folder.")
         tokenizer = AutoTokenizer.from_pretrained(text_model, revision=revision)
-        vision_config = vision_config_of(
-            vision_model
-            if isinstance(vision_model, PreTrainedConfig)
-            else AutoConfig.from_pretrained(vision_model)
-        )
         if official_preprocessing:
-            image_processor = _resize_only_processor(224, IMAGENET_MEAN, IMAGENET_STD)
-        elif isinstance(vision_model, PreTrainedConfig):
-            image_processor = _resize_only_processor(vision_config.image_size, CLIP_MEAN, CLIP_STD)
+            image_processor = resize_only_image_processor(224, IMAGENET_MEAN, IMAGENET_STD)
         else:
-            try:
-                image_processor = AutoImageProcessor.from_pretrained(vision_model)
-            except (OSError, ValueError):
-                image_processor = _resize_only_processor(vision_config.image_size, CLIP_MEAN, CLIP_STD)
+            image_processor = image_processor_for(vision_model)
         if num_image_tokens is None:
+            vision_config = vision_config_of(
+                vision_model
+                if isinstance(vision_model, PreTrainedConfig)
+                else AutoConfig.from_pretrained(vision_model)
+            )
             num_image_tokens = len(default_vision_feature_layers(vision_config.num_hidden_layers))
         return cls(
             image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=num_image_tokens, **kwargs
@@ -174,14 +106,10 @@ class LavinProcessor(ProcessorMixin):
         """Load a saved processor; for an adapter-only checkpoint saved without one, rebuild it from the
         backbones named in its config.json."""
         folder = os.fspath(pretrained_model_name_or_path)
-        has_processor = any(
-            os.path.isfile(os.path.join(folder, name))
-            for name in ("processor_config.json", "tokenizer_config.json", "tokenizer.json")
-        )
         if (
             os.path.isdir(folder)
-            and not has_processor
-            and os.path.isfile(os.path.join(folder, "config.json"))
+            and not has_saved_processor(folder)
+            and os.path.isfile(f"{folder}/config.json")
         ):
             config = AutoConfig.from_pretrained(folder)
             text = (config.text_backbone or {}).get("name_or_path")
@@ -217,27 +145,22 @@ class LavinProcessor(ProcessorMixin):
         Returns:
             `BatchFeature` with input_ids, attention_mask, pixel_values (when there are images), labels.
         """
-        if text is None:
-            raise ValueError(
-                "LavinProcessor needs `text` (use 'Image: <image>\\n...' or apply_chat_template)."
-            )
-        texts = [text] if isinstance(text, str) else list(text)
+        texts = self._check_texts(text)
         answer_list = None if answers is None else ([answers] if isinstance(answers, str) else list(answers))
         if answer_list is not None and len(answer_list) != len(texts):
             raise ValueError(
                 f"Got {len(answer_list)} answers for {len(texts)} prompts; pass one answer per prompt."
             )
-        for index, prompt in enumerate(texts):
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise ValueError(f"Prompt {index} is empty; every sample needs some text.")
-
-        pixel_values = self._process_images(images, texts)
+        pixel_values = self._pixel_values(self._collect_images(images, texts))
         overflow = overflow or self.overflow
-        max_length = max_length or self.max_length or self._tokenizer_max_length()
-        expanded = [t.replace(IMAGE_TOKEN, IMAGE_TOKEN * self.num_image_tokens) for t in texts]
-        prompt_ids = self.tokenizer(expanded, add_special_tokens=add_special_tokens)["input_ids"]
+        max_length = self._max_length(max_length)
+        prompt_ids = self.tokenizer(self._expand_image_tokens(texts), add_special_tokens=add_special_tokens)[
+            "input_ids"
+        ]
 
-        sequences, label_rows = [], []
+        rows: dict[str, list[list[int]]] = {"input_ids": []}
+        if answer_list is not None:
+            rows["labels"] = []
         for index, ids in enumerate(prompt_ids):
             labels = None
             if answer_list is not None:
@@ -246,105 +169,16 @@ class LavinProcessor(ProcessorMixin):
                 labels = [IGNORE_INDEX] * len(ids) + answer_ids
                 ids = ids + answer_ids
             ids, labels = self._fit_length(index, ids, labels, max_length, overflow)
-            sequences.append(ids)
-            label_rows.append(labels)
+            rows["input_ids"].append(ids)
+            if labels is not None:
+                rows["labels"].append(labels)
 
-        data = self._pad(sequences, label_rows if answer_list is not None else None, left=answer_list is None)
+        data = self._pad(
+            rows, {"input_ids": self._pad_id(), "labels": IGNORE_INDEX}, left=answer_list is None
+        )
         if pixel_values is not None:
             data["pixel_values"] = pixel_values
         return BatchFeature(data=data, tensor_type=return_tensors)
 
-    def _process_images(self, images: Any, texts: list[str]) -> torch.Tensor | None:
-        placeholders = [t.count(IMAGE_TOKEN) for t in texts]
-        if images is None:
-            flat = []
-        elif (
-            isinstance(images, (list, tuple))
-            and images
-            and all(isinstance(item, (list, tuple)) or item is None for item in images)
-        ):  # one list per sample
-            per_sample_counts = [len(item or []) for item in images]
-            if per_sample_counts != placeholders:
-                raise ImageTokenMismatchError(
-                    f"Images per sample {per_sample_counts} do not match the `{IMAGE_TOKEN}` placeholders per "
-                    f"prompt {placeholders}; each image needs one placeholder in its prompt."
-                )
-            flat = [image for item in images for image in (item or [])]
-        else:  # a flat list (or a single image), consumed in placeholder order
-            flat = list(images) if isinstance(images, (list, tuple)) else [images]
-        if len(flat) != sum(placeholders):
-            raise ImageTokenMismatchError(
-                f"Got {len(flat)} image(s) but the text holds {sum(placeholders)} `{IMAGE_TOKEN}` placeholder(s). "
-                f"Put one `{IMAGE_TOKEN}` per image in the prompt, or build it with apply_chat_template and "
-                "{'type': 'image'} content parts."
-            )
-        if not flat:
-            return None
-        loaded = [
-            load_image(image, self.max_image_pixels, what=f"image {index}")
-            for index, image in enumerate(flat)
-        ]
-        return self.image_processor(loaded, return_tensors="pt")["pixel_values"]
 
-    def _tokenizer_max_length(self) -> int | None:
-        limit = getattr(self.tokenizer, "model_max_length", None)
-        return limit if limit is not None and limit < 1_000_000 else None
-
-    def _fit_length(
-        self, index: int, ids: list[int], labels: list[int] | None, max_length: int | None, overflow: str
-    ) -> tuple[list[int], list[int] | None]:
-        if max_length is None or len(ids) <= max_length:
-            return ids, labels
-        if overflow == "raise":
-            raise PromptTooLongError(
-                f"Sample {index} has {len(ids)} tokens, more than max_length={max_length}. Shorten it, raise "
-                "`max_length`, or pass overflow='truncate_left' / 'truncate_right'."
-            )
-        window = slice(len(ids) - max_length, None) if overflow == "truncate_left" else slice(0, max_length)
-        kept = ids[window]
-        if kept.count(self.image_token_id) != ids.count(self.image_token_id):
-            raise PromptTooLongError(
-                f"Sample {index} has {len(ids)} tokens; truncating it to max_length={max_length} ({overflow}) would "
-                "cut image tokens. Shorten the text or raise `max_length`."
-            )
-        return kept, None if labels is None else labels[window]
-
-    def _pad(
-        self, sequences: list[list[int]], labels: list[list[int]] | None, left: bool
-    ) -> dict[str, list[list[int]]]:
-        pad_id = self.tokenizer.pad_token_id
-        if pad_id is None:
-            pad_id = self.tokenizer.eos_token_id
-        longest = max(len(ids) for ids in sequences)
-        data: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": []}
-        if labels is not None:
-            data["labels"] = []
-        for row, ids in enumerate(sequences):
-            padding = longest - len(ids)
-
-            def pad(values: list[int], fill: int, padding: int = padding) -> list[int]:
-                return [fill] * padding + values if left else values + [fill] * padding
-
-            data["input_ids"].append(pad(ids, pad_id))
-            data["attention_mask"].append(pad([1] * len(ids), 0))
-            if labels is not None:
-                data["labels"].append(pad(labels[row], IGNORE_INDEX))
-        return data
-
-
-def _resize_only_processor(size: int, mean: list[float], std: list[float]) -> Any:
-    """Resize to size x size (bicubic, no crop: nothing at the image border is lost) and normalise."""
-    return CLIPImageProcessorPil(
-        do_resize=True,
-        size={"height": size, "width": size},
-        resample=3,  # bicubic
-        do_center_crop=False,
-        do_rescale=True,
-        do_normalize=True,
-        image_mean=mean,
-        image_std=std,
-        do_convert_rgb=True,
-    )
-
-
-__all__ = ["LavinProcessor", "PromptTooLongError", "build_chat_template"]
+__all__ = ["LavinProcessor"]

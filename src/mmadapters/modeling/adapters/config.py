@@ -120,4 +120,6 @@ class CromeAdapterConfig(AdapterConfigFile):
 
     def __post_init__(self) -> None:
         if self.bottleneck < 1:
-            raise ValueError(f"CromeAdapterConfig.bottleneck must be a positive integer, got {self.bottleneck}.")
+            raise ValueError(
+                f"CromeAdapterConfig.bottleneck must be a positive integer, got {self.bottleneck}."
+            )

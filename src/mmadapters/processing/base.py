@@ -1,0 +1,211 @@
+"""What LaVIN's and CROME's processors share: chat-template flattening, image collection and validation,
+length policy and padding. Each processor keeps its own layout and outputs."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoImageProcessor, CLIPImageProcessorPil, PreTrainedConfig
+
+from ..modeling.backbones import IMAGE_TOKEN, vision_config_of
+from ..modeling.lavin.modeling_lavin import ImageTokenMismatchError
+from .images import load_image
+
+IGNORE_INDEX = -100
+OVERFLOW_POLICIES = ("raise", "truncate_left", "truncate_right")
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+# Rewrites a multimodal conversation into plain-text messages, then hands them to the LLM's own template:
+# an image part becomes IMAGE_TEXT; a conversation without any image starts its first user turn with
+# TEXT_ONLY_PREFIX (when there is one).
+_FLATTEN_MESSAGES = """\
+{%- set ns = namespace(has_image=false, first_user=true, flat=[]) -%}
+{%- for message in messages -%}
+  {%- if message['content'] is not string -%}
+    {%- for part in message['content'] -%}
+      {%- if part['type'] == 'image' -%}{%- set ns.has_image = true -%}{%- endif -%}
+    {%- endfor -%}
+  {%- endif -%}
+{%- endfor -%}
+{%- for message in messages -%}
+  {%- if message['content'] is string -%}
+    {%- set text = message['content'] -%}
+  {%- else -%}
+    {%- set parts = namespace(text='') -%}
+    {%- for part in message['content'] -%}
+      {%- if part['type'] == 'image' -%}{%- set parts.text = parts.text + IMAGE_TEXT -%}
+      {%- elif part['type'] == 'text' -%}{%- set parts.text = parts.text + part['text'] -%}
+      {%- endif -%}
+    {%- endfor -%}
+    {%- set text = parts.text -%}
+  {%- endif -%}
+  {%- if message['role'] == 'user' and ns.first_user -%}
+    {%- if not ns.has_image -%}{%- set text = TEXT_ONLY_PREFIX + text -%}{%- endif -%}
+    {%- set ns.first_user = false -%}
+  {%- endif -%}
+  {%- set ns.flat = ns.flat + [{'role': message['role'], 'content': text}] -%}
+{%- endfor -%}
+{%- set messages = ns.flat -%}
+"""
+
+# For LLMs without a chat template: LaVIN's instruction format.
+_PLAIN_TEMPLATE = """\
+{%- for message in messages -%}
+  {%- if message['role'] == 'system' -%}{{ message['content'] + '\\n' }}
+  {%- elif message['role'] == 'user' -%}{{ 'Instruction: ' + message['content'] + '\\n' }}
+  {%- elif message['role'] == 'assistant' -%}{{ 'Response: ' + message['content'] + eos_token + '\\n' }}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{ 'Response:' }}{%- endif -%}
+"""
+
+
+class PromptTooLongError(ValueError):
+    """A prompt (plus answer) is longer than `max_length` and the overflow policy is "raise"."""
+
+
+def build_chat_template(tokenizer: Any, image_text: str, text_only_prefix: str) -> str:
+    """Our message flattening in front of the LLM's own chat template (or a plain one)."""
+    llm_template = tokenizer.chat_template
+    if isinstance(llm_template, dict):
+        llm_template = llm_template.get("default") or next(iter(llm_template.values()))
+    header = (
+        f"{{%- set IMAGE_TEXT = {image_text!r} -%}}{{%- set TEXT_ONLY_PREFIX = {text_only_prefix!r} -%}}\n"
+    )
+    return header + _FLATTEN_MESSAGES + (llm_template or _PLAIN_TEMPLATE)
+
+
+def resize_only_image_processor(size: int, mean: list[float], std: list[float]) -> CLIPImageProcessorPil:
+    """Resize to size x size (bicubic, no crop: nothing at the image border is lost) and normalise."""
+    return CLIPImageProcessorPil(
+        do_resize=True,
+        size={"height": size, "width": size},
+        resample=3,  # bicubic
+        do_center_crop=False,
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=mean,
+        image_std=std,
+        do_convert_rgb=True,
+    )
+
+
+def image_processor_for(
+    vision_model: str | os.PathLike | PreTrainedConfig,
+    mean: list[float] = CLIP_MEAN,
+    std: list[float] = CLIP_STD,
+) -> Any:
+    """The vision backbone's own image processor when it ships one, else resize-only at its resolution."""
+    if not isinstance(vision_model, PreTrainedConfig):
+        try:
+            return AutoImageProcessor.from_pretrained(vision_model)
+        except (OSError, ValueError):
+            vision_model = AutoConfig.from_pretrained(vision_model)
+    return resize_only_image_processor(vision_config_of(vision_model).image_size, mean, std)
+
+
+def has_saved_processor(folder: str) -> bool:
+    return any(
+        os.path.isfile(os.path.join(folder, name))
+        for name in ("processor_config.json", "tokenizer_config.json", "tokenizer.json")
+    )
+
+
+class AdapterProcessorMixin:
+    """Shared input handling. Needs `tokenizer`, `image_processor`, `image_token_id`, `num_image_tokens`,
+    `max_length`, `overflow` and `max_image_pixels` on the processor."""
+
+    def _check_texts(self, text: str | list[str] | None) -> list[str]:
+        if text is None:
+            raise ValueError(f"{type(self).__name__} needs `text` (or use apply_chat_template).")
+        texts = [text] if isinstance(text, str) else list(text)
+        for index, prompt in enumerate(texts):
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"Prompt {index} is empty; every sample needs some text.")
+        return texts
+
+    def _collect_images(self, images: Any, texts: list[str]) -> list[Any]:
+        """Images as a flat list in placeholder order, checked against the `<image>` placeholders."""
+        placeholders = [t.count(IMAGE_TOKEN) for t in texts]
+        if images is None:
+            flat = []
+        elif (
+            isinstance(images, (list, tuple))
+            and images
+            and all(isinstance(item, (list, tuple)) or item is None for item in images)
+        ):  # one list per sample
+            per_sample_counts = [len(item or []) for item in images]
+            if per_sample_counts != placeholders:
+                raise ImageTokenMismatchError(
+                    f"Images per sample {per_sample_counts} do not match the `{IMAGE_TOKEN}` placeholders per "
+                    f"prompt {placeholders}; each image needs one placeholder in its prompt."
+                )
+            flat = [image for item in images for image in (item or [])]
+        else:  # a flat list (or a single image), consumed in placeholder order
+            flat = list(images) if isinstance(images, (list, tuple)) else [images]
+        if len(flat) != sum(placeholders):
+            raise ImageTokenMismatchError(
+                f"Got {len(flat)} image(s) but the text holds {sum(placeholders)} `{IMAGE_TOKEN}` placeholder(s). "
+                f"Put one `{IMAGE_TOKEN}` per image in the prompt, or build it with apply_chat_template and "
+                "{'type': 'image'} content parts."
+            )
+        return flat
+
+    def _pixel_values(self, flat_images: list[Any]) -> torch.Tensor | None:
+        if not flat_images:
+            return None
+        loaded = [
+            load_image(image, self.max_image_pixels, what=f"image {i}") for i, image in enumerate(flat_images)
+        ]
+        return self.image_processor(loaded, return_tensors="pt")["pixel_values"]
+
+    def _expand_image_tokens(self, texts: list[str]) -> list[str]:
+        return [t.replace(IMAGE_TOKEN, IMAGE_TOKEN * self.num_image_tokens) for t in texts]
+
+    def _max_length(self, max_length: int | None) -> int | None:
+        if max_length or self.max_length:
+            return max_length or self.max_length
+        limit = getattr(self.tokenizer, "model_max_length", None)
+        return limit if limit is not None and limit < 1_000_000 else None
+
+    def _fit_length(
+        self, index: int, ids: list[int], labels: list[int] | None, max_length: int | None, overflow: str
+    ) -> tuple[list[int], list[int] | None]:
+        if max_length is None or len(ids) <= max_length:
+            return ids, labels
+        if overflow == "raise":
+            raise PromptTooLongError(
+                f"Sample {index} has {len(ids)} tokens, more than max_length={max_length}. Shorten it, raise "
+                "`max_length`, or pass overflow='truncate_left' / 'truncate_right'."
+            )
+        window = slice(len(ids) - max_length, None) if overflow == "truncate_left" else slice(0, max_length)
+        kept = ids[window]
+        if kept.count(self.image_token_id) != ids.count(self.image_token_id):
+            raise PromptTooLongError(
+                f"Sample {index} has {len(ids)} tokens; truncating it to max_length={max_length} ({overflow}) would "
+                "cut image tokens. Shorten the text or raise `max_length`."
+            )
+        return kept, None if labels is None else labels[window]
+
+    def _pad(
+        self, rows: dict[str, list[list[int]]], fills: dict[str, int], left: bool
+    ) -> dict[str, list[list[int]]]:
+        """Pad every row of every field to the longest `input_ids` row; adds `attention_mask`."""
+        longest = max(len(ids) for ids in rows["input_ids"])
+        padded: dict[str, list[list[int]]] = {name: [] for name in (*rows, "attention_mask")}
+        for index, ids in enumerate(rows["input_ids"]):
+            padding = [0] * (longest - len(ids))
+            padded["attention_mask"].append(padding + [1] * len(ids) if left else [1] * len(ids) + padding)
+            for name, values in rows.items():
+                fill = [fills[name]] * (longest - len(ids))
+                padded[name].append(fill + values[index] if left else values[index] + fill)
+        return padded
+
+    def _pad_id(self) -> int:
+        pad_id = self.tokenizer.pad_token_id
+        return self.tokenizer.eos_token_id if pad_id is None else pad_id
