@@ -223,3 +223,22 @@ def test_unsupported_llm_architecture_is_a_clear_error():
         LavinForConditionalGeneration.from_backbones(
             GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100), tiny_vision_config()
         )
+
+
+def test_initialisation_survives_model_construction():
+    """transformers' init pass must not overwrite the paper's initialisation inside a built model."""
+    torch.manual_seed(0)
+    model = LavinForConditionalGeneration.from_backbones(
+        tiny_text_config(hidden_size=256, num_attention_heads=4), tiny_vision_config()
+    )
+    adapter = model.llm_adapters[0].attn
+    xavier_std = (2 / (256 + 8)) ** 0.5
+    assert abs(adapter.down.weight.std().item() - xavier_std) / xavier_std < 0.15
+    assert torch.count_nonzero(adapter.expert_b.weight) == 0 and torch.count_nonzero(adapter.down.bias) == 0
+    kaiming_std = (1 / 256) ** 0.5 / 3**0.5 * 1.0  # kaiming_uniform(a=sqrt(5)): bound 1/sqrt(fan_in)
+    assert abs(adapter.router.weight.std().item() - kaiming_std) / kaiming_std < 0.2
+    assert 0.7 < model.modality_embedding.weight.std().item() < 1.3  # N(0, 1)
+    projector = model.projector.linear_1
+    assert (
+        torch.count_nonzero(projector.bias) == 0 and projector.weight.std() > 0.05
+    )  # Xavier, not N(0, 0.02)

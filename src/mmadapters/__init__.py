@@ -6,21 +6,30 @@ Importing the package registers the models with the transformers Auto classes, s
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-from .modeling.adapters import MMAdapterConfig
+from .modeling.adapters import CromeAdapterConfig, MMAdapterConfig
 from .modeling.backbones import BackboneMismatchError
+from .modeling.crome import CromeConfig, CromeForConditionalGeneration
 from .modeling.embedded import embedded_backbones
 from .modeling.lavin import ImageTokenMismatchError, LavinConfig, LavinForConditionalGeneration
-from .processing import InvalidImageError, LavinProcessor, PromptTooLongError
+from .processing import CromeProcessor, InvalidImageError, LavinProcessor, PromptTooLongError
 
 AutoConfig.register("lavin", LavinConfig)
 AutoModel.register(LavinConfig, LavinForConditionalGeneration)
 AutoModelForImageTextToText.register(LavinConfig, LavinForConditionalGeneration)
 AutoProcessor.register(LavinConfig, LavinProcessor)
+AutoConfig.register("crome", CromeConfig)
+AutoModel.register(CromeConfig, CromeForConditionalGeneration)
+AutoModelForImageTextToText.register(CromeConfig, CromeForConditionalGeneration)
+AutoProcessor.register(CromeConfig, CromeProcessor)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackboneMismatchError",
+    "CromeAdapterConfig",
+    "CromeConfig",
+    "CromeForConditionalGeneration",
+    "CromeProcessor",
     "ImageTokenMismatchError",
     "InvalidImageError",
     "LavinConfig",

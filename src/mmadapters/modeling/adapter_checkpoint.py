@@ -41,6 +41,9 @@ class AdapterCheckpointMixin:
     def adapter_config_to_save(self) -> Any:
         raise NotImplementedError
 
+    def load_referenced_weights(self, checkpoint: str, ignore_backbone_mismatch: bool) -> None:
+        """Load trainable-side weights that the checkpoint references instead of storing (none by default)."""
+
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The saved side only (see `adapter_module_names`); the frozen backbones are never included."""
         names = self.adapter_module_names()
@@ -139,6 +142,7 @@ class AdapterCheckpointMixin:
         config.text_config = loaded["text"].config
         config.vision_config = loaded["vision"].config
         model = cls(config, language_model=loaded["text"], vision_tower=loaded["vision"])
+        model.load_referenced_weights(name, ignore_backbone_mismatch)
         model.load_adapter_state_dict(load_file(os.path.join(folder, ADAPTER_WEIGHTS_NAME)), source=name)
         if os.path.isfile(os.path.join(folder, "generation_config.json")):
             model.generation_config = GenerationConfig.from_pretrained(folder)

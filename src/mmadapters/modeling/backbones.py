@@ -82,10 +82,14 @@ def load_vision_backbone(
         config = vision_config_of(spec)
         return _vision_class_for(config)._from_config(config, dtype=backbone_dtype(dtype)), None
     name = os.fspath(spec)
-    config = vision_config_of(AutoConfig.from_pretrained(name, revision=revision))
+    full_config = AutoConfig.from_pretrained(name, revision=revision)
+    config = vision_config_of(full_config)
     # The vision-only class of the config (CLIPVisionModel, SiglipVisionModel, ...) also loads the vision
-    # half of a full CLIP/SigLIP checkpoint.
-    model = _vision_class_for(config).from_pretrained(name, revision=revision, dtype=backbone_dtype(dtype))
+    # half of a full CLIP/SigLIP checkpoint; BLIP-2/InstructBLIP checkpoints keep it under `vision_model.`.
+    key_mapping = {r"^vision_model\.": ""} if full_config.model_type in ("instructblip", "blip-2") else None
+    model = _vision_class_for(config).from_pretrained(
+        name, revision=revision, dtype=backbone_dtype(dtype), key_mapping=key_mapping
+    )
     return model, _reference(name, revision, model)
 
 
@@ -183,11 +187,18 @@ def add_image_token(tokenizer: Any) -> int:
     return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
 
-def image_token_id_for(text_model: str, revision: str | None = None) -> int:
-    """The id the image placeholder gets in the tokenizer of `text_model`."""
+def tokenizer_for(text_model: str, revision: str | None = None) -> Any:
+    """The tokenizer of `text_model`, with the image placeholder registered."""
     from transformers import AutoTokenizer
 
-    return add_image_token(AutoTokenizer.from_pretrained(text_model, revision=revision))
+    tokenizer = AutoTokenizer.from_pretrained(text_model, revision=revision)
+    add_image_token(tokenizer)
+    return tokenizer
+
+
+def image_token_id_for(text_model: str, revision: str | None = None) -> int:
+    """The id the image placeholder gets in the tokenizer of `text_model`."""
+    return tokenizer_for(text_model, revision).convert_tokens_to_ids(IMAGE_TOKEN)
 
 
 def resolve_checkpoint_folder(name_or_path: str, revision: str | None = None) -> str:
@@ -197,3 +208,20 @@ def resolve_checkpoint_folder(name_or_path: str, revision: str | None = None) ->
     from huggingface_hub import snapshot_download
 
     return snapshot_download(name_or_path, revision=revision)
+
+
+def read_tensors(folder: str, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors checkpoint (single file or shards) whose names start with `prefixes`, read
+    one by one: nothing else of the checkpoint is loaded."""
+    from safetensors import safe_open
+
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"No .safetensors weights in {folder}.")
+    tensors = {}
+    for file in files:
+        with safe_open(os.path.join(folder, file), framework="pt") as handle:
+            for key in handle.keys():
+                if key.startswith(prefixes):
+                    tensors[key] = handle.get_tensor(key)
+    return tensors

@@ -1,5 +1,13 @@
 from .base import IGNORE_INDEX, PromptTooLongError
 from .images import InvalidImageError, load_image
+from .processing_crome import CromeProcessor
 from .processing_lavin import LavinProcessor
 
-__all__ = ["IGNORE_INDEX", "InvalidImageError", "LavinProcessor", "PromptTooLongError", "load_image"]
+__all__ = [
+    "CromeProcessor",
+    "IGNORE_INDEX",
+    "InvalidImageError",
+    "LavinProcessor",
+    "PromptTooLongError",
+    "load_image",
+]

@@ -7,6 +7,7 @@ from torch import nn
 from transformers import initialization as init
 
 from .config import CromeAdapterConfig
+from .initialization import keep_initialization
 
 MODALITIES = ("text", "vision")
 
@@ -30,6 +31,7 @@ class CromeAdapter(nn.Module):
         self.up = nn.Linear(m, hidden_size, bias=config.bias)
         self.act = nn.SiLU()
         self.reset_parameters()
+        keep_initialization(self)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

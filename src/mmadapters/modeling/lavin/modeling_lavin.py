@@ -30,6 +30,7 @@ from ..adapters import (
     find_vision_layers,
     inject_decoder_adapters,
     inject_vision_adapters,
+    keep_initialization,
 )
 from ..backbones import BackboneSpec, freeze, image_token_id_for, load_text_backbone, load_vision_backbone
 from .configuration_lavin import LavinConfig
@@ -53,6 +54,7 @@ class LavinProjector(nn.Module):
         self.act = nn.SiLU()
         self.linear_2 = nn.Linear(hidden_size, text_hidden_size)
         self.reset_parameters()
+        keep_initialization(self)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -77,12 +79,12 @@ class LavinPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        # Backbones are PreTrainedModels: transformers dispatches their own init (and skips loaded weights).
-        # Children are visited before parents, so these overwrite the generic init of their inner Linears.
+        # Our modules initialise themselves when built (see `keep_initialization`); this only runs for modules
+        # whose weights a checkpoint did not provide.
         if isinstance(module, (MMAdapter, LavinProjector)):
             module.reset_parameters()
-        elif isinstance(module, LavinForConditionalGeneration):
-            init.normal_(module.modality_embedding.weight, mean=0.0, std=1.0)
+        elif isinstance(module, nn.Embedding) and module.num_embeddings == 2:  # the modality embedding
+            init.normal_(module.weight, mean=0.0, std=1.0)
         else:
             super()._init_weights(module)
 
@@ -132,6 +134,9 @@ class LavinForConditionalGeneration(AdapterCheckpointMixin, LavinPreTrainedModel
         self.projector = LavinProjector(vision_width, config.projector_hidden_size, text_width)
         # Index 1: the sample has an image; 0: text only. Its trajectory through the LLM sets the routing.
         self.modality_embedding = nn.Embedding(2, text_width)
+        with torch.no_grad():  # N(0, 1), as in the official code
+            init.normal_(self.modality_embedding.weight, mean=0.0, std=1.0)
+        keep_initialization(self.modality_embedding)
         self._folded_cache: tuple[tuple, FoldedAdapters] | None = None
         self.post_init()
 

@@ -1,0 +1,61 @@
+"""Initialise CROME from an InstructBLIP checkpoint, as the paper does (CROME.md sections 1 and 5).
+
+Taken from InstructBLIP: the vision tower (kept frozen, referenced as CROME's vision backbone), the Q-Former,
+the query tokens, the query projection when the LLM width matches InstructBLIP's `language_projection`, and the
+Q-Former tokenizer (its `qformer_tokenizer/` subfolder). Only those tensors are read from the checkpoint; its
+language model is never loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from transformers import InstructBlipConfig
+
+from ..modeling.adapters import CromeAdapterConfig
+from ..modeling.backbones import BackboneSpec, fingerprint, resolve_checkpoint_folder
+from ..modeling.crome import CromeForConditionalGeneration
+from ..processing import CromeProcessor
+
+
+def from_instructblip(
+    path_or_id: str | os.PathLike,
+    text_model: BackboneSpec,
+    adapter_config: CromeAdapterConfig | None = None,
+    dtype: torch.dtype | str | None = None,
+    revision: str | None = None,
+    **config_kwargs: Any,
+) -> tuple[CromeForConditionalGeneration, CromeProcessor]:
+    """CROME around `text_model`, with vision tower, Q-Former and query tokens from an InstructBLIP checkpoint.
+
+    Returns the model and its processor (with InstructBLIP's Q-Former tokenizer).
+    """
+    name = os.fspath(path_or_id)
+    folder = resolve_checkpoint_folder(name, revision)
+    source_config = InstructBlipConfig.from_pretrained(folder)
+    model = CromeForConditionalGeneration.from_backbones(
+        text_model,
+        folder,
+        qformer=source_config.qformer_config,
+        adapter_config=adapter_config,
+        dtype=dtype,
+        num_query_tokens=source_config.num_query_tokens,
+        **config_kwargs,
+    )
+    modules = model.load_instructblip_weights(folder)
+    model.config.qformer_source = {
+        "name_or_path": name,
+        "revision": revision,
+        "modules": modules,
+        "fingerprint": fingerprint(model.qformer),
+    }
+    qformer_tokenizer = os.path.join(folder, "qformer_tokenizer")
+    processor = CromeProcessor.from_backbones(
+        text_model,
+        folder,
+        qformer_tokenizer=qformer_tokenizer if os.path.isdir(qformer_tokenizer) else None,
+        num_image_tokens=model.config.num_image_tokens,
+    )
+    return model, processor

@@ -1,0 +1,96 @@
+"""CROME model configuration."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+from ..adapters import CromeAdapterConfig
+
+STAGES = ("pretrain", "instruct", "finetune")
+
+
+@strict
+class CromeConfig(PreTrainedConfig):
+    r"""Configuration of [`CromeForConditionalGeneration`] (CROME, arXiv 2408.06610): a frozen vision tower, an
+    instruction-aware Q-Former, projections, the cross-modal CROME-Adapter and a frozen LLM (decoder-only or
+    encoder-decoder).
+
+    Defaults: InstructBLIP's EVA ViT-g/14 tower and Q-Former shapes with LLaMA-7B-sized (Vicuna-7B) text shapes.
+
+    Args:
+        text_config: the frozen LLM (Llama family or T5 family).
+        vision_config: the frozen vision tower (InstructBLIP's, CLIP or SigLIP).
+        qformer_config: an `InstructBlipQFormerConfig`; its `encoder_hidden_size` must equal the tower's width.
+        adapter_config: a `CromeAdapterConfig` as a dict.
+        num_query_tokens: learned Q-Former queries (32).
+        use_patch_branch: also pass the projected image patches (CLS dropped) to the adapter [ours, on].
+        vision_feature_layer: the vision hidden state the patch branch reads (-2: second-to-last layer).
+        image_token_id: id of the image placeholder in `input_ids` (may lie past the LLM's embeddings).
+        stages_used: training stages set so far (see `CromeForConditionalGeneration.set_stage`); an adapter-only
+            checkpoint holds everything any of them trained.
+        text_backbone, vision_backbone: where the frozen backbones come from (name, revision, fingerprint).
+        qformer_source: the InstructBLIP checkpoint the Q-Former, the query tokens and (when the widths match)
+            the query projection were initialised from, with `modules` naming what it provided.
+    """
+
+    model_type = "crome"
+    sub_configs_defaults = {
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="instructblip_vision_model"),
+        "qformer_config": SubConfigSpec(config_class=AutoConfig, model_type="instructblip_qformer"),
+    }
+
+    text_config: dict | PreTrainedConfig | None = None
+    vision_config: dict | PreTrainedConfig | None = None
+    qformer_config: dict | PreTrainedConfig | None = None
+    adapter_config: dict | None = None
+    num_query_tokens: int = 32
+    use_patch_branch: bool = True
+    vision_feature_layer: int = -2
+    image_token_id: int | None = None
+    stages_used: list[str] | None = None
+    text_backbone: dict | None = None
+    vision_backbone: dict | None = None
+    qformer_source: dict | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        self.adapter_config = CromeAdapterConfig.from_dict(self.adapter_config or {}).to_dict()
+        if self.qformer_config.encoder_hidden_size != self.vision_config.hidden_size:
+            raise ValueError(
+                f"qformer_config.encoder_hidden_size={self.qformer_config.encoder_hidden_size} must equal the vision "
+                f"tower's hidden_size={self.vision_config.hidden_size}: the Q-Former cross-attends to its output."
+            )
+        self.stages_used = list(self.stages_used or [])
+        unknown = [stage for stage in self.stages_used if stage not in STAGES]
+        if unknown:
+            raise ValueError(f"Unknown stage(s) {unknown}; stages are {STAGES}.")
+        if self.image_token_id is None:
+            self.image_token_id = self.text_config.vocab_size
+        self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+
+    @property
+    def vision_has_cls(self) -> bool:
+        """SigLIP towers have no CLS token; CLIP and InstructBLIP towers put it first."""
+        return "siglip" not in self.vision_config.model_type
+
+    @property
+    def num_patches(self) -> int:
+        return (self.vision_config.image_size // self.vision_config.patch_size) ** 2
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Visual tokens per image: the Q-Former queries, then the patches (with the patch branch)."""
+        return self.num_query_tokens + (self.num_patches if self.use_patch_branch else 0)
+
+    @property
+    def crome_adapter_config(self) -> CromeAdapterConfig:
+        return CromeAdapterConfig.from_dict(self.adapter_config)
+
+
+__all__ = ["STAGES", "CromeConfig"]

@@ -1,0 +1,456 @@
+"""CROME: instruction-aware Q-Former + cross-modal adapter in front of a frozen LLM (CROME.md).
+
+Reading order: `__init__` (what is built), `get_image_features` (vision -> Q-Former -> projections),
+`embed_inputs` (where the adapter's two branches apply), `forward`, `generate`, `set_stage`.
+"""
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import GenerationConfig, GenerationMixin, InstructBlipQFormerModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.loss.loss_utils import fixed_cross_entropy
+from transformers.modeling_outputs import CausalLMOutputWithPast, Seq2SeqLMOutput
+
+from ..adapter_checkpoint import AdapterCheckpointMixin
+from ..adapters import CromeAdapter, CromeAdapterConfig
+from ..backbones import (
+    BackboneMismatchError,
+    BackboneSpec,
+    fingerprint,
+    fingerprints_match,
+    freeze,
+    image_token_id_for,
+    load_text_backbone,
+    load_vision_backbone,
+    read_tensors,
+    resolve_checkpoint_folder,
+    tokenizer_for,
+)
+from ..lavin.modeling_lavin import ImageTokenMismatchError
+from .configuration_crome import STAGES, CromeConfig
+
+# What trains in each stage (CROME.md section 3); everything else is frozen.
+STAGE_MODULES = {
+    "pretrain": ("query_projection", "patch_projection", "adapter"),
+    "instruct": ("qformer", "query_tokens", "query_projection", "patch_projection", "adapter"),
+    "finetune": ("adapter",),
+}
+# Modules an InstructBLIP checkpoint can provide (see convert/instructblip.py).
+SOURCEABLE_MODULES = ("qformer", "query_tokens", "query_projection")
+INSTRUCTBLIP_PREFIXES = ("qformer.", "query_tokens", "language_projection.")
+LOSS_KWARGS = ("num_items_in_batch", "ignore_index")
+
+
+class CromePreTrainedModel(PreTrainedModel):
+    config: CromeConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _skip_keys_device_placement = ["past_key_values"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, CromeAdapter):
+            module.reset_parameters()
+        elif isinstance(module, CromeForConditionalGeneration):
+            init.normal_(module.query_tokens, mean=0.0, std=module.config.qformer_config.initializer_range)
+        else:
+            super()._init_weights(module)
+
+
+class CromeForConditionalGeneration(AdapterCheckpointMixin, CromePreTrainedModel, GenerationMixin):
+    """CROME around a frozen vision tower and a frozen LLM (decoder-only or encoder-decoder).
+
+    image -> vision tower -> Q-Former (queries + instruction) -> query projection (+ projected patches)
+    -> CROME-Adapter, vision branch ; prompt embeddings -> CROME-Adapter, text branch ; concatenated -> LLM.
+    """
+
+    def __init__(
+        self,
+        config: CromeConfig,
+        language_model: PreTrainedModel | None = None,
+        vision_tower: PreTrainedModel | None = None,
+    ) -> None:
+        super().__init__(config)
+        self.language_model = language_model or load_text_backbone(config.text_config)[0]
+        self.vision_tower = vision_tower or load_vision_backbone(config.vision_config)[0]
+        freeze(self.language_model)
+        freeze(self.vision_tower)
+        text_width = config.text_config.hidden_size if hasattr(config.text_config, "hidden_size") else None
+        text_width = text_width or config.text_config.d_model  # T5 names it d_model
+        query_width = config.qformer_config.hidden_size
+        self.qformer = InstructBlipQFormerModel(config.qformer_config)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, query_width))
+        self.query_projection = nn.Linear(query_width, text_width)
+        self.patch_projection = (
+            nn.Linear(config.vision_config.hidden_size, text_width) if config.use_patch_branch else None
+        )
+        self.adapter = CromeAdapter(text_width, config.crome_adapter_config)
+        with torch.no_grad():  # BLIP-2's query initialisation
+            init.normal_(self.query_tokens, mean=0.0, std=config.qformer_config.initializer_range)
+        self.post_init()
+        self.set_stage(config.stages_used[-1] if config.stages_used else "finetune")
+
+    # ------------------------------------------------------------------------------------------------
+    # Construction
+    # ------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_backbones(
+        cls,
+        text_model: BackboneSpec,
+        vision_model: BackboneSpec,
+        qformer: Any = None,
+        adapter_config: CromeAdapterConfig | None = None,
+        dtype: torch.dtype | str | None = None,
+        text_revision: str | None = None,
+        vision_revision: str | None = None,
+        **config_kwargs: Any,
+    ) -> "CromeForConditionalGeneration":
+        """Build CROME around a frozen LLM and a frozen vision tower (Hub ids, local folders or config objects;
+        config objects give random weights and work under `with torch.device("meta"):`).
+
+        `qformer`: an `InstructBlipQFormerConfig` (default: InstructBLIP's shapes reading this tower's width).
+        To start from a trained InstructBLIP Q-Former, use `mmadapters.convert.from_instructblip`.
+        """
+        from transformers import InstructBlipQFormerConfig
+
+        language_model, text_ref = load_text_backbone(text_model, dtype, text_revision)
+        vision_tower, vision_ref = load_vision_backbone(vision_model, dtype, vision_revision)
+        if qformer is None:
+            # A fresh Q-Former reads the instruction with the LLM's tokenizer [ours] (InstructBLIP's uses BERT's:
+            # `convert.from_instructblip` brings it along).
+            vocab_size = len(tokenizer_for(text_ref.name_or_path)) if text_ref else 30522
+            qformer = InstructBlipQFormerConfig(
+                encoder_hidden_size=vision_tower.config.hidden_size, vocab_size=vocab_size
+            )
+        if "image_token_id" not in config_kwargs and text_ref is not None:
+            config_kwargs["image_token_id"] = image_token_id_for(text_ref.name_or_path, text_ref.revision)
+        adapter_config = adapter_config or CromeAdapterConfig()
+        adapter_config.base_model_name_or_path = text_ref.name_or_path if text_ref else None
+        # Building a composite config resets its sub-configs' attention implementation: keep the backbones' own.
+        attention = {
+            "text_config": language_model.config._attn_implementation,
+            "vision_config": vision_tower.config._attn_implementation,
+        }
+        config = CromeConfig(
+            text_config=language_model.config,
+            vision_config=vision_tower.config,
+            qformer_config=qformer,
+            adapter_config=adapter_config.to_dict(),
+            text_backbone=text_ref.to_dict() if text_ref else None,
+            vision_backbone=vision_ref.to_dict() if vision_ref else None,
+            **config_kwargs,
+        )
+        config._attn_implementation = attention
+        model = cls(config, language_model=language_model, vision_tower=vision_tower)
+        model.generation_config = GenerationConfig.from_dict(language_model.generation_config.to_dict())
+        return model
+
+    @property
+    def is_encoder_decoder_llm(self) -> bool:
+        return bool(getattr(self.config.text_config, "is_encoder_decoder", False))
+
+    # ------------------------------------------------------------------------------------------------
+    # Stages: what trains
+    # ------------------------------------------------------------------------------------------------
+
+    def set_stage(self, stage: str) -> dict[str, int]:
+        """Make exactly the modules of `stage` trainable (CROME.md section 3) and return a per-module report
+        {module: trainable parameters}. The stage is recorded in `config.stages_used`."""
+        if stage not in STAGES:
+            raise ValueError(f"Unknown stage {stage!r}; stages are {STAGES}.")
+        trainable = STAGE_MODULES[stage]
+        report = {}
+        for name in (
+            "vision_tower",
+            "qformer",
+            "query_tokens",
+            "query_projection",
+            "patch_projection",
+            "adapter",
+            "language_model",
+        ):
+            module = getattr(self, name)
+            if module is None:
+                continue
+            parameters = [module] if isinstance(module, nn.Parameter) else list(module.parameters())
+            for parameter in parameters:
+                parameter.requires_grad_(name in trainable)
+            report[name] = sum(p.numel() for p in parameters) if name in trainable else 0
+        if stage not in self.config.stages_used:
+            self.config.stages_used.append(stage)
+        return report
+
+    def adapter_module_names(self) -> tuple[str, ...]:
+        """What an adapter-only checkpoint holds: everything any stage used so far trained, plus what no
+        referenced checkpoint can reproduce (modules not taken from `config.qformer_source`, e.g. the patch
+        projection, which InstructBLIP does not have)."""
+        names = {name for stage in self.config.stages_used for name in STAGE_MODULES[stage]}
+        sourced = set((self.config.qformer_source or {}).get("modules", ()))
+        names |= {name for name in SOURCEABLE_MODULES if name not in sourced}
+        if self.patch_projection is not None:
+            names.add("patch_projection")
+        names.add("adapter")
+        return tuple(sorted(names))
+
+    def adapter_config_to_save(self) -> CromeAdapterConfig:
+        return self.config.crome_adapter_config
+
+    def load_instructblip_weights(
+        self, folder: str, modules: tuple[str, ...] = SOURCEABLE_MODULES
+    ) -> list[str]:
+        """Copy an InstructBLIP checkpoint's Q-Former, query tokens and (when the shapes match) language
+        projection into this model, reading only those tensors. Returns the modules taken."""
+        tensors = read_tensors(folder, INSTRUCTBLIP_PREFIXES)
+        taken = []
+        with torch.no_grad():
+            if "qformer" in modules:
+                qformer = {
+                    k.removeprefix("qformer."): v for k, v in tensors.items() if k.startswith("qformer.")
+                }
+                self.qformer.load_state_dict(qformer, strict=True)
+                taken.append("qformer")
+            if "query_tokens" in modules:
+                self.query_tokens.copy_(tensors["query_tokens"])
+                taken.append("query_tokens")
+            projection = tensors.get("language_projection.weight")
+            if "query_projection" in modules and projection is not None:
+                if projection.shape == self.query_projection.weight.shape:
+                    self.query_projection.weight.copy_(projection)
+                    self.query_projection.bias.copy_(tensors["language_projection.bias"])
+                    taken.append("query_projection")
+        return taken
+
+    def load_referenced_weights(self, checkpoint: str, ignore_backbone_mismatch: bool) -> None:
+        """Modules initialised from InstructBLIP and never trained are not stored in adapter-only checkpoints:
+        read them again from the InstructBLIP checkpoint named in `config.qformer_source`."""
+        source = self.config.qformer_source
+        if not source:
+            return
+        folder = resolve_checkpoint_folder(source["name_or_path"], source.get("revision"))
+        self.load_instructblip_weights(folder, tuple(source["modules"]))
+        if not ignore_backbone_mismatch and not fingerprints_match(
+            source.get("fingerprint"), fingerprint(self.qformer)
+        ):
+            raise BackboneMismatchError(
+                f"The checkpoint '{checkpoint}' was built on the Q-Former of '{source['name_or_path']}', but the "
+                "Q-Former found there now has different weights. Pass `ignore_backbone_mismatch=True` to load anyway."
+            )
+
+    # ------------------------------------------------------------------------------------------------
+    # Forward
+    # ------------------------------------------------------------------------------------------------
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        qformer_input_ids: torch.LongTensor,
+        qformer_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Visual tokens before the adapter: (num_images, num_query_tokens [+ num_patches], LLM width).
+
+        The Q-Former reads the tower's output (InstructBLIP's is post-layernorm) and the instruction; the patch
+        branch reads `vision_feature_layer` (second-to-last) without the CLS token."""
+        vision_dtype = self.vision_tower.dtype
+        outputs = self.vision_tower(
+            pixel_values=pixel_values.to(vision_dtype), output_hidden_states=self.config.use_patch_branch
+        )
+        qformer_dtype = self.query_tokens.dtype
+        image_embeds = outputs.last_hidden_state.to(qformer_dtype)
+        num_images = image_embeds.shape[0]
+        queries = self.query_tokens.expand(num_images, -1, -1)
+        if qformer_attention_mask is None:
+            qformer_attention_mask = torch.ones_like(qformer_input_ids)
+        query_mask = torch.ones(queries.shape[:2], dtype=qformer_attention_mask.dtype, device=queries.device)
+        query_output = self.qformer(
+            input_ids=qformer_input_ids,
+            attention_mask=torch.cat([query_mask, qformer_attention_mask], dim=1),
+            query_embeds=queries,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=torch.ones(
+                image_embeds.shape[:2], dtype=torch.long, device=image_embeds.device
+            ),
+        ).last_hidden_state[:, : queries.shape[1]]
+        tokens = [self.query_projection(query_output)]
+        if self.patch_projection is not None:
+            patches = outputs.hidden_states[self.config.vision_feature_layer]
+            patches = patches[:, 1:] if self.config.vision_has_cls else patches
+            tokens.append(self.patch_projection(patches.to(self.patch_projection.weight.dtype)))
+        return torch.cat(tokens, dim=1)
+
+    def embed_inputs(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None = None,
+        qformer_input_ids: torch.LongTensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
+        past_length: int = 0,
+    ) -> torch.Tensor:
+        """LLM input embeddings: prompt tokens through the adapter's text branch (prompt tokens only: never
+        answer or generated tokens), image placeholders replaced by visual tokens through its vision branch."""
+        embeddings = self.get_input_embeddings()
+        vocab_size = embeddings.num_embeddings
+        image_mask = input_ids == self.config.image_token_id
+        bad = (~image_mask) & ((input_ids < 0) | (input_ids >= vocab_size))
+        if bad.any():
+            raise ValueError(
+                f"input_ids contain ids outside the LLM vocabulary (0..{vocab_size - 1}) that are not the image "
+                f"token ({self.config.image_token_id}): {input_ids[bad][:5].tolist()}."
+            )
+        inputs_embeds = embeddings(input_ids.masked_fill(image_mask, 0))
+        if prompt_mask is not None:
+            # generate passes the prompt's mask at every step: align it with the positions fed now.
+            total = past_length + input_ids.shape[1]
+            padded = torch.nn.functional.pad(prompt_mask, (0, max(0, total - prompt_mask.shape[1])))
+            step_mask = padded[:, past_length:total].bool() & ~image_mask
+            if step_mask.any():
+                adapted = self.adapter(inputs_embeds, "text")
+                inputs_embeds = torch.where(step_mask.unsqueeze(-1), adapted, inputs_embeds)
+        if pixel_values is not None:
+            if qformer_input_ids is None:
+                raise ValueError(
+                    "CROME's Q-Former reads the instruction: pass qformer_input_ids with pixel_values."
+                )
+            num_images, per_image = pixel_values.shape[0], self.config.num_image_tokens
+            if image_mask.sum().item() != num_images * per_image:
+                raise ImageTokenMismatchError(
+                    f"input_ids hold {image_mask.sum().item()} image placeholder tokens but {num_images} image(s) x "
+                    f"{per_image} visual tokens = {num_images * per_image} are needed. Build the inputs with "
+                    "CromeProcessor."
+                )
+            visual = self.adapter(
+                self.get_image_features(pixel_values, qformer_input_ids, qformer_attention_mask), "vision"
+            )
+            inputs_embeds = inputs_embeds.masked_scatter(
+                image_mask.unsqueeze(-1), visual.to(inputs_embeds.dtype)
+            )
+        elif past_length == 0 and image_mask.any():
+            raise ImageTokenMismatchError(
+                f"input_ids hold {image_mask.sum().item()} image placeholder tokens but no pixel_values were given."
+            )
+        return inputs_embeds
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        qformer_input_ids: torch.LongTensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Any = None,
+        labels: torch.LongTensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast | Seq2SeqLMOutput:
+        r"""
+        prompt_mask: (batch, prompt length) 1 on the prompt's text tokens (the adapter's text branch), from
+            `CromeProcessor`. Without it no text token is adapted.
+        labels: decoder-only LLM: the full sequence with -100 on the prompt; encoder-decoder: the answer.
+        """
+        if input_ids is None:
+            raise ValueError("CROME needs input_ids (the processor's output).")
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if self.is_encoder_decoder_llm:
+            past_length = 0  # the encoder input is always the whole prompt
+        inputs_embeds = self.embed_inputs(
+            input_ids, pixel_values, qformer_input_ids, qformer_attention_mask, prompt_mask, past_length
+        )
+        loss_kwargs = {key: kwargs.pop(key) for key in LOSS_KWARGS if key in kwargs}
+        if self.is_encoder_decoder_llm:
+            if labels is None and decoder_input_ids is None:  # score the first answer token
+                start = self.language_model.config.decoder_start_token_id
+                decoder_input_ids = torch.full((input_ids.shape[0], 1), start, device=input_ids.device)
+            outputs = self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                labels=labels,  # only to derive decoder_input_ids; the loss is computed below
+                decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **kwargs,
+            )
+            loss = None
+            if labels is not None:
+                logits = outputs.logits.float()
+                loss = fixed_cross_entropy(
+                    logits.view(-1, logits.shape[-1]), labels.view(-1).to(logits.device), **loss_kwargs
+                )
+            return Seq2SeqLMOutput(
+                loss=loss,
+                logits=outputs.logits,
+                past_key_values=outputs.past_key_values,
+                encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+            )
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=outputs.logits,
+                labels=labels,
+                vocab_size=self.config.text_config.vocab_size,
+                **loss_kwargs,
+            )
+        return CausalLMOutputWithPast(
+            loss=loss, logits=outputs.logits, past_key_values=outputs.past_key_values
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        qformer_input_ids: torch.LongTensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.LongTensor:
+        """Generate; the vision tower and the Q-Former run once per call.
+
+        Decoder-only LLM: `GenerationMixin.generate` (the image runs in the prefill step; `pixel_values` is
+        dropped afterwards), returning prompt + new tokens. Encoder-decoder LLM: the encoder input is embedded
+        once and handed to the LLM's own `generate`, which returns the decoder's tokens.
+        """
+        if self.is_encoder_decoder_llm:
+            inputs_embeds = self.embed_inputs(
+                input_ids, pixel_values, qformer_input_ids, qformer_attention_mask, prompt_mask
+            )
+            return self.language_model.generate(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs
+            )
+        return super().generate(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            qformer_input_ids=qformer_input_ids,
+            qformer_attention_mask=qformer_attention_mask,
+            prompt_mask=prompt_mask,
+            attention_mask=attention_mask,
+            **kwargs,
+        )
+
+
+__all__ = ["CromeForConditionalGeneration", "CromePreTrainedModel", "STAGE_MODULES"]

@@ -1,0 +1,222 @@
+"""CROME processor: image processor (CLIP statistics, bicubic 224), the LLM tokenizer and the Q-Former tokenizer.
+
+Layout: each `<image>` placeholder becomes the image's visual tokens (32 queries [+ patches]), the prompt's text
+tokens are marked in `prompt_mask` (the adapter's text branch reads only those), and every image gets the
+instruction of its sample as Q-Former input (`qformer_input_ids`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from transformers import AutoConfig, AutoTokenizer, BatchFeature, PreTrainedConfig, ProcessorMixin
+
+from ..modeling.backbones import IMAGE_TOKEN, add_image_token
+from .base import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IGNORE_INDEX,
+    OVERFLOW_POLICIES,
+    AdapterProcessorMixin,
+    build_chat_template,
+    has_saved_processor,
+    resize_only_image_processor,
+)
+from .images import DEFAULT_MAX_IMAGE_PIXELS
+
+
+class CromeProcessor(AdapterProcessorMixin, ProcessorMixin):
+    """Turns images and text into CROME inputs.
+
+    Args:
+        image_processor: resize to 224 (bicubic, no crop) with CLIP statistics by default.
+        tokenizer: the LLM's tokenizer (`<image>` is added as a special token; the LLM is not resized).
+        qformer_tokenizer: the Q-Former's tokenizer (InstructBLIP's BERT tokenizer, or the LLM's for a fresh
+            Q-Former).
+        num_image_tokens: the model's `config.num_image_tokens` (queries + patches).
+        encoder_decoder: the LLM is encoder-decoder (T5): answers become separate decoder `labels`.
+        max_length, overflow, max_image_pixels: as for `LavinProcessor`.
+        qformer_max_length: the instruction is truncated to this many Q-Former tokens.
+    """
+
+    def __init__(
+        self,
+        image_processor: Any = None,
+        tokenizer: Any = None,
+        qformer_tokenizer: Any = None,
+        chat_template: str | None = None,
+        num_image_tokens: int = 32,
+        encoder_decoder: bool = False,
+        max_length: int | None = None,
+        overflow: Literal["raise", "truncate_left", "truncate_right"] = "raise",
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        qformer_max_length: int = 128,
+        **kwargs: Any,
+    ) -> None:
+        if overflow not in OVERFLOW_POLICIES:
+            raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
+        self.image_token = IMAGE_TOKEN
+        self.image_token_id = add_image_token(tokenizer)
+        self.num_image_tokens = num_image_tokens
+        self.encoder_decoder = encoder_decoder
+        self.max_length = max_length
+        self.overflow = overflow
+        self.max_image_pixels = max_image_pixels
+        self.qformer_max_length = qformer_max_length
+        chat_template = chat_template or build_chat_template(tokenizer, "<image>\n", "")
+        super().__init__(image_processor, tokenizer, qformer_tokenizer, chat_template=chat_template)
+
+    @classmethod
+    def from_backbones(
+        cls,
+        text_model: str | os.PathLike,
+        vision_model: str | os.PathLike | PreTrainedConfig,
+        qformer_tokenizer: Any = None,
+        num_image_tokens: int | None = None,
+        revision: str | None = None,
+        **kwargs: Any,
+    ) -> CromeProcessor:
+        """The processor for a CROME built on these backbones. `num_image_tokens` defaults to 32 queries plus the
+        tower's patches (the default patch branch); pass `model.config.num_image_tokens` when in doubt."""
+        if isinstance(text_model, PreTrainedConfig):
+            raise ValueError("CromeProcessor needs a tokenizer: pass the LLM as a Hub id or a local folder.")
+        tokenizer = AutoTokenizer.from_pretrained(text_model, revision=revision)
+        if qformer_tokenizer is None:
+            qformer_tokenizer = AutoTokenizer.from_pretrained(text_model, revision=revision)
+        elif isinstance(qformer_tokenizer, (str, os.PathLike)):
+            qformer_tokenizer = AutoTokenizer.from_pretrained(qformer_tokenizer)
+        vision_config = (
+            vision_model
+            if isinstance(vision_model, PreTrainedConfig)
+            else AutoConfig.from_pretrained(vision_model)
+        )
+        vision_config = getattr(vision_config, "vision_config", None) or vision_config
+        if num_image_tokens is None:
+            num_image_tokens = 32 + (vision_config.image_size // vision_config.patch_size) ** 2
+        text_config = AutoConfig.from_pretrained(text_model, revision=revision)
+        return cls(
+            image_processor=resize_only_image_processor(vision_config.image_size, CLIP_MEAN, CLIP_STD),
+            tokenizer=tokenizer,
+            qformer_tokenizer=qformer_tokenizer,
+            num_image_tokens=num_image_tokens,
+            encoder_decoder=bool(getattr(text_config, "is_encoder_decoder", False)),
+            **kwargs,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any
+    ) -> CromeProcessor:
+        """Load a saved processor; for an adapter-only checkpoint saved without one, rebuild it from the
+        backbones named in its config.json."""
+        folder = os.fspath(pretrained_model_name_or_path)
+        if (
+            os.path.isdir(folder)
+            and not has_saved_processor(folder)
+            and os.path.isfile(f"{folder}/config.json")
+        ):
+            config = AutoConfig.from_pretrained(folder)
+            text = (config.text_backbone or {}).get("name_or_path")
+            vision = (config.vision_backbone or {}).get("name_or_path")
+            if text and vision:
+                return cls.from_backbones(text, vision, num_image_tokens=config.num_image_tokens)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return [
+            "input_ids",
+            "attention_mask",
+            "prompt_mask",
+            "pixel_values",
+            "qformer_input_ids",
+            "qformer_attention_mask",
+        ]
+
+    def __call__(
+        self,
+        images: Any = None,
+        text: str | list[str] | None = None,
+        answers: str | list[str] | None = None,
+        instructions: str | list[str] | None = None,
+        return_tensors: str | None = "pt",
+        add_special_tokens: bool = True,
+        max_length: int | None = None,
+        overflow: str | None = None,
+        **kwargs: Any,
+    ) -> BatchFeature:
+        """Build model inputs.
+
+        Args:
+            images, text: as for `LavinProcessor` (one `<image>` placeholder per image).
+            answers: for training. Decoder-only LLM: appended to the prompt with EOS, `labels` supervise only
+                them. Encoder-decoder LLM: `labels` are the answer tokens + EOS (the decoder's targets).
+            instructions: what the Q-Former reads for each sample's images (default: the prompt without its
+                image placeholders).
+        Returns:
+            input_ids, attention_mask, prompt_mask, [labels], [pixel_values, qformer_input_ids,
+            qformer_attention_mask].
+        """
+        texts = self._check_texts(text)
+        answer_list = None if answers is None else ([answers] if isinstance(answers, str) else list(answers))
+        if answer_list is not None and len(answer_list) != len(texts):
+            raise ValueError(
+                f"Got {len(answer_list)} answers for {len(texts)} prompts; pass one answer per prompt."
+            )
+        if instructions is None:
+            instruction_list = [t.replace(IMAGE_TOKEN, "").strip() for t in texts]
+        else:
+            instruction_list = [instructions] if isinstance(instructions, str) else list(instructions)
+        flat_images = self._collect_images(images, texts)
+        pixel_values = self._pixel_values(flat_images)
+        overflow = overflow or self.overflow
+        max_length = self._max_length(max_length)
+        prompt_ids = self.tokenizer(self._expand_image_tokens(texts), add_special_tokens=add_special_tokens)[
+            "input_ids"
+        ]
+
+        rows: dict[str, list[list[int]]] = {"input_ids": [], "prompt_mask": []}
+        decoder_labels = []
+        for index, ids in enumerate(prompt_ids):
+            mask = [int(token != self.image_token_id) for token in ids]
+            labels = None
+            if answer_list is not None:
+                answer_ids = self.tokenizer(answer_list[index], add_special_tokens=False)["input_ids"]
+                answer_ids = answer_ids + [self.tokenizer.eos_token_id]
+                if self.encoder_decoder:
+                    decoder_labels.append(answer_ids)
+                else:
+                    labels = [IGNORE_INDEX] * len(ids) + answer_ids
+                    mask = mask + [0] * len(answer_ids)  # answer tokens never go through the adapter
+                    ids = ids + answer_ids
+            fitted, labels = self._fit_length(index, ids, labels, max_length, overflow)
+            window = (
+                slice(len(ids) - len(fitted), None) if overflow == "truncate_left" else slice(0, len(fitted))
+            )
+            rows["input_ids"].append(fitted)
+            rows["prompt_mask"].append(mask[window])
+            if labels is not None:
+                rows.setdefault("labels", []).append(labels)
+
+        training = answer_list is not None
+        fills = {"input_ids": self._pad_id(), "prompt_mask": 0, "labels": IGNORE_INDEX}
+        data = self._pad(rows, fills, left=not training)
+        if decoder_labels:
+            longest = max(len(labels) for labels in decoder_labels)
+            data["labels"] = [labels + [IGNORE_INDEX] * (longest - len(labels)) for labels in decoder_labels]
+        if pixel_values is not None:
+            owners = [index for index, t in enumerate(texts) for _ in range(t.count(IMAGE_TOKEN))]
+            qformer = self.qformer_tokenizer(
+                [instruction_list[owner] for owner in owners],
+                padding=True,
+                truncation=True,
+                max_length=self.qformer_max_length,
+            )
+            data["pixel_values"] = pixel_values
+            data["qformer_input_ids"] = qformer["input_ids"]
+            data["qformer_attention_mask"] = qformer["attention_mask"]
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+
+__all__ = ["CromeProcessor"]

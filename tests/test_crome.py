@@ -1,0 +1,344 @@
+"""CROME: adapter, stages, Q-Former path, decoder-only and encoder-decoder LLMs, checkpoints (CROME issue)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import make_tokenizer, save_tiny_llm, save_tiny_vision, tiny_text_config
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    InstructBlipConfig,
+    InstructBlipForConditionalGeneration,
+    InstructBlipQFormerConfig,
+    InstructBlipVisionConfig,
+    LlamaConfig,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+from mmadapters import (
+    CromeAdapterConfig,
+    CromeForConditionalGeneration,
+    CromeProcessor,
+    ImageTokenMismatchError,
+)
+from mmadapters.convert import from_instructblip
+from mmadapters.modeling.adapters import CromeAdapter
+
+
+def tiny_qformer(vocab_size: int = 302, encoder_hidden_size: int = 32) -> InstructBlipQFormerConfig:
+    return InstructBlipQFormerConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        encoder_hidden_size=encoder_hidden_size,
+        vocab_size=vocab_size,
+        max_position_embeddings=128,
+        cross_attention_frequency=1,
+    )
+
+
+def save_tiny_t5(path) -> str:
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    model = T5ForConditionalGeneration(config)
+    model.generation_config.decoder_start_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def backbones(tmp_path_factory):
+    root = tmp_path_factory.mktemp("crome_backbones")
+    return {
+        "llama": save_tiny_llm(root / "llama"),
+        "t5": save_tiny_t5(root / "t5"),
+        "vision": save_tiny_vision(root / "vision"),
+    }
+
+
+def build(backbones, kind="llama", **kwargs):
+    torch.manual_seed(0)
+    model = CromeForConditionalGeneration.from_backbones(
+        backbones[kind], backbones["vision"], qformer=tiny_qformer(), num_query_tokens=4, **kwargs
+    )
+    processor = CromeProcessor.from_backbones(
+        backbones[kind], backbones["vision"], num_image_tokens=model.config.num_image_tokens
+    )
+    return model.eval(), processor
+
+
+def image(seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(32, 32, 3, generator=generator) * 255).to(torch.uint8).numpy()
+
+
+def randomize_up(model, std=0.2):
+    torch.manual_seed(5)
+    with torch.no_grad():
+        model.adapter.up.weight.normal_(0, std)
+
+
+# --- parameter counts and stages (meta device, full size) ------------------------------------------------------
+
+
+def test_adapter_has_exactly_5_242_880_parameters_at_d4096():
+    with torch.device("meta"):
+        adapter = CromeAdapter(4096, CromeAdapterConfig(bottleneck=256))
+    assert sum(p.numel() for p in adapter.parameters()) == 5_242_880 == 5 * 4096 * 256
+
+
+@pytest.mark.parametrize(
+    "text_config",
+    [
+        LlamaConfig(),
+        LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+    ],
+)
+def test_stages_trainable_sets_at_full_size(text_config):
+    with torch.device("meta"):
+        model = CromeForConditionalGeneration.from_backbones(text_config, InstructBlipVisionConfig())
+    d = text_config.hidden_size
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    trainable = lambda: sum(p.numel() for p in model.parameters() if p.requires_grad)  # noqa: E731
+    # Default stage: finetune, the adapter only (about 5M at d=4096).
+    assert trainable() == 5 * d * 256 == count(model.adapter)
+    report = model.set_stage("pretrain")
+    projections = (768 * d + d) + (1408 * d + d)
+    assert trainable() == projections + 5 * d * 256
+    assert report["qformer"] == 0 and report["adapter"] == 5 * d * 256
+    model.set_stage("instruct")
+    assert trainable() == projections + 5 * d * 256 + count(model.qformer) + 32 * 768
+    model.set_stage("finetune")
+    assert trainable() == 5 * d * 256
+    assert not any(p.requires_grad for p in model.language_model.parameters())
+    assert not any(p.requires_grad for p in model.vision_tower.parameters())
+    assert model.config.stages_used == ["finetune", "pretrain", "instruct"]
+
+
+def test_flan_t5_xxl_shapes():
+    t5_xxl = T5Config(d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64, vocab_size=32128)
+    with torch.device("meta"):
+        model = CromeForConditionalGeneration.from_backbones(t5_xxl, InstructBlipVisionConfig())
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 5_242_880
+
+
+def test_unknown_stage_is_a_clear_error(backbones):
+    model, _ = build(backbones)
+    with pytest.raises(ValueError, match="Unknown stage 'warmup'"):
+        model.set_stage("warmup")
+
+
+# --- behaviour ------------------------------------------------------------------------------------------------
+
+
+def reference_without_adapter(model, inputs):
+    """The same pipeline with no adapter: projected visual tokens and plain prompt embeddings."""
+    ids = inputs["input_ids"]
+    mask = ids == model.config.image_token_id
+    embeds = model.get_input_embeddings()(ids.masked_fill(mask, 0))
+    visual = model.get_image_features(
+        inputs["pixel_values"], inputs["qformer_input_ids"], inputs["qformer_attention_mask"]
+    )
+    embeds = embeds.masked_scatter(mask.unsqueeze(-1), visual)
+    return model.language_model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]).logits
+
+
+def test_zero_up_projection_equals_pipeline_without_adapter(backbones):
+    model, processor = build(backbones)
+    inputs = processor(images=[image(0)], text="<image>\nwhat color is the shape?")
+    assert (inputs["input_ids"] == processor.image_token_id).sum() == 4 + 16  # 4 queries + 16 patches
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(**inputs).logits, reference_without_adapter(model, inputs), rtol=0, atol=1e-6
+        )
+        randomize_up(model)
+        assert (model(**inputs).logits - reference_without_adapter(model, inputs)).abs().max() > 1e-4
+
+
+def test_text_branch_sees_prompt_tokens_only(backbones):
+    model, processor = build(backbones)
+    randomize_up(model)
+    inputs = processor(images=[image(0)], text="<image>\nwhat color?", answers=["red"])
+    mask = inputs["prompt_mask"][0]
+    ids = inputs["input_ids"][0]
+    assert mask[ids == processor.image_token_id].sum() == 0  # image slots are the vision branch's
+    assert mask[inputs["labels"][0] != -100].sum() == 0  # answer tokens are never adapted
+    assert mask.sum() == ((ids != processor.image_token_id) & (inputs["labels"][0] == -100)).sum()
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_training_steps_lower_the_loss(backbones, kind):
+    model, processor = build(backbones, kind)
+    with torch.no_grad():  # a random tiny LLM's logits are nearly flat: make its output layer decisive
+        model.language_model.get_output_embeddings().weight.mul_(6)
+    model.set_stage("pretrain")
+    model.train()
+    batch = processor(
+        images=[[image(0)], [image(1)]],
+        text=["<image>\nwhat color?", "<image>\nwhat shape?"],
+        answers=["red", "circle"],
+    )
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(15):
+        loss = model(**batch).loss
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert losses[-1] < losses[0] * 0.9, losses
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_adapter_only_round_trip(backbones, kind, tmp_path):
+    model, processor = build(backbones, kind)
+    randomize_up(model)
+    model.save_pretrained(tmp_path, processor=processor)
+    saved = set(model.adapter_state_dict())
+    assert {k.split(".")[0] for k in saved} == {
+        "adapter",
+        "patch_projection",
+        "qformer",
+        "query_projection",
+        "query_tokens",
+    }
+    loaded = CromeForConditionalGeneration.from_pretrained(tmp_path)
+    batch = processor(images=[[image(0)], []], text=["<image>\nwhat color?", "hello there"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+    assert isinstance(AutoModelForImageTextToText.from_pretrained(tmp_path), CromeForConditionalGeneration)
+    assert isinstance(AutoProcessor.from_pretrained(tmp_path), CromeProcessor)
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_batched_generation_equals_one_by_one_and_vision_runs_once(backbones, kind):
+    model, processor = build(backbones, kind)
+    randomize_up(model, std=0.5)
+    prompts = ["<image>\nwhat color is the shape?", "the capital of france", "<image>\nwhat shape"]
+    images = [[image(0)], [], [image(1)]]
+    batch = processor(images=images, text=prompts)
+    calls = []
+    model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+    kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    batched = model.generate(**batch, **kwargs)
+    assert len(calls) == 1
+    offset = 0 if kind == "t5" else batch["input_ids"].shape[1]
+    for i in range(3):
+        single = processor(images=images[i] or None, text=prompts[i])
+        alone = model.generate(**single, **kwargs)
+        alone_offset = 0 if kind == "t5" else single["input_ids"].shape[1]
+        assert (
+            batched[i, offset:].tolist()[: kwargs["max_new_tokens"] + 1]
+            == alone[0, alone_offset:].tolist()[: kwargs["max_new_tokens"] + 1]
+        )
+
+
+def test_bad_inputs(backbones):
+    model, processor = build(backbones)
+    with pytest.raises(ImageTokenMismatchError, match="Got 2 image"):
+        processor(images=[image(0), image(1)], text="<image>\nwhat?")
+    inputs = processor(images=[image(0)], text="<image>\nwhat?")
+    with pytest.raises(ValueError, match="qformer_input_ids"):
+        model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"])
+    with pytest.raises(ImageTokenMismatchError, match="no pixel_values"):
+        model(input_ids=inputs["input_ids"])
+    with pytest.raises(ValueError, match="Prompt 0 is empty"):
+        processor(text=[""])
+
+
+# --- InstructBLIP initialisation ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def instructblip_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("instructblip")
+    tokenizer = make_tokenizer()
+    vision = InstructBlipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    config = InstructBlipConfig(
+        vision_config=vision.to_dict(),
+        qformer_config=tiny_qformer(vocab_size=len(tokenizer)).to_dict(),
+        text_config=tiny_text_config(vocab_size=len(tokenizer) + 1).to_dict(),
+        num_query_tokens=4,
+        image_token_index=len(tokenizer),
+    )
+    torch.manual_seed(0)
+    model = InstructBlipForConditionalGeneration(config)
+    with torch.no_grad():
+        model.query_tokens.normal_()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(os.path.join(path, "qformer_tokenizer"))
+    return str(path), model.eval()
+
+
+def test_from_instructblip_qformer_outputs_equal(backbones, instructblip_checkpoint, tmp_path):
+    path, reference = instructblip_checkpoint
+    model, processor = from_instructblip(path, text_model=backbones["llama"])
+    model.eval()
+    assert model.config.qformer_source["modules"] == [
+        "qformer",
+        "query_tokens",
+        "query_projection",
+    ]  # widths match
+    inputs = processor(images=[image(0)], text="<image>\nwhat color is the shape?")
+    with torch.no_grad():
+        ours = model.query_projection.weight.new_zeros(0)
+        vision = model.vision_tower(pixel_values=inputs["pixel_values"]).last_hidden_state
+        queries = model.query_tokens.expand(1, -1, -1)
+        mask = torch.cat([torch.ones(1, 4, dtype=torch.long), inputs["qformer_attention_mask"]], dim=1)
+        ours = model.qformer(
+            input_ids=inputs["qformer_input_ids"],
+            attention_mask=mask,
+            query_embeds=queries,
+            encoder_hidden_states=vision,
+        ).last_hidden_state[:, :4]
+        theirs = reference.get_image_features(
+            pixel_values=inputs["pixel_values"],
+            qformer_input_ids=inputs["qformer_input_ids"],
+            qformer_attention_mask=inputs["qformer_attention_mask"],
+        )
+        theirs_queries = theirs.qformer_outputs.last_hidden_state[:, :4]
+        torch.testing.assert_close(ours, theirs_queries, rtol=0, atol=1e-6)
+        # And the projected query tokens equal InstructBLIP's language projection of them.
+        features = model.get_image_features(
+            inputs["pixel_values"], inputs["qformer_input_ids"], inputs["qformer_attention_mask"]
+        )
+        torch.testing.assert_close(
+            features[:, :4], reference.language_projection(theirs_queries), rtol=0, atol=1e-6
+        )
+
+    # A finetune-only checkpoint stores the adapter and the patch projection (which InstructBLIP lacks), and
+    # reads the Q-Former back from the InstructBLIP checkpoint.
+    randomize_up(model)
+    model.save_pretrained(tmp_path, processor=processor)
+    assert {k.split(".")[0] for k in model.adapter_state_dict()} == {"adapter", "patch_projection"}
+    loaded = CromeForConditionalGeneration.from_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+    # After an instruct stage, the Q-Former travels with the checkpoint.
+    model.set_stage("instruct")
+    assert "qformer" in {k.split(".")[0] for k in model.adapter_state_dict()}
