@@ -99,6 +99,16 @@ def quickstart(output_dir: str) -> dict:
     return summary
 
 
+def convert_instructblip(instructblip: str, llm: str, output_dir: str) -> None:
+    """Initialise CROME around `llm` from an InstructBLIP checkpoint and save it (adapter-only)."""
+    from .convert import from_instructblip
+
+    model, processor = from_instructblip(instructblip, text_model=llm)
+    model.save_pretrained(output_dir, processor=processor)
+    taken = ", ".join(model.config.qformer_source["modules"])
+    print(f"CROME initialised from {instructblip} ({taken}) around {llm}; saved to {output_dir}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mmadapters", description="Multimodal adapters for Hugging Face models."
@@ -108,11 +118,19 @@ def main(argv: list[str] | None = None) -> int:
     quick.add_argument(
         "--output-dir", default="quickstart_output", help="where the checkpoint and summary go"
     )
+    convert = commands.add_parser(
+        "convert-instructblip", help="initialise CROME from an InstructBLIP checkpoint (Hub id or folder)"
+    )
+    convert.add_argument("instructblip", help="InstructBLIP checkpoint: Hub id or local folder")
+    convert.add_argument("output_dir", help="where the CROME checkpoint goes")
+    convert.add_argument("--llm", required=True, help="the LLM to put CROME around: Hub id or local folder")
     args = parser.parse_args(argv)
 
     if args.command == "quickstart":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         quickstart(args.output_dir)
+    elif args.command == "convert-instructblip":
+        convert_instructblip(args.instructblip, args.llm, args.output_dir)
     return 0
 
 
