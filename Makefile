@@ -34,6 +34,7 @@ lint: setup
 bench: setup
 	$(BIN)/python benchmarks/parameter_counts.py
 	$(BIN)/python benchmarks/generation_speed.py
+	$(BIN)/python benchmarks/crome_costs.py
 
 clean:
 	rm -rf $(VENV) $(OUTPUT_DIR) .pytest_cache .ruff_cache

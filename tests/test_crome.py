@@ -351,16 +351,29 @@ def test_chat_template_and_pipeline(backbones, tmp_path):
     model, processor = build(backbones)
     randomize_up(model)
     chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color?"}]}]
-    assert processor.apply_chat_template(chat, add_generation_prompt=True) == "<|user|><image>\nwhat color?</s><|assistant|>"
+    assert (
+        processor.apply_chat_template(chat, add_generation_prompt=True)
+        == "<|user|><image>\nwhat color?</s><|assistant|>"
+    )
     text_chat = [{"role": "user", "content": [{"type": "text", "text": "hello"}]}]
-    assert processor.apply_chat_template(text_chat, add_generation_prompt=True) == "<|user|>hello</s><|assistant|>"
+    assert (
+        processor.apply_chat_template(text_chat, add_generation_prompt=True)
+        == "<|user|>hello</s><|assistant|>"
+    )
     model.save_pretrained(tmp_path, processor=processor)
     image_path = str(tmp_path / "image.png")
     Image.fromarray(image(2)).save(image_path)
-    messages = [{"role": "user", "content": [{"type": "image", "image": image_path}, {"type": "text", "text": "what color?"}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": image_path}, {"type": "text", "text": "what color?"}],
+        }
+    ]
     pipe = pipeline("image-text-to-text", model=str(tmp_path))
     result = pipe(text=messages, max_new_tokens=4, do_sample=False, return_full_text=False)
-    inputs = processor(images=[image_path], text=processor.apply_chat_template(messages, add_generation_prompt=True))
+    inputs = processor(
+        images=[image_path], text=processor.apply_chat_template(messages, add_generation_prompt=True)
+    )
     direct = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     expected = processor.decode(direct[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert result[0]["generated_text"] == expected
@@ -384,4 +397,6 @@ def test_convert_instructblip_command(backbones, instructblip_checkpoint, tmp_pa
     assert "qformer, query_tokens, query_projection" in capsys.readouterr().out
     model = CromeForConditionalGeneration.from_pretrained(tmp_path / "crome")
     assert model.config.qformer_source["name_or_path"] == path
-    assert os.path.isdir(tmp_path / "crome" / "qformer_tokenizer") or os.path.isfile(tmp_path / "crome" / "processor_config.json")
+    assert os.path.isdir(tmp_path / "crome" / "qformer_tokenizer") or os.path.isfile(
+        tmp_path / "crome" / "processor_config.json"
+    )

@@ -60,3 +60,33 @@ def test_embedded_backbones_are_cached_and_fingerprinted(embedded, tmp_path):
         torch.testing.assert_close(
             reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0
         )
+
+
+def test_crome_at_init_answers_like_smollm2(embedded):
+    from PIL import Image
+
+    from mmadapters import CromeForConditionalGeneration, CromeProcessor
+
+    _, _, base = embedded
+    text_model, vision_model = mmadapters.embedded_backbones()
+    torch.manual_seed(0)
+    crome = CromeForConditionalGeneration.from_backbones(text_model, vision_model).eval()
+    processor = CromeProcessor.from_backbones(
+        text_model, vision_model, num_image_tokens=crome.config.num_image_tokens
+    )
+    chat = [{"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]}]
+    inputs = processor(text=processor.apply_chat_template(chat, add_generation_prompt=True))
+    kwargs = dict(max_new_tokens=12, do_sample=False)
+    ours = crome.generate(**inputs, **kwargs)[0, inputs["input_ids"].shape[1] :]
+    theirs = base.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **kwargs)
+    assert ours.tolist() == theirs[0, inputs["input_ids"].shape[1] :].tolist()
+    image_chat = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is it?"}]}
+    ]
+    image_inputs = processor(
+        images=[Image.new("RGB", (64, 64), (0, 0, 255))],
+        text=processor.apply_chat_template(image_chat, add_generation_prompt=True),
+    )
+    assert (image_inputs["input_ids"] == processor.image_token_id).sum() == 32 + 64
+    out = crome.generate(**image_inputs, max_new_tokens=6, do_sample=False)
+    assert out.shape[1] > image_inputs["input_ids"].shape[1]
