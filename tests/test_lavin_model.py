@@ -240,3 +240,8 @@ def test_folded_adapters_are_refreshed_when_weights_change(model, randomize_adap
         model.modality_embedding.weight.add_(1.0)
         third = model.fold_llm_adapters()
     assert not torch.equal(third.bias, second.bias)
+
+
+def test_backbones_keep_their_attention_implementation(model):
+    assert model.language_model.config._attn_implementation == "sdpa"
+    assert model.vision_tower.config._attn_implementation is not None

@@ -10,7 +10,8 @@ from .modeling.adapters import CromeAdapterConfig, MMAdapterConfig
 from .modeling.backbones import BackboneMismatchError
 from .modeling.crome import CromeConfig, CromeForConditionalGeneration
 from .modeling.embedded import embedded_backbones
-from .modeling.lavin import ImageTokenMismatchError, LavinConfig, LavinForConditionalGeneration
+from .modeling.image_tokens import ImageTokenMismatchError
+from .modeling.lavin import LavinConfig, LavinForConditionalGeneration
 from .processing import CromeProcessor, InvalidImageError, LavinProcessor, PromptTooLongError
 
 AutoConfig.register("lavin", LavinConfig)

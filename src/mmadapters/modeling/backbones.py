@@ -114,6 +114,50 @@ def _reference(name: str, revision: str | None, model: PreTrainedModel) -> Backb
     return BackboneReference(name_or_path=name, revision=pinned, fingerprint=fingerprint(model))
 
 
+@dataclass
+class LoadedBackbones:
+    """A text and a vision backbone, loaded, with where they came from (None for config-built ones)."""
+
+    language_model: PreTrainedModel
+    vision_tower: PreTrainedModel
+    text_ref: BackboneReference | None
+    vision_ref: BackboneReference | None
+    attention: dict[str, str | None]
+
+    def config_kwargs(self) -> dict[str, Any]:
+        """The composite-config fields that describe the backbones."""
+        kwargs = {
+            "text_config": self.language_model.config,
+            "vision_config": self.vision_tower.config,
+            "text_backbone": self.text_ref.to_dict() if self.text_ref else None,
+            "vision_backbone": self.vision_ref.to_dict() if self.vision_ref else None,
+        }
+        if self.text_ref is not None:
+            kwargs["image_token_id"] = image_token_id_for(self.text_ref.name_or_path, self.text_ref.revision)
+        return kwargs
+
+    def attention_implementations(self) -> dict[str, str | None]:
+        """The backbones' attention implementations, as chosen when they were loaded. Building a composite config
+        resets its sub-configs' choice: set it again with `config._attn_implementation = ...`."""
+        return dict(self.attention)
+
+
+def load_backbones(
+    text_model: BackboneSpec,
+    vision_model: BackboneSpec,
+    dtype: torch.dtype | str | None = None,
+    text_revision: str | None = None,
+    vision_revision: str | None = None,
+) -> LoadedBackbones:
+    language_model, text_ref = load_text_backbone(text_model, dtype, text_revision)
+    vision_tower, vision_ref = load_vision_backbone(vision_model, dtype, vision_revision)
+    attention = {
+        "text_config": language_model.config._attn_implementation,
+        "vision_config": vision_tower.config._attn_implementation,
+    }
+    return LoadedBackbones(language_model, vision_tower, text_ref, vision_ref, attention)
+
+
 def freeze(module: nn.Module) -> None:
     """Freeze every parameter of a backbone (base weights never train)."""
     for parameter in module.parameters():

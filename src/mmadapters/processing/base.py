@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig, AutoImageProcessor, CLIPImageProcessorPil, PreTrainedConfig
 
 from ..modeling.backbones import IMAGE_TOKEN, vision_config_of
-from ..modeling.lavin.modeling_lavin import ImageTokenMismatchError
+from ..modeling.image_tokens import ImageTokenMismatchError
 from .images import load_image
 
 IGNORE_INDEX = -100
@@ -118,7 +118,34 @@ def has_saved_processor(folder: str) -> bool:
 
 class AdapterProcessorMixin:
     """Shared input handling. Needs `tokenizer`, `image_processor`, `image_token_id`, `num_image_tokens`,
-    `max_length`, `overflow` and `max_image_pixels` on the processor."""
+    `max_length`, `overflow` and `max_image_pixels` on the processor, and a `from_backbones` classmethod."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
+        """Load a saved processor; for an adapter-only checkpoint saved without one, rebuild it from the
+        backbones named in its config.json."""
+        folder = os.fspath(pretrained_model_name_or_path)
+        if (
+            os.path.isdir(folder)
+            and not has_saved_processor(folder)
+            and os.path.isfile(f"{folder}/config.json")
+        ):
+            config = AutoConfig.from_pretrained(folder)
+            text = (config.text_backbone or {}).get("name_or_path")
+            vision = (config.vision_backbone or {}).get("name_or_path")
+            if text and vision:
+                return cls.from_backbones(text, vision, num_image_tokens=config.num_image_tokens)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def _check_answers(self, answers: str | list[str] | None, texts: list[str]) -> list[str] | None:
+        if answers is None:
+            return None
+        answer_list = [answers] if isinstance(answers, str) else list(answers)
+        if len(answer_list) != len(texts):
+            raise ValueError(
+                f"Got {len(answer_list)} answers for {len(texts)} prompts; pass one answer per prompt."
+            )
+        return answer_list
 
     def _check_texts(self, text: str | list[str] | None) -> list[str]:
         if text is None:

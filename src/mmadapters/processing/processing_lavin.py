@@ -21,7 +21,6 @@ from .base import (
     OVERFLOW_POLICIES,
     AdapterProcessorMixin,
     build_chat_template,
-    has_saved_processor,
     image_processor_for,
     resize_only_image_processor,
 )
@@ -99,25 +98,6 @@ class LavinProcessor(AdapterProcessorMixin, ProcessorMixin):
             image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=num_image_tokens, **kwargs
         )
 
-    @classmethod
-    def from_pretrained(
-        cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any
-    ) -> LavinProcessor:
-        """Load a saved processor; for an adapter-only checkpoint saved without one, rebuild it from the
-        backbones named in its config.json."""
-        folder = os.fspath(pretrained_model_name_or_path)
-        if (
-            os.path.isdir(folder)
-            and not has_saved_processor(folder)
-            and os.path.isfile(f"{folder}/config.json")
-        ):
-            config = AutoConfig.from_pretrained(folder)
-            text = (config.text_backbone or {}).get("name_or_path")
-            vision = (config.vision_backbone or {}).get("name_or_path")
-            if text and vision:
-                return cls.from_backbones(text, vision, num_image_tokens=config.num_image_tokens)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-
     @property
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "pixel_values"]
@@ -146,11 +126,7 @@ class LavinProcessor(AdapterProcessorMixin, ProcessorMixin):
             `BatchFeature` with input_ids, attention_mask, pixel_values (when there are images), labels.
         """
         texts = self._check_texts(text)
-        answer_list = None if answers is None else ([answers] if isinstance(answers, str) else list(answers))
-        if answer_list is not None and len(answer_list) != len(texts):
-            raise ValueError(
-                f"Got {len(answer_list)} answers for {len(texts)} prompts; pass one answer per prompt."
-            )
+        answer_list = self._check_answers(answers, texts)
         pixel_values = self._pixel_values(self._collect_images(images, texts))
         overflow = overflow or self.overflow
         max_length = self._max_length(max_length)

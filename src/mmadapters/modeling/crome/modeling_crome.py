@@ -21,14 +21,14 @@ from ..backbones import (
     fingerprint,
     fingerprints_match,
     freeze,
-    image_token_id_for,
+    load_backbones,
     load_text_backbone,
     load_vision_backbone,
     read_tensors,
     resolve_checkpoint_folder,
     tokenizer_for,
 )
-from ..lavin.modeling_lavin import ImageTokenMismatchError
+from ..image_tokens import check_image_token_count, embed_text_tokens, refuse_images_without_pixels
 from .configuration_crome import STAGES, CromeConfig
 
 # What trains in each stage (CROME.md section 3); everything else is frozen.
@@ -120,36 +120,27 @@ class CromeForConditionalGeneration(AdapterCheckpointMixin, CromePreTrainedModel
         """
         from transformers import InstructBlipQFormerConfig
 
-        language_model, text_ref = load_text_backbone(text_model, dtype, text_revision)
-        vision_tower, vision_ref = load_vision_backbone(vision_model, dtype, vision_revision)
+        backbones = load_backbones(text_model, vision_model, dtype, text_revision, vision_revision)
+        text_ref = backbones.text_ref
         if qformer is None:
             # A fresh Q-Former reads the instruction with the LLM's tokenizer [ours] (InstructBLIP's uses BERT's:
             # `convert.from_instructblip` brings it along).
-            vocab_size = len(tokenizer_for(text_ref.name_or_path)) if text_ref else 30522
+            vocab_size = len(tokenizer_for(text_ref.name_or_path, text_ref.revision)) if text_ref else 30522
             qformer = InstructBlipQFormerConfig(
-                encoder_hidden_size=vision_tower.config.hidden_size, vocab_size=vocab_size
+                encoder_hidden_size=backbones.vision_tower.config.hidden_size, vocab_size=vocab_size
             )
-        if "image_token_id" not in config_kwargs and text_ref is not None:
-            config_kwargs["image_token_id"] = image_token_id_for(text_ref.name_or_path, text_ref.revision)
         adapter_config = adapter_config or CromeAdapterConfig()
         adapter_config.base_model_name_or_path = text_ref.name_or_path if text_ref else None
-        # Building a composite config resets its sub-configs' attention implementation: keep the backbones' own.
-        attention = {
-            "text_config": language_model.config._attn_implementation,
-            "vision_config": vision_tower.config._attn_implementation,
-        }
         config = CromeConfig(
-            text_config=language_model.config,
-            vision_config=vision_tower.config,
             qformer_config=qformer,
             adapter_config=adapter_config.to_dict(),
-            text_backbone=text_ref.to_dict() if text_ref else None,
-            vision_backbone=vision_ref.to_dict() if vision_ref else None,
-            **config_kwargs,
+            **{**backbones.config_kwargs(), **config_kwargs},
         )
-        config._attn_implementation = attention
-        model = cls(config, language_model=language_model, vision_tower=vision_tower)
-        model.generation_config = GenerationConfig.from_dict(language_model.generation_config.to_dict())
+        config._attn_implementation = backbones.attention_implementations()
+        model = cls(config, language_model=backbones.language_model, vision_tower=backbones.vision_tower)
+        model.generation_config = GenerationConfig.from_dict(
+            backbones.language_model.generation_config.to_dict()
+        )
         return model
 
     @property
@@ -298,16 +289,8 @@ class CromeForConditionalGeneration(AdapterCheckpointMixin, CromePreTrainedModel
     ) -> torch.Tensor:
         """LLM input embeddings: prompt tokens through the adapter's text branch (prompt tokens only: never
         answer or generated tokens), image placeholders replaced by visual tokens through its vision branch."""
-        embeddings = self.get_input_embeddings()
-        vocab_size = embeddings.num_embeddings
         image_mask = input_ids == self.config.image_token_id
-        bad = (~image_mask) & ((input_ids < 0) | (input_ids >= vocab_size))
-        if bad.any():
-            raise ValueError(
-                f"input_ids contain ids outside the LLM vocabulary (0..{vocab_size - 1}) that are not the image "
-                f"token ({self.config.image_token_id}): {input_ids[bad][:5].tolist()}."
-            )
-        inputs_embeds = embeddings(input_ids.masked_fill(image_mask, 0))
+        inputs_embeds = embed_text_tokens(self.get_input_embeddings(), input_ids, self.config.image_token_id)
         if prompt_mask is not None:
             # generate passes the prompt's mask at every step: align it with the positions fed now.
             total = past_length + input_ids.shape[1]
@@ -321,23 +304,17 @@ class CromeForConditionalGeneration(AdapterCheckpointMixin, CromePreTrainedModel
                 raise ValueError(
                     "CROME's Q-Former reads the instruction: pass qformer_input_ids with pixel_values."
                 )
-            num_images, per_image = pixel_values.shape[0], self.config.num_image_tokens
-            if image_mask.sum().item() != num_images * per_image:
-                raise ImageTokenMismatchError(
-                    f"input_ids hold {image_mask.sum().item()} image placeholder tokens but {num_images} image(s) x "
-                    f"{per_image} visual tokens = {num_images * per_image} are needed. Build the inputs with "
-                    "CromeProcessor."
-                )
+            check_image_token_count(
+                image_mask, pixel_values.shape[0], self.config.num_image_tokens, "CromeProcessor"
+            )
             visual = self.adapter(
                 self.get_image_features(pixel_values, qformer_input_ids, qformer_attention_mask), "vision"
             )
             inputs_embeds = inputs_embeds.masked_scatter(
                 image_mask.unsqueeze(-1), visual.to(inputs_embeds.dtype)
             )
-        elif past_length == 0 and image_mask.any():
-            raise ImageTokenMismatchError(
-                f"input_ids hold {image_mask.sum().item()} image placeholder tokens but no pixel_values were given."
-            )
+        elif past_length == 0:
+            refuse_images_without_pixels(image_mask)
         return inputs_embeds
 
     def forward(

@@ -1,4 +1,5 @@
+from ..image_tokens import ImageTokenMismatchError
 from .configuration_lavin import LavinConfig
-from .modeling_lavin import ImageTokenMismatchError, LavinForConditionalGeneration, LavinPreTrainedModel
+from .modeling_lavin import LavinForConditionalGeneration, LavinPreTrainedModel
 
 __all__ = ["ImageTokenMismatchError", "LavinConfig", "LavinForConditionalGeneration", "LavinPreTrainedModel"]

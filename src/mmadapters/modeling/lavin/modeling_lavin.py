@@ -32,17 +32,14 @@ from ..adapters import (
     inject_vision_adapters,
     keep_initialization,
 )
-from ..backbones import BackboneSpec, freeze, image_token_id_for, load_text_backbone, load_vision_backbone
+from ..backbones import BackboneSpec, freeze, load_backbones
+from ..image_tokens import check_image_token_count, embed_text_tokens, refuse_images_without_pixels
 from .configuration_lavin import LavinConfig
 
 # Top-level modules that make up the trainable adapter side; everything else is a frozen backbone.
 ADAPTER_MODULES = ("llm_adapters", "vision_adapters", "projector", "modality_embedding")
 # Keyword arguments of `forward` that belong to the loss, not to the LLM.
 LOSS_KWARGS = ("num_items_in_batch", "ignore_index")
-
-
-class ImageTokenMismatchError(ValueError):
-    """The image placeholder tokens in `input_ids` do not match the images in `pixel_values`."""
 
 
 class LavinProjector(nn.Module):
@@ -167,28 +164,19 @@ class LavinForConditionalGeneration(AdapterCheckpointMixin, LavinPreTrainedModel
 
         Works under `with torch.device("meta"):` with config objects, for instant full-size parameter counts.
         """
-        language_model, text_ref = load_text_backbone(text_model, dtype, text_revision)
-        vision_tower, vision_ref = load_vision_backbone(vision_model, dtype, vision_revision)
-        if "image_token_id" not in config_kwargs and text_ref is not None:
-            config_kwargs["image_token_id"] = image_token_id_for(text_ref.name_or_path, text_ref.revision)
+        backbones = load_backbones(text_model, vision_model, dtype, text_revision, vision_revision)
         adapter_config = adapter_config or MMAdapterConfig()
-        adapter_config.base_model_name_or_path = text_ref.name_or_path if text_ref else None
-        # Building a composite config resets its sub-configs' attention implementation: keep the backbones' own.
-        attention = {
-            "text_config": language_model.config._attn_implementation,
-            "vision_config": vision_tower.config._attn_implementation,
-        }
-        config = LavinConfig(
-            text_config=language_model.config,
-            vision_config=vision_tower.config,
-            adapter_config=adapter_config.to_dict(),
-            text_backbone=text_ref.to_dict() if text_ref else None,
-            vision_backbone=vision_ref.to_dict() if vision_ref else None,
-            **config_kwargs,
+        adapter_config.base_model_name_or_path = (
+            backbones.text_ref.name_or_path if backbones.text_ref else None
         )
-        config._attn_implementation = attention
-        model = cls(config, language_model=language_model, vision_tower=vision_tower)
-        model.generation_config = GenerationConfig.from_dict(language_model.generation_config.to_dict())
+        config = LavinConfig(
+            adapter_config=adapter_config.to_dict(), **{**backbones.config_kwargs(), **config_kwargs}
+        )
+        config._attn_implementation = backbones.attention_implementations()
+        model = cls(config, language_model=backbones.language_model, vision_tower=backbones.vision_tower)
+        model.generation_config = GenerationConfig.from_dict(
+            backbones.language_model.generation_config.to_dict()
+        )
         return model
 
     # ------------------------------------------------------------------------------------------------
@@ -203,16 +191,7 @@ class LavinForConditionalGeneration(AdapterCheckpointMixin, LavinPreTrainedModel
 
     def embed_tokens(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """Token embeddings; image placeholders (possibly past the vocabulary) get a dummy id, replaced later."""
-        vocab_size = self.get_input_embeddings().num_embeddings
-        image_mask = input_ids == self.config.image_token_id
-        bad = (~image_mask) & ((input_ids < 0) | (input_ids >= vocab_size))
-        if bad.any():
-            raise ValueError(
-                f"input_ids contain ids outside the LLM vocabulary (0..{vocab_size - 1}) that are not the image "
-                f"token ({self.config.image_token_id}): {input_ids[bad][:5].tolist()}. Was the text tokenized with "
-                "another tokenizer than this model's processor?"
-            )
-        return self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
+        return embed_text_tokens(self.get_input_embeddings(), input_ids, self.config.image_token_id)
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Visual tokens (num_images, num_image_tokens, LLM width): the CLS token after every k-th vision layer
@@ -314,11 +293,8 @@ class LavinForConditionalGeneration(AdapterCheckpointMixin, LavinPreTrainedModel
             if input_ids is None:
                 raise ValueError("pixel_values need input_ids holding the image placeholder tokens.")
             inputs_embeds = self._place_image_features(input_ids, pixel_values, inputs_embeds)
-        elif input_ids is not None and prefill and (input_ids == self.config.image_token_id).any():
-            raise ImageTokenMismatchError(
-                f"input_ids hold {(input_ids == self.config.image_token_id).sum().item()} image placeholder tokens "
-                "but no pixel_values were given. Pass the images through the processor."
-            )
+        elif input_ids is not None and prefill:
+            refuse_images_without_pixels(input_ids == self.config.image_token_id)
 
         if modality is None and (routing_weights is None or folded_adapters is not None):
             if input_ids is None:
@@ -364,13 +340,9 @@ class LavinForConditionalGeneration(AdapterCheckpointMixin, LavinPreTrainedModel
         self, input_ids: torch.LongTensor, pixel_values: torch.Tensor, inputs_embeds: torch.Tensor
     ) -> torch.Tensor:
         image_mask = input_ids == self.config.image_token_id
-        num_images, per_image = pixel_values.shape[0], self.config.num_image_tokens
-        if image_mask.sum().item() != num_images * per_image:
-            raise ImageTokenMismatchError(
-                f"input_ids hold {image_mask.sum().item()} image placeholder tokens but {num_images} image(s) x "
-                f"{per_image} visual tokens = {num_images * per_image} are needed. Build the inputs with the "
-                "model's processor (one image per `<image>` placeholder) and do not truncate inside an image."
-            )
+        check_image_token_count(
+            image_mask, pixel_values.shape[0], self.config.num_image_tokens, "LavinProcessor"
+        )
         features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1).expand_as(inputs_embeds), features)
 
@@ -423,7 +395,6 @@ class LavinForConditionalGeneration(AdapterCheckpointMixin, LavinPreTrainedModel
 
 
 __all__ = [
-    "ImageTokenMismatchError",
     "LavinForConditionalGeneration",
     "LavinPreTrainedModel",
     "LavinProjector",
