@@ -85,6 +85,21 @@ def tiny_vision_config(kind: str = "clip", **overrides):
     return CLIPVisionConfig(**common) if kind == "clip" else SiglipVisionConfig(**common)
 
 
+def tiny_qformer_config(vocab_size: int = 302, encoder_hidden_size: int = 32):
+    from transformers import InstructBlipQFormerConfig
+
+    return InstructBlipQFormerConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        encoder_hidden_size=encoder_hidden_size,
+        vocab_size=vocab_size,
+        max_position_embeddings=128,
+        cross_attention_frequency=1,
+    )
+
+
 def save_tiny_llm(path, seed: int = 0, kind: str = "llama", tokenizer=None) -> str:
     tokenizer = tokenizer or make_tokenizer()
     torch.manual_seed(seed)

@@ -6,13 +6,12 @@ import os
 
 import pytest
 import torch
-from conftest import make_tokenizer, save_tiny_llm, save_tiny_vision, tiny_text_config
+from conftest import make_tokenizer, save_tiny_llm, save_tiny_vision, tiny_qformer_config, tiny_text_config
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
     InstructBlipConfig,
     InstructBlipForConditionalGeneration,
-    InstructBlipQFormerConfig,
     InstructBlipVisionConfig,
     LlamaConfig,
     T5Config,
@@ -28,18 +27,7 @@ from mmadapters import (
 from mmadapters.convert import from_instructblip
 from mmadapters.modeling.adapters import CromeAdapter
 
-
-def tiny_qformer(vocab_size: int = 302, encoder_hidden_size: int = 32) -> InstructBlipQFormerConfig:
-    return InstructBlipQFormerConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        encoder_hidden_size=encoder_hidden_size,
-        vocab_size=vocab_size,
-        max_position_embeddings=128,
-        cross_attention_frequency=1,
-    )
+tiny_qformer = tiny_qformer_config
 
 
 def save_tiny_t5(path) -> str:

@@ -1,0 +1,42 @@
+"""easy-vqa accuracy, overall and by question type (yes/no, color, shape)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .generate import generate_answers
+from .scoring import LETTERS_HINT, accuracy_by_group, extract_letter, extract_word
+
+
+def evaluate_easy_vqa(
+    model: Any,
+    processor: Any,
+    dataset: Any,
+    batch_size: int = 32,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Generate an answer for every row of a `load_easy_vqa` data set and score it.
+
+    Open format: the first answer word in the row's choices; multiple choice: the option letter.
+    Returns accuracy, by_group (question type), count, unparsed and the raw `generations`.
+    """
+    generations = generate_answers(
+        model,
+        processor,
+        dataset["prompt"],
+        dataset["image"],
+        batch_size=batch_size,
+        max_new_tokens=4,
+        progress=progress,
+    )
+    predictions = []
+    for text, choices, target in zip(generations, dataset["choices"], dataset["target"], strict=True):
+        if target.strip() in LETTERS_HINT and len(target.strip()) == 1:
+            letter = extract_letter(text, len(choices))
+            predictions.append(None if letter is None else choices[LETTERS_HINT.index(letter)])
+        else:
+            predictions.append(extract_word(text, choices))
+    result = accuracy_by_group(predictions, dataset["answer"], dataset["question_type"])
+    result["generations"] = generations
+    return result

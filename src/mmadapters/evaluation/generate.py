@@ -1,0 +1,34 @@
+"""Generation-based evaluation: generate answers in batches, extract them, score them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+
+@torch.no_grad()
+def generate_answers(
+    model: Any,
+    processor: Any,
+    prompts: Sequence[str],
+    images: Sequence[Any],
+    batch_size: int = 32,
+    max_new_tokens: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[str]:
+    """Greedy answers (decoded new tokens) for each prompt; `images[i]` is an image or None (text only)."""
+    model.eval()
+    answers: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        stop = min(start + batch_size, len(prompts))
+        batch_images = [[] if images[i] is None else [images[i]] for i in range(start, stop)]
+        inputs = processor(images=batch_images, text=list(prompts[start:stop]))
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        if not getattr(model.config.get_text_config(), "is_encoder_decoder", False):
+            output = output[:, inputs["input_ids"].shape[1] :]
+        answers.extend(processor.batch_decode(output, skip_special_tokens=True))
+        if progress is not None:
+            progress(stop, len(prompts))
+    return answers

@@ -1,0 +1,120 @@
+"""`transformers.Trainer` subclasses for our adapter models.
+
+What they add to the Trainer: adapter-only checkpoints (and `resume_from_checkpoint` from them), a report of
+what trains at the start, LaVIN's optimizer recipe (AdamW, no weight decay on biases and 1-D parameters),
+LaVIN's routing weights in the logs (per modality), and CROME's stages.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from transformers import Trainer
+
+from ..modeling.adapter_checkpoint import ADAPTER_WEIGHTS_NAME
+from ..modeling.crome import CromeForConditionalGeneration
+from ..modeling.lavin import LavinForConditionalGeneration
+
+logger = logging.getLogger(__name__)
+TRAINING_ARGS_NAME = "training_args.bin"
+
+
+def trainable_report(model: torch.nn.Module) -> dict[str, int]:
+    """Trainable parameters per top-level module (only those that train), plus the total."""
+    report: dict[str, int] = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            top = name.split(".", 1)[0]
+            report[top] = report.get(top, 0) + parameter.numel()
+    report["total"] = sum(report.values())
+    return report
+
+
+class AdapterTrainer(Trainer):
+    """Trainer for models with frozen backbones and an adapter side that saves on its own."""
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        report = trainable_report(self._unwrapped())
+        total = sum(p.numel() for p in self._unwrapped().parameters())
+        lines = ", ".join(f"{name} {count:,}" for name, count in report.items() if name != "total")
+        logger.warning(
+            "Trainable parameters: %s of %s (%.3f%%): %s",
+            f"{report['total']:,}",
+            f"{total:,}",
+            100 * report["total"] / total,
+            lines,
+        )
+        return super().train(*args, **kwargs)
+
+    def _unwrapped(self) -> Any:
+        return self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        """AdamW over the trainable parameters only; no weight decay on biases and 1-D parameters (LaVIN's
+        recipe, also sensible for CROME)."""
+        if self.optimizer is None:
+            model = model or self.model
+            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            decay = [p for n, p in named if p.ndim > 1 and not n.endswith(".bias")]
+            no_decay = [p for n, p in named if not (p.ndim > 1 and not n.endswith(".bias"))]
+            groups = [
+                {"params": decay, "weight_decay": self.args.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ]
+            optimizer_class, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            self.optimizer = optimizer_class(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Checkpoints are adapter-only, like `save_pretrained`; the processor is saved with them."""
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        self._unwrapped().save_pretrained(output_dir, processor=self.processing_class)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(
+        self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
+    ) -> None:
+        path = os.path.join(resume_from_checkpoint, ADAPTER_WEIGHTS_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{resume_from_checkpoint} holds no {ADAPTER_WEIGHTS_NAME}: not a checkpoint of this trainer."
+            )
+        model = model or self._unwrapped()
+        self.accelerator.unwrap_model(model).load_adapter_state_dict(
+            load_file(path), source=resume_from_checkpoint
+        )
+
+    def _load_best_model(self) -> None:
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+
+class LavinTrainer(AdapterTrainer):
+    """Trainer for `LavinForConditionalGeneration`; logs the LLM routing weights per modality."""
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        model = self._unwrapped()
+        if isinstance(model, LavinForConditionalGeneration) and "loss" in logs:
+            with torch.no_grad():
+                table = model.compute_routing_table()  # (modality, layer, site, expert)
+            logs["router/text_expert_b"] = round(table[0, ..., 0].mean().item(), 4)
+            logs["router/image_expert_b"] = round(table[1, ..., 0].mean().item(), 4)
+        super().log(logs, *args, **kwargs)
+
+
+class CromeTrainer(AdapterTrainer):
+    """Trainer for `CromeForConditionalGeneration`; `stage` sets what trains (see `set_stage`)."""
+
+    def __init__(self, *args: Any, stage: str = "finetune", **kwargs: Any) -> None:
+        model = kwargs.get("model") if "model" in kwargs else (args[0] if args else None)
+        if not isinstance(model, CromeForConditionalGeneration):
+            raise TypeError(
+                f"CromeTrainer trains a CromeForConditionalGeneration, got {type(model).__name__}."
+            )
+        model.set_stage(stage)
+        self.stage = stage
+        super().__init__(*args, **kwargs)

@@ -1,0 +1,353 @@
+"""Training and evaluation: collator masking, ScienceQA strings, scorers, Trainer checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_qformer_config
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import TrainingArguments
+
+from mmadapters import CromeForConditionalGeneration, LavinForConditionalGeneration, LavinProcessor
+from mmadapters.data import format_scienceqa, load_easy_vqa, load_llava_conversations, scienceqa_example
+from mmadapters.evaluation import (
+    accuracy_by_group,
+    extract_letter,
+    extract_word,
+    scienceqa_table,
+)
+from mmadapters.trainers import CromeTrainer, LavinTrainer, VisionLanguageCollator
+
+
+@pytest.fixture()
+def processor(tiny_backbones):
+    return LavinProcessor.from_backbones(*tiny_backbones)
+
+
+def save_image(folder, name, color) -> str:
+    path = os.path.join(folder, name)
+    Image.new("RGB", (32, 32), color).save(path)
+    return path
+
+
+# --- collator ---------------------------------------------------------------------------------------------------
+
+
+def test_collator_masks_prompt_image_and_padding(processor, tmp_path):
+    tok = processor.tokenizer
+    image = save_image(tmp_path, "red.png", (255, 0, 0))
+    examples = [
+        {"prompt": "Image: <image>\nwhat color?", "target": " red", "image": image},
+        {"prompt": "Image: N/A\nhi", "target": " yo", "image": None},
+    ]
+    batch = VisionLanguageCollator(processor)(examples)
+    for row, example in enumerate(examples):
+        prompt_ids = tok(example["prompt"].replace("<image>", "<image>" * processor.num_image_tokens))[
+            "input_ids"
+        ]
+        answer_ids = tok(example["target"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        expected = [-100] * len(prompt_ids) + answer_ids
+        labels = batch["labels"][row].tolist()
+        assert (
+            labels[: len(expected)] == expected
+        )  # prompt (incl. image tokens) masked, answer + EOS supervised
+        assert all(label == -100 for label in labels[len(expected) :])  # padding masked
+    assert batch["pixel_values"].shape[0] == 1  # mixture batch: one image, one text-only sample
+    with pytest.raises(KeyError, match="target"):
+        VisionLanguageCollator(processor)([{"prompt": "Image: N/A\nhi", "image": None}])
+
+
+def test_collator_truncation_policy(processor):
+    long_answer = " the shape is red." * 30
+    batch = VisionLanguageCollator(processor, max_length=24)(
+        [{"prompt": "Image: N/A\nhi", "target": long_answer, "image": None}]
+    )
+    assert batch["input_ids"].shape[1] == 24 and (batch["labels"] != -100).sum() > 0
+
+
+# --- ScienceQA --------------------------------------------------------------------------------------------------
+
+SCIENCEQA_ROW = {
+    "image": None,
+    "question": "Which of these states is farthest north?",
+    "choices": ["West Virginia", "Louisiana", "Arizona", "Oklahoma"],
+    "answer": 0,
+    "hint": "",
+    "task": "closed choice",
+    "grade": "grade2",
+    "subject": "social science",
+    "topic": "geography",
+    "category": "Geography",
+    "skill": "Read a map: cardinal directions",
+    "lecture": "Maps have four cardinal directions.\nNorth is up.",
+    "solution": "To find the answer, look at the compass rose.",
+}
+
+
+def test_scienceqa_qcm_ale_strings():
+    example = scienceqa_example(SCIENCEQA_ROW)
+    assert example["prompt"] == (
+        "Image: N/A\n"
+        "Question: Which of these states is farthest north?\n"
+        "Context: N/A\n"
+        "Options: (A) West Virginia (B) Louisiana (C) Arizona (D) Oklahoma\n"
+        "Response:"
+    )
+    assert example["target"] == (
+        "The answer is A. BECAUSE: Maps have four cardinal directions.\\nNorth is up. "
+        "To find the answer, look at the compass rose."
+    )
+    with_context = scienceqa_example({**SCIENCEQA_ROW, "hint": "The map shows the states.", "image": "x.png"})
+    assert with_context["prompt"].startswith("Image: <image>\nQuestion: ")
+    assert "\nContext: The map shows the states.\n" in with_context["prompt"]
+
+
+def test_scienceqa_fixture_dataset_and_table():
+    rows = [
+        {**SCIENCEQA_ROW},
+        {
+            **SCIENCEQA_ROW,
+            "subject": "natural science",
+            "grade": "grade8",
+            "hint": "Some context.",
+            "answer": 1,
+        },
+        {**SCIENCEQA_ROW, "subject": "language science", "grade": "grade10"},
+    ]
+    dataset = format_scienceqa(datasets.Dataset.from_list(rows))
+    assert dataset["answer_letter"] == ["A", "B", "A"]
+    records = [
+        {
+            "prediction": extract_letter("The answer is A. BECAUSE: ...", 4),
+            "answer": "A",
+            "subject": rows[0]["subject"],
+            "hint": rows[0]["hint"],
+            "has_image": False,
+            "grade": rows[0]["grade"],
+        },
+        {
+            "prediction": extract_letter("The answer is C.", 4),
+            "answer": "B",
+            "subject": rows[1]["subject"],
+            "hint": rows[1]["hint"],
+            "has_image": True,
+            "grade": rows[1]["grade"],
+        },
+        {
+            "prediction": extract_letter("I am not sure", 4),
+            "answer": "A",
+            "subject": rows[2]["subject"],
+            "hint": rows[2]["hint"],
+            "has_image": False,
+            "grade": rows[2]["grade"],
+        },
+    ]
+    table = scienceqa_table(records)
+    assert table["SOC"] == 100.0 and table["NAT"] == 0.0 and table["LAN"] == 0.0
+    assert table["TXT"] == 0.0 and table["IMG"] == 0.0 and table["NO"] == 50.0
+    assert table["G1-6"] == 100.0 and table["G7-12"] == 0.0 and table["Avg"] == pytest.approx(33.33)
+    assert table["unparsed"] == 1 and table["count"] == 3
+
+
+# --- scorers ----------------------------------------------------------------------------------------------------
+
+
+def test_answer_extraction_and_accuracy():
+    assert extract_word(" Circle.", ["circle", "triangle"]) == "circle"
+    assert extract_word("it is a triangle", ["circle", "triangle"]) == "triangle"
+    assert extract_word("no idea", ["circle", "triangle"]) is None
+    assert extract_letter("(B) because", 3) == "B" and extract_letter("D", 3) is None
+    result = accuracy_by_group(
+        ["yes", None, "red", "circle"],
+        ["yes", "no", "blue", "circle"],
+        ["yes/no", "yes/no", "color", "shape"],
+    )
+    assert result["accuracy"] == 0.5 and result["unparsed"] == 1
+    assert result["by_group"] == {"color": 0.0, "shape": 1.0, "yes/no": 0.5}
+
+
+def test_easy_vqa_dataset_formats():
+    dataset = load_easy_vqa("test", limit=20, seed=1)
+    assert len(dataset) == 20 and set(dataset["question_type"]) <= {"yes/no", "color", "shape"}
+    row = dataset[0]
+    assert (
+        row["prompt"] == f"Image: <image>\nQuestion: {row['question']}\nAnswer:"
+        and row["target"] == f" {row['answer']}"
+    )
+    mc = load_easy_vqa("test", prompt_format="multiple_choice", limit=5, seed=1)[0]
+    assert "Options: (A) " in mc["prompt"] and mc["target"].strip() in "ABCDEFGHIJKLM"
+    assert mc["choices"][" ABCDEFGHIJKLM".index(mc["target"].strip()) - 1] == mc["answer"]
+
+
+def test_llava_conversations(processor, tmp_path):
+    save_image(tmp_path, "cat.png", (0, 0, 255))
+    conversations = [
+        {
+            "image": "cat.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nwhat color?"},
+                {"from": "gpt", "value": "blue"},
+                {"from": "human", "value": "and the shape?"},
+                {"from": "gpt", "value": "square"},
+            ],
+        }
+    ]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(conversations))
+    dataset = load_llava_conversations(str(path), str(tmp_path), processor)
+    assert dataset["target"] == ["blue", "square"]
+    assert dataset["prompt"][0] == "<|user|>Image: <image>\nwhat color?</s><|assistant|>"
+    assert dataset["prompt"][1].endswith("<|assistant|>blue</s><|user|>and the shape?</s><|assistant|>")
+
+
+# --- trainers ---------------------------------------------------------------------------------------------------
+
+
+def toy_dataset(folder, n=24):
+    rng = np.random.default_rng(0)
+    rows = {"prompt": [], "target": [], "image": []}
+    colors = {"red": (255, 0, 0), "blue": (0, 0, 255)}
+    for i in range(n):
+        if i % 3 == 2:  # text-only samples in the mixture
+            rows["prompt"].append("Image: N/A\nsay hi")
+            rows["target"].append(" hi")
+            rows["image"].append(None)
+        else:
+            name = list(colors)[int(rng.integers(2))]
+            rows["prompt"].append("Image: <image>\nwhat color?")
+            rows["target"].append(f" {name}")
+            rows["image"].append(save_image(folder, f"{i}.png", colors[name]))
+    return datasets.Dataset.from_dict(rows)
+
+
+def make_trainer(model, processor, dataset, output_dir, max_steps=6, **kwargs):
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        max_steps=max_steps,
+        learning_rate=5e-3,
+        save_steps=3,
+        logging_steps=1,
+        use_cpu=True,
+        report_to=[],
+        remove_unused_columns=False,
+        seed=0,
+        data_seed=0,
+        weight_decay=0.02,
+        dataloader_num_workers=0,
+        save_only_model=False,
+    )
+    trainer_class = kwargs.pop("trainer_class", LavinTrainer)
+    return trainer_class(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=VisionLanguageCollator(processor),
+        processing_class=processor,
+        **kwargs,
+    )
+
+
+def adapter_weights(model):
+    return {k: v.clone() for k, v in model.adapter_state_dict().items()}
+
+
+def test_checkpoints_are_adapter_only_and_resume_matches_uninterrupted_run(
+    tiny_backbones, processor, tmp_path
+):
+    dataset = toy_dataset(tmp_path)
+    torch.manual_seed(0)
+    model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+    trainer = make_trainer(model, processor, dataset, tmp_path / "full")
+    trainer.train()
+    uninterrupted = adapter_weights(model)
+    checkpoint = tmp_path / "full" / "checkpoint-3"
+    assert os.path.isfile(checkpoint / "adapter_model.safetensors") and not os.path.isfile(
+        checkpoint / "model.safetensors"
+    )
+    assert set(load_file(checkpoint / "adapter_model.safetensors")) == set(uninterrupted)
+    assert any(name.startswith("router/") for entry in trainer.state.log_history for name in entry)
+    # The optimizer skips weight decay on biases and 1-D parameters.
+    groups = trainer.optimizer.param_groups
+    assert groups[0]["weight_decay"] == 0.02 and groups[1]["weight_decay"] == 0.0
+    assert all(p.ndim == 1 for p in groups[1]["params"]) and all(p.ndim > 1 for p in groups[0]["params"])
+
+    # "Kill" after the step-3 checkpoint: a fresh model resumes from it and must end where the first run ended.
+    torch.manual_seed(123)  # a different initialisation: everything must come from the checkpoint
+    resumed_model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+    resumed = make_trainer(resumed_model, processor, dataset, tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    for name, tensor in adapter_weights(resumed_model).items():
+        torch.testing.assert_close(tensor, uninterrupted[name], rtol=1e-5, atol=1e-6, msg=name)
+    # The final checkpoint loads as a model.
+    LavinForConditionalGeneration.from_pretrained(tmp_path / "full" / "checkpoint-6")
+
+
+def test_gradient_accumulation_matches_a_large_batch(tiny_backbones, processor, tmp_path):
+    dataset = toy_dataset(tmp_path, n=8)
+    results = []
+    for batch_size, accumulation in ((8, 1), (4, 2)):
+        torch.manual_seed(0)
+        model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"ga{accumulation}"),
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            max_steps=1,
+            learning_rate=1e-2,
+            use_cpu=True,
+            report_to=[],
+            remove_unused_columns=False,
+            seed=0,
+            data_seed=0,
+            save_strategy="no",
+            optim="sgd",
+            lr_scheduler_type="constant",
+        )
+        LavinTrainer(
+            model=model, args=args, train_dataset=dataset, data_collator=VisionLanguageCollator(processor)
+        ).train()
+        results.append(adapter_weights(model))
+    for name in results[0]:
+        torch.testing.assert_close(results[0][name], results[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_crome_trainer_honours_the_stage(tmp_path):
+    from conftest import save_tiny_llm, save_tiny_vision
+
+    from mmadapters import CromeProcessor
+
+    llm, vision = save_tiny_llm(tmp_path / "llm"), save_tiny_vision(tmp_path / "vision")
+    model = CromeForConditionalGeneration.from_backbones(
+        llm, vision, qformer=tiny_qformer_config(), num_query_tokens=4
+    )
+    processor = CromeProcessor.from_backbones(llm, vision, num_image_tokens=model.config.num_image_tokens)
+    dataset = toy_dataset(tmp_path, n=8).map(lambda row: {"prompt": row["prompt"].replace("Image: ", "")})
+    dataset = dataset.map(lambda row: {"prompt": row["prompt"].replace("N/A\n", "")})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = make_trainer(
+        model,
+        processor,
+        dataset,
+        tmp_path / "crome",
+        max_steps=2,
+        trainer_class=CromeTrainer,
+        stage="pretrain",
+    )
+    trainer.train()
+    after = model.state_dict()
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"adapter", "query_projection", "patch_projection"}
+    saved = {
+        k.split(".")[0] for k in load_file(tmp_path / "crome" / "checkpoint-2" / "adapter_model.safetensors")
+    }
+    assert saved == set(model.adapter_module_names())
