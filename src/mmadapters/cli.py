@@ -1,4 +1,4 @@
-"""`mmadapters <command>`: the command-line entry point."""
+"""`mmadapters <command>`: quickstart, train, eval, chat, convert-instructblip."""
 
 from __future__ import annotations
 
@@ -6,131 +6,156 @@ import argparse
 import json
 import os
 import sys
-import time
-from pathlib import Path
-
-QUICKSTART_TEXT_PROMPTS = [
-    "What is the capital of France?",
-    "Name three primary colors.",
-    "How many sides does a triangle have?",
-    "What is 2 + 3?",
-]
 
 
-def _easy_vqa_sample() -> tuple[str, str, str] | None:
-    """(image path, question, answer) of the first easy-vqa test question, if the data set is installed."""
-    try:
-        import easy_vqa
-    except ImportError:
-        return None
-    questions, answers, image_ids = easy_vqa.get_test_questions()
-    return easy_vqa.get_test_image_paths()[image_ids[0]], questions[0], answers[0]
+def _quickstart(args: argparse.Namespace) -> None:
+    from .quickstart import QuickstartSettings, run_quickstart
 
-
-def quickstart(output_dir: str) -> dict:
-    """End-to-end run on the embedded backbones: build LaVIN, answer text and image questions, check that the
-    text-only answers equal the base LLM's (the adapters start as the identity), save an adapter-only
-    checkpoint, reload it through the Auto classes and check identical logits."""
-    import torch
-    from PIL import Image
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
-    from . import LavinForConditionalGeneration, LavinProcessor, embedded_backbones
-
-    start = time.perf_counter()
-    torch.manual_seed(0)
-    print("[1/5] Setting up the embedded backbones (SmolLM2-135M-Instruct + a small CLIP vision tower)...")
-    text_model, vision_model = embedded_backbones()
-    print(f"      LLM: {text_model}\n      vision: {vision_model}")
-    print("[2/5] Building LaVIN around them...")
-    model = LavinForConditionalGeneration.from_backbones(text_model, vision_model).eval()
-    processor = LavinProcessor.from_backbones(text_model, vision_model)
-    base = AutoModelForCausalLM.from_pretrained(text_model, dtype=torch.float32).eval()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    print(f"      trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
-
-    print("[3/5] Text-only questions: LaVIN at initialisation vs. the bare LLM...")
-    preserved = 0
-    for question in QUICKSTART_TEXT_PROMPTS:
-        chat = [{"role": "user", "content": [{"type": "text", "text": question}]}]
-        inputs = processor(text=processor.apply_chat_template(chat, add_generation_prompt=True))
-        length = inputs["input_ids"].shape[1]
-        ours = model.generate(**inputs, max_new_tokens=24, do_sample=False)[0, length:]
-        theirs = base.generate(**inputs, max_new_tokens=24, do_sample=False)[0, length:]
-        preserved += ours.tolist() == theirs.tolist()
-        print(f"      Q: {question}\n      A: {processor.decode(ours, skip_special_tokens=True).strip()}")
-
-    print("[4/5] An image question (the adapters are untrained: expect a fluent but uninformed answer)...")
-    sample = _easy_vqa_sample()
-    if sample is None:
-        image, question, answer = Image.new("RGB", (64, 64), (255, 0, 0)), "What color is the image?", "red"
-    else:
-        image, question, answer = sample
-    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    inputs = processor(images=[image], text=processor.apply_chat_template(chat, add_generation_prompt=True))
-    generated = model.generate(**inputs, max_new_tokens=16, do_sample=False)[
-        0, inputs["input_ids"].shape[1] :
-    ]
+    settings = QuickstartSettings(train_steps=args.train_steps, num_test=args.num_test)
+    summary = run_quickstart(args.output_dir, settings)
+    print(json.dumps({k: v for k, v in summary.items() if k != "settings"}, indent=2))
     print(
-        f"      Q: {question} (reference: {answer})\n      A: {processor.decode(generated, skip_special_tokens=True)}"
+        f"\nLaVIN went from {summary['accuracy_before']:.1%} to {summary['accuracy_after']:.1%} on "
+        f"{summary['num_test_questions']} easy-vqa test questions; {summary['text_only_preserved']:.0%} of held-out "
+        f"text-only answers are unchanged. Next: `mmadapters chat {summary['checkpoint_dir']}` or "
+        f"`mmadapters eval {summary['checkpoint_dir']}`."
     )
 
-    print("[5/5] Saving the adapter-only checkpoint and reloading it...")
-    checkpoint = Path(output_dir) / "checkpoint"
-    model.save_pretrained(checkpoint, processor=processor)
-    reloaded = AutoModelForImageTextToText.from_pretrained(checkpoint)
-    with torch.no_grad():
-        same = torch.equal(reloaded(**inputs).logits, model(**inputs).logits)
-    if not same:
-        raise RuntimeError("The reloaded checkpoint does not reproduce the model's logits.")
-    summary = {
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "adapter_bytes": (checkpoint / "adapter_model.safetensors").stat().st_size,
-        "text_only_preserved": preserved / len(QUICKSTART_TEXT_PROMPTS),
-        "num_text_prompts": len(QUICKSTART_TEXT_PROMPTS),
-        "reload_identical_logits": same,
-        "checkpoint_dir": str(checkpoint),
-        "wall_seconds": round(time.perf_counter() - start, 1),
-    }
-    (Path(output_dir) / "quickstart_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
-    return summary
+
+def _train(args: argparse.Namespace) -> None:
+    from .recipes import train_from_recipe
+
+    print(f"Saved the adapter-only checkpoint to {train_from_recipe(args.recipe)}")
 
 
-def convert_instructblip(instructblip: str, llm: str, output_dir: str) -> None:
-    """Initialise CROME around `llm` from an InstructBLIP checkpoint and save it (adapter-only)."""
+def _load(checkpoint: str) -> tuple:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if not os.path.isdir(checkpoint) and os.sep in checkpoint:
+        raise SystemExit(f"error: checkpoint folder {checkpoint} does not exist")
+    return AutoModelForImageTextToText.from_pretrained(checkpoint), AutoProcessor.from_pretrained(checkpoint)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from .data import load_easy_vqa
+    from .evaluation import evaluate_easy_vqa
+
+    model, processor = _load(args.checkpoint)
+    dataset = load_easy_vqa("test", limit=args.limit, prompt_format=args.prompt_format)
+    bar = tqdm(total=len(dataset), desc="evaluating")
+    result = evaluate_easy_vqa(
+        model, processor, dataset, progress=lambda done, total: bar.update(done - bar.n)
+    )
+    bar.close()
+    print(json.dumps({k: v for k, v in result.items() if k != "generations"}, indent=2))
+
+
+def _chat(args: argparse.Namespace) -> None:
+    """Terminal chat: `/image PATH` attaches an image to the next question, `/reset` forgets, `/quit` ends."""
+    from .processing import InvalidImageError, load_image
+
+    model, processor = _load(args.checkpoint)
+    messages: list[dict] = []
+    images: list = []
+    pending_image = None
+    print("Type a question. /image PATH attaches an image, /reset starts over, /quit ends.")
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            messages, images, pending_image = [], [], None
+            print("(conversation cleared)")
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image") :].strip()
+            try:
+                pending_image = load_image(path, processor.max_image_pixels, what="image")
+                print(f"(image {path} attached to the next question)")
+            except InvalidImageError as error:
+                print(f"error: {error}")
+            continue
+        content = [{"type": "text", "text": line}]
+        if pending_image is not None:
+            content.insert(0, {"type": "image"})
+            images.append(pending_image)
+            pending_image = None
+        messages.append({"role": "user", "content": content})
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = processor(images=images or None, text=prompt)
+        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+        answer = processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        print(answer, flush=True)
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+
+
+def _convert_instructblip(args: argparse.Namespace) -> None:
     from .convert import from_instructblip
 
-    model, processor = from_instructblip(instructblip, text_model=llm)
-    model.save_pretrained(output_dir, processor=processor)
+    model, processor = from_instructblip(args.instructblip, text_model=args.llm)
+    model.save_pretrained(args.output_dir, processor=processor)
     taken = ", ".join(model.config.qformer_source["modules"])
-    print(f"CROME initialised from {instructblip} ({taken}) around {llm}; saved to {output_dir}")
+    print(
+        f"CROME initialised from {args.instructblip} ({taken}) around {args.llm}; saved to {args.output_dir}"
+    )
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmadapters", description="Multimodal adapters for Hugging Face models."
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    quick = commands.add_parser("quickstart", help="end-to-end run on the embedded backbones (offline)")
+
+    quick = commands.add_parser(
+        "quickstart", help="fine-tune LaVIN on easy-vqa on the embedded backbones (offline)"
+    )
     quick.add_argument(
         "--output-dir", default="quickstart_output", help="where the checkpoint and summary go"
     )
+    quick.add_argument("--train-steps", type=int, default=150)
+    quick.add_argument("--num-test", type=int, default=1000, help="easy-vqa test questions to evaluate on")
+    quick.set_defaults(run=_quickstart)
+
+    train = commands.add_parser("train", help="train from a YAML recipe (see recipes/)")
+    train.add_argument("recipe")
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser(
+        "eval", help="easy-vqa accuracy of a checkpoint, overall and by question type"
+    )
+    evaluate.add_argument("checkpoint")
+    evaluate.add_argument("--limit", type=int, default=1000)
+    evaluate.add_argument("--prompt-format", default="open", choices=["open", "multiple_choice"])
+    evaluate.set_defaults(run=_eval)
+
+    chat = commands.add_parser("chat", help="chat with a checkpoint in the terminal (image path + question)")
+    chat.add_argument("checkpoint")
+    chat.add_argument("--max-new-tokens", type=int, default=64)
+    chat.set_defaults(run=_chat)
+
     convert = commands.add_parser(
-        "convert-instructblip", help="initialise CROME from an InstructBLIP checkpoint (Hub id or folder)"
+        "convert-instructblip", help="initialise CROME from an InstructBLIP checkpoint"
     )
     convert.add_argument("instructblip", help="InstructBLIP checkpoint: Hub id or local folder")
     convert.add_argument("output_dir", help="where the CROME checkpoint goes")
     convert.add_argument("--llm", required=True, help="the LLM to put CROME around: Hub id or local folder")
-    args = parser.parse_args(argv)
+    convert.set_defaults(run=_convert_instructblip)
+    return parser
 
-    if args.command == "quickstart":
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        quickstart(args.output_dir)
-    elif args.command == "convert-instructblip":
-        convert_instructblip(args.instructblip, args.llm, args.output_dir)
+
+def main(argv: list[str] | None = None) -> int:
+    from .recipes import RecipeError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (RecipeError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

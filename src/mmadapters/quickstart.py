@@ -1,0 +1,195 @@
+"""The quickstart (README command 1): fine-tune LaVIN on easy-vqa on the embedded backbones, offline.
+
+Steps: build LaVIN around SmolLM2-135M-Instruct and the embedded vision tower; record the LLM's own answers to
+a fixed set of text-only prompts (LaVIN at initialisation answers exactly like the bare LLM: the experts start
+at zero, a tested property); evaluate on easy-vqa test questions; train with `LavinTrainer` on a mixture of
+easy-vqa questions and text-only samples (MMA's point: the mixture keeps text-only behaviour); evaluate again;
+check how many held-out text-only answers are unchanged; save the adapter-only checkpoint; write
+`quickstart_summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Text-only prompts: the first TEXT_TRAIN go into the training mixture (with the LLM's own answers as targets),
+# the rest are held out to check that text-only answers are preserved.
+TEXT_PROMPTS = [
+    "What is the capital of France?",
+    "How many legs does a spider have?",
+    "What color is the sky on a clear day?",
+    "What is 2 + 3?",
+    "Name a fruit that is yellow.",
+    "What do bees make?",
+    "How many days are in a week?",
+    "What is the opposite of hot?",
+    "Which planet do we live on?",
+    "What animal says moo?",
+    "What is frozen water called?",
+    "How many hours are in a day?",
+    "What is the largest ocean?",
+    "What do plants need to grow?",
+    "Which season comes after winter?",
+    "What is 10 minus 4?",
+    "What language is spoken in Spain?",
+    "How many wheels does a bicycle have?",
+    "What is the color of grass?",
+    "What do you call a baby cat?",
+    "What is the capital of Italy?",
+    "How many months are in a year?",
+    "What gas do humans breathe in?",
+    "What is the boiling point of water in Celsius?",
+    "What is the capital of Japan?",
+    "How many sides does a square have?",
+    "What is 3 times 3?",
+    "Which animal is known as the king of the jungle?",
+    "What is the first letter of the alphabet?",
+    "What color do you get by mixing blue and yellow?",
+    "How many continents are there?",
+    "What is the chemical symbol for water?",
+]
+TEXT_TRAIN = 20
+
+
+@dataclass
+class QuickstartSettings:
+    """The quickstart's knobs; the defaults are what README command 1 runs."""
+
+    train_steps: int = 150
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    text_fraction: float = 0.1  # share of text-only samples in the training mixture
+    num_test: int = 1000
+    eval_batch_size: int = 64
+    text_max_new_tokens: int = 16
+    seed: int = 0
+
+
+def text_prompt(question: str) -> str:
+    return f"Image: N/A\nQuestion: {question}\nAnswer:"
+
+
+def run_quickstart(
+    output_dir: str | os.PathLike, settings: QuickstartSettings | None = None, log: Any = print
+) -> dict[str, Any]:
+    """Run the quickstart; returns (and writes) the summary."""
+    import datasets
+    from transformers import TrainingArguments
+
+    from .data import load_easy_vqa
+    from .evaluation import evaluate_easy_vqa, generate_answers
+    from .modeling.embedded import embedded_backbones
+    from .modeling.lavin import LavinForConditionalGeneration
+    from .processing import LavinProcessor
+    from .trainers import LavinTrainer, VisionLanguageCollator
+
+    settings = settings or QuickstartSettings()
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    torch.manual_seed(settings.seed)
+
+    log("[1/6] Embedded backbones (SmolLM2-135M-Instruct + a small CLIP vision tower)...")
+    text_model, vision_model = embedded_backbones()
+    model = LavinForConditionalGeneration.from_backbones(text_model, vision_model)
+    processor = LavinProcessor.from_backbones(text_model, vision_model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"      LaVIN: {trainable:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters")
+
+    log("[2/6] The LLM's own answers to text-only prompts (LaVIN at initialisation = the bare LLM)...")
+    prompts = [text_prompt(q) for q in TEXT_PROMPTS]
+    llm_answers = generate_answers(
+        model,
+        processor,
+        prompts,
+        [None] * len(prompts),
+        batch_size=32,
+        max_new_tokens=settings.text_max_new_tokens,
+    )
+
+    log(f"[3/6] easy-vqa accuracy before training ({settings.num_test} test questions)...")
+    test = load_easy_vqa("test", limit=settings.num_test, seed=settings.seed)
+    before = evaluate_easy_vqa(model, processor, test, batch_size=settings.eval_batch_size)
+    log(f"      accuracy {before['accuracy']:.3f} {before['by_group']}")
+
+    log(
+        f"[4/6] Training {settings.train_steps} steps x {settings.batch_size} (easy-vqa + text-only mixture)..."
+    )
+    num_samples = settings.train_steps * settings.batch_size
+    num_text = int(num_samples * settings.text_fraction)
+    train = load_easy_vqa("train", limit=num_samples - num_text, seed=settings.seed)
+    text_rows = [
+        {"prompt": prompts[i % TEXT_TRAIN], "target": llm_answers[i % TEXT_TRAIN], "image": None}
+        for i in range(num_text)
+    ]
+    rows = [{"prompt": r["prompt"], "target": r["target"], "image": r["image"]} for r in train] + text_rows
+    random.Random(settings.seed).shuffle(rows)
+    args = TrainingArguments(
+        output_dir=str(output_dir / "trainer"),
+        max_steps=settings.train_steps,
+        per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, settings.train_steps // 10),
+        weight_decay=0.0,
+        adam_beta2=0.95,
+        logging_steps=max(1, settings.train_steps // 10),
+        save_strategy="no",
+        use_cpu=True,
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        seed=settings.seed,
+        disable_tqdm=False,
+    )
+    trainer = LavinTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        data_collator=VisionLanguageCollator(processor),
+        processing_class=processor,
+    )
+    train_output = trainer.train()
+
+    log("[5/6] easy-vqa accuracy after training, and the held-out text-only answers...")
+    after = evaluate_easy_vqa(model, processor, test, batch_size=settings.eval_batch_size)
+    log(f"      accuracy {after['accuracy']:.3f} {after['by_group']}")
+    held_out = prompts[TEXT_TRAIN:]
+    new_answers = generate_answers(
+        model,
+        processor,
+        held_out,
+        [None] * len(held_out),
+        batch_size=32,
+        max_new_tokens=settings.text_max_new_tokens,
+    )
+    preserved = [a == b for a, b in zip(new_answers, llm_answers[TEXT_TRAIN:], strict=True)]
+
+    log("[6/6] Saving the adapter-only checkpoint...")
+    checkpoint = output_dir / "checkpoint"
+    model.save_pretrained(checkpoint, processor=processor)
+    summary = {
+        "accuracy_before": round(before["accuracy"], 4),
+        "accuracy_after": round(after["accuracy"], 4),
+        "accuracy_after_by_type": {k: round(v, 4) for k, v in after["by_group"].items()},
+        "unparsed_after": after["unparsed"],
+        "num_test_questions": after["count"],
+        "text_only_preserved": round(sum(preserved) / len(preserved), 4),
+        "num_text_prompts_checked": len(preserved),
+        "train_loss": round(train_output.training_loss, 4),
+        "trainable_parameters": trainable,
+        "adapter_bytes": (checkpoint / "adapter_model.safetensors").stat().st_size,
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "checkpoint_dir": str(checkpoint),
+        "settings": asdict(settings),
+    }
+    (output_dir / "quickstart_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,0 +1,151 @@
+"""The CLI (train from a recipe, eval, chat, errors), a 2-process DDP run, and the quickstart at reduced size."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from mmadapters import LavinForConditionalGeneration
+from mmadapters.cli import main
+from mmadapters.recipes import RecipeError, load_recipe
+
+
+def write_recipe(tmp_path, tiny_backbones, **overrides):
+    recipe = {
+        "model": "lavin",
+        "text_model": tiny_backbones[0],
+        "vision_model": tiny_backbones[1],
+        "data": {"name": "easy_vqa", "split": "train", "limit": 8},
+        "output_dir": str(tmp_path / "run"),
+        "training": {
+            "max_steps": 2,
+            "per_device_train_batch_size": 4,
+            "use_cpu": True,
+            "save_strategy": "no",
+        },
+        **overrides,
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_train_eval_and_chat_commands(tiny_backbones, tmp_path, capsys, monkeypatch):
+    path = write_recipe(tmp_path, tiny_backbones)
+    assert main(["train", str(path)]) == 0
+    final = tmp_path / "run" / "final"
+    assert (final / "adapter_model.safetensors").is_file()
+    LavinForConditionalGeneration.from_pretrained(final)
+    capsys.readouterr()
+    assert main(["eval", str(final), "--limit", "6"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["count"] == 6 and set(result["by_group"]) <= {"yes/no", "color", "shape"}
+
+    import io
+
+    from PIL import Image
+
+    image = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(image)
+    monkeypatch.setattr(
+        sys,
+        "stdin",
+        io.StringIO(f"/image {image}\nwhat color?\nand now?\n/image {tmp_path}/missing.png\n/quit\n"),
+    )
+    assert main(["chat", str(final), "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "attached" in out and "does not exist" in out  # a bad image is a message, not a crash
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"model": "gpt"}, "`model` must be 'lavin' or 'crome'"),
+        ({"data": {"name": "imagenet"}}, "data.name"),
+        ({"optimizer": "adam"}, "unknown key"),
+        ({"training": {"max_stepz": 1}}, "bad `training` entry"),
+    ],
+)
+def test_bad_recipes_are_clear_errors(tiny_backbones, tmp_path, overrides, message, capsys):
+    path = write_recipe(tmp_path, tiny_backbones, **overrides)
+    assert main(["train", str(path)]) == 2
+    assert message in capsys.readouterr().err
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_shipped_recipes_are_valid():
+    folder = os.path.join(os.path.dirname(__file__), "..", "recipes")
+    names = sorted(os.listdir(folder))
+    assert {
+        "quickstart.yaml",
+        "lavin-7b-scienceqa.yaml",
+        "crome-pretrain.yaml",
+        "crome-instruct.yaml",
+        "crome-finetune.yaml",
+    } <= set(names)
+    for name in names:
+        load_recipe(os.path.join(folder, name))
+    published = load_recipe(os.path.join(folder, "lavin-7b-scienceqa.yaml"))["training"]
+    assert published["learning_rate"] == pytest.approx(9e-3 * 32 / 256) and published["weight_decay"] == 0.02
+
+
+def test_two_process_ddp_run(tiny_backbones, tmp_path):
+    script = os.path.join(os.path.dirname(__file__), "ddp_train.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            script,
+            str(tmp_path / "ddp"),
+            *tiny_backbones,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    model = LavinForConditionalGeneration.from_pretrained(tmp_path / "ddp")
+    assert torch.count_nonzero(model.llm_adapters[0].attn.expert_b.weight) > 0  # it trained
+
+
+@pytest.mark.integration
+def test_quickstart_at_reduced_size(tmp_path):
+    from mmadapters.quickstart import QuickstartSettings, run_quickstart
+
+    settings = QuickstartSettings(
+        train_steps=2, batch_size=4, num_test=8, eval_batch_size=8, text_max_new_tokens=4
+    )
+    summary = run_quickstart(tmp_path, settings, log=lambda *_: None)
+    saved = json.loads((tmp_path / "quickstart_summary.json").read_text())
+    for key in (
+        "accuracy_before",
+        "accuracy_after",
+        "num_test_questions",
+        "text_only_preserved",
+        "trainable_parameters",
+        "adapter_bytes",
+        "wall_seconds",
+        "checkpoint_dir",
+    ):
+        assert key in saved, key
+    assert saved["num_test_questions"] == 8 and 0 <= saved["accuracy_after"] <= 1
+    assert saved["trainable_parameters"] == summary["trainable_parameters"] > 0
+    assert (
+        os.path.getsize(os.path.join(saved["checkpoint_dir"], "adapter_model.safetensors"))
+        == saved["adapter_bytes"]
+    )
+    LavinForConditionalGeneration.from_pretrained(saved["checkpoint_dir"])
