@@ -245,3 +245,17 @@ def test_folded_adapters_are_refreshed_when_weights_change(model, randomize_adap
 def test_backbones_keep_their_attention_implementation(model):
     assert model.language_model.config._attn_implementation == "sdpa"
     assert model.vision_tower.config._attn_implementation is not None
+
+
+def test_peft_lora_composes_with_lavin(model, processor):
+    from peft import LoraConfig, get_peft_model
+
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)"))
+    trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name and "language_model" in name for name in trainable)
+    inputs = processor(images=[image(0)], text="Image: <image>\nwhat color", answers=["red"])
+    loss = peft_model(**inputs).loss
+    loss.backward()
+    assert all(p.grad is not None for n, p in peft_model.named_parameters() if p.requires_grad and "lora_A" in n)

@@ -1,0 +1,95 @@
+"""Training step time and peak memory: LaVIN adapters vs PEFT LoRA (r = 8 on q/v) vs full fine-tuning of the LLM.
+
+Same model (LaVIN on the embedded backbones), same easy-vqa batch, same optimizer (AdamW); only the trainable
+set differs. Each method runs in its own subprocess (peak memory = the process's peak resident set size,
+measured after loading, so that the three numbers are comparable); step times are medians.
+
+    python benchmarks/training_step.py [--steps 8] [--batch-size 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+METHODS = ("lavin", "lora", "full")
+
+
+def run_method(method: str, steps: int, batch_size: int) -> dict:
+    import torch
+
+    import mmadapters
+    from mmadapters import LavinForConditionalGeneration, LavinProcessor
+    from mmadapters.data import load_easy_vqa
+    from mmadapters.trainers import VisionLanguageCollator
+
+    torch.manual_seed(0)
+    text_model, vision_model = mmadapters.embedded_backbones()
+    model = LavinForConditionalGeneration.from_backbones(text_model, vision_model)
+    processor = LavinProcessor.from_backbones(text_model, vision_model)
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=r".*language_model.*\.(q_proj|v_proj)"))
+    elif method == "full":
+        for parameter in model.language_model.parameters():
+            parameter.requires_grad_(True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    rows = load_easy_vqa("train", limit=batch_size * (steps + 1), seed=0)
+    collator = VisionLanguageCollator(processor)
+    batches = [collator([rows[i] for i in range(s * batch_size, (s + 1) * batch_size)]) for s in range(steps + 1)]
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model.train()
+    times = []
+    for batch in batches:
+        start = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return {
+        "method": method,
+        "trainable": sum(p.numel() for p in trainable),
+        "step_seconds": statistics.median(times[1:]),  # the first step warms up
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_after_load_mb": rss_before / 1024,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)  # one subprocess per method
+    args = parser.parse_args()
+    if args.method:
+        print(json.dumps(run_method(args.method, args.steps, args.batch_size)))
+        return
+    results = {}
+    for method in METHODS:
+        output = subprocess.run(
+            [sys.executable, __file__, "--method", method, "--steps", str(args.steps), "--batch-size", str(args.batch_size)],
+            capture_output=True, text=True, check=True,
+        ).stdout
+        results[method] = json.loads(output.strip().splitlines()[-1])
+    lavin = results["lavin"]
+    print(f"batch {args.batch_size} easy-vqa samples, {args.steps} steps each, medians; peak = process peak RSS")
+    print("| method | trainable | step s | LaVIN / method step time | peak RSS MB | LaVIN / method peak |")
+    print("|---|---|---|---|---|---|")
+    for method in METHODS:
+        r = results[method]
+        print(f"| {method} | {r['trainable']:,} | {r['step_seconds']:.2f} | {lavin['step_seconds'] / r['step_seconds']:.2f} "
+              f"| {r['peak_rss_mb']:.0f} | {lavin['peak_rss_mb'] / r['peak_rss_mb']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
