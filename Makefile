@@ -35,6 +35,7 @@ bench: setup
 	$(BIN)/python benchmarks/parameter_counts.py
 	$(BIN)/python benchmarks/generation_speed.py
 	$(BIN)/python benchmarks/crome_costs.py
+	$(BIN)/python benchmarks/training_step.py
 
 clean:
 	rm -rf $(VENV) $(OUTPUT_DIR) .pytest_cache .ruff_cache

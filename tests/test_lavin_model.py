@@ -229,17 +229,26 @@ def test_folded_adapters_equal_routed_adapters(tiny_backbones, processor, random
     assert torch.equal(eval_tokens, train_tokens)
 
 
-def test_folded_adapters_are_refreshed_when_weights_change(model, randomize_adapters):
+@pytest.mark.parametrize("optimizer_kwargs", [{"foreach": True}, {"foreach": False}, {"fused": True}])
+def test_generation_follows_weights_updated_by_an_optimizer(model, processor, optimizer_kwargs):
+    """Regression: a fold cached across calls went stale after a Trainer's optimizer step."""
+    inputs = processor(images=[image(0)], text="Image: <image>\nwhat color", answers=["red"])
+    prompt = processor(images=[image(0)], text="Image: <image>\nwhat color")
     with torch.no_grad():
-        first = model.fold_llm_adapters()
-        assert model.fold_llm_adapters() is first  # reused while nothing changed
-        randomize_adapters(model, std=0.3)  # in-place update of the experts
-        second = model.fold_llm_adapters()
-    assert second is not first and not torch.equal(second.up, first.up)
+        model.eval().fold_llm_adapters()  # a fold before training
+    model.train()
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=0.05, **optimizer_kwargs
+    )
+    for _ in range(2):
+        model(**inputs).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
     with torch.no_grad():
-        model.modality_embedding.weight.add_(1.0)
-        third = model.fold_llm_adapters()
-    assert not torch.equal(third.bias, second.bias)
+        routed = model(**prompt).logits
+        folded = model(**prompt, folded_adapters=model.fold_llm_adapters()).logits
+    torch.testing.assert_close(folded, routed, rtol=0, atol=1e-4)
 
 
 def test_backbones_keep_their_attention_implementation(model):
@@ -258,4 +267,6 @@ def test_peft_lora_composes_with_lavin(model, processor):
     inputs = processor(images=[image(0)], text="Image: <image>\nwhat color", answers=["red"])
     loss = peft_model(**inputs).loss
     loss.backward()
-    assert all(p.grad is not None for n, p in peft_model.named_parameters() if p.requires_grad and "lora_A" in n)
+    assert all(
+        p.grad is not None for n, p in peft_model.named_parameters() if p.requires_grad and "lora_A" in n
+    )

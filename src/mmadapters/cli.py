@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument(
         "--output-dir", default="quickstart_output", help="where the checkpoint and summary go"
     )
-    quick.add_argument("--train-steps", type=int, default=150)
+    quick.add_argument("--train-steps", type=int, default=100)
     quick.add_argument("--num-test", type=int, default=1000, help="easy-vqa test questions to evaluate on")
     quick.set_defaults(run=_quickstart)
 

@@ -63,7 +63,7 @@ TEXT_TRAIN = 20
 class QuickstartSettings:
     """The quickstart's knobs; the defaults are what README command 1 runs."""
 
-    train_steps: int = 150
+    train_steps: int = 100
     batch_size: int = 32
     learning_rate: float = 3e-3
     text_fraction: float = 0.1  # share of text-only samples in the training mixture

@@ -134,7 +134,6 @@ class LavinForConditionalGeneration(AdapterCheckpointMixin, LavinPreTrainedModel
         with torch.no_grad():  # N(0, 1), as in the official code
             init.normal_(self.modality_embedding.weight, mean=0.0, std=1.0)
         keep_initialization(self.modality_embedding)
-        self._folded_cache: tuple[tuple, FoldedAdapters] | None = None
         self.post_init()
 
     # ------------------------------------------------------------------------------------------------
@@ -232,28 +231,15 @@ class LavinForConditionalGeneration(AdapterCheckpointMixin, LavinPreTrainedModel
     def fold_llm_adapters(self) -> FoldedAdapters:
         """The LLM adapters folded per modality (for inference): each is then x + U (A x) + c.
 
-        `generate` folds once per call (or reuses the last fold while no weight changed), which makes the
-        per-token adapter cost a few small ops (see benchmarks/generation_speed.py).
+        `generate` folds once per call, which makes the per-token adapter cost a few small ops (see
+        benchmarks/generation_speed.py). The fold is not cached across calls: optimizers may update parameters
+        without bumping their version counters, so no cheap key can tell reliably that the weights changed.
         """
-        # The result depends only on weights (the adapters and the frozen LLM the modality token runs through):
-        # reuse it until any of them changes (in-place updates bump a tensor's version, moves change its pointer).
-        weights = (
-            *self.language_model.parameters(),
-            *self.llm_adapters.parameters(),
-            self.modality_embedding.weight,
-        )
-        key = tuple((p.data_ptr(), p._version) for p in weights)
-        cacheable = not torch.is_grad_enabled()
-        if cacheable and self._folded_cache is not None and self._folded_cache[0] == key:
-            return self._folded_cache[1]
         table = self.compute_routing_table()  # (2, layers, sites, 2)
         folded = [layer.fold(table[:, index]) for index, layer in enumerate(self.llm_adapters)]
-        result = FoldedAdapters(
+        return FoldedAdapters(
             torch.stack([up for up, _ in folded]), torch.stack([bias for _, bias in folded])
         )
-        if cacheable:
-            self._folded_cache = (key, result)
-        return result
 
     def modality_of(self, input_ids: torch.LongTensor) -> torch.LongTensor:
         """1 for each sequence that holds image placeholder tokens, else 0."""
