@@ -37,7 +37,9 @@ def run_method(method: str, steps: int, batch_size: int) -> dict:
 
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=r".*language_model.*\.(q_proj|v_proj)"))
+        model = get_peft_model(
+            model, LoraConfig(r=8, lora_alpha=16, target_modules=r".*language_model.*\.(q_proj|v_proj)")
+        )
     elif method == "full":
         for parameter in model.language_model.parameters():
             parameter.requires_grad_(True)
@@ -45,7 +47,9 @@ def run_method(method: str, steps: int, batch_size: int) -> dict:
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     rows = load_easy_vqa("train", limit=batch_size * (steps + 1), seed=0)
     collator = VisionLanguageCollator(processor)
-    batches = [collator([rows[i] for i in range(s * batch_size, (s + 1) * batch_size)]) for s in range(steps + 1)]
+    batches = [
+        collator([rows[i] for i in range(s * batch_size, (s + 1) * batch_size)]) for s in range(steps + 1)
+    ]
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     model.train()
     times = []
@@ -77,18 +81,33 @@ def main() -> None:
     results = {}
     for method in METHODS:
         output = subprocess.run(
-            [sys.executable, __file__, "--method", method, "--steps", str(args.steps), "--batch-size", str(args.batch_size)],
-            capture_output=True, text=True, check=True,
+            [
+                sys.executable,
+                __file__,
+                "--method",
+                method,
+                "--steps",
+                str(args.steps),
+                "--batch-size",
+                str(args.batch_size),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
         results[method] = json.loads(output.strip().splitlines()[-1])
     lavin = results["lavin"]
-    print(f"batch {args.batch_size} easy-vqa samples, {args.steps} steps each, medians; peak = process peak RSS")
+    print(
+        f"batch {args.batch_size} easy-vqa samples, {args.steps} steps each, medians; peak = process peak RSS"
+    )
     print("| method | trainable | step s | LaVIN / method step time | peak RSS MB | LaVIN / method peak |")
     print("|---|---|---|---|---|---|")
     for method in METHODS:
         r = results[method]
-        print(f"| {method} | {r['trainable']:,} | {r['step_seconds']:.2f} | {lavin['step_seconds'] / r['step_seconds']:.2f} "
-              f"| {r['peak_rss_mb']:.0f} | {lavin['peak_rss_mb'] / r['peak_rss_mb']:.2f} |")
+        print(
+            f"| {method} | {r['trainable']:,} | {r['step_seconds']:.2f} | {lavin['step_seconds'] / r['step_seconds']:.2f} "
+            f"| {r['peak_rss_mb']:.0f} | {lavin['peak_rss_mb'] / r['peak_rss_mb']:.2f} |"
+        )
 
 
 if __name__ == "__main__":
