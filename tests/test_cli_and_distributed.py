@@ -96,6 +96,14 @@ def test_shipped_recipes_are_valid():
     assert published["learning_rate"] == pytest.approx(9e-3 * 32 / 256) and published["weight_decay"] == 0.02
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_two_process_ddp_run(tiny_backbones, tmp_path):
     script = os.path.join(os.path.dirname(__file__), "ddp_train.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -107,7 +115,7 @@ def test_two_process_ddp_run(tiny_backbones, tmp_path):
             "--nproc_per_node",
             "2",
             "--master_port",
-            "29533",
+            str(free_port()),
             script,
             str(tmp_path / "ddp"),
             *tiny_backbones,
