@@ -132,6 +132,10 @@ def run_quickstart(
     ]
     rows = [{"prompt": r["prompt"], "target": r["target"], "image": r["image"]} for r in train] + text_rows
     random.Random(settings.seed).shuffle(rows)
+    for (
+        row
+    ) in rows:  # batches of similar length: the long text-only targets would otherwise pad whole batches
+        row["length"] = len(processor.tokenizer(row["prompt"] + row["target"])["input_ids"])
     args = TrainingArguments(
         output_dir=str(output_dir / "trainer"),
         max_steps=settings.train_steps,
@@ -148,6 +152,7 @@ def run_quickstart(
         remove_unused_columns=False,
         dataloader_num_workers=0,
         seed=settings.seed,
+        train_sampling_strategy="group_by_length",
         disable_tqdm=False,
     )
     trainer = LavinTrainer(
