@@ -13,6 +13,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,7 +43,7 @@ def embedded_backbones() -> tuple[str, str]:
     return str(text_dir), str(vision_dir)
 
 
-def _build_atomically(target: Path, build: callable) -> None:
+def _build_atomically(target: Path, build: Callable[[Path], None]) -> None:
     # Build in a temporary folder and rename, so an interrupted setup never leaves a half-written backbone.
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
