@@ -1,4 +1,4 @@
-"""`mmadapters <command>`: quickstart, train, eval, chat, convert-instructblip."""
+"""`mmadapters <command>`: quickstart, train, eval, chat, convert-instructblip, convert-lavin, merge, push."""
 
 from __future__ import annotations
 
@@ -28,11 +28,16 @@ def _train(args: argparse.Namespace) -> None:
     print(f"Saved the adapter-only checkpoint to {train_from_recipe(args.recipe)}")
 
 
+def _check_checkpoint(checkpoint: str) -> None:
+    """A path-like checkpoint (not a Hub id) must exist: fail before loading any backbone."""
+    if not os.path.isdir(checkpoint) and (os.sep in checkpoint or checkpoint.startswith(".")):
+        raise FileNotFoundError(f"checkpoint folder {checkpoint} does not exist")
+
+
 def _load(checkpoint: str) -> tuple:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    if not os.path.isdir(checkpoint) and os.sep in checkpoint:
-        raise SystemExit(f"error: checkpoint folder {checkpoint} does not exist")
+    _check_checkpoint(checkpoint)
     return AutoModelForImageTextToText.from_pretrained(checkpoint), AutoProcessor.from_pretrained(checkpoint)
 
 
@@ -104,6 +109,17 @@ def _convert_instructblip(args: argparse.Namespace) -> None:
     )
 
 
+def _merge(args: argparse.Namespace) -> None:
+    from .convert.merge import merge_checkpoint
+
+    _check_checkpoint(args.checkpoint)
+    out = merge_checkpoint(args.checkpoint, args.output_dir, args.modality, text_model=args.llm)
+    print(
+        f"Folded the LLM adapters for {args.modality} samples into a plain transformers LLM: {out} "
+        "(load it with AutoModelForCausalLM.from_pretrained; mmadapters is not needed)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmadapters", description="Multimodal adapters for Hugging Face models."
@@ -144,6 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("output_dir", help="where the CROME checkpoint goes")
     convert.add_argument("--llm", required=True, help="the LLM to put CROME around: Hub id or local folder")
     convert.set_defaults(run=_convert_instructblip)
+
+    merge = commands.add_parser(
+        "merge", help="fold LaVIN's LLM adapters for one modality into a plain transformers LLM checkpoint"
+    )
+    merge.add_argument("checkpoint", help="LaVIN checkpoint: folder or Hub id")
+    merge.add_argument("output_dir")
+    merge.add_argument("--modality", default="text", choices=["text", "image"])
+    merge.add_argument("--llm", help="load the LLM from here instead of the path recorded in the checkpoint")
+    merge.set_defaults(run=_merge)
     return parser
 
 
@@ -153,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (RecipeError, FileNotFoundError) as error:
+    except (RecipeError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

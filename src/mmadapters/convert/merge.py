@@ -1,0 +1,157 @@
+"""Merged export: fold LaVIN's LLM-side adapters into the frozen LLM for one modality (LAVIN.md section 8).
+
+For a fixed modality the routing weights are constants (they come from the modality token alone), so each
+LLM adapter is affine: x' = M x + c with M = I + U A and c as `MMAdapter.fold` computes it. The adapter sits
+on the normed input of the projections that follow it, so folding it into them is exact:
+
+    W x' + b = (W M) x + (W c + b)       for q/k/v (attention site) and the MLP's input projections
+
+The result is a plain transformers checkpoint of the LLM's own architecture (no mmadapters code needed to
+load it), with biases enabled on those projections because c is in general non-zero. Positions: LaVIN runs
+text from position 1 (position 0 belongs to the modality token); RoPE attention depends only on position
+differences, so the merged LLM, counting from 0, gives the same logits.
+
+The vision side stays unmerged (its router depends on each image), so `--modality image` exports the LLM that
+an image sample sees: it takes `inputs_embeds` with the visual tokens placed by the unmerged LaVIN model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, PreTrainedModel
+
+from ..modeling.adapters.injection import DecoderLayerAdapters, find_decoder_layers
+from ..modeling.lavin import LavinForConditionalGeneration
+from ..processing.base import build_chat_template
+
+MODALITIES = {"text": 0, "image": 1}
+MERGE_INFO_NAME = "mmadapters_merge.json"
+
+# The projections that read each adapter site's output, and the config flag that gives them a bias.
+_SITE_PROJECTIONS = {
+    "attn": ("self_attn", ("q_proj", "k_proj", "v_proj"), "attention_bias"),
+    "mlp": ("mlp", ("gate_proj", "up_proj"), "mlp_bias"),
+}
+
+
+class MergeError(ValueError):
+    """The adapters cannot be folded into this LLM as a plain checkpoint."""
+
+
+@torch.no_grad()
+def merge_lavin_adapters(
+    model: LavinForConditionalGeneration, modality: Literal["text", "image"] = "text"
+) -> PreTrainedModel:
+    """Fold the LLM adapters of `model` for `modality` into its LLM and return that LLM (modified in place:
+    `model` is consumed). The returned model has no adapter hooks and saves as a plain checkpoint."""
+    if modality not in MODALITIES:
+        raise MergeError(f"modality must be 'text' or 'image', got {modality!r}")
+    model.eval()
+    table = model.compute_routing_table()[MODALITIES[modality]]  # (layers, sites, 2)
+    language_model = model.language_model
+    site_names = ["attn"] + (["mlp"] if model.llm_adapters[0].mlp is not None else [])
+    layers = find_decoder_layers(language_model, need_mlp_norm="mlp" in site_names)
+    _enable_biases(language_model, layers, site_names)
+
+    for index, (layer, adapters) in enumerate(zip(layers, model.llm_adapters, strict=True)):
+        for site_index, (site_name, adapter) in enumerate(zip(site_names, adapters.sites(), strict=True)):
+            up, bias = adapter.fold(table[index, site_index].unsqueeze(0))  # (1, d, r), (1, d)
+            down = adapter.down.weight.double()
+            affine = torch.eye(down.shape[1], dtype=torch.float64) + up[0].double() @ down  # M = I + U A
+            shift = bias[0].double()  # c
+            parent_name, projection_names, _ = _SITE_PROJECTIONS[site_name]
+            parent = getattr(layer, parent_name)
+            for name in projection_names:
+                projection: nn.Linear = getattr(parent, name)
+                weight = projection.weight.double()
+                new_bias = weight @ shift + projection.bias.double()
+                projection.weight.copy_((weight @ affine).to(projection.weight.dtype))
+                projection.bias.copy_(new_bias.to(projection.bias.dtype))
+
+    _remove_adapter_hooks(layers)
+    return language_model
+
+
+def _enable_biases(language_model: PreTrainedModel, layers: nn.ModuleList, site_names: list[str]) -> None:
+    """Give the projections that receive a folded adapter a (zero) bias, through the architecture's own config
+    flag, so that the saved checkpoint loads as the same architecture with biases."""
+    config = language_model.config
+    for site_name in site_names:
+        parent_name, projection_names, flag = _SITE_PROJECTIONS[site_name]
+        parent = getattr(layers[0], parent_name)
+        missing = [
+            name for name in projection_names if not isinstance(getattr(parent, name, None), nn.Linear)
+        ]
+        if missing:
+            raise MergeError(
+                f"{type(parent).__name__} has no {missing}: merged export knows Llama-style projections "
+                f"({', '.join(projection_names)}); keep this model unmerged."
+            )
+        if all(getattr(parent, name).bias is not None for name in projection_names):
+            continue  # e.g. Qwen2's q/k/v already have biases
+        if not hasattr(config, flag):
+            raise MergeError(
+                f"The {config.model_type} architecture has no bias on {', '.join(projection_names)} and no "
+                f"`{flag}` option to add one, but the folded adapter has a constant term. Merged export needs an "
+                "LLM whose config can enable those biases (Llama, SmolLM2, Qwen2/3, ...); keep this model unmerged."
+            )
+        setattr(config, flag, True)
+        # The flag also gives every other projection under it a bias (e.g. o_proj): add zero ones.
+        for layer in layers:
+            for module in getattr(layer, parent_name).modules():
+                if isinstance(module, nn.Linear) and module.bias is None:
+                    module.bias = nn.Parameter(
+                        torch.zeros(
+                            module.out_features, dtype=module.weight.dtype, device=module.weight.device
+                        ),
+                        requires_grad=False,
+                    )
+
+
+def _remove_adapter_hooks(layers: nn.ModuleList) -> None:
+    # The adapters were attached as hooks on self_attn (pre-hook) and post_attention_layernorm (hook); other
+    # hooks (accelerate's device placement, ...) stay.
+    for layer in layers:
+        mlp_norm = getattr(layer, "post_attention_layernorm", None)
+        for hooks in (layer.self_attn._forward_pre_hooks, mlp_norm._forward_hooks if mlp_norm else {}):
+            for key in [
+                k
+                for k, hook in hooks.items()
+                if isinstance(getattr(hook, "__self__", None), DecoderLayerAdapters)
+            ]:
+                del hooks[key]
+
+
+def merge_checkpoint(
+    checkpoint: str,
+    output_dir: str | os.PathLike,
+    modality: Literal["text", "image"] = "text",
+    text_model: str | None = None,
+    vision_model: str | None = None,
+) -> str:
+    """`mmadapters merge`: load a LaVIN checkpoint, fold its LLM adapters for `modality`, and save a plain
+    transformers LLM checkpoint (weights, config, generation config, tokenizer) to `output_dir`.
+
+    The tokenizer's chat template puts LaVIN's "Image: N/A" line in front of text-only conversations, as the
+    adapters were trained with it."""
+    model = LavinForConditionalGeneration.from_pretrained(
+        checkpoint, text_model=text_model, vision_model=vision_model
+    )
+    text_backbone = text_model or model.config.text_backbone["name_or_path"]
+    text_revision = None if text_model else model.config.text_backbone.get("revision")
+    language_model = merge_lavin_adapters(model, modality)
+    language_model.generation_config = model.generation_config
+    language_model.save_pretrained(output_dir)
+
+    tokenizer = AutoTokenizer.from_pretrained(text_backbone, revision=text_revision)
+    tokenizer.chat_template = build_chat_template(tokenizer, "Image: <image>\n", "Image: N/A\n")
+    tokenizer.save_pretrained(output_dir)
+    with open(os.path.join(output_dir, MERGE_INFO_NAME), "w") as f:
+        json.dump({"source": os.fspath(checkpoint), "modality": modality}, f, indent=2)
+        f.write("\n")
+    return os.fspath(output_dir)

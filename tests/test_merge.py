@@ -1,0 +1,116 @@
+"""Merged export of LaVIN's LLM adapters (issue: Hub sharing and conversion, item 5)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import save_tiny_llm
+from transformers import AutoModelForCausalLM
+
+from mmadapters import LavinForConditionalGeneration, LavinProcessor, MMAdapterConfig
+from mmadapters.cli import main
+from mmadapters.convert.merge import MergeError, merge_lavin_adapters
+
+
+def image(seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(32, 32, 3, generator=generator) * 255).to(torch.uint8).numpy()
+
+
+@pytest.fixture()
+def trained_checkpoint(tiny_backbones, randomize_adapters, tmp_path):
+    torch.manual_seed(0)
+    model = LavinForConditionalGeneration.from_backbones(
+        *tiny_backbones, adapter_config=MMAdapterConfig(temperature=5.0, placement="attn_mlp")
+    ).eval()
+    randomize_adapters(model, std=0.3)
+    with torch.no_grad():  # non-zero down-projection biases, so the constant term c matters
+        for layer in model.llm_adapters:
+            for site in layer.sites():
+                site.down.bias.normal_(0, 0.5)
+    processor = LavinProcessor.from_backbones(*tiny_backbones)
+    folder = tmp_path / "lavin"
+    model.save_pretrained(folder, processor=processor)
+    return str(folder), processor
+
+
+# A script run with mmadapters unimportable: the merged folder must load with transformers alone.
+PLAIN_LOAD = """
+import sys, torch
+sys.modules["mmadapters"] = None  # any `import mmadapters` now fails
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+ids = torch.tensor([[int(t) for t in sys.argv[2].split(",")]])
+torch.save(model(input_ids=ids).logits, sys.argv[3])
+"""
+
+
+def test_merged_text_export_matches_unmerged_and_loads_without_mmadapters(trained_checkpoint, tmp_path):
+    folder, processor = trained_checkpoint
+    unmerged = LavinForConditionalGeneration.from_pretrained(folder)
+    inputs = processor(text=["Image: N/A\nthe capital of france is"])
+    with torch.no_grad():
+        expected = unmerged(**inputs).logits
+
+    out = tmp_path / "merged"
+    assert main(["merge", folder, str(out), "--modality", "text"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["attention_bias"] and config["mlp_bias"]
+    assert "auto_map" not in config
+    assert json.loads((out / "mmadapters_merge.json").read_text())["modality"] == "text"
+
+    logits_file = tmp_path / "logits.pt"
+    ids = ",".join(str(int(t)) for t in inputs["input_ids"][0])
+    subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(out), ids, str(logits_file)], check=True)
+    merged_logits = torch.load(logits_file)
+    torch.testing.assert_close(merged_logits, expected, atol=1e-5, rtol=0)
+    # The adapters do matter: the bare LLM gives other logits on the same tokens.
+    bare = AutoModelForCausalLM.from_pretrained(unmerged.config.text_backbone["name_or_path"])
+    with torch.no_grad():
+        assert not torch.allclose(bare(input_ids=inputs["input_ids"]).logits, expected, atol=1e-3)
+
+
+def test_merged_image_export_matches_unmerged_image_sample(trained_checkpoint):
+    folder, processor = trained_checkpoint
+    model = LavinForConditionalGeneration.from_pretrained(folder)
+    inputs = processor(images=[[image(3)]], text=["Image: <image>\nwhat shape is it?"])
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        embeds = model._place_image_features(
+            inputs["input_ids"], inputs["pixel_values"], model.embed_tokens(inputs["input_ids"])
+        )
+        merged = merge_lavin_adapters(model, "image")
+        got = merged(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_merge_differs_per_modality_and_from_the_bare_llm(trained_checkpoint):
+    folder, processor = trained_checkpoint
+    ids = processor(text=["Image: N/A\nhello there"])["input_ids"]
+    with torch.no_grad():
+        text = merge_lavin_adapters(LavinForConditionalGeneration.from_pretrained(folder), "text")(ids).logits
+        image_llm = merge_lavin_adapters(LavinForConditionalGeneration.from_pretrained(folder), "image")
+        image_logits = image_llm(ids).logits
+    assert not torch.allclose(text, image_logits, atol=1e-3)
+
+
+def test_merge_refuses_an_architecture_without_bias_option(tmp_path, tiny_backbones, randomize_adapters):
+    llm = save_tiny_llm(tmp_path / "mistral", kind="mistral")
+    model = LavinForConditionalGeneration.from_backbones(llm, tiny_backbones[1]).eval()
+    randomize_adapters(model)
+    with pytest.raises(MergeError, match="no bias on q_proj, k_proj, v_proj"):
+        merge_lavin_adapters(model, "text")
+    with pytest.raises(MergeError, match="modality must be"):
+        merge_lavin_adapters(model, "audio")
+
+
+def test_merge_cli_rejects_missing_checkpoint(tmp_path, capsys):
+    assert main(["merge", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out")
