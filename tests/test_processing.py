@@ -195,7 +195,7 @@ def test_processor_round_trip(processor, tmp_path):
 def test_official_preprocessing(tiny_backbones):
     official = LavinProcessor.from_backbones(*tiny_backbones, official_preprocessing=True)
     out = official(images=[rgb((300, 100), (255, 255, 255))], text="Image: <image>\nwhat?")
-    assert out["pixel_values"].shape == (1, 3, 224, 224)  # resized, not cropped
+    assert out["pixel_values"].shape == (1, 3, 32, 32)  # resized to the tower's resolution, not cropped
     white = (1.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
     torch.testing.assert_close(
         out["pixel_values"][0, :, 0, 0], torch.tensor(white, dtype=torch.float32), atol=1e-3, rtol=0

@@ -109,6 +109,17 @@ def _convert_instructblip(args: argparse.Namespace) -> None:
     )
 
 
+def _convert_lavin(args: argparse.Namespace) -> None:
+    from .convert.lavin_official import convert_official_lavin
+
+    model, processor, report = convert_official_lavin(
+        args.checkpoint, args.llm, args.vision, temperature=args.temperature
+    )
+    model.save_pretrained(args.output_dir, processor=processor)
+    print(report.summary())
+    print(f"Converted {args.checkpoint} around {args.llm} and {args.vision}; saved to {args.output_dir}")
+
+
 def _merge(args: argparse.Namespace) -> None:
     from .convert.merge import merge_checkpoint
 
@@ -160,6 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("output_dir", help="where the CROME checkpoint goes")
     convert.add_argument("--llm", required=True, help="the LLM to put CROME around: Hub id or local folder")
     convert.set_defaults(run=_convert_instructblip)
+
+    lavin = commands.add_parser("convert-lavin", help="convert an official LaVIN checkpoint-N.pth")
+    lavin.add_argument("checkpoint", help="the official .pth file (adapter tensors, optimizer, args)")
+    lavin.add_argument("output_dir")
+    lavin.add_argument("--llm", required=True, help="the LLaMA it was trained on: Hub id or local folder")
+    lavin.add_argument(
+        "--vision", required=True, help="the CLIP ViT-L/14 it was trained on: Hub id or folder"
+    )
+    lavin.add_argument(
+        "--temperature", type=float, help="router temperature if the checkpoint does not record it"
+    )
+    lavin.set_defaults(run=_convert_lavin)
 
     merge = commands.add_parser(
         "merge", help="fold LaVIN's LLM adapters for one modality into a plain transformers LLM checkpoint"

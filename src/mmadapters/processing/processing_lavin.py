@@ -78,21 +78,25 @@ class LavinProcessor(AdapterProcessorMixin, ProcessorMixin):
 
         The image processor is the vision backbone's own when it ships one, else CLIP-style settings at the
         tower's resolution. `official_preprocessing=True` uses the official LaVIN settings instead (224x224
-        bicubic, no crop, ImageNet statistics), which converted official checkpoints need.
+        bicubic, no crop, ImageNet statistics; the
+        tower's own resolution for towers other than ViT-L/14 at 224), which converted official checkpoints need.
         """
         if isinstance(text_model, PreTrainedConfig):
             raise ValueError("LavinProcessor needs a tokenizer: pass the LLM as a Hub id or a local folder.")
         tokenizer = AutoTokenizer.from_pretrained(text_model, revision=revision)
+        vision_config = vision_config_of(
+            vision_model
+            if isinstance(vision_model, PreTrainedConfig)
+            else AutoConfig.from_pretrained(vision_model)
+        )
         if official_preprocessing:
-            image_processor = resize_only_image_processor(224, IMAGENET_MEAN, IMAGENET_STD)
+            # 224x224 for the official ViT-L/14; the tower's own resolution for other towers.
+            image_processor = resize_only_image_processor(
+                vision_config.image_size, IMAGENET_MEAN, IMAGENET_STD
+            )
         else:
             image_processor = image_processor_for(vision_model)
         if num_image_tokens is None:
-            vision_config = vision_config_of(
-                vision_model
-                if isinstance(vision_model, PreTrainedConfig)
-                else AutoConfig.from_pretrained(vision_model)
-            )
             num_image_tokens = len(default_vision_feature_layers(vision_config.num_hidden_layers))
         return cls(
             image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=num_image_tokens, **kwargs
