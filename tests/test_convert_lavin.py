@@ -85,7 +85,9 @@ class OfficialLavinAdapters(nn.Module):
                 return args, kwargs
 
             handles.append(layer.self_attn.register_forward_pre_hook(pre_hook, with_kwargs=True))
-        for layer, block in zip(vision.encoder.layers, self.backbone.visual.transformer.resblocks):
+        for layer, block in zip(
+            vision.encoder.layers, self.backbone.visual.transformer.resblocks, strict=True
+        ):
 
             def norm_hook(module, args, output, adapter=block.adapter_attn):
                 # The official ViT runs in (L, N, D): the adapter's x[:, 0] is then image 0's tokens.
