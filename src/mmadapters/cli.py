@@ -55,6 +55,11 @@ def _eval(args: argparse.Namespace) -> None:
     )
     bar.close()
     print(json.dumps({k: v for k, v in result.items() if k != "generations"}, indent=2))
+    if os.path.isdir(args.checkpoint):  # the model card of a later push shows the last evaluation
+        from .hub import write_eval_results
+
+        command = f"mmadapters eval CHECKPOINT --limit {args.limit} --prompt-format {args.prompt_format}"
+        write_eval_results(args.checkpoint, f"easy-vqa test ({args.prompt_format} answers)", result, command)
 
 
 def _chat(args: argparse.Namespace) -> None:
@@ -131,6 +136,24 @@ def _merge(args: argparse.Namespace) -> None:
     )
 
 
+def _push(args: argparse.Namespace) -> None:
+    from .hub import format_plan, push_folder
+
+    result = push_folder(
+        args.folder,
+        args.repo_id,
+        private=True if args.private else None,
+        commit_message=args.commit_message,
+        include_backbone_weights=args.include_backbone_weights,
+        dry_run=args.dry_run,
+        retries=args.retries,
+    )
+    if args.dry_run:
+        print(f"Would upload to {args.repo_id}:\n{format_plan(result)}")
+    else:
+        print(f"Pushed {args.folder} to {args.repo_id}: {result}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmadapters", description="Multimodal adapters for Hugging Face models."
@@ -184,6 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lavin.set_defaults(run=_convert_lavin)
 
+    push = commands.add_parser("push", help="upload an adapter-only checkpoint folder to the Hub")
+    push.add_argument("folder")
+    push.add_argument("repo_id", help="owner/name on the Hub (created if missing)")
+    push.add_argument("--dry-run", action="store_true", help="list the files and sizes; upload nothing")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--commit-message")
+    push.add_argument(
+        "--include-backbone-weights", action="store_true", help="allow a full checkpoint (backbone weights)"
+    )
+    push.add_argument("--retries", type=int, default=4, help="retries of transient failures (5xx, network)")
+    push.set_defaults(run=_push)
+
     merge = commands.add_parser(
         "merge", help="fold LaVIN's LLM adapters for one modality into a plain transformers LLM checkpoint"
     )
@@ -196,12 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .hub import PushError
     from .recipes import RecipeError
 
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (RecipeError, FileNotFoundError, ValueError) as error:
+    except (RecipeError, FileNotFoundError, ValueError, PushError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -86,6 +86,7 @@ def run_quickstart(
 
     from .data import load_easy_vqa
     from .evaluation import evaluate_easy_vqa, generate_answers
+    from .hub import write_eval_results
     from .modeling.embedded import embedded_backbones
     from .modeling.lavin import LavinForConditionalGeneration
     from .processing import LavinProcessor
@@ -181,6 +182,7 @@ def run_quickstart(
     log("[6/6] Saving the adapter-only checkpoint...")
     checkpoint = output_dir / "checkpoint"
     model.save_pretrained(checkpoint, processor=processor)
+    write_eval_results(str(checkpoint), "easy-vqa test (open answers)", after, "mmadapters quickstart")
     summary = {
         "accuracy_before": round(before["accuracy"], 4),
         "accuracy_after": round(after["accuracy"], 4),

@@ -101,6 +101,35 @@ class AdapterCheckpointMixin:
         if processor is not None:
             processor.save_pretrained(save_directory)
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        processor: Any = None,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str | None = None,
+        adapter_only: bool = True,
+        **kwargs: Any,
+    ) -> str:
+        """Upload the adapter-only checkpoint (with `processor` files when given, and a generated model card) to
+        `repo_id` on the Hub; returns the commit URL. See `mmadapters.hub.push_folder` for the options
+        (retries, `include_backbone_weights` for `adapter_only=False`)."""
+        import tempfile
+
+        from ..hub import push_folder
+
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, adapter_only=adapter_only, processor=processor)
+            return push_folder(
+                folder,
+                repo_id,
+                private=private,
+                token=token,
+                commit_message=commit_message,
+                include_backbone_weights=not adapter_only,
+                **kwargs,
+            )
+
     @classmethod
     def from_pretrained(
         cls,

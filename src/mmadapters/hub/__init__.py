@@ -1,0 +1,18 @@
+"""Hub sharing: push adapter-only checkpoints with a generated model card.
+
+A bottom-layer package (it imports nothing else from mmadapters), so that models (`push_to_hub`), the CLI and
+the Spaces can all use it without imports pointing up the layers.
+"""
+
+from .model_card import EVAL_RESULTS_NAME, build_model_card, write_eval_results
+from .push import PushError, format_plan, plan_upload, push_folder
+
+__all__ = [
+    "EVAL_RESULTS_NAME",
+    "PushError",
+    "build_model_card",
+    "format_plan",
+    "plan_upload",
+    "push_folder",
+    "write_eval_results",
+]

@@ -1,0 +1,140 @@
+"""The model card (README.md) written next to an adapter-only checkpoint when it is pushed to the Hub."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+EVAL_RESULTS_NAME = "eval_results.json"
+
+_METHODS = {
+    "lavin": ("LaVIN", "MM-Adapters (Mixture-of-Modality Adaptation, Luo et al., NeurIPS 2023)"),
+    "crome": ("CROME", "a gated cross-modal adapter behind an instruction-aware Q-Former (CROME, 2024)"),
+}
+
+_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+{{ method_name }} adapters for **{{ text_name }}** with the vision tower **{{ vision_name }}**: {{ method_text }}.
+This repository holds only the adapters ({{ adapter_size }}, {{ trainable }} trainable parameters); the frozen
+backbones are downloaded from their own repositories at the revisions below and checked against the weight
+fingerprints recorded in `config.json`.
+
+## Base models
+
+| role | model | revision |
+|---|---|---|
+{{ backbone_rows }}
+
+## Evaluation
+
+{{ evaluation }}
+
+## Usage
+
+```python
+import mmadapters  # registers the model with the transformers Auto classes
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+model = AutoModelForImageTextToText.from_pretrained("{{ repo_id }}")
+processor = AutoProcessor.from_pretrained("{{ repo_id }}")
+messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape is this?"}]}]
+prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+inputs = processor(images=[image], text=prompt)
+output = model.generate(**inputs, max_new_tokens=32)
+print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+
+Or from the command line: `mmadapters chat {{ repo_id }}`. Backbones stored elsewhere can be given with
+`from_pretrained("{{ repo_id }}", text_model=..., vision_model=...)`.
+"""
+
+
+def is_hub_id(name: str | None) -> bool:
+    """A Hub repo id (`owner/name`), as opposed to a local path."""
+    if not name or os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name):
+        return False
+    return name.count("/") == 1
+
+
+def count_parameters(safetensors_path: str) -> int:
+    """Number of values in a safetensors file, read from its header (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(safetensors_path, framework="pt") as handle:
+        for key in handle.keys():
+            numel = 1
+            for size in handle.get_slice(key).get_shape():
+                numel *= size
+            total += numel
+    return total
+
+
+def _evaluation_section(folder: str) -> tuple[str, dict[str, Any] | None]:
+    path = os.path.join(folder, EVAL_RESULTS_NAME)
+    if not os.path.isfile(path):
+        return "No evaluation was recorded with this checkpoint.", None
+    with open(path) as f:
+        results = json.load(f)
+    rows = "\n".join(f"| {name} | {value:.4f} |" for name, value in results["metrics"].items())
+    text = (
+        f"On {results['num_questions']} questions of {results['dataset']} (`{results.get('command', 'mmadapters eval')}`):\n\n"
+        f"| metric | value |\n|---|---|\n{rows}"
+    )
+    return text, results
+
+
+def build_model_card(folder: str, repo_id: str) -> ModelCard:
+    """A model card for the adapter-only checkpoint in `folder`, to be pushed as `repo_id`."""
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    method_name, method_text = _METHODS.get(
+        config.get("model_type"), (config.get("model_type", "?"), "adapters")
+    )
+    backbones = {role: config.get(f"{role}_backbone") or {} for role in ("text", "vision")}
+    rows = "\n".join(
+        f"| {role} | {ref.get('name_or_path')} | {ref.get('revision') or '(local folder)'} |"
+        for role, ref in backbones.items()
+    )
+    weights = os.path.join(folder, "adapter_model.safetensors")
+    trainable = count_parameters(weights) if os.path.isfile(weights) else 0
+    size = os.path.getsize(weights) if os.path.isfile(weights) else 0
+    evaluation, results = _evaluation_section(folder)
+    base_models = [ref["name_or_path"] for ref in backbones.values() if is_hub_id(ref.get("name_or_path"))]
+    card_data = ModelCardData(
+        base_model=base_models or None,
+        pipeline_tag="image-text-to-text",
+        library_name="mmadapters",
+        tags=["mmadapters", config.get("model_type", "adapters"), "adapter", "vision-language"],
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_str=_TEMPLATE,
+        title=repo_id.split("/")[-1],
+        method_name=method_name,
+        method_text=method_text,
+        text_name=backbones["text"].get("name_or_path"),
+        vision_name=backbones["vision"].get("name_or_path"),
+        adapter_size=f"{size / 1e6:.1f} MB",
+        trainable=f"{trainable:,}",
+        backbone_rows=rows,
+        evaluation=evaluation,
+        repo_id=repo_id,
+    )
+
+
+def write_eval_results(folder: str, dataset: str, result: dict[str, Any], command: str) -> None:
+    """Record an evaluation next to a checkpoint (the model card shows the last one)."""
+    metrics = {"accuracy": result["accuracy"]}
+    metrics.update({f"accuracy ({group})": value for group, value in result.get("by_group", {}).items()})
+    payload = {"dataset": dataset, "num_questions": result["count"], "metrics": metrics, "command": command}
+    with open(os.path.join(folder, EVAL_RESULTS_NAME), "w") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
