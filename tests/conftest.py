@@ -144,3 +144,12 @@ def randomize_adapters():
         return model
 
     return apply
+
+
+def tiny_sample_inputs(processor):
+    """A fixed batch: one image sample and one text-only sample (used across processes by the Hub tests)."""
+    generator = torch.Generator().manual_seed(0)
+    image = (torch.rand(32, 32, 3, generator=generator) * 255).to(torch.uint8).numpy()
+    return processor(
+        images=[[image], []], text=["Image: <image>\nwhat color is it?", "Image: N/A\nthe capital of"]
+    )

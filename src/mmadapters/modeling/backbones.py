@@ -65,6 +65,7 @@ def load_text_backbone(
     if isinstance(spec, PreTrainedConfig):
         return _text_class_for(spec).from_config(spec, dtype=backbone_dtype(dtype)), None
     name = os.fspath(spec)
+    revision = resolve_hub_revision(name, revision)
     auto_class = _text_class_for(AutoConfig.from_pretrained(name, revision=revision))
     model = auto_class.from_pretrained(name, revision=revision, dtype=backbone_dtype(dtype))
     return model, _reference(name, revision, model)
@@ -82,6 +83,7 @@ def load_vision_backbone(
         config = vision_config_of(spec)
         return _vision_class_for(config)._from_config(config, dtype=backbone_dtype(dtype)), None
     name = os.fspath(spec)
+    revision = resolve_hub_revision(name, revision)
     full_config = AutoConfig.from_pretrained(name, revision=revision)
     config = vision_config_of(full_config)
     # The vision-only class of the config (CLIPVisionModel, SiglipVisionModel, ...) also loads the vision
@@ -107,11 +109,24 @@ def _vision_class_for(config: PreTrainedConfig) -> type[PreTrainedModel]:
         raise ValueError(f"No transformers model class for vision config {type(config).__name__}.") from error
 
 
+def resolve_hub_revision(name: str, revision: str | None) -> str | None:
+    """The commit a Hub backbone's `revision` (default: main) points to now, so that the config, the weights and
+    the reference written into our checkpoints all name the same commit. Local folders keep `revision`; when
+    the Hub cannot be asked (offline, no cached ref), loading goes on with `revision` as given."""
+    if os.path.isdir(name):
+        return revision
+    from huggingface_hub import resolve_revision
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RevisionResolutionError
+
+    try:
+        return resolve_revision(name, revision=revision).resolved
+    except (RevisionResolutionError, HFValidationError, HfHubHTTPError):
+        return revision  # transformers' loader then reports the problem in its own words
+
+
 def _reference(name: str, revision: str | None, model: PreTrainedModel) -> BackboneReference:
-    # Pin Hub backbones to the commit that was actually loaded; local folders keep the caller's revision.
-    commit = getattr(model.config, "_commit_hash", None)
-    pinned = revision if os.path.isdir(name) else (commit or revision)
-    return BackboneReference(name_or_path=name, revision=pinned, fingerprint=fingerprint(model))
+    # Hub backbones are pinned to the commit that was loaded (see resolve_hub_revision).
+    return BackboneReference(name_or_path=name, revision=revision, fingerprint=fingerprint(model))
 
 
 @dataclass

@@ -1,0 +1,236 @@
+"""Hub push and pull against a local Hub-compatible server (issue: Hub sharing and conversion, items 1-3).
+
+The real `huggingface_hub` client talks to `tests/hub_server.py` on 127.0.0.1. The round trip runs each side in
+its own process pointed at the server with HF_ENDPOINT, as a user on another machine would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import save_tiny_llm
+from hub_server import HubServer
+from huggingface_hub import CommitOperationAdd, HfApi
+
+from mmadapters import LavinForConditionalGeneration, LavinProcessor
+from mmadapters.hub import PushError, build_model_card, push_folder, write_eval_results
+
+TOKEN = "hf_test_secret_token_0123456789"
+
+
+@pytest.fixture()
+def hub():
+    server = HubServer(token=TOKEN).start()
+    yield server
+    server.stop()
+
+
+def upload_plain(server: HubServer, repo_id: str, folder: str) -> str:
+    """Upload a backbone folder as a Hub repo (plain client calls); returns the commit sha."""
+    api = HfApi(endpoint=server.url, token=TOKEN)
+    api.create_repo(repo_id, exist_ok=True)
+    operations = [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name))
+        for name in sorted(os.listdir(folder))
+    ]
+    return api.create_commit(repo_id, operations=operations, commit_message="upload").oid
+
+
+def hub_env(server: HubServer, tmp_path) -> dict:
+    return {
+        **os.environ,
+        "HF_ENDPOINT": server.url,
+        "HF_TOKEN": TOKEN,
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_OFFLINE": "0",  # the suite is offline; these processes talk to the local test server
+        "PYTHONPATH": os.path.dirname(__file__),
+    }
+
+
+BUILD_AND_SAVE = """
+import sys, torch
+from conftest import tiny_sample_inputs
+from mmadapters import LavinForConditionalGeneration, LavinProcessor
+folder, out = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
+model = LavinForConditionalGeneration.from_backbones("org/tiny-llm", "org/tiny-vision").eval()
+generator = torch.Generator().manual_seed(1)
+with torch.no_grad():
+    for name, p in model.named_parameters():
+        if p.requires_grad and "expert" in name:
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+processor = LavinProcessor.from_backbones("org/tiny-llm", "org/tiny-vision")
+model.save_pretrained(folder, processor=processor)
+with torch.no_grad():
+    torch.save(model(**tiny_sample_inputs(processor)).logits, out)
+"""
+
+LOAD_FROM_HUB = """
+import sys, json, torch
+import mmadapters
+from conftest import tiny_sample_inputs
+from transformers import AutoModelForImageTextToText, AutoProcessor
+model = AutoModelForImageTextToText.from_pretrained(sys.argv[1])
+processor = AutoProcessor.from_pretrained(sys.argv[1])
+with torch.no_grad():
+    torch.save(model(**tiny_sample_inputs(processor)).logits, sys.argv[2])
+print(json.dumps({"class": type(model).__name__, "text_revision": model.config.text_backbone["revision"]}))
+"""
+
+
+def run(script: str, *args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, check=False
+    )
+
+
+def test_push_then_pull_in_another_process_gives_identical_logits(hub, tiny_backbones, tmp_path):
+    llm_commit = upload_plain(hub, "org/tiny-llm", tiny_backbones[0])
+    upload_plain(hub, "org/tiny-vision", tiny_backbones[1])
+    env = hub_env(hub, tmp_path)
+
+    folder, expected_file = tmp_path / "lavin", tmp_path / "expected.pt"
+    built = run(BUILD_AND_SAVE, str(folder), str(expected_file), env=env)
+    assert built.returncode == 0, built.stderr[-3000:]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["text_backbone"]["revision"] == llm_commit  # Hub backbones are pinned to the loaded commit
+
+    pushed = subprocess.run(
+        [sys.executable, "-m", "mmadapters.cli", "push", str(folder), "org/lavin-tiny"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert pushed.returncode == 0, pushed.stderr[-3000:]
+    assert TOKEN not in pushed.stdout + pushed.stderr
+    files = hub.repos["org/lavin-tiny"].commits[-1][1]
+    assert {"config.json", "adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(files)
+    assert not any(name.startswith("model") and name.endswith(".safetensors") for name in files)
+
+    # The LLM repo moves on; the adapters stay pinned to the commit they were trained on.
+    other = save_tiny_llm(tmp_path / "llm-v2", seed=5)
+    upload_plain(hub, "org/tiny-llm", other)
+
+    got_file = tmp_path / "got.pt"
+    loaded = run(LOAD_FROM_HUB, "org/lavin-tiny", str(got_file), env=env)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    info = json.loads(loaded.stdout.strip().splitlines()[-1])
+    assert info == {"class": "LavinForConditionalGeneration", "text_revision": llm_commit}
+    assert torch.equal(torch.load(got_file), torch.load(expected_file))
+
+
+@pytest.fixture()
+def checkpoint(tiny_backbones, tmp_path):
+    model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+    folder = tmp_path / "ckpt"
+    model.save_pretrained(folder, processor=LavinProcessor.from_backbones(*tiny_backbones))
+    return model, str(folder)
+
+
+def test_dry_run_lists_files_and_contacts_nobody(hub, checkpoint, capsys):
+    _, folder = checkpoint
+    planned = push_folder(folder, "org/x", dry_run=True, endpoint=hub.url, token=TOKEN)
+    names = {f.path for f in planned}
+    assert {"config.json", "adapter_model.safetensors", "README.md"} <= names
+    size = next(f.size for f in planned if f.path == "adapter_model.safetensors")
+    assert size == os.path.getsize(os.path.join(folder, "adapter_model.safetensors"))
+    assert hub.requests == []
+
+    from mmadapters.cli import main
+
+    assert main(["push", folder, "org/x", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "adapter_model.safetensors" in out and "total" in out and hub.requests == []
+
+
+def test_refuses_backbone_weights_unless_asked(hub, tiny_backbones, tmp_path):
+    model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+    full = tmp_path / "full"
+    model.save_pretrained(full, adapter_only=False)
+    with pytest.raises(PushError, match="holds backbone weights"):
+        push_folder(full, "org/full", endpoint=hub.url, token=TOKEN)
+    assert "org/full" not in hub.repos
+    push_folder(full, "org/full", endpoint=hub.url, token=TOKEN, include_backbone_weights=True)
+    assert "model.safetensors" in hub.repos["org/full"].commits[-1][1]
+
+
+def test_model_push_to_hub_private_and_existing_repo(hub, checkpoint, tiny_backbones):
+    model, _ = checkpoint
+    url = model.push_to_hub("org/lavin", private=True, token=TOKEN, endpoint=hub.url)
+    repo = hub.repos["org/lavin"]
+    assert repo.private and url.endswith(repo.commits[-1][0])
+    adapter_config = json.loads(repo.commits[-1][1]["adapter_config.json"])
+    assert adapter_config["base_model_name_or_path"] == "org/lavin"  # so Auto classes load this repo itself
+    # Private: anonymous reads are refused.
+    with pytest.raises(Exception, match="404|not found|Repository"):
+        HfApi(endpoint=hub.url, token=False).model_info("org/lavin")
+    # The repo exists: a second push adds a commit with the new files.
+    processor = LavinProcessor.from_backbones(*tiny_backbones)
+    model.push_to_hub("org/lavin", processor=processor, token=TOKEN, endpoint=hub.url)
+    assert len(repo.commits) == 3 and "processor_config.json" in repo.commits[-1][1]
+
+
+def test_transient_5xx_are_retried(hub, checkpoint):
+    _, folder = checkpoint
+    hub.fail_next = 2  # create_repo fails twice, then the server recovers
+    push_folder(folder, "org/retry", endpoint=hub.url, token=TOKEN, retry_wait=0.01)
+    assert sum(1 for method, _ in hub.requests if method == "POST") >= 4
+    assert "adapter_model.safetensors" in hub.repos["org/retry"].commits[-1][1]
+
+
+def test_persistent_5xx_gives_a_clear_error(hub, checkpoint):
+    _, folder = checkpoint
+    hub.fail_next = 100
+    with pytest.raises(PushError, match="Could not create the repo"):
+        push_folder(folder, "org/down", endpoint=hub.url, token=TOKEN, retries=2, retry_wait=0.01)
+
+
+def test_wrong_token_is_refused_without_printing_it(hub, checkpoint):
+    _, folder = checkpoint
+    wrong = "hf_wrong_token_abcdefghijklmnop"
+    with pytest.raises(PushError, match="refused the credentials") as error:
+        push_folder(folder, "org/auth", endpoint=hub.url, token=wrong, retry_wait=0.01)
+    assert wrong not in str(error.value) and TOKEN not in str(error.value)
+    assert "org/auth" not in hub.repos
+
+
+def test_server_down_is_a_clear_error(checkpoint):
+    _, folder = checkpoint
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(PushError, match="Could not reach the Hub"):
+        push_folder(
+            folder, "org/x", endpoint=f"http://127.0.0.1:{port}", token=TOKEN, retries=1, retry_wait=0.01
+        )
+
+
+def test_model_card(checkpoint, tmp_path):
+    model, folder = checkpoint
+    card = str(build_model_card(folder, "org/lavin"))
+    assert "pipeline_tag: image-text-to-text" in card and "library_name: mmadapters" in card
+    assert "base_model" not in card  # local backbones are not Hub models
+    assert "No evaluation was recorded" in card and 'from_pretrained("org/lavin")' in card
+    result = {"accuracy": 0.75, "by_group": {"color": 0.5, "shape": 1.0}, "count": 8}
+    write_eval_results(folder, "easy-vqa test", result, "mmadapters eval")
+    card = str(build_model_card(folder, "org/lavin"))
+    assert (
+        "| accuracy | 0.7500 |" in card
+        and "| accuracy (shape) | 1.0000 |" in card
+        and "On 8 questions" in card
+    )
+    config = json.loads(open(os.path.join(folder, "config.json")).read())
+    config["text_backbone"]["name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    card = str(build_model_card(folder, "org/lavin"))
+    assert "base_model:\n- HuggingFaceTB/SmolLM2-135M-Instruct" in card
+    params = sum(p.numel() for p in model.adapter_state_dict().values())
+    assert f"{params:,} trainable parameters" in card
