@@ -81,6 +81,14 @@ model = AutoModelForImageTextToText.from_pretrained(sys.argv[1])
 processor = AutoProcessor.from_pretrained(sys.argv[1])
 with torch.no_grad():
     torch.save(model(**tiny_sample_inputs(processor)).logits, sys.argv[2])
+# The pipeline loads the same repo through the Auto classes and answers with the same tokens.
+from transformers import pipeline
+pipe = pipeline("image-text-to-text", model=sys.argv[1])
+messages = [{"role": "user", "content": [{"type": "text", "text": "the capital of"}]}]
+answer = pipe(text=messages, max_new_tokens=4, do_sample=False, return_full_text=False)[0]["generated_text"]
+inputs = processor(text=processor.apply_chat_template(messages, add_generation_prompt=True))
+direct = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+assert answer == processor.decode(direct[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 print(json.dumps({"class": type(model).__name__, "text_revision": model.config.text_backbone["revision"]}))
 """
 

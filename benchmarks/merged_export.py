@@ -1,0 +1,157 @@
+"""Merged export (issue: Hub sharing and conversion): speed of the merged LaVIN LLM vs the bare base LLM, and
+checkpoint sizes (adapter-only vs full).
+
+Speed: LaVIN around the embedded SmolLM2-135M-Instruct with trained-looking (random, non-zero) adapters, merged
+for text with `mmadapters merge`, then loaded as a plain `AutoModelForCausalLM`. The merged and the base model
+generate the same number of tokens from the same prompts, interleaved round by round; the figure is the ratio
+of tokens per second (goal: merged >= 0.99x base). The merged model carries q/k/v (and zero o_proj) biases,
+its only extra work.
+
+Sizes: bytes of the adapter-only folder's safetensors vs a full `save_pretrained(adapter_only=False)` for the
+embedded backbones (files written), and for LLaMA-7B + ViT-L/14 shapes (built on the meta device; bytes =
+parameters x bytes per value, fp32 adapters, fp16 backbone as distributed).
+
+    python benchmarks/merged_export.py [--rounds 5] [--new-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, CLIPVisionConfig, LlamaConfig
+
+import mmadapters
+from mmadapters import LavinForConditionalGeneration, LavinProcessor
+from mmadapters.convert.merge import merge_checkpoint
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write one sentence about the sea.",
+    "Name three primary colors.",
+    "Explain what a triangle is.",
+]
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def folder_bytes(folder: str, suffix: str = ".safetensors") -> int:
+    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(suffix))
+
+
+def speed(args: argparse.Namespace, work: str) -> None:
+    text_model, vision_model = mmadapters.embedded_backbones()
+    torch.manual_seed(0)
+    lavin = LavinForConditionalGeneration.from_backbones(text_model, vision_model)
+    with torch.no_grad():
+        for name, parameter in lavin.named_parameters():
+            if parameter.requires_grad and "expert" in name:
+                parameter.normal_(0, 0.02)
+    processor = LavinProcessor.from_backbones(text_model, vision_model)
+    adapters, full = os.path.join(work, "adapters"), os.path.join(work, "full")
+    lavin.save_pretrained(adapters, processor=processor)
+    lavin.save_pretrained(full, adapter_only=False)
+    print(
+        f"embedded (SmolLM2-135M + tiny CLIP), fp32: adapter-only {folder_bytes(adapters) / 1e6:.2f} MB vs full "
+        f"{folder_bytes(full) / 1e6:.1f} MB ({folder_bytes(full) / folder_bytes(adapters):.0f}x)"
+    )
+
+    merged_dir = os.path.join(work, "merged")
+    merge_checkpoint(adapters, merged_dir, "text")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(text_model, dtype=torch.float32).eval()
+    batches = []
+    for prompt in PROMPTS:
+        chat = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
+        batches.append(processor(text=processor.apply_chat_template(chat, add_generation_prompt=True)))
+    kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+    base.generate(**batches[0], **kwargs)  # warm-up
+    merged.generate(**batches[0], **kwargs)
+    tokens = len(PROMPTS) * args.new_tokens
+    ratios, base_tps, merged_tps = [], [], []
+    for _ in range(args.rounds):
+        base_time = sum(timed(lambda b=b: base.generate(**b, **kwargs)) for b in batches)
+        merged_time = sum(timed(lambda b=b: merged.generate(**b, **kwargs)) for b in batches)
+        base_tps.append(tokens / base_time)
+        merged_tps.append(tokens / merged_time)
+        ratios.append(base_time / merged_time)
+    print(
+        f"text generation, {len(PROMPTS)} prompts x {args.new_tokens} new tokens, {args.rounds} rounds interleaved"
+    )
+    print(f"  base SmolLM2:  {statistics.median(base_tps):.1f} tokens/s (median)")
+    print(f"  merged LaVIN:  {statistics.median(merged_tps):.1f} tokens/s (median)")
+    print(
+        f"  merged / base speed ratio: median {statistics.median(ratios):.3f} "
+        f"(min {min(ratios):.3f}, max {max(ratios):.3f})"
+    )
+
+    # Per-token decode cost with a KV cache, the two models interleaved step by step (less noisy than whole
+    # generate calls, where one hiccup of the shared machine lands on one model).
+    from transformers import DynamicCache
+
+    inputs = batches[0]
+    base_steps, merged_steps = [], []
+    with torch.no_grad():
+        base_cache, merged_cache = DynamicCache(), DynamicCache()
+        base(**inputs, past_key_values=base_cache, use_cache=True)
+        merged(**inputs, past_key_values=merged_cache, use_cache=True)
+        token = inputs["input_ids"][:, -1:]
+        for step in range(args.rounds * 40):
+            position = torch.tensor([[inputs["input_ids"].shape[1] + step]])
+            base_steps.append(
+                timed(lambda p=position: base(input_ids=token, past_key_values=base_cache, position_ids=p))
+            )
+            merged_steps.append(
+                timed(
+                    lambda p=position: merged(input_ids=token, past_key_values=merged_cache, position_ids=p)
+                )
+            )
+    base_ms, merged_ms = statistics.median(base_steps) * 1e3, statistics.median(merged_steps) * 1e3
+    print(
+        f"decode step with KV cache ({len(base_steps)} steps, interleaved): base {base_ms:.2f} ms, merged "
+        f"{merged_ms:.2f} ms: merged / base speed ratio {base_ms / merged_ms:.3f}"
+    )
+
+
+def llama_7b_sizes() -> None:
+    text = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        vocab_size=32000,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14
+    )
+    with torch.device("meta"):
+        model = LavinForConditionalGeneration.from_backbones(text, vision)
+    adapter = sum(p.numel() for p in model.adapter_state_dict().values())
+    backbone = sum(p.numel() for n, p in model.state_dict().items() if n not in model.adapter_state_dict())
+    print(
+        f"LLaMA-7B + ViT-L/14 shapes: adapter-only {adapter:,} values = {adapter * 4 / 1e6:.1f} MB (fp32); "
+        f"full {adapter * 4 / 1e9 + backbone * 2 / 1e9:.2f} GB (fp16 backbones + fp32 adapters): "
+        f"{(adapter * 4 + backbone * 2) / (adapter * 4):.0f}x"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    args = parser.parse_args()
+    llama_7b_sizes()
+    with tempfile.TemporaryDirectory() as work:
+        speed(args, work)
+
+
+if __name__ == "__main__":
+    main()
