@@ -47,7 +47,8 @@ class HubServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", port), HubHandler)
         self.token = token
         self.fail_next = 0
-        self.repos: dict[str, Repo] = {}
+        self.repos: dict[str, Repo] = {}  # model repos
+        self.spaces: dict[str, Repo] = {}
         self.requests: list[tuple[str, str]] = []
         self.lock = threading.Lock()
         self._counter = 0
@@ -123,8 +124,11 @@ class HubHandler(BaseHTTPRequestHandler):
             self._error(503, "Service temporarily unavailable (injected by the test)")
         return fail
 
-    def _repo(self, repo_id: str, head: bool = False) -> Repo | None:
-        repo = self.server.repos.get(repo_id)
+    def _store(self, kind: str) -> dict[str, Repo]:
+        return self.server.spaces if kind == "spaces" else self.server.repos
+
+    def _repo(self, repo_id: str, head: bool = False, kind: str = "models") -> Repo | None:
+        repo = self._store(kind).get(repo_id)
         if repo is None or (repo.private and not self._authorized()):
             self._error(404, f"Repository {repo_id} not found", "RepoNotFound", head)
             return None
@@ -143,23 +147,24 @@ class HubHandler(BaseHTTPRequestHandler):
     def _route_get(self, head: bool) -> None:
         url = urlsplit(self.path)
         parts = [unquote(p) for p in url.path.strip("/").split("/")]
-        if parts[:2] == ["api", "models"] and len(parts) >= 4:
-            repo_id = f"{parts[2]}/{parts[3]}"
-            rest = parts[4:]
+        if parts[0] == "api" and parts[1] in ("models", "spaces") and len(parts) >= 4:
+            kind, repo_id, rest = parts[1], f"{parts[2]}/{parts[3]}", parts[4:]
             if not rest or rest[0] == "revision":
-                return self._repo_info(repo_id, rest[1] if len(rest) > 1 else "main", head)
+                return self._repo_info(repo_id, rest[1] if len(rest) > 1 else "main", head, kind)
             if rest[0] == "tree" and len(rest) >= 2:
-                return self._tree(repo_id, rest[1], "/".join(rest[2:]), parse_qs(url.query), head)
+                return self._tree(repo_id, rest[1], "/".join(rest[2:]), parse_qs(url.query), head, kind)
         if parts[:2] == ["api", "whoami-v2"]:
             if not self._authorized() or self.server.token is None:
                 return self._error(401, "Invalid credentials in Authorization header")
             return self._json(200, {"name": "tester", "type": "user"})
         if len(parts) >= 5 and parts[2] == "resolve":
             return self._resolve(f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]), head)
+        if len(parts) >= 6 and parts[0] == "spaces" and parts[3] == "resolve":
+            return self._resolve(f"{parts[1]}/{parts[2]}", parts[4], "/".join(parts[5:]), head, "spaces")
         self._error(404, f"No route for {url.path}")
 
-    def _repo_info(self, repo_id: str, revision: str, head: bool) -> None:
-        repo = self._repo(repo_id, head)
+    def _repo_info(self, repo_id: str, revision: str, head: bool, kind: str = "models") -> None:
+        repo = self._repo(repo_id, head, kind)
         if repo is None:
             return
         found = repo.files_at(revision)
@@ -176,8 +181,10 @@ class HubHandler(BaseHTTPRequestHandler):
         }
         self._json(200, info, head=head)
 
-    def _tree(self, repo_id: str, revision: str, prefix: str, query: dict, head: bool) -> None:
-        repo = self._repo(repo_id, head)
+    def _tree(
+        self, repo_id: str, revision: str, prefix: str, query: dict, head: bool, kind: str = "models"
+    ) -> None:
+        repo = self._repo(repo_id, head, kind)
         if repo is None:
             return
         found = repo.files_at(revision)
@@ -201,8 +208,8 @@ class HubHandler(BaseHTTPRequestHandler):
         ]
         self._json(200, entries, head=head)
 
-    def _resolve(self, repo_id: str, revision: str, path: str, head: bool) -> None:
-        repo = self._repo(repo_id, head)
+    def _resolve(self, repo_id: str, revision: str, path: str, head: bool, kind: str = "models") -> None:
+        repo = self._repo(repo_id, head, kind)
         if repo is None:
             return
         found = repo.files_at(revision)
@@ -231,39 +238,43 @@ class HubHandler(BaseHTTPRequestHandler):
             return self._error(401, "Invalid credentials in Authorization header")
         if parts[:3] == ["api", "repos", "create"]:
             return self._create(json.loads(body))
-        if parts[:2] == ["api", "models"] and len(parts) >= 6:
-            repo_id = f"{parts[2]}/{parts[3]}"
+        if parts[0] == "api" and parts[1] in ("models", "spaces") and len(parts) >= 6:
+            kind, repo_id = parts[1], f"{parts[2]}/{parts[3]}"
             if parts[4] == "preupload":
-                return self._preupload(repo_id, json.loads(body))
+                return self._preupload(repo_id, json.loads(body), kind)
             if parts[4] == "commit":
-                return self._commit(repo_id, parts[5], body)
+                return self._commit(repo_id, parts[5], body, kind)
         self._error(404, f"No route for POST {self.path}")
 
     def _create(self, payload: dict) -> None:
-        if payload.get("type", "model") not in (None, "model"):
-            return self._error(400, "This test server only holds model repos")
+        repo_type = payload.get("type") or "model"
+        if repo_type not in ("model", "space"):
+            return self._error(400, "This test server holds model repos and Spaces only")
+        if repo_type == "space" and not payload.get("sdk"):
+            return self._error(400, "A Space needs an sdk")
+        store = self._store(f"{repo_type}s")
         repo_id = f"{payload.get('organization') or 'tester'}/{payload['name']}"
-        url = f"{self.server.url}/{repo_id}"
+        url = f"{self.server.url}/{'spaces/' if repo_type == 'space' else ''}{repo_id}"
         with self.server.lock:
-            if repo_id in self.server.repos:
-                return self._json(409, {"error": "You already created this model repo", "url": url})
+            if repo_id in store:
+                return self._json(409, {"error": f"You already created this {repo_type} repo", "url": url})
             repo = Repo(private=payload.get("visibility") == "private" or bool(payload.get("private")))
-            self.server.new_commit(
-                repo, {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"}
-            )
-            self.server.repos[repo_id] = repo
+            gitattributes = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
+            self.server.new_commit(repo, {".gitattributes": gitattributes})
+            store[repo_id] = repo
         self._json(200, {"url": url, "name": repo_id})
 
-    def _preupload(self, repo_id: str, payload: dict) -> None:
-        if self._repo(repo_id) is None:
+    def _preupload(self, repo_id: str, payload: dict, kind: str) -> None:
+        repo = self._repo(repo_id, kind=kind)
+        if repo is None:
             return
         files = [
             {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in payload["files"]
         ]
-        self._json(200, {"files": files, "commitOid": self.server.repos[repo_id].commits[-1][0]})
+        self._json(200, {"files": files, "commitOid": repo.commits[-1][0]})
 
-    def _commit(self, repo_id: str, revision: str, body: bytes) -> None:
-        repo = self._repo(repo_id)
+    def _commit(self, repo_id: str, revision: str, body: bytes, kind: str) -> None:
+        repo = self._repo(repo_id, kind=kind)
         if repo is None:
             return
         if revision != "main":

@@ -154,6 +154,30 @@ def _push(args: argparse.Namespace) -> None:
         print(f"Pushed {args.folder} to {args.repo_id}: {result}")
 
 
+def _demo(args: argparse.Namespace, extra: list[str]) -> None:
+    from .demo import launch
+
+    app_dir = os.path.join("spaces", args.kind)
+    launch(extra, kind=args.kind, app_dir=app_dir if os.path.isdir(app_dir) else None)
+
+
+def _push_space(args: argparse.Namespace) -> None:
+    from .hub import format_plan, push_space
+
+    result = push_space(
+        args.folder,
+        args.repo_id,
+        model=args.model,
+        private=True if args.private else None,
+        dry_run=args.dry_run,
+        retries=args.retries,
+    )
+    if args.dry_run:
+        print(f"Would upload to the Space {args.repo_id}:\n{format_plan(result)}")
+    else:
+        print(f"Pushed the Space {args.folder} to {args.repo_id} (model {args.model}): {result}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmadapters", description="Multimodal adapters for Hugging Face models."
@@ -219,6 +243,26 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--retries", type=int, default=4, help="retries of transient failures (5xx, network)")
     push.set_defaults(run=_push)
 
+    demo = commands.add_parser(
+        "demo",
+        help="launch the gradio chat locally and print its URL (options: see `python spaces/lavin/app.py -h`)",
+    )
+    demo.add_argument(
+        "--kind", default="lavin", choices=["lavin", "crome"], help="which Space's app and examples"
+    )
+    demo.set_defaults(run=_demo, passes_extra=True)
+
+    space = commands.add_parser(
+        "push-space", help="upload a Space folder (spaces/lavin, spaces/crome) to the Hub"
+    )
+    space.add_argument("folder")
+    space.add_argument("repo_id", help="owner/name of the Space (created if missing)")
+    space.add_argument("--model", required=True, help="the model repo the Space serves")
+    space.add_argument("--private", action="store_true")
+    space.add_argument("--dry-run", action="store_true")
+    space.add_argument("--retries", type=int, default=4)
+    space.set_defaults(run=_push_space)
+
     merge = commands.add_parser(
         "merge", help="fold LaVIN's LLM adapters for one modality into a plain transformers LLM checkpoint"
     )
@@ -234,9 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     from .hub import PushError
     from .recipes import RecipeError
 
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra and not getattr(args, "passes_extra", False):
+        build_parser().parse_args(argv)  # reports the unknown arguments the usual way
     try:
-        args.run(args)
+        args.run(args, extra) if getattr(args, "passes_extra", False) else args.run(args)
     except (RecipeError, FileNotFoundError, ValueError, PushError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

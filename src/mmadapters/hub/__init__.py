@@ -5,7 +5,15 @@ the Spaces can all use it without imports pointing up the layers.
 """
 
 from .model_card import EVAL_RESULTS_NAME, build_model_card, write_eval_results
-from .push import PushError, format_plan, plan_upload, push_folder
+from .push import (
+    SPACE_SETTINGS_NAME,
+    PushError,
+    format_plan,
+    plan_space_upload,
+    plan_upload,
+    push_folder,
+    push_space,
+)
 
 __all__ = [
     "EVAL_RESULTS_NAME",
@@ -14,5 +22,8 @@ __all__ = [
     "format_plan",
     "plan_upload",
     "push_folder",
+    "push_space",
+    "plan_space_upload",
+    "SPACE_SETTINGS_NAME",
     "write_eval_results",
 ]

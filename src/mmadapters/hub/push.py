@@ -33,6 +33,8 @@ BACKBONE_WEIGHT_PATTERNS = (
     "*.gguf",
 )
 TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
+# Written into a pushed Space: the model repo its app serves (read by `mmadapters.demo`).
+SPACE_SETTINGS_NAME = "mmadapters_space.json"
 
 
 class PushError(RuntimeError):
@@ -141,42 +143,144 @@ def push_folder(
 ) -> list[PlannedFile] | str:
     """Upload an adapter-only checkpoint folder to `repo_id` (created if needed; an existing repo gets a new
     commit). Returns the commit URL, or with `dry_run=True` the planned files without contacting the Hub."""
-    from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
-
     folder = os.fspath(folder)
     planned = plan_upload(folder, include_backbone_weights)
     if dry_run:
         return planned
-    endpoint = endpoint or constants.ENDPOINT
-    api = HfApi(endpoint=endpoint, token=token)
-    token = token or get_token()  # only to scrub it from messages: never printed
     with tempfile.TemporaryDirectory() as staging:
         _stage(folder, repo_id, staging)
-        _with_retries(
-            lambda: api.create_repo(repo_id, private=private, exist_ok=True),
-            "create the repo",
-            endpoint,
+        return _upload(
+            staging,
+            repo_id,
+            planned,
+            {"private": private},
+            commit_message or "Upload adapters with mmadapters",
             token,
             retries,
             retry_wait,
+            endpoint,
         )
+
+
+def plan_space_upload(folder: str) -> list[PlannedFile]:
+    """The files of a Space folder, checked: app.py, requirements.txt and a README.md with `sdk: gradio`."""
+    if not os.path.isdir(folder):
+        raise PushError(f"{folder} is not a folder (expected a Space folder such as spaces/lavin).")
+    missing = [
+        name
+        for name in ("app.py", "requirements.txt", "README.md")
+        if not os.path.isfile(os.path.join(folder, name))
+    ]
+    if missing:
+        raise PushError(f"{folder} is not a Space folder: it lacks {', '.join(missing)}.")
+    with open(os.path.join(folder, "README.md")) as f:
+        if "sdk: gradio" not in f.read():
+            raise PushError(f"{folder}/README.md has no `sdk: gradio` front matter.")
+    planned = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if d not in ("__pycache__", ".git", "flagged", ".gradio")]
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            planned.append(
+                PlannedFile(os.path.relpath(full, folder).replace(os.sep, "/"), os.path.getsize(full))
+            )
+    heavy = [
+        f.path
+        for f in planned
+        if any(fnmatch.fnmatch(os.path.basename(f.path), p) for p in BACKBONE_WEIGHT_PATTERNS)
+    ]
+    if heavy:
+        raise PushError(
+            f"The Space folder holds model weights ({', '.join(heavy)}): a Space loads its model from a model repo."
+        )
+    if not any(f.path == SPACE_SETTINGS_NAME for f in planned):
+        planned.append(PlannedFile(SPACE_SETTINGS_NAME, 0))  # written when the Space is staged
+    return sorted(planned, key=lambda f: f.path)
+
+
+def push_space(
+    folder: str | os.PathLike,
+    repo_id: str,
+    model: str,
+    private: bool | None = None,
+    token: str | None = None,
+    dry_run: bool = False,
+    retries: int = 4,
+    retry_wait: float = 1.0,
+    endpoint: str | None = None,
+) -> list[PlannedFile] | str:
+    """Upload a Space folder (spaces/lavin, spaces/crome) as a gradio Space serving `model` (a model repo id):
+    the model is recorded in `mmadapters_space.json` (read by the app) and in the README's `models:` list."""
+    from huggingface_hub import RepoCard
+
+    folder = os.fspath(folder)
+    planned = plan_space_upload(folder)
+    if dry_run:
+        return planned
+    with tempfile.TemporaryDirectory() as staging:
+        shutil.copytree(
+            folder,
+            staging,
+            dirs_exist_ok=True,
+            ignore=shutil.ignore_patterns("__pycache__", ".git", ".gradio", "flagged"),
+        )
+        with open(os.path.join(staging, SPACE_SETTINGS_NAME), "w") as f:
+            json.dump({"model": model}, f, indent=2)
+            f.write("\n")
+        card = RepoCard.load(os.path.join(staging, "README.md"), repo_type="space")
+        card.data.models = [model]
+        card.save(os.path.join(staging, "README.md"))
+        return _upload(
+            staging,
+            repo_id,
+            plan_space_upload(staging),
+            {"private": private, "repo_type": "space", "space_sdk": "gradio"},
+            f"Upload the Space (model {model}) with mmadapters",
+            token,
+            retries,
+            retry_wait,
+            endpoint,
+        )
+
+
+def _upload(
+    staging: str,
+    repo_id: str,
+    planned: list[PlannedFile],
+    create_kwargs: dict[str, Any],
+    commit_message: str,
+    token: str | None,
+    retries: int,
+    retry_wait: float,
+    endpoint: str | None,
+) -> str:
+    """Create the repo (or keep the existing one) and commit the staged files, retrying transient failures."""
+    from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
+
+    endpoint = endpoint or constants.ENDPOINT
+    api = HfApi(endpoint=endpoint, token=token)
+    token = token or get_token()  # only to scrub it from messages: never printed
+    repo_type = create_kwargs.get("repo_type")
+    _with_retries(
+        lambda: api.create_repo(repo_id, exist_ok=True, **create_kwargs),
+        "create the repo",
+        endpoint,
+        token,
+        retries,
+        retry_wait,
+    )
+
+    def commit() -> Any:
+        # Fresh operations on each attempt: the client refuses to reuse committed ones.
         operations = [
             CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=os.path.join(staging, f.path))
             for f in planned
         ]
+        return api.create_commit(
+            repo_id, operations=operations, commit_message=commit_message, repo_type=repo_type
+        )
 
-        def commit() -> Any:
-            # Fresh operations each attempt: the client refuses to reuse committed ones.
-            ops = [
-                CommitOperationAdd(path_in_repo=o.path_in_repo, path_or_fileobj=o.path_or_fileobj)
-                for o in operations
-            ]
-            return api.create_commit(
-                repo_id, operations=ops, commit_message=commit_message or "Upload adapters with mmadapters"
-            )
-
-        info = _with_retries(commit, "upload the files", endpoint, token, retries, retry_wait)
-    return info.commit_url
+    return _with_retries(commit, "upload the files", endpoint, token, retries, retry_wait).commit_url
 
 
 def format_plan(planned: list[PlannedFile]) -> str:

@@ -1,0 +1,325 @@
+"""The gradio chat demo behind `spaces/lavin/`, `spaces/crome/` and `mmadapters demo`.
+
+A multimodal chat: image upload and text, multi-turn with images kept in the history, text-only turns,
+streamed answers, generation settings, clickable easy-vqa examples. Limits: the largest image accepted, the
+most new tokens, a queue with a concurrency limit, a generation timeout. A bad or unsupported file becomes a
+message in the chat, never a stack trace, and the app keeps serving.
+
+Which model: `--model` or the `MMADAPTERS_MODEL` environment variable (a Hub repo id or a local checkpoint
+folder), else the `model` named in the Space's `mmadapters_space.json` (written by `mmadapters push-space`),
+else the quickstart checkpoint when present, else a fresh model around the embedded backbones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .hub import SPACE_SETTINGS_NAME
+from .modeling.image_tokens import ImageTokenMismatchError
+from .processing import InvalidImageError, PromptTooLongError, load_image
+
+MODEL_ENV = "MMADAPTERS_MODEL"
+QUICKSTART_CHECKPOINT = os.path.join("quickstart_output", "checkpoint")
+TITLES = {
+    "lavin": "LaVIN (Mixture-of-Modality Adaptation)",
+    "crome": "CROME (cross-modal adapter + instruction-aware Q-Former)",
+}
+
+
+@dataclass
+class DemoLimits:
+    """What one request may ask for. Defaults suit a CPU Space."""
+
+    max_image_pixels: int = 4096 * 4096
+    max_new_tokens: int = 256
+    timeout_s: float = 60.0  # generation stops after this long (the answer so far is kept)
+    concurrency: int = 1  # generations at a time; others wait in the queue
+    queue_size: int = 16
+
+
+# ------------------------------------------------------------------------------------------------
+# Choosing and loading the model
+# ------------------------------------------------------------------------------------------------
+
+
+def resolve_model_name(model: str | None, app_dir: str | None = None) -> str | None:
+    """The model to serve: the argument, the environment, the Space settings, the quickstart checkpoint, or
+    None (meaning: the embedded backbones)."""
+    if model:
+        return model
+    if os.environ.get(MODEL_ENV):
+        return os.environ[MODEL_ENV]
+    if app_dir and os.path.isfile(os.path.join(app_dir, SPACE_SETTINGS_NAME)):
+        with open(os.path.join(app_dir, SPACE_SETTINGS_NAME)) as f:
+            return json.load(f).get("model")
+    for root in (os.getcwd(), app_dir and os.path.dirname(os.path.dirname(app_dir))):
+        if root and os.path.isfile(os.path.join(root, QUICKSTART_CHECKPOINT, "config.json")):
+            return os.path.join(root, QUICKSTART_CHECKPOINT)
+    return None
+
+
+def load_demo_model(model_name: str | None, kind: str = "lavin") -> tuple[Any, Any, str]:
+    """(model, processor, description) for a checkpoint (any of ours), or for `kind` around the embedded
+    backbones when `model_name` is None."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if model_name is not None:
+        if not os.path.isdir(model_name) and (os.sep in model_name and model_name.count("/") != 1):
+            raise FileNotFoundError(f"model folder {model_name} does not exist")
+        model = AutoModelForImageTextToText.from_pretrained(model_name)
+        return model.eval(), AutoProcessor.from_pretrained(model_name), model_name
+
+    from .modeling.embedded import embedded_backbones
+
+    text_model, vision_model = embedded_backbones()
+    if kind == "crome":
+        from .modeling.crome import CromeForConditionalGeneration
+        from .processing import CromeProcessor
+
+        model = CromeForConditionalGeneration.from_backbones(text_model, vision_model)
+        processor = CromeProcessor.from_backbones(
+            text_model, vision_model, num_image_tokens=model.config.num_image_tokens
+        )
+    else:
+        from .modeling.lavin import LavinForConditionalGeneration
+        from .processing import LavinProcessor
+
+        model = LavinForConditionalGeneration.from_backbones(text_model, vision_model)
+        processor = LavinProcessor.from_backbones(text_model, vision_model)
+    description = (
+        f"untrained {kind} adapters around the embedded backbones (run `make quickstart` for a trained one)"
+    )
+    return model.eval(), processor, description
+
+
+# ------------------------------------------------------------------------------------------------
+# Turning gradio's chat history into model inputs
+# ------------------------------------------------------------------------------------------------
+
+
+def _file_path(part: Any) -> str | None:
+    """The path of a file part in any of the shapes gradio uses (typed dict, {"path"}, tuple, FileData)."""
+    if isinstance(part, str):
+        return None
+    if isinstance(part, tuple):
+        return part[0] if part else None
+    if isinstance(part, dict):
+        return _file_path(part.get("file")) if part.get("type") == "file" else part.get("path")
+    return getattr(part, "path", None)
+
+
+def _text(part: Any) -> str | None:
+    if isinstance(part, str):
+        return part
+    if isinstance(part, dict) and part.get("type") == "text":
+        return part.get("text")
+    return None
+
+
+def _turns(history: list[dict]) -> list[tuple[str, list[str], str]]:
+    """Group gradio messages into (role, image paths, text) turns; consecutive messages of a role merge."""
+    turns: list[tuple[str, list[str], str]] = []
+    for message in history:
+        content = message["content"]
+        parts = content if isinstance(content, list) else [content]
+        files = [p for p in (_file_path(part) for part in parts) if p]
+        text = " ".join(t for t in (_text(part) for part in parts) if t)
+        if turns and turns[-1][0] == message["role"]:
+            role, old_files, old_text = turns[-1]
+            turns[-1] = (role, old_files + files, " ".join(t for t in (old_text, text) if t))
+        else:
+            turns.append((message["role"], files, text))
+    return turns
+
+
+def build_conversation(
+    message: dict | str, history: list[dict], max_image_pixels: int
+) -> tuple[list[dict], list[Any]]:
+    """Chat-template messages and the images they refer to (in order), for the history plus the new message.
+
+    Images are validated as they are read (InvalidImageError names the file and the problem)."""
+    if isinstance(message, str):
+        message = {"text": message, "files": []}
+    new_files = [_file_path(f) or f for f in message.get("files", [])]
+    turns = _turns(history) + [
+        ("user", [f for f in new_files if isinstance(f, str)], message.get("text") or "")
+    ]
+    messages, images = [], []
+    for role, files, text in turns:
+        content: list[dict] = []
+        if role == "user":
+            for path in files:
+                images.append(load_image(path, max_image_pixels, what="uploaded file"))
+                content.append({"type": "image"})
+        if text:
+            content.append({"type": "text", "text": text})
+        if content:
+            messages.append({"role": role, "content": content})
+    if (
+        not messages
+        or messages[-1]["role"] != "user"
+        or not any(p["type"] == "text" for p in messages[-1]["content"])
+    ):
+        raise ValueError("Type a question (an image alone is not a question).")
+    return messages, images
+
+
+# ------------------------------------------------------------------------------------------------
+# The chat function
+# ------------------------------------------------------------------------------------------------
+
+# Errors that are the user's input, shown as a plain message in the chat.
+USER_ERRORS = (InvalidImageError, ImageTokenMismatchError, PromptTooLongError, ValueError)
+
+
+def make_chat_fn(model: Any, processor: Any, limits: DemoLimits):
+    """The generator gradio calls: yields the growing answer (streaming), or one readable error message."""
+    from transformers import TextIteratorStreamer
+
+    def chat(
+        message: dict | str,
+        history: list[dict],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 0.9,
+    ) -> Iterator[str]:
+        try:
+            messages, images = build_conversation(message, history or [], limits.max_image_pixels)
+            prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+            inputs = processor(images=images or None, text=prompt)
+        except USER_ERRORS as error:
+            yield f"⚠️ {error}"
+            return
+        max_new_tokens = max(1, min(int(max_new_tokens), limits.max_new_tokens))
+        sampling = {"do_sample": False}
+        if temperature and temperature > 0:
+            sampling = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p)}
+        streamer = TextIteratorStreamer(
+            processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=limits.timeout_s + 30
+        )
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                model.generate(
+                    **inputs,
+                    max_new_tokens=max_new_tokens,
+                    max_time=limits.timeout_s,
+                    streamer=streamer,
+                    **sampling,
+                )
+            except BaseException as error:  # reported in the chat below
+                failure.append(error)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        answer = ""
+        try:
+            for piece in streamer:
+                answer += piece
+                if answer.strip():
+                    yield answer
+        except Exception:  # the streamer timed out: generation is stuck
+            failure.append(TimeoutError(f"no answer within {limits.timeout_s:.0f} s"))
+        thread.join(timeout=1.0)
+        if failure:
+            yield (answer + "\n\n" if answer.strip() else "") + f"⚠️ Generation failed: {failure[0]}"
+        elif not answer.strip():
+            yield "(the model gave an empty answer)"
+
+    return chat
+
+
+# ------------------------------------------------------------------------------------------------
+# The app
+# ------------------------------------------------------------------------------------------------
+
+
+def build_demo(
+    model: Any,
+    processor: Any,
+    description: str,
+    kind: str,
+    limits: DemoLimits,
+    examples_dir: str | None = None,
+):
+    """A `gr.ChatInterface` (multimodal, streaming) around a loaded model, with its queue limits set."""
+    import gradio as gr
+
+    examples = None
+    if examples_dir and os.path.isdir(examples_dir):
+        files = sorted(f for f in os.listdir(examples_dir) if f.endswith(".png"))
+        examples = [
+            {"text": question, "files": [os.path.join(examples_dir, name)]}
+            for name, question in zip(
+                files,
+                ("What is the color of the shape?", "What shape is in the image?", "Is there a circle?"),
+                strict=False,
+            )
+        ]
+        examples.append({"text": "What is the capital of France?", "files": []})
+    demo = gr.ChatInterface(
+        make_chat_fn(model, processor, limits),
+        multimodal=True,
+        title=TITLES.get(kind, kind),
+        description=f"Model: {description}. Attach an image (or not) and ask a question; images stay in the "
+        "conversation.",
+        textbox=gr.MultimodalTextbox(
+            file_types=["image"], file_count="multiple", placeholder="Ask about an image..."
+        ),
+        additional_inputs=[
+            gr.Slider(
+                1, limits.max_new_tokens, value=min(64, limits.max_new_tokens), step=1, label="Max new tokens"
+            ),
+            gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)"),
+            gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p"),
+        ],
+        examples=examples,
+        cache_examples=False,
+        api_name="chat",
+    )
+    demo.queue(default_concurrency_limit=limits.concurrency, max_size=limits.queue_size)
+    return demo
+
+
+def parse_args(argv: list[str] | None = None, kind: str = "lavin") -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=f"The {kind} chat demo")
+    parser.add_argument("model", nargs="?", help="Hub repo id or local checkpoint folder")
+    parser.add_argument("--model", dest="model_option", help="same as the positional argument")
+    parser.add_argument(
+        "--kind", default=kind, choices=["lavin", "crome"], help="model for the embedded default"
+    )
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--max-new-tokens", type=int, default=DemoLimits.max_new_tokens)
+    parser.add_argument("--timeout", type=float, default=DemoLimits.timeout_s, help="generation timeout (s)")
+    parser.add_argument("--concurrency", type=int, default=DemoLimits.concurrency)
+    return parser.parse_args(argv)
+
+
+def launch(
+    argv: list[str] | None = None, kind: str = "lavin", app_dir: str | None = None, block: bool = True
+):
+    """Load the model, build the app and serve it; prints the URL. Returns the running demo."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    args = parse_args(argv, kind)
+    limits = DemoLimits(
+        max_new_tokens=args.max_new_tokens, timeout_s=args.timeout, concurrency=args.concurrency
+    )
+    name = resolve_model_name(args.model_option or args.model, app_dir)
+    model, processor, description = load_demo_model(name, args.kind)
+    kind = getattr(model.config, "model_type", args.kind)
+    examples = os.path.join(app_dir or os.path.join("spaces", kind), "examples")
+    demo = build_demo(model, processor, description, kind, limits, examples)
+    demo.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True, quiet=True)
+    print(f"mmadapters demo ({kind}, {description}) running on {demo.local_url}", flush=True)
+    if block:
+        demo.block_thread()
+    return demo
