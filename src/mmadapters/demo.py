@@ -138,20 +138,31 @@ def _turns(history: list[dict]) -> list[tuple[str, list[str], str]]:
     return turns
 
 
+ERROR_MARK = "⚠️"
+
+
 def build_conversation(
     message: dict | str, history: list[dict], max_image_pixels: int
 ) -> tuple[list[dict], list[Any]]:
     """Chat-template messages and the images they refer to (in order), for the history plus the new message.
 
-    Images are validated as they are read (InvalidImageError names the file and the problem)."""
+    The new message's files are validated as they are read (InvalidImageError names the file and the
+    problem). Exchanges that ended in an error message are left out of the conversation, so one bad upload
+    does not break every later turn."""
     if isinstance(message, str):
         message = {"text": message, "files": []}
     new_files = [_file_path(f) or f for f in message.get("files", [])]
-    turns = _turns(history) + [
-        ("user", [f for f in new_files if isinstance(f, str)], message.get("text") or "")
-    ]
+    turns = _turns(history)
+    kept: list[tuple[str, list[str], str]] = []
+    for turn in turns:
+        if turn[0] == "assistant" and turn[2].startswith(ERROR_MARK):
+            if kept and kept[-1][0] == "user":
+                kept.pop()  # the request that failed
+            continue
+        kept.append(turn)
+    kept.append(("user", [f for f in new_files if isinstance(f, str)], message.get("text") or ""))
     messages, images = [], []
-    for role, files, text in turns:
+    for role, files, text in kept:
         content: list[dict] = []
         if role == "user":
             for path in files:
@@ -161,11 +172,8 @@ def build_conversation(
             content.append({"type": "text", "text": text})
         if content:
             messages.append({"role": role, "content": content})
-    if (
-        not messages
-        or messages[-1]["role"] != "user"
-        or not any(p["type"] == "text" for p in messages[-1]["content"])
-    ):
+    last = messages[-1] if messages else None
+    if last is None or last["role"] != "user" or not any(p["type"] == "text" for p in last["content"]):
         raise ValueError("Type a question (an image alone is not a question).")
     return messages, images
 
@@ -194,7 +202,7 @@ def make_chat_fn(model: Any, processor: Any, limits: DemoLimits):
             prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
             inputs = processor(images=images or None, text=prompt)
         except USER_ERRORS as error:
-            yield f"⚠️ {error}"
+            yield f"{ERROR_MARK} {error}"
             return
         max_new_tokens = max(1, min(int(max_new_tokens), limits.max_new_tokens))
         sampling = {"do_sample": False}
@@ -230,7 +238,9 @@ def make_chat_fn(model: Any, processor: Any, limits: DemoLimits):
             failure.append(TimeoutError(f"no answer within {limits.timeout_s:.0f} s"))
         thread.join(timeout=1.0)
         if failure:
-            yield (answer + "\n\n" if answer.strip() else "") + f"⚠️ Generation failed: {failure[0]}"
+            yield (
+                answer + "\n\n" if answer.strip() else ""
+            ) + f"{ERROR_MARK} Generation failed: {failure[0]}"
         elif not answer.strip():
             yield "(the model gave an empty answer)"
 
@@ -256,15 +266,14 @@ def build_demo(
     examples = None
     if examples_dir and os.path.isdir(examples_dir):
         files = sorted(f for f in os.listdir(examples_dir) if f.endswith(".png"))
-        examples = [
+        questions = ("What is the color of the shape?", "What shape is in the image?", "Is there a circle?")
+        messages = [
             {"text": question, "files": [os.path.join(examples_dir, name)]}
-            for name, question in zip(
-                files,
-                ("What is the color of the shape?", "What shape is in the image?", "Is there a circle?"),
-                strict=False,
-            )
+            for name, question in zip(files, questions, strict=False)
         ]
-        examples.append({"text": "What is the capital of France?", "files": []})
+        messages.append({"text": "What is the capital of France?", "files": []})
+        # With additional inputs, each example lists their values too (greedy, 64 tokens).
+        examples = [[message, min(64, limits.max_new_tokens), 0.0, 0.9] for message in messages]
     demo = gr.ChatInterface(
         make_chat_fn(model, processor, limits),
         multimodal=True,

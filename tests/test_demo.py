@@ -1,0 +1,310 @@
+"""The gradio Spaces (issue: gradio Spaces): a real launch driven by `gradio_client` and by headless Chromium,
+the chat function on multi-turn histories, limits and errors, and pushing a Space to the test Hub server."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from hub_server import HubServer
+from PIL import Image
+
+from mmadapters import LavinForConditionalGeneration, LavinProcessor
+from mmadapters.demo import DemoLimits, build_conversation, make_chat_fn, resolve_model_name
+from mmadapters.hub import push_space
+from mmadapters.processing import load_image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE = os.path.join(REPO, "spaces", "lavin", "examples", "red_triangle.png")
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_backbones, tmp_path_factory):
+    torch.manual_seed(0)
+    model = LavinForConditionalGeneration.from_backbones(*tiny_backbones).eval()
+    folder = tmp_path_factory.mktemp("demo") / "lavin"
+    model.save_pretrained(folder, processor=LavinProcessor.from_backbones(*tiny_backbones))
+    return str(folder)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(checkpoint):
+    """`mmadapters demo CHECKPOINT --port P` in its own process, as a user starts it; yields its URL."""
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mmadapters.cli", "demo", checkpoint, "--port", str(port), "--timeout", "30"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url, lines, deadline = None, [], time.time() + 120
+    while time.time() < deadline and url is None:
+        line = process.stdout.readline()
+        if not line and process.poll() is not None:
+            break
+        lines.append(line)
+        if "running on http" in line:
+            url = line.rsplit(" ", 1)[-1].strip()
+    if url is None:
+        process.kill()
+        pytest.fail("the demo did not start:\n" + "".join(lines[-40:]))
+    assert url == f"http://127.0.0.1:{port}/"
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_client_image_question_streams_text_turn_and_bad_file(app, tmp_path):
+    from gradio_client import Client, handle_file
+
+    client = Client(app, verbose=False)
+    job = client.submit(
+        {"text": "what color is the shape?", "files": [handle_file(EXAMPLE)]}, 40, 0.0, 0.9, api_name="/chat"
+    )
+    job.result(timeout=120)
+    outputs = [o for o in job.outputs() if o]
+    assert len(outputs) > 1, "the answer was not streamed"
+    assert all(b.startswith(a) for a, b in zip(outputs, outputs[1:], strict=False))  # a growing answer
+    assert not outputs[-1].startswith("⚠️")
+
+    text_only = client.predict(
+        {"text": "the capital of france is", "files": []}, 8, 0.0, 0.9, api_name="/chat"
+    )
+    assert text_only and not text_only.startswith("⚠️")
+
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    message = client.predict(
+        {"text": "what is this?", "files": [handle_file(str(corrupt))]}, 8, 0.0, 0.9, api_name="/chat"
+    )
+    assert message.startswith("⚠️") and "not a readable image" in message and "Traceback" not in message
+    # The app keeps serving.
+    again = client.predict(
+        {"text": "what shape?", "files": [handle_file(EXAMPLE)]}, 8, 0.0, 0.9, api_name="/chat"
+    )
+    assert again and not again.startswith("⚠️")
+
+
+def test_browser_uploads_an_image_and_sees_the_answer(app, tmp_path):
+    if not (CHROMIUM and CHROMEDRIVER):
+        if os.environ.get("MMADAPTERS_REQUIRE_BROWSER"):
+            pytest.fail("chromium and chromedriver are required (Debian packages chromium, chromium-driver)")
+        pytest.skip("chromium/chromedriver not installed (`make test` installs them when it can)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = Options()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-quic",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        driver.set_window_size(1200, 900)
+        driver.get(app)
+        wait = WebDriverWait(driver, 60)
+        upload = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "input[data-testid=file-upload]"))
+        upload.send_keys(EXAMPLE)
+        wait.until(
+            lambda d: d.find_elements(By.CSS_SELECTOR, "[data-testid=textbox] img, .thumbnail-item, img")
+        )
+        driver.find_element(By.CSS_SELECTOR, "textarea[data-testid=textbox]").send_keys(
+            "what color is the shape?"
+        )
+        driver.find_element(By.CSS_SELECTOR, "button[data-testid=submit-button]").click()
+        answer = wait.until(
+            lambda d: [
+                e.text for e in d.find_elements(By.CSS_SELECTOR, "[data-testid=bot]") if e.text.strip()
+            ]
+        )
+        time.sleep(1.0)  # let the stream finish rendering before the screenshot
+        screenshot = tmp_path / "demo_answer.png"
+        driver.save_screenshot(str(screenshot))
+        assert screenshot.stat().st_size > 10_000
+        assert answer and not answer[0].startswith("⚠️")
+        users = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "[data-testid=user]")]
+        assert any("what color is the shape?" in text for text in users)
+        print(f"screenshot: {screenshot}")
+    finally:
+        driver.quit()
+
+
+class RecordingProcessor:
+    """Wraps a processor and keeps what the chat function asked of it."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.calls = []
+
+    def apply_chat_template(self, messages, **kwargs):
+        return self.processor.apply_chat_template(messages, **kwargs)
+
+    def __call__(self, images=None, text=None):
+        outputs = self.processor(images=images, text=text)
+        self.calls.append({"images": images, "text": text, "outputs": outputs})
+        return outputs
+
+
+@pytest.mark.parametrize("style", ["typed", "path-dict", "tuple"])
+def test_multi_turn_history_with_an_image_reaches_the_model(checkpoint, tmp_path, style):
+    model = LavinForConditionalGeneration.from_pretrained(checkpoint)
+    processor = LavinProcessor.from_pretrained(checkpoint)
+    recorder = RecordingProcessor(processor)
+    chat = make_chat_fn(model, recorder, DemoLimits(max_new_tokens=4))
+    blue = tmp_path / "blue.png"
+    Image.new("RGB", (40, 30), (0, 0, 255)).save(blue)
+    image_part = {
+        "typed": {"type": "file", "file": {"path": str(blue)}},
+        "path-dict": {"path": str(blue)},
+        "tuple": (str(blue),),
+    }[style]
+    text_part = {"type": "text", "text": "what color?"} if style == "typed" else "what color?"
+    history = [
+        {"role": "user", "content": [image_part]}
+        if style != "typed"
+        else {"role": "user", "content": [image_part, text_part]},
+        *([{"role": "user", "content": text_part}] if style != "typed" else []),
+        {"role": "assistant", "content": [{"type": "text", "text": "blue"}] if style == "typed" else "blue"},
+        {
+            "role": "user",
+            "content": "tell me a fact" if style != "typed" else [{"type": "text", "text": "tell me a fact"}],
+        },
+        {"role": "assistant", "content": "ok"},
+    ]
+    answers = list(chat({"text": "and which shape?", "files": []}, history, 4, 0.0, 0.9))
+    assert answers and not answers[-1].startswith("⚠️")
+
+    call = recorder.calls[-1]
+    expected_messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "blue"}]},
+        {"role": "user", "content": [{"type": "text", "text": "tell me a fact"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "ok"}]},
+        {"role": "user", "content": [{"type": "text", "text": "and which shape?"}]},
+    ]
+    assert call["text"] == processor.apply_chat_template(expected_messages, add_generation_prompt=True)
+    assert call["text"].count("<image>") == 1 and "Image: <image>" in call["text"]
+    expected = processor(images=[load_image(str(blue))], text=call["text"])
+    assert torch.equal(call["outputs"]["pixel_values"], expected["pixel_values"])
+    assert torch.equal(call["outputs"]["input_ids"], expected["input_ids"])
+
+
+def test_limits_and_user_errors(checkpoint, tmp_path):
+    model = LavinForConditionalGeneration.from_pretrained(checkpoint)
+    processor = LavinProcessor.from_pretrained(checkpoint)
+    chat = make_chat_fn(model, processor, DemoLimits(max_image_pixels=32 * 32, max_new_tokens=3))
+    big = tmp_path / "big.png"
+    Image.new("RGB", (64, 64)).save(big)
+    message = list(chat({"text": "what?", "files": [str(big)]}, [], 3))
+    assert message[-1].startswith("⚠️") and "pixels" in message[-1]
+    small = tmp_path / "small.png"
+    Image.new("RGB", (16, 16)).save(small)
+    assert list(chat({"text": "", "files": [str(small)]}, [], 3))[-1].startswith("⚠️ Type a question")
+    # max_new_tokens is capped by the limit, whatever the request asks for.
+    recorded = []
+    original = model.generate
+    model.generate = lambda **kwargs: recorded.append(kwargs["max_new_tokens"]) or original(**kwargs)
+    list(chat({"text": "hello", "files": []}, [], 10_000))
+    assert recorded == [3]
+
+
+def test_conversation_rejects_unknown_files(tmp_path):
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("hello")
+    with pytest.raises(Exception, match="not a readable image"):
+        build_conversation({"text": "read this", "files": [str(text_file)]}, [], 10**6)
+
+
+def test_model_resolution(tmp_path, monkeypatch):
+    monkeypatch.delenv("MMADAPTERS_MODEL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_name(None) is None  # -> embedded backbones
+    (tmp_path / "quickstart_output" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "quickstart_output" / "checkpoint" / "config.json").write_text("{}")
+    assert resolve_model_name(None).endswith(os.path.join("quickstart_output", "checkpoint"))
+    space = tmp_path / "space"
+    space.mkdir()
+    (space / "mmadapters_space.json").write_text(json.dumps({"model": "org/lavin"}))
+    assert resolve_model_name(None, str(space)) == "org/lavin"
+    monkeypatch.setenv("MMADAPTERS_MODEL", "org/from-env")
+    assert resolve_model_name(None, str(space)) == "org/from-env"
+    assert resolve_model_name("org/explicit", str(space)) == "org/explicit"
+
+
+def test_push_space(tmp_path):
+    server = HubServer(token="hf_space_token_123456").start()
+    try:
+        planned = push_space(
+            os.path.join(REPO, "spaces", "lavin"), "org/lavin-space", model="org/lavin", dry_run=True
+        )
+        assert {"app.py", "requirements.txt", "README.md", "mmadapters_space.json"} <= {
+            f.path for f in planned
+        }
+        assert server.requests == []
+        push_space(
+            os.path.join(REPO, "spaces", "lavin"),
+            "org/lavin-space",
+            model="org/lavin",
+            token="hf_space_token_123456",
+            endpoint=server.url,
+        )
+        files = server.spaces["org/lavin-space"].commits[-1][1]
+        assert json.loads(files["mmadapters_space.json"]) == {"model": "org/lavin"}
+        readme = files["README.md"].decode()
+        assert "sdk: gradio" in readme and "models:\n- org/lavin" in readme
+        assert "examples/red_triangle.png" in files and "app.py" in files
+        assert "org/lavin-space" not in server.repos  # a Space, not a model repo
+    finally:
+        server.stop()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", ["lavin", "crome"])
+def test_spaces_default_to_the_embedded_backbones(kind, monkeypatch, tmp_path):
+    """Without a model, each Space serves its method around the real embedded SmolLM2 and answers."""
+    from mmadapters.demo import build_demo, load_demo_model
+
+    monkeypatch.delenv("MMADAPTERS_MODEL", raising=False)
+    monkeypatch.chdir(tmp_path)  # no quickstart checkpoint here
+    app_dir = os.path.join(REPO, "spaces", kind)
+    assert resolve_model_name(None, app_dir) is None
+    model, processor, description = load_demo_model(None, kind)
+    assert model.config.model_type == kind and "embedded" in description
+    chat = make_chat_fn(model, processor, DemoLimits())
+    answer = list(chat({"text": "What is the capital of France?", "files": []}, [], 12))[-1]
+    assert "Paris" in answer  # untrained adapters start as the identity: the LLM's own answer
+    image_answer = list(chat({"text": "What shape is in the image?", "files": [EXAMPLE]}, [], 8))[-1]
+    assert image_answer.strip() and not image_answer.startswith("⚠️")
+    demo = build_demo(model, processor, description, kind, DemoLimits(), os.path.join(app_dir, "examples"))
+    assert len(demo.examples) == 4  # three easy-vqa images and a text-only question
