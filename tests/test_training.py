@@ -351,3 +351,76 @@ def test_crome_trainer_honours_the_stage(tmp_path):
         k.split(".")[0] for k in load_file(tmp_path / "crome" / "checkpoint-2" / "adapter_model.safetensors")
     }
     assert saved == set(model.adapter_module_names())
+
+
+@pytest.mark.parametrize("which", ["lavin", "crome"])
+def test_supervised_logits_only_gives_the_same_loss_and_gradients(tiny_backbones, randomize_adapters, which):
+    """Training steps project only the supervised positions onto the vocabulary: same loss, same gradients."""
+    from mmadapters import CromeForConditionalGeneration, CromeProcessor
+
+    torch.manual_seed(0)
+    if which == "lavin":
+        model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+        processor = LavinProcessor.from_backbones(*tiny_backbones)
+    else:
+        model = CromeForConditionalGeneration.from_backbones(*tiny_backbones, qformer=tiny_qformer_config())
+        processor = CromeProcessor.from_backbones(
+            *tiny_backbones, num_image_tokens=model.config.num_image_tokens
+        )
+    randomize_adapters(model)
+    model.train()
+    for module in model.modules():  # dropout off: the two passes must see the same function
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    generator = torch.Generator().manual_seed(0)
+    image = (torch.rand(32, 32, 3, generator=generator) * 255).to(torch.uint8).numpy()
+    batch = processor(
+        images=[[image], []],
+        text=["<image>\nwhat color?" if which == "crome" else "Image: <image>\nwhat color?", "say hi"],
+        answers=["red", "hi there friend"],
+    )
+    results = []
+    for supervised_only in (False, True):
+        model.zero_grad()
+        out = model(**batch, supervised_logits_only=supervised_only, num_items_in_batch=torch.tensor(5))
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.loss.detach(), out.logits.shape, grads))
+    (full_loss, full_shape, full_grads), (kept_loss, kept_shape, kept_grads) = results
+    torch.testing.assert_close(kept_loss, full_loss, atol=1e-6, rtol=1e-5)
+    assert kept_shape[1] < full_shape[1]  # only the supervised positions were projected
+    assert set(kept_grads) == set(full_grads)
+    for name in full_grads:
+        torch.testing.assert_close(kept_grads[name], full_grads[name], atol=1e-6, rtol=1e-4)
+
+
+def test_trainer_steps_use_supervised_logits_only(tiny_backbones, tmp_path):
+    model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+    processor = LavinProcessor.from_backbones(*tiny_backbones)
+    seen = []
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("supervised_logits_only", False))
+        return forward(*args, **kwargs)
+
+    model.forward = spy
+    rows = [{"prompt": "Image: N/A\nsay hi", "target": "hi", "image": None}] * 4
+    args = TrainingArguments(
+        str(tmp_path / "run"),
+        max_steps=1,
+        per_device_train_batch_size=4,
+        use_cpu=True,
+        report_to=[],
+        remove_unused_columns=False,
+        save_strategy="no",
+    )
+    trainer = LavinTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        data_collator=VisionLanguageCollator(processor),
+        processing_class=processor,
+    )
+    trainer.train()
+    assert seen == [True]

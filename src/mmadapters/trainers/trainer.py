@@ -2,7 +2,8 @@
 
 What they add to the Trainer: adapter-only checkpoints (and `resume_from_checkpoint` from them), a report of
 what trains at the start, LaVIN's optimizer recipe (AdamW, no weight decay on biases and 1-D parameters),
-LaVIN's routing weights in the logs (per modality), and CROME's stages.
+LaVIN's routing weights in the logs (per modality), CROME's stages, and training steps that compute logits only
+where a token is supervised.
 """
 
 from __future__ import annotations
@@ -49,6 +50,13 @@ class AdapterTrainer(Trainer):
             lines,
         )
         return super().train(*args, **kwargs)
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        """Training steps compute logits only at supervised positions (same loss; see
+        `mmadapters.modeling.causal_lm_output`); evaluation keeps full logits for metrics."""
+        if model.training and "labels" in inputs:
+            inputs = {**inputs, "supervised_logits_only": True}
+        return super().compute_loss(model, inputs, *args, **kwargs)
 
     def _unwrapped(self) -> Any:
         return self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model

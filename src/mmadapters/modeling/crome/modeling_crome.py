@@ -28,6 +28,7 @@ from ..backbones import (
     resolve_checkpoint_folder,
     tokenizer_for,
 )
+from ..causal_lm_output import LOSS_KWARGS, causal_lm_output
 from ..image_tokens import check_image_token_count, embed_text_tokens, refuse_images_without_pixels
 from .configuration_crome import STAGES, CromeConfig
 
@@ -40,7 +41,6 @@ STAGE_MODULES = {
 # Modules an InstructBLIP checkpoint can provide (see convert/instructblip.py).
 SOURCEABLE_MODULES = ("qformer", "query_tokens", "query_projection")
 INSTRUCTBLIP_PREFIXES = ("qformer.", "query_tokens", "language_projection.")
-LOSS_KWARGS = ("num_items_in_batch", "ignore_index")
 
 
 class CromePreTrainedModel(PreTrainedModel):
@@ -332,12 +332,15 @@ class CromeForConditionalGeneration(AdapterCheckpointMixin, CromePreTrainedModel
         decoder_attention_mask: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        supervised_logits_only: bool = False,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast | Seq2SeqLMOutput:
         r"""
         prompt_mask: (batch, prompt length) 1 on the prompt's text tokens (the adapter's text branch), from
             `CromeProcessor`. Without it no text token is adapted.
         labels: decoder-only LLM: the full sequence with -100 on the prompt; encoder-decoder: the answer.
+        supervised_logits_only: decoder-only LLM with `labels`: logits only where the next token is supervised
+            (same loss; see `causal_lm_output`). Encoder-decoder LLMs score only the answer anyway.
         """
         if input_ids is None:
             raise ValueError("CROME needs input_ids (the processor's output).")
@@ -374,25 +377,22 @@ class CromeForConditionalGeneration(AdapterCheckpointMixin, CromePreTrainedModel
                 past_key_values=outputs.past_key_values,
                 encoder_last_hidden_state=outputs.encoder_last_hidden_state,
             )
-        outputs = self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            **kwargs,
-        )
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(
-                logits=outputs.logits,
-                labels=labels,
-                vocab_size=self.config.text_config.vocab_size,
+        return causal_lm_output(
+            self.language_model,
+            self.loss_function,
+            self.config.text_config.vocab_size,
+            inputs_embeds,
+            labels,
+            logits_to_keep,
+            supervised_logits_only,
+            dict(
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
                 **loss_kwargs,
-            )
-        return CausalLMOutputWithPast(
-            loss=loss, logits=outputs.logits, past_key_values=outputs.past_key_values
+                **kwargs,
+            ),
         )
 
     @torch.no_grad()

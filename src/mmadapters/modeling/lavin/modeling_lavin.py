@@ -33,13 +33,12 @@ from ..adapters import (
     keep_initialization,
 )
 from ..backbones import BackboneSpec, freeze, load_backbones
+from ..causal_lm_output import causal_lm_output
 from ..image_tokens import check_image_token_count, embed_text_tokens, refuse_images_without_pixels
 from .configuration_lavin import LavinConfig
 
 # Top-level modules that make up the trainable adapter side; everything else is a frozen backbone.
 ADAPTER_MODULES = ("llm_adapters", "vision_adapters", "projector", "modality_embedding")
-# Keyword arguments of `forward` that belong to the loss, not to the LLM.
-LOSS_KWARGS = ("num_items_in_batch", "ignore_index")
 
 
 class LavinProjector(nn.Module):
@@ -259,6 +258,7 @@ class LavinForConditionalGeneration(AdapterCheckpointMixin, LavinPreTrainedModel
         routing_weights: torch.Tensor | None = None,
         folded_adapters: FoldedAdapters | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        supervised_logits_only: bool = False,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         r"""
@@ -268,6 +268,8 @@ class LavinForConditionalGeneration(AdapterCheckpointMixin, LavinPreTrainedModel
         folded_adapters: the output of `fold_llm_adapters` (inference only; `generate` passes it in eval mode).
         position_ids: positions of the text tokens counted from 0; the LLM sees them shifted by one, because
             position 0 belongs to the (virtual) modality token, as in training of the official model.
+        supervised_logits_only: with `labels`, compute logits only where the next token is supervised (same
+            loss, a fraction of the LM-head cost; `logits` then holds those positions only). Our Trainers set it.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
@@ -295,31 +297,22 @@ class LavinForConditionalGeneration(AdapterCheckpointMixin, LavinPreTrainedModel
 
         if position_ids is None:
             position_ids = self._text_position_ids(inputs_embeds, attention_mask, past_key_values)
-        loss_kwargs = {key: kwargs.pop(key) for key in LOSS_KWARGS if key in kwargs}
-        outputs = self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids + 1,  # position 0 belongs to the modality token
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            **adapter_kwargs,
-            **kwargs,
-        )
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(
-                logits=outputs.logits,
-                labels=labels,
-                vocab_size=self.config.text_config.vocab_size,
-                **loss_kwargs,
-            )
-        return CausalLMOutputWithPast(
-            loss=loss,
-            logits=outputs.logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
+        return causal_lm_output(
+            self.language_model,
+            self.loss_function,
+            self.config.text_config.vocab_size,
+            inputs_embeds,
+            labels,
+            logits_to_keep,
+            supervised_logits_only,
+            dict(
+                attention_mask=attention_mask,
+                position_ids=position_ids + 1,  # position 0 belongs to the modality token
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **adapter_kwargs,
+                **kwargs,
+            ),
         )
 
     def _place_image_features(
