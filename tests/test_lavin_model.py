@@ -270,3 +270,17 @@ def test_peft_lora_composes_with_lavin(model, processor):
     assert all(
         p.grad is not None for n, p in peft_model.named_parameters() if p.requires_grad and "lora_A" in n
     )
+
+
+def test_fold_is_reused_until_the_adapters_change(model, randomize_adapters):
+    randomize_adapters(model)
+    model.eval()
+    with torch.no_grad():
+        first = model.fold_llm_adapters()
+        assert model.fold_llm_adapters() is first  # nothing changed: the same fold
+        model.llm_adapters[1].attn.expert_d.bias.data.add_(1e-4)  # `.data` writes bump no version counter
+        second = model.fold_llm_adapters()
+        assert second is not first and not torch.equal(second.bias, first.bias)
+        model.modality_embedding.weight.data[0, 0] += 1e-3
+        assert model.fold_llm_adapters() is not second
+    assert model.fold_llm_adapters() is not model.fold_llm_adapters()  # with gradients: never cached

@@ -34,8 +34,9 @@ class FoldedAdapters:
     """The LLM adapters of every layer folded per modality (inference): each site is x + U (A x) + c.
 
     up: (layers, sites, 2 modalities, d, r); bias: (layers, sites, 2, d). `rows` picks each sequence's modality
-    and splits per layer and site, so that the per-layer hooks only index Python lists; a batch of a single
-    modality (the common case) reuses one split, broadcast over the batch.
+    and splits per layer and site, so that the per-layer hooks only index Python lists. A batch of a single
+    modality (the common case) gets one (d, r) / (d,) pair per site, computed once and reused: the hook is then
+    two small linear layers and an add.
     """
 
     def __init__(self, up: torch.Tensor, bias: torch.Tensor) -> None:
@@ -47,14 +48,14 @@ class FoldedAdapters:
         if bool((modality == modality[0]).all()):
             key = int(modality[0])
             if key not in self._single_modality_rows:
-                self._single_modality_rows[key] = self._split(slice(key, key + 1))
+                self._single_modality_rows[key] = self._split(key)
             return self._single_modality_rows[key]
         return self._split(modality)
 
-    def _split(
-        self, index: torch.Tensor | slice
-    ) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
-        up, bias = self.up[:, :, index], self.bias[:, :, index]  # (layers, sites, batch or 1, ...)
+    def _split(self, index: torch.Tensor | int) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+        # An int picks one modality for the whole batch: (d, r) and (d,) per site. A tensor picks one per
+        # sequence: (batch, d, r) and (batch, d).
+        up, bias = self.up[:, :, index], self.bias[:, :, index]
         return (
             [list(layer.unbind(0)) for layer in up.unbind(0)],
             [list(layer.unbind(0)) for layer in bias.unbind(0)],

@@ -135,8 +135,11 @@ class MMAdapter(nn.Module):
         return self.scale * mixed, self.scale * (mixed_bias + mixed @ self.down.bias)
 
     def forward_folded(self, x: torch.Tensor, up: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """The adapter from `fold`'s output (one row per sequence, or one row for all): a few ops per token."""
+        """The adapter from `fold`'s output: `up` (d, r) and `bias` (d,) for the whole batch, or (batch, d, r)
+        and (batch, d) with one row per sequence. A few ops per token."""
         hidden = torch.nn.functional.linear(x, self.down.weight)  # (batch, seq, r)
+        if up.dim() == 2:
+            return x + torch.nn.functional.linear(hidden, up, bias)
         return x + (hidden @ up.transpose(1, 2) + bias.unsqueeze(1))
 
     def adapt(self, x: torch.Tensor, routing_weights: torch.Tensor | None = None) -> torch.Tensor:
