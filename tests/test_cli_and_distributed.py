@@ -144,6 +144,7 @@ def test_quickstart_at_reduced_size(tmp_path):
         "accuracy_after",
         "num_test_questions",
         "text_only_preserved",
+        "text_only_identical",
         "trainable_parameters",
         "adapter_bytes",
         "wall_seconds",
@@ -157,3 +158,16 @@ def test_quickstart_at_reduced_size(tmp_path):
         == saved["adapter_bytes"]
     )
     LavinForConditionalGeneration.from_pretrained(saved["checkpoint_dir"])
+    assert len(saved["text_only_answers"]) == saved["num_text_prompts_checked"] == 12
+    assert os.path.isfile(os.path.join(saved["checkpoint_dir"], "eval_results.json"))  # for the model card
+
+
+def test_first_sentence_is_the_answer():
+    from mmadapters.quickstart import first_sentence
+
+    assert (
+        first_sentence(" The capital of France is Paris. It is a large") == "The capital of France is Paris."
+    )
+    assert first_sentence("Paris\nThe city") == "Paris"
+    assert first_sentence("2 +  3 = 5") == "2 + 3 = 5"
+    assert first_sentence("") == ""

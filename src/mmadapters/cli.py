@@ -13,7 +13,9 @@ def _quickstart(args: argparse.Namespace) -> None:
 
     settings = QuickstartSettings(train_steps=args.train_steps, num_test=args.num_test)
     summary = run_quickstart(args.output_dir, settings)
-    print(json.dumps({k: v for k, v in summary.items() if k != "settings"}, indent=2))
+    print(
+        json.dumps({k: v for k, v in summary.items() if k not in ("settings", "text_only_answers")}, indent=2)
+    )
     print(
         f"\nLaVIN went from {summary['accuracy_before']:.1%} to {summary['accuracy_after']:.1%} on "
         f"{summary['num_test_questions']} easy-vqa test questions; {summary['text_only_preserved']:.0%} of held-out "
