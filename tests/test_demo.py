@@ -308,3 +308,13 @@ def test_spaces_default_to_the_embedded_backbones(kind, monkeypatch, tmp_path):
     assert image_answer.strip() and not image_answer.startswith("⚠️")
     demo = build_demo(model, processor, description, kind, DemoLimits(), os.path.join(app_dir, "examples"))
     assert len(demo.examples) == 4  # three easy-vqa images and a text-only question
+
+
+def test_generation_timeout_stops_and_says_so(checkpoint):
+    model = LavinForConditionalGeneration.from_pretrained(checkpoint)
+    processor = LavinProcessor.from_pretrained(checkpoint)
+    model.language_model.register_forward_pre_hook(lambda *_: time.sleep(0.05))  # a slow model
+    chat = make_chat_fn(model, processor, DemoLimits(timeout_s=0.2, max_new_tokens=200))
+    answers = list(chat({"text": "the capital of", "files": []}, [], 200))
+    assert "generation time limit was reached" in answers[-1]
+    assert len(processor.tokenizer(answers[-2])["input_ids"]) < 50  # stopped long before 200 tokens

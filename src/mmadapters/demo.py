@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -227,6 +228,7 @@ def make_chat_fn(model: Any, processor: Any, limits: DemoLimits):
                 streamer.end()
 
         thread = threading.Thread(target=run, daemon=True)
+        started = time.monotonic()
         thread.start()
         answer = ""
         try:
@@ -243,6 +245,8 @@ def make_chat_fn(model: Any, processor: Any, limits: DemoLimits):
             ) + f"{ERROR_MARK} Generation failed: {failure[0]}"
         elif not answer.strip():
             yield "(the model gave an empty answer)"
+        elif time.monotonic() - started >= limits.timeout_s:
+            yield answer + f"\n\n(stopped: the {limits.timeout_s:g} s generation time limit was reached)"
 
     return chat
 
