@@ -13,27 +13,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from common import chat_batches, compare_generation, timed
 from PIL import Image
 from transformers import AutoModelForCausalLM
 
 import mmadapters
 from mmadapters import LavinForConditionalGeneration, LavinProcessor
-
-PROMPTS = [
-    "What is the capital of France?",
-    "Write one sentence about the sea.",
-    "Name three primary colors.",
-    "Explain what a triangle is.",
-]
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -47,30 +34,8 @@ def main() -> None:
     processor = LavinProcessor.from_backbones(text_model, vision_model)
     base = AutoModelForCausalLM.from_pretrained(text_model, dtype=torch.float32).eval()
 
-    batches = []
-    for prompt in PROMPTS:
-        chat = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
-        batches.append(processor(text=processor.apply_chat_template(chat, add_generation_prompt=True)))
-    kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
-    tokens = len(PROMPTS) * args.new_tokens
-    # Warm-up both once.
-    base.generate(**batches[0], **kwargs)
-    lavin.generate(**batches[0], **kwargs)
-    base_tps, lavin_tps, ratios = [], [], []
-    for _ in range(args.rounds):
-        base_time = sum(timed(lambda b=b: base.generate(**b, **kwargs)) for b in batches)
-        lavin_time = sum(timed(lambda b=b: lavin.generate(**b, **kwargs)) for b in batches)
-        base_tps.append(tokens / base_time)
-        lavin_tps.append(tokens / lavin_time)
-        ratios.append(base_time / lavin_time)
-    print(
-        f"text-only generation, {len(PROMPTS)} prompts x {args.new_tokens} new tokens, {args.rounds} rounds"
-    )
-    print(f"  base SmolLM2: {statistics.median(base_tps):.1f} tokens/s (median)")
-    print(f"  LaVIN:        {statistics.median(lavin_tps):.1f} tokens/s (median)")
-    print(
-        f"  LaVIN / base speed ratio: median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})"
-    )
+    batches = chat_batches(processor)
+    compare_generation(base, lavin, "LaVIN", batches, args.rounds, args.new_tokens)
 
     # Per-token decode cost with a KV cache, the two models interleaved step by step (less noise than whole
     # generate calls): the adapters' share of each generated token.

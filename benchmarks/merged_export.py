@@ -20,27 +20,14 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
 
 import torch
+from common import chat_batches, compare_generation, timed
 from transformers import AutoModelForCausalLM, CLIPVisionConfig, LlamaConfig
 
 import mmadapters
 from mmadapters import LavinForConditionalGeneration, LavinProcessor
 from mmadapters.convert.merge import merge_checkpoint
-
-PROMPTS = [
-    "What is the capital of France?",
-    "Write one sentence about the sea.",
-    "Name three primary colors.",
-    "Explain what a triangle is.",
-]
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def folder_bytes(folder: str, suffix: str = ".safetensors") -> int:
@@ -68,30 +55,8 @@ def speed(args: argparse.Namespace, work: str) -> None:
     merge_checkpoint(adapters, merged_dir, "text")
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     base = AutoModelForCausalLM.from_pretrained(text_model, dtype=torch.float32).eval()
-    batches = []
-    for prompt in PROMPTS:
-        chat = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
-        batches.append(processor(text=processor.apply_chat_template(chat, add_generation_prompt=True)))
-    kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
-    base.generate(**batches[0], **kwargs)  # warm-up
-    merged.generate(**batches[0], **kwargs)
-    tokens = len(PROMPTS) * args.new_tokens
-    ratios, base_tps, merged_tps = [], [], []
-    for _ in range(args.rounds):
-        base_time = sum(timed(lambda b=b: base.generate(**b, **kwargs)) for b in batches)
-        merged_time = sum(timed(lambda b=b: merged.generate(**b, **kwargs)) for b in batches)
-        base_tps.append(tokens / base_time)
-        merged_tps.append(tokens / merged_time)
-        ratios.append(base_time / merged_time)
-    print(
-        f"text generation, {len(PROMPTS)} prompts x {args.new_tokens} new tokens, {args.rounds} rounds interleaved"
-    )
-    print(f"  base SmolLM2:  {statistics.median(base_tps):.1f} tokens/s (median)")
-    print(f"  merged LaVIN:  {statistics.median(merged_tps):.1f} tokens/s (median)")
-    print(
-        f"  merged / base speed ratio: median {statistics.median(ratios):.3f} "
-        f"(min {min(ratios):.3f}, max {max(ratios):.3f})"
-    )
+    batches = chat_batches(processor)
+    compare_generation(base, merged, "merged LaVIN", batches, args.rounds, args.new_tokens)
 
     # Per-token decode cost with a KV cache, the two models interleaved step by step (less noisy than whole
     # generate calls, where one hiccup of the shared machine lands on one model).

@@ -1,10 +1,11 @@
 """Training step time and peak memory: LaVIN adapters vs PEFT LoRA (r = 8 on q/v) vs full fine-tuning of the LLM.
 
 Same model (LaVIN on the embedded backbones), same easy-vqa batch, same optimizer (AdamW); only the trainable
-set differs. Each method runs in its own subprocess (peak memory = the process's peak resident set size,
+set differs. "+sup" rows compute logits only at supervised positions, as our Trainers do (the same loss); a
+LoRA run through the same forward can use it too, so it is shown for both. Each method runs in its own subprocess (peak memory = the process's peak resident set size,
 measured after loading, so that the three numbers are comparable); step times are medians.
 
-    python benchmarks/training_step.py [--steps 8] [--batch-size 8]
+    python benchmarks/training_step.py [--steps 8] [--batch-size 8] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import subprocess
 import sys
 import time
 
-METHODS = ("lavin", "lora", "full")
+# "+sup": the forward computes logits only at supervised positions (`supervised_logits_only=True`, what
+# LavinTrainer/CromeTrainer pass in training steps); the others compute them everywhere (a plain HF forward).
+METHODS = ("lavin", "lavin+sup", "lora", "lora+sup", "full")
 
 
 def run_method(method: str, steps: int, batch_size: int) -> dict:
@@ -32,6 +35,8 @@ def run_method(method: str, steps: int, batch_size: int) -> dict:
     text_model, vision_model = mmadapters.embedded_backbones()
     model = LavinForConditionalGeneration.from_backbones(text_model, vision_model)
     processor = LavinProcessor.from_backbones(text_model, vision_model)
+    supervised_only = method.endswith("+sup")
+    method = method.removesuffix("+sup")
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -55,13 +60,13 @@ def run_method(method: str, steps: int, batch_size: int) -> dict:
     times = []
     for batch in batches:
         start = time.perf_counter()
-        loss = model(**batch).loss
+        loss = model(**batch, supervised_logits_only=supervised_only).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
     return {
-        "method": method,
+        "method": method + ("+sup" if supervised_only else ""),
         "trainable": sum(p.numel() for p in trainable),
         "step_seconds": statistics.median(times[1:]),  # the first step warms up
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -73,34 +78,37 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)  # one subprocess per method
     args = parser.parse_args()
     if args.method:
         print(json.dumps(run_method(args.method, args.steps, args.batch_size)))
         return
-    results = {}
-    for method in METHODS:
-        output = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--method",
-                method,
-                "--steps",
-                str(args.steps),
-                "--batch-size",
-                str(args.batch_size),
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        results[method] = json.loads(output.strip().splitlines()[-1])
-    lavin = results["lavin"]
+    # Rounds of one subprocess per method, interleaved, so that the shared machine's slow phases hit every
+    # method alike; the figures are medians over rounds.
+    runs: dict[str, list[dict]] = {method: [] for method in METHODS}
+    for _ in range(args.rounds):
+        for method in METHODS:
+            command = [sys.executable, __file__, "--method", method, "--steps", str(args.steps)]
+            command += ["--batch-size", str(args.batch_size)]
+            output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            runs[method].append(json.loads(output.strip().splitlines()[-1]))
+    results = {
+        method: {
+            "trainable": rounds[0]["trainable"],
+            "step_seconds": statistics.median(r["step_seconds"] for r in rounds),
+            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rounds),
+        }
+        for method, rounds in runs.items()
+    }
+    lavin = results["lavin+sup"]  # LaVIN as LavinTrainer runs it
     print(
-        f"batch {args.batch_size} easy-vqa samples, {args.steps} steps each, medians; peak = process peak RSS"
+        f"batch {args.batch_size} easy-vqa samples, {args.steps} steps per run, {args.rounds} interleaved rounds, "
+        "medians; peak = process peak RSS"
     )
-    print("| method | trainable | step s | LaVIN / method step time | peak RSS MB | LaVIN / method peak |")
+    print(
+        "| method | trainable | step s | LaVIN+sup / method step time | peak RSS MB | LaVIN+sup / method peak |"
+    )
     print("|---|---|---|---|---|---|")
     for method in METHODS:
         r = results[method]

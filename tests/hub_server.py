@@ -134,6 +134,17 @@ class HubHandler(BaseHTTPRequestHandler):
             return None
         return repo
 
+    def _revision(self, repo_id: str, revision: str, head: bool, kind: str) -> tuple | None:
+        """(repo, commit sha, files) at `revision`, or None after answering 404 (repo or revision unknown)."""
+        repo = self._repo(repo_id, head, kind)
+        if repo is None:
+            return None
+        found = repo.files_at(revision)
+        if found is None:
+            self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound", head)
+            return None
+        return repo, *found
+
     # -- routes -----------------------------------------------------------------------------------
 
     def do_HEAD(self) -> None:
@@ -164,13 +175,10 @@ class HubHandler(BaseHTTPRequestHandler):
         self._error(404, f"No route for {url.path}")
 
     def _repo_info(self, repo_id: str, revision: str, head: bool, kind: str = "models") -> None:
-        repo = self._repo(repo_id, head, kind)
-        if repo is None:
-            return
-        found = repo.files_at(revision)
+        found = self._revision(repo_id, revision, head, kind)
         if found is None:
-            return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound", head)
-        sha, files = found
+            return
+        repo, sha, files = found
         info = {
             "id": repo_id,
             "modelId": repo_id,
@@ -184,13 +192,10 @@ class HubHandler(BaseHTTPRequestHandler):
     def _tree(
         self, repo_id: str, revision: str, prefix: str, query: dict, head: bool, kind: str = "models"
     ) -> None:
-        repo = self._repo(repo_id, head, kind)
-        if repo is None:
-            return
-        found = repo.files_at(revision)
+        found = self._revision(repo_id, revision, head, kind)
         if found is None:
-            return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound", head)
-        _, files = found
+            return
+        _, _, files = found
         recursive = query.get("recursive", ["false"])[0].lower() == "true"
         entries, folders = [], set()
         for path in sorted(files):
@@ -209,13 +214,10 @@ class HubHandler(BaseHTTPRequestHandler):
         self._json(200, entries, head=head)
 
     def _resolve(self, repo_id: str, revision: str, path: str, head: bool, kind: str = "models") -> None:
-        repo = self._repo(repo_id, head, kind)
-        if repo is None:
-            return
-        found = repo.files_at(revision)
+        found = self._revision(repo_id, revision, head, kind)
         if found is None:
-            return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound", head)
-        sha, files = found
+            return
+        _, sha, files = found
         if path not in files:
             return self._error(404, f"Entry not found: {path}", "EntryNotFound", head)
         content = files[path]
