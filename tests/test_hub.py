@@ -242,3 +242,19 @@ def test_model_card(checkpoint, tmp_path):
     assert "base_model:\n- HuggingFaceTB/SmolLM2-135M-Instruct" in card
     params = sum(p.numel() for p in model.adapter_state_dict().values())
     assert f"{params:,} trainable parameters" in card
+
+
+def test_crome_checkpoint_card_and_push(tiny_backbones, tmp_path, hub):
+    from conftest import tiny_qformer_config
+
+    from mmadapters import CromeForConditionalGeneration
+
+    model = CromeForConditionalGeneration.from_backbones(*tiny_backbones, qformer=tiny_qformer_config())
+    folder = tmp_path / "crome"
+    model.save_pretrained(folder)
+    card = str(build_model_card(str(folder), "org/crome"))
+    assert "CROME adapters" in card and "pipeline_tag: image-text-to-text" in card
+    push_folder(folder, "org/crome", endpoint=hub.url, token=TOKEN)
+    files = hub.repos["org/crome"].commits[-1][1]
+    assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == "org/crome"
+    assert b"CROME adapters" in files["README.md"]
