@@ -19,8 +19,8 @@ def _quickstart(args: argparse.Namespace) -> None:
     print(
         f"\nLaVIN went from {summary['accuracy_before']:.1%} to {summary['accuracy_after']:.1%} on "
         f"{summary['num_test_questions']} easy-vqa test questions; {summary['text_only_preserved']:.0%} of held-out "
-        f"text-only answers are unchanged. Next: `mmadapters chat {summary['checkpoint_dir']}` or "
-        f"`mmadapters eval {summary['checkpoint_dir']}`."
+        f"text-only answers are unchanged. Next: `mmadapters chat {summary['checkpoint_dir']}`, "
+        f"`mmadapters demo {summary['checkpoint_dir']}` (browser chat), `mmadapters eval {summary['checkpoint_dir']}`."
     )
 
 
