@@ -41,6 +41,8 @@ bench: setup
 	$(BIN)/python benchmarks/crome_costs.py
 	$(BIN)/python benchmarks/training_step.py
 	$(BIN)/python benchmarks/merged_export.py
+	$(BIN)/python benchmarks/vision_tower_probe.py
+	$(BIN)/python benchmarks/visual_pathway_oracle.py
 
 clean:
 	rm -rf $(VENV) $(OUTPUT_DIR) .pytest_cache .ruff_cache
