@@ -86,6 +86,43 @@ def speed(args: argparse.Namespace, work: str) -> None:
     )
 
 
+def bias_cost(text_model: str, steps: int) -> None:
+    """The merged model's only extra work, isolated: the bare LLM vs the same LLM with zero q/k/v/o biases
+    (`attention_bias=True`; same function), per decode step, interleaved."""
+    from transformers import DynamicCache
+
+    base = AutoModelForCausalLM.from_pretrained(text_model, dtype=torch.float32).eval()
+    config = type(base.config).from_dict({**base.config.to_dict(), "attention_bias": True})
+    biased = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    biased.load_state_dict(base.state_dict(), strict=False)  # the biases are the only missing keys
+    with torch.no_grad():
+        for name, parameter in biased.named_parameters():
+            if name.endswith("proj.bias"):
+                parameter.zero_()
+    ids = torch.arange(1, 9)[None]
+    base_steps, biased_steps = [], []
+    with torch.no_grad():
+        base_cache, biased_cache = DynamicCache(), DynamicCache()
+        base(input_ids=ids, past_key_values=base_cache, use_cache=True)
+        biased(input_ids=ids, past_key_values=biased_cache, use_cache=True)
+        token = ids[:, -1:]
+        for step in range(steps):
+            position = torch.tensor([[ids.shape[1] + step]])
+            base_steps.append(
+                timed(lambda p=position: base(input_ids=token, past_key_values=base_cache, position_ids=p))
+            )
+            biased_steps.append(
+                timed(
+                    lambda p=position: biased(input_ids=token, past_key_values=biased_cache, position_ids=p)
+                )
+            )
+    base_ms, biased_ms = statistics.median(base_steps) * 1e3, statistics.median(biased_steps) * 1e3
+    print(
+        f"bias cost alone ({steps} decode steps, interleaved): base {base_ms:.2f} ms, base + zero q/k/v/o biases "
+        f"{biased_ms:.2f} ms: ratio {base_ms / biased_ms:.3f}"
+    )
+
+
 def llama_7b_sizes() -> None:
     text = LlamaConfig(
         hidden_size=4096,
@@ -116,6 +153,7 @@ def main() -> None:
     llama_7b_sizes()
     with tempfile.TemporaryDirectory() as work:
         speed(args, work)
+    bias_cost(mmadapters.embedded_backbones()[0], steps=args.rounds * 40)
 
 
 if __name__ == "__main__":
