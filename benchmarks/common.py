@@ -55,3 +55,44 @@ def compare_generation(
         f"  {name} / base speed ratio: median {statistics.median(ratios):.3f} "
         f"(min {min(ratios):.3f}, max {max(ratios):.3f})"
     )
+
+
+def interleaved_decode_ms(
+    base: Any,
+    other: Any,
+    inputs: Any,
+    steps: int,
+    other_kwargs: dict[str, Any] | None = None,
+    base_position_offset: int = 0,
+) -> tuple[float, float]:
+    """Median milliseconds of one decode step with a KV cache for `base` and `other`, interleaved step by step
+    (less noisy than whole generate calls, where one hiccup of the shared machine lands on one model). Both are
+    prefilled with `inputs`; `other_kwargs` go to every call of `other`; `base_position_offset` shifts the base
+    model's positions (LaVIN counts text from 0 and shifts by one inside)."""
+    import torch
+    from transformers import DynamicCache
+
+    other_kwargs = other_kwargs or {}
+    base_steps, other_steps = [], []
+    with torch.no_grad():
+        base_cache, other_cache = DynamicCache(), DynamicCache()
+        base(**inputs, past_key_values=base_cache, use_cache=True)
+        other(**inputs, past_key_values=other_cache, use_cache=True, **other_kwargs)
+        token = inputs["input_ids"][:, -1:]
+        for step in range(steps):
+            position = torch.tensor([[inputs["input_ids"].shape[1] + step]])
+            base_steps.append(
+                timed(
+                    lambda p=position: base(
+                        input_ids=token, past_key_values=base_cache, position_ids=p + base_position_offset
+                    )
+                )
+            )
+            other_steps.append(
+                timed(
+                    lambda p=position: other(
+                        input_ids=token, past_key_values=other_cache, position_ids=p, **other_kwargs
+                    )
+                )
+            )
+    return statistics.median(base_steps) * 1e3, statistics.median(other_steps) * 1e3

@@ -15,7 +15,7 @@ import argparse
 import statistics
 
 import torch
-from common import chat_batches, compare_generation, timed
+from common import chat_batches, compare_generation, interleaved_decode_ms, timed
 from PIL import Image
 from transformers import AutoModelForCausalLM
 
@@ -37,42 +37,17 @@ def main() -> None:
     batches = chat_batches(processor)
     compare_generation(base, lavin, "LaVIN", batches, args.rounds, args.new_tokens)
 
-    # Per-token decode cost with a KV cache, the two models interleaved step by step (less noise than whole
-    # generate calls): the adapters' share of each generated token.
-    from transformers import DynamicCache
-
+    # Per-token decode cost with a KV cache, the two models interleaved step by step: the adapters' share of
+    # each generated token. The base model gets LaVIN's positions (text from 1).
     inputs = batches[0]
-    folded = lavin.fold_llm_adapters()
-    modality = lavin.modality_of(inputs["input_ids"])
-    base_steps, lavin_steps = [], []
-    with torch.no_grad():
-        base_cache, lavin_cache = DynamicCache(), DynamicCache()
-        base(**inputs, past_key_values=base_cache, use_cache=True)
-        lavin(
-            **inputs, past_key_values=lavin_cache, use_cache=True, folded_adapters=folded, modality=modality
-        )
-        token = inputs["input_ids"][:, -1:]
-        for step in range(args.rounds * 20):
-            position = torch.tensor([[inputs["input_ids"].shape[1] + step]])
-            base_steps.append(
-                timed(
-                    lambda p=position: base(input_ids=token, past_key_values=base_cache, position_ids=p + 1)
-                )
-            )
-            lavin_steps.append(
-                timed(
-                    lambda p=position: lavin(
-                        input_ids=token,
-                        past_key_values=lavin_cache,
-                        position_ids=p,
-                        folded_adapters=folded,
-                        modality=modality,
-                    )
-                )
-            )
-    base_ms, lavin_ms = statistics.median(base_steps) * 1e3, statistics.median(lavin_steps) * 1e3
+    folded = {
+        "folded_adapters": lavin.fold_llm_adapters(),
+        "modality": lavin.modality_of(inputs["input_ids"]),
+    }
+    steps = args.rounds * 20
+    base_ms, lavin_ms = interleaved_decode_ms(base, lavin, inputs, steps, folded, base_position_offset=1)
     print(
-        f"decode step with KV cache ({len(base_steps)} steps, interleaved): base {base_ms:.2f} ms, "
+        f"decode step with KV cache ({steps} steps, interleaved): base {base_ms:.2f} ms, "
         f"LaVIN {lavin_ms:.2f} ms: LaVIN / base speed ratio {base_ms / lavin_ms:.3f}"
     )
 

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 
 import torch
-from common import chat_batches, compare_generation, timed
+from common import chat_batches, compare_generation, interleaved_decode_ms
 from transformers import AutoModelForCausalLM, CLIPVisionConfig, LlamaConfig
 
 import mmadapters
@@ -58,30 +57,11 @@ def speed(args: argparse.Namespace, work: str) -> None:
     batches = chat_batches(processor)
     compare_generation(base, merged, "merged LaVIN", batches, args.rounds, args.new_tokens)
 
-    # Per-token decode cost with a KV cache, the two models interleaved step by step (less noisy than whole
-    # generate calls, where one hiccup of the shared machine lands on one model).
-    from transformers import DynamicCache
-
-    inputs = batches[0]
-    base_steps, merged_steps = [], []
-    with torch.no_grad():
-        base_cache, merged_cache = DynamicCache(), DynamicCache()
-        base(**inputs, past_key_values=base_cache, use_cache=True)
-        merged(**inputs, past_key_values=merged_cache, use_cache=True)
-        token = inputs["input_ids"][:, -1:]
-        for step in range(args.rounds * 40):
-            position = torch.tensor([[inputs["input_ids"].shape[1] + step]])
-            base_steps.append(
-                timed(lambda p=position: base(input_ids=token, past_key_values=base_cache, position_ids=p))
-            )
-            merged_steps.append(
-                timed(
-                    lambda p=position: merged(input_ids=token, past_key_values=merged_cache, position_ids=p)
-                )
-            )
-    base_ms, merged_ms = statistics.median(base_steps) * 1e3, statistics.median(merged_steps) * 1e3
+    # Per-token decode cost with a KV cache, the two models interleaved step by step.
+    steps = args.rounds * 40
+    base_ms, merged_ms = interleaved_decode_ms(base, merged, batches[0], steps)
     print(
-        f"decode step with KV cache ({len(base_steps)} steps, interleaved): base {base_ms:.2f} ms, merged "
+        f"decode step with KV cache ({steps} steps, interleaved): base {base_ms:.2f} ms, merged "
         f"{merged_ms:.2f} ms: merged / base speed ratio {base_ms / merged_ms:.3f}"
     )
 
@@ -89,8 +69,6 @@ def speed(args: argparse.Namespace, work: str) -> None:
 def bias_cost(text_model: str, steps: int) -> None:
     """The merged model's only extra work, isolated: the bare LLM vs the same LLM with zero q/k/v/o biases
     (`attention_bias=True`; same function), per decode step, interleaved."""
-    from transformers import DynamicCache
-
     base = AutoModelForCausalLM.from_pretrained(text_model, dtype=torch.float32).eval()
     config = type(base.config).from_dict({**base.config.to_dict(), "attention_bias": True})
     biased = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
@@ -99,24 +77,7 @@ def bias_cost(text_model: str, steps: int) -> None:
         for name, parameter in biased.named_parameters():
             if name.endswith("proj.bias"):
                 parameter.zero_()
-    ids = torch.arange(1, 9)[None]
-    base_steps, biased_steps = [], []
-    with torch.no_grad():
-        base_cache, biased_cache = DynamicCache(), DynamicCache()
-        base(input_ids=ids, past_key_values=base_cache, use_cache=True)
-        biased(input_ids=ids, past_key_values=biased_cache, use_cache=True)
-        token = ids[:, -1:]
-        for step in range(steps):
-            position = torch.tensor([[ids.shape[1] + step]])
-            base_steps.append(
-                timed(lambda p=position: base(input_ids=token, past_key_values=base_cache, position_ids=p))
-            )
-            biased_steps.append(
-                timed(
-                    lambda p=position: biased(input_ids=token, past_key_values=biased_cache, position_ids=p)
-                )
-            )
-    base_ms, biased_ms = statistics.median(base_steps) * 1e3, statistics.median(biased_steps) * 1e3
+    base_ms, biased_ms = interleaved_decode_ms(base, biased, {"input_ids": torch.arange(1, 9)[None]}, steps)
     print(
         f"bias cost alone ({steps} decode steps, interleaved): base {base_ms:.2f} ms, base + zero q/k/v/o biases "
         f"{biased_ms:.2f} ms: ratio {base_ms / biased_ms:.3f}"

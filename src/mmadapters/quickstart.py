@@ -74,6 +74,33 @@ class QuickstartSettings:
     seed: int = 0
 
 
+def training_arguments(output_dir: str, settings: QuickstartSettings, **overrides: Any) -> Any:
+    """The quickstart's `TrainingArguments` (AdamW with beta2 0.95, cosine schedule with 10% warm-up, no weight
+    decay, CPU, batches grouped by length); `overrides` replace any of them."""
+    from transformers import TrainingArguments
+
+    values = dict(
+        output_dir=output_dir,
+        max_steps=settings.train_steps,
+        per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, settings.train_steps // 10),
+        weight_decay=0.0,
+        adam_beta2=0.95,
+        logging_steps=max(1, settings.train_steps // 10),
+        save_strategy="no",
+        use_cpu=True,
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        seed=settings.seed,
+        train_sampling_strategy="group_by_length",
+        disable_tqdm=False,
+    )
+    return TrainingArguments(**{**values, **overrides})
+
+
 def first_sentence(answer: str) -> str:
     """The answer proper: its first sentence (up to . ! ? or a line break), whitespace-normalised. The 16
     generated tokens often run on past it, and the run-on part is not the answer to the question."""
@@ -90,7 +117,6 @@ def run_quickstart(
 ) -> dict[str, Any]:
     """Run the quickstart; returns (and writes) the summary."""
     import datasets
-    from transformers import TrainingArguments
 
     from .data import load_easy_vqa
     from .evaluation import evaluate_easy_vqa, generate_answers
@@ -145,25 +171,7 @@ def run_quickstart(
         row
     ) in rows:  # batches of similar length: the long text-only targets would otherwise pad whole batches
         row["length"] = len(processor.tokenizer(row["prompt"] + row["target"])["input_ids"])
-    args = TrainingArguments(
-        output_dir=str(output_dir / "trainer"),
-        max_steps=settings.train_steps,
-        per_device_train_batch_size=settings.batch_size,
-        learning_rate=settings.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, settings.train_steps // 10),
-        weight_decay=0.0,
-        adam_beta2=0.95,
-        logging_steps=max(1, settings.train_steps // 10),
-        save_strategy="no",
-        use_cpu=True,
-        report_to=[],
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        seed=settings.seed,
-        train_sampling_strategy="group_by_length",
-        disable_tqdm=False,
-    )
+    args = training_arguments(str(output_dir / "trainer"), settings)
     trainer = LavinTrainer(
         model=model,
         args=args,

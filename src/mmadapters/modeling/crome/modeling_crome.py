@@ -350,8 +350,8 @@ class CromeForConditionalGeneration(AdapterCheckpointMixin, CromePreTrainedModel
         inputs_embeds = self.embed_inputs(
             input_ids, pixel_values, qformer_input_ids, qformer_attention_mask, prompt_mask, past_length
         )
-        loss_kwargs = {key: kwargs.pop(key) for key in LOSS_KWARGS if key in kwargs}
         if self.is_encoder_decoder_llm:
+            loss_kwargs = {key: kwargs.pop(key) for key in LOSS_KWARGS if key in kwargs}
             if labels is None and decoder_input_ids is None:  # score the first answer token
                 start = self.language_model.config.decoder_start_token_id
                 decoder_input_ids = torch.full((input_ids.shape[0], 1), start, device=input_ids.device)
@@ -390,8 +390,7 @@ class CromeForConditionalGeneration(AdapterCheckpointMixin, CromePreTrainedModel
                 position_ids=position_ids,
                 past_key_values=past_key_values,
                 use_cache=use_cache,
-                **loss_kwargs,
-                **kwargs,
+                **kwargs,  # the loss keyword arguments too: causal_lm_output takes them out
             ),
         )
 
