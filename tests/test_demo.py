@@ -297,7 +297,10 @@ def test_spaces_default_to_the_embedded_backbones(kind, monkeypatch, tmp_path):
 
     monkeypatch.delenv("MMADAPTERS_MODEL", raising=False)
     monkeypatch.chdir(tmp_path)  # no quickstart checkpoint here
-    app_dir = os.path.join(REPO, "spaces", kind)
+    # A copy of the Space in a checkout without quickstart_output/ (the repo's own may hold one after
+    # `make quickstart`, which the app would then serve, rightly).
+    app_dir = str(tmp_path / "checkout" / "spaces" / kind)
+    shutil.copytree(os.path.join(REPO, "spaces", kind), app_dir)
     assert resolve_model_name(None, app_dir) is None
     model, processor, description = load_demo_model(None, kind)
     assert model.config.model_type == kind and "embedded" in description
