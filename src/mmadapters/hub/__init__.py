@@ -9,8 +9,6 @@ from .push import (
     SPACE_SETTINGS_NAME,
     PushError,
     format_plan,
-    plan_space_upload,
-    plan_upload,
     push_folder,
     push_space,
 )
@@ -20,10 +18,8 @@ __all__ = [
     "PushError",
     "build_model_card",
     "format_plan",
-    "plan_upload",
     "push_folder",
     "push_space",
-    "plan_space_upload",
     "SPACE_SETTINGS_NAME",
     "write_eval_results",
 ]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -47,54 +46,67 @@ class PlannedFile:
     size: int
 
 
-def backbone_weight_files(folder: str) -> list[str]:
-    return sorted(
-        name for name in os.listdir(folder) if any(fnmatch.fnmatch(name, p) for p in BACKBONE_WEIGHT_PATTERNS)
-    )
+def _folder_files(folder: str, skip_dirs: tuple[str, ...]) -> dict[str, str]:
+    """{path in the repo: local path} for every file under `folder`, minus the `skip_dirs` folders."""
+    files = {}
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if d not in skip_dirs)
+        for name in sorted(names):
+            full = os.path.join(root, name)
+            files[os.path.relpath(full, folder).replace(os.sep, "/")] = full
+    return files
 
 
-def plan_upload(folder: str, include_backbone_weights: bool = False) -> list[PlannedFile]:
-    """The files a push would upload (README.md included), checked: an adapter-only folder unless told."""
+def _weight_files(files: dict[str, str]) -> list[str]:
+    return [
+        path
+        for path in files
+        if any(fnmatch.fnmatch(os.path.basename(path), p) for p in BACKBONE_WEIGHT_PATTERNS)
+    ]
+
+
+def _write_json(path: str, values: dict[str, Any], sort_keys: bool = False) -> str:
+    with open(path, "w") as f:
+        json.dump(values, f, indent=2, sort_keys=sort_keys)
+        f.write("\n")
+    return path
+
+
+def _plan(files: dict[str, str]) -> list[PlannedFile]:
+    return [PlannedFile(path, os.path.getsize(files[path])) for path in sorted(files)]
+
+
+def checkpoint_files(
+    folder: str, repo_id: str, generated: str, include_backbone_weights: bool = False
+) -> dict[str, str]:
+    """What a checkpoint push uploads, checked (an adapter-only folder unless told): {path in the repo: local
+    path}. The folder's files are uploaded from where they are; the model card (unless the folder has a
+    README.md) and the adapter_config.json pointing at the repo itself are written into `generated`."""
     if not os.path.isdir(folder):
         raise PushError(
             f"{folder} is not a folder. Save a checkpoint with `model.save_pretrained(folder)` first."
         )
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise PushError(f"{folder} has no config.json: it is not an mmadapters checkpoint folder.")
-    heavy = backbone_weight_files(folder)
+    files = _folder_files(folder, (".git", ".cache"))
+    heavy = _weight_files(files)
     if heavy and not include_backbone_weights:
         raise PushError(
             f"{folder} holds backbone weights ({', '.join(heavy)}): it is a full checkpoint. Push an adapter-only "
             "folder (`save_pretrained(folder)`, the default), or pass --include-backbone-weights "
             "(`include_backbone_weights=True`) if you really mean to upload them."
         )
-    planned = []
-    for root, _, files in os.walk(folder):
-        for name in sorted(files):
-            full = os.path.join(root, name)
-            relative = os.path.relpath(full, folder).replace(os.sep, "/")
-            if relative.startswith((".git/", ".cache/")):
-                continue
-            planned.append(PlannedFile(relative, os.path.getsize(full)))
-    if not any(f.path == "README.md" for f in planned):
-        planned.append(PlannedFile("README.md", len(str(build_model_card(folder, "owner/name")).encode())))
-    return sorted(planned, key=lambda f: f.path)
-
-
-def _stage(folder: str, repo_id: str, staging: str) -> None:
-    """Copy the folder, add the model card, and point adapter_config.json's base model at the repo itself."""
-    shutil.copytree(folder, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".git", ".cache"))
-    readme = os.path.join(staging, "README.md")
-    if not os.path.isfile(readme):
-        build_model_card(folder, repo_id).save(readme)
-    adapter_config = os.path.join(staging, "adapter_config.json")
-    if os.path.isfile(adapter_config):
-        with open(adapter_config) as f:
+    if "README.md" not in files:
+        files["README.md"] = os.path.join(generated, "README.md")
+        build_model_card(folder, repo_id).save(files["README.md"])
+    if "adapter_config.json" in files:
+        with open(files["adapter_config.json"]) as f:
             values = json.load(f)
         values["base_model_name_or_path"] = repo_id
-        with open(adapter_config, "w") as f:
-            json.dump(values, f, indent=2, sort_keys=True)
-            f.write("\n")
+        files["adapter_config.json"] = _write_json(
+            os.path.join(generated, "adapter_config.json"), values, True
+        )
+    return files
 
 
 def _with_retries(
@@ -143,16 +155,13 @@ def push_folder(
 ) -> list[PlannedFile] | str:
     """Upload an adapter-only checkpoint folder to `repo_id` (created if needed; an existing repo gets a new
     commit). Returns the commit URL, or with `dry_run=True` the planned files without contacting the Hub."""
-    folder = os.fspath(folder)
-    planned = plan_upload(folder, include_backbone_weights)
-    if dry_run:
-        return planned
-    with tempfile.TemporaryDirectory() as staging:
-        _stage(folder, repo_id, staging)
+    with tempfile.TemporaryDirectory() as generated:
+        files = checkpoint_files(os.fspath(folder), repo_id, generated, include_backbone_weights)
+        if dry_run:
+            return _plan(files)
         return _upload(
-            staging,
+            files,
             repo_id,
-            planned,
             {"private": private},
             commit_message or "Upload adapters with mmadapters",
             token,
@@ -162,40 +171,32 @@ def push_folder(
         )
 
 
-def plan_space_upload(folder: str) -> list[PlannedFile]:
-    """The files of a Space folder, checked: app.py, requirements.txt and a README.md with `sdk: gradio`."""
+def space_files(folder: str, model: str, generated: str) -> dict[str, str]:
+    """What a Space push uploads, checked (app.py, requirements.txt, a README.md with `sdk: gradio`, no model
+    weights): {path in the repo: local path}. The README naming `model` under `models:` and
+    `mmadapters_space.json` are written into `generated`."""
+    from huggingface_hub import RepoCard
+
     if not os.path.isdir(folder):
         raise PushError(f"{folder} is not a folder (expected a Space folder such as spaces/lavin).")
-    missing = [
-        name
-        for name in ("app.py", "requirements.txt", "README.md")
-        if not os.path.isfile(os.path.join(folder, name))
-    ]
+    files = _folder_files(folder, ("__pycache__", ".git", "flagged", ".gradio"))
+    missing = [name for name in ("app.py", "requirements.txt", "README.md") if name not in files]
     if missing:
         raise PushError(f"{folder} is not a Space folder: it lacks {', '.join(missing)}.")
-    with open(os.path.join(folder, "README.md")) as f:
+    with open(files["README.md"]) as f:
         if "sdk: gradio" not in f.read():
             raise PushError(f"{folder}/README.md has no `sdk: gradio` front matter.")
-    planned = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if d not in ("__pycache__", ".git", "flagged", ".gradio")]
-        for name in sorted(files):
-            full = os.path.join(root, name)
-            planned.append(
-                PlannedFile(os.path.relpath(full, folder).replace(os.sep, "/"), os.path.getsize(full))
-            )
-    heavy = [
-        f.path
-        for f in planned
-        if any(fnmatch.fnmatch(os.path.basename(f.path), p) for p in BACKBONE_WEIGHT_PATTERNS)
-    ]
+    heavy = _weight_files(files)
     if heavy:
         raise PushError(
             f"The Space folder holds model weights ({', '.join(heavy)}): a Space loads its model from a model repo."
         )
-    if not any(f.path == SPACE_SETTINGS_NAME for f in planned):
-        planned.append(PlannedFile(SPACE_SETTINGS_NAME, 0))  # written when the Space is staged
-    return sorted(planned, key=lambda f: f.path)
+    card = RepoCard.load(files["README.md"], repo_type="space")
+    card.data.models = [model]
+    files["README.md"] = os.path.join(generated, "README.md")
+    card.save(files["README.md"])
+    files[SPACE_SETTINGS_NAME] = _write_json(os.path.join(generated, SPACE_SETTINGS_NAME), {"model": model})
+    return files
 
 
 def push_space(
@@ -211,29 +212,13 @@ def push_space(
 ) -> list[PlannedFile] | str:
     """Upload a Space folder (spaces/lavin, spaces/crome) as a gradio Space serving `model` (a model repo id):
     the model is recorded in `mmadapters_space.json` (read by the app) and in the README's `models:` list."""
-    from huggingface_hub import RepoCard
-
-    folder = os.fspath(folder)
-    planned = plan_space_upload(folder)
-    if dry_run:
-        return planned
-    with tempfile.TemporaryDirectory() as staging:
-        shutil.copytree(
-            folder,
-            staging,
-            dirs_exist_ok=True,
-            ignore=shutil.ignore_patterns("__pycache__", ".git", ".gradio", "flagged"),
-        )
-        with open(os.path.join(staging, SPACE_SETTINGS_NAME), "w") as f:
-            json.dump({"model": model}, f, indent=2)
-            f.write("\n")
-        card = RepoCard.load(os.path.join(staging, "README.md"), repo_type="space")
-        card.data.models = [model]
-        card.save(os.path.join(staging, "README.md"))
+    with tempfile.TemporaryDirectory() as generated:
+        files = space_files(os.fspath(folder), model, generated)
+        if dry_run:
+            return _plan(files)
         return _upload(
-            staging,
+            files,
             repo_id,
-            plan_space_upload(staging),
             {"private": private, "repo_type": "space", "space_sdk": "gradio"},
             f"Upload the Space (model {model}) with mmadapters",
             token,
@@ -244,9 +229,8 @@ def push_space(
 
 
 def _upload(
-    staging: str,
+    files: dict[str, str],
     repo_id: str,
-    planned: list[PlannedFile],
     create_kwargs: dict[str, Any],
     commit_message: str,
     token: str | None,
@@ -254,7 +238,8 @@ def _upload(
     retry_wait: float,
     endpoint: str | None,
 ) -> str:
-    """Create the repo (or keep the existing one) and commit the staged files, retrying transient failures."""
+    """Create the repo (or keep the existing one) and commit `files` ({path in the repo: local path}), retrying
+    transient failures."""
     from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
 
     endpoint = endpoint or constants.ENDPOINT
@@ -273,8 +258,7 @@ def _upload(
     def commit() -> Any:
         # Fresh operations on each attempt: the client refuses to reuse committed ones.
         operations = [
-            CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=os.path.join(staging, f.path))
-            for f in planned
+            CommitOperationAdd(path_in_repo=path, path_or_fileobj=local) for path, local in files.items()
         ]
         return api.create_commit(
             repo_id, operations=operations, commit_message=commit_message, repo_type=repo_type
