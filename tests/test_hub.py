@@ -258,3 +258,14 @@ def test_crome_checkpoint_card_and_push(tiny_backbones, tmp_path, hub):
     files = hub.repos["org/crome"].commits[-1][1]
     assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == "org/crome"
     assert b"CROME adapters" in files["README.md"]
+
+
+def test_commands_take_hub_ids_and_refuse_missing_folders(tmp_path):
+    from mmadapters.hub import check_checkpoint_name
+
+    check_checkpoint_name("org/lavin")  # a Hub id: left to the Hub client
+    check_checkpoint_name("gpt2")
+    check_checkpoint_name(str(tmp_path))  # an existing folder
+    for missing in (str(tmp_path / "nope"), "./nope", "a/b/c"):
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            check_checkpoint_name(missing)

@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+from .hub import check_checkpoint_name
+
 
 def _quickstart(args: argparse.Namespace) -> None:
     from .quickstart import QuickstartSettings, run_quickstart
@@ -30,16 +32,10 @@ def _train(args: argparse.Namespace) -> None:
     print(f"Saved the adapter-only checkpoint to {train_from_recipe(args.recipe)}")
 
 
-def _check_checkpoint(checkpoint: str) -> None:
-    """A path-like checkpoint (not a Hub id) must exist: fail before loading any backbone."""
-    if not os.path.isdir(checkpoint) and (os.sep in checkpoint or checkpoint.startswith(".")):
-        raise FileNotFoundError(f"checkpoint folder {checkpoint} does not exist")
-
-
 def _load(checkpoint: str) -> tuple:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    _check_checkpoint(checkpoint)
+    check_checkpoint_name(checkpoint)
     return AutoModelForImageTextToText.from_pretrained(checkpoint), AutoProcessor.from_pretrained(checkpoint)
 
 
@@ -130,7 +126,7 @@ def _convert_lavin(args: argparse.Namespace) -> None:
 def _merge(args: argparse.Namespace) -> None:
     from .convert.merge import merge_checkpoint
 
-    _check_checkpoint(args.checkpoint)
+    check_checkpoint_name(args.checkpoint)
     out = merge_checkpoint(args.checkpoint, args.output_dir, args.modality, text_model=args.llm)
     print(
         f"Folded the LLM adapters for {args.modality} samples into a plain transformers LLM: {out} "

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .hub import SPACE_SETTINGS_NAME
+from .hub import SPACE_SETTINGS_NAME, check_checkpoint_name
 from .modeling.image_tokens import ImageTokenMismatchError
 from .processing import InvalidImageError, PromptTooLongError, load_image
 
@@ -71,8 +71,7 @@ def load_demo_model(model_name: str | None, kind: str = "lavin") -> tuple[Any, A
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     if model_name is not None:
-        if not os.path.isdir(model_name) and (os.sep in model_name and model_name.count("/") != 1):
-            raise FileNotFoundError(f"model folder {model_name} does not exist")
+        check_checkpoint_name(model_name)
         model = AutoModelForImageTextToText.from_pretrained(model_name)
         return model.eval(), AutoProcessor.from_pretrained(model_name), model_name
 

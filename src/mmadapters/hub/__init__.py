@@ -5,6 +5,7 @@ the Spaces can all use it without imports pointing up the layers.
 """
 
 from .model_card import EVAL_RESULTS_NAME, build_model_card, write_eval_results
+from .names import check_checkpoint_name, is_hub_id
 from .push import (
     SPACE_SETTINGS_NAME,
     PushError,
@@ -17,6 +18,8 @@ __all__ = [
     "EVAL_RESULTS_NAME",
     "PushError",
     "build_model_card",
+    "check_checkpoint_name",
+    "is_hub_id",
     "format_plan",
     "push_folder",
     "push_space",

@@ -8,6 +8,8 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .names import is_hub_id
+
 EVAL_RESULTS_NAME = "eval_results.json"
 
 _METHODS = {
@@ -54,13 +56,6 @@ print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_to
 Or from the command line: `mmadapters chat {{ repo_id }}`. Backbones stored elsewhere can be given with
 `from_pretrained("{{ repo_id }}", text_model=..., vision_model=...)`.
 """
-
-
-def is_hub_id(name: str | None) -> bool:
-    """A Hub repo id (`owner/name`), as opposed to a local path."""
-    if not name or os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name):
-        return False
-    return name.count("/") == 1
 
 
 def count_parameters(safetensors_path: str) -> int:
