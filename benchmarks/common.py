@@ -34,18 +34,20 @@ def compare_generation(
     base: Any, other: Any, name: str, batches: list[Any], rounds: int, new_tokens: int
 ) -> None:
     """Tokens per second of `other` vs `base` on the same prompts (greedy, exactly `new_tokens` each), the two
-    interleaved round by round so that machine noise hits both alike; prints medians and the speed ratio."""
+    interleaved round by round so that machine noise hits both alike; which one goes first alternates between
+    rounds (going first or second is not neutral on this machine). Prints medians and the speed ratio."""
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     tokens = len(batches) * new_tokens
     base.generate(**batches[0], **kwargs)  # warm-up
     other.generate(**batches[0], **kwargs)
     base_tps, other_tps, ratios = [], [], []
-    for _ in range(rounds):
-        base_time = sum(timed(lambda b=b: base.generate(**b, **kwargs)) for b in batches)
-        other_time = sum(timed(lambda b=b: other.generate(**b, **kwargs)) for b in batches)
-        base_tps.append(tokens / base_time)
-        other_tps.append(tokens / other_time)
-        ratios.append(base_time / other_time)
+    for round_index in range(rounds):
+        times = {}
+        for key, model in alternate([("base", base), ("other", other)], round_index):
+            times[key] = sum(timed(lambda b=b, m=model: m.generate(**b, **kwargs)) for b in batches)
+        base_tps.append(tokens / times["base"])
+        other_tps.append(tokens / times["other"])
+        ratios.append(times["base"] / times["other"])
     print(
         f"text-only generation, {len(batches)} prompts x {new_tokens} new tokens, {rounds} rounds interleaved"
     )
@@ -57,6 +59,11 @@ def compare_generation(
     )
 
 
+def alternate(items: list[Any], index: int) -> list[Any]:
+    """`items` in order on even `index`, reversed on odd: each model goes first half of the time."""
+    return items if index % 2 == 0 else items[::-1]
+
+
 def interleaved_decode_ms(
     base: Any,
     other: Any,
@@ -66,9 +73,10 @@ def interleaved_decode_ms(
     base_position_offset: int = 0,
 ) -> tuple[float, float]:
     """Median milliseconds of one decode step with a KV cache for `base` and `other`, interleaved step by step
-    (less noisy than whole generate calls, where one hiccup of the shared machine lands on one model). Both are
-    prefilled with `inputs`; `other_kwargs` go to every call of `other`; `base_position_offset` shifts the base
-    model's positions (LaVIN counts text from 0 and shifts by one inside)."""
+    (less noisy than whole generate calls, where one hiccup of the shared machine lands on one model), the
+    order alternating from step to step. Both are prefilled with `inputs`; `other_kwargs` go to every call of
+    `other`; `base_position_offset` shifts the base model's positions (LaVIN counts text from 0 and shifts by
+    one inside)."""
     import torch
     from transformers import DynamicCache
 
@@ -81,18 +89,20 @@ def interleaved_decode_ms(
         token = inputs["input_ids"][:, -1:]
         for step in range(steps):
             position = torch.tensor([[inputs["input_ids"].shape[1] + step]])
-            base_steps.append(
-                timed(
+            calls = [
+                (
+                    base_steps,
                     lambda p=position: base(
                         input_ids=token, past_key_values=base_cache, position_ids=p + base_position_offset
-                    )
-                )
-            )
-            other_steps.append(
-                timed(
+                    ),
+                ),
+                (
+                    other_steps,
                     lambda p=position: other(
                         input_ids=token, past_key_values=other_cache, position_ids=p, **other_kwargs
-                    )
-                )
-            )
+                    ),
+                ),
+            ]
+            for times, call in alternate(calls, step):
+                times.append(timed(call))
     return statistics.median(base_steps) * 1e3, statistics.median(other_steps) * 1e3

@@ -5,7 +5,7 @@ Speed: LaVIN around the embedded SmolLM2-135M-Instruct with trained-looking (ran
 for text with `mmadapters merge`, then loaded as a plain `AutoModelForCausalLM`. The merged and the base model
 generate the same number of tokens from the same prompts, interleaved round by round; the figure is the ratio
 of tokens per second (goal: merged >= 0.99x base). The merged model carries q/k/v (and zero o_proj) biases,
-its only extra work.
+its only extra work. Both models' weights are copied into memory after loading (see `load_llm`).
 
 Sizes: bytes of the adapter-only folder's safetensors vs a full `save_pretrained(adapter_only=False)` for the
 embedded backbones (files written), and for LLaMA-7B + ViT-L/14 shapes (built on the meta device; bytes =
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+from typing import Any
 
 import torch
 from common import chat_batches, compare_generation, interleaved_decode_ms
@@ -31,6 +32,20 @@ from mmadapters.convert.merge import merge_checkpoint
 
 def folder_bytes(folder: str, suffix: str = ".safetensors") -> int:
     return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(suffix))
+
+
+def load_llm(folder: str, in_memory: bool = True) -> Any:
+    """`AutoModelForCausalLM.from_pretrained(folder)` in fp32, eval mode. from_pretrained maps the safetensors
+    file into memory; a file written moments before (the merged model's, here) then reads slower than one that
+    has long been in the page cache: the base model itself, saved and reloaded, measured 0.94x (see
+    `controls`). With `in_memory` the weights are copied into the process's own memory, for both models alike,
+    so that the comparison is about the models, not about where their files came from."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    if in_memory:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.data = parameter.data.clone()
+    return model
 
 
 def speed(args: argparse.Namespace, work: str) -> None:
@@ -52,8 +67,7 @@ def speed(args: argparse.Namespace, work: str) -> None:
 
     merged_dir = os.path.join(work, "merged")
     merge_checkpoint(adapters, merged_dir, "text")
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
-    base = AutoModelForCausalLM.from_pretrained(text_model, dtype=torch.float32).eval()
+    merged, base = load_llm(merged_dir), load_llm(text_model)
     batches = chat_batches(processor)
     compare_generation(base, merged, "merged LaVIN", batches, args.rounds, args.new_tokens)
 
@@ -66,10 +80,14 @@ def speed(args: argparse.Namespace, work: str) -> None:
     )
 
 
-def bias_cost(text_model: str, steps: int) -> None:
-    """The merged model's only extra work, isolated: the bare LLM vs the same LLM with zero q/k/v/o biases
-    (`attention_bias=True`; same function), per decode step, interleaved."""
-    base = AutoModelForCausalLM.from_pretrained(text_model, dtype=torch.float32).eval()
+def controls(text_model: str, work: str, steps: int) -> None:
+    """What the per-step ratio can resolve on this machine, each against the bare LLM, interleaved:
+    - a second copy of it (the same work: any deviation from 1 is measurement noise);
+    - the same LLM with zero q/k/v/o biases (`attention_bias=True`, the same function): the merged model's
+      only extra work, isolated;
+    - the same LLM saved and loaded back as from_pretrained leaves it (weights mapped from the new file, not
+      copied into memory): the storage effect that `load_llm` removes."""
+    base = load_llm(text_model)
     config = type(base.config).from_dict({**base.config.to_dict(), "attention_bias": True})
     biased = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     biased.load_state_dict(base.state_dict(), strict=False)  # the biases are the only missing keys
@@ -77,11 +95,20 @@ def bias_cost(text_model: str, steps: int) -> None:
         for name, parameter in biased.named_parameters():
             if name.endswith("proj.bias"):
                 parameter.zero_()
-    base_ms, biased_ms = interleaved_decode_ms(base, biased, {"input_ids": torch.arange(1, 9)[None]}, steps)
-    print(
-        f"bias cost alone ({steps} decode steps, interleaved): base {base_ms:.2f} ms, base + zero q/k/v/o biases "
-        f"{biased_ms:.2f} ms: ratio {base_ms / biased_ms:.3f}"
+    fresh_dir = os.path.join(work, "base-resaved")
+    base.save_pretrained(fresh_dir)
+    others = (
+        ("a second copy of base (noise)", load_llm(text_model)),
+        ("base + zero q/k/v/o biases", biased),
+        ("base saved and reloaded, file-mapped", load_llm(fresh_dir, in_memory=False)),
     )
+    inputs = {"input_ids": torch.arange(1, 9)[None]}
+    for label, other in others:
+        base_ms, other_ms = interleaved_decode_ms(base, other, inputs, steps)
+        print(
+            f"control, {steps} decode steps interleaved: base {base_ms:.2f} ms, {label} {other_ms:.2f} ms: "
+            f"ratio {base_ms / other_ms:.3f}"
+        )
 
 
 def llama_7b_sizes() -> None:
@@ -114,7 +141,7 @@ def main() -> None:
     llama_7b_sizes()
     with tempfile.TemporaryDirectory() as work:
         speed(args, work)
-    bias_cost(mmadapters.embedded_backbones()[0], steps=args.rounds * 40)
+        controls(mmadapters.embedded_backbones()[0], work, steps=args.rounds * 40)
 
 
 if __name__ == "__main__":
