@@ -37,8 +37,7 @@ def folder_bytes(folder: str, suffix: str = ".safetensors") -> int:
 def load_llm(folder: str, in_memory: bool = True) -> Any:
     """`AutoModelForCausalLM.from_pretrained(folder)` in fp32, eval mode. from_pretrained maps the safetensors
     file into memory; a file written moments before (the merged model's, here) then reads slower than one that
-    has long been in the page cache: the base model itself, saved and reloaded, measured 0.94x (see
-    `controls`). With `in_memory` the weights are copied into the process's own memory, for both models alike,
+    has long been in the page cache (the base model itself, saved and reloaded: see `controls`). With `in_memory` the weights are copied into the process's own memory, for both models alike,
     so that the comparison is about the models, not about where their files came from."""
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     if in_memory:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from visual_pathway_oracle import shape_mask_and_colour
 
 from mmadapters.modeling.lavin import LavinForConditionalGeneration
 from mmadapters.quickstart import QuickstartSettings, run_quickstart
@@ -21,9 +22,7 @@ PROJECTION = torch.randn(6, 192, generator=torch.Generator().manual_seed(0))
 
 
 def perfect_image_features(self: LavinForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
-    x = pixel_values.float()
-    mask = ((x - x[:, :, :1, :1]).abs().sum(1) > 0.3).float()  # (images, H, W): the shape's pixels
-    colour = (x * mask[:, None]).sum((2, 3)) / mask.sum((1, 2)).clamp(min=1)[:, None]
+    mask, colour = shape_mask_and_colour(pixel_values)
     shapes = []
     for image_mask in mask:
         ys, xs = torch.nonzero(image_mask, as_tuple=True)

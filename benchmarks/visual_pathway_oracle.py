@@ -27,14 +27,20 @@ from mmadapters.quickstart import QuickstartSettings, training_arguments
 from mmadapters.trainers import LavinTrainer, VisionLanguageCollator
 
 
+def shape_mask_and_colour(pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shape's pixels (those that differ from the image's corner), (images, H, W), and their mean colour,
+    (images, 3)."""
+    x = pixel_values.float()
+    mask = ((x - x[:, :, :1, :1]).abs().sum(1) > 0.3).float()
+    colour = (x * mask[:, None]).sum((2, 3)) / mask.sum((1, 2)).clamp(min=1)[:, None]
+    return mask, colour
+
+
 def oracle_image_features(model: LavinForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
     projection = torch.randn(
         3, model.config.vision_config.hidden_size, generator=torch.Generator().manual_seed(0)
     )
-    x = pixel_values.float()
-    background = x[:, :, :1, :1]
-    mask = ((x - background).abs().sum(1, keepdim=True) > 0.3).float()
-    colour = (x * mask).sum((2, 3)) / mask.sum((2, 3)).clamp(min=1)  # (images, 3)
+    _, colour = shape_mask_and_colour(pixel_values)
     features = (colour @ projection)[:, None].expand(-1, model.config.num_image_tokens, -1)
     return model.projector(features)
 
