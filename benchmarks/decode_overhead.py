@@ -1,0 +1,120 @@
+"""Where LaVIN's text-only decode step spends its time beyond the bare LLM's (embedded SmolLM2-135M, batch 1).
+
+Four variants decode the same chat prompt with a KV cache, interleaved step by step with the order alternating
+(as in common.interleaved_decode_ms), each from its own cache:
+- base: the bare LLM, loaded on its own;
+- LaVIN's LLM, hooks off: LaVIN's language model called directly with the adapter hooks removed (the same
+  computation as base: what remains is the machine's noise between two copies of the weights);
+- LaVIN, identity adapters: LaVIN's forward with the folded adapters' arithmetic replaced by the identity
+  (LaVIN's wrapper + the hooks' Python work, no adapter math);
+- LaVIN: the real thing (`generate`'s path in eval mode: the adapters folded per modality).
+
+    python benchmarks/decode_overhead.py [--steps 150]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from contextlib import contextmanager, nullcontext
+
+import torch
+from common import alternate, chat_batches
+from transformers import AutoModelForCausalLM, DynamicCache
+
+import mmadapters
+from mmadapters import LavinForConditionalGeneration, LavinProcessor
+from mmadapters.modeling.adapters.mm_adapter import MMAdapter
+
+
+@contextmanager
+def hooks_removed(module: torch.nn.Module):
+    saved = {m: (dict(m._forward_pre_hooks), dict(m._forward_hooks)) for m in module.modules()}
+    for m in saved:
+        m._forward_pre_hooks.clear()
+        m._forward_hooks.clear()
+    try:
+        yield
+    finally:
+        for m, (pre, post) in saved.items():
+            m._forward_pre_hooks.update(pre)
+            m._forward_hooks.update(post)
+
+
+@contextmanager
+def identity_adapters():
+    original = MMAdapter.forward_folded
+    MMAdapter.forward_folded = lambda self, x, up, bias: x
+    try:
+        yield
+    finally:
+        MMAdapter.forward_folded = original
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=150)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    text_model, vision_model = mmadapters.embedded_backbones()
+    lavin = LavinForConditionalGeneration.from_backbones(text_model, vision_model).eval()
+    processor = LavinProcessor.from_backbones(text_model, vision_model)
+    base = AutoModelForCausalLM.from_pretrained(text_model, dtype=torch.float32).eval()
+    inputs = chat_batches(processor)[0]
+    folded = {
+        "folded_adapters": lavin.fold_llm_adapters(),
+        "modality": lavin.modality_of(inputs["input_ids"]),
+    }
+    length = inputs["input_ids"].shape[1]
+    token = inputs["input_ids"][:, -1:]
+
+    # name -> (a context the step runs in, entered outside the timer; one decode step with cache c at position
+    # p; the prefill into c). LaVIN counts text positions from 0 and shifts by one inside (its modality token),
+    # the bare LLM gets the shifted positions directly.
+    no_context = nullcontext
+    variants = {
+        "base (bare LLM)": (
+            no_context,
+            lambda c, p: base(input_ids=token, past_key_values=c, position_ids=p + 1),
+            lambda c: base(**inputs, past_key_values=c),
+        ),
+        "LaVIN's LLM, hooks off": (
+            lambda: hooks_removed(lavin.language_model),
+            lambda c, p: lavin.language_model(input_ids=token, past_key_values=c, position_ids=p + 1),
+            lambda c: lavin.language_model(**inputs, past_key_values=c),
+        ),
+        "LaVIN, identity adapters": (
+            identity_adapters,
+            lambda c, p: lavin(input_ids=token, past_key_values=c, position_ids=p, **folded),
+            lambda c: lavin(**inputs, past_key_values=c, **folded),
+        ),
+        "LaVIN": (
+            no_context,
+            lambda c, p: lavin(input_ids=token, past_key_values=c, position_ids=p, **folded),
+            lambda c: lavin(**inputs, past_key_values=c, **folded),
+        ),
+    }
+    caches = {name: DynamicCache() for name in variants}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    with torch.no_grad():
+        for name, (context, _, prefill) in variants.items():
+            with context():
+                prefill(caches[name])
+        for step in range(args.steps):
+            position = torch.tensor([[length + step]])
+            for name in alternate(list(variants), step):
+                context, decode, _ = variants[name]
+                with context():
+                    start = time.perf_counter()
+                    decode(caches[name], position)
+                    times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    print(f"decode step with KV cache, batch 1, median of {args.steps} interleaved steps:")
+    reference = medians["base (bare LLM)"]
+    for name, ms in medians.items():
+        print(f"  {name:<26} {ms:6.2f} ms  (+{ms - reference:5.2f} ms, speed ratio {reference / ms:.3f})")
+
+
+if __name__ == "__main__":
+    main()

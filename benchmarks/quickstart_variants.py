@@ -1,0 +1,186 @@
+"""Training-signal variants of the quickstart: do they teach LaVIN the yes/no questions within its budget?
+
+The perfect-feature run (perfect_feature_quickstart.py) learns colour and shape but leaves yes/no (three
+quarters of easy-vqa) at the question-only prior. Three changes to the training signal, alone or together:
+- `--describe`: targets that first say what the image shows, then answer: " blue circle. no" (like ScienceQA's
+  rationale-first formats). The colour and shape of each training image are read off its own questions
+  ("what color is the shape?" -> blue, "is there not a circle?" -> no, so a circle, ...); images whose questions
+  do not reveal both are skipped. Scored on the word after the first ".", unparsed otherwise.
+- `--balance`: yes/no training questions balanced per question string (as many "yes" as "no" for each, the
+  VQA v2 remedy against language priors), keeping easy-vqa's mix of question types.
+- `--vision-lr-multiplier K`: the vision adapters learn K times faster than the rest (the random tower's
+  features change only through them).
+`--perfect` replaces the tower's features by perfect_feature_quickstart.py's clean colour + shape code.
+Otherwise this is the quickstart's recipe (settings, optimiser, 10% text-only samples), scored on
+`--num-test` test questions; the "before" evaluation and the text-only check are left out.
+
+    python benchmarks/quickstart_variants.py [--describe] [--balance] [--vision-lr-multiplier 30] [--perfect]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import time
+from collections import defaultdict
+
+import datasets
+import easy_vqa
+import torch
+from perfect_feature_quickstart import perfect_image_features
+
+import mmadapters
+from mmadapters import LavinForConditionalGeneration, LavinProcessor
+from mmadapters.data import load_easy_vqa
+from mmadapters.data.easy_vqa import SHAPES, YES_NO
+from mmadapters.evaluation import generate_answers
+from mmadapters.evaluation.scoring import accuracy_by_group, extract_word
+from mmadapters.quickstart import (
+    TEXT_PROMPTS,
+    TEXT_TRAIN,
+    QuickstartSettings,
+    text_prompt,
+    training_arguments,
+)
+from mmadapters.trainers import LavinTrainer, VisionLanguageCollator
+
+COLOURS = sorted(a for a in easy_vqa.get_answers() if a not in SHAPES and a not in YES_NO)
+
+
+def train_image_descriptions() -> dict[str, str]:
+    """ "colour shape" of every train image whose own questions reveal both, keyed by image path."""
+    questions, answers, image_ids = easy_vqa.get_train_questions()
+    colours, shapes = defaultdict(set), defaultdict(set)
+    for question, answer, image in zip(questions, answers, image_ids, strict=True):
+        words = re.findall(r"[a-z]+", question)
+        # An open answer names one attribute and the question may name the other ("what color is the
+        # triangle?"); a yes/no question names an attribute the image has when "yes" xor negated.
+        present = answer not in YES_NO or ((answer == "yes") != ("not" in words or "no" in words))
+        if present:
+            colours[image] |= {w for w in words + [answer] if w in COLOURS}
+            shapes[image] |= {w for w in words + [answer] if w in SHAPES}
+    paths = easy_vqa.get_train_image_paths()
+    return {
+        paths[image]: f"{next(iter(colours[image]))} {next(iter(shapes[image]))}"
+        for image in paths
+        if len(colours[image]) == 1 and len(shapes[image]) == 1
+    }
+
+
+def balanced_yes_no(train: datasets.Dataset, size: int, rng: random.Random) -> list[int]:
+    """Row indices: easy-vqa's share of open questions, and yes/no questions with as many "yes" as "no" for
+    every question string."""
+    by_answer, open_rows = defaultdict(list), []
+    for index, (question, answer) in enumerate(zip(train["question"], train["answer"], strict=True)):
+        (by_answer[question, answer] if answer in YES_NO else open_rows).append(index)
+    yes_no = []
+    for question in {question for question, _ in by_answer}:
+        yes, no = by_answer[question, "yes"], by_answer[question, "no"]
+        count = min(len(yes), len(no))
+        yes_no += rng.sample(yes, count) + rng.sample(no, count)
+    rng.shuffle(yes_no)
+    rng.shuffle(open_rows)
+    num_open = round(size * len(open_rows) / len(train))
+    return open_rows[:num_open] + yes_no[: size - num_open]
+
+
+class VisionLearningRateTrainer(LavinTrainer):
+    """LavinTrainer whose vision adapters get `vision_lr_multiplier` times the learning rate."""
+
+    def __init__(self, *args, vision_lr_multiplier: float = 1.0, **kwargs) -> None:
+        self.vision_lr_multiplier = vision_lr_multiplier
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            vision = [p for n, p in named if n.startswith("vision_adapters.")]
+            rest = [p for n, p in named if not n.startswith("vision_adapters.")]
+            lr = self.args.learning_rate
+            groups = [{"params": rest}, {"params": vision, "lr": lr * self.vision_lr_multiplier}]
+            optimizer_class, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            self.optimizer = optimizer_class(groups, **{**optimizer_kwargs, "weight_decay": 0.0})
+        return self.optimizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--describe", action="store_true")
+    parser.add_argument("--balance", action="store_true")
+    parser.add_argument("--vision-lr-multiplier", type=float, default=1.0)
+    parser.add_argument("--perfect", action="store_true")
+    parser.add_argument("--train-steps", type=int, default=100)
+    parser.add_argument("--num-test", type=int, default=300)
+    args = parser.parse_args()
+    settings = QuickstartSettings(train_steps=args.train_steps)
+    rng = random.Random(settings.seed)
+
+    text_model, vision_model = mmadapters.embedded_backbones()
+    torch.manual_seed(settings.seed)
+    if args.perfect:
+        LavinForConditionalGeneration.get_image_features = perfect_image_features
+    model = LavinForConditionalGeneration.from_backbones(text_model, vision_model)
+    processor = LavinProcessor.from_backbones(text_model, vision_model)
+    prompts = [text_prompt(q) for q in TEXT_PROMPTS]
+    llm_answers = generate_answers(model, processor, prompts, [None] * len(prompts), max_new_tokens=16)
+
+    num_samples = settings.train_steps * settings.batch_size
+    num_text = int(num_samples * settings.text_fraction)
+    train = load_easy_vqa("train")
+    descriptions = train_image_descriptions() if args.describe else {}
+    if args.describe:
+        train = train.filter(lambda row: row["image"] in descriptions)
+    if args.balance:
+        indices = balanced_yes_no(train, num_samples - num_text, rng)
+    else:
+        indices = rng.sample(range(len(train)), num_samples - num_text)
+    rows = []
+    for row in train.select(indices):
+        target = f" {descriptions[row['image']]}. {row['answer']}" if args.describe else row["target"]
+        rows.append({"prompt": row["prompt"], "target": target, "image": row["image"]})
+    rows += [
+        {"prompt": prompts[i % TEXT_TRAIN], "target": llm_answers[i % TEXT_TRAIN], "image": None}
+        for i in range(num_text)
+    ]
+    rng.shuffle(rows)
+    for row in rows:
+        row["length"] = len(processor.tokenizer(row["prompt"] + row["target"])["input_ids"])
+    trainer = VisionLearningRateTrainer(
+        model=model,
+        args=training_arguments("/tmp/quickstart_variants", settings, disable_tqdm=True),
+        train_dataset=datasets.Dataset.from_list(rows),
+        data_collator=VisionLanguageCollator(processor),
+        processing_class=processor,
+        vision_lr_multiplier=args.vision_lr_multiplier,
+    )
+    start = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - start
+
+    test = load_easy_vqa("test", limit=args.num_test, seed=settings.seed)
+    generations = generate_answers(
+        model,
+        processor,
+        test["prompt"],
+        test["image"],
+        batch_size=64,
+        max_new_tokens=8 if args.describe else 4,
+    )
+    predictions = []
+    for text, choices in zip(generations, test["choices"], strict=True):
+        if args.describe:  # the answer is the word after the description
+            text = text.split(".", 1)[1] if "." in text else ""
+        predictions.append(extract_word(text, choices))
+    result = accuracy_by_group(predictions, test["answer"], test["question_type"])
+    by_type = ", ".join(f"{kind} {accuracy:.3f}" for kind, accuracy in sorted(result["by_group"].items()))
+    print(
+        f"describe={args.describe} balance={args.balance} vision_lr_multiplier={args.vision_lr_multiplier:g} "
+        f"perfect={args.perfect}, {args.train_steps} steps, {args.num_test} test questions: accuracy "
+        f"{result['accuracy']:.3f} ({by_type}; unparsed {result['unparsed']}), training {train_seconds:.0f} s"
+    )
+    print(f"first generations: {generations[:6]}")
+
+
+if __name__ == "__main__":
+    main()
