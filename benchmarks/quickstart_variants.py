@@ -111,9 +111,10 @@ def main() -> None:
     parser.add_argument("--vision-lr-multiplier", type=float, default=1.0)
     parser.add_argument("--perfect", action="store_true")
     parser.add_argument("--train-steps", type=int, default=100)
+    parser.add_argument("--learning-rate", type=float, default=QuickstartSettings.learning_rate)
     parser.add_argument("--num-test", type=int, default=300)
     args = parser.parse_args()
-    settings = QuickstartSettings(train_steps=args.train_steps)
+    settings = QuickstartSettings(train_steps=args.train_steps, learning_rate=args.learning_rate)
     rng = random.Random(settings.seed)
 
     text_model, vision_model = mmadapters.embedded_backbones()
@@ -176,7 +177,8 @@ def main() -> None:
     by_type = ", ".join(f"{kind} {accuracy:.3f}" for kind, accuracy in sorted(result["by_group"].items()))
     print(
         f"describe={args.describe} balance={args.balance} vision_lr_multiplier={args.vision_lr_multiplier:g} "
-        f"perfect={args.perfect}, {args.train_steps} steps, {args.num_test} test questions: accuracy "
+        f"perfect={args.perfect} lr={args.learning_rate:g}, {args.train_steps} steps, {args.num_test} test "
+        f"questions: accuracy "
         f"{result['accuracy']:.3f} ({by_type}; unparsed {result['unparsed']}), training {train_seconds:.0f} s"
     )
     print(f"first generations: {generations[:6]}")
