@@ -5,8 +5,9 @@ Four variants decode the same chat prompt with a KV cache, interleaved step by s
 - base: the bare LLM, loaded on its own;
 - LaVIN's LLM, hooks off: LaVIN's language model called directly with the adapter hooks removed (the same
   computation as base: what remains is the machine's noise between two copies of the weights);
-- LaVIN, identity adapters: LaVIN's forward with the folded adapters' arithmetic replaced by the identity
-  (LaVIN's wrapper + the hooks' Python work, no adapter math);
+- LaVIN's LLM + hooks, identity adapters: LaVIN's language model called directly with the folded adapters as
+  the hooks' keyword argument and their arithmetic replaced by the identity (the hooks' Python work alone);
+- LaVIN, identity adapters: the same through LaVIN's own forward (adds LaVIN's wrapper);
 - LaVIN: the real thing (`generate`'s path in eval mode: the adapters folded per modality).
 
     python benchmarks/decode_overhead.py [--steps 150]
@@ -25,6 +26,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 import mmadapters
 from mmadapters import LavinForConditionalGeneration, LavinProcessor
+from mmadapters.modeling.adapters import FOLDED_ADAPTERS_KWARG
 from mmadapters.modeling.adapters.mm_adapter import MMAdapter
 
 
@@ -66,6 +68,7 @@ def main() -> None:
         "folded_adapters": lavin.fold_llm_adapters(),
         "modality": lavin.modality_of(inputs["input_ids"]),
     }
+    rows = {FOLDED_ADAPTERS_KWARG: folded["folded_adapters"].rows(folded["modality"])}
     length = inputs["input_ids"].shape[1]
     token = inputs["input_ids"][:, -1:]
 
@@ -83,6 +86,11 @@ def main() -> None:
             lambda: hooks_removed(lavin.language_model),
             lambda c, p: lavin.language_model(input_ids=token, past_key_values=c, position_ids=p + 1),
             lambda c: lavin.language_model(**inputs, past_key_values=c),
+        ),
+        "LaVIN's LLM + hooks, identity adapters": (
+            identity_adapters,
+            lambda c, p: lavin.language_model(input_ids=token, past_key_values=c, position_ids=p + 1, **rows),
+            lambda c: lavin.language_model(**inputs, past_key_values=c, **rows),
         ),
         "LaVIN, identity adapters": (
             identity_adapters,
@@ -113,7 +121,7 @@ def main() -> None:
     print(f"decode step with KV cache, batch 1, median of {args.steps} interleaved steps:")
     reference = medians["base (bare LLM)"]
     for name, ms in medians.items():
-        print(f"  {name:<26} {ms:6.2f} ms  (+{ms - reference:5.2f} ms, speed ratio {reference / ms:.3f})")
+        print(f"  {name:<39} {ms:6.2f} ms  (+{ms - reference:5.2f} ms, speed ratio {reference / ms:.3f})")
 
 
 if __name__ == "__main__":
