@@ -3,9 +3,9 @@
 The perfect-feature run (perfect_feature_quickstart.py) learns colour and shape but leaves yes/no (three
 quarters of easy-vqa) at the question-only prior. Three changes to the training signal, alone or together:
 - `--describe`: targets that first say what the image shows, then answer: " blue circle. no" (like ScienceQA's
-  rationale-first formats). The colour and shape of each training image are read off its own questions
-  ("what color is the shape?" -> blue, "is there not a circle?" -> no, so a circle, ...); images whose questions
-  do not reveal both are skipped. Scored on the word after the first ".", unparsed otherwise.
+  rationale-first formats): `load_easy_vqa(prompt_format="describe")`, which reads each image's colour and shape
+  off its own questions and leaves out the images whose questions do not reveal both. Scored on the word after
+  the description (`extract_described_answer`), on the same test questions as the plain runs.
 - `--balance`: yes/no training questions balanced per question string (as many "yes" as "no" for each, the
   VQA v2 remedy against language priors), keeping easy-vqa's mix of question types.
 - `--vision-lr-multiplier K`: the vision adapters learn K times faster than the rest (the random tower's
@@ -21,21 +21,19 @@ from __future__ import annotations
 
 import argparse
 import random
-import re
 import time
 from collections import defaultdict
 
 import datasets
-import easy_vqa
 import torch
 from perfect_feature_quickstart import perfect_image_features
 
 import mmadapters
 from mmadapters import LavinForConditionalGeneration, LavinProcessor
 from mmadapters.data import load_easy_vqa
-from mmadapters.data.easy_vqa import SHAPES, YES_NO
+from mmadapters.data.easy_vqa import YES_NO
 from mmadapters.evaluation import generate_answers
-from mmadapters.evaluation.scoring import accuracy_by_group, extract_word
+from mmadapters.evaluation.scoring import accuracy_by_group, extract_described_answer, extract_word
 from mmadapters.quickstart import (
     TEXT_PROMPTS,
     TEXT_TRAIN,
@@ -44,28 +42,6 @@ from mmadapters.quickstart import (
     training_arguments,
 )
 from mmadapters.trainers import LavinTrainer, VisionLanguageCollator
-
-COLOURS = sorted(a for a in easy_vqa.get_answers() if a not in SHAPES and a not in YES_NO)
-
-
-def train_image_descriptions() -> dict[str, str]:
-    """ "colour shape" of every train image whose own questions reveal both, keyed by image path."""
-    questions, answers, image_ids = easy_vqa.get_train_questions()
-    colours, shapes = defaultdict(set), defaultdict(set)
-    for question, answer, image in zip(questions, answers, image_ids, strict=True):
-        words = re.findall(r"[a-z]+", question)
-        # An open answer names one attribute and the question may name the other ("what color is the
-        # triangle?"); a yes/no question names an attribute the image has when "yes" xor negated.
-        present = answer not in YES_NO or ((answer == "yes") != ("not" in words or "no" in words))
-        if present:
-            colours[image] |= {w for w in words + [answer] if w in COLOURS}
-            shapes[image] |= {w for w in words + [answer] if w in SHAPES}
-    paths = easy_vqa.get_train_image_paths()
-    return {
-        paths[image]: f"{next(iter(colours[image]))} {next(iter(shapes[image]))}"
-        for image in paths
-        if len(colours[image]) == 1 and len(shapes[image]) == 1
-    }
 
 
 def balanced_yes_no(train: datasets.Dataset, size: int, rng: random.Random) -> list[int]:
@@ -128,18 +104,14 @@ def main() -> None:
 
     num_samples = settings.train_steps * settings.batch_size
     num_text = int(num_samples * settings.text_fraction)
-    train = load_easy_vqa("train")
-    descriptions = train_image_descriptions() if args.describe else {}
-    if args.describe:
-        train = train.filter(lambda row: row["image"] in descriptions)
+    train = load_easy_vqa("train", prompt_format="describe" if args.describe else "open")
     if args.balance:
         indices = balanced_yes_no(train, num_samples - num_text, rng)
     else:
         indices = rng.sample(range(len(train)), num_samples - num_text)
-    rows = []
-    for row in train.select(indices):
-        target = f" {descriptions[row['image']]}. {row['answer']}" if args.describe else row["target"]
-        rows.append({"prompt": row["prompt"], "target": target, "image": row["image"]})
+    rows = [
+        {"prompt": r["prompt"], "target": r["target"], "image": r["image"]} for r in train.select(indices)
+    ]
     rows += [
         {"prompt": prompts[i % TEXT_TRAIN], "target": llm_answers[i % TEXT_TRAIN], "image": None}
         for i in range(num_text)
@@ -168,11 +140,8 @@ def main() -> None:
         batch_size=64,
         max_new_tokens=8 if args.describe else 4,
     )
-    predictions = []
-    for text, choices in zip(generations, test["choices"], strict=True):
-        if args.describe:  # the answer is the word after the description
-            text = text.split(".", 1)[1] if "." in text else ""
-        predictions.append(extract_word(text, choices))
+    extract = extract_described_answer if args.describe else extract_word
+    predictions = [extract(text, choices) for text, choices in zip(generations, test["choices"], strict=True)]
     result = accuracy_by_group(predictions, test["answer"], test["question_type"])
     by_type = ", ".join(f"{kind} {accuracy:.3f}" for kind, accuracy in sorted(result["by_group"].items()))
     print(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import datasets
 import numpy as np
@@ -18,6 +19,7 @@ from mmadapters import CromeForConditionalGeneration, LavinForConditionalGenerat
 from mmadapters.data import format_scienceqa, load_easy_vqa, load_llava_conversations, scienceqa_example
 from mmadapters.evaluation import (
     accuracy_by_group,
+    extract_described_answer,
     extract_letter,
     extract_word,
     scienceqa_table,
@@ -163,6 +165,10 @@ def test_answer_extraction_and_accuracy():
     assert extract_word("it is a triangle", ["circle", "triangle"]) == "triangle"
     assert extract_word("no idea", ["circle", "triangle"]) is None
     assert extract_letter("(B) because", 3) == "B" and extract_letter("D", 3) is None
+    assert extract_described_answer(" blue circle. no", ["yes", "no"]) == "no"
+    assert extract_described_answer(" red triangle. red", ["red", "blue"]) == "red"
+    assert extract_described_answer(" blue circle", ["blue", "red"]) is None  # no answer after it
+    assert extract_described_answer(" blue circle. maybe", ["yes", "no"]) is None
     result = accuracy_by_group(
         ["yes", None, "red", "circle"],
         ["yes", "no", "blue", "circle"],
@@ -183,6 +189,72 @@ def test_easy_vqa_dataset_formats():
     mc = load_easy_vqa("test", prompt_format="multiple_choice", limit=5, seed=1)[0]
     assert "Options: (A) " in mc["prompt"] and mc["target"].strip() in "ABCDEFGHIJKLM"
     assert mc["choices"][" ABCDEFGHIJKLM".index(mc["target"].strip()) - 1] == mc["answer"]
+
+
+def test_easy_vqa_descriptions_from_the_images_own_questions():
+    from mmadapters.data.easy_vqa import image_descriptions
+
+    questions = [
+        "what color is the triangle?",  # 0: blue triangle
+        "is there not a circle?",  # 1: not a circle ...
+        "is no blue shape present?",  # 1: ... and not blue: nothing positive
+        "what is the red shape?",  # 2: red rectangle
+        "is there a green shape?",  # 3: not green: nothing positive
+        "is there not a gray shape?",  # 4: "no": it is gray ...
+        "does the image contain a circle?",  # 4: ... and a circle
+    ]
+    answers = ["blue", "yes", "yes", "rectangle", "no", "no", "yes"]
+    image_ids = [0, 1, 1, 2, 3, 4, 4]
+    assert image_descriptions(questions, answers, image_ids) == {
+        0: "blue triangle",
+        2: "red rectangle",
+        4: "gray circle",
+    }
+
+
+def test_easy_vqa_describe_format_agrees_with_the_answers():
+    import easy_vqa
+
+    from mmadapters.data.easy_vqa import COLORS, SHAPES, format_target
+
+    assert set(COLORS) | set(SHAPES) | {"yes", "no"} == set(easy_vqa.get_answers())
+    dataset = load_easy_vqa("train", prompt_format="describe")
+    assert 0.85 * 38575 < len(dataset) < 38575  # images whose questions do not tell both are left out
+    for row in dataset:
+        colour, shape, answer = re.fullmatch(r" (\w+) (\w+)\. (\w+)", row["target"]).groups()
+        assert colour in COLORS and shape in SHAPES and answer == row["answer"]
+        assert row["prompt"] == f"Image: <image>\nQuestion: {row['question']}\nAnswer:"
+        if row["question_type"] == "color":
+            assert colour == row["answer"]
+        elif row["question_type"] == "shape":
+            assert shape == row["answer"]
+    with pytest.raises(ValueError, match="needs the image's description"):
+        format_target("yes", "describe", ["yes", "no"])
+    with pytest.raises(ValueError, match="prompt_format must be one of"):
+        load_easy_vqa("test", prompt_format="described")
+
+
+def test_easy_vqa_evaluation_reads_the_answer_after_the_description(monkeypatch):
+    from mmadapters.evaluation import easy_vqa as evaluation
+
+    dataset = load_easy_vqa("test", prompt_format="describe", limit=4, seed=0)
+    requested = {}
+
+    def fake_generate(model, processor, prompts, images, max_new_tokens, **kwargs):
+        requested["max_new_tokens"] = max_new_tokens
+        # right answer after a wrong description; a description alone; a right answer; a wrong answer
+        wrong = next(choice for choice in dataset[3]["choices"] if choice != dataset[3]["answer"])
+        return [
+            f" green circle. {dataset[0]['answer']}",
+            dataset[1]["target"].split(".")[0],
+            dataset[2]["target"],
+            f" red circle. {wrong}",
+        ]
+
+    monkeypatch.setattr(evaluation, "generate_answers", fake_generate)
+    result = evaluation.evaluate_easy_vqa(None, None, dataset)
+    assert requested["max_new_tokens"] == 8
+    assert result["count"] == 4 and result["unparsed"] == 1 and result["accuracy"] == 0.5
 
 
 def test_llava_conversations(processor, tmp_path):

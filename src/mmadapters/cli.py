@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("checkpoint")
     evaluate.add_argument("--limit", type=int, default=1000)
-    evaluate.add_argument("--prompt-format", default="open", choices=["open", "multiple_choice"])
+    evaluate.add_argument("--prompt-format", default="open", choices=["open", "multiple_choice", "describe"])
     evaluate.set_defaults(run=_eval)
 
     chat = commands.add_parser("chat", help="chat with a checkpoint in the terminal (image path + question)")

@@ -5,6 +5,7 @@ from .generate import generate_answers
 from .scoring import (
     SCIENCEQA_COLUMNS,
     accuracy_by_group,
+    extract_described_answer,
     extract_letter,
     extract_word,
     scienceqa_categories,
@@ -15,6 +16,7 @@ __all__ = [
     "SCIENCEQA_COLUMNS",
     "accuracy_by_group",
     "evaluate_easy_vqa",
+    "extract_described_answer",
     "extract_letter",
     "extract_word",
     "generate_answers",

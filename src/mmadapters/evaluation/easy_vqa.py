@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .generate import generate_answers
-from .scoring import LETTERS_HINT, accuracy_by_group, extract_letter, extract_word
+from .scoring import LETTERS_HINT, accuracy_by_group, extract_described_answer, extract_letter, extract_word
 
 
 def evaluate_easy_vqa(
@@ -18,21 +18,27 @@ def evaluate_easy_vqa(
 ) -> dict:
     """Generate an answer for every row of a `load_easy_vqa` data set and score it.
 
-    Open format: the first answer word in the row's choices; multiple choice: the option letter.
+    The row's target tells its format: open, the first answer word in the row's choices; multiple choice, the
+    option letter; describe (" blue circle. no"), the answer word after the description.
     Returns accuracy, by_group (question type), count, unparsed and the raw `generations`.
     """
+    described = ["." in target for target in dataset["target"]]
     generations = generate_answers(
         model,
         processor,
         dataset["prompt"],
         dataset["image"],
         batch_size=batch_size,
-        max_new_tokens=4,
+        max_new_tokens=8 if any(described) else 4,  # " blue rectangle. yes" + end is 6 tokens
         progress=progress,
     )
     predictions = []
-    for text, choices, target in zip(generations, dataset["choices"], dataset["target"], strict=True):
-        if target.strip() in LETTERS_HINT and len(target.strip()) == 1:
+    for text, choices, target, describe in zip(
+        generations, dataset["choices"], dataset["target"], described, strict=True
+    ):
+        if describe:
+            predictions.append(extract_described_answer(text, choices))
+        elif target.strip() in LETTERS_HINT and len(target.strip()) == 1:
             letter = extract_letter(text, len(choices))
             predictions.append(None if letter is None else choices[LETTERS_HINT.index(letter)])
         else:

@@ -22,6 +22,13 @@ def extract_word(text: str, vocabulary: Sequence[str] | None = None) -> str | No
     return next((word for word in words if word in allowed), None)
 
 
+def extract_described_answer(text: str, vocabulary: Sequence[str]) -> str | None:
+    """The answer of a description-first generation (" blue circle. no"): the first vocabulary word after the
+    description's full stop; None without one (a description alone must not count as the answer)."""
+    _, stop, answer = text.partition(".")
+    return extract_word(answer, vocabulary) if stop else None
+
+
 def extract_letter(text: str, num_choices: int) -> str | None:
     """An option letter: "The answer is B." (ScienceQA QCM-ALE), or a bare "B" / "(B)" at the start."""
     match = _ANSWER_IS.search(text) or _LETTER.match(text)
