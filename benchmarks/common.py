@@ -21,6 +21,23 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
+def embedded_lavin_and_base() -> tuple[Any, Any, Any]:
+    """(LaVIN, its processor, the bare LLM) on the embedded backbones, fp32, eval mode; LaVIN's adapters start
+    from seed 0."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import mmadapters
+    from mmadapters import LavinForConditionalGeneration, LavinProcessor
+
+    torch.manual_seed(0)
+    text_model, vision_model = mmadapters.embedded_backbones()
+    lavin = LavinForConditionalGeneration.from_backbones(text_model, vision_model).eval()
+    processor = LavinProcessor.from_backbones(text_model, vision_model)
+    base = AutoModelForCausalLM.from_pretrained(text_model, dtype=torch.float32).eval()
+    return lavin, processor, base
+
+
 def chat_batches(processor: Any) -> list[Any]:
     """One text-only chat prompt per entry of PROMPTS, as model inputs."""
     batches = []

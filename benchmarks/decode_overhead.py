@@ -21,11 +21,9 @@ import time
 from contextlib import contextmanager, nullcontext
 
 import torch
-from common import alternate, chat_batches
-from transformers import AutoModelForCausalLM, DynamicCache
+from common import alternate, chat_batches, embedded_lavin_and_base
+from transformers import DynamicCache
 
-import mmadapters
-from mmadapters import LavinForConditionalGeneration, LavinProcessor
 from mmadapters.modeling.adapters import FOLDED_ADAPTERS_KWARG
 from mmadapters.modeling.adapters.mm_adapter import MMAdapter
 
@@ -58,11 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=150)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    text_model, vision_model = mmadapters.embedded_backbones()
-    lavin = LavinForConditionalGeneration.from_backbones(text_model, vision_model).eval()
-    processor = LavinProcessor.from_backbones(text_model, vision_model)
-    base = AutoModelForCausalLM.from_pretrained(text_model, dtype=torch.float32).eval()
+    lavin, processor, base = embedded_lavin_and_base()
     inputs = chat_batches(processor)[0]
     folded = {
         "folded_adapters": lavin.fold_llm_adapters(),
@@ -75,10 +69,9 @@ def main() -> None:
     # name -> (a context the step runs in, entered outside the timer; one decode step with cache c at position
     # p; the prefill into c). LaVIN counts text positions from 0 and shifts by one inside (its modality token),
     # the bare LLM gets the shifted positions directly.
-    no_context = nullcontext
     variants = {
         "base (bare LLM)": (
-            no_context,
+            nullcontext,
             lambda c, p: base(input_ids=token, past_key_values=c, position_ids=p + 1),
             lambda c: base(**inputs, past_key_values=c),
         ),
@@ -98,7 +91,7 @@ def main() -> None:
             lambda c: lavin(**inputs, past_key_values=c, **folded),
         ),
         "LaVIN": (
-            no_context,
+            nullcontext,
             lambda c, p: lavin(input_ids=token, past_key_values=c, position_ids=p, **folded),
             lambda c: lavin(**inputs, past_key_values=c, **folded),
         ),

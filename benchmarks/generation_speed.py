@@ -15,12 +15,8 @@ import argparse
 import statistics
 
 import torch
-from common import chat_batches, compare_generation, interleaved_decode_ms, timed
+from common import chat_batches, compare_generation, embedded_lavin_and_base, interleaved_decode_ms, timed
 from PIL import Image
-from transformers import AutoModelForCausalLM
-
-import mmadapters
-from mmadapters import LavinForConditionalGeneration, LavinProcessor
 
 
 def main() -> None:
@@ -28,11 +24,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    text_model, vision_model = mmadapters.embedded_backbones()
-    lavin = LavinForConditionalGeneration.from_backbones(text_model, vision_model).eval()
-    processor = LavinProcessor.from_backbones(text_model, vision_model)
-    base = AutoModelForCausalLM.from_pretrained(text_model, dtype=torch.float32).eval()
+    lavin, processor, base = embedded_lavin_and_base()
 
     batches = chat_batches(processor)
     compare_generation(base, lavin, "LaVIN", batches, args.rounds, args.new_tokens)

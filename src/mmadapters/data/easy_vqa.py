@@ -9,7 +9,8 @@ letter) and "describe" (our addition): the target first says what the image show
 " blue circle. no". Written-out colour and shape are what teach a LaVIN model the yes/no questions, three
 quarters of easy-vqa (benchmarks/README.md, "Teaching the yes/no questions"). The data set has no image
 annotations, so each image's colour and shape are read off its own questions (`image_descriptions`); the
-images whose questions do not reveal both (about 7%) are left out of this format.
+images whose questions do not reveal both (about 12% of the images, 9% of the questions) are left out of this
+format.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def image_descriptions(questions: list[str], answers: list[str], image_ids: list
 
 def load_easy_vqa(
     split: Literal["train", "test"] = "train",
-    prompt_format: Literal["open", "multiple_choice"] = "open",
+    prompt_format: Literal["open", "multiple_choice", "describe"] = "open",
     limit: int | None = None,
     seed: int = 0,
 ):
