@@ -10,11 +10,14 @@ quarters of easy-vqa) at the question-only prior. Three changes to the training 
   VQA v2 remedy against language priors), keeping easy-vqa's mix of question types.
 - `--vision-lr-multiplier K`: the vision adapters learn K times faster than the rest (the random tower's
   features change only through them).
-`--perfect` replaces the tower's features by perfect_feature_quickstart.py's clean colour + shape code.
+`--perfect` replaces the tower's features by perfect_feature_quickstart.py's clean colour + shape code;
+`--whiten` builds LaVIN with `vision_feature_whitening=True`, fitted on the 4,000 easy-vqa train images (no
+labels) before training (see benchmarks/feature_whitening.py).
 Otherwise this is the quickstart's recipe (settings, optimiser, 10% text-only samples), scored on
 `--num-test` test questions; the "before" evaluation and the text-only check are left out.
 
     python benchmarks/quickstart_variants.py [--describe] [--balance] [--vision-lr-multiplier 30] [--perfect]
+        [--whiten]
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from mmadapters.quickstart import (
     TEXT_PROMPTS,
     TEXT_TRAIN,
     QuickstartSettings,
+    fit_whitening_on_easy_vqa,
     text_prompt,
     training_arguments,
 )
@@ -86,6 +90,7 @@ def main() -> None:
     parser.add_argument("--balance", action="store_true")
     parser.add_argument("--vision-lr-multiplier", type=float, default=1.0)
     parser.add_argument("--perfect", action="store_true")
+    parser.add_argument("--whiten", action="store_true")
     parser.add_argument("--train-steps", type=int, default=100)
     parser.add_argument("--learning-rate", type=float, default=QuickstartSettings.learning_rate)
     parser.add_argument("--num-test", type=int, default=300)
@@ -97,8 +102,12 @@ def main() -> None:
     torch.manual_seed(settings.seed)
     if args.perfect:
         LavinForConditionalGeneration.get_image_features = perfect_image_features
-    model = LavinForConditionalGeneration.from_backbones(text_model, vision_model)
+    model = LavinForConditionalGeneration.from_backbones(
+        text_model, vision_model, vision_feature_whitening=args.whiten
+    )
     processor = LavinProcessor.from_backbones(text_model, vision_model)
+    if args.whiten:
+        fit_whitening_on_easy_vqa(model, processor)
     prompts = [text_prompt(q) for q in TEXT_PROMPTS]
     llm_answers = generate_answers(model, processor, prompts, [None] * len(prompts), max_new_tokens=16)
 
@@ -146,7 +155,7 @@ def main() -> None:
     by_type = ", ".join(f"{kind} {accuracy:.3f}" for kind, accuracy in sorted(result["by_group"].items()))
     print(
         f"describe={args.describe} balance={args.balance} vision_lr_multiplier={args.vision_lr_multiplier:g} "
-        f"perfect={args.perfect} lr={args.learning_rate:g}, {args.train_steps} steps, {args.num_test} test "
+        f"perfect={args.perfect} whiten={args.whiten} lr={args.learning_rate:g}, {args.train_steps} steps, {args.num_test} test "
         f"questions: accuracy "
         f"{result['accuracy']:.3f} ({by_type}; unparsed {result['unparsed']}), training {train_seconds:.0f} s"
     )

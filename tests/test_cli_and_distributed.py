@@ -162,6 +162,30 @@ def test_quickstart_at_reduced_size(tmp_path):
     assert os.path.isfile(os.path.join(saved["checkpoint_dir"], "eval_results.json"))  # for the model card
 
 
+@pytest.mark.integration
+def test_quickstart_with_describe_targets_and_feature_whitening(tmp_path):
+    from mmadapters.quickstart import QuickstartSettings, run_quickstart
+
+    settings = QuickstartSettings(
+        train_steps=2,
+        batch_size=4,
+        num_test=8,
+        eval_batch_size=8,
+        text_max_new_tokens=4,
+        prompt_format="describe",
+        feature_whitening=True,
+    )
+    summary = run_quickstart(tmp_path, settings, log=lambda *_: None)
+    assert summary["settings"]["prompt_format"] == "describe" and summary["num_test_questions"] == 8
+    model = LavinForConditionalGeneration.from_pretrained(summary["checkpoint_dir"])
+    whitening = model.feature_whitening
+    assert int(whitening.fitted) == 1 and not torch.equal(whitening.transform[0], torch.eye(192))
+    results = json.loads(open(os.path.join(summary["checkpoint_dir"], "eval_results.json")).read())
+    assert "describe" in json.dumps(results)
+    with pytest.raises(ValueError, match="prompt_format must be 'open' or 'describe'"):
+        run_quickstart(tmp_path, QuickstartSettings(prompt_format="multiple_choice"), log=lambda *_: None)
+
+
 def test_first_sentence_is_the_answer():
     from mmadapters.quickstart import first_sentence
 

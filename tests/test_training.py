@@ -257,6 +257,25 @@ def test_easy_vqa_evaluation_reads_the_answer_after_the_description(monkeypatch)
     assert result["count"] == 4 and result["unparsed"] == 1 and result["accuracy"] == 0.5
 
 
+def test_easy_vqa_evaluation_scores_open_rows_as_described_when_asked(monkeypatch):
+    from mmadapters.evaluation import easy_vqa as evaluation
+
+    dataset = load_easy_vqa("test", limit=40, seed=0)  # open format: targets are bare words
+    dataset = dataset.select([i for i, kind in enumerate(dataset["question_type"]) if kind == "yes/no"][:3])
+    answers = dataset["answer"]
+    wrong = {"yes": "no", "no": "yes"}
+
+    def fake_generate(model, processor, prompts, images, max_new_tokens, **kwargs):
+        # right after a description; a bare right answer (no description); a right answer, then a wrong one
+        return [f" red circle. {answers[0]}", f" {answers[1]}", f" {answers[2]}. {wrong[answers[2]]}"]
+
+    monkeypatch.setattr(evaluation, "generate_answers", fake_generate)
+    described = evaluation.evaluate_easy_vqa(None, None, dataset, answers_described=True)
+    assert described["unparsed"] == 1 and described["accuracy"] == pytest.approx(1 / 3)
+    plain = evaluation.evaluate_easy_vqa(None, None, dataset)  # read from the targets: open, first word
+    assert plain["unparsed"] == 0 and plain["accuracy"] == 1.0
+
+
 def test_llava_conversations(processor, tmp_path):
     save_image(tmp_path, "cat.png", (0, 0, 255))
     conversations = [

@@ -13,7 +13,12 @@ from .hub import check_checkpoint_name
 def _quickstart(args: argparse.Namespace) -> None:
     from .quickstart import QuickstartSettings, run_quickstart
 
-    settings = QuickstartSettings(train_steps=args.train_steps, num_test=args.num_test)
+    settings = QuickstartSettings(
+        train_steps=args.train_steps,
+        num_test=args.num_test,
+        prompt_format=args.prompt_format,
+        feature_whitening=args.feature_whitening,
+    )
     summary = run_quickstart(args.output_dir, settings)
     print(
         json.dumps({k: v for k, v in summary.items() if k not in ("settings", "text_only_answers")}, indent=2)
@@ -190,6 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quick.add_argument("--train-steps", type=int, default=100)
     quick.add_argument("--num-test", type=int, default=1000, help="easy-vqa test questions to evaluate on")
+    quick.add_argument(
+        "--prompt-format",
+        default="open",
+        choices=["open", "describe"],
+        help='training targets: the answer word, or "describe": the image\'s colour and shape, then the answer',
+    )
+    quick.add_argument(
+        "--feature-whitening",
+        action="store_true",
+        help="whiten the random tower's visual features (fitted on the unlabeled train images)",
+    )
     quick.set_defaults(run=_quickstart)
 
     train = commands.add_parser("train", help="train from a YAML recipe (see recipes/)")

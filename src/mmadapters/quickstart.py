@@ -72,6 +72,10 @@ class QuickstartSettings:
     eval_batch_size: int = 64
     text_max_new_tokens: int = 16
     seed: int = 0
+    # "open" trains on the answer word; "describe" on " blue circle. no" (the image's colour and shape first).
+    prompt_format: str = "open"
+    # Whiten the random tower's visual features (fitted on the unlabeled train images; LavinConfig docs).
+    feature_whitening: bool = False
 
 
 def training_arguments(output_dir: str, settings: QuickstartSettings, **overrides: Any) -> Any:
@@ -99,6 +103,25 @@ def training_arguments(output_dir: str, settings: QuickstartSettings, **override
         disable_tqdm=False,
     )
     return TrainingArguments(**{**values, **overrides})
+
+
+def fit_whitening_on_easy_vqa(model: Any, processor: Any, batch_size: int = 250) -> int:
+    """Fit LaVIN's visual feature whitening on the easy-vqa train images (the images only, no questions or
+    answers); returns how many images it saw."""
+    import easy_vqa
+
+    from .processing.images import load_image
+
+    paths = easy_vqa.get_train_image_paths()
+    paths = [paths[image_id] for image_id in sorted(paths)]
+
+    def batches():
+        for start in range(0, len(paths), batch_size):
+            images = [load_image(path) for path in paths[start : start + batch_size]]
+            yield processor.image_processor(images, return_tensors="pt")["pixel_values"]
+
+    model.fit_feature_whitening(batches())
+    return len(paths)
 
 
 def first_sentence(answer: str) -> str:
@@ -134,8 +157,15 @@ def run_quickstart(
 
     log("[1/6] Embedded backbones (SmolLM2-135M-Instruct + a small CLIP vision tower)...")
     text_model, vision_model = embedded_backbones()
-    model = LavinForConditionalGeneration.from_backbones(text_model, vision_model)
+    if settings.prompt_format not in ("open", "describe"):
+        raise ValueError(f"prompt_format must be 'open' or 'describe', got {settings.prompt_format!r}.")
+    model = LavinForConditionalGeneration.from_backbones(
+        text_model, vision_model, vision_feature_whitening=settings.feature_whitening
+    )
     processor = LavinProcessor.from_backbones(text_model, vision_model)
+    if settings.feature_whitening:
+        count = fit_whitening_on_easy_vqa(model, processor)
+        log(f"      visual feature whitening fitted on {count:,} unlabeled easy-vqa train images")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"      LaVIN: {trainable:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters")
 
@@ -160,7 +190,9 @@ def run_quickstart(
     )
     num_samples = settings.train_steps * settings.batch_size
     num_text = int(num_samples * settings.text_fraction)
-    train = load_easy_vqa("train", limit=num_samples - num_text, seed=settings.seed)
+    train = load_easy_vqa(
+        "train", limit=num_samples - num_text, seed=settings.seed, prompt_format=settings.prompt_format
+    )
     text_rows = [
         {"prompt": prompts[i % TEXT_TRAIN], "target": llm_answers[i % TEXT_TRAIN], "image": None}
         for i in range(num_text)
@@ -182,7 +214,13 @@ def run_quickstart(
     train_output = trainer.train()
 
     log("[5/6] easy-vqa accuracy after training, and the held-out text-only answers...")
-    after = evaluate_easy_vqa(model, processor, test, batch_size=settings.eval_batch_size)
+    after = evaluate_easy_vqa(
+        model,
+        processor,
+        test,
+        batch_size=settings.eval_batch_size,
+        answers_described=settings.prompt_format == "describe",  # same questions, scored as trained
+    )
     log(f"      accuracy {after['accuracy']:.3f} {after['by_group']}")
     held_out = prompts[TEXT_TRAIN:]
     new_answers = generate_answers(
@@ -202,7 +240,9 @@ def run_quickstart(
     log("[6/6] Saving the adapter-only checkpoint...")
     checkpoint = output_dir / "checkpoint"
     model.save_pretrained(checkpoint, processor=processor)
-    write_eval_results(str(checkpoint), "easy-vqa test (open answers)", after, "mmadapters quickstart")
+    write_eval_results(
+        str(checkpoint), f"easy-vqa test ({settings.prompt_format} answers)", after, "mmadapters quickstart"
+    )
     summary = {
         "accuracy_before": round(before["accuracy"], 4),
         "accuracy_after": round(after["accuracy"], 4),

@@ -15,14 +15,20 @@ def evaluate_easy_vqa(
     dataset: Any,
     batch_size: int = 32,
     progress: Callable[[int, int], None] | None = None,
+    answers_described: bool | None = None,
 ) -> dict:
     """Generate an answer for every row of a `load_easy_vqa` data set and score it.
 
     The row's target tells its format: open, the first answer word in the row's choices; multiple choice, the
-    option letter; describe (" blue circle. no"), the answer word after the description.
+    option letter; describe (" blue circle. no"), the answer word after the description. `answers_described=True`
+    scores every row the describe way (a model trained on describe targets, asked open-format test questions:
+    the prompts are the same); False scores none so.
     Returns accuracy, by_group (question type), count, unparsed and the raw `generations`.
     """
-    described = ["." in target for target in dataset["target"]]
+    if answers_described is None:
+        described = ["." in target for target in dataset["target"]]
+    else:
+        described = [answers_described] * len(dataset)
     generations = generate_answers(
         model,
         processor,

@@ -32,6 +32,9 @@ class LavinConfig(PreTrainedConfig):
         vision_feature_pooling: "cls" (the first token; CLIP) or "mean" (mean of all tokens; towers without a
             CLS token such as SigLIP). Also how vision adapters pick their router input. Default: "mean" for
             SigLIP-like towers, else "cls".
+        vision_feature_whitening: whiten the visual features (per feature layer, with statistics fitted by
+            `fit_feature_whitening` on unlabeled images) before the projector. Not in the paper; for vision
+            towers with badly conditioned features, such as the embedded seeded random one. Default False.
         projector_hidden_size: width of the SiLU projector's hidden layer (128 in the paper).
         image_token_id: id of the image placeholder token in `input_ids`. It may lie outside the LLM's
             embedding matrix (we never resize the frozen embeddings): those positions are overwritten with
@@ -63,6 +66,7 @@ class LavinConfig(PreTrainedConfig):
     adapter_config: dict | None = None
     vision_feature_layers: list[int] | None = None
     vision_feature_pooling: Literal["cls", "mean"] | None = None
+    vision_feature_whitening: bool = False
     projector_hidden_size: int = 128
     image_token_id: int | None = None
     text_backbone: dict | None = None

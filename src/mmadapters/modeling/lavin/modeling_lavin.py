@@ -4,6 +4,7 @@ Reading order: `LavinForConditionalGeneration.__init__` (what is built and froze
 `compute_routing_table` (where the LLM-side router is computed), `generate`, then saving and loading.
 """
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -36,9 +37,11 @@ from ..backbones import BackboneSpec, freeze, load_backbones
 from ..causal_lm_output import causal_lm_output
 from ..image_tokens import check_image_token_count, embed_text_tokens, refuse_images_without_pixels
 from .configuration_lavin import LavinConfig
+from .feature_whitening import VisualFeatureWhitening
 
-# Top-level modules that make up the trainable adapter side; everything else is a frozen backbone.
-ADAPTER_MODULES = ("llm_adapters", "vision_adapters", "projector", "modality_embedding")
+# Top-level modules that an adapter-only checkpoint holds (the trainable side, and the fitted feature whitening
+# when it is on); everything else is a frozen backbone.
+ADAPTER_MODULES = ("llm_adapters", "vision_adapters", "feature_whitening", "projector", "modality_embedding")
 
 
 class LavinProjector(nn.Module):
@@ -127,6 +130,12 @@ class LavinForConditionalGeneration(AdapterCheckpointMixin, LavinPreTrainedModel
             )
             inject_vision_adapters(vision_layers, self.vision_adapters)
 
+        # Off by default (not in the paper): a fixed whitening of the visual features, for random towers.
+        self.feature_whitening = (
+            VisualFeatureWhitening(config.num_image_tokens, vision_width)
+            if config.vision_feature_whitening
+            else None
+        )
         self.projector = LavinProjector(vision_width, config.projector_hidden_size, text_width)
         # Index 1: the sample has an image; 0: text only. Its trajectory through the LLM sets the routing.
         self.modality_embedding = nn.Embedding(2, text_width)
@@ -195,7 +204,15 @@ class LavinForConditionalGeneration(AdapterCheckpointMixin, LavinPreTrainedModel
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Visual tokens (num_images, num_image_tokens, LLM width): the CLS token after every k-th vision layer
-        (taken from the hidden states, before any post-layernorm), through the projector."""
+        (taken from the hidden states, before any post-layernorm), whitened if that is on, through the
+        projector."""
+        features = self.pooled_vision_features(pixel_values).to(self.projector.linear_1.weight.dtype)
+        if self.feature_whitening is not None:
+            features = self.feature_whitening(features)
+        return self.projector(features)
+
+    def pooled_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The vision tower's features that LaVIN reads: (num_images, num_feature_layers, vision width)."""
         vision_dtype = self.vision_tower.dtype
         outputs = self.vision_tower(pixel_values=pixel_values.to(vision_dtype), output_hidden_states=True)
         hidden_states = outputs.hidden_states  # (embeddings, layer 1, ..., layer N)
@@ -203,8 +220,24 @@ class LavinForConditionalGeneration(AdapterCheckpointMixin, LavinPreTrainedModel
             pooled = [hidden_states[layer][:, 0] for layer in self.config.vision_feature_layers]
         else:
             pooled = [hidden_states[layer].mean(dim=1) for layer in self.config.vision_feature_layers]
-        features = torch.stack(pooled, dim=1)
-        return self.projector(features.to(self.projector.linear_1.weight.dtype))
+        return torch.stack(pooled, dim=1)
+
+    @torch.no_grad()
+    def fit_feature_whitening(
+        self, pixel_values: torch.Tensor | Iterable[torch.Tensor], min_relative_variance: float = 1e-6
+    ) -> None:
+        """Fit the visual feature whitening (`vision_feature_whitening=True`) to the tower's features of these
+        unlabeled images: a tensor of pixel values, or an iterable of batches of them (more images than the
+        vision width; a few thousand is typical). Call it once, before training: the vision adapters as they
+        are then (identity at initialisation) shape the features it sees."""
+        if self.feature_whitening is None:
+            raise ValueError(
+                "This LaVIN was built without feature whitening: build it with "
+                "`from_backbones(..., vision_feature_whitening=True)` to use it."
+            )
+        batches = [pixel_values] if isinstance(pixel_values, torch.Tensor) else pixel_values
+        features = torch.cat([self.pooled_vision_features(batch).float() for batch in batches])
+        self.feature_whitening.fit(features, min_relative_variance)
 
     def compute_routing_table(self) -> torch.Tensor:
         """The LLM-side routing weights for both modalities: (2 modalities, layers, sites, 2 experts).
