@@ -63,6 +63,20 @@ def test_train_eval_and_chat_commands(tiny_backbones, tmp_path, capsys, monkeypa
     assert "attached" in out and "does not exist" in out  # a bad image is a message, not a crash
 
 
+def test_recipe_with_feature_whitening_fits_it_on_the_training_images(tiny_backbones, tmp_path, capsys):
+    # 40 easy-vqa questions name fewer distinct images; the tiny tower is 32 wide, so 33 images are needed.
+    path = write_recipe(
+        tmp_path, tiny_backbones, data={"name": "easy_vqa", "limit": 200}, feature_whitening=40
+    )
+    assert main(["train", str(path)]) == 0
+    model = LavinForConditionalGeneration.from_pretrained(tmp_path / "run" / "final")
+    assert model.config.vision_feature_whitening and int(model.feature_whitening.fitted) == 1
+    too_few = write_recipe(tmp_path, tiny_backbones, feature_whitening=8)
+    capsys.readouterr()
+    assert main(["train", str(too_few)]) == 2
+    assert "got 8 distinct training images" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -70,6 +84,8 @@ def test_train_eval_and_chat_commands(tiny_backbones, tmp_path, capsys, monkeypa
         ({"data": {"name": "imagenet"}}, "data.name"),
         ({"optimizer": "adam"}, "unknown key"),
         ({"training": {"max_stepz": 1}}, "bad `training` entry"),
+        ({"feature_whitening": True}, "`feature_whitening` is LaVIN's"),
+        ({"model": "crome", "feature_whitening": 100}, "`feature_whitening` is LaVIN's"),
     ],
 )
 def test_bad_recipes_are_clear_errors(tiny_backbones, tmp_path, overrides, message, capsys):

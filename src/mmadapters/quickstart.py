@@ -105,23 +105,15 @@ def training_arguments(output_dir: str, settings: QuickstartSettings, **override
     return TrainingArguments(**{**values, **overrides})
 
 
-def fit_whitening_on_easy_vqa(model: Any, processor: Any, batch_size: int = 250) -> int:
-    """Fit LaVIN's visual feature whitening on the easy-vqa train images (the images only, no questions or
-    answers); returns how many images it saw."""
+def fit_whitening_on_easy_vqa(model: Any, processor: Any) -> int:
+    """Fit LaVIN's visual feature whitening on the 4,000 easy-vqa train images (the images only, no questions
+    or answers); returns how many images it saw."""
     import easy_vqa
 
-    from .processing.images import load_image
+    from .modeling.lavin.feature_whitening import fit_whitening_on_images
 
     paths = easy_vqa.get_train_image_paths()
-    paths = [paths[image_id] for image_id in sorted(paths)]
-
-    def batches():
-        for start in range(0, len(paths), batch_size):
-            images = [load_image(path) for path in paths[start : start + batch_size]]
-            yield processor.image_processor(images, return_tensors="pt")["pixel_values"]
-
-    model.fit_feature_whitening(batches())
-    return len(paths)
+    return fit_whitening_on_images(model, processor, [paths[image_id] for image_id in sorted(paths)])
 
 
 def first_sentence(answer: str) -> str:

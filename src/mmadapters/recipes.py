@@ -8,6 +8,7 @@ adapter: {temperature: 10.0} # MMAdapterConfig / CromeAdapterConfig fields
 stage: finetune              # crome only: pretrain | instruct | finetune
 init_from: ...               # crome only: an InstructBLIP checkpoint to initialise from (optional)
 from_checkpoint: ...         # continue from an earlier run's checkpoint instead (optional)
+feature_whitening: 4000      # lavin only: whiten the visual features, fitted on this many training images
 data: {name: easy_vqa, split: train, limit: 4800, prompt_format: open}
 output_dir: outputs/run
 training: {max_steps: 150, per_device_train_batch_size: 32, learning_rate: 3.0e-3}  # TrainingArguments
@@ -30,6 +31,7 @@ RECIPE_KEYS = {
     "training",
     "init_from",
     "from_checkpoint",
+    "feature_whitening",
 }
 DATA_NAMES = ("easy_vqa", "scienceqa", "llava")
 
@@ -58,6 +60,13 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     data = recipe.get("data")
     if not isinstance(data, dict) or data.get("name") not in DATA_NAMES:
         raise RecipeError(f"Recipe {path}: `data.name` must be one of {DATA_NAMES}.")
+    whitening = recipe.get("feature_whitening")
+    count_given = isinstance(whitening, int) and not isinstance(whitening, bool) and whitening >= 1
+    if whitening is not None and (recipe["model"] != "lavin" or not count_given):
+        raise RecipeError(
+            f"Recipe {path}: `feature_whitening` is LaVIN's, and takes the number of training images to fit the "
+            f"whitening on (a positive integer, more than the vision width), got {whitening!r} for {recipe['model']}."
+        )
     if "output_dir" not in recipe:
         raise RecipeError(f"Recipe {path}: set `output_dir`.")
     return recipe
@@ -89,7 +98,10 @@ def build_model_and_processor(recipe: dict[str, Any]) -> tuple[Any, Any]:
     adapter = recipe.get("adapter") or {}
     if recipe["model"] == "lavin":
         model = LavinForConditionalGeneration.from_backbones(
-            text_model, vision_model, adapter_config=MMAdapterConfig.from_dict(adapter)
+            text_model,
+            vision_model,
+            adapter_config=MMAdapterConfig.from_dict(adapter),
+            vision_feature_whitening=bool(recipe.get("feature_whitening")),
         )
         return model, LavinProcessor.from_backbones(text_model, vision_model)
     if recipe.get("init_from"):
@@ -130,6 +142,25 @@ def train_from_recipe(path: str | os.PathLike) -> str:
     recipe = load_recipe(path)
     model, processor = build_model_and_processor(recipe)
     dataset = build_dataset(recipe["data"], processor)
+    if recipe.get("feature_whitening") and not recipe.get("from_checkpoint"):  # a checkpoint has it fitted
+        from .modeling.lavin.feature_whitening import fit_whitening_on_images
+
+        images, seen = [], set()
+        for row in dataset:  # the first N distinct images (paths repeat across an image's questions)
+            image = row["image"]
+            key = image if isinstance(image, str) else id(image)
+            if image is not None and key not in seen:
+                seen.add(key)
+                images.append(image)
+                if len(images) == recipe["feature_whitening"]:
+                    break
+        width = model.config.vision_config.hidden_size
+        if len(images) <= width:
+            raise RecipeError(
+                f"Recipe {path}: `feature_whitening` got {len(images)} distinct training images, and the whitening "
+                f"needs more than the vision width ({width}): raise `feature_whitening` or `data.limit`."
+            )
+        fit_whitening_on_images(model, processor, images)
     training = {"report_to": [], "remove_unused_columns": False, **(recipe.get("training") or {})}
     try:
         args = TrainingArguments(output_dir=recipe["output_dir"], **training)

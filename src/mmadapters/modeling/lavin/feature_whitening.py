@@ -13,6 +13,9 @@ images) are fitted once, before training, like batch norm's running statistics b
 saved with the adapters.
 """
 
+from collections.abc import Iterator, Sequence
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -67,4 +70,18 @@ class VisualFeatureWhitening(nn.Module):
         return torch.einsum("nld,lde->nle", features - self.mean, self.transform)
 
 
-__all__ = ["VisualFeatureWhitening"]
+def fit_whitening_on_images(model: Any, processor: Any, images: Sequence[Any], batch_size: int = 250) -> int:
+    """Fit `model`'s feature whitening on `images` (paths, PIL images or arrays; unlabeled), preprocessed by
+    `processor` as training will; returns how many images it saw."""
+    from ...processing.images import load_image
+
+    def batches() -> Iterator[torch.Tensor]:
+        for start in range(0, len(images), batch_size):
+            loaded = [load_image(image) for image in images[start : start + batch_size]]
+            yield processor.image_processor(loaded, return_tensors="pt")["pixel_values"]
+
+    model.fit_feature_whitening(batches())
+    return len(images)
+
+
+__all__ = ["VisualFeatureWhitening", "fit_whitening_on_images"]
