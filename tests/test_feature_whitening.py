@@ -96,3 +96,17 @@ def test_unfitted_model_refuses_images_and_unwhitened_model_refuses_fit(tiny_bac
     assert plain.feature_whitening is None
     with pytest.raises(ValueError, match="vision_feature_whitening=True"):
         plain.fit_feature_whitening(torch.zeros(40, 3, 32, 32))
+
+
+def test_whitening_with_a_bf16_tower_keeps_float32_and_the_adapter_dtype(tiny_backbones):
+    torch.manual_seed(0)
+    model = LavinForConditionalGeneration.from_backbones(
+        *tiny_backbones, vision_feature_whitening=True, dtype=torch.bfloat16
+    ).eval()
+    model.fit_feature_whitening(torch.randn(40, 3, 32, 32), min_relative_variance=1e-3)
+    assert model.vision_tower.dtype == torch.bfloat16
+    assert model.feature_whitening.transform.dtype == model.projector.linear_1.weight.dtype == torch.float32
+    pixels = torch.randn(2, 3, 32, 32)
+    features = model.get_image_features(pixels)
+    assert features.dtype == torch.float32 and torch.isfinite(features).all()
+    assert features.shape == (2, model.config.num_image_tokens, model.config.text_config.hidden_size)

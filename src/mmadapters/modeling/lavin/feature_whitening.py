@@ -37,7 +37,9 @@ class VisualFeatureWhitening(nn.Module):
         """Fit mean and whitening matrix per layer to `features` (num_images, num_feature_layers, width).
 
         Directions with less than `min_relative_variance` times the largest variance are scaled as if they had
-        that much (so that noise in directions the images never use is not blown up without bound).
+        that much (so that noise in directions the images never use is not blown up without bound). The default
+        suits a float32 tower; a bf16/fp16 tower cannot resolve variances that small (its features carry about
+        three significant digits): use about 1e-3 there.
         """
         num_images, num_layers, width = features.shape
         if (num_layers, width) != tuple(self.mean.shape):
@@ -67,7 +69,8 @@ class VisualFeatureWhitening(nn.Module):
                 "This LaVIN has vision_feature_whitening=True but its whitening is not fitted yet: call "
                 "`model.fit_feature_whitening(pixel_values)` with a few thousand unlabeled images first."
             )
-        return torch.einsum("nld,lde->nle", features - self.mean, self.transform)
+        centred = features.to(self.mean.dtype) - self.mean
+        return torch.einsum("nld,lde->nle", centred, self.transform)
 
 
 def fit_whitening_on_images(model: Any, processor: Any, images: Sequence[Any], batch_size: int = 250) -> int:

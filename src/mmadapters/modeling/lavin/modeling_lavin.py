@@ -206,10 +206,10 @@ class LavinForConditionalGeneration(AdapterCheckpointMixin, LavinPreTrainedModel
         """Visual tokens (num_images, num_image_tokens, LLM width): the CLS token after every k-th vision layer
         (taken from the hidden states, before any post-layernorm), whitened if that is on, through the
         projector."""
-        features = self.pooled_vision_features(pixel_values).to(self.projector.linear_1.weight.dtype)
+        features = self.pooled_vision_features(pixel_values)
         if self.feature_whitening is not None:
-            features = self.feature_whitening(features)
-        return self.projector(features)
+            features = self.feature_whitening(features)  # in the whitening's own (float32) precision
+        return self.projector(features.to(self.projector.linear_1.weight.dtype))
 
     def pooled_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The vision tower's features that LaVIN reads: (num_images, num_feature_layers, vision width)."""
@@ -236,7 +236,8 @@ class LavinForConditionalGeneration(AdapterCheckpointMixin, LavinPreTrainedModel
                 "`from_backbones(..., vision_feature_whitening=True)` to use it."
             )
         batches = [pixel_values] if isinstance(pixel_values, torch.Tensor) else pixel_values
-        features = torch.cat([self.pooled_vision_features(batch).float() for batch in batches])
+        device = self.vision_tower.device
+        features = torch.cat([self.pooled_vision_features(batch.to(device)).float() for batch in batches])
         self.feature_whitening.fit(features, min_relative_variance)
 
     def compute_routing_table(self) -> torch.Tensor:
