@@ -150,8 +150,15 @@ def test_two_process_ddp_run(tiny_backbones, tmp_path):
 def test_quickstart_at_reduced_size(tmp_path):
     from mmadapters.quickstart import QuickstartSettings, run_quickstart
 
-    settings = QuickstartSettings(
-        train_steps=2, batch_size=4, num_test=8, eval_batch_size=8, text_max_new_tokens=4
+    settings = QuickstartSettings(  # the paper's plain setting (the default is tested below)
+        train_steps=2,
+        batch_size=4,
+        num_test=8,
+        eval_batch_size=8,
+        text_max_new_tokens=4,
+        prompt_format="open",
+        feature_whitening=False,
+        vision_adapters=True,
     )
     summary = run_quickstart(tmp_path, settings, log=lambda *_: None)
     saved = json.loads((tmp_path / "quickstart_summary.json").read_text())
@@ -179,21 +186,31 @@ def test_quickstart_at_reduced_size(tmp_path):
 
 
 @pytest.mark.integration
-def test_quickstart_with_describe_targets_and_feature_whitening(tmp_path):
+def test_quickstart_defaults_describe_whitening_no_vision_adapters(tmp_path):
+    from mmadapters.cli import build_parser
     from mmadapters.quickstart import QuickstartSettings, run_quickstart
 
+    defaults = QuickstartSettings()
+    assert (defaults.prompt_format, defaults.feature_whitening, defaults.vision_adapters) == (
+        "describe",
+        True,
+        False,
+    )
+    flags = build_parser().parse_args(["quickstart"])  # the CLI's defaults are the settings' defaults
+    assert (flags.train_steps, flags.prompt_format, flags.feature_whitening, flags.vision_adapters) == (
+        defaults.train_steps,
+        "describe",
+        True,
+        False,
+    )
     settings = QuickstartSettings(
-        train_steps=2,
-        batch_size=4,
-        num_test=8,
-        eval_batch_size=8,
-        text_max_new_tokens=4,
-        prompt_format="describe",
-        feature_whitening=True,
+        train_steps=2, batch_size=4, num_test=8, eval_batch_size=8, text_max_new_tokens=4
     )
     summary = run_quickstart(tmp_path, settings, log=lambda *_: None)
     assert summary["settings"]["prompt_format"] == "describe" and summary["num_test_questions"] == 8
     model = LavinForConditionalGeneration.from_pretrained(summary["checkpoint_dir"])
+    assert model.vision_adapters is None
+    assert summary["trainable_parameters"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     whitening = model.feature_whitening
     assert int(whitening.fitted) == 1 and not torch.equal(whitening.transform[0], torch.eye(192))
     results = json.loads(open(os.path.join(summary["checkpoint_dir"], "eval_results.json")).read())

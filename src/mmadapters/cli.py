@@ -18,6 +18,7 @@ def _quickstart(args: argparse.Namespace) -> None:
         num_test=args.num_test,
         prompt_format=args.prompt_format,
         feature_whitening=args.feature_whitening,
+        vision_adapters=args.vision_adapters,
     )
     summary = run_quickstart(args.output_dir, settings)
     print(
@@ -182,6 +183,8 @@ def _push_space(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .quickstart import QuickstartSettings  # its defaults are the quickstart flags' defaults
+
     parser = argparse.ArgumentParser(
         prog="mmadapters", description="Multimodal adapters for Hugging Face models."
     )
@@ -193,18 +196,26 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument(
         "--output-dir", default="quickstart_output", help="where the checkpoint and summary go"
     )
-    quick.add_argument("--train-steps", type=int, default=100)
+    quick.add_argument("--train-steps", type=int, default=QuickstartSettings.train_steps)
     quick.add_argument("--num-test", type=int, default=1000, help="easy-vqa test questions to evaluate on")
     quick.add_argument(
         "--prompt-format",
-        default="open",
+        default=QuickstartSettings.prompt_format,
         choices=["open", "describe"],
-        help='training targets: the answer word, or "describe": the image\'s colour and shape, then the answer',
+        help='training targets: "describe" (default): the image\'s colour and shape, then the answer; "open": '
+        "the answer word",
     )
     quick.add_argument(
         "--feature-whitening",
-        action="store_true",
-        help="whiten the random tower's visual features (fitted on the unlabeled train images)",
+        action=argparse.BooleanOptionalAction,
+        default=QuickstartSettings.feature_whitening,
+        help="whiten the random tower's visual features, fitted on the unlabeled train images (default: on)",
+    )
+    quick.add_argument(
+        "--vision-adapters",
+        action=argparse.BooleanOptionalAction,
+        default=QuickstartSettings.vision_adapters,
+        help="adapters inside the vision tower too, as in the paper (default: off for the random tower)",
     )
     quick.set_defaults(run=_quickstart)
 
