@@ -46,6 +46,11 @@ def test_train_eval_and_chat_commands(tiny_backbones, tmp_path, capsys, monkeypa
     assert main(["eval", str(final), "--limit", "6"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["count"] == 6 and set(result["by_group"]) <= {"yes/no", "color", "shape"}
+    assert main(["eval", str(final), "--limit", "6", "--prompt-format", "describe"]) == 0
+    described = json.loads(capsys.readouterr().out)
+    assert described["count"] == 6  # the open questions, scored on the word after a description
+    # The untrained model writes no description ("."), so nothing it says parses as a described answer.
+    assert described["unparsed"] >= result["unparsed"]
 
     import io
 

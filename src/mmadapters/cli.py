@@ -21,14 +21,16 @@ def _quickstart(args: argparse.Namespace) -> None:
         vision_adapters=args.vision_adapters,
     )
     summary = run_quickstart(args.output_dir, settings)
+    checkpoint = summary["checkpoint_dir"]
+    eval_command = f"mmadapters eval {checkpoint} --prompt-format {settings.prompt_format}"
     print(
         json.dumps({k: v for k, v in summary.items() if k not in ("settings", "text_only_answers")}, indent=2)
     )
     print(
         f"\nLaVIN went from {summary['accuracy_before']:.1%} to {summary['accuracy_after']:.1%} on "
         f"{summary['num_test_questions']} easy-vqa test questions; {summary['text_only_preserved']:.0%} of held-out "
-        f"text-only answers are unchanged. Next: `mmadapters chat {summary['checkpoint_dir']}`, "
-        f"`mmadapters demo {summary['checkpoint_dir']}` (browser chat), `mmadapters eval {summary['checkpoint_dir']}`."
+        f"text-only answers are unchanged. Next: `mmadapters chat {checkpoint}`, "
+        f"`mmadapters demo {checkpoint}` (browser chat), `{eval_command}`."
     )
 
 
@@ -52,10 +54,18 @@ def _eval(args: argparse.Namespace) -> None:
     from .evaluation import evaluate_easy_vqa
 
     model, processor = _load(args.checkpoint)
-    dataset = load_easy_vqa("test", limit=args.limit, prompt_format=args.prompt_format)
+    # "describe" asks the same questions as "open" (only the training targets differ): every test question,
+    # scored on the word after the model's description (as the quickstart scores itself).
+    described = args.prompt_format == "describe"
+    questions_format = "open" if described else args.prompt_format
+    dataset = load_easy_vqa("test", limit=args.limit, prompt_format=questions_format)
     bar = tqdm(total=len(dataset), desc="evaluating")
     result = evaluate_easy_vqa(
-        model, processor, dataset, progress=lambda done, total: bar.update(done - bar.n)
+        model,
+        processor,
+        dataset,
+        progress=lambda done, total: bar.update(done - bar.n),
+        answers_described=described,
     )
     bar.close()
     print(json.dumps({k: v for k, v in result.items() if k != "generations"}, indent=2))
