@@ -15,6 +15,7 @@ def _quickstart(args: argparse.Namespace) -> None:
 
     settings = QuickstartSettings(
         train_steps=args.train_steps,
+        learning_rate=args.learning_rate,
         num_test=args.num_test,
         prompt_format=args.prompt_format,
         feature_whitening=args.feature_whitening,
@@ -207,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--output-dir", default="quickstart_output", help="where the checkpoint and summary go"
     )
     quick.add_argument("--train-steps", type=int, default=QuickstartSettings.train_steps)
+    quick.add_argument("--learning-rate", type=float, default=QuickstartSettings.learning_rate)
     quick.add_argument("--num-test", type=int, default=1000, help="easy-vqa test questions to evaluate on")
     quick.add_argument(
         "--prompt-format",
