@@ -6,6 +6,10 @@ at zero, a tested property); evaluate on easy-vqa test questions; train with `La
 easy-vqa questions and text-only samples (MMA's point: the mixture keeps text-only behaviour); evaluate again;
 check how many held-out text-only answers are unchanged; save the adapter-only checkpoint; write
 `quickstart_summary.json`.
+
+For the embedded random vision tower the defaults depart from the paper's plain recipe in three marked ways
+(each a `QuickstartSettings` field and a CLI flag): whitened visual features, no vision adapters, and targets
+that first say what the image shows. Why, with the measurements: benchmarks/README.md, "Quickstart".
 """
 
 from __future__ import annotations
