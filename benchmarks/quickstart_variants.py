@@ -13,7 +13,8 @@ quarters of easy-vqa) at the question-only prior. Three changes to the training 
 `--perfect` replaces the tower's features by perfect_feature_quickstart.py's clean colour + shape code;
 `--whiten` builds LaVIN with `vision_feature_whitening=True`, fitted on the 4,000 easy-vqa train images (no
 labels) before training (see benchmarks/feature_whitening.py).
-Otherwise this is the quickstart's recipe (settings, optimiser, 10% text-only samples), scored on
+Otherwise this is the quickstart's plain recipe (its default before the whitening: answer-word targets, vision
+adapters on; the same optimiser and 10% text-only samples), scored on
 `--num-test` test questions; the "before" evaluation and the text-only check are left out.
 
     python benchmarks/quickstart_variants.py [--describe] [--balance] [--vision-lr-multiplier 30] [--perfect]
