@@ -43,6 +43,7 @@ bench: setup
 	$(BIN)/python benchmarks/merged_export.py
 	$(BIN)/python benchmarks/vision_tower_probe.py
 	$(BIN)/python benchmarks/visual_pathway_oracle.py
+	$(BIN)/python benchmarks/feature_whitening.py
 
 clean:
 	rm -rf $(VENV) $(OUTPUT_DIR) .pytest_cache .ruff_cache

@@ -6,8 +6,8 @@ features LaVIN reads: the CLS token after layers 4, 8 and 12. A projector-sized 
 128 hidden, AdamW 3e-3, batches of 32 images) learns the image's colour (8 classes) and shape (3 classes) from
 them, with labels read off each image's own questions (`image_descriptions`), tested on the test images. Three
 forms of the same features: raw (what LaVIN's projector gets by default), standardised per dimension, and
-whitened per layer by LaVIN's `feature_whitening`, fitted on the 4,000 train images as the quickstart does. Budgets: 100 steps (the
-quickstart's) and 10 epochs.
+whitened per layer by LaVIN's `feature_whitening`, fitted on the 4,000 train images as the quickstart does.
+Budgets: 100 steps and 10 epochs.
 
     python benchmarks/feature_whitening.py
 """
