@@ -3,8 +3,9 @@ shape, but not in a form gradient descent reads within the quickstart's budget.
 
 The frozen embedded tower (LaVIN's own, vision adapters at initialisation) turns each easy-vqa image into the
 features LaVIN reads: the CLS token after layers 4, 8 and 12. A projector-sized MLP (Linear -> SiLU -> Linear,
-128 hidden, AdamW 3e-3, batches of 32 images) learns the image's colour (8 classes) and shape (3 classes) from
-them, with labels read off each image's own questions (`image_descriptions`), tested on the test images. Three
+128 hidden, Adam 3e-3, batches of 32 images; `vision_tower_probe.probe`) learns the image's colour (8 classes)
+and shape (3 classes) from them, with labels read off each image's own questions (`image_descriptions`), tested
+on the test images. Three
 forms of the same features: raw (what LaVIN's projector gets by default), standardised per dimension, and
 whitened per layer by LaVIN's `feature_whitening`, fitted on the 4,000 train images as the quickstart does.
 Budgets: 100 steps and 10 epochs.
@@ -19,11 +20,11 @@ import time
 import easy_vqa
 import torch
 from torch import nn
+from vision_tower_probe import probe
 
 import mmadapters
 from mmadapters import LavinForConditionalGeneration, LavinProcessor
 from mmadapters.data.easy_vqa import COLORS, SHAPES, image_descriptions
-from mmadapters.processing.images import load_image
 from mmadapters.quickstart import fit_whitening_on_easy_vqa
 
 
@@ -36,27 +37,11 @@ def split_features(model, processor, split: str) -> tuple[torch.Tensor, torch.Te
     features = []
     with torch.no_grad():
         for start in range(0, len(image_ids), 250):
-            images = [load_image(paths[i]) for i in image_ids[start : start + 250]]
-            pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+            pixels = processor._pixel_values([paths[i] for i in image_ids[start : start + 250]])
             features.append(model.pooled_vision_features(pixels).float())
     colours = torch.tensor([COLORS.index(descriptions[i].split()[0]) for i in image_ids])
     shapes = torch.tensor([SHAPES.index(descriptions[i].split()[1]) for i in image_ids])
     return torch.cat(features), colours, shapes
-
-
-def probe(train_x, train_y, test_x, test_y, steps: int, seed: int = 0) -> float:
-    torch.manual_seed(seed)
-    mlp = nn.Sequential(nn.Linear(train_x.shape[1], 128), nn.SiLU(), nn.Linear(128, int(train_y.max()) + 1))
-    optimizer = torch.optim.AdamW(mlp.parameters(), lr=3e-3, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        index = torch.randint(0, len(train_x), (32,), generator=generator)
-        loss = nn.functional.cross_entropy(mlp(train_x[index]), train_y[index])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        return float((mlp(test_x).argmax(-1) == test_y).float().mean())
 
 
 def main() -> None:
@@ -90,7 +75,7 @@ def main() -> None:
         start = time.perf_counter()
         train_x, test_x = train_x.flatten(1), test_x.flatten(1)
         scores = [
-            probe(train_x, train_y, test_x, test_y, steps)
+            probe(train_x, train_y, test_x, test_y, steps, hidden=128, activation=nn.SiLU)
             for steps in (100, epochs)
             for train_y, test_y in ((train_colour, test_colour), (train_shape, test_shape))
         ]

@@ -133,6 +133,22 @@ def build_dataset(data: dict[str, Any], processor: Any) -> Any:
     return load_llava_conversations(options["json"], options.get("image_folder"), processor)
 
 
+def first_distinct_images(rows: Any, count: int) -> list[Any]:
+    """The first `count` images of a data set's rows, skipping text-only rows and repeated paths (a path repeats
+    across an image's questions). Decoded images are taken as they come: each row decodes its own object."""
+    images, seen_paths = [], set()
+    for row in rows:
+        image = row["image"]
+        if image is None or (isinstance(image, str) and image in seen_paths):
+            continue
+        if isinstance(image, str):
+            seen_paths.add(image)
+        images.append(image)
+        if len(images) == count:
+            break
+    return images
+
+
 def train_from_recipe(path: str | os.PathLike) -> str:
     """Train as the recipe says; returns the folder of the final adapter-only checkpoint."""
     from transformers import TrainingArguments
@@ -145,15 +161,7 @@ def train_from_recipe(path: str | os.PathLike) -> str:
     if recipe.get("feature_whitening") and not recipe.get("from_checkpoint"):  # a checkpoint has it fitted
         from .modeling.lavin.feature_whitening import fit_whitening_on_images
 
-        images, seen = [], set()
-        for row in dataset:  # the first N distinct images (paths repeat across an image's questions)
-            image = row["image"]
-            key = image if isinstance(image, str) else id(image)
-            if image is not None and key not in seen:
-                seen.add(key)
-                images.append(image)
-                if len(images) == recipe["feature_whitening"]:
-                    break
+        images = first_distinct_images(dataset, recipe["feature_whitening"])
         width = model.config.vision_config.hidden_size
         if len(images) <= width:
             raise RecipeError(

@@ -28,9 +28,8 @@ class VisualFeatureWhitening(nn.Module):
         super().__init__()
         self.register_buffer("mean", torch.zeros(num_feature_layers, width))
         self.register_buffer("transform", torch.eye(width).repeat(num_feature_layers, 1, 1))
-        self.register_buffer(
-            "fitted", torch.tensor(0)
-        )  # 1 once fitted (an integer: any backend broadcasts it)
+        # 1 once fitted (an integer, not a bool: every distributed backend broadcasts it).
+        self.register_buffer("fitted", torch.tensor(0))
 
     @torch.no_grad()
     def fit(self, features: torch.Tensor, min_relative_variance: float = 1e-6) -> None:
@@ -74,14 +73,12 @@ class VisualFeatureWhitening(nn.Module):
 
 
 def fit_whitening_on_images(model: Any, processor: Any, images: Sequence[Any], batch_size: int = 250) -> int:
-    """Fit `model`'s feature whitening on `images` (paths, PIL images or arrays; unlabeled), preprocessed by
-    `processor` as training will; returns how many images it saw."""
-    from ...processing.images import load_image
+    """Fit `model`'s feature whitening on `images` (paths, PIL images or arrays; unlabeled), loaded and
+    preprocessed by `processor` exactly as its training batches are; returns how many images it saw."""
 
     def batches() -> Iterator[torch.Tensor]:
         for start in range(0, len(images), batch_size):
-            loaded = [load_image(image) for image in images[start : start + batch_size]]
-            yield processor.image_processor(loaded, return_tensors="pt")["pixel_values"]
+            yield processor._pixel_values(images[start : start + batch_size])
 
     model.fit_feature_whitening(batches())
     return len(images)
