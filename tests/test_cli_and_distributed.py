@@ -126,6 +126,16 @@ def test_shipped_recipes_are_valid():
         load_recipe(os.path.join(folder, name))
     published = load_recipe(os.path.join(folder, "lavin-7b-scienceqa.yaml"))["training"]
     assert published["learning_rate"] == pytest.approx(9e-3 * 32 / 256) and published["weight_decay"] == 0.02
+    from mmadapters.quickstart import QuickstartSettings
+
+    quickstart = load_recipe(os.path.join(folder, "quickstart.yaml"))  # the recipe is the quickstart's run
+    defaults, training = QuickstartSettings(), quickstart["training"]
+    assert (training["max_steps"], training["per_device_train_batch_size"], training["learning_rate"]) == (
+        defaults.train_steps,
+        defaults.batch_size,
+        defaults.learning_rate,
+    )
+    assert quickstart["adapter"]["dropout"] == defaults.adapter_dropout
 
 
 def free_port() -> int:
@@ -213,12 +223,13 @@ def test_quickstart_defaults_describe_whitening_no_vision_adapters(tmp_path):
         False,
     )
     flags = build_parser().parse_args(["quickstart"])  # the CLI's defaults are the settings' defaults
-    assert (flags.train_steps, flags.prompt_format, flags.feature_whitening, flags.vision_adapters) == (
+    assert (flags.train_steps, flags.batch_size, flags.learning_rate, flags.adapter_dropout) == (
         defaults.train_steps,
-        "describe",
-        True,
-        False,
+        defaults.batch_size,
+        defaults.learning_rate,
+        defaults.adapter_dropout,
     )
+    assert (flags.prompt_format, flags.feature_whitening, flags.vision_adapters) == ("describe", True, False)
     settings = QuickstartSettings(
         train_steps=2, batch_size=4, num_test=8, eval_batch_size=8, text_max_new_tokens=4
     )
@@ -226,6 +237,7 @@ def test_quickstart_defaults_describe_whitening_no_vision_adapters(tmp_path):
     assert summary["settings"]["prompt_format"] == "describe" and summary["num_test_questions"] == 8
     model = LavinForConditionalGeneration.from_pretrained(summary["checkpoint_dir"])
     assert model.vision_adapters is None
+    assert model.config.mm_adapter_config.dropout == defaults.adapter_dropout == 0.0
     assert summary["trainable_parameters"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     whitening = model.feature_whitening
     assert int(whitening.fitted) == 1 and not torch.equal(whitening.transform[0], torch.eye(192))

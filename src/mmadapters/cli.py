@@ -15,11 +15,15 @@ def _quickstart(args: argparse.Namespace) -> None:
 
     settings = QuickstartSettings(
         train_steps=args.train_steps,
+        batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         num_test=args.num_test,
+        seed=args.seed,
         prompt_format=args.prompt_format,
         feature_whitening=args.feature_whitening,
         vision_adapters=args.vision_adapters,
+        adapter_dropout=args.adapter_dropout,
+        adapter_placement=args.adapter_placement,
     )
     summary = run_quickstart(args.output_dir, settings)
     checkpoint = summary["checkpoint_dir"]
@@ -208,8 +212,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--output-dir", default="quickstart_output", help="where the checkpoint and summary go"
     )
     quick.add_argument("--train-steps", type=int, default=QuickstartSettings.train_steps)
+    quick.add_argument("--batch-size", type=int, default=QuickstartSettings.batch_size)
     quick.add_argument("--learning-rate", type=float, default=QuickstartSettings.learning_rate)
+    quick.add_argument(
+        "--adapter-dropout",
+        type=float,
+        default=QuickstartSettings.adapter_dropout,
+        help="dropout inside the adapters (default 0; the paper's 0.1 slows the quickstart's short run)",
+    )
+    quick.add_argument(
+        "--adapter-placement",
+        default=QuickstartSettings.adapter_placement,
+        choices=["attn", "attn_mlp"],
+        help='adapters before each self-attention ("attn", the paper\'s) or before each MLP too',
+    )
     quick.add_argument("--num-test", type=int, default=1000, help="easy-vqa test questions to evaluate on")
+    quick.add_argument(
+        "--seed",
+        type=int,
+        default=QuickstartSettings.seed,
+        help="seeds the adapters' initialisation, the training draw and order, and the test questions drawn",
+    )
     quick.add_argument(
         "--prompt-format",
         default=QuickstartSettings.prompt_format,
