@@ -213,7 +213,10 @@ def test_quickstart_at_reduced_size(tmp_path):
 
 @pytest.mark.integration
 def test_quickstart_defaults_describe_whitening_no_vision_adapters(tmp_path):
+    from transformers import AutoProcessor
+
     from mmadapters.cli import build_parser
+    from mmadapters.data.easy_vqa import format_prompt
     from mmadapters.quickstart import QuickstartSettings, run_quickstart
 
     defaults = QuickstartSettings()
@@ -238,6 +241,27 @@ def test_quickstart_defaults_describe_whitening_no_vision_adapters(tmp_path):
     model = LavinForConditionalGeneration.from_pretrained(summary["checkpoint_dir"])
     assert model.vision_adapters is None
     assert model.config.mm_adapter_config.dropout == defaults.adapter_dropout == 0.0
+    # The saved processor prompts chat the way the quickstart trained: easy-vqa's plain layout, turn by turn.
+    processor = AutoProcessor.from_pretrained(summary["checkpoint_dir"])
+    image_turn = {
+        "role": "user",
+        "content": [{"type": "image"}, {"type": "text", "text": "What shape is this?"}],
+    }
+    assert processor.apply_chat_template([image_turn], add_generation_prompt=True) == format_prompt(
+        "What shape is this?", "describe", [], image=True
+    )
+    conversation = [
+        image_turn,
+        {"role": "assistant", "content": [{"type": "text", "text": "blue circle. circle"}]},
+        {"role": "user", "content": [{"type": "text", "text": "Is it blue?"}]},
+    ]
+    assert processor.apply_chat_template(conversation, add_generation_prompt=True) == (
+        "Image: <image>\nQuestion: What shape is this?\nAnswer: blue circle. circle\nQuestion: Is it blue?\nAnswer:"
+    )
+    assert (
+        processor.apply_chat_template([{"role": "user", "content": "Hi"}])
+        == "Image: N/A\nQuestion: Hi\nAnswer:"
+    )
     assert summary["trainable_parameters"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     whitening = model.feature_whitening
     assert int(whitening.fitted) == 1 and not torch.equal(whitening.transform[0], torch.eye(192))

@@ -158,6 +158,7 @@ def run_quickstart(
     from .modeling.embedded import embedded_backbones
     from .modeling.lavin import LavinForConditionalGeneration
     from .processing import LavinProcessor
+    from .processing.base import question_answer_chat_template
     from .trainers import LavinTrainer, VisionLanguageCollator
 
     settings = settings or QuickstartSettings()
@@ -181,6 +182,9 @@ def run_quickstart(
         vision_feature_whitening=settings.feature_whitening,
     )
     processor = LavinProcessor.from_backbones(text_model, vision_model)
+    # The model learns the plain "Image: ...\nQuestion: ...\nAnswer:" layout, not the LLM's chat format: the saved
+    # processor's chat template renders conversations that way, so `mmadapters chat` and the demo match training.
+    processor.chat_template = question_answer_chat_template()
     if settings.feature_whitening:
         count = fit_whitening_on_easy_vqa(model, processor)
         log(f"      visual feature whitening fitted on {count:,} unlabeled easy-vqa train images")

@@ -64,6 +64,28 @@ _PLAIN_TEMPLATE = """\
 {%- if add_generation_prompt -%}{{ 'Response:' }}{%- endif -%}
 """
 
+# LaVIN's question-answer layout as a chat template, for checkpoints trained on it (the quickstart's easy-vqa
+# prompts): chat and the demo then prompt the model exactly as it was trained. One turn renders as
+# "Image: <image>\nQuestion: What shape is this?\nAnswer:"; later turns append " answer\nQuestion: ...\nAnswer:".
+_QUESTION_ANSWER_TEMPLATE = """\
+{%- for message in messages -%}
+  {%- if message['role'] == 'system' -%}{{ message['content'] + '\\n' }}
+  {%- elif message['role'] == 'user' and message['content'].startswith('Image: ') -%}
+    {%- set head, question = message['content'].split('\\n', 1) -%}
+    {{ head + '\\nQuestion: ' + question + '\\nAnswer:' }}
+  {%- elif message['role'] == 'user' -%}{{ 'Question: ' + message['content'] + '\\nAnswer:' }}
+  {%- elif message['role'] == 'assistant' -%}{{ ' ' + message['content'] + '\\n' }}
+  {%- endif -%}
+{%- endfor -%}
+"""
+
+
+def question_answer_chat_template() -> str:
+    """LaVIN's "Image: ...\nQuestion: ...\nAnswer:" layout as a chat template (set it as a processor's
+    `chat_template` when a model is trained on that layout rather than the LLM's chat format)."""
+    header = "{%- set IMAGE_TEXT = 'Image: <image>\\n' -%}{%- set TEXT_ONLY_PREFIX = 'Image: N/A\\n' -%}\n"
+    return header + _FLATTEN_MESSAGES + _QUESTION_ANSWER_TEMPLATE
+
 
 class PromptTooLongError(ValueError):
     """A prompt (plus answer) is longer than `max_length` and the overflow policy is "raise"."""
