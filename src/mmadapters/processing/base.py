@@ -83,8 +83,7 @@ _QUESTION_ANSWER_TEMPLATE = """\
 def question_answer_chat_template() -> str:
     """LaVIN's "Image: ...\nQuestion: ...\nAnswer:" layout as a chat template (set it as a processor's
     `chat_template` when a model is trained on that layout rather than the LLM's chat format)."""
-    header = "{%- set IMAGE_TEXT = 'Image: <image>\\n' -%}{%- set TEXT_ONLY_PREFIX = 'Image: N/A\\n' -%}\n"
-    return header + _FLATTEN_MESSAGES + _QUESTION_ANSWER_TEMPLATE
+    return _flattening_then("Image: <image>\n", "Image: N/A\n", _QUESTION_ANSWER_TEMPLATE)
 
 
 class PromptTooLongError(ValueError):
@@ -96,10 +95,15 @@ def build_chat_template(tokenizer: Any, image_text: str, text_only_prefix: str) 
     llm_template = tokenizer.chat_template
     if isinstance(llm_template, dict):
         llm_template = llm_template.get("default") or next(iter(llm_template.values()))
+    return _flattening_then(image_text, text_only_prefix, llm_template or _PLAIN_TEMPLATE)
+
+
+def _flattening_then(image_text: str, text_only_prefix: str, template: str) -> str:
+    """The message flattening (with its two texts set) in front of `template`."""
     header = (
         f"{{%- set IMAGE_TEXT = {image_text!r} -%}}{{%- set TEXT_ONLY_PREFIX = {text_only_prefix!r} -%}}\n"
     )
-    return header + _FLATTEN_MESSAGES + (llm_template or _PLAIN_TEMPLATE)
+    return header + _FLATTEN_MESSAGES + template
 
 
 def resize_only_image_processor(size: int, mean: list[float], std: list[float]) -> CLIPImageProcessorPil:
