@@ -86,10 +86,23 @@ def test_full_checkpoint_round_trip(trained, tmp_path):
         torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=1e-6)
 
 
-def test_adapter_only_save_refuses_random_backbones(tmp_path):
-    model = LavinForConditionalGeneration.from_backbones(tiny_text_config(), tiny_vision_config())
-    with pytest.raises(ValueError, match="built from config objects"):
-        model.save_pretrained(tmp_path)
+def test_config_built_model_saves_every_weight_and_reloads_identically(tmp_path, randomize_adapters):
+    # Backbones built from config objects cannot be found again by name: save_pretrained writes every weight
+    # (as any transformers model would) instead of refusing, and the reload is exact.
+    torch.manual_seed(0)
+    model = randomize_adapters(
+        LavinForConditionalGeneration.from_backbones(tiny_text_config(), tiny_vision_config())
+    )
+    model.eval().save_pretrained(tmp_path)
+    assert "model.safetensors" in os.listdir(tmp_path) and "adapter_model.safetensors" not in os.listdir(
+        tmp_path
+    )
+    loaded = LavinForConditionalGeneration.from_pretrained(tmp_path)
+    ids = torch.tensor([[1, 40, 50, 60]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
 
 
 def test_mismatched_backbone_is_refused(trained, tmp_path, tiny_backbones):

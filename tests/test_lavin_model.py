@@ -8,6 +8,7 @@ from conftest import tiny_text_config, tiny_vision_config
 from transformers import AutoModelForCausalLM
 
 from mmadapters import ImageTokenMismatchError, LavinForConditionalGeneration, LavinProcessor
+from mmadapters.modeling.transformers_compat import enable_activation_checkpointing
 
 
 @pytest.fixture()
@@ -187,11 +188,17 @@ def test_gradient_checkpointing_gives_same_gradients(model, processor, randomize
         }
 
     plain = grads()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model, {"use_reentrant": False})
     checkpointed = grads()
     assert plain.keys() == checkpointed.keys()
     for name in plain:
         torch.testing.assert_close(plain[name], checkpointed[name], rtol=1e-4, atol=1e-6)
+
+
+def test_reentrant_checkpointing_is_refused_not_silently_wrong(model):
+    # Reentrant checkpointing would drop the routers' gradients (their weights arrive as keyword arguments).
+    with pytest.raises(ValueError, match="use_reentrant=False"):
+        enable_activation_checkpointing(model, {"use_reentrant": True})
 
 
 def test_bf16_backbone_keeps_fp32_adapters():

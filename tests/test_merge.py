@@ -82,7 +82,7 @@ def test_merged_image_export_matches_unmerged_image_sample(trained_checkpoint):
     inputs = processor(images=[[image(3)]], text=["Image: <image>\nwhat shape is it?"])
     with torch.no_grad():
         expected = model(**inputs).logits
-        embeds = model._place_image_features(
+        embeds, _ = model._place_image_features(
             inputs["input_ids"], inputs["pixel_values"], model.embed_tokens(inputs["input_ids"])
         )
         merged = merge_lavin_adapters(model, "image")

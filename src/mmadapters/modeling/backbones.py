@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -23,6 +23,8 @@ from transformers import (
     PreTrainedModel,
 )
 
+from .loading import BackboneLoadOptions, LoadingOptionError
+
 # How many tensors the fingerprint samples values from, and which flat positions.
 _FINGERPRINT_TENSORS = 16
 _FINGERPRINT_POSITIONS = (0.0, 1 / 3, 2 / 3, 1.0)
@@ -32,19 +34,28 @@ class BackboneMismatchError(ValueError):
     """Adapters were trained on one backbone and are being loaded onto another."""
 
 
+class BackboneNotFoundError(OSError):
+    """A backbone named by a checkpoint or by the caller cannot be found locally or on the Hub."""
+
+
 @dataclass
 class BackboneReference:
-    """Where a backbone came from and what its weights looked like: written into `config.json`."""
+    """Where a backbone came from and what its weights looked like: written into `config.json`.
+
+    `note` says why there is no fingerprint when there is none (e.g. a quantised backbone, whose stored values
+    are not those of its checkpoint)."""
 
     name_or_path: str
     revision: str | None = None
     fingerprint: dict[str, Any] | None = None
+    note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "note" or v is not None}
 
 
-BackboneSpec = str | os.PathLike | PreTrainedConfig
+# A backbone: a Hub id, a local folder, a config object (random weights) or an already loaded model.
+BackboneSpec = str | os.PathLike | PreTrainedConfig | PreTrainedModel
 
 
 def backbone_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
@@ -58,17 +69,43 @@ def vision_config_of(config: PreTrainedConfig) -> PreTrainedConfig:
 
 
 def load_text_backbone(
-    spec: BackboneSpec, dtype: torch.dtype | str | None = None, revision: str | None = None
+    spec: BackboneSpec,
+    options: BackboneLoadOptions | None = None,
+    revision: str | None = None,
+    device_map: dict | None = None,
 ) -> tuple[PreTrainedModel, BackboneReference | None]:
-    """An LLM with its LM head from a Hub id / local path (real weights) or a config object (random weights):
-    a causal LM, or a seq2seq LM (T5 family) when the config is encoder-decoder."""
+    """An LLM with its LM head from a Hub id / local path (real weights), a config object (random weights) or a
+    loaded model: a causal LM, or a seq2seq LM (T5 family) when the config is encoder-decoder."""
+    options = options or BackboneLoadOptions()
+    if isinstance(spec, PreTrainedModel):
+        return adopt_backbone(spec, "text", options, revision)
     if isinstance(spec, PreTrainedConfig):
-        return _text_class_for(spec).from_config(spec, dtype=backbone_dtype(dtype)), None
+        model = _text_class_for(spec).from_config(spec, **_from_config_kwargs("text", options))
+        return _place(model, device_map, options), None
     name = os.fspath(spec)
-    revision = resolve_hub_revision(name, revision)
-    auto_class = _text_class_for(AutoConfig.from_pretrained(name, revision=revision))
-    model = auto_class.from_pretrained(name, revision=revision, dtype=backbone_dtype(dtype))
+    revision = resolve_hub_revision(name, revision, options.hub_kwargs())
+    config = _backbone_config(name, revision, options, "text")
+    model = _text_class_for(config).from_pretrained(
+        name,
+        revision=revision,
+        dtype=backbone_dtype(options.dtype),
+        **options.for_backbone("text", device_map),
+    )
+    freeze(model)
     return model, _reference(name, revision, model)
+
+
+def build_text_backbone(config: PreTrainedConfig) -> PreTrainedModel:
+    """An LLM with random weights from its config, in torch's current default dtype (transformers sets it while
+    loading a full checkpoint with `dtype=`)."""
+    return _text_class_for(config).from_config(config, dtype=torch.get_default_dtype())
+
+
+def build_vision_backbone(config: PreTrainedConfig) -> PreTrainedModel:
+    """A vision tower with random weights from its config (see `build_text_backbone`)."""
+    return _vision_class_for(vision_config_of(config))._from_config(
+        vision_config_of(config), dtype=torch.get_default_dtype()
+    )
 
 
 def _text_class_for(config: PreTrainedConfig) -> type:
@@ -76,22 +113,35 @@ def _text_class_for(config: PreTrainedConfig) -> type:
 
 
 def load_vision_backbone(
-    spec: BackboneSpec, dtype: torch.dtype | str | None = None, revision: str | None = None
+    spec: BackboneSpec,
+    options: BackboneLoadOptions | None = None,
+    revision: str | None = None,
+    device_map: dict | None = None,
 ) -> tuple[PreTrainedModel, BackboneReference | None]:
-    """A vision tower (e.g. CLIPVisionModel) from a Hub id / path (also of a full CLIP) or a config object."""
+    """A vision tower (e.g. CLIPVisionModel) from a Hub id / path (also of a full CLIP), a config object or a
+    loaded model."""
+    options = options or BackboneLoadOptions()
+    if isinstance(spec, PreTrainedModel):
+        return adopt_backbone(spec, "vision", options, revision)
     if isinstance(spec, PreTrainedConfig):
         config = vision_config_of(spec)
-        return _vision_class_for(config)._from_config(config, dtype=backbone_dtype(dtype)), None
+        model = _vision_class_for(config)._from_config(config, **_from_config_kwargs("vision", options))
+        return _place(model, device_map, options), None
     name = os.fspath(spec)
-    revision = resolve_hub_revision(name, revision)
-    full_config = AutoConfig.from_pretrained(name, revision=revision)
+    revision = resolve_hub_revision(name, revision, options.hub_kwargs())
+    full_config = _backbone_config(name, revision, options, "vision")
     config = vision_config_of(full_config)
     # The vision-only class of the config (CLIPVisionModel, SiglipVisionModel, ...) also loads the vision
     # half of a full CLIP/SigLIP checkpoint; BLIP-2/InstructBLIP checkpoints keep it under `vision_model.`.
     key_mapping = {r"^vision_model\.": ""} if full_config.model_type in ("instructblip", "blip-2") else None
     model = _vision_class_for(config).from_pretrained(
-        name, revision=revision, dtype=backbone_dtype(dtype), key_mapping=key_mapping
+        name,
+        revision=revision,
+        dtype=backbone_dtype(options.dtype),
+        key_mapping=key_mapping,
+        **options.for_backbone("vision", device_map),
     )
+    freeze(model)
     return model, _reference(name, revision, model)
 
 
@@ -109,7 +159,81 @@ def _vision_class_for(config: PreTrainedConfig) -> type[PreTrainedModel]:
         raise ValueError(f"No transformers model class for vision config {type(config).__name__}.") from error
 
 
-def resolve_hub_revision(name: str, revision: str | None) -> str | None:
+def _backbone_config(
+    name: str, revision: str | None, options: BackboneLoadOptions, role: str
+) -> PreTrainedConfig:
+    """The backbone's config, with a clear message when the folder or Hub repo cannot be found."""
+    try:
+        return AutoConfig.from_pretrained(name, revision=revision, **options.hub_kwargs())
+    except OSError as error:
+        raise BackboneNotFoundError(
+            f"The {role} backbone '{name}' cannot be loaded: no such local folder, and the Hub repo cannot be "
+            f"reached or does not exist ({type(error).__name__}: {str(error).splitlines()[0][:200]}). Pass "
+            f"{role}_model= with a local copy of the backbone."
+        ) from error
+
+
+def _from_config_kwargs(role: str, options: BackboneLoadOptions) -> dict[str, Any]:
+    if options.quantization[role] is not None:
+        raise LoadingOptionError(
+            f"quantization_config needs a {role} backbone loaded from weights (a Hub id, a folder or a loaded "
+            "model); a config object builds random weights, which transformers does not quantise."
+        )
+    kwargs: dict[str, Any] = {"dtype": backbone_dtype(options.dtype)}
+    if options.attn_implementation[role] is not None:
+        kwargs["attn_implementation"] = options.attn_implementation[role]
+    return kwargs
+
+
+def _place(model: PreTrainedModel, device_map: dict | None, options: BackboneLoadOptions) -> PreTrainedModel:
+    """Put a backbone built from a config where its part of the device map says (random weights: nothing to
+    read, so a single device is a plain move and a split map is accelerate's dispatch)."""
+    if not device_map:
+        return model
+    devices = set(device_map.values())
+    if len(devices) == 1 and "disk" not in devices:
+        return model.to(next(iter(devices)) if next(iter(devices)) != "meta" else "meta")
+    from accelerate import dispatch_model
+
+    return dispatch_model(model, device_map=device_map, offload_dir=options.offload_folder)
+
+
+def adopt_backbone(
+    model: PreTrainedModel, role: str, options: BackboneLoadOptions, revision: str | None
+) -> tuple[PreTrainedModel, BackboneReference | None]:
+    """An already loaded backbone: frozen, and recorded by the name it was loaded from (none for a model built
+    from a config). A quantised one gets no fingerprint (its stored values are not its checkpoint's): the note
+    in its reference says so."""
+    if options.quantization[role] is not None:
+        raise LoadingOptionError(
+            f"The {role} backbone was passed as a loaded model: quantise it when you load it (its "
+            "from_pretrained(quantization_config=...)), not through from_backbones."
+        )
+    if options.attn_implementation[role] is not None:
+        model.set_attn_implementation(options.attn_implementation[role])
+    quantized = is_quantized(model)
+    if options.dtype not in (None, "auto"):
+        if quantized:
+            raise LoadingOptionError(f"The {role} backbone is quantised: its dtype cannot be changed.")
+        model.to(options.dtype)
+    freeze(model)
+    name = model.name_or_path or getattr(model.config, "_name_or_path", "")
+    if not name:
+        return model, None
+    if quantized:
+        method = getattr(getattr(model.config, "quantization_config", None), "quant_method", "quantised")
+        note = f"loaded {method}-quantised: no fingerprint (the quantised values are not the checkpoint's)"
+        return model, BackboneReference(name_or_path=name, revision=revision, fingerprint=None, note=note)
+    return model, BackboneReference(name_or_path=name, revision=revision, fingerprint=fingerprint(model))
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return bool(getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None)
+
+
+def resolve_hub_revision(
+    name: str, revision: str | None, hub_kwargs: dict[str, Any] | None = None
+) -> str | None:
     """The commit a Hub backbone's `revision` (default: main) points to now, so that the config, the weights and
     the reference written into our checkpoints all name the same commit. Local folders keep `revision`; when
     the Hub cannot be asked (offline, no cached ref), loading goes on with `revision` as given."""
@@ -118,14 +242,21 @@ def resolve_hub_revision(name: str, revision: str | None) -> str | None:
     from huggingface_hub import resolve_revision
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RevisionResolutionError
 
+    hub_kwargs = {
+        k: v for k, v in (hub_kwargs or {}).items() if k in ("token", "cache_dir", "local_files_only")
+    }
     try:
-        return resolve_revision(name, revision=revision).resolved
-    except (RevisionResolutionError, HFValidationError, HfHubHTTPError):
+        return resolve_revision(name, revision=revision, **hub_kwargs).resolved
+    except (RevisionResolutionError, HFValidationError, HfHubHTTPError, TypeError):
         return revision  # transformers' loader then reports the problem in its own words
 
 
 def _reference(name: str, revision: str | None, model: PreTrainedModel) -> BackboneReference:
     # Hub backbones are pinned to the commit that was loaded (see resolve_hub_revision).
+    if is_quantized(model):
+        method = getattr(getattr(model.config, "quantization_config", None), "quant_method", "quantised")
+        note = f"loaded {method}-quantised: no fingerprint (the quantised values are not the checkpoint's)"
+        return BackboneReference(name_or_path=name, revision=revision, fingerprint=None, note=note)
     return BackboneReference(name_or_path=name, revision=revision, fingerprint=fingerprint(model))
 
 
@@ -137,7 +268,7 @@ class LoadedBackbones:
     vision_tower: PreTrainedModel
     text_ref: BackboneReference | None
     vision_ref: BackboneReference | None
-    attention: dict[str, str | None]
+    attention: dict[str, str | None] = field(default_factory=dict)
 
     def config_kwargs(self) -> dict[str, Any]:
         """The composite-config fields that describe the backbones."""
@@ -148,24 +279,27 @@ class LoadedBackbones:
             "vision_backbone": self.vision_ref.to_dict() if self.vision_ref else None,
         }
         if self.text_ref is not None:
-            kwargs["image_token_id"] = image_token_id_for(self.text_ref.name_or_path, self.text_ref.revision)
+            token_id = image_token_id_or_none(self.text_ref.name_or_path, self.text_ref.revision)
+            if token_id is not None:
+                kwargs["image_token_id"] = token_id
         return kwargs
 
     def attention_implementations(self) -> dict[str, str | None]:
-        """The backbones' attention implementations, as chosen when they were loaded. Building a composite config
-        resets its sub-configs' choice: set it again with `config._attn_implementation = ...`."""
+        """The backbones' attention implementations as loaded (read before a composite config is built from
+        their configs, which resets the choice: set it again with `config._attn_implementation = ...`)."""
         return dict(self.attention)
 
 
 def load_backbones(
     text_model: BackboneSpec,
     vision_model: BackboneSpec,
-    dtype: torch.dtype | str | None = None,
+    options: BackboneLoadOptions | None = None,
     text_revision: str | None = None,
     vision_revision: str | None = None,
+    device_maps: tuple[dict | None, dict | None] = (None, None),
 ) -> LoadedBackbones:
-    language_model, text_ref = load_text_backbone(text_model, dtype, text_revision)
-    vision_tower, vision_ref = load_vision_backbone(vision_model, dtype, vision_revision)
+    language_model, text_ref = load_text_backbone(text_model, options, text_revision, device_maps[0])
+    vision_tower, vision_ref = load_vision_backbone(vision_model, options, vision_revision, device_maps[1])
     attention = {
         "text_config": language_model.config._attn_implementation,
         "vision_config": vision_tower.config._attn_implementation,
@@ -260,13 +394,23 @@ def image_token_id_for(text_model: str, revision: str | None = None) -> int:
     return tokenizer_for(text_model, revision).convert_tokens_to_ids(IMAGE_TOKEN)
 
 
-def resolve_checkpoint_folder(name_or_path: str, revision: str | None = None) -> str:
-    """A local folder holding a checkpoint: the path itself, or a snapshot of a Hub repo."""
+def image_token_id_or_none(text_model: str, revision: str | None = None) -> int | None:
+    """`image_token_id_for`, or None when the backbone has no tokenizer to read (a loaded model whose name is
+    not a folder or a reachable Hub repo): the config then uses the first id past the vocabulary."""
+    try:
+        return image_token_id_for(text_model, revision)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def resolve_checkpoint_folder(name_or_path: str, revision: str | None = None, **hub_kwargs: Any) -> str:
+    """A local folder holding a checkpoint: the path itself, or a snapshot of a Hub repo (`hub_kwargs`: token,
+    cache_dir, local_files_only)."""
     if os.path.isdir(name_or_path):
         return name_or_path
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(name_or_path, revision=revision)
+    return snapshot_download(name_or_path, revision=revision, **hub_kwargs)
 
 
 def read_tensors(folder: str, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:

@@ -12,18 +12,43 @@ those positions.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
+
+from .transformers_compat import cache_kwargs, cache_of
 
 # Keyword arguments of `forward` that belong to the loss, not to the LLM.
-LOSS_KWARGS = ("num_items_in_batch", "ignore_index")
+LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
 
 
-def supervised_positions(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Positions t whose next token labels[:, t + 1] is supervised in at least one row (1-D, sorted)."""
-    return (labels[:, 1:] != ignore_index).any(dim=0).nonzero().squeeze(-1)
+@dataclass
+class VisionLanguageCausalLMOutput(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus `image_hidden_states`: the visual tokens placed into the LLM input
+    (num_images, num_image_tokens, LLM width), None without images, as in transformers' LLaVA outputs."""
+
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+def image_features_output(tokens: torch.Tensor, vision_outputs: Any) -> BaseModelOutputWithPooling:
+    """`get_image_features(..., return_dict=True)`: the vision tower's states, the visual tokens as pooler_output."""
+    return BaseModelOutputWithPooling(
+        last_hidden_state=vision_outputs.last_hidden_state,
+        pooler_output=tokens,
+        hidden_states=vision_outputs.hidden_states,
+        attentions=getattr(vision_outputs, "attentions", None),
+    )
+
+
+def supervised_positions(
+    labels: torch.Tensor, ignore_index: int = -100, shifted: bool = False
+) -> torch.Tensor:
+    """Positions t whose next token is supervised in at least one row (1-D, sorted): labels[:, t + 1], or
+    shift_labels[:, t] for labels already shifted."""
+    targets = labels if shifted else labels[:, 1:]
+    return (targets != ignore_index).any(dim=0).nonzero().squeeze(-1)
 
 
 def causal_lm_output(
@@ -35,33 +60,40 @@ def causal_lm_output(
     logits_to_keep: int | torch.Tensor,
     supervised_logits_only: bool,
     forward_kwargs: dict[str, Any],
-) -> CausalLMOutputWithPast:
-    """Run `language_model` (a causal LM) on `inputs_embeds`; the loss when `labels` are given.
+) -> VisionLanguageCausalLMOutput:
+    """Run `language_model` (a causal LM) on `inputs_embeds`; the loss when `labels` (or, already shifted,
+    `shift_labels` in `forward_kwargs`) are given.
 
     `forward_kwargs` holds everything else for the LLM and the loss (attention mask, positions, cache, the
     adapters' keyword arguments, `num_items_in_batch`, ...)."""
     loss_kwargs = {key: forward_kwargs.pop(key) for key in LOSS_KWARGS if key in forward_kwargs}
+    shift_labels = loss_kwargs.pop("shift_labels", None)
+    ignore_index = loss_kwargs.get("ignore_index", -100)
     positions = None
-    if labels is not None and supervised_logits_only:
-        positions = supervised_positions(labels, loss_kwargs.get("ignore_index", -100))
+    if supervised_logits_only and (labels is not None or shift_labels is not None):
+        if shift_labels is not None:
+            positions = supervised_positions(shift_labels, ignore_index, shifted=True)
+        else:
+            positions = supervised_positions(labels, ignore_index)
         logits_to_keep = positions
     outputs = language_model(inputs_embeds=inputs_embeds, logits_to_keep=logits_to_keep, **forward_kwargs)
     loss = None
-    if labels is not None:
+    if labels is not None or shift_labels is not None:
+        if shift_labels is None:
+            shift_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
         if positions is not None:  # logits[:, k] predicts the token after position positions[k]
-            loss = loss_function(
-                logits=outputs.logits,
-                labels=None,
-                shift_labels=labels[:, positions + 1],
-                vocab_size=vocab_size,
-                **loss_kwargs,
-            )
-        else:
-            loss = loss_function(logits=outputs.logits, labels=labels, vocab_size=vocab_size, **loss_kwargs)
-    return CausalLMOutputWithPast(
+            shift_labels = shift_labels[:, positions]
+        loss = loss_function(
+            logits=outputs.logits,
+            labels=None,
+            shift_labels=shift_labels.to(outputs.logits.device),
+            vocab_size=vocab_size,
+            **loss_kwargs,
+        )
+    return VisionLanguageCausalLMOutput(
         loss=loss,
         logits=outputs.logits,
-        past_key_values=outputs.past_key_values,
         hidden_states=outputs.hidden_states,
         attentions=outputs.attentions,
+        **cache_kwargs(cache_of(outputs)),
     )

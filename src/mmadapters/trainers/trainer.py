@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import Trainer
 
-from ..modeling.adapter_checkpoint import ADAPTER_WEIGHTS_NAME
 from ..modeling.crome import CromeForConditionalGeneration
+from ..modeling.frozen_backbones import ADAPTER_WEIGHTS_NAME
 from ..modeling.lavin import LavinForConditionalGeneration
 
 logger = logging.getLogger(__name__)

@@ -2,7 +2,6 @@
 
 from .config import ADAPTER_CONFIG_NAME, CromeAdapterConfig, MMAdapterConfig
 from .crome_adapter import CromeAdapter
-from .initialization import keep_initialization
 from .injection import (
     FOLDED_ADAPTERS_KWARG,
     ROUTING_WEIGHTS_KWARG,
@@ -30,5 +29,4 @@ __all__ = [
     "find_vision_layers",
     "inject_decoder_adapters",
     "inject_vision_adapters",
-    "keep_initialization",
 ]

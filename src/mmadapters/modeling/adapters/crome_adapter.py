@@ -7,7 +7,6 @@ from torch import nn
 from transformers import initialization as init
 
 from .config import CromeAdapterConfig
-from .initialization import keep_initialization
 
 MODALITIES = ("text", "vision")
 
@@ -31,7 +30,6 @@ class CromeAdapter(nn.Module):
         self.up = nn.Linear(m, hidden_size, bias=config.bias)
         self.act = nn.SiLU()
         self.reset_parameters()
-        keep_initialization(self)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -49,7 +47,8 @@ class CromeAdapter(nn.Module):
     def forward(self, x: torch.Tensor, modality: str) -> torch.Tensor:
         if modality not in MODALITIES:
             raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
-        dtype = x.dtype
-        x = x.to(self.up.weight.dtype)  # adapter in its own dtype (fp32 over a half-precision LLM)
+        dtype, device = x.dtype, x.device
+        # The adapter in its own dtype (fp32 over a half-precision LLM) and on its own device (device maps).
+        x = x.to(self.up.weight.device, self.up.weight.dtype)
         hidden = self.act(self.down[modality](x)) * self.gate[modality](x)
-        return (x + self.up(hidden)).to(dtype)
+        return (x + self.up(hidden)).to(device, dtype)

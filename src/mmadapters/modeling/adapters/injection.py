@@ -84,6 +84,8 @@ class DecoderLayerAdapters(nn.Module):
             return self._apply_folded(args, kwargs, *folded)
         table = kwargs.get(ROUTING_WEIGHTS_KWARG)
         rows = None if table is None else table[:, self.layer_index]  # (batch, sites, 2)
+        if rows is not None:
+            rows = rows.to(self.attn.down.weight.device)
         if self.mlp is not None:  # the MLP runs next in this same layer call
             self.mlp.routing_weights = None if rows is None else rows[:, 1]
         attn_weights = None if rows is None else rows[:, 0]
@@ -98,9 +100,11 @@ class DecoderLayerAdapters(nn.Module):
     ) -> tuple[tuple, dict]:
         # ups[layer][site]: (batch or 1, d, r) and biases[layer][site]: (batch or 1, d), see FoldedAdapters.rows.
         up, bias = ups[self.layer_index], biases[self.layer_index]
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        if up[0].device != hidden.device:  # a device map split the layers: bring this layer's rows over
+            up, bias = [u.to(hidden.device) for u in up], [b.to(hidden.device) for b in bias]
         if self.mlp is not None:
             self.mlp.folded = (up[1], bias[1])
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         adapted = self.attn.forward_folded(hidden.to(up[0].dtype), up[0], bias[0]).to(hidden.dtype)
         if "hidden_states" in kwargs:
             kwargs["hidden_states"] = adapted

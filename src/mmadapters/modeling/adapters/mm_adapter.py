@@ -9,7 +9,6 @@ from torch import nn
 from transformers import initialization as init
 
 from .config import MMAdapterConfig
-from .initialization import keep_initialization
 
 
 class GroupedLinear(nn.Module):
@@ -88,7 +87,6 @@ class MMAdapter(nn.Module):
         self.record_routing = False
         self.last_routing_weights: torch.Tensor | None = None
         self.reset_parameters()
-        keep_initialization(self)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

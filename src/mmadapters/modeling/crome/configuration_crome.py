@@ -35,6 +35,7 @@ class CromeConfig(PreTrainedConfig):
         text_backbone, vision_backbone: where the frozen backbones come from (name, revision, fingerprint).
         qformer_source: the InstructBLIP checkpoint the Q-Former, the query tokens and (when the widths match)
             the query projection were initialised from, with `modules` naming what it provided.
+        backbone_quantization: how the backbones were quantised (see `LavinConfig`).
     """
 
     model_type = "crome"
@@ -56,6 +57,7 @@ class CromeConfig(PreTrainedConfig):
     text_backbone: dict | None = None
     vision_backbone: dict | None = None
     qformer_source: dict | None = None
+    backbone_quantization: dict | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:

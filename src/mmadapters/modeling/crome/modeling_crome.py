@@ -8,28 +8,34 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import GenerationConfig, GenerationMixin, InstructBlipQFormerModel, PreTrainedModel
+from transformers import GenerationMixin, InstructBlipQFormerModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.loss.loss_utils import fixed_cross_entropy
-from transformers.modeling_outputs import CausalLMOutputWithPast, Seq2SeqLMOutput
+from transformers.modeling_outputs import Seq2SeqLMOutput
 
-from ..adapter_checkpoint import AdapterCheckpointMixin
 from ..adapters import CromeAdapter, CromeAdapterConfig
 from ..backbones import (
     BackboneMismatchError,
+    BackboneReference,
     BackboneSpec,
+    build_text_backbone,
+    build_vision_backbone,
     fingerprint,
     fingerprints_match,
     freeze,
-    load_backbones,
-    load_text_backbone,
-    load_vision_backbone,
     read_tensors,
     resolve_checkpoint_folder,
     tokenizer_for,
 )
-from ..causal_lm_output import LOSS_KWARGS, causal_lm_output
+from ..causal_lm_output import (
+    LOSS_KWARGS,
+    VisionLanguageCausalLMOutput,
+    causal_lm_output,
+    image_features_output,
+)
+from ..frozen_backbones import FrozenBackbonesPreTrainedModel
 from ..image_tokens import check_image_token_count, embed_text_tokens, refuse_images_without_pixels
+from ..transformers_compat import cache_kwargs, cache_of, pick_cache
 from .configuration_crome import STAGES, CromeConfig
 
 # What trains in each stage (CROME.md section 3); everything else is frozen.
@@ -43,27 +49,19 @@ SOURCEABLE_MODULES = ("qformer", "query_tokens", "query_projection")
 INSTRUCTBLIP_PREFIXES = ("qformer.", "query_tokens", "language_projection.")
 
 
-class CromePreTrainedModel(PreTrainedModel):
+class CromePreTrainedModel(FrozenBackbonesPreTrainedModel):
     config: CromeConfig
-    base_model_prefix = "model"
-    main_input_name = "input_ids"
-    input_modalities = ("image", "text")
-    supports_gradient_checkpointing = True
-    _supports_sdpa = True
-    _supports_attention_backend = True
-    _skip_keys_device_placement = ["past_key_values"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, CromeAdapter):
-            module.reset_parameters()
-        elif isinstance(module, CromeForConditionalGeneration):
+        # Runs for modules a checkpoint did not provide (see FrozenBackbonesPreTrainedModel).
+        if isinstance(module, CromeForConditionalGeneration):  # BLIP-2's query initialisation
             init.normal_(module.query_tokens, mean=0.0, std=module.config.qformer_config.initializer_range)
         else:
             super()._init_weights(module)
 
 
-class CromeForConditionalGeneration(AdapterCheckpointMixin, CromePreTrainedModel, GenerationMixin):
+class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
     """CROME around a frozen vision tower and a frozen LLM (decoder-only or encoder-decoder).
 
     image -> vision tower -> Q-Former (queries + instruction) -> query projection (+ projected patches)
@@ -77,8 +75,9 @@ class CromeForConditionalGeneration(AdapterCheckpointMixin, CromePreTrainedModel
         vision_tower: PreTrainedModel | None = None,
     ) -> None:
         super().__init__(config)
-        self.language_model = language_model or load_text_backbone(config.text_config)[0]
-        self.vision_tower = vision_tower or load_vision_backbone(config.vision_config)[0]
+        # Built from the configs when not given (random weights; a full checkpoint then loads into them).
+        self.language_model = language_model or build_text_backbone(config.text_config)
+        self.vision_tower = vision_tower or build_vision_backbone(config.vision_config)
         freeze(self.language_model)
         freeze(self.vision_tower)
         text_width = config.text_config.hidden_size if hasattr(config.text_config, "hidden_size") else None
@@ -91,8 +90,6 @@ class CromeForConditionalGeneration(AdapterCheckpointMixin, CromePreTrainedModel
             nn.Linear(config.vision_config.hidden_size, text_width) if config.use_patch_branch else None
         )
         self.adapter = CromeAdapter(text_width, config.crome_adapter_config)
-        with torch.no_grad():  # BLIP-2's query initialisation
-            init.normal_(self.query_tokens, mean=0.0, std=config.qformer_config.initializer_range)
         self.post_init()
         self.set_stage(config.stages_used[-1] if config.stages_used else "finetune")
 
@@ -110,38 +107,43 @@ class CromeForConditionalGeneration(AdapterCheckpointMixin, CromePreTrainedModel
         dtype: torch.dtype | str | None = None,
         text_revision: str | None = None,
         vision_revision: str | None = None,
-        **config_kwargs: Any,
+        **kwargs: Any,
     ) -> "CromeForConditionalGeneration":
-        """Build CROME around a frozen LLM and a frozen vision tower (Hub ids, local folders or config objects;
-        config objects give random weights and work under `with torch.device("meta"):`).
+        """Build CROME around a frozen LLM and a frozen vision tower (Hub ids, local folders, config objects or
+        loaded models; config objects give random weights and work under `with torch.device("meta"):`).
 
         `qformer`: an `InstructBlipQFormerConfig` (default: InstructBLIP's shapes reading this tower's width).
         To start from a trained InstructBLIP Q-Former, use `mmadapters.convert.from_instructblip`.
+        `**kwargs`: loading keywords of `from_pretrained` (see `mmadapters.modeling.loading`) and other
+        `CromeConfig` fields; anything else raises TypeError.
         """
+        kwargs["dtype"] = dtype
+        kwargs["qformer_config"] = qformer
+        return cls._from_backbone_specs(
+            text_model, vision_model, adapter_config, text_revision, vision_revision, kwargs
+        )
+
+    @classmethod
+    def _composite_config(
+        cls,
+        text_ref: BackboneReference | None,
+        adapter_config: CromeAdapterConfig | None,
+        fields: dict[str, Any],
+    ) -> CromeConfig:
         from transformers import InstructBlipQFormerConfig
 
-        backbones = load_backbones(text_model, vision_model, dtype, text_revision, vision_revision)
-        text_ref = backbones.text_ref
-        if qformer is None:
+        if fields.get("qformer_config") is None:
             # A fresh Q-Former reads the instruction with the LLM's tokenizer [ours] (InstructBLIP's uses BERT's:
             # `convert.from_instructblip` brings it along).
             vocab_size = len(tokenizer_for(text_ref.name_or_path, text_ref.revision)) if text_ref else 30522
-            qformer = InstructBlipQFormerConfig(
-                encoder_hidden_size=backbones.vision_tower.config.hidden_size, vocab_size=vocab_size
+            fields["qformer_config"] = InstructBlipQFormerConfig(
+                encoder_hidden_size=fields["vision_config"].hidden_size, vocab_size=vocab_size
             )
-        adapter_config = adapter_config or CromeAdapterConfig()
+        adapter_config = (
+            CromeAdapterConfig.from_dict(adapter_config.to_dict()) if adapter_config else CromeAdapterConfig()
+        )
         adapter_config.base_model_name_or_path = text_ref.name_or_path if text_ref else None
-        config = CromeConfig(
-            qformer_config=qformer,
-            adapter_config=adapter_config.to_dict(),
-            **{**backbones.config_kwargs(), **config_kwargs},
-        )
-        config._attn_implementation = backbones.attention_implementations()
-        model = cls(config, language_model=backbones.language_model, vision_tower=backbones.vision_tower)
-        model.generation_config = GenerationConfig.from_dict(
-            backbones.language_model.generation_config.to_dict()
-        )
-        return model
+        return CromeConfig(adapter_config=adapter_config.to_dict(), **fields)
 
     @property
     def is_encoder_decoder_llm(self) -> bool:
@@ -238,25 +240,27 @@ class CromeForConditionalGeneration(AdapterCheckpointMixin, CromePreTrainedModel
     # Forward
     # ------------------------------------------------------------------------------------------------
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.language_model.get_input_embeddings()
-
     def get_image_features(
         self,
         pixel_values: torch.Tensor,
         qformer_input_ids: torch.LongTensor,
         qformer_attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        return_dict: bool = False,
+        **kwargs: Any,
+    ) -> torch.Tensor | Any:
         """Visual tokens before the adapter: (num_images, num_query_tokens [+ num_patches], LLM width).
 
         The Q-Former reads the tower's output (InstructBLIP's is post-layernorm) and the instruction; the patch
-        branch reads `vision_feature_layer` (second-to-last) without the CLS token."""
+        branch reads `vision_feature_layer` (second-to-last) without the CLS token. With `return_dict=True`:
+        the vision tower's output with the visual tokens as `pooler_output` (`output_hidden_states`,
+        `output_attentions` reach the tower)."""
         vision_dtype = self.vision_tower.dtype
+        output_hidden_states = kwargs.pop("output_hidden_states", False) or self.config.use_patch_branch
         outputs = self.vision_tower(
-            pixel_values=pixel_values.to(vision_dtype), output_hidden_states=self.config.use_patch_branch
+            pixel_values=pixel_values.to(vision_dtype), output_hidden_states=output_hidden_states, **kwargs
         )
         qformer_dtype = self.query_tokens.dtype
-        image_embeds = outputs.last_hidden_state.to(qformer_dtype)
+        image_embeds = outputs.last_hidden_state.to(self.query_tokens.device, qformer_dtype)
         num_images = image_embeds.shape[0]
         queries = self.query_tokens.expand(num_images, -1, -1)
         if qformer_attention_mask is None:
@@ -275,8 +279,10 @@ class CromeForConditionalGeneration(AdapterCheckpointMixin, CromePreTrainedModel
         if self.patch_projection is not None:
             patches = outputs.hidden_states[self.config.vision_feature_layer]
             patches = patches[:, 1:] if self.config.vision_has_cls else patches
-            tokens.append(self.patch_projection(patches.to(self.patch_projection.weight.dtype)))
-        return torch.cat(tokens, dim=1)
+            weight = self.patch_projection.weight
+            tokens.append(self.patch_projection(patches.to(weight.device, weight.dtype)))
+        tokens = torch.cat(tokens, dim=1)
+        return image_features_output(tokens, outputs) if return_dict else tokens
 
     def embed_inputs(
         self,
@@ -311,7 +317,8 @@ class CromeForConditionalGeneration(AdapterCheckpointMixin, CromePreTrainedModel
                 self.get_image_features(pixel_values, qformer_input_ids, qformer_attention_mask), "vision"
             )
             inputs_embeds = inputs_embeds.masked_scatter(
-                image_mask.unsqueeze(-1), visual.to(inputs_embeds.dtype)
+                image_mask.to(inputs_embeds.device).unsqueeze(-1),
+                visual.to(inputs_embeds.device, inputs_embeds.dtype),
             )
         elif past_length == 0:
             refuse_images_without_pixels(image_mask)
@@ -326,15 +333,17 @@ class CromeForConditionalGeneration(AdapterCheckpointMixin, CromePreTrainedModel
         attention_mask: torch.Tensor | None = None,
         prompt_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Any = None,
+        cache: Any = None,
         labels: torch.LongTensor | None = None,
         decoder_input_ids: torch.LongTensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         supervised_logits_only: bool = False,
+        return_dict: bool | None = None,
+        past_key_values: Any = None,
         **kwargs: Any,
-    ) -> CausalLMOutputWithPast | Seq2SeqLMOutput:
+    ) -> VisionLanguageCausalLMOutput | Seq2SeqLMOutput | tuple:
         r"""
         prompt_mask: (batch, prompt length) 1 on the prompt's text tokens (the adapter's text branch), from
             `CromeProcessor`. Without it no text token is adapted.
@@ -344,7 +353,8 @@ class CromeForConditionalGeneration(AdapterCheckpointMixin, CromePreTrainedModel
         """
         if input_ids is None:
             raise ValueError("CROME needs input_ids (the processor's output).")
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        cache = pick_cache(cache, past_key_values)
+        past_length = cache.get_seq_length() if cache is not None else 0
         if self.is_encoder_decoder_llm:
             past_length = 0  # the encoder input is always the whole prompt
         inputs_embeds = self.embed_inputs(
@@ -361,23 +371,28 @@ class CromeForConditionalGeneration(AdapterCheckpointMixin, CromePreTrainedModel
                 labels=labels,  # only to derive decoder_input_ids; the loss is computed below
                 decoder_input_ids=decoder_input_ids,
                 decoder_attention_mask=decoder_attention_mask,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
+                **cache_kwargs(cache),
                 **kwargs,
             )
             loss = None
             if labels is not None:
+                if loss_kwargs.pop("shift_labels", None) is not None:
+                    raise ValueError(
+                        "shift_labels applies to decoder-only LLMs; an encoder-decoder LLM scores `labels`."
+                    )
                 logits = outputs.logits.float()
                 loss = fixed_cross_entropy(
                     logits.view(-1, logits.shape[-1]), labels.view(-1).to(logits.device), **loss_kwargs
                 )
-            return Seq2SeqLMOutput(
+            seq2seq = Seq2SeqLMOutput(
                 loss=loss,
                 logits=outputs.logits,
-                past_key_values=outputs.past_key_values,
                 encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+                **cache_kwargs(cache_of(outputs)),
             )
-        return causal_lm_output(
+            return seq2seq if self._return_dict(return_dict) else seq2seq.to_tuple()
+        output = causal_lm_output(
             self.language_model,
             self.loss_function,
             self.config.text_config.vocab_size,
@@ -388,11 +403,12 @@ class CromeForConditionalGeneration(AdapterCheckpointMixin, CromePreTrainedModel
             dict(
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
+                **cache_kwargs(cache),
                 **kwargs,  # the loss keyword arguments too: causal_lm_output takes them out
             ),
         )
+        return output if self._return_dict(return_dict) else output.to_tuple()
 
     @torch.no_grad()
     def generate(

@@ -41,6 +41,9 @@ class LavinConfig(PreTrainedConfig):
             visual features before the LLM runs.
         text_backbone, vision_backbone: where the frozen backbones come from (`name_or_path`, `revision`,
             `fingerprint`), written by `from_backbones` and checked by `from_pretrained`.
+        backbone_quantization: how the backbones were quantised (`{"text_config": {...}, "vision_config": ...}`,
+            quantization configs as dicts); `from_pretrained` of an adapter-only checkpoint quantises them the
+            same way unless given another `quantization_config`.
     """
 
     model_type = "lavin"
@@ -71,6 +74,7 @@ class LavinConfig(PreTrainedConfig):
     image_token_id: int | None = None
     text_backbone: dict | None = None
     vision_backbone: dict | None = None
+    backbone_quantization: dict | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:

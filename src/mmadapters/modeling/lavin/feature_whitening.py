@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import initialization as init
 
 
 class VisualFeatureWhitening(nn.Module):
@@ -30,6 +31,14 @@ class VisualFeatureWhitening(nn.Module):
         self.register_buffer("transform", torch.eye(width).repeat(num_feature_layers, 1, 1))
         # 1 once fitted (an integer, not a bool: every distributed backend broadcasts it).
         self.register_buffer("fitted", torch.tensor(0))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Unfitted: zero mean, identity transform (what a checkpoint without these buffers gets)."""
+        num_layers, width = self.mean.shape
+        init.zeros_(self.mean)
+        init.copy_(self.transform, torch.eye(width, device=self.transform.device).repeat(num_layers, 1, 1))
+        init.zeros_(self.fitted)
 
     @torch.no_grad()
     def fit(self, features: torch.Tensor, min_relative_variance: float = 1e-6) -> None:

@@ -9,17 +9,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import (
-    AutoModel,
-    AutoModelForCausalLM,
-    GenerationConfig,
-    GenerationMixin,
-    PreTrainedModel,
-)
+from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..adapter_checkpoint import AdapterCheckpointMixin
 from ..adapters import (
     FOLDED_ADAPTERS_KWARG,
     ROUTING_WEIGHTS_KWARG,
@@ -31,11 +24,12 @@ from ..adapters import (
     find_vision_layers,
     inject_decoder_adapters,
     inject_vision_adapters,
-    keep_initialization,
 )
-from ..backbones import BackboneSpec, freeze, load_backbones
-from ..causal_lm_output import causal_lm_output
+from ..backbones import BackboneReference, BackboneSpec, build_text_backbone, build_vision_backbone, freeze
+from ..causal_lm_output import VisionLanguageCausalLMOutput, causal_lm_output, image_features_output
+from ..frozen_backbones import FrozenBackbonesPreTrainedModel
 from ..image_tokens import check_image_token_count, embed_text_tokens, refuse_images_without_pixels
+from ..transformers_compat import cache_kwargs, pick_cache
 from .configuration_lavin import LavinConfig
 from .feature_whitening import VisualFeatureWhitening
 
@@ -53,7 +47,6 @@ class LavinProjector(nn.Module):
         self.act = nn.SiLU()
         self.linear_2 = nn.Linear(hidden_size, text_hidden_size)
         self.reset_parameters()
-        keep_initialization(self)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -65,30 +58,37 @@ class LavinProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(features)))
 
 
-class LavinPreTrainedModel(PreTrainedModel):
+class LavinPreTrainedModel(FrozenBackbonesPreTrainedModel):
     config: LavinConfig
-    base_model_prefix = "model"
-    main_input_name = "input_ids"
-    input_modalities = ("image", "text")
-    supports_gradient_checkpointing = True
-    _supports_sdpa = True
     _supports_flash_attn = True
-    _supports_attention_backend = True
-    _skip_keys_device_placement = ["past_key_values"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        # Our modules initialise themselves when built (see `keep_initialization`); this only runs for modules
-        # whose weights a checkpoint did not provide.
-        if isinstance(module, (MMAdapter, LavinProjector)):
-            module.reset_parameters()
-        elif isinstance(module, nn.Embedding) and module.num_embeddings == 2:  # the modality embedding
-            init.normal_(module.weight, mean=0.0, std=1.0)
+        # Runs for modules a checkpoint did not provide (see FrozenBackbonesPreTrainedModel); our adapters,
+        # projector and whitening reset themselves there.
+        if module is getattr(self, "modality_embedding", None):
+            init.normal_(module.weight, mean=0.0, std=1.0)  # N(0, 1), as in the official code
         else:
             super()._init_weights(module)
 
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func: Any = None, **kwargs: Any
+    ):
+        # The LLM routing weights reach the decoder layers as keyword arguments, which reentrant checkpointing
+        # does not differentiate: the routers and the modality embedding would silently get no gradient.
+        if enable and getattr(gradient_checkpointing_func, "keywords", {}).get("use_reentrant"):
+            raise ValueError(
+                "LaVIN does not support reentrant activation checkpointing (use_reentrant=True): its routing weights "
+                "reach the decoder layers as keyword arguments, which reentrant checkpointing does not "
+                "differentiate, so the routers would get no gradient. Use use_reentrant=False (transformers' "
+                "default; `gradient_checkpointing_kwargs={'use_reentrant': False}` in TrainingArguments)."
+            )
+        if gradient_checkpointing_func is not None:
+            kwargs["gradient_checkpointing_func"] = gradient_checkpointing_func
+        super()._set_gradient_checkpointing(enable=enable, **kwargs)
 
-class LavinForConditionalGeneration(AdapterCheckpointMixin, LavinPreTrainedModel, GenerationMixin):
+
+class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
     """LaVIN: MM-Adapters inside a frozen LLM and a frozen CLIP/SigLIP vision tower, routed by modality.
 
     Build it around any Hub backbones with [`~LavinForConditionalGeneration.from_backbones`]; only the adapter
@@ -103,8 +103,9 @@ class LavinForConditionalGeneration(AdapterCheckpointMixin, LavinPreTrainedModel
     ) -> None:
         super().__init__(config)
         adapter_config = config.mm_adapter_config
-        self.language_model = language_model or AutoModelForCausalLM.from_config(config.text_config)
-        self.vision_tower = vision_tower or AutoModel.from_config(config.vision_config)
+        # Built from the configs when not given (random weights; a full checkpoint then loads into them).
+        self.language_model = language_model or build_text_backbone(config.text_config)
+        self.vision_tower = vision_tower or build_vision_backbone(config.vision_config)
         freeze(self.language_model)
         freeze(self.vision_tower)
         text_width = config.text_config.hidden_size
@@ -139,9 +140,6 @@ class LavinForConditionalGeneration(AdapterCheckpointMixin, LavinPreTrainedModel
         self.projector = LavinProjector(vision_width, config.projector_hidden_size, text_width)
         # Index 1: the sample has an image; 0: text only. Its trajectory through the LLM sets the routing.
         self.modality_embedding = nn.Embedding(2, text_width)
-        with torch.no_grad():  # N(0, 1), as in the official code
-            init.normal_(self.modality_embedding.weight, mean=0.0, std=1.0)
-        keep_initialization(self.modality_embedding)
         self._fold_cache: tuple[tuple, FoldedAdapters] | None = None  # see fold_llm_adapters
         self._fold_direction: torch.Tensor | None = None
         self.post_init()
@@ -159,68 +157,90 @@ class LavinForConditionalGeneration(AdapterCheckpointMixin, LavinPreTrainedModel
         dtype: torch.dtype | str | None = None,
         text_revision: str | None = None,
         vision_revision: str | None = None,
-        **config_kwargs: Any,
+        **kwargs: Any,
     ) -> "LavinForConditionalGeneration":
         """Build LaVIN around a frozen LLM and a frozen vision tower.
 
         Args:
-            text_model: a Hub id, a local folder, or a config object (random weights) of a causal LM.
+            text_model: a Hub id, a local folder, a config object (random weights) or a loaded model of a
+                causal LM (e.g. one you loaded quantised or with your own device map).
             vision_model: the same for a CLIP/SigLIP vision tower (a full CLIP checkpoint also works).
-            adapter_config: the MM-Adapter settings (default: the paper's).
+            adapter_config: the MM-Adapter settings (default: the paper's); not modified.
             dtype: dtype of the frozen backbones (adapters stay float32). Default float32.
             text_revision, vision_revision: Hub revisions to load (recorded in the config).
-            **config_kwargs: other `LavinConfig` fields (vision_feature_layers, projector_hidden_size, ...).
+            **kwargs: loading keywords of `from_pretrained` (`attn_implementation`, `device_map`, `max_memory`,
+                `offload_folder`, `quantization_config`, `token`, `cache_dir`, `local_files_only`, ...: see
+                `mmadapters.modeling.loading`) and other `LavinConfig` fields (vision_feature_layers,
+                projector_hidden_size, ...). Anything else raises TypeError.
 
         Works under `with torch.device("meta"):` with config objects, for instant full-size parameter counts.
         """
-        backbones = load_backbones(text_model, vision_model, dtype, text_revision, vision_revision)
-        adapter_config = adapter_config or MMAdapterConfig()
-        adapter_config.base_model_name_or_path = (
-            backbones.text_ref.name_or_path if backbones.text_ref else None
+        kwargs["dtype"] = dtype
+        return cls._from_backbone_specs(
+            text_model, vision_model, adapter_config, text_revision, vision_revision, kwargs
         )
-        config = LavinConfig(
-            adapter_config=adapter_config.to_dict(), **{**backbones.config_kwargs(), **config_kwargs}
+
+    @classmethod
+    def _composite_config(
+        cls,
+        text_ref: BackboneReference | None,
+        adapter_config: MMAdapterConfig | None,
+        fields: dict[str, Any],
+    ) -> LavinConfig:
+        adapter_config = (
+            MMAdapterConfig.from_dict(adapter_config.to_dict()) if adapter_config else MMAdapterConfig()
         )
-        config._attn_implementation = backbones.attention_implementations()
-        model = cls(config, language_model=backbones.language_model, vision_tower=backbones.vision_tower)
-        model.generation_config = GenerationConfig.from_dict(
-            backbones.language_model.generation_config.to_dict()
-        )
-        return model
+        adapter_config.base_model_name_or_path = text_ref.name_or_path if text_ref else None
+        return LavinConfig(adapter_config=adapter_config.to_dict(), **fields)
+
+    def own_layer_adapters(self) -> list[tuple[nn.Module, nn.Module]]:
+        """Each LLM adapter with its decoder layer, each vision adapter with its encoder layer."""
+        pairs = list(zip(self.llm_adapters, find_decoder_layers(self.language_model), strict=True))
+        if self.vision_adapters is not None:
+            pairs += list(zip(self.vision_adapters, find_vision_layers(self.vision_tower), strict=True))
+        return pairs
 
     # ------------------------------------------------------------------------------------------------
     # Forward
     # ------------------------------------------------------------------------------------------------
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.language_model.get_input_embeddings()
-
-    def get_output_embeddings(self) -> nn.Module:
-        return self.language_model.get_output_embeddings()
-
     def embed_tokens(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """Token embeddings; image placeholders (possibly past the vocabulary) get a dummy id, replaced later."""
         return embed_text_tokens(self.get_input_embeddings(), input_ids, self.config.image_token_id)
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def get_image_features(
+        self, pixel_values: torch.Tensor, return_dict: bool = False, **kwargs: Any
+    ) -> torch.Tensor | BaseModelOutputWithPooling:
         """Visual tokens (num_images, num_image_tokens, LLM width): the CLS token after every k-th vision layer
         (taken from the hidden states, before any post-layernorm), whitened if that is on, through the
-        projector."""
-        features = self.pooled_vision_features(pixel_values)
+        projector.
+
+        With `return_dict=True`: the vision tower's output (`last_hidden_state`, `hidden_states`, `attentions`
+        when asked with `output_attentions=True`) with the visual tokens as `pooler_output`, as transformers'
+        LLaVA returns them."""
+        features, vision_outputs = self._pooled_vision_features(pixel_values, **kwargs)
         if self.feature_whitening is not None:
             features = self.feature_whitening(features)  # in the whitening's own (float32) precision
-        return self.projector(features.to(self.projector.linear_1.weight.dtype))
+        projector_weight = self.projector.linear_1.weight
+        tokens = self.projector(features.to(projector_weight.device, projector_weight.dtype))
+        return image_features_output(tokens, vision_outputs) if return_dict else tokens
 
     def pooled_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The vision tower's features that LaVIN reads: (num_images, num_feature_layers, vision width)."""
+        return self._pooled_vision_features(pixel_values)[0]
+
+    def _pooled_vision_features(self, pixel_values: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        kwargs.pop("output_hidden_states", None)  # always on: the features are read from the hidden states
         vision_dtype = self.vision_tower.dtype
-        outputs = self.vision_tower(pixel_values=pixel_values.to(vision_dtype), output_hidden_states=True)
+        outputs = self.vision_tower(
+            pixel_values=pixel_values.to(vision_dtype), output_hidden_states=True, **kwargs
+        )
         hidden_states = outputs.hidden_states  # (embeddings, layer 1, ..., layer N)
         if self.config.vision_feature_pooling == "cls":
             pooled = [hidden_states[layer][:, 0] for layer in self.config.vision_feature_layers]
         else:
             pooled = [hidden_states[layer].mean(dim=1) for layer in self.config.vision_feature_layers]
-        return torch.stack(pooled, dim=1)
+        return torch.stack(pooled, dim=1), outputs
 
     @torch.no_grad()
     def fit_feature_whitening(
@@ -256,7 +276,10 @@ class LavinForConditionalGeneration(AdapterCheckpointMixin, LavinPreTrainedModel
             adapter.record_routing = True
         try:
             decoder(inputs_embeds=tokens, position_ids=position_ids, use_cache=False)
-            weights = torch.stack([adapter.last_routing_weights for adapter in adapters], dim=1)
+            # Adapters may sit on several devices (a split device map): gather the weights where the tokens are.
+            weights = torch.stack(
+                [adapter.last_routing_weights.to(tokens.device) for adapter in adapters], dim=1
+            )
         finally:
             for adapter in adapters:
                 adapter.record_routing = False
@@ -276,9 +299,15 @@ class LavinForConditionalGeneration(AdapterCheckpointMixin, LavinPreTrainedModel
         if cacheable and self._fold_cache is not None and self._fold_cache[0] == key:
             return self._fold_cache[1]
         table = self.compute_routing_table()  # (2, layers, sites, 2)
-        folded = [layer.fold(table[:, index]) for index, layer in enumerate(self.llm_adapters)]
+        folded = [
+            layer.fold(table[:, index].to(layer.attn.down.weight.device))
+            for index, layer in enumerate(self.llm_adapters)
+        ]
+        # Gathered on one device (the table's) even when the adapters sit on several; each layer's hook moves its
+        # rows back to its layer's device (a no-op on a single device).
         result = FoldedAdapters(
-            torch.stack([up for up, _ in folded]), torch.stack([bias for _, bias in folded])
+            torch.stack([up.to(table.device) for up, _ in folded]),
+            torch.stack([bias.to(table.device) for _, bias in folded]),
         )
         self._fold_cache = (key, result) if cacheable else None
         return result
@@ -311,7 +340,7 @@ class LavinForConditionalGeneration(AdapterCheckpointMixin, LavinPreTrainedModel
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Any = None,
+        cache: Any = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -320,9 +349,13 @@ class LavinForConditionalGeneration(AdapterCheckpointMixin, LavinPreTrainedModel
         folded_adapters: FoldedAdapters | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         supervised_logits_only: bool = False,
+        return_dict: bool | None = None,
+        past_key_values: Any = None,
         **kwargs: Any,
-    ) -> CausalLMOutputWithPast:
+    ) -> VisionLanguageCausalLMOutput | tuple:
         r"""
+        cache / past_key_values: the KV cache (transformers 5.24 calls it `cache`; earlier releases
+            `past_key_values`; either is accepted).
         modality: (batch,) 1 = image sample, 0 = text only. Default: read from the image tokens in `input_ids`.
         routing_weights: (batch, layers, sites, 2) precomputed LLM routing weights (`generate` passes them so
             that the routing table is computed once per call). Default: computed here from `modality`.
@@ -331,17 +364,20 @@ class LavinForConditionalGeneration(AdapterCheckpointMixin, LavinPreTrainedModel
             position 0 belongs to the (virtual) modality token, as in training of the official model.
         supervised_logits_only: with `labels`, compute logits only where the next token is supervised (same
             loss, a fraction of the LM-head cost; `logits` then holds those positions only). Our Trainers set it.
+        shift_labels (keyword): labels already shifted (context-parallel training); used instead of `labels`.
         """
+        cache = pick_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+        prefill = cache is None or cache.get_seq_length() == 0
 
+        image_features = None
         if pixel_values is not None:
             if input_ids is None:
                 raise ValueError("pixel_values need input_ids holding the image placeholder tokens.")
-            inputs_embeds = self._place_image_features(input_ids, pixel_values, inputs_embeds)
+            inputs_embeds, image_features = self._place_image_features(input_ids, pixel_values, inputs_embeds)
         elif input_ids is not None and prefill:
             refuse_images_without_pixels(input_ids == self.config.image_token_id)
 
@@ -353,12 +389,13 @@ class LavinForConditionalGeneration(AdapterCheckpointMixin, LavinPreTrainedModel
             adapter_kwargs = {FOLDED_ADAPTERS_KWARG: folded_adapters.rows(modality)}
         else:
             if routing_weights is None:
-                routing_weights = self.compute_routing_table()[modality]
+                table = self.compute_routing_table()
+                routing_weights = table[modality.to(table.device)]
             adapter_kwargs = {ROUTING_WEIGHTS_KWARG: routing_weights}
 
         if position_ids is None:
-            position_ids = self._text_position_ids(inputs_embeds, attention_mask, past_key_values)
-        return causal_lm_output(
+            position_ids = self._text_position_ids(inputs_embeds, attention_mask, cache)
+        output = causal_lm_output(
             self.language_model,
             self.loss_function,
             self.config.text_config.vocab_size,
@@ -369,33 +406,37 @@ class LavinForConditionalGeneration(AdapterCheckpointMixin, LavinPreTrainedModel
             dict(
                 attention_mask=attention_mask,
                 position_ids=position_ids + 1,  # position 0 belongs to the modality token
-                past_key_values=past_key_values,
                 use_cache=use_cache,
+                **cache_kwargs(cache),
                 **adapter_kwargs,
                 **kwargs,
             ),
         )
+        output.image_hidden_states = image_features
+        return output if self._return_dict(return_dict) else output.to_tuple()
 
     def _place_image_features(
         self, input_ids: torch.LongTensor, pixel_values: torch.Tensor, inputs_embeds: torch.Tensor
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         image_mask = input_ids == self.config.image_token_id
         check_image_token_count(
             image_mask, pixel_values.shape[0], self.config.num_image_tokens, "LavinProcessor"
         )
-        features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
-        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1).expand_as(inputs_embeds), features)
+        features = self.get_image_features(pixel_values)
+        placed = features.to(inputs_embeds.device, inputs_embeds.dtype)
+        mask = image_mask.to(inputs_embeds.device).unsqueeze(-1).expand_as(inputs_embeds)
+        return inputs_embeds.masked_scatter(mask, placed), features
 
     @staticmethod
     def _text_position_ids(
-        inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, past_key_values: Any
+        inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, cache: Any
     ) -> torch.LongTensor:
         """Positions as `generate` computes them: left padding does not shift the real tokens."""
         seq_len = inputs_embeds.shape[1]
-        if attention_mask is not None:
+        if attention_mask is not None and attention_mask.dim() == 2:
             positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-            return positions[:, -seq_len:]
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            return positions[:, -seq_len:].to(inputs_embeds.device)
+        past = cache.get_seq_length() if cache is not None else 0
         return torch.arange(past, past + seq_len, device=inputs_embeds.device).unsqueeze(0)
 
     @torch.no_grad()

@@ -1,0 +1,551 @@
+"""The shared base of LaVIN and CROME: a model built around two frozen backbones (an LLM and a vision tower)
+with a small trainable side.
+
+What lives here (each model keeps only what is its own):
+- construction around backbones (`_from_backbone_specs`): loading keywords, device maps, quantisation,
+  freezing, the backbone record in the config;
+- adapter-only checkpoints: `save_pretrained` / `from_pretrained` / `push_to_hub`, with the backbones resolved
+  again from the record and checked against their fingerprints;
+- weight initialisation of our modules when a checkpoint does not provide them (`_init_weights`);
+- the transformers plumbing every composite model needs (embeddings, attention flags, placement).
+
+Subclasses define `adapter_module_names()`, `adapter_config_to_save()`, `_composite_config(...)` and may
+define `load_referenced_weights(...)` and `own_layer_adapters()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import GenerationConfig, PreTrainedConfig, PreTrainedModel
+from transformers.utils import logging
+
+from .backbones import (
+    BackboneReference,
+    BackboneSpec,
+    check_backbone,
+    is_quantized,
+    load_backbones,
+    load_text_backbone,
+    load_vision_backbone,
+    resolve_checkpoint_folder,
+    vision_config_of,
+)
+from .loading import (
+    ROLES,
+    BackboneLoadOptions,
+    LoadingOptionError,
+    compute_device_map,
+    execution_device,
+    main_device_of,
+    move_own_modules,
+    split_device_map,
+    take_loading_options,
+)
+
+logger = logging.get_logger(__name__)
+
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+FULL_WEIGHTS_NAMES = ("model.safetensors", "model.safetensors.index.json")
+
+
+class FrozenBackbonesPreTrainedModel(PreTrainedModel):
+    """Base class of models made of a frozen `language_model`, a frozen `vision_tower` and trainable modules.
+
+    `_init_weights` initialises our own modules through their `reset_parameters()`, using transformers'
+    initialisation helpers, which leave every tensor a checkpoint provided untouched: a checkpoint missing an
+    adapter tensor gets that adapter's proper initialisation (zero experts, Xavier down-projection), never the
+    uninitialised memory of a meta-device build.
+    """
+
+    # There is no separate "base model" module (LLaVA's `self.model`): the backbones hang off this class.
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _skip_keys_device_placement = ["past_key_values", "cache"]
+
+    # ------------------------------------------------------------------------------------------------
+    # What subclasses say
+    # ------------------------------------------------------------------------------------------------
+
+    def adapter_module_names(self) -> tuple[str, ...]:
+        """Top-level modules an adapter-only checkpoint holds."""
+        raise NotImplementedError
+
+    def adapter_config_to_save(self) -> Any:
+        """The adapter settings written as `adapter_config.json`."""
+        raise NotImplementedError
+
+    @classmethod
+    def _composite_config(
+        cls, text_ref: BackboneReference | None, adapter_config: Any, fields: dict[str, Any]
+    ) -> PreTrainedConfig:
+        """The model's config: `fields` holds the config fields (`text_config`, `vision_config`, the backbone
+        records and the caller's), `text_ref` the LLM's record (None: built from a config object)."""
+        raise NotImplementedError
+
+    def load_referenced_weights(self, checkpoint: str, ignore_backbone_mismatch: bool) -> None:
+        """Load trainable-side weights that the checkpoint references instead of storing (none by default)."""
+
+    def own_layer_adapters(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(adapter module, backbone layer it runs inside) pairs: each adapter is placed on its layer's device."""
+        return []
+
+    # ------------------------------------------------------------------------------------------------
+    # Initialisation and transformers plumbing
+    # ------------------------------------------------------------------------------------------------
+
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        # transformers treats models outside the library as "custom code" and then skips every module without
+        # direct parameters (our adapters keep theirs in children). Our `_init_weights` uses transformers'
+        # initialisation helpers, which skip loaded tensors, so the library's own rule is the right one here.
+        super()._initialize_weights(module, is_custom_code=False)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        reset = getattr(module, "reset_parameters", None)
+        if module.__class__.__module__.startswith("mmadapters.") and callable(reset):
+            reset()  # our modules: their own initialisation (see each reset_parameters)
+        else:
+            super()._init_weights(module)
+
+    def _return_dict(self, return_dict: bool | None) -> bool:
+        return self.config.return_dict if return_dict is None else return_dict
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    def get_decoder(self) -> nn.Module:
+        return self.language_model.get_decoder()
+
+    def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> nn.Embedding:
+        """Resize the LLM's input embeddings and LM head (both stay frozen), and record the new size."""
+        embeddings = self.language_model.resize_token_embeddings(*args, **kwargs)
+        self.config.text_config.vocab_size = embeddings.num_embeddings
+        self.vocab_size = embeddings.num_embeddings
+        return embeddings
+
+    # ------------------------------------------------------------------------------------------------
+    # Construction around backbones
+    # ------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def _from_backbone_specs(
+        cls,
+        text_model: BackboneSpec,
+        vision_model: BackboneSpec,
+        adapter_config: Any,
+        text_revision: str | None,
+        vision_revision: str | None,
+        kwargs: dict[str, Any],
+    ) -> FrozenBackbonesPreTrainedModel:
+        """The body of `from_backbones`: `kwargs` holds loading keywords (see `mmadapters.modeling.loading`) and
+        config fields; anything else raises TypeError."""
+        where = f"{cls.__name__}.from_backbones"
+        options = take_loading_options(kwargs, where)
+        fields = cls._take_config_fields(kwargs, where)
+        if (isinstance(text_model, PreTrainedModel) or isinstance(vision_model, PreTrainedModel)) and (
+            options.device_map is not None
+        ):
+            raise LoadingOptionError(
+                "device_map places the backbones that from_backbones loads; a backbone passed as a loaded model "
+                "stays where it is (load it with its own device_map). Our modules follow their layers' devices."
+            )
+        device_maps, own_map = cls._plan_placement(
+            options,
+            lambda: cls._composite_config(
+                None,
+                adapter_config,
+                {
+                    **fields,
+                    "text_config": _config_of(text_model, options, text_revision, "text"),
+                    "vision_config": vision_config_of(
+                        _config_of(vision_model, options, vision_revision, "vision")
+                    ),
+                },
+            ),
+        )
+        backbones = load_backbones(
+            text_model, vision_model, options, text_revision, vision_revision, device_maps
+        )
+        config = cls._composite_config(
+            backbones.text_ref, adapter_config, {**backbones.config_kwargs(), **fields}
+        )
+        config._attn_implementation = backbones.attention_implementations()
+        config.backbone_quantization = _quantization_record(backbones.language_model, backbones.vision_tower)
+        model = cls(config, language_model=backbones.language_model, vision_tower=backbones.vision_tower)
+        model.generation_config = GenerationConfig.from_dict(
+            backbones.language_model.generation_config.to_dict()
+        )
+        model._follow_backbone_devices(own_map)
+        return model
+
+    @classmethod
+    def _take_config_fields(cls, kwargs: dict[str, Any], where: str) -> dict[str, Any]:
+        """Pop the config fields from `kwargs`; a keyword that is neither a loading keyword nor a field of the
+        config raises TypeError, as transformers does for unknown keywords."""
+        allowed = {f.name for f in dataclasses.fields(cls.config_class)}
+        fields = {k: kwargs.pop(k) for k in list(kwargs) if k in allowed}
+        if kwargs:
+            raise TypeError(
+                f"{where}() got unexpected keyword argument(s) {sorted(kwargs)}: they are neither loading "
+                f"options of from_pretrained nor fields of {cls.config_class.__name__}."
+            )
+        return fields
+
+    @classmethod
+    def _plan_placement(
+        cls, options: BackboneLoadOptions, meta_config: Any
+    ) -> tuple[tuple[dict | None, dict | None], dict | None]:
+        """Per-backbone device maps and the map of our modules, from the whole model's map (None: no map).
+        `meta_config` builds the model's config for a meta-device copy of the model (only when needed)."""
+        if options.device_map is None:
+            return (None, None), None
+        config = meta_config()
+        with torch.device("meta"):
+            meta_model = cls(config)
+        if options.dtype not in (None, "auto"):
+            meta_model.to(options.dtype)
+        full_map = compute_device_map(meta_model, options)
+        text_map, vision_map, own_map = split_device_map(full_map)
+        return (text_map or None, vision_map or None), {**own_map, "__main__": main_device_of(full_map)}
+
+    def _follow_backbone_devices(self, own_map: dict | None) -> None:
+        """Put our modules where they run: each layer adapter on the device its backbone layer runs on, the rest
+        where the map says (default: the LLM's input device). Records `hf_device_map` when a map was given."""
+        backbones_placed = any(
+            hasattr(m, "hf_device_map") or m.device.type != "cpu"
+            for m in (self.language_model, self.vision_tower)
+        )
+        if own_map is None and not backbones_placed:
+            return
+        own_map = dict(own_map or {})
+        main_device = own_map.pop("__main__", None) or _execution_device(self.get_input_embeddings())
+        if own_map:
+            move_own_modules(self, own_map, main_device)
+        else:
+            move_own_modules(self, {"": main_device}, main_device)
+        for adapter, layer in self.own_layer_adapters():
+            device = _execution_device(layer)
+            if device is not None and str(device) != "meta":
+                adapter.to(device)
+        self.hf_device_map = self._merged_device_map()
+
+    def _merged_device_map(self) -> dict[str, Any]:
+        merged = {}
+        for role_name in ("language_model", "vision_tower"):
+            module = getattr(self, role_name)
+            for key, device in (
+                getattr(module, "hf_device_map", None) or {"": _first_device(module)}
+            ).items():
+                merged[f"{role_name}.{key}" if key else role_name] = device
+        for name, child in self.named_children():
+            if name not in ("language_model", "vision_tower") and child is not None:
+                merged[name] = _first_device(child)
+        for name, parameter in self.named_parameters(recurse=False):
+            merged[name] = _device_name(parameter.device)
+        return merged
+
+    # ------------------------------------------------------------------------------------------------
+    # Adapter-only checkpoints
+    # ------------------------------------------------------------------------------------------------
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The saved side only (see `adapter_module_names`); the frozen backbones are never included."""
+        names = self.adapter_module_names()
+        return {k: v for k, v in self.state_dict().items() if k.split(".", 1)[0] in names}
+
+    def load_adapter_state_dict(
+        self, state_dict: dict[str, torch.Tensor], source: str = "state dict"
+    ) -> None:
+        """Load adapter tensors, refusing missing, unexpected or mis-shaped ones with a clear message."""
+        expected = self.adapter_state_dict()
+        missing = sorted(set(expected) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(expected))
+        mis_shaped = [
+            f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+            for k in sorted(set(expected) & set(state_dict))
+            if state_dict[k].shape != expected[k].shape
+        ]
+        if missing or unexpected or mis_shaped:
+            raise ValueError(
+                f"The adapter weights in {source} do not fit this model: missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]}, shape mismatches {mis_shaped[:5]}. Were they trained with another backbone or "
+                "another adapter configuration?"
+            )
+        self.load_state_dict(state_dict, strict=False)
+
+    def backbones_are_referenced(self) -> bool:
+        """Whether both backbones can be found again by name (an adapter-only checkpoint can then be loaded)."""
+        return all(getattr(self.config, f"{role}_backbone") is not None for role in ROLES)
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        adapter_only: bool = True,
+        processor: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        """Save the adapters only (default) or, with `adapter_only=False`, every weight. A processor given is
+        saved too, so that `AutoProcessor` and `pipeline` load the folder.
+
+        A model whose backbones were built from config objects (random weights: nothing names them) is saved
+        with every weight even when `adapter_only=True`, so that it reloads identically, as any transformers
+        model does; a log line says so."""
+        if adapter_only and not self.backbones_are_referenced():
+            logger.info(
+                "The backbones were built from config objects (random weights) and cannot be found again by "
+                "name: saving every weight so that the model reloads identically."
+            )
+            adapter_only = False
+        if not adapter_only:
+            # No adapter_config.json here: transformers would take the folder for a PEFT adapter. The adapter
+            # settings are in config.json.
+            PreTrainedModel.save_pretrained(self, save_directory, **kwargs)
+        else:
+            os.makedirs(save_directory, exist_ok=True)
+            self.config.save_pretrained(save_directory)
+            self.generation_config.save_pretrained(save_directory)
+            state = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict().items()}
+            save_file(state, os.path.join(save_directory, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+            self.adapter_config_to_save().save_pretrained(save_directory)
+        if processor is not None:
+            processor.save_pretrained(save_directory)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        processor: Any = None,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str | None = None,
+        adapter_only: bool = True,
+        **kwargs: Any,
+    ) -> str:
+        """Upload the adapter-only checkpoint (with `processor` files when given, and a generated model card) to
+        `repo_id` on the Hub; returns the commit URL. See `mmadapters.hub.push_folder` for the options
+        (retries, `include_backbone_weights` for `adapter_only=False`)."""
+        import tempfile
+
+        from ..hub import push_folder
+
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, adapter_only=adapter_only, processor=processor)
+            return push_folder(
+                folder,
+                repo_id,
+                private=private,
+                token=token,
+                commit_message=commit_message,
+                include_backbone_weights=not adapter_only,
+                **kwargs,
+            )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike | None,
+        *model_args: Any,
+        text_model: BackboneSpec | None = None,
+        vision_model: BackboneSpec | None = None,
+        ignore_backbone_mismatch: bool = False,
+        revision: str | None = None,
+        text_revision: str | None = None,
+        vision_revision: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Load a checkpoint: adapter-only (the backbones are resolved again from the names in config.json, or
+        from `text_model` / `vision_model` if given, and checked against the recorded fingerprints) or full.
+
+        Every keyword of `PreTrainedModel.from_pretrained` is honoured or refused with a reason (see
+        `mmadapters.modeling.loading`); `text_revision` / `vision_revision` pick the backbones' revisions."""
+        # transformers' Auto classes take any folder with an adapter_config.json for a PEFT adapter and pass
+        # these along; our adapters are not PEFT's, and are loaded below.
+        kwargs.pop("adapter_kwargs", None)
+        kwargs.pop("_adapter_model_path", None)
+        if pretrained_model_name_or_path is None:
+            return cls._from_full_checkpoint(None, model_args, revision, kwargs)
+        name = os.fspath(pretrained_model_name_or_path)
+        hub_kwargs = {k: kwargs[k] for k in ("token", "cache_dir", "local_files_only") if k in kwargs}
+        folder = resolve_checkpoint_folder(name, revision, **hub_kwargs)
+        if not os.path.isfile(os.path.join(folder, ADAPTER_WEIGHTS_NAME)):
+            if text_model is not None or vision_model is not None:
+                raise LoadingOptionError(
+                    f"'{name}' is a full checkpoint (it holds the backbones' weights): text_model= / vision_model= "
+                    "apply to adapter-only checkpoints."
+                )
+            return cls._from_full_checkpoint(folder, model_args, None, kwargs)
+        if model_args:
+            raise TypeError(
+                f"{cls.__name__}.from_pretrained() takes no extra positional arguments: {model_args}"
+            )
+        return cls._from_adapter_checkpoint(
+            name,
+            folder,
+            text_model,
+            vision_model,
+            ignore_backbone_mismatch,
+            text_revision,
+            vision_revision,
+            kwargs,
+        )
+
+    @classmethod
+    def _from_full_checkpoint(
+        cls, folder: str | None, model_args: tuple, revision: str | None, kwargs: dict[str, Any]
+    ) -> Any:
+        """A checkpoint with every weight: transformers' own loader (all its keywords apply). Our default dtype is
+        float32 (transformers' is "auto")."""
+        if kwargs.get("dtype") in (None, "auto") and kwargs.get("torch_dtype") is None:
+            kwargs["dtype"] = torch.float32 if kwargs.get("dtype") is None else "auto"
+        if revision is not None:
+            kwargs["revision"] = revision
+        return super().from_pretrained(folder, *model_args, **kwargs)
+
+    @classmethod
+    def _from_adapter_checkpoint(
+        cls,
+        name: str,
+        folder: str,
+        text_model: BackboneSpec | None,
+        vision_model: BackboneSpec | None,
+        ignore_backbone_mismatch: bool,
+        text_revision: str | None,
+        vision_revision: str | None,
+        kwargs: dict[str, Any],
+    ) -> Any:
+        where = f"{cls.__name__}.from_pretrained"
+        generation_config = kwargs.pop("generation_config", None)
+        given_config = kwargs.pop("config", None)
+        options = take_loading_options(kwargs, where)
+        if isinstance(given_config, PreTrainedConfig):
+            config, unused = given_config, kwargs
+        else:
+            config, unused = cls.config_class.from_pretrained(
+                given_config or folder, return_unused_kwargs=True, **kwargs
+            )
+        if unused:
+            raise TypeError(
+                f"{where}() got unexpected keyword argument(s) {sorted(unused)}: they are neither loading options "
+                f"nor fields of {cls.config_class.__name__}."
+            )
+        _apply_recorded_quantization(options, config)
+        device_maps, own_map = cls._plan_placement(options, lambda: config)
+        overrides = {"text": text_model, "vision": vision_model}
+        revisions = {"text": text_revision, "vision": vision_revision}
+        loaders = {"text": load_text_backbone, "vision": load_vision_backbone}
+        loaded = {}
+        for index, role in enumerate(ROLES):
+            recorded = getattr(config, f"{role}_backbone")
+            if recorded is None:
+                raise LoadingOptionError(
+                    f"'{name}' has adapter weights but its config.json names no {role} backbone: it is not a "
+                    "checkpoint this version of mmadapters wrote. Save it again from the model, or pass "
+                    f"{role}_model=... ."
+                )
+            expected = BackboneReference(**recorded)
+            override = overrides[role]
+            source = override if override is not None else expected.name_or_path
+            revision = revisions[role] or (None if override is not None else expected.revision)
+            model, found = loaders[role](source, options, revision, device_maps[index])
+            if not ignore_backbone_mismatch:
+                check_backbone(role, expected, found, name)
+            loaded[role] = model
+        attention = {
+            "text_config": loaded["text"].config._attn_implementation,
+            "vision_config": loaded["vision"].config._attn_implementation,
+        }
+        config.text_config = loaded["text"].config
+        config.vision_config = loaded["vision"].config
+        config._attn_implementation = attention
+        model = cls(config, language_model=loaded["text"], vision_tower=loaded["vision"])
+        model.load_referenced_weights(name, ignore_backbone_mismatch)
+        model.load_adapter_state_dict(load_file(os.path.join(folder, ADAPTER_WEIGHTS_NAME)), source=name)
+        if generation_config is not None:
+            model.generation_config = generation_config
+        elif os.path.isfile(os.path.join(folder, "generation_config.json")):
+            model.generation_config = GenerationConfig.from_pretrained(folder)
+        model._follow_backbone_devices(own_map)
+        model.eval()
+        return model
+
+
+def _config_of(spec: BackboneSpec, options: BackboneLoadOptions, revision: str | None, role: str) -> Any:
+    """A backbone's config without loading its weights (to plan a device map)."""
+    from .backbones import _backbone_config, resolve_hub_revision
+
+    if isinstance(spec, PreTrainedConfig):
+        return spec
+    if isinstance(spec, PreTrainedModel):
+        return spec.config
+    name = os.fspath(spec)
+    return _backbone_config(name, resolve_hub_revision(name, revision, options.hub_kwargs()), options, role)
+
+
+def _quantization_record(language_model: nn.Module, vision_tower: nn.Module) -> dict | None:
+    """How each backbone was quantised (the quantization config as a dict), for `from_pretrained` to redo it."""
+    record = {}
+    for role, module in (("text", language_model), ("vision", vision_tower)):
+        quantization = getattr(module.config, "quantization_config", None) if is_quantized(module) else None
+        if quantization is not None:
+            record[f"{role}_config"] = (
+                quantization if isinstance(quantization, dict) else quantization.to_dict()
+            )
+    return record or None
+
+
+def _apply_recorded_quantization(options: BackboneLoadOptions, config: Any) -> None:
+    """Without a `quantization_config` from the caller, rebuild the backbones quantised as they were trained."""
+    record = getattr(config, "backbone_quantization", None)
+    if not record or any(value is not None for value in options.quantization.values()):
+        return
+    from transformers.quantizers.auto import AutoQuantizationConfig
+
+    for role in ROLES:
+        if record.get(f"{role}_config") is not None:
+            options.quantization[role] = AutoQuantizationConfig.from_dict(dict(record[f"{role}_config"]))
+
+
+def _device_name(device: torch.device) -> Any:
+    if device.type in ("cpu", "meta"):
+        return device.type
+    return device.index if device.index is not None else device.type
+
+
+def _first_device(module: nn.Module) -> Any:
+    for tensor in (*module.parameters(), *module.buffers()):
+        return _device_name(tensor.device)
+    return "cpu"
+
+
+def _execution_device(module: nn.Module) -> Any:
+    """Where `module` computes: the execution device of its accelerate hook (offloaded modules), else the
+    device of its first weight."""
+    for sub in module.modules():
+        hook = getattr(sub, "_hf_hook", None)
+        if hook is not None and getattr(hook, "execution_device", None) is not None:
+            return hook.execution_device
+    for tensor in module.parameters():
+        if tensor.device.type != "meta":
+            return tensor.device
+    return None
+
+
+__all__ = ["ADAPTER_WEIGHTS_NAME", "FrozenBackbonesPreTrainedModel", "execution_device"]

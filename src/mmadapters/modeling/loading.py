@@ -1,0 +1,285 @@
+"""How the loading keywords of transformers' `from_pretrained` reach the two frozen backbones of our models.
+
+`LavinForConditionalGeneration` and `CromeForConditionalGeneration` are built around two backbones loaded
+separately (an LLM and a vision tower) plus a small trainable side. Every keyword that
+`PreTrainedModel.from_pretrained` accepts is either honoured here or refused with a message that says why;
+unknown keywords raise `TypeError`, as in transformers:
+
+- per backbone: `dtype` (`torch_dtype`), `attn_implementation` (a string, or a dict keyed by `text_config` /
+  `vision_config` as transformers' composite models take it), `quantization_config` (one config for both
+  backbones, or such a dict; our trainable modules are never quantised), the Hub keywords (`token`,
+  `cache_dir`, `local_files_only`, `force_download`, `proxies`), `use_safetensors`, `trust_remote_code`,
+  `weights_only`, `disable_mmap`, `offload_buffers`;
+- placement: `device_map` ("auto"/"balanced"/"balanced_low_0"/"sequential", a device, or a dict over the
+  composite's module names such as `{"language_model": 0, "vision_tower": "cpu", ...}`), `max_memory`,
+  `offload_folder`. The composite map is computed once on a meta copy of the whole model, so accelerate can
+  split a 7B LLM across devices without cutting a decoder layer (`_no_split_modules` come from the backbones),
+  then split per backbone; each adapter is placed on the device where its layer runs (see `place_adapters`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+ROLES = ("text", "vision")
+STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+# Passed unchanged to both backbones' `from_pretrained` (and, for the Hub ones, to config/revision lookups).
+HUB_KEYWORDS = ("token", "cache_dir", "local_files_only", "force_download", "proxies")
+PASS_THROUGH = HUB_KEYWORDS + ("use_safetensors", "trust_remote_code", "weights_only", "disable_mmap")
+# Accepted and without effect, as in transformers 5 itself (loading is always low-memory there).
+NO_EFFECT = ("low_cpu_mem_usage", "offload_state_dict", "mirror", "_fast_init")
+# Set by transformers' Auto classes and pipelines on the way in: not for us.
+INTERNAL = ("_from_auto", "_from_pipeline", "_commit_hash", "adapter_kwargs", "_adapter_model_path")
+# Accepted by transformers but not meaningful for a model assembled from two separately loaded backbones.
+REFUSED = {
+    "gguf_file": "load the GGUF LLM with AutoModelForCausalLM.from_pretrained(..., gguf_file=...) and pass the "
+    "loaded model to from_backbones(text_model=...)",
+    "tp_plan": "tensor parallelism would cut through the adapters' hooks; use device_map or FSDP instead",
+    "tp_size": "tensor parallelism would cut through the adapters' hooks; use device_map or FSDP instead",
+    "distributed_config": "tensor/pipeline parallelism is not supported; use device_map or FSDP instead",
+    "device_mesh": "tensor parallelism is not supported; use device_map or FSDP instead",
+    "use_kernels": "Hub kernels would replace the backbone layers our adapters hook into",
+    "kernel_config": "Hub kernels would replace the backbone layers our adapters hook into",
+    "allow_all_kernels": "Hub kernels would replace the backbone layers our adapters hook into",
+    "fusion_config": "fused backbone layers would bypass the adapters' hooks",
+    "experts_implementation": "load a mixture-of-experts LLM yourself and pass it to from_backbones(text_model=...)",
+    "key_mapping": "the backbones load with their own checkpoint keys; rename keys in the backbone checkpoints",
+    "subfolder": "point text_model= / vision_model= at the backbone folders instead",
+    "variant": "point text_model= / vision_model= at the backbone variant folders instead",
+    "adapter_name": "our adapters are not PEFT adapters; load PEFT adapters afterwards with PeftModel",
+    "ignore_mismatched_sizes": "adapter weights of another shape belong to another model: they are refused",
+    "output_loading_info": "adapter-only checkpoints are loaded strictly (a missing or extra tensor is an error)",
+    "state_dict": "pass adapter weights with model.load_adapter_state_dict(...) after loading",
+}
+
+
+class LoadingOptionError(ValueError):
+    """A loading keyword that our models cannot honour."""
+
+
+@dataclass
+class BackboneLoadOptions:
+    """The backbone-related loading keywords of one `from_pretrained` / `from_backbones` call, validated."""
+
+    dtype: Any = None
+    attn_implementation: dict[str, str | None] = field(default_factory=lambda: dict.fromkeys(ROLES))
+    quantization: dict[str, Any] = field(default_factory=lambda: dict.fromkeys(ROLES))
+    device_map: Any = None
+    max_memory: dict | None = None
+    offload_folder: str | None = None
+    offload_buffers: bool = False
+    pass_through: dict[str, Any] = field(default_factory=dict)
+
+    def hub_kwargs(self) -> dict[str, Any]:
+        """The keywords that also apply to config and revision lookups."""
+        return {k: v for k, v in self.pass_through.items() if k in HUB_KEYWORDS}
+
+    def for_backbone(self, role: str, device_map: dict | None) -> dict[str, Any]:
+        """`from_pretrained` keywords for the `role` backbone, given its part of the composite device map."""
+        kwargs = dict(self.pass_through)
+        if self.attn_implementation[role] is not None:
+            kwargs["attn_implementation"] = self.attn_implementation[role]
+        if self.quantization[role] is not None:
+            kwargs["quantization_config"] = self.quantization[role]
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+            if any(device == "disk" for device in device_map.values()):
+                if self.offload_folder is None:
+                    raise LoadingOptionError(
+                        "The device map offloads part of a backbone to disk: pass offload_folder=... ."
+                    )
+                kwargs["offload_folder"] = os.path.join(self.offload_folder, f"{role}_backbone")
+            if self.offload_buffers:
+                kwargs["offload_buffers"] = True
+        return kwargs
+
+
+def take_loading_options(kwargs: dict[str, Any], where: str) -> BackboneLoadOptions:
+    """Pop every loading keyword from `kwargs` into options (refusing the unsupported ones with the reason);
+    what is left in `kwargs` is for the caller to handle (config fields) or refuse."""
+    for name in INTERNAL + NO_EFFECT:
+        kwargs.pop(name, None)
+    for name, why in REFUSED.items():
+        if name in kwargs:
+            value = kwargs.pop(name)
+            if value in (None, False, "", {}):  # the default: nothing asked for
+                continue
+            raise LoadingOptionError(f"{where} does not support `{name}`: {why}.")
+    options = BackboneLoadOptions()
+    dtype, torch_dtype = kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None)
+    options.dtype = dtype if dtype is not None else torch_dtype
+    options.attn_implementation = per_role(kwargs.pop("attn_implementation", None), "attn_implementation")
+    for role, value in options.attn_implementation.items():
+        if value is not None and not isinstance(value, str):
+            raise LoadingOptionError(
+                f"attn_implementation for the {role} backbone must be a string, got {value!r}."
+            )
+    options.quantization = per_role(kwargs.pop("quantization_config", None), "quantization_config")
+    options.device_map = normalize_device_map(kwargs.pop("device_map", None))
+    options.max_memory = kwargs.pop("max_memory", None)
+    options.offload_folder = kwargs.pop("offload_folder", None)
+    options.offload_buffers = bool(kwargs.pop("offload_buffers", False))
+    options.pass_through = {name: kwargs.pop(name) for name in PASS_THROUGH if name in kwargs}
+    return options
+
+
+def per_role(value: Any, name: str) -> dict[str, Any]:
+    """A value for both backbones, or a dict keyed by `text_config` / `vision_config` (transformers' form for
+    composite models; a missing key leaves that backbone at its default)."""
+    if isinstance(value, dict) and value and set(value) <= {"text_config", "vision_config", ""}:
+        default = value.get("")
+        return {role: value.get(f"{role}_config", default) for role in ROLES}
+    if isinstance(value, dict) and name == "attn_implementation":
+        raise LoadingOptionError(
+            f"{name} as a dict must be keyed by 'text_config' and/or 'vision_config', got keys {sorted(value)}."
+        )
+    if isinstance(value, dict) and name == "quantization_config" and value and "quant_method" not in value:
+        raise LoadingOptionError(
+            f"{name} as a dict is either one quantization config (with 'quant_method') or keyed by "
+            f"'text_config' / 'vision_config'; got keys {sorted(value)}."
+        )
+    return dict.fromkeys(ROLES, value)
+
+
+def normalize_device_map(device_map: Any) -> Any:
+    """A strategy name, a dict {module name: device}, or None. A single device becomes {"": device}."""
+    if device_map is None or isinstance(device_map, dict):
+        return device_map
+    if isinstance(device_map, str) and device_map in STRATEGIES:
+        return device_map
+    return {"": check_device(device_map)}
+
+
+def check_device(device: Any) -> str | int:
+    """A device as accelerate writes it in maps: an int (accelerator index), "cpu", "disk", "meta", "cuda:1"."""
+    if isinstance(device, bool):
+        raise LoadingOptionError(f"device_map values must be devices, got {device!r}.")
+    if isinstance(device, int):
+        if device < 0:
+            raise LoadingOptionError("device_map cannot use a negative device index; use 'cpu' for the CPU.")
+        return device
+    if isinstance(device, torch.device):
+        return str(device)
+    if device == "disk":
+        return device
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LoadingOptionError(
+            f"device_map: {device!r} is not a device. Use 'auto', 'balanced', 'balanced_low_0', 'sequential', a "
+            "device ('cpu', 'cuda:0', 0, 'meta', 'disk') or a dict {module name: device}."
+        ) from None
+    return device
+
+
+def execution_device(device: Any, main_device: Any) -> Any:
+    """Where a module mapped to `device` computes: offloaded modules ("disk", or "cpu" beside accelerators)
+    run on the main device, as accelerate's dispatch does."""
+    if device == "disk" or (device == "cpu" and main_device != "cpu"):
+        return main_device
+    return device
+
+
+def main_device_of(device_map: dict[str, Any]) -> Any:
+    accelerators = [d for d in device_map.values() if d not in ("cpu", "disk", "meta")]
+    return accelerators[0] if accelerators else "cpu"
+
+
+def device_for(name: str, device_map: dict[str, Any]) -> Any:
+    """The device the map gives module `name`: its own entry or that of its closest ancestor."""
+    best, best_length = None, -1
+    for key, device in device_map.items():
+        if (key == "" or name == key or name.startswith(key + ".")) and len(key) > best_length:
+            best, best_length = device, len(key)
+    return best
+
+
+def compute_device_map(meta_model: nn.Module, options: BackboneLoadOptions) -> dict[str, Any] | None:
+    """The whole model's device map: a strategy is resolved by accelerate on `meta_model` (the composite built on
+    the meta device, in the backbones' dtype), which keeps every `_no_split_modules` block (a decoder layer, a
+    vision encoder layer) on one device; an explicit dict is checked to cover every parameter."""
+    from accelerate.utils import check_device_map, get_balanced_memory, get_max_memory, infer_auto_device_map
+
+    device_map = options.device_map
+    if device_map is None:
+        return None
+    no_split = sorted(getattr(meta_model, "_no_split_modules", None) or [])
+    if isinstance(device_map, str):
+        if device_map == "sequential":
+            max_memory = get_max_memory(options.max_memory)
+        else:
+            max_memory = get_balanced_memory(
+                meta_model,
+                max_memory=options.max_memory,
+                no_split_module_classes=no_split,
+                low_zero=device_map == "balanced_low_0",
+            )
+        return infer_auto_device_map(meta_model, max_memory=max_memory, no_split_module_classes=no_split)
+    device_map = {key: check_device(device) for key, device in device_map.items()}
+    names = {name for name, _ in meta_model.named_modules()}
+    unknown = sorted(key for key in device_map if key and key not in names)
+    if unknown:
+        raise LoadingOptionError(
+            f"device_map names modules that this model does not have: {unknown[:5]}. Top-level modules are "
+            f"{sorted(name for name, _ in meta_model.named_children())}."
+        )
+    try:
+        check_device_map(meta_model, device_map)
+    except ValueError as error:
+        raise LoadingOptionError(f"device_map does not place every weight: {error}") from None
+    return device_map
+
+
+def split_device_map(device_map: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The composite map split into the LLM's map, the vision tower's map (keys relative to each backbone) and
+    the map of our own modules."""
+    text, vision, own = {}, {}, {}
+    for key, device in device_map.items():
+        if key == "":
+            text[""] = vision[""] = own[""] = device
+        elif key == "language_model" or key.startswith("language_model."):
+            text[key.removeprefix("language_model").removeprefix(".")] = device
+        elif key == "vision_tower" or key.startswith("vision_tower."):
+            vision[key.removeprefix("vision_tower").removeprefix(".")] = device
+        else:
+            own[key] = device
+    return text, vision, own
+
+
+def qualified_name(root: nn.Module, target: nn.Module) -> str:
+    for name, module in root.named_modules():
+        if module is target:
+            return name
+    raise ValueError(f"{type(target).__name__} is not a submodule of {type(root).__name__}")
+
+
+def place_adapters(device_map: dict[str, Any], adapters: str, layers_name: str, count: int) -> dict[str, Any]:
+    """Put `adapters.i` on the device of layer `layers_name.i` (the adapter runs inside that layer's forward),
+    replacing whatever the map said about the adapters."""
+    placed = {k: v for k, v in device_map.items() if k != adapters and not k.startswith(adapters + ".")}
+    for index in range(count):
+        placed[f"{adapters}.{index}"] = device_for(f"{layers_name}.{index}", device_map)
+    return placed
+
+
+def move_own_modules(model: nn.Module, own_map: dict[str, Any], main_device: Any) -> None:
+    """Move our (small, trainable) modules to where the map puts them; offloaded entries run on the main device."""
+    for key in sorted(own_map, key=len):  # parents first, children override
+        device = execution_device(own_map[key], main_device)
+        if key == "":
+            for name, child in model.named_children():
+                if name not in ("language_model", "vision_tower"):
+                    child.to(device)
+            for parameter in model.parameters(recurse=False):
+                parameter.data = parameter.data.to(device)
+        elif key in dict(model.named_parameters()):  # a top-level parameter (CROME's query tokens)
+            parameter = model.get_parameter(key)
+            parameter.data = parameter.data.to(device)
+        else:
+            model.get_submodule(key).to(device)

@@ -1,0 +1,51 @@
+"""What differs between the transformers 5.x releases that our pins allow, decided once, in one place.
+
+- The KV cache keyword: transformers 5.24 renamed `past_key_values` to `cache` (in model forwards, in
+  `generate`'s model inputs and in the output classes) and warns on the old name; releases before it only know
+  `past_key_values`. Our forwards accept both names and hand the LLM the one its release knows.
+- Activation checkpointing: 5.24 renamed `gradient_checkpointing_enable` / `is_gradient_checkpointing` to
+  `activation_checkpointing_enable` / `is_activation_checkpointing` and deprecated the old names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+_OUTPUT_FIELDS = {field.name for field in dataclasses.fields(CausalLMOutputWithPast)}
+
+# The keyword (and output field) under which this transformers release passes the KV cache.
+CACHE_KWARG = "cache" if "cache" in _OUTPUT_FIELDS else "past_key_values"
+
+
+def pick_cache(cache: Any, past_key_values: Any) -> Any:
+    """The KV cache, whichever name it was given under (`cache` since 5.24, `past_key_values` before)."""
+    return cache if cache is not None else past_key_values
+
+
+def cache_of(outputs: Any) -> Any:
+    """The KV cache of a model output, read under the field name of this release (no deprecation warning)."""
+    return getattr(outputs, CACHE_KWARG, None)
+
+
+def cache_kwargs(cache: Any) -> dict[str, Any]:
+    """`{name: cache}` for a model call or an output class of this release."""
+    return {CACHE_KWARG: cache}
+
+
+def enable_activation_checkpointing(model: nn.Module, checkpoint_kwargs: dict | None = None) -> None:
+    """`activation_checkpointing_enable` where it exists (5.24+), else `gradient_checkpointing_enable`;
+    `checkpoint_kwargs` go to `torch.utils.checkpoint` (e.g. `{"use_reentrant": False}`)."""
+    if hasattr(type(model), "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
+
+
+def is_activation_checkpointing(model: nn.Module) -> bool:
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(model.is_gradient_checkpointing)
