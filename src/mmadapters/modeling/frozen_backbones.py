@@ -29,6 +29,7 @@ from .backbones import (
     BackboneReference,
     BackboneSpec,
     check_backbone,
+    freeze,
     is_quantized,
     load_backbones,
     load_text_backbone,
@@ -116,6 +117,22 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             reset()  # our modules: their own initialisation (see each reset_parameters)
         else:
             super()._init_weights(module)
+
+    def freeze_backbones(self) -> int:
+        """Freeze both backbones again; returns how many backbone parameters had become trainable (in-place
+        quantisation, e.g. optimum-quanto's `quantize(model.language_model, ...)`, creates new parameters that
+        require gradients). Our Trainers call it before training."""
+        thawed = sum(
+            p.numel()
+            for m in (self.language_model, self.vision_tower)
+            for p in m.parameters()
+            if p.requires_grad
+        )
+        freeze(self.language_model)
+        freeze(self.vision_tower)
+        if thawed:
+            logger.warning(f"{thawed:,} backbone parameters had become trainable; they are frozen again.")
+        return thawed
 
     def _return_dict(self, return_dict: bool | None) -> bool:
         return self.config.return_dict if return_dict is None else return_dict
@@ -257,7 +274,11 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             ).items():
                 merged[f"{role_name}.{key}" if key else role_name] = device
         for name, child in self.named_children():
-            if name not in ("language_model", "vision_tower") and child is not None:
+            if name in ("language_model", "vision_tower") or child is None:
+                continue
+            if isinstance(child, nn.ModuleList):  # layer adapters: one entry each (they follow their layers)
+                merged.update({f"{name}.{i}": _first_device(item) for i, item in enumerate(child)})
+            else:
                 merged[name] = _first_device(child)
         for name, parameter in self.named_parameters(recurse=False):
             merged[name] = _device_name(parameter.device)

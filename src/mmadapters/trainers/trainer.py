@@ -39,6 +39,8 @@ class AdapterTrainer(Trainer):
     """Trainer for models with frozen backbones and an adapter side that saves on its own."""
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
+        if hasattr(self._unwrapped(), "freeze_backbones"):
+            self._unwrapped().freeze_backbones()  # base weights never train, even after in-place quantisation
         report = trainable_report(self._unwrapped())
         total = sum(p.numel() for p in self._unwrapped().parameters())
         lines = ", ".join(f"{name} {count:,}" for name, count in report.items() if name != "total")

@@ -1,0 +1,380 @@
+"""The native loading contract: every `from_pretrained` keyword honoured (its effect visible on the loaded
+modules) or refused with a message; loaded backbones; device maps; quantised backbones (LaVIN-lite)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from conftest import make_tokenizer, save_tiny_llm, tiny_text_config, tiny_vision_config
+from transformers import AutoModelForCausalLM, CLIPVisionModel
+
+from mmadapters import CromeForConditionalGeneration, LavinForConditionalGeneration, LavinProcessor
+from mmadapters.modeling.loading import LoadingOptionError
+
+
+def image(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(32, 32, 3, generator=generator) * 255).to(torch.uint8).numpy()
+
+
+@pytest.fixture()
+def checkpoint(tiny_backbones, tmp_path, randomize_adapters):
+    """An adapter-only LaVIN checkpoint with non-trivial adapters, and the model it was saved from."""
+    torch.manual_seed(0)
+    model = randomize_adapters(LavinForConditionalGeneration.from_backbones(*tiny_backbones)).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    return str(tmp_path / "ckpt"), model
+
+
+@pytest.fixture()
+def inputs(tiny_backbones):
+    processor = LavinProcessor.from_backbones(*tiny_backbones)
+    return processor(
+        images=[[image(0)], []], text=["Image: <image>\nwhat color is it?", "Image: N/A\nthe capital of"]
+    )
+
+
+def attn(model):
+    return model.language_model.config._attn_implementation, model.vision_tower.config._attn_implementation
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Keywords honoured or refused
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_unknown_keywords_raise_type_error(tiny_backbones, checkpoint):
+    with pytest.raises(TypeError, match="made_up"):
+        LavinForConditionalGeneration.from_backbones(*tiny_backbones, made_up=1)
+    with pytest.raises(TypeError, match="made_up"):
+        LavinForConditionalGeneration.from_pretrained(checkpoint[0], made_up=1)
+
+
+@pytest.mark.parametrize(
+    "keyword", ["gguf_file", "tp_plan", "key_mapping", "use_kernels", "output_loading_info"]
+)
+def test_unsupported_keywords_are_refused_with_the_reason(tiny_backbones, checkpoint, keyword):
+    with pytest.raises(LoadingOptionError, match=f"does not support `{keyword}`"):
+        LavinForConditionalGeneration.from_backbones(*tiny_backbones, **{keyword: "x"})
+    with pytest.raises(LoadingOptionError, match=f"does not support `{keyword}`"):
+        LavinForConditionalGeneration.from_pretrained(checkpoint[0], **{keyword: "x"})
+
+
+def test_attn_implementation_applies_to_both_backbones(tiny_backbones, checkpoint, inputs):
+    model = LavinForConditionalGeneration.from_backbones(*tiny_backbones, attn_implementation="eager")
+    assert attn(model) == ("eager", "eager")
+    loaded = LavinForConditionalGeneration.from_pretrained(checkpoint[0], attn_implementation="eager")
+    assert attn(loaded) == ("eager", "eager")
+    with torch.no_grad():  # eager and sdpa compute the same model (padding positions aside)
+        real = inputs["attention_mask"].bool()
+        eager, sdpa = loaded(**inputs).logits[real], checkpoint[1](**inputs).logits[real]
+        torch.testing.assert_close(eager, sdpa, atol=1e-5, rtol=0)
+    # transformers' per-sub-config dict form
+    mixed = LavinForConditionalGeneration.from_pretrained(
+        checkpoint[0], attn_implementation={"text_config": "eager"}
+    )
+    assert attn(mixed) == ("eager", "sdpa")
+    assert (
+        mixed.config._attn_implementation == "eager"
+        or mixed.config.text_config._attn_implementation == "eager"
+    )
+
+
+def test_attn_implementation_is_validated(tiny_backbones):
+    with pytest.raises(ValueError, match="nonsense"):
+        LavinForConditionalGeneration.from_backbones(*tiny_backbones, attn_implementation="nonsense")
+    with pytest.raises(LoadingOptionError, match="keyed by 'text_config'"):
+        LavinForConditionalGeneration.from_backbones(*tiny_backbones, attn_implementation={"llm": "eager"})
+
+
+def test_dtype_and_torch_dtype(tiny_backbones, checkpoint, tmp_path):
+    loaded = LavinForConditionalGeneration.from_pretrained(checkpoint[0], dtype=torch.bfloat16)
+    assert loaded.language_model.dtype == loaded.vision_tower.dtype == torch.bfloat16
+    assert loaded.projector.linear_1.weight.dtype == torch.float32  # adapters stay float32
+    # A full checkpoint: transformers' loader, with torch_dtype honoured (not overridden by our float32 default).
+    full = tmp_path / "full"
+    checkpoint[1].save_pretrained(full, adapter_only=False)
+    half = LavinForConditionalGeneration.from_pretrained(full, torch_dtype=torch.float16)
+    assert half.language_model.dtype == torch.float16
+    assert LavinForConditionalGeneration.from_pretrained(full).language_model.dtype == torch.float32
+
+
+def test_crome_backbones_follow_dtype_in_full_checkpoints(tmp_path):
+    from conftest import tiny_qformer_config
+
+    model = CromeForConditionalGeneration.from_backbones(
+        tiny_text_config(), tiny_vision_config(), qformer=tiny_qformer_config(vocab_size=300)
+    )
+    model.save_pretrained(tmp_path)  # config-built backbones: every weight is saved
+    loaded = CromeForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float16)
+    assert loaded.language_model.dtype == loaded.vision_tower.dtype == torch.float16
+
+
+def test_hub_keywords_reach_the_backbones(checkpoint):
+    # local_files_only / cache_dir / token are accepted and passed on (a local checkpoint loads as before).
+    loaded = LavinForConditionalGeneration.from_pretrained(
+        checkpoint[0], local_files_only=True, token=None, cache_dir=None, low_cpu_mem_usage=True
+    )
+    assert isinstance(loaded, LavinForConditionalGeneration)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Device maps
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_device_map_single_device_and_bad_values(checkpoint):
+    loaded = LavinForConditionalGeneration.from_pretrained(checkpoint[0], device_map="cpu")
+    assert set(loaded.hf_device_map.values()) == {"cpu"}
+    with pytest.raises(LoadingOptionError, match="not a device"):
+        LavinForConditionalGeneration.from_pretrained(checkpoint[0], device_map="nonsense")
+    with pytest.raises(LoadingOptionError, match="does not have"):
+        LavinForConditionalGeneration.from_pretrained(checkpoint[0], device_map={"llm": "cpu"})
+
+
+def test_device_map_dict_places_modules_as_asked(checkpoint):
+    device_map = {
+        "language_model": "cpu",
+        "vision_tower": "meta",
+        "llm_adapters": "cpu",
+        "vision_adapters": "cpu",
+        "projector": "cpu",
+        "modality_embedding": "cpu",
+    }
+    loaded = LavinForConditionalGeneration.from_pretrained(checkpoint[0], device_map=device_map)
+    assert loaded.vision_tower.device.type == "meta"
+    assert loaded.language_model.device.type == "cpu"
+    assert loaded.hf_device_map["vision_tower"] == "meta"
+    with pytest.raises(LoadingOptionError, match="does not place every weight"):
+        LavinForConditionalGeneration.from_pretrained(checkpoint[0], device_map={"language_model": "cpu"})
+
+
+def test_device_map_auto_splits_with_offload_and_runs_identically(checkpoint, inputs, tmp_path):
+    path, reference = checkpoint
+    loaded = LavinForConditionalGeneration.from_pretrained(
+        path, device_map="auto", max_memory={"cpu": 120_000}, offload_folder=str(tmp_path / "offload")
+    )
+    devices = loaded.hf_device_map
+    # The limit forces a split: some decoder layers on the CPU, the rest offloaded to disk, whole layers only.
+    layer_devices = {k: v for k, v in devices.items() if k.startswith("language_model.model.layers.")}
+    assert "cpu" in devices.values() and "disk" in devices.values()
+    assert all(k.count(".") == 3 for k in layer_devices)  # "language_model.model.layers.N": never cut inside
+    # Every adapter sits where its layer computes (offloaded layers compute on the main device, the CPU here).
+    for index in range(3):
+        assert devices[f"llm_adapters.{index}"] == "cpu"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, reference(**inputs).logits, rtol=0, atol=1e-6)
+        kwargs = dict(max_new_tokens=5, do_sample=False)
+        assert torch.equal(loaded.generate(**inputs, **kwargs), reference.generate(**inputs, **kwargs))
+
+
+def test_offload_to_disk_needs_an_offload_folder(checkpoint):
+    with pytest.raises(LoadingOptionError, match="offload_folder"):
+        LavinForConditionalGeneration.from_pretrained(
+            checkpoint[0], device_map="auto", max_memory={"cpu": 120_000}
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loaded backbones
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_from_backbones_takes_loaded_models(tiny_backbones, inputs, tmp_path):
+    text_path, vision_path = tiny_backbones
+    llm = AutoModelForCausalLM.from_pretrained(text_path, dtype=torch.float32)
+    tower = CLIPVisionModel.from_pretrained(vision_path, dtype=torch.float32)
+    torch.manual_seed(0)
+    model = LavinForConditionalGeneration.from_backbones(llm, tower)
+    assert model.language_model is llm and model.vision_tower is tower
+    assert not any(p.requires_grad for p in llm.parameters())
+    by_path = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+    assert model.config.text_backbone == by_path.config.text_backbone  # same name and fingerprint
+    model.eval().save_pretrained(tmp_path)
+    loaded = LavinForConditionalGeneration.from_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+
+
+def test_loaded_models_refuse_a_device_map(tiny_backbones):
+    llm = AutoModelForCausalLM.from_pretrained(tiny_backbones[0])
+    with pytest.raises(LoadingOptionError, match="stays where it is"):
+        LavinForConditionalGeneration.from_backbones(llm, tiny_backbones[1], device_map="cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Quantised backbones
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def save_llm_with_width(path, hidden_size: int = 64) -> str:
+    """bitsandbytes' CPU 4-bit kernels need input widths of at least one quantisation block (64)."""
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    config = tiny_text_config(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+def test_lavin_lite_4bit_backbone_trains_and_round_trips(tiny_backbones, tmp_path):
+    from bitsandbytes.nn import Linear4bit
+    from transformers import BitsAndBytesConfig
+
+    text_path = save_llm_with_width(tmp_path / "llm64")
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    torch.manual_seed(0)
+    model = LavinForConditionalGeneration.from_backbones(
+        text_path, tiny_backbones[1], quantization_config={"text_config": quantization}
+    )
+    assert isinstance(model.language_model.model.layers[0].self_attn.q_proj, Linear4bit)
+    assert not any(p.requires_grad for p in model.language_model.parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    assert model.config.backbone_quantization["text_config"]["bnb_4bit_quant_type"] == "nf4"
+    assert (
+        model.config.text_backbone["fingerprint"] is None
+        and "quantised" in model.config.text_backbone["note"]
+    )
+
+    processor = LavinProcessor.from_backbones(text_path, tiny_backbones[1])
+    batch = processor(
+        images=[[image(1)], []],
+        text=["Image: <image>\nwhat color", "Image: N/A\nthe capital of"],
+        answers=["red", "x"],
+    )
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(5):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+    model.eval().save_pretrained(tmp_path / "lite")
+    assert os.path.getsize(tmp_path / "lite" / "adapter_model.safetensors") < 1_000_000
+    loaded = LavinForConditionalGeneration.from_pretrained(
+        tmp_path / "lite"
+    )  # quantised again, from the record
+    assert isinstance(loaded.language_model.model.layers[0].self_attn.q_proj, Linear4bit)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("optimum") is None, reason="optimum-quanto not installed")
+def test_quanto_backbone_stays_frozen(tiny_backbones):
+    from optimum.quanto import freeze, qint8, quantize
+    from transformers import QuantoConfig
+
+    model = LavinForConditionalGeneration.from_backbones(
+        *tiny_backbones, quantization_config=QuantoConfig(weights="int8")
+    )
+    assert "QLinear" in type(model.language_model.model.layers[0].self_attn.q_proj).__name__
+    assert not any(p.requires_grad for p in model.language_model.parameters())
+    # Quantising in place (quanto's own API) creates parameters that require gradients: freeze_backbones (which our
+    # Trainers call before training) freezes them again.
+    plain = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+    quantize(plain.language_model, weights=qint8)
+    freeze(plain.language_model)  # quanto's freeze: stores the quantised weights (as new parameters)
+    assert any(p.requires_grad for p in plain.language_model.parameters())
+    assert plain.freeze_backbones() > 0
+    assert not any(p.requires_grad for p in plain.language_model.parameters())
+
+
+def test_quantization_needs_weights_to_quantise():
+    from transformers import BitsAndBytesConfig
+
+    with pytest.raises(LoadingOptionError, match="config object builds random weights"):
+        LavinForConditionalGeneration.from_backbones(
+            tiny_text_config(),
+            tiny_vision_config(),
+            quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model contract details (transformers' common tests check the same)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_missing_adapter_tensor_in_full_checkpoint_gets_its_initialisation(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = LavinForConditionalGeneration.from_backbones(tiny_text_config(), tiny_vision_config())
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["llm_adapters.0.attn.expert_b.weight"], weights["projector.linear_1.bias"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = LavinForConditionalGeneration.from_pretrained(tmp_path)
+    assert torch.equal(
+        loaded.llm_adapters[0].attn.expert_b.weight,
+        torch.zeros_like(loaded.llm_adapters[0].attn.expert_b.weight),
+    )
+    assert torch.equal(loaded.projector.linear_1.bias, torch.zeros_like(loaded.projector.linear_1.bias))
+    # Everything the checkpoint had is kept.
+    assert torch.equal(loaded.llm_adapters[0].attn.down.weight, model.llm_adapters[0].attn.down.weight)
+
+
+def test_shift_labels_and_return_dict(checkpoint, tiny_backbones):
+    model = checkpoint[1]
+    processor = LavinProcessor.from_backbones(*tiny_backbones)
+    batch = processor(images=[[image(2)]], text=["Image: <image>\nwhat color"], answers=["red"])
+    labels = batch.pop("labels")
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    with torch.no_grad():
+        plain = model(**batch, labels=labels).loss
+        torch.testing.assert_close(model(**batch, shift_labels=shifted).loss, plain)
+        torch.testing.assert_close(model(**batch, labels=labels, shift_labels=shifted).loss, plain)
+        as_tuple = model(**batch, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], model(**batch).logits)
+
+
+def test_image_features_and_embeddings_accessors(checkpoint):
+    model = checkpoint[1]
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        output = model.get_image_features(pixels, return_dict=True, output_attentions=True)
+        torch.testing.assert_close(output.pooler_output, model.get_image_features(pixels))
+    assert len(output.hidden_states) == 9 and output.attentions is not None
+    new_embeddings = torch.nn.Embedding(300, 32)
+    model.set_input_embeddings(new_embeddings)
+    assert model.language_model.get_input_embeddings() is new_embeddings
+    assert not any(k.startswith("embed_tokens") for k in model.state_dict())
+    model.resize_token_embeddings(310)
+    assert model.get_input_embeddings().num_embeddings == model.get_output_embeddings().out_features == 310
+    assert model.config.text_config.vocab_size == 310
+
+
+def test_from_backbones_leaves_the_callers_adapter_config_alone(tiny_backbones):
+    from mmadapters import MMAdapterConfig
+
+    adapter_config = MMAdapterConfig(r=4)
+    LavinForConditionalGeneration.from_backbones(*tiny_backbones, adapter_config=adapter_config)
+    assert adapter_config.base_model_name_or_path is None
+
+
+def test_no_split_modules_are_the_backbones_layers():
+    with torch.device("meta"):
+        model = LavinForConditionalGeneration.from_backbones(tiny_text_config(), tiny_vision_config())
+    assert {"LlamaDecoderLayer", "CLIPEncoderLayer"} <= set(model._no_split_modules)
+
+
+def test_other_tokenizer_backbone_passes_through(tmp_path):
+    # A second LLM saved by path still loads (guards the tokenizer lookup used for the image token id).
+    path = save_tiny_llm(tmp_path / "llm")
+    model = LavinForConditionalGeneration.from_backbones(path, tiny_vision_config())
+    assert model.config.image_token_id >= 300
