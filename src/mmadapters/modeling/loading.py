@@ -89,6 +89,11 @@ class BackboneLoadOptions:
             kwargs["quantization_config"] = self.quantization[role]
         if device_map is not None:
             kwargs["device_map"] = device_map
+            if set(device_map.values()) == {"disk"} and not whole_model_disk_offload_supported():
+                raise LoadingOptionError(
+                    f"The device map offloads the whole {role} backbone to disk, which accelerate < 1.15 refuses: "
+                    "upgrade accelerate, or raise max_memory so that part of it stays in memory."
+                )
             if any(device == "disk" for device in device_map.values()):
                 if self.offload_folder is None:
                     raise LoadingOptionError(
@@ -98,6 +103,14 @@ class BackboneLoadOptions:
             if self.offload_buffers:
                 kwargs["offload_buffers"] = True
         return kwargs
+
+
+def whole_model_disk_offload_supported() -> bool:
+    """accelerate 1.15 accepts a device map that puts a whole model on disk; earlier releases refuse it."""
+    import accelerate
+    from packaging.version import Version
+
+    return Version(accelerate.__version__) >= Version("1.15")
 
 
 def take_loading_options(kwargs: dict[str, Any], where: str) -> BackboneLoadOptions:
