@@ -401,3 +401,29 @@ def test_deprecation_warnings_under_our_code_fail_the_suite():
         exec(code, {})
     with warnings.catch_warnings(record=True):  # the same warning from elsewhere is only reported
         exec(compile("import warnings\nwarnings.warn('old API', FutureWarning)", "/elsewhere.py", "exec"), {})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+def test_readme_loading_at_scale_examples_run(tiny_backbones, tmp_path, monkeypatch):
+    """The README's "Loading at scale" code, executed with the Hub ids pointed at tiny local backbones."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### Loading at scale", 1)[1].split("\n### ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    text_path = save_llm_with_width(tmp_path / "llm64")
+    checkpoint = tmp_path / "lavin-scienceqa"
+    LavinForConditionalGeneration.from_backbones(text_path, tiny_backbones[1]).save_pretrained(checkpoint)
+    for hub_id, local in (
+        ("meta-llama/Llama-2-7b-hf", text_path),
+        ("openai/clip-vit-large-patch14", tiny_backbones[1]),
+        ("you/lavin-scienceqa", str(checkpoint)),
+    ):
+        assert hub_id in code
+        code = code.replace(f'"{hub_id}"', repr(local))
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert "4bit" in type(namespace["lite"].language_model.model.layers[0].self_attn.q_proj).__name__
+    assert namespace["model"].language_model is namespace["llm"]
