@@ -126,7 +126,7 @@ def time_training(model: torch.nn.Module, inputs: dict, device: str, steps: int)
         "step_s": round(sum(times) / len(times), 4),
         "peak_gib": peak_gib(device),
         "trainable": sum(p.numel() for p in parameters),
-        "loss": round(float(loss), 4),
+        "loss": round(loss.detach().item(), 4),
     }
 
 
