@@ -42,7 +42,6 @@ from .loading import (
     BackboneLoadOptions,
     LoadingOptionError,
     compute_device_map,
-    execution_device,
     main_device_of,
     move_own_modules,
     split_device_map,
@@ -508,6 +507,14 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         return model
 
 
+def adapter_settings(adapter_config: Any, config_class: type, text_ref: BackboneReference | None) -> dict:
+    """The adapter settings for a new model's config: a copy of the caller's adapter config (never modified; the
+    class default when None) naming the LLM it adapts."""
+    settings = config_class.from_dict(adapter_config.to_dict()) if adapter_config else config_class()
+    settings.base_model_name_or_path = text_ref.name_or_path if text_ref else None
+    return settings.to_dict()
+
+
 def _config_of(spec: BackboneSpec, options: BackboneLoadOptions, revision: str | None, role: str) -> Any:
     """A backbone's config without loading its weights (to plan a device map)."""
     from .backbones import _backbone_config, resolve_hub_revision
@@ -569,4 +576,4 @@ def _execution_device(module: nn.Module) -> Any:
     return None
 
 
-__all__ = ["ADAPTER_WEIGHTS_NAME", "FrozenBackbonesPreTrainedModel", "execution_device"]
+__all__ = ["ADAPTER_WEIGHTS_NAME", "FrozenBackbonesPreTrainedModel", "adapter_settings"]

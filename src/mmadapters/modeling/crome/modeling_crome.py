@@ -33,7 +33,7 @@ from ..causal_lm_output import (
     causal_lm_output,
     image_features_output,
 )
-from ..frozen_backbones import FrozenBackbonesPreTrainedModel
+from ..frozen_backbones import FrozenBackbonesPreTrainedModel, adapter_settings
 from ..image_tokens import check_image_token_count, embed_text_tokens, refuse_images_without_pixels
 from ..transformers_compat import cache_kwargs, cache_of, pick_cache
 from .configuration_crome import STAGES, CromeConfig
@@ -139,11 +139,9 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
             fields["qformer_config"] = InstructBlipQFormerConfig(
                 encoder_hidden_size=fields["vision_config"].hidden_size, vocab_size=vocab_size
             )
-        adapter_config = (
-            CromeAdapterConfig.from_dict(adapter_config.to_dict()) if adapter_config else CromeAdapterConfig()
+        return CromeConfig(
+            adapter_config=adapter_settings(adapter_config, CromeAdapterConfig, text_ref), **fields
         )
-        adapter_config.base_model_name_or_path = text_ref.name_or_path if text_ref else None
-        return CromeConfig(adapter_config=adapter_config.to_dict(), **fields)
 
     @property
     def is_encoder_decoder_llm(self) -> bool:

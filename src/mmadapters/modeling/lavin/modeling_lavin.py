@@ -27,7 +27,7 @@ from ..adapters import (
 )
 from ..backbones import BackboneReference, BackboneSpec, build_text_backbone, build_vision_backbone, freeze
 from ..causal_lm_output import VisionLanguageCausalLMOutput, causal_lm_output, image_features_output
-from ..frozen_backbones import FrozenBackbonesPreTrainedModel
+from ..frozen_backbones import FrozenBackbonesPreTrainedModel, adapter_settings
 from ..image_tokens import check_image_token_count, embed_text_tokens, refuse_images_without_pixels
 from ..transformers_compat import cache_kwargs, pick_cache
 from .configuration_lavin import LavinConfig
@@ -187,11 +187,9 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         adapter_config: MMAdapterConfig | None,
         fields: dict[str, Any],
     ) -> LavinConfig:
-        adapter_config = (
-            MMAdapterConfig.from_dict(adapter_config.to_dict()) if adapter_config else MMAdapterConfig()
+        return LavinConfig(
+            adapter_config=adapter_settings(adapter_config, MMAdapterConfig, text_ref), **fields
         )
-        adapter_config.base_model_name_or_path = text_ref.name_or_path if text_ref else None
-        return LavinConfig(adapter_config=adapter_config.to_dict(), **fields)
 
     def own_layer_adapters(self) -> list[tuple[nn.Module, nn.Module]]:
         """Each LLM adapter with its decoder layer, each vision adapter with its encoder layer."""
