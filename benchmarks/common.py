@@ -97,12 +97,14 @@ def interleaved_decode_ms(
     import torch
     from transformers import DynamicCache
 
+    from mmadapters.modeling.transformers_compat import cache_kwargs
+
     other_kwargs = other_kwargs or {}
     base_steps, other_steps = [], []
     with torch.no_grad():
         base_cache, other_cache = DynamicCache(), DynamicCache()
-        base(**inputs, past_key_values=base_cache, use_cache=True)
-        other(**inputs, past_key_values=other_cache, use_cache=True, **other_kwargs)
+        base(**inputs, **cache_kwargs(base_cache), use_cache=True)
+        other(**inputs, **cache_kwargs(other_cache), use_cache=True, **other_kwargs)
         token = inputs["input_ids"][:, -1:]
         for step in range(steps):
             position = torch.tensor([[inputs["input_ids"].shape[1] + step]])
@@ -110,13 +112,13 @@ def interleaved_decode_ms(
                 (
                     base_steps,
                     lambda p=position: base(
-                        input_ids=token, past_key_values=base_cache, position_ids=p + base_position_offset
+                        input_ids=token, **cache_kwargs(base_cache), position_ids=p + base_position_offset
                     ),
                 ),
                 (
                     other_steps,
                     lambda p=position: other(
-                        input_ids=token, past_key_values=other_cache, position_ids=p, **other_kwargs
+                        input_ids=token, **cache_kwargs(other_cache), position_ids=p, **other_kwargs
                     ),
                 ),
             ]

@@ -21,6 +21,7 @@ from mmadapters import (
     LavinForConditionalGeneration,
     LavinProcessor,
 )
+from mmadapters.modeling.transformers_compat import cache_kwargs
 
 SHAPES = {
     "Vicuna-7B": LlamaConfig(),
@@ -55,14 +56,14 @@ def decode_step_time(model, inputs, steps: int, **kwargs) -> float:
     cache = DynamicCache()
     times = []
     with torch.no_grad():
-        model(**inputs, past_key_values=cache, use_cache=True, **kwargs)
+        model(**inputs, **cache_kwargs(cache), use_cache=True, **kwargs)
         token = inputs["input_ids"][:, -1:]
         length = inputs["input_ids"].shape[1]
         for step in range(steps):
             mask = torch.ones(1, length + step + 1, dtype=torch.long)
             times.append(
                 timed(
-                    lambda m=mask: model(input_ids=token, attention_mask=m, past_key_values=cache, **kwargs)
+                    lambda m=mask: model(input_ids=token, attention_mask=m, **cache_kwargs(cache), **kwargs)
                 )
             )
     return statistics.median(times)

@@ -26,6 +26,7 @@ from transformers import DynamicCache
 
 from mmadapters.modeling.adapters import FOLDED_ADAPTERS_KWARG
 from mmadapters.modeling.adapters.mm_adapter import MMAdapter
+from mmadapters.modeling.transformers_compat import cache_kwargs
 
 
 @contextmanager
@@ -72,28 +73,28 @@ def main() -> None:
     variants = {
         "base (bare LLM)": (
             nullcontext,
-            lambda c, p: base(input_ids=token, past_key_values=c, position_ids=p + 1),
-            lambda c: base(**inputs, past_key_values=c),
+            lambda c, p: base(input_ids=token, **cache_kwargs(c), position_ids=p + 1),
+            lambda c: base(**inputs, **cache_kwargs(c)),
         ),
         "LaVIN's LLM, hooks off": (
             lambda: hooks_removed(lavin.language_model),
-            lambda c, p: lavin.language_model(input_ids=token, past_key_values=c, position_ids=p + 1),
-            lambda c: lavin.language_model(**inputs, past_key_values=c),
+            lambda c, p: lavin.language_model(input_ids=token, **cache_kwargs(c), position_ids=p + 1),
+            lambda c: lavin.language_model(**inputs, **cache_kwargs(c)),
         ),
         "LaVIN's LLM + hooks, identity adapters": (
             identity_adapters,
-            lambda c, p: lavin.language_model(input_ids=token, past_key_values=c, position_ids=p + 1, **rows),
-            lambda c: lavin.language_model(**inputs, past_key_values=c, **rows),
+            lambda c, p: lavin.language_model(input_ids=token, **cache_kwargs(c), position_ids=p + 1, **rows),
+            lambda c: lavin.language_model(**inputs, **cache_kwargs(c), **rows),
         ),
         "LaVIN, identity adapters": (
             identity_adapters,
-            lambda c, p: lavin(input_ids=token, past_key_values=c, position_ids=p, **folded),
-            lambda c: lavin(**inputs, past_key_values=c, **folded),
+            lambda c, p: lavin(input_ids=token, **cache_kwargs(c), position_ids=p, **folded),
+            lambda c: lavin(**inputs, **cache_kwargs(c), **folded),
         ),
         "LaVIN": (
             nullcontext,
-            lambda c, p: lavin(input_ids=token, past_key_values=c, position_ids=p, **folded),
-            lambda c: lavin(**inputs, past_key_values=c, **folded),
+            lambda c, p: lavin(input_ids=token, **cache_kwargs(c), position_ids=p, **folded),
+            lambda c: lavin(**inputs, **cache_kwargs(c), **folded),
         ),
     }
     caches = {name: DynamicCache() for name in variants}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from visual_pathway_oracle import shape_mask_and_colour
 
 from mmadapters.modeling.lavin import LavinForConditionalGeneration
@@ -22,7 +23,9 @@ from mmadapters.quickstart import QuickstartSettings, run_quickstart
 PROJECTION = torch.randn(6, 192, generator=torch.Generator().manual_seed(0))
 
 
-def perfect_image_features(self: LavinForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
+def perfect_image_features(
+    self: LavinForConditionalGeneration, pixel_values: torch.Tensor, **kwargs: object
+) -> BaseModelOutputWithPooling:
     mask, colour = shape_mask_and_colour(pixel_values)
     shapes = []
     for image_mask in mask:
@@ -34,7 +37,7 @@ def perfect_image_features(self: LavinForConditionalGeneration, pixel_values: to
     features = (torch.cat([colour, shape], -1) @ PROJECTION)[:, None].expand(
         -1, self.config.num_image_tokens, -1
     )
-    return self.projector(features)
+    return BaseModelOutputWithPooling(pooler_output=self.projector(features))
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ import argparse
 
 import datasets
 import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import mmadapters
 from mmadapters import LavinForConditionalGeneration, LavinProcessor
@@ -51,7 +52,9 @@ def run(variant: str, steps: int) -> float:
     model = LavinForConditionalGeneration.from_backbones(text_model, vision_model)
     processor = LavinProcessor.from_backbones(text_model, vision_model)
     if variant == "oracle":
-        model.get_image_features = lambda pixel_values: oracle_image_features(model, pixel_values)
+        model.get_image_features = lambda pixel_values, **kwargs: BaseModelOutputWithPooling(
+            pooler_output=oracle_image_features(model, pixel_values)
+        )
     colour = lambda row: row["question_type"] == "color"  # noqa: E731
     train = load_easy_vqa("train", limit=20000, seed=0).filter(colour).select(range(steps * 32))
     test = load_easy_vqa("test", limit=3000, seed=0).filter(colour).select(range(200))

@@ -182,8 +182,8 @@ def test_vision_adapters_route_each_image_by_itself(kind, randomize_adapters):
     randomize_adapters(model)
     torch.manual_seed(0)
     pixels = torch.randn(3, 3, 32, 32)
-    together = model.get_image_features(pixels)
-    alone = torch.cat([model.get_image_features(pixels[i : i + 1]) for i in range(3)])
+    together = model.image_tokens(pixels)
+    alone = torch.cat([model.image_tokens(pixels[i : i + 1]) for i in range(3)])
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
     assert together.shape == (3, 2, 32)  # 8 vision layers -> feature layers 4 and 8
 
@@ -197,10 +197,10 @@ def test_official_vision_routing_parity_flag_routes_by_the_first_image(randomize
     torch.manual_seed(0)
     pixels = torch.randn(2, 3, 32, 32)
     # Image 1's features depend on image 0 (shared routing), unlike the default per-image routing.
-    with_zero = model.get_image_features(pixels)[1]
+    with_zero = model.image_tokens(pixels)[1]
     other = pixels.clone()
     other[0] = torch.randn(3, 32, 32)
-    assert (model.get_image_features(other)[1] - with_zero).abs().max() > 1e-6
+    assert (model.image_tokens(other)[1] - with_zero).abs().max() > 1e-6
 
 
 def test_wrong_lavin_config_is_a_clear_error():

@@ -144,7 +144,7 @@ def reference_without_adapter(model, inputs):
     embeds = model.get_input_embeddings()(ids.masked_fill(mask, 0))
     visual = model.get_image_features(
         inputs["pixel_values"], inputs["qformer_input_ids"], inputs["qformer_attention_mask"]
-    )
+    ).pooler_output
     embeds = embeds.masked_scatter(mask.unsqueeze(-1), visual)
     return model.language_model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]).logits
 
@@ -314,7 +314,7 @@ def test_from_instructblip_qformer_outputs_equal(backbones, instructblip_checkpo
         # And the projected query tokens equal InstructBLIP's language projection of them.
         features = model.get_image_features(
             inputs["pixel_values"], inputs["qformer_input_ids"], inputs["qformer_attention_mask"]
-        )
+        ).pooler_output
         torch.testing.assert_close(
             features[:, :4], reference.language_projection(theirs_queries), rtol=0, atol=1e-6
         )

@@ -107,6 +107,6 @@ def test_whitening_with_a_bf16_tower_keeps_float32_and_the_adapter_dtype(tiny_ba
     assert model.vision_tower.dtype == torch.bfloat16
     assert model.feature_whitening.transform.dtype == model.projector.linear_1.weight.dtype == torch.float32
     pixels = torch.randn(2, 3, 32, 32)
-    features = model.get_image_features(pixels)
+    features = model.image_tokens(pixels)
     assert features.dtype == torch.float32 and torch.isfinite(features).all()
     assert features.shape == (2, model.config.num_image_tokens, model.config.text_config.hidden_size)

@@ -29,7 +29,7 @@ def official_reference_logits(model, input_ids, pixel_values=None):
     embeds = model.embed_tokens(input_ids)
     image_mask = input_ids == model.config.image_token_id
     if pixel_values is not None:
-        features = model.get_image_features(pixel_values).reshape(-1, embeds.shape[-1])
+        features = model.image_tokens(pixel_values).reshape(-1, embeds.shape[-1])
         embeds = embeds.clone()
         embeds[image_mask] = features
     modality = image_mask.any(dim=-1).long()

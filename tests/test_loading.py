@@ -355,8 +355,9 @@ def test_image_features_and_embeddings_accessors(checkpoint):
     model = checkpoint[1]
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        output = model.get_image_features(pixels, return_dict=True, output_attentions=True)
-        torch.testing.assert_close(output.pooler_output, model.get_image_features(pixels))
+        output = model.get_image_features(pixels, output_attentions=True)
+        torch.testing.assert_close(output.pooler_output, model.image_tokens(pixels))
+        assert isinstance(model.get_image_features(pixels, return_dict=False), tuple)
     assert len(output.hidden_states) == 9 and output.attentions is not None
     new_embeddings = torch.nn.Embedding(300, 32)
     model.set_input_embeddings(new_embeddings)

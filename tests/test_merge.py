@@ -82,8 +82,9 @@ def test_merged_image_export_matches_unmerged_image_sample(trained_checkpoint):
     inputs = processor(images=[[image(3)]], text=["Image: <image>\nwhat shape is it?"])
     with torch.no_grad():
         expected = model(**inputs).logits
+        image_mask = inputs["input_ids"] == model.config.image_token_id
         embeds, _ = model._place_image_features(
-            inputs["input_ids"], inputs["pixel_values"], model.embed_tokens(inputs["input_ids"])
+            image_mask, inputs["pixel_values"], model.embed_tokens(inputs["input_ids"])
         )
         merged = merge_lavin_adapters(model, "image")
         got = merged(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]).logits

@@ -26,10 +26,13 @@ LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
 
 @dataclass
 class VisionLanguageCausalLMOutput(CausalLMOutputWithPast):
-    """`CausalLMOutputWithPast` plus `image_hidden_states`: the visual tokens placed into the LLM input
-    (num_images, num_image_tokens, LLM width), None without images, as in transformers' LLaVA outputs."""
+    """`CausalLMOutputWithPast` plus, when images were given, `image_hidden_states` (the visual tokens placed into
+    the LLM input: num_images, num_image_tokens, LLM width) and `image_outputs` (`get_image_features`' output: the
+    vision tower's states with the visual tokens as `pooler_output`), as transformers' vision-language models
+    return them."""
 
     image_hidden_states: torch.FloatTensor | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
 
 
 def image_features_output(tokens: torch.Tensor, vision_outputs: Any) -> BaseModelOutputWithPooling:

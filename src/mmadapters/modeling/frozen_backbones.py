@@ -133,6 +133,32 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             logger.warning(f"{thawed:,} backbone parameters had become trainable; they are frozen again.")
         return thawed
 
+    def placeholder_mask(
+        self,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(batch, seq) True at the image placeholders: read from `input_ids`, or, without them, found in
+        `inputs_embeds` as the placeholder's embedding (as transformers' LLaVA does; possible when the
+        placeholder id lies inside the LLM vocabulary)."""
+        image_token_id = self.config.image_token_id
+        if input_ids is not None:
+            return input_ids == image_token_id
+        embeddings = self.get_input_embeddings()
+        if image_token_id >= embeddings.num_embeddings and pixel_values is None:
+            return torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
+        if image_token_id >= embeddings.num_embeddings:
+            raise ValueError(
+                f"With inputs_embeds and no input_ids, the image placeholders cannot be found: the image token "
+                f"({image_token_id}) has no embedding in the LLM vocabulary ({embeddings.num_embeddings}). Pass "
+                "input_ids (the processor's output)."
+            )
+        placeholder = embeddings(torch.tensor(image_token_id, device=inputs_embeds.device)).to(
+            inputs_embeds.dtype
+        )
+        return (inputs_embeds == placeholder).all(dim=-1)
+
     def _return_dict(self, return_dict: bool | None) -> bool:
         return self.config.return_dict if return_dict is None else return_dict
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 from torch import nn
@@ -21,8 +22,16 @@ _OUTPUT_FIELDS = {field.name for field in dataclasses.fields(CausalLMOutputWithP
 CACHE_KWARG = "cache" if "cache" in _OUTPUT_FIELDS else "past_key_values"
 
 
-def pick_cache(cache: Any, past_key_values: Any) -> Any:
-    """The KV cache, whichever name it was given under (`cache` since 5.24, `past_key_values` before)."""
+def pick_cache(cache: Any, past_key_values: Any, owner: str) -> Any:
+    """The KV cache, whichever name it was given under (`cache` since 5.24, `past_key_values` before). Where this
+    release has renamed it, the old name warns as transformers' own models do."""
+    if past_key_values is not None and CACHE_KWARG == "cache":
+        warnings.warn(
+            f"`past_key_values` is deprecated and will be removed in version 5.40.0 for `{owner}.forward`. Use "
+            "`cache` instead.",
+            FutureWarning,
+            stacklevel=3,
+        )
     return cache if cache is not None else past_key_values
 
 

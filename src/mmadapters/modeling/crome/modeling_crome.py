@@ -243,15 +243,16 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor,
         qformer_input_ids: torch.LongTensor,
         qformer_attention_mask: torch.Tensor | None = None,
-        return_dict: bool = False,
+        return_dict: bool | None = None,
         **kwargs: Any,
-    ) -> torch.Tensor | Any:
+    ) -> Any:
         """Visual tokens before the adapter: (num_images, num_query_tokens [+ num_patches], LLM width).
 
         The Q-Former reads the tower's output (InstructBLIP's is post-layernorm) and the instruction; the patch
-        branch reads `vision_feature_layer` (second-to-last) without the CLS token. With `return_dict=True`:
-        the vision tower's output with the visual tokens as `pooler_output` (`output_hidden_states`,
-        `output_attentions` reach the tower)."""
+        branch reads `vision_feature_layer` (second-to-last) without the CLS token. Returned as transformers'
+        vision-language models do: a `BaseModelOutputWithPooling` with the visual tokens as `pooler_output` and the
+        vision tower's states (`output_hidden_states`, `output_attentions` reach the tower); a tuple with
+        `return_dict=False` (default: `config.return_dict`)."""
         vision_dtype = self.vision_tower.dtype
         output_hidden_states = kwargs.pop("output_hidden_states", False) or self.config.use_patch_branch
         outputs = self.vision_tower(
@@ -279,8 +280,8 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
             patches = patches[:, 1:] if self.config.vision_has_cls else patches
             weight = self.patch_projection.weight
             tokens.append(self.patch_projection(patches.to(weight.device, weight.dtype)))
-        tokens = torch.cat(tokens, dim=1)
-        return image_features_output(tokens, outputs) if return_dict else tokens
+        output = image_features_output(torch.cat(tokens, dim=1), outputs)
+        return output if self._return_dict(return_dict) else output.to_tuple()
 
     def embed_inputs(
         self,
@@ -312,7 +313,10 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
                 image_mask, pixel_values.shape[0], self.config.num_image_tokens, "CromeProcessor"
             )
             visual = self.adapter(
-                self.get_image_features(pixel_values, qformer_input_ids, qformer_attention_mask), "vision"
+                self.get_image_features(
+                    pixel_values, qformer_input_ids, qformer_attention_mask, return_dict=True
+                ).pooler_output,
+                "vision",
             )
             inputs_embeds = inputs_embeds.masked_scatter(
                 image_mask.to(inputs_embeds.device).unsqueeze(-1),
@@ -351,7 +355,7 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
         """
         if input_ids is None:
             raise ValueError("CROME needs input_ids (the processor's output).")
-        cache = pick_cache(cache, past_key_values)
+        cache = pick_cache(cache, past_key_values, type(self).__name__)
         past_length = cache.get_seq_length() if cache is not None else 0
         if self.is_encoder_decoder_llm:
             past_length = 0  # the encoder input is always the whole prompt

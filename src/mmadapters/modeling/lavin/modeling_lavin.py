@@ -207,21 +207,27 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         return embed_text_tokens(self.get_input_embeddings(), input_ids, self.config.image_token_id)
 
     def get_image_features(
-        self, pixel_values: torch.Tensor, return_dict: bool = False, **kwargs: Any
-    ) -> torch.Tensor | BaseModelOutputWithPooling:
-        """Visual tokens (num_images, num_image_tokens, LLM width): the CLS token after every k-th vision layer
-        (taken from the hidden states, before any post-layernorm), whitened if that is on, through the
-        projector.
+        self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs: Any
+    ) -> BaseModelOutputWithPooling | tuple:
+        """The visual tokens, as transformers' vision-language models return them: a `BaseModelOutputWithPooling`
+        whose `pooler_output` holds the visual tokens (num_images, num_image_tokens, LLM width) and whose other
+        fields are the vision tower's (`last_hidden_state`, `hidden_states`, `attentions` with
+        `output_attentions=True`); a tuple with `return_dict=False` (default: `config.return_dict`).
 
-        With `return_dict=True`: the vision tower's output (`last_hidden_state`, `hidden_states`, `attentions`
-        when asked with `output_attentions=True`) with the visual tokens as `pooler_output`, as transformers'
-        LLaVA returns them."""
+        The visual tokens: the CLS token after every k-th vision layer (taken from the hidden states, before any
+        post-layernorm), whitened if that is on, through the projector. `image_tokens(pixel_values)` returns
+        the tensor alone."""
         features, vision_outputs = self._pooled_vision_features(pixel_values, **kwargs)
         if self.feature_whitening is not None:
             features = self.feature_whitening(features)  # in the whitening's own (float32) precision
         projector_weight = self.projector.linear_1.weight
         tokens = self.projector(features.to(projector_weight.device, projector_weight.dtype))
-        return image_features_output(tokens, vision_outputs) if return_dict else tokens
+        output = image_features_output(tokens, vision_outputs)
+        return output if self._return_dict(return_dict) else output.to_tuple()
+
+    def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The visual tokens alone: `get_image_features(pixel_values).pooler_output`."""
+        return self.get_image_features(pixel_values, return_dict=True).pooler_output
 
     def pooled_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The vision tower's features that LaVIN reads: (num_images, num_feature_layers, vision width)."""
@@ -364,25 +370,24 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
             loss, a fraction of the LM-head cost; `logits` then holds those positions only). Our Trainers set it.
         shift_labels (keyword): labels already shifted (context-parallel training); used instead of `labels`.
         """
-        cache = pick_cache(cache, past_key_values)
+        cache = pick_cache(cache, past_key_values, type(self).__name__)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         prefill = cache is None or cache.get_seq_length() == 0
 
-        image_features = None
+        image_mask = self.placeholder_mask(input_ids, inputs_embeds, pixel_values)
+        image_outputs = None
         if pixel_values is not None:
-            if input_ids is None:
-                raise ValueError("pixel_values need input_ids holding the image placeholder tokens.")
-            inputs_embeds, image_features = self._place_image_features(input_ids, pixel_values, inputs_embeds)
-        elif input_ids is not None and prefill:
-            refuse_images_without_pixels(input_ids == self.config.image_token_id)
+            inputs_embeds, image_outputs = self._place_image_features(
+                image_mask, pixel_values, inputs_embeds, output_attentions=kwargs.get("output_attentions")
+            )
+        elif prefill:
+            refuse_images_without_pixels(image_mask)
 
         if modality is None and (routing_weights is None or folded_adapters is not None):
-            if input_ids is None:
-                raise ValueError("With inputs_embeds, pass `modality` (1 = image sample, 0 = text only).")
-            modality = self.modality_of(input_ids)
+            modality = image_mask.any(dim=-1).long()
         if folded_adapters is not None:
             adapter_kwargs = {FOLDED_ADAPTERS_KWARG: folded_adapters.rows(modality)}
         else:
@@ -410,20 +415,26 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
                 **kwargs,
             ),
         )
-        output.image_hidden_states = image_features
+        if image_outputs is not None:
+            output.image_outputs = image_outputs
+            output.image_hidden_states = image_outputs.pooler_output
         return output if self._return_dict(return_dict) else output.to_tuple()
 
     def _place_image_features(
-        self, input_ids: torch.LongTensor, pixel_values: torch.Tensor, inputs_embeds: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        image_mask = input_ids == self.config.image_token_id
+        self,
+        image_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        inputs_embeds: torch.Tensor,
+        output_attentions: bool | None = None,
+    ) -> tuple[torch.Tensor, BaseModelOutputWithPooling]:
         check_image_token_count(
             image_mask, pixel_values.shape[0], self.config.num_image_tokens, "LavinProcessor"
         )
-        features = self.get_image_features(pixel_values)
-        placed = features.to(inputs_embeds.device, inputs_embeds.dtype)
+        vision_kwargs = {"output_attentions": True} if output_attentions else {}
+        image_outputs = self.get_image_features(pixel_values, return_dict=True, **vision_kwargs)
+        placed = image_outputs.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)
         mask = image_mask.to(inputs_embeds.device).unsqueeze(-1).expand_as(inputs_embeds)
-        return inputs_embeds.masked_scatter(mask, placed), features
+        return inputs_embeds.masked_scatter(mask, placed), image_outputs
 
     @staticmethod
     def _text_position_ids(

@@ -1,0 +1,13 @@
+"""Conformance tests: transformers' own `ModelTesterMixin` run against LaVIN and CROME (`make test-conformance`)."""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+HERE = Path(__file__).resolve().parent
+if not (HERE / "_hf" / "hf_tests" / "test_modeling_common.py").is_file():
+    raise RuntimeError("Run `python conformance/fetch_common_tests.py` first (`make test-conformance` does).")
+sys.path.insert(0, str(HERE / "_hf"))
+
+import mmadapters  # noqa: E402,F401  (registers the Auto classes)
