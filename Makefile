@@ -8,7 +8,7 @@ OUTPUT_DIR ?= quickstart_output
 COMPAT_LOW := .venv-compat-lowest
 COMPAT_NEW := .venv-compat-newest
 
-.PHONY: setup browser quickstart test test-fast test-compat test-compat-lowest test-compat-newest lint bench gpu-check clean
+.PHONY: setup browser quickstart test test-fast test-compat test-compat-lowest test-compat-newest test-conformance lint bench gpu-check clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -52,9 +52,16 @@ test-compat-newest: pyproject.toml
 	$(COMPAT_NEW)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[dev,data,demo,quant]"
 	$(COMPAT_NEW)/bin/python -m pytest -q -m "not integration"
 
+# transformers' own common model tests (ModelTesterMixin of the installed release, fetched from its sdist) run
+# against LaVIN and CROME; what does not apply is skipped with the reason (README, "Conformance").
+test-conformance: setup
+	$(BIN)/pip install -q parameterized
+	$(BIN)/python conformance/fetch_common_tests.py
+	cd conformance && ../$(BIN)/python -m pytest -q -p no:cacheprovider -p no:warnings
+
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks conformance
+	$(BIN)/ruff format --check src tests benchmarks conformance
 
 bench: setup
 	$(BIN)/python benchmarks/parameter_counts.py

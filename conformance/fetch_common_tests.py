@@ -30,8 +30,19 @@ def fetch(version: str = transformers.__version__) -> Path:
         return TARGET
     with tempfile.TemporaryDirectory() as scratch:
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-binary", ":all:", "--no-deps",
-             f"transformers=={version}", "-d", scratch],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-binary",
+                ":all:",
+                "--no-deps",
+                f"transformers=={version}",
+                "-d",
+                scratch,
+            ],
             check=True,
         )
         archive = next(Path(scratch).glob("transformers-*.tar.gz"))

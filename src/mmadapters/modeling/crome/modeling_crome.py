@@ -4,7 +4,7 @@ Reading order: `__init__` (what is built), `get_image_features` (vision -> Q-For
 `embed_inputs` (where the adapter's two branches apply), `forward`, `generate`, `set_stage`.
 """
 
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 from torch import nn
@@ -12,6 +12,7 @@ from transformers import GenerationMixin, InstructBlipQFormerModel, PreTrainedMo
 from transformers import initialization as init
 from transformers.loss.loss_utils import fixed_cross_entropy
 from transformers.modeling_outputs import Seq2SeqLMOutput
+from transformers.utils import TransformersKwargs
 
 from ..adapters import CromeAdapter, CromeAdapterConfig
 from ..backbones import (
@@ -254,9 +255,12 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
         vision tower's states (`output_hidden_states`, `output_attentions` reach the tower); a tuple with
         `return_dict=False` (default: `config.return_dict`)."""
         vision_dtype = self.vision_tower.dtype
-        output_hidden_states = kwargs.pop("output_hidden_states", False) or self.config.use_patch_branch
+        asked = kwargs.pop("output_hidden_states", None)
+        asked = asked if asked is not None else self.config.vision_config.output_hidden_states
         outputs = self.vision_tower(
-            pixel_values=pixel_values.to(vision_dtype), output_hidden_states=output_hidden_states, **kwargs
+            pixel_values=pixel_values.to(vision_dtype),
+            output_hidden_states=bool(asked) or self.config.use_patch_branch,
+            **kwargs,
         )
         qformer_dtype = self.query_tokens.dtype
         image_embeds = outputs.last_hidden_state.to(self.query_tokens.device, qformer_dtype)
@@ -281,6 +285,11 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
             weight = self.patch_projection.weight
             tokens.append(self.patch_projection(patches.to(weight.device, weight.dtype)))
         output = image_features_output(torch.cat(tokens, dim=1), outputs)
+        if not asked and output.hidden_states is not None:
+            # Read for the patch branch only: return just that layer, as transformers' models capture only the
+            # hidden states they use unless output_hidden_states is asked for.
+            used = self.config.vision_feature_layer % len(output.hidden_states)
+            output.hidden_states = tuple(h if i == used else None for i, h in enumerate(output.hidden_states))
         return output if self._return_dict(return_dict) else output.to_tuple()
 
     def embed_inputs(
@@ -294,6 +303,22 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
     ) -> torch.Tensor:
         """LLM input embeddings: prompt tokens through the adapter's text branch (prompt tokens only: never
         answer or generated tokens), image placeholders replaced by visual tokens through its vision branch."""
+        return self._embed_inputs(
+            input_ids, pixel_values, qformer_input_ids, qformer_attention_mask, prompt_mask, past_length
+        )[0]
+
+    def _embed_inputs(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None,
+        qformer_input_ids: torch.LongTensor | None,
+        qformer_attention_mask: torch.Tensor | None,
+        prompt_mask: torch.Tensor | None,
+        past_length: int,
+        output_attentions: bool | None = None,
+    ) -> tuple[torch.Tensor, Any]:
+        """`embed_inputs`, with `get_image_features`' output (None without images)."""
+        image_outputs = None
         image_mask = input_ids == self.config.image_token_id
         inputs_embeds = embed_text_tokens(self.get_input_embeddings(), input_ids, self.config.image_token_id)
         if prompt_mask is not None:
@@ -312,19 +337,18 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
             check_image_token_count(
                 image_mask, pixel_values.shape[0], self.config.num_image_tokens, "CromeProcessor"
             )
-            visual = self.adapter(
-                self.get_image_features(
-                    pixel_values, qformer_input_ids, qformer_attention_mask, return_dict=True
-                ).pooler_output,
-                "vision",
+            vision_kwargs = {"output_attentions": True} if output_attentions else {}
+            image_outputs = self.get_image_features(
+                pixel_values, qformer_input_ids, qformer_attention_mask, return_dict=True, **vision_kwargs
             )
+            visual = self.adapter(image_outputs.pooler_output, "vision")
             inputs_embeds = inputs_embeds.masked_scatter(
                 image_mask.to(inputs_embeds.device).unsqueeze(-1),
                 visual.to(inputs_embeds.device, inputs_embeds.dtype),
             )
         elif past_length == 0:
             refuse_images_without_pixels(image_mask)
-        return inputs_embeds
+        return inputs_embeds, image_outputs
 
     def forward(
         self,
@@ -344,7 +368,7 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
         supervised_logits_only: bool = False,
         return_dict: bool | None = None,
         past_key_values: Any = None,
-        **kwargs: Any,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> VisionLanguageCausalLMOutput | Seq2SeqLMOutput | tuple:
         r"""
         prompt_mask: (batch, prompt length) 1 on the prompt's text tokens (the adapter's text branch), from
@@ -359,8 +383,14 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
         past_length = cache.get_seq_length() if cache is not None else 0
         if self.is_encoder_decoder_llm:
             past_length = 0  # the encoder input is always the whole prompt
-        inputs_embeds = self.embed_inputs(
-            input_ids, pixel_values, qformer_input_ids, qformer_attention_mask, prompt_mask, past_length
+        inputs_embeds, image_outputs = self._embed_inputs(
+            input_ids,
+            pixel_values,
+            qformer_input_ids,
+            qformer_attention_mask,
+            prompt_mask,
+            past_length,
+            output_attentions=kwargs.get("output_attentions"),
         )
         if self.is_encoder_decoder_llm:
             loss_kwargs = {key: kwargs.pop(key) for key in LOSS_KWARGS if key in kwargs}
@@ -410,6 +440,9 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
                 **kwargs,  # the loss keyword arguments too: causal_lm_output takes them out
             ),
         )
+        if image_outputs is not None:
+            output.image_outputs = image_outputs
+            output.image_hidden_states = image_outputs.pooler_output
         return output if self._return_dict(return_dict) else output.to_tuple()
 
     @torch.no_grad()

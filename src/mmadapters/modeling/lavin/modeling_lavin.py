@@ -4,14 +4,16 @@ Reading order: `LavinForConditionalGeneration.__init__` (what is built and froze
 `compute_routing_table` (where the LLM-side router is computed), `generate`, then saving and loading.
 """
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, Unpack
 
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import TransformersKwargs
 
 from ..adapters import (
     FOLDED_ADAPTERS_KWARG,
@@ -36,6 +38,19 @@ from .feature_whitening import VisualFeatureWhitening
 # Top-level modules that an adapter-only checkpoint holds (the trainable side, and the fitted feature whitening
 # when it is on); everything else is a frozen backbone.
 ADAPTER_MODULES = ("llm_adapters", "vision_adapters", "feature_whitening", "projector", "modality_embedding")
+
+
+@contextmanager
+def activation_checkpointing_paused(module: nn.Module) -> Iterator[None]:
+    """Run `module` without activation checkpointing (transformers' per-layer `gradient_checkpointing` flags)."""
+    layers = [m for m in module.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for layer in layers:
+        layer.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.gradient_checkpointing = True
 
 
 class LavinProjector(nn.Module):
@@ -279,7 +294,9 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         for adapter in adapters:
             adapter.record_routing = True
         try:
-            decoder(inputs_embeds=tokens, position_ids=position_ids, use_cache=False)
+            # One token per modality: never worth checkpointing (a recomputation would also re-run this pass).
+            with activation_checkpointing_paused(decoder):
+                decoder(inputs_embeds=tokens, position_ids=position_ids, use_cache=False)
             # Adapters may sit on several devices (a split device map): gather the weights where the tokens are.
             weights = torch.stack(
                 [adapter.last_routing_weights.to(tokens.device) for adapter in adapters], dim=1
@@ -355,7 +372,7 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         supervised_logits_only: bool = False,
         return_dict: bool | None = None,
         past_key_values: Any = None,
-        **kwargs: Any,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> VisionLanguageCausalLMOutput | tuple:
         r"""
         cache / past_key_values: the KV cache (transformers 5.24 calls it `cache`; earlier releases
