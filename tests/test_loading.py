@@ -428,3 +428,35 @@ def test_readme_loading_at_scale_examples_run(tiny_backbones, tmp_path, monkeypa
     exec(compile(code, "README.md", "exec"), namespace)
     assert "4bit" in type(namespace["lite"].language_model.model.layers[0].self_attn.q_proj).__name__
     assert namespace["model"].language_model is namespace["llm"]
+
+
+@pytest.mark.parametrize("kind", ["lavin", "crome"])
+def test_forward_compiles_without_graph_breaks(kind):
+    import torch._dynamo as dynamo
+    from conftest import tiny_qformer_config
+
+    torch.manual_seed(0)
+    if kind == "lavin":
+        model = LavinForConditionalGeneration.from_backbones(tiny_text_config(), tiny_vision_config()).eval()
+        inputs = {"input_ids": torch.tensor([[1] + [300] * model.config.num_image_tokens + [40, 50]])}
+    else:
+        model = CromeForConditionalGeneration.from_backbones(
+            tiny_text_config(),
+            tiny_vision_config(),
+            qformer=tiny_qformer_config(vocab_size=300),
+            num_query_tokens=4,
+        ).eval()
+        inputs = {
+            "input_ids": torch.tensor([[1] + [300] * model.config.num_image_tokens + [40, 50]]),
+            "qformer_input_ids": torch.tensor([[5, 6, 7]]),
+        }
+    inputs["pixel_values"] = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(
+            **inputs
+        ).logits  # eager once (transformers installs its output hooks on the first call)
+        explanation = dynamo.explain(model)(**inputs)
+        assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
+        torch.testing.assert_close(
+            torch.compile(model, fullgraph=True)(**inputs).logits, expected, atol=1e-5, rtol=0
+        )

@@ -6,6 +6,7 @@ frozen embedding matrix, so it is masked before the lookup and its positions are
 
 import torch
 from torch import nn
+from torch.compiler import is_compiling
 
 
 class ImageTokenMismatchError(ValueError):
@@ -19,7 +20,9 @@ def embed_text_tokens(
     vocab_size = embeddings.num_embeddings
     image_mask = input_ids == image_token_id
     bad = (~image_mask) & ((input_ids < 0) | (input_ids >= vocab_size))
-    if bad.any():
+    # Checks on values are skipped while torch.compile traces (a data-dependent branch is a graph break): run the
+    # model eagerly once to have the inputs checked.
+    if not is_compiling() and bad.any():
         raise ValueError(
             f"input_ids contain ids outside the LLM vocabulary (0..{vocab_size - 1}) that are not the image "
             f"token ({image_token_id}): {input_ids[bad][:5].tolist()}. Was the text tokenized with another "
@@ -31,6 +34,8 @@ def embed_text_tokens(
 def check_image_token_count(
     image_mask: torch.Tensor, num_images: int, per_image: int, processor_name: str
 ) -> None:
+    if is_compiling():
+        return  # see embed_text_tokens
     found = int(image_mask.sum().item())
     if found != num_images * per_image:
         raise ImageTokenMismatchError(
@@ -41,7 +46,7 @@ def check_image_token_count(
 
 
 def refuse_images_without_pixels(image_mask: torch.Tensor) -> None:
-    if image_mask.any():
+    if not is_compiling() and image_mask.any():
         raise ImageTokenMismatchError(
             f"input_ids hold {int(image_mask.sum().item())} image placeholder tokens but no pixel_values were given. "
             "Pass the images through the processor."
