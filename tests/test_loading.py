@@ -460,3 +460,25 @@ def test_forward_compiles_without_graph_breaks(kind):
         torch.testing.assert_close(
             torch.compile(model, fullgraph=True)(**inputs).logits, expected, atol=1e-5, rtol=0
         )
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+def test_8bit_backbone_loads_runs_and_round_trips(tiny_backbones, tmp_path):
+    from bitsandbytes.nn import Linear8bitLt
+    from transformers import BitsAndBytesConfig
+
+    text_path = save_llm_with_width(tmp_path / "llm64")
+    torch.manual_seed(0)
+    model = LavinForConditionalGeneration.from_backbones(
+        text_path,
+        tiny_backbones[1],
+        quantization_config={"text_config": BitsAndBytesConfig(load_in_8bit=True)},
+    ).eval()
+    assert isinstance(model.language_model.model.layers[0].mlp.down_proj, Linear8bitLt)
+    assert model.config.backbone_quantization["text_config"]["load_in_8bit"] is True
+    ids = torch.tensor([[1, 40, 50, 60]])
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = LavinForConditionalGeneration.from_pretrained(tmp_path / "ckpt")
+    assert isinstance(loaded.language_model.model.layers[0].mlp.down_proj, Linear8bitLt)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
