@@ -280,3 +280,31 @@ def test_first_sentence_is_the_answer():
     assert first_sentence("Paris\nThe city") == "Paris"
     assert first_sentence("2 +  3 = 5") == "2 + 3 = 5"
     assert first_sentence("") == ""
+
+
+@pytest.mark.integration
+def test_quickstart_command_prints_no_library_warnings(tmp_path):
+    # The quickstart's console: its steps, progress bars and results; no deprecation or library warnings.
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mmadapters.cli",
+            "quickstart",
+            "--output-dir",
+            str(tmp_path),
+            "--train-steps",
+            "2",
+            "--num-test",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    output = completed.stdout + completed.stderr
+    assert "[6/6]" in output or "6/6" in output
+    for marker in ("Warning", "deprecated", "kernels-community"):
+        assert marker not in output, [line for line in output.splitlines() if marker in line][:3]

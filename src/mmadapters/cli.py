@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -334,9 +335,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Library log lines that say nothing to a user of our commands, silenced for the commands only (the library never
+# touches logging configuration). bitsandbytes, when installed, tries at import on CPUs with AVX512-BF16 to fetch an
+# optional faster 4-bit kernel from the Hub (`kernels`); offline it logs a warning and uses its own kernel.
+# MMADAPTERS_VERBOSE=1 keeps them.
+QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+
+
+def quiet_library_logs() -> None:
+    if os.environ.get("MMADAPTERS_VERBOSE") != "1":
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .hub import PushError
     from .recipes import RecipeError
+
+    quiet_library_logs()
 
     args, extra = build_parser().parse_known_args(argv)
     if extra and not getattr(args, "passes_extra", False):
