@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,3 +116,30 @@ def test_merge_cli_rejects_missing_checkpoint(tmp_path, capsys):
     assert main(["merge", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "out")
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir())}
+
+
+def test_merge_refuses_to_overwrite_its_input_or_another_checkpoint(trained_checkpoint, tmp_path, capsys):
+    folder, _ = trained_checkpoint
+    before = snapshot(folder)
+    # Output = input: refused before anything is loaded or written.
+    assert main(["merge", folder, folder]) == 2
+    assert "overlaps the input" in capsys.readouterr().err
+    assert snapshot(folder) == before
+    # Output inside the input folder: refused too.
+    assert main(["merge", folder, os.path.join(folder, "merged")]) == 2
+    assert snapshot(folder) == before
+    # Output holding another checkpoint: refused unless --overwrite, which replaces it whole.
+    other = tmp_path / "other"
+    assert main(["merge", folder, str(other)]) == 0
+    (other / "notes.md").write_text("kept")
+    first = snapshot(other)
+    assert main(["merge", folder, str(other), "--modality", "image"]) == 2
+    assert "already holds a checkpoint" in capsys.readouterr().err
+    assert snapshot(other) == first
+    assert main(["merge", folder, str(other), "--modality", "image", "--overwrite"]) == 0
+    assert json.loads((other / "mmadapters_merge.json").read_text())["modality"] == "image"
+    assert (other / "notes.md").read_text() == "kept"

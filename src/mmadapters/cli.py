@@ -124,8 +124,10 @@ def _chat(args: argparse.Namespace) -> None:
 
 
 def _convert_instructblip(args: argparse.Namespace) -> None:
+    from .atomic import check_output_folder
     from .convert import from_instructblip
 
+    check_output_folder(args.output_dir, (args.instructblip, args.llm), args.overwrite)
     model, processor = from_instructblip(args.instructblip, text_model=args.llm)
     model.save_pretrained(args.output_dir, processor=processor)
     taken = ", ".join(model.config.qformer_source["modules"])
@@ -135,8 +137,10 @@ def _convert_instructblip(args: argparse.Namespace) -> None:
 
 
 def _convert_lavin(args: argparse.Namespace) -> None:
+    from .atomic import check_output_folder
     from .convert.lavin_official import convert_official_lavin
 
+    check_output_folder(args.output_dir, (args.checkpoint, args.llm, args.vision), args.overwrite)
     model, processor, report = convert_official_lavin(
         args.checkpoint, args.llm, args.vision, temperature=args.temperature
     )
@@ -149,7 +153,9 @@ def _merge(args: argparse.Namespace) -> None:
     from .convert.merge import merge_checkpoint
 
     check_checkpoint_name(args.checkpoint)
-    out = merge_checkpoint(args.checkpoint, args.output_dir, args.modality, text_model=args.llm)
+    out = merge_checkpoint(
+        args.checkpoint, args.output_dir, args.modality, text_model=args.llm, overwrite=args.overwrite
+    )
     print(
         f"Folded the LLM adapters for {args.modality} samples into a plain transformers LLM: {out} "
         "(load it with AutoModelForCausalLM.from_pretrained; mmadapters is not needed)"
@@ -278,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("instructblip", help="InstructBLIP checkpoint: Hub id or local folder")
     convert.add_argument("output_dir", help="where the CROME checkpoint goes")
     convert.add_argument("--llm", required=True, help="the LLM to put CROME around: Hub id or local folder")
+    convert.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a checkpoint already in the output folder (atomically)",
+    )
     convert.set_defaults(run=_convert_instructblip)
 
     lavin = commands.add_parser("convert-lavin", help="convert an official LaVIN checkpoint-N.pth")
@@ -289,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lavin.add_argument(
         "--temperature", type=float, help="router temperature if the checkpoint does not record it"
+    )
+    lavin.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a checkpoint already in the output folder (atomically)",
     )
     lavin.set_defaults(run=_convert_lavin)
 
@@ -331,6 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("output_dir")
     merge.add_argument("--modality", default="text", choices=["text", "image"])
     merge.add_argument("--llm", help="load the LLM from here instead of the path recorded in the checkpoint")
+    merge.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a checkpoint already in the output folder (atomically)",
+    )
     merge.set_defaults(run=_merge)
     return parser
 

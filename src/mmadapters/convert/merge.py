@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel
 
+from ..atomic import atomic_directory, check_output_folder
 from ..modeling.adapters.injection import DecoderLayerAdapters, find_decoder_layers
 from ..modeling.lavin import LavinForConditionalGeneration
 from ..processing.base import build_chat_template
@@ -133,12 +134,15 @@ def merge_checkpoint(
     modality: Literal["text", "image"] = "text",
     text_model: str | None = None,
     vision_model: str | None = None,
+    overwrite: bool = False,
 ) -> str:
     """`mmadapters merge`: load a LaVIN checkpoint, fold its LLM adapters for `modality`, and save a plain
-    transformers LLM checkpoint (weights, config, generation config, tokenizer) to `output_dir`.
+    transformers LLM checkpoint (weights, config, generation config, tokenizer) to `output_dir`. An output folder
+    that overlaps the input or holds another checkpoint is refused unless `overwrite`.
 
     The tokenizer's chat template puts LaVIN's "Image: N/A" line in front of text-only conversations, as the
     adapters were trained with it."""
+    check_output_folder(output_dir, (checkpoint, *(m for m in (text_model, vision_model) if m)), overwrite)
     model = LavinForConditionalGeneration.from_pretrained(
         checkpoint, text_model=text_model, vision_model=vision_model
     )
@@ -146,12 +150,12 @@ def merge_checkpoint(
     text_revision = None if text_model else model.config.text_backbone.get("revision")
     language_model = merge_lavin_adapters(model, modality)
     language_model.generation_config = model.generation_config
-    language_model.save_pretrained(output_dir)
-
     tokenizer = AutoTokenizer.from_pretrained(text_backbone, revision=text_revision)
     tokenizer.chat_template = build_chat_template(tokenizer, "Image: <image>\n", "Image: N/A\n")
-    tokenizer.save_pretrained(output_dir)
-    with open(os.path.join(output_dir, MERGE_INFO_NAME), "w") as f:
-        json.dump({"source": os.fspath(checkpoint), "modality": modality}, f, indent=2)
-        f.write("\n")
+    with atomic_directory(output_dir) as staging:  # all or nothing: see mmadapters.atomic
+        language_model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        with open(os.path.join(staging, MERGE_INFO_NAME), "w") as f:
+            json.dump({"source": os.fspath(checkpoint), "modality": modality}, f, indent=2)
+            f.write("\n")
     return os.fspath(output_dir)

@@ -25,6 +25,7 @@ from torch import nn
 from transformers import GenerationConfig, PreTrainedConfig, PreTrainedModel
 from transformers.utils import logging
 
+from ..atomic import atomic_directory, recover
 from .backbones import (
     BackboneReference,
     BackboneSpec,
@@ -361,19 +362,20 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
                 "name: saving every weight so that the model reloads identically."
             )
             adapter_only = False
-        if not adapter_only:
-            # No adapter_config.json here: transformers would take the folder for a PEFT adapter. The adapter
-            # settings are in config.json.
-            PreTrainedModel.save_pretrained(self, save_directory, **kwargs)
-        else:
-            os.makedirs(save_directory, exist_ok=True)
-            self.config.save_pretrained(save_directory)
-            self.generation_config.save_pretrained(save_directory)
-            state = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict().items()}
-            save_file(state, os.path.join(save_directory, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-            self.adapter_config_to_save().save_pretrained(save_directory)
-        if processor is not None:
-            processor.save_pretrained(save_directory)
+        # Written into a staging folder and swapped in: a kill at any moment leaves the old or the new checkpoint.
+        with atomic_directory(save_directory) as staging:
+            if not adapter_only:
+                # No adapter_config.json here: transformers would take the folder for a PEFT adapter. The adapter
+                # settings are in config.json.
+                PreTrainedModel.save_pretrained(self, staging, **kwargs)
+            else:
+                self.config.save_pretrained(staging)
+                self.generation_config.save_pretrained(staging)
+                state = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict().items()}
+                save_file(state, os.path.join(staging, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+                self.adapter_config_to_save().save_pretrained(staging)
+            if processor is not None:
+                processor.save_pretrained(staging)
 
     def push_to_hub(
         self,
@@ -429,6 +431,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         if pretrained_model_name_or_path is None:
             return cls._from_full_checkpoint(None, model_args, revision, kwargs)
         name = os.fspath(pretrained_model_name_or_path)
+        recover(name)  # a save killed between its two renames left the checkpoint moved aside: put it back
         hub_kwargs = {k: kwargs[k] for k in ("token", "cache_dir", "local_files_only") if k in kwargs}
         folder = resolve_checkpoint_folder(name, revision, **hub_kwargs)
         if not os.path.isfile(os.path.join(folder, ADAPTER_WEIGHTS_NAME)):

@@ -1,0 +1,114 @@
+"""Atomic saves: a save interrupted at any file leaves the old checkpoint loadable and nothing half-written."""
+
+from __future__ import annotations
+
+import builtins
+import os
+
+import pytest
+import torch
+
+from mmadapters import LavinForConditionalGeneration, LavinProcessor
+from mmadapters.atomic import atomic_directory, is_internal, recover
+
+IDS = torch.tensor([[1, 40, 50, 60, 70]])
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+class WriteFailure(RuntimeError):
+    pass
+
+
+def fail_at_write(monkeypatch, k: int) -> list[str]:
+    """Make the k-th file write (Python's open for writing, or safetensors' save_file) raise, as a kill or a full
+    disk would interrupt the save there."""
+    import mmadapters.modeling.frozen_backbones as frozen_backbones
+
+    count = {"writes": 0}
+    seen: list[str] = []
+    real_open, real_save_file = builtins.open, frozen_backbones.save_file
+
+    def counted(path):
+        count["writes"] += 1
+        seen.append(os.path.basename(str(path)))
+        if count["writes"] == k:
+            raise WriteFailure(f"interrupted at write {k} ({path})")
+
+    def open_(file, mode="r", *args, **kwargs):
+        if any(flag in mode for flag in "wax"):
+            counted(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    def save_file(tensors, filename, *args, **kwargs):
+        counted(filename)
+        return real_save_file(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_)
+    monkeypatch.setattr(frozen_backbones, "save_file", save_file)
+    return seen
+
+
+def test_save_interrupted_at_every_write_keeps_the_old_checkpoint(
+    tiny_backbones, tmp_path, randomize_adapters
+):
+    processor = LavinProcessor.from_backbones(*tiny_backbones)
+    torch.manual_seed(0)
+    old = randomize_adapters(LavinForConditionalGeneration.from_backbones(*tiny_backbones), seed=1).eval()
+    new = randomize_adapters(LavinForConditionalGeneration.from_backbones(*tiny_backbones), seed=2).eval()
+    folder = tmp_path / "ckpt"
+    old.save_pretrained(folder, processor=processor)
+    (folder / "README.md").write_text("my notes")
+    files_before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    with pytest.MonkeyPatch.context() as patch:  # count the writes of one whole save
+        writes = fail_at_write(patch, k=10_000)
+        new.save_pretrained(tmp_path / "count", processor=processor)
+    assert len(writes) >= 5, writes
+
+    for k in range(1, len(writes) + 1):
+        with pytest.MonkeyPatch.context() as patch:
+            fail_at_write(patch, k)
+            with pytest.raises(WriteFailure):
+                new.save_pretrained(folder, processor=processor)
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == files_before, f"changed at write {k}"
+        assert not [p for p in tmp_path.iterdir() if is_internal(p.name)], f"leftovers at write {k}"
+    torch.testing.assert_close(logits(LavinForConditionalGeneration.from_pretrained(folder)), logits(old))
+
+    new.save_pretrained(folder, processor=processor)  # uninterrupted: the new checkpoint, the README kept
+    torch.testing.assert_close(logits(LavinForConditionalGeneration.from_pretrained(folder)), logits(new))
+    assert (folder / "README.md").read_text() == "my notes"
+
+
+def test_a_save_killed_between_its_renames_is_recovered(tiny_backbones, tmp_path):
+    model = LavinForConditionalGeneration.from_backbones(*tiny_backbones).eval()
+    folder = tmp_path / "ckpt"
+    model.save_pretrained(folder)
+    # What the two-rename fallback leaves if killed after moving the old folder aside, plus a staging leftover.
+    folder.rename(tmp_path / ".ckpt.previous-abc")
+    (tmp_path / ".ckpt.staging-def").mkdir()
+    loaded = LavinForConditionalGeneration.from_pretrained(folder)
+    torch.testing.assert_close(logits(loaded), logits(model))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_full_save_over_adapter_checkpoint_drops_the_old_adapter_files(tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "notes.txt"):
+        (folder / name).write_text("old")
+    with atomic_directory(folder) as staging:
+        (staging / "config.json").write_text("{}")
+        (staging / "model.safetensors").write_text("new")
+    # A stale adapter_config.json next to full weights would make transformers take the folder for a PEFT adapter.
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "notes.txt"]
+
+
+def test_recover_leaves_unrelated_folders_alone(tmp_path):
+    (tmp_path / ".other.staging-1").mkdir()
+    (tmp_path / "ckpt").mkdir()
+    recover(tmp_path / "ckpt")
+    assert (tmp_path / ".other.staging-1").is_dir()
