@@ -1,8 +1,15 @@
 """Push adapter-only checkpoints to the Hugging Face Hub (`mmadapters push`, `model.push_to_hub`).
 
-What is uploaded: the checkpoint folder as it is, plus a generated model card (README.md) unless the folder has
-its own. Backbone weights (a full `save_pretrained(adapter_only=False)` folder) are refused unless asked for
+What is uploaded: the checkpoint folder's files, plus a generated model card (README.md) unless the folder has its
+own. Backbone weights (a full `save_pretrained(adapter_only=False)` folder) are refused unless asked for
 explicitly: the point of an adapter repo is megabytes, not gigabytes.
+
+Safety (nothing is pushed that should not be): only regular files inside the folder (a symlink that leaves it is
+refused); only the files a checkpoint is made of (`ALLOWED_CHECKPOINT_FILES`; anything else is refused by name);
+weights recognised by their content, whatever their name (a safetensors header or a pickle/zip archive in a file
+that should be text, backbone tensors in the adapter file); a Trainer checkpoint's state files
+(`training_args.bin` may hold a Hub token, optimizer and RNG states are not part of a model) are left out and
+listed in the plan; dot-folders (our atomic-save staging folders, .git, .cache) are never read.
 
 Loading a pushed repo through transformers' Auto classes: they take any repo with an `adapter_config.json` for a
 PEFT adapter and, for Hub ids, load `base_model_name_or_path` from it instead of the repo itself. The uploaded
@@ -31,6 +38,45 @@ BACKBONE_WEIGHT_PATTERNS = (
     "pytorch_model*.bin",
     "*.gguf",
 )
+# What a checkpoint folder may hold (model, adapters, processor/tokenizer files, card, evaluation results).
+ALLOWED_CHECKPOINT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "qformer_tokenizer/*",
+    "README.md",
+    "eval_results.json",
+    "mmadapters_*.json",
+    ".gitattributes",
+    *BACKBONE_WEIGHT_PATTERNS,
+)
+# Files that carry binary weights by design (their content is checked differently).
+BINARY_FILES = ("adapter_model.safetensors", "tokenizer.model", "spiece.model", *BACKBONE_WEIGHT_PATTERNS)
+# A Trainer checkpoint's state: never uploaded (training_args.bin may hold a Hub token).
+TRAINER_STATE_FILES = (
+    "training_args.bin",
+    "optimizer.pt",
+    "scheduler.pt",
+    "scaler.pt",
+    "rng_state*.pth",
+    "trainer_state.json",
+)
+# Top-level modules of our adapter-side tensors; anything else in adapter_model.safetensors is a backbone tensor.
+BACKBONE_PREFIXES = ("language_model.", "vision_tower.", "model.", "lm_head.", "vision_model.")
 TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
 # Written into a pushed Space: the model repo its app serves (read by `mmadapters.demo`).
 SPACE_SETTINGS_NAME = "mmadapters_space.json"
@@ -47,14 +93,81 @@ class PlannedFile:
 
 
 def _folder_files(folder: str, skip_dirs: tuple[str, ...]) -> dict[str, str]:
-    """{path in the repo: local path} for every file under `folder`, minus the `skip_dirs` folders."""
+    """{path in the repo: local path} for every regular file under `folder`, minus the `skip_dirs` folders and
+    dot-folders. A symlink whose target lies outside `folder` is refused."""
+    root_real = os.path.realpath(folder)
     files = {}
     for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if d not in skip_dirs)
-        for name in sorted(names):
+        dirs[:] = sorted(d for d in dirs if d not in skip_dirs and not d.startswith("."))
+        for name in sorted(names) + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
             full = os.path.join(root, name)
-            files[os.path.relpath(full, folder).replace(os.sep, "/")] = full
+            relative = os.path.relpath(full, folder).replace(os.sep, "/")
+            if os.path.islink(full):
+                target = os.path.realpath(full)
+                if os.path.commonpath([root_real, target]) != root_real:
+                    raise PushError(
+                        f"{relative} is a symlink to {target}, outside the folder: refusing to upload it. Copy the "
+                        "file into the folder if it belongs to the checkpoint."
+                    )
+                if os.path.isdir(target):
+                    raise PushError(f"{relative} is a symlink to a folder: refusing to upload it.")
+            if os.path.isfile(full):
+                files[relative] = full
     return files
+
+
+def _matches(path: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatch(path, p) or fnmatch.fnmatch(os.path.basename(path), p) for p in patterns)
+
+
+def looks_like_weights(path: str) -> bool:
+    """A file holding tensors, whatever its name: a safetensors header, a zip archive (torch.save) or a pickle."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith((b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"GGUF")):
+        return True
+    if len(head) >= 9:
+        header_length = int.from_bytes(head[:8], "little")
+        return 2 <= header_length < 100_000_000 and head[8:9] == b"{"
+    return False
+
+
+def _adapter_file_tensors(path: str) -> list[str]:
+    """The tensor names of a safetensors file that are backbone tensors (should be none in adapter_model)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as handle:
+        return [key for key in handle.keys() if key.startswith(BACKBONE_PREFIXES)]
+
+
+def check_checkpoint_contents(files: dict[str, str], include_backbone_weights: bool) -> list[str]:
+    """Refuse what a checkpoint must not contain; return the Trainer state files left out (removed from
+    `files`)."""
+    skipped = sorted(path for path in files if _matches(path, TRAINER_STATE_FILES))
+    for path in skipped:
+        del files[path]
+    unknown = sorted(path for path in files if not _matches(path, ALLOWED_CHECKPOINT_FILES))
+    if unknown:
+        raise PushError(
+            f"The folder holds files that are not part of a checkpoint: {', '.join(unknown[:8])}. Only model, adapter, "
+            "processor and card files are uploaded; move the others out of the folder."
+        )
+    disguised = sorted(
+        path for path in files if not _matches(path, BINARY_FILES) and looks_like_weights(files[path])
+    )
+    if disguised:
+        raise PushError(
+            f"{', '.join(disguised)} hold(s) tensors (a weights archive under a text file's name): refusing to "
+            "upload them."
+        )
+    if "adapter_model.safetensors" in files and not include_backbone_weights:
+        backbone = _adapter_file_tensors(files["adapter_model.safetensors"])
+        if backbone:
+            raise PushError(
+                f"adapter_model.safetensors holds backbone tensors ({', '.join(backbone[:3])}, ...): it is not an "
+                "adapter-only file. Save the checkpoint with `model.save_pretrained(folder)`."
+            )
+    return skipped
 
 
 def _weight_files(files: dict[str, str]) -> list[str]:
@@ -89,6 +202,7 @@ def checkpoint_files(
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise PushError(f"{folder} has no config.json: it is not an mmadapters checkpoint folder.")
     files = _folder_files(folder, (".git", ".cache"))
+    check_checkpoint_contents(files, include_backbone_weights)
     heavy = _weight_files(files)
     if heavy and not include_backbone_weights:
         raise PushError(

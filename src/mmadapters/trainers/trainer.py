@@ -8,6 +8,7 @@ where a token is supervised.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from typing import Any
@@ -84,7 +85,11 @@ class AdapterTrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         self._unwrapped().save_pretrained(output_dir, processor=self.processing_class)
-        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        # Never a token in a checkpoint: the saved arguments have hub_token removed (a checkpoint is often shared).
+        # A shallow copy: TrainingArguments.__post_init__ must not run again (dataclasses.replace would).
+        saved_args = copy.copy(self.args)
+        saved_args.hub_token = None
+        torch.save(saved_args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _load_from_checkpoint(
         self, resume_from_checkpoint: str, model: torch.nn.Module | None = None

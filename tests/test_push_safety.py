@@ -1,0 +1,86 @@
+"""Push safety: nothing leaves the machine that should not (symlinks out of the folder, weights under other names,
+Trainer state with a token), checked on the upload plan (no Hub needed) and on a real Trainer checkpoint."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mmadapters import LavinForConditionalGeneration, LavinProcessor
+from mmadapters.hub import push_folder
+from mmadapters.hub.push import PushError
+
+TOKEN = "hf_PLANTEDplantedPLANTEDtoken0123456789"
+
+
+@pytest.fixture()
+def checkpoint(tiny_backbones, tmp_path):
+    model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+    folder = tmp_path / "ckpt"
+    model.save_pretrained(folder, processor=LavinProcessor.from_backbones(*tiny_backbones))
+    return folder
+
+
+def plan(folder):
+    return {f.path for f in push_folder(folder, "me/repo", dry_run=True)}
+
+
+def test_a_clean_checkpoint_plans_its_own_files(checkpoint):
+    assert {"config.json", "adapter_model.safetensors", "adapter_config.json", "README.md"} <= plan(
+        checkpoint
+    )
+
+
+def test_symlink_leaving_the_folder_is_refused(checkpoint, tmp_path):
+    secret = tmp_path / "id_rsa"
+    secret.write_text("-----BEGIN OPENSSH PRIVATE KEY-----")
+    os.symlink(secret, checkpoint / "notes.md")
+    with pytest.raises(PushError, match="symlink .* outside the folder"):
+        plan(checkpoint)
+
+
+@pytest.mark.parametrize("name", ["backbone.safetensors", "consolidated.00.pth", "model.pt", "notes.txt"])
+def test_files_that_are_not_part_of_a_checkpoint_are_refused(checkpoint, name):
+    (checkpoint / name).write_bytes(b"\x80\x04weights")
+    with pytest.raises(PushError, match="not part of a checkpoint"):
+        plan(checkpoint)
+
+
+def test_weights_under_a_text_file_name_are_refused_by_content(checkpoint):
+    save_file({"model.layers.0.weight": torch.zeros(4, 4)}, checkpoint / "special_tokens_map.json")
+    with pytest.raises(PushError, match="hold\\(s\\) tensors"):
+        plan(checkpoint)
+    torch.save({"w": torch.zeros(2)}, checkpoint / "special_tokens_map.json")  # a torch.save zip archive
+    with pytest.raises(PushError, match="hold\\(s\\) tensors"):
+        plan(checkpoint)
+
+
+def test_backbone_tensors_in_the_adapter_file_are_refused(checkpoint):
+    save_file(
+        {"language_model.model.embed_tokens.weight": torch.zeros(4, 4)},
+        checkpoint / "adapter_model.safetensors",
+    )
+    with pytest.raises(PushError, match="backbone tensors"):
+        plan(checkpoint)
+
+
+def test_trainer_checkpoint_holds_no_token_and_its_state_is_never_pushed(tiny_backbones, tmp_path):
+    from test_training import make_trainer, toy_dataset
+
+    processor = LavinProcessor.from_backbones(*tiny_backbones)
+    model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+    trainer = make_trainer(model, processor, toy_dataset(tmp_path), tmp_path / "run", max_steps=3)
+    trainer.args.hub_token = TOKEN
+    trainer.train()
+    checkpoint = tmp_path / "run" / "checkpoint-3"
+    assert (checkpoint / "training_args.bin").is_file() and (checkpoint / "optimizer.pt").is_file()
+    for path in checkpoint.rglob("*"):
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), path
+    assert trainer.args.hub_token == TOKEN  # the live arguments are untouched
+    planned = plan(checkpoint)
+    assert not {"training_args.bin", "optimizer.pt", "scheduler.pt", "trainer_state.json"} & planned
+    assert "adapter_model.safetensors" in planned
