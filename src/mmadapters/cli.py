@@ -43,7 +43,8 @@ def _quickstart(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     from .recipes import train_from_recipe
 
-    print(f"Saved the adapter-only checkpoint to {train_from_recipe(args.recipe)}")
+    final = train_from_recipe(args.recipe, resume=args.resume, overwrite=args.overwrite)
+    print(f"Saved the adapter-only checkpoint to {final}")
 
 
 def _load(checkpoint: str) -> tuple:
@@ -263,6 +264,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train from a YAML recipe (see recipes/)")
     train.add_argument("recipe")
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        metavar="auto|PATH",
+        help="continue an interrupted run: from the last complete checkpoint in the output_dir (auto, the default "
+        "when the flag has no value) or from the checkpoint folder PATH",
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an output_dir that holds an earlier run's checkpoints (they get replaced)",
+    )
     train.set_defaults(run=_train)
 
     evaluate = commands.add_parser(

@@ -149,13 +149,101 @@ def first_distinct_images(rows: Any, count: int) -> list[Any]:
     return images
 
 
-def train_from_recipe(path: str | os.PathLike) -> str:
-    """Train as the recipe says; returns the folder of the final adapter-only checkpoint."""
-    from transformers import TrainingArguments
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def checkpoint_is_complete(folder: str | os.PathLike) -> str | None:
+    """None if the Trainer checkpoint `folder` was written to the end, else what is missing or broken.
+
+    transformers writes a checkpoint's model first, then optimizer, scheduler and RNG states, and
+    `trainer_state.json` last: a kill anywhere before leaves no (or an unreadable) trainer_state.json, or a
+    truncated archive."""
+    import json
+    import zipfile
+
+    from safetensors import safe_open
+
+    state = os.path.join(folder, "trainer_state.json")
+    try:
+        with open(state) as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return "no readable trainer_state.json (the run was stopped while saving it)"
+    try:
+        with safe_open(os.path.join(folder, "adapter_model.safetensors"), framework="pt") as handle:
+            list(handle.keys())
+    except Exception as error:  # safetensors raises its own error types for truncated files
+        return f"adapter_model.safetensors is missing or truncated ({type(error).__name__})"
+    for name in sorted(os.listdir(folder)):
+        if name.endswith((".pt", ".pth")) and not zipfile.is_zipfile(os.path.join(folder, name)):
+            return f"{name} is truncated"
+    return None
+
+
+def find_last_checkpoint(output_dir: str | os.PathLike, log: Any = print) -> str | None:
+    """The last complete `checkpoint-N` in `output_dir` (incomplete ones are skipped, each with a message)."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = []
+    for name in os.listdir(output_dir):
+        if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX) :].isdigit():
+            steps.append(int(name[len(CHECKPOINT_PREFIX) :]))
+    for step in sorted(steps, reverse=True):
+        folder = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{step}")
+        problem = checkpoint_is_complete(folder)
+        if problem is None:
+            return folder
+        log(f"Skipping the incomplete checkpoint {folder}: {problem}.")
+    return None
+
+
+def resolve_resume(
+    recipe: dict[str, Any], resume: str | None, overwrite: bool, path: Any, log: Any
+) -> str | None:
+    """The checkpoint to resume from: `resume` ("auto", a folder) or the recipe's
+    `training.resume_from_checkpoint` (true = "auto"); refuses to start over an earlier run's checkpoints unless
+    `overwrite` (they would be overwritten step by step)."""
+    training = recipe.get("training") or {}
+    if resume is None:
+        recipe_value = training.get("resume_from_checkpoint")
+        resume = "auto" if recipe_value is True else recipe_value or None
+    output_dir = recipe["output_dir"]
+    if resume == "auto":
+        found = find_last_checkpoint(output_dir, log)
+        if found is None:
+            log(f"No complete checkpoint in {output_dir}: starting from step 0.")
+        return found
+    if resume is not None:
+        if not os.path.isdir(resume) or checkpoint_is_complete(resume) is not None:
+            problem = "does not exist" if not os.path.isdir(resume) else checkpoint_is_complete(resume)
+            raise RecipeError(f"Cannot resume from {resume}: it {problem}.")
+        return str(resume)
+    earlier = os.path.isdir(output_dir) and any(
+        n.startswith(CHECKPOINT_PREFIX) for n in os.listdir(output_dir)
+    )
+    if earlier and not overwrite:
+        raise RecipeError(
+            f"Recipe {path}: {output_dir} holds checkpoints of an earlier run. Continue it with --resume auto (or "
+            "`training.resume_from_checkpoint: true`), or pass --overwrite to start over and replace them."
+        )
+    return None
+
+
+def train_from_recipe(
+    path: str | os.PathLike, resume: str | None = None, overwrite: bool = False, log: Any = print
+) -> str:
+    """Train as the recipe says; returns the folder of the final adapter-only checkpoint.
+
+    `resume`: "auto" (the last complete checkpoint in the recipe's output_dir) or a checkpoint folder; the
+    recipe's `training.resume_from_checkpoint` does the same. The model is built under the recipe's
+    `training.seed` (transformers' default 42), so two runs of one recipe give identical weights."""
+    from transformers import TrainingArguments, set_seed
 
     from .trainers import CromeTrainer, LavinTrainer, VisionLanguageCollator
 
     recipe = load_recipe(path)
+    checkpoint = resolve_resume(recipe, resume, overwrite, path, log)
+    set_seed((recipe.get("training") or {}).get("seed", 42))  # before the adapters are initialised
     model, processor = build_model_and_processor(recipe)
     dataset = build_dataset(recipe["data"], processor)
     if recipe.get("feature_whitening") and not recipe.get("from_checkpoint"):  # a checkpoint has it fitted
@@ -170,6 +258,7 @@ def train_from_recipe(path: str | os.PathLike) -> str:
             )
         fit_whitening_on_images(model, processor, images)
     training = {"report_to": [], "remove_unused_columns": False, **(recipe.get("training") or {})}
+    training.pop("resume_from_checkpoint", None)  # handled above: passed to train()
     try:
         args = TrainingArguments(output_dir=recipe["output_dir"], **training)
     except TypeError as error:
@@ -188,7 +277,10 @@ def train_from_recipe(path: str | os.PathLike) -> str:
         if recipe["model"] == "crome"
         else LavinTrainer(**kwargs)
     )
-    trainer.train()
+    if checkpoint is not None:
+        log(f"Resuming from {checkpoint}.")
+    trainer.train(resume_from_checkpoint=checkpoint)
     final = os.path.join(recipe["output_dir"], "final")
-    model.save_pretrained(final, processor=processor)
+    if trainer.args.should_save:  # the main process only (several processes share the folder)
+        model.save_pretrained(final, processor=processor)
     return final

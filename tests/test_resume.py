@@ -1,0 +1,99 @@
+"""Resume: `mmadapters train RECIPE --resume`, the recipe's `training.resume_from_checkpoint`, incomplete
+checkpoints skipped, earlier checkpoints never silently overwritten, seeded initialisation."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from mmadapters.cli import main
+
+
+def write_recipe(tmp_path, tiny_backbones, name="recipe.yaml", output="run", **training):
+    recipe = {
+        "model": "lavin",
+        "text_model": tiny_backbones[0],
+        "vision_model": tiny_backbones[1],
+        "adapter": {"dropout": 0.0},
+        "data": {"name": "easy_vqa", "split": "train", "limit": 48},
+        "output_dir": str(tmp_path / output),
+        "training": {
+            "max_steps": 6,
+            "save_steps": 3,
+            "per_device_train_batch_size": 4,
+            "learning_rate": 5e-3,
+            "lr_scheduler_type": "constant",  # the first 3 steps do not depend on max_steps
+            "use_cpu": True,
+            "seed": 0,
+            "data_seed": 0,
+            "dataloader_num_workers": 0,
+            **training,
+        },
+    }
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def final_weights(tmp_path, output="run"):
+    return load_file(tmp_path / output / "final" / "adapter_model.safetensors")
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_cli_kill_and_resume_equals_an_uninterrupted_run(tiny_backbones, tmp_path, capsys):
+    # The uninterrupted run.
+    assert main(["train", str(write_recipe(tmp_path, tiny_backbones, output="full"))]) == 0
+    uninterrupted = final_weights(tmp_path, "full")
+    # Identical recipe, identical weights (the adapters are initialised under the recipe's seed).
+    assert (
+        main(["train", str(write_recipe(tmp_path, tiny_backbones, name="again.yaml", output="again"))]) == 0
+    )
+    assert_same(final_weights(tmp_path, "again"), uninterrupted)
+
+    # The interrupted run: it stopped after checkpoint-3, and was killed while writing checkpoint-6.
+    assert main(["train", str(write_recipe(tmp_path, tiny_backbones, max_steps=3))]) == 0
+    shutil.rmtree(tmp_path / "run" / "final")
+    partial = tmp_path / "run" / "checkpoint-6"
+    shutil.copytree(tmp_path / "run" / "checkpoint-3", partial)
+    (partial / "trainer_state.json").unlink()  # written last: its absence marks the kill
+    recipe = write_recipe(tmp_path, tiny_backbones)
+    capsys.readouterr()
+    # Rerunning without --resume would start over and overwrite the checkpoints: refused.
+    assert main(["train", str(recipe)]) == 2
+    assert "--resume auto" in capsys.readouterr().err
+    assert main(["train", str(recipe), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "Skipping the incomplete checkpoint" in out and "checkpoint-6" in out
+    assert "Resuming from" in out and "checkpoint-3" in out
+    assert_same(final_weights(tmp_path), uninterrupted)
+
+
+def test_recipe_resume_key_is_honoured(tiny_backbones, tmp_path, capsys):
+    assert main(["train", str(write_recipe(tmp_path, tiny_backbones, max_steps=3))]) == 0
+    recipe = write_recipe(
+        tmp_path, tiny_backbones, resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3")
+    )
+    assert main(["train", str(recipe)]) == 0
+    assert "Resuming from" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("given", ["missing", "incomplete"])
+def test_resume_from_a_bad_folder_is_a_clear_error(tiny_backbones, tmp_path, capsys, given):
+    folder = tmp_path / "ckpt"
+    if given == "incomplete":
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_bytes(b"")
+    assert main(["train", str(write_recipe(tmp_path, tiny_backbones)), "--resume", str(folder)]) == 2
+    message = capsys.readouterr().err
+    assert "Cannot resume from" in message and (
+        "does not exist" in message or "trainer_state.json" in message
+    )
