@@ -112,3 +112,13 @@ def test_recover_leaves_unrelated_folders_alone(tmp_path):
     (tmp_path / "ckpt").mkdir()
     recover(tmp_path / "ckpt")
     assert (tmp_path / ".other.staging-1").is_dir()
+
+
+def test_recover_keeps_the_staging_folder_of_a_live_writer(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    live = tmp_path / f".ckpt.staging-{os.getppid()}-x"  # another process that is still writing
+    dead = tmp_path / ".ckpt.staging-999999999-x"
+    live.mkdir()
+    dead.mkdir()
+    recover(tmp_path / "ckpt")
+    assert live.is_dir() and not dead.exists()

@@ -99,7 +99,7 @@ def test_first_distinct_images_skips_text_rows_and_repeated_paths():
         ({"model": "gpt"}, "`model` must be 'lavin' or 'crome'"),
         ({"data": {"name": "imagenet"}}, "data.name"),
         ({"optimizer": "adam"}, "unknown key"),
-        ({"training": {"max_stepz": 1}}, "bad `training` entry"),
+        ({"training": {"max_stepz": 1}}, "unknown field(s) ['max_stepz']"),
         ({"feature_whitening": True}, "`feature_whitening` is LaVIN's"),
         ({"model": "crome", "feature_whitening": 100}, "`feature_whitening` is LaVIN's"),
     ],

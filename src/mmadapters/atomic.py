@@ -56,7 +56,8 @@ def atomic_directory(
     target = Path(target).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
     recover(target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{STAGING}", dir=target.parent))
+    # The writer's process id is in the name: `recover` never removes the staging folder of a live writer.
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{STAGING}{os.getpid()}-", dir=target.parent))
     try:
         yield staging
         if target.is_dir():
@@ -77,8 +78,26 @@ def recover(target: str | os.PathLike) -> None:
     if not target.exists() and previous:
         previous[-1].rename(target)
         previous = previous[:-1]
-    for leftover in [*previous, *target.parent.glob(f".{target.name}{STAGING}*")]:
+    staging = [p for p in target.parent.glob(f".{target.name}{STAGING}*") if not _writer_alive(p.name)]
+    for leftover in [*previous, *staging]:
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _writer_alive(name: str) -> bool:
+    """Whether the process that created staging folder `name` (`.NAME.staging-PID-...`) still runs."""
+    try:
+        pid = int(name.split(STAGING, 1)[1].split("-", 1)[0])
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def is_internal(name: str) -> bool:

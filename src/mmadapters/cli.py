@@ -219,9 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument(
         "--output-dir", default="quickstart_output", help="where the checkpoint and summary go"
     )
-    quick.add_argument("--train-steps", type=int, default=QuickstartSettings.train_steps)
-    quick.add_argument("--batch-size", type=int, default=QuickstartSettings.batch_size)
-    quick.add_argument("--learning-rate", type=float, default=QuickstartSettings.learning_rate)
+    quick.add_argument("--train-steps", type=positive_int, default=QuickstartSettings.train_steps)
+    quick.add_argument("--batch-size", type=positive_int, default=QuickstartSettings.batch_size)
+    quick.add_argument("--learning-rate", type=positive_float, default=QuickstartSettings.learning_rate)
     quick.add_argument(
         "--adapter-dropout",
         type=float,
@@ -234,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["attn", "attn_mlp"],
         help='adapters before each self-attention ("attn", the paper\'s) or before each MLP too',
     )
-    quick.add_argument("--num-test", type=int, default=1000, help="easy-vqa test questions to evaluate on")
+    quick.add_argument(
+        "--num-test", type=positive_int, default=1000, help="easy-vqa test questions to evaluate on"
+    )
     quick.add_argument(
         "--seed",
         type=int,
@@ -283,13 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="easy-vqa accuracy of a checkpoint, overall and by question type"
     )
     evaluate.add_argument("checkpoint")
-    evaluate.add_argument("--limit", type=int, default=1000)
+    evaluate.add_argument("--limit", type=positive_int, default=1000, help="test questions to evaluate on")
     evaluate.add_argument("--prompt-format", default="open", choices=["open", "multiple_choice", "describe"])
     evaluate.set_defaults(run=_eval)
 
     chat = commands.add_parser("chat", help="chat with a checkpoint in the terminal (image path + question)")
     chat.add_argument("checkpoint")
-    chat.add_argument("--max-new-tokens", type=int, default=64)
+    chat.add_argument("--max-new-tokens", type=positive_int, default=64)
     chat.set_defaults(run=_chat)
 
     convert = commands.add_parser(
@@ -313,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--vision", required=True, help="the CLIP ViT-L/14 it was trained on: Hub id or folder"
     )
     lavin.add_argument(
-        "--temperature", type=float, help="router temperature if the checkpoint does not record it"
+        "--temperature", type=positive_float, help="router temperature if the checkpoint does not record it"
     )
     lavin.add_argument(
         "--overwrite",
@@ -331,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument(
         "--include-backbone-weights", action="store_true", help="allow a full checkpoint (backbone weights)"
     )
-    push.add_argument("--retries", type=int, default=4, help="retries of transient failures (5xx, network)")
+    push.add_argument(
+        "--retries", type=non_negative_int, default=4, help="retries of transient failures (5xx, network)"
+    )
     push.set_defaults(run=_push)
 
     demo = commands.add_parser(
@@ -351,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     space.add_argument("--model", required=True, help="the model repo the Space serves")
     space.add_argument("--private", action="store_true")
     space.add_argument("--dry-run", action="store_true")
-    space.add_argument("--retries", type=int, default=4)
+    space.add_argument("--retries", type=non_negative_int, default=4)
     space.set_defaults(run=_push_space)
 
     merge = commands.add_parser(
@@ -375,6 +379,38 @@ def build_parser() -> argparse.ArgumentParser:
 # optional faster 4-bit kernel from the Hub (`kernels`); offline it logs a warning and uses its own kernel.
 # MMADAPTERS_VERBOSE=1 keeps them.
 QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a count of steps, questions, tokens, retries' attempts...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (retries)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
 
 
 def quiet_library_logs() -> None:

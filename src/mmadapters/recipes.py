@@ -69,7 +69,73 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
         )
     if "output_dir" not in recipe:
         raise RecipeError(f"Recipe {path}: set `output_dir`.")
+    errors = recipe_errors(recipe)
+    if errors:
+        raise RecipeError(f"Recipe {path}: " + "; ".join(errors) + ".")
     return recipe
+
+
+# Ranges checked up front for the TrainingArguments fields a recipe sets most (types are checked for all).
+TRAINING_RANGES = {
+    "max_steps": (lambda v: v >= 1 or v == -1, "at least 1 (or -1: use num_train_epochs)"),
+    "per_device_train_batch_size": (lambda v: v >= 1, "at least 1"),
+    "gradient_accumulation_steps": (lambda v: v >= 1, "at least 1"),
+    "learning_rate": (lambda v: v > 0, "positive"),
+    "num_train_epochs": (lambda v: v > 0, "positive"),
+    "save_steps": (lambda v: v > 0, "positive"),
+    "logging_steps": (lambda v: v > 0, "positive"),
+    "warmup_steps": (lambda v: v >= 0, "zero or more"),
+}
+
+
+def recipe_errors(recipe: dict[str, Any]) -> list[str]:
+    """Every type and range error of a recipe's values, each naming its key (checked before any model loads)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    from .modeling.adapters import CromeAdapterConfig, MMAdapterConfig
+    from .validation import type_errors
+
+    errors = []
+    for key in ("text_model", "vision_model", "init_from", "from_checkpoint", "output_dir"):
+        if key in recipe and not isinstance(recipe[key], str):
+            errors.append(f"`{key}` must be a string (a Hub id or a folder), got {recipe[key]!r}")
+    adapter = recipe.get("adapter") or {}
+    if not isinstance(adapter, dict):
+        errors.append(f"`adapter` must be a mapping of adapter settings, got {adapter!r}")
+    else:
+        config_class = MMAdapterConfig if recipe["model"] == "lavin" else CromeAdapterConfig
+        try:
+            config_class.from_dict(adapter)
+        except (ValueError, TypeError) as error:
+            errors.append(f"`adapter`: {error}".rstrip("."))
+    limit = recipe["data"].get("limit")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        errors.append(f"`data.limit` must be a positive integer (or absent: all rows), got {limit!r}")
+    if recipe["model"] == "crome" and recipe.get("stage", "finetune") not in (
+        "pretrain",
+        "instruct",
+        "finetune",
+    ):
+        errors.append(f"`stage` must be pretrain, instruct or finetune, got {recipe.get('stage')!r}")
+    training = recipe.get("training") or {}
+    if not isinstance(training, dict):
+        return [*errors, f"`training` must be a mapping of TrainingArguments fields, got {training!r}"]
+    known = {field.name for field in dataclasses.fields(TrainingArguments)}
+    unknown = sorted(set(training) - known - {"resume_from_checkpoint"})
+    if unknown:
+        errors.append(f"`training` has unknown field(s) {unknown}: use TrainingArguments fields")
+    typed = type_errors("training", TrainingArguments, {k: v for k, v in training.items() if k in known})
+    errors.extend(f"`{message.split(' must')[0]}` must{message.split(' must', 1)[1]}" for message in typed)
+    bad_types = {message.split(" must")[0].removeprefix("training.") for message in typed}
+    for key, (check, wanted) in TRAINING_RANGES.items():
+        if key in training and key not in bad_types and not check(training[key]):
+            errors.append(f"`training.{key}` must be {wanted}, got {training[key]!r}")
+    resume = training.get("resume_from_checkpoint")
+    if resume is not None and not isinstance(resume, (bool, str)):
+        errors.append(f"`training.resume_from_checkpoint` must be true or a folder, got {resume!r}")
+    return errors
 
 
 def resolve_backbones(recipe: dict[str, Any]) -> tuple[str, str]:

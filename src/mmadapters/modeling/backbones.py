@@ -159,10 +159,25 @@ def _vision_class_for(config: PreTrainedConfig) -> type[PreTrainedModel]:
         raise ValueError(f"No transformers model class for vision config {type(config).__name__}.") from error
 
 
+def looks_like_local_path(name: str) -> bool:
+    """A name that can only be a local path (a Hub id is `name` or `namespace/name`)."""
+    return (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or name.count("/") > 1
+        or os.sep in name.replace("/", "")
+    )
+
+
 def _backbone_config(
     name: str, revision: str | None, options: BackboneLoadOptions, role: str
 ) -> PreTrainedConfig:
     """The backbone's config, with a clear message when the folder or Hub repo cannot be found."""
+    if looks_like_local_path(name) and not os.path.isdir(name):
+        raise BackboneNotFoundError(
+            f"The {role} backbone folder {name} does not exist (a checkpoint names the backbones it was trained on "
+            f"by where they were loaded from). Pass {role}_model= with a local copy of that backbone, or its Hub id."
+        )
     try:
         return AutoConfig.from_pretrained(name, revision=revision, **options.hub_kwargs())
     except OSError as error:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.compiler import is_compiling
 from transformers import GenerationConfig, PreTrainedConfig, PreTrainedModel
 from transformers.utils import logging
 
@@ -35,6 +36,7 @@ from .backbones import (
     load_backbones,
     load_text_backbone,
     load_vision_backbone,
+    looks_like_local_path,
     resolve_checkpoint_folder,
     vision_config_of,
 )
@@ -159,6 +161,62 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             inputs_embeds.dtype
         )
         return (inputs_embeds == placeholder).all(dim=-1)
+
+    def check_inputs(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        past_length: int = 0,
+    ) -> None:
+        """Refuse malformed inputs with a message that names the argument, before any backbone runs: token ids that
+        are not a 2-D integer tensor, an attention mask of another batch size or length, images that are not
+        (num_images, channels, height, width) floats with the tower's channel count, a sequence longer than the
+        LLM's context. Skipped while torch.compile traces (checks on values would break the graph)."""
+        if is_compiling():
+            return
+        if input_ids is not None:
+            if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+                raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}.")
+            if input_ids.dim() != 2:
+                raise ValueError(
+                    f"input_ids must be 2-D (batch, sequence), got shape {tuple(input_ids.shape)}; add a batch "
+                    "dimension with input_ids[None] (the processor returns it so)."
+                )
+            if attention_mask is not None and attention_mask.dim() == 2:
+                expected = (input_ids.shape[0], past_length + input_ids.shape[1])
+                if attention_mask.shape[0] != expected[0] or attention_mask.shape[1] not in (
+                    input_ids.shape[1],
+                    expected[1],
+                ):
+                    raise ValueError(
+                        f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids "
+                        f"{tuple(input_ids.shape)}: they must describe the same batch and sequence."
+                    )
+            limit = getattr(self.config.text_config, "max_position_embeddings", None)
+            length = past_length + input_ids.shape[1] + self._position_offset()
+            if limit is not None and length > limit:
+                raise ValueError(
+                    f"The sequence is {length} positions long but the LLM's context holds {limit} "
+                    "(max_position_embeddings). Shorten the prompt, or let the processor truncate it "
+                    "(overflow='truncate_left' with max_length)."
+                )
+        if pixel_values is not None:
+            channels = getattr(self.config.vision_config, "num_channels", 3)
+            if pixel_values.dim() != 4 or pixel_values.shape[1] != channels:
+                raise ValueError(
+                    f"pixel_values must be (num_images, {channels}, height, width), got shape "
+                    f"{tuple(pixel_values.shape)}. Build them with the model's processor (it converts grayscale "
+                    "and RGBA images to RGB)."
+                )
+            if not pixel_values.dtype.is_floating_point:
+                raise ValueError(
+                    f"pixel_values must be floating point (normalised by the processor), got {pixel_values.dtype}."
+                )
+
+    def _position_offset(self) -> int:
+        """Positions the model uses before the text (LaVIN's modality token takes position 0)."""
+        return 0
 
     def _return_dict(self, return_dict: bool | None) -> bool:
         return self.config.return_dict if return_dict is None else return_dict
@@ -337,6 +395,17 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
                 f"{unexpected[:5]}, shape mismatches {mis_shaped[:5]}. Were they trained with another backbone or "
                 "another adapter configuration?"
             )
+        bad = []
+        for key, value in sorted(state_dict.items()):
+            if value.dtype.is_floating_point != expected[key].dtype.is_floating_point:
+                bad.append(f"{key} (dtype {value.dtype}, the model's is {expected[key].dtype})")
+            elif value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
+                bad.append(f"{key} (not finite)")
+        if bad:
+            raise ValueError(
+                f"The adapter weights in {source} are unusable: {', '.join(bad[:5])}. Adapter weights must be finite "
+                "floating-point values; the checkpoint is corrupt or was written by a diverged run."
+            )
         self.load_state_dict(state_dict, strict=False)
 
     def backbones_are_referenced(self) -> bool:
@@ -432,6 +501,11 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             return cls._from_full_checkpoint(None, model_args, revision, kwargs)
         name = os.fspath(pretrained_model_name_or_path)
         recover(name)  # a save killed between its two renames left the checkpoint moved aside: put it back
+        if not os.path.isdir(name) and looks_like_local_path(name):
+            raise FileNotFoundError(
+                f"No checkpoint folder at {name}. Pass the folder that save_pretrained wrote, or a Hub repo id "
+                "(namespace/name)."
+            )
         hub_kwargs = {k: kwargs[k] for k in ("token", "cache_dir", "local_files_only") if k in kwargs}
         folder = resolve_checkpoint_folder(name, revision, **hub_kwargs)
         if not os.path.isfile(os.path.join(folder, ADAPTER_WEIGHTS_NAME)):
@@ -484,6 +558,12 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         generation_config = kwargs.pop("generation_config", None)
         given_config = kwargs.pop("config", None)
         options = take_loading_options(kwargs, where)
+        if given_config is None and not os.path.isfile(os.path.join(folder, "config.json")):
+            raise FileNotFoundError(
+                f"'{name}' has adapter weights but no config.json (which names the backbones): the folder is "
+                "incomplete. Save it again with model.save_pretrained, or copy config.json from where it was saved."
+            )
+        adapter_tensors = read_adapter_file(os.path.join(folder, ADAPTER_WEIGHTS_NAME), name)
         if isinstance(given_config, PreTrainedConfig):
             config, unused = given_config, kwargs
         else:
@@ -526,7 +606,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         config._attn_implementation = attention
         model = cls(config, language_model=loaded["text"], vision_tower=loaded["vision"])
         model.load_referenced_weights(name, ignore_backbone_mismatch)
-        model.load_adapter_state_dict(load_file(os.path.join(folder, ADAPTER_WEIGHTS_NAME)), source=name)
+        model.load_adapter_state_dict(adapter_tensors, source=name)
         if generation_config is not None:
             model.generation_config = generation_config
         elif os.path.isfile(os.path.join(folder, "generation_config.json")):
@@ -534,6 +614,22 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         model._follow_backbone_devices(own_map)
         model.eval()
         return model
+
+
+def read_adapter_file(path: str, source: str) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter_model.safetensors, or a clear error for an empty, truncated or foreign file."""
+    if os.path.getsize(path) == 0:
+        raise ValueError(
+            f"{path} is empty (0 bytes): the save that wrote it was interrupted. Save the model again, or resume "
+            "training from an earlier checkpoint."
+        )
+    try:
+        return load_file(path)
+    except Exception as error:  # safetensors raises its own error types
+        raise ValueError(
+            f"{path} in '{source}' is not a readable safetensors file ({type(error).__name__}: {error}); it is "
+            "truncated or corrupt. Save the model again, or download the checkpoint again."
+        ) from None
 
 
 def adapter_settings(adapter_config: Any, config_class: type, text_ref: BackboneReference | None) -> dict:

@@ -82,6 +82,8 @@ class AdapterTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Checkpoints are adapter-only, like `save_pretrained`; the processor is saved with them."""
+        if not self.args.should_save:  # transformers calls _save on every process; only the main one writes
+            return
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         self._unwrapped().save_pretrained(output_dir, processor=self.processing_class)

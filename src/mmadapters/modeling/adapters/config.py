@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ...validation import type_errors
+
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 
 
@@ -28,6 +30,9 @@ class AdapterConfigFile:
                 f"Unknown {cls.__name__} field(s) {unknown}; known fields are {sorted(known)}. "
                 "Was this adapter_config.json written by a newer mmadapters or by another adapter method?"
             )
+        errors = type_errors(cls.__name__, cls, values)
+        if errors:
+            raise ValueError("; ".join(errors) + ".")
         return cls(**values)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:

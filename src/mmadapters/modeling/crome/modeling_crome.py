@@ -381,6 +381,9 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
             raise ValueError("CROME needs input_ids (the processor's output).")
         cache = pick_cache(cache, past_key_values, type(self).__name__)
         past_length = cache.get_seq_length() if cache is not None else 0
+        self.check_inputs(
+            input_ids, attention_mask, pixel_values, 0 if self.is_encoder_decoder_llm else past_length
+        )
         if self.is_encoder_decoder_llm:
             past_length = 0  # the encoder input is always the whole prompt
         inputs_embeds, image_outputs = self._embed_inputs(

@@ -206,6 +206,9 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
             adapter_config=adapter_settings(adapter_config, MMAdapterConfig, text_ref), **fields
         )
 
+    def _position_offset(self) -> int:
+        return 1  # position 0 belongs to the modality token
+
     def own_layer_adapters(self) -> list[tuple[nn.Module, nn.Module]]:
         """Each LLM adapter with its decoder layer, each vision adapter with its encoder layer."""
         pairs = list(zip(self.llm_adapters, find_decoder_layers(self.language_model), strict=True))
@@ -390,6 +393,7 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         cache = pick_cache(cache, past_key_values, type(self).__name__)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        self.check_inputs(input_ids, attention_mask, pixel_values, cache.get_seq_length() if cache else 0)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         prefill = cache is None or cache.get_seq_length() == 0

@@ -1,0 +1,55 @@
+"""Type checks for settings read from files (recipes, adapter_config.json): a wrong type is named with its field,
+before any model loads, instead of surfacing as a comparison error deep inside the code that uses it."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+# Simple annotations we check, and what they accept (an int is a valid float; a bool is not a valid int).
+_ACCEPTS: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "str": (str,),
+}
+
+
+_DESCRIBED = {(int,): "an integer", (int, float): "a number", (bool,): "true or false", (str,): "a string"}
+
+
+def _annotation_name(annotation: Any) -> str:
+    return annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+
+
+def _accepted(annotation: Any) -> tuple[tuple[type, ...], bool] | None:
+    """(accepted types, None allowed) for a simple annotation such as `int`, `float | None`; None otherwise."""
+    parts = [
+        part.strip() for part in _annotation_name(annotation).replace("Optional[", "").rstrip("]").split("|")
+    ]
+    optional = "None" in parts
+    parts = [part for part in parts if part != "None"]
+    if len(parts) != 1 or parts[0] not in _ACCEPTS:
+        return None
+    return _ACCEPTS[parts[0]], optional
+
+
+def type_errors(owner: str, fields_of: type, values: dict[str, Any]) -> list[str]:
+    """Messages for the `values` whose type does not match the simple annotations of dataclass `fields_of`."""
+    errors = []
+    annotations = {field.name: field.type for field in dataclasses.fields(fields_of)}
+    for name, value in values.items():
+        accepted = _accepted(annotations[name]) if name in annotations else None
+        if accepted is None:
+            continue
+        types, optional = accepted
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) and bool not in types:
+            ok = False
+        else:
+            ok = isinstance(value, types)
+        if not ok:
+            expected = _DESCRIBED[types] + (" or null" if optional else "")
+            errors.append(f"{owner}.{name} must be {expected}, got {value!r} ({type(value).__name__})")
+    return errors

@@ -1,0 +1,212 @@
+"""Bad input gets a clear error and loses nothing: each case asserts the message and that no file changed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from mmadapters import LavinForConditionalGeneration, LavinProcessor
+from mmadapters.cli import main
+from mmadapters.modeling.backbones import BackboneNotFoundError
+
+
+@pytest.fixture(scope="module")
+def saved(tiny_backbones, tmp_path_factory):
+    """A LaVIN checkpoint folder, the model and a valid batch (one image sample, one text-only sample)."""
+    folder = tmp_path_factory.mktemp("bad") / "ckpt"
+    model = LavinForConditionalGeneration.from_backbones(*tiny_backbones).eval()
+    processor = LavinProcessor.from_backbones(*tiny_backbones)
+    model.save_pretrained(folder, processor=processor)
+    image = (torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    batch = processor(images=[[image], []], text=["Image: <image>\nwhat color?", "Image: N/A\nhello"])
+    return folder, model, dict(batch)
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+FORWARD_CASES = {
+    "float input_ids": (lambda b: {**b, "input_ids": b["input_ids"].float()}, "integer token ids"),
+    "1-D input_ids": (
+        lambda b: {"input_ids": b["input_ids"][1], "attention_mask": b["attention_mask"][1]},
+        "must be 2-D",
+    ),
+    "attention mask of another batch": (
+        lambda b: {**b, "attention_mask": b["attention_mask"][:1]},
+        "same batch",
+    ),
+    "attention mask of another length": (
+        lambda b: {**b, "attention_mask": b["attention_mask"][:, :3]},
+        "same batch and sequence",
+    ),
+    "one-channel images": (
+        lambda b: {**b, "pixel_values": b["pixel_values"][:, :1]},
+        "\\(num_images, 3, height",
+    ),
+    "integer images": (lambda b: {**b, "pixel_values": b["pixel_values"].long()}, "floating point"),
+    "3-D images": (lambda b: {**b, "pixel_values": b["pixel_values"][0]}, "\\(num_images, 3, height"),
+    "image tokens without images": (
+        lambda b: {k: v for k, v in b.items() if k != "pixel_values"},
+        "no pixel_values",
+    ),
+    "more images than placeholders": (
+        lambda b: {**b, "pixel_values": torch.cat([b["pixel_values"]] * 2)},
+        "image placeholder tokens",
+    ),
+    "ids outside the vocabulary": (
+        lambda b: {**b, "input_ids": torch.cat([b["input_ids"][:, :-1], torch.full((2, 1), 10_000)], dim=1)},
+        "outside the LLM vocabulary",
+    ),
+    "longer than the context": (
+        lambda b: {
+            "input_ids": torch.full((1, 300), 40),
+            "attention_mask": torch.ones(1, 300, dtype=torch.long),
+        },
+        "LLM's context holds 256",
+    ),
+    "input_ids and inputs_embeds": (lambda b: {**b, "inputs_embeds": torch.zeros(2, 1, 32)}, "exactly one"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FORWARD_CASES))
+def test_forward_refuses_malformed_inputs(saved, case):
+    _, model, batch = saved
+    make, message = FORWARD_CASES[case]
+    with pytest.raises(ValueError, match=message):
+        model(**make(batch))
+
+
+def corrupt_adapter(folder, how):
+    path = folder / "adapter_model.safetensors"
+    if how == "empty":
+        path.write_bytes(b"")
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    elif how == "text":
+        path.write_text("not a tensor file")
+    else:
+        tensors = load_file(path)
+        name = sorted(tensors)[0]
+        tensors[name] = (
+            torch.full_like(tensors[name], float("nan")) if how == "nan" else tensors[name].to(torch.int32)
+        )
+        save_file(tensors, path, metadata={"format": "pt"})
+
+
+def edit_adapter_settings(folder, **values):
+    """Change the adapter settings recorded in config.json (where loading reads them)."""
+    import json
+
+    config = json.loads((folder / "config.json").read_text())
+    config["adapter_config"].update(values)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+LOAD_CASES = {
+    "empty adapter file": (lambda f: corrupt_adapter(f, "empty"), ValueError, "is empty \\(0 bytes\\)"),
+    "truncated adapter file": (lambda f: corrupt_adapter(f, "truncated"), ValueError, "truncated or corrupt"),
+    "text as adapter file": (lambda f: corrupt_adapter(f, "text"), ValueError, "truncated or corrupt"),
+    "NaN adapter tensor": (lambda f: corrupt_adapter(f, "nan"), ValueError, "not finite"),
+    "int32 adapter tensor": (lambda f: corrupt_adapter(f, "int32"), ValueError, "dtype torch.int32"),
+    "no config.json": (lambda f: (f / "config.json").unlink(), FileNotFoundError, "no config.json"),
+    "unknown adapter setting": (
+        lambda f: edit_adapter_settings(f, rank=8),
+        ValueError,
+        "Unknown MMAdapterConfig field",
+    ),
+    "wrong adapter setting type": (
+        lambda f: edit_adapter_settings(f, r="eight"),
+        ValueError,
+        "must be an integer",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LOAD_CASES))
+def test_broken_checkpoints_are_clear_errors(saved, tmp_path, case):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(saved[0], folder)
+    damage, error, message = LOAD_CASES[case]
+    damage(folder)
+    before = snapshot(folder)
+    with pytest.raises(error, match=message):
+        LavinForConditionalGeneration.from_pretrained(folder)
+    assert snapshot(folder) == before
+
+
+def test_missing_folders_are_clear_errors(saved, tmp_path):
+    with pytest.raises(FileNotFoundError, match="No checkpoint folder"):
+        LavinForConditionalGeneration.from_pretrained(tmp_path / "nope")
+    with pytest.raises(BackboneNotFoundError, match="pass text_model=|Pass text_model="):
+        LavinForConditionalGeneration.from_pretrained(saved[0], text_model=str(tmp_path / "no-llm"))
+
+
+def write_recipe(tmp_path, tiny_backbones, **changes):
+    recipe = {
+        "model": "lavin",
+        "text_model": tiny_backbones[0],
+        "vision_model": tiny_backbones[1],
+        "data": {"name": "easy_vqa", "limit": 8},
+        "output_dir": str(tmp_path / "run"),
+        "training": {"max_steps": 2, "use_cpu": True},
+    }
+    for dotted, value in changes.items():
+        target = recipe
+        *parents, last = dotted.split(".")
+        for key in parents:
+            target = target.setdefault(key, {})
+        target[last] = value
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+RECIPE_CASES = {
+    "training.max_steps": ("abc", "`training.max_steps` must be an integer"),
+    "training.per_device_train_batch_size": (0, "must be at least 1"),
+    "training.learning_rate": (-1.0, "must be positive"),
+    "training.learning_rate ": ("fast", "must be a number"),
+    "training.bf16": ("yes", "must be true or false"),
+    "training.made_up": (1, "unknown field\\(s\\) \\['made_up'\\]"),
+    "adapter.r": ("eight", "MMAdapterConfig.r must be an integer"),
+    "adapter.dropout": (1.5, "dropout must be in"),
+    "data.limit": ("abc", "`data.limit` must be a positive integer"),
+    "data.limit ": (-3, "`data.limit` must be a positive integer"),
+    "text_model": (12, "`text_model` must be a string"),
+    "training.resume_from_checkpoint": (3, "must be true or a folder"),
+}
+
+
+@pytest.mark.parametrize("key", sorted(RECIPE_CASES))
+def test_recipe_errors_name_the_key_before_any_model_loads(tiny_backbones, tmp_path, capsys, key):
+    value, message = RECIPE_CASES[key]
+    path = write_recipe(tmp_path, tiny_backbones, **{key.strip(): value})
+    assert main(["train", str(path)]) == 2
+    assert pytest.importorskip("re").search(message, capsys.readouterr().err)
+    assert not os.path.exists(tmp_path / "run")
+
+
+CLI_CASES = [
+    (["eval", "CKPT", "--limit", "-3"], "--limit: expected a positive integer"),
+    (["eval", "CKPT", "--limit", "many"], "--limit: expected a positive integer"),
+    (["quickstart", "--batch-size", "0"], "--batch-size: expected a positive integer"),
+    (["quickstart", "--train-steps", "-1"], "--train-steps: expected a positive integer"),
+    (["quickstart", "--learning-rate", "0"], "--learning-rate: expected a positive number"),
+    (["chat", "CKPT", "--max-new-tokens", "0"], "--max-new-tokens: expected a positive integer"),
+    (["push", "CKPT", "me/repo", "--retries", "-1"], "--retries: expected an integer >= 0"),
+]
+
+
+@pytest.mark.parametrize("argv,message", CLI_CASES, ids=[" ".join(c[0]) for c in CLI_CASES])
+def test_cli_numbers_are_checked_before_anything_runs(saved, capsys, argv, message):
+    argv = [str(saved[0]) if a == "CKPT" else a for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
