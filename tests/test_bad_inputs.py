@@ -210,3 +210,40 @@ def test_cli_numbers_are_checked_before_anything_runs(saved, capsys, argv, messa
         main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"", "is empty \\(0 bytes\\)"),
+        (b"just some text\n", "not a PyTorch checkpoint"),
+        (b"PK\x03\x04truncated", "truncated or corrupt"),
+    ],
+    ids=["empty", "text", "truncated zip"],
+)
+def test_convert_lavin_refuses_files_that_are_not_checkpoints(tmp_path, content, message):
+    from mmadapters.convert.lavin_official import OfficialCheckpointError, load_official_checkpoint
+
+    path = tmp_path / "checkpoint-19.pth"
+    path.write_bytes(content)
+    with pytest.raises(OfficialCheckpointError, match=message):
+        load_official_checkpoint(path)
+    assert path.read_bytes() == content
+
+
+def test_chat_reports_a_line_that_is_not_utf8_and_goes_on(saved, monkeypatch, capsys):
+    import io
+    import sys
+
+    class Stdin(io.TextIOWrapper):
+        pass
+
+    raw = io.BytesIO(b"\xff\xfe broken\nhello\n/quit\n")
+    monkeypatch.setattr(sys, "stdin", Stdin(raw, encoding="utf-8"))
+    assert main(["chat", str(saved[0]), "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "not UTF-8 text" in out
+    assert (
+        out.strip().splitlines()[-1]
+        != "error: that line is not UTF-8 text; type it again (check the terminal's encoding)."
+    )

@@ -97,3 +97,28 @@ def test_resume_from_a_bad_folder_is_a_clear_error(tiny_backbones, tmp_path, cap
     assert "Cannot resume from" in message and (
         "does not exist" in message or "trainer_state.json" in message
     )
+
+
+def test_trainer_resume_true_skips_an_incomplete_last_checkpoint(tiny_backbones, tmp_path, caplog):
+    from test_training import make_trainer, toy_dataset
+
+    from mmadapters import LavinForConditionalGeneration, LavinProcessor
+
+    processor = LavinProcessor.from_backbones(*tiny_backbones)
+    dataset = toy_dataset(tmp_path)
+    trainer = make_trainer(
+        LavinForConditionalGeneration.from_backbones(*tiny_backbones),
+        processor,
+        dataset,
+        tmp_path / "r",
+        max_steps=3,
+    )
+    trainer.train()
+    shutil.copytree(tmp_path / "r" / "checkpoint-3", tmp_path / "r" / "checkpoint-6")
+    (tmp_path / "r" / "checkpoint-6" / "optimizer.pt").write_bytes(b"PK\x03\x04cut")  # killed mid-write
+    resumed = make_trainer(
+        LavinForConditionalGeneration.from_backbones(*tiny_backbones), processor, dataset, tmp_path / "r"
+    )
+    resumed.train(resume_from_checkpoint=True)
+    assert "Skipping the incomplete checkpoint" in caplog.text and "optimizer.pt is truncated" in caplog.text
+    assert resumed.state.global_step == 6

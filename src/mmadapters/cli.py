@@ -83,6 +83,19 @@ def _eval(args: argparse.Namespace) -> None:
         write_eval_results(args.checkpoint, f"easy-vqa test ({args.prompt_format} answers)", result, command)
 
 
+def _input_lines():
+    """Lines of standard input as text; None for a line that is not UTF-8 (reported, the chat goes on)."""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # already text (tests, notebooks)
+        yield from sys.stdin
+        return
+    for raw in stream:
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError:
+            yield None
+
+
 def _chat(args: argparse.Namespace) -> None:
     """Terminal chat: `/image PATH` attaches an image to the next question, `/reset` forgets, `/quit` ends."""
     from .processing import InvalidImageError, load_image
@@ -92,7 +105,10 @@ def _chat(args: argparse.Namespace) -> None:
     images: list = []
     pending_image = None
     print("Type a question. /image PATH attaches an image, /reset starts over, /quit ends.")
-    for line in sys.stdin:
+    for line in _input_lines():
+        if line is None:
+            print("error: that line is not UTF-8 text; type it again (check the terminal's encoding).")
+            continue
         line = line.strip()
         if not line:
             continue
@@ -119,7 +135,9 @@ def _chat(args: argparse.Namespace) -> None:
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
         inputs = processor(images=images or None, text=prompt)
         output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-        answer = processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        # A decoder-only LLM returns prompt + answer; an encoder-decoder one (CROME on T5) the answer only.
+        start = 0 if getattr(model, "is_encoder_decoder_llm", False) else inputs["input_ids"].shape[1]
+        answer = processor.decode(output[0, start:], skip_special_tokens=True).strip()
         print(answer, flush=True)
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
 

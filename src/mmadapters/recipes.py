@@ -215,54 +215,6 @@ def first_distinct_images(rows: Any, count: int) -> list[Any]:
     return images
 
 
-CHECKPOINT_PREFIX = "checkpoint-"
-
-
-def checkpoint_is_complete(folder: str | os.PathLike) -> str | None:
-    """None if the Trainer checkpoint `folder` was written to the end, else what is missing or broken.
-
-    transformers writes a checkpoint's model first, then optimizer, scheduler and RNG states, and
-    `trainer_state.json` last: a kill anywhere before leaves no (or an unreadable) trainer_state.json, or a
-    truncated archive."""
-    import json
-    import zipfile
-
-    from safetensors import safe_open
-
-    state = os.path.join(folder, "trainer_state.json")
-    try:
-        with open(state) as f:
-            json.load(f)
-    except (OSError, ValueError):
-        return "no readable trainer_state.json (the run was stopped while saving it)"
-    try:
-        with safe_open(os.path.join(folder, "adapter_model.safetensors"), framework="pt") as handle:
-            list(handle.keys())
-    except Exception as error:  # safetensors raises its own error types for truncated files
-        return f"adapter_model.safetensors is missing or truncated ({type(error).__name__})"
-    for name in sorted(os.listdir(folder)):
-        if name.endswith((".pt", ".pth")) and not zipfile.is_zipfile(os.path.join(folder, name)):
-            return f"{name} is truncated"
-    return None
-
-
-def find_last_checkpoint(output_dir: str | os.PathLike, log: Any = print) -> str | None:
-    """The last complete `checkpoint-N` in `output_dir` (incomplete ones are skipped, each with a message)."""
-    if not os.path.isdir(output_dir):
-        return None
-    steps = []
-    for name in os.listdir(output_dir):
-        if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX) :].isdigit():
-            steps.append(int(name[len(CHECKPOINT_PREFIX) :]))
-    for step in sorted(steps, reverse=True):
-        folder = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{step}")
-        problem = checkpoint_is_complete(folder)
-        if problem is None:
-            return folder
-        log(f"Skipping the incomplete checkpoint {folder}: {problem}.")
-    return None
-
-
 def resolve_resume(
     recipe: dict[str, Any], resume: str | None, overwrite: bool, path: Any, log: Any
 ) -> str | None:
@@ -273,6 +225,8 @@ def resolve_resume(
     if resume is None:
         recipe_value = training.get("resume_from_checkpoint")
         resume = "auto" if recipe_value is True else recipe_value or None
+    from .trainers.checkpoints import CHECKPOINT_PREFIX, checkpoint_is_complete, find_last_checkpoint
+
     output_dir = recipe["output_dir"]
     if resume == "auto":
         found = find_last_checkpoint(output_dir, log)

@@ -81,9 +81,23 @@ def load_official_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.T
     """The adapter tensors (prefix `module.` removed) and the training arguments of an official checkpoint."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"official LaVIN checkpoint {path} does not exist")
+    if os.path.getsize(path) == 0:
+        raise OfficialCheckpointError(f"{path} is empty (0 bytes): the download or copy was interrupted.")
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        raise OfficialCheckpointError(
+            f"{path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle): expected the "
+            "official checkpoint-N.pth."
+        )
     try:
         with torch.serialization.safe_globals(ALLOWED_GLOBALS):
             payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (EOFError, RuntimeError, KeyError, ValueError) as error:
+        raise OfficialCheckpointError(
+            f"{path} cannot be read as a PyTorch checkpoint ({type(error).__name__}: {str(error)[:200]}): it is "
+            "truncated or corrupt. Download it again."
+        ) from None
     except pickle.UnpicklingError as error:
         raise OfficialCheckpointError(
             f"{path} holds objects outside the allow-list ({[g.__name__ for g in ALLOWED_GLOBALS]} plus tensors "

@@ -20,6 +20,7 @@ from transformers import Trainer
 from ..modeling.crome import CromeForConditionalGeneration
 from ..modeling.frozen_backbones import ADAPTER_WEIGHTS_NAME
 from ..modeling.lavin import LavinForConditionalGeneration
+from .checkpoints import find_last_checkpoint
 
 logger = logging.getLogger(__name__)
 TRAINING_ARGS_NAME = "training_args.bin"
@@ -40,6 +41,13 @@ class AdapterTrainer(Trainer):
     """Trainer for models with frozen backbones and an adapter side that saves on its own."""
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
+        """`Trainer.train`; `resume_from_checkpoint=True` takes the last *complete* checkpoint of the output folder
+        (one killed while being written is skipped, with a log line), not merely the last one."""
+        if kwargs.get("resume_from_checkpoint") is True:
+            found = find_last_checkpoint(self.args.output_dir, log=logger.warning)
+            if found is None:
+                raise ValueError(f"No complete checkpoint in {self.args.output_dir} to resume from.")
+            kwargs["resume_from_checkpoint"] = found
         if hasattr(self._unwrapped(), "freeze_backbones"):
             self._unwrapped().freeze_backbones()  # base weights never train, even after in-place quantisation
         report = trainable_report(self._unwrapped())
