@@ -321,3 +321,45 @@ def test_generation_timeout_stops_and_says_so(checkpoint):
     answers = list(chat({"text": "the capital of", "files": []}, [], 200))
     assert "generation time limit was reached" in answers[-1]
     assert len(processor.tokenizer(answers[-2])["input_ids"]) < 50  # stopped long before 200 tokens
+
+
+def test_eight_concurrent_clients_with_mixed_requests_are_all_answered(app):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client, handle_file
+
+    def ask(index: int) -> str:
+        client = Client(app, verbose=False)
+        files = [handle_file(EXAMPLE)] if index % 2 else []
+        text = "what color is the shape?" if index % 2 else "the capital of france is"
+        return client.predict({"text": text, "files": files}, 4, 0.0, 0.9, api_name="/chat")
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(ask, range(8)))
+    assert len(answers) == 8
+    assert all(answer and not answer.startswith("⚠️") for answer in answers), answers
+
+
+def test_a_conversation_longer_than_the_context_is_refused_at_once(checkpoint):
+    model = LavinForConditionalGeneration.from_pretrained(checkpoint)
+    processor = LavinProcessor.from_pretrained(checkpoint)
+    chat = make_chat_fn(model, processor, DemoLimits(max_new_tokens=64))
+    calls = []
+    model.generate = lambda **kwargs: calls.append(kwargs)  # must not be reached
+    long_text = " ".join(["the capital of france is paris"] * 80)  # far past the tiny LLM's 256 positions
+    message = list(chat({"text": long_text, "files": []}, [], 64))
+    assert message[-1].startswith("⚠️") and "fills the model's context" in message[-1]
+    assert calls == []
+
+
+def test_demo_on_a_taken_port_is_a_clear_error_before_loading(checkpoint, monkeypatch, capsys):
+    import mmadapters.demo as demo
+    from mmadapters.cli import main
+
+    monkeypatch.setattr(demo, "load_demo_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["demo", checkpoint, "--port", str(port)]) == 2
+    assert f"Port {port} on 127.0.0.1 is in use" in capsys.readouterr().err

@@ -8,7 +8,9 @@ import logging
 import os
 import sys
 
+from .errors import MMAdaptersError
 from .hub import check_checkpoint_name
+from .validation import non_negative_int, positive_float, positive_int
 
 
 def _quickstart(args: argparse.Namespace) -> None:
@@ -399,38 +401,6 @@ def build_parser() -> argparse.ArgumentParser:
 QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (a count of steps, questions, tokens, retries' attempts...)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0 (retries)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
-
-
 def quiet_library_logs() -> None:
     if os.environ.get("MMADAPTERS_VERBOSE") != "1":
         for name in QUIET_LOGGERS:
@@ -448,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().parse_args(argv)  # reports the unknown arguments the usual way
     try:
         args.run(args, extra) if getattr(args, "passes_extra", False) else args.run(args)
-    except (RecipeError, FileNotFoundError, ValueError, PushError) as error:
+    except (MMAdaptersError, RecipeError, FileNotFoundError, ValueError, PushError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

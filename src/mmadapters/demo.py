@@ -21,9 +21,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import MMAdaptersError
 from .hub import SPACE_SETTINGS_NAME, check_checkpoint_name
 from .modeling.image_tokens import ImageTokenMismatchError
 from .processing import InvalidImageError, PromptTooLongError, load_image
+from .validation import port_number, positive_float, positive_int
 
 MODEL_ENV = "MMADAPTERS_MODEL"
 QUICKSTART_CHECKPOINT = os.path.join("quickstart_output", "checkpoint")
@@ -186,6 +188,15 @@ def build_conversation(
 USER_ERRORS = (InvalidImageError, ImageTokenMismatchError, PromptTooLongError, ValueError)
 
 
+def context_room(model: Any, prompt_length: int) -> int | None:
+    """How many tokens the LLM's context has left after a prompt (None if the LLM states no limit)."""
+    limit = getattr(model.config.text_config, "max_position_embeddings", None)
+    if limit is None or getattr(model, "is_encoder_decoder_llm", False):
+        return None
+    offset = 1 if model.config.model_type == "lavin" else 0  # LaVIN's modality token takes position 0
+    return limit - offset - prompt_length
+
+
 def make_chat_fn(model: Any, processor: Any, limits: DemoLimits):
     """The generator gradio calls: yields the growing answer (streaming), or one readable error message."""
     from transformers import TextIteratorStreamer
@@ -205,6 +216,17 @@ def make_chat_fn(model: Any, processor: Any, limits: DemoLimits):
             yield f"{ERROR_MARK} {error}"
             return
         max_new_tokens = max(1, min(int(max_new_tokens), limits.max_new_tokens))
+        # Refused at once when the conversation leaves no room in the LLM's context (no long doomed generation);
+        # otherwise the answer is capped to the room left.
+        room = context_room(model, inputs["input_ids"].shape[1])
+        if room is not None and room < 1:
+            yield (
+                f"{ERROR_MARK} The conversation is {inputs['input_ids'].shape[1]} tokens long and fills the model's "
+                "context: clear the chat and start again with a shorter question."
+            )
+            return
+        if room is not None:
+            max_new_tokens = min(max_new_tokens, room)
         sampling = {"do_sample": False}
         if temperature and temperature > 0:
             sampling = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p)}
@@ -309,11 +331,30 @@ def parse_args(argv: list[str] | None = None, kind: str = "lavin") -> argparse.N
         "--kind", default=kind, choices=["lavin", "crome"], help="model for the embedded default"
     )
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
-    parser.add_argument("--max-new-tokens", type=int, default=DemoLimits.max_new_tokens)
-    parser.add_argument("--timeout", type=float, default=DemoLimits.timeout_s, help="generation timeout (s)")
-    parser.add_argument("--concurrency", type=int, default=DemoLimits.concurrency)
+    parser.add_argument("--port", type=port_number, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--max-new-tokens", type=positive_int, default=DemoLimits.max_new_tokens)
+    parser.add_argument(
+        "--timeout", type=positive_float, default=DemoLimits.timeout_s, help="generation timeout (s)"
+    )
+    parser.add_argument("--concurrency", type=positive_int, default=DemoLimits.concurrency)
     return parser.parse_args(argv)
+
+
+class PortInUseError(MMAdaptersError, OSError):
+    """The demo's port is taken by another server."""
+
+
+def check_port_free(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise PortInUseError(
+                f"Port {port} on {host} is in use ({error.strerror}): pass --port with a free port, or stop the "
+                "server that holds it."
+            ) from None
 
 
 def launch(
@@ -322,6 +363,7 @@ def launch(
     """Load the model, build the app and serve it; prints the URL. Returns the running demo."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     args = parse_args(argv, kind)
+    check_port_free(args.host, args.port)  # before loading the model: a taken port is known at once
     limits = DemoLimits(
         max_new_tokens=args.max_new_tokens, timeout_s=args.timeout, concurrency=args.concurrency
     )

@@ -3,6 +3,7 @@ before any model loads, instead of surfacing as a comparison error deep inside t
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from typing import Any
 
@@ -53,3 +54,46 @@ def type_errors(owner: str, fields_of: type, values: dict[str, Any]) -> list[str
             expected = _DESCRIBED[types] + (" or null" if optional else "")
             errors.append(f"{owner}.{name} must be {expected}, got {value!r} ({type(value).__name__})")
     return errors
+
+
+# argparse types for the command-line numbers (a count of steps, questions, tokens, retries, a port).
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a count of steps, questions, tokens, retries' attempts...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (retries)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 1-65535."""
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number (1-65535), got {value}")
+    return value
