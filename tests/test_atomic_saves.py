@@ -122,3 +122,32 @@ def test_recover_keeps_the_staging_folder_of_a_live_writer(tmp_path):
     dead.mkdir()
     recover(tmp_path / "ckpt")
     assert live.is_dir() and not dead.exists()
+
+
+def test_a_full_disk_is_a_clear_error_and_keeps_the_old_checkpoint(tiny_backbones, tmp_path, monkeypatch):
+    import errno
+
+    import mmadapters.modeling.frozen_backbones as frozen_backbones
+    from mmadapters.atomic import DiskFullError
+
+    model = LavinForConditionalGeneration.from_backbones(*tiny_backbones).eval()
+    folder = tmp_path / "ckpt"
+    model.save_pretrained(folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(frozen_backbones, "save_file", no_space)
+    with pytest.raises(DiskFullError, match="disk is full.*previous content is intact"):
+        model.save_pretrained(folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_a_recipe_that_is_not_utf8_is_a_clear_error(tmp_path, capsys):
+    from mmadapters.cli import main
+
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(b"model: lavin\noutput_dir: \xff\xfe\n")
+    assert main(["train", str(path)]) == 2
+    assert "is not UTF-8 text" in capsys.readouterr().err

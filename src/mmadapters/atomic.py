@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import MMAdaptersError
 
 STAGING = ".staging-"
 PREVIOUS = ".previous-"
@@ -46,6 +49,10 @@ def replaced_by_model_save(name: str) -> bool:
 _RENAME_EXCHANGE = 2
 
 
+class DiskFullError(MMAdaptersError, OSError):
+    """A save ran out of disk space (the previous checkpoint is intact)."""
+
+
 @contextmanager
 def atomic_directory(
     target: str | os.PathLike, replaces: Callable[[str], bool] = replaced_by_model_save
@@ -64,6 +71,13 @@ def atomic_directory(
             _carry_over(target, staging, replaces)
         _fsync_tree(staging)
         _swap_in(staging, target)
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise DiskFullError(
+                f"The disk is full: {target} could not be saved. Its previous content is intact; free some space "
+                "(or save elsewhere) and save again."
+            ) from error
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -45,11 +45,15 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
 
     if not os.path.isfile(path):
         raise RecipeError(f"Recipe {path} does not exist.")
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         try:
             recipe = yaml.safe_load(f)
         except yaml.YAMLError as error:
             raise RecipeError(f"Recipe {path} is not valid YAML: {error}") from error
+        except UnicodeDecodeError as error:
+            raise RecipeError(
+                f"Recipe {path} is not UTF-8 text (byte {error.start}); save it as UTF-8."
+            ) from None
     if not isinstance(recipe, dict):
         raise RecipeError(f"Recipe {path} must be a mapping of keys {sorted(RECIPE_KEYS)}.")
     unknown = sorted(set(recipe) - RECIPE_KEYS)
