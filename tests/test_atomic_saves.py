@@ -151,3 +151,21 @@ def test_a_recipe_that_is_not_utf8_is_a_clear_error(tmp_path, capsys):
     path.write_bytes(b"model: lavin\noutput_dir: \xff\xfe\n")
     assert main(["train", str(path)]) == 2
     assert "is not UTF-8 text" in capsys.readouterr().err
+
+
+def test_processor_save_is_atomic_and_keeps_the_models_files(tiny_backbones, tmp_path, monkeypatch):
+    model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+    processor = LavinProcessor.from_backbones(*tiny_backbones)
+    folder = tmp_path / "ckpt"
+    model.save_pretrained(folder)
+    model_files = {p.name: p.read_bytes() for p in folder.iterdir()}
+    saved = processor.save_pretrained(folder)
+    assert all(os.path.dirname(path) == str(folder) for path in saved)
+    after = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert {k: after[k] for k in model_files} == model_files and "processor_config.json" in after
+    # Interrupted: nothing changes.
+    monkeypatch.setattr(builtins, "open", lambda *a, **k: (_ for _ in ()).throw(WriteFailure("stop")))
+    with pytest.raises(WriteFailure):
+        processor.save_pretrained(folder)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == after

@@ -4,6 +4,7 @@ Trainer state with a token), checked on the upload plan (no Hub needed) and on a
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -84,3 +85,13 @@ def test_trainer_checkpoint_holds_no_token_and_its_state_is_never_pushed(tiny_ba
     planned = plan(checkpoint)
     assert not {"training_args.bin", "optimizer.pt", "scheduler.pt", "trainer_state.json"} & planned
     assert "adapter_model.safetensors" in planned
+
+
+def test_a_space_folder_with_disguised_weights_is_refused(tmp_path):
+    from mmadapters.hub import push_space
+
+    space = tmp_path / "space"
+    shutil.copytree(os.path.join(os.path.dirname(__file__), "..", "spaces", "lavin"), space)
+    torch.save({"w": torch.zeros(2)}, space / "examples" / "notes.txt")
+    with pytest.raises(PushError, match="holds model weights"):
+        push_space(space, "me/space", model="me/repo", dry_run=True)

@@ -300,10 +300,11 @@ def space_files(folder: str, model: str, generated: str) -> dict[str, str]:
     with open(files["README.md"]) as f:
         if "sdk: gradio" not in f.read():
             raise PushError(f"{folder}/README.md has no `sdk: gradio` front matter.")
-    heavy = _weight_files(files)
+    heavy = _weight_files(files) + [path for path in files if looks_like_weights(files[path])]
     if heavy:
         raise PushError(
-            f"The Space folder holds model weights ({', '.join(heavy)}): a Space loads its model from a model repo."
+            f"The Space folder holds model weights ({', '.join(sorted(set(heavy)))}): a Space loads its model from a "
+            "model repo."
         )
     card = RepoCard.load(files["README.md"], repo_type="space")
     card.data.models = [model]

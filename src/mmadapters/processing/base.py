@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoImageProcessor, CLIPImageProcessorPil, PreTrainedConfig
 
+from ..atomic import atomic_directory
 from ..modeling.backbones import IMAGE_TOKEN, vision_config_of
 from ..modeling.image_tokens import ImageTokenMismatchError
 from .images import load_image
@@ -162,6 +163,18 @@ class AdapterProcessorMixin:
             if text and vision:
                 return cls.from_backbones(text, vision, num_image_tokens=config.num_image_tokens)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any
+    ) -> Any:
+        """`ProcessorMixin.save_pretrained`, atomically: a kill leaves the old processor files or the new ones, and
+        the folder's other files (a model saved there) are kept. `push_to_hub=True` is transformers' own path."""
+        if push_to_hub:
+            return super().save_pretrained(save_directory, push_to_hub=True, **kwargs)
+        with atomic_directory(save_directory, replaces=lambda name: False) as staging:
+            saved = super().save_pretrained(staging, **kwargs)
+        target = os.path.abspath(save_directory)
+        return [os.path.join(target, os.path.relpath(path, staging)) for path in saved or []]
 
     def _check_answers(self, answers: str | list[str] | None, texts: list[str]) -> list[str] | None:
         if answers is None:
