@@ -111,7 +111,15 @@ def test_push_then_pull_in_another_process_gives_identical_logits(hub, tiny_back
     assert config["text_backbone"]["revision"] == llm_commit  # Hub backbones are pinned to the loaded commit
 
     pushed = subprocess.run(
-        [sys.executable, "-m", "mmadapters.cli", "push", str(folder), "org/lavin-tiny"],
+        [
+            sys.executable,
+            "-m",
+            "mmadapters.cli",
+            "push",
+            str(folder),
+            "org/lavin-tiny",
+            "--allow-local-backbones",
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -144,7 +152,9 @@ def checkpoint(tiny_backbones, tmp_path):
 
 def test_dry_run_lists_files_and_contacts_nobody(hub, checkpoint, capsys):
     _, folder = checkpoint
-    planned = push_folder(folder, "org/x", dry_run=True, endpoint=hub.url, token=TOKEN)
+    planned = push_folder(
+        folder, "org/x", dry_run=True, endpoint=hub.url, token=TOKEN, allow_local_backbones=True
+    )
     names = {f.path for f in planned}
     assert {"config.json", "adapter_model.safetensors", "README.md"} <= names
     size = next(f.size for f in planned if f.path == "adapter_model.safetensors")
@@ -153,7 +163,7 @@ def test_dry_run_lists_files_and_contacts_nobody(hub, checkpoint, capsys):
 
     from mmadapters.cli import main
 
-    assert main(["push", folder, "org/x", "--dry-run"]) == 0
+    assert main(["push", folder, "org/x", "--dry-run", "--allow-local-backbones"]) == 0
     out = capsys.readouterr().out
     assert "adapter_model.safetensors" in out and "total" in out and hub.requests == []
 
@@ -163,15 +173,24 @@ def test_refuses_backbone_weights_unless_asked(hub, tiny_backbones, tmp_path):
     full = tmp_path / "full"
     model.save_pretrained(full, adapter_only=False)
     with pytest.raises(PushError, match="holds backbone weights"):
-        push_folder(full, "org/full", endpoint=hub.url, token=TOKEN)
+        push_folder(full, "org/full", endpoint=hub.url, token=TOKEN, allow_local_backbones=True)
     assert "org/full" not in hub.repos
-    push_folder(full, "org/full", endpoint=hub.url, token=TOKEN, include_backbone_weights=True)
+    push_folder(
+        full,
+        "org/full",
+        endpoint=hub.url,
+        token=TOKEN,
+        include_backbone_weights=True,
+        allow_local_backbones=True,
+    )
     assert "model.safetensors" in hub.repos["org/full"].commits[-1][1]
 
 
 def test_model_push_to_hub_private_and_existing_repo(hub, checkpoint, tiny_backbones):
     model, _ = checkpoint
-    url = model.push_to_hub("org/lavin", private=True, token=TOKEN, endpoint=hub.url)
+    url = model.push_to_hub(
+        "org/lavin", private=True, token=TOKEN, endpoint=hub.url, allow_local_backbones=True
+    )
     repo = hub.repos["org/lavin"]
     assert repo.private and url.endswith(repo.commits[-1][0])
     adapter_config = json.loads(repo.commits[-1][1]["adapter_config.json"])
@@ -181,14 +200,18 @@ def test_model_push_to_hub_private_and_existing_repo(hub, checkpoint, tiny_backb
         HfApi(endpoint=hub.url, token=False).model_info("org/lavin")
     # The repo exists: a second push adds a commit with the new files.
     processor = LavinProcessor.from_backbones(*tiny_backbones)
-    model.push_to_hub("org/lavin", processor=processor, token=TOKEN, endpoint=hub.url)
+    model.push_to_hub(
+        "org/lavin", processor=processor, token=TOKEN, endpoint=hub.url, allow_local_backbones=True
+    )
     assert len(repo.commits) == 3 and "processor_config.json" in repo.commits[-1][1]
 
 
 def test_transient_5xx_are_retried(hub, checkpoint):
     _, folder = checkpoint
     hub.fail_next = 2  # create_repo fails twice, then the server recovers
-    push_folder(folder, "org/retry", endpoint=hub.url, token=TOKEN, retry_wait=0.01)
+    push_folder(
+        folder, "org/retry", endpoint=hub.url, token=TOKEN, retry_wait=0.01, allow_local_backbones=True
+    )
     assert sum(1 for method, _ in hub.requests if method == "POST") >= 4
     assert "adapter_model.safetensors" in hub.repos["org/retry"].commits[-1][1]
 
@@ -197,14 +220,24 @@ def test_persistent_5xx_gives_a_clear_error(hub, checkpoint):
     _, folder = checkpoint
     hub.fail_next = 100
     with pytest.raises(PushError, match="Could not create the repo"):
-        push_folder(folder, "org/down", endpoint=hub.url, token=TOKEN, retries=2, retry_wait=0.01)
+        push_folder(
+            folder,
+            "org/down",
+            endpoint=hub.url,
+            token=TOKEN,
+            retries=2,
+            retry_wait=0.01,
+            allow_local_backbones=True,
+        )
 
 
 def test_wrong_token_is_refused_without_printing_it(hub, checkpoint):
     _, folder = checkpoint
     wrong = "hf_wrong_token_abcdefghijklmnop"
     with pytest.raises(PushError, match="refused the credentials") as error:
-        push_folder(folder, "org/auth", endpoint=hub.url, token=wrong, retry_wait=0.01)
+        push_folder(
+            folder, "org/auth", endpoint=hub.url, token=wrong, retry_wait=0.01, allow_local_backbones=True
+        )
     assert wrong not in str(error.value) and TOKEN not in str(error.value)
     assert "org/auth" not in hub.repos
 
@@ -216,7 +249,13 @@ def test_server_down_is_a_clear_error(checkpoint):
         port = s.getsockname()[1]
     with pytest.raises(PushError, match="Could not reach the Hub"):
         push_folder(
-            folder, "org/x", endpoint=f"http://127.0.0.1:{port}", token=TOKEN, retries=1, retry_wait=0.01
+            folder,
+            "org/x",
+            endpoint=f"http://127.0.0.1:{port}",
+            token=TOKEN,
+            retries=1,
+            retry_wait=0.01,
+            allow_local_backbones=True,
         )
 
 
@@ -254,7 +293,7 @@ def test_crome_checkpoint_card_and_push(tiny_backbones, tmp_path, hub):
     model.save_pretrained(folder)
     card = str(build_model_card(str(folder), "org/crome"))
     assert "CROME adapters" in card and "pipeline_tag: image-text-to-text" in card
-    push_folder(folder, "org/crome", endpoint=hub.url, token=TOKEN)
+    push_folder(folder, "org/crome", endpoint=hub.url, token=TOKEN, allow_local_backbones=True)
     files = hub.repos["org/crome"].commits[-1][1]
     assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == "org/crome"
     assert b"CROME adapters" in files["README.md"]

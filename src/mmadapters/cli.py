@@ -192,6 +192,7 @@ def _push(args: argparse.Namespace) -> None:
         private=True if args.private else None,
         commit_message=args.commit_message,
         include_backbone_weights=args.include_backbone_weights,
+        allow_local_backbones=args.allow_local_backbones,
         dry_run=args.dry_run,
         retries=args.retries,
     )
@@ -352,6 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--commit-message")
     push.add_argument(
         "--include-backbone-weights", action="store_true", help="allow a full checkpoint (backbone weights)"
+    )
+    push.add_argument(
+        "--allow-local-backbones",
+        action="store_true",
+        help="push even though config.json names a backbone by a path on this machine",
     )
     push.add_argument(
         "--retries", type=non_negative_int, default=4, help="retries of transient failures (5xx, network)"

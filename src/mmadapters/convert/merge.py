@@ -27,6 +27,7 @@ from transformers import AutoTokenizer, PreTrainedModel
 
 from ..atomic import atomic_directory, check_output_folder
 from ..modeling.adapters.injection import DecoderLayerAdapters, find_decoder_layers
+from ..modeling.embedded import resolve_backbone_name
 from ..modeling.lavin import LavinForConditionalGeneration
 from ..processing.base import build_chat_template
 
@@ -150,7 +151,7 @@ def merge_checkpoint(
     text_revision = None if text_model else model.config.text_backbone.get("revision")
     language_model = merge_lavin_adapters(model, modality)
     language_model.generation_config = model.generation_config
-    tokenizer = AutoTokenizer.from_pretrained(text_backbone, revision=text_revision)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_backbone_name(text_backbone), revision=text_revision)
     tokenizer.chat_template = build_chat_template(tokenizer, "Image: <image>\n", "Image: N/A\n")
     with atomic_directory(output_dir) as staging:  # all or nothing: see mmadapters.atomic
         language_model.save_pretrained(staging)

@@ -189,8 +189,29 @@ def _plan(files: dict[str, str]) -> list[PlannedFile]:
     return [PlannedFile(path, os.path.getsize(files[path])) for path in sorted(files)]
 
 
+def check_portable_backbones(config_path: str) -> None:
+    """Refuse a checkpoint whose config.json names a backbone by a path on this machine: the pushed repo would
+    load nowhere else."""
+    with open(config_path) as f:
+        config = json.load(f)
+    for role in ("text", "vision"):
+        name = (config.get(f"{role}_backbone") or {}).get("name_or_path")
+        if name and (os.path.isabs(name) or name.startswith((".", "~")) or os.path.isdir(name)):
+            raise PushError(
+                f"config.json names the {role} backbone by a path on this machine ({name}): the repo would not load "
+                "anywhere else. Point it at the Hub id of that backbone and save again: "
+                f"`model = Model.from_pretrained(folder, {role}_model='org/name')` (the fingerprint check confirms "
+                "it is the same backbone), then `model.save_pretrained(folder)`. Or pass --allow-local-backbones "
+                "(`allow_local_backbones=True`) if the repo is only for machines that have that path."
+            )
+
+
 def checkpoint_files(
-    folder: str, repo_id: str, generated: str, include_backbone_weights: bool = False
+    folder: str,
+    repo_id: str,
+    generated: str,
+    include_backbone_weights: bool = False,
+    allow_local_backbones: bool = False,
 ) -> dict[str, str]:
     """What a checkpoint push uploads, checked (an adapter-only folder unless told): {path in the repo: local
     path}. The folder's files are uploaded from where they are; the model card (unless the folder has a
@@ -201,6 +222,8 @@ def checkpoint_files(
         )
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise PushError(f"{folder} has no config.json: it is not an mmadapters checkpoint folder.")
+    if not allow_local_backbones:
+        check_portable_backbones(os.path.join(folder, "config.json"))
     files = _folder_files(folder, (".git", ".cache"))
     check_checkpoint_contents(files, include_backbone_weights)
     heavy = _weight_files(files)
@@ -262,6 +285,7 @@ def push_folder(
     token: str | None = None,
     commit_message: str | None = None,
     include_backbone_weights: bool = False,
+    allow_local_backbones: bool = False,
     dry_run: bool = False,
     retries: int = 4,
     retry_wait: float = 1.0,
@@ -270,7 +294,9 @@ def push_folder(
     """Upload an adapter-only checkpoint folder to `repo_id` (created if needed; an existing repo gets a new
     commit). Returns the commit URL, or with `dry_run=True` the planned files without contacting the Hub."""
     with tempfile.TemporaryDirectory() as generated:
-        files = checkpoint_files(os.fspath(folder), repo_id, generated, include_backbone_weights)
+        files = checkpoint_files(
+            os.fspath(folder), repo_id, generated, include_backbone_weights, allow_local_backbones
+        )
         if dry_run:
             return _plan(files)
         return _upload(

@@ -23,6 +23,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from .embedded import portable_name, resolve_backbone_name
 from .loading import BackboneLoadOptions, LoadingOptionError
 
 # How many tensors the fingerprint samples values from, and which flat positions.
@@ -82,7 +83,7 @@ def load_text_backbone(
     if isinstance(spec, PreTrainedConfig):
         model = _text_class_for(spec).from_config(spec, **_from_config_kwargs("text", options))
         return _place(model, device_map, options), None
-    name = os.fspath(spec)
+    name = resolve_backbone_name(os.fspath(spec))
     revision = resolve_hub_revision(name, revision, options.hub_kwargs())
     config = _backbone_config(name, revision, options, "text")
     model = _text_class_for(config).from_pretrained(
@@ -127,7 +128,7 @@ def load_vision_backbone(
         config = vision_config_of(spec)
         model = _vision_class_for(config)._from_config(config, **_from_config_kwargs("vision", options))
         return _place(model, device_map, options), None
-    name = os.fspath(spec)
+    name = resolve_backbone_name(os.fspath(spec))
     revision = resolve_hub_revision(name, revision, options.hub_kwargs())
     full_config = _backbone_config(name, revision, options, "vision")
     config = vision_config_of(full_config)
@@ -232,7 +233,7 @@ def adopt_backbone(
             raise LoadingOptionError(f"The {role} backbone is quantised: its dtype cannot be changed.")
         model.to(options.dtype)
     freeze(model)
-    name = model.name_or_path or getattr(model.config, "_name_or_path", "")
+    name = portable_name(model.name_or_path or getattr(model.config, "_name_or_path", ""))
     if not name:
         return model, None
     if quantized:
@@ -267,7 +268,9 @@ def resolve_hub_revision(
 
 
 def _reference(name: str, revision: str | None, model: PreTrainedModel) -> BackboneReference:
-    # Hub backbones are pinned to the commit that was loaded (see resolve_hub_revision).
+    # Hub backbones are pinned to the commit that was loaded (see resolve_hub_revision); the embedded ones are
+    # recorded by their portable names.
+    name = portable_name(name)
     if is_quantized(model):
         method = getattr(getattr(model.config, "quantization_config", None), "quant_method", "quantised")
         note = f"loaded {method}-quantised: no fingerprint (the quantised values are not the checkpoint's)"
@@ -399,7 +402,7 @@ def tokenizer_for(text_model: str, revision: str | None = None) -> Any:
     """The tokenizer of `text_model`, with the image placeholder registered."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(text_model, revision=revision)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_backbone_name(text_model), revision=revision)
     add_image_token(tokenizer)
     return tokenizer
 

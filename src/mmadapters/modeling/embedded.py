@@ -31,6 +31,37 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MMADAPTERS_CACHE", Path.home() / ".cache" / "mmadapters"))
 
 
+# Checkpoints built on the embedded backbones name them by these portable names, which every installation of the
+# package resolves to its own cache (a machine path such as ~/.cache/mmadapters/... would load nowhere else).
+EMBEDDED_SCHEME = "mmadapters://embedded/"
+
+
+def portable_name(name_or_path: str) -> str:
+    """`mmadapters://embedded/<folder>` for a path to one of the embedded backbones, else the name unchanged."""
+    if os.path.isdir(name_or_path):
+        folder = Path(name_or_path).resolve()
+        for known in (SMOLLM2_DIR, VISION_DIR):
+            if folder == (cache_dir() / known).resolve():
+                return EMBEDDED_SCHEME + known
+    return name_or_path
+
+
+def resolve_backbone_name(name: str) -> str:
+    """A backbone name as loadable: an embedded backbone's portable name becomes its folder here (set up on first
+    use); any other name (Hub id, folder) is returned unchanged."""
+    if not name.startswith(EMBEDDED_SCHEME):
+        return name
+    folder = name.removeprefix(EMBEDDED_SCHEME)
+    text_dir, vision_dir = embedded_backbones()
+    by_folder = {SMOLLM2_DIR: text_dir, VISION_DIR: vision_dir}
+    if folder not in by_folder:
+        raise ValueError(
+            f"{name} names an embedded backbone this version of mmadapters does not ship ({sorted(by_folder)}): "
+            "upgrade mmadapters, or pass the backbone with text_model= / vision_model=."
+        )
+    return by_folder[folder]
+
+
 def embedded_backbones() -> tuple[str, str]:
     """Local paths `(text_model, vision_model)` of the embedded backbones, set up on first use."""
     root = cache_dir()

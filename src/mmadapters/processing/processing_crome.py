@@ -13,6 +13,7 @@ from typing import Any, Literal
 from transformers import AutoConfig, AutoTokenizer, BatchFeature, PreTrainedConfig, ProcessorMixin
 
 from ..modeling.backbones import IMAGE_TOKEN, add_image_token
+from ..modeling.embedded import resolve_backbone_name
 from .base import (
     CLIP_MEAN,
     CLIP_STD,
@@ -78,6 +79,8 @@ class CromeProcessor(AdapterProcessorMixin, ProcessorMixin):
     ) -> CromeProcessor:
         """The processor for a CROME built on these backbones. `num_image_tokens` defaults to 32 queries plus the
         tower's patches (the default patch branch); pass `model.config.num_image_tokens` when in doubt."""
+        text_model = resolve_backbone_name(text_model) if isinstance(text_model, str) else text_model
+        vision_model = resolve_backbone_name(vision_model) if isinstance(vision_model, str) else vision_model
         if isinstance(text_model, PreTrainedConfig):
             raise ValueError("CromeProcessor needs a tokenizer: pass the LLM as a Hub id or a local folder.")
         tokenizer = AutoTokenizer.from_pretrained(text_model, revision=revision)

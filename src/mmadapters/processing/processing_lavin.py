@@ -13,6 +13,7 @@ from typing import Any, Literal
 from transformers import AutoConfig, AutoTokenizer, BatchFeature, PreTrainedConfig, ProcessorMixin
 
 from ..modeling.backbones import IMAGE_TOKEN, add_image_token, vision_config_of
+from ..modeling.embedded import resolve_backbone_name
 from ..modeling.lavin.configuration_lavin import default_vision_feature_layers
 from .base import (
     IGNORE_INDEX,
@@ -81,6 +82,8 @@ class LavinProcessor(AdapterProcessorMixin, ProcessorMixin):
         bicubic, no crop, ImageNet statistics; the
         tower's own resolution for towers other than ViT-L/14 at 224), which converted official checkpoints need.
         """
+        text_model = resolve_backbone_name(text_model) if isinstance(text_model, str) else text_model
+        vision_model = resolve_backbone_name(vision_model) if isinstance(vision_model, str) else vision_model
         if isinstance(text_model, PreTrainedConfig):
             raise ValueError("LavinProcessor needs a tokenizer: pass the LLM as a Hub id or a local folder.")
         tokenizer = AutoTokenizer.from_pretrained(text_model, revision=revision)

@@ -9,6 +9,7 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from ..adapters import CromeAdapterConfig
+from ..backbone_names import with_recorded_backbone_names
 
 STAGES = ("pretrain", "instruct", "finetune")
 
@@ -84,6 +85,11 @@ class CromeConfig(PreTrainedConfig):
     @property
     def num_patches(self) -> int:
         return (self.vision_config.image_size // self.vision_config.patch_size) ** 2
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as saved: the backbones' sub-configs name them as recorded in `text_backbone` /
+        `vision_backbone` (a portable name or Hub id), never by the path they were loaded from on this machine."""
+        return with_recorded_backbone_names(super().to_dict())
 
     @property
     def num_image_tokens(self) -> int:

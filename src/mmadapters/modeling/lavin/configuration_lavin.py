@@ -9,6 +9,7 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from ..adapters import MMAdapterConfig
+from ..backbone_names import with_recorded_backbone_names
 
 
 def default_vision_feature_layers(num_vision_layers: int) -> list[int]:
@@ -97,6 +98,11 @@ class LavinConfig(PreTrainedConfig):
             self.image_token_id = self.text_config.vocab_size
         # Output embeddings are tied (or not) inside the LLM itself; follow it, as LLaVA does.
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as saved: the backbones' sub-configs name them as recorded in `text_backbone` /
+        `vision_backbone` (a portable name or Hub id), never by the path they were loaded from on this machine."""
+        return with_recorded_backbone_names(super().to_dict())
 
     @property
     def num_image_tokens(self) -> int:

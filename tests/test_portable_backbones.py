@@ -1,0 +1,68 @@
+"""Checkpoints built on the embedded backbones name them portably (any installation resolves them), and a push
+refuses a checkpoint whose backbones are paths on this machine."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import save_tiny_llm, save_tiny_vision
+
+from mmadapters import LavinForConditionalGeneration, LavinProcessor
+from mmadapters.hub import push_folder
+from mmadapters.hub.push import PushError
+from mmadapters.modeling.embedded import EMBEDDED_SCHEME, SMOLLM2_DIR, VISION_DIR, embedded_backbones
+
+IDS = torch.tensor([[1, 40, 50, 60]])
+
+
+@pytest.fixture()
+def embedded_cache(tmp_path, monkeypatch):
+    """A stand-in embedded cache holding tiny backbones (the real ones are converted by the integration tests)."""
+    cache = tmp_path / "cache-a"
+    save_tiny_llm(cache / SMOLLM2_DIR)
+    save_tiny_vision(cache / VISION_DIR)
+    monkeypatch.setenv("MMADAPTERS_CACHE", str(cache))
+    return cache
+
+
+def test_embedded_backbones_are_recorded_by_portable_names(embedded_cache, tmp_path, monkeypatch):
+    text_model, vision_model = embedded_backbones()
+    model = LavinForConditionalGeneration.from_backbones(text_model, vision_model).eval()
+    model.save_pretrained(
+        tmp_path / "ckpt", processor=LavinProcessor.from_backbones(text_model, vision_model)
+    )
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["text_backbone"]["name_or_path"] == EMBEDDED_SCHEME + SMOLLM2_DIR
+    assert config["vision_backbone"]["name_or_path"] == EMBEDDED_SCHEME + VISION_DIR
+    assert str(embedded_cache) not in (tmp_path / "ckpt" / "config.json").read_text()
+
+    # "Another machine": the cache lives elsewhere; the checkpoint still loads, checked by fingerprint.
+    other = tmp_path / "cache-b"
+    shutil.copytree(embedded_cache, other)
+    shutil.rmtree(embedded_cache)
+    monkeypatch.setenv("MMADAPTERS_CACHE", str(other))
+    loaded = LavinForConditionalGeneration.from_pretrained(tmp_path / "ckpt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=IDS).logits, model(input_ids=IDS).logits, rtol=0, atol=0)
+    assert LavinProcessor.from_pretrained(tmp_path / "ckpt") is not None
+    # A portable checkpoint pushes without --allow-local-backbones.
+    assert {f.path for f in push_folder(tmp_path / "ckpt", "me/lavin", dry_run=True)} >= {"config.json"}
+
+
+def test_push_refuses_backbones_named_by_local_paths(tiny_backbones, tmp_path):
+    model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+    model.save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(PushError, match="path on this machine.*text_model='org/name'"):
+        push_folder(tmp_path / "ckpt", "me/lavin", dry_run=True)
+    planned = push_folder(tmp_path / "ckpt", "me/lavin", dry_run=True, allow_local_backbones=True)
+    assert any(f.path == "adapter_model.safetensors" for f in planned)
+
+
+def test_an_unknown_embedded_name_is_a_clear_error(tmp_path, embedded_cache):
+    from mmadapters.modeling.embedded import resolve_backbone_name
+
+    with pytest.raises(ValueError, match="does not ship"):
+        resolve_backbone_name(EMBEDDED_SCHEME + "some-future-backbone")
