@@ -66,3 +66,40 @@ def test_an_unknown_embedded_name_is_a_clear_error(tmp_path, embedded_cache):
 
     with pytest.raises(ValueError, match="does not ship"):
         resolve_backbone_name(EMBEDDED_SCHEME + "some-future-backbone")
+
+
+def test_push_to_hub_takes_transformers_keywords(tiny_backbones, monkeypatch):
+    from huggingface_hub import CommitInfo, HfApi
+
+    seen = {}
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        seen.update(kwargs, files={op.path_in_repo: op.path_or_fileobj for op in operations})
+        card = next(op for op in operations if op.path_in_repo == "README.md")
+        with open(card.path_or_fileobj) as f:
+            seen["card"] = f.read()
+        return CommitInfo(
+            commit_url="https://huggingface.co/org/lavin/commit/1111",
+            commit_message="m",
+            commit_description="",
+            oid="1" * 40,
+            pr_url="https://huggingface.co/org/lavin/discussions/1",
+        )
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, *a, **k: None)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+    url = model.push_to_hub(
+        "org/lavin",
+        create_pr=True,
+        revision="dev",
+        commit_description="why",
+        tags=["scienceqa"],
+        allow_local_backbones=True,
+        token="hf_x",
+    )
+    assert url == "https://huggingface.co/org/lavin/discussions/1"
+    assert seen["create_pr"] is True and seen["revision"] == "dev" and seen["commit_description"] == "why"
+    assert "- scienceqa" in seen["card"]
+    with pytest.raises(ValueError, match="max_shard_size applies to full checkpoints"):
+        model.push_to_hub("org/lavin", max_shard_size="1GB", allow_local_backbones=True)

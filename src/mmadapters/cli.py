@@ -195,6 +195,10 @@ def _push(args: argparse.Namespace) -> None:
         allow_local_backbones=args.allow_local_backbones,
         dry_run=args.dry_run,
         retries=args.retries,
+        create_pr=args.create_pr,
+        revision=args.revision,
+        commit_description=args.commit_description,
+        tags=args.tags,
     )
     if args.dry_run:
         print(f"Would upload to {args.repo_id}:\n{format_plan(result)}")
@@ -219,6 +223,10 @@ def _push_space(args: argparse.Namespace) -> None:
         private=True if args.private else None,
         dry_run=args.dry_run,
         retries=args.retries,
+        create_pr=args.create_pr,
+        revision=args.revision,
+        commit_description=args.commit_description,
+        tags=args.tags,
     )
     if args.dry_run:
         print(f"Would upload to the Space {args.repo_id}:\n{format_plan(result)}")
@@ -351,6 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--dry-run", action="store_true", help="list the files and sizes; upload nothing")
     push.add_argument("--private", action="store_true", help="create the repo private")
     push.add_argument("--commit-message")
+    push.add_argument("--commit-description")
+    push.add_argument(
+        "--create-pr", action="store_true", help="open a pull request instead of committing to the branch"
+    )
+    push.add_argument("--revision", help="the branch to commit to (default: main)")
+    push.add_argument("--tags", nargs="+", help="tags added to the generated model card")
     push.add_argument(
         "--include-backbone-weights", action="store_true", help="allow a full checkpoint (backbone weights)"
     )

@@ -212,6 +212,7 @@ def checkpoint_files(
     generated: str,
     include_backbone_weights: bool = False,
     allow_local_backbones: bool = False,
+    tags: list[str] | None = None,
 ) -> dict[str, str]:
     """What a checkpoint push uploads, checked (an adapter-only folder unless told): {path in the repo: local
     path}. The folder's files are uploaded from where they are; the model card (unless the folder has a
@@ -235,7 +236,12 @@ def checkpoint_files(
         )
     if "README.md" not in files:
         files["README.md"] = os.path.join(generated, "README.md")
-        build_model_card(folder, repo_id).save(files["README.md"])
+        card = build_model_card(folder, repo_id)
+        card.data.tags = [
+            *(card.data.tags or []),
+            *[t for t in tags or [] if t not in (card.data.tags or [])],
+        ]
+        card.save(files["README.md"])
     if "adapter_config.json" in files:
         with open(files["adapter_config.json"]) as f:
             values = json.load(f)
@@ -290,12 +296,17 @@ def push_folder(
     retries: int = 4,
     retry_wait: float = 1.0,
     endpoint: str | None = None,
+    create_pr: bool = False,
+    revision: str | None = None,
+    commit_description: str | None = None,
+    tags: list[str] | None = None,
 ) -> list[PlannedFile] | str:
     """Upload an adapter-only checkpoint folder to `repo_id` (created if needed; an existing repo gets a new
-    commit). Returns the commit URL, or with `dry_run=True` the planned files without contacting the Hub."""
+    commit). Returns the commit URL (the pull request's with `create_pr=True`), or with `dry_run=True` the planned
+    files without contacting the Hub. `revision`: the branch to commit to; `tags`: added to the model card's."""
     with tempfile.TemporaryDirectory() as generated:
         files = checkpoint_files(
-            os.fspath(folder), repo_id, generated, include_backbone_weights, allow_local_backbones
+            os.fspath(folder), repo_id, generated, include_backbone_weights, allow_local_backbones, tags
         )
         if dry_run:
             return _plan(files)
@@ -308,6 +319,7 @@ def push_folder(
             retries,
             retry_wait,
             endpoint,
+            {"create_pr": create_pr, "revision": revision, "commit_description": commit_description},
         )
 
 
@@ -378,9 +390,10 @@ def _upload(
     retries: int,
     retry_wait: float,
     endpoint: str | None,
+    commit_kwargs: dict[str, Any] | None = None,
 ) -> str:
     """Create the repo (or keep the existing one) and commit `files` ({path in the repo: local path}), retrying
-    transient failures."""
+    transient failures. `commit_kwargs`: `create_pr`, `revision`, `commit_description` of `create_commit`."""
     from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
 
     endpoint = endpoint or constants.ENDPOINT
@@ -402,10 +415,15 @@ def _upload(
             CommitOperationAdd(path_in_repo=path, path_or_fileobj=local) for path, local in files.items()
         ]
         return api.create_commit(
-            repo_id, operations=operations, commit_message=commit_message, repo_type=repo_type
+            repo_id,
+            operations=operations,
+            commit_message=commit_message,
+            repo_type=repo_type,
+            **{k: v for k, v in (commit_kwargs or {}).items() if v},
         )
 
-    return _with_retries(commit, "upload the files", endpoint, token, retries, retry_wait).commit_url
+    info = _with_retries(commit, "upload the files", endpoint, token, retries, retry_wait)
+    return info.pr_url or info.commit_url
 
 
 def format_plan(planned: list[PlannedFile]) -> str:

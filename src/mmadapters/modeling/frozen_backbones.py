@@ -454,17 +454,33 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         token: str | None = None,
         commit_message: str | None = None,
         adapter_only: bool = True,
+        create_pr: bool = False,
+        revision: str | None = None,
+        commit_description: str | None = None,
+        tags: list[str] | None = None,
+        max_shard_size: int | str | None = None,
         **kwargs: Any,
     ) -> str:
         """Upload the adapter-only checkpoint (with `processor` files when given, and a generated model card) to
-        `repo_id` on the Hub; returns the commit URL. See `mmadapters.hub.push_folder` for the options
-        (retries, `include_backbone_weights` for `adapter_only=False`)."""
+        `repo_id` on the Hub; returns the commit URL (the pull request's with `create_pr=True`).
+
+        transformers' keywords: `private`, `token`, `commit_message`, `commit_description`, `create_pr`,
+        `revision` (the branch), `tags` (added to the card) and `max_shard_size` (for `adapter_only=False`; an
+        adapter file is one small file). Other options of `mmadapters.hub.push_folder` pass through (retries,
+        `allow_local_backbones`, ...)."""
         import tempfile
 
         from ..hub import push_folder
 
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, adapter_only=adapter_only, processor=processor)
+        if max_shard_size is not None and adapter_only:
+            raise ValueError(
+                "max_shard_size applies to full checkpoints (adapter_only=False): an adapter-only checkpoint is one "
+                "small adapter_model.safetensors."
+            )
+        save_kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+        with tempfile.TemporaryDirectory() as scratch:
+            folder = os.path.join(scratch, "checkpoint")
+            self.save_pretrained(folder, adapter_only=adapter_only, processor=processor, **save_kwargs)
             return push_folder(
                 folder,
                 repo_id,
@@ -472,6 +488,10 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
                 token=token,
                 commit_message=commit_message,
                 include_backbone_weights=not adapter_only,
+                create_pr=create_pr,
+                revision=revision,
+                commit_description=commit_description,
+                tags=tags,
                 **kwargs,
             )
 
