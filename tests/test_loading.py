@@ -150,6 +150,9 @@ def test_device_map_dict_places_modules_as_asked(checkpoint):
     assert loaded.hf_device_map["vision_tower"] == "meta"
     with pytest.raises(LoadingOptionError, match="does not place every weight"):
         LavinForConditionalGeneration.from_pretrained(checkpoint[0], device_map={"language_model": "cpu"})
+    # Everything on the meta device (shapes only: instant, no memory), as transformers does with {"": "meta"}.
+    empty = LavinForConditionalGeneration.from_pretrained(checkpoint[0], device_map={"": "meta"})
+    assert {p.device.type for p in empty.parameters()} == {"meta"}
 
 
 def test_device_map_auto_splits_with_offload_and_runs_identically(checkpoint, inputs, tmp_path):
