@@ -242,3 +242,72 @@ def test_initialisation_survives_model_construction():
     assert (
         torch.count_nonzero(projector.bias) == 0 and projector.weight.std() > 0.05
     )  # Xavier, not N(0, 0.02)
+
+
+def test_concurrent_requests_route_independently(tiny_backbones, randomize_adapters):
+    """Two threads serve an image request and a text-only request on one model at the same time, over and over
+    (MLP-site adapters too, whose routing is handed over inside each layer call): each thread gets exactly the
+    sequential result, in forward and in generate (folded adapters)."""
+    import threading
+
+    from mmadapters import LavinProcessor
+
+    torch.manual_seed(0)
+    model = LavinForConditionalGeneration.from_backbones(
+        *tiny_backbones, adapter_config=MMAdapterConfig(placement="attn_mlp", temperature=1.0)
+    ).eval()
+    randomize_adapters(model, std=0.5)
+    processor = LavinProcessor.from_backbones(*tiny_backbones)
+    image = (torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    requests = {
+        "image": processor(images=[[image]], text=["Image: <image>\nwhat color is the shape?"]),
+        "text": processor(text=["Image: N/A\nthe capital of france is"]),
+    }
+    table = model.compute_routing_table()
+    assert (table[0] - table[1]).abs().max() > 1e-3  # the modalities really are routed differently
+    with torch.no_grad():
+        expected = {
+            k: (model(**v).logits, model.generate(**v, max_new_tokens=4, do_sample=False))
+            for k, v in requests.items()
+        }
+
+    mismatches: list[str] = []
+    start = threading.Barrier(2)
+
+    def serve(kind: str) -> None:
+        start.wait()
+        for _ in range(15):
+            with torch.no_grad():
+                logits = model(**requests[kind]).logits
+                tokens = model.generate(**requests[kind], max_new_tokens=4, do_sample=False)
+            if not torch.allclose(logits, expected[kind][0], atol=1e-6, rtol=0):
+                mismatches.append(f"{kind} logits")
+            if not torch.equal(tokens, expected[kind][1]):
+                mismatches.append(f"{kind} tokens")
+
+    threads = [threading.Thread(target=serve, args=(kind,)) for kind in requests]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not mismatches, mismatches[:5]
+
+
+def test_deepcopy_and_hook_removal(tiny_backbones):
+    import copy
+
+    model = LavinForConditionalGeneration.from_backbones(*tiny_backbones).eval()
+    ids = torch.tensor([[1, 40, 50, 60]])
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        torch.testing.assert_close(clone(input_ids=ids).logits, model(input_ids=ids).logits)
+        bare = model.language_model(input_ids=ids, position_ids=torch.arange(1, 5)[None]).logits
+        with_adapters = model(input_ids=ids).logits
+        randomize = torch.Generator().manual_seed(3)
+        for parameter in model.llm_adapters.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=randomize))
+        assert (model(input_ids=ids).logits - with_adapters).abs().max() > 1e-3  # the hooks act
+        model.remove_adapter_hooks()
+        torch.testing.assert_close(
+            model.language_model(input_ids=ids, position_ids=torch.arange(1, 5)[None]).logits, bare
+        )

@@ -26,7 +26,7 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel
 
 from ..atomic import atomic_directory, check_output_folder
-from ..modeling.adapters.injection import DecoderLayerAdapters, find_decoder_layers
+from ..modeling.adapters.injection import find_decoder_layers
 from ..modeling.embedded import resolve_backbone_name
 from ..modeling.lavin import LavinForConditionalGeneration
 from ..processing.base import build_chat_template
@@ -75,7 +75,7 @@ def merge_lavin_adapters(
                 projection.weight.copy_((weight @ affine).to(projection.weight.dtype))
                 projection.bias.copy_(new_bias.to(projection.bias.dtype))
 
-    _remove_adapter_hooks(layers)
+    model.remove_adapter_hooks()
     return language_model
 
 
@@ -113,20 +113,6 @@ def _enable_biases(language_model: PreTrainedModel, layers: nn.ModuleList, site_
                         ),
                         requires_grad=False,
                     )
-
-
-def _remove_adapter_hooks(layers: nn.ModuleList) -> None:
-    # The adapters were attached as hooks on self_attn (pre-hook) and post_attention_layernorm (hook); other
-    # hooks (accelerate's device placement, ...) stay.
-    for layer in layers:
-        mlp_norm = getattr(layer, "post_attention_layernorm", None)
-        for hooks in (layer.self_attn._forward_pre_hooks, mlp_norm._forward_hooks if mlp_norm else {}):
-            for key in [
-                k
-                for k, hook in hooks.items()
-                if isinstance(getattr(hook, "__self__", None), DecoderLayerAdapters)
-            ]:
-                del hooks[key]
 
 
 def merge_checkpoint(

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .call_state import hand_over, take_over
 from .config import MMAdapterConfig
 from .mm_adapter import MMAdapter
 
@@ -86,8 +87,8 @@ class DecoderLayerAdapters(nn.Module):
         rows = None if table is None else table[:, self.layer_index]  # (batch, sites, 2)
         if rows is not None:
             rows = rows.to(self.attn.down.weight.device)
-        if self.mlp is not None:  # the MLP runs next in this same layer call
-            self.mlp.routing_weights = None if rows is None else rows[:, 1]
+        if self.mlp is not None:  # the MLP runs next in this same layer call (per-thread hand-over)
+            hand_over(self, ("routing", None if rows is None else rows[:, 1]))
         attn_weights = None if rows is None else rows[:, 0]
         if "hidden_states" in kwargs:
             kwargs["hidden_states"] = self.attn.adapt(kwargs["hidden_states"], attn_weights)
@@ -104,7 +105,7 @@ class DecoderLayerAdapters(nn.Module):
         if up[0].device != hidden.device:  # a device map split the layers: bring this layer's rows over
             up, bias = [u.to(hidden.device) for u in up], [b.to(hidden.device) for b in bias]
         if self.mlp is not None:
-            self.mlp.folded = (up[1], bias[1])
+            hand_over(self, ("folded", (up[1], bias[1])))
         adapted = self.attn.forward_folded(hidden.to(up[0].dtype), up[0], bias[0]).to(hidden.dtype)
         if "hidden_states" in kwargs:
             kwargs["hidden_states"] = adapted
@@ -119,11 +120,11 @@ class DecoderLayerAdapters(nn.Module):
 
     def mlp_norm_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         """Forward hook on `post_attention_layernorm`: adapt the MLP input."""
-        if self.mlp.folded is not None:
-            up, bias = self.mlp.folded
-            self.mlp.folded = None
+        kind, value = take_over(self, ("routing", None))
+        if kind == "folded":
+            up, bias = value
             return self.mlp.forward_folded(output.to(up.dtype), up, bias).to(output.dtype)
-        return self.mlp.adapt(output, self.mlp.routing_weights)
+        return self.mlp.adapt(output, value)
 
 
 def find_decoder_layers(language_model: nn.Module, need_mlp_norm: bool = False) -> nn.ModuleList:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from transformers import initialization as init
 
+from .call_state import record_routing
 from .config import MMAdapterConfig
 
 
@@ -79,13 +80,6 @@ class MMAdapter(nn.Module):
         self.expert_b = GroupedLinear(config.r, hidden_size, config.groups)
         self.expert_d = GroupedLinear(config.r, hidden_size, config.groups)
         self.router = nn.Linear(hidden_size, 2)
-        # LLM side, MLP site only: routing weights for the current layer call, handed over by the attention
-        # site's hook of the same layer (see `DecoderLayerAdapters`).
-        self.routing_weights: torch.Tensor | None = None
-        self.folded: tuple[torch.Tensor, torch.Tensor] | None = None
-        # When True, self-routed weights are kept in `last_routing_weights` (used to build the routing table).
-        self.record_routing = False
-        self.last_routing_weights: torch.Tensor | None = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -112,8 +106,7 @@ class MMAdapter(nn.Module):
     def forward(self, x: torch.Tensor, routing_weights: torch.Tensor | None = None) -> torch.Tensor:
         if routing_weights is None:
             routing_weights = self.route(x)
-            if self.record_routing:
-                self.last_routing_weights = routing_weights
+            record_routing(self, routing_weights)  # collected by compute_routing_table (per thread)
         if routing_weights.dim() == 2:  # (batch, 2) -> (batch, 1, 2): one choice per sequence
             routing_weights = routing_weights.unsqueeze(1)
         hidden = self.dropout(self.down(x))

@@ -27,6 +27,7 @@ from ..adapters import (
     inject_decoder_adapters,
     inject_vision_adapters,
 )
+from ..adapters.call_state import recording_routing
 from ..backbones import BackboneReference, BackboneSpec, build_text_backbone, build_vision_backbone, freeze
 from ..causal_lm_output import VisionLanguageCausalLMOutput, causal_lm_output, image_features_output
 from ..frozen_backbones import FrozenBackbonesPreTrainedModel, adapter_settings
@@ -133,7 +134,8 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         self.llm_adapters = nn.ModuleList(
             DecoderLayerAdapters(text_width, adapter_config, index) for index in range(len(decoder_layers))
         )
-        inject_decoder_adapters(decoder_layers, self.llm_adapters)
+        # The hooks' handles, kept for remove_adapter_hooks (a plain list: not part of the state dict).
+        self._adapter_hook_handles = inject_decoder_adapters(decoder_layers, self.llm_adapters)
 
         # Vision side: one adapter per encoder layer, each image routed by its own CLS (or mean) token.
         self.vision_adapters = None
@@ -144,7 +146,7 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
                 MMAdapter(vision_width, adapter_config, router_token, adapter_config.official_vision_routing)
                 for _ in vision_layers
             )
-            inject_vision_adapters(vision_layers, self.vision_adapters)
+            self._adapter_hook_handles += inject_vision_adapters(vision_layers, self.vision_adapters)
 
         # Off by default (not in the paper): a fixed whitening of the visual features, for random towers.
         self.feature_whitening = (
@@ -208,6 +210,13 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
 
     def _position_offset(self) -> int:
         return 1  # position 0 belongs to the modality token
+
+    def remove_adapter_hooks(self) -> None:
+        """Detach the adapters from the backbones (the LLM and the tower then compute as without LaVIN); the
+        adapter modules stay. Used by the merged export, which folds the LLM adapters into the weights."""
+        for handle in self._adapter_hook_handles:
+            handle.remove()
+        self._adapter_hook_handles = []
 
     def own_layer_adapters(self) -> list[tuple[nn.Module, nn.Module]]:
         """Each LLM adapter with its decoder layer, each vision adapter with its encoder layer."""
@@ -294,20 +303,12 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         decoder = self.language_model.get_decoder()
         tokens = self.modality_embedding.weight.unsqueeze(1).to(self.get_input_embeddings().weight.dtype)
         position_ids = torch.zeros(2, 1, dtype=torch.long, device=tokens.device)
-        for adapter in adapters:
-            adapter.record_routing = True
-        try:
-            # One token per modality: never worth checkpointing (a recomputation would also re-run this pass).
-            with activation_checkpointing_paused(decoder):
-                decoder(inputs_embeds=tokens, position_ids=position_ids, use_cache=False)
-            # Adapters may sit on several devices (a split device map): gather the weights where the tokens are.
-            weights = torch.stack(
-                [adapter.last_routing_weights.to(tokens.device) for adapter in adapters], dim=1
-            )
-        finally:
-            for adapter in adapters:
-                adapter.record_routing = False
-                adapter.last_routing_weights = None
+        # Every adapter routes itself by the modality token; the weights are collected per thread (call_state).
+        # One token per modality: never worth checkpointing (a recomputation would also re-run this pass).
+        with recording_routing() as recorded, activation_checkpointing_paused(decoder):
+            decoder(inputs_embeds=tokens, position_ids=position_ids, use_cache=False)
+        # Adapters may sit on several devices (a split device map): gather the weights where the tokens are.
+        weights = torch.stack([recorded[id(adapter)].to(tokens.device) for adapter in adapters], dim=1)
         return weights.view(2, len(self.llm_adapters), len(self.llm_adapters[0].sites()), 2)
 
     def fold_llm_adapters(self) -> FoldedAdapters:
