@@ -8,7 +8,7 @@ OUTPUT_DIR ?= quickstart_output
 COMPAT_LOW := .venv-compat-lowest
 COMPAT_NEW := .venv-compat-newest
 
-.PHONY: setup browser quickstart test test-fast test-compat test-compat-lowest test-compat-newest test-conformance lint bench gpu-check clean
+.PHONY: setup browser quickstart test test-fast test-compat test-compat-lowest test-compat-newest test-conformance lint bench experiments gpu-check clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -60,8 +60,8 @@ test-conformance: setup
 	cd conformance && ../$(BIN)/python -m pytest -q -p no:cacheprovider -p no:warnings
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks conformance
-	$(BIN)/ruff format --check src tests benchmarks conformance
+	$(BIN)/ruff check src tests benchmarks experiments conformance
+	$(BIN)/ruff format --check src tests benchmarks experiments conformance
 
 bench: setup
 	$(BIN)/python benchmarks/parameter_counts.py
@@ -69,9 +69,12 @@ bench: setup
 	$(BIN)/python benchmarks/crome_costs.py
 	$(BIN)/python benchmarks/training_step.py
 	$(BIN)/python benchmarks/merged_export.py
-	$(BIN)/python benchmarks/vision_tower_probe.py
-	$(BIN)/python benchmarks/visual_pathway_oracle.py
-	$(BIN)/python benchmarks/feature_whitening.py
+
+# Research on the quickstart (what its random vision tower can teach; experiments/README.md): not product figures.
+experiments: setup
+	$(BIN)/python experiments/vision_tower_probe.py
+	$(BIN)/python experiments/visual_pathway_oracle.py
+	$(BIN)/python experiments/feature_whitening.py
 
 # The GPU check (benchmarks/gpu_check.py) at full size; run it on a machine with an NVIDIA GPU.
 gpu-check: setup

@@ -6,7 +6,7 @@ pretrained tower is available offline), and its CLS features are a large constan
 of about 5% of their norm, spread over directions whose variances span six orders of magnitude. The colour of
 an easy-vqa image is linearly decodable from them (0.97 on the test images), yet gradient descent through the
 projector does not find it within the quickstart's budget; after whitening, a projector-sized MLP learns colour
-and shape within 100 steps (benchmarks/feature_whitening.py). A pretrained CLIP does not need this.
+and shape within 100 steps (experiments/feature_whitening.py). A pretrained CLIP does not need this.
 
 The statistics (per feature layer: the mean and the PCA whitening matrix of the features of a set of unlabeled
 images) are fitted once, before training, like batch norm's running statistics but frozen; they are buffers,

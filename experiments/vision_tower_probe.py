@@ -7,7 +7,7 @@ statistics); a small MLP on [features ; bag-of-words of the question] is trained
 quickstart's budget (100 steps x 32 questions) and with a long budget (10 epochs). Test accuracy on 2,000 test
 questions measures the recipe, not LaVIN.
 
-    python benchmarks/vision_tower_probe.py
+    python experiments/vision_tower_probe.py
 """
 
 from __future__ import annotations

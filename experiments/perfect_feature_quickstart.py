@@ -6,7 +6,7 @@ from how much of its bounding box the shape fills (rectangle ~1, circle ~0.79, t
 random map, then LaVIN's own projector, LLM adapters and routing; everything else is `mmadapters quickstart`
 with the plain recipe (answer-word targets, no whitening, vision adapters on: its default when this was recorded).
 
-    python benchmarks/perfect_feature_quickstart.py [--train-steps 100] [--num-test 300]
+    python experiments/perfect_feature_quickstart.py [--train-steps 100] [--num-test 300]
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ forms of the same features: raw (what LaVIN's projector gets by default), standa
 whitened per layer by LaVIN's `feature_whitening`, fitted on the 4,000 train images as the quickstart does.
 Budgets: 100 steps and 10 epochs.
 
-    python benchmarks/feature_whitening.py
+    python experiments/feature_whitening.py
 """
 
 from __future__ import annotations

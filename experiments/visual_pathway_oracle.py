@@ -9,7 +9,7 @@ Both runs train LaVIN on easy-vqa *colour* questions only (the question alone ca
 If the oracle learns and the tower does not, the LLM side (projector, LLM adapters, routing) works and the random
 tower's features are the limit.
 
-    python benchmarks/visual_pathway_oracle.py [--steps 60]
+    python experiments/visual_pathway_oracle.py [--steps 60]
 """
 
 from __future__ import annotations

@@ -12,12 +12,12 @@ quarters of easy-vqa) at the question-only prior. Three changes to the training 
   features change only through them).
 `--perfect` replaces the tower's features by perfect_feature_quickstart.py's clean colour + shape code;
 `--whiten` builds LaVIN with `vision_feature_whitening=True`, fitted on the 4,000 easy-vqa train images (no
-labels) before training (see benchmarks/feature_whitening.py).
+labels) before training (see experiments/feature_whitening.py).
 Otherwise this is the quickstart's plain recipe (its default before the whitening: answer-word targets, vision
 adapters on; the same optimiser and 10% text-only samples), scored on
 `--num-test` test questions; the "before" evaluation and the text-only check are left out.
 
-    python benchmarks/quickstart_variants.py [--describe] [--balance] [--vision-lr-multiplier 30] [--perfect]
+    python experiments/quickstart_variants.py [--describe] [--balance] [--vision-lr-multiplier 30] [--perfect]
         [--whiten]
 """
 
