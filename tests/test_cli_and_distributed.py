@@ -96,7 +96,7 @@ def test_first_distinct_images_skips_text_rows_and_repeated_paths():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"model": "gpt"}, "`model` must be 'lavin' or 'crome'"),
+        ({"model": "gpt"}, "`model` must be one of ['crome', 'lavin']"),
         ({"data": {"name": "imagenet"}}, "data.name"),
         ({"optimizer": "adam"}, "unknown key"),
         ({"training": {"max_stepz": 1}}, "unknown field(s) ['max_stepz']"),
@@ -308,3 +308,17 @@ def test_quickstart_command_prints_no_library_warnings(tmp_path):
     assert "[6/6]" in output or "6/6" in output
     for marker in ("Warning", "deprecated", "kernels-community"):
         assert marker not in output, [line for line in output.splitlines() if marker in line][:3]
+
+
+def test_method_registry_builds_both_models_and_their_processors(tiny_backbones):
+    from mmadapters.methods import METHODS, method
+
+    assert sorted(METHODS) == ["crome", "lavin"]
+    for kind in METHODS:
+        model, processor = method(kind).build(*tiny_backbones)
+        assert isinstance(model, method(kind).model_class) and isinstance(
+            processor, method(kind).processor_class
+        )
+        assert processor.num_image_tokens == model.config.num_image_tokens
+    with pytest.raises(ValueError, match="the methods are \\['crome', 'lavin'\\]"):
+        method("blip")

@@ -77,23 +77,11 @@ def load_demo_model(model_name: str | None, kind: str = "lavin") -> tuple[Any, A
         model = AutoModelForImageTextToText.from_pretrained(model_name)
         return model.eval(), AutoProcessor.from_pretrained(model_name), model_name
 
+    from .methods import method
     from .modeling.embedded import embedded_backbones
 
     text_model, vision_model = embedded_backbones()
-    if kind == "crome":
-        from .modeling.crome import CromeForConditionalGeneration
-        from .processing import CromeProcessor
-
-        model = CromeForConditionalGeneration.from_backbones(text_model, vision_model)
-        processor = CromeProcessor.from_backbones(
-            text_model, vision_model, num_image_tokens=model.config.num_image_tokens
-        )
-    else:
-        from .modeling.lavin import LavinForConditionalGeneration
-        from .processing import LavinProcessor
-
-        model = LavinForConditionalGeneration.from_backbones(text_model, vision_model)
-        processor = LavinProcessor.from_backbones(text_model, vision_model)
+    model, processor = method(kind).build(text_model, vision_model)
     description = (
         f"untrained {kind} adapters around the embedded backbones (run `make quickstart` for a trained one)"
     )

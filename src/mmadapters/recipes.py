@@ -59,8 +59,12 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     unknown = sorted(set(recipe) - RECIPE_KEYS)
     if unknown:
         raise RecipeError(f"Recipe {path}: unknown key(s) {unknown}; known keys are {sorted(RECIPE_KEYS)}.")
-    if recipe.get("model") not in ("lavin", "crome"):
-        raise RecipeError(f"Recipe {path}: `model` must be 'lavin' or 'crome', got {recipe.get('model')!r}.")
+    from .methods import METHODS
+
+    if recipe.get("model") not in METHODS:
+        raise RecipeError(
+            f"Recipe {path}: `model` must be one of {sorted(METHODS)}, got {recipe.get('model')!r}."
+        )
     data = recipe.get("data")
     if not isinstance(data, dict) or data.get("name") not in DATA_NAMES:
         raise RecipeError(f"Recipe {path}: `data.name` must be one of {DATA_NAMES}.")
@@ -98,7 +102,7 @@ def recipe_errors(recipe: dict[str, Any]) -> list[str]:
 
     from transformers import TrainingArguments
 
-    from .modeling.adapters import CromeAdapterConfig, MMAdapterConfig
+    from .methods import method
     from .validation import type_errors
 
     errors = []
@@ -109,14 +113,15 @@ def recipe_errors(recipe: dict[str, Any]) -> list[str]:
     if not isinstance(adapter, dict):
         errors.append(f"`adapter` must be a mapping of adapter settings, got {adapter!r}")
     else:
-        config_class = MMAdapterConfig if recipe["model"] == "lavin" else CromeAdapterConfig
         try:
-            config_class.from_dict(adapter)
+            method(recipe["model"]).adapter_config_class.from_dict(adapter)
         except (ValueError, TypeError) as error:
             errors.append(f"`adapter`: {error}".rstrip("."))
     limit = recipe["data"].get("limit")
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         errors.append(f"`data.limit` must be a positive integer (or absent: all rows), got {limit!r}")
+    if recipe.get("init_from") and recipe["model"] != "crome":
+        errors.append("`init_from` (an InstructBLIP checkpoint) is CROME's; LaVIN starts from its backbones")
     if recipe["model"] == "crome" and recipe.get("stage", "finetune") not in (
         "pretrain",
         "instruct",
@@ -154,10 +159,7 @@ def resolve_backbones(recipe: dict[str, Any]) -> tuple[str, str]:
 
 
 def build_model_and_processor(recipe: dict[str, Any]) -> tuple[Any, Any]:
-    from .modeling.adapters import CromeAdapterConfig, MMAdapterConfig
-    from .modeling.crome import CromeForConditionalGeneration
-    from .modeling.lavin import LavinForConditionalGeneration
-    from .processing import CromeProcessor, LavinProcessor
+    from .methods import method
 
     if recipe.get("from_checkpoint"):  # continue from an earlier stage's (adapter-only) checkpoint
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -166,28 +168,15 @@ def build_model_and_processor(recipe: dict[str, Any]) -> tuple[Any, Any]:
         return model.train(), AutoProcessor.from_pretrained(recipe["from_checkpoint"])
     text_model, vision_model = resolve_backbones(recipe)
     adapter = recipe.get("adapter") or {}
-    if recipe["model"] == "lavin":
-        model = LavinForConditionalGeneration.from_backbones(
-            text_model,
-            vision_model,
-            adapter_config=MMAdapterConfig.from_dict(adapter),
-            vision_feature_whitening=bool(recipe.get("feature_whitening")),
-        )
-        return model, LavinProcessor.from_backbones(text_model, vision_model)
-    if recipe.get("init_from"):
+    if recipe.get("init_from"):  # CROME: the Q-Former from an InstructBLIP checkpoint
         from .convert import from_instructblip
+        from .modeling.adapters import CromeAdapterConfig
 
-        model, processor = from_instructblip(
+        return from_instructblip(
             recipe["init_from"], text_model=text_model, adapter_config=CromeAdapterConfig.from_dict(adapter)
         )
-        return model, processor
-    model = CromeForConditionalGeneration.from_backbones(
-        text_model, vision_model, adapter_config=CromeAdapterConfig.from_dict(adapter)
-    )
-    processor = CromeProcessor.from_backbones(
-        text_model, vision_model, num_image_tokens=model.config.num_image_tokens
-    )
-    return model, processor
+    fields = {"vision_feature_whitening": True} if recipe.get("feature_whitening") else {}
+    return method(recipe["model"]).build(text_model, vision_model, adapter, **fields)
 
 
 def build_dataset(data: dict[str, Any], processor: Any) -> Any:

@@ -164,6 +164,19 @@ class AdapterProcessorMixin:
                 return cls.from_backbones(text, vision, num_image_tokens=config.num_image_tokens)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
+    @classmethod
+    def from_model(cls, model: Any) -> Any:
+        """The processor for `model`: built from the backbones its config names (tokenizer with the image token,
+        the tower's image processor) and its number of visual tokens."""
+        text = (model.config.text_backbone or {}).get("name_or_path")
+        vision = (model.config.vision_backbone or {}).get("name_or_path")
+        if not (text and vision):
+            raise ValueError(
+                "This model's backbones were built from config objects, so no tokenizer can be found for them: build "
+                "the processor with from_backbones(text_model_folder, vision_model_folder)."
+            )
+        return cls.from_backbones(text, vision, num_image_tokens=model.config.num_image_tokens)
+
     def save_pretrained(
         self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any
     ) -> Any:
