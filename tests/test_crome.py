@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -388,3 +389,43 @@ def test_convert_instructblip_command(backbones, instructblip_checkpoint, tmp_pa
     assert os.path.isdir(tmp_path / "crome" / "qformer_tokenizer") or os.path.isfile(
         tmp_path / "crome" / "processor_config.json"
     )
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_chat_command_prints_the_whole_answer_for_both_llm_kinds(
+    backbones, tmp_path, monkeypatch, capsys, kind
+):
+    # An encoder-decoder LLM's generate returns the answer only: chat must not cut it at the prompt length.
+    import io
+    import sys
+
+    from mmadapters.cli import main
+    from mmadapters.evaluation.generate import answer_tokens
+
+    if kind == "t5":  # a tiny random T5 answers <pad>: suppress the special tokens so the answer has words
+        from transformers import GenerationConfig
+
+        t5 = tmp_path / "t5"
+        shutil.copytree(backbones["t5"], t5)
+        config = GenerationConfig.from_pretrained(t5)
+        config.suppress_tokens = [config.pad_token_id, config.eos_token_id]
+        config.save_pretrained(t5)
+        backbones = {**backbones, "t5": str(t5)}
+    model, processor = build(backbones, kind)
+    model.generation_config.suppress_tokens = [
+        processor.tokenizer.pad_token_id,
+        processor.tokenizer.eos_token_id,
+    ]
+    model.eval().save_pretrained(tmp_path / "crome", processor=processor)
+    question = "the capital of france is"
+    messages = [{"role": "user", "content": [{"type": "text", "text": question}]}]
+    inputs = processor(text=processor.apply_chat_template(messages, add_generation_prompt=True))
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    expected = processor.decode(
+        answer_tokens(model, inputs["input_ids"], output)[0], skip_special_tokens=True
+    )
+    assert expected.strip(), "the tiny model's answer is empty: the test would prove nothing"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{question}\n/quit\n"))
+    assert main(["chat", str(tmp_path / "crome"), "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == expected.strip()

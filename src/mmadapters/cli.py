@@ -100,6 +100,7 @@ def _input_lines():
 
 def _chat(args: argparse.Namespace) -> None:
     """Terminal chat: `/image PATH` attaches an image to the next question, `/reset` forgets, `/quit` ends."""
+    from .evaluation.generate import answer_tokens
     from .processing import InvalidImageError, load_image
 
     model, processor = _load(args.checkpoint)
@@ -137,9 +138,10 @@ def _chat(args: argparse.Namespace) -> None:
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
         inputs = processor(images=images or None, text=prompt)
         output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-        # A decoder-only LLM returns prompt + answer; an encoder-decoder one (CROME on T5) the answer only.
-        start = 0 if getattr(model, "is_encoder_decoder_llm", False) else inputs["input_ids"].shape[1]
-        answer = processor.decode(output[0, start:], skip_special_tokens=True).strip()
+        answer = processor.decode(
+            answer_tokens(model, inputs["input_ids"], output)[0], skip_special_tokens=True
+        )
+        answer = answer.strip()
         print(answer, flush=True)
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
 

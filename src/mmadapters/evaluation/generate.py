@@ -8,6 +8,14 @@ from typing import Any
 import torch
 
 
+def answer_tokens(model: Any, input_ids: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """The answer part of `generate`'s output: a decoder-only LLM returns prompt + answer (the prompt is cut off),
+    an encoder-decoder one (CROME on T5) returns the answer only."""
+    if getattr(model.config.get_text_config(), "is_encoder_decoder", False):
+        return output
+    return output[:, input_ids.shape[1] :]
+
+
 @torch.no_grad()
 def generate_answers(
     model: Any,
@@ -26,9 +34,11 @@ def generate_answers(
         batch_images = [[] if images[i] is None else [images[i]] for i in range(start, stop)]
         inputs = processor(images=batch_images, text=list(prompts[start:stop]))
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        if not getattr(model.config.get_text_config(), "is_encoder_decoder", False):
-            output = output[:, inputs["input_ids"].shape[1] :]
-        answers.extend(processor.batch_decode(output, skip_special_tokens=True))
+        answers.extend(
+            processor.batch_decode(
+                answer_tokens(model, inputs["input_ids"], output), skip_special_tokens=True
+            )
+        )
         if progress is not None:
             progress(stop, len(prompts))
     return answers
