@@ -135,11 +135,10 @@ def recipe_errors(recipe: dict[str, Any]) -> list[str]:
     unknown = sorted(set(training) - known - {"resume_from_checkpoint"})
     if unknown:
         errors.append(f"`training` has unknown field(s) {unknown}: use TrainingArguments fields")
-    typed = type_errors("training", TrainingArguments, {k: v for k, v in training.items() if k in known})
-    errors.extend(f"`{message.split(' must')[0]}` must{message.split(' must', 1)[1]}" for message in typed)
-    bad_types = {message.split(" must")[0].removeprefix("training.") for message in typed}
+    typed = type_errors(TrainingArguments, {k: v for k, v in training.items() if k in known})
+    errors.extend(f"`training.{name}` {message}" for name, message in typed.items())
     for key, (check, wanted) in TRAINING_RANGES.items():
-        if key in training and key not in bad_types and not check(training[key]):
+        if key in training and key not in typed and not check(training[key]):
             errors.append(f"`training.{key}` must be {wanted}, got {training[key]!r}")
     resume = training.get("resume_from_checkpoint")
     if resume is not None and not isinstance(resume, (bool, str)):

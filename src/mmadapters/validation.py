@@ -35,9 +35,10 @@ def _accepted(annotation: Any) -> tuple[tuple[type, ...], bool] | None:
     return _ACCEPTS[parts[0]], optional
 
 
-def type_errors(owner: str, fields_of: type, values: dict[str, Any]) -> list[str]:
-    """Messages for the `values` whose type does not match the simple annotations of dataclass `fields_of`."""
-    errors = []
+def type_errors(fields_of: type, values: dict[str, Any]) -> dict[str, str]:
+    """{field: "must be ..., got ..."} for the `values` whose type does not match the simple annotations of
+    dataclass `fields_of` (the caller names the owner)."""
+    errors = {}
     annotations = {field.name: field.type for field in dataclasses.fields(fields_of)}
     for name, value in values.items():
         accepted = _accepted(annotations[name]) if name in annotations else None
@@ -52,48 +53,39 @@ def type_errors(owner: str, fields_of: type, values: dict[str, Any]) -> list[str
             ok = isinstance(value, types)
         if not ok:
             expected = _DESCRIBED[types] + (" or null" if optional else "")
-            errors.append(f"{owner}.{name} must be {expected}, got {value!r} ({type(value).__name__})")
+            errors[name] = f"must be {expected}, got {value!r} ({type(value).__name__})"
     return errors
 
 
 # argparse types for the command-line numbers (a count of steps, questions, tokens, retries, a port).
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (a count of steps, questions, tokens, retries' attempts...)."""
+def _number(text: str, convert: type, allowed: Any, wanted: str) -> Any:
+    """`text` converted, or argparse's error saying what was `wanted`."""
     try:
-        value = int(text)
+        value = convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+    if not allowed(value):
+        raise argparse.ArgumentTypeError(f"expected {wanted}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a count of steps, questions, tokens...)."""
+    return _number(text, int, lambda value: value >= 1, "a positive integer")
 
 
 def non_negative_int(text: str) -> int:
     """argparse type: an integer >= 0 (retries)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+    return _number(text, int, lambda value: value >= 0, "an integer >= 0")
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
+    """argparse type: a number > 0 (a learning rate, a temperature, a timeout)."""
+    return _number(text, float, lambda value: value > 0, "a positive number")
 
 
 def port_number(text: str) -> int:
     """argparse type: a TCP port, 1-65535."""
-    value = positive_int(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number (1-65535), got {value}")
-    return value
+    return _number(text, int, lambda value: 1 <= value <= 65535, "a port number (1-65535)")

@@ -233,14 +233,8 @@ def adopt_backbone(
             raise LoadingOptionError(f"The {role} backbone is quantised: its dtype cannot be changed.")
         model.to(options.dtype)
     freeze(model)
-    name = portable_name(model.name_or_path or getattr(model.config, "_name_or_path", ""))
-    if not name:
-        return model, None
-    if quantized:
-        method = getattr(getattr(model.config, "quantization_config", None), "quant_method", "quantised")
-        note = f"loaded {method}-quantised: no fingerprint (the quantised values are not the checkpoint's)"
-        return model, BackboneReference(name_or_path=name, revision=revision, fingerprint=None, note=note)
-    return model, BackboneReference(name_or_path=name, revision=revision, fingerprint=fingerprint(model))
+    name = model.name_or_path or getattr(model.config, "_name_or_path", "")
+    return model, (_reference(name, revision, model) if name else None)
 
 
 def is_quantized(model: nn.Module) -> bool:

@@ -339,10 +339,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             return
         own_map = dict(own_map or {})
         main_device = own_map.pop("__main__", None) or _execution_device(self.get_input_embeddings())
-        if own_map:
-            move_own_modules(self, own_map, main_device)
-        else:
-            move_own_modules(self, {"": main_device}, main_device)
+        move_own_modules(self, own_map or {"": main_device}, main_device)
         for adapter, layer in self.own_layer_adapters():
             device = _execution_device(layer)
             if device is not None and str(device) != "meta":

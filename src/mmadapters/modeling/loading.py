@@ -14,7 +14,8 @@ unknown keywords raise `TypeError`, as in transformers:
   composite's module names such as `{"language_model": 0, "vision_tower": "cpu", ...}`), `max_memory`,
   `offload_folder`. The composite map is computed once on a meta copy of the whole model, so accelerate can
   split a 7B LLM across devices without cutting a decoder layer (`_no_split_modules` come from the backbones),
-  then split per backbone; each adapter is placed on the device where its layer runs (see `place_adapters`).
+  then split per backbone; each adapter is placed on the device where its layer runs (see
+  `FrozenBackbonesPreTrainedModel._follow_backbone_devices`).
 """
 
 from __future__ import annotations
@@ -204,15 +205,6 @@ def main_device_of(device_map: dict[str, Any]) -> Any:
     return accelerators[0] if accelerators else "cpu"
 
 
-def device_for(name: str, device_map: dict[str, Any]) -> Any:
-    """The device the map gives module `name`: its own entry or that of its closest ancestor."""
-    best, best_length = None, -1
-    for key, device in device_map.items():
-        if (key == "" or name == key or name.startswith(key + ".")) and len(key) > best_length:
-            best, best_length = device, len(key)
-    return best
-
-
 def compute_device_map(meta_model: nn.Module, options: BackboneLoadOptions) -> dict[str, Any] | None:
     """The whole model's device map: a strategy is resolved by accelerate on `meta_model` (the composite built on
     the meta device, in the backbones' dtype), which keeps every `_no_split_modules` block (a decoder layer, a
@@ -263,22 +255,6 @@ def split_device_map(device_map: dict[str, Any]) -> tuple[dict[str, Any], dict[s
         else:
             own[key] = device
     return text, vision, own
-
-
-def qualified_name(root: nn.Module, target: nn.Module) -> str:
-    for name, module in root.named_modules():
-        if module is target:
-            return name
-    raise ValueError(f"{type(target).__name__} is not a submodule of {type(root).__name__}")
-
-
-def place_adapters(device_map: dict[str, Any], adapters: str, layers_name: str, count: int) -> dict[str, Any]:
-    """Put `adapters.i` on the device of layer `layers_name.i` (the adapter runs inside that layer's forward),
-    replacing whatever the map said about the adapters."""
-    placed = {k: v for k, v in device_map.items() if k != adapters and not k.startswith(adapters + ".")}
-    for index in range(count):
-        placed[f"{adapters}.{index}"] = device_for(f"{layers_name}.{index}", device_map)
-    return placed
 
 
 def move_own_modules(model: nn.Module, own_map: dict[str, Any], main_device: Any) -> None:

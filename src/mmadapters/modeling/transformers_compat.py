@@ -52,9 +52,3 @@ def enable_activation_checkpointing(model: nn.Module, checkpoint_kwargs: dict | 
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
-
-
-def is_activation_checkpointing(model: nn.Module) -> bool:
-    if hasattr(type(model), "is_activation_checkpointing"):
-        return bool(model.is_activation_checkpointing)
-    return bool(model.is_gradient_checkpointing)

@@ -30,9 +30,11 @@ class AdapterConfigFile:
                 f"Unknown {cls.__name__} field(s) {unknown}; known fields are {sorted(known)}. "
                 "Was this adapter_config.json written by a newer mmadapters or by another adapter method?"
             )
-        errors = type_errors(cls.__name__, cls, values)
+        errors = type_errors(cls, values)
         if errors:
-            raise ValueError("; ".join(errors) + ".")
+            raise ValueError(
+                "; ".join(f"{cls.__name__}.{name} {message}" for name, message in errors.items()) + "."
+            )
         return cls(**values)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
