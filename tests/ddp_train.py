@@ -36,3 +36,4 @@ trainer = LavinTrainer(
 trainer.train()
 assert trainer.args.world_size == 2, trainer.args.world_size
 trainer.save_model(output_dir)
+trainer.accelerator.wait_for_everyone()  # every rank leaves together (a rank exiting alone can abort gloo)

@@ -295,4 +295,6 @@ def train_from_recipe(
     final = os.path.join(recipe["output_dir"], "final")
     if trainer.args.should_save:  # the main process only (several processes share the folder)
         model.save_pretrained(final, processor=processor)
+    # Every process leaves together: one exiting while the main one still saves can abort the process group.
+    trainer.accelerator.wait_for_everyone()
     return final
