@@ -9,5 +9,6 @@ HERE = Path(__file__).resolve().parent
 if not (HERE / "_hf" / "hf_tests" / "test_modeling_common.py").is_file():
     raise RuntimeError("Run `python conformance/fetch_common_tests.py` first (`make test-conformance` does).")
 sys.path.insert(0, str(HERE / "_hf"))
+sys.path.insert(0, str(HERE))  # conformance/common.py
 
 import mmadapters  # noqa: E402,F401  (registers the Auto classes)
