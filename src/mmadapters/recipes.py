@@ -226,9 +226,9 @@ def resolve_resume(
             log(f"No complete checkpoint in {output_dir}: starting from step 0.")
         return found
     if resume is not None:
-        if not os.path.isdir(resume) or checkpoint_is_complete(resume) is not None:
-            problem = "does not exist" if not os.path.isdir(resume) else checkpoint_is_complete(resume)
-            raise RecipeError(f"Cannot resume from {resume}: it {problem}.")
+        problem = "the folder does not exist" if not os.path.isdir(resume) else checkpoint_is_complete(resume)
+        if problem is not None:
+            raise RecipeError(f"Cannot resume from {resume}: {problem}.")
         return str(resume)
     earlier = os.path.isdir(output_dir) and any(
         n.startswith(CHECKPOINT_PREFIX) for n in os.listdir(output_dir)

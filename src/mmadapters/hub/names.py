@@ -12,6 +12,16 @@ def is_hub_id(name: str | None) -> bool:
     return name.count("/") == 1
 
 
+def looks_like_local_path(name: str) -> bool:
+    """A name that can only be a local path (a Hub id is `name` or `namespace/name`)."""
+    return (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or name.count("/") > 1
+        or os.sep in name.replace("/", "")
+    )
+
+
 def check_checkpoint_name(name: str) -> None:
     """Fail early, before any backbone loads, when `name` is a local path that does not exist. Hub ids
     (`owner/name`) and bare names pass: the Hub client reports those."""

@@ -196,6 +196,7 @@ def check_portable_backbones(config_path: str) -> None:
         config = json.load(f)
     for role in ("text", "vision"):
         name = (config.get(f"{role}_backbone") or {}).get("name_or_path")
+        # A machine path (a portable mmadapters:// name or a Hub id is fine).
         if name and (os.path.isabs(name) or name.startswith((".", "~")) or os.path.isdir(name)):
             raise PushError(
                 f"config.json names the {role} backbone by a path on this machine ({name}): the repo would not load "

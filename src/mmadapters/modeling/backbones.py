@@ -23,6 +23,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from ..hub.names import looks_like_local_path
 from .embedded import portable_name, resolve_backbone_name
 from .loading import BackboneLoadOptions, LoadingOptionError
 
@@ -158,16 +159,6 @@ def _vision_class_for(config: PreTrainedConfig) -> type[PreTrainedModel]:
         return MODEL_MAPPING[type(config)]
     except KeyError as error:
         raise ValueError(f"No transformers model class for vision config {type(config).__name__}.") from error
-
-
-def looks_like_local_path(name: str) -> bool:
-    """A name that can only be a local path (a Hub id is `name` or `namespace/name`)."""
-    return (
-        os.path.isabs(name)
-        or name.startswith((".", "~"))
-        or name.count("/") > 1
-        or os.sep in name.replace("/", "")
-    )
 
 
 def _backbone_config(

@@ -27,6 +27,7 @@ from transformers import GenerationConfig, PreTrainedConfig, PreTrainedModel
 from transformers.utils import logging
 
 from ..atomic import atomic_directory, recover
+from ..hub.names import looks_like_local_path
 from .backbones import (
     BackboneReference,
     BackboneSpec,
@@ -36,7 +37,6 @@ from .backbones import (
     load_backbones,
     load_text_backbone,
     load_vision_backbone,
-    looks_like_local_path,
     resolve_checkpoint_folder,
     vision_config_of,
 )
