@@ -42,7 +42,7 @@ def count(module: torch.nn.Module) -> int:
 def adapter_file_bytes(model: LavinForConditionalGeneration) -> int:
     zeros = {k: torch.zeros(v.shape, dtype=torch.float32) for k, v in model.adapter_state_dict().items()}
     with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "adapter_model.safetensors")
+        path = os.path.join(folder, "mmadapters_model.safetensors")
         save_file(zeros, path, metadata={"format": "pt"})
         return os.path.getsize(path)
 

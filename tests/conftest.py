@@ -7,8 +7,11 @@ import traceback
 import warnings
 from pathlib import Path
 
+import datasets
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
@@ -20,6 +23,7 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     SiglipVisionConfig,
+    TrainingArguments,
 )
 
 import mmadapters  # noqa: F401  (registers the Auto classes)
@@ -181,4 +185,60 @@ def tiny_sample_inputs(processor):
     image = (torch.rand(32, 32, 3, generator=generator) * 255).to(torch.uint8).numpy()
     return processor(
         images=[[image], []], text=["Image: <image>\nwhat color is it?", "Image: N/A\nthe capital of"]
+    )
+
+
+# --- training helpers ------------------------------------------------------------------------------------------
+
+
+def save_image(folder, name, color) -> str:
+    path = os.path.join(folder, name)
+    Image.new("RGB", (32, 32), color).save(path)
+    return path
+
+
+def toy_dataset(folder, n=24):
+    rng = np.random.default_rng(0)
+    rows = {"prompt": [], "target": [], "image": []}
+    colors = {"red": (255, 0, 0), "blue": (0, 0, 255)}
+    for i in range(n):
+        if i % 3 == 2:  # text-only samples in the mixture
+            rows["prompt"].append("Image: N/A\nsay hi")
+            rows["target"].append(" hi")
+            rows["image"].append(None)
+        else:
+            name = list(colors)[int(rng.integers(2))]
+            rows["prompt"].append("Image: <image>\nwhat color?")
+            rows["target"].append(f" {name}")
+            rows["image"].append(save_image(folder, f"{i}.png", colors[name]))
+    return datasets.Dataset.from_dict(rows)
+
+
+def make_trainer(model, processor, dataset, output_dir, max_steps=6, **kwargs):
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        max_steps=max_steps,
+        learning_rate=5e-3,
+        save_steps=3,
+        logging_steps=1,
+        use_cpu=True,
+        report_to=[],
+        remove_unused_columns=False,
+        seed=0,
+        data_seed=0,
+        weight_decay=0.02,
+        dataloader_num_workers=0,
+        save_only_model=False,
+    )
+    from mmadapters.trainers import LavinTrainer, VisionLanguageCollator
+
+    trainer_class = kwargs.pop("trainer_class", LavinTrainer)
+    return trainer_class(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=VisionLanguageCollator(processor),
+        processing_class=processor,
+        **kwargs,
     )

@@ -83,7 +83,7 @@ def test_forward_refuses_malformed_inputs(saved, case):
 
 
 def corrupt_adapter(folder, how):
-    path = folder / "adapter_model.safetensors"
+    path = folder / "mmadapters_model.safetensors"
     if how == "empty":
         path.write_bytes(b"")
     elif how == "truncated":

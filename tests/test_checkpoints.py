@@ -48,12 +48,11 @@ def test_adapter_only_round_trip(trained, tmp_path):
     files = set(os.listdir(tmp_path))
     assert {
         "config.json",
-        "adapter_config.json",
-        "adapter_model.safetensors",
+        "mmadapters_model.safetensors",
         "processor_config.json",
     } <= files
-    assert "model.safetensors" not in files
-    with safe_open(tmp_path / "adapter_model.safetensors", "pt") as f:
+    assert "model.safetensors" not in files and "adapter_config.json" not in files  # PEFT's name: never ours
+    with safe_open(tmp_path / "mmadapters_model.safetensors", "pt") as f:
         keys = set(f.keys())
     assert keys == set(model.adapter_state_dict())
     assert all(
@@ -65,7 +64,7 @@ def test_adapter_only_round_trip(trained, tmp_path):
     )
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["text_backbone"]["name_or_path"].endswith("llm") and config["text_backbone"]["fingerprint"]
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["temperature"] == 5.0
+    assert config["adapter_config"]["temperature"] == 5.0
 
     loaded = LavinForConditionalGeneration.from_pretrained(tmp_path)
     assert not loaded.training
@@ -94,7 +93,7 @@ def test_config_built_model_saves_every_weight_and_reloads_identically(tmp_path,
         LavinForConditionalGeneration.from_backbones(tiny_text_config(), tiny_vision_config())
     )
     model.eval().save_pretrained(tmp_path)
-    assert "model.safetensors" in os.listdir(tmp_path) and "adapter_model.safetensors" not in os.listdir(
+    assert "model.safetensors" in os.listdir(tmp_path) and "mmadapters_model.safetensors" not in os.listdir(
         tmp_path
     )
     loaded = LavinForConditionalGeneration.from_pretrained(tmp_path)

@@ -40,7 +40,7 @@ def test_train_eval_and_chat_commands(tiny_backbones, tmp_path, capsys, monkeypa
     path = write_recipe(tmp_path, tiny_backbones)
     assert main(["train", str(path)]) == 0
     final = tmp_path / "run" / "final"
-    assert (final / "adapter_model.safetensors").is_file()
+    assert (final / "mmadapters_model.safetensors").is_file()
     LavinForConditionalGeneration.from_pretrained(final)
     capsys.readouterr()
     assert main(["eval", str(final), "--limit", "6"]) == 0
@@ -203,7 +203,7 @@ def test_quickstart_at_reduced_size(tmp_path):
     assert saved["num_test_questions"] == 8 and 0 <= saved["accuracy_after"] <= 1
     assert saved["trainable_parameters"] == summary["trainable_parameters"] > 0
     assert (
-        os.path.getsize(os.path.join(saved["checkpoint_dir"], "adapter_model.safetensors"))
+        os.path.getsize(os.path.join(saved["checkpoint_dir"], "mmadapters_model.safetensors"))
         == saved["adapter_bytes"]
     )
     LavinForConditionalGeneration.from_pretrained(saved["checkpoint_dir"])

@@ -127,7 +127,7 @@ def test_push_then_pull_in_another_process_gives_identical_logits(hub, tiny_back
     assert pushed.returncode == 0, pushed.stderr[-3000:]
     assert TOKEN not in pushed.stdout + pushed.stderr
     files = hub.repos["org/lavin-tiny"].commits[-1][1]
-    assert {"config.json", "adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(files)
+    assert {"config.json", "mmadapters_model.safetensors", "README.md"} <= set(files)
     assert not any(name.startswith("model") and name.endswith(".safetensors") for name in files)
 
     # The LLM repo moves on; the adapters stay pinned to the commit they were trained on.
@@ -156,16 +156,16 @@ def test_dry_run_lists_files_and_contacts_nobody(hub, checkpoint, capsys):
         folder, "org/x", dry_run=True, endpoint=hub.url, token=TOKEN, allow_local_backbones=True
     )
     names = {f.path for f in planned}
-    assert {"config.json", "adapter_model.safetensors", "README.md"} <= names
-    size = next(f.size for f in planned if f.path == "adapter_model.safetensors")
-    assert size == os.path.getsize(os.path.join(folder, "adapter_model.safetensors"))
+    assert {"config.json", "mmadapters_model.safetensors", "README.md"} <= names
+    size = next(f.size for f in planned if f.path == "mmadapters_model.safetensors")
+    assert size == os.path.getsize(os.path.join(folder, "mmadapters_model.safetensors"))
     assert hub.requests == []
 
     from mmadapters.cli import main
 
     assert main(["push", folder, "org/x", "--dry-run", "--allow-local-backbones"]) == 0
     out = capsys.readouterr().out
-    assert "adapter_model.safetensors" in out and "total" in out and hub.requests == []
+    assert "mmadapters_model.safetensors" in out and "total" in out and hub.requests == []
 
 
 def test_refuses_backbone_weights_unless_asked(hub, tiny_backbones, tmp_path):
@@ -193,8 +193,8 @@ def test_model_push_to_hub_private_and_existing_repo(hub, checkpoint, tiny_backb
     )
     repo = hub.repos["org/lavin"]
     assert repo.private and url.endswith(repo.commits[-1][0])
-    adapter_config = json.loads(repo.commits[-1][1]["adapter_config.json"])
-    assert adapter_config["base_model_name_or_path"] == "org/lavin"  # so Auto classes load this repo itself
+    # No adapter_config.json: transformers' Auto classes would take the repo for a PEFT adapter.
+    assert "adapter_config.json" not in repo.commits[-1][1]
     # Private: anonymous reads are refused.
     with pytest.raises(Exception, match="404|not found|Repository"):
         HfApi(endpoint=hub.url, token=False).model_info("org/lavin")
@@ -213,7 +213,7 @@ def test_transient_5xx_are_retried(hub, checkpoint):
         folder, "org/retry", endpoint=hub.url, token=TOKEN, retry_wait=0.01, allow_local_backbones=True
     )
     assert sum(1 for method, _ in hub.requests if method == "POST") >= 4
-    assert "adapter_model.safetensors" in hub.repos["org/retry"].commits[-1][1]
+    assert "mmadapters_model.safetensors" in hub.repos["org/retry"].commits[-1][1]
 
 
 def test_persistent_5xx_gives_a_clear_error(hub, checkpoint):
@@ -295,7 +295,7 @@ def test_crome_checkpoint_card_and_push(tiny_backbones, tmp_path, hub):
     assert "CROME adapters" in card and "pipeline_tag: image-text-to-text" in card
     push_folder(folder, "org/crome", endpoint=hub.url, token=TOKEN, allow_local_backbones=True)
     files = hub.repos["org/crome"].commits[-1][1]
-    assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == "org/crome"
+    assert "adapter_config.json" not in files and "mmadapters_model.safetensors" in files
     assert b"CROME adapters" in files["README.md"]
 
 

@@ -52,7 +52,7 @@ def test_embedded_backbones_are_cached_and_fingerprinted(embedded, tmp_path):
     model, processor, _ = embedded
     assert mmadapters.embedded_backbones() == mmadapters.embedded_backbones()
     model.save_pretrained(tmp_path, processor=processor)
-    size = (tmp_path / "adapter_model.safetensors").stat().st_size
+    size = (tmp_path / "mmadapters_model.safetensors").stat().st_size
     assert size < 5_000_000  # adapters only, not the 540 MB backbone
     reloaded = LavinForConditionalGeneration.from_pretrained(tmp_path)
     ids = processor(text="Image: N/A\nHello")["input_ids"]

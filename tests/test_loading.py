@@ -276,7 +276,7 @@ def test_lavin_lite_4bit_backbone_trains_and_round_trips(tiny_backbones, tmp_pat
     assert losses[-1] < losses[0]
 
     model.eval().save_pretrained(tmp_path / "lite")
-    assert os.path.getsize(tmp_path / "lite" / "adapter_model.safetensors") < 1_000_000
+    assert os.path.getsize(tmp_path / "lite" / "mmadapters_model.safetensors") < 1_000_000
     loaded = LavinForConditionalGeneration.from_pretrained(
         tmp_path / "lite"
     )  # quantised again, from the record

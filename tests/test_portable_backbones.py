@@ -58,7 +58,7 @@ def test_push_refuses_backbones_named_by_local_paths(tiny_backbones, tmp_path):
     with pytest.raises(PushError, match="path on this machine.*text_model='org/name'"):
         push_folder(tmp_path / "ckpt", "me/lavin", dry_run=True)
     planned = push_folder(tmp_path / "ckpt", "me/lavin", dry_run=True, allow_local_backbones=True)
-    assert any(f.path == "adapter_model.safetensors" for f in planned)
+    assert any(f.path == "mmadapters_model.safetensors" for f in planned)
 
 
 def test_an_unknown_embedded_name_is_a_clear_error(tmp_path, embedded_cache):

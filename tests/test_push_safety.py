@@ -30,9 +30,7 @@ def plan(folder):
 
 
 def test_a_clean_checkpoint_plans_its_own_files(checkpoint):
-    assert {"config.json", "adapter_model.safetensors", "adapter_config.json", "README.md"} <= plan(
-        checkpoint
-    )
+    assert {"config.json", "mmadapters_model.safetensors", "README.md"} <= plan(checkpoint)
 
 
 def test_symlink_leaving_the_folder_is_refused(checkpoint, tmp_path):
@@ -62,7 +60,7 @@ def test_weights_under_a_text_file_name_are_refused_by_content(checkpoint):
 def test_backbone_tensors_in_the_adapter_file_are_refused(checkpoint):
     save_file(
         {"language_model.model.embed_tokens.weight": torch.zeros(4, 4)},
-        checkpoint / "adapter_model.safetensors",
+        checkpoint / "mmadapters_model.safetensors",
     )
     with pytest.raises(PushError, match="backbone tensors"):
         plan(checkpoint)
@@ -84,7 +82,7 @@ def test_trainer_checkpoint_holds_no_token_and_its_state_is_never_pushed(tiny_ba
     assert trainer.args.hub_token == TOKEN  # the live arguments are untouched
     planned = plan(checkpoint)
     assert not {"training_args.bin", "optimizer.pt", "scheduler.pt", "trainer_state.json"} & planned
-    assert "adapter_model.safetensors" in planned
+    assert "mmadapters_model.safetensors" in planned
 
 
 def test_a_space_folder_with_disguised_weights_is_refused(tmp_path):

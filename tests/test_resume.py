@@ -40,7 +40,7 @@ def write_recipe(tmp_path, tiny_backbones, name="recipe.yaml", output="run", **t
 
 
 def final_weights(tmp_path, output="run"):
-    return load_file(tmp_path / output / "final" / "adapter_model.safetensors")
+    return load_file(tmp_path / output / "final" / "mmadapters_model.safetensors")
 
 
 def assert_same(a, b):
@@ -91,7 +91,7 @@ def test_resume_from_a_bad_folder_is_a_clear_error(tiny_backbones, tmp_path, cap
     folder = tmp_path / "ckpt"
     if given == "incomplete":
         folder.mkdir()
-        (folder / "adapter_model.safetensors").write_bytes(b"")
+        (folder / "mmadapters_model.safetensors").write_bytes(b"")
     assert main(["train", str(write_recipe(tmp_path, tiny_backbones)), "--resume", str(folder)]) == 2
     message = capsys.readouterr().err
     assert "Cannot resume from" in message and (

@@ -7,11 +7,9 @@ import os
 import re
 
 import datasets
-import numpy as np
 import pytest
 import torch
-from conftest import tiny_qformer_config
-from PIL import Image
+from conftest import make_trainer, save_image, tiny_qformer_config, toy_dataset
 from safetensors.torch import load_file
 from transformers import TrainingArguments
 
@@ -30,12 +28,6 @@ from mmadapters.trainers import CromeTrainer, LavinTrainer, VisionLanguageCollat
 @pytest.fixture()
 def processor(tiny_backbones):
     return LavinProcessor.from_backbones(*tiny_backbones)
-
-
-def save_image(folder, name, color) -> str:
-    path = os.path.join(folder, name)
-    Image.new("RGB", (32, 32), color).save(path)
-    return path
 
 
 # --- collator ---------------------------------------------------------------------------------------------------
@@ -300,51 +292,6 @@ def test_llava_conversations(processor, tmp_path):
 # --- trainers ---------------------------------------------------------------------------------------------------
 
 
-def toy_dataset(folder, n=24):
-    rng = np.random.default_rng(0)
-    rows = {"prompt": [], "target": [], "image": []}
-    colors = {"red": (255, 0, 0), "blue": (0, 0, 255)}
-    for i in range(n):
-        if i % 3 == 2:  # text-only samples in the mixture
-            rows["prompt"].append("Image: N/A\nsay hi")
-            rows["target"].append(" hi")
-            rows["image"].append(None)
-        else:
-            name = list(colors)[int(rng.integers(2))]
-            rows["prompt"].append("Image: <image>\nwhat color?")
-            rows["target"].append(f" {name}")
-            rows["image"].append(save_image(folder, f"{i}.png", colors[name]))
-    return datasets.Dataset.from_dict(rows)
-
-
-def make_trainer(model, processor, dataset, output_dir, max_steps=6, **kwargs):
-    args = TrainingArguments(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=4,
-        max_steps=max_steps,
-        learning_rate=5e-3,
-        save_steps=3,
-        logging_steps=1,
-        use_cpu=True,
-        report_to=[],
-        remove_unused_columns=False,
-        seed=0,
-        data_seed=0,
-        weight_decay=0.02,
-        dataloader_num_workers=0,
-        save_only_model=False,
-    )
-    trainer_class = kwargs.pop("trainer_class", LavinTrainer)
-    return trainer_class(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        data_collator=VisionLanguageCollator(processor),
-        processing_class=processor,
-        **kwargs,
-    )
-
-
 def adapter_weights(model):
     return {k: v.clone() for k, v in model.adapter_state_dict().items()}
 
@@ -359,10 +306,10 @@ def test_checkpoints_are_adapter_only_and_resume_matches_uninterrupted_run(
     trainer.train()
     uninterrupted = adapter_weights(model)
     checkpoint = tmp_path / "full" / "checkpoint-3"
-    assert os.path.isfile(checkpoint / "adapter_model.safetensors") and not os.path.isfile(
+    assert os.path.isfile(checkpoint / "mmadapters_model.safetensors") and not os.path.isfile(
         checkpoint / "model.safetensors"
     )
-    assert set(load_file(checkpoint / "adapter_model.safetensors")) == set(uninterrupted)
+    assert set(load_file(checkpoint / "mmadapters_model.safetensors")) == set(uninterrupted)
     assert any(name.startswith("router/") for entry in trainer.state.log_history for name in entry)
     # The optimizer skips weight decay on biases and 1-D parameters.
     groups = trainer.optimizer.param_groups
@@ -439,7 +386,8 @@ def test_crome_trainer_honours_the_stage(tmp_path):
     changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"adapter", "query_projection", "patch_projection"}
     saved = {
-        k.split(".")[0] for k in load_file(tmp_path / "crome" / "checkpoint-2" / "adapter_model.safetensors")
+        k.split(".")[0]
+        for k in load_file(tmp_path / "crome" / "checkpoint-2" / "mmadapters_model.safetensors")
     }
     assert saved == set(model.adapter_module_names())
 

@@ -12,6 +12,7 @@ from .modeling.crome import CromeConfig, CromeForConditionalGeneration
 from .modeling.embedded import embedded_backbones
 from .modeling.image_tokens import ImageTokenMismatchError
 from .modeling.lavin import LavinConfig, LavinForConditionalGeneration
+from .modeling.peft_on_top import PeftOnTopError, add_lora, adopt_peft_model
 from .processing import CromeProcessor, InvalidImageError, LavinProcessor, PromptTooLongError
 
 AutoConfig.register("lavin", LavinConfig)
@@ -23,7 +24,7 @@ AutoModel.register(CromeConfig, CromeForConditionalGeneration)
 AutoModelForImageTextToText.register(CromeConfig, CromeForConditionalGeneration)
 AutoProcessor.register(CromeConfig, CromeProcessor)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BackboneMismatchError",
@@ -37,6 +38,9 @@ __all__ = [
     "LavinForConditionalGeneration",
     "LavinProcessor",
     "MMAdapterConfig",
+    "PeftOnTopError",
     "PromptTooLongError",
+    "add_lora",
+    "adopt_peft_model",
     "embedded_backbones",
 ]

@@ -188,6 +188,7 @@ class OutputFolderError(ValueError):
 
 CHECKPOINT_MARKERS = (
     "config.json",
+    "mmadapters_model.safetensors",
     "adapter_model.safetensors",
     "model.safetensors",
     "model.safetensors.index.json",

@@ -155,6 +155,7 @@ def run_quickstart(
     from .evaluation import evaluate_easy_vqa, generate_answers
     from .hub import write_eval_results
     from .modeling.adapters import MMAdapterConfig
+    from .modeling.checkpoint_files import ADAPTER_WEIGHTS_NAME
     from .modeling.embedded import embedded_backbones
     from .modeling.lavin import LavinForConditionalGeneration
     from .processing import LavinProcessor
@@ -280,7 +281,7 @@ def run_quickstart(
         ],
         "train_loss": round(train_output.training_loss, 4),
         "trainable_parameters": trainable,
-        "adapter_bytes": (checkpoint / "adapter_model.safetensors").stat().st_size,
+        "adapter_bytes": (checkpoint / ADAPTER_WEIGHTS_NAME).stat().st_size,
         "wall_seconds": round(time.perf_counter() - start, 1),
         "checkpoint_dir": str(checkpoint),
         "settings": asdict(settings),

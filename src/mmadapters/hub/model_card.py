@@ -8,6 +8,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from ..modeling.checkpoint_files import ADAPTER_WEIGHTS_NAME, adapter_weights_file
 from .names import is_hub_id
 
 EVAL_RESULTS_NAME = "eval_results.json"
@@ -98,7 +99,7 @@ def build_model_card(folder: str, repo_id: str) -> ModelCard:
         f"| {role} | {ref.get('name_or_path')} | {ref.get('revision') or '(local folder)'} |"
         for role, ref in backbones.items()
     )
-    weights = os.path.join(folder, "adapter_model.safetensors")
+    weights = adapter_weights_file(folder) or os.path.join(folder, ADAPTER_WEIGHTS_NAME)
     trainable = count_parameters(weights) if os.path.isfile(weights) else 0
     size = os.path.getsize(weights) if os.path.isfile(weights) else 0
     evaluation, results = _evaluation_section(folder)

@@ -12,9 +12,10 @@ that should be text, backbone tensors in the adapter file); a Trainer checkpoint
 listed in the plan; dot-folders (our atomic-save staging folders, .git, .cache) are never read.
 
 Loading a pushed repo through transformers' Auto classes: they take any repo with an `adapter_config.json` for a
-PEFT adapter and, for Hub ids, load `base_model_name_or_path` from it instead of the repo itself. The uploaded
-`adapter_config.json` therefore names the repo itself there (our backbones are named in `config.json`), so
-`AutoModelForImageTextToText.from_pretrained(repo_id)` reaches our `from_pretrained`.
+PEFT adapter and, for Hub ids, load `base_model_name_or_path` from it instead of the repo itself. Checkpoints of
+mmadapters >= 0.2 have no adapter_config.json (see `mmadapters.modeling.checkpoint_files`); in an older one the
+uploaded `adapter_config.json` names the repo itself there, so `AutoModelForImageTextToText.from_pretrained(repo_id)`
+reaches our `from_pretrained`. A PEFT adapter saved into a checkpoint folder is refused: the repo would load as it.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ BACKBONE_WEIGHT_PATTERNS = (
 ALLOWED_CHECKPOINT_FILES = (
     "config.json",
     "generation_config.json",
-    "adapter_config.json",
-    "adapter_model.safetensors",
+    "mmadapters_model.safetensors",
+    "adapter_config.json",  # legacy (mmadapters < 0.2)
+    "adapter_model.safetensors",  # legacy
     "processor_config.json",
     "preprocessor_config.json",
     "tokenizer.json",
@@ -65,7 +67,13 @@ ALLOWED_CHECKPOINT_FILES = (
     *BACKBONE_WEIGHT_PATTERNS,
 )
 # Files that carry binary weights by design (their content is checked differently).
-BINARY_FILES = ("adapter_model.safetensors", "tokenizer.model", "spiece.model", *BACKBONE_WEIGHT_PATTERNS)
+BINARY_FILES = (
+    "mmadapters_model.safetensors",
+    "adapter_model.safetensors",
+    "tokenizer.model",
+    "spiece.model",
+    *BACKBONE_WEIGHT_PATTERNS,
+)
 # A Trainer checkpoint's state: never uploaded (training_args.bin may hold a Hub token).
 TRAINER_STATE_FILES = (
     "training_args.bin",
@@ -75,7 +83,7 @@ TRAINER_STATE_FILES = (
     "rng_state*.pth",
     "trainer_state.json",
 )
-# Top-level modules of our adapter-side tensors; anything else in adapter_model.safetensors is a backbone tensor.
+# Backbone tensors in an adapter file (PEFT layers on the backbones, e.g. `.lora_A.`, are adapter tensors).
 BACKBONE_PREFIXES = ("language_model.", "vision_tower.", "model.", "lm_head.", "vision_model.")
 TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
 # Written into a pushed Space: the model repo its app serves (read by `mmadapters.demo`).
@@ -133,11 +141,16 @@ def looks_like_weights(path: str) -> bool:
 
 
 def _adapter_file_tensors(path: str) -> list[str]:
-    """The tensor names of a safetensors file that are backbone tensors (should be none in adapter_model)."""
+    """The tensor names of a safetensors file that are backbone tensors (should be none in an adapter file). A
+    tensor of a PEFT layer on a backbone (`....q_proj.lora_A.default.weight`) is an adapter tensor."""
     from safetensors import safe_open
 
+    from ..modeling.backbone_watch import is_peft_tensor_name
+
     with safe_open(path, framework="pt") as handle:
-        return [key for key in handle.keys() if key.startswith(BACKBONE_PREFIXES)]
+        return [
+            key for key in handle.keys() if key.startswith(BACKBONE_PREFIXES) and not is_peft_tensor_name(key)
+        ]
 
 
 def check_checkpoint_contents(files: dict[str, str], include_backbone_weights: bool) -> list[str]:
@@ -160,11 +173,23 @@ def check_checkpoint_contents(files: dict[str, str], include_backbone_weights: b
             f"{', '.join(disguised)} hold(s) tensors (a weights archive under a text file's name): refusing to "
             "upload them."
         )
-    if "adapter_model.safetensors" in files and not include_backbone_weights:
-        backbone = _adapter_file_tensors(files["adapter_model.safetensors"])
+    from ..modeling.checkpoint_files import is_peft_adapter_folder
+
+    if "adapter_config.json" in files and is_peft_adapter_folder(
+        os.path.dirname(files["adapter_config.json"])
+    ):
+        raise PushError(
+            "The folder holds a PEFT adapter (adapter_config.json) besides the checkpoint: transformers would load the "
+            "repo as that PEFT adapter. Move adapter_config.json and adapter_model.safetensors to their own folder."
+        )
+    weights_name = next(
+        (n for n in ("mmadapters_model.safetensors", "adapter_model.safetensors") if n in files), None
+    )
+    if weights_name is not None and not include_backbone_weights:
+        backbone = _adapter_file_tensors(files[weights_name])
         if backbone:
             raise PushError(
-                f"adapter_model.safetensors holds backbone tensors ({', '.join(backbone[:3])}, ...): it is not an "
+                f"{weights_name} holds backbone tensors ({', '.join(backbone[:3])}, ...): it is not an "
                 "adapter-only file. Save the checkpoint with `model.save_pretrained(folder)`."
             )
     return skipped

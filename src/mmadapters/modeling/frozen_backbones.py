@@ -9,7 +9,7 @@ What lives here (each model keeps only what is its own):
 - weight initialisation of our modules when a checkpoint does not provide them (`_init_weights`);
 - the transformers plumbing every composite model needs (embeddings, attention flags, placement).
 
-Subclasses define `adapter_module_names()`, `adapter_config_to_save()`, `_composite_config(...)` and may
+Subclasses define `adapter_module_names()`, `_composite_config(...)` and may
 define `load_referenced_weights(...)` and `own_layer_adapters()`.
 """
 
@@ -28,6 +28,8 @@ from transformers.utils import logging
 
 from ..atomic import atomic_directory, recover
 from ..hub.names import looks_like_local_path
+from . import peft_on_top
+from .backbone_watch import BackboneWatch
 from .backbones import (
     BackboneReference,
     BackboneSpec,
@@ -39,6 +41,13 @@ from .backbones import (
     load_vision_backbone,
     resolve_checkpoint_folder,
     vision_config_of,
+)
+from .checkpoint_files import (
+    ADAPTER_WEIGHTS_NAME,
+    adapter_weights_file,
+    is_peft_adapter_folder,
+    not_our_checkpoint_message,
+    replaced_by_adapter_save,
 )
 from .loading import (
     ROLES,
@@ -53,7 +62,6 @@ from .loading import (
 
 logger = logging.get_logger(__name__)
 
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 FULL_WEIGHTS_NAMES = ("model.safetensors", "model.safetensors.index.json")
 
 
@@ -83,10 +91,6 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         """Top-level modules an adapter-only checkpoint holds."""
         raise NotImplementedError
 
-    def adapter_config_to_save(self) -> Any:
-        """The adapter settings written as `adapter_config.json`."""
-        raise NotImplementedError
-
     @classmethod
     def _composite_config(
         cls, text_ref: BackboneReference | None, adapter_config: Any, fields: dict[str, Any]
@@ -98,6 +102,13 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
     def load_referenced_weights(self, checkpoint: str, ignore_backbone_mismatch: bool) -> None:
         """Load trainable-side weights that the checkpoint references instead of storing (none by default)."""
 
+    def restore_trainable_side(self) -> None:
+        """Make our modules trainable again (after something froze them, e.g. `peft.get_peft_model`)."""
+        for name in self.adapter_module_names():
+            module = getattr(self, name, None)
+            if module is not None:
+                module.requires_grad_(True)
+
     def own_layer_adapters(self) -> list[tuple[nn.Module, nn.Module]]:
         """(adapter module, backbone layer it runs inside) pairs: each adapter is placed on its layer's device."""
         return []
@@ -105,6 +116,12 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
     # ------------------------------------------------------------------------------------------------
     # Initialisation and transformers plumbing
     # ------------------------------------------------------------------------------------------------
+
+    def post_init(self) -> None:
+        # PEFT layers recorded in the config (LoRA on top) are rebuilt before any weight is initialised or loaded,
+        # so that a checkpoint's PEFT tensors find their layers.
+        peft_on_top.rebuild_recorded_layers(self)
+        super().post_init()
 
     def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
         # transformers treats models outside the library as "custom code" and then skips every module without
@@ -130,11 +147,37 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             for p in m.parameters()
             if p.requires_grad
         )
+        peft_parameters = self._peft_parameters()
+        thawed -= sum(p.numel() for p in peft_parameters if p.requires_grad)
         freeze(self.language_model)
         freeze(self.vision_tower)
+        self._thaw_peft_layers()
         if thawed:
             logger.warning(f"{thawed:,} backbone parameters had become trainable; they are frozen again.")
         return thawed
+
+    def _peft_parameters(self) -> list[nn.Parameter]:
+        prefixes = peft_on_top.peft_state_prefixes(self)
+        return [p for n, p in self.named_parameters() if n.startswith(prefixes)] if prefixes else []
+
+    def _thaw_peft_layers(self) -> None:
+        """PEFT layers on the backbones train (their active adapters, unless loaded for inference only)."""
+        recorded = self.config.peft_adapters or {}
+        for _, layer in peft_on_top.tuner_layers(self):
+            if layer.disable_adapters:
+                continue
+            inference = all(
+                (recorded.get(name) or {}).get("config", {}).get("inference_mode", False)
+                for name in layer.active_adapters
+            )
+            layer.set_adapter(layer.active_adapters, inference_mode=inference)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether activation checkpointing is on. transformers 5.24 deprecated this name for
+        `is_activation_checkpointing`, but PEFT (get_peft_model, 0.21) still reads it: answered here without the
+        deprecation warning, so that PEFT on our models runs quietly."""
+        return any(getattr(m, "gradient_checkpointing", False) is True for m in self.modules())
 
     def placeholder_mask(
         self,
@@ -296,6 +339,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             backbones.language_model.generation_config.to_dict()
         )
         model._follow_backbone_devices(own_map)
+        model.watch_backbones()
         return model
 
     @classmethod
@@ -370,9 +414,15 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
     # ------------------------------------------------------------------------------------------------
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The saved side only (see `adapter_module_names`); the frozen backbones are never included."""
+        """The saved side only (see `adapter_module_names`) and the tensors of PEFT layers on the backbones; the
+        frozen backbone weights are never included."""
         names = self.adapter_module_names()
-        return {k: v for k, v in self.state_dict().items() if k.split(".", 1)[0] in names}
+        peft_prefixes = peft_on_top.peft_state_prefixes(self)
+        return {
+            k: v
+            for k, v in self.state_dict().items()
+            if k.split(".", 1)[0] in names or (peft_prefixes and k.startswith(peft_prefixes))
+        }
 
     def load_adapter_state_dict(
         self, state_dict: dict[str, torch.Tensor], source: str = "state dict"
@@ -428,20 +478,151 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
                 "name: saving every weight so that the model reloads identically."
             )
             adapter_only = False
+        self._sync_peft_record()
+        if adapter_only:
+            self._refuse_changed_backbones()
+        folder = os.fspath(save_directory)
+        replaces = replaced_by_adapter_save(folder) if os.path.isdir(folder) else None
         # Written into a staging folder and swapped in: a kill at any moment leaves the old or the new checkpoint.
-        with atomic_directory(save_directory) as staging:
+        with atomic_directory(save_directory, **({"replaces": replaces} if replaces else {})) as staging:
             if not adapter_only:
-                # No adapter_config.json here: transformers would take the folder for a PEFT adapter. The adapter
-                # settings are in config.json.
+                # The adapter settings and the PEFT record are in config.json; the PEFT layers' tensors are among
+                # the weights (config.json makes every load rebuild their layers first).
                 PreTrainedModel.save_pretrained(self, staging, **kwargs)
             else:
                 self.config.save_pretrained(staging)
                 self.generation_config.save_pretrained(staging)
                 state = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict().items()}
                 save_file(state, os.path.join(staging, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-                self.adapter_config_to_save().save_pretrained(staging)
             if processor is not None:
                 processor.save_pretrained(staging)
+
+    def _sync_peft_record(self) -> None:
+        """Make `config.peft_adapters` describe the PEFT layers the model holds: layers added by
+        `peft.get_peft_model` are recorded from the config PEFT left on the model; a recorded adapter whose layers
+        are gone (merged or unloaded through PEFT) is dropped from the record."""
+        unrecorded = peft_on_top.unrecorded_peft_layers(self)
+        if unrecorded:
+            known = getattr(self, "peft_config", None) or {}
+            if any(name not in known for name in unrecorded):
+                raise peft_on_top.PeftOnTopError(
+                    f"The model holds PEFT layers (adapter(s) {unrecorded}) whose configuration is unknown, so a "
+                    "saved checkpoint could not rebuild them. Add PEFT layers with mmadapters.add_lora(model, config) "
+                    "or model.add_adapter(config), or pass the PeftModel through mmadapters.adopt_peft_model first."
+                )
+            recorded = dict(self.config.peft_adapters or {})
+            for name in unrecorded:
+                peft_on_top._check_supported(known[name])
+                recorded[name] = {"on": "", "config": peft_on_top.peft_config_to_dict(known[name])}
+            self.config.peft_adapters = recorded
+        present = set()
+        for _, layer in peft_on_top.tuner_layers(self):
+            present.update(layer._all_available_adapter_names())
+        gone = [name for name in self.config.peft_adapters or {} if name not in present]
+        if gone:
+            logger.info(
+                f"PEFT adapter(s) {gone} are no longer in the model's layers; dropped from its config."
+            )
+            kept = {k: v for k, v in self.config.peft_adapters.items() if k not in gone}
+            self.config.peft_adapters = kept or None
+
+    def _refuse_changed_backbones(self) -> None:
+        watch = getattr(self, "_backbone_watch", None)
+        changed = (
+            watch.changed({"language_model": self.language_model, "vision_tower": self.vision_tower})
+            if (watch is not None)
+            else []
+        )
+        if changed:
+            raise peft_on_top.PeftOnTopError(
+                f"The backbone weights changed since the model was loaded ({len(changed)} tensors, e.g. "
+                f"{changed[:3]}): a merged LoRA (merge_and_unload) or a trained backbone. An adapter-only checkpoint "
+                "re-reads the backbones from their source and would lose the change. Save every weight with "
+                "save_pretrained(folder, adapter_only=False), or keep the LoRA unmerged (it is saved with the "
+                "adapters)."
+            )
+
+    def watch_backbones(self) -> None:
+        """Remember the backbones' weights as they are now (see `BackboneWatch`); called once loaded."""
+        self._backbone_watch = BackboneWatch(
+            {"language_model": self.language_model, "vision_tower": self.vision_tower}
+        )
+
+    # ------------------------------------------------------------------------------------------------
+    # PEFT on top (transformers' PeftAdapterMixin API, scoped to the backbones; see peft_on_top)
+    # ------------------------------------------------------------------------------------------------
+
+    def add_adapter(
+        self, adapter_config: Any, adapter_name: str | None = None, on: str = "language_model"
+    ) -> None:
+        """Add fresh PEFT layers (e.g. a `LoraConfig`) to the LLM (default), the vision tower or both (`on`); they
+        train with our adapters and are saved with them. Unlike transformers' version, the layers go into the
+        backbone named by `on`, not into every matching module of the model."""
+        peft_on_top.inject_peft_layers(self, adapter_config, adapter_name or "default", on)
+
+    def load_adapter(
+        self,
+        peft_model_id: str | os.PathLike,
+        adapter_name: str | None = None,
+        on: str | None = None,
+        revision: str | None = None,
+        token: str | None = None,
+        is_trainable: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """Load a PEFT adapter (a folder or Hub repo that `PeftModel.save_pretrained` wrote) onto the model; see
+        `mmadapters.modeling.peft_on_top.load_peft_adapter`. It is saved with our adapters by save_pretrained."""
+        if kwargs:
+            raise TypeError(
+                f"load_adapter() got keyword argument(s) {sorted(kwargs)} that mmadapters does not support here "
+                "(supported: adapter_name, on, revision, token, is_trainable)."
+            )
+        peft_on_top.load_peft_adapter(self, peft_model_id, adapter_name, on, revision, token, is_trainable)
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make the named PEFT adapter(s) the active ones."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [n for n in names if n not in (self.config.peft_adapters or {})]
+        if unknown:
+            raise ValueError(
+                f"No PEFT adapter named {unknown}; the model has {sorted(self.config.peft_adapters or {})}."
+            )
+        for _, layer in peft_on_top.tuner_layers(self):
+            layer.set_adapter([n for n in names if n in layer._all_available_adapter_names()])
+        self._thaw_peft_layers()
+
+    def disable_adapters(self) -> None:
+        """Run without the PEFT layers (our own adapters stay on)."""
+        for _, layer in peft_on_top.tuner_layers(self):
+            layer.enable_adapters(False)
+
+    def enable_adapters(self) -> None:
+        """Run with the PEFT layers again."""
+        for _, layer in peft_on_top.tuner_layers(self):
+            layer.enable_adapters(True)
+        self._thaw_peft_layers()
+
+    def active_adapters(self) -> list[str]:
+        """Names of the active PEFT adapters."""
+        for _, layer in peft_on_top.tuner_layers(self):
+            return list(layer.active_adapters)
+        return []
+
+    def delete_adapter(self, adapter_names: str | list[str]) -> None:
+        """Remove PEFT adapter(s) and their layers' tensors."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for _, layer in peft_on_top.tuner_layers(self):
+            for name in names:
+                if name in layer._all_available_adapter_names():
+                    layer.delete_adapter(name)
+        self._sync_peft_record()
+
+    def get_adapter_state_dict(self, adapter_name: str | None = None, state_dict: dict | None = None) -> dict:
+        """The tensors of one PEFT adapter (default: the first active one), keyed as in the model."""
+        name = adapter_name or (self.active_adapters() or ["default"])[0]
+        state = state_dict if state_dict is not None else self.state_dict()
+        prefixes = peft_on_top.peft_state_prefixes(self)
+        return {k: v for k, v in state.items() if prefixes and k.startswith(prefixes) and f".{name}." in k}
 
     def push_to_hub(
         self,
@@ -525,7 +706,9 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             )
         hub_kwargs = {k: kwargs[k] for k in ("token", "cache_dir", "local_files_only") if k in kwargs}
         folder = resolve_checkpoint_folder(name, revision, **hub_kwargs)
-        if not os.path.isfile(os.path.join(folder, ADAPTER_WEIGHTS_NAME)):
+        if adapter_weights_file(folder) is None:
+            if is_peft_adapter_folder(folder) and not os.path.isfile(os.path.join(folder, "config.json")):
+                raise ValueError(not_our_checkpoint_message(name, folder))
             if text_model is not None or vision_model is not None:
                 raise LoadingOptionError(
                     f"'{name}' is a full checkpoint (it holds the backbones' weights): text_model= / vision_model= "
@@ -557,7 +740,9 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             kwargs["dtype"] = torch.float32 if kwargs.get("dtype") is None else "auto"
         if revision is not None:
             kwargs["revision"] = revision
-        return super().from_pretrained(folder, *model_args, **kwargs)
+        loaded = super().from_pretrained(folder, *model_args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).watch_backbones()
+        return loaded
 
     @classmethod
     def _from_adapter_checkpoint(
@@ -580,7 +765,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
                 f"'{name}' has adapter weights but no config.json (which names the backbones): the folder is "
                 "incomplete. Save it again with model.save_pretrained, or copy config.json from where it was saved."
             )
-        adapter_tensors = read_adapter_file(os.path.join(folder, ADAPTER_WEIGHTS_NAME), name)
+        adapter_tensors = read_adapter_file(adapter_weights_file(folder), name)
         if isinstance(given_config, PreTrainedConfig):
             config, unused = given_config, kwargs
         else:
@@ -629,6 +814,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         elif os.path.isfile(os.path.join(folder, "generation_config.json")):
             model.generation_config = GenerationConfig.from_pretrained(folder)
         model._follow_backbone_devices(own_map)
+        model.watch_backbones()
         model.eval()
         return model
 

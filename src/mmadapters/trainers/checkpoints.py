@@ -7,6 +7,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from ..modeling.checkpoint_files import ADAPTER_WEIGHTS_NAME, adapter_weights_file
+
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
@@ -27,11 +29,12 @@ def checkpoint_is_complete(folder: str | os.PathLike) -> str | None:
             json.load(f)
     except (OSError, ValueError):
         return "no readable trainer_state.json (the run was stopped while saving it)"
+    weights = adapter_weights_file(folder) or os.path.join(folder, ADAPTER_WEIGHTS_NAME)
     try:
-        with safe_open(os.path.join(folder, "adapter_model.safetensors"), framework="pt") as handle:
+        with safe_open(weights, framework="pt") as handle:
             list(handle.keys())
     except Exception as error:  # safetensors raises its own error types for truncated files
-        return f"adapter_model.safetensors is missing or truncated ({type(error).__name__})"
+        return f"{os.path.basename(weights)} is missing or truncated ({type(error).__name__})"
     for name in sorted(os.listdir(folder)):
         if name.endswith((".pt", ".pth")) and not zipfile.is_zipfile(os.path.join(folder, name)):
             return f"{name} is truncated"

@@ -17,9 +17,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import Trainer
 
+from ..modeling.checkpoint_files import ADAPTER_WEIGHTS_NAME, adapter_weights_file
 from ..modeling.crome import CromeForConditionalGeneration
-from ..modeling.frozen_backbones import ADAPTER_WEIGHTS_NAME
 from ..modeling.lavin import LavinForConditionalGeneration
+from ..modeling.peft_on_top import adopt_peft_model
 from .checkpoints import find_last_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -37,8 +38,28 @@ def trainable_report(model: torch.nn.Module) -> dict[str, int]:
     return report
 
 
+def _model_argument(args: tuple, kwargs: dict) -> tuple[tuple, dict, Any]:
+    """The Trainer's `model` argument (positional or keyword), with a PeftModel around one of our models replaced
+    by the model itself (its PEFT layers recorded, our modules training again; see `adopt_peft_model`)."""
+    if "model" in kwargs:
+        kwargs = {**kwargs, "model": adopt_peft_model(kwargs["model"])}
+        return args, kwargs, kwargs["model"]
+    if args:
+        args = (adopt_peft_model(args[0]), *args[1:])
+        return args, kwargs, args[0]
+    return args, kwargs, None
+
+
 class AdapterTrainer(Trainer):
-    """Trainer for models with frozen backbones and an adapter side that saves on its own."""
+    """Trainer for models with frozen backbones and an adapter side that saves on its own.
+
+    A `peft.PeftModel` around LaVIN or CROME (`get_peft_model(model, LoraConfig(...))`) is accepted: the Trainer
+    trains the model inside it, LoRA and our adapters together, and every checkpoint holds both (one folder that
+    `from_pretrained` loads back)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        args, kwargs, _ = _model_argument(args, kwargs)
+        super().__init__(*args, **kwargs)
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         """`Trainer.train`; `resume_from_checkpoint=True` takes the last *complete* checkpoint of the output folder
@@ -104,8 +125,8 @@ class AdapterTrainer(Trainer):
     def _load_from_checkpoint(
         self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
     ) -> None:
-        path = os.path.join(resume_from_checkpoint, ADAPTER_WEIGHTS_NAME)
-        if not os.path.isfile(path):
+        path = adapter_weights_file(resume_from_checkpoint)
+        if path is None:
             raise FileNotFoundError(
                 f"{resume_from_checkpoint} holds no {ADAPTER_WEIGHTS_NAME}: not a checkpoint of this trainer."
             )
@@ -135,7 +156,7 @@ class CromeTrainer(AdapterTrainer):
     """Trainer for `CromeForConditionalGeneration`; `stage` sets what trains (see `set_stage`)."""
 
     def __init__(self, *args: Any, stage: str = "finetune", **kwargs: Any) -> None:
-        model = kwargs.get("model") if "model" in kwargs else (args[0] if args else None)
+        args, kwargs, model = _model_argument(args, kwargs)
         if not isinstance(model, CromeForConditionalGeneration):
             raise TypeError(
                 f"CromeTrainer trains a CromeForConditionalGeneration, got {type(model).__name__}."

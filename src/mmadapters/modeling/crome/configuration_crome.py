@@ -37,6 +37,7 @@ class CromeConfig(PreTrainedConfig):
         qformer_source: the InstructBLIP checkpoint the Q-Former, the query tokens and (when the widths match)
             the query projection were initialised from, with `modules` naming what it provided.
         backbone_quantization: how the backbones were quantised (see `LavinConfig`).
+        peft_adapters: PEFT layers on the backbones (LoRA on top; see `LavinConfig`).
     """
 
     model_type = "crome"
@@ -59,6 +60,7 @@ class CromeConfig(PreTrainedConfig):
     vision_backbone: dict | None = None
     qformer_source: dict | None = None
     backbone_quantization: dict | None = None
+    peft_adapters: dict | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:

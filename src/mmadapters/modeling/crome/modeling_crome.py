@@ -177,7 +177,12 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
             report[name] = sum(p.numel() for p in parameters) if name in trainable else 0
         if stage not in self.config.stages_used:
             self.config.stages_used.append(stage)
+        self._thaw_peft_layers()  # PEFT layers on the backbones (LoRA on top) train in every stage
         return report
+
+    def restore_trainable_side(self) -> None:
+        """Make the last stage's modules trainable again (after something froze them, e.g. get_peft_model)."""
+        self.set_stage(self.config.stages_used[-1] if self.config.stages_used else "finetune")
 
     def adapter_module_names(self) -> tuple[str, ...]:
         """What an adapter-only checkpoint holds: everything any stage used so far trained, plus what no
@@ -190,9 +195,6 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
             names.add("patch_projection")
         names.add("adapter")
         return tuple(sorted(names))
-
-    def adapter_config_to_save(self) -> CromeAdapterConfig:
-        return self.config.crome_adapter_config
 
     def load_instructblip_weights(
         self, folder: str, modules: tuple[str, ...] = SOURCEABLE_MODULES

@@ -45,6 +45,8 @@ class LavinConfig(PreTrainedConfig):
         backbone_quantization: how the backbones were quantised (`{"text_config": {...}, "vision_config": ...}`,
             quantization configs as dicts); `from_pretrained` of an adapter-only checkpoint quantises them the
             same way unless given another `quantization_config`.
+        peft_adapters: PEFT layers on the backbones (LoRA on top), adapter name -> `{"on": backbone, "config": PEFT
+            config as a dict}`; every load rebuilds them before reading the weights (see `modeling.peft_on_top`).
     """
 
     model_type = "lavin"
@@ -76,6 +78,7 @@ class LavinConfig(PreTrainedConfig):
     text_backbone: dict | None = None
     vision_backbone: dict | None = None
     backbone_quantization: dict | None = None
+    peft_adapters: dict | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:

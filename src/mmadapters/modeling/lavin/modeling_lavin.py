@@ -502,9 +502,6 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         """What an adapter-only checkpoint holds: LLM and vision adapters, projector, modality embedding."""
         return ADAPTER_MODULES
 
-    def adapter_config_to_save(self) -> MMAdapterConfig:
-        return self.config.mm_adapter_config
-
 
 __all__ = [
     "LavinForConditionalGeneration",

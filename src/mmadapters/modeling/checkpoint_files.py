@@ -1,0 +1,97 @@
+"""The files of an adapter-only checkpoint, and how a folder is recognised (ours, PEFT's, or neither).
+
+An adapter-only checkpoint is `config.json` (the model's config: backbones, adapter settings, LoRA-on-top
+record), `generation_config.json` and `mmadapters_model.safetensors` (every trained tensor: our adapters and any
+PEFT layers on the backbones).
+
+Why not PEFT's names (`adapter_config.json` / `adapter_model.safetensors`, which mmadapters 0.1 wrote): a
+`PeftModel.save_pretrained` into one of our folders overwrote them, and transformers' Auto classes and PEFT's
+loaders took our folders for PEFT adapters of a method they do not know. With distinct names a PEFT adapter and
+ours can share a folder without harm, and each loader says clearly what it was given. Checkpoints written with
+the old names still load (`adapter_weights_file`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+
+ADAPTER_WEIGHTS_NAME = "mmadapters_model.safetensors"
+# Written by mmadapters 0.1 (PEFT's names); read, never written.
+LEGACY_ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_ADAPTER_CONFIG_NAME = "adapter_config.json"
+# PEFT's file names (also what PeftModel.save_pretrained writes).
+PEFT_CONFIG_NAME = "adapter_config.json"
+# Our adapter methods as PEFT-style `peft_type`s in the legacy adapter_config.json.
+OUR_PEFT_TYPES = ("MMA", "CROME")
+
+
+def adapter_weights_file(folder: str) -> str | None:
+    """The adapter weights of the checkpoint in `folder` (current or legacy name), or None."""
+    current = os.path.join(folder, ADAPTER_WEIGHTS_NAME)
+    if os.path.isfile(current):
+        return current
+    legacy = os.path.join(folder, LEGACY_ADAPTER_WEIGHTS_NAME)
+    if os.path.isfile(legacy) and peft_type_of(folder) in (None, *OUR_PEFT_TYPES):
+        return legacy
+    return None
+
+
+def peft_type_of(folder: str) -> str | None:
+    """The `peft_type` named by the folder's adapter_config.json (None: no such file or no such field)."""
+    path = os.path.join(folder, PEFT_CONFIG_NAME)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            value = json.load(f).get("peft_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(value) if value is not None else None
+
+
+def is_peft_adapter_folder(folder: str) -> bool:
+    """Whether `folder` holds a PEFT adapter (an adapter_config.json of a PEFT method, not one of ours)."""
+    peft_type = peft_type_of(folder)
+    return peft_type is not None and peft_type not in OUR_PEFT_TYPES
+
+
+def replaced_by_adapter_save(folder: str) -> Callable[[str], bool]:
+    """Which of `folder`'s files a model save replaces: ours (weights and the files describing them, legacy names
+    included), but never a PEFT adapter saved into the same folder (its adapter_config.json and weights stay)."""
+    from ..atomic import replaced_by_model_save
+
+    peft_files = (PEFT_CONFIG_NAME, LEGACY_ADAPTER_WEIGHTS_NAME, "adapter_model.bin")
+    keep_peft = is_peft_adapter_folder(folder)
+
+    def replaces(name: str) -> bool:
+        if name in peft_files:
+            return not keep_peft
+        return replaced_by_model_save(name)
+
+    return replaces
+
+
+def not_our_checkpoint_message(name: str, folder: str) -> str:
+    """Why `folder` is not an mmadapters checkpoint, and what to do instead (a PEFT adapter is named as such)."""
+    if is_peft_adapter_folder(folder):
+        return (
+            f"'{name}' is a PEFT adapter ({peft_type_of(folder)}), not an mmadapters checkpoint: load it onto a "
+            f"LaVIN or CROME model with `model.load_adapter('{name}')`, "
+            "or onto its base model with `peft.PeftModel.from_pretrained(base_model, ...)`."
+        )
+    return (
+        f"'{name}' holds no {ADAPTER_WEIGHTS_NAME} and no full set of weights (model.safetensors): it is not a "
+        "checkpoint that mmadapters or transformers wrote. Pass the folder that `model.save_pretrained` wrote."
+    )
+
+
+__all__ = [
+    "ADAPTER_WEIGHTS_NAME",
+    "LEGACY_ADAPTER_CONFIG_NAME",
+    "LEGACY_ADAPTER_WEIGHTS_NAME",
+    "adapter_weights_file",
+    "is_peft_adapter_folder",
+    "not_our_checkpoint_message",
+]

@@ -1,0 +1,341 @@
+"""PEFT layers (LoRA or any method PEFT can inject) on the frozen backbones of LaVIN and CROME, trained and saved
+together with our own adapters.
+
+How it works: PEFT's layers are injected into the backbone(s) in place (`peft.inject_adapter_in_model`, no
+`PeftModel` wrapper), and the model's config records each injection (`config.peft_adapters`: adapter name ->
+where it was injected and its PEFT config). Because the record is in config.json, every load rebuilds the same
+layers before the weights are read (`FrozenBackbonesPreTrainedModel.post_init`), and the adapter-only checkpoint
+holds the PEFT tensors next to ours: one folder, one `from_pretrained`.
+
+Three ways in, all ending in that record:
+- `add_lora(model, LoraConfig(...), on="language_model")` / `model.add_adapter(config)`: scoped to one backbone
+  ("language_model", "vision_tower" or "both"), so `target_modules=["q_proj", "v_proj"]` means the LLM's
+  projections, not CLIP's too.
+- `model.load_adapter(peft_folder_or_repo)`: a PEFT adapter saved by PEFT, trained on the bare LLM (loaded into
+  the LLM) or on one of our models through `get_peft_model` (loaded where it was trained).
+- `adopt_peft_model(get_peft_model(model, config))`: a plain PEFT wrapper (our Trainers call it): our modules are
+  made trainable again (PEFT froze them) and the PEFT layers recorded.
+
+transformers' own `add_adapter` / `load_adapter` are replaced here rather than inherited: transformers 5.24
+requires peft >= 0.22 for them (unreleased as of this writing), injects into the whole model, and its save
+would write PEFT's tensors only, dropping ours.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import MMAdaptersError
+
+# Where PEFT layers may go: a backbone, both, or "" (the whole model: what get_peft_model on our model did).
+SCOPES = {
+    "language_model": ("language_model",),
+    "vision_tower": ("vision_tower",),
+    "both": ("language_model", "vision_tower"),
+    "": ("",),
+}
+PEFT_WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+class PeftOnTopError(MMAdaptersError, ValueError):
+    """A PEFT adapter that cannot be added, loaded or saved as asked."""
+
+
+def _tuner_layer_class() -> type:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return BaseTunerLayer
+
+
+def tuner_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, layer) of every PEFT layer inside `module`."""
+    base = _tuner_layer_class()
+    return [(name, sub) for name, sub in module.named_modules() if isinstance(sub, base)]
+
+
+def peft_state_prefixes(module: nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes of the PEFT tensors inside `module` (e.g. "...q_proj.lora_A.")."""
+    prefixes = []
+    for name, layer in tuner_layers(module):
+        for attr in (*layer.adapter_layer_names, *layer.other_param_names):
+            prefixes.append(f"{name}.{attr}." if name else f"{attr}.")
+    return tuple(prefixes)
+
+
+def peft_config_to_dict(peft_config: Any) -> dict[str, Any]:
+    """A PEFT config as JSON-safe values (sets become sorted lists, enums their values)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (set, frozenset)):
+            return sorted(value)
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if hasattr(value, "value") and type(value).__module__.startswith("peft"):
+            return value.value  # PeftType / TaskType enums
+        return value
+
+    values = plain(peft_config.to_dict())
+    json.dumps(values)  # fail here, not in save_pretrained, if something is not serialisable
+    return values
+
+
+def peft_config_from_dict(values: dict[str, Any]) -> Any:
+    from peft import PeftConfig
+
+    return PeftConfig.from_peft_type(**copy.deepcopy(values))
+
+
+def _targets(model: nn.Module, on: str) -> list[tuple[str, nn.Module]]:
+    if on not in SCOPES:
+        raise PeftOnTopError(
+            f"on={on!r}: PEFT layers go on 'language_model' (the LLM), 'vision_tower' or 'both'."
+        )
+    return [(name, model if name == "" else getattr(model, name)) for name in SCOPES[on]]
+
+
+def _check_supported(peft_config: Any) -> None:
+    if getattr(peft_config, "is_prompt_learning", False):
+        raise PeftOnTopError(
+            f"{type(peft_config).__name__} is a prompt-learning method: it needs a PeftModel around a text model and "
+            "cannot sit inside a frozen backbone. Use a method that injects layers (LoRA, LoHa, IA3, ...)."
+        )
+    if getattr(peft_config, "modules_to_save", None):
+        raise PeftOnTopError(
+            f"modules_to_save={peft_config.modules_to_save}: not needed for our own modules (they always train and "
+            "are saved with the PEFT layers), and backbone modules do not train here. Remove modules_to_save."
+        )
+
+
+def inject_peft_layers(
+    model: nn.Module, peft_config: Any, adapter_name: str, on: str, record: bool = True
+) -> None:
+    """Inject PEFT layers described by `peft_config` into `model`'s backbone(s) `on`, leaving which of our own
+    parameters train unchanged, and (with `record`) note the injection in `model.config.peft_adapters`."""
+    from peft import inject_adapter_in_model
+
+    _check_supported(peft_config)
+    recorded = dict(getattr(model.config, "peft_adapters", None) or {})
+    if record and adapter_name in recorded:
+        raise PeftOnTopError(
+            f"The model already has a PEFT adapter named {adapter_name!r}; pass another adapter_name, or remove "
+            f"it first with model.delete_adapter({adapter_name!r})."
+        )
+    own = [p for n, p in model.named_parameters() if n.split(".", 1)[0] in model.adapter_module_names()]
+    trains = [p.requires_grad for p in own]
+    config = copy.deepcopy(peft_config)
+    for scope, target in _targets(model, on):
+        try:
+            inject_adapter_in_model(config, target, adapter_name=adapter_name)
+        except ValueError as error:
+            where = "the whole model" if scope == "" else scope
+            raise PeftOnTopError(
+                f"PEFT found nothing to adapt in {where}: {error} Module names there look like "
+                f"{_example_names(target)}."
+            ) from None
+        if not any(adapter_name in layer._all_available_adapter_names() for _, layer in tuner_layers(target)):
+            raise PeftOnTopError(
+                f"{type(peft_config).__name__} injected no layer into {scope or 'the model'}."
+            )
+    for parameter, trained in zip(own, trains, strict=True):
+        parameter.requires_grad_(trained)
+    if record:
+        recorded[adapter_name] = {"on": on, "config": peft_config_to_dict(peft_config)}
+        model.config.peft_adapters = recorded
+
+
+def _example_names(module: nn.Module) -> list[str]:
+    leaves = sorted(
+        {name.rsplit(".", 1)[-1] for name, sub in module.named_modules() if isinstance(sub, nn.Linear)}
+    )
+    return leaves[:12]
+
+
+def rebuild_recorded_layers(model: nn.Module) -> None:
+    """Inject the PEFT layers that `model.config.peft_adapters` records (at construction, before loading)."""
+    for adapter_name, entry in (getattr(model.config, "peft_adapters", None) or {}).items():
+        if any(adapter_name in layer._all_available_adapter_names() for _, layer in tuner_layers(model)):
+            continue
+        inject_peft_layers(
+            model, peft_config_from_dict(entry["config"]), adapter_name, entry["on"], record=False
+        )
+
+
+def add_lora(
+    model: nn.Module, peft_config: Any, on: str = "language_model", adapter_name: str = "default"
+) -> Any:
+    """Put PEFT layers (a `LoraConfig`, or any config of a PEFT method that injects layers) on a LaVIN or CROME
+    model's backbone(s) `on` ("language_model", "vision_tower" or "both"). Our own modules keep training; the PEFT
+    layers train too and are saved with the adapters by `save_pretrained`. Returns the model (changed in place)."""
+    _check_our_model(model)
+    inject_peft_layers(model, peft_config, adapter_name, on)
+    return model
+
+
+def load_peft_adapter(
+    model: nn.Module,
+    peft_model_id: str | os.PathLike,
+    adapter_name: str | None = None,
+    on: str | None = None,
+    revision: str | None = None,
+    token: str | None = None,
+    is_trainable: bool = False,
+) -> Any:
+    """Load an adapter saved by PEFT (`PeftModel.save_pretrained`, a folder or Hub repo) onto `model`.
+
+    Where it goes: an adapter trained on one of our models (its tensor names start with `language_model.` or
+    `vision_tower.`) goes where it was trained; any other adapter was trained on the bare LLM and goes into the
+    LLM (`on` can say "vision_tower" for one trained on the bare vision tower). Every tensor must find its place.
+    """
+    from peft import PeftConfig
+
+    _check_our_model(model)
+    folder = _peft_folder(os.fspath(peft_model_id), revision, token)
+    if os.path.isfile(os.path.join(folder, "config.json")) and not os.path.isfile(
+        os.path.join(folder, "adapter_config.json")
+    ):
+        raise PeftOnTopError(
+            f"'{peft_model_id}' is not a PEFT adapter (no adapter_config.json). An mmadapters checkpoint is loaded "
+            "with from_pretrained, not load_adapter."
+        )
+    peft_config = PeftConfig.from_pretrained(folder)
+    state = _read_peft_weights(folder)
+    state = {_strip_wrapper_prefix(key): value for key, value in state.items()}
+    trained_on_ours = any(key.startswith(("language_model.", "vision_tower.")) for key in state)
+    if trained_on_ours and on not in (None, ""):
+        raise PeftOnTopError(
+            f"'{peft_model_id}' was trained on a whole {type(model).__name__} (its tensors name language_model / "
+            f"vision_tower): it goes back where it was trained; drop on={on!r}."
+        )
+    scope = "" if trained_on_ours else (on or "language_model")
+    name = adapter_name or "default"
+    peft_config.inference_mode = not is_trainable
+    inject_peft_layers(model, peft_config, name, scope)
+    _load_peft_tensors(model, scope, name, state, str(peft_model_id))
+    if not is_trainable:
+        for _, layer in tuner_layers(model):
+            if name in layer._all_available_adapter_names():
+                layer.set_adapter(layer.active_adapters, inference_mode=True)
+    return model
+
+
+def _load_peft_tensors(model: nn.Module, scope: str, name: str, state: dict, source: str) -> None:
+    """Put PEFT's saved tensors (adapter name left out of their keys) into the injected layers."""
+    target = model if scope == "" else getattr(model, scope)
+    expected = {
+        key: value
+        for key, value in target.state_dict().items()
+        if key.startswith(peft_state_prefixes(target)) and f".{name}." in f".{key}."
+    }
+    renamed = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        for index in range(len(parts)):
+            candidate = ".".join([*parts[: index + 1], name, *parts[index + 1 :]])
+            if candidate in expected:
+                renamed[candidate] = value
+                break
+        else:
+            renamed[key] = value
+    missing = sorted(set(expected) - set(renamed))
+    unexpected = sorted(set(renamed) - set(expected))
+    if missing or unexpected:
+        raise PeftOnTopError(
+            f"The PEFT adapter '{source}' does not fit this model's {scope or 'modules'}: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}. Was it trained on another base model?"
+        )
+    mis_shaped = [k for k in renamed if renamed[k].shape != expected[k].shape]
+    if mis_shaped:
+        raise PeftOnTopError(
+            f"The PEFT adapter '{source}' has tensors of other shapes than this model's layers ({mis_shaped[:3]}): "
+            "it was trained on a base model of another size."
+        )
+    target.load_state_dict(renamed, strict=False)
+
+
+def _strip_wrapper_prefix(key: str) -> str:
+    # PEFT saves keys relative to the PeftModel: "base_model.model.<module path>".
+    return key[len("base_model.model.") :] if key.startswith("base_model.model.") else key
+
+
+def _peft_folder(name: str, revision: str | None, token: str | None) -> str:
+    if os.path.isdir(name):
+        return name
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(
+        name,
+        revision=revision,
+        token=token,
+        allow_patterns=["adapter_config.json", *PEFT_WEIGHTS_NAMES, "config.json"],
+    )
+
+
+def _read_peft_weights(folder: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = os.path.join(folder, PEFT_WEIGHTS_NAMES[0])
+    if os.path.isfile(path):
+        return load_file(path)
+    path = os.path.join(folder, PEFT_WEIGHTS_NAMES[1])
+    if os.path.isfile(path):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    raise PeftOnTopError(
+        f"{folder} has an adapter_config.json but no adapter weights ({PEFT_WEIGHTS_NAMES[0]})."
+    )
+
+
+def adopt_peft_model(peft_model: Any) -> Any:
+    """The LaVIN or CROME model inside a `PeftModel` (from `peft.get_peft_model`), with its PEFT layers recorded
+    (so `save_pretrained` saves them with our adapters) and our own modules training again (PEFT freezes every
+    parameter it did not add). Returns the inner model; the PeftModel keeps working on the same tensors."""
+    from peft import PeftModel
+
+    if not isinstance(peft_model, PeftModel):
+        return peft_model
+    model = peft_model.get_base_model()
+    _check_our_model(model)
+    recorded = dict(model.config.peft_adapters or {})
+    for adapter_name, peft_config in peft_model.peft_config.items():
+        _check_supported(peft_config)
+        if adapter_name not in recorded:
+            recorded[adapter_name] = {"on": "", "config": peft_config_to_dict(peft_config)}
+    model.config.peft_adapters = recorded
+    model.restore_trainable_side()
+    return model
+
+
+def unrecorded_peft_layers(model: nn.Module) -> list[str]:
+    """PEFT adapters present in the model's layers that `config.peft_adapters` does not record."""
+    recorded = set(getattr(model.config, "peft_adapters", None) or {})
+    found = set()
+    for _, layer in tuner_layers(model):
+        found.update(layer._all_available_adapter_names())
+    return sorted(found - recorded)
+
+
+def _check_our_model(model: nn.Module) -> None:
+    if not hasattr(model, "adapter_module_names") or not hasattr(model.config, "peft_adapters"):
+        raise PeftOnTopError(
+            f"{type(model).__name__} is not a LaVIN or CROME model; use peft.get_peft_model for other models."
+        )
+
+
+__all__ = [
+    "PeftOnTopError",
+    "add_lora",
+    "adopt_peft_model",
+    "inject_peft_layers",
+    "load_peft_adapter",
+    "peft_state_prefixes",
+    "rebuild_recorded_layers",
+    "tuner_layers",
+    "unrecorded_peft_layers",
+]

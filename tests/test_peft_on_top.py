@@ -1,0 +1,415 @@
+"""LoRA (any PEFT method) on top of LaVIN and CROME: scoped injection, one checkpoint with every trained tensor,
+PEFT's own entry points (get_peft_model, load_adapter, merge_and_unload), Trainers and resume, file names that
+never collide with PEFT's."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import make_trainer, save_tiny_llm, save_tiny_vision, tiny_qformer_config, toy_dataset
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import mmadapters
+from mmadapters import (
+    CromeForConditionalGeneration,
+    CromeProcessor,
+    LavinForConditionalGeneration,
+    LavinProcessor,
+    PeftOnTopError,
+    add_lora,
+)
+from mmadapters.modeling.peft_on_top import tuner_layers
+from mmadapters.trainers import CromeTrainer
+
+
+def lora(**overrides):
+    return LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], **overrides})
+
+
+@pytest.fixture()
+def lavin(tiny_backbones):
+    torch.manual_seed(0)
+    return LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+
+
+@pytest.fixture()
+def processor(tiny_backbones):
+    return LavinProcessor.from_backbones(*tiny_backbones)
+
+
+def inputs(processor):
+    from conftest import tiny_sample_inputs
+
+    return tiny_sample_inputs(processor)
+
+
+def randomize_trainable(model, seed=3):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+
+
+def logits(model, batch):
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def lora_places(model):
+    return sorted({name.split(".", 1)[0] for name, _ in tuner_layers(model)})
+
+
+# --- scoped injection -------------------------------------------------------------------------------------------
+
+
+def test_add_lora_goes_into_the_llm_only_and_our_adapters_keep_training(lavin):
+    add_lora(lavin, lora())
+    assert lora_places(lavin) == ["language_model"]
+    trainable = {n.split(".", 1)[0] for n, p in lavin.named_parameters() if p.requires_grad}
+    assert trainable == {
+        "language_model",
+        "llm_adapters",
+        "vision_adapters",
+        "projector",
+        "modality_embedding",
+    }
+    # In the LLM only the LoRA tensors train.
+    assert all(".lora_" in n for n, p in lavin.language_model.named_parameters() if p.requires_grad), (
+        "a base weight of the LLM trains"
+    )
+    assert lavin.config.peft_adapters["default"]["on"] == "language_model"
+    # Our Trainers re-freeze the backbones before training: the LoRA tensors must survive that.
+    lavin.freeze_backbones()
+    assert any(p.requires_grad for n, p in lavin.named_parameters() if ".lora_" in n)
+
+
+@pytest.mark.parametrize(
+    "on, places", [("vision_tower", ["vision_tower"]), ("both", ["language_model", "vision_tower"])]
+)
+def test_add_lora_on_the_vision_tower_or_both(lavin, on, places):
+    add_lora(lavin, lora(), on=on)
+    assert lora_places(lavin) == places
+
+
+def test_add_adapter_is_transformers_api_scoped_to_the_llm(lavin):
+    # transformers 5.24's own add_adapter wants peft >= 0.22; ours works with the pinned peft.
+    lavin.add_adapter(lora(), adapter_name="mine")
+    assert lora_places(lavin) == ["language_model"] and lavin.active_adapters() == ["mine"]
+
+
+def test_refusals_say_what_is_wrong(lavin):
+    with pytest.raises(PeftOnTopError, match="modules_to_save"):
+        add_lora(lavin, lora(modules_to_save=["llm_adapters"]))
+    with pytest.raises(PeftOnTopError, match="on='decoder'"):
+        add_lora(lavin, lora(), on="decoder")
+    with pytest.raises(PeftOnTopError, match="nothing to adapt in language_model"):
+        add_lora(lavin, lora(target_modules=["no_such_layer"]))
+    add_lora(lavin, lora())
+    with pytest.raises(PeftOnTopError, match="already has a PEFT adapter named 'default'"):
+        add_lora(lavin, lora())
+
+
+# --- one checkpoint with every trained tensor -------------------------------------------------------------------
+
+
+def test_lora_and_adapters_round_trip_in_one_folder(lavin, processor, tmp_path):
+    add_lora(lavin, lora(), on="both")
+    randomize_trainable(lavin)
+    batch = inputs(processor)
+    expected = logits(lavin, batch)
+    lavin.save_pretrained(tmp_path / "ck")
+    files = sorted(os.listdir(tmp_path / "ck"))
+    assert files == ["config.json", "generation_config.json", "mmadapters_model.safetensors"]
+    saved = load_file(tmp_path / "ck" / "mmadapters_model.safetensors")
+    assert any(".lora_A.default." in k for k in saved) and any(k.startswith("llm_adapters.") for k in saved)
+    assert not any(k.endswith("base_layer.weight") for k in saved), "a backbone weight in the adapter file"
+    reloaded = LavinForConditionalGeneration.from_pretrained(tmp_path / "ck")
+    torch.testing.assert_close(logits(reloaded, batch), expected)
+    # The LoRA changed the answer: the comparison above is not vacuous.
+    reloaded.disable_adapters()
+    assert not torch.allclose(logits(reloaded, batch), expected)
+    reloaded.enable_adapters()
+    torch.testing.assert_close(logits(reloaded, batch), expected)
+
+
+def test_full_save_keeps_lora_layers(lavin, processor, tmp_path):
+    add_lora(lavin, lora())
+    randomize_trainable(lavin)
+    batch = inputs(processor)
+    expected = logits(lavin, batch)
+    lavin.save_pretrained(tmp_path / "full", adapter_only=False)
+    reloaded = LavinForConditionalGeneration.from_pretrained(tmp_path / "full")
+    torch.testing.assert_close(logits(reloaded, batch), expected)
+
+
+def test_delete_adapter_removes_layers_and_record(lavin):
+    add_lora(lavin, lora())
+    lavin.delete_adapter("default")
+    assert lavin.config.peft_adapters is None
+    assert not any(".lora_" in k for k in lavin.adapter_state_dict())
+
+
+# --- PEFT's own entry points -------------------------------------------------------------------------------------
+
+
+def test_plain_get_peft_model_with_a_scoped_regex_and_adoption(lavin, processor, tmp_path):
+    # Documented PEFT arguments: a regex scopes target_modules to the LLM.
+    peft_model = get_peft_model(lavin, lora(target_modules=r".*language_model.*\.(q_proj|v_proj)"))
+    assert lora_places(lavin) == ["language_model"]
+    assert not any(p.requires_grad for p in lavin.llm_adapters.parameters()), "PEFT froze our adapters"
+    model = mmadapters.adopt_peft_model(peft_model)
+    assert model is lavin and all(p.requires_grad for p in lavin.llm_adapters.parameters())
+    randomize_trainable(model)
+    batch = inputs(processor)
+    expected = logits(model, batch)
+    torch.testing.assert_close(logits(peft_model, batch), expected)
+    model.save_pretrained(tmp_path / "ck")
+    torch.testing.assert_close(
+        logits(LavinForConditionalGeneration.from_pretrained(tmp_path / "ck"), batch), expected
+    )
+
+
+def test_save_of_a_get_peft_model_model_without_adoption_keeps_the_lora(lavin, processor, tmp_path):
+    peft_model = get_peft_model(lavin, lora())  # unscoped: the CLIP tower gets LoRA too, as PEFT does
+    randomize_trainable(peft_model)
+    batch = inputs(processor)
+    expected = logits(peft_model, batch)
+    peft_model.get_base_model().save_pretrained(tmp_path / "ck")
+    reloaded = LavinForConditionalGeneration.from_pretrained(tmp_path / "ck")
+    assert lora_places(reloaded) == ["language_model", "vision_tower"]
+    torch.testing.assert_close(logits(reloaded, batch), expected)
+
+
+def test_load_adapter_of_a_lora_trained_on_the_bare_llm(lavin, tiny_backbones, processor, tmp_path):
+    llm = AutoModelForCausalLM.from_pretrained(tiny_backbones[0])
+    peft_llm = get_peft_model(llm, lora())
+    randomize_trainable(peft_llm)
+    peft_llm.save_pretrained(tmp_path / "llm-lora")
+    lavin.load_adapter(tmp_path / "llm-lora")
+    assert lora_places(lavin) == ["language_model"]
+    state = lavin.get_adapter_state_dict("default")
+    a_key = next(k for k in state if ".lora_A." in k)
+    peft_key = "base_model.model." + a_key.removeprefix("language_model.").replace(".default.", ".")
+    torch.testing.assert_close(
+        state[a_key], load_file(tmp_path / "llm-lora" / "adapter_model.safetensors")[peft_key]
+    )
+    # Saved with our adapters and reloaded identically.
+    batch = inputs(processor)
+    expected = logits(lavin, batch)
+    lavin.save_pretrained(tmp_path / "ck")
+    torch.testing.assert_close(
+        logits(LavinForConditionalGeneration.from_pretrained(tmp_path / "ck"), batch), expected
+    )
+
+
+def test_load_adapter_of_a_lora_trained_on_lavin_goes_back_where_it_was(
+    lavin, tiny_backbones, processor, tmp_path
+):
+    peft_model = get_peft_model(lavin, lora())
+    randomize_trainable(peft_model)
+    batch = inputs(processor)
+    expected = logits(peft_model, batch)
+    peft_model.save_pretrained(tmp_path / "peft")
+    torch.manual_seed(0)
+    fresh = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+    fresh.load_state_dict(
+        {k: v for k, v in peft_model.get_base_model().adapter_state_dict().items() if ".lora_" not in k},
+        strict=False,
+    )
+    fresh.load_adapter(tmp_path / "peft")
+    assert lora_places(fresh) == ["language_model", "vision_tower"]
+    torch.testing.assert_close(logits(fresh, batch), expected)
+    with pytest.raises(PeftOnTopError, match="drop on='vision_tower'"):
+        LavinForConditionalGeneration.from_backbones(*tiny_backbones).load_adapter(
+            tmp_path / "peft", on="vision_tower"
+        )
+
+
+def test_a_merge_is_saved_in_full_or_refused(lavin, processor, tmp_path):
+    peft_model = get_peft_model(lavin, lora())
+    randomize_trainable(peft_model)
+    batch = inputs(processor)
+    expected = logits(peft_model, batch)
+    merged = peft_model.merge_and_unload()
+    assert merged is lavin and not tuner_layers(merged)
+    with pytest.raises(PeftOnTopError, match=r"adapter_only=False"):
+        merged.save_pretrained(tmp_path / "adapters")
+    assert not (tmp_path / "adapters").exists()
+    merged.save_pretrained(tmp_path / "full", adapter_only=False)
+    reloaded = LavinForConditionalGeneration.from_pretrained(tmp_path / "full")
+    torch.testing.assert_close(logits(reloaded, batch), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_trained_backbone_is_never_dropped_by_an_adapter_only_save(lavin, tiny_backbones, tmp_path):
+    # A dtype cast is not a change.
+    LavinForConditionalGeneration.from_backbones(*tiny_backbones).to(torch.bfloat16).save_pretrained(
+        tmp_path / "bf16"
+    )
+    with torch.no_grad():
+        lavin.language_model.model.layers[0].mlp.up_proj.weight.add_(0.01)
+    with pytest.raises(PeftOnTopError, match="backbone weights changed"):
+        lavin.save_pretrained(tmp_path / "ck")
+
+
+# --- file names: ours and PEFT's never collide -------------------------------------------------------------------
+
+
+def test_peft_and_our_checkpoints_share_a_folder_and_each_loader_says_what_it_got(
+    lavin, tiny_backbones, processor, tmp_path
+):
+    add_lora(lavin, lora())
+    randomize_trainable(lavin)
+    batch = inputs(processor)
+    expected = logits(lavin, batch)
+    folder = tmp_path / "ck"
+    lavin.save_pretrained(folder)
+    # A PEFT save into our folder writes PEFT's file names, next to ours.
+    peft_model = get_peft_model(LavinForConditionalGeneration.from_backbones(*tiny_backbones), lora(r=2))
+    peft_model.save_pretrained(folder)
+    assert {"adapter_config.json", "mmadapters_model.safetensors"} <= set(os.listdir(folder))
+    torch.testing.assert_close(logits(LavinForConditionalGeneration.from_pretrained(folder), batch), expected)
+    # Our save into that folder keeps PEFT's adapter.
+    lavin.save_pretrained(folder)
+    assert PeftConfig.from_pretrained(folder).r == 2
+    # Our loader on a PEFT-only folder, and PEFT's on ours: clear errors.
+    llm = AutoModelForCausalLM.from_pretrained(lavin.config.text_backbone["name_or_path"])
+    get_peft_model(llm, lora()).save_pretrained(tmp_path / "peft-only")
+    with pytest.raises(
+        ValueError, match="is a PEFT adapter .LORA., not an mmadapters checkpoint.*load_adapter"
+    ):
+        LavinForConditionalGeneration.from_pretrained(tmp_path / "peft-only")
+    lavin.save_pretrained(tmp_path / "ours")
+    with pytest.raises(ValueError, match="adapter_config.json"):
+        PeftModel.from_pretrained(llm, tmp_path / "ours")
+    with pytest.raises(PeftOnTopError, match="not a PEFT adapter"):
+        lavin.load_adapter(tmp_path / "ours", adapter_name="y")
+
+
+def test_checkpoints_with_peft_file_names_still_load(lavin, processor, tmp_path):
+    """Checkpoints written before the rename (adapter_model.safetensors + adapter_config.json) load as before."""
+    import json
+
+    batch = inputs(processor)
+    randomize_trainable(lavin)
+    expected = logits(lavin, batch)
+    lavin.save_pretrained(tmp_path / "old")
+    os.rename(
+        tmp_path / "old" / "mmadapters_model.safetensors", tmp_path / "old" / "adapter_model.safetensors"
+    )
+    (tmp_path / "old" / "adapter_config.json").write_text(json.dumps({**lavin.config.adapter_config}))
+    torch.testing.assert_close(
+        logits(LavinForConditionalGeneration.from_pretrained(tmp_path / "old"), batch), expected
+    )
+    # Saving again writes the new names and removes the old ones.
+    LavinForConditionalGeneration.from_pretrained(tmp_path / "old").save_pretrained(tmp_path / "old")
+    assert sorted(os.listdir(tmp_path / "old")) == [
+        "config.json",
+        "generation_config.json",
+        "mmadapters_model.safetensors",
+    ]
+
+
+# --- Trainers --------------------------------------------------------------------------------------------------
+
+
+def adapter_weights(model):
+    return {k: v.detach().clone() for k, v in model.adapter_state_dict().items()}
+
+
+def test_lavin_trainer_takes_a_peft_model_saves_everything_and_resumes_identically(
+    tiny_backbones, processor, tmp_path
+):
+    dataset = toy_dataset(tmp_path)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(
+        LavinForConditionalGeneration.from_backbones(*tiny_backbones),
+        lora(target_modules=r".*language_model.*q_proj"),
+    )
+    trainer = make_trainer(peft_model, processor, dataset, tmp_path / "full")
+    model = trainer.model
+    assert isinstance(model, LavinForConditionalGeneration)
+    before = adapter_weights(model)
+    trainer.train()
+    after = adapter_weights(model)
+    changed = {k.split(".", 1)[0] for k in before if not torch.equal(before[k], after[k])}
+    assert {
+        "llm_adapters",
+        "projector",
+        "language_model",
+    } <= changed  # LoRA (in the LLM) and ours both trained
+    assert any(name.startswith("router/") for entry in trainer.state.log_history for name in entry)
+    saved = load_file(tmp_path / "full" / "checkpoint-6" / "mmadapters_model.safetensors")
+    assert set(saved) == set(after)
+    reloaded = LavinForConditionalGeneration.from_pretrained(tmp_path / "full" / "checkpoint-6")
+    for name, tensor in adapter_weights(reloaded).items():
+        torch.testing.assert_close(tensor, after[name], msg=name)
+
+    # Kill after checkpoint-3 and resume in a fresh process-like setting: the same weights as uninterrupted.
+    torch.manual_seed(123)
+    again = get_peft_model(
+        LavinForConditionalGeneration.from_backbones(*tiny_backbones),
+        lora(target_modules=r".*language_model.*q_proj"),
+    )
+    resumed = make_trainer(again, processor, dataset, tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    for name, tensor in adapter_weights(resumed.model).items():
+        torch.testing.assert_close(tensor, after[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_crome_trainer_takes_a_peft_model_and_keeps_its_stage(tmp_path):
+    llm, vision = save_tiny_llm(tmp_path / "llm"), save_tiny_vision(tmp_path / "vision")
+    model = CromeForConditionalGeneration.from_backbones(
+        llm, vision, qformer=tiny_qformer_config(), num_query_tokens=4
+    )
+    processor = CromeProcessor.from_backbones(llm, vision, num_image_tokens=model.config.num_image_tokens)
+    dataset = toy_dataset(tmp_path, n=8).map(lambda row: {"prompt": row["prompt"].replace("Image: ", "")})
+    peft_model = get_peft_model(model, lora(target_modules=r".*language_model.*(q_proj|v_proj)"))
+    trainer = make_trainer(
+        peft_model,
+        processor,
+        dataset,
+        tmp_path / "crome",
+        max_steps=2,
+        trainer_class=CromeTrainer,
+        stage="finetune",
+    )
+    before = adapter_weights(model)
+    trainer.train()
+    after = adapter_weights(model)
+    changed = {k.split(".", 1)[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"adapter", "language_model"}  # finetune trains the CROME adapter; LoRA in the LLM
+    reloaded = CromeForConditionalGeneration.from_pretrained(tmp_path / "crome" / "checkpoint-2")
+    for name, tensor in adapter_weights(reloaded).items():
+        torch.testing.assert_close(tensor, after[name], msg=name)
+
+
+def test_readme_lora_on_top_example_runs(tiny_backbones, tmp_path, monkeypatch):
+    """The README's "LoRA on top" code, executed with the Hub ids pointed at tiny local backbones."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### LoRA on top", 1)[1].split("\n### ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    llm = AutoModelForCausalLM.from_pretrained(tiny_backbones[0])
+    get_peft_model(llm, lora()).save_pretrained(tmp_path / "chat-lora")
+    for hub_id, local in (
+        ("meta-llama/Llama-2-7b-hf", tiny_backbones[0]),
+        ("openai/clip-vit-large-patch14", tiny_backbones[1]),
+        ("you/llama-2-7b-chat-lora", str(tmp_path / "chat-lora")),
+    ):
+        assert hub_id in code
+        code = code.replace(f'"{hub_id}"', repr(local))
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    model = namespace["model"]
+    assert lora_places(model) == ["language_model"]
+    assert sorted(model.config.peft_adapters) == ["chat", "default"] and model.active_adapters() == ["chat"]
+    assert (tmp_path / "lavin-lora" / "mmadapters_model.safetensors").is_file()
