@@ -138,40 +138,6 @@ def test_shipped_recipes_are_valid():
     assert quickstart["adapter"]["dropout"] == defaults.adapter_dropout
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_two_process_ddp_run(tiny_backbones, tmp_path):
-    script = os.path.join(os.path.dirname(__file__), "ddp_train.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-            script,
-            str(tmp_path / "ddp"),
-            *tiny_backbones,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    model = LavinForConditionalGeneration.from_pretrained(tmp_path / "ddp")
-    assert torch.count_nonzero(model.llm_adapters[0].attn.expert_b.weight) > 0  # it trained
-
-
 @pytest.mark.integration
 def test_quickstart_at_reduced_size(tmp_path):
     from mmadapters.quickstart import QuickstartSettings, run_quickstart

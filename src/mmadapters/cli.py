@@ -43,10 +43,11 @@ def _quickstart(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .recipes import train_from_recipe
+    from .recipes import is_main_process, train_from_recipe
 
     final = train_from_recipe(args.recipe, resume=args.resume, overwrite=args.overwrite)
-    print(f"Saved the adapter-only checkpoint to {final}")
+    if is_main_process():
+        print(f"Saved the adapter-only checkpoint to {final}")
 
 
 def _load(checkpoint: str) -> tuple:

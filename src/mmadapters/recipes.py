@@ -10,9 +10,17 @@ init_from: ...               # crome only: an InstructBLIP checkpoint to initial
 from_checkpoint: ...         # continue from an earlier run's checkpoint instead (optional)
 feature_whitening: 4000      # lavin only: whiten the visual features, fitted on this many training images
 data: {name: easy_vqa, split: train, limit: 4800, prompt_format: open}
+eval_data: {name: easy_vqa, split: test, limit: 200}   # optional: evaluation loss during training
+dtype: bfloat16              # the frozen backbones' dtype (adapters stay float32); default float32
+quantization:                # optional, bitsandbytes (BitsAndBytesConfig fields) per backbone: LaVIN-lite
+  text_config: {load_in_4bit: true, bnb_4bit_quant_type: nf4, bnb_4bit_use_double_quant: true}
+lora: {r: 8, lora_alpha: 16, target_modules: [q_proj, v_proj], on: language_model}  # optional LoRA on top
 output_dir: outputs/run
 training: {max_steps: 150, per_device_train_batch_size: 32, learning_rate: 3.0e-3}  # TrainingArguments
 ```
+
+Under several processes (`torchrun`, `accelerate launch`), only the main process prints, saves the final
+checkpoint and (through the Trainer) logs.
 """
 
 from __future__ import annotations
@@ -32,8 +40,18 @@ RECIPE_KEYS = {
     "init_from",
     "from_checkpoint",
     "feature_whitening",
+    "eval_data",
+    "dtype",
+    "quantization",
+    "lora",
 }
 DATA_NAMES = ("easy_vqa", "scienceqa", "llava")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+def is_main_process() -> bool:
+    """Whether this is the main process of a multi-process run (torchrun and accelerate set RANK), or the only one."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 class RecipeError(ValueError):
@@ -65,9 +83,12 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
         raise RecipeError(
             f"Recipe {path}: `model` must be one of {sorted(METHODS)}, got {recipe.get('model')!r}."
         )
-    data = recipe.get("data")
-    if not isinstance(data, dict) or data.get("name") not in DATA_NAMES:
-        raise RecipeError(f"Recipe {path}: `data.name` must be one of {DATA_NAMES}.")
+    for key in ("data", "eval_data"):
+        data = recipe.get(key)
+        if (key == "data" or data is not None) and (
+            not isinstance(data, dict) or data.get("name") not in DATA_NAMES
+        ):
+            raise RecipeError(f"Recipe {path}: `{key}.name` must be one of {DATA_NAMES}.")
     whitening = recipe.get("feature_whitening")
     count_given = isinstance(whitening, int) and not isinstance(whitening, bool) and whitening >= 1
     if whitening is not None and (recipe["model"] != "lavin" or not count_given):
@@ -117,9 +138,14 @@ def recipe_errors(recipe: dict[str, Any]) -> list[str]:
             method(recipe["model"]).adapter_config_class.from_dict(adapter)
         except (ValueError, TypeError) as error:
             errors.append(f"`adapter`: {error}".rstrip("."))
-    limit = recipe["data"].get("limit")
-    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
-        errors.append(f"`data.limit` must be a positive integer (or absent: all rows), got {limit!r}")
+    for key in ("data", "eval_data"):
+        limit = (recipe.get(key) or {}).get("limit")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+            errors.append(f"`{key}.limit` must be a positive integer (or absent: all rows), got {limit!r}")
+    if recipe.get("dtype", "float32") not in DTYPES:
+        errors.append(f"`dtype` must be one of {DTYPES}, got {recipe.get('dtype')!r}")
+    errors.extend(_quantization_errors(recipe.get("quantization")))
+    errors.extend(_lora_errors(recipe.get("lora")))
     if recipe.get("init_from") and recipe["model"] != "crome":
         errors.append("`init_from` (an InstructBLIP checkpoint) is CROME's; LaVIN starts from its backbones")
     if recipe["model"] == "crome" and recipe.get("stage", "finetune") not in (
@@ -146,6 +172,67 @@ def recipe_errors(recipe: dict[str, Any]) -> list[str]:
     return errors
 
 
+def _quantization_errors(quantization: Any) -> list[str]:
+    if quantization is None:
+        return []
+    if (
+        not isinstance(quantization, dict)
+        or not quantization
+        or not set(quantization) <= {"text_config", "vision_config"}
+    ):
+        return [
+            "`quantization` must map `text_config` and/or `vision_config` to BitsAndBytesConfig fields, got "
+            f"{quantization!r}"
+        ]
+    try:
+        quantization_configs(quantization)
+    except (ImportError, TypeError, ValueError) as error:
+        return [f"`quantization`: {error}".rstrip(".")]
+    return []
+
+
+def quantization_configs(quantization: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's `quantization` as transformers' per-backbone `quantization_config` (BitsAndBytesConfig)."""
+    import importlib.util
+
+    from transformers import BitsAndBytesConfig
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError("quantised backbones need bitsandbytes: pip install 'mmadapters[quant]'")
+    configs = {}
+    for role, fields in quantization.items():
+        if not isinstance(fields, dict):
+            raise TypeError(f"{role} must be a mapping of BitsAndBytesConfig fields, got {fields!r}")
+        known = set(BitsAndBytesConfig.__init__.__code__.co_varnames)
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise TypeError(f"{role} has unknown BitsAndBytesConfig field(s) {unknown}")
+        configs[role] = BitsAndBytesConfig(**fields)
+    return configs
+
+
+def _lora_errors(lora: Any) -> list[str]:
+    if lora is None:
+        return []
+    if not isinstance(lora, dict):
+        return [f"`lora` must be a mapping of LoraConfig fields (plus `on`), got {lora!r}"]
+    try:
+        lora_config(lora)
+    except (TypeError, ValueError) as error:
+        return [f"`lora`: {error}".rstrip(".")]
+    on = lora.get("on", "language_model")
+    if on not in ("language_model", "vision_tower", "both"):
+        return [f"`lora.on` must be language_model, vision_tower or both, got {on!r}"]
+    return []
+
+
+def lora_config(lora: dict[str, Any]) -> Any:
+    """The recipe's `lora` block (LoraConfig fields; `on` is where the LoRA goes) as a LoraConfig."""
+    from peft import LoraConfig
+
+    return LoraConfig(**{k: v for k, v in lora.items() if k != "on"})
+
+
 def resolve_backbones(recipe: dict[str, Any]) -> tuple[str, str]:
     from .modeling.embedded import embedded_backbones
 
@@ -158,12 +245,36 @@ def resolve_backbones(recipe: dict[str, Any]) -> tuple[str, str]:
 
 
 def build_model_and_processor(recipe: dict[str, Any]) -> tuple[Any, Any]:
+    """The recipe's model (with its LoRA on top, if any) and processor."""
+    model, processor = _build_model_and_processor(recipe)
+    if recipe.get("lora"):
+        from .modeling.peft_on_top import add_lora
+
+        add_lora(model, lora_config(recipe["lora"]), on=recipe["lora"].get("on", "language_model"))
+    return model, processor
+
+
+def loading_keywords(recipe: dict[str, Any]) -> dict[str, Any]:
+    """`dtype` and `quantization_config` for from_backbones / from_pretrained, from the recipe's keys."""
+    import torch
+
+    keywords: dict[str, Any] = {}
+    if recipe.get("dtype") not in (None, "float32"):
+        keywords["dtype"] = "auto" if recipe["dtype"] == "auto" else getattr(torch, recipe["dtype"])
+    if recipe.get("quantization"):
+        keywords["quantization_config"] = quantization_configs(recipe["quantization"])
+    return keywords
+
+
+def _build_model_and_processor(recipe: dict[str, Any]) -> tuple[Any, Any]:
     from .methods import method
 
     if recipe.get("from_checkpoint"):  # continue from an earlier stage's (adapter-only) checkpoint
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        model = AutoModelForImageTextToText.from_pretrained(recipe["from_checkpoint"])
+        model = AutoModelForImageTextToText.from_pretrained(
+            recipe["from_checkpoint"], **loading_keywords(recipe)
+        )
         return model.train(), AutoProcessor.from_pretrained(recipe["from_checkpoint"])
     text_model, vision_model = resolve_backbones(recipe)
     adapter = recipe.get("adapter") or {}
@@ -172,10 +283,15 @@ def build_model_and_processor(recipe: dict[str, Any]) -> tuple[Any, Any]:
         from .modeling.adapters import CromeAdapterConfig
 
         return from_instructblip(
-            recipe["init_from"], text_model=text_model, adapter_config=CromeAdapterConfig.from_dict(adapter)
+            recipe["init_from"],
+            text_model=text_model,
+            adapter_config=CromeAdapterConfig.from_dict(adapter),
+            **loading_keywords(recipe),
         )
     fields = {"vision_feature_whitening": True} if recipe.get("feature_whitening") else {}
-    return method(recipe["model"]).build(text_model, vision_model, adapter, **fields)
+    return method(recipe["model"]).build(
+        text_model, vision_model, adapter, **fields, **loading_keywords(recipe)
+    )
 
 
 def build_dataset(data: dict[str, Any], processor: Any) -> Any:
@@ -254,6 +370,8 @@ def train_from_recipe(
     from .trainers import CromeTrainer, LavinTrainer, VisionLanguageCollator
 
     recipe = load_recipe(path)
+    if not is_main_process():  # one process prints (the Trainer logs on the main process only, too)
+        log = _silent
     checkpoint = resolve_resume(recipe, resume, overwrite, path, log)
     set_seed((recipe.get("training") or {}).get("seed", 42))  # before the adapters are initialised
     model, processor = build_model_and_processor(recipe)
@@ -269,7 +387,10 @@ def train_from_recipe(
                 f"needs more than the vision width ({width}): raise `feature_whitening` or `data.limit`."
             )
         fit_whitening_on_images(model, processor, images)
+    eval_dataset = build_dataset(recipe["eval_data"], processor) if recipe.get("eval_data") else None
     training = {"report_to": [], "remove_unused_columns": False, **(recipe.get("training") or {})}
+    if eval_dataset is not None:
+        training.setdefault("eval_strategy", "steps")
     training.pop("resume_from_checkpoint", None)  # handled above: passed to train()
     try:
         args = TrainingArguments(output_dir=recipe["output_dir"], **training)
@@ -281,6 +402,7 @@ def train_from_recipe(
         model=model,
         args=args,
         train_dataset=dataset,
+        eval_dataset=eval_dataset,
         data_collator=VisionLanguageCollator(processor),
         processing_class=processor,
     )
@@ -298,3 +420,7 @@ def train_from_recipe(
     # Every process leaves together: one exiting while the main one still saves can abort the process group.
     trainer.accelerator.wait_for_everyone()
     return final
+
+
+def _silent(*_: Any) -> None:
+    """Where the other processes' messages go."""

@@ -5,6 +5,12 @@ supervise), and `image` (a path, a PIL image, bytes, or None for a text-only sam
 `mmadapters.data` have these columns. Batches may mix image and text-only samples:
 that is LaVIN's mixture-of-modality training.
 
+TRL's conversational rows are accepted too: `messages` (a chat: `{"role": ..., "content": str or
+[{"type": "image"}, {"type": "text", "text": ...}]}`) with the image(s) in `images`. The last assistant turn is
+the target; the turns before it, rendered with the processor's chat template (the image placeholder where the
+`{"type": "image"}` entry is), are the prompt. To supervise every assistant turn, give one row per turn (as
+`mmadapters.data.load_llava_conversations` does).
+
 Labels (built by the processor): the answer and EOS are supervised; the prompt, the image tokens and the padding
 are -100. Truncation policy: a sample longer than `max_length` loses tokens from its end
 (`overflow="truncate_right"`: the tail of a long answer first); a sample whose image tokens would be cut is refused
@@ -26,11 +32,16 @@ class VisionLanguageCollator:
     overflow: str = "truncate_right"
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        examples = [
+            example_from_messages(example, self.processor, index) if "messages" in example else example
+            for index, example in enumerate(examples)
+        ]
         for index, example in enumerate(examples):
             missing = [key for key in ("prompt", "target") if key not in example]
             if missing:
                 raise KeyError(
-                    f"Example {index} has no {missing}; examples need 'prompt', 'target' and 'image'."
+                    f"Example {index} has no {missing}; examples need 'prompt', 'target' and 'image' (or TRL's "
+                    "'messages' and 'images')."
                 )
         images = [[] if example.get("image") is None else [example["image"]] for example in examples]
         batch = self.processor(
@@ -41,3 +52,46 @@ class VisionLanguageCollator:
             overflow=self.overflow,
         )
         return dict(batch)
+
+
+def example_from_messages(example: dict[str, Any], processor: Any, index: int = 0) -> dict[str, Any]:
+    """A TRL conversational row (`messages` + `images`) as a prompt/target/image example (see the module
+    docstring)."""
+    messages = example["messages"]
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise ValueError(
+            f"Example {index}: 'messages' must be a non-empty list of {{'role', 'content'}} turns."
+        )
+    if messages[-1].get("role") != "assistant":
+        raise ValueError(
+            f"Example {index}: the last turn of 'messages' must be the assistant's (the target), got "
+            f"{messages[-1].get('role')!r}."
+        )
+    images = example.get("images") or []
+    if not isinstance(images, list):
+        images = [images]
+    placeholders = sum(
+        1
+        for message in messages
+        if isinstance(message.get("content"), list)
+        for part in message["content"]
+        if isinstance(part, dict) and part.get("type") == "image"
+    )
+    if placeholders != len(images) or len(images) > 1:
+        raise ValueError(
+            f"Example {index}: {len(images)} image(s) in 'images' but {placeholders} {{'type': 'image'}} entries in "
+            "'messages'; LaVIN and CROME take at most one image per sample, with one image entry where it goes."
+        )
+    return {
+        "prompt": processor.apply_chat_template(messages[:-1], add_generation_prompt=True),
+        "target": _text_of(messages[-1]["content"]),
+        "image": images[0] if images else None,
+    }
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(
+        part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"
+    )

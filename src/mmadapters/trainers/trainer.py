@@ -74,13 +74,14 @@ class AdapterTrainer(Trainer):
         report = trainable_report(self._unwrapped())
         total = sum(p.numel() for p in self._unwrapped().parameters())
         lines = ", ".join(f"{name} {count:,}" for name, count in report.items() if name != "total")
-        logger.warning(
-            "Trainable parameters: %s of %s (%.3f%%): %s",
-            f"{report['total']:,}",
-            f"{total:,}",
-            100 * report["total"] / total,
-            lines,
-        )
+        if self.is_world_process_zero():  # one line per run, not one per process
+            logger.warning(
+                "Trainable parameters: %s of %s (%.3f%%): %s",
+                f"{report['total']:,}",
+                f"{total:,}",
+                100 * report["total"] / total,
+                lines,
+            )
         return super().train(*args, **kwargs)
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:

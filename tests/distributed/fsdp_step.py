@@ -1,0 +1,69 @@
+"""Two training steps of LaVIN under torch FSDP (2 processes, gloo, `torchrun`) or in one process (plain `python`):
+tests/test_distributed.py compares the adapter weights. FSDP is set up as accelerate's FSDP plugin does it
+(`use_orig_params=True`, transformer-layer auto-wrap), with the frozen backbones and the trainable adapters mixed
+in the same units. accelerate itself enables FSDP only on GPU-type setups, hence torch's API here."""
+
+import functools
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from PIL import Image
+from safetensors.torch import save_file
+
+from mmadapters import LavinForConditionalGeneration, LavinProcessor
+from mmadapters.trainers import VisionLanguageCollator
+
+output, text_model, vision_model = sys.argv[1:4]
+distributed = "WORLD_SIZE" in os.environ
+if distributed:
+    dist.init_process_group("gloo")
+rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+
+torch.manual_seed(0)
+model = LavinForConditionalGeneration.from_backbones(text_model, vision_model)
+for module in model.modules():
+    if isinstance(module, torch.nn.Dropout):
+        module.p = 0.0
+processor = LavinProcessor.from_backbones(text_model, vision_model)
+red, blue = Image.new("RGB", (32, 32), (255, 0, 0)), Image.new("RGB", (32, 32), (0, 0, 255))
+# The global batch: each process takes the same mix (one image row, one text-only row), so every process
+# supervises as many tokens and the mean of the processes' losses is the loss of the whole batch.
+rows = [
+    {"prompt": "Image: <image>\nwhat color?", "target": " hi", "image": red},
+    {"prompt": "Image: N/A\nsay hi", "target": " hi", "image": None},
+    {"prompt": "Image: <image>\nwhat color?", "target": " hi", "image": blue},
+    {"prompt": "Image: N/A\nsay yo", "target": " hi", "image": None},
+]
+batch = VisionLanguageCollator(processor)(rows[2 * rank : 2 * rank + 2] if distributed else rows)
+keys = list(model.adapter_state_dict())
+
+if distributed:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    policy = functools.partial(
+        transformer_auto_wrap_policy, transformer_layer_cls={LlamaDecoderLayer, CLIPEncoderLayer}
+    )
+    trained = FSDP(model, auto_wrap_policy=policy, use_orig_params=True, device_id=torch.device("cpu"))
+else:
+    trained = model
+optimizer = torch.optim.SGD([p for p in trained.parameters() if p.requires_grad], lr=0.5)
+for _ in range(2):
+    optimizer.zero_grad()
+    trained(**batch).loss.backward()
+    optimizer.step()
+
+if distributed:
+    with FSDP.summon_full_params(trained):  # every process gathers the full parameters (tiny model)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items() if k in keys}
+else:
+    state = model.state_dict()
+if rank == 0:
+    save_file({k: state[k].contiguous() for k in keys}, output)
+if distributed:
+    dist.barrier()
+    dist.destroy_process_group()
