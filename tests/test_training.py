@@ -463,3 +463,43 @@ def test_trainer_steps_use_supervised_logits_only(tiny_backbones, tmp_path):
     )
     trainer.train()
     assert seen == [True]
+
+
+def test_collator_takes_trl_conversational_rows(processor, tmp_path):
+    """TRL's `messages` + `images` rows: the prompt is the chat before the last assistant turn, the target that
+    turn; the supervision mask is checked against hand-written ids."""
+    from mmadapters.trainers.collator import example_from_messages
+
+    tok = processor.tokenizer
+    image = save_image(tmp_path, "red.png", (255, 0, 0))
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+            ],
+            "images": [image],
+        },
+        {
+            "messages": [{"role": "user", "content": "say hi"}, {"role": "assistant", "content": "hi"}],
+            "images": [],
+        },
+    ]
+    batch = VisionLanguageCollator(processor)(rows)
+    for row, example in enumerate(rows):
+        prompt = processor.apply_chat_template(example["messages"][:1], add_generation_prompt=True)
+        assert example_from_messages(example, processor)["prompt"] == prompt
+        expanded = prompt.replace("<image>", "<image>" * processor.num_image_tokens)
+        prompt_ids = tok(expanded)["input_ids"]
+        answer = example["messages"][1]["content"]
+        answer = answer if isinstance(answer, str) else answer[0]["text"]
+        expected = (
+            [-100] * len(prompt_ids) + tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        )
+        labels = batch["labels"][row].tolist()
+        assert labels[: len(expected)] == expected and set(labels[len(expected) :]) <= {-100}
+    assert batch["pixel_values"].shape[0] == 1  # one image, for the first row
+    with pytest.raises(ValueError, match="last turn of 'messages' must be the assistant's"):
+        VisionLanguageCollator(processor)([{"messages": rows[1]["messages"][:1]}])
+    with pytest.raises(ValueError, match="1 image.s. in 'images' but 0"):
+        VisionLanguageCollator(processor)([{**rows[1], "images": [image]}])

@@ -1,0 +1,108 @@
+"""Recipe keys for the backbones and the run: dtype, quantization (LaVIN-lite), lora, eval_data; their errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from mmadapters import LavinForConditionalGeneration
+from mmadapters.cli import main
+from mmadapters.recipes import build_model_and_processor, load_recipe
+
+
+def write_recipe(tmp_path, tiny_backbones, **overrides):
+    recipe = {
+        "model": "lavin",
+        "text_model": tiny_backbones[0],
+        "vision_model": tiny_backbones[1],
+        "data": {"name": "easy_vqa", "split": "train", "limit": 8},
+        "output_dir": str(tmp_path / "run"),
+        "training": {
+            "max_steps": 2,
+            "per_device_train_batch_size": 4,
+            "use_cpu": True,
+            "save_strategy": "no",
+        },
+        **overrides,
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_dtype_sets_the_backbones_and_keeps_the_adapters_in_float32(tiny_backbones, tmp_path):
+    model, _ = build_model_and_processor(
+        load_recipe(write_recipe(tmp_path, tiny_backbones, dtype="bfloat16"))
+    )
+    assert model.language_model.dtype == torch.bfloat16 and model.vision_tower.dtype == torch.bfloat16
+    assert model.projector.linear_1.weight.dtype == torch.float32
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+def test_quantization_builds_lavin_lite(tiny_backbones, tmp_path):
+    quantization = {
+        "text_config": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
+    }
+    path = write_recipe(tmp_path, tiny_backbones, quantization=quantization)
+    model, _ = build_model_and_processor(load_recipe(path))
+    assert type(model.language_model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert model.config.backbone_quantization["text_config"]["bnb_4bit_quant_type"] == "nf4"
+    assert main(["train", str(path)]) == 0  # and it trains
+
+
+def test_lora_block_trains_lora_on_top_and_saves_it(tiny_backbones, tmp_path):
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "on": "language_model"}
+    path = write_recipe(tmp_path, tiny_backbones, lora=lora)
+    assert main(["train", str(path)]) == 0
+    saved = load_file(tmp_path / "run" / "final" / "mmadapters_model.safetensors")
+    lora_b = [k for k in saved if k.startswith("language_model.") and ".lora_B." in k]
+    assert lora_b and any(torch.count_nonzero(saved[k]) for k in lora_b)  # LoRA B starts at zero: it trained
+    assert not any(k.startswith("vision_tower.") for k in saved)
+    model = LavinForConditionalGeneration.from_pretrained(tmp_path / "run" / "final")
+    assert model.config.peft_adapters["default"]["config"]["r"] == 4
+
+
+def test_eval_data_gives_an_evaluation_loss(tiny_backbones, tmp_path):
+    training = {
+        "max_steps": 2,
+        "per_device_train_batch_size": 4,
+        "use_cpu": True,
+        "eval_steps": 1,
+        "save_steps": 2,
+        "per_device_eval_batch_size": 4,
+    }
+    path = write_recipe(
+        tmp_path,
+        tiny_backbones,
+        eval_data={"name": "easy_vqa", "split": "test", "limit": 8},
+        training=training,
+    )
+    assert main(["train", str(path)]) == 0
+    state = json.loads((tmp_path / "run" / "checkpoint-2" / "trainer_state.json").read_text())
+    losses = [entry["eval_loss"] for entry in state["log_history"] if "eval_loss" in entry]
+    assert len(losses) == 2 and all(loss > 0 for loss in losses)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"dtype": "fp8"}, "`dtype` must be one of"),
+        ({"quantization": {"text": {"load_in_4bit": True}}}, "`quantization` must map `text_config`"),
+        (
+            {"quantization": {"text_config": {"load_in_3bit": True}}},
+            "unknown BitsAndBytesConfig field(s) ['load_in_3bit']",
+        ),
+        ({"lora": {"rank": 8}}, "`lora`:"),
+        ({"lora": {"r": 8, "on": "decoder"}}, "`lora.on` must be"),
+        ({"eval_data": {"name": "mnist"}}, "`eval_data.name` must be one of"),
+        ({"eval_data": {"name": "easy_vqa", "limit": 0}}, "`eval_data.limit` must be a positive integer"),
+    ],
+)
+def test_bad_new_keys_are_clear_errors(tiny_backbones, tmp_path, overrides, message, capsys):
+    assert main(["train", str(write_recipe(tmp_path, tiny_backbones, **overrides))]) == 2
+    assert message in capsys.readouterr().err
