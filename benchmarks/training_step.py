@@ -1,4 +1,5 @@
-"""Training step time and peak memory: LaVIN adapters vs PEFT LoRA (r = 8 on q/v) vs full fine-tuning of the LLM.
+"""Training step time and peak memory: LaVIN adapters vs LaVIN + LoRA on top vs PEFT LoRA (r = 8 on q/v) vs full
+fine-tuning of the LLM.
 
 Same model (LaVIN on the embedded backbones), same easy-vqa batch, same optimizer (AdamW); only the trainable
 set differs. "+sup" rows compute logits only at supervised positions, as our Trainers do (the same loss); a
@@ -20,7 +21,8 @@ import time
 
 # "+sup": the forward computes logits only at supervised positions (`supervised_logits_only=True`, what
 # LavinTrainer/CromeTrainer pass in training steps); the others compute them everywhere (a plain HF forward).
-METHODS = ("lavin", "lavin+sup", "lora", "lora+sup", "full")
+# "lavin+lora": LaVIN's adapters and a LoRA r = 8 on the LLM's q/v training together (`mmadapters.add_lora`).
+METHODS = ("lavin", "lavin+sup", "lavin+lora+sup", "lora", "lora+sup", "full")
 
 
 def run_method(method: str, steps: int, batch_size: int) -> dict:
@@ -37,7 +39,11 @@ def run_method(method: str, steps: int, batch_size: int) -> dict:
     processor = LavinProcessor.from_backbones(text_model, vision_model)
     supervised_only = method.endswith("+sup")
     method = method.removesuffix("+sup")
-    if method == "lora":
+    if method == "lavin+lora":
+        from peft import LoraConfig
+
+        mmadapters.add_lora(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    elif method == "lora":
         from peft import LoraConfig, get_peft_model
 
         for parameter in model.parameters():

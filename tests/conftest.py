@@ -11,6 +11,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
@@ -242,3 +243,24 @@ def make_trainer(model, processor, dataset, output_dir, max_steps=6, **kwargs):
         processing_class=processor,
         **kwargs,
     )
+
+
+def write_recipe(tmp_path, tiny_backbones, **overrides):
+    """A recipe for a two-step LaVIN run on the tiny backbones (keys replaced by `overrides`)."""
+    recipe = {
+        "model": "lavin",
+        "text_model": tiny_backbones[0],
+        "vision_model": tiny_backbones[1],
+        "data": {"name": "easy_vqa", "split": "train", "limit": 8},
+        "output_dir": str(tmp_path / "run"),
+        "training": {
+            "max_steps": 2,
+            "per_device_train_batch_size": 4,
+            "use_cpu": True,
+            "save_strategy": "no",
+        },
+        **overrides,
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path

@@ -9,31 +9,11 @@ import sys
 
 import pytest
 import torch
-import yaml
+from conftest import write_recipe
 
 from mmadapters import LavinForConditionalGeneration
 from mmadapters.cli import main
 from mmadapters.recipes import RecipeError, load_recipe
-
-
-def write_recipe(tmp_path, tiny_backbones, **overrides):
-    recipe = {
-        "model": "lavin",
-        "text_model": tiny_backbones[0],
-        "vision_model": tiny_backbones[1],
-        "data": {"name": "easy_vqa", "split": "train", "limit": 8},
-        "output_dir": str(tmp_path / "run"),
-        "training": {
-            "max_steps": 2,
-            "per_device_train_batch_size": 4,
-            "use_cpu": True,
-            "save_strategy": "no",
-        },
-        **overrides,
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
 
 
 def test_train_eval_and_chat_commands(tiny_backbones, tmp_path, capsys, monkeypatch):
