@@ -143,3 +143,33 @@ def test_merge_refuses_to_overwrite_its_input_or_another_checkpoint(trained_chec
     assert main(["merge", folder, str(other), "--modality", "image", "--overwrite"]) == 0
     assert json.loads((other / "mmadapters_merge.json").read_text())["modality"] == "image"
     assert (other / "notes.md").read_text() == "kept"
+
+
+def test_merged_export_includes_a_lora_on_top(trained_checkpoint, tmp_path):
+    from peft import LoraConfig
+
+    from mmadapters import add_lora
+
+    folder, processor = trained_checkpoint
+    model = LavinForConditionalGeneration.from_pretrained(folder)
+    add_lora(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"]))
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    model.save_pretrained(tmp_path / "with-lora")
+    inputs = processor(text=["Image: N/A\nthe capital of france is"])
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    out = tmp_path / "merged"
+    assert main(["merge", str(tmp_path / "with-lora"), str(out), "--modality", "text"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    with torch.no_grad():
+        logits = merged(input_ids=inputs["input_ids"]).logits
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+    # The LoRA matters: LaVIN without it gives other logits.
+    model.disable_adapters()
+    with torch.no_grad():
+        assert not torch.allclose(model(**inputs).logits, expected, atol=1e-3)

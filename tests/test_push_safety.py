@@ -33,6 +33,27 @@ def test_a_clean_checkpoint_plans_its_own_files(checkpoint):
     assert {"config.json", "mmadapters_model.safetensors", "README.md"} <= plan(checkpoint)
 
 
+def test_a_checkpoint_with_lora_on_top_pushes_with_its_lora(tiny_backbones, tmp_path):
+    """LoRA tensors sit under language_model.* in the adapter file: they are adapter tensors, not backbone ones;
+    a PEFT adapter saved into the same folder is refused (transformers would load the repo as that adapter)."""
+    from peft import LoraConfig, get_peft_model
+
+    from mmadapters import add_lora
+
+    model = add_lora(
+        LavinForConditionalGeneration.from_backbones(*tiny_backbones),
+        LoraConfig(r=2, target_modules=["q_proj"]),
+    )
+    model.save_pretrained(tmp_path / "lora")
+    assert "mmadapters_model.safetensors" in plan(tmp_path / "lora")
+    get_peft_model(
+        LavinForConditionalGeneration.from_backbones(*tiny_backbones),
+        LoraConfig(r=2, target_modules=["q_proj"]),
+    ).save_pretrained(tmp_path / "lora")
+    with pytest.raises(PushError, match="holds a PEFT adapter"):
+        plan(tmp_path / "lora")
+
+
 def test_symlink_leaving_the_folder_is_refused(checkpoint, tmp_path):
     secret = tmp_path / "id_rsa"
     secret.write_text("-----BEGIN OPENSSH PRIVATE KEY-----")
@@ -67,7 +88,7 @@ def test_backbone_tensors_in_the_adapter_file_are_refused(checkpoint):
 
 
 def test_trainer_checkpoint_holds_no_token_and_its_state_is_never_pushed(tiny_backbones, tmp_path):
-    from test_training import make_trainer, toy_dataset
+    from conftest import make_trainer, toy_dataset
 
     processor = LavinProcessor.from_backbones(*tiny_backbones)
     model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)

@@ -100,7 +100,7 @@ def test_resume_from_a_bad_folder_is_a_clear_error(tiny_backbones, tmp_path, cap
 
 
 def test_trainer_resume_true_skips_an_incomplete_last_checkpoint(tiny_backbones, tmp_path, caplog):
-    from test_training import make_trainer, toy_dataset
+    from conftest import make_trainer, toy_dataset
 
     from mmadapters import LavinForConditionalGeneration, LavinProcessor
 

@@ -11,6 +11,9 @@ load it), with biases enabled on those projections because c is in general non-z
 text from position 1 (position 0 belongs to the modality token); RoPE attention depends only on position
 differences, so the merged LLM, counting from 0, gives the same logits.
 
+PEFT layers on the LLM (LoRA on top) are merged into its weights first (W + s B A), so the adapters fold into the
+weights the LLM actually uses; PEFT layers on the vision tower stay with the unmerged vision side.
+
 The vision side stays unmerged (its router depends on each image), so `--modality image` exports the LLM that
 an image sample sees: it takes `inputs_embeds` with the visual tokens placed by the unmerged LaVIN model.
 """
@@ -29,6 +32,7 @@ from ..atomic import atomic_directory, check_output_folder
 from ..modeling.adapters.injection import find_decoder_layers
 from ..modeling.embedded import resolve_backbone_name
 from ..modeling.lavin import LavinForConditionalGeneration
+from ..modeling.peft_on_top import merge_peft_layers
 from ..processing.base import build_chat_template
 
 MODALITIES = {"text": 0, "image": 1}
@@ -55,6 +59,7 @@ def merge_lavin_adapters(
         raise MergeError(f"modality must be 'text' or 'image', got {modality!r}")
     model.eval()
     table = model.compute_routing_table()[MODALITIES[modality]]  # (layers, sites, 2)
+    merge_peft_layers(model.language_model)
     language_model = model.language_model
     site_names = ["attn"] + (["mlp"] if model.llm_adapters[0].mlp is not None else [])
     layers = find_decoder_layers(language_model, need_mlp_norm="mlp" in site_names)

@@ -312,6 +312,21 @@ def adopt_peft_model(peft_model: Any) -> Any:
     return model
 
 
+def merge_peft_layers(module: nn.Module) -> int:
+    """Merge every PEFT layer inside `module` into the weight it wraps (its active adapters) and put the plain
+    layer back; returns how many were merged. A PEFT method that cannot merge raises PEFT's own error."""
+    merged = 0
+    for name, layer in tuner_layers(module):
+        if not hasattr(layer, "get_base_layer"):
+            continue
+        layer.merge()
+        parent_name, _, child_name = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, child_name, layer.get_base_layer())
+        merged += 1
+    return merged
+
+
 def unrecorded_peft_layers(model: nn.Module) -> list[str]:
     """PEFT adapters present in the model's layers that `config.peft_adapters` does not record."""
     recorded = set(getattr(model.config, "peft_adapters", None) or {})
@@ -334,6 +349,7 @@ __all__ = [
     "adopt_peft_model",
     "inject_peft_layers",
     "load_peft_adapter",
+    "merge_peft_layers",
     "peft_state_prefixes",
     "rebuild_recorded_layers",
     "tuner_layers",
