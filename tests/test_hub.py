@@ -308,3 +308,72 @@ def test_commands_take_hub_ids_and_refuse_missing_folders(tmp_path):
     for missing in (str(tmp_path / "nope"), "./nope", "a/b/c"):
         with pytest.raises(FileNotFoundError, match="does not exist"):
             check_checkpoint_name(missing)
+
+
+LOAD_WITH_REMOTE_CODE = """
+import sys, json, torch
+assert "mmadapters" not in sys.modules
+from conftest_free import tiny_inputs
+from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+model = AutoModelForImageTextToText.from_pretrained(sys.argv[1], trust_remote_code=True)
+processor = AutoProcessor.from_pretrained(sys.argv[1], trust_remote_code=True)
+with torch.no_grad():
+    torch.save(model(**tiny_inputs(processor)).logits, sys.argv[2])
+pipe = pipeline("image-text-to-text", model=sys.argv[1], trust_remote_code=True)
+messages = [{"role": "user", "content": [{"type": "text", "text": "the capital of"}]}]
+answer = pipe(text=messages, max_new_tokens=4, do_sample=False, return_full_text=False)[0]["generated_text"]
+print(json.dumps({"model": type(model).__name__, "processor": type(processor).__name__,
+                  "pipeline_model": type(pipe.model).__name__, "answer": answer}))
+"""
+
+# The test's inputs without conftest (which imports mmadapters): the same fixed batch as tiny_sample_inputs.
+CONFTEST_FREE = """
+import torch
+def tiny_inputs(processor):
+    generator = torch.Generator().manual_seed(0)
+    image = (torch.rand(32, 32, 3, generator=generator) * 255).to(torch.uint8).numpy()
+    return processor(images=[[image], []], text=["Image: <image>\\nwhat color is it?", "Image: N/A\\nthe capital of"])
+"""
+
+MISSING_PACKAGE = """
+import sys
+sys.modules["mmadapters"] = None  # as if it were not installed
+from transformers import AutoModelForImageTextToText
+AutoModelForImageTextToText.from_pretrained(sys.argv[1], trust_remote_code=True)
+"""
+
+
+def test_a_pushed_repo_loads_with_trust_remote_code_in_a_process_that_never_imports_mmadapters(
+    hub, tiny_backbones, tmp_path
+):
+    upload_plain(hub, "org/tiny-llm", tiny_backbones[0])
+    upload_plain(hub, "org/tiny-vision", tiny_backbones[1])
+    env = hub_env(hub, tmp_path)
+    folder, expected_file = tmp_path / "lavin", tmp_path / "expected.pt"
+    built = run(BUILD_AND_SAVE, str(folder), str(expected_file), env=env)
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoModelForImageTextToText"] == (
+        "mmadapters_loader.LavinForConditionalGeneration"
+    )
+    assert json.loads((folder / "processor_config.json").read_text())["auto_map"] == {
+        "AutoProcessor": "mmadapters_loader.LavinProcessor"
+    }
+    push_folder(folder, "org/lavin-remote", endpoint=hub.url, token=TOKEN, allow_local_backbones=True)
+    assert "mmadapters_loader.py" in hub.repos["org/lavin-remote"].commits[-1][1]
+
+    helper = tmp_path / "helper"
+    helper.mkdir()
+    (helper / "conftest_free.py").write_text(CONFTEST_FREE)
+    remote_env = {**env, "PYTHONPATH": str(helper)}
+    got_file = tmp_path / "got.pt"
+    loaded = run(LOAD_WITH_REMOTE_CODE, "org/lavin-remote", str(got_file), env=remote_env)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    info = json.loads(loaded.stdout.strip().splitlines()[-1])
+    assert info["model"] == info["pipeline_model"] == "LavinForConditionalGeneration"
+    assert info["processor"] == "LavinProcessor"
+    assert torch.equal(torch.load(got_file), torch.load(expected_file))
+
+    # Without the package: one message that says what the repo is and how to install what it needs.
+    missing = run(MISSING_PACKAGE, "org/lavin-remote", env=remote_env)
+    assert missing.returncode != 0
+    assert 'pip install "mmadapters>=0.2.0"' in missing.stderr and "LaVIN/CROME adapters" in missing.stderr

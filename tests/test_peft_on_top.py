@@ -125,7 +125,12 @@ def test_lora_and_adapters_round_trip_in_one_folder(lavin, processor, tmp_path):
     expected = logits(lavin, batch)
     lavin.save_pretrained(tmp_path / "ck")
     files = sorted(os.listdir(tmp_path / "ck"))
-    assert files == ["config.json", "generation_config.json", "mmadapters_model.safetensors"]
+    assert files == [
+        "config.json",
+        "generation_config.json",
+        "mmadapters_loader.py",
+        "mmadapters_model.safetensors",
+    ]
     saved = load_file(tmp_path / "ck" / "mmadapters_model.safetensors")
     assert any(".lora_A.default." in k for k in saved) and any(k.startswith("llm_adapters.") for k in saved)
     assert not any(k.endswith("base_layer.weight") for k in saved), "a backbone weight in the adapter file"

@@ -151,11 +151,11 @@ def run_quickstart(
     """Run the quickstart; returns (and writes) the summary."""
     import datasets
 
+    from .checkpoint_files import ADAPTER_WEIGHTS_NAME
     from .data import load_easy_vqa
     from .evaluation import evaluate_easy_vqa, generate_answers
     from .hub import write_eval_results
     from .modeling.adapters import MMAdapterConfig
-    from .modeling.checkpoint_files import ADAPTER_WEIGHTS_NAME
     from .modeling.embedded import embedded_backbones
     from .modeling.lavin import LavinForConditionalGeneration
     from .processing import LavinProcessor

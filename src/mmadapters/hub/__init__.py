@@ -1,7 +1,8 @@
 """Hub sharing: push adapter-only checkpoints with a generated model card.
 
-A bottom-layer package (it imports nothing else from mmadapters), so that models (`push_to_hub`), the CLI and
-the Spaces can all use it without imports pointing up the layers.
+A bottom-layer package (from mmadapters it imports only the bottom-layer modules `checkpoint_files` and
+`atomic`), so that models (`push_to_hub`, the remote-code loader), the CLI and the Spaces can all use it without
+imports pointing up the layers.
 """
 
 from .model_card import EVAL_RESULTS_NAME, build_model_card, write_eval_results

@@ -8,7 +8,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from ..modeling.checkpoint_files import ADAPTER_WEIGHTS_NAME, adapter_weights_file
+from ..checkpoint_files import ADAPTER_WEIGHTS_NAME, adapter_weights_file
 from .names import is_hub_id
 
 EVAL_RESULTS_NAME = "eval_results.json"

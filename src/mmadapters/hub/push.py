@@ -44,6 +44,7 @@ ALLOWED_CHECKPOINT_FILES = (
     "config.json",
     "generation_config.json",
     "mmadapters_model.safetensors",
+    "mmadapters_loader.py",  # the remote-code loader (see remote_code.py)
     "adapter_config.json",  # legacy (mmadapters < 0.2)
     "adapter_model.safetensors",  # legacy
     "processor_config.json",
@@ -145,7 +146,7 @@ def _adapter_file_tensors(path: str) -> list[str]:
     tensor of a PEFT layer on a backbone (`....q_proj.lora_A.default.weight`) is an adapter tensor."""
     from safetensors import safe_open
 
-    from ..modeling.backbone_watch import is_peft_tensor_name
+    from ..checkpoint_files import is_peft_tensor_name
 
     with safe_open(path, framework="pt") as handle:
         return [
@@ -173,7 +174,7 @@ def check_checkpoint_contents(files: dict[str, str], include_backbone_weights: b
             f"{', '.join(disguised)} hold(s) tensors (a weights archive under a text file's name): refusing to "
             "upload them."
         )
-    from ..modeling.checkpoint_files import is_peft_adapter_folder
+    from ..checkpoint_files import is_peft_adapter_folder
 
     if "adapter_config.json" in files and is_peft_adapter_folder(
         os.path.dirname(files["adapter_config.json"])

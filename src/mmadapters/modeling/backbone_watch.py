@@ -16,14 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..checkpoint_files import is_peft_tensor_name
+
 SAMPLES_PER_TENSOR = 4096
-# Name parts of PEFT layers' own tensors (LoRA, LoHa, LoKr, IA3, OFT, BOFT, VeRA, DoRA's magnitude).
-PEFT_TENSOR_PARTS = ("lora_", "hada_", "lokr_", "ia3_", "oft_", "boft_", "vera_")
-
-
-def is_peft_tensor_name(name: str) -> bool:
-    """Whether a state-dict key names a tensor of a PEFT layer (trained, saved with the adapters)."""
-    return any(part.startswith(PEFT_TENSOR_PARTS) for part in name.split("."))
 
 
 def _sample(tensor: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,15 @@ from transformers import GenerationConfig, PreTrainedConfig, PreTrainedModel
 from transformers.utils import logging
 
 from ..atomic import atomic_directory, recover
+from ..checkpoint_files import (
+    ADAPTER_WEIGHTS_NAME,
+    adapter_weights_file,
+    is_peft_adapter_folder,
+    not_our_checkpoint_message,
+    replaced_by_adapter_save,
+)
 from ..hub.names import looks_like_local_path
+from ..hub.remote_code import model_auto_map, write_loader
 from . import peft_on_top
 from .backbone_watch import BackboneWatch
 from .backbones import (
@@ -41,13 +49,6 @@ from .backbones import (
     load_vision_backbone,
     resolve_checkpoint_folder,
     vision_config_of,
-)
-from .checkpoint_files import (
-    ADAPTER_WEIGHTS_NAME,
-    adapter_weights_file,
-    is_peft_adapter_folder,
-    not_our_checkpoint_message,
-    replaced_by_adapter_save,
 )
 from .loading import (
     ROLES,
@@ -481,6 +482,8 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         self._sync_peft_record()
         if adapter_only:
             self._refuse_changed_backbones()
+        # The remote-code loader: the checkpoint loads with trust_remote_code=True and no `import mmadapters`.
+        self.config.auto_map = model_auto_map(type(self.config), type(self))
         folder = os.fspath(save_directory)
         replaces = replaced_by_adapter_save(folder) if os.path.isdir(folder) else None
         # Written into a staging folder and swapped in: a kill at any moment leaves the old or the new checkpoint.
@@ -494,8 +497,15 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
                 self.generation_config.save_pretrained(staging)
                 state = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict().items()}
                 save_file(state, os.path.join(staging, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+            write_loader(staging)
             if processor is not None:
                 processor.save_pretrained(staging)
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class: Any = "AutoModel") -> None:
+        """A no-op: our models are registered with the Auto classes by `import mmadapters`, and every save writes
+        its own `auto_map` (see `mmadapters.hub.remote_code`). transformers calls this when it loads one of our
+        repos as remote code; its version would make later saves copy this package's source files instead."""
 
     def _sync_peft_record(self) -> None:
         """Make `config.peft_adapters` describe the PEFT layers the model holds: layers added by

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig, AutoImageProcessor, CLIPImageProcessorPil, PreTrainedConfig
 
 from ..atomic import atomic_directory
+from ..hub.remote_code import processor_auto_map, write_loader
 from ..modeling.backbones import IMAGE_TOKEN, vision_config_of
 from ..modeling.image_tokens import ImageTokenMismatchError
 from .images import load_image
@@ -184,10 +185,17 @@ class AdapterProcessorMixin:
         the folder's other files (a model saved there) are kept. `push_to_hub=True` is transformers' own path."""
         if push_to_hub:
             return super().save_pretrained(save_directory, push_to_hub=True, **kwargs)
+        # processor_config.json names the remote-code loader (AutoProcessor with trust_remote_code=True).
+        self.auto_map = processor_auto_map(type(self))
         with atomic_directory(save_directory, replaces=lambda name: False) as staging:
             saved = super().save_pretrained(staging, **kwargs)
+            write_loader(staging)
         target = os.path.abspath(save_directory)
         return [os.path.join(target, os.path.relpath(path, staging)) for path in saved or []]
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class: Any = "AutoProcessor") -> None:
+        """A no-op (see `FrozenBackbonesPreTrainedModel.register_for_auto_class`)."""
 
     def _check_answers(self, answers: str | list[str] | None, texts: list[str]) -> list[str] | None:
         if answers is None:

@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from ..modeling.checkpoint_files import ADAPTER_WEIGHTS_NAME, adapter_weights_file
+from ..checkpoint_files import ADAPTER_WEIGHTS_NAME, adapter_weights_file
 
 CHECKPOINT_PREFIX = "checkpoint-"
 

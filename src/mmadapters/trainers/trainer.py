@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import Trainer
 
-from ..modeling.checkpoint_files import ADAPTER_WEIGHTS_NAME, adapter_weights_file
+from ..checkpoint_files import ADAPTER_WEIGHTS_NAME, adapter_weights_file
 from ..modeling.crome import CromeForConditionalGeneration
 from ..modeling.lavin import LavinForConditionalGeneration
 from ..modeling.peft_on_top import adopt_peft_model

@@ -88,6 +88,11 @@ class CromeConfig(PreTrainedConfig):
     def num_patches(self) -> int:
         return (self.vision_config.image_size // self.vision_config.patch_size) ** 2
 
+    @classmethod
+    def register_for_auto_class(cls, auto_class: Any = "AutoConfig") -> None:
+        """A no-op: `import mmadapters` registers this config, and saves write their own `auto_map` (see
+        `mmadapters.hub.remote_code`); transformers' version would make later saves copy our source files."""
+
     def to_dict(self) -> dict[str, Any]:
         """The config as saved: the backbones' sub-configs name them as recorded in `text_backbone` /
         `vision_backbone` (a portable name or Hub id), never by the path they were loaded from on this machine."""

@@ -102,6 +102,11 @@ class LavinConfig(PreTrainedConfig):
         # Output embeddings are tied (or not) inside the LLM itself; follow it, as LLaVA does.
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
 
+    @classmethod
+    def register_for_auto_class(cls, auto_class: Any = "AutoConfig") -> None:
+        """A no-op: `import mmadapters` registers this config, and saves write their own `auto_map` (see
+        `mmadapters.hub.remote_code`); transformers' version would make later saves copy our source files."""
+
     def to_dict(self) -> dict[str, Any]:
         """The config as saved: the backbones' sub-configs name them as recorded in `text_backbone` /
         `vision_backbone` (a portable name or Hub id), never by the path they were loaded from on this machine."""

@@ -25,6 +25,14 @@ LEGACY_ADAPTER_CONFIG_NAME = "adapter_config.json"
 PEFT_CONFIG_NAME = "adapter_config.json"
 # Our adapter methods as PEFT-style `peft_type`s in the legacy adapter_config.json.
 OUR_PEFT_TYPES = ("MMA", "CROME")
+# Name parts of PEFT layers' own tensors (LoRA, LoHa, LoKr, IA3, OFT, BOFT, VeRA, DoRA's magnitude): in our adapter
+# file they are adapter tensors (LoRA on top), even under `language_model.` / `vision_tower.`.
+PEFT_TENSOR_PARTS = ("lora_", "hada_", "lokr_", "ia3_", "oft_", "boft_", "vera_")
+
+
+def is_peft_tensor_name(name: str) -> bool:
+    """Whether a state-dict key names a tensor of a PEFT layer (trained, saved with the adapters)."""
+    return any(part.startswith(PEFT_TENSOR_PARTS) for part in name.split("."))
 
 
 def adapter_weights_file(folder: str) -> str | None:
@@ -60,7 +68,7 @@ def is_peft_adapter_folder(folder: str) -> bool:
 def replaced_by_adapter_save(folder: str) -> Callable[[str], bool]:
     """Which of `folder`'s files a model save replaces: ours (weights and the files describing them, legacy names
     included), but never a PEFT adapter saved into the same folder (its adapter_config.json and weights stay)."""
-    from ..atomic import replaced_by_model_save
+    from .atomic import replaced_by_model_save
 
     peft_files = (PEFT_CONFIG_NAME, LEGACY_ADAPTER_WEIGHTS_NAME, "adapter_model.bin")
     keep_peft = is_peft_adapter_folder(folder)
