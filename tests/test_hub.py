@@ -119,6 +119,8 @@ def test_push_then_pull_in_another_process_gives_identical_logits(hub, tiny_back
             str(folder),
             "org/lavin-tiny",
             "--allow-local-backbones",
+            "--license",
+            "apache-2.0",
         ],
         env=env,
         capture_output=True,
@@ -163,7 +165,10 @@ def test_dry_run_lists_files_and_contacts_nobody(hub, checkpoint, capsys):
 
     from mmadapters.cli import main
 
-    assert main(["push", folder, "org/x", "--dry-run", "--allow-local-backbones"]) == 0
+    assert (
+        main(["push", folder, "org/x", "--dry-run", "--allow-local-backbones", "--license", "apache-2.0"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "mmadapters_model.safetensors" in out and "total" in out and hub.requests == []
 
@@ -173,7 +178,9 @@ def test_refuses_backbone_weights_unless_asked(hub, tiny_backbones, tmp_path):
     full = tmp_path / "full"
     model.save_pretrained(full, adapter_only=False)
     with pytest.raises(PushError, match="holds backbone weights"):
-        push_folder(full, "org/full", endpoint=hub.url, token=TOKEN, allow_local_backbones=True)
+        push_folder(
+            full, "org/full", endpoint=hub.url, token=TOKEN, allow_local_backbones=True, license="apache-2.0"
+        )
     assert "org/full" not in hub.repos
     push_folder(
         full,
@@ -182,6 +189,7 @@ def test_refuses_backbone_weights_unless_asked(hub, tiny_backbones, tmp_path):
         token=TOKEN,
         include_backbone_weights=True,
         allow_local_backbones=True,
+        license="apache-2.0",
     )
     assert "model.safetensors" in hub.repos["org/full"].commits[-1][1]
 
@@ -189,7 +197,12 @@ def test_refuses_backbone_weights_unless_asked(hub, tiny_backbones, tmp_path):
 def test_model_push_to_hub_private_and_existing_repo(hub, checkpoint, tiny_backbones):
     model, _ = checkpoint
     url = model.push_to_hub(
-        "org/lavin", private=True, token=TOKEN, endpoint=hub.url, allow_local_backbones=True
+        "org/lavin",
+        private=True,
+        token=TOKEN,
+        endpoint=hub.url,
+        allow_local_backbones=True,
+        license="apache-2.0",
     )
     repo = hub.repos["org/lavin"]
     assert repo.private and url.endswith(repo.commits[-1][0])
@@ -201,7 +214,12 @@ def test_model_push_to_hub_private_and_existing_repo(hub, checkpoint, tiny_backb
     # The repo exists: a second push adds a commit with the new files.
     processor = LavinProcessor.from_backbones(*tiny_backbones)
     model.push_to_hub(
-        "org/lavin", processor=processor, token=TOKEN, endpoint=hub.url, allow_local_backbones=True
+        "org/lavin",
+        processor=processor,
+        token=TOKEN,
+        endpoint=hub.url,
+        allow_local_backbones=True,
+        license="apache-2.0",
     )
     assert len(repo.commits) == 3 and "processor_config.json" in repo.commits[-1][1]
 
@@ -228,6 +246,7 @@ def test_persistent_5xx_gives_a_clear_error(hub, checkpoint):
             retries=2,
             retry_wait=0.01,
             allow_local_backbones=True,
+            license="apache-2.0",
         )
 
 
@@ -256,18 +275,19 @@ def test_server_down_is_a_clear_error(checkpoint):
             retries=1,
             retry_wait=0.01,
             allow_local_backbones=True,
+            license="apache-2.0",
         )
 
 
 def test_model_card(checkpoint, tmp_path):
     model, folder = checkpoint
-    card = str(build_model_card(folder, "org/lavin"))
+    card = str(build_model_card(folder, "org/lavin", license="apache-2.0"))
     assert "pipeline_tag: image-text-to-text" in card and "library_name: mmadapters" in card
     assert "base_model" not in card  # local backbones are not Hub models
     assert "No evaluation was recorded" in card and 'from_pretrained("org/lavin")' in card
     result = {"accuracy": 0.75, "by_group": {"color": 0.5, "shape": 1.0}, "count": 8}
     write_eval_results(folder, "easy-vqa test", result, "mmadapters eval")
-    card = str(build_model_card(folder, "org/lavin"))
+    card = str(build_model_card(folder, "org/lavin", license="apache-2.0"))
     assert (
         "| accuracy | 0.7500 |" in card
         and "| accuracy (shape) | 1.0000 |" in card
@@ -277,7 +297,7 @@ def test_model_card(checkpoint, tmp_path):
     config["text_backbone"]["name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f)
-    card = str(build_model_card(folder, "org/lavin"))
+    card = str(build_model_card(folder, "org/lavin", license="apache-2.0"))
     assert "base_model:\n- HuggingFaceTB/SmolLM2-135M-Instruct" in card
     params = sum(p.numel() for p in model.adapter_state_dict().values())
     assert f"{params:,} trainable parameters" in card
@@ -291,9 +311,11 @@ def test_crome_checkpoint_card_and_push(tiny_backbones, tmp_path, hub):
     model = CromeForConditionalGeneration.from_backbones(*tiny_backbones, qformer=tiny_qformer_config())
     folder = tmp_path / "crome"
     model.save_pretrained(folder)
-    card = str(build_model_card(str(folder), "org/crome"))
+    card = str(build_model_card(str(folder), "org/crome", license="apache-2.0"))
     assert "CROME adapters" in card and "pipeline_tag: image-text-to-text" in card
-    push_folder(folder, "org/crome", endpoint=hub.url, token=TOKEN, allow_local_backbones=True)
+    push_folder(
+        folder, "org/crome", endpoint=hub.url, token=TOKEN, allow_local_backbones=True, license="apache-2.0"
+    )
     files = hub.repos["org/crome"].commits[-1][1]
     assert "adapter_config.json" not in files and "mmadapters_model.safetensors" in files
     assert b"CROME adapters" in files["README.md"]
@@ -358,7 +380,14 @@ def test_a_pushed_repo_loads_with_trust_remote_code_in_a_process_that_never_impo
     assert json.loads((folder / "processor_config.json").read_text())["auto_map"] == {
         "AutoProcessor": "mmadapters_loader.LavinProcessor"
     }
-    push_folder(folder, "org/lavin-remote", endpoint=hub.url, token=TOKEN, allow_local_backbones=True)
+    push_folder(
+        folder,
+        "org/lavin-remote",
+        endpoint=hub.url,
+        token=TOKEN,
+        allow_local_backbones=True,
+        license="apache-2.0",
+    )
     assert "mmadapters_loader.py" in hub.repos["org/lavin-remote"].commits[-1][1]
 
     helper = tmp_path / "helper"
@@ -377,3 +406,68 @@ def test_a_pushed_repo_loads_with_trust_remote_code_in_a_process_that_never_impo
     missing = run(MISSING_PACKAGE, "org/lavin-remote", env=remote_env)
     assert missing.returncode != 0
     assert 'pip install "mmadapters>=0.2.0"' in missing.stderr and "LaVIN/CROME adapters" in missing.stderr
+
+
+def test_card_front_matter_license_and_model_index(checkpoint):
+    import yaml
+
+    from mmadapters.hub.model_card import LicenseError, decide_license
+
+    _, folder = checkpoint
+    result = {"accuracy": 0.75, "by_group": {"color": 0.5}, "count": 8}
+    write_eval_results(folder, "easy-vqa test", result, "mmadapters eval")
+    config = json.loads(open(os.path.join(folder, "config.json")).read())
+    config["text_backbone"]["name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    card = str(build_model_card(folder, "org/lavin", license="apache-2.0"))
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["license"] == "apache-2.0" and front["library_name"] == "mmadapters"
+    assert (
+        front["base_model"] == ["HuggingFaceTB/SmolLM2-135M-Instruct"]
+        and front["base_model_relation"] == "adapter"
+    )
+    assert front["pipeline_tag"] == "image-text-to-text"
+    results = front["model-index"][0]["results"][0]
+    assert results["dataset"]["name"] == "easy-vqa test"
+    assert {m["name"]: m["value"] for m in results["metrics"]} == {"accuracy": 0.75, "accuracy (color)": 0.5}
+    assert 'pip install "mmadapters>=0.2.0"' in card
+    # The license: given, or the backbones' common one; unknown or different licenses are refused.
+    assert decide_license({"a": "mit", "b": "mit"}, None) == "mit"
+    with pytest.raises(LicenseError, match="--license"):
+        decide_license({"a": "mit", "b": None}, None)
+    with pytest.raises(LicenseError, match="a: llama2, b: mit"):
+        decide_license({"a": "llama2", "b": "mit"}, None)
+    with pytest.raises(PushError, match="needs a license"):
+        push_folder(folder, "org/lavin", dry_run=True, allow_local_backbones=True)
+
+
+def test_embedded_backbones_have_known_licenses(tmp_path):
+    from mmadapters.hub.model_card import KNOWN_LICENSES
+    from mmadapters.modeling.embedded import SMOLLM2_DIR, VISION_DIR
+
+    assert {f"mmadapters://embedded/{name}" for name in (SMOLLM2_DIR, VISION_DIR)} == set(KNOWN_LICENSES)
+
+
+def test_card_snippet_runs_as_written_and_the_license_comes_from_the_backbones_cards(
+    hub, tiny_backbones, tmp_path
+):
+    import re
+    import shutil
+
+    for repo_id, folder in (("org/tiny-llm", tiny_backbones[0]), ("org/tiny-vision", tiny_backbones[1])):
+        copy = tmp_path / repo_id.split("/")[1]
+        shutil.copytree(folder, copy)
+        (copy / "README.md").write_text("---\nlicense: mit\n---\n# tiny\n")
+        upload_plain(hub, repo_id, str(copy))
+    env = hub_env(hub, tmp_path)
+    folder = tmp_path / "lavin"
+    built = run(BUILD_AND_SAVE, str(folder), str(tmp_path / "expected.pt"), env=env)
+    assert built.returncode == 0, built.stderr[-3000:]
+    push_folder(folder, "org/lavin-card", endpoint=hub.url, token=TOKEN)  # Hub backbones: no license needed
+    card = hub.repos["org/lavin-card"].commits[-1][1]["README.md"].decode()
+    assert "license: mit" in card
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    ran = run(snippet, env=env)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert ran.stdout.endswith("\n")  # it reached the last line and printed the decoded answer

@@ -57,7 +57,9 @@ def test_push_refuses_backbones_named_by_local_paths(tiny_backbones, tmp_path):
     model.save_pretrained(tmp_path / "ckpt")
     with pytest.raises(PushError, match="path on this machine.*text_model='org/name'"):
         push_folder(tmp_path / "ckpt", "me/lavin", dry_run=True)
-    planned = push_folder(tmp_path / "ckpt", "me/lavin", dry_run=True, allow_local_backbones=True)
+    planned = push_folder(
+        tmp_path / "ckpt", "me/lavin", dry_run=True, allow_local_backbones=True, license="apache-2.0"
+    )
     assert any(f.path == "mmadapters_model.safetensors" for f in planned)
 
 
@@ -96,10 +98,11 @@ def test_push_to_hub_takes_transformers_keywords(tiny_backbones, monkeypatch):
         commit_description="why",
         tags=["scienceqa"],
         allow_local_backbones=True,
+        license="apache-2.0",
         token="hf_x",
     )
     assert url == "https://huggingface.co/org/lavin/discussions/1"
     assert seen["create_pr"] is True and seen["revision"] == "dev" and seen["commit_description"] == "why"
     assert "- scienceqa" in seen["card"]
     with pytest.raises(ValueError, match="max_shard_size applies to full checkpoints"):
-        model.push_to_hub("org/lavin", max_shard_size="1GB", allow_local_backbones=True)
+        model.push_to_hub("org/lavin", max_shard_size="1GB", allow_local_backbones=True, license="apache-2.0")

@@ -26,7 +26,12 @@ def checkpoint(tiny_backbones, tmp_path):
 
 
 def plan(folder):
-    return {f.path for f in push_folder(folder, "me/repo", dry_run=True, allow_local_backbones=True)}
+    return {
+        f.path
+        for f in push_folder(
+            folder, "me/repo", dry_run=True, allow_local_backbones=True, license="apache-2.0"
+        )
+    }
 
 
 def test_a_clean_checkpoint_plans_its_own_files(checkpoint):

@@ -202,6 +202,7 @@ def _push(args: argparse.Namespace) -> None:
         revision=args.revision,
         commit_description=args.commit_description,
         tags=args.tags,
+        license=args.license,
     )
     if args.dry_run:
         print(f"Would upload to {args.repo_id}:\n{format_plan(result)}")
@@ -368,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     push.add_argument("--revision", help="the branch to commit to (default: main)")
     push.add_argument("--tags", nargs="+", help="tags added to the generated model card")
+    push.add_argument(
+        "--license",
+        help="the model card's license (a Hub license id such as apache-2.0); default: the backbones' common license",
+    )
     push.add_argument(
         "--include-backbone-weights", action="store_true", help="allow a full checkpoint (backbone weights)"
     )

@@ -10,6 +10,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from ..checkpoint_files import ADAPTER_WEIGHTS_NAME, adapter_weights_file
 from .names import is_hub_id
+from .remote_code import MINIMUM_VERSION
 
 EVAL_RESULTS_NAME = "eval_results.json"
 
@@ -31,8 +32,8 @@ fingerprints recorded in `config.json`.
 
 ## Base models
 
-| role | model | revision |
-|---|---|---|
+| role | model | revision | license |
+|---|---|---|---|
 {{ backbone_rows }}
 
 ## Evaluation
@@ -41,12 +42,19 @@ fingerprints recorded in `config.json`.
 
 ## Usage
 
+```bash
+pip install "mmadapters>={{ minimum_version }}"
+```
+
 ```python
-import mmadapters  # registers the model with the transformers Auto classes
+from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
+
+import mmadapters  # registers LaVIN and CROME with the Auto classes (or pass trust_remote_code=True instead)
 
 model = AutoModelForImageTextToText.from_pretrained("{{ repo_id }}")
 processor = AutoProcessor.from_pretrained("{{ repo_id }}")
+image = Image.new("RGB", (224, 224), "white")  # your image: Image.open("photo.jpg")
 messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape is this?"}]}]
 prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
 inputs = processor(images=[image], text=prompt)
@@ -55,8 +63,51 @@ print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_to
 ```
 
 Or from the command line: `mmadapters chat {{ repo_id }}`. Backbones stored elsewhere can be given with
-`from_pretrained("{{ repo_id }}", text_model=..., vision_model=...)`.
+`from_pretrained("{{ repo_id }}", text_model=..., vision_model=...)`. Without `import mmadapters`,
+`from_pretrained(..., trust_remote_code=True)` runs `mmadapters_loader.py`, which only imports the installed package.
 """
+
+# Licenses of the backbones the package embeds (portable names; see mmadapters.modeling.embedded).
+KNOWN_LICENSES = {
+    "mmadapters://embedded/smollm2-135m-instruct": "apache-2.0",  # SmolLM2-135M-Instruct's license
+    "mmadapters://embedded/clip-vision-tiny-seed0-v1": "apache-2.0",  # random weights made by this package
+}
+
+
+class LicenseError(ValueError):
+    """The card's license cannot be decided: the message says to pass one."""
+
+
+def backbone_license(name: str | None, endpoint: str | None = None, token: str | None = None) -> str | None:
+    """The license of a backbone: known for the embedded ones, read from a Hub backbone's model card (its
+    README.md front matter), else None."""
+    if name in KNOWN_LICENSES:
+        return KNOWN_LICENSES[name]
+    if not is_hub_id(name):
+        return None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = hf_hub_download(name, "README.md", endpoint=endpoint, token=token)
+        license_name = ModelCard.load(path, ignore_metadata_errors=True).data.license
+    except Exception:  # offline, no card, no front matter: unknown
+        return None
+    return str(license_name) if license_name else None
+
+
+def decide_license(licenses: dict[str, str | None], given: str | None) -> str:
+    """The repo's license: `given`, else the backbones' common license; otherwise a LicenseError that asks for one."""
+    if given:
+        return given
+    known = {value for value in licenses.values() if value}
+    if len(known) == 1 and all(licenses.values()):
+        return known.pop()
+    described = ", ".join(f"{name}: {value or 'unknown'}" for name, value in licenses.items())
+    raise LicenseError(
+        f"The model card needs a license, and the backbones' do not settle it ({described}). Pass one: "
+        "`mmadapters push ... --license apache-2.0` (or `license=` to push_folder / push_to_hub), a Hub license "
+        "identifier compatible with the backbones' terms."
+    )
 
 
 def count_parameters(safetensors_path: str) -> int:
@@ -87,16 +138,33 @@ def _evaluation_section(folder: str) -> tuple[str, dict[str, Any] | None]:
     return text, results
 
 
-def build_model_card(folder: str, repo_id: str) -> ModelCard:
-    """A model card for the adapter-only checkpoint in `folder`, to be pushed as `repo_id`."""
+def build_model_card(
+    folder: str,
+    repo_id: str,
+    license: str | None = None,
+    endpoint: str | None = None,
+    token: str | None = None,
+) -> ModelCard:
+    """A model card for the adapter-only checkpoint in `folder`, to be pushed as `repo_id`: YAML front matter with
+    the license (`license`, else the backbones' common one; a LicenseError otherwise), `base_model` with
+    `base_model_relation: adapter`, `library_name`, `pipeline_tag`, `datasets` and a `model-index` from a recorded
+    evaluation; a usage snippet that runs as written."""
+    from huggingface_hub import EvalResult
+
     with open(os.path.join(folder, "config.json")) as f:
         config = json.load(f)
     method_name, method_text = _METHODS.get(
         config.get("model_type"), (config.get("model_type", "?"), "adapters")
     )
     backbones = {role: config.get(f"{role}_backbone") or {} for role in ("text", "vision")}
+    licenses = {
+        ref.get("name_or_path") or role: backbone_license(ref.get("name_or_path"), endpoint, token)
+        for role, ref in backbones.items()
+    }
+    card_license = decide_license(licenses, license)
     rows = "\n".join(
-        f"| {role} | {ref.get('name_or_path')} | {ref.get('revision') or '(local folder)'} |"
+        f"| {role} | {ref.get('name_or_path')} | {ref.get('revision') or '(local folder)'} | "
+        f"{licenses.get(ref.get('name_or_path') or role) or 'unknown'} |"
         for role, ref in backbones.items()
     )
     weights = adapter_weights_file(folder) or os.path.join(folder, ADAPTER_WEIGHTS_NAME)
@@ -104,11 +172,32 @@ def build_model_card(folder: str, repo_id: str) -> ModelCard:
     size = os.path.getsize(weights) if os.path.isfile(weights) else 0
     evaluation, results = _evaluation_section(folder)
     base_models = [ref["name_or_path"] for ref in backbones.values() if is_hub_id(ref.get("name_or_path"))]
+    eval_results = None
+    datasets = None
+    if results is not None:
+        dataset = results["dataset"]
+        eval_results = [
+            EvalResult(
+                task_type="visual-question-answering",
+                dataset_type=dataset,
+                dataset_name=dataset,
+                metric_type="accuracy",
+                metric_name=name,
+                metric_value=value,
+            )
+            for name, value in results["metrics"].items()
+        ]
+        datasets = [dataset] if is_hub_id(dataset) else None
     card_data = ModelCardData(
+        license=card_license,
         base_model=base_models or None,
+        base_model_relation="adapter" if base_models else None,
         pipeline_tag="image-text-to-text",
         library_name="mmadapters",
+        datasets=datasets,
         tags=["mmadapters", config.get("model_type", "adapters"), "adapter", "vision-language"],
+        model_name=repo_id.split("/")[-1] if eval_results else None,
+        eval_results=eval_results,
     )
     return ModelCard.from_template(
         card_data,
@@ -123,6 +212,7 @@ def build_model_card(folder: str, repo_id: str) -> ModelCard:
         backbone_rows=rows,
         evaluation=evaluation,
         repo_id=repo_id,
+        minimum_version=MINIMUM_VERSION,
     )
 
 

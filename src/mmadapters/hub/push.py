@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .model_card import build_model_card
+from .model_card import LicenseError, build_model_card
 
 # Files that hold backbone weights: present only in full (not adapter-only) saves.
 BACKBONE_WEIGHT_PATTERNS = (
@@ -240,10 +240,14 @@ def checkpoint_files(
     include_backbone_weights: bool = False,
     allow_local_backbones: bool = False,
     tags: list[str] | None = None,
+    license: str | None = None,
+    endpoint: str | None = None,
+    token: str | None = None,
 ) -> dict[str, str]:
     """What a checkpoint push uploads, checked (an adapter-only folder unless told): {path in the repo: local
     path}. The folder's files are uploaded from where they are; the model card (unless the folder has a
-    README.md) and the adapter_config.json pointing at the repo itself are written into `generated`."""
+    README.md; `license` for it, else the backbones') and a legacy checkpoint's adapter_config.json pointing at the
+    repo itself are written into `generated`."""
     if not os.path.isdir(folder):
         raise PushError(
             f"{folder} is not a folder. Save a checkpoint with `model.save_pretrained(folder)` first."
@@ -263,7 +267,10 @@ def checkpoint_files(
         )
     if "README.md" not in files:
         files["README.md"] = os.path.join(generated, "README.md")
-        card = build_model_card(folder, repo_id)
+        try:
+            card = build_model_card(folder, repo_id, license=license, endpoint=endpoint, token=token)
+        except LicenseError as error:
+            raise PushError(str(error)) from None
         card.data.tags = [
             *(card.data.tags or []),
             *[t for t in tags or [] if t not in (card.data.tags or [])],
@@ -327,13 +334,23 @@ def push_folder(
     revision: str | None = None,
     commit_description: str | None = None,
     tags: list[str] | None = None,
+    license: str | None = None,
 ) -> list[PlannedFile] | str:
     """Upload an adapter-only checkpoint folder to `repo_id` (created if needed; an existing repo gets a new
     commit). Returns the commit URL (the pull request's with `create_pr=True`), or with `dry_run=True` the planned
-    files without contacting the Hub. `revision`: the branch to commit to; `tags`: added to the model card's."""
+    files without contacting the Hub. `revision`: the branch to commit to; `tags`: added to the model card's;
+    `license`: the card's license (default: the backbones' common license, read from their cards)."""
     with tempfile.TemporaryDirectory() as generated:
         files = checkpoint_files(
-            os.fspath(folder), repo_id, generated, include_backbone_weights, allow_local_backbones, tags
+            os.fspath(folder),
+            repo_id,
+            generated,
+            include_backbone_weights,
+            allow_local_backbones,
+            tags,
+            license,
+            endpoint,
+            token,
         )
         if dry_run:
             return _plan(files)
