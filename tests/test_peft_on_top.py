@@ -316,6 +316,7 @@ def test_checkpoints_with_peft_file_names_still_load(lavin, processor, tmp_path)
     assert sorted(os.listdir(tmp_path / "old")) == [
         "config.json",
         "generation_config.json",
+        "mmadapters_loader.py",
         "mmadapters_model.safetensors",
     ]
 
