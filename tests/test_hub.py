@@ -155,7 +155,13 @@ def checkpoint(tiny_backbones, tmp_path):
 def test_dry_run_lists_files_and_contacts_nobody(hub, checkpoint, capsys):
     _, folder = checkpoint
     planned = push_folder(
-        folder, "org/x", dry_run=True, endpoint=hub.url, token=TOKEN, allow_local_backbones=True, license="mit"
+        folder,
+        "org/x",
+        dry_run=True,
+        endpoint=hub.url,
+        token=TOKEN,
+        allow_local_backbones=True,
+        license="mit",
     )
     names = {f.path for f in planned}
     assert {"config.json", "mmadapters_model.safetensors", "README.md"} <= names
@@ -228,7 +234,13 @@ def test_transient_5xx_are_retried(hub, checkpoint):
     _, folder = checkpoint
     hub.fail_next = 2  # create_repo fails twice, then the server recovers
     push_folder(
-        folder, "org/retry", endpoint=hub.url, token=TOKEN, retry_wait=0.01, allow_local_backbones=True, license="mit"
+        folder,
+        "org/retry",
+        endpoint=hub.url,
+        token=TOKEN,
+        retry_wait=0.01,
+        allow_local_backbones=True,
+        license="mit",
     )
     assert sum(1 for method, _ in hub.requests if method == "POST") >= 4
     assert "mmadapters_model.safetensors" in hub.repos["org/retry"].commits[-1][1]
@@ -255,7 +267,13 @@ def test_wrong_token_is_refused_without_printing_it(hub, checkpoint):
     wrong = "hf_wrong_token_abcdefghijklmnop"
     with pytest.raises(PushError, match="refused the credentials") as error:
         push_folder(
-            folder, "org/auth", endpoint=hub.url, token=wrong, retry_wait=0.01, allow_local_backbones=True, license="mit"
+            folder,
+            "org/auth",
+            endpoint=hub.url,
+            token=wrong,
+            retry_wait=0.01,
+            allow_local_backbones=True,
+            license="mit",
         )
     assert wrong not in str(error.value) and TOKEN not in str(error.value)
     assert "org/auth" not in hub.repos
