@@ -145,7 +145,7 @@ def official(tiny_backbones, tmp_path):
 def sample_batch(model, processor):
     generator = torch.Generator().manual_seed(0)
     images = [(torch.rand(32, 32, 3, generator=generator) * 255).to(torch.uint8).numpy() for _ in range(2)]
-    return processor(images=[[images[0]], [images[1]]], text=["Image: <image>\nwhat color?"] * 2)
+    return processor(images=[[images[0]], [images[1]]], text=["Image: <image> what color?"] * 2)
 
 
 def test_converted_official_checkpoint_gives_the_official_logits(official, tiny_backbones):
@@ -157,7 +157,7 @@ def test_converted_official_checkpoint_gives_the_official_logits(official, tiny_
     assert model.config.projector_hidden_size == PROJ_HIDDEN
 
     batch = sample_batch(model, processor)  # two images: the official ViT routes both by image 0
-    text = processor(text=["Image: N/A\nthe capital of france is"])
+    text = processor(text=["Image: N/A the capital of france is"])
     layers = model.config.vision_feature_layers
     with torch.no_grad():
         ours_batch = model(**batch).logits

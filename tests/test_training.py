@@ -87,7 +87,7 @@ SCIENCEQA_ROW = {
 def test_scienceqa_qcm_ale_strings():
     example = scienceqa_example(SCIENCEQA_ROW)
     assert example["prompt"] == (
-        "Image: N/A\n"
+        "Image: N/A "
         "Question: Which of these states is farthest north?\n"
         "Context: N/A\n"
         "Options: (A) West Virginia (B) Louisiana (C) Arizona (D) Oklahoma\n"
@@ -98,7 +98,7 @@ def test_scienceqa_qcm_ale_strings():
         "To find the answer, look at the compass rose."
     )
     with_context = scienceqa_example({**SCIENCEQA_ROW, "hint": "The map shows the states.", "image": "x.png"})
-    assert with_context["prompt"].startswith("Image: <image>\nQuestion: ")
+    assert with_context["prompt"].startswith("Image: <image> Question: ")
     assert "\nContext: The map shows the states.\n" in with_context["prompt"]
 
 

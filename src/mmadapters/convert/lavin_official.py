@@ -203,6 +203,10 @@ def convert_official_lavin(
         raise OfficialCheckpointError(f"The checkpoint does not map onto this model.\n{report.summary()}")
     model.load_adapter_state_dict(converted, source=os.fspath(checkpoint))
     processor = LavinProcessor.from_backbones(
-        text_model, vision_model, num_image_tokens=model.config.num_image_tokens, official_preprocessing=True
+        text_model,
+        vision_model,
+        num_image_tokens=model.config.num_image_tokens,
+        official_preprocessing=True,
+        official_tokenization=True,
     )
     return model.eval(), processor, report

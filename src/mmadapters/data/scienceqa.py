@@ -3,7 +3,8 @@
 Input: `Question: {q}\nContext: {hint or "N/A"}\nOptions: (A) ... (B) ...\nResponse:`; target:
 `The answer is {X}. BECAUSE: {lecture} {solution}`, joined to the input with no space. As in the official
 ScienceQA code, newlines inside lecture and solution are written as the two characters "\\n". LaVIN's image
-layout comes first: "Image: <image>\n" for questions with an image, "Image: N/A\n" otherwise.
+layout comes first, as in the official code: "Image: <image> " for questions with an image, "Image: N/A "
+otherwise (a space, no newline: see `LavinProcessor`'s official tokenisation).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def ale_target(answer: int, lecture: str, solution: str) -> str:
 def scienceqa_example(row: dict[str, Any]) -> dict[str, Any]:
     """One raw ScienceQA row (the Hub schema) -> prompt, target and the fields the scorer needs."""
     has_image = row.get("image") is not None
-    head = "Image: <image>\n" if has_image else "Image: N/A\n"
+    head = "Image: <image> " if has_image else "Image: N/A "
     return {
         "prompt": head + qcm_input(row["question"], row.get("hint") or "", list(row["choices"])),
         "target": ale_target(int(row["answer"]), row.get("lecture") or "", row.get("solution") or ""),

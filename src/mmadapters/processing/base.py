@@ -66,6 +66,30 @@ _PLAIN_TEMPLATE = """\
 {%- if add_generation_prompt -%}{{ 'Response:' }}{%- endif -%}
 """
 
+# LaVIN's official instruction format (the official instruction data and MME evaluation): one user turn renders as
+# "Image: <image> Instruction: {question}\nResponse: " (text only: "Image: N/A Instruction: ..."), the head in
+# front of the instruction, as the official code puts it; for `official_tokenization`.
+_OFFICIAL_INSTRUCTION_TEMPLATE = """\
+{%- for message in messages -%}
+  {%- if message['role'] == 'system' -%}{{ message['content'] + '\\n' }}
+  {%- elif message['role'] == 'user' -%}
+    {%- set content = message['content'] -%}
+    {%- if content.startswith(IMAGE_TEXT) -%}{{ IMAGE_TEXT }}{%- set content = content[IMAGE_TEXT|length:] -%}
+    {%- elif content.startswith(TEXT_ONLY_PREFIX) -%}{{ TEXT_ONLY_PREFIX }}{%- set content = content[TEXT_ONLY_PREFIX|length:] -%}
+    {%- endif -%}
+    {{ 'Instruction: ' + content + '\\n' }}
+  {%- elif message['role'] == 'assistant' -%}{{ 'Response: ' + message['content'] + eos_token + '\\n' }}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{ 'Response: ' }}{%- endif -%}
+"""
+
+
+def official_instruction_chat_template() -> str:
+    """LaVIN's official "Image: <image> Instruction: ...\nResponse: " layout as a chat template."""
+    return _flattening_then("Image: <image> ", "Image: N/A ", _OFFICIAL_INSTRUCTION_TEMPLATE)
+
+
 # LaVIN's question-answer layout as a chat template, for checkpoints trained on it (the quickstart's easy-vqa
 # prompts): chat and the demo then prompt the model exactly as it was trained. One turn renders as
 # "Image: <image>\nQuestion: What shape is this?\nAnswer:"; later turns append " answer\nQuestion: ...\nAnswer:".

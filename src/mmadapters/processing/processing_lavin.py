@@ -3,6 +3,14 @@
 Prompt layout (LAVIN.md section 4): "Image: " followed by the visual tokens of the image, or "Image: N/A" for a
 text-only sample, then the prompt. With a chat LLM the layout sits inside the LLM's own chat template (our
 choice: a chat-tuned LLM answers best in its own format), at the start of the first user turn.
+
+Official tokenisation (`official_tokenization=True`, set for converted official checkpoints): the official code
+encodes its pieces one by one with SentencePiece, `[BOS] + encode("Image: ") + visual tokens + encode(prompt)`
+(text only: `encode("Image: N/A") + encode(prompt)`), and for training `encode(prompt + answer)` in one piece,
+supervising what follows the prompt's own length. Each SentencePiece encode adds a word-start "▁" to its piece, so
+the prompt's first word is "▁Question", never a newline token followed by "Qu es tion" as one joint encode of
+"Image: <image>\nQuestion" gives. Prompts in this mode are written `"Image: <image> " + prompt` or
+`"Image: N/A " + prompt` (the space is what the word-start marker stands for); the processor splits them there.
 """
 
 from __future__ import annotations
@@ -23,9 +31,13 @@ from .base import (
     AdapterProcessorMixin,
     build_chat_template,
     image_processor_for,
+    official_instruction_chat_template,
     resize_only_image_processor,
 )
 from .images import DEFAULT_MAX_IMAGE_PIXELS
+
+OFFICIAL_IMAGE_HEAD = "Image: <image> "
+OFFICIAL_TEXT_HEAD = "Image: N/A "
 
 
 class LavinProcessor(AdapterProcessorMixin, ProcessorMixin):
@@ -41,6 +53,8 @@ class LavinProcessor(AdapterProcessorMixin, ProcessorMixin):
         overflow: what to do with a longer sequence: "raise" (default), "truncate_left" (drop the oldest
             tokens) or "truncate_right" (drop the end, e.g. of a long answer). Truncation never cuts an image.
         max_image_pixels: larger images are refused (decompression bombs).
+        official_tokenization: tokenise as the official LaVIN code does (see the module docstring): for
+            converted official checkpoints and LaVIN's own formats (ScienceQA QCM-ALE, "Instruction: ...").
     """
 
     def __init__(
@@ -52,6 +66,7 @@ class LavinProcessor(AdapterProcessorMixin, ProcessorMixin):
         max_length: int | None = None,
         overflow: Literal["raise", "truncate_left", "truncate_right"] = "raise",
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        official_tokenization: bool = False,
         **kwargs: Any,
     ) -> None:
         if overflow not in OVERFLOW_POLICIES:
@@ -62,6 +77,9 @@ class LavinProcessor(AdapterProcessorMixin, ProcessorMixin):
         self.max_length = max_length
         self.overflow = overflow
         self.max_image_pixels = max_image_pixels
+        self.official_tokenization = official_tokenization
+        if chat_template is None and official_tokenization:
+            chat_template = official_instruction_chat_template()
         chat_template = chat_template or build_chat_template(tokenizer, "Image: <image>\n", "Image: N/A\n")
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
@@ -137,20 +155,15 @@ class LavinProcessor(AdapterProcessorMixin, ProcessorMixin):
         pixel_values = self._pixel_values(self._collect_images(images, texts))
         overflow = overflow or self.overflow
         max_length = self._max_length(max_length)
-        prompt_ids = self.tokenizer(self._expand_image_tokens(texts), add_special_tokens=add_special_tokens)[
-            "input_ids"
-        ]
-
         rows: dict[str, list[list[int]]] = {"input_ids": []}
         if answer_list is not None:
             rows["labels"] = []
-        for index, ids in enumerate(prompt_ids):
-            labels = None
-            if answer_list is not None:
-                answer_ids = self.tokenizer(answer_list[index], add_special_tokens=False)["input_ids"]
-                answer_ids = answer_ids + [self.tokenizer.eos_token_id]
-                labels = [IGNORE_INDEX] * len(ids) + answer_ids
-                ids = ids + answer_ids
+        for index, text in enumerate(texts):
+            answer = None if answer_list is None else answer_list[index]
+            if self.official_tokenization:
+                ids, labels = self._official_ids(index, text, answer, add_special_tokens)
+            else:
+                ids, labels = self._joint_ids(text, answer, add_special_tokens)
             ids, labels = self._fit_length(index, ids, labels, max_length, overflow)
             rows["input_ids"].append(ids)
             if labels is not None:
@@ -162,6 +175,52 @@ class LavinProcessor(AdapterProcessorMixin, ProcessorMixin):
         if pixel_values is not None:
             data["pixel_values"] = pixel_values
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _joint_ids(
+        self, text: str, answer: str | None, add_special_tokens: bool
+    ) -> tuple[list[int], list[int] | None]:
+        """The prompt tokenised in one piece (placeholders expanded), the answer and EOS after it."""
+        ids = self.tokenizer(self._expand_image_tokens([text])[0], add_special_tokens=add_special_tokens)[
+            "input_ids"
+        ]
+        if answer is None:
+            return ids, None
+        answer_ids = self._encode(answer) + [self.tokenizer.eos_token_id]
+        return ids + answer_ids, [IGNORE_INDEX] * len(ids) + answer_ids
+
+    def _official_ids(
+        self, index: int, text: str, answer: str | None, add_special_tokens: bool
+    ) -> tuple[list[int], list[int] | None]:
+        """The official code's ids (module docstring): head, visual tokens and prompt encoded piece by piece; with
+        an answer, prompt + answer encoded together and supervised after the prompt's own length, then EOS."""
+        if text.startswith(OFFICIAL_IMAGE_HEAD):
+            head = self._encode("Image: ") + [self.image_token_id] * self.num_image_tokens
+            prompt = text[len(OFFICIAL_IMAGE_HEAD) :]
+        elif text.startswith(OFFICIAL_TEXT_HEAD):
+            head = self._encode("Image: N/A")
+            prompt = text[len(OFFICIAL_TEXT_HEAD) :]
+        else:
+            raise ValueError(
+                f"Prompt {index} does not start with LaVIN's official layout ({OFFICIAL_IMAGE_HEAD!r} or "
+                f"{OFFICIAL_TEXT_HEAD!r}), which official_tokenization=True needs: {text[:40]!r}."
+            )
+        if self.image_token in prompt:
+            raise ValueError(
+                f"Prompt {index}: LaVIN's official layout has one image, in the head; found another."
+            )
+        bos = (
+            [self.tokenizer.bos_token_id]
+            if add_special_tokens and self.tokenizer.bos_token_id is not None
+            else []
+        )
+        prompt_ids = bos + head + self._encode(prompt)
+        if answer is None:
+            return prompt_ids, None
+        ids = bos + head + self._encode(prompt + answer) + [self.tokenizer.eos_token_id]
+        return ids, [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids) :]
 
 
 __all__ = ["LavinProcessor"]
