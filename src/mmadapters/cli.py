@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from typing import Any
 
 from .errors import MMAdaptersError
 from .hub import check_checkpoint_name
@@ -64,16 +65,25 @@ def _eval(args: argparse.Namespace) -> None:
     from .evaluation import evaluate_easy_vqa
 
     model, processor = _load(args.checkpoint)
+    if args.task != "easy-vqa":
+        _eval_task(args, model, processor)
+        return
     # "describe" asks the same questions as "open" (only the training targets differ): every test question,
     # scored on the word after the model's description (as the quickstart scores itself).
+    if args.data is not None:
+        raise SystemExit(
+            "error: --data applies to scienceqa, mme and mmbench (easy-vqa comes from its package)."
+        )
+    args.limit = 1000 if args.limit is None else args.limit
     described = args.prompt_format == "describe"
     questions_format = "open" if described else args.prompt_format
-    dataset = load_easy_vqa("test", limit=args.limit, prompt_format=questions_format)
+    dataset = load_easy_vqa(args.split or "test", limit=args.limit, prompt_format=questions_format)
     bar = tqdm(total=len(dataset), desc="evaluating")
     result = evaluate_easy_vqa(
         model,
         processor,
         dataset,
+        batch_size=args.batch_size,
         progress=lambda done, total: bar.update(done - bar.n),
         answers_described=described,
     )
@@ -84,6 +94,40 @@ def _eval(args: argparse.Namespace) -> None:
 
         command = f"mmadapters eval CHECKPOINT --limit {args.limit} --prompt-format {args.prompt_format}"
         write_eval_results(args.checkpoint, f"easy-vqa test ({args.prompt_format} answers)", result, command)
+
+
+def _eval_task(args: argparse.Namespace, model: Any, processor: Any) -> None:
+    """ScienceQA, MME or MMBench: the paper's table, printed and written as JSON (and recorded for the card)."""
+    from tqdm import tqdm
+
+    from .evaluation.tasks import run_task
+
+    bar = tqdm(desc=f"evaluating {args.task}", unit="prompt")
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    result = run_task(
+        args.task, model, processor, args.data, args.split, args.limit, args.batch_size, progress=progress
+    )
+    bar.close()
+    summary = {k: v for k, v in result.items() if k != "generations"}
+    print(json.dumps(summary, indent=2))
+    output = args.output or (
+        os.path.join(args.checkpoint, f"eval_{args.task}.json") if os.path.isdir(args.checkpoint) else None
+    )
+    if output:
+        with open(output, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+    if os.path.isdir(args.checkpoint):  # the model card of a later push shows the last evaluation
+        from .hub import write_eval_results
+
+        command = f"mmadapters eval CHECKPOINT --task {args.task}" + (
+            f" --limit {args.limit}" if args.limit else ""
+        )
+        write_eval_results(args.checkpoint, f"{result['dataset']} {result['split']}", result, command)
 
 
 def _input_lines():
@@ -315,11 +359,37 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_train)
 
     evaluate = commands.add_parser(
-        "eval", help="easy-vqa accuracy of a checkpoint, overall and by question type"
+        "eval", help="evaluate a checkpoint: easy-vqa, ScienceQA, MME or MMBench, with the papers' tables"
     )
     evaluate.add_argument("checkpoint")
-    evaluate.add_argument("--limit", type=positive_int, default=1000, help="test questions to evaluate on")
-    evaluate.add_argument("--prompt-format", default="open", choices=["open", "multiple_choice", "describe"])
+    evaluate.add_argument(
+        "--task",
+        default="easy-vqa",
+        choices=["easy-vqa", "scienceqa", "mme", "mmbench"],
+        help="the benchmark",
+    )
+    evaluate.add_argument(
+        "--data",
+        help="the benchmark's data: a Hub id, or a local copy (a folder of parquet files in the Hub layout, or one "
+        "parquet file) for offline machines; default: the benchmark's Hub repo (not for easy-vqa)",
+    )
+    evaluate.add_argument("--split", help="default: test (MMBench: dev)")
+    evaluate.add_argument("--batch-size", type=positive_int, default=16, help="prompts per generate call")
+    evaluate.add_argument(
+        "--limit",
+        type=positive_int,
+        default=None,
+        help="evaluate the first N questions (easy-vqa default: 1000)",
+    )
+    evaluate.add_argument(
+        "--output", help="where the JSON results go (default: eval_TASK.json in the checkpoint)"
+    )
+    evaluate.add_argument(
+        "--prompt-format",
+        default="open",
+        choices=["open", "multiple_choice", "describe"],
+        help="easy-vqa only",
+    )
     evaluate.set_defaults(run=_eval)
 
     chat = commands.add_parser("chat", help="chat with a checkpoint in the terminal (image path + question)")

@@ -218,8 +218,11 @@ def build_model_card(
 
 def write_eval_results(folder: str, dataset: str, result: dict[str, Any], command: str) -> None:
     """Record an evaluation next to a checkpoint (the model card shows the last one)."""
-    metrics = {"accuracy": result["accuracy"]}
-    metrics.update({f"accuracy ({group})": value for group, value in result.get("by_group", {}).items()})
+    if "metrics" in result:  # a benchmark task: its table as computed (ScienceQA, MME, MMBench)
+        metrics = dict(result["metrics"])
+    else:
+        metrics = {"accuracy": result["accuracy"]}
+        metrics.update({f"accuracy ({group})": value for group, value in result.get("by_group", {}).items()})
     payload = {"dataset": dataset, "num_questions": result["count"], "metrics": metrics, "command": command}
     with open(os.path.join(folder, EVAL_RESULTS_NAME), "w") as f:
         json.dump(payload, f, indent=2)
