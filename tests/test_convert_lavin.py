@@ -254,3 +254,47 @@ def test_not_a_lavin_checkpoint(tmp_path, tiny_backbones):
         convert_official_lavin(path, *tiny_backbones)
     with pytest.raises(FileNotFoundError):
         convert_official_lavin(tmp_path / "missing.pth", *tiny_backbones)
+
+
+def test_official_routing_replicates_batch_item_zero_of_the_official_evaluation(official, tiny_backbones):
+    """The official evaluation routes every image by batch item 0's image, an all-zero image when item 0 is a
+    text-only question: a mixed batch starting with a text-only question is routed by a zero image."""
+    reference, llm, vision, path = official
+    model, processor, _ = convert_official_lavin(path, *tiny_backbones)
+    generator = torch.Generator().manual_seed(3)
+    picture = (torch.rand(32, 32, 3, generator=generator) * 255).to(torch.uint8).numpy()
+    batch = processor(images=[[], [picture]], text=["Image: N/A say hi", "Image: <image> what color?"])
+    with torch.no_grad():
+        placed = model(**batch).image_hidden_states[0]
+        pixels = batch["pixel_values"]
+        by_zero = model.image_tokens(torch.cat([torch.zeros_like(pixels), pixels]))[1]
+        by_itself = model.image_tokens(pixels)[0]
+    torch.testing.assert_close(placed, by_zero)
+    assert not torch.allclose(placed, by_itself, atol=1e-4)  # the zero image's routing does change the tokens
+
+
+def test_converted_checkpoint_answers_scienceqa_prompts_as_the_official_forward(official, tiny_backbones):
+    """Greedy answers to ScienceQA-format prompts (an image question and a text-only one), token by token: ours
+    (generate, with the KV cache) against a greedy loop over the reference official forward."""
+    from mmadapters.data import scienceqa_example
+
+    reference, llm, vision, path = official
+    model, processor, _ = convert_official_lavin(path, *tiny_backbones)
+    assert processor.official_tokenization
+    generator = torch.Generator().manual_seed(5)
+    picture = (torch.rand(32, 32, 3, generator=generator) * 255).to(torch.uint8).numpy()
+    row = {"question": "Which color?", "hint": "", "choices": ["red", "blue"], "answer": 0, "lecture": "",
+           "solution": ""}  # fmt: skip
+    for image in (picture, None):
+        example = scienceqa_example({**row, "image": image})
+        inputs = processor(images=[[image] if image is not None else []], text=[example["prompt"]])
+        with torch.no_grad():
+            ours = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+            ids = inputs["input_ids"]
+            for _ in range(5):
+                logits = reference.logits(
+                    llm, vision, ids, inputs.get("pixel_values"), model.config.image_token_id,
+                    model.config.vision_feature_layers,
+                )  # fmt: skip
+                ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
+        assert ours[0].tolist() == ids[0].tolist()

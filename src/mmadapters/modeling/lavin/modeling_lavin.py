@@ -54,6 +54,16 @@ def activation_checkpointing_paused(module: nn.Module) -> Iterator[None]:
             layer.gradient_checkpointing = True
 
 
+def _drop_first_image(outputs: BaseModelOutputWithPooling) -> BaseModelOutputWithPooling:
+    """The vision outputs without their first image (every tensor field, and tuples of them, sliced)."""
+    for key, value in outputs.items():
+        if isinstance(value, torch.Tensor):
+            outputs[key] = value[1:]
+        elif isinstance(value, tuple):
+            outputs[key] = tuple(item[1:] for item in value)
+    return outputs
+
+
 class LavinProjector(nn.Module):
     """LaVIN's "visual adapter": Linear(vision width -> 128) -> SiLU -> Linear(128 -> LLM width)."""
 
@@ -453,7 +463,15 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
             image_mask, pixel_values.shape[0], self.config.num_image_tokens, "LavinProcessor"
         )
         vision_kwargs = {"output_attentions": True} if output_attentions else {}
+        # Official routing (converted checkpoints) routes every image by batch item 0's image; the official
+        # evaluation gives a text-only item an all-zero image, so a batch that starts with a text-only sample is
+        # routed by a zero image: prepended here, run through the tower, and dropped again.
+        zero_first = self.config.mm_adapter_config.official_vision_routing and not bool(image_mask[0].any())
+        if zero_first:
+            pixel_values = torch.cat([torch.zeros_like(pixel_values[:1]), pixel_values])
         image_outputs = self.get_image_features(pixel_values, return_dict=True, **vision_kwargs)
+        if zero_first:
+            image_outputs = _drop_first_image(image_outputs)
         placed = image_outputs.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)
         mask = image_mask.to(inputs_embeds.device).unsqueeze(-1).expand_as(inputs_embeds)
         return inputs_embeds.masked_scatter(mask, placed), image_outputs
