@@ -9,13 +9,13 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from ..adapters import CromeAdapterConfig
-from ..backbone_names import with_recorded_backbone_names
+from ..frozen_backbones_config import FrozenBackbonesConfig
 
 STAGES = ("pretrain", "instruct", "finetune")
 
 
 @strict
-class CromeConfig(PreTrainedConfig):
+class CromeConfig(FrozenBackbonesConfig):
     r"""Configuration of [`CromeForConditionalGeneration`] (CROME, arXiv 2408.06610): a frozen vision tower, an
     instruction-aware Q-Former, projections, the cross-modal CROME-Adapter and a frozen LLM (decoder-only or
     encoder-decoder).
@@ -47,25 +47,17 @@ class CromeConfig(PreTrainedConfig):
         "qformer_config": SubConfigSpec(config_class=AutoConfig, model_type="instructblip_qformer"),
     }
 
-    text_config: dict | PreTrainedConfig | None = None
-    vision_config: dict | PreTrainedConfig | None = None
+    adapter_config_class = CromeAdapterConfig
+
     qformer_config: dict | PreTrainedConfig | None = None
-    adapter_config: dict | None = None
     num_query_tokens: int = 32
     use_patch_branch: bool = True
     vision_feature_layer: int = -2
-    image_token_id: int | None = None
     stages_used: list[str] | None = None
-    text_backbone: dict | None = None
-    vision_backbone: dict | None = None
     qformer_source: dict | None = None
-    backbone_quantization: dict | None = None
-    peft_adapters: dict | None = None
-    tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
-        self.adapter_config = CromeAdapterConfig.from_dict(self.adapter_config or {}).to_dict()
         if self.qformer_config.encoder_hidden_size != self.vision_config.hidden_size:
             raise ValueError(
                 f"qformer_config.encoder_hidden_size={self.qformer_config.encoder_hidden_size} must equal the vision "
@@ -75,9 +67,6 @@ class CromeConfig(PreTrainedConfig):
         unknown = [stage for stage in self.stages_used if stage not in STAGES]
         if unknown:
             raise ValueError(f"Unknown stage(s) {unknown}; stages are {STAGES}.")
-        if self.image_token_id is None:
-            self.image_token_id = self.text_config.vocab_size
-        self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
 
     @property
     def vision_has_cls(self) -> bool:
@@ -87,16 +76,6 @@ class CromeConfig(PreTrainedConfig):
     @property
     def num_patches(self) -> int:
         return (self.vision_config.image_size // self.vision_config.patch_size) ** 2
-
-    @classmethod
-    def register_for_auto_class(cls, auto_class: Any = "AutoConfig") -> None:
-        """A no-op: `import mmadapters` registers this config, and saves write their own `auto_map` (see
-        `mmadapters.hub.remote_code`); transformers' version would make later saves copy our source files."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """The config as saved: the backbones' sub-configs name them as recorded in `text_backbone` /
-        `vision_backbone` (a portable name or Hub id), never by the path they were loaded from on this machine."""
-        return with_recorded_backbone_names(super().to_dict())
 
     @property
     def num_image_tokens(self) -> int:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from huggingface_hub.dataclasses import strict
-from transformers import AutoConfig, PreTrainedConfig
+from transformers import AutoConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from ..adapters import MMAdapterConfig
-from ..backbone_names import with_recorded_backbone_names
+from ..frozen_backbones_config import FrozenBackbonesConfig
 
 
 def default_vision_feature_layers(num_vision_layers: int) -> list[int]:
@@ -18,16 +18,17 @@ def default_vision_feature_layers(num_vision_layers: int) -> list[int]:
 
 
 @strict
-class LavinConfig(PreTrainedConfig):
+class LavinConfig(FrozenBackbonesConfig):
     r"""Configuration of [`LavinForConditionalGeneration`]: a frozen LLM and a frozen vision tower joined by
     LaVIN's MM-Adapters (Luo et al., NeurIPS 2023).
 
     The defaults describe the paper's LaVIN-7B: LLaMA-7B shapes and CLIP ViT-L/14 at 224 px.
 
-    Args:
+    Args (besides those of `FrozenBackbonesConfig`: text_config, vision_config, adapter_config, image_token_id,
+    text_backbone, vision_backbone, backbone_quantization, peft_adapters):
         text_config: config of the frozen LLM (any decoder with an input norm before self-attention).
         vision_config: config of the frozen vision tower (CLIP or SigLIP vision model).
-        adapter_config: an `MMAdapterConfig` as a dict (also saved on its own as `adapter_config.json`).
+        adapter_config: an `MMAdapterConfig` as a dict.
         vision_feature_layers: the vision layers whose first token (CLS) becomes a visual token; default
             every 4th layer (4, 8, ..., 24 for ViT-L: 6 tokens). Taken before any post-layernorm.
         vision_feature_pooling: "cls" (the first token; CLIP) or "mean" (mean of all tokens; towers without a
@@ -37,16 +38,6 @@ class LavinConfig(PreTrainedConfig):
             `fit_feature_whitening` on unlabeled images) before the projector. Not in the paper; for vision
             towers with badly conditioned features, such as the embedded seeded random one. Default False.
         projector_hidden_size: width of the SiLU projector's hidden layer (128 in the paper).
-        image_token_id: id of the image placeholder token in `input_ids`. It may lie outside the LLM's
-            embedding matrix (we never resize the frozen embeddings): those positions are overwritten with
-            visual features before the LLM runs.
-        text_backbone, vision_backbone: where the frozen backbones come from (`name_or_path`, `revision`,
-            `fingerprint`), written by `from_backbones` and checked by `from_pretrained`.
-        backbone_quantization: how the backbones were quantised (`{"text_config": {...}, "vision_config": ...}`,
-            quantization configs as dicts); `from_pretrained` of an adapter-only checkpoint quantises them the
-            same way unless given another `quantization_config`.
-        peft_adapters: PEFT layers on the backbones (LoRA on top), adapter name -> `{"on": backbone, "config": PEFT
-            config as a dict}`; every load rebuilds them before reading the weights (see `modeling.peft_on_top`).
     """
 
     model_type = "lavin"
@@ -67,24 +58,15 @@ class LavinConfig(PreTrainedConfig):
         ),
     }
 
-    text_config: dict | PreTrainedConfig | None = None
-    vision_config: dict | PreTrainedConfig | None = None
-    adapter_config: dict | None = None
+    adapter_config_class = MMAdapterConfig
+
     vision_feature_layers: list[int] | None = None
     vision_feature_pooling: Literal["cls", "mean"] | None = None
     vision_feature_whitening: bool = False
     projector_hidden_size: int = 128
-    image_token_id: int | None = None
-    text_backbone: dict | None = None
-    vision_backbone: dict | None = None
-    backbone_quantization: dict | None = None
-    peft_adapters: dict | None = None
-    tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
-        # Validate and normalise the adapter config (unknown fields raise a clear error here, early).
-        self.adapter_config = MMAdapterConfig.from_dict(self.adapter_config or {}).to_dict()
         num_vision_layers = self.vision_config.num_hidden_layers
         if self.vision_feature_layers is None:
             self.vision_feature_layers = default_vision_feature_layers(num_vision_layers)
@@ -96,21 +78,6 @@ class LavinConfig(PreTrainedConfig):
             )
         if self.vision_feature_pooling is None:
             self.vision_feature_pooling = "mean" if "siglip" in self.vision_config.model_type else "cls"
-        if self.image_token_id is None:
-            # First id past the embedding matrix: never collides with a real token.
-            self.image_token_id = self.text_config.vocab_size
-        # Output embeddings are tied (or not) inside the LLM itself; follow it, as LLaVA does.
-        self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
-
-    @classmethod
-    def register_for_auto_class(cls, auto_class: Any = "AutoConfig") -> None:
-        """A no-op: `import mmadapters` registers this config, and saves write their own `auto_map` (see
-        `mmadapters.hub.remote_code`); transformers' version would make later saves copy our source files."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """The config as saved: the backbones' sub-configs name them as recorded in `text_backbone` /
-        `vision_backbone` (a portable name or Hub id), never by the path they were loaded from on this machine."""
-        return with_recorded_backbone_names(super().to_dict())
 
     @property
     def num_image_tokens(self) -> int:

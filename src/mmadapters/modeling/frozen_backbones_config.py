@@ -1,0 +1,67 @@
+"""The config fields and behaviour LaVIN's and CROME's configs share (the config side of
+`frozen_backbones.FrozenBackbonesPreTrainedModel`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+from .backbone_names import with_recorded_backbone_names
+
+
+@strict
+class FrozenBackbonesConfig(PreTrainedConfig):
+    r"""Base of [`LavinConfig`] and [`CromeConfig`]: two frozen backbones and an adapter side.
+
+    Args:
+        text_config: config of the frozen LLM.
+        vision_config: config of the frozen vision tower.
+        adapter_config: the adapter settings as a dict (validated by the subclass's `adapter_config_class`).
+        image_token_id: id of the image placeholder in `input_ids`; default: the first id past the LLM's embedding
+            matrix (it never collides with a real token; those positions are overwritten with visual features).
+        text_backbone, vision_backbone: where the frozen backbones come from (`name_or_path`, `revision`,
+            `fingerprint`), written by `from_backbones` and checked by `from_pretrained`.
+        backbone_quantization: how the backbones were quantised (`{"text_config": {...}, "vision_config": ...}`,
+            quantization configs as dicts); `from_pretrained` of an adapter-only checkpoint quantises them the
+            same way unless given another `quantization_config`.
+        peft_adapters: PEFT layers on the backbones (LoRA on top), adapter name -> `{"on": backbone, "config": PEFT
+            config as a dict}`; every load rebuilds them before reading the weights (see `modeling.peft_on_top`).
+        tie_word_embeddings: follows the LLM's own setting (set in `__post_init__`).
+    """
+
+    # The adapter settings' class (MMAdapterConfig, CromeAdapterConfig); set by each subclass.
+    adapter_config_class = None
+
+    text_config: dict | PreTrainedConfig | None = None
+    vision_config: dict | PreTrainedConfig | None = None
+    adapter_config: dict | None = None
+    image_token_id: int | None = None
+    text_backbone: dict | None = None
+    vision_backbone: dict | None = None
+    backbone_quantization: dict | None = None
+    peft_adapters: dict | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        # Validate and normalise the adapter settings (unknown fields raise a clear error here, early).
+        self.adapter_config = self.adapter_config_class.from_dict(self.adapter_config or {}).to_dict()
+        if self.image_token_id is None:
+            self.image_token_id = self.text_config.vocab_size
+        # Output embeddings are tied (or not) inside the LLM itself; follow it, as LLaVA does.
+        self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class: Any = "AutoConfig") -> None:
+        """A no-op: `import mmadapters` registers our configs, and saves write their own `auto_map` (see
+        `mmadapters.hub.remote_code`); transformers' version would make later saves copy our source files."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as saved: the backbones' sub-configs name them as recorded in `text_backbone` /
+        `vision_backbone` (a portable name or Hub id), never by the path they were loaded from on this machine."""
+        return with_recorded_backbone_names(super().to_dict())
+
+
+__all__ = ["FrozenBackbonesConfig"]
