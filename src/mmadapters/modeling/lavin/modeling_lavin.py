@@ -466,7 +466,9 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         # Official routing (converted checkpoints) routes every image by batch item 0's image; the official
         # evaluation gives a text-only item an all-zero image, so a batch that starts with a text-only sample is
         # routed by a zero image: prepended here, run through the tower, and dropped again.
-        official = bool(self.config.adapter_config.get("official_vision_routing"))  # a constant under torch.compile
+        official = bool(
+            self.config.adapter_config.get("official_vision_routing")
+        )  # a constant under torch.compile
         zero_first = official and not bool(image_mask[0].any())
         if zero_first:
             pixel_values = torch.cat([torch.zeros_like(pixel_values[:1]), pixel_values])

@@ -1,0 +1,166 @@
+"""lmms-eval model plugin: `lmms-eval --model lavin --model_args pretrained=REPO_OR_FOLDER --tasks mme` (or
+`--model crome`).
+
+Registered through lmms-eval's own entry-point group `lmms_eval.models` (see pyproject.toml), so lmms-eval finds
+both models once mmadapters is installed, with no environment variable or fork. Each question goes through the
+checkpoint's chat template (one user turn: the image, then lmms-eval's context text), as `mmadapters eval` does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+from lmms_eval.models.registry_v2 import ModelManifest
+
+from ..evaluation.generate import answer_tokens
+
+
+class MMAdaptersLMM(lmms):
+    """An mmadapters checkpoint as an lmms-eval model (`model_kind` says which of ours it must be).
+
+    model_args: `pretrained` (Hub id or folder), `batch_size` (questions per generate call, default 8),
+    `max_new_tokens` (default 64, unless a task's generation kwargs say otherwise), `device` (default cpu)."""
+
+    model_kind = ""
+
+    def __init__(
+        self,
+        pretrained: str,
+        batch_size: int | str = 8,
+        max_new_tokens: int | str = 64,
+        device: str = "cpu",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if kwargs:
+            raise TypeError(
+                f"Unknown model_args {sorted(kwargs)} for --model {self.model_kind}; known: pretrained, batch_size, "
+                "max_new_tokens, device."
+            )
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        import mmadapters  # noqa: F401  (registers our models with the Auto classes)
+
+        self.model = AutoModelForImageTextToText.from_pretrained(pretrained).to(device).eval()
+        if self.model.config.model_type != self.model_kind:
+            raise ValueError(
+                f"{pretrained} is a {self.model.config.model_type} checkpoint; use --model "
+                f"{self.model.config.model_type}."
+            )
+        self.processor = AutoProcessor.from_pretrained(pretrained)
+        self.batch_size = int(batch_size)
+        self.max_new_tokens = int(max_new_tokens)
+        self.device = device
+
+    def _prompt(self, context: str, num_images: int) -> str:
+        content = [{"type": "image"}] * num_images + [{"type": "text", "text": context}]
+        return self.processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True
+        )
+
+    def _visuals(self, doc_to_visual: Any, doc_id: int, task: str, split: str) -> list[Any]:
+        if doc_to_visual is None:
+            return []
+        visuals = [v for v in doc_to_visual(self.task_dict[task][split][doc_id]) or [] if v is not None]
+        if len(visuals) > 1:
+            raise ValueError(
+                f"{task} gives {len(visuals)} images for one question; LaVIN and CROME take one."
+            )
+        return visuals
+
+    def _inputs(self, prompts: list[str], images: list[list[Any]], answers: list[str] | None = None) -> Any:
+        return self.processor(images=images, text=prompts, answers=answers).to(self.device)
+
+    @torch.no_grad()
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        """Greedy (or sampled, when the task says so) answers, cut at the task's `until` strings; requests are
+        batched in order, `batch_size` at a time, among neighbours with the same generation kwargs."""
+        answers: list[str] = []
+        start = 0
+        while start < len(requests):
+            gen_kwargs = requests[start].args[1]
+            stop = start
+            while (
+                stop < len(requests)
+                and stop - start < self.batch_size
+                and requests[stop].args[1] == gen_kwargs
+            ):
+                stop += 1
+            prompts, images = [], []
+            for request in requests[start:stop]:
+                context, _, doc_to_visual, doc_id, task, split = request.args
+                visuals = self._visuals(doc_to_visual, doc_id, task, split)
+                prompts.append(self._prompt(context, len(visuals)))
+                images.append(visuals)
+            inputs = self._inputs(prompts, images)
+            temperature = float(gen_kwargs.get("temperature", 0) or 0)
+            output = self.model.generate(
+                **inputs,
+                max_new_tokens=int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)),
+                do_sample=temperature > 0,
+                **({"temperature": temperature} if temperature > 0 else {}),
+            )
+            texts = self.processor.batch_decode(
+                answer_tokens(self.model, inputs["input_ids"], output), skip_special_tokens=True
+            )
+            until = gen_kwargs.get("until") or []
+            for text in texts:
+                for marker in [until] if isinstance(until, str) else until:
+                    text = text.split(marker)[0] if marker else text
+                answers.append(text)
+            start = stop
+        return answers
+
+    @torch.no_grad()
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        """(log-probability of the continuation after the context, whether greedy decoding would produce it)."""
+        results = []
+        for request in requests:
+            context, doc_to_target, doc_to_visual, doc_id, task, split = request.args
+            document = self.task_dict[task][split][doc_id] if task in self.task_dict else None
+            continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(document)
+            visuals = self._visuals(doc_to_visual, doc_id, task, split)
+            inputs = self._inputs([self._prompt(context, len(visuals))], [visuals], [continuation])
+            logits = self.model(**inputs).logits.float()
+            labels = inputs["labels"]
+            if not getattr(self.model.config.get_text_config(), "is_encoder_decoder", False):
+                logits, labels = logits[:, :-1], labels[:, 1:]  # position t predicts token t + 1
+            supervised = (labels != -100).nonzero()[
+                :-1
+            ]  # the continuation, without the EOS the processor adds
+            chosen = logits[supervised[:, 0], supervised[:, 1]]
+            targets = labels[supervised[:, 0], supervised[:, 1]]
+            logprob = torch.log_softmax(chosen, dim=-1).gather(1, targets[:, None]).sum().item()
+            results.append((logprob, bool((chosen.argmax(-1) == targets).all())))
+        return results
+
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
+        raise NotImplementedError(
+            "Multi-round generation is not supported by the mmadapters lmms-eval plugin."
+        )
+
+
+class LavinLMM(MMAdaptersLMM):
+    """`--model lavin`."""
+
+    model_kind = "lavin"
+
+
+class CromeLMM(MMAdaptersLMM):
+    """`--model crome`."""
+
+    model_kind = "crome"
+
+
+def manifests() -> list[ModelManifest]:
+    """The entry point lmms-eval loads (group `lmms_eval.models`)."""
+    return [
+        ModelManifest(model_id="lavin", simple_class_path=f"{__name__}.LavinLMM"),
+        ModelManifest(model_id="crome", simple_class_path=f"{__name__}.CromeLMM"),
+    ]
+
+
+__all__ = ["CromeLMM", "LavinLMM", "MMAdaptersLMM", "manifests"]

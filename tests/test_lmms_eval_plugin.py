@@ -1,0 +1,102 @@
+"""The lmms-eval plugin (`--model lavin` / `--model crome`), in process on a tiny checkpoint with a hand-made task:
+found through lmms-eval's entry points, answers equal to `mmadapters eval`'s, log-likelihoods consistent.
+lmms-eval's CLI and its benchmark data need the Hub; the README gives the command."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from PIL import Image
+
+pytest.importorskip("lmms_eval.api.model")
+
+from lmms_eval.api.instance import Instance  # noqa: E402
+from lmms_eval.models.registry_v2 import ModelRegistryV2  # noqa: E402
+
+from mmadapters import LavinForConditionalGeneration, LavinProcessor  # noqa: E402
+from mmadapters.evaluation import generate_answers  # noqa: E402
+from mmadapters.integrations.lmms_eval import CromeLMM, LavinLMM  # noqa: E402
+
+DOCS = [
+    {"image": Image.new("RGB", (32, 32), "red"), "question": "What color is it?"},
+    {"image": None, "question": "What is the capital of France?"},
+    {"image": Image.new("RGB", (32, 32), "blue"), "question": "Which color?"},
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_backbones, tmp_path_factory):
+    import torch
+
+    torch.manual_seed(0)
+    model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad and "expert" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    folder = tmp_path_factory.mktemp("lavin")
+    model.save_pretrained(folder, processor=LavinProcessor.from_backbones(*tiny_backbones))
+    return str(folder)
+
+
+def doc_to_visual(doc):
+    return [doc["image"]] if doc["image"] is not None else []
+
+
+def instance(kind, arguments, index):
+    return Instance(
+        kind, arguments, idx=index, metadata={"task": "colors", "doc_id": arguments[3], "repeats": 1}
+    )
+
+
+def requests(gen_kwargs):
+    return [
+        instance("generate_until", (doc["question"], gen_kwargs, doc_to_visual, i, "colors", "test"), i)
+        for i, doc in enumerate(DOCS)
+    ]
+
+
+def test_entry_points_register_both_models():
+    registry = ModelRegistryV2()
+    registry.load_entrypoint_manifests()
+    assert registry.get_manifest("lavin").simple_class_path.endswith("LavinLMM")
+    assert registry.get_manifest("crome").simple_class_path.endswith("CromeLMM")
+
+
+def test_generate_until_equals_mmadapters_own_evaluation(checkpoint):
+    lmm = LavinLMM(pretrained=checkpoint, batch_size=2, max_new_tokens=5)
+    lmm.task_dict = {"colors": {"test": DOCS}}
+    answers = lmm.generate_until(requests({"max_new_tokens": 5, "until": ["\n\n"]}))
+    prompts = [lmm._prompt(doc["question"], int(doc["image"] is not None)) for doc in DOCS]
+    own = generate_answers(lmm.model, lmm.processor, prompts, [d["image"] for d in DOCS], max_new_tokens=5)
+    assert answers == [text.split("\n\n")[0] for text in own]
+    # `until` cuts the answer at the task's stop string (here: the second half of the first answer).
+    assert own[0], "the tiny model answered nothing: the comparison would be vacuous"
+    marker = own[0][len(own[0]) // 2 :]
+    cut = lmm.generate_until(requests({"max_new_tokens": 5, "until": [marker]}))
+    assert cut[0] == own[0][: len(own[0]) // 2] or cut[0] == own[0].split(marker)[0]
+    assert len(cut[0]) < len(own[0])
+
+
+def test_loglikelihood(checkpoint):
+    lmm = LavinLMM(pretrained=checkpoint)
+    lmm.task_dict = {"colors": {"test": DOCS}}
+    short, longer = lmm.loglikelihood(
+        [
+            instance("loglikelihood", (DOCS[0]["question"], " red", doc_to_visual, 0, "colors", "test"), 0),
+            instance(
+                "loglikelihood", (DOCS[0]["question"], " red car", doc_to_visual, 0, "colors", "test"), 1
+            ),
+        ]
+    )
+    assert math.isfinite(short[0]) and short[0] < 0 and isinstance(short[1], bool)
+    assert longer[0] < short[0]  # one more token, one more negative log-probability
+
+
+def test_wrong_model_and_unknown_arguments_are_refused(checkpoint):
+    with pytest.raises(ValueError, match="is a lavin checkpoint; use --model lavin"):
+        CromeLMM(pretrained=checkpoint)
+    with pytest.raises(TypeError, match="Unknown model_args \\['temperatur'\\]"):
+        LavinLMM(pretrained=checkpoint, temperatur=0.2)
