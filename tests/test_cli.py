@@ -268,3 +268,26 @@ def test_method_registry_builds_both_models_and_their_processors(tiny_backbones)
         assert processor.num_image_tokens == model.config.num_image_tokens
     with pytest.raises(ValueError, match="the methods are \\['crome', 'lavin'\\]"):
         method("blip")
+
+
+def test_every_command_line_argument_has_help_and_quickstart_flags_come_from_its_settings():
+    import argparse
+    import dataclasses
+
+    from mmadapters.cli import build_parser
+    from mmadapters.quickstart import QuickstartSettings
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    missing = [
+        f"{name} {action.option_strings or action.dest}"
+        for name, command in commands.items()
+        for action in command._actions
+        if not action.help and not isinstance(action, argparse._HelpAction)
+    ]
+    assert missing == []
+    defaults = vars(commands["quickstart"].parse_args([]))
+    for field in dataclasses.fields(QuickstartSettings):
+        assert defaults[field.name] == field.default, field.name
+    args = commands["quickstart"].parse_args(["--train-steps", "7", "--no-feature-whitening", "--seed", "3"])
+    assert (args.train_steps, args.feature_whitening, args.seed) == (7, False, 3)

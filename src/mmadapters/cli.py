@@ -9,26 +9,17 @@ import os
 import sys
 from typing import Any
 
+from .cli_arguments import add_dataclass_arguments
 from .errors import MMAdaptersError
 from .hub import check_checkpoint_name
 from .validation import non_negative_int, positive_float, positive_int
 
 
 def _quickstart(args: argparse.Namespace) -> None:
+    from .cli_arguments import dataclass_from_arguments
     from .quickstart import QuickstartSettings, run_quickstart
 
-    settings = QuickstartSettings(
-        train_steps=args.train_steps,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        num_test=args.num_test,
-        seed=args.seed,
-        prompt_format=args.prompt_format,
-        feature_whitening=args.feature_whitening,
-        vision_adapters=args.vision_adapters,
-        adapter_dropout=args.adapter_dropout,
-        adapter_placement=args.adapter_placement,
-    )
+    settings = dataclass_from_arguments(QuickstartSettings, args)
     summary = run_quickstart(args.output_dir, settings)
     checkpoint = summary["checkpoint_dir"]
     eval_command = f"mmadapters eval {checkpoint} --prompt-format {settings.prompt_format}"
@@ -296,53 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument(
         "--output-dir", default="quickstart_output", help="where the checkpoint and summary go"
     )
-    quick.add_argument("--train-steps", type=positive_int, default=QuickstartSettings.train_steps)
-    quick.add_argument("--batch-size", type=positive_int, default=QuickstartSettings.batch_size)
-    quick.add_argument("--learning-rate", type=positive_float, default=QuickstartSettings.learning_rate)
-    quick.add_argument(
-        "--adapter-dropout",
-        type=float,
-        default=QuickstartSettings.adapter_dropout,
-        help="dropout inside the adapters (default 0; the paper's 0.1 slows the quickstart's short run)",
-    )
-    quick.add_argument(
-        "--adapter-placement",
-        default=QuickstartSettings.adapter_placement,
-        choices=["attn", "attn_mlp"],
-        help='adapters before each self-attention ("attn", the paper\'s) or before each MLP too',
-    )
-    quick.add_argument(
-        "--num-test", type=positive_int, default=1000, help="easy-vqa test questions to evaluate on"
-    )
-    quick.add_argument(
-        "--seed",
-        type=int,
-        default=QuickstartSettings.seed,
-        help="seeds the adapters' initialisation, the training draw and order, and the test questions drawn",
-    )
-    quick.add_argument(
-        "--prompt-format",
-        default=QuickstartSettings.prompt_format,
-        choices=["open", "describe"],
-        help='training targets: "describe" (default): the image\'s colour and shape, then the answer; "open": '
-        "the answer word",
-    )
-    quick.add_argument(
-        "--feature-whitening",
-        action=argparse.BooleanOptionalAction,
-        default=QuickstartSettings.feature_whitening,
-        help="whiten the random tower's visual features, fitted on the unlabeled train images (default: on)",
-    )
-    quick.add_argument(
-        "--vision-adapters",
-        action=argparse.BooleanOptionalAction,
-        default=QuickstartSettings.vision_adapters,
-        help="adapters inside the vision tower too, as in the paper (default: off for the random tower)",
-    )
+    add_dataclass_arguments(quick, QuickstartSettings)
     quick.set_defaults(run=_quickstart)
 
     train = commands.add_parser("train", help="train from a YAML recipe (see recipes/)")
-    train.add_argument("recipe")
+    train.add_argument("recipe", help="the recipe YAML file (see mmadapters/recipes.py and recipes/)")
     train.add_argument(
         "--resume",
         nargs="?",
@@ -361,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "eval", help="evaluate a checkpoint: easy-vqa, ScienceQA, MME or MMBench, with the papers' tables"
     )
-    evaluate.add_argument("checkpoint")
+    evaluate.add_argument("checkpoint", help="a checkpoint folder or Hub repo id")
     evaluate.add_argument(
         "--task",
         default="easy-vqa",
@@ -393,8 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=_eval)
 
     chat = commands.add_parser("chat", help="chat with a checkpoint in the terminal (image path + question)")
-    chat.add_argument("checkpoint")
-    chat.add_argument("--max-new-tokens", type=positive_int, default=64)
+    chat.add_argument("checkpoint", help="a checkpoint folder or Hub repo id")
+    chat.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=64,
+        help="longest answer in tokens (default: %(default)s)",
+    )
     chat.set_defaults(run=_chat)
 
     convert = commands.add_parser(
@@ -412,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     lavin = commands.add_parser("convert-lavin", help="convert an official LaVIN checkpoint-N.pth")
     lavin.add_argument("checkpoint", help="the official .pth file (adapter tensors, optimizer, args)")
-    lavin.add_argument("output_dir")
+    lavin.add_argument("output_dir", help="where the converted checkpoint goes")
     lavin.add_argument("--llm", required=True, help="the LLaMA it was trained on: Hub id or local folder")
     lavin.add_argument(
         "--vision", required=True, help="the CLIP ViT-L/14 it was trained on: Hub id or folder"
@@ -428,12 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
     lavin.set_defaults(run=_convert_lavin)
 
     push = commands.add_parser("push", help="upload an adapter-only checkpoint folder to the Hub")
-    push.add_argument("folder")
+    push.add_argument("folder", help="the checkpoint folder (adapter-only, as save_pretrained writes it)")
     push.add_argument("repo_id", help="owner/name on the Hub (created if missing)")
     push.add_argument("--dry-run", action="store_true", help="list the files and sizes; upload nothing")
     push.add_argument("--private", action="store_true", help="create the repo private")
-    push.add_argument("--commit-message")
-    push.add_argument("--commit-description")
+    push.add_argument(
+        "--commit-message", help="the commit's title (default: Upload adapters with mmadapters)"
+    )
+    push.add_argument("--commit-description", help="the commit's longer description")
     push.add_argument(
         "--create-pr", action="store_true", help="open a pull request instead of committing to the branch"
     )
@@ -468,20 +424,30 @@ def build_parser() -> argparse.ArgumentParser:
     space = commands.add_parser(
         "push-space", help="upload a Space folder (spaces/lavin, spaces/crome) to the Hub"
     )
-    space.add_argument("folder")
+    space.add_argument("folder", help="the Space folder (spaces/lavin or spaces/crome)")
     space.add_argument("repo_id", help="owner/name of the Space (created if missing)")
     space.add_argument("--model", required=True, help="the model repo the Space serves")
-    space.add_argument("--private", action="store_true")
-    space.add_argument("--dry-run", action="store_true")
-    space.add_argument("--retries", type=non_negative_int, default=4)
+    space.add_argument("--private", action="store_true", help="create the Space private")
+    space.add_argument("--dry-run", action="store_true", help="list the files and sizes; upload nothing")
+    space.add_argument(
+        "--retries",
+        type=non_negative_int,
+        default=4,
+        help="retries of transient failures (default: %(default)s)",
+    )
     space.set_defaults(run=_push_space)
 
     merge = commands.add_parser(
         "merge", help="fold LaVIN's LLM adapters for one modality into a plain transformers LLM checkpoint"
     )
     merge.add_argument("checkpoint", help="LaVIN checkpoint: folder or Hub id")
-    merge.add_argument("output_dir")
-    merge.add_argument("--modality", default="text", choices=["text", "image"])
+    merge.add_argument("output_dir", help="where the merged LLM goes (a plain transformers checkpoint)")
+    merge.add_argument(
+        "--modality",
+        default="text",
+        choices=["text", "image"],
+        help="the modality whose routing is folded in (default: %(default)s)",
+    )
     merge.add_argument("--llm", help="load the LLM from here instead of the path recorded in the checkpoint")
     merge.add_argument(
         "--overwrite",

@@ -21,11 +21,13 @@ import os
 import random
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .validation import positive_float, positive_int
 
 # Text-only prompts: the first TEXT_TRAIN go into the training mixture (with the LLM's own answers as targets),
 # the rest are held out to check that text-only answers are preserved.
@@ -66,6 +68,12 @@ TEXT_PROMPTS = [
 TEXT_TRAIN = 20
 
 
+def _setting(default: Any, help: str, **argparse_options: Any) -> Any:
+    """A QuickstartSettings field: its default, and the help and argparse options of its `mmadapters quickstart`
+    flag (the flags are generated from these fields: `mmadapters.cli_arguments`)."""
+    return field(default=default, metadata={"help": help, **argparse_options})
+
+
 @dataclass
 class QuickstartSettings:
     """The quickstart's knobs; the defaults are what README command 1 runs."""
@@ -73,27 +81,45 @@ class QuickstartSettings:
     # Many small steps rather than few large ones: per sample a step costs the same on this CPU, and the yes/no
     # comparison emerges with the number of updates (benchmarks/README.md, "Quickstart": in about the same time
     # and with dropout 0.1, 160 x 32 reached 0.819 on 1,000 questions, 520 x 8 0.917).
-    train_steps: int = 520
-    batch_size: int = 8
-    learning_rate: float = 3e-3
-    text_fraction: float = 0.1  # share of text-only samples in the training mixture
-    num_test: int = 1000
-    eval_batch_size: int = 64
-    text_max_new_tokens: int = 16
-    seed: int = 0
+    train_steps: int = _setting(520, "optimizer steps", type=positive_int)
+    batch_size: int = _setting(8, "training samples per step", type=positive_int)
+    learning_rate: float = _setting(
+        3e-3, "peak learning rate (cosine schedule, 10%% warm-up)", type=positive_float
+    )
+    text_fraction: float = _setting(0.1, "share of text-only samples in the training mixture", type=float)
+    num_test: int = _setting(1000, "easy-vqa test questions to evaluate on", type=positive_int)
+    eval_batch_size: int = _setting(64, "questions per generate call in the evaluations", type=positive_int)
+    text_max_new_tokens: int = _setting(
+        16, "tokens generated for each held-out text-only prompt (text_only_preserved)", type=positive_int
+    )
+    seed: int = _setting(
+        0,
+        "seeds the adapters' initialisation, the training draw and order, and the test questions drawn",
+        type=int,
+    )
     # "describe" trains on " blue circle. no" (the image's colour and shape, then the answer): every sample
     # then teaches what the image shows, and the yes/no answers become a comparison; "open": the answer word.
-    prompt_format: str = "describe"
+    prompt_format: str = _setting(
+        "describe",
+        'training targets: "describe": the image\'s colour and shape, then the answer; "open": the answer word',
+        choices=("open", "describe"),
+    )
     # Whiten the random tower's visual features (fitted on the unlabeled train images; LavinConfig docs): its
     # features hold colour and shape, but too badly conditioned for the projector to find within the budget.
-    feature_whitening: bool = True
+    feature_whitening: bool = _setting(
+        True, "whiten the random tower's visual features, fitted on the unlabeled train images"
+    )
     # Adapters inside the (random) vision tower: off. The whitening is fitted on the tower's features, and
     # vision adapters that move them are amplified in its low-variance directions (benchmarks/README.md).
-    vision_adapters: bool = False
+    vision_adapters: bool = _setting(False, "adapters inside the vision tower too, as in the paper")
     # Dropout inside the adapters: 0 (the paper: 0.1). With one short pass over the data there is little to
     # overfit, and dropout slowed the yes/no comparison: seed 1 reached 0.816 with 0.1, 0.900 with 0 (benchmarks).
-    adapter_dropout: float = 0.0
-    adapter_placement: str = "attn"  # the paper's; "attn_mlp" adds an adapter before each MLP
+    adapter_dropout: float = _setting(0.0, "dropout inside the adapters (the paper's is 0.1)", type=float)
+    adapter_placement: str = _setting(
+        "attn",
+        'adapters before each self-attention ("attn", the paper\'s) or before each MLP too ("attn_mlp")',
+        choices=("attn", "attn_mlp"),
+    )
 
 
 def training_arguments(output_dir: str, settings: QuickstartSettings, **overrides: Any) -> Any:

@@ -1,0 +1,38 @@
+"""Command-line flags generated from a settings dataclass: one `--field-name` per field, with the field's default,
+help text and argparse options from its metadata (booleans get `--x` / `--no-x`). The dataclass stays the one
+place where a setting, its default and its documentation live."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, settings_class: type) -> None:
+    """Add a flag per field of `settings_class` (fields need a `help` in their metadata)."""
+    for field in dataclasses.fields(settings_class):
+        options = dict(field.metadata)
+        help_text = options.pop("help")
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(field.default, bool):
+            parser.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=field.default,
+                help=f"{help_text} (default: %(default)s)",
+            )
+        else:
+            parser.add_argument(
+                flag, default=field.default, help=f"{help_text} (default: %(default)s)", **options
+            )
+
+
+def dataclass_from_arguments(settings_class: type, args: argparse.Namespace) -> Any:
+    """The settings the parsed flags describe."""
+    return settings_class(
+        **{field.name: getattr(args, field.name) for field in dataclasses.fields(settings_class)}
+    )
+
+
+__all__ = ["add_dataclass_arguments", "dataclass_from_arguments"]
