@@ -12,7 +12,7 @@ import time
 
 import torch
 from PIL import Image
-from transformers import AutoModelForCausalLM, DynamicCache, InstructBlipVisionConfig, LlamaConfig, T5Config
+from transformers import AutoModelForCausalLM, DynamicCache, InstructBlipVisionConfig, T5Config
 
 import mmadapters
 from mmadapters import (
@@ -21,13 +21,12 @@ from mmadapters import (
     LavinForConditionalGeneration,
     LavinProcessor,
 )
+from mmadapters.modeling.paper_configs import llama_7b_config, llama_13b_config
 from mmadapters.modeling.transformers_compat import cache_kwargs
 
 SHAPES = {
-    "Vicuna-7B": LlamaConfig(),
-    "Vicuna-13B": LlamaConfig(
-        hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40
-    ),
+    "Vicuna-7B": llama_7b_config(),
+    "Vicuna-13B": llama_13b_config(),
     "Flan-T5-XXL": T5Config(d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64, vocab_size=32128),
 }
 

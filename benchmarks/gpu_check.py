@@ -28,25 +28,13 @@ import torch
 from transformers import AutoModelForCausalLM, CLIPVisionConfig, LlamaConfig
 
 from mmadapters import LavinForConditionalGeneration
+from mmadapters.modeling.paper_configs import LLAMA_7B, VIT_L14
 
 SIZES = {
     # LLaMA-7B and CLIP ViT-L/14 at 224 px (LAVIN.md).
     "full": dict(
-        text=dict(
-            hidden_size=4096,
-            intermediate_size=11008,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            vocab_size=32000,
-        ),
-        vision=dict(
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            image_size=224,
-            patch_size=14,
-        ),
+        text=LLAMA_7B,
+        vision=VIT_L14,
         batch=4,
         seq=256,
         new_tokens=64,

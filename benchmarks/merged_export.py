@@ -23,11 +23,12 @@ from typing import Any
 
 import torch
 from common import chat_batches, compare_generation, interleaved_decode_ms
-from transformers import AutoModelForCausalLM, CLIPVisionConfig, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 import mmadapters
 from mmadapters import LavinForConditionalGeneration, LavinProcessor
 from mmadapters.convert.merge import merge_checkpoint
+from mmadapters.modeling.paper_configs import llama_7b_config, vit_l14_config
 
 
 def folder_bytes(folder: str, suffix: str = ".safetensors") -> int:
@@ -111,16 +112,7 @@ def controls(text_model: str, work: str, steps: int) -> None:
 
 
 def llama_7b_sizes() -> None:
-    text = LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        vocab_size=32000,
-    )
-    vision = CLIPVisionConfig(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14
-    )
+    text, vision = llama_7b_config(), vit_l14_config()
     with torch.device("meta"):
         model = LavinForConditionalGeneration.from_backbones(text, vision)
     adapter = sum(p.numel() for p in model.adapter_state_dict().values())

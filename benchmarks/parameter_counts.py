@@ -13,26 +13,16 @@ import tempfile
 
 import torch
 from safetensors.torch import save_file
-from transformers import CLIPVisionConfig, LlamaConfig
 
 from mmadapters import LavinForConditionalGeneration, MMAdapterConfig
+from mmadapters.modeling.paper_configs import llama_7b_config, llama_13b_config, vit_l14_config
 
 PAPER = {"LLaMA-7B": ("3.8M", "about 15 MB"), "LLaMA-13B": ("5.4M", "-")}
 SHAPES = {
-    "LLaMA-7B": (LlamaConfig(), 10.0),
-    "LLaMA-13B": (
-        LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
-        5.0,
-    ),
+    "LLaMA-7B": (llama_7b_config(), 10.0),
+    "LLaMA-13B": (llama_13b_config(), 5.0),
 }
-VIT_L14 = CLIPVisionConfig(
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    patch_size=14,
-    image_size=224,
-)
+VIT_L14 = vit_l14_config()
 
 
 def count(module: torch.nn.Module) -> int:

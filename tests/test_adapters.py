@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, CLIPVisionConfig, LlamaConfig
 
 from mmadapters import LavinForConditionalGeneration, MMAdapterConfig
 from mmadapters.modeling.adapters import GroupedLinear, MMAdapter
+from mmadapters.modeling.paper_configs import llama_7b_config, llama_13b_config, vit_l14_config
 
 
 def test_grouped_linear_equals_official_grouped_conv1d():
@@ -87,24 +88,15 @@ def test_adapter_config_round_trip(tmp_path):
 
 
 def llama_7b() -> LlamaConfig:
-    return LlamaConfig()  # the defaults are LLaMA-7B: d=4096, 32 layers
+    return llama_7b_config()
 
 
 def llama_13b() -> LlamaConfig:
-    return LlamaConfig(
-        hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40
-    )
+    return llama_13b_config()
 
 
 def vit_l14() -> CLIPVisionConfig:
-    return CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        patch_size=14,
-        image_size=224,
-    )
+    return vit_l14_config()
 
 
 def trainable(model: nn.Module) -> int:

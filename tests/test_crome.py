@@ -14,7 +14,6 @@ from transformers import (
     InstructBlipConfig,
     InstructBlipForConditionalGeneration,
     InstructBlipVisionConfig,
-    LlamaConfig,
     T5Config,
     T5ForConditionalGeneration,
 )
@@ -27,6 +26,7 @@ from mmadapters import (
 )
 from mmadapters.convert import from_instructblip
 from mmadapters.modeling.adapters import CromeAdapter
+from mmadapters.modeling.paper_configs import llama_7b_config, llama_13b_config
 
 tiny_qformer = tiny_qformer_config
 
@@ -97,8 +97,8 @@ def test_adapter_has_exactly_5_242_880_parameters_at_d4096():
 @pytest.mark.parametrize(
     "text_config",
     [
-        LlamaConfig(),
-        LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+        llama_7b_config(),
+        llama_13b_config(),
     ],
 )
 def test_stages_trainable_sets_at_full_size(text_config):

@@ -10,6 +10,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 from ..adapters import MMAdapterConfig
 from ..frozen_backbones_config import FrozenBackbonesConfig
+from ..paper_configs import VIT_L14
 
 
 def default_vision_feature_layers(num_vision_layers: int) -> list[int]:
@@ -46,15 +47,7 @@ class LavinConfig(FrozenBackbonesConfig):
         "vision_config": SubConfigSpec(
             config_class=AutoConfig,
             model_type="clip_vision_model",
-            init_kwargs={
-                "hidden_size": 1024,
-                "intermediate_size": 4096,
-                "num_hidden_layers": 24,
-                "num_attention_heads": 16,
-                "patch_size": 14,
-                "image_size": 224,
-                "projection_dim": 768,
-            },
+            init_kwargs=VIT_L14,
         ),
     }
 
