@@ -256,7 +256,7 @@ def test_quickstart_command_prints_no_library_warnings(tmp_path):
         assert marker not in output, [line for line in output.splitlines() if marker in line][:3]
 
 
-def test_method_registry_builds_both_models_and_their_processors(tiny_backbones):
+def test_method_registry_builds_both_models_and_their_processors(tiny_backbones, tmp_path):
     from mmadapters.methods import METHODS, method
 
     assert sorted(METHODS) == ["crome", "lavin"]
@@ -266,6 +266,17 @@ def test_method_registry_builds_both_models_and_their_processors(tiny_backbones)
             processor, method(kind).processor_class
         )
         assert processor.num_image_tokens == model.config.num_image_tokens
+    # The recipe's Trainer: CROME's takes the stage.
+    from transformers import TrainingArguments
+
+    from mmadapters.trainers import CromeTrainer, LavinTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    crome, _ = method("crome").build(*tiny_backbones)
+    trainer = method("crome").trainer({"stage": "pretrain"}, model=crome, args=args)
+    assert isinstance(trainer, CromeTrainer) and trainer.stage == "pretrain"
+    lavin, _ = method("lavin").build(*tiny_backbones)
+    assert isinstance(method("lavin").trainer({}, model=lavin, args=args), LavinTrainer)
     with pytest.raises(ValueError, match="the methods are \\['crome', 'lavin'\\]"):
         method("blip")
 

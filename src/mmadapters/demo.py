@@ -29,10 +29,6 @@ from .validation import port_number, positive_float, positive_int
 
 MODEL_ENV = "MMADAPTERS_MODEL"
 QUICKSTART_CHECKPOINT = os.path.join("quickstart_output", "checkpoint")
-TITLES = {
-    "lavin": "LaVIN (Mixture-of-Modality Adaptation)",
-    "crome": "CROME (cross-modal adapter + instruction-aware Q-Former)",
-}
 
 
 @dataclass
@@ -176,13 +172,18 @@ def build_conversation(
 USER_ERRORS = (InvalidImageError, ImageTokenMismatchError, PromptTooLongError, ValueError)
 
 
+def _title(kind: str) -> str:
+    from .methods import METHODS
+
+    return METHODS[kind].title if kind in METHODS else kind
+
+
 def context_room(model: Any, prompt_length: int) -> int | None:
     """How many tokens the LLM's context has left after a prompt (None if the LLM states no limit)."""
     limit = getattr(model.config.text_config, "max_position_embeddings", None)
     if limit is None or getattr(model, "is_encoder_decoder_llm", False):
         return None
-    offset = 1 if model.config.model_type == "lavin" else 0  # LaVIN's modality token takes position 0
-    return limit - offset - prompt_length
+    return limit - model._position_offset() - prompt_length  # LaVIN's modality token takes position 0
 
 
 def make_chat_fn(model: Any, processor: Any, limits: DemoLimits):
@@ -290,7 +291,7 @@ def build_demo(
     demo = gr.ChatInterface(
         make_chat_fn(model, processor, limits),
         multimodal=True,
-        title=TITLES.get(kind, kind),
+        title=_title(kind),
         description=f"Model: {description}. Attach an image (or not) and ask a question; images stay in the "
         "conversation.",
         textbox=gr.MultimodalTextbox(

@@ -13,6 +13,7 @@ from .modeling.adapters import CromeAdapterConfig, MMAdapterConfig
 from .modeling.crome import CromeConfig, CromeForConditionalGeneration
 from .modeling.lavin import LavinConfig, LavinForConditionalGeneration
 from .processing import CromeProcessor, LavinProcessor
+from .trainers import CromeTrainer, LavinTrainer
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,13 @@ class Method:
     model_class: type
     processor_class: type
     adapter_config_class: type
+    trainer_class: type
+    staged: bool = False  # trained in stages (CROME): the Trainer takes the recipe's `stage`
+
+    def trainer(self, recipe: dict[str, Any], **trainer_kwargs: Any) -> Any:
+        """The method's Trainer for a recipe (CROME's takes the recipe's `stage`)."""
+        stage = {"stage": recipe.get("stage", "finetune")} if self.staged else {}
+        return self.trainer_class(**stage, **trainer_kwargs)
 
     def build(
         self, text_model: Any, vision_model: Any, adapter: dict[str, Any] | None = None, **config_fields: Any
@@ -46,6 +54,7 @@ METHODS = {
         LavinForConditionalGeneration,
         LavinProcessor,
         MMAdapterConfig,
+        LavinTrainer,
     ),
     "crome": Method(
         "crome",
@@ -54,6 +63,8 @@ METHODS = {
         CromeForConditionalGeneration,
         CromeProcessor,
         CromeAdapterConfig,
+        CromeTrainer,
+        staged=True,
     ),
 }
 

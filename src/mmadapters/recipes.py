@@ -367,7 +367,8 @@ def train_from_recipe(
     `training.seed` (transformers' default 42), so two runs of one recipe give identical weights."""
     from transformers import TrainingArguments, set_seed
 
-    from .trainers import CromeTrainer, LavinTrainer, VisionLanguageCollator
+    from .methods import method
+    from .trainers import VisionLanguageCollator
 
     recipe = load_recipe(path)
     if not is_main_process():  # one process prints (the Trainer logs on the main process only, too)
@@ -406,11 +407,7 @@ def train_from_recipe(
         data_collator=VisionLanguageCollator(processor),
         processing_class=processor,
     )
-    trainer = (
-        CromeTrainer(stage=recipe.get("stage", "finetune"), **kwargs)
-        if recipe["model"] == "crome"
-        else LavinTrainer(**kwargs)
-    )
+    trainer = method(recipe["model"]).trainer(recipe, **kwargs)
     if checkpoint is not None:
         log(f"Resuming from {checkpoint}.")
     trainer.train(resume_from_checkpoint=checkpoint)
