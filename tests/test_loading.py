@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import make_tokenizer, save_tiny_llm, tiny_text_config, tiny_vision_config
+from conftest import save_llm_with_width, save_tiny_llm, tiny_text_config, tiny_vision_config
 from transformers import AutoModelForCausalLM, CLIPVisionModel
 
 from mmadapters import CromeForConditionalGeneration, LavinForConditionalGeneration, LavinProcessor
@@ -219,18 +219,6 @@ def test_loaded_models_refuse_a_device_map(tiny_backbones):
 # ---------------------------------------------------------------------------------------------------------------
 # Quantised backbones
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def save_llm_with_width(path, hidden_size: int = 64) -> str:
-    """bitsandbytes' CPU 4-bit kernels need input widths of at least one quantisation block (64)."""
-    tokenizer = make_tokenizer()
-    torch.manual_seed(0)
-    config = tiny_text_config(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size
-    )
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")

@@ -4,6 +4,7 @@ never collide with PEFT's."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -419,3 +420,37 @@ def test_readme_lora_on_top_example_runs(tiny_backbones, tmp_path, monkeypatch):
     assert lora_places(model) == ["language_model"]
     assert sorted(model.config.peft_adapters) == ["chat", "default"] and model.active_adapters() == ["chat"]
     assert (tmp_path / "lavin-lora" / "mmadapters_model.safetensors").is_file()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+def test_lora_on_a_4bit_llm_trains_and_round_trips(tiny_backbones, tmp_path):
+    """QLoRA-style: LaVIN-lite (the LLM in 4-bit nf4) with a LoRA on top; the LoRA and our adapters train, the
+    checkpoint quantises the LLM again and rebuilds the LoRA."""
+    from conftest import save_llm_with_width
+    from transformers import BitsAndBytesConfig
+
+    text_path = save_llm_with_width(tmp_path / "llm64")
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    torch.manual_seed(0)
+    model = LavinForConditionalGeneration.from_backbones(
+        text_path, tiny_backbones[1], quantization_config={"text_config": quantization}
+    )
+    add_lora(model, lora())
+    assert (
+        type(model.language_model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    )  # PEFT's bnb LoRA
+    processor = LavinProcessor.from_backbones(text_path, tiny_backbones[1])
+    batch = processor(text=["Image: N/A\nthe capital of"], answers=["paris"])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert any(torch.count_nonzero(p) for n, p in model.named_parameters() if ".lora_B." in n)
+    model.eval().save_pretrained(tmp_path / "qlora")
+    loaded = LavinForConditionalGeneration.from_pretrained(tmp_path / "qlora")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
