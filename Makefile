@@ -19,8 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -e ".[dev,data,demo,quant]"
 	# lmms-eval for the plugin's tests; --no-deps: its requirements include torchvision, which has no CPU wheel
 	# here (the plugin needs only lmms-eval's model API and registry, and loguru).
-	$(BIN)/pip install --no-deps "lmms-eval==0.7.3"
 	$(BIN)/pip install "loguru>=0.7"
+	$(BIN)/pip install --no-deps "lmms-eval==0.7.3"
 	touch $(STAMP)
 
 setup: $(STAMP)
