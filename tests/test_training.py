@@ -503,3 +503,41 @@ def test_collator_takes_trl_conversational_rows(processor, tmp_path):
         VisionLanguageCollator(processor)([{"messages": rows[1]["messages"][:1]}])
     with pytest.raises(ValueError, match="1 image.s. in 'images' but 0"):
         VisionLanguageCollator(processor)([{**rows[1], "images": [image]}])
+
+
+def test_text_distillation_is_zero_for_the_bare_llm_and_trains_towards_it(
+    tiny_backbones, processor, tmp_path
+):
+    from mmadapters.trainers.trainer import text_distillation_loss
+
+    torch.manual_seed(0)
+    model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+    batch = processor(text=["Image: N/A\nthe capital of", "Image: N/A\nsay hi"])
+    # Zero-initialised experts: LaVIN is the bare LLM, so the divergence is zero.
+    assert text_distillation_loss(model, batch["input_ids"], batch["attention_mask"]).item() == pytest.approx(
+        0, abs=1e-6
+    )
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad and "expert" in name:
+                parameter.normal_(0, 0.3)
+    drifted = text_distillation_loss(model, batch["input_ids"], batch["attention_mask"])
+    assert drifted.item() > 1e-4
+    drifted.backward()
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "expert" in n
+    )
+    # The Trainer adds it on text-only rows (one process only; a negative weight is refused).
+    dataset = toy_dataset(tmp_path, n=6)
+    trainer = make_trainer(model, processor, dataset, tmp_path / "distil", max_steps=1, text_distillation=1.0)
+    inputs = VisionLanguageCollator(processor)([dataset[i] for i in range(3)])  # rows 0-1 image, row 2 text
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    with_distillation = trainer.compute_loss(model, dict(inputs)).item()
+    trainer.text_distillation = 0.0
+    without = trainer.compute_loss(model, dict(inputs)).item()
+    assert with_distillation > without
+    with pytest.raises(ValueError, match="loss weight"):
+        make_trainer(model, processor, dataset, tmp_path / "bad", text_distillation=-1.0)

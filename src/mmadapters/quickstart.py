@@ -115,6 +115,11 @@ class QuickstartSettings:
     # Dropout inside the adapters: 0 (the paper: 0.1). With one short pass over the data there is little to
     # overfit, and dropout slowed the yes/no comparison: seed 1 reached 0.816 with 0.1, 0.900 with 0 (benchmarks).
     adapter_dropout: float = _setting(0.0, "dropout inside the adapters (the paper's is 0.1)", type=float)
+    # Ours, not the paper's (off by default): an extra loss on text-only samples, the KL divergence from the frozen
+    # LLM (adapters bypassed) to LaVIN at every token (LavinTrainer's `text_distillation`), for text_only_preserved.
+    text_distillation: float = _setting(
+        0.0, "weight of the text-only distillation loss towards the frozen LLM (ours; 0 = off)", type=float
+    )
     adapter_placement: str = _setting(
         "attn",
         'adapters before each self-attention ("attn", the paper\'s) or before each MLP too ("attn_mlp")',
@@ -259,6 +264,7 @@ def run_quickstart(
         train_dataset=datasets.Dataset.from_list(rows),
         data_collator=VisionLanguageCollator(processor),
         processing_class=processor,
+        text_distillation=settings.text_distillation,
     )
     train_output = trainer.train()
 

@@ -141,7 +141,38 @@ class AdapterTrainer(Trainer):
 
 
 class LavinTrainer(AdapterTrainer):
-    """Trainer for `LavinForConditionalGeneration`; logs the LLM routing weights per modality."""
+    """Trainer for `LavinForConditionalGeneration`; logs the LLM routing weights per modality.
+
+    `text_distillation` (ours, not in the paper; default 0 = off): the weight of an extra loss on the batch's
+    text-only samples, the KL divergence from the frozen LLM's next-token distributions (the same model with the
+    adapters bypassed: routing weights of zero make every MM-Adapter the identity) to the adapted model's, at
+    every token. It asks the text modality to stay what the LLM was, beyond the mixture's answers. One process
+    only (the extra forward would bypass DDP's gradient synchronisation)."""
+
+    def __init__(self, *args: Any, text_distillation: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if text_distillation < 0:
+            raise ValueError(f"text_distillation is a loss weight (>= 0), got {text_distillation}.")
+        if text_distillation and self.args.world_size > 1:
+            raise ValueError(
+                "text_distillation runs in one process only; drop it for multi-process training."
+            )
+        self.text_distillation = text_distillation
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        result = super().compute_loss(model, inputs, *args, **kwargs)
+        if not (self.text_distillation and model.training):
+            return result
+        lavin = self._unwrapped()
+        text_rows = ~(inputs["input_ids"] == lavin.config.image_token_id).any(dim=-1)
+        if not bool(text_rows.any()):
+            return result
+        distillation = self.text_distillation * text_distillation_loss(
+            lavin, inputs["input_ids"][text_rows], inputs["attention_mask"][text_rows]
+        )
+        if isinstance(result, tuple):
+            return (result[0] + distillation, *result[1:])
+        return result + distillation
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         model = self._unwrapped()
@@ -151,6 +182,25 @@ class LavinTrainer(AdapterTrainer):
             logs["router/text_expert_b"] = round(table[0, ..., 0].mean().item(), 4)
             logs["router/image_expert_b"] = round(table[1, ..., 0].mean().item(), 4)
         super().log(logs, *args, **kwargs)
+
+
+def text_distillation_loss(
+    model: LavinForConditionalGeneration, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Mean over the real tokens of KL(frozen LLM || LaVIN) between next-token distributions, for text-only
+    sequences; the frozen LLM is LaVIN with zero routing weights (every MM-Adapter then the identity)."""
+    num_layers, sites = len(model.llm_adapters), model.config.mm_adapter_config.sites_per_layer
+    bypass = torch.zeros(input_ids.shape[0], num_layers, sites, 2, device=input_ids.device)
+    with torch.no_grad():
+        teacher = model(
+            input_ids=input_ids, attention_mask=attention_mask, routing_weights=bypass
+        ).logits.float()
+    student = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    per_token = torch.nn.functional.kl_div(
+        student.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="none"
+    ).sum(-1)
+    mask = attention_mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
 
 
 class CromeTrainer(AdapterTrainer):
