@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import write_recipe
 from safetensors.torch import load_file
 
 from mmadapters import LavinForConditionalGeneration
@@ -44,13 +45,11 @@ def run(command: list[str], tmp_path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
 def test_readme_multi_process_commands_run_as_written(launcher, tiny_backbones, tmp_path):
     command = next(c for c in readme_commands() if c.startswith(launcher))
-    recipe = {
-        "model": "lavin",
-        "text_model": tiny_backbones[0],
-        "vision_model": tiny_backbones[1],
-        "data": {"name": "easy_vqa", "split": "train", "limit": 32},
-        "output_dir": str(tmp_path / "run"),
-        "training": {
+    recipe = write_recipe(
+        tmp_path,
+        tiny_backbones,
+        data={"name": "easy_vqa", "split": "train", "limit": 32},
+        training={
             "max_steps": 4,
             "save_steps": 2,
             "per_device_train_batch_size": 2,
@@ -59,9 +58,8 @@ def test_readme_multi_process_commands_run_as_written(launcher, tiny_backbones, 
             "logging_steps": 1,
             "dataloader_num_workers": 0,
         },
-    }
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    argv = shlex.split(command.replace("RECIPE.yaml", str(tmp_path / "recipe.yaml")))
+    )
+    argv = shlex.split(command.replace("RECIPE.yaml", str(recipe)))
     # The command as written, on a free port (a concurrent run on this machine must not collide with it).
     if launcher == "accelerate":
         argv[2:2] = ["--main_process_port", str(free_port())]  # after `accelerate launch`

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .checkpoint_files import ADAPTER_WEIGHTS_NAME, LEGACY_ADAPTER_WEIGHTS_NAME, PEFT_CONFIG_NAME
 from .errors import MMAdaptersError
 
 STAGING = ".staging-"
@@ -39,7 +40,8 @@ WEIGHT_SUFFIXES = (
     ".safetensors.index.json",
     ".bin.index.json",
 )
-MODEL_FILES = ("config.json", "generation_config.json", "adapter_config.json", "mmadapters_merge.json")
+# (adapter_config.json: a 0.1 checkpoint's; a PEFT adapter's is kept, see checkpoint_files.replaced_by_adapter_save)
+MODEL_FILES = ("config.json", "generation_config.json", PEFT_CONFIG_NAME, "mmadapters_merge.json")
 
 
 def replaced_by_model_save(name: str) -> bool:
@@ -188,8 +190,8 @@ class OutputFolderError(ValueError):
 
 CHECKPOINT_MARKERS = (
     "config.json",
-    "mmadapters_model.safetensors",
-    "adapter_model.safetensors",
+    ADAPTER_WEIGHTS_NAME,
+    LEGACY_ADAPTER_WEIGHTS_NAME,
     "model.safetensors",
     "model.safetensors.index.json",
 )

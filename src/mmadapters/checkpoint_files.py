@@ -18,11 +18,11 @@ import os
 from collections.abc import Callable
 
 ADAPTER_WEIGHTS_NAME = "mmadapters_model.safetensors"
-# Written by mmadapters 0.1 (PEFT's names); read, never written.
-LEGACY_ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-LEGACY_ADAPTER_CONFIG_NAME = "adapter_config.json"
-# PEFT's file names (also what PeftModel.save_pretrained writes).
+# PEFT's file names (what PeftModel.save_pretrained writes; safetensors, or a pickle from old PEFT versions).
 PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+# mmadapters 0.1 wrote PEFT's names (our settings in adapter_config.json); read, never written.
+LEGACY_ADAPTER_WEIGHTS_NAME = PEFT_WEIGHTS_NAMES[0]
 # Our adapter methods as PEFT-style `peft_type`s in the legacy adapter_config.json.
 OUR_PEFT_TYPES = ("MMA", "CROME")
 # Name parts of PEFT layers' own tensors (LoRA, LoHa, LoKr, IA3, OFT, BOFT, VeRA, DoRA's magnitude): in our adapter
@@ -70,7 +70,7 @@ def replaced_by_adapter_save(folder: str) -> Callable[[str], bool]:
     included), but never a PEFT adapter saved into the same folder (its adapter_config.json and weights stay)."""
     from .atomic import replaced_by_model_save
 
-    peft_files = (PEFT_CONFIG_NAME, LEGACY_ADAPTER_WEIGHTS_NAME, "adapter_model.bin")
+    peft_files = (PEFT_CONFIG_NAME, *PEFT_WEIGHTS_NAMES)
     keep_peft = is_peft_adapter_folder(folder)
 
     def replaces(name: str) -> bool:
@@ -97,7 +97,8 @@ def not_our_checkpoint_message(name: str, folder: str) -> str:
 
 __all__ = [
     "ADAPTER_WEIGHTS_NAME",
-    "LEGACY_ADAPTER_CONFIG_NAME",
+    "PEFT_CONFIG_NAME",
+    "PEFT_WEIGHTS_NAMES",
     "LEGACY_ADAPTER_WEIGHTS_NAME",
     "adapter_weights_file",
     "is_peft_adapter_folder",

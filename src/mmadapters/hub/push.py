@@ -29,7 +29,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..checkpoint_files import (
+    ADAPTER_WEIGHTS_NAME,
+    LEGACY_ADAPTER_WEIGHTS_NAME,
+    PEFT_CONFIG_NAME,
+    is_peft_adapter_folder,
+    is_peft_tensor_name,
+)
 from .model_card import LicenseError, build_model_card
+from .remote_code import LOADER_FILE
 
 # Files that hold backbone weights: present only in full (not adapter-only) saves.
 BACKBONE_WEIGHT_PATTERNS = (
@@ -43,10 +51,10 @@ BACKBONE_WEIGHT_PATTERNS = (
 ALLOWED_CHECKPOINT_FILES = (
     "config.json",
     "generation_config.json",
-    "mmadapters_model.safetensors",
-    "mmadapters_loader.py",  # the remote-code loader (see remote_code.py)
-    "adapter_config.json",  # legacy (mmadapters < 0.2)
-    "adapter_model.safetensors",  # legacy
+    ADAPTER_WEIGHTS_NAME,
+    LOADER_FILE,  # the remote-code loader (see remote_code.py)
+    PEFT_CONFIG_NAME,  # legacy (mmadapters 0.1)
+    LEGACY_ADAPTER_WEIGHTS_NAME,
     "processor_config.json",
     "preprocessor_config.json",
     "tokenizer.json",
@@ -69,8 +77,8 @@ ALLOWED_CHECKPOINT_FILES = (
 )
 # Files that carry binary weights by design (their content is checked differently).
 BINARY_FILES = (
-    "mmadapters_model.safetensors",
-    "adapter_model.safetensors",
+    ADAPTER_WEIGHTS_NAME,
+    LEGACY_ADAPTER_WEIGHTS_NAME,
     "tokenizer.model",
     "spiece.model",
     *BACKBONE_WEIGHT_PATTERNS,
@@ -146,8 +154,6 @@ def _adapter_file_tensors(path: str) -> list[str]:
     tensor of a PEFT layer on a backbone (`....q_proj.lora_A.default.weight`) is an adapter tensor."""
     from safetensors import safe_open
 
-    from ..checkpoint_files import is_peft_tensor_name
-
     with safe_open(path, framework="pt") as handle:
         return [
             key for key in handle.keys() if key.startswith(BACKBONE_PREFIXES) and not is_peft_tensor_name(key)
@@ -174,18 +180,12 @@ def check_checkpoint_contents(files: dict[str, str], include_backbone_weights: b
             f"{', '.join(disguised)} hold(s) tensors (a weights archive under a text file's name): refusing to "
             "upload them."
         )
-    from ..checkpoint_files import is_peft_adapter_folder
-
-    if "adapter_config.json" in files and is_peft_adapter_folder(
-        os.path.dirname(files["adapter_config.json"])
-    ):
+    if PEFT_CONFIG_NAME in files and is_peft_adapter_folder(os.path.dirname(files[PEFT_CONFIG_NAME])):
         raise PushError(
             "The folder holds a PEFT adapter (adapter_config.json) besides the checkpoint: transformers would load the "
             "repo as that PEFT adapter. Move adapter_config.json and adapter_model.safetensors to their own folder."
         )
-    weights_name = next(
-        (n for n in ("mmadapters_model.safetensors", "adapter_model.safetensors") if n in files), None
-    )
+    weights_name = next((n for n in (ADAPTER_WEIGHTS_NAME, LEGACY_ADAPTER_WEIGHTS_NAME) if n in files), None)
     if weights_name is not None and not include_backbone_weights:
         backbone = _adapter_file_tensors(files[weights_name])
         if backbone:
@@ -276,13 +276,11 @@ def checkpoint_files(
             *[t for t in tags or [] if t not in (card.data.tags or [])],
         ]
         card.save(files["README.md"])
-    if "adapter_config.json" in files:
-        with open(files["adapter_config.json"]) as f:
+    if PEFT_CONFIG_NAME in files:  # a 0.1 checkpoint (a PEFT adapter beside ours was refused above)
+        with open(files[PEFT_CONFIG_NAME]) as f:
             values = json.load(f)
         values["base_model_name_or_path"] = repo_id
-        files["adapter_config.json"] = _write_json(
-            os.path.join(generated, "adapter_config.json"), values, True
-        )
+        files[PEFT_CONFIG_NAME] = _write_json(os.path.join(generated, PEFT_CONFIG_NAME), values, True)
     return files
 
 

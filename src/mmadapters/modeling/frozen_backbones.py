@@ -479,7 +479,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
                 "name: saving every weight so that the model reloads identically."
             )
             adapter_only = False
-        self._sync_peft_record()
+        peft_on_top.sync_record(self)
         if adapter_only:
             self._refuse_changed_backbones()
         # The remote-code loader: the checkpoint loads with trust_remote_code=True and no `import mmadapters`.
@@ -506,35 +506,6 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         """A no-op: our models are registered with the Auto classes by `import mmadapters`, and every save writes
         its own `auto_map` (see `mmadapters.hub.remote_code`). transformers calls this when it loads one of our
         repos as remote code; its version would make later saves copy this package's source files instead."""
-
-    def _sync_peft_record(self) -> None:
-        """Make `config.peft_adapters` describe the PEFT layers the model holds: layers added by
-        `peft.get_peft_model` are recorded from the config PEFT left on the model; a recorded adapter whose layers
-        are gone (merged or unloaded through PEFT) is dropped from the record."""
-        unrecorded = peft_on_top.unrecorded_peft_layers(self)
-        if unrecorded:
-            known = getattr(self, "peft_config", None) or {}
-            if any(name not in known for name in unrecorded):
-                raise peft_on_top.PeftOnTopError(
-                    f"The model holds PEFT layers (adapter(s) {unrecorded}) whose configuration is unknown, so a "
-                    "saved checkpoint could not rebuild them. Add PEFT layers with mmadapters.add_lora(model, config) "
-                    "or model.add_adapter(config), or pass the PeftModel through mmadapters.adopt_peft_model first."
-                )
-            recorded = dict(self.config.peft_adapters or {})
-            for name in unrecorded:
-                peft_on_top._check_supported(known[name])
-                recorded[name] = {"on": "", "config": peft_on_top.peft_config_to_dict(known[name])}
-            self.config.peft_adapters = recorded
-        present = set()
-        for _, layer in peft_on_top.tuner_layers(self):
-            present.update(layer._all_available_adapter_names())
-        gone = [name for name in self.config.peft_adapters or {} if name not in present]
-        if gone:
-            logger.info(
-                f"PEFT adapter(s) {gone} are no longer in the model's layers; dropped from its config."
-            )
-            kept = {k: v for k, v in self.config.peft_adapters.items() if k not in gone}
-            self.config.peft_adapters = kept or None
 
     def _refuse_changed_backbones(self) -> None:
         watch = getattr(self, "_backbone_watch", None)
@@ -625,7 +596,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             for name in names:
                 if name in layer._all_available_adapter_names():
                     layer.delete_adapter(name)
-        self._sync_peft_record()
+        peft_on_top.sync_record(self)
 
     def get_adapter_state_dict(self, adapter_name: str | None = None, state_dict: dict | None = None) -> dict:
         """The tensors of one PEFT adapter (default: the first active one), keyed as in the model."""

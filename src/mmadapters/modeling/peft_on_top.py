@@ -30,8 +30,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.utils import logging
 
+from ..checkpoint_files import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAMES
 from ..errors import MMAdaptersError
+
+logger = logging.get_logger(__name__)
 
 # Where PEFT layers may go: a backbone, both, or "" (the whole model: what get_peft_model on our model did).
 SCOPES = {
@@ -40,7 +44,6 @@ SCOPES = {
     "both": ("language_model", "vision_tower"),
     "": ("",),
 }
-PEFT_WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 class PeftOnTopError(MMAdaptersError, ValueError):
@@ -57,6 +60,14 @@ def tuner_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
     """(qualified name, layer) of every PEFT layer inside `module`."""
     base = _tuner_layer_class()
     return [(name, sub) for name, sub in module.named_modules() if isinstance(sub, base)]
+
+
+def adapter_names_in(module: nn.Module) -> set[str]:
+    """Names of the PEFT adapters whose layers are inside `module`."""
+    names: set[str] = set()
+    for _, layer in tuner_layers(module):
+        names.update(layer._all_available_adapter_names())
+    return names
 
 
 def peft_state_prefixes(module: nn.Module) -> tuple[str, ...]:
@@ -140,7 +151,7 @@ def inject_peft_layers(
                 f"PEFT found nothing to adapt in {where}: {error} Module names there look like "
                 f"{_example_names(target)}."
             ) from None
-        if not any(adapter_name in layer._all_available_adapter_names() for _, layer in tuner_layers(target)):
+        if adapter_name not in adapter_names_in(target):
             raise PeftOnTopError(
                 f"{type(peft_config).__name__} injected no layer into {scope or 'the model'}."
             )
@@ -161,7 +172,7 @@ def _example_names(module: nn.Module) -> list[str]:
 def rebuild_recorded_layers(model: nn.Module) -> None:
     """Inject the PEFT layers that `model.config.peft_adapters` records (at construction, before loading)."""
     for adapter_name, entry in (getattr(model.config, "peft_adapters", None) or {}).items():
-        if any(adapter_name in layer._all_available_adapter_names() for _, layer in tuner_layers(model)):
+        if adapter_name in adapter_names_in(model):
             continue
         inject_peft_layers(
             model, peft_config_from_dict(entry["config"]), adapter_name, entry["on"], record=False
@@ -199,7 +210,7 @@ def load_peft_adapter(
     _check_our_model(model)
     folder = _peft_folder(os.fspath(peft_model_id), revision, token)
     if os.path.isfile(os.path.join(folder, "config.json")) and not os.path.isfile(
-        os.path.join(folder, "adapter_config.json")
+        os.path.join(folder, PEFT_CONFIG_NAME)
     ):
         raise PeftOnTopError(
             f"'{peft_model_id}' is not a PEFT adapter (no adapter_config.json). An mmadapters checkpoint is loaded "
@@ -274,7 +285,7 @@ def _peft_folder(name: str, revision: str | None, token: str | None) -> str:
         name,
         revision=revision,
         token=token,
-        allow_patterns=["adapter_config.json", *PEFT_WEIGHTS_NAMES, "config.json"],
+        allow_patterns=[PEFT_CONFIG_NAME, *PEFT_WEIGHTS_NAMES, "config.json"],
     )
 
 
@@ -302,14 +313,41 @@ def adopt_peft_model(peft_model: Any) -> Any:
         return peft_model
     model = peft_model.get_base_model()
     _check_our_model(model)
+    _record_whole_model_adapters(model, peft_model.peft_config)
+    model.restore_trainable_side()
+    return model
+
+
+def _record_whole_model_adapters(model: nn.Module, peft_configs: dict[str, Any]) -> None:
+    """Record adapters that PEFT injected into the whole model (`get_peft_model`), unless already recorded."""
     recorded = dict(model.config.peft_adapters or {})
-    for adapter_name, peft_config in peft_model.peft_config.items():
+    for adapter_name, peft_config in peft_configs.items():
         _check_supported(peft_config)
         if adapter_name not in recorded:
             recorded[adapter_name] = {"on": "", "config": peft_config_to_dict(peft_config)}
     model.config.peft_adapters = recorded
-    model.restore_trainable_side()
-    return model
+
+
+def sync_record(model: nn.Module) -> None:
+    """Make `config.peft_adapters` describe the PEFT layers the model holds (before a save): layers added by
+    `peft.get_peft_model` are recorded from the config PEFT left on the model (`model.peft_config`); a recorded
+    adapter whose layers are gone (merged or unloaded through PEFT) is dropped from the record."""
+    present = adapter_names_in(model)
+    unrecorded = sorted(present - set(model.config.peft_adapters or {}))
+    if unrecorded:
+        known = getattr(model, "peft_config", None) or {}
+        if any(name not in known for name in unrecorded):
+            raise PeftOnTopError(
+                f"The model holds PEFT layers (adapter(s) {unrecorded}) whose configuration is unknown, so a "
+                "saved checkpoint could not rebuild them. Add PEFT layers with mmadapters.add_lora(model, config) "
+                "or model.add_adapter(config), or pass the PeftModel through mmadapters.adopt_peft_model first."
+            )
+        _record_whole_model_adapters(model, {name: known[name] for name in unrecorded})
+    gone = [name for name in model.config.peft_adapters or {} if name not in present]
+    if gone:
+        logger.info(f"PEFT adapter(s) {gone} are no longer in the model's layers; dropped from its config.")
+        kept = {k: v for k, v in model.config.peft_adapters.items() if k not in gone}
+        model.config.peft_adapters = kept or None
 
 
 def merge_peft_layers(module: nn.Module) -> int:
@@ -325,15 +363,6 @@ def merge_peft_layers(module: nn.Module) -> int:
         setattr(parent, child_name, layer.get_base_layer())
         merged += 1
     return merged
-
-
-def unrecorded_peft_layers(model: nn.Module) -> list[str]:
-    """PEFT adapters present in the model's layers that `config.peft_adapters` does not record."""
-    recorded = set(getattr(model.config, "peft_adapters", None) or {})
-    found = set()
-    for _, layer in tuner_layers(model):
-        found.update(layer._all_available_adapter_names())
-    return sorted(found - recorded)
 
 
 def _check_our_model(model: nn.Module) -> None:
@@ -352,6 +381,6 @@ __all__ = [
     "merge_peft_layers",
     "peft_state_prefixes",
     "rebuild_recorded_layers",
+    "sync_record",
     "tuner_layers",
-    "unrecorded_peft_layers",
 ]

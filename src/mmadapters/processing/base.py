@@ -221,6 +221,14 @@ class AdapterProcessorMixin:
     def register_for_auto_class(cls, auto_class: Any = "AutoProcessor") -> None:
         """A no-op (see `FrozenBackbonesPreTrainedModel.register_for_auto_class`)."""
 
+    def _encode(self, text: str) -> list[int]:
+        """`text`'s token ids alone (no special tokens)."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _answer_ids(self, answer: str) -> list[int]:
+        """A training answer's ids: its tokens, then EOS (both supervised)."""
+        return self._encode(answer) + [self.tokenizer.eos_token_id]
+
     def _check_answers(self, answers: str | list[str] | None, texts: list[str]) -> list[str] | None:
         if answers is None:
             return None

@@ -161,8 +161,7 @@ class CromeProcessor(AdapterProcessorMixin, ProcessorMixin):
             mask = [int(token != self.image_token_id) for token in ids]
             labels = None
             if answer_list is not None:
-                answer_ids = self.tokenizer(answer_list[index], add_special_tokens=False)["input_ids"]
-                answer_ids = answer_ids + [self.tokenizer.eos_token_id]
+                answer_ids = self._answer_ids(answer_list[index])
                 if self.encoder_decoder:
                     decoder_labels.append(answer_ids)
                 else:

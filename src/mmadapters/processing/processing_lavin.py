@@ -176,9 +176,6 @@ class LavinProcessor(AdapterProcessorMixin, ProcessorMixin):
             data["pixel_values"] = pixel_values
         return BatchFeature(data=data, tensor_type=return_tensors)
 
-    def _encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
     def _joint_ids(
         self, text: str, answer: str | None, add_special_tokens: bool
     ) -> tuple[list[int], list[int] | None]:
@@ -188,7 +185,7 @@ class LavinProcessor(AdapterProcessorMixin, ProcessorMixin):
         ]
         if answer is None:
             return ids, None
-        answer_ids = self._encode(answer) + [self.tokenizer.eos_token_id]
+        answer_ids = self._answer_ids(answer)
         return ids + answer_ids, [IGNORE_INDEX] * len(ids) + answer_ids
 
     def _official_ids(

@@ -1,4 +1,8 @@
-"""PEFT-style configurations of our adapters (LaVIN's MM-Adapter, CROME's adapter), saved as `adapter_config.json`."""
+"""PEFT-style configurations of our adapters (LaVIN's MM-Adapter, CROME's adapter).
+
+A model checkpoint keeps them in its config.json (`adapter_config`); `save_pretrained` / `from_pretrained` here
+write and read one on its own, as PEFT's `adapter_config.json` (checkpoints no longer carry that file: see
+`mmadapters.checkpoint_files`)."""
 
 from __future__ import annotations
 
@@ -58,8 +62,8 @@ class AdapterConfigFile:
 class MMAdapterConfig(AdapterConfigFile):
     """Configuration of the MM-Adapters that LaVIN (Mixture-of-Modality Adaptation) injects.
 
-    Follows PEFT's conventions (a dataclass, `save_pretrained` / `from_pretrained`, `adapter_config.json`),
-    but PEFT cannot register new method types from outside the library, so the adapter lives in our model.
+    Follows PEFT's conventions (a dataclass, `save_pretrained` / `from_pretrained`, a `peft_type`), but PEFT
+    cannot register new method types from outside the library, so the adapter lives in our model.
 
     Args:
         r: bottleneck width of the down-projection (8 in the paper).
