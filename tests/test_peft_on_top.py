@@ -454,3 +454,17 @@ def test_lora_on_a_4bit_llm_trains_and_round_trips(tiny_backbones, tmp_path):
     loaded = LavinForConditionalGeneration.from_pretrained(tmp_path / "qlora")
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+
+
+def test_is_gradient_checkpointing_answers_without_a_deprecation_warning(lavin):
+    """PEFT's get_peft_model reads `is_gradient_checkpointing`, which transformers 5.24 deprecated: our models
+    answer it quietly, and correctly."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert lavin.is_gradient_checkpointing is False
+        for module in lavin.language_model.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = True
+        assert lavin.is_gradient_checkpointing is True
