@@ -121,6 +121,7 @@ def test_shipped_recipes_are_valid():
 @pytest.mark.integration
 def test_quickstart_at_reduced_size(tmp_path):
     from mmadapters.quickstart import QuickstartSettings, run_quickstart
+    from mmadapters.quickstart_prompts import HELD_OUT_QUESTIONS
 
     settings = QuickstartSettings(  # the paper's plain setting (the default is tested below)
         train_steps=2,
@@ -153,7 +154,15 @@ def test_quickstart_at_reduced_size(tmp_path):
         == saved["adapter_bytes"]
     )
     LavinForConditionalGeneration.from_pretrained(saved["checkpoint_dir"])
-    assert len(saved["text_only_answers"]) == saved["num_text_prompts_checked"] == 12
+    assert len(saved["text_only_answers"]) == saved["num_text_prompts_checked"] == len(HELD_OUT_QUESTIONS)
+    assert set(saved["stage_seconds"]) == {
+        "backbones",
+        "llm_text_answers",
+        "evaluation_before",
+        "training",
+        "evaluation_after",
+        "saving",
+    }
     assert os.path.isfile(os.path.join(saved["checkpoint_dir"], "eval_results.json"))  # for the model card
 
 
@@ -302,3 +311,12 @@ def test_every_command_line_argument_has_help_and_quickstart_flags_come_from_its
         assert defaults[field.name] == field.default, field.name
     args = commands["quickstart"].parse_args(["--train-steps", "7", "--no-feature-whitening", "--seed", "3"])
     assert (args.train_steps, args.feature_whitening, args.seed) == (7, False, 3)
+
+
+def test_quickstart_text_prompts_held_out_are_not_trained_on():
+    from mmadapters.quickstart_prompts import HELD_OUT_QUESTIONS, TEMPLATES, training_questions
+
+    training = training_questions()
+    assert len(set(training)) == len(training) and len(set(HELD_OUT_QUESTIONS)) == len(HELD_OUT_QUESTIONS) == 40
+    assert not set(training) & set(HELD_OUT_QUESTIONS)
+    assert len(training) == 20 + sum(len(fillers) for _, fillers in TEMPLATES)

@@ -110,3 +110,20 @@ def test_whitening_with_a_bf16_tower_keeps_float32_and_the_adapter_dtype(tiny_ba
     features = model.image_tokens(pixels)
     assert features.dtype == torch.float32 and torch.isfinite(features).all()
     assert features.shape == (2, model.config.num_image_tokens, model.config.text_config.hidden_size)
+
+
+def test_autocast_leaves_the_tower_and_the_whitening_in_float32(whitened_lavin):
+    # Mixed-precision training (the quickstart's bf16=True) runs the model under autocast; the whitening would
+    # amplify bfloat16 rounding of the tower's features, so they are computed outside it.
+    model, _ = whitened_lavin
+    pixels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        features = model.feature_whitening(model.pooled_vision_features(pixels))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tokens = model.image_tokens(pixels)
+            bf16_features = model.feature_whitening(model.pooled_vision_features(pixels))
+    assert tokens.dtype == torch.bfloat16  # the projector runs under autocast like the LLM
+    expected = model.projector(features).to(torch.bfloat16)
+    assert torch.allclose(tokens.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    # What autocast would have done to the whitened features: far from the float32 ones.
+    assert (bf16_features.float() - features).abs().max() > 10 * (tokens.float() - expected.float()).abs().max()

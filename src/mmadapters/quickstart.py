@@ -27,45 +27,8 @@ from typing import Any
 
 import torch
 
+from .quickstart_prompts import HELD_OUT_QUESTIONS, training_questions
 from .validation import positive_float, positive_int
-
-# Text-only prompts: the first TEXT_TRAIN go into the training mixture (with the LLM's own answers as targets),
-# the rest are held out to check that text-only answers are preserved.
-TEXT_PROMPTS = [
-    "What is the capital of France?",
-    "How many legs does a spider have?",
-    "What color is the sky on a clear day?",
-    "What is 2 + 3?",
-    "Name a fruit that is yellow.",
-    "What do bees make?",
-    "How many days are in a week?",
-    "What is the opposite of hot?",
-    "Which planet do we live on?",
-    "What animal says moo?",
-    "What is frozen water called?",
-    "How many hours are in a day?",
-    "What is the largest ocean?",
-    "What do plants need to grow?",
-    "Which season comes after winter?",
-    "What is 10 minus 4?",
-    "What language is spoken in Spain?",
-    "How many wheels does a bicycle have?",
-    "What is the color of grass?",
-    "What do you call a baby cat?",
-    "What is the capital of Italy?",
-    "How many months are in a year?",
-    "What gas do humans breathe in?",
-    "What is the boiling point of water in Celsius?",
-    "What is the capital of Japan?",
-    "How many sides does a square have?",
-    "What is 3 times 3?",
-    "Which animal is known as the king of the jungle?",
-    "What is the first letter of the alphabet?",
-    "What color do you get by mixing blue and yellow?",
-    "How many continents are there?",
-    "What is the chemical symbol for water?",
-]
-TEXT_TRAIN = 20
 
 
 def _setting(default: Any, help: str, **argparse_options: Any) -> Any:
@@ -81,7 +44,7 @@ class QuickstartSettings:
     # Many small steps rather than few large ones: per sample a step costs the same on this CPU, and the yes/no
     # comparison emerges with the number of updates (benchmarks/README.md, "Quickstart": in about the same time
     # and with dropout 0.1, 160 x 32 reached 0.819 on 1,000 questions, 520 x 8 0.917).
-    train_steps: int = _setting(520, "optimizer steps", type=positive_int)
+    train_steps: int = _setting(800, "optimizer steps", type=positive_int)
     batch_size: int = _setting(8, "training samples per step", type=positive_int)
     learning_rate: float = _setting(
         3e-3, "peak learning rate (cosine schedule, 10%% warm-up)", type=positive_float
@@ -120,6 +83,10 @@ class QuickstartSettings:
     text_distillation: float = _setting(
         0.0, "weight of the text-only distillation loss towards the frozen LLM (ours; 0 = off)", type=float
     )
+    # Mixed precision (bfloat16 autocast, float32 weights and optimizer), as GPU training usually runs: on a CPU
+    # with AVX-512 bfloat16 a step takes about 0.6 of the float32 time (benchmarks/README.md, "Quickstart").
+    # The vision tower and the whitening stay float32 (LavinForConditionalGeneration.get_image_features).
+    bf16: bool = _setting(True, "train in bfloat16 mixed precision (evaluations stay float32)")
     adapter_placement: str = _setting(
         "attn",
         'adapters before each self-attention ("attn", the paper\'s) or before each MLP too ("attn_mlp")',
@@ -150,6 +117,7 @@ def training_arguments(output_dir: str, settings: QuickstartSettings, **override
         seed=settings.seed,
         train_sampling_strategy="group_by_length",
         disable_tqdm=False,
+        bf16=settings.bf16,
     )
     return TrainingArguments(**{**values, **overrides})
 
@@ -197,9 +165,19 @@ def run_quickstart(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    stage_seconds: dict[str, float] = {}  # per step, for the benchmarks (where the wall time goes)
+
+    def step(name: str, message: str) -> None:
+        now = time.perf_counter()
+        if stage_seconds:
+            previous = next(reversed(stage_seconds))
+            stage_seconds[previous] = round(now - stage_seconds[previous], 1)
+        stage_seconds[name] = now
+        log(message)
+
     torch.manual_seed(settings.seed)
 
-    log("[1/6] Embedded backbones (SmolLM2-135M-Instruct + a small CLIP vision tower)...")
+    step("backbones", "[1/6] Embedded backbones (SmolLM2-135M-Instruct + a small CLIP vision tower)...")
     text_model, vision_model = embedded_backbones()
     if settings.prompt_format not in ("open", "describe"):
         raise ValueError(f"prompt_format must be 'open' or 'describe', got {settings.prompt_format!r}.")
@@ -223,24 +201,33 @@ def run_quickstart(
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"      LaVIN: {trainable:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters")
 
-    log("[2/6] The LLM's own answers to text-only prompts (LaVIN at initialisation = the bare LLM)...")
-    prompts = [text_prompt(q) for q in TEXT_PROMPTS]
+    step(
+        "llm_text_answers",
+        "[2/6] The LLM's own answers to text-only prompts (LaVIN at initialisation = the bare LLM)...",
+    )
+    train_prompts = [text_prompt(q) for q in training_questions()]
+    held_out = [text_prompt(q) for q in HELD_OUT_QUESTIONS]
     llm_answers = generate_answers(
         model,
         processor,
-        prompts,
-        [None] * len(prompts),
+        train_prompts + held_out,
+        [None] * (len(train_prompts) + len(held_out)),
         batch_size=32,
         max_new_tokens=settings.text_max_new_tokens,
     )
+    train_answers, old_answers = llm_answers[: len(train_prompts)], llm_answers[len(train_prompts) :]
 
-    log(f"[3/6] easy-vqa accuracy before training ({settings.num_test} test questions)...")
+    step(
+        "evaluation_before",
+        f"[3/6] easy-vqa accuracy before training ({settings.num_test} test questions)...",
+    )
     test = load_easy_vqa("test", limit=settings.num_test, seed=settings.seed)
     before = evaluate_easy_vqa(model, processor, test, batch_size=settings.eval_batch_size)
     log(f"      accuracy {before['accuracy']:.3f} {before['by_group']}")
 
-    log(
-        f"[4/6] Training {settings.train_steps} steps x {settings.batch_size} (easy-vqa + text-only mixture)..."
+    step(
+        "training",
+        f"[4/6] Training {settings.train_steps} steps x {settings.batch_size} (easy-vqa + text-only mixture)...",
     )
     num_samples = settings.train_steps * settings.batch_size
     num_text = int(num_samples * settings.text_fraction)
@@ -248,7 +235,11 @@ def run_quickstart(
         "train", limit=num_samples - num_text, seed=settings.seed, prompt_format=settings.prompt_format
     )
     text_rows = [
-        {"prompt": prompts[i % TEXT_TRAIN], "target": llm_answers[i % TEXT_TRAIN], "image": None}
+        {
+            "prompt": train_prompts[i % len(train_prompts)],
+            "target": train_answers[i % len(train_prompts)],
+            "image": None,
+        }
         for i in range(num_text)
     ]
     rows = [{"prompt": r["prompt"], "target": r["target"], "image": r["image"]} for r in train] + text_rows
@@ -268,7 +259,7 @@ def run_quickstart(
     )
     train_output = trainer.train()
 
-    log("[5/6] easy-vqa accuracy after training, and the held-out text-only answers...")
+    step("evaluation_after", "[5/6] easy-vqa accuracy after training, and the held-out text-only answers...")
     after = evaluate_easy_vqa(
         model,
         processor,
@@ -277,7 +268,6 @@ def run_quickstart(
         answers_described=settings.prompt_format == "describe",  # same questions, scored as trained
     )
     log(f"      accuracy {after['accuracy']:.3f} {after['by_group']}")
-    held_out = prompts[TEXT_TRAIN:]
     new_answers = generate_answers(
         model,
         processor,
@@ -286,18 +276,18 @@ def run_quickstart(
         batch_size=32,
         max_new_tokens=settings.text_max_new_tokens,
     )
-    old_answers = llm_answers[TEXT_TRAIN:]
     preserved = [
         first_sentence(a) == first_sentence(b) for a, b in zip(new_answers, old_answers, strict=True)
     ]
     identical = [a == b for a, b in zip(new_answers, old_answers, strict=True)]
 
-    log("[6/6] Saving the adapter-only checkpoint...")
+    step("saving", "[6/6] Saving the adapter-only checkpoint...")
     checkpoint = output_dir / "checkpoint"
     model.save_pretrained(checkpoint, processor=processor)
     write_eval_results(
         str(checkpoint), f"easy-vqa test ({settings.prompt_format} answers)", after, "mmadapters quickstart"
     )
+    stage_seconds["saving"] = round(time.perf_counter() - stage_seconds["saving"], 1)
     summary = {
         "accuracy_before": round(before["accuracy"], 4),
         "accuracy_after": round(after["accuracy"], 4),
@@ -309,12 +299,13 @@ def run_quickstart(
         "num_text_prompts_checked": len(preserved),
         "text_only_answers": [
             {"prompt": q, "llm": b, "lavin": a}
-            for q, a, b in zip(TEXT_PROMPTS[TEXT_TRAIN:], new_answers, old_answers, strict=True)
+            for q, a, b in zip(HELD_OUT_QUESTIONS, new_answers, old_answers, strict=True)
         ],
         "train_loss": round(train_output.training_loss, 4),
         "trainable_parameters": trainable,
         "adapter_bytes": (checkpoint / ADAPTER_WEIGHTS_NAME).stat().st_size,
         "wall_seconds": round(time.perf_counter() - start, 1),
+        "stage_seconds": stage_seconds,
         "checkpoint_dir": str(checkpoint),
         "settings": asdict(settings),
     }

@@ -254,9 +254,15 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         The visual tokens: the CLS token after every k-th vision layer (taken from the hidden states, before any
         post-layernorm), whitened if that is on, through the projector. `image_tokens(pixel_values)` returns
         the tensor alone."""
-        features, vision_outputs = self._pooled_vision_features(pixel_values, **kwargs)
-        if self.feature_whitening is not None:
-            features = self.feature_whitening(features)  # in the whitening's own (float32) precision
+        if self.feature_whitening is None:
+            features, vision_outputs = self._pooled_vision_features(pixel_values, **kwargs)
+        else:
+            # The whitening scales the features' low-variance directions up by as much as 1e3: bfloat16 rounding of
+            # the tower's output would be amplified into noise. So under autocast (mixed-precision training) the
+            # tower and the whitening keep their own precision (float32 for the embedded tower).
+            with torch.autocast(device_type=pixel_values.device.type, enabled=False):
+                features, vision_outputs = self._pooled_vision_features(pixel_values, **kwargs)
+                features = self.feature_whitening(features)
         projector_weight = self.projector.linear_1.weight
         tokens = self.projector(features.to(projector_weight.device, projector_weight.dtype))
         output = image_features_output(tokens, vision_outputs)
