@@ -39,13 +39,12 @@ from mmadapters.data.easy_vqa import YES_NO
 from mmadapters.evaluation import generate_answers
 from mmadapters.evaluation.scoring import accuracy_by_group, extract_described_answer, extract_word
 from mmadapters.quickstart import (
-    TEXT_PROMPTS,
-    TEXT_TRAIN,
     QuickstartSettings,
     fit_whitening_on_easy_vqa,
     text_prompt,
     training_arguments,
 )
+from mmadapters.quickstart_prompts import TRAINING_QUESTIONS
 from mmadapters.trainers import LavinTrainer, VisionLanguageCollator
 
 
@@ -109,7 +108,7 @@ def main() -> None:
     processor = LavinProcessor.from_backbones(text_model, vision_model)
     if args.whiten:
         fit_whitening_on_easy_vqa(model, processor)
-    prompts = [text_prompt(q) for q in TEXT_PROMPTS]
+    prompts = [text_prompt(q) for q in TRAINING_QUESTIONS]  # the 20 hand-written ones, as when this ran
     llm_answers = generate_answers(model, processor, prompts, [None] * len(prompts), max_new_tokens=16)
 
     num_samples = settings.train_steps * settings.batch_size
@@ -123,7 +122,7 @@ def main() -> None:
         {"prompt": r["prompt"], "target": r["target"], "image": r["image"]} for r in train.select(indices)
     ]
     rows += [
-        {"prompt": prompts[i % TEXT_TRAIN], "target": llm_answers[i % TEXT_TRAIN], "image": None}
+        {"prompt": prompts[i % len(prompts)], "target": llm_answers[i % len(prompts)], "image": None}
         for i in range(num_text)
     ]
     rng.shuffle(rows)

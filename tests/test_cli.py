@@ -317,6 +317,8 @@ def test_quickstart_text_prompts_held_out_are_not_trained_on():
     from mmadapters.quickstart_prompts import HELD_OUT_QUESTIONS, TEMPLATES, training_questions
 
     training = training_questions()
-    assert len(set(training)) == len(training) and len(set(HELD_OUT_QUESTIONS)) == len(HELD_OUT_QUESTIONS) == 40
+    assert (
+        len(set(training)) == len(training) and len(set(HELD_OUT_QUESTIONS)) == len(HELD_OUT_QUESTIONS) == 40
+    )
     assert not set(training) & set(HELD_OUT_QUESTIONS)
     assert len(training) == 20 + sum(len(fillers) for _, fillers in TEMPLATES)

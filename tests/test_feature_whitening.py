@@ -126,4 +126,6 @@ def test_autocast_leaves_the_tower_and_the_whitening_in_float32(whitened_lavin):
     expected = model.projector(features).to(torch.bfloat16)
     assert torch.allclose(tokens.float(), expected.float(), rtol=2e-2, atol=2e-2)
     # What autocast would have done to the whitened features: far from the float32 ones.
-    assert (bf16_features.float() - features).abs().max() > 10 * (tokens.float() - expected.float()).abs().max()
+    assert (bf16_features.float() - features).abs().max() > 10 * (
+        tokens.float() - expected.float()
+    ).abs().max()
