@@ -291,3 +291,72 @@ def test_fold_is_reused_until_the_adapters_change(model, randomize_adapters):
         model.modality_embedding.weight.data[0, 0] += 1e-3
         assert model.fold_llm_adapters() is not second
     assert model.fold_llm_adapters() is not model.fold_llm_adapters()  # with gradients: never cached
+
+
+def test_modality_routing_keeps_the_text_only_path_and_freezes_the_unused_router(
+    tiny_backbones, processor, randomize_adapters, tmp_path
+):
+    # llm_routing="modality" (ours): text-only sequences through expert D alone, image ones through expert B.
+    from mmadapters.modeling.adapters import MMAdapterConfig
+
+    torch.manual_seed(0)
+    model = LavinForConditionalGeneration.from_backbones(
+        *tiny_backbones, adapter_config=MMAdapterConfig(llm_routing="modality")
+    ).eval()
+    table = model.compute_routing_table()
+    assert table.shape == (2, 3, 1, 2)
+    assert table[0, ..., 1].eq(1).all() and table[0, ..., 0].eq(0).all()  # text only: expert D
+    assert table[1, ..., 0].eq(1).all() and table[1, ..., 1].eq(0).all()  # with an image: expert B
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert not any(
+        (name.startswith("llm_adapters") and ".router." in name) or name.startswith("modality_embedding")
+        for name in trainable
+    )
+    assert any(
+        name.startswith("vision_adapters") and ".router." in name for name in trainable
+    )  # still learned
+    assert any("llm_adapters" in name and "expert_b" in name for name in trainable)
+    model.restore_trainable_side()  # what adopt_peft_model calls: the unused routing stays frozen
+    assert {name for name, p in model.named_parameters() if p.requires_grad} == trainable
+
+    # Expert B (what images train) changes, expert D stays zero: text-only answers are the bare LLM's.
+    randomize_adapters(model, std=0.5)
+    with torch.no_grad():
+        for layer in model.llm_adapters:
+            layer.attn.expert_d.weight.zero_()
+            layer.attn.expert_d.bias.zero_()
+    base = AutoModelForCausalLM.from_pretrained(tiny_backbones[0], dtype=torch.float32).eval()
+    text = processor(text="Image: N/A\nthe capital of france is")
+    image = (torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    with_image = processor(images=[image], text="Image: <image>\nwhat color is it?")
+    length = text["input_ids"].shape[1]
+    with torch.no_grad():
+        ours = model(**text).logits
+        bare = base(input_ids=text["input_ids"], position_ids=torch.arange(1, length + 1)[None]).logits
+        torch.testing.assert_close(ours, bare, rtol=0, atol=1e-5)
+        generated = model.generate(**text, max_new_tokens=5, do_sample=False)
+        bare_generated = base.generate(
+            input_ids=text["input_ids"],
+            attention_mask=text["attention_mask"],
+            position_ids=torch.arange(1, length + 1)[None],
+            max_new_tokens=5,
+            do_sample=False,
+        )
+        assert torch.equal(generated[:, -5:], bare_generated[:, -5:])
+        # The image path does use expert B: zeroing it changes the image sample's logits.
+        adapted = model(**with_image).logits
+        for layer in model.llm_adapters:
+            layer.attn.expert_b.weight.zero_()
+        assert (model(**with_image).logits - adapted).abs().max() > 1e-3
+
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = LavinForConditionalGeneration.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config.mm_adapter_config.llm_routing == "modality"
+    assert torch.equal(loaded.compute_routing_table(), table)
+
+
+def test_llm_routing_must_be_learned_or_modality():
+    from mmadapters.modeling.adapters import MMAdapterConfig
+
+    with pytest.raises(ValueError, match="llm_routing must be 'learned' or 'modality'"):
+        MMAdapterConfig(llm_routing="hard")

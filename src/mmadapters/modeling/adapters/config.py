@@ -74,6 +74,12 @@ class MMAdapterConfig(AdapterConfigFile):
         placement: "attn" puts one adapter before self-attention in every decoder layer (the paper);
             "attn_mlp" adds a second one before the MLP (off in the paper: no gain reported).
         vision_adapters: inject adapters in every vision encoder layer too (the paper does).
+        llm_routing: how the LLM-side adapters are routed. "learned" (the paper): routing weights from each
+            adapter's router, reading the modality token. "modality" (ours, off by default): fixed by the
+            modality, text-only sequences through expert D alone and sequences with an image through expert B
+            alone, so that training on images cannot change the text-only path (its routers and the modality
+            embedding then do not train). Why: with the learned router at temperature 10 the weights stay near
+            0.5 / 0.5 for both modalities through short runs (benchmarks/README.md, "Quickstart").
         official_vision_routing: parity flag for converted official checkpoints only. The official code
             routes every image of a batch (position by position) by the first image's tokens; the
             default routes each image by its own first token.
@@ -86,6 +92,7 @@ class MMAdapterConfig(AdapterConfigFile):
     temperature: float = 10.0
     placement: Literal["attn", "attn_mlp"] = "attn"
     vision_adapters: bool = True
+    llm_routing: Literal["learned", "modality"] = "learned"
     official_vision_routing: bool = False
     peft_type: str = "MMA"
     base_model_name_or_path: str | None = None
@@ -102,6 +109,10 @@ class MMAdapterConfig(AdapterConfigFile):
             raise ValueError(f"MMAdapterConfig.dropout must be in [0, 1), got {self.dropout}.")
         if self.temperature <= 0:
             raise ValueError(f"MMAdapterConfig.temperature must be > 0, got {self.temperature}.")
+        if self.llm_routing not in ("learned", "modality"):
+            raise ValueError(
+                f"MMAdapterConfig.llm_routing must be 'learned' or 'modality', got {self.llm_routing!r}."
+            )
         if self.placement not in ("attn", "attn_mlp"):
             raise ValueError(
                 f"MMAdapterConfig.placement must be 'attn' or 'attn_mlp', got {self.placement!r}."

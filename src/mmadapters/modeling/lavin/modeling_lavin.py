@@ -169,6 +169,7 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         self.modality_embedding = nn.Embedding(2, text_width)
         self._fold_cache: tuple[tuple, FoldedAdapters] | None = None  # see fold_llm_adapters
         self._fold_direction: torch.Tensor | None = None
+        self._freeze_unused_llm_routing()
         self.post_init()
 
     # ------------------------------------------------------------------------------------------------
@@ -307,14 +308,37 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         features = torch.cat([self.pooled_vision_features(batch.to(device)).float() for batch in batches])
         self.feature_whitening.fit(features, min_relative_variance)
 
+    def restore_trainable_side(self) -> None:
+        super().restore_trainable_side()
+        self._freeze_unused_llm_routing()
+
+    def _freeze_unused_llm_routing(self) -> None:
+        # llm_routing="modality" (ours) fixes the LLM-side routing: those routers and the modality embedding,
+        # which only feeds them, are not used and do not train.
+        if self.config.mm_adapter_config.llm_routing == "modality":
+            for layer in self.llm_adapters:
+                for adapter in layer.sites():
+                    adapter.router.requires_grad_(False)
+            self.modality_embedding.requires_grad_(False)
+
     def compute_routing_table(self) -> torch.Tensor:
         """The LLM-side routing weights for both modalities: (2 modalities, layers, sites, 2 experts).
+
+        With `llm_routing="modality"` (ours) the table is fixed: text-only sequences (row 0) use expert D alone,
+        sequences with an image (row 1) expert B alone.
 
         Officially the modality token is prepended at position 0, attends only to itself and nothing attends
         to it, and in every layer the router reads that token's normed hidden state. Its trajectory therefore
         depends only on the modality bit, so it is run here once, alone, as a length-1 sequence at position 0,
         with every adapter routing itself by it; the weights each adapter computed form the table.
         """
+        num_layers, sites = len(self.llm_adapters), len(self.llm_adapters[0].sites())
+        if self.config.mm_adapter_config.llm_routing == "modality":
+            weight = self.modality_embedding.weight
+            table = torch.zeros(2, num_layers, sites, 2, device=weight.device, dtype=weight.dtype)
+            table[0, ..., 1] = 1.0  # text only: expert D
+            table[1, ..., 0] = 1.0  # with an image: expert B
+            return table
         adapters = [adapter for layer in self.llm_adapters for adapter in layer.sites()]
         decoder = self.language_model.get_decoder()
         tokens = self.modality_embedding.weight.unsqueeze(1).to(self.get_input_embeddings().weight.dtype)
@@ -325,7 +349,7 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
             decoder(inputs_embeds=tokens, position_ids=position_ids, use_cache=False)
         # Adapters may sit on several devices (a split device map): gather the weights where the tokens are.
         weights = torch.stack([recorded[id(adapter)].to(tokens.device) for adapter in adapters], dim=1)
-        return weights.view(2, len(self.llm_adapters), len(self.llm_adapters[0].sites()), 2)
+        return weights.view(2, num_layers, sites, 2)
 
     def fold_llm_adapters(self) -> FoldedAdapters:
         """The LLM adapters folded per modality (for inference): each is then x + U (A x) + c.
