@@ -322,3 +322,14 @@ def test_quickstart_text_prompts_held_out_are_not_trained_on():
     )
     assert not set(training) & set(HELD_OUT_QUESTIONS)
     assert len(training) == 20 + sum(len(fillers) for _, fillers in TEMPLATES)
+
+
+def test_eval_limit_all_means_the_whole_split():
+    from mmadapters.cli import NO_LIMIT_GIVEN, build_parser
+    from mmadapters.data import load_easy_vqa
+
+    parser = build_parser()
+    assert parser.parse_args(["eval", "ckpt", "--limit", "all"]).limit is None
+    assert parser.parse_args(["eval", "ckpt"]).limit == NO_LIMIT_GIVEN
+    assert parser.parse_args(["eval", "ckpt", "--limit", "7"]).limit == 7
+    assert len(load_easy_vqa("test", limit=None, prompt_format="open")) == 9673  # what --limit all evaluates

@@ -12,7 +12,10 @@ from typing import Any
 from .cli_arguments import add_dataclass_arguments
 from .errors import MMAdaptersError
 from .hub import check_checkpoint_name
-from .validation import non_negative_int, positive_float, positive_int
+from .validation import limit_or_all, non_negative_int, positive_float, positive_int
+
+# `mmadapters eval` without --limit: easy-vqa evaluates 1,000 questions (the quickstart's), the benchmarks all.
+NO_LIMIT_GIVEN = -1
 
 
 def _quickstart(args: argparse.Namespace) -> None:
@@ -65,7 +68,7 @@ def _eval(args: argparse.Namespace) -> None:
         raise SystemExit(
             "error: --data applies to scienceqa, mme and mmbench (easy-vqa comes from its package)."
         )
-    args.limit = 1000 if args.limit is None else args.limit
+    args.limit = 1000 if args.limit is NO_LIMIT_GIVEN else args.limit
     described = args.prompt_format == "describe"
     questions_format = "open" if described else args.prompt_format
     dataset = load_easy_vqa(args.split or "test", limit=args.limit, prompt_format=questions_format)
@@ -83,7 +86,9 @@ def _eval(args: argparse.Namespace) -> None:
     if os.path.isdir(args.checkpoint):  # the model card of a later push shows the last evaluation
         from .hub import write_eval_results
 
-        command = f"mmadapters eval CHECKPOINT --limit {args.limit} --prompt-format {args.prompt_format}"
+        command = (
+            f"mmadapters eval CHECKPOINT --limit {args.limit or 'all'} --prompt-format {args.prompt_format}"
+        )
         write_eval_results(args.checkpoint, f"easy-vqa test ({args.prompt_format} answers)", result, command)
 
 
@@ -99,8 +104,9 @@ def _eval_task(args: argparse.Namespace, model: Any, processor: Any) -> None:
         bar.total = total
         bar.update(done - bar.n)
 
+    limit = None if args.limit is NO_LIMIT_GIVEN else args.limit
     result = run_task(
-        args.task, model, processor, args.data, args.split, args.limit, args.batch_size, progress=progress
+        args.task, model, processor, args.data, args.split, limit, args.batch_size, progress=progress
     )
     bar.close()
     summary = {k: v for k, v in result.items() if k != "generations"}
@@ -115,9 +121,7 @@ def _eval_task(args: argparse.Namespace, model: Any, processor: Any) -> None:
     if os.path.isdir(args.checkpoint):  # the model card of a later push shows the last evaluation
         from .hub import write_eval_results
 
-        command = f"mmadapters eval CHECKPOINT --task {args.task}" + (
-            f" --limit {args.limit}" if args.limit else ""
-        )
+        command = f"mmadapters eval CHECKPOINT --task {args.task}" + (f" --limit {limit}" if limit else "")
         write_eval_results(args.checkpoint, f"{result['dataset']} {result['split']}", result, command)
 
 
@@ -326,9 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=positive_int, default=16, help="prompts per generate call")
     evaluate.add_argument(
         "--limit",
-        type=positive_int,
-        default=None,
-        help="evaluate the first N questions (easy-vqa default: 1000)",
+        type=limit_or_all,
+        default=NO_LIMIT_GIVEN,
+        help='evaluate the first N questions, or "all" (default: all; easy-vqa: 1000, as the quickstart)',
     )
     evaluate.add_argument(
         "--output", help="where the JSON results go (default: eval_TASK.json in the checkpoint)"

@@ -76,6 +76,13 @@ def positive_int(text: str) -> int:
     return _number(text, int, lambda value: value >= 1, "a positive integer")
 
 
+def limit_or_all(text: str) -> int | None:
+    """argparse type: a positive integer, or "all" (None: no limit)."""
+    if text.strip().lower() == "all":
+        return None
+    return _number(text, int, lambda value: value >= 1, 'a positive integer or "all"')
+
+
 def non_negative_int(text: str) -> int:
     """argparse type: an integer >= 0 (retries)."""
     return _number(text, int, lambda value: value >= 0, "an integer >= 0")
