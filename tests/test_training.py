@@ -541,3 +541,60 @@ def test_text_distillation_is_zero_for_the_bare_llm_and_trains_towards_it(
     assert with_distillation > without
     with pytest.raises(ValueError, match="loss weight"):
         make_trainer(model, processor, dataset, tmp_path / "bad", text_distillation=-1.0)
+
+
+def test_unsupervised_text_only_samples_train_by_distillation_alone(tiny_backbones, processor, tmp_path):
+    from mmadapters.trainers.trainer import text_distillation_loss
+
+    dataset = toy_dataset(tmp_path, n=6)  # rows 0-1 and 3-4 image, rows 2 and 5 text only
+    rows = [dataset[i] for i in range(6)]
+    supervised = VisionLanguageCollator(processor)(rows)
+    collator = VisionLanguageCollator(processor, supervise_text_only=False)
+    batch = collator(rows)
+    assert torch.equal(batch["input_ids"], supervised["input_ids"])
+    for index, row in enumerate(rows):
+        if row["image"] is None:
+            assert (batch["labels"][index] == -100).all() and (supervised["labels"][index] != -100).any()
+        else:
+            assert torch.equal(batch["labels"][index], supervised["labels"][index])
+
+    torch.manual_seed(0)
+    model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad and "expert" in name:
+                parameter.normal_(0, 0.3)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    model.train()
+    trainer = make_trainer(model, processor, dataset, tmp_path / "distil", max_steps=1, text_distillation=2.0)
+    # A batch of unsupervised text-only samples: the loss is the distillation alone (no 0 / 0 cross-entropy).
+    text_batch = collator([rows[2], rows[5]])
+    loss = trainer.compute_loss(model, dict(text_batch))
+    expected = 2.0 * text_distillation_loss(model, text_batch["input_ids"], text_batch["attention_mask"])
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    loss.backward()
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "expert" in n
+    )
+    # A mixed batch: the image rows' cross-entropy plus the text rows' distillation.
+    mixed = dict(collator(rows[:3]))
+    image_only = {key: value[:2] for key, value in mixed.items() if key != "pixel_values"}
+    image_only["pixel_values"] = mixed["pixel_values"]
+    trainer.text_distillation = 0.0
+    cross_entropy = trainer.compute_loss(model, image_only).item()
+    trainer.text_distillation = 2.0
+    text_part = (
+        2.0 * text_distillation_loss(model, mixed["input_ids"][2:], mixed["attention_mask"][2:]).item()
+    )
+    assert trainer.compute_loss(model, mixed).item() == pytest.approx(cross_entropy + text_part, rel=1e-4)
+
+
+def test_quickstart_refuses_text_samples_that_would_train_nothing(tmp_path):
+    from mmadapters.quickstart import QuickstartSettings, run_quickstart
+
+    with pytest.raises(ValueError, match="text-only samples would train nothing"):
+        run_quickstart(
+            tmp_path, QuickstartSettings(text_answer_loss=False, text_distillation=0.0), log=lambda *_: None
+        )

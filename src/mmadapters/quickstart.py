@@ -89,6 +89,10 @@ class QuickstartSettings:
     )
     # Ours, not the paper's (off by default): an extra loss on text-only samples, the KL divergence from the frozen
     # LLM (adapters bypassed) to LaVIN at every token (LavinTrainer's `text_distillation`), for text_only_preserved.
+    # Ours: False leaves the text-only samples without cross-entropy targets, to the distillation alone.
+    text_answer_loss: bool = _setting(
+        True, "cross-entropy on the LLM's own answers for the text-only samples (the paper's mixture)"
+    )
     text_distillation: float = _setting(
         0.0, "weight of the text-only distillation loss towards the frozen LLM (ours; 0 = off)", type=float
     )
@@ -171,6 +175,13 @@ def run_quickstart(
     from .trainers import LavinTrainer, VisionLanguageCollator
 
     settings = settings or QuickstartSettings()
+    if settings.prompt_format not in ("open", "describe"):
+        raise ValueError(f"prompt_format must be 'open' or 'describe', got {settings.prompt_format!r}.")
+    if settings.text_fraction > 0 and not settings.text_answer_loss and not settings.text_distillation:
+        raise ValueError(
+            "The text-only samples would train nothing: without text_answer_loss give text_distillation a weight "
+            "(> 0), or set text_fraction to 0."
+        )
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -188,8 +199,6 @@ def run_quickstart(
 
     step("backbones", "[1/6] Embedded backbones (SmolLM2-135M-Instruct + a small CLIP vision tower)...")
     text_model, vision_model = embedded_backbones()
-    if settings.prompt_format not in ("open", "describe"):
-        raise ValueError(f"prompt_format must be 'open' or 'describe', got {settings.prompt_format!r}.")
     model = LavinForConditionalGeneration.from_backbones(
         text_model,
         vision_model,
@@ -263,7 +272,7 @@ def run_quickstart(
         model=model,
         args=args,
         train_dataset=datasets.Dataset.from_list(rows),
-        data_collator=VisionLanguageCollator(processor),
+        data_collator=VisionLanguageCollator(processor, supervise_text_only=settings.text_answer_loss),
         processing_class=processor,
         text_distillation=settings.text_distillation,
     )

@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 
 @dataclass
 class VisionLanguageCollator:
@@ -30,6 +32,9 @@ class VisionLanguageCollator:
     processor: Any
     max_length: int | None = None
     overflow: str = "truncate_right"
+    # False: text-only samples keep their tokens but get no labels (-100), for a loss of their own such as
+    # LavinTrainer's `text_distillation` (the quickstart's default; see QuickstartSettings.text_answer_loss).
+    supervise_text_only: bool = True
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         examples = [
@@ -51,6 +56,9 @@ class VisionLanguageCollator:
             max_length=self.max_length,
             overflow=self.overflow,
         )
+        if not self.supervise_text_only and "labels" in batch:
+            text_only = torch.tensor([not sample_images for sample_images in images])
+            batch["labels"] = batch["labels"].masked_fill(text_only[:, None], -100)
         return dict(batch)
 
 

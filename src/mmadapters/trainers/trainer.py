@@ -160,8 +160,16 @@ class LavinTrainer(AdapterTrainer):
         self.text_distillation = text_distillation
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        result = super().compute_loss(model, inputs, *args, **kwargs)
-        if not (self.text_distillation and model.training):
+        distilling = self.text_distillation and model.training
+        return_outputs = kwargs.get("return_outputs", False) or (len(args) > 0 and bool(args[0]))
+        labels = inputs.get("labels")
+        if distilling and not return_outputs and labels is not None and not bool((labels != -100).any()):
+            # Only unsupervised text-only samples (VisionLanguageCollator(supervise_text_only=False)): their
+            # loss is the distillation alone (a cross-entropy over no tokens would be 0 / 0).
+            result = None
+        else:
+            result = super().compute_loss(model, inputs, *args, **kwargs)
+        if not distilling:
             return result
         lavin = self._unwrapped()
         text_rows = ~(inputs["input_ids"] == lavin.config.image_token_id).any(dim=-1)
@@ -170,6 +178,8 @@ class LavinTrainer(AdapterTrainer):
         distillation = self.text_distillation * text_distillation_loss(
             lavin, inputs["input_ids"][text_rows], inputs["attention_mask"][text_rows]
         )
+        if result is None:
+            return distillation
         if isinstance(result, tuple):
             return (result[0] + distillation, *result[1:])
         return result + distillation
