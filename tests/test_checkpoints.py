@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import save_tiny_llm, tiny_text_config, tiny_vision_config
+from conftest import save_tiny_llm, tiny_sample_inputs, tiny_text_config, tiny_vision_config
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, pipeline
 
@@ -195,3 +195,35 @@ def test_processor_rebuilt_from_backbones_when_not_saved(trained, tmp_path):
     model.save_pretrained(tmp_path)  # no processor given
     rebuilt = AutoProcessor.from_pretrained(tmp_path)
     assert isinstance(rebuilt, LavinProcessor) and rebuilt.num_image_tokens == model.config.num_image_tokens
+
+
+def test_a_checkpoint_saved_by_mmadapters_0_1_loads_identically(tmp_path, monkeypatch):
+    # tests/fixtures/mmadapters-0.1: saved by the 0.1.0 code (adapter_model.safetensors + adapter_config.json,
+    # backbones named by relative paths), with the logits it computed (make_fixture.py there).
+    import shutil
+
+    from safetensors.torch import load_file
+    from transformers import AutoProcessor
+
+    from mmadapters.checkpoint_files import ADAPTER_WEIGHTS_NAME, LEGACY_ADAPTER_WEIGHTS_NAME
+
+    folder = tmp_path / "mmadapters-0.1"
+    shutil.copytree(os.path.join(os.path.dirname(__file__), "fixtures", "mmadapters-0.1"), folder)
+    monkeypatch.chdir(folder)  # the 0.1 checkpoint names its backbones "llm" and "vision"
+    assert sorted(os.listdir("lavin"))[:2] == ["adapter_config.json", LEGACY_ADAPTER_WEIGHTS_NAME]
+    expected = load_file("expected_lavin.safetensors")
+    inputs = {key.removeprefix("lavin_"): value for key, value in expected.items() if key != "lavin_logits"}
+    model = LavinForConditionalGeneration.from_pretrained("lavin").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, expected["lavin_logits"], rtol=0, atol=1e-5)
+    processor = AutoProcessor.from_pretrained("lavin")
+    again_inputs = tiny_sample_inputs(processor)  # the same image and prompts as the 0.1 processor was given
+    for key, value in inputs.items():
+        torch.testing.assert_close(again_inputs[key], value, rtol=0, atol=1e-6)
+    # Saved again by this version: today's file names, the same model.
+    model.save_pretrained("lavin", processor=processor)
+    assert os.path.isfile(os.path.join("lavin", ADAPTER_WEIGHTS_NAME))
+    assert not os.path.exists(os.path.join("lavin", LEGACY_ADAPTER_WEIGHTS_NAME))
+    again = LavinForConditionalGeneration.from_pretrained("lavin").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(**inputs).logits, expected["lavin_logits"], rtol=0, atol=1e-5)
