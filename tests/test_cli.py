@@ -116,6 +116,8 @@ def test_shipped_recipes_are_valid():
         defaults.learning_rate,
     )
     assert quickstart["adapter"]["dropout"] == defaults.adapter_dropout
+    assert quickstart["adapter"]["llm_routing"] == defaults.llm_routing
+    assert training["bf16"] == defaults.bf16
 
 
 @pytest.mark.integration
