@@ -598,3 +598,39 @@ def test_quickstart_refuses_text_samples_that_would_train_nothing(tmp_path):
         run_quickstart(
             tmp_path, QuickstartSettings(text_answer_loss=False, text_distillation=0.0), log=lambda *_: None
         )
+
+
+def test_after_bf16_training_the_quickstart_unwraps_autocast_so_evaluations_run_in_float32(
+    tiny_backbones, processor, tmp_path
+):
+    # accelerate wraps the model's forward in autocast for bf16 training and leaves it so; the quickstart unwraps
+    # it (keep_fp32_wrapper=False) before its float32 evaluations, as this checks.
+    from mmadapters.quickstart import QuickstartSettings, training_arguments
+
+    torch.manual_seed(0)
+    model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+    dataset = toy_dataset(tmp_path, n=4)
+    settings = QuickstartSettings(train_steps=1, batch_size=2)
+    args = training_arguments(
+        str(tmp_path / "out"), settings, disable_tqdm=True, train_sampling_strategy="random"
+    )
+    assert args.bf16
+    trainer = LavinTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=VisionLanguageCollator(processor),
+        processing_class=processor,
+    )
+    trainer.train()
+    inputs = processor(text=["Image: N/A\nthe capital of"])
+    model.eval()
+    with torch.no_grad():
+        wrapped = model(**inputs).logits
+        model = trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+        unwrapped = model(**inputs).logits
+        model.save_pretrained(tmp_path / "saved")
+        reloaded = LavinForConditionalGeneration.from_pretrained(tmp_path / "saved").eval()(**inputs).logits
+    assert not hasattr(model, "_original_forward")
+    torch.testing.assert_close(unwrapped, reloaded, rtol=0, atol=1e-6)  # float32, as a reloaded checkpoint
+    assert (wrapped - unwrapped).abs().max() > 1e-4  # what the autocast wrapper had left in place

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .method_names import METHOD_NAMES
 from .modeling.adapters import CromeAdapterConfig, MMAdapterConfig
 from .modeling.crome import CromeConfig, CromeForConditionalGeneration
 from .modeling.lavin import LavinConfig, LavinForConditionalGeneration
@@ -21,13 +22,17 @@ class Method:
     """One adapter method: its classes and how to build it around two backbones."""
 
     kind: str
-    title: str
     config_class: type
     model_class: type
     processor_class: type
     adapter_config_class: type
     trainer_class: type
     staged: bool = False  # trained in stages (CROME): the Trainer takes the recipe's `stage`
+
+    @property
+    def title(self) -> str:
+        """How people call it (`mmadapters.method_names`)."""
+        return METHOD_NAMES[self.kind].title
 
     def trainer(self, recipe: dict[str, Any], **trainer_kwargs: Any) -> Any:
         """The method's Trainer for a recipe (CROME's takes the recipe's `stage`)."""
@@ -49,7 +54,6 @@ class Method:
 METHODS = {
     "lavin": Method(
         "lavin",
-        "LaVIN (Mixture-of-Modality Adaptation)",
         LavinConfig,
         LavinForConditionalGeneration,
         LavinProcessor,
@@ -58,7 +62,6 @@ METHODS = {
     ),
     "crome": Method(
         "crome",
-        "CROME (cross-modal adapter + instruction-aware Q-Former)",
         CromeConfig,
         CromeForConditionalGeneration,
         CromeProcessor,

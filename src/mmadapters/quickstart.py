@@ -286,6 +286,9 @@ def run_quickstart(
         text_distillation=settings.text_distillation,
     )
     train_output = trainer.train()
+    # With bf16, accelerate wrapped the model's forward in autocast for training and leaves it so; unwrap it, so that
+    # the evaluations below run in float32 like those before training (and like a reloaded checkpoint).
+    model = trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
 
     step("evaluation_after", "[5/6] easy-vqa accuracy after training, and the held-out text-only answers...")
     after = evaluate_easy_vqa(

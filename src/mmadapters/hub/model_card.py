@@ -9,15 +9,11 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..checkpoint_files import ADAPTER_WEIGHTS_NAME, adapter_weights_file
+from ..method_names import METHOD_NAMES
 from .names import is_hub_id
 from .remote_code import MINIMUM_VERSION
 
 EVAL_RESULTS_NAME = "eval_results.json"
-
-_METHODS = {
-    "lavin": ("LaVIN", "MM-Adapters (Mixture-of-Modality Adaptation, Luo et al., NeurIPS 2023)"),
-    "crome": ("CROME", "a gated cross-modal adapter behind an instruction-aware Q-Former (CROME, 2024)"),
-}
 
 _TEMPLATE = """---
 {{ card_data }}
@@ -153,8 +149,9 @@ def build_model_card(
 
     with open(os.path.join(folder, "config.json")) as f:
         config = json.load(f)
-    method_name, method_text = _METHODS.get(
-        config.get("model_type"), (config.get("model_type", "?"), "adapters")
+    names = METHOD_NAMES.get(config.get("model_type"))
+    method_name, method_text = (
+        (names.name, names.description) if names else (config.get("model_type", "?"), "adapters")
     )
     backbones = {role: config.get(f"{role}_backbone") or {} for role in ("text", "vision")}
     licenses = {

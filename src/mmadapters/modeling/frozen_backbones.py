@@ -50,6 +50,7 @@ from .backbones import (
     resolve_checkpoint_folder,
     vision_config_of,
 )
+from .causal_lm_output import VisionLanguageCausalLMOutput, causal_lm_output
 from .loading import (
     ROLES,
     BackboneLoadOptions,
@@ -264,6 +265,34 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
 
     def _return_dict(self, return_dict: bool | None) -> bool:
         return self.config.return_dict if return_dict is None else return_dict
+
+    def _decoder_only_output(
+        self,
+        inputs_embeds: torch.Tensor,
+        labels: torch.Tensor | None,
+        logits_to_keep: int | torch.Tensor,
+        supervised_logits_only: bool,
+        image_outputs: Any,
+        return_dict: bool | None,
+        llm_kwargs: dict[str, Any],
+    ) -> VisionLanguageCausalLMOutput | tuple:
+        """The decoder-only LLM on the prepared input embeddings (the end of both models' `forward`): logits and
+        loss (`causal_lm_output`; `llm_kwargs` holds the attention mask, positions, cache, adapter and loss
+        keyword arguments), with the image outputs attached as transformers' vision-language models do."""
+        output = causal_lm_output(
+            self.language_model,
+            self.loss_function,
+            self.config.text_config.vocab_size,
+            inputs_embeds,
+            labels,
+            logits_to_keep,
+            supervised_logits_only,
+            llm_kwargs,
+        )
+        if image_outputs is not None:
+            output.image_outputs = image_outputs
+            output.image_hidden_states = image_outputs.pooler_output
+        return output if self._return_dict(return_dict) else output.to_tuple()
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()

@@ -31,7 +31,6 @@ from ..backbones import (
 from ..causal_lm_output import (
     LOSS_KWARGS,
     VisionLanguageCausalLMOutput,
-    causal_lm_output,
     image_features_output,
 )
 from ..frozen_backbones import FrozenBackbonesPreTrainedModel, adapter_settings
@@ -429,26 +428,22 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
                 **cache_kwargs(cache_of(outputs)),
             )
             return seq2seq if self._return_dict(return_dict) else seq2seq.to_tuple()
-        output = causal_lm_output(
-            self.language_model,
-            self.loss_function,
-            self.config.text_config.vocab_size,
+        llm_kwargs = dict(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            **cache_kwargs(cache),
+            **kwargs,  # the loss keyword arguments too: causal_lm_output takes them out
+        )
+        return self._decoder_only_output(
             inputs_embeds,
             labels,
             logits_to_keep,
             supervised_logits_only,
-            dict(
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=use_cache,
-                **cache_kwargs(cache),
-                **kwargs,  # the loss keyword arguments too: causal_lm_output takes them out
-            ),
+            image_outputs,
+            return_dict,
+            llm_kwargs,
         )
-        if image_outputs is not None:
-            output.image_outputs = image_outputs
-            output.image_hidden_states = image_outputs.pooler_output
-        return output if self._return_dict(return_dict) else output.to_tuple()
 
     @torch.no_grad()
     def generate(

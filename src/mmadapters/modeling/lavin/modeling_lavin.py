@@ -29,7 +29,7 @@ from ..adapters import (
 )
 from ..adapters.call_state import recording_routing
 from ..backbones import BackboneReference, BackboneSpec, build_text_backbone, build_vision_backbone, freeze
-from ..causal_lm_output import VisionLanguageCausalLMOutput, causal_lm_output, image_features_output
+from ..causal_lm_output import VisionLanguageCausalLMOutput, image_features_output
 from ..frozen_backbones import FrozenBackbonesPreTrainedModel, adapter_settings
 from ..image_tokens import check_image_token_count, embed_text_tokens, refuse_images_without_pixels
 from ..transformers_compat import cache_kwargs, pick_cache
@@ -460,27 +460,23 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
 
         if position_ids is None:
             position_ids = self._text_position_ids(inputs_embeds, attention_mask, cache)
-        output = causal_lm_output(
-            self.language_model,
-            self.loss_function,
-            self.config.text_config.vocab_size,
+        llm_kwargs = dict(
+            attention_mask=attention_mask,
+            position_ids=position_ids + 1,  # position 0 belongs to the modality token
+            use_cache=use_cache,
+            **cache_kwargs(cache),
+            **adapter_kwargs,
+            **kwargs,
+        )
+        return self._decoder_only_output(
             inputs_embeds,
             labels,
             logits_to_keep,
             supervised_logits_only,
-            dict(
-                attention_mask=attention_mask,
-                position_ids=position_ids + 1,  # position 0 belongs to the modality token
-                use_cache=use_cache,
-                **cache_kwargs(cache),
-                **adapter_kwargs,
-                **kwargs,
-            ),
+            image_outputs,
+            return_dict,
+            llm_kwargs,
         )
-        if image_outputs is not None:
-            output.image_outputs = image_outputs
-            output.image_hidden_states = image_outputs.pooler_output
-        return output if self._return_dict(return_dict) else output.to_tuple()
 
     def _place_image_features(
         self,
