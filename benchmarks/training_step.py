@@ -6,7 +6,7 @@ set differs. "+sup" rows compute logits only at supervised positions, as our Tra
 LoRA run through the same forward can use it too, so it is shown for both. Each method runs in its own subprocess (peak memory = the process's peak resident set size,
 measured after loading, so that the three numbers are comparable); step times are medians.
 
-    python benchmarks/training_step.py [--steps 8] [--batch-size 8] [--rounds 3]
+    python benchmarks/training_step.py [--steps 8] [--batch-size 8] [--rounds 3] [--methods lavin+sup ...]
 """
 
 from __future__ import annotations
@@ -91,6 +91,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--methods", nargs="+", choices=METHODS, default=list(METHODS), help="rows to measure"
+    )
     parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)  # one subprocess per method
     args = parser.parse_args()
     if args.method:
@@ -98,9 +101,9 @@ def main() -> None:
         return
     # Rounds of one subprocess per method, interleaved, so that the shared machine's slow phases hit every
     # method alike; the figures are medians over rounds.
-    runs: dict[str, list[dict]] = {method: [] for method in METHODS}
+    runs: dict[str, list[dict]] = {method: [] for method in args.methods}
     for _ in range(args.rounds):
-        for method in METHODS:
+        for method in args.methods:
             command = [sys.executable, __file__, "--method", method, "--steps", str(args.steps)]
             command += ["--batch-size", str(args.batch_size)]
             output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
@@ -113,7 +116,9 @@ def main() -> None:
         }
         for method, rounds in runs.items()
     }
-    lavin = results["lavin+sup"]  # LaVIN as LavinTrainer runs it
+    lavin = results[
+        "lavin+sup" if "lavin+sup" in results else args.methods[0]
+    ]  # LaVIN as LavinTrainer runs it
     print(
         f"batch {args.batch_size} easy-vqa samples, {args.steps} steps per run, {args.rounds} interleaved rounds, "
         "medians; peak = process peak RSS"
@@ -122,7 +127,7 @@ def main() -> None:
         "| method | trainable | step s | LaVIN+sup / method step time | peak RSS MB | LaVIN+sup / method peak |"
     )
     print("|---|---|---|---|---|---|")
-    for method in METHODS:
+    for method in args.methods:
         r = results[method]
         print(
             f"| {method} | {r['trainable']:,} | {r['step_seconds']:.2f} | {lavin['step_seconds'] / r['step_seconds']:.2f} "
