@@ -169,6 +169,8 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         self.modality_embedding = nn.Embedding(2, text_width)
         self._fold_cache: tuple[tuple, FoldedAdapters] | None = None  # see fold_llm_adapters
         self._fold_direction: torch.Tensor | None = None
+        # A plain attribute (not `config.mm_adapter_config`, which builds a dataclass: a torch.compile graph break).
+        self.llm_routing = adapter_config.llm_routing
         self._freeze_unused_llm_routing()
         self.post_init()
 
@@ -315,7 +317,7 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
     def _freeze_unused_llm_routing(self) -> None:
         # llm_routing="modality" (ours) fixes the LLM-side routing: those routers and the modality embedding,
         # which only feeds them, are not used and do not train.
-        if self.config.mm_adapter_config.llm_routing == "modality":
+        if self.llm_routing == "modality":
             for layer in self.llm_adapters:
                 for adapter in layer.sites():
                     adapter.router.requires_grad_(False)
@@ -333,7 +335,7 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         with every adapter routing itself by it; the weights each adapter computed form the table.
         """
         num_layers, sites = len(self.llm_adapters), len(self.llm_adapters[0].sites())
-        if self.config.mm_adapter_config.llm_routing == "modality":
+        if self.llm_routing == "modality":
             weight = self.modality_embedding.weight
             table = torch.zeros(2, num_layers, sites, 2, device=weight.device, dtype=weight.dtype)
             table[0, ..., 1] = 1.0  # text only: expert D
