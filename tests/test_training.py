@@ -596,7 +596,9 @@ def test_quickstart_refuses_text_samples_that_would_train_nothing(tmp_path):
 
     with pytest.raises(ValueError, match="text-only samples would train nothing"):
         run_quickstart(
-            tmp_path, QuickstartSettings(text_answer_loss=False, text_distillation=0.0), log=lambda *_: None
+            tmp_path,
+            QuickstartSettings(text_fraction=0.1, text_answer_loss=False, text_distillation=0.0),
+            log=lambda *_: None,
         )
 
 
