@@ -543,7 +543,9 @@ def test_text_distillation_is_zero_for_the_bare_llm_and_trains_towards_it(
         make_trainer(model, processor, dataset, tmp_path / "bad", text_distillation=-1.0)
 
 
-def test_unsupervised_text_only_samples_train_by_distillation_alone(tiny_backbones, processor, tmp_path):
+def test_unsupervised_text_only_samples_train_by_distillation_alone(
+    tiny_backbones, processor, tmp_path, randomize_adapters
+):
     from mmadapters.trainers.trainer import text_distillation_loss
 
     dataset = toy_dataset(tmp_path, n=6)  # rows 0-1 and 3-4 image, rows 2 and 5 text only
@@ -559,11 +561,7 @@ def test_unsupervised_text_only_samples_train_by_distillation_alone(tiny_backbon
             assert torch.equal(batch["labels"][index], supervised["labels"][index])
 
     torch.manual_seed(0)
-    model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if parameter.requires_grad and "expert" in name:
-                parameter.normal_(0, 0.3)
+    model = randomize_adapters(LavinForConditionalGeneration.from_backbones(*tiny_backbones), std=0.3)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
