@@ -172,7 +172,9 @@ def test_auto_classes_and_pipeline(trained, tmp_path):
             ],
         }
     ]
-    result = pipe(text=messages, max_new_tokens=5, do_sample=False, return_full_text=False)
+    result = pipe(
+        text=messages, max_new_tokens=5, generate_kwargs={"do_sample": False}, return_full_text=False
+    )
     # Same tokens as calling the model directly.
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(images=[image_file(tmp_path)], text=prompt)

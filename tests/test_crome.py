@@ -173,6 +173,24 @@ def test_text_branch_sees_prompt_tokens_only(backbones):
     assert mask.sum() == ((ids != processor.image_token_id) & (inputs["labels"][0] == -100)).sum()
 
 
+def test_qformer_reads_the_instruction(backbones):
+    """By default the Q-Former reads the prompt without its placeholder; `instructions` replaces it per sample (one
+    row per image); the call refuses keywords it does not take, naming `instructions` among those it does."""
+    _, processor = build(backbones)
+    text = ["<image>\nwhat color?", "<image>\nwhat shape?"]
+    default = processor(images=[[image(0)], [image(1)]], text=text)
+    expected = processor.qformer_tokenizer(["what color?", "what shape?"], padding=True)["input_ids"]
+    assert default["qformer_input_ids"].tolist() == expected
+    given = processor(
+        images=[[image(0)], [image(1)]], text=text, instructions=["name the colour", "and shape"]
+    )
+    expected = processor.qformer_tokenizer(["name the colour", "and shape"], padding=True)["input_ids"]
+    assert given["qformer_input_ids"].tolist() == expected
+    torch.testing.assert_close(given["input_ids"], default["input_ids"])  # the LLM's input is the prompt's
+    with pytest.raises(TypeError, match="instruction.*it takes .*overflow, instructions"):
+        processor(images=[image(0)], text=text[0], instruction="typo")
+
+
 @pytest.mark.parametrize("kind", ["llama", "t5"])
 def test_training_steps_lower_the_loss(backbones, kind):
     model, processor = build(backbones, kind)
@@ -359,7 +377,9 @@ def test_chat_template_and_pipeline(backbones, tmp_path):
         }
     ]
     pipe = pipeline("image-text-to-text", model=str(tmp_path))
-    result = pipe(text=messages, max_new_tokens=4, do_sample=False, return_full_text=False)
+    result = pipe(
+        text=messages, max_new_tokens=4, generate_kwargs={"do_sample": False}, return_full_text=False
+    )
     inputs = processor(
         images=[image_path], text=processor.apply_chat_template(messages, add_generation_prompt=True)
     )

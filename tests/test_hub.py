@@ -85,7 +85,7 @@ with torch.no_grad():
 from transformers import pipeline
 pipe = pipeline("image-text-to-text", model=sys.argv[1])
 messages = [{"role": "user", "content": [{"type": "text", "text": "the capital of"}]}]
-answer = pipe(text=messages, max_new_tokens=4, do_sample=False, return_full_text=False)[0]["generated_text"]
+answer = pipe(text=messages, max_new_tokens=4, generate_kwargs={"do_sample": False}, return_full_text=False)[0]["generated_text"]
 inputs = processor(text=processor.apply_chat_template(messages, add_generation_prompt=True))
 direct = model.generate(**inputs, max_new_tokens=4, do_sample=False)
 assert answer == processor.decode(direct[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -361,7 +361,7 @@ with torch.no_grad():
     torch.save(model(**tiny_inputs(processor)).logits, sys.argv[2])
 pipe = pipeline("image-text-to-text", model=sys.argv[1], trust_remote_code=True)
 messages = [{"role": "user", "content": [{"type": "text", "text": "the capital of"}]}]
-answer = pipe(text=messages, max_new_tokens=4, do_sample=False, return_full_text=False)[0]["generated_text"]
+answer = pipe(text=messages, max_new_tokens=4, generate_kwargs={"do_sample": False}, return_full_text=False)[0]["generated_text"]
 print(json.dumps({"model": type(model).__name__, "processor": type(processor).__name__,
                   "pipeline_model": type(pipe.model).__name__, "answer": answer}))
 """

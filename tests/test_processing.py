@@ -121,6 +121,33 @@ def test_over_long_prompt_raise_and_truncate(processor):
     assert text_only["input_ids"].shape[1] == 20
 
 
+def test_call_keywords_honoured_or_refused(processor):
+    """transformers' processor keywords that match what the processor does are accepted; every other keyword is
+    refused with the list of what it takes (a pipeline hands its unknown keywords here: generation options get a
+    pointer to generate_kwargs)."""
+    text = ["Image: N/A\nhello", "Image: N/A\na longer prompt here"]
+    plain = processor(text=text)
+    for accepted in (
+        {"padding": True},
+        {"padding": "longest"},
+        {"return_attention_mask": True},
+        {"videos": None},
+    ):
+        torch.testing.assert_close(processor(text=text, **accepted)["input_ids"], plain["input_ids"])
+    with pytest.raises(ValueError, match="pads each batch to its longest sample"):
+        processor(text=text, padding="max_length")
+    with pytest.raises(ValueError, match="always returns attention_mask"):
+        processor(text=text, return_attention_mask=False)
+    with pytest.raises(ValueError, match="takes images and text; got videos"):
+        processor(text=text, videos=[np.zeros((2, 8, 8, 3), dtype=np.uint8)])
+    with pytest.raises(TypeError, match=r"\['truncation'\].*overflow='truncate_left'"):
+        processor(text=text, truncation=True)
+    with pytest.raises(TypeError, match=r"\['do_sample'\].*generate_kwargs"):
+        processor(text=text, do_sample=False)
+    with pytest.raises(ValueError, match="overflow must be one of"):
+        processor(text=text, overflow="cut")
+
+
 def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt)

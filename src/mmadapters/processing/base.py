@@ -4,14 +4,22 @@ length policy and padding. Each processor keeps its own layout and outputs."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoImageProcessor, CLIPImageProcessorPil, PreTrainedConfig
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    BatchFeature,
+    CLIPImageProcessorPil,
+    GenerationConfig,
+    PreTrainedConfig,
+)
 
 from ..atomic import atomic_directory
 from ..hub.remote_code import processor_auto_map, write_loader
-from ..modeling.backbones import IMAGE_TOKEN, vision_config_of
+from ..modeling.backbones import IMAGE_TOKEN, add_image_token, vision_config_of
 from ..modeling.image_tokens import ImageTokenMismatchError
 from .images import load_image
 
@@ -168,9 +176,133 @@ def has_saved_processor(folder: str) -> bool:
     )
 
 
+@dataclass
+class CheckedInputs:
+    """One processor call's inputs after the shared checks, for the method's own encoding (`_model_inputs`)."""
+
+    texts: list[str]
+    answers: list[str] | None  # one per prompt: a training batch
+    images: list[Any]  # flat, in placeholder order
+    add_special_tokens: bool
+    max_length: int | None
+    overflow: str
+
+
 class AdapterProcessorMixin:
-    """Shared input handling. Needs `tokenizer`, `image_processor`, `image_token_id`, `num_image_tokens`,
-    `max_length`, `overflow` and `max_image_pixels` on the processor, and a `from_backbones` classmethod."""
+    """Shared input handling: `__call__` checks the texts, answers, images and options, builds the pixel values
+    and hands the rest to the method's `_model_inputs`. The processor calls `_init_adapter_inputs` in its
+    `__init__` and has a `from_backbones` classmethod; `call_options` names its own `__call__` keywords."""
+
+    call_options: tuple[str, ...] = ()
+
+    def _init_adapter_inputs(
+        self,
+        tokenizer: Any,
+        num_image_tokens: int,
+        max_length: int | None,
+        overflow: str,
+        max_image_pixels: int,
+    ) -> None:
+        if overflow not in OVERFLOW_POLICIES:
+            raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
+        self.image_token = IMAGE_TOKEN
+        self.image_token_id = add_image_token(tokenizer)
+        self.num_image_tokens = num_image_tokens
+        self.max_length = max_length
+        self.overflow = overflow
+        self.max_image_pixels = max_image_pixels
+
+    def __call__(
+        self,
+        images: Any = None,
+        text: str | list[str] | None = None,
+        answers: str | list[str] | None = None,
+        return_tensors: str | None = "pt",
+        add_special_tokens: bool = True,
+        max_length: int | None = None,
+        overflow: str | None = None,
+        **kwargs: Any,
+    ) -> BatchFeature:
+        """Build model inputs.
+
+        Args:
+            images: None, a flat list of images consumed in placeholder order, or one list per sample (empty for
+                text-only samples). Each image: a PIL image, a path, bytes or a uint8 array.
+            text: one prompt or a batch; each needs one `<image>` placeholder per image it uses.
+            answers: for training: one answer per prompt; `labels` then supervise only the answer and EOS (-100
+                elsewhere) and batches are right-padded; without answers they are left-padded, ready for
+                `generate`. The method's layout of prompt and answer: `LavinProcessor`, `CromeProcessor`.
+            max_length, overflow: override the processor's length limit and overflow policy for this call.
+            **kwargs: the method's own keywords (`call_options`; CROME: `instructions`, what the Q-Former reads).
+                Of transformers' processor keywords, `padding` (True / "longest": the batch is padded to its
+                longest sample), `return_attention_mask=True` and `videos` / `audio` left None are accepted;
+                anything else is refused.
+        Returns:
+            `BatchFeature` with input_ids, attention_mask, [labels], [pixel_values], and the method's own fields.
+        """
+        options = self._check_call_options(kwargs)
+        texts = self._check_texts(text)
+        overflow = overflow or self.overflow
+        if overflow not in OVERFLOW_POLICIES:
+            raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
+        inputs = CheckedInputs(
+            texts=texts,
+            answers=self._check_answers(answers, texts),
+            images=self._collect_images(images, texts),
+            add_special_tokens=add_special_tokens,
+            max_length=self._max_length(max_length),
+            overflow=overflow,
+        )
+        pixel_values = self._pixel_values(inputs.images)  # bad images are refused before any tokenising
+        data = self._model_inputs(inputs, **options)
+        if pixel_values is not None:
+            data["pixel_values"] = pixel_values
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _model_inputs(self, inputs: CheckedInputs, **options: Any) -> dict[str, Any]:
+        """The method's token-level fields (input_ids, attention_mask, labels, ...) for `inputs`."""
+        raise NotImplementedError
+
+    def _check_call_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The method's own keywords out of `kwargs`; transformers' keywords that match what we do are accepted,
+        any other keyword is refused (never silently dropped)."""
+        name = type(self).__name__
+        for modality in ("videos", "audio"):
+            if kwargs.pop(modality, None) is not None:
+                raise ValueError(f"{name} takes images and text; got {modality}.")
+        padding = kwargs.pop("padding", True)
+        if padding not in (True, "longest"):
+            raise ValueError(
+                f"{name} pads each batch to its longest sample (padding=True); got padding={padding!r}. For a "
+                "length limit pass max_length (and overflow='truncate_left' or 'truncate_right' to cut)."
+            )
+        if kwargs.pop("return_attention_mask", True) is not True:
+            raise ValueError(
+                f"{name} always returns attention_mask; return_attention_mask=False is not supported."
+            )
+        unknown = sorted(set(kwargs) - set(self.call_options))
+        if unknown:
+            accepted = [
+                "images",
+                "text",
+                "answers",
+                "return_tensors",
+                "add_special_tokens",
+                "max_length",
+                "overflow",
+            ]
+            hint = "For truncation use max_length with overflow='truncate_left' or 'truncate_right'."
+            if set(unknown) & set(GenerationConfig().to_dict()):
+                # A pipeline hands its unknown keywords to the processor, so they never reach generate.
+                hint = (
+                    "Generation options belong to generate(); in a pipeline pass them as "
+                    "generate_kwargs={...} (or max_new_tokens=...)."
+                )
+            raise TypeError(
+                f"{name}() got unsupported keyword argument(s) {unknown}; it takes "
+                f"{', '.join(accepted + list(self.call_options))}. {hint}"
+            )
+        return kwargs
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Any:

@@ -10,16 +10,16 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from transformers import AutoConfig, AutoTokenizer, BatchFeature, PreTrainedConfig, ProcessorMixin
+from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig, ProcessorMixin
 
-from ..modeling.backbones import IMAGE_TOKEN, add_image_token
+from ..modeling.backbones import IMAGE_TOKEN
 from ..modeling.embedded import resolve_backbone_name
 from .base import (
     CLIP_MEAN,
     CLIP_STD,
     IGNORE_INDEX,
-    OVERFLOW_POLICIES,
     AdapterProcessorMixin,
+    CheckedInputs,
     build_chat_template,
     resize_only_image_processor,
 )
@@ -54,15 +54,8 @@ class CromeProcessor(AdapterProcessorMixin, ProcessorMixin):
         qformer_max_length: int = 128,
         **kwargs: Any,
     ) -> None:
-        if overflow not in OVERFLOW_POLICIES:
-            raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
-        self.image_token = IMAGE_TOKEN
-        self.image_token_id = add_image_token(tokenizer)
-        self.num_image_tokens = num_image_tokens
+        self._init_adapter_inputs(tokenizer, num_image_tokens, max_length, overflow, max_image_pixels)
         self.encoder_decoder = encoder_decoder
-        self.max_length = max_length
-        self.overflow = overflow
-        self.max_image_pixels = max_image_pixels
         self.qformer_max_length = qformer_max_length
         chat_template = chat_template or build_chat_template(tokenizer, "<image>\n", "")
         super().__init__(image_processor, tokenizer, qformer_tokenizer, chat_template=chat_template)
@@ -117,43 +110,27 @@ class CromeProcessor(AdapterProcessorMixin, ProcessorMixin):
             "qformer_attention_mask",
         ]
 
-    def __call__(
-        self,
-        images: Any = None,
-        text: str | list[str] | None = None,
-        answers: str | list[str] | None = None,
-        instructions: str | list[str] | None = None,
-        return_tensors: str | None = "pt",
-        add_special_tokens: bool = True,
-        max_length: int | None = None,
-        overflow: str | None = None,
-        **kwargs: Any,
-    ) -> BatchFeature:
-        """Build model inputs.
+    call_options = ("instructions",)
 
-        Args:
-            images, text: as for `LavinProcessor` (one `<image>` placeholder per image).
-            answers: for training. Decoder-only LLM: appended to the prompt with EOS, `labels` supervise only
-                them. Encoder-decoder LLM: `labels` are the answer tokens + EOS (the decoder's targets).
-            instructions: what the Q-Former reads for each sample's images (default: the prompt without its
-                image placeholders).
-        Returns:
-            input_ids, attention_mask, prompt_mask, [labels], [pixel_values, qformer_input_ids,
-            qformer_attention_mask].
+    def _model_inputs(
+        self, inputs: CheckedInputs, instructions: str | list[str] | None = None
+    ) -> dict[str, Any]:
+        """input_ids, attention_mask, prompt_mask (1 on the prompt's text tokens, which the adapter's text branch
+        reads), [labels], and for the images qformer_input_ids / qformer_attention_mask.
+
+        With answers (training): a decoder-only LLM gets prompt + answer + EOS with `labels` on the answer only; an
+        encoder-decoder LLM gets the prompt as input and `labels` = the answer tokens + EOS (the decoder's targets).
+        `instructions` (a `__call__` keyword): what the Q-Former reads for each sample's images (default: the
+        prompt without its image placeholders).
         """
-        texts = self._check_texts(text)
-        answer_list = self._check_answers(answers, texts)
+        texts, answer_list, overflow = inputs.texts, inputs.answers, inputs.overflow
         if instructions is None:
             instruction_list = [t.replace(IMAGE_TOKEN, "").strip() for t in texts]
         else:
             instruction_list = [instructions] if isinstance(instructions, str) else list(instructions)
-        flat_images = self._collect_images(images, texts)
-        pixel_values = self._pixel_values(flat_images)
-        overflow = overflow or self.overflow
-        max_length = self._max_length(max_length)
-        prompt_ids = self.tokenizer(self._expand_image_tokens(texts), add_special_tokens=add_special_tokens)[
-            "input_ids"
-        ]
+        prompt_ids = self.tokenizer(
+            self._expand_image_tokens(texts), add_special_tokens=inputs.add_special_tokens
+        )["input_ids"]
 
         rows: dict[str, list[list[int]]] = {"input_ids": [], "prompt_mask": []}
         decoder_labels = []
@@ -168,7 +145,7 @@ class CromeProcessor(AdapterProcessorMixin, ProcessorMixin):
                     labels = [IGNORE_INDEX] * len(ids) + answer_ids
                     mask = mask + [0] * len(answer_ids)  # answer tokens never go through the adapter
                     ids = ids + answer_ids
-            fitted, labels = self._fit_length(index, ids, labels, max_length, overflow)
+            fitted, labels = self._fit_length(index, ids, labels, inputs.max_length, overflow)
             window = (
                 slice(len(ids) - len(fitted), None) if overflow == "truncate_left" else slice(0, len(fitted))
             )
@@ -183,7 +160,7 @@ class CromeProcessor(AdapterProcessorMixin, ProcessorMixin):
         if decoder_labels:
             longest = max(len(labels) for labels in decoder_labels)
             data["labels"] = [labels + [IGNORE_INDEX] * (longest - len(labels)) for labels in decoder_labels]
-        if pixel_values is not None:
+        if inputs.images:
             owners = [index for index, t in enumerate(texts) for _ in range(t.count(IMAGE_TOKEN))]
             qformer = self.qformer_tokenizer(
                 [instruction_list[owner] for owner in owners],
@@ -191,10 +168,9 @@ class CromeProcessor(AdapterProcessorMixin, ProcessorMixin):
                 truncation=True,
                 max_length=self.qformer_max_length,
             )
-            data["pixel_values"] = pixel_values
             data["qformer_input_ids"] = qformer["input_ids"]
             data["qformer_attention_mask"] = qformer["attention_mask"]
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        return data
 
 
 __all__ = ["CromeProcessor"]

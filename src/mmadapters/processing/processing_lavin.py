@@ -18,17 +18,17 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from transformers import AutoConfig, AutoTokenizer, BatchFeature, PreTrainedConfig, ProcessorMixin
+from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig, ProcessorMixin
 
-from ..modeling.backbones import IMAGE_TOKEN, add_image_token, vision_config_of
+from ..modeling.backbones import vision_config_of
 from ..modeling.embedded import resolve_backbone_name
 from ..modeling.lavin.configuration_lavin import default_vision_feature_layers
 from .base import (
     IGNORE_INDEX,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    OVERFLOW_POLICIES,
     AdapterProcessorMixin,
+    CheckedInputs,
     build_chat_template,
     image_processor_for,
     official_instruction_chat_template,
@@ -69,14 +69,7 @@ class LavinProcessor(AdapterProcessorMixin, ProcessorMixin):
         official_tokenization: bool = False,
         **kwargs: Any,
     ) -> None:
-        if overflow not in OVERFLOW_POLICIES:
-            raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
-        self.image_token = IMAGE_TOKEN
-        self.image_token_id = add_image_token(tokenizer)
-        self.num_image_tokens = num_image_tokens
-        self.max_length = max_length
-        self.overflow = overflow
-        self.max_image_pixels = max_image_pixels
+        self._init_adapter_inputs(tokenizer, num_image_tokens, max_length, overflow, max_image_pixels)
         self.official_tokenization = official_tokenization
         if chat_template is None and official_tokenization:
             chat_template = official_instruction_chat_template()
@@ -127,54 +120,25 @@ class LavinProcessor(AdapterProcessorMixin, ProcessorMixin):
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "pixel_values"]
 
-    def __call__(
-        self,
-        images: Any = None,
-        text: str | list[str] | None = None,
-        answers: str | list[str] | None = None,
-        return_tensors: str | None = "pt",
-        add_special_tokens: bool = True,
-        max_length: int | None = None,
-        overflow: str | None = None,
-        **kwargs: Any,
-    ) -> BatchFeature:
-        """Build model inputs.
-
-        Args:
-            images: None, a flat list of images consumed in placeholder order, or one list per sample (empty for
-                text-only samples). Each image: a PIL image, a path, bytes or a uint8 array.
-            text: one prompt or a batch; each needs one `<image>` placeholder per image it uses.
-            answers: for training: one answer per prompt. The sequence becomes prompt + answer + EOS, and
-                `labels` supervise only the answer and EOS (-100 on prompt, image tokens and padding). Batches
-                are then right-padded; without answers they are left-padded, ready for `generate`.
-        Returns:
-            `BatchFeature` with input_ids, attention_mask, pixel_values (when there are images), labels.
-        """
-        texts = self._check_texts(text)
-        answer_list = self._check_answers(answers, texts)
-        pixel_values = self._pixel_values(self._collect_images(images, texts))
-        overflow = overflow or self.overflow
-        max_length = self._max_length(max_length)
+    def _model_inputs(self, inputs: CheckedInputs) -> dict[str, Any]:
+        """input_ids (each `<image>` expanded to `num_image_tokens` image tokens), attention_mask and, with
+        answers, labels: the sequence is prompt + answer + EOS, and only the answer and EOS are supervised."""
         rows: dict[str, list[list[int]]] = {"input_ids": []}
-        if answer_list is not None:
+        if inputs.answers is not None:
             rows["labels"] = []
-        for index, text in enumerate(texts):
-            answer = None if answer_list is None else answer_list[index]
+        for index, text in enumerate(inputs.texts):
+            answer = None if inputs.answers is None else inputs.answers[index]
             if self.official_tokenization:
-                ids, labels = self._official_ids(index, text, answer, add_special_tokens)
+                ids, labels = self._official_ids(index, text, answer, inputs.add_special_tokens)
             else:
-                ids, labels = self._joint_ids(text, answer, add_special_tokens)
-            ids, labels = self._fit_length(index, ids, labels, max_length, overflow)
+                ids, labels = self._joint_ids(text, answer, inputs.add_special_tokens)
+            ids, labels = self._fit_length(index, ids, labels, inputs.max_length, inputs.overflow)
             rows["input_ids"].append(ids)
             if labels is not None:
                 rows["labels"].append(labels)
-
-        data = self._pad(
-            rows, {"input_ids": self._pad_id(), "labels": IGNORE_INDEX}, left=answer_list is None
+        return self._pad(
+            rows, {"input_ids": self._pad_id(), "labels": IGNORE_INDEX}, left=inputs.answers is None
         )
-        if pixel_values is not None:
-            data["pixel_values"] = pixel_values
-        return BatchFeature(data=data, tensor_type=return_tensors)
 
     def _joint_ids(
         self, text: str, answer: str | None, add_special_tokens: bool
