@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -262,9 +263,16 @@ def test_quickstart_command_prints_no_library_warnings(tmp_path):
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
     output = completed.stdout + completed.stderr
-    assert "[6/6]" in output or "6/6" in output
-    for marker in ("Warning", "deprecated", "kernels-community"):
+    assert all(f"[{step}/6]" in completed.stdout for step in range(1, 7))
+    for marker in ("Warning", "deprecated", "kernels-community", "Loading weights"):
         assert marker not in output, [line for line in output.splitlines() if marker in line][:3]
+    # The evaluations show a bar with ETA (tqdm on stderr), the results one rounded line each.
+    assert "evaluating" in completed.stderr and "8/8" in completed.stderr
+    accuracy_lines = [line for line in completed.stdout.splitlines() if line.strip().startswith("accuracy")]
+    assert len(accuracy_lines) == 2
+    assert all(
+        re.fullmatch(r"accuracy \d\.\d{3} \((\S+ \d\.\d{3}(, )?)+\)", line.strip()) for line in accuracy_lines
+    )
 
 
 def test_method_registry_builds_both_models_and_their_processors(tiny_backbones, tmp_path):

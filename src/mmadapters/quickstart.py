@@ -20,6 +20,8 @@ import os
 import random
 import re
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,6 +163,34 @@ def text_prompt(question: str) -> str:
     return f"Image: N/A\nQuestion: {question}\nAnswer:"
 
 
+@contextmanager
+def no_loading_bars() -> Iterator[None]:
+    """Hide transformers' per-tensor "Loading weights" bars (two bars of a fraction of a second each for the
+    embedded backbones) while the backbones load; the state before is restored afterwards."""
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
+
+
+def progress_bar(description: str, total: int, unit: str) -> tuple[Any, Callable[[int, int], None]]:
+    """A progress bar with ETA and the `progress(done, total)` callback that moves it."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=f"      {description}", unit=unit, leave=False)
+    return bar, lambda done, _total: bar.update(done - bar.n)
+
+
+def accuracy_line(result: dict[str, Any]) -> str:
+    by_type = ", ".join(f"{name} {value:.3f}" for name, value in result["by_group"].items())
+    return f"      accuracy {result['accuracy']:.3f} ({by_type})"
+
+
 def run_quickstart(
     output_dir: str | os.PathLike, settings: QuickstartSettings | None = None, log: Any = print
 ) -> dict[str, Any]:
@@ -205,18 +235,19 @@ def run_quickstart(
 
     step("backbones", "[1/6] Embedded backbones (SmolLM2-135M-Instruct + a small CLIP vision tower)...")
     text_model, vision_model = embedded_backbones()
-    model = LavinForConditionalGeneration.from_backbones(
-        text_model,
-        vision_model,
-        adapter_config=MMAdapterConfig(
-            vision_adapters=settings.vision_adapters,
-            dropout=settings.adapter_dropout,
-            placement=settings.adapter_placement,
-            llm_routing=settings.llm_routing,
-        ),
-        vision_feature_whitening=settings.feature_whitening,
-    )
-    processor = LavinProcessor.from_backbones(text_model, vision_model)
+    with no_loading_bars():
+        model = LavinForConditionalGeneration.from_backbones(
+            text_model,
+            vision_model,
+            adapter_config=MMAdapterConfig(
+                vision_adapters=settings.vision_adapters,
+                dropout=settings.adapter_dropout,
+                placement=settings.adapter_placement,
+                llm_routing=settings.llm_routing,
+            ),
+            vision_feature_whitening=settings.feature_whitening,
+        )
+        processor = LavinProcessor.from_backbones(text_model, vision_model)
     # The model learns the plain "Image: ...\nQuestion: ...\nAnswer:" layout, not the LLM's chat format: the saved
     # processor's chat template renders conversations that way, so `mmadapters chat` and the demo match training.
     processor.chat_template = question_answer_chat_template()
@@ -249,8 +280,10 @@ def run_quickstart(
         f"[3/6] easy-vqa accuracy before training ({settings.num_test} test questions)...",
     )
     test = load_easy_vqa("test", limit=settings.num_test, seed=settings.seed)
-    before = evaluate_easy_vqa(model, processor, test, batch_size=settings.eval_batch_size)
-    log(f"      accuracy {before['accuracy']:.3f} {before['by_group']}")
+    bar, progress = progress_bar("evaluating", len(test), "question")
+    before = evaluate_easy_vqa(model, processor, test, batch_size=settings.eval_batch_size, progress=progress)
+    bar.close()
+    log(accuracy_line(before))
 
     step(
         "training",
@@ -289,14 +322,17 @@ def run_quickstart(
     model = trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
 
     step("evaluation_after", "[5/6] easy-vqa accuracy after training, and the held-out text-only answers...")
+    bar, progress = progress_bar("evaluating", len(test), "question")
     after = evaluate_easy_vqa(
         model,
         processor,
         test,
         batch_size=settings.eval_batch_size,
+        progress=progress,
         answers_described=settings.prompt_format == "describe",  # same questions, scored as trained
     )
-    log(f"      accuracy {after['accuracy']:.3f} {after['by_group']}")
+    bar.close()
+    log(accuracy_line(after))
     new_answers = generate_answers(
         model,
         processor,

@@ -2,14 +2,14 @@
 with a small trainable side.
 
 What lives here (each model keeps only what is its own):
-- construction around backbones (`_from_backbone_specs`): loading keywords, device maps, quantisation,
+- construction around backbones (`__init__`, `from_backbones`): loading keywords, device maps, quantisation,
   freezing, the backbone record in the config;
 - adapter-only checkpoints: `save_pretrained` / `from_pretrained` / `push_to_hub`, with the backbones resolved
   again from the record and checked against their fingerprints;
 - weight initialisation of our modules when a checkpoint does not provide them (`_init_weights`);
 - the transformers plumbing every composite model needs (embeddings, attention flags, placement).
 
-Subclasses define `adapter_module_names()`, `_composite_config(...)` and may
+Subclasses define `_build_trainable_side(config)`, `adapter_module_names()`, `_composite_config(...)` and may
 define `load_referenced_weights(...)` and `own_layer_adapters()`.
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Self
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -41,6 +41,8 @@ from .backbone_watch import BackboneWatch
 from .backbones import (
     BackboneReference,
     BackboneSpec,
+    build_text_backbone,
+    build_vision_backbone,
     check_backbone,
     freeze,
     is_quantized,
@@ -85,9 +87,30 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _skip_keys_device_placement = ["past_key_values", "cache"]
 
+    def __init__(
+        self,
+        config: PreTrainedConfig,
+        language_model: PreTrainedModel | None = None,
+        vision_tower: PreTrainedModel | None = None,
+    ) -> None:
+        super().__init__(config)
+        # Built from the configs when not given (random weights; a full checkpoint then loads into them).
+        self.language_model = language_model or build_text_backbone(config.text_config)
+        self.vision_tower = vision_tower or build_vision_backbone(config.vision_config)
+        freeze(self.language_model)
+        freeze(self.vision_tower)
+        self._build_trainable_side(config)
+        self.post_init()
+        self.restore_trainable_side()  # what the method trains now (e.g. CROME: the current stage's modules)
+
     # ------------------------------------------------------------------------------------------------
     # What subclasses say
     # ------------------------------------------------------------------------------------------------
+
+    def _build_trainable_side(self, config: PreTrainedConfig) -> None:
+        """Build the method's own modules (adapters, projections, ...) around the frozen backbones, which are in
+        place as `self.language_model` and `self.vision_tower`."""
+        raise NotImplementedError
 
     def adapter_module_names(self) -> tuple[str, ...]:
         """Top-level modules an adapter-only checkpoint holds."""
@@ -321,17 +344,35 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
     # ------------------------------------------------------------------------------------------------
 
     @classmethod
-    def _from_backbone_specs(
+    def from_backbones(
         cls,
         text_model: BackboneSpec,
         vision_model: BackboneSpec,
-        adapter_config: Any,
-        text_revision: str | None,
-        vision_revision: str | None,
-        kwargs: dict[str, Any],
-    ) -> FrozenBackbonesPreTrainedModel:
-        """The body of `from_backbones`: `kwargs` holds loading keywords (see `mmadapters.modeling.loading`) and
-        config fields; anything else raises TypeError."""
+        adapter_config: Any = None,
+        dtype: torch.dtype | str | None = None,
+        text_revision: str | None = None,
+        vision_revision: str | None = None,
+        **kwargs: Any,
+    ) -> Self:
+        """Build the model around a frozen LLM and a frozen vision tower.
+
+        Args:
+            text_model: a Hub id, a local folder, a config object (random weights) or a loaded model of a
+                causal LM (or, for CROME, a T5-style encoder-decoder; e.g. one you loaded quantised or with your own
+                device map).
+            vision_model: the same for a CLIP/SigLIP vision tower (a full CLIP checkpoint also works).
+            adapter_config: the method's adapter settings (LaVIN: `MMAdapterConfig`, CROME: `CromeAdapterConfig`;
+                default: the paper's); not modified.
+            dtype: dtype of the frozen backbones (adapters stay float32). Default float32.
+            text_revision, vision_revision: Hub revisions to load (recorded in the config).
+            **kwargs: loading keywords of `from_pretrained` (`attn_implementation`, `device_map`, `max_memory`,
+                `offload_folder`, `quantization_config`, `token`, `cache_dir`, `local_files_only`, ...: see
+                `mmadapters.modeling.loading`) and other fields of the model's config (LaVIN: vision_feature_layers,
+                projector_hidden_size, ...). Anything else raises TypeError.
+
+        Works under `with torch.device("meta"):` with config objects, for instant full-size parameter counts.
+        """
+        kwargs["dtype"] = dtype
         where = f"{cls.__name__}.from_backbones"
         options = take_loading_options(kwargs, where)
         fields = cls._take_config_fields(kwargs, where)

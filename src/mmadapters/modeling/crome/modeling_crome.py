@@ -1,6 +1,6 @@
 """CROME: instruction-aware Q-Former + cross-modal adapter in front of a frozen LLM (CROME.md).
 
-Reading order: `__init__` (what is built), `get_image_features` (vision -> Q-Former -> projections),
+Reading order: `_build_trainable_side` (what is built), `get_image_features` (vision -> Q-Former -> projections),
 `embed_inputs` (where the adapter's two branches apply), `forward`, `generate`, `set_stage`.
 """
 
@@ -8,7 +8,7 @@ from typing import Any, Unpack
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, InstructBlipQFormerModel, PreTrainedModel
+from transformers import GenerationMixin, InstructBlipQFormerModel
 from transformers import initialization as init
 from transformers.loss.loss_utils import fixed_cross_entropy
 from transformers.modeling_outputs import Seq2SeqLMOutput
@@ -19,11 +19,8 @@ from ..backbones import (
     BackboneMismatchError,
     BackboneReference,
     BackboneSpec,
-    build_text_backbone,
-    build_vision_backbone,
     fingerprint,
     fingerprints_match,
-    freeze,
     read_tensors,
     resolve_checkpoint_folder,
     tokenizer_for,
@@ -68,18 +65,9 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
     -> CROME-Adapter, vision branch ; prompt embeddings -> CROME-Adapter, text branch ; concatenated -> LLM.
     """
 
-    def __init__(
-        self,
-        config: CromeConfig,
-        language_model: PreTrainedModel | None = None,
-        vision_tower: PreTrainedModel | None = None,
-    ) -> None:
-        super().__init__(config)
-        # Built from the configs when not given (random weights; a full checkpoint then loads into them).
-        self.language_model = language_model or build_text_backbone(config.text_config)
-        self.vision_tower = vision_tower or build_vision_backbone(config.vision_config)
-        freeze(self.language_model)
-        freeze(self.vision_tower)
+    def _build_trainable_side(self, config: CromeConfig) -> None:
+        """The Q-Former, its query tokens, the projections and the CROME-Adapter (the base's `__init__` builds or
+        takes the backbones and freezes them, then calls this; afterwards only the current stage's modules train)."""
         text_width = config.text_config.hidden_size if hasattr(config.text_config, "hidden_size") else None
         text_width = text_width or config.text_config.d_model  # T5 names it d_model
         query_width = config.qformer_config.hidden_size
@@ -90,8 +78,6 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
             nn.Linear(config.vision_config.hidden_size, text_width) if config.use_patch_branch else None
         )
         self.adapter = CromeAdapter(text_width, config.crome_adapter_config)
-        self.post_init()
-        self.set_stage(config.stages_used[-1] if config.stages_used else "finetune")
 
     # ------------------------------------------------------------------------------------------------
     # Construction
@@ -104,23 +90,15 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
         vision_model: BackboneSpec,
         qformer: Any = None,
         adapter_config: CromeAdapterConfig | None = None,
-        dtype: torch.dtype | str | None = None,
-        text_revision: str | None = None,
-        vision_revision: str | None = None,
         **kwargs: Any,
     ) -> "CromeForConditionalGeneration":
-        """Build CROME around a frozen LLM and a frozen vision tower (Hub ids, local folders, config objects or
-        loaded models; config objects give random weights and work under `with torch.device("meta"):`).
-
-        `qformer`: an `InstructBlipQFormerConfig` (default: InstructBLIP's shapes reading this tower's width).
-        To start from a trained InstructBLIP Q-Former, use `mmadapters.convert.from_instructblip`.
-        `**kwargs`: loading keywords of `from_pretrained` (see `mmadapters.modeling.loading`) and other
-        `CromeConfig` fields; anything else raises TypeError.
+        """Build CROME around a frozen LLM (decoder-only or T5-style) and a frozen vision tower: the arguments of
+        `FrozenBackbonesPreTrainedModel.from_backbones`, and `qformer`, an `InstructBlipQFormerConfig` (default:
+        InstructBLIP's shapes reading this tower's width). To start from a trained InstructBLIP Q-Former, use
+        `mmadapters.convert.from_instructblip`.
         """
-        kwargs["dtype"] = dtype
-        kwargs["qformer_config"] = qformer
-        return cls._from_backbone_specs(
-            text_model, vision_model, adapter_config, text_revision, vision_revision, kwargs
+        return super().from_backbones(
+            text_model, vision_model, adapter_config, qformer_config=qformer, **kwargs
         )
 
     @classmethod

@@ -1,6 +1,6 @@
 """LaVIN: a frozen LLM and a frozen vision tower joined by Mixture-of-Modality adapters (LAVIN.md).
 
-Reading order: `LavinForConditionalGeneration.__init__` (what is built and frozen), `forward` (data flow),
+Reading order: `LavinForConditionalGeneration._build_trainable_side` (what is built around the frozen backbones), `forward` (data flow),
 `compute_routing_table` (where the LLM-side router is computed), `generate`, then saving and loading.
 """
 
@@ -10,7 +10,7 @@ from typing import Any, Unpack
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import TransformersKwargs
@@ -28,7 +28,7 @@ from ..adapters import (
     inject_vision_adapters,
 )
 from ..adapters.call_state import recording_routing
-from ..backbones import BackboneReference, BackboneSpec, build_text_backbone, build_vision_backbone, freeze
+from ..backbones import BackboneReference
 from ..causal_lm_output import VisionLanguageCausalLMOutput, image_features_output
 from ..frozen_backbones import FrozenBackbonesPreTrainedModel, adapter_settings
 from ..image_tokens import check_image_token_count, embed_text_tokens, refuse_images_without_pixels
@@ -121,19 +121,10 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
     side trains (LLM and vision adapters with their routers, the projector, the modality embedding).
     """
 
-    def __init__(
-        self,
-        config: LavinConfig,
-        language_model: PreTrainedModel | None = None,
-        vision_tower: PreTrainedModel | None = None,
-    ) -> None:
-        super().__init__(config)
+    def _build_trainable_side(self, config: LavinConfig) -> None:
+        """The adapters, the projector and the modality embedding, around the frozen backbones (the base's
+        `__init__` builds or takes those and freezes them, then calls this)."""
         adapter_config = config.mm_adapter_config
-        # Built from the configs when not given (random weights; a full checkpoint then loads into them).
-        self.language_model = language_model or build_text_backbone(config.text_config)
-        self.vision_tower = vision_tower or build_vision_backbone(config.vision_config)
-        freeze(self.language_model)
-        freeze(self.vision_tower)
         text_width = config.text_config.hidden_size
         vision_width = config.vision_config.hidden_size
 
@@ -171,44 +162,10 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         self._fold_direction: torch.Tensor | None = None
         # A plain attribute (not `config.mm_adapter_config`, which builds a dataclass: a torch.compile graph break).
         self.llm_routing = adapter_config.llm_routing
-        self._freeze_unused_llm_routing()
-        self.post_init()
 
     # ------------------------------------------------------------------------------------------------
     # Construction around Hub backbones
     # ------------------------------------------------------------------------------------------------
-
-    @classmethod
-    def from_backbones(
-        cls,
-        text_model: BackboneSpec,
-        vision_model: BackboneSpec,
-        adapter_config: MMAdapterConfig | None = None,
-        dtype: torch.dtype | str | None = None,
-        text_revision: str | None = None,
-        vision_revision: str | None = None,
-        **kwargs: Any,
-    ) -> "LavinForConditionalGeneration":
-        """Build LaVIN around a frozen LLM and a frozen vision tower.
-
-        Args:
-            text_model: a Hub id, a local folder, a config object (random weights) or a loaded model of a
-                causal LM (e.g. one you loaded quantised or with your own device map).
-            vision_model: the same for a CLIP/SigLIP vision tower (a full CLIP checkpoint also works).
-            adapter_config: the MM-Adapter settings (default: the paper's); not modified.
-            dtype: dtype of the frozen backbones (adapters stay float32). Default float32.
-            text_revision, vision_revision: Hub revisions to load (recorded in the config).
-            **kwargs: loading keywords of `from_pretrained` (`attn_implementation`, `device_map`, `max_memory`,
-                `offload_folder`, `quantization_config`, `token`, `cache_dir`, `local_files_only`, ...: see
-                `mmadapters.modeling.loading`) and other `LavinConfig` fields (vision_feature_layers,
-                projector_hidden_size, ...). Anything else raises TypeError.
-
-        Works under `with torch.device("meta"):` with config objects, for instant full-size parameter counts.
-        """
-        kwargs["dtype"] = dtype
-        return cls._from_backbone_specs(
-            text_model, vision_model, adapter_config, text_revision, vision_revision, kwargs
-        )
 
     @classmethod
     def _composite_config(
