@@ -53,10 +53,8 @@ def _load(checkpoint: str) -> tuple:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from tqdm import tqdm
-
     from .data import load_easy_vqa
-    from .evaluation import evaluate_easy_vqa
+    from .evaluation import evaluate_easy_vqa, progress_bar
 
     model, processor = _load(args.checkpoint)
     if args.task != "easy-vqa":
@@ -72,13 +70,13 @@ def _eval(args: argparse.Namespace) -> None:
     described = args.prompt_format == "describe"
     questions_format = "open" if described else args.prompt_format
     dataset = load_easy_vqa(args.split or "test", limit=args.limit, prompt_format=questions_format)
-    bar = tqdm(total=len(dataset), desc="evaluating")
+    bar, progress = progress_bar("evaluating", len(dataset))
     result = evaluate_easy_vqa(
         model,
         processor,
         dataset,
         batch_size=args.batch_size,
-        progress=lambda done, total: bar.update(done - bar.n),
+        progress=progress,
         answers_described=described,
     )
     bar.close()
@@ -94,16 +92,10 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _eval_task(args: argparse.Namespace, model: Any, processor: Any) -> None:
     """ScienceQA, MME or MMBench: the paper's table, printed and written as JSON (and recorded for the card)."""
-    from tqdm import tqdm
-
+    from .evaluation import progress_bar
     from .evaluation.tasks import run_task
 
-    bar = tqdm(desc=f"evaluating {args.task}", unit="prompt")
-
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
-
+    bar, progress = progress_bar(f"evaluating {args.task}", unit="prompt")
     limit = None if args.limit is NO_LIMIT_GIVEN else args.limit
     result = run_task(
         args.task, model, processor, args.data, args.split, limit, args.batch_size, progress=progress

@@ -20,7 +20,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -180,14 +180,6 @@ def no_loading_bars() -> Iterator[None]:
             transformers_logging.enable_progress_bar()
 
 
-def progress_bar(description: str, total: int, unit: str) -> tuple[Any, Callable[[int, int], None]]:
-    """A progress bar with ETA and the `progress(done, total)` callback that moves it."""
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, desc=f"      {description}", unit=unit, leave=False)
-    return bar, lambda done, _total: bar.update(done - bar.n)
-
-
 def accuracy_line(result: dict[str, Any]) -> str:
     by_type = ", ".join(f"{name} {value:.3f}" for name, value in result["by_group"].items())
     return f"      accuracy {result['accuracy']:.3f} ({by_type})"
@@ -201,7 +193,7 @@ def run_quickstart(
 
     from .checkpoint_files import ADAPTER_WEIGHTS_NAME
     from .data import load_easy_vqa
-    from .evaluation import evaluate_easy_vqa, generate_answers
+    from .evaluation import evaluate_easy_vqa, generate_answers, progress_bar
     from .hub import write_eval_results
     from .modeling.adapters import MMAdapterConfig
     from .modeling.embedded import embedded_backbones
@@ -225,9 +217,8 @@ def run_quickstart(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    stage_starts: dict[
-        str, float
-    ] = {}  # when each step began: the summary's stage_seconds (where the time goes)
+    # When each step began: the summary's stage_seconds (where the time goes).
+    stage_starts: dict[str, float] = {}
 
     def step(name: str, message: str) -> None:
         stage_starts[name] = time.perf_counter()
@@ -282,7 +273,7 @@ def run_quickstart(
         f"[3/6] easy-vqa accuracy before training ({settings.num_test} test questions)...",
     )
     test = load_easy_vqa("test", limit=settings.num_test, seed=settings.seed)
-    bar, progress = progress_bar("evaluating", len(test), "question")
+    bar, progress = progress_bar("      evaluating", len(test), leave=False)
     before = evaluate_easy_vqa(model, processor, test, batch_size=settings.eval_batch_size, progress=progress)
     bar.close()
     log(accuracy_line(before))
@@ -324,7 +315,7 @@ def run_quickstart(
     model = trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
 
     step("evaluation_after", "[5/6] easy-vqa accuracy after training, and the held-out text-only answers...")
-    bar, progress = progress_bar("evaluating", len(test), "question")
+    bar, progress = progress_bar("      evaluating", len(test), leave=False)
     after = evaluate_easy_vqa(
         model,
         processor,

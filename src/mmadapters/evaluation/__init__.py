@@ -1,7 +1,7 @@
 """Evaluation: generation-based accuracy with answer extraction, easy-vqa and ScienceQA scorers."""
 
 from .easy_vqa import evaluate_easy_vqa
-from .generate import generate_answers
+from .generate import generate_answers, progress_bar
 from .scoring import (
     SCIENCEQA_COLUMNS,
     accuracy_by_group,
@@ -20,6 +20,7 @@ __all__ = [
     "extract_letter",
     "extract_word",
     "generate_answers",
+    "progress_bar",
     "scienceqa_categories",
     "scienceqa_table",
 ]

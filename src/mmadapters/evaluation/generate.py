@@ -16,6 +16,22 @@ def answer_tokens(model: Any, input_ids: torch.Tensor, output: torch.Tensor) -> 
     return output[:, input_ids.shape[1] :]
 
 
+def progress_bar(
+    description: str, total: int | None = None, unit: str = "question", leave: bool = True
+) -> tuple[Any, Callable[[int, int], None]]:
+    """A tqdm bar (with ETA once its total is known) and the `progress(done, total)` callback that moves it, for
+    the evaluation functions' `progress` argument. Close the bar when the evaluation returns."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=description, unit=unit, leave=leave)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    return bar, progress
+
+
 @torch.no_grad()
 def generate_answers(
     model: Any,

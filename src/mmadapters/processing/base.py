@@ -3,6 +3,7 @@ length policy and padding. Each processor keeps its own layout and outputs."""
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -176,6 +177,12 @@ def has_saved_processor(folder: str) -> bool:
     )
 
 
+def check_overflow_policy(overflow: str) -> str:
+    if overflow not in OVERFLOW_POLICIES:
+        raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
+    return overflow
+
+
 @dataclass
 class CheckedInputs:
     """One processor call's inputs after the shared checks, for the method's own encoding (`_model_inputs`)."""
@@ -203,13 +210,11 @@ class AdapterProcessorMixin:
         overflow: str,
         max_image_pixels: int,
     ) -> None:
-        if overflow not in OVERFLOW_POLICIES:
-            raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
+        self.overflow = check_overflow_policy(overflow)  # before the tokenizer is touched
         self.image_token = IMAGE_TOKEN
         self.image_token_id = add_image_token(tokenizer)
         self.num_image_tokens = num_image_tokens
         self.max_length = max_length
-        self.overflow = overflow
         self.max_image_pixels = max_image_pixels
 
     def __call__(
@@ -242,9 +247,7 @@ class AdapterProcessorMixin:
         """
         options = self._check_call_options(kwargs)
         texts = self._check_texts(text)
-        overflow = overflow or self.overflow
-        if overflow not in OVERFLOW_POLICIES:
-            raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
+        overflow = check_overflow_policy(overflow or self.overflow)
         inputs = CheckedInputs(
             texts=texts,
             answers=self._check_answers(answers, texts),
@@ -282,15 +285,9 @@ class AdapterProcessorMixin:
             )
         unknown = sorted(set(kwargs) - set(self.call_options))
         if unknown:
-            accepted = [
-                "images",
-                "text",
-                "answers",
-                "return_tensors",
-                "add_special_tokens",
-                "max_length",
-                "overflow",
-            ]
+            # The keywords `__call__` names, read off its signature so that the message cannot drift from it.
+            named = inspect.signature(AdapterProcessorMixin.__call__).parameters
+            accepted = [parameter for parameter in named if parameter not in ("self", "kwargs")]
             hint = "For truncation use max_length with overflow='truncate_left' or 'truncate_right'."
             if set(unknown) & set(GenerationConfig().to_dict()):
                 # A pipeline hands its unknown keywords to the processor, so they never reach generate.
