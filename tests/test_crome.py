@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
 import os
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -23,10 +26,13 @@ from mmadapters import (
     CromeForConditionalGeneration,
     CromeProcessor,
     ImageTokenMismatchError,
+    LavinForConditionalGeneration,
+    LavinProcessor,
 )
 from mmadapters.convert import from_instructblip
 from mmadapters.modeling.adapters import CromeAdapter
 from mmadapters.modeling.paper_configs import llama_7b_config, llama_13b_config
+from mmadapters.modeling.transformers_compat import CACHE_KWARG, cache_of
 
 tiny_qformer = tiny_qformer_config
 
@@ -256,6 +262,48 @@ def test_batched_generation_equals_one_by_one_and_vision_runs_once(backbones, ki
             batched[i, offset:].tolist()[: kwargs["max_new_tokens"] + 1]
             == alone[0, alone_offset:].tolist()[: kwargs["max_new_tokens"] + 1]
         )
+
+
+@pytest.mark.parametrize("kind", ["lavin", "llama", "t5"])
+def test_transformers_forward_keywords_are_honoured(backbones, kind):
+    """The options every transformers model takes through **kwargs, as LLaVA's forward does: `return_dict=False`
+    returns the tuple, `use_cache` reaches the LLM, the KV cache is accepted under its old name too."""
+    if kind == "lavin":
+        model = LavinForConditionalGeneration.from_backbones(backbones["llama"], backbones["vision"]).eval()
+        processor = LavinProcessor.from_backbones(backbones["llama"], backbones["vision"])
+    else:
+        model, processor = build(backbones, kind)
+    assert not {"use_cache", "return_dict", "past_key_values"} & set(
+        inspect.signature(model.forward).parameters
+    )
+    batch = processor(images=[[image(0)]], text=["<image>\nwhat color?"])
+    with torch.no_grad():
+        output = model(**batch)
+        as_tuple = model(**batch, return_dict=False)
+        assert isinstance(as_tuple, tuple)
+        torch.testing.assert_close(as_tuple[0], output.logits, rtol=0, atol=0)
+        assert cache_of(model(**batch, use_cache=False)) is None
+        cache = cache_of(model(**batch, use_cache=True))
+        assert cache is not None
+        if kind == "t5":
+            return  # the encoder input is always the whole prompt: nothing to continue
+        next_token = output.logits[:, -1:].argmax(-1)
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(next_token)], dim=1)
+        step = dict(input_ids=next_token, attention_mask=mask)
+        with_cache = model(**step, cache=copy.deepcopy(cache)).logits
+        old_name = "past_key_values"
+        expected = (
+            [FutureWarning] if CACHE_KWARG == "cache" else []
+        )  # renamed to `cache` in transformers 5.24
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with_old_name = model(**step, **{old_name: copy.deepcopy(cache)}).logits
+        assert [w.category for w in caught if "past_key_values" in str(w.message)] == expected
+        torch.testing.assert_close(with_old_name, with_cache, rtol=0, atol=0)
+        full = processor(images=[[image(0)]], text=["<image>\nwhat color?"])
+        full["input_ids"] = torch.cat([full["input_ids"], next_token], dim=1)
+        full["attention_mask"] = mask
+        torch.testing.assert_close(with_cache[:, -1], model(**full).logits[:, -1], rtol=1e-4, atol=1e-5)
 
 
 def test_bad_inputs(backbones):

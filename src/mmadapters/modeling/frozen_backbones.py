@@ -292,13 +292,12 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
     def _decoder_only_output(
         self,
         inputs_embeds: torch.Tensor,
+        image_outputs: Any,
         labels: torch.Tensor | None,
         logits_to_keep: int | torch.Tensor,
         supervised_logits_only: bool,
-        image_outputs: Any,
-        return_dict: bool | None,
         llm_kwargs: dict[str, Any],
-    ) -> VisionLanguageCausalLMOutput | tuple:
+    ) -> VisionLanguageCausalLMOutput:
         """The decoder-only LLM on the prepared input embeddings (the end of both models' `forward`): logits and
         loss (`causal_lm_output`; `llm_kwargs` holds the attention mask, positions, cache, adapter and loss
         keyword arguments), with the image outputs attached as transformers' vision-language models do."""
@@ -315,7 +314,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         if image_outputs is not None:
             output.image_outputs = image_outputs
             output.image_hidden_states = image_outputs.pooler_output
-        return output if self._return_dict(return_dict) else output.to_tuple()
+        return output
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()

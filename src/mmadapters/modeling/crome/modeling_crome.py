@@ -12,7 +12,7 @@ from transformers import GenerationMixin, InstructBlipQFormerModel
 from transformers import initialization as init
 from transformers.loss.loss_utils import fixed_cross_entropy
 from transformers.modeling_outputs import Seq2SeqLMOutput
-from transformers.utils import TransformersKwargs
+from transformers.utils import TransformersKwargs, can_return_tuple
 
 from ..adapters import CromeAdapter, CromeAdapterConfig
 from ..backbones import (
@@ -329,6 +329,7 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
             refuse_images_without_pixels(image_mask)
         return inputs_embeds, image_outputs
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -342,23 +343,24 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         decoder_input_ids: torch.LongTensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
-        use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         supervised_logits_only: bool = False,
-        return_dict: bool | None = None,
-        past_key_values: Any = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> VisionLanguageCausalLMOutput | Seq2SeqLMOutput | tuple:
         r"""
         prompt_mask: (batch, prompt length) 1 on the prompt's text tokens (the adapter's text branch), from
             `CromeProcessor`. Without it no text token is adapted.
+        cache: the KV cache (transformers 5.24 calls it `cache`; earlier releases `past_key_values`, which is
+            accepted as a keyword too).
         labels: decoder-only LLM: the full sequence with -100 on the prompt; encoder-decoder: the answer.
         supervised_logits_only: decoder-only LLM with `labels`: logits only where the next token is supervised
             (same loss; see `causal_lm_output`). Encoder-decoder LLMs score only the answer anyway.
+        use_cache, return_dict, output_attentions, ... (keywords): as in transformers' models (LLaVA's forward
+            takes them the same way: `use_cache` goes to the LLM, `return_dict=False` returns a tuple).
         """
         if input_ids is None:
             raise ValueError("CROME needs input_ids (the processor's output).")
-        cache = pick_cache(cache, past_key_values, type(self).__name__)
+        cache = pick_cache(cache, kwargs.pop("past_key_values", None), type(self).__name__)
         past_length = cache.get_seq_length() if cache is not None else 0
         self.check_inputs(
             input_ids, attention_mask, pixel_values, 0 if self.is_encoder_decoder_llm else past_length
@@ -374,53 +376,52 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
             past_length,
             output_attentions=kwargs.get("output_attentions"),
         )
+        # use_cache, output_attentions, the loss keywords (taken out before the LLM call), ...
+        llm_kwargs = dict(attention_mask=attention_mask, **cache_kwargs(cache), **kwargs)
         if self.is_encoder_decoder_llm:
-            loss_kwargs = {key: kwargs.pop(key) for key in LOSS_KWARGS if key in kwargs}
-            if labels is None and decoder_input_ids is None:  # score the first answer token
-                start = self.language_model.config.decoder_start_token_id
-                decoder_input_ids = torch.full((input_ids.shape[0], 1), start, device=input_ids.device)
-            outputs = self.language_model(
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                labels=labels,  # only to derive decoder_input_ids; the loss is computed below
-                decoder_input_ids=decoder_input_ids,
-                decoder_attention_mask=decoder_attention_mask,
-                use_cache=use_cache,
-                **cache_kwargs(cache),
-                **kwargs,
+            return self._encoder_decoder_output(
+                inputs_embeds, labels, decoder_input_ids, decoder_attention_mask, llm_kwargs
             )
-            loss = None
-            if labels is not None:
-                if loss_kwargs.pop("shift_labels", None) is not None:
-                    raise ValueError(
-                        "shift_labels applies to decoder-only LLMs; an encoder-decoder LLM scores `labels`."
-                    )
-                logits = outputs.logits.float()
-                loss = fixed_cross_entropy(
-                    logits.view(-1, logits.shape[-1]), labels.view(-1).to(logits.device), **loss_kwargs
-                )
-            seq2seq = Seq2SeqLMOutput(
-                loss=loss,
-                logits=outputs.logits,
-                encoder_last_hidden_state=outputs.encoder_last_hidden_state,
-                **cache_kwargs(cache_of(outputs)),
-            )
-            return seq2seq if self._return_dict(return_dict) else seq2seq.to_tuple()
-        llm_kwargs = dict(
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=use_cache,
-            **cache_kwargs(cache),
-            **kwargs,  # the loss keyword arguments too: causal_lm_output takes them out
-        )
+        llm_kwargs["position_ids"] = position_ids
         return self._decoder_only_output(
-            inputs_embeds,
-            labels,
-            logits_to_keep,
-            supervised_logits_only,
-            image_outputs,
-            return_dict,
-            llm_kwargs,
+            inputs_embeds, image_outputs, labels, logits_to_keep, supervised_logits_only, llm_kwargs
+        )
+
+    def _encoder_decoder_output(
+        self,
+        inputs_embeds: torch.Tensor,
+        labels: torch.LongTensor | None,
+        decoder_input_ids: torch.LongTensor | None,
+        decoder_attention_mask: torch.Tensor | None,
+        llm_kwargs: dict[str, Any],
+    ) -> Seq2SeqLMOutput:
+        """The encoder-decoder LLM (T5) on the prepared encoder input; the loss over the answer (`labels`)."""
+        loss_kwargs = {key: llm_kwargs.pop(key) for key in LOSS_KWARGS if key in llm_kwargs}
+        if labels is None and decoder_input_ids is None:  # score the first answer token
+            start = self.language_model.config.decoder_start_token_id
+            decoder_input_ids = torch.full((inputs_embeds.shape[0], 1), start, device=inputs_embeds.device)
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            labels=labels,  # only to derive decoder_input_ids; the loss is computed below
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            **llm_kwargs,
+        )
+        loss = None
+        if labels is not None:
+            if loss_kwargs.pop("shift_labels", None) is not None:
+                raise ValueError(
+                    "shift_labels applies to decoder-only LLMs; an encoder-decoder LLM scores `labels`."
+                )
+            logits = outputs.logits.float()
+            loss = fixed_cross_entropy(
+                logits.view(-1, logits.shape[-1]), labels.view(-1).to(logits.device), **loss_kwargs
+            )
+        return Seq2SeqLMOutput(
+            loss=loss,
+            logits=outputs.logits,
+            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+            **cache_kwargs(cache_of(outputs)),
         )
 
     @torch.no_grad()

@@ -13,7 +13,7 @@ from torch import nn
 from transformers import GenerationMixin
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.utils import TransformersKwargs
+from transformers.utils import TransformersKwargs, can_return_tuple
 
 from ..adapters import (
     FOLDED_ADAPTERS_KWARG,
@@ -358,6 +358,7 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         """1 for each sequence that holds image placeholder tokens, else 0."""
         return (input_ids == self.config.image_token_id).any(dim=-1).long()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -367,19 +368,16 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         cache: Any = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
         modality: torch.LongTensor | None = None,
         routing_weights: torch.Tensor | None = None,
         folded_adapters: FoldedAdapters | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         supervised_logits_only: bool = False,
-        return_dict: bool | None = None,
-        past_key_values: Any = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> VisionLanguageCausalLMOutput | tuple:
         r"""
-        cache / past_key_values: the KV cache (transformers 5.24 calls it `cache`; earlier releases
-            `past_key_values`; either is accepted).
+        cache: the KV cache (transformers 5.24 calls it `cache`; earlier releases `past_key_values`, which is
+            accepted as a keyword too).
         modality: (batch,) 1 = image sample, 0 = text only. Default: read from the image tokens in `input_ids`.
         routing_weights: (batch, layers, sites, 2) precomputed LLM routing weights (`generate` passes them so
             that the routing table is computed once per call). Default: computed here from `modality`.
@@ -389,8 +387,10 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         supervised_logits_only: with `labels`, compute logits only where the next token is supervised (same
             loss, a fraction of the LM-head cost; `logits` then holds those positions only). Our Trainers set it.
         shift_labels (keyword): labels already shifted (context-parallel training); used instead of `labels`.
+        use_cache, return_dict, output_attentions, ... (keywords): as in transformers' models (LLaVA's forward
+            takes them the same way: `use_cache` goes to the LLM, `return_dict=False` returns a tuple).
         """
-        cache = pick_cache(cache, past_key_values, type(self).__name__)
+        cache = pick_cache(cache, kwargs.pop("past_key_values", None), type(self).__name__)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         self.check_inputs(input_ids, attention_mask, pixel_values, cache.get_seq_length() if cache else 0)
@@ -422,19 +422,12 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         llm_kwargs = dict(
             attention_mask=attention_mask,
             position_ids=position_ids + 1,  # position 0 belongs to the modality token
-            use_cache=use_cache,
             **cache_kwargs(cache),
             **adapter_kwargs,
-            **kwargs,
+            **kwargs,  # use_cache, output_attentions, the loss keywords (causal_lm_output takes those out), ...
         )
         return self._decoder_only_output(
-            inputs_embeds,
-            labels,
-            logits_to_keep,
-            supervised_logits_only,
-            image_outputs,
-            return_dict,
-            llm_kwargs,
+            inputs_embeds, image_outputs, labels, logits_to_keep, supervised_logits_only, llm_kwargs
         )
 
     def _place_image_features(
