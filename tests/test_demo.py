@@ -289,6 +289,47 @@ def test_push_space(tmp_path):
         server.stop()
 
 
+def test_push_space_command(monkeypatch, capsys):
+    """`mmadapters push-space`: the plan with --dry-run; the commit flags it shares with `push` reach the Hub."""
+    from huggingface_hub import CommitInfo, HfApi
+
+    from mmadapters.cli import main
+
+    folder = os.path.join(REPO, "spaces", "lavin")
+    assert main(["push-space", folder, "org/space", "--model", "org/lavin", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "Would upload to the Space org/space" in out and "mmadapters_space.json" in out
+    seen = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        seen["create_repo"] = (repo_id, kwargs)
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        seen["commit"] = (repo_id, kwargs)
+        seen["files"] = {op.path_in_repo for op in operations}
+        return CommitInfo(
+            commit_url="https://huggingface.co/spaces/org/space/commit/1111",
+            commit_message=kwargs["commit_message"],
+            commit_description="",
+            oid="1" * 40,
+            pr_url="https://huggingface.co/spaces/org/space/discussions/1",
+        )
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    flags = ["--private", "--create-pr", "--revision", "dev", "--commit-description", "why", "--retries", "0"]
+    assert main(["push-space", folder, "org/space", "--model", "org/lavin", *flags]) == 0
+    assert seen["create_repo"] == (
+        "org/space",
+        {"exist_ok": True, "private": True, "repo_type": "space", "space_sdk": "gradio"},
+    )
+    repo_id, commit = seen["commit"]
+    assert repo_id == "org/space" and commit["repo_type"] == "space"
+    assert (commit["create_pr"], commit["revision"], commit["commit_description"]) == (True, "dev", "why")
+    assert {"app.py", "README.md", "mmadapters_space.json"} <= seen["files"]
+    assert "discussions/1" in capsys.readouterr().out
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("kind", ["lavin", "crome"])
 def test_spaces_default_to_the_embedded_backbones(kind, monkeypatch, tmp_path):

@@ -217,23 +217,47 @@ def _merge(args: argparse.Namespace) -> None:
     )
 
 
+def _upload_options(args: argparse.Namespace) -> dict:
+    """The upload flags `push` and `push-space` share (`_add_upload_flags`), as keywords of push_folder/push_space."""
+    return dict(
+        private=True if args.private else None,
+        dry_run=args.dry_run,
+        retries=args.retries,
+        create_pr=args.create_pr,
+        revision=args.revision,
+        commit_description=args.commit_description,
+    )
+
+
+def _add_upload_flags(command: argparse.ArgumentParser, repo: str) -> None:
+    """The flags of `push` and `push-space` that say how to upload (read back by `_upload_options`)."""
+    command.add_argument("--dry-run", action="store_true", help="list the files and sizes; upload nothing")
+    command.add_argument("--private", action="store_true", help=f"create the {repo} private")
+    command.add_argument("--commit-description", help="the commit's longer description")
+    command.add_argument(
+        "--create-pr", action="store_true", help="open a pull request instead of committing to the branch"
+    )
+    command.add_argument("--revision", help="the branch to commit to (default: main)")
+    command.add_argument(
+        "--retries",
+        type=non_negative_int,
+        default=4,
+        help="retries of transient failures (5xx, network; default: %(default)s)",
+    )
+
+
 def _push(args: argparse.Namespace) -> None:
     from .hub import format_plan, push_folder
 
     result = push_folder(
         args.folder,
         args.repo_id,
-        private=True if args.private else None,
         commit_message=args.commit_message,
         include_backbone_weights=args.include_backbone_weights,
         allow_local_backbones=args.allow_local_backbones,
-        dry_run=args.dry_run,
-        retries=args.retries,
-        create_pr=args.create_pr,
-        revision=args.revision,
-        commit_description=args.commit_description,
         tags=args.tags,
         license=args.license,
+        **_upload_options(args),
     )
     if args.dry_run:
         print(f"Would upload to {args.repo_id}:\n{format_plan(result)}")
@@ -251,18 +275,7 @@ def _demo(args: argparse.Namespace, extra: list[str]) -> None:
 def _push_space(args: argparse.Namespace) -> None:
     from .hub import format_plan, push_space
 
-    result = push_space(
-        args.folder,
-        args.repo_id,
-        model=args.model,
-        private=True if args.private else None,
-        dry_run=args.dry_run,
-        retries=args.retries,
-        create_pr=args.create_pr,
-        revision=args.revision,
-        commit_description=args.commit_description,
-        tags=args.tags,
-    )
+    result = push_space(args.folder, args.repo_id, model=args.model, **_upload_options(args))
     if args.dry_run:
         print(f"Would upload to the Space {args.repo_id}:\n{format_plan(result)}")
     else:
@@ -380,16 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     push = commands.add_parser("push", help="upload an adapter-only checkpoint folder to the Hub")
     push.add_argument("folder", help="the checkpoint folder (adapter-only, as save_pretrained writes it)")
     push.add_argument("repo_id", help="owner/name on the Hub (created if missing)")
-    push.add_argument("--dry-run", action="store_true", help="list the files and sizes; upload nothing")
-    push.add_argument("--private", action="store_true", help="create the repo private")
+    _add_upload_flags(push, "repo")
     push.add_argument(
         "--commit-message", help="the commit's title (default: Upload adapters with mmadapters)"
     )
-    push.add_argument("--commit-description", help="the commit's longer description")
-    push.add_argument(
-        "--create-pr", action="store_true", help="open a pull request instead of committing to the branch"
-    )
-    push.add_argument("--revision", help="the branch to commit to (default: main)")
     push.add_argument("--tags", nargs="+", help="tags added to the generated model card")
     push.add_argument(
         "--license",
@@ -402,9 +409,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-local-backbones",
         action="store_true",
         help="push even though config.json names a backbone by a path on this machine",
-    )
-    push.add_argument(
-        "--retries", type=non_negative_int, default=4, help="retries of transient failures (5xx, network)"
     )
     push.set_defaults(run=_push)
 
@@ -423,14 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     space.add_argument("folder", help="the Space folder (spaces/lavin or spaces/crome)")
     space.add_argument("repo_id", help="owner/name of the Space (created if missing)")
     space.add_argument("--model", required=True, help="the model repo the Space serves")
-    space.add_argument("--private", action="store_true", help="create the Space private")
-    space.add_argument("--dry-run", action="store_true", help="list the files and sizes; upload nothing")
-    space.add_argument(
-        "--retries",
-        type=non_negative_int,
-        default=4,
-        help="retries of transient failures (default: %(default)s)",
-    )
+    _add_upload_flags(space, "Space")
     space.set_defaults(run=_push_space)
 
     merge = commands.add_parser(

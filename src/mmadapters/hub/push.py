@@ -404,9 +404,13 @@ def push_space(
     retries: int = 4,
     retry_wait: float = 1.0,
     endpoint: str | None = None,
+    create_pr: bool = False,
+    revision: str | None = None,
+    commit_description: str | None = None,
 ) -> list[PlannedFile] | str:
     """Upload a Space folder (spaces/lavin, spaces/crome) as a gradio Space serving `model` (a model repo id):
-    the model is recorded in `mmadapters_space.json` (read by the app) and in the README's `models:` list."""
+    the model is recorded in `mmadapters_space.json` (read by the app) and in the README's `models:` list.
+    `create_pr`, `revision`, `commit_description`: as for `push_folder`."""
     with tempfile.TemporaryDirectory() as generated:
         files = space_files(os.fspath(folder), model, generated)
         if dry_run:
@@ -420,6 +424,7 @@ def push_space(
             retries,
             retry_wait,
             endpoint,
+            {"create_pr": create_pr, "revision": revision, "commit_description": commit_description},
         )
 
 
