@@ -319,6 +319,28 @@ def test_bad_inputs(backbones):
         processor(text=[""])
 
 
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"position_ids": torch.arange(4).unsqueeze(0)},
+        {"logits_to_keep": 1},
+        {"logits_to_keep": torch.tensor([0, 1])},
+        {"shift_labels": torch.zeros(1, 4, dtype=torch.long)},
+    ],
+    ids=["position_ids", "logits_to_keep", "logits_to_keep_tensor", "shift_labels"],
+)
+def test_encoder_decoder_refuses_decoder_only_options(backbones, option):
+    """T5 CROME has no use for them: refused before anything runs, never dropped."""
+    model, processor = build(backbones, "t5")
+    inputs = processor(images=[image(0)], text="<image>\nwhat?", answers=["red"])
+    calls = []
+    model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+    with pytest.raises(ValueError, match=f"{next(iter(option))} apply to a decoder-only LLM.*T5"):
+        model(**inputs, **option)
+    assert calls == []
+    assert model(**inputs).loss is not None
+
+
 # --- InstructBLIP initialisation ------------------------------------------------------------------------------
 
 

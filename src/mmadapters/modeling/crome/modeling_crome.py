@@ -46,6 +46,23 @@ SOURCEABLE_MODULES = ("qformer", "query_tokens", "query_projection")
 INSTRUCTBLIP_PREFIXES = ("qformer.", "query_tokens", "language_projection.")
 
 
+def refuse_decoder_only_options(
+    position_ids: torch.Tensor | None, logits_to_keep: int | torch.Tensor, kwargs: dict[str, Any]
+) -> None:
+    """An encoder-decoder LLM (T5) has no use for the decoder-only LLM's options: refused, not dropped."""
+    given = [name for name in ("shift_labels",) if kwargs.get(name) is not None]
+    if position_ids is not None:
+        given.append("position_ids")
+    if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+        given.append("logits_to_keep")
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} apply to a decoder-only LLM; this CROME's LLM is an encoder-decoder (T5), which "
+            "places tokens by relative position, scores `labels` (the answer) and returns the logits of every "
+            "decoder position. Leave them out."
+        )
+
+
 class CromePreTrainedModel(FrozenBackbonesPreTrainedModel):
     config: CromeConfig
 
@@ -355,6 +372,8 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
         labels: decoder-only LLM: the full sequence with -100 on the prompt; encoder-decoder: the answer.
         supervised_logits_only: decoder-only LLM with `labels`: logits only where the next token is supervised
             (same loss; see `causal_lm_output`). Encoder-decoder LLMs score only the answer anyway.
+        position_ids, logits_to_keep, shift_labels (keyword): decoder-only LLM only; an encoder-decoder LLM refuses
+            them (`refuse_decoder_only_options`).
         use_cache, return_dict, output_attentions, ... (keywords): as in transformers' models (LLaVA's forward
             takes them the same way: `use_cache` goes to the LLM, `return_dict=False` returns a tuple).
         """
@@ -366,6 +385,7 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
             input_ids, attention_mask, pixel_values, 0 if self.is_encoder_decoder_llm else past_length
         )
         if self.is_encoder_decoder_llm:
+            refuse_decoder_only_options(position_ids, logits_to_keep, kwargs)
             past_length = 0  # the encoder input is always the whole prompt
         inputs_embeds, image_outputs = self._embed_inputs(
             input_ids,
@@ -409,10 +429,6 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
         )
         loss = None
         if labels is not None:
-            if loss_kwargs.pop("shift_labels", None) is not None:
-                raise ValueError(
-                    "shift_labels applies to decoder-only LLMs; an encoder-decoder LLM scores `labels`."
-                )
             logits = outputs.logits.float()
             loss = fixed_cross_entropy(
                 logits.view(-1, logits.shape[-1]), labels.view(-1).to(logits.device), **loss_kwargs
