@@ -18,6 +18,8 @@ from mmadapters import (
     LavinProcessor,
     MMAdapterConfig,
 )
+from mmadapters.checkpoint_files import ADAPTER_WEIGHTS_NAME
+from mmadapters.modeling.peft_on_top import PeftOnTopError
 
 
 def image(seed: int):
@@ -73,6 +75,47 @@ def test_adapter_only_round_trip(trained, tmp_path):
         torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
     kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
     assert torch.equal(loaded.generate(**inputs, **kwargs), model.generate(**inputs, **kwargs))
+
+
+def test_save_pretrained_keywords_are_honoured_or_refused(trained, tmp_path):
+    """transformers' save_pretrained keywords: is_main_process and state_dict honoured (the Trainer passes the
+    state dict it gathered under FSDP / ZeRO-3), push_to_hub and the full-checkpoint options refused up front."""
+    model, _ = trained
+    model.save_pretrained(tmp_path / "other", is_main_process=False)
+    assert not (tmp_path / "other").exists()
+    model.save_pretrained(
+        tmp_path / "token", token="hf_unused"
+    )  # only push_to_hub reads it, as in transformers
+    assert (tmp_path / "token" / ADAPTER_WEIGHTS_NAME).is_file()
+
+    # An adapter-only save takes the adapter tensors from the given state dict, not from the live module.
+    gathered = {k: v.clone() for k, v in model.state_dict().items()}
+    name = "llm_adapters.0.attn.down.weight"
+    gathered[name] += 1.0
+    model.save_pretrained(tmp_path / "gathered", state_dict=gathered)
+    loaded = LavinForConditionalGeneration.from_pretrained(tmp_path / "gathered")
+    torch.testing.assert_close(loaded.state_dict()[name], gathered[name], rtol=0, atol=0)
+    assert not torch.equal(model.state_dict()[name], gathered[name])
+    # ... and checks the backbones in it: a change there would be lost by an adapter-only checkpoint.
+    backbone = "language_model.model.layers.0.mlp.up_proj.weight"
+    gathered[backbone] = gathered[backbone] + 1.0
+    partial = {k: v for k, v in model.state_dict().items() if not k.startswith("llm_adapters.")}
+    with pytest.raises(PeftOnTopError, match="backbone weights changed"):
+        model.save_pretrained(tmp_path / "changed", state_dict=gathered)
+    with pytest.raises(ValueError, match="holds no tensors of .*llm_adapters"):
+        model.save_pretrained(tmp_path / "partial", state_dict=partial)
+
+    with pytest.raises(ValueError, match=r"push_to_hub=True\) is not supported.*model.push_to_hub"):
+        model.save_pretrained(tmp_path / "push", push_to_hub=True)
+    for option in ({"max_shard_size": "1GB"}, {"variant": "fp16"}, {"safe_serialization": False}):
+        with pytest.raises(ValueError, match="applies to full checkpoints.*adapter_only=False"):
+            model.save_pretrained(tmp_path / "options", **option)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['shard_size'\]"):
+        model.save_pretrained(tmp_path / "options", shard_size="1GB")
+    assert not any((tmp_path / name).exists() for name in ("changed", "partial", "push", "options"))
+    # A full save passes them on to transformers.
+    model.save_pretrained(tmp_path / "full", adapter_only=False, max_shard_size="100KB")
+    assert (tmp_path / "full" / "model.safetensors.index.json").is_file()
 
 
 def test_full_checkpoint_round_trip(trained, tmp_path):

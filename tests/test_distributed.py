@@ -19,6 +19,7 @@ from conftest import write_recipe
 from safetensors.torch import load_file
 
 from mmadapters import LavinForConditionalGeneration
+from mmadapters.checkpoint_files import ADAPTER_WEIGHTS_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -88,15 +89,17 @@ def test_fsdp_on_two_processes_equals_one_process(tiny_backbones, tmp_path):
             "--master_port",
             str(free_port()),
             script,
-            str(tmp_path / "fsdp.safetensors"),
+            str(tmp_path / "fsdp"),
             *tiny_backbones,
         ],
         tmp_path,
     )
     assert sharded.returncode == 0, sharded.stderr[-3000:]
-    single = run([sys.executable, script, str(tmp_path / "one.safetensors"), *tiny_backbones], tmp_path)
+    single = run([sys.executable, script, str(tmp_path / "one"), *tiny_backbones], tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
-    fsdp, one = load_file(tmp_path / "fsdp.safetensors"), load_file(tmp_path / "one.safetensors")
+    # Both saved by save_pretrained: under FSDP from the state dict gathered as the Trainer gathers it.
+    fsdp = load_file(tmp_path / "fsdp" / ADAPTER_WEIGHTS_NAME)
+    one = load_file(tmp_path / "one" / ADAPTER_WEIGHTS_NAME)
     assert fsdp.keys() == one.keys() and any(k.startswith("vision_adapters.") for k in one)
     for name in one:
         torch.testing.assert_close(fsdp[name], one[name], rtol=1e-5, atol=1e-6, msg=name)

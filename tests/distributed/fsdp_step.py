@@ -10,7 +10,6 @@ import sys
 import torch
 import torch.distributed as dist
 from PIL import Image
-from safetensors.torch import save_file
 
 from mmadapters import LavinForConditionalGeneration, LavinProcessor
 from mmadapters.trainers import VisionLanguageCollator
@@ -37,7 +36,6 @@ rows = [
     {"prompt": "Image: N/A\nsay yo", "target": " hi", "image": None},
 ]
 batch = VisionLanguageCollator(processor)(rows[2 * rank : 2 * rank + 2] if distributed else rows)
-keys = list(model.adapter_state_dict())
 
 if distributed:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -57,13 +55,18 @@ for _ in range(2):
     trained(**batch).loss.backward()
     optimizer.step()
 
+# Saved as the Trainer saves under FSDP: every process takes part in gathering the full state dict as accelerate's
+# get_state_dict does (rank 0 gets it; offload_to_cpu is left off: on a CPU-only run it crashes torch), and
+# save_pretrained writes the adapters from it on the main process. Reading the live module there instead would
+# start a gather on one process alone and wait for ever.
 if distributed:
-    with FSDP.summon_full_params(trained):  # every process gathers the full parameters (tiny model)
-        state = {k: v.detach().clone() for k, v in model.state_dict().items() if k in keys}
-else:
-    state = model.state_dict()
-if rank == 0:
-    save_file({k: state[k].contiguous() for k in keys}, output)
-if distributed:
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+
+    gather = FullStateDictConfig(offload_to_cpu=False, rank0_only=True)
+    with FSDP.state_dict_type(trained, StateDictType.FULL_STATE_DICT, gather):
+        state = trained.state_dict()
+    model.save_pretrained(output, state_dict=state, is_main_process=rank == 0)
     dist.barrier()
     dist.destroy_process_group()
+else:
+    model.save_pretrained(output)

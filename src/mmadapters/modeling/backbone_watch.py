@@ -27,33 +27,51 @@ def _sample(tensor: torch.Tensor) -> torch.Tensor:
     return flat[::step].to("cpu", copy=True)
 
 
-def _weights(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """Backbone tensors by name, with PEFT's `base_layer.` left out (injected layers keep the name of the weight
-    they wrap) and PEFT's own tensors skipped (they are saved with the adapters)."""
-    found = {}
-    for role, module in modules.items():
-        for name, tensor in module.state_dict(keep_vars=True).items():
-            if is_peft_tensor_name(name):
-                continue
-            parts = name.split(".")
-            found[f"{role}.{'.'.join(p for p in parts if p != 'base_layer')}"] = tensor
-    return found
+def backbone_tensors(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The backbones' tensors, named `role.name` (role: "language_model", "vision_tower"), as the live modules
+    hold them."""
+    return _without_peft(
+        {
+            f"{role}.{name}": t
+            for role, module in modules.items()
+            for name, t in module.state_dict(keep_vars=True).items()
+        }
+    )
+
+
+def backbone_tensors_in(
+    state_dict: dict[str, torch.Tensor], roles: tuple[str, ...]
+) -> dict[str, torch.Tensor]:
+    """The backbones' tensors in a whole-model state dict (e.g. one a Trainer gathered under FSDP, where reading
+    the live modules on one process would wait for the others)."""
+    return _without_peft({name: t for name, t in state_dict.items() if name.split(".", 1)[0] in roles})
+
+
+def _without_peft(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PEFT's `base_layer.` left out of the names (injected layers keep the name of the weight they wrap) and
+    PEFT's own tensors skipped (they are saved with the adapters)."""
+    return {
+        ".".join(part for part in name.split(".") if part != "base_layer"): tensor
+        for name, tensor in tensors.items()
+        if not is_peft_tensor_name(name)
+    }
 
 
 class BackboneWatch:
     """A sample of the backbones' weights as loaded (see the module docstring)."""
 
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        """`tensors`: `backbone_tensors(...)` of the model as loaded."""
         self.samples = {
             name: _sample(tensor)
-            for name, tensor in _weights(modules).items()
+            for name, tensor in tensors.items()
             if tensor.device.type != "meta" and tensor.numel() > 0
         }
 
-    def changed(self, modules: dict[str, nn.Module]) -> list[str]:
-        """Names of backbone tensors whose values differ from the sample (a different dtype class, such as a
-        tensor quantised in place, counts as unchanged: it is rebuilt the same way on load)."""
-        now = _weights(modules)
+    def changed(self, now: dict[str, torch.Tensor]) -> list[str]:
+        """Names of backbone tensors whose values in `now` (`backbone_tensors` or `backbone_tensors_in`) differ
+        from the sample (a different dtype class, such as a tensor quantised in place, counts as unchanged: it is
+        rebuilt the same way on load)."""
         different = []
         for name, recorded in self.samples.items():
             tensor = now.get(name)
@@ -67,4 +85,4 @@ class BackboneWatch:
         return different
 
 
-__all__ = ["BackboneWatch"]
+__all__ = ["BackboneWatch", "backbone_tensors", "backbone_tensors_in"]

@@ -37,7 +37,7 @@ from ..checkpoint_files import (
 from ..hub.names import looks_like_local_path
 from ..hub.remote_code import model_auto_map, write_loader
 from . import peft_on_top
-from .backbone_watch import BackboneWatch
+from .backbone_watch import BackboneWatch, backbone_tensors, backbone_tensors_in
 from .backbones import (
     BackboneReference,
     BackboneSpec,
@@ -67,6 +67,46 @@ from .loading import (
 logger = logging.get_logger(__name__)
 
 FULL_WEIGHTS_NAMES = ("model.safetensors", "model.safetensors.index.json")
+
+
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def without_wrapper_prefixes(name: str) -> str:
+    """A module or tensor name without the prefixes that FSDP, activation checkpointing and torch.compile add."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+# PreTrainedModel.save_pretrained's options and the values an adapter-only save writes anyway (one
+# mmadapters_model.safetensors, no shards, no variant); `token` only matters with push_to_hub, refused above.
+ADAPTER_ONLY_SAVE_DEFAULTS = {
+    "max_shard_size": None,
+    "variant": None,
+    "save_peft_format": True,
+    "save_original_format": True,
+    "distributed_checkpoint": False,
+    "safe_serialization": True,
+}
+
+
+def check_adapter_only_save_options(options: dict[str, Any]) -> None:
+    """Refuse, before anything is written, a `save_pretrained` option an adapter-only save cannot honour."""
+    unknown = sorted(set(options) - set(ADAPTER_ONLY_SAVE_DEFAULTS) - {"token"})
+    if unknown:
+        raise TypeError(f"save_pretrained() got unexpected keyword argument(s) {unknown}.")
+    changed = sorted(
+        name
+        for name, value in options.items()
+        if name != "token" and value != ADAPTER_ONLY_SAVE_DEFAULTS[name]
+    )
+    if changed:
+        raise ValueError(
+            f"save_pretrained({', '.join(f'{name}={options[name]!r}' for name in changed)}) applies to full "
+            f"checkpoints: an adapter-only checkpoint is one small {ADAPTER_WEIGHTS_NAME} (safetensors). Pass "
+            "adapter_only=False to save every weight with these options."
+        )
 
 
 class FrozenBackbonesPreTrainedModel(PreTrainedModel):
@@ -486,13 +526,35 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The saved side only (see `adapter_module_names`) and the tensors of PEFT layers on the backbones; the
         frozen backbone weights are never included."""
+        return self._adapter_entries(self.state_dict())
+
+    def _adapter_entries(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The adapter tensors among a whole-model `state_dict` (this model's, or one gathered for it)."""
         names = self.adapter_module_names()
-        peft_prefixes = peft_on_top.peft_state_prefixes(self)
+        # Module names as seen inside an FSDP / activation-checkpointing / torch.compile wrapper carry the
+        # wrappers' prefixes; a gathered state dict does not.
+        peft_prefixes = tuple(without_wrapper_prefixes(p) for p in peft_on_top.peft_state_prefixes(self))
         return {
             k: v
-            for k, v in self.state_dict().items()
+            for k, v in state_dict.items()
             if k.split(".", 1)[0] in names or (peft_prefixes and k.startswith(peft_prefixes))
         }
+
+    def _adapter_tensors(self, state_dict: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """The adapter tensors to save: the model's own, or those of a given whole-model `state_dict` (under FSDP
+        or ZeRO-3 the live module holds a shard, and reading its state dict on one process alone would wait for
+        the others: the gathered one is read instead)."""
+        if state_dict is None:
+            return self.adapter_state_dict()
+        entries = self._adapter_entries(state_dict)
+        present = {name for name in self.adapter_module_names() if getattr(self, name, None) is not None}
+        missing = sorted(present - {k.split(".", 1)[0] for k in entries})
+        if missing:
+            raise ValueError(
+                f"The state_dict given to save_pretrained holds no tensors of {missing}: pass the model's whole state "
+                "dict (as a Trainer gathers it), or none to save the model's own."
+            )
+        return entries
 
     def load_adapter_state_dict(
         self, state_dict: dict[str, torch.Tensor], source: str = "state dict"
@@ -534,6 +596,9 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         save_directory: str | os.PathLike,
         adapter_only: bool = True,
         processor: Any = None,
+        is_main_process: bool = True,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        push_to_hub: bool = False,
         **kwargs: Any,
     ) -> None:
         """Save the adapters only (default) or, with `adapter_only=False`, every weight. A processor given is
@@ -541,7 +606,23 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
 
         A model whose backbones were built from config objects (random weights: nothing names them) is saved
         with every weight even when `adapter_only=True`, so that it reloads identically, as any transformers
-        model does; a log line says so."""
+        model does; a log line says so.
+
+        transformers' keywords: `is_main_process=False` writes nothing (the other processes of a distributed run);
+        `state_dict` is what to save, e.g. the full state dict a Trainer gathered under FSDP or DeepSpeed ZeRO-3
+        (an adapter-only save takes the adapter tensors from it: the live module holds only a shard). A full save
+        passes the others on to `PreTrainedModel.save_pretrained`; an adapter-only save refuses those that would
+        change what it writes (`check_adapter_only_save_options`). `push_to_hub=True` is refused: save, then
+        `push_to_hub(repo_id)`, which also writes the model card."""
+        if push_to_hub:
+            raise ValueError(
+                "save_pretrained(push_to_hub=True) is not supported: save, then call model.push_to_hub(repo_id) "
+                "(or `mmadapters push FOLDER REPO_ID`), which uploads the checkpoint with a generated model card."
+            )
+        if adapter_only and self.backbones_are_referenced():
+            check_adapter_only_save_options(kwargs)
+        if not is_main_process:
+            return
         if adapter_only and not self.backbones_are_referenced():
             logger.info(
                 "The backbones were built from config objects (random weights) and cannot be found again by "
@@ -550,7 +631,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             adapter_only = False
         peft_on_top.sync_record(self)
         if adapter_only:
-            self._refuse_changed_backbones()
+            self._refuse_changed_backbones(state_dict)
         # The remote-code loader: the checkpoint loads with trust_remote_code=True and no `import mmadapters`.
         self.config.auto_map = model_auto_map(type(self.config), type(self))
         folder = os.fspath(save_directory)
@@ -560,11 +641,13 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             if not adapter_only:
                 # The adapter settings and the PEFT record are in config.json; the PEFT layers' tensors are among
                 # the weights (config.json makes every load rebuild their layers first).
-                PreTrainedModel.save_pretrained(self, staging, **kwargs)
+                PreTrainedModel.save_pretrained(self, staging, state_dict=state_dict, **kwargs)
             else:
                 self.config.save_pretrained(staging)
                 self.generation_config.save_pretrained(staging)
-                state = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict().items()}
+                state = {
+                    k: v.detach().contiguous().cpu() for k, v in self._adapter_tensors(state_dict).items()
+                }
                 save_file(state, os.path.join(staging, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
             write_loader(staging)
             if processor is not None:
@@ -576,13 +659,16 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         its own `auto_map` (see `mmadapters.hub.remote_code`). transformers calls this when it loads one of our
         repos as remote code; its version would make later saves copy this package's source files instead."""
 
-    def _refuse_changed_backbones(self) -> None:
+    def _refuse_changed_backbones(self, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Refuse an adapter-only save that would lose a change to the backbone weights; read from `state_dict`
+        when one is given (see `save_pretrained`)."""
         watch = getattr(self, "_backbone_watch", None)
-        changed = (
-            watch.changed({"language_model": self.language_model, "vision_tower": self.vision_tower})
-            if (watch is not None)
-            else []
-        )
+        if watch is None:
+            return
+        if state_dict is None:
+            changed = watch.changed(backbone_tensors(self._backbone_modules()))
+        else:
+            changed = watch.changed(backbone_tensors_in(state_dict, tuple(self._backbone_modules())))
         if changed:
             raise peft_on_top.PeftOnTopError(
                 f"The backbone weights changed since the model was loaded ({len(changed)} tensors, e.g. "
@@ -592,11 +678,12 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
                 "adapters)."
             )
 
+    def _backbone_modules(self) -> dict[str, nn.Module]:
+        return {"language_model": self.language_model, "vision_tower": self.vision_tower}
+
     def watch_backbones(self) -> None:
         """Remember the backbones' weights as they are now (see `BackboneWatch`); called once loaded."""
-        self._backbone_watch = BackboneWatch(
-            {"language_model": self.language_model, "vision_tower": self.vision_tower}
-        )
+        self._backbone_watch = BackboneWatch(backbone_tensors(self._backbone_modules()))
 
     # ------------------------------------------------------------------------------------------------
     # PEFT on top (transformers' PeftAdapterMixin API, scoped to the backbones; see peft_on_top)
@@ -703,7 +790,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         if max_shard_size is not None and adapter_only:
             raise ValueError(
                 "max_shard_size applies to full checkpoints (adapter_only=False): an adapter-only checkpoint is one "
-                "small adapter_model.safetensors."
+                f"small {ADAPTER_WEIGHTS_NAME}."
             )
         save_kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
         with tempfile.TemporaryDirectory() as scratch:

@@ -111,12 +111,13 @@ class AdapterTrainer(Trainer):
         return self.optimizer
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Checkpoints are adapter-only, like `save_pretrained`; the processor is saved with them."""
+        """Checkpoints are adapter-only, like `save_pretrained`; the processor is saved with them. `state_dict`:
+        the whole state dict the Trainer gathered (FSDP, DeepSpeed ZeRO-3), where the live module holds a shard."""
         if not self.args.should_save:  # transformers calls _save on every process; only the main one writes
             return
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
-        self._unwrapped().save_pretrained(output_dir, processor=self.processing_class)
+        self._unwrapped().save_pretrained(output_dir, processor=self.processing_class, state_dict=state_dict)
         # Never a token in a checkpoint: the saved arguments have hub_token removed (a checkpoint is often shared).
         # A shallow copy: TrainingArguments.__post_init__ must not run again (dataclasses.replace would).
         saved_args = copy.copy(self.args)
