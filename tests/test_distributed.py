@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from mmadapters import LavinForConditionalGeneration
 from mmadapters.checkpoint_files import ADAPTER_WEIGHTS_NAME
+from mmadapters.trainers.checkpoints import check_sharded_saving
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -116,3 +117,17 @@ def test_shipped_launch_configs_are_valid():
         assert config["zero_optimization"]["stage"] == stage
         # Batch sizes are left to the recipe's TrainingArguments (transformers fills "auto").
         assert config["train_micro_batch_size_per_gpu"] == "auto"
+        check_sharded_saving(config, None)  # the adapters are gathered for every checkpoint
+    check_sharded_saving(None, f"StateDictType.{fsdp['fsdp_config']['fsdp_state_dict_type']}")
+
+
+def test_sharded_set_ups_that_would_not_save_the_adapters_are_refused():
+    zero3 = {"zero_optimization": {"stage": 3}}
+    with pytest.raises(ValueError, match="stage3_gather_16bit_weights_on_model_save"):
+        check_sharded_saving(zero3, None)
+    zero3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+    with pytest.raises(ValueError, match="ZeRO-3 partitions every parameter"):
+        check_sharded_saving(zero3, None)
+    check_sharded_saving({"zero_optimization": {"stage": 2}}, None)  # ZeRO-2 keeps whole parameters
+    with pytest.raises(ValueError, match="SHARDED_STATE_DICT.*FULL_STATE_DICT"):
+        check_sharded_saving(None, "StateDictType.SHARDED_STATE_DICT")

@@ -56,3 +56,27 @@ def find_last_checkpoint(output_dir: str | os.PathLike, log: Callable[[str], Any
             return folder
         log(f"Skipping the incomplete checkpoint {folder}: {problem}.")
     return None
+
+
+def check_sharded_saving(deepspeed_config: dict | None, fsdp_state_dict_type: str | None) -> None:
+    """Refuse, before training starts, a sharded set-up whose checkpoints would not hold the adapters.
+
+    Under DeepSpeed ZeRO-3 and FSDP each process holds a shard of every parameter; the Trainer hands an
+    adapter-only save the whole state dict only with ZeRO-3's `stage3_gather_16bit_weights_on_model_save` and
+    FSDP's FULL_STATE_DICT. Otherwise it would save nothing of the adapters (or, read from the shard, a part)."""
+    zero = (deepspeed_config or {}).get("zero_optimization") or {}
+    gathers = zero.get(
+        "stage3_gather_16bit_weights_on_model_save", zero.get("stage3_gather_fp16_weights_on_model_save")
+    )
+    if zero.get("stage") == 3 and gathers is not True:
+        raise ValueError(
+            "DeepSpeed ZeRO-3 partitions every parameter across the processes, and the adapters are saved only if "
+            'the Trainer gathers them: set "stage3_gather_16bit_weights_on_model_save": true under '
+            '"zero_optimization" (recipes/deepspeed/zero3.json does).'
+        )
+    if fsdp_state_dict_type is not None and "FULL_STATE_DICT" not in fsdp_state_dict_type:
+        raise ValueError(
+            f"FSDP with {fsdp_state_dict_type}: the Trainer then writes no model weights into its checkpoints, so "
+            "the adapters would not be saved. Use fsdp_state_dict_type: FULL_STATE_DICT (recipes/accelerate/"
+            "fsdp-gpus.yaml does)."
+        )

@@ -21,7 +21,7 @@ from ..checkpoint_files import ADAPTER_WEIGHTS_NAME, adapter_weights_file
 from ..modeling.crome import CromeForConditionalGeneration
 from ..modeling.lavin import LavinForConditionalGeneration
 from ..modeling.peft_on_top import adopt_peft_model
-from .checkpoints import find_last_checkpoint
+from .checkpoints import check_sharded_saving, find_last_checkpoint
 
 logger = logging.getLogger(__name__)
 TRAINING_ARGS_NAME = "training_args.bin"
@@ -60,6 +60,11 @@ class AdapterTrainer(Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         args, kwargs, _ = _model_argument(args, kwargs)
         super().__init__(*args, **kwargs)
+        state = self.accelerator.state
+        check_sharded_saving(
+            state.deepspeed_plugin.deepspeed_config if self.is_deepspeed_enabled else None,
+            str(state.fsdp_plugin.state_dict_type) if self.is_fsdp_enabled else None,
+        )
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         """`Trainer.train`; `resume_from_checkpoint=True` takes the last *complete* checkpoint of the output folder
@@ -116,6 +121,12 @@ class AdapterTrainer(Trainer):
         if not self.args.should_save:  # transformers calls _save on every process; only the main one writes
             return
         output_dir = output_dir or self.args.output_dir
+        if (
+            state_dict == {}
+        ):  # ZeRO-3 without gathering: refused by check_sharded_saving, unless changed since
+            raise ValueError(
+                'DeepSpeed ZeRO-3 handed no weights to save: set "stage3_gather_16bit_weights_on_model_save": true.'
+            )
         os.makedirs(output_dir, exist_ok=True)
         self._unwrapped().save_pretrained(output_dir, processor=self.processing_class, state_dict=state_dict)
         # Never a token in a checkpoint: the saved arguments have hub_token removed (a checkpoint is often shared).
