@@ -1,5 +1,6 @@
-"""Two training steps of LaVIN under torch FSDP (2 processes, gloo, `torchrun`) or in one process (plain `python`):
-tests/test_distributed.py compares the adapter weights. FSDP is set up as accelerate's FSDP plugin does it
+"""Two training steps of LaVIN under torch FSDP (2 processes, gloo, `torchrun`) or in one process (plain `python`),
+then the checkpoint saved (and, under FSDP, resumed into a fresh wrapped model): tests/test_distributed.py compares
+the saved adapter weights. FSDP is set up as accelerate's FSDP plugin does it
 (`use_orig_params=True`, transformer-layer auto-wrap), with the frozen backbones and the trainable adapters mixed
 in the same units. accelerate itself enables FSDP only on GPU-type setups, hence torch's API here."""
 
@@ -67,6 +68,23 @@ if distributed:
         state = trained.state_dict()
     model.save_pretrained(output, state_dict=state, is_main_process=rank == 0)
     dist.barrier()
+
+    # Resumed as our Trainer resumes under FSDP: a fresh model, wrapped, then the checkpoint loaded into it on
+    # every process. Each process's shard must then hold the saved values.
+    from safetensors.torch import load_file
+
+    from mmadapters.trainers.trainer import load_adapter_checkpoint
+
+    torch.manual_seed(1)
+    fresh = LavinForConditionalGeneration.from_backbones(text_model, vision_model)
+    fresh_wrapped = FSDP(fresh, auto_wrap_policy=policy, use_orig_params=True, device_id=torch.device("cpu"))
+    load_adapter_checkpoint(output, fresh, fresh_wrapped)
+    saved = load_file(os.path.join(output, "mmadapters_model.safetensors"))
+    with FSDP.summon_full_params(fresh_wrapped):
+        resumed = fresh.state_dict()
+        wrong = [name for name in saved if not torch.equal(resumed[name], saved[name])]
+    if wrong:
+        sys.exit(f"rank {rank}: resumed adapters differ from the checkpoint: {wrong[:5]}")
     dist.destroy_process_group()
 else:
     model.save_pretrained(output)

@@ -38,6 +38,32 @@ def trainable_report(model: torch.nn.Module) -> dict[str, int]:
     return report
 
 
+def load_adapter_checkpoint(
+    folder: str, model: torch.nn.Module, wrapped: torch.nn.Module | None = None
+) -> None:
+    """Load the adapter tensors of checkpoint `folder` into `model` (LaVIN or CROME), which `wrapped` may wrap
+    (DDP, FSDP). Under FSDP each process holds a shard of every parameter: the tensors are loaded into the gathered
+    parameters, and FSDP writes them back to each shard."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    path = adapter_weights_file(folder)
+    if path is None:
+        raise FileNotFoundError(
+            f"{folder} holds no {ADAPTER_WEIGHTS_NAME}: not a checkpoint of this trainer."
+        )
+    saved = load_file(path)
+    if isinstance(wrapped, FullyShardedDataParallel):
+        with FullyShardedDataParallel.summon_full_params(wrapped, writeback=True):
+            model.load_adapter_state_dict(saved, source=folder)
+    elif isinstance(wrapped, FSDPModule) or isinstance(model, FSDPModule):
+        raise NotImplementedError(
+            "Resuming under FSDP2 (fully_shard) is not supported: use fsdp_version: 1 (recipes/accelerate/"
+            "fsdp-gpus.yaml), or load the checkpoint with from_pretrained and start a new run from it."
+        )
+    else:
+        model.load_adapter_state_dict(saved, source=folder)
+
+
 def _model_argument(args: tuple, kwargs: dict) -> tuple[tuple, dict, Any]:
     """The Trainer's `model` argument (positional or keyword), with a PeftModel around one of our models replaced
     by the model itself (its PEFT layers recorded, our modules training again; see `adopt_peft_model`)."""
@@ -138,15 +164,9 @@ class AdapterTrainer(Trainer):
     def _load_from_checkpoint(
         self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
     ) -> None:
-        path = adapter_weights_file(resume_from_checkpoint)
-        if path is None:
-            raise FileNotFoundError(
-                f"{resume_from_checkpoint} holds no {ADAPTER_WEIGHTS_NAME}: not a checkpoint of this trainer."
-            )
-        model = model or self._unwrapped()
-        self.accelerator.unwrap_model(model).load_adapter_state_dict(
-            load_file(path), source=resume_from_checkpoint
-        )
+        # Under FSDP the Trainer passes the wrapped model (after accelerator.prepare); else nothing.
+        wrapped = model or self._unwrapped()
+        load_adapter_checkpoint(resume_from_checkpoint, self.accelerator.unwrap_model(wrapped), wrapped)
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
