@@ -122,3 +122,53 @@ def test_trainer_resume_true_skips_an_incomplete_last_checkpoint(tiny_backbones,
     resumed.train(resume_from_checkpoint=True)
     assert "Skipping the incomplete checkpoint" in caplog.text and "optimizer.pt is truncated" in caplog.text
     assert resumed.state.global_step == 6
+
+
+def test_load_best_model_at_end_restores_the_best_checkpoints_adapters(tiny_backbones, tmp_path):
+    from conftest import toy_dataset
+    from transformers import TrainingArguments
+
+    from mmadapters import LavinForConditionalGeneration, LavinProcessor
+    from mmadapters.checkpoint_files import ADAPTER_WEIGHTS_NAME
+    from mmadapters.trainers import LavinTrainer, VisionLanguageCollator
+
+    model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+    processor = LavinProcessor.from_backbones(*tiny_backbones)
+    dataset = toy_dataset(tmp_path, n=12)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        max_steps=6,
+        learning_rate=5e-3,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_steps=2,
+        load_best_model_at_end=True,
+        # "best" = the highest evaluation loss: the first checkpoint while the loss falls, so that loading it
+        # visibly replaces the last weights.
+        metric_for_best_model="loss",
+        greater_is_better=True,
+        use_cpu=True,
+        report_to=[],
+        remove_unused_columns=False,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    trainer = LavinTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        eval_dataset=dataset,
+        data_collator=VisionLanguageCollator(processor),
+        processing_class=processor,
+    )
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and best.endswith("checkpoint-2")
+    saved = load_file(f"{best}/{ADAPTER_WEIGHTS_NAME}")
+    last = load_file(str(tmp_path / "run" / "checkpoint-6" / ADAPTER_WEIGHTS_NAME))
+    live = model.adapter_state_dict()
+    assert any(not torch.equal(saved[name], last[name]) for name in saved)
+    for name, tensor in saved.items():
+        torch.testing.assert_close(live[name], tensor, rtol=0, atol=0, msg=name)

@@ -169,7 +169,7 @@ class AdapterTrainer(Trainer):
         load_adapter_checkpoint(resume_from_checkpoint, self.accelerator.unwrap_model(wrapped), wrapped)
 
     def _load_best_model(self) -> None:
-        self._load_from_checkpoint(self.state.best_model_checkpoint)
+        self._load_from_checkpoint(self.state.best_model_checkpoint, self.model_wrapped)  # FSDP: the wrapper
 
 
 class LavinTrainer(AdapterTrainer):
