@@ -215,8 +215,9 @@ def toy_dataset(folder, n=24):
     return datasets.Dataset.from_dict(rows)
 
 
-def make_trainer(model, processor, dataset, output_dir, max_steps=6, **kwargs):
-    args = TrainingArguments(
+def make_trainer(model, processor, dataset, output_dir, max_steps=6, training=None, **kwargs):
+    """A LavinTrainer (or `trainer_class`) on `dataset`; `training` replaces TrainingArguments fields."""
+    defaults = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=4,
         max_steps=max_steps,
@@ -232,6 +233,7 @@ def make_trainer(model, processor, dataset, output_dir, max_steps=6, **kwargs):
         dataloader_num_workers=0,
         save_only_model=False,
     )
+    args = TrainingArguments(**{**defaults, **(training or {})})
     from mmadapters.trainers import LavinTrainer, VisionLanguageCollator
 
     trainer_class = kwargs.pop("trainer_class", LavinTrainer)

@@ -104,6 +104,8 @@ def test_save_pretrained_keywords_are_honoured_or_refused(trained, tmp_path):
         model.save_pretrained(tmp_path / "changed", state_dict=gathered)
     with pytest.raises(ValueError, match="holds no tensors of .*llm_adapters"):
         model.save_pretrained(tmp_path / "partial", state_dict=partial)
+    with pytest.raises(ValueError, match="is empty.*stage3_gather_16bit_weights_on_model_save"):
+        model.save_pretrained(tmp_path / "partial", state_dict={})
 
     with pytest.raises(ValueError, match=r"push_to_hub=True\) is not supported.*model.push_to_hub"):
         model.save_pretrained(tmp_path / "push", push_to_hub=True)

@@ -125,22 +125,15 @@ def test_trainer_resume_true_skips_an_incomplete_last_checkpoint(tiny_backbones,
 
 
 def test_load_best_model_at_end_restores_the_best_checkpoints_adapters(tiny_backbones, tmp_path):
-    from conftest import toy_dataset
-    from transformers import TrainingArguments
+    from conftest import make_trainer, toy_dataset
 
     from mmadapters import LavinForConditionalGeneration, LavinProcessor
     from mmadapters.checkpoint_files import ADAPTER_WEIGHTS_NAME
-    from mmadapters.trainers import LavinTrainer, VisionLanguageCollator
 
     model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
-    processor = LavinProcessor.from_backbones(*tiny_backbones)
     dataset = toy_dataset(tmp_path, n=12)
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "run"),
-        per_device_train_batch_size=4,
+    training = dict(
         per_device_eval_batch_size=4,
-        max_steps=6,
-        learning_rate=5e-3,
         eval_strategy="steps",
         eval_steps=2,
         save_steps=2,
@@ -149,19 +142,10 @@ def test_load_best_model_at_end_restores_the_best_checkpoints_adapters(tiny_back
         # visibly replaces the last weights.
         metric_for_best_model="loss",
         greater_is_better=True,
-        use_cpu=True,
-        report_to=[],
-        remove_unused_columns=False,
-        seed=0,
-        dataloader_num_workers=0,
     )
-    trainer = LavinTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        eval_dataset=dataset,
-        data_collator=VisionLanguageCollator(processor),
-        processing_class=processor,
+    processor = LavinProcessor.from_backbones(*tiny_backbones)
+    trainer = make_trainer(
+        model, processor, dataset, tmp_path / "run", training=training, eval_dataset=dataset
     )
     trainer.train()
     best = trainer.state.best_model_checkpoint

@@ -69,6 +69,8 @@ logger = logging.get_logger(__name__)
 FULL_WEIGHTS_NAMES = ("model.safetensors", "model.safetensors.index.json")
 
 
+# The attribute names of the two frozen backbones (also the first part of their state-dict keys).
+BACKBONE_MODULES = ("language_model", "vision_tower")
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
@@ -80,7 +82,8 @@ def without_wrapper_prefixes(name: str) -> str:
 
 
 # PreTrainedModel.save_pretrained's options and the values an adapter-only save writes anyway (one
-# mmadapters_model.safetensors, no shards, no variant); `token` only matters with push_to_hub, refused above.
+# mmadapters_model.safetensors, no shards, no variant). `token` only matters with push_to_hub (refused): any value.
+ADAPTER_ONLY_SAVE_OPTIONS_ANY_VALUE = ("token",)
 ADAPTER_ONLY_SAVE_DEFAULTS = {
     "max_shard_size": None,
     "variant": None,
@@ -93,13 +96,15 @@ ADAPTER_ONLY_SAVE_DEFAULTS = {
 
 def check_adapter_only_save_options(options: dict[str, Any]) -> None:
     """Refuse, before anything is written, a `save_pretrained` option an adapter-only save cannot honour."""
-    unknown = sorted(set(options) - set(ADAPTER_ONLY_SAVE_DEFAULTS) - {"token"})
+    unknown = sorted(
+        set(options) - set(ADAPTER_ONLY_SAVE_DEFAULTS) - set(ADAPTER_ONLY_SAVE_OPTIONS_ANY_VALUE)
+    )
     if unknown:
         raise TypeError(f"save_pretrained() got unexpected keyword argument(s) {unknown}.")
     changed = sorted(
         name
         for name, value in options.items()
-        if name != "token" and value != ADAPTER_ONLY_SAVE_DEFAULTS[name]
+        if name in ADAPTER_ONLY_SAVE_DEFAULTS and value != ADAPTER_ONLY_SAVE_DEFAULTS[name]
     )
     if changed:
         raise ValueError(
@@ -502,14 +507,14 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
 
     def _merged_device_map(self) -> dict[str, Any]:
         merged = {}
-        for role_name in ("language_model", "vision_tower"):
+        for role_name in BACKBONE_MODULES:
             module = getattr(self, role_name)
             for key, device in (
                 getattr(module, "hf_device_map", None) or {"": _first_device(module)}
             ).items():
                 merged[f"{role_name}.{key}" if key else role_name] = device
         for name, child in self.named_children():
-            if name in ("language_model", "vision_tower") or child is None:
+            if name in BACKBONE_MODULES or child is None:
                 continue
             if isinstance(child, nn.ModuleList):  # layer adapters: one entry each (they follow their layers)
                 merged.update({f"{name}.{i}": _first_device(item) for i, item in enumerate(child)})
@@ -546,6 +551,11 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         the others: the gathered one is read instead)."""
         if state_dict is None:
             return self.adapter_state_dict()
+        if not state_dict:  # what a Trainer hands over under ZeRO-3 without gathering
+            raise ValueError(
+                "The state_dict given to save_pretrained is empty. Under DeepSpeed ZeRO-3 the Trainer passes an empty "
+                'one unless "stage3_gather_16bit_weights_on_model_save": true is set under "zero_optimization".'
+            )
         entries = self._adapter_entries(state_dict)
         present = {name for name in self.adapter_module_names() if getattr(self, name, None) is not None}
         missing = sorted(present - {k.split(".", 1)[0] for k in entries})
@@ -619,11 +629,12 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
                 "save_pretrained(push_to_hub=True) is not supported: save, then call model.push_to_hub(repo_id) "
                 "(or `mmadapters push FOLDER REPO_ID`), which uploads the checkpoint with a generated model card."
             )
-        if adapter_only and self.backbones_are_referenced():
+        referenced = self.backbones_are_referenced()
+        if adapter_only and referenced:
             check_adapter_only_save_options(kwargs)
         if not is_main_process:
             return
-        if adapter_only and not self.backbones_are_referenced():
+        if adapter_only and not referenced:
             logger.info(
                 "The backbones were built from config objects (random weights) and cannot be found again by "
                 "name: saving every weight so that the model reloads identically."
@@ -668,7 +679,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         if state_dict is None:
             changed = watch.changed(backbone_tensors(self._backbone_modules()))
         else:
-            changed = watch.changed(backbone_tensors_in(state_dict, tuple(self._backbone_modules())))
+            changed = watch.changed(backbone_tensors_in(state_dict, BACKBONE_MODULES))
         if changed:
             raise peft_on_top.PeftOnTopError(
                 f"The backbone weights changed since the model was loaded ({len(changed)} tensors, e.g. "
@@ -679,7 +690,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             )
 
     def _backbone_modules(self) -> dict[str, nn.Module]:
-        return {"language_model": self.language_model, "vision_tower": self.vision_tower}
+        return {name: getattr(self, name) for name in BACKBONE_MODULES}
 
     def watch_backbones(self) -> None:
         """Remember the backbones' weights as they are now (see `BackboneWatch`); called once loaded."""

@@ -147,12 +147,6 @@ class AdapterTrainer(Trainer):
         if not self.args.should_save:  # transformers calls _save on every process; only the main one writes
             return
         output_dir = output_dir or self.args.output_dir
-        if (
-            state_dict == {}
-        ):  # ZeRO-3 without gathering: refused by check_sharded_saving, unless changed since
-            raise ValueError(
-                'DeepSpeed ZeRO-3 handed no weights to save: set "stage3_gather_16bit_weights_on_model_save": true.'
-            )
         os.makedirs(output_dir, exist_ok=True)
         self._unwrapped().save_pretrained(output_dir, processor=self.processing_class, state_dict=state_dict)
         # Never a token in a checkpoint: the saved arguments have hub_token removed (a checkpoint is often shared).

@@ -50,7 +50,7 @@ def refuse_decoder_only_options(
     position_ids: torch.Tensor | None, logits_to_keep: int | torch.Tensor, kwargs: dict[str, Any]
 ) -> None:
     """An encoder-decoder LLM (T5) has no use for the decoder-only LLM's options: refused, not dropped."""
-    given = [name for name in ("shift_labels",) if kwargs.get(name) is not None]
+    given = ["shift_labels"] if kwargs.get("shift_labels") is not None else []
     if position_ids is not None:
         given.append("position_ids")
     if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
