@@ -264,6 +264,53 @@ def test_batched_generation_equals_one_by_one_and_vision_runs_once(backbones, ki
         )
 
 
+def log_prob_of_continuation(model, inputs, sequence, new_tokens):
+    """The summed log-probability of the last `new_tokens` tokens of `sequence` (prompt + continuation of
+    `inputs`' single sample), from one forward pass."""
+    grown = sequence.shape[0] - inputs["input_ids"].shape[1]
+    step = {**inputs, "input_ids": sequence[None]}
+    for name in ("attention_mask", "prompt_mask"):
+        if name in inputs:
+            fill = 1 if name == "attention_mask" else 0
+            step[name] = torch.nn.functional.pad(inputs[name], (0, grown), value=fill)
+    with torch.no_grad():
+        log_probs = model(**step).logits[0, -new_tokens - 1 : -1].float().log_softmax(-1)
+    return log_probs.gather(-1, sequence[-new_tokens:, None]).sum()
+
+
+@pytest.mark.parametrize("kind", ["lavin", "llama"])
+def test_beam_search_keeps_each_samples_images(backbones, kind, randomize_adapters):
+    """Beam search / num_return_sequences repeat every sample; a sample's image group must be repeated whole
+    ([A, B] -> [A, B, A, B, ...]), not image by image, or a beam would see another copy's images. Each returned
+    beam's score is the log-probability a forward pass with its own images gives it, and a batch's beams are each
+    sample's beams alone. (An encoder-decoder CROME places the images before the LLM's generate repeats rows.)"""
+    if kind == "lavin":
+        torch.manual_seed(0)
+        model = LavinForConditionalGeneration.from_backbones(backbones["llama"], backbones["vision"])
+        model = randomize_adapters(model).eval()
+        processor = LavinProcessor.from_backbones(backbones["llama"], backbones["vision"])
+    else:
+        model, processor = build(backbones, kind)
+        randomize_up(model, std=0.5)
+    prompts = ["<image> then <image>\nwhat changed?", "<image>\nwhat shape", "the capital of france"]
+    images = [[image(0), image(1)], [image(2)], []]
+    kwargs = dict(max_new_tokens=4, min_new_tokens=4, num_beams=3, num_return_sequences=2, do_sample=False)
+    kwargs.update(
+        return_dict_in_generate=True, output_scores=True, length_penalty=0.0
+    )  # score = sum of log-probs
+    batched = model.generate(**processor(images=images, text=prompts), **kwargs)
+    for i in range(3):
+        inputs = processor(images=images[i] or None, text=prompts[i])
+        alone = model.generate(**inputs, **kwargs)
+        for sequence, score in zip(alone.sequences, alone.sequences_scores, strict=True):
+            torch.testing.assert_close(
+                log_prob_of_continuation(model, inputs, sequence, 4), score, atol=1e-4, rtol=0
+            )
+        rows = slice(2 * i, 2 * i + 2)
+        assert batched.sequences[rows, -4:].tolist() == alone.sequences[:, -4:].tolist()
+        torch.testing.assert_close(batched.sequences_scores[rows], alone.sequences_scores, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["lavin", "llama", "t5"])
 def test_transformers_forward_keywords_are_honoured(backbones, kind):
     """The options every transformers model takes through **kwargs, as LLaVA's forward does: `return_dict=False`

@@ -94,6 +94,17 @@ ADAPTER_ONLY_SAVE_DEFAULTS = {
 }
 
 
+def image_order_for_expansion(images_per_sample: list[int], expand_size: int) -> list[int]:
+    """The per-image rows of a batch, each sample's group repeated `expand_size` times in place: images [A, B | C]
+    of two samples, expanded twice, give [A, B, A, B, C, C]."""
+    order = []
+    start = 0
+    for count in images_per_sample:
+        order += list(range(start, start + count)) * expand_size
+        start += count
+    return order
+
+
 def check_adapter_only_save_options(options: dict[str, Any]) -> None:
     """Refuse, before anything is written, a `save_pretrained` option an adapter-only save cannot honour."""
     unknown = sorted(
@@ -131,6 +142,8 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_attention_backend = True
     _skip_keys_device_placement = ["past_key_values", "cache"]
+    # Inputs with one row per image, not per sample (see `_expand_inputs_for_generation`).
+    per_image_input_names: tuple[str, ...] = ("pixel_values",)
 
     def __init__(
         self,
@@ -274,6 +287,39 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             inputs_embeds.dtype
         )
         return (inputs_embeds == placeholder).all(dim=-1)
+
+    def _expand_inputs_for_generation(
+        self,
+        expand_size: int = 1,
+        is_encoder_decoder: bool = False,
+        input_ids: torch.LongTensor | None = None,
+        **model_kwargs: Any,
+    ) -> tuple[torch.LongTensor | None, dict[str, Any]]:
+        """Beam search and `num_return_sequences` repeat each sample `expand_size` times. GenerationMixin repeats
+        every tensor row by row, which is right for per-sample rows but not for per-image rows (`pixel_values`,
+        CROME's Q-Former inputs): a sample with two images [A, B] needs [A, B, A, B], not [A, A, B, B], or its
+        copies would be given the wrong images. So the per-image rows are repeated by sample here."""
+        per_image = {
+            name: model_kwargs.pop(name)
+            for name in self.per_image_input_names
+            if isinstance(model_kwargs.get(name), torch.Tensor)
+        }
+        if expand_size > 1 and per_image:
+            text_ids = input_ids if input_ids is not None and input_ids.numel() else None
+            mask = self.placeholder_mask(
+                text_ids, model_kwargs.get("inputs_embeds"), per_image.get("pixel_values")
+            )
+            images_per_sample = (mask.sum(dim=-1) // self.config.num_image_tokens).tolist()
+            order = image_order_for_expansion(images_per_sample, expand_size)
+            for name, values in per_image.items():
+                if len(order) == expand_size * values.shape[0]:
+                    per_image[name] = values[torch.tensor(order, device=values.device)]
+                else:  # images and placeholders disagree: forward's image-count check says what is wrong
+                    per_image[name] = values.repeat_interleave(expand_size, dim=0)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        return input_ids, {**model_kwargs, **per_image}
 
     def check_inputs(
         self,

@@ -65,6 +65,8 @@ def refuse_decoder_only_options(
 
 class CromePreTrainedModel(FrozenBackbonesPreTrainedModel):
     config: CromeConfig
+    # The Q-Former reads its sample's instruction once per image.
+    per_image_input_names = ("pixel_values", "qformer_input_ids", "qformer_attention_mask")
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
