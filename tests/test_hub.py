@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from conftest import save_tiny_llm
+from conftest import save_tiny_llm, write_recipe
 from hub_server import HubServer
 from huggingface_hub import CommitOperationAdd, HfApi
 
@@ -142,6 +142,82 @@ def test_push_then_pull_in_another_process_gives_identical_logits(hub, tiny_back
     info = json.loads(loaded.stdout.strip().splitlines()[-1])
     assert info == {"class": "LavinForConditionalGeneration", "text_revision": llm_commit}
     assert torch.equal(torch.load(got_file), torch.load(expected_file))
+
+
+TRAIN_AND_PUSH = """
+import sys, json, torch
+from conftest import make_trainer, toy_dataset
+from mmadapters import LavinForConditionalGeneration, LavinProcessor
+output_dir, data, token = sys.argv[1:4]
+torch.manual_seed(0)
+model = LavinForConditionalGeneration.from_backbones("org/tiny-llm", "org/tiny-vision")
+processor = LavinProcessor.from_backbones("org/tiny-llm", "org/tiny-vision")
+push = dict(push_to_hub=True, hub_model_id="me/run", hub_strategy="checkpoint", hub_token=token, hub_private_repo=True)
+trainer = make_trainer(
+    model, processor, toy_dataset(data), output_dir, max_steps=4, training=dict(save_steps=2, **push),
+    hub_license="apache-2.0",
+)
+trainer.train()
+print(json.dumps({"url": trainer.push_to_hub(tags="easy-vqa"), "repo": trainer.hub_model_id}))
+"""
+
+
+def test_trainer_push_to_hub_pushes_adapter_checkpoints_with_our_card_and_no_token(
+    hub, tiny_backbones, tmp_path
+):
+    """TrainingArguments(push_to_hub=True, hub_strategy="checkpoint"): each save is one commit with the adapters at
+    the repo's root (transformers' own push would leave them out until the end) and the whole checkpoint in
+    last-checkpoint/; `push_to_hub()` at the end pushes the final adapters with our model card (license, tags).
+    The token travels in `hub_token` only and is in no pushed file; the repo loads."""
+    upload_plain(hub, "org/tiny-llm", tiny_backbones[0])
+    upload_plain(hub, "org/tiny-vision", tiny_backbones[1])
+    env = {name: value for name, value in hub_env(hub, tmp_path).items() if name != "HF_TOKEN"}
+    output_dir = tmp_path / "run"
+    (tmp_path / "data").mkdir()
+    trained = run(TRAIN_AND_PUSH, str(output_dir), str(tmp_path / "data"), TOKEN, env=env)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert TOKEN not in trained.stdout + trained.stderr
+    result = json.loads(trained.stdout.strip().splitlines()[-1])
+    assert result["repo"] == "me/run" and "/me/run/commit/" in result["url"]
+
+    repo = hub.repos["me/run"]
+    assert repo.private
+    commits = [files for _, files in repo.commits[1:]]  # after the repo's creation
+    assert len(commits) == 3  # step 2, step 4, end of training
+    for step, files in zip((2, 4), commits, strict=False):
+        saved = output_dir / f"checkpoint-{step}"
+        assert files["mmadapters_model.safetensors"] == (saved / "mmadapters_model.safetensors").read_bytes()
+        assert files["last-checkpoint/optimizer.pt"] == (saved / "optimizer.pt").read_bytes()
+        assert {"last-checkpoint/trainer_state.json", "last-checkpoint/training_args.bin"} <= set(files)
+    final = commits[-1]
+    assert final["mmadapters_model.safetensors"] == (output_dir / "mmadapters_model.safetensors").read_bytes()
+    assert not {"training_args.bin", "optimizer.pt", "trainer_state.json"} & set(final)
+    assert not any(name.startswith(("runs/", "checkpoint-")) for name in final)
+    card = final["README.md"].decode()
+    assert "license: apache-2.0" in card and "easy-vqa" in card and "library_name: mmadapters" in card
+    for files in commits:
+        for name, content in files.items():
+            assert TOKEN.encode() not in content, name
+
+    loaded = run(LOAD_FROM_HUB, "me/run", str(tmp_path / "got.pt"), env=hub_env(hub, tmp_path))
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert json.loads(loaded.stdout.strip().splitlines()[-1])["class"] == "LavinForConditionalGeneration"
+
+    # A recipe with push_to_hub (hub_strategy "end"): `mmadapters train` pushes the final adapters at the end.
+    training = {"max_steps": 2, "per_device_train_batch_size": 4, "use_cpu": True, "save_strategy": "no"}
+    training.update(push_to_hub=True, hub_model_id="me/recipe-run")
+    (tmp_path / "recipe").mkdir()
+    recipe = write_recipe(
+        tmp_path / "recipe", ("org/tiny-llm", "org/tiny-vision"), training=training, hub_license="apache-2.0"
+    )
+    command = [sys.executable, "-m", "mmadapters.cli", "train", str(recipe)]
+    trained = subprocess.run(command, env=hub_env(hub, tmp_path), capture_output=True, text=True, check=False)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    files = hub.repos["me/recipe-run"].commits[-1][1]
+    assert (
+        files["mmadapters_model.safetensors"]
+        == (tmp_path / "recipe" / "run" / "final" / "mmadapters_model.safetensors").read_bytes()
+    )
 
 
 @pytest.fixture()

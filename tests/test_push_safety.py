@@ -111,6 +111,27 @@ def test_trainer_checkpoint_holds_no_token_and_its_state_is_never_pushed(tiny_ba
     assert "mmadapters_model.safetensors" in planned
 
 
+def test_trainer_push_to_hub_refuses_up_front_what_it_could_not_push(tiny_backbones, tmp_path):
+    """TrainingArguments(push_to_hub=True) is refused when the Trainer is created (before the repo is created or a
+    step is run), not at the first save: backbones that are paths on this machine, backbones built from configs
+    (their checkpoints hold every weight). transformers' model-card keywords our card cannot honour are refused."""
+    from conftest import make_trainer, tiny_text_config, tiny_vision_config, toy_dataset
+
+    processor = LavinProcessor.from_backbones(*tiny_backbones)
+    dataset = toy_dataset(tmp_path)
+    push = dict(push_to_hub=True, hub_model_id="me/run")
+    local = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+    with pytest.raises(PushError, match=r"text backbone is a path on this machine .*--allow-local-backbones"):
+        make_trainer(local, processor, dataset, tmp_path / "a", training=push)
+    from_configs = LavinForConditionalGeneration.from_backbones(tiny_text_config(), tiny_vision_config())
+    with pytest.raises(PushError, match="built from config objects"):
+        make_trainer(from_configs, processor, dataset, tmp_path / "b", training=push)
+    trainer = make_trainer(local, processor, dataset, tmp_path / "c")
+    with pytest.raises(TypeError, match=r"\['finetuned_from'\].*takes `license` and `tags`"):
+        trainer.push_to_hub(finetuned_from="org/base")
+    assert not os.listdir(tmp_path / "c")  # refused before saving anything
+
+
 def test_a_space_folder_with_disguised_weights_is_refused(tmp_path):
     from mmadapters.hub import push_space
 

@@ -81,6 +81,11 @@ def test_eval_data_gives_an_evaluation_loss(tiny_backbones, tmp_path):
         ({"lora": {"r": 8, "on": "decoder"}}, "`lora.on` must be"),
         ({"eval_data": {"name": "mnist"}}, "`eval_data.name` must be one of"),
         ({"eval_data": {"name": "easy_vqa", "limit": 0}}, "`eval_data.limit` must be a positive integer"),
+        ({"hub_license": 2.0}, "`hub_license` must be a Hub license identifier"),
+        (
+            {"training": {"max_steps": 2, "push_to_hub": True, "hub_model_id": "me/run"}},
+            "text backbone is a path on this machine",
+        ),
     ],
 )
 def test_bad_new_keys_are_clear_errors(tiny_backbones, tmp_path, overrides, message, capsys):

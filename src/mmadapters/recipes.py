@@ -17,7 +17,12 @@ quantization:                # optional, bitsandbytes (BitsAndBytesConfig fields
 lora: {r: 8, lora_alpha: 16, target_modules: [q_proj, v_proj], on: language_model}  # optional LoRA on top
 output_dir: outputs/run
 training: {max_steps: 150, per_device_train_batch_size: 32, learning_rate: 3.0e-3}  # TrainingArguments
+hub_license: apache-2.0      # with training.push_to_hub: the model card's license, when the backbones' cards
+                             # do not settle it (optional)
 ```
+
+With `training: {push_to_hub: true, hub_model_id: you/run}` the Trainer pushes each checkpoint as `hub_strategy`
+says, and the final checkpoint at the end (`AdapterTrainer.push_to_hub`).
 
 Under several processes (`torchrun`, `accelerate launch`), only the main process prints, saves the final
 checkpoint and (through the Trainer) logs.
@@ -44,6 +49,7 @@ RECIPE_KEYS = {
     "dtype",
     "quantization",
     "lora",
+    "hub_license",
 }
 DATA_NAMES = ("easy_vqa", "scienceqa", "llava")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -130,6 +136,10 @@ def recipe_errors(recipe: dict[str, Any]) -> list[str]:
     for key in ("text_model", "vision_model", "init_from", "from_checkpoint", "output_dir"):
         if key in recipe and not isinstance(recipe[key], str):
             errors.append(f"`{key}` must be a string (a Hub id or a folder), got {recipe[key]!r}")
+    if "hub_license" in recipe and not isinstance(recipe["hub_license"], str):
+        errors.append(
+            f"`hub_license` must be a Hub license identifier such as apache-2.0, got {recipe['hub_license']!r}"
+        )
     adapter = recipe.get("adapter") or {}
     if not isinstance(adapter, dict):
         errors.append(f"`adapter` must be a mapping of adapter settings, got {adapter!r}")
@@ -406,6 +416,7 @@ def train_from_recipe(
         eval_dataset=eval_dataset,
         data_collator=VisionLanguageCollator(processor),
         processing_class=processor,
+        hub_license=recipe.get("hub_license"),
     )
     trainer = method(recipe["model"]).trainer(recipe, **kwargs)
     if checkpoint is not None:
@@ -414,6 +425,8 @@ def train_from_recipe(
     final = os.path.join(recipe["output_dir"], "final")
     if trainer.args.should_save:  # the main process only (several processes share the folder)
         model.save_pretrained(final, processor=processor)
+    if trainer.args.push_to_hub:  # every process: the Trainer saves on all of them, pushes from the main one
+        trainer.push_to_hub()
     # Every process leaves together: one exiting while the main one still saves can abort the process group.
     trainer.accelerator.wait_for_everyone()
     return final

@@ -137,6 +137,13 @@ def _matches(path: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatch(path, p) or fnmatch.fnmatch(os.path.basename(path), p) for p in patterns)
 
 
+def is_checkpoint_file(path: str) -> bool:
+    """A file (path in the folder) that a checkpoint or its Trainer state is made of: at the top level, or in the
+    Q-Former tokenizer's folder."""
+    top_level = "/" not in path or path.startswith("qformer_tokenizer/")
+    return top_level and _matches(path, ALLOWED_CHECKPOINT_FILES + TRAINER_STATE_FILES)
+
+
 def looks_like_weights(path: str) -> bool:
     """A file holding tensors, whatever its name: a safetensors header, a zip archive (torch.save) or a pickle."""
     with open(path, "rb") as f:
@@ -219,18 +226,26 @@ def check_portable_backbones(config_path: str) -> None:
     """Refuse a checkpoint whose config.json names a backbone by a path on this machine: the pushed repo would
     load nowhere else."""
     with open(config_path) as f:
-        config = json.load(f)
+        found = local_backbone(json.load(f))
+    if found:
+        role, name = found
+        raise PushError(
+            f"config.json names the {role} backbone by a path on this machine ({name}): the repo would not load "
+            "anywhere else. Point it at the Hub id of that backbone and save again: "
+            f"`model = Model.from_pretrained(folder, {role}_model='org/name')` (the fingerprint check confirms "
+            "it is the same backbone), then `model.save_pretrained(folder)`. Or pass --allow-local-backbones "
+            "(`allow_local_backbones=True`) if the repo is only for machines that have that path."
+        )
+
+
+def local_backbone(config: dict[str, Any]) -> tuple[str, str] | None:
+    """(role, path) of the first backbone that a model's config values name by a path on this machine (a portable
+    mmadapters:// name or a Hub id is fine), else None."""
     for role in ("text", "vision"):
         name = (config.get(f"{role}_backbone") or {}).get("name_or_path")
-        # A machine path (a portable mmadapters:// name or a Hub id is fine).
         if name and (os.path.isabs(name) or name.startswith((".", "~")) or os.path.isdir(name)):
-            raise PushError(
-                f"config.json names the {role} backbone by a path on this machine ({name}): the repo would not load "
-                "anywhere else. Point it at the Hub id of that backbone and save again: "
-                f"`model = Model.from_pretrained(folder, {role}_model='org/name')` (the fingerprint check confirms "
-                "it is the same backbone), then `model.save_pretrained(folder)`. Or pass --allow-local-backbones "
-                "(`allow_local_backbones=True`) if the repo is only for machines that have that path."
-            )
+            return role, name
+    return None
 
 
 def checkpoint_files(
@@ -243,11 +258,13 @@ def checkpoint_files(
     license: str | None = None,
     endpoint: str | None = None,
     token: str | None = None,
+    leave_out_other_files: bool = False,
 ) -> dict[str, str]:
     """What a checkpoint push uploads, checked (an adapter-only folder unless told): {path in the repo: local
     path}. The folder's files are uploaded from where they are; the model card (unless the folder has a
     README.md; `license` for it, else the backbones') and a legacy checkpoint's adapter_config.json pointing at the
-    repo itself are written into `generated`."""
+    repo itself are written into `generated`. Files that are not part of a checkpoint are refused, or with
+    `leave_out_other_files` (a Trainer's output folder: logs, metrics, checkpoint-N folders) left out."""
     if not os.path.isdir(folder):
         raise PushError(
             f"{folder} is not a folder. Save a checkpoint with `model.save_pretrained(folder)` first."
@@ -257,6 +274,8 @@ def checkpoint_files(
     if not allow_local_backbones:
         check_portable_backbones(os.path.join(folder, "config.json"))
     files = _folder_files(folder, (".git", ".cache"))
+    if leave_out_other_files:
+        files = {path: local for path, local in files.items() if is_checkpoint_file(path)}
     check_checkpoint_contents(files, include_backbone_weights)
     heavy = _weight_files(files)
     if heavy and not include_backbone_weights:
@@ -428,6 +447,31 @@ def push_space(
         )
 
 
+def create_repo(
+    repo_id: str,
+    create_kwargs: dict[str, Any],
+    token: str | None,
+    retries: int = 4,
+    retry_wait: float = 1.0,
+    endpoint: str | None = None,
+) -> str:
+    """Create the repo, or keep the existing one; returns its full id (the namespace filled in), retrying transient
+    failures. `create_kwargs`: `private`, `repo_type` of `HfApi.create_repo`."""
+    from huggingface_hub import HfApi, constants, get_token
+
+    endpoint = endpoint or constants.ENDPOINT
+    api = HfApi(endpoint=endpoint, token=token)
+    url = _with_retries(
+        lambda: api.create_repo(repo_id, exist_ok=True, **create_kwargs),
+        "create the repo",
+        endpoint,
+        token or get_token(),  # only to scrub it from messages: never printed
+        retries,
+        retry_wait,
+    )
+    return url.repo_id
+
+
 def _upload(
     files: dict[str, str],
     repo_id: str,
@@ -445,16 +489,9 @@ def _upload(
 
     endpoint = endpoint or constants.ENDPOINT
     api = HfApi(endpoint=endpoint, token=token)
-    token = token or get_token()  # only to scrub it from messages: never printed
     repo_type = create_kwargs.get("repo_type")
-    _with_retries(
-        lambda: api.create_repo(repo_id, exist_ok=True, **create_kwargs),
-        "create the repo",
-        endpoint,
-        token,
-        retries,
-        retry_wait,
-    )
+    create_repo(repo_id, create_kwargs, token, retries, retry_wait, endpoint)
+    token = token or get_token()  # only to scrub it from messages: never printed
 
     def commit() -> Any:
         # Fresh operations on each attempt: the client refuses to reuse committed ones.

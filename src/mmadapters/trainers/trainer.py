@@ -11,13 +11,17 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
 from transformers import Trainer
+from transformers.trainer_utils import HubStrategy
 
 from ..checkpoint_files import ADAPTER_WEIGHTS_NAME, adapter_weights_file
+from ..hub.push import PushError, create_repo
+from ..hub.trainer_push import LAST_CHECKPOINT_IN_REPO, check_trainer_can_push, push_trainer_folder
 from ..modeling.crome import CromeForConditionalGeneration
 from ..modeling.lavin import LavinForConditionalGeneration
 from ..modeling.peft_on_top import adopt_peft_model
@@ -81,10 +85,15 @@ class AdapterTrainer(Trainer):
 
     A `peft.PeftModel` around LaVIN or CROME (`get_peft_model(model, LoraConfig(...))`) is accepted: the Trainer
     trains the model inside it, LoRA and our adapters together, and every checkpoint holds both (one folder that
-    `from_pretrained` loads back)."""
+    `from_pretrained` loads back).
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    `TrainingArguments(push_to_hub=True)` and `push_to_hub()` push adapter-only checkpoints with our model card
+    (see `mmadapters.hub.trainer_push`); `hub_license`: the card's license when the backbones' cards do not settle
+    it."""
+
+    def __init__(self, *args: Any, hub_license: str | None = None, **kwargs: Any) -> None:
         args, kwargs, _ = _model_argument(args, kwargs)
+        self.hub_license = hub_license  # read by init_hf_repo, which transformers' __init__ calls
         super().__init__(*args, **kwargs)
         state = self.accelerator.state
         check_sharded_saving(
@@ -154,6 +163,100 @@ class AdapterTrainer(Trainer):
         saved_args = copy.copy(self.args)
         saved_args.hub_token = None
         torch.save(saved_args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    # ------------------------------------------------------------------------------------------------
+    # Pushing to the Hub (TrainingArguments.push_to_hub, hub_strategy, ...)
+    # ------------------------------------------------------------------------------------------------
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """Check that this model's checkpoints can be pushed (adapter-only, backbones named by Hub ids, a license
+        for the card), then create the repo (`hub_model_id`, default: the output folder's name). transformers'
+        __init__ calls this when `push_to_hub=True`: a model that cannot be pushed is refused before training."""
+        if not self.is_world_process_zero():
+            return
+        token = token if token is not None else self.args.hub_token
+        model = self._unwrapped()
+        self.hub_card_license = check_trainer_can_push(
+            model.config.to_dict(), model.backbones_are_referenced(), self.hub_license, token=token
+        )
+        name = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+        private = private if private is not None else self.args.hub_private_repo
+        self.hub_model_id = create_repo(name, {"private": private}, token)
+        self.push_in_progress = None
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """After each save (hub_strategy other than "end"): the checkpoint's adapters at the repo's root, and with
+        "checkpoint" / "all_checkpoints" the whole checkpoint in last-checkpoint/ or checkpoint-N/. One commit,
+        made before training goes on (adapter checkpoints are megabytes). A failed push is logged, and training goes
+        on: the checkpoint is on disk."""
+        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
+            return
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        state_in = {
+            HubStrategy.CHECKPOINT: LAST_CHECKPOINT_IN_REPO,
+            HubStrategy.ALL_CHECKPOINTS: os.path.basename(checkpoint_folder),
+        }.get(self.args.hub_strategy)
+        try:
+            push_trainer_folder(
+                checkpoint_folder,
+                self.hub_model_id,
+                self.hub_card_license,
+                token=self.args.hub_token,
+                revision=self.args.hub_revision,
+                commit_message=f"Training in progress, step {self.state.global_step}",
+                trainer_state_in=state_in,
+            )
+        except PushError as error:
+            logger.warning("Could not push %s to the Hub; training goes on: %s", checkpoint_folder, error)
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs: Any,
+    ) -> str | Future | None:
+        """Save the model to the output folder and push its adapter-only checkpoint with our model card; returns
+        the commit URL (a Future of it with `blocking=False`). Of transformers' model-card keywords, `license`
+        and `tags` go into our card; the others describe transformers' generic card and are refused."""
+        card = {name: kwargs.pop(name) for name in ("license", "tags") if name in kwargs}
+        if kwargs:
+            raise TypeError(
+                f"push_to_hub() got {sorted(kwargs)}: these fill transformers' generic model card, and mmadapters "
+                "pushes its own (backbones, adapters, a usage snippet). It takes `license` and `tags`."
+            )
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        token = token if token is not None else self.args.hub_token
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        tags = card.get("tags")
+
+        def push() -> str:
+            return push_trainer_folder(
+                self.args.output_dir,
+                self.hub_model_id,
+                card.get("license") or self.hub_card_license,
+                token=token,
+                revision=revision or self.args.hub_revision,
+                commit_message=commit_message,
+                tags=[tags] if isinstance(tags, str) else tags,
+            )
+
+        if blocking:
+            return push()
+        pool = ThreadPoolExecutor(max_workers=1)
+        future = pool.submit(push)
+        pool.shutdown(wait=False)  # the push runs to its end; the pool takes no more work
+        return future
+
+    # ------------------------------------------------------------------------------------------------
+    # Resuming
+    # ------------------------------------------------------------------------------------------------
 
     def _load_from_checkpoint(
         self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
