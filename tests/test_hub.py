@@ -213,6 +213,7 @@ def test_trainer_push_to_hub_pushes_adapter_checkpoints_with_our_card_and_no_tok
     command = [sys.executable, "-m", "mmadapters.cli", "train", str(recipe)]
     trained = subprocess.run(command, env=hub_env(hub, tmp_path), capture_output=True, text=True, check=False)
     assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "Pushed the final checkpoint to " in trained.stdout and "/me/recipe-run/commit/" in trained.stdout
     files = hub.repos["me/recipe-run"].commits[-1][1]
     assert (
         files["mmadapters_model.safetensors"]

@@ -426,7 +426,8 @@ def train_from_recipe(
     if trainer.args.should_save:  # the main process only (several processes share the folder)
         model.save_pretrained(final, processor=processor)
     if trainer.args.push_to_hub:  # every process: the Trainer saves on all of them, pushes from the main one
-        trainer.push_to_hub()
+        url = trainer.push_to_hub()
+        log(f"Pushed the final checkpoint to {url}")
     # Every process leaves together: one exiting while the main one still saves can abort the process group.
     trainer.accelerator.wait_for_everyone()
     return final
