@@ -181,6 +181,26 @@ def test_plain_get_peft_model_with_a_scoped_regex_and_adoption(lavin, processor,
     )
 
 
+def test_an_adopted_peft_models_own_save_keeps_our_trained_modules(lavin, processor, tmp_path):
+    """After adoption our modules train beside the LoRA; PEFT's own save_pretrained would write the LoRA alone (the
+    trained LaVIN adapters silently lost). The PeftModel saves as the model inside it does: both, one checkpoint."""
+    peft_model = get_peft_model(lavin, lora(target_modules=r".*language_model.*\.(q_proj|v_proj)"))
+    mmadapters.adopt_peft_model(peft_model)
+    randomize_trainable(peft_model)
+    batch = inputs(processor)
+    expected = logits(peft_model, batch)
+    peft_model.save_pretrained(tmp_path / "ck", processor=processor)
+    assert "adapter_config.json" not in os.listdir(tmp_path / "ck")
+    torch.testing.assert_close(
+        logits(LavinForConditionalGeneration.from_pretrained(tmp_path / "ck"), batch), expected
+    )
+    with pytest.raises(TypeError, match="selected_adapters"):  # PEFT's save options: refused, nothing written
+        peft_model.save_pretrained(tmp_path / "other", selected_adapters=["default"])
+    assert not (tmp_path / "other").exists()
+    planned = peft_model.push_to_hub("me/x", dry_run=True, allow_local_backbones=True, license="apache-2.0")
+    assert {"mmadapters_model.safetensors", "README.md"} <= {f.path for f in planned}  # ours, with our card
+
+
 def test_save_of_a_get_peft_model_model_without_adoption_keeps_the_lora(lavin, processor, tmp_path):
     peft_model = get_peft_model(lavin, lora())  # unscoped: the CLIP tower gets LoRA too, as PEFT does
     randomize_trainable(peft_model)

@@ -306,7 +306,11 @@ def _read_peft_weights(folder: str) -> dict[str, torch.Tensor]:
 def adopt_peft_model(peft_model: Any) -> Any:
     """The LaVIN or CROME model inside a `PeftModel` (from `peft.get_peft_model`), with its PEFT layers recorded
     (so `save_pretrained` saves them with our adapters) and our own modules training again (PEFT freezes every
-    parameter it did not add). Returns the inner model; the PeftModel keeps working on the same tensors."""
+    parameter it did not add). Returns the inner model; the PeftModel keeps working on the same tensors.
+
+    From then on the PeftModel's `save_pretrained` and `push_to_hub` are the inner model's: PEFT's own would write
+    the PEFT layers alone and drop our modules, which now train beside them. Its checkpoint holds both and loads
+    with `from_pretrained` (not with `PeftModel.from_pretrained`, which finds no adapter_config.json and says so)."""
     from peft import PeftModel
 
     if not isinstance(peft_model, PeftModel):
@@ -315,6 +319,8 @@ def adopt_peft_model(peft_model: Any) -> Any:
     _check_our_model(model)
     _record_whole_model_adapters(model, peft_model.peft_config)
     model.restore_trainable_side()
+    peft_model.save_pretrained = model.save_pretrained
+    peft_model.push_to_hub = model.push_to_hub
     return model
 
 
