@@ -197,6 +197,23 @@ def test_qformer_reads_the_instruction(backbones):
         processor(images=[image(0)], text=text[0], instruction="typo")
 
 
+def test_qformer_reads_a_left_padded_instruction_as_a_right_padded_one(backbones):
+    """Positions count over the instruction's real tokens: the query outputs do not depend on the padding side
+    (transformers' pipeline pads its batches on the left; our processor on the right)."""
+    model, processor = build(backbones)
+    inputs = processor(images=[[image(0)], [image(1)]], text=["<image>\nwhat color is it?", "<image>\nshape"])
+    ids, mask = inputs["qformer_input_ids"], inputs["qformer_attention_mask"]
+    assert mask[1].sum() < mask.shape[1]  # the second instruction is padded
+    lengths = mask.sum(dim=1)
+    left_ids, left_mask = torch.zeros_like(ids), torch.zeros_like(mask)
+    for row, length in enumerate(lengths.tolist()):
+        left_ids[row, -length:], left_mask[row, -length:] = ids[row, :length], 1
+    with torch.no_grad():
+        right = model.get_image_features(inputs["pixel_values"], ids, mask).pooler_output
+        left = model.get_image_features(inputs["pixel_values"], left_ids, left_mask).pooler_output
+    torch.testing.assert_close(left, right, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["llama", "t5"])
 def test_training_steps_lower_the_loss(backbones, kind):
     model, processor = build(backbones, kind)
@@ -503,6 +520,41 @@ def test_chat_template_and_pipeline(backbones, tmp_path):
     direct = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     expected = processor.decode(direct[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert result[0]["generated_text"] == expected
+
+
+@pytest.mark.parametrize("kind", ["lavin", "llama", "t5"])
+def test_pipeline_batches_equal_one_by_one(backbones, kind, tmp_path, randomize_adapters):
+    """pipeline(..., batch_size=3) pads each batch with the tokenizer's padding side: left, as generation needs
+    (it was right: the batched answers differed). CROME's Q-Former counts positions over the instruction's real
+    tokens, so a left-padded instruction reads as the processor's right-padded one."""
+    from PIL import Image
+    from transformers import pipeline
+
+    if kind == "lavin":
+        model = LavinForConditionalGeneration.from_backbones(backbones["llama"], backbones["vision"])
+        model = randomize_adapters(model).eval()
+        processor = LavinProcessor.from_backbones(backbones["llama"], backbones["vision"])
+    else:
+        model, processor = build(backbones, kind)
+        randomize_up(model, std=0.5)
+    model.save_pretrained(tmp_path, processor=processor)
+    questions = ["what color is the shape?", "what shape", "does the image contain a triangle?"]
+    messages = []  # prompts of different lengths (a pipeline batch cannot mix image and text-only samples)
+    for index, question in enumerate(questions):
+        Image.fromarray(image(index)).save(tmp_path / f"{index}.png")
+        content = [
+            {"type": "image", "image": str(tmp_path / f"{index}.png")},
+            {"type": "text", "text": question},
+        ]
+        messages.append([{"role": "user", "content": content}])
+    pipe = pipeline("image-text-to-text", model=str(tmp_path))
+
+    def options() -> dict:  # fresh each call: transformers 5.20's pipeline writes into generate_kwargs
+        return dict(max_new_tokens=4, generate_kwargs={"do_sample": False}, return_full_text=False)
+
+    alone = [pipe(text=chat, **options())[0]["generated_text"] for chat in messages]
+    batched = [result[0]["generated_text"] for result in pipe(text=messages, batch_size=3, **options())]
+    assert batched == alone
 
 
 def test_processor_round_trip_keeps_both_tokenizers(backbones, tmp_path):

@@ -291,7 +291,7 @@ def test_push_space(tmp_path):
 
 def test_push_space_command(monkeypatch, capsys):
     """`mmadapters push-space`: the plan with --dry-run; the commit flags it shares with `push` reach the Hub."""
-    from huggingface_hub import CommitInfo, HfApi
+    from huggingface_hub import CommitInfo, HfApi, RepoUrl
 
     from mmadapters.cli import main
 
@@ -303,6 +303,7 @@ def test_push_space_command(monkeypatch, capsys):
 
     def create_repo(self, repo_id, **kwargs):
         seen["create_repo"] = (repo_id, kwargs)
+        return RepoUrl(f"https://huggingface.co/spaces/{repo_id}")
 
     def create_commit(self, repo_id, operations, **kwargs):
         seen["commit"] = (repo_id, kwargs)

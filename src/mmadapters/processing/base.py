@@ -213,6 +213,9 @@ class AdapterProcessorMixin:
         self.overflow = check_overflow_policy(overflow)  # before the tokenizer is touched
         self.image_token = IMAGE_TOKEN
         self.image_token_id = add_image_token(tokenizer)
+        # Our own calls pad by themselves (left for generation, right with answers). The tokenizer's side is what
+        # transformers' pipeline pads its batches with (`batch_size=`), and those batches go to `generate`.
+        tokenizer.padding_side = "left"
         self.num_image_tokens = num_image_tokens
         self.max_length = max_length
         self.max_image_pixels = max_image_pixels

@@ -267,9 +267,13 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
         if qformer_attention_mask is None:
             qformer_attention_mask = torch.ones_like(qformer_input_ids)
         query_mask = torch.ones(queries.shape[:2], dtype=qformer_attention_mask.dtype, device=queries.device)
+        # Positions counted over the instruction's real tokens: the same for a left-padded instruction (batches of
+        # transformers' pipeline) as for our processor's right-padded one (InstructBLIP counts from the first slot).
+        positions = (qformer_attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
         query_output = self.qformer(
             input_ids=qformer_input_ids,
             attention_mask=torch.cat([query_mask, qformer_attention_mask], dim=1),
+            position_ids=positions,
             query_embeds=queries,
             encoder_hidden_states=image_embeds,
             encoder_attention_mask=torch.ones(
