@@ -71,7 +71,7 @@ def test_an_unknown_embedded_name_is_a_clear_error(tmp_path, embedded_cache):
 
 
 def test_push_to_hub_takes_transformers_keywords(tiny_backbones, monkeypatch):
-    from huggingface_hub import CommitInfo, HfApi
+    from huggingface_hub import CommitInfo, HfApi, RepoUrl
 
     seen = {}
 
@@ -88,7 +88,9 @@ def test_push_to_hub_takes_transformers_keywords(tiny_backbones, monkeypatch):
             pr_url="https://huggingface.co/org/lavin/discussions/1",
         )
 
-    monkeypatch.setattr(HfApi, "create_repo", lambda self, *a, **k: None)
+    monkeypatch.setattr(
+        HfApi, "create_repo", lambda self, repo_id, **k: RepoUrl(f"https://huggingface.co/{repo_id}")
+    )
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
     model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
     url = model.push_to_hub(
