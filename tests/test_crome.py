@@ -214,6 +214,50 @@ def test_qformer_reads_a_left_padded_instruction_as_a_right_padded_one(backbones
     torch.testing.assert_close(left, right, rtol=0, atol=1e-6)
 
 
+def test_label_smoothing_of_an_encoder_decoder_crome_scores_the_decoder_logits_as_they_are(
+    backbones, tmp_path
+):
+    """An encoder-decoder LLM's decoder logit t predicts labels[t] (no shift), as transformers' Seq2Seq models."""
+    from conftest import make_trainer, toy_dataset
+
+    from mmadapters.trainers import CromeTrainer
+
+    model, processor = build(backbones, "t5")
+    for module in model.modules():  # dropout off: the training step must see the evaluation's function
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        elif isinstance(getattr(module, "dropout", None), float):  # T5's attention dropout is a float
+            module.dropout = 0.0
+    trainer = make_trainer(
+        model,
+        processor,
+        toy_dataset(tmp_path, n=4),
+        tmp_path / "run",
+        trainer_class=CromeTrainer,
+        training={"label_smoothing_factor": 0.1},
+    )
+    batch = processor(
+        images=[[image(0)], [image(1)]],
+        text=["<image>\nwhat color?", "<image>\nshape"],
+        answers=["red", "a small circle"],
+    )
+    with torch.no_grad():
+        log_probs = -torch.log_softmax(model(**batch).logits.float(), dim=-1)
+        active = batch["labels"] != -100
+        nll = (
+            log_probs.gather(-1, batch["labels"].clamp(min=0).unsqueeze(-1)).squeeze(-1)[active].sum()
+            / active.sum()
+        )
+        smooth = log_probs.sum(-1)[active].sum() / (active.sum() * log_probs.shape[-1])
+        evaluation_loss = trainer.compute_loss(model, dict(batch))
+        model.train()
+        training_loss = trainer.compute_loss(model, dict(batch))
+    torch.testing.assert_close(evaluation_loss, 0.9 * nll + 0.1 * smooth, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        training_loss, 0.9 * nll + 0.1 * smooth, rtol=1e-4, atol=1e-5
+    )  # T5's train mode
+
+
 @pytest.mark.parametrize("kind", ["llama", "t5"])
 def test_training_steps_lower_the_loss(backbones, kind):
     model, processor = build(backbones, kind)

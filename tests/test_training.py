@@ -433,6 +433,57 @@ def test_supervised_logits_only_gives_the_same_loss_and_gradients(tiny_backbones
         torch.testing.assert_close(kept_grads[name], full_grads[name], atol=1e-6, rtol=1e-4)
 
 
+def smoothed_next_token_loss(logits, labels, epsilon):
+    """transformers' LabelSmoother formula, each position scored against the next token."""
+    log_probs = -torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    targets = labels[:, 1:]
+    active = targets != -100
+    nll = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)[active].sum() / active.sum()
+    smooth = log_probs.sum(-1)[active].sum() / (active.sum() * log_probs.shape[-1])
+    return (1 - epsilon) * nll + epsilon * smooth
+
+
+@pytest.mark.parametrize("which", ["lavin", "crome"])
+def test_label_smoothing_scores_each_logit_against_its_next_token(tiny_backbones, tmp_path, which):
+    """TrainingArguments(label_smoothing_factor=...): transformers' Trainer shifts labels only for models in its
+    causal-LM mapping and scored our logits against the unshifted labels (each position against its own token).
+    Ours: the smoothed next-token loss, in training steps (supervised logits only) and in evaluation."""
+    from mmadapters import CromeProcessor
+
+    torch.manual_seed(0)
+    if which == "lavin":
+        model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+        processor = LavinProcessor.from_backbones(*tiny_backbones)
+    else:
+        model = CromeForConditionalGeneration.from_backbones(*tiny_backbones, qformer=tiny_qformer_config())
+        processor = CromeProcessor.from_backbones(
+            *tiny_backbones, num_image_tokens=model.config.num_image_tokens
+        )
+    for module in model.modules():  # dropout off: training and evaluation steps must see the same function
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    trainer = make_trainer(
+        model,
+        processor,
+        toy_dataset(tmp_path, n=4),
+        tmp_path / "run",
+        training={"label_smoothing_factor": 0.1},
+        trainer_class=CromeTrainer if which == "crome" else LavinTrainer,
+    )
+    image = (torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    prompt = "<image>\nwhat color?" if which == "crome" else "Image: <image>\nwhat color?"
+    batch = processor(images=[[image], []], text=[prompt, "say hi"], answers=["red", "hi there friend"])
+    with torch.no_grad():
+        expected = smoothed_next_token_loss(model(**batch).logits, batch["labels"], 0.1)
+        model.train()
+        training_loss = trainer.compute_loss(model, dict(batch))
+        model.eval()
+        evaluation_loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
+    torch.testing.assert_close(training_loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(evaluation_loss, expected, rtol=1e-5, atol=1e-6)
+    assert outputs.logits.shape[1] == batch["input_ids"].shape[1]  # evaluation keeps every position's logits
+
+
 def test_trainer_steps_use_supervised_logits_only(tiny_backbones, tmp_path):
     model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
     processor = LavinProcessor.from_backbones(*tiny_backbones)

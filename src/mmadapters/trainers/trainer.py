@@ -22,9 +22,11 @@ from transformers.trainer_utils import HubStrategy
 from ..checkpoint_files import ADAPTER_WEIGHTS_NAME, adapter_weights_file
 from ..hub.push import PushError, create_repo
 from ..hub.trainer_push import LAST_CHECKPOINT_IN_REPO, check_trainer_can_push, push_trainer_folder
+from ..modeling.causal_lm_output import supervised_positions
 from ..modeling.crome import CromeForConditionalGeneration
 from ..modeling.lavin import LavinForConditionalGeneration
 from ..modeling.peft_on_top import adopt_peft_model
+from ..processing.base import IGNORE_INDEX
 from .checkpoints import check_sharded_saving, find_last_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,18 @@ def load_adapter_checkpoint(
         )
     else:
         model.load_adapter_state_dict(saved, source=folder)
+
+
+def logit_targets(model: torch.nn.Module, labels: torch.Tensor, supervised_logits_only: bool) -> torch.Tensor:
+    """The token each of the model's output logits should predict, -100 where none: a decoder-only LLM's logit at
+    position t predicts labels[t + 1] (with `supervised_logits_only`, the logits are those of the supervised
+    positions only); an encoder-decoder LLM's decoder logits predict `labels` as they are."""
+    if getattr(model, "is_encoder_decoder_llm", False):
+        return labels
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    if supervised_logits_only:
+        return shifted[:, supervised_positions(labels)]
+    return shifted
 
 
 def _model_argument(args: tuple, kwargs: dict) -> tuple[tuple, dict, Any]:
@@ -124,12 +138,32 @@ class AdapterTrainer(Trainer):
             )
         return super().train(*args, **kwargs)
 
-    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> Any:
         """Training steps compute logits only at supervised positions (same loss; see
-        `mmadapters.modeling.causal_lm_output`); evaluation keeps full logits for metrics."""
+        `mmadapters.modeling.causal_lm_output`); evaluation keeps full logits for metrics.
+
+        With `label_smoothing_factor`, the smoothed loss is taken here against each logit's target (the next token;
+        an encoder-decoder CROME's decoder logits against the answer): transformers' Trainer shifts the labels only
+        for models in its causal-LM mapping and would score our logits against the unshifted labels, teaching
+        every position to repeat its own token."""
         if model.training and "labels" in inputs:
             inputs = {**inputs, "supervised_logits_only": True}
-        return super().compute_loss(model, inputs, *args, **kwargs)
+        if self.label_smoother is not None and self.compute_loss_func is None and "labels" in inputs:
+            outputs = model(**inputs)
+            targets = logit_targets(
+                self._unwrapped(), inputs["labels"], bool(inputs.get("supervised_logits_only"))
+            )
+            loss = self.label_smoother(outputs, targets, num_items_in_batch=num_items_in_batch)
+            return (loss, outputs) if return_outputs else loss
+        return super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
 
     def _unwrapped(self) -> Any:
         return self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
