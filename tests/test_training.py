@@ -484,6 +484,28 @@ def test_label_smoothing_scores_each_logit_against_its_next_token(tiny_backbones
     assert outputs.logits.shape[1] == batch["input_ids"].shape[1]  # evaluation keeps every position's logits
 
 
+def test_evaluation_gathers_logits_and_visual_tokens_not_the_vision_towers_states(tiny_backbones, tmp_path):
+    """Trainer.predict / evaluate keep the logits (every position) and the visual tokens; the vision tower's states
+    (`image_outputs`, one last hidden state per image) are not accumulated over the evaluation set."""
+    model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+    processor = LavinProcessor.from_backbones(*tiny_backbones)
+    dataset = toy_dataset(tmp_path, n=8)
+    trainer = make_trainer(
+        model, processor, dataset, tmp_path / "run", training={"per_device_eval_batch_size": 4}
+    )
+    logits, visual_tokens = trainer.predict(dataset).predictions
+    images = sum(row["image"] is not None for row in dataset)
+    assert logits.shape[:2] == (
+        8,
+        max(len(ids) for ids in VisionLanguageCollator(processor)(list(dataset))["input_ids"]),
+    )
+    assert visual_tokens.shape == (
+        images,
+        model.config.num_image_tokens,
+        model.config.text_config.hidden_size,
+    )
+
+
 def test_trainer_steps_use_supervised_logits_only(tiny_backbones, tmp_path):
     model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
     processor = LavinProcessor.from_backbones(*tiny_backbones)

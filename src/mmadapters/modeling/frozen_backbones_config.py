@@ -33,6 +33,10 @@ class FrozenBackbonesConfig(PreTrainedConfig):
 
     # The adapter settings' class (MMAdapterConfig, CromeAdapterConfig); set by each subclass.
     adapter_config_class = None
+    # Outputs the Trainer does not gather in evaluation: the KV cache, and the vision tower's states in
+    # `image_outputs` (a tower's last hidden state per image, e.g. 257 x 1024 for ViT-L/14, for every image of an
+    # evaluation set); the logits and `image_hidden_states` (the visual tokens) are kept.
+    keys_to_ignore_at_inference = ["past_key_values", "cache", "image_outputs"]
 
     text_config: dict | PreTrainedConfig | None = None
     vision_config: dict | PreTrainedConfig | None = None
