@@ -17,6 +17,7 @@ import torch
 from conftest import save_tiny_llm, write_recipe
 from hub_server import HubServer
 from huggingface_hub import CommitOperationAdd, HfApi
+from safetensors.torch import load_file
 
 from mmadapters import LavinForConditionalGeneration, LavinProcessor
 from mmadapters.hub import PushError, build_model_card, push_folder, write_eval_results
@@ -162,6 +163,23 @@ print(json.dumps({"url": trainer.push_to_hub(tags="easy-vqa"), "repo": trainer.h
 """
 
 
+LOAD_SUBFOLDER = """
+import sys, json, os
+from safetensors.torch import load_file
+import mmadapters
+from transformers import AutoModelForImageTextToText, AutoProcessor
+repo, subfolder, cache = sys.argv[1:4]
+model = AutoModelForImageTextToText.from_pretrained(repo, subfolder=subfolder, cache_dir=cache)
+AutoProcessor.from_pretrained(repo, subfolder=subfolder, cache_dir=cache)
+root = AutoModelForImageTextToText.from_pretrained(repo, cache_dir=cache)
+downloaded = sorted(
+    os.path.relpath(os.path.join(folder, name), cache) for folder, _, names in os.walk(cache) for name in names
+)
+state = {k: v.tolist() for k, v in model.adapter_state_dict().items()}
+print(json.dumps({"state": state, "downloaded": downloaded}))
+"""
+
+
 def test_trainer_push_to_hub_pushes_adapter_checkpoints_with_our_card_and_no_token(
     hub, tiny_backbones, tmp_path
 ):
@@ -202,6 +220,20 @@ def test_trainer_push_to_hub_pushes_adapter_checkpoints_with_our_card_and_no_tok
     loaded = run(LOAD_FROM_HUB, "me/run", str(tmp_path / "got.pt"), env=hub_env(hub, tmp_path))
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     assert json.loads(loaded.stdout.strip().splitlines()[-1])["class"] == "LavinForConditionalGeneration"
+
+    # from_pretrained(repo, subfolder="last-checkpoint") loads the last checkpoint's adapters; loading the root
+    # downloads no checkpoint folder (optimizer states and all).
+    cache = tmp_path / "cache"
+    loaded = run(LOAD_SUBFOLDER, "me/run", "last-checkpoint", str(cache), env=hub_env(hub, tmp_path))
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    result = json.loads(loaded.stdout.strip().splitlines()[-1])
+    saved = load_file(output_dir / "checkpoint-4" / "mmadapters_model.safetensors")
+    assert result["state"] == {k: v.tolist() for k, v in saved.items()}
+    root_files = [
+        path for path in result["downloaded"] if "/snapshots/" in path and "last-checkpoint" not in path
+    ]
+    assert any(path.endswith("mmadapters_model.safetensors") for path in root_files)
+    assert not any(path.endswith(("optimizer.pt", "trainer_state.json")) for path in root_files)
 
     # A recipe with push_to_hub (hub_strategy "end"): `mmadapters train` pushes the final adapters at the end.
     training = {"max_steps": 2, "per_device_train_batch_size": 4, "use_cpu": True, "save_strategy": "no"}

@@ -63,6 +63,22 @@ def test_unsupported_keywords_are_refused_with_the_reason(tiny_backbones, checkp
         LavinForConditionalGeneration.from_pretrained(checkpoint[0], **{keyword: "x"})
 
 
+def test_subfolder_is_where_the_checkpoint_lies(tiny_backbones, checkpoint, tmp_path, inputs):
+    """`subfolder` (transformers' meaning: the checkpoint's folder inside the path or repo, e.g. a Trainer push's
+    last-checkpoint/) is honoured by from_pretrained; from_backbones refuses it (it would be ambiguous there)."""
+    import shutil
+
+    folder, model = checkpoint
+    shutil.copytree(folder, tmp_path / "run" / "last-checkpoint")
+    loaded = LavinForConditionalGeneration.from_pretrained(tmp_path / "run", subfolder="last-checkpoint")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match="no subfolder 'checkpoint-9'"):
+        LavinForConditionalGeneration.from_pretrained(tmp_path / "run", subfolder="checkpoint-9")
+    with pytest.raises(LoadingOptionError, match="does not support `subfolder`"):
+        LavinForConditionalGeneration.from_backbones(*tiny_backbones, subfolder="x")
+
+
 def test_attn_implementation_applies_to_both_backbones(tiny_backbones, checkpoint, inputs):
     model = LavinForConditionalGeneration.from_backbones(*tiny_backbones, attn_implementation="eager")
     assert attn(model) == ("eager", "eager")

@@ -406,14 +406,36 @@ def image_token_id_or_none(text_model: str, revision: str | None = None) -> int 
         return None
 
 
-def resolve_checkpoint_folder(name_or_path: str, revision: str | None = None, **hub_kwargs: Any) -> str:
-    """A local folder holding a checkpoint: the path itself, or a snapshot of a Hub repo (`hub_kwargs`: token,
-    cache_dir, local_files_only)."""
+# Folders a Trainer push puts beside the checkpoint at a repo's root (hub_strategy "checkpoint" / "all_checkpoints"):
+# loading the root checkpoint does not download them.
+TRAINER_CHECKPOINT_FOLDERS = ("last-checkpoint/*", "checkpoint-*/*")
+
+
+def resolve_checkpoint_folder(
+    name_or_path: str, revision: str | None = None, subfolder: str = "", **hub_kwargs: Any
+) -> str:
+    """A local folder holding a checkpoint: the path itself, or a snapshot of a Hub repo's checkpoint files
+    (`hub_kwargs`: token, cache_dir, local_files_only); with `subfolder`, the checkpoint in that folder of the
+    path or repo (a Trainer push's `last-checkpoint`, `checkpoint-N`)."""
+    subfolder = subfolder.strip("/")
     if os.path.isdir(name_or_path):
-        return name_or_path
+        folder = os.path.join(name_or_path, subfolder) if subfolder else name_or_path
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{name_or_path} has no subfolder {subfolder!r}.")
+        return folder
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(name_or_path, revision=revision, **hub_kwargs)
+    if subfolder:
+        root = snapshot_download(
+            name_or_path, revision=revision, allow_patterns=[f"{subfolder}/*"], **hub_kwargs
+        )
+        folder = os.path.join(root, subfolder)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"The repo {name_or_path} has no folder {subfolder!r}.")
+        return folder
+    return snapshot_download(
+        name_or_path, revision=revision, ignore_patterns=list(TRAINER_CHECKPOINT_FOLDERS), **hub_kwargs
+    )
 
 
 def read_tensors(folder: str, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:

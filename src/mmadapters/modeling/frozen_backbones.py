@@ -899,7 +899,9 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
                 "(namespace/name)."
             )
         hub_kwargs = {k: kwargs[k] for k in ("token", "cache_dir", "local_files_only") if k in kwargs}
-        folder = resolve_checkpoint_folder(name, revision, **hub_kwargs)
+        # `subfolder`: where the checkpoint lies in the folder or repo (a Trainer push's last-checkpoint/); the
+        # backbones are found from its config.json.
+        folder = resolve_checkpoint_folder(name, revision, kwargs.pop("subfolder", "") or "", **hub_kwargs)
         if adapter_weights_file(folder) is None:
             if is_peft_adapter_folder(folder) and not os.path.isfile(os.path.join(folder, "config.json")):
                 raise ValueError(not_our_checkpoint_message(name, folder))
