@@ -159,7 +159,8 @@ trainer = make_trainer(
     hub_license="apache-2.0",
 )
 trainer.train()
-print(json.dumps({"url": trainer.push_to_hub(tags="easy-vqa"), "repo": trainer.hub_model_id}))
+pushing = trainer.push_to_hub(tags="easy-vqa", blocking=False)  # a Future of the commit URL
+print(json.dumps({"url": pushing.result(), "repo": trainer.hub_model_id}))
 """
 
 
