@@ -54,6 +54,11 @@ def supervised_positions(
     return (targets != ignore_index).any(dim=0).nonzero().squeeze(-1)
 
 
+def next_token_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """The label each position's logit predicts: labels[:, t + 1] at position t, `ignore_index` at the end."""
+    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
+
+
 def causal_lm_output(
     language_model: torch.nn.Module,
     loss_function: Callable[..., torch.Tensor],
@@ -83,7 +88,7 @@ def causal_lm_output(
     loss = None
     if labels is not None or shift_labels is not None:
         if shift_labels is None:
-            shift_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
+            shift_labels = next_token_labels(labels, ignore_index)
         if positions is not None:  # logits[:, k] predicts the token after position positions[k]
             shift_labels = shift_labels[:, positions]
         loss = loss_function(

@@ -22,11 +22,10 @@ from transformers.trainer_utils import HubStrategy
 from ..checkpoint_files import ADAPTER_WEIGHTS_NAME, adapter_weights_file
 from ..hub.push import PushError, create_repo
 from ..hub.trainer_push import LAST_CHECKPOINT_IN_REPO, check_trainer_can_push, push_trainer_folder
-from ..modeling.causal_lm_output import supervised_positions
+from ..modeling.causal_lm_output import next_token_labels, supervised_positions
 from ..modeling.crome import CromeForConditionalGeneration
 from ..modeling.lavin import LavinForConditionalGeneration
 from ..modeling.peft_on_top import adopt_peft_model
-from ..processing.base import IGNORE_INDEX
 from .checkpoints import check_sharded_saving, find_last_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -76,10 +75,8 @@ def logit_targets(model: torch.nn.Module, labels: torch.Tensor, supervised_logit
     positions only); an encoder-decoder LLM's decoder logits predict `labels` as they are."""
     if getattr(model, "is_encoder_decoder_llm", False):
         return labels
-    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    if supervised_logits_only:
-        return shifted[:, supervised_positions(labels)]
-    return shifted
+    targets = next_token_labels(labels)
+    return targets[:, supervised_positions(labels)] if supervised_logits_only else targets
 
 
 def _model_argument(args: tuple, kwargs: dict) -> tuple[tuple, dict, Any]:
