@@ -132,6 +132,36 @@ def test_trainer_push_to_hub_refuses_up_front_what_it_could_not_push(tiny_backbo
     assert not os.listdir(tmp_path / "c")  # refused before saving anything
 
 
+def test_trainer_push_to_hub_takes_the_cards_license_when_the_repo_is_made_there(
+    tiny_backbones, tmp_path, monkeypatch
+):
+    """Without push_to_hub in the arguments, `trainer.push_to_hub(license=...)` runs the up-front checks and
+    creates the repo itself: the license it is given settles the card's (backbones whose cards name none)."""
+    from conftest import make_trainer, toy_dataset
+
+    from mmadapters.hub import trainer_push
+    from mmadapters.trainers import trainer as trainer_module
+
+    model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+    for role in ("text", "vision"):  # named as Hub repos whose cards name no license
+        recorded = getattr(model.config, f"{role}_backbone")
+        setattr(model.config, f"{role}_backbone", {**recorded, "name_or_path": f"org/tiny-{role}"})
+    monkeypatch.setattr(trainer_push, "backbone_license", lambda name, endpoint=None, token=None: None)
+    pushed = {}
+    monkeypatch.setattr(trainer_module, "create_repo", lambda repo_id, *args, **kwargs: f"me/{repo_id}")
+    monkeypatch.setattr(
+        trainer_module,
+        "push_trainer_folder",
+        lambda folder, repo_id, license, **kwargs: pushed.update(repo_id=repo_id, license=license) or "url",
+    )
+    processor = LavinProcessor.from_backbones(*tiny_backbones)
+    trainer = make_trainer(model, processor, toy_dataset(tmp_path), tmp_path / "run")
+    with pytest.raises(PushError, match="hub_license="):
+        trainer.push_to_hub()
+    assert trainer.push_to_hub(license="mit") == "url"
+    assert pushed == {"repo_id": "me/run", "license": "mit"}
+
+
 def test_a_space_folder_with_disguised_weights_is_refused(tmp_path):
     from mmadapters.hub import push_space
 
