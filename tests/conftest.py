@@ -180,6 +180,17 @@ def randomize_adapters():
     return apply
 
 
+def dropout_off(model):
+    """No dropout anywhere (so that a training-mode pass computes what an evaluation pass does): nn.Dropout
+    modules, and the float `dropout` rates some attention layers apply themselves (T5's)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        elif isinstance(getattr(module, "dropout", None), float):
+            module.dropout = 0.0
+    return model
+
+
 def tiny_sample_inputs(processor):
     """A fixed batch: one image sample and one text-only sample (used across processes by the Hub tests)."""
     generator = torch.Generator().manual_seed(0)

@@ -10,7 +10,14 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_tokenizer, save_tiny_llm, save_tiny_vision, tiny_qformer_config, tiny_text_config
+from conftest import (
+    dropout_off,
+    make_tokenizer,
+    save_tiny_llm,
+    save_tiny_vision,
+    tiny_qformer_config,
+    tiny_text_config,
+)
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -78,6 +85,18 @@ def build(backbones, kind="llama", **kwargs):
         backbones[kind], backbones["vision"], num_image_tokens=model.config.num_image_tokens
     )
     return model.eval(), processor
+
+
+def build_with_active_adapters(backbones, kind, randomize_adapters):
+    """LaVIN (`kind` "lavin") or CROME around the `kind` LLM, with adapters that change the output, in eval mode."""
+    if kind == "lavin":
+        torch.manual_seed(0)
+        model = LavinForConditionalGeneration.from_backbones(backbones["llama"], backbones["vision"])
+        processor = LavinProcessor.from_backbones(backbones["llama"], backbones["vision"])
+        return randomize_adapters(model).eval(), processor
+    model, processor = build(backbones, kind)
+    randomize_up(model, std=0.5)
+    return model, processor
 
 
 def image(seed: int):
@@ -223,11 +242,7 @@ def test_label_smoothing_of_an_encoder_decoder_crome_scores_the_decoder_logits_a
     from mmadapters.trainers import CromeTrainer
 
     model, processor = build(backbones, "t5")
-    for module in model.modules():  # dropout off: the training step must see the evaluation's function
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        elif isinstance(getattr(module, "dropout", None), float):  # T5's attention dropout is a float
-            module.dropout = 0.0
+    dropout_off(model)  # the training step must see the evaluation's function
     trainer = make_trainer(
         model,
         processor,
@@ -345,14 +360,7 @@ def test_beam_search_keeps_each_samples_images(backbones, kind, randomize_adapte
     ([A, B] -> [A, B, A, B, ...]), not image by image, or a beam would see another copy's images. Each returned
     beam's score is the log-probability a forward pass with its own images gives it, and a batch's beams are each
     sample's beams alone. (An encoder-decoder CROME places the images before the LLM's generate repeats rows.)"""
-    if kind == "lavin":
-        torch.manual_seed(0)
-        model = LavinForConditionalGeneration.from_backbones(backbones["llama"], backbones["vision"])
-        model = randomize_adapters(model).eval()
-        processor = LavinProcessor.from_backbones(backbones["llama"], backbones["vision"])
-    else:
-        model, processor = build(backbones, kind)
-        randomize_up(model, std=0.5)
+    model, processor = build_with_active_adapters(backbones, kind, randomize_adapters)
     prompts = ["<image> then <image>\nwhat changed?", "<image>\nwhat shape", "the capital of france"]
     images = [[image(0), image(1)], [image(2)], []]
     kwargs = dict(max_new_tokens=4, min_new_tokens=4, num_beams=3, num_return_sequences=2, do_sample=False)
@@ -574,13 +582,7 @@ def test_pipeline_batches_equal_one_by_one(backbones, kind, tmp_path, randomize_
     from PIL import Image
     from transformers import pipeline
 
-    if kind == "lavin":
-        model = LavinForConditionalGeneration.from_backbones(backbones["llama"], backbones["vision"])
-        model = randomize_adapters(model).eval()
-        processor = LavinProcessor.from_backbones(backbones["llama"], backbones["vision"])
-    else:
-        model, processor = build(backbones, kind)
-        randomize_up(model, std=0.5)
+    model, processor = build_with_active_adapters(backbones, kind, randomize_adapters)
     model.save_pretrained(tmp_path, processor=processor)
     questions = ["what color is the shape?", "what shape", "does the image contain a triangle?"]
     messages = []  # prompts of different lengths (a pipeline batch cannot mix image and text-only samples)

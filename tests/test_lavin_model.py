@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_text_config, tiny_vision_config
+from conftest import dropout_off, tiny_text_config, tiny_vision_config
 from transformers import AutoModelForCausalLM
 
 from mmadapters import ImageTokenMismatchError, LavinForConditionalGeneration, LavinProcessor
@@ -176,9 +176,7 @@ def test_gradient_checkpointing_gives_same_gradients(model, processor, randomize
         images=[[image(0)], []], text=["Image: <image>\nwhat color", "Image: N/A\nhi"], answers=["red", "yo"]
     )
     model.train()
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    dropout_off(model)
 
     def grads():
         model.zero_grad()
@@ -227,9 +225,7 @@ def test_folded_adapters_equal_routed_adapters(tiny_backbones, processor, random
         folded = model(**batch, folded_adapters=model.fold_llm_adapters()).logits
     torch.testing.assert_close(folded, routed, rtol=0, atol=1e-5)
     # generate in train mode (dropout off) takes the routed path; eval mode the folded one: same tokens.
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    dropout_off(model)
     kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
     eval_tokens = model.generate(**batch, **kwargs)
     train_tokens = model.train().generate(**batch, **kwargs)

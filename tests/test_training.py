@@ -9,7 +9,7 @@ import re
 import datasets
 import pytest
 import torch
-from conftest import make_trainer, save_image, tiny_qformer_config, toy_dataset
+from conftest import dropout_off, make_trainer, save_image, tiny_qformer_config, toy_dataset
 from safetensors.torch import load_file
 from transformers import TrainingArguments
 
@@ -333,9 +333,7 @@ def test_gradient_accumulation_matches_a_large_batch(tiny_backbones, processor, 
     for batch_size, accumulation in ((8, 1), (4, 2)):
         torch.manual_seed(0)
         model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
+        dropout_off(model)
         args = TrainingArguments(
             output_dir=str(tmp_path / f"ga{accumulation}"),
             per_device_train_batch_size=batch_size,
@@ -392,25 +390,26 @@ def test_crome_trainer_honours_the_stage(tmp_path):
     assert saved == set(model.adapter_module_names())
 
 
-@pytest.mark.parametrize("which", ["lavin", "crome"])
-def test_supervised_logits_only_gives_the_same_loss_and_gradients(tiny_backbones, randomize_adapters, which):
-    """Training steps project only the supervised positions onto the vocabulary: same loss, same gradients."""
-    from mmadapters import CromeForConditionalGeneration, CromeProcessor
+def seeded_model_and_processor(which: str, tiny_backbones):
+    """LaVIN or CROME (a tiny Q-Former) on the tiny backbones, built under seed 0, with its processor."""
+    from mmadapters import CromeProcessor
 
     torch.manual_seed(0)
     if which == "lavin":
         model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
-        processor = LavinProcessor.from_backbones(*tiny_backbones)
-    else:
-        model = CromeForConditionalGeneration.from_backbones(*tiny_backbones, qformer=tiny_qformer_config())
-        processor = CromeProcessor.from_backbones(
-            *tiny_backbones, num_image_tokens=model.config.num_image_tokens
-        )
+        return model, LavinProcessor.from_backbones(*tiny_backbones)
+    model = CromeForConditionalGeneration.from_backbones(*tiny_backbones, qformer=tiny_qformer_config())
+    processor = CromeProcessor.from_backbones(*tiny_backbones, num_image_tokens=model.config.num_image_tokens)
+    return model, processor
+
+
+@pytest.mark.parametrize("which", ["lavin", "crome"])
+def test_supervised_logits_only_gives_the_same_loss_and_gradients(tiny_backbones, randomize_adapters, which):
+    """Training steps project only the supervised positions onto the vocabulary: same loss, same gradients."""
+    model, processor = seeded_model_and_processor(which, tiny_backbones)
     randomize_adapters(model)
     model.train()
-    for module in model.modules():  # dropout off: the two passes must see the same function
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    dropout_off(model)  # the two passes must see the same function
     generator = torch.Generator().manual_seed(0)
     image = (torch.rand(32, 32, 3, generator=generator) * 255).to(torch.uint8).numpy()
     batch = processor(
@@ -448,20 +447,8 @@ def test_label_smoothing_scores_each_logit_against_its_next_token(tiny_backbones
     """TrainingArguments(label_smoothing_factor=...): transformers' Trainer shifts labels only for models in its
     causal-LM mapping and scored our logits against the unshifted labels (each position against its own token).
     Ours: the smoothed next-token loss, in training steps (supervised logits only) and in evaluation."""
-    from mmadapters import CromeProcessor
-
-    torch.manual_seed(0)
-    if which == "lavin":
-        model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
-        processor = LavinProcessor.from_backbones(*tiny_backbones)
-    else:
-        model = CromeForConditionalGeneration.from_backbones(*tiny_backbones, qformer=tiny_qformer_config())
-        processor = CromeProcessor.from_backbones(
-            *tiny_backbones, num_image_tokens=model.config.num_image_tokens
-        )
-    for module in model.modules():  # dropout off: training and evaluation steps must see the same function
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    model, processor = seeded_model_and_processor(which, tiny_backbones)
+    dropout_off(model)  # training and evaluation steps must see the same function
     trainer = make_trainer(
         model,
         processor,
@@ -605,9 +592,7 @@ def test_text_distillation_is_zero_for_the_bare_llm_and_trains_towards_it(
     trainer = make_trainer(model, processor, dataset, tmp_path / "distil", max_steps=1, text_distillation=1.0)
     inputs = VisionLanguageCollator(processor)([dataset[i] for i in range(3)])  # rows 0-1 image, row 2 text
     model.train()
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    dropout_off(model)
     with_distillation = trainer.compute_loss(model, dict(inputs)).item()
     trainer.text_distillation = 0.0
     without = trainer.compute_loss(model, dict(inputs)).item()
@@ -635,9 +620,7 @@ def test_unsupervised_text_only_samples_train_by_distillation_alone(
 
     torch.manual_seed(0)
     model = randomize_adapters(LavinForConditionalGeneration.from_backbones(*tiny_backbones), std=0.3)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    dropout_off(model)
     model.train()
     trainer = make_trainer(model, processor, dataset, tmp_path / "distil", max_steps=1, text_distillation=2.0)
     # A batch of unsupervised text-only samples: the loss is the distillation alone (no 0 / 0 cross-entropy).
