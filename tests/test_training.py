@@ -327,6 +327,27 @@ def test_checkpoints_are_adapter_only_and_resume_matches_uninterrupted_run(
     LavinForConditionalGeneration.from_pretrained(tmp_path / "full" / "checkpoint-6")
 
 
+def test_the_trainers_optimizer_choices_are_honoured(tiny_backbones, processor, tmp_path):
+    """`optimizer_cls_and_kwargs` (a Trainer keyword) and `optim` choose the optimizer; LaVIN's decay groups
+    (none on biases and 1-D parameters) hold with every choice."""
+    model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+    dataset = toy_dataset(tmp_path, n=4)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    chosen = make_trainer(
+        model, processor, dataset, tmp_path / "a", optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.1})
+    ).create_optimizer()
+    by_name = make_trainer(
+        model, processor, dataset, tmp_path / "b", training={"optim": "adagrad"}
+    ).create_optimizer()
+    assert type(chosen) is torch.optim.SGD and chosen.defaults["lr"] == 0.1
+    assert type(by_name) is torch.optim.Adagrad
+    for optimizer in (chosen, by_name):
+        decay, no_decay = optimizer.param_groups
+        assert decay["weight_decay"] == 0.02 and no_decay["weight_decay"] == 0.0
+        assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+        assert {id(p) for group in optimizer.param_groups for p in group["params"]} == trainable
+
+
 def test_gradient_accumulation_matches_a_large_batch(tiny_backbones, processor, tmp_path):
     dataset = toy_dataset(tmp_path, n=8)
     results = []

@@ -165,21 +165,11 @@ class AdapterTrainer(Trainer):
     def _unwrapped(self) -> Any:
         return self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
 
-    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
-        """AdamW over the trainable parameters only; no weight decay on biases and 1-D parameters (LaVIN's
-        recipe, also sensible for CROME)."""
-        if self.optimizer is None:
-            model = model or self.model
-            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-            decay = [p for n, p in named if p.ndim > 1 and not n.endswith(".bias")]
-            no_decay = [p for n, p in named if not (p.ndim > 1 and not n.endswith(".bias"))]
-            groups = [
-                {"params": decay, "weight_decay": self.args.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ]
-            optimizer_class, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
-            self.optimizer = optimizer_class(groups, **optimizer_kwargs)
-        return self.optimizer
+    def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
+        """LaVIN's recipe (also sensible for CROME): weight decay on matrices only, never on biases and 1-D
+        parameters. transformers' `create_optimizer` builds the two groups from these names and keeps everything
+        else it honours (`optim`, `optimizer_cls_and_kwargs`, optimizer factories, GaLore-style parameters)."""
+        return [name for name, p in model.named_parameters() if p.ndim > 1 and not name.endswith(".bias")]
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Checkpoints are adapter-only, like `save_pretrained`; the processor is saved with them. `state_dict`:
