@@ -1,7 +1,7 @@
 """`transformers.Trainer` subclasses for our adapter models.
 
 What they add to the Trainer: adapter-only checkpoints (and `resume_from_checkpoint` from them), a report of
-what trains at the start, LaVIN's optimizer recipe (AdamW, no weight decay on biases and 1-D parameters),
+what trains at the start, LaVIN's weight-decay groups (none on biases and 1-D parameters),
 LaVIN's routing weights in the logs (per modality), CROME's stages, and training steps that compute logits only
 where a token is supervised.
 """
