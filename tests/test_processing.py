@@ -177,6 +177,31 @@ def test_modes_are_converted_to_rgb(mode):
     assert loaded.mode == "RGB" and loaded.size == (20, 20)
 
 
+def test_arrays_and_tensors_in_every_channel_layout_load_as_the_same_image(processor):
+    """uint8 arrays and torch tensors, channels last or first (torch's layout), one channel with or without its
+    axis, a 4-D batch; float data is refused with what to do, not passed to Pillow."""
+    pixels = np.random.default_rng(0).integers(0, 255, (6, 5, 3), dtype=np.uint8)
+    expected = np.asarray(load_image(Image.fromarray(pixels)))
+    for layout in (pixels, np.moveaxis(pixels, -1, 0), torch.from_numpy(pixels).permute(2, 0, 1)):
+        np.testing.assert_array_equal(np.asarray(load_image(layout)), expected)
+    gray = pixels[..., 0]
+    expected_gray = np.asarray(load_image(Image.fromarray(gray)))
+    for layout in (gray[..., None], gray[None], torch.from_numpy(gray.copy())):
+        np.testing.assert_array_equal(np.asarray(load_image(layout)), expected_gray)
+    with pytest.raises(InvalidImageError, match=r"float32.*\* 255"):
+        load_image(pixels.astype(np.float32) / 255)
+    with pytest.raises(InvalidImageError, match=r"float32.*\* 255"):
+        load_image(torch.from_numpy(pixels).float() / 255)
+    with pytest.raises(InvalidImageError, match=r"shape \(6, 5, 7\).*channels"):
+        load_image(np.zeros((6, 5, 7), dtype=np.uint8))
+    batch = torch.from_numpy(np.stack([pixels, pixels[::-1].copy()])).permute(0, 3, 1, 2)  # (2, C, H, W)
+    prompts = ["Image: <image>\nwhat?", "Image: <image>\nand this?"]
+    torch.testing.assert_close(
+        processor(images=batch, text=prompts)["pixel_values"],
+        processor(images=[pixels, pixels[::-1].copy()], text=prompts)["pixel_values"],
+    )
+
+
 def test_transparency_is_composited_on_white():
     transparent = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
     assert load_image(transparent).getpixel((0, 0)) == (255, 255, 255)

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import (
     AutoConfig,
@@ -235,7 +236,8 @@ class AdapterProcessorMixin:
 
         Args:
             images: None, a flat list of images consumed in placeholder order, or one list per sample (empty for
-                text-only samples). Each image: a PIL image, a path, bytes or a uint8 array.
+                text-only samples). Each image: a PIL image, a path, bytes or a uint8 array or tensor ((H, W[, C]) or (C, H, W)); a 4-D
+                array or tensor is a flat list of images.
             text: one prompt or a batch; each needs one `<image>` placeholder per image it uses.
             answers: for training: one answer per prompt; `labels` then supervise only the answer and EOS (-100
                 elsewhere) and batches are right-padded; without answers they are left-padded, ready for
@@ -397,8 +399,12 @@ class AdapterProcessorMixin:
                     f"prompt {placeholders}; each image needs one placeholder in its prompt."
                 )
             flat = [image for item in images for image in (item or [])]
-        else:  # a flat list (or a single image), consumed in placeholder order
-            flat = list(images) if isinstance(images, (list, tuple)) else [images]
+        elif isinstance(images, (list, tuple)) or (
+            isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4
+        ):  # a flat list, or a 4-D array / tensor holding a batch of images, consumed in placeholder order
+            flat = list(images)
+        else:  # a single image
+            flat = [images]
         if len(flat) != sum(placeholders):
             raise ImageTokenMismatchError(
                 f"Got {len(flat)} image(s) but the text holds {sum(placeholders)} `{IMAGE_TOKEN}` placeholder(s). "

@@ -8,6 +8,7 @@ import warnings
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 
 # 64 megapixels (8000 x 8000): far above what any vision tower uses, far below a decompression bomb.
@@ -23,7 +24,7 @@ class InvalidImageError(ValueError):
 def load_image(image: Any, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, what: str = "image") -> Image.Image:
     """Open and validate one image; return it as RGB.
 
-    Accepts a PIL image, a path, raw bytes or an (H, W[, C]) uint8 array. Grayscale, RGBA/LA (composited on
+    Accepts a PIL image, a path, raw bytes, or a uint8 array or tensor ((H, W), (H, W, C) or (C, H, W)). Grayscale, RGBA/LA (composited on
     white), palette, CMYK and 16-bit images are converted; EXIF rotation is applied. Refuses unreadable or
     truncated files, more than `max_pixels` pixels (checked from the header, before decoding: decompression
     bombs are never decoded) and aspect ratios beyond 1:50.
@@ -56,13 +57,10 @@ def load_image(image: Any, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, what: str
 def _open(image: Any, label: str) -> Image.Image:
     if isinstance(image, Image.Image):
         return image
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
     if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim not in (2, 3):
-            raise InvalidImageError(
-                f"The {label} is an array of shape {image.shape} and dtype {image.dtype}; expected uint8 (H, W) or "
-                "(H, W, C)."
-            )
-        return Image.fromarray(image)
+        return Image.fromarray(_channels_last(image, label))
     if isinstance(image, (str, os.PathLike)):
         if not os.path.isfile(image):
             raise InvalidImageError(f"The {label} does not exist or is not a file.")
@@ -72,7 +70,7 @@ def _open(image: Any, label: str) -> Image.Image:
     else:
         raise InvalidImageError(
             f"Unsupported {label} of type {type(image).__name__}: pass a PIL image, a file path, bytes or a uint8 "
-            "array."
+            "array or tensor."
         )
     try:
         with warnings.catch_warnings():
@@ -84,6 +82,26 @@ def _open(image: Any, label: str) -> Image.Image:
         raise InvalidImageError(
             f"The {label} is not a readable image ({error}). Supported: the formats Pillow reads (PNG, JPEG, ...)."
         ) from error
+
+
+def _channels_last(array: np.ndarray, label: str) -> np.ndarray:
+    """An (H, W) or (H, W, C) uint8 array for Pillow, from (H, W), (H, W, C) or channels-first (C, H, W) with C of
+    1 to 4 (channels last wins where both would fit: the layout of Pillow and numpy images)."""
+    if array.dtype != np.uint8:
+        raise InvalidImageError(
+            f"The {label} is an array of shape {array.shape} and dtype {array.dtype}; images are uint8 (0-255). "
+            "From floats in [0, 1]: (array * 255).round().astype(np.uint8) (a tensor: (t * 255).round().byte())."
+        )
+    if array.ndim == 3 and array.shape[-1] not in (1, 2, 3, 4) and array.shape[0] in (1, 2, 3, 4):
+        array = np.moveaxis(array, 0, -1)  # channels first, torch's layout
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 2 and not (array.ndim == 3 and array.shape[-1] in (2, 3, 4)):
+        raise InvalidImageError(
+            f"The {label} is an array of shape {array.shape}; expected (H, W), (H, W, C) or (C, H, W) with 1 to 4 "
+            "channels."
+        )
+    return np.ascontiguousarray(array)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
