@@ -138,6 +138,11 @@ def test_call_keywords_honoured_or_refused(processor):
         processor(text=text, padding="max_length")
     with pytest.raises(ValueError, match="always returns attention_mask"):
         processor(text=text, return_attention_mask=False)
+    chat = [{"role": "user", "content": [{"type": "text", "text": "hello"}]}]
+    with pytest.raises(TypeError, match=r"return_assistant_tokens_mask=True\) is not supported.*answers="):
+        processor.apply_chat_template(
+            chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
     with pytest.raises(ValueError, match="takes images and text; got videos"):
         processor(text=text, videos=[np.zeros((2, 8, 8, 3), dtype=np.uint8)])
     with pytest.raises(TypeError, match=r"\['truncation'\].*overflow='truncate_left'"):

@@ -351,6 +351,18 @@ class AdapterProcessorMixin:
         target = os.path.abspath(save_directory)
         return [os.path.join(target, os.path.relpath(path, staging)) for path in saved or []]
 
+    def apply_chat_template(self, conversation: Any, *args: Any, **kwargs: Any) -> Any:
+        """`ProcessorMixin.apply_chat_template`. `return_assistant_tokens_mask=True` is refused up front: the
+        labels of a training sample come from the processor's `answers=` (or `VisionLanguageCollator`, which also
+        takes TRL's `messages` rows), not from `{% generation %}` markers, which no chat template here has."""
+        if kwargs.get("return_assistant_tokens_mask"):
+            raise TypeError(
+                "apply_chat_template(return_assistant_tokens_mask=True) is not supported: build training samples "
+                "with processor(images=..., text=prompt, answers=answer) or VisionLanguageCollator (prompt/target "
+                "rows, or TRL's messages rows, whose last assistant turn is supervised)."
+            )
+        return super().apply_chat_template(conversation, *args, **kwargs)
+
     @classmethod
     def register_for_auto_class(cls, auto_class: Any = "AutoProcessor") -> None:
         """A no-op (see `FrozenBackbonesPreTrainedModel.register_for_auto_class`)."""
