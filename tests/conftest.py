@@ -103,6 +103,10 @@ def tiny_text_config(kind: str = "llama", vocab_size: int = 300, **overrides) ->
         tie_word_embeddings=False,
     )
     common.update(overrides)
+    if kind == "mixtral":  # mixture of experts
+        from transformers import MixtralConfig
+
+        return MixtralConfig(**{"num_local_experts": 4, "num_experts_per_tok": 2, **common})
     return {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[kind](**common)
 
 

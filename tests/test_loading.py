@@ -8,7 +8,13 @@ import os
 
 import pytest
 import torch
-from conftest import save_llm_with_width, save_tiny_llm, tiny_text_config, tiny_vision_config
+from conftest import (
+    save_llm_with_width,
+    save_tiny_llm,
+    tiny_qformer_config,
+    tiny_text_config,
+    tiny_vision_config,
+)
 from transformers import AutoModelForCausalLM, CLIPVisionModel
 
 from mmadapters import CromeForConditionalGeneration, LavinForConditionalGeneration, LavinProcessor
@@ -97,6 +103,51 @@ def test_attn_implementation_applies_to_both_backbones(tiny_backbones, checkpoin
         mixed.config._attn_implementation == "eager"
         or mixed.config.text_config._attn_implementation == "eager"
     )
+
+
+def test_a_mixture_of_experts_llm_keeps_its_experts_implementation(tiny_backbones, tmp_path):
+    """Building the composite config from the backbones' configs reset the LLM's experts implementation to None
+    (transformers then warned and fell back to its slow path): every way in keeps what transformers chose."""
+    folder = save_tiny_llm(tmp_path / "moe", kind="mixtral")
+    expected = AutoModelForCausalLM.from_pretrained(folder).config._experts_implementation
+    assert expected is not None
+    built = [
+        LavinForConditionalGeneration.from_backbones(folder, tiny_backbones[1]),
+        LavinForConditionalGeneration.from_backbones(
+            AutoModelForCausalLM.from_pretrained(folder), tiny_backbones[1]
+        ),
+        CromeForConditionalGeneration.from_backbones(
+            folder, tiny_backbones[1], qformer=tiny_qformer_config(), num_query_tokens=4
+        ),
+    ]
+    built[0].save_pretrained(tmp_path / "adapters")
+    built[0].save_pretrained(tmp_path / "full", adapter_only=False)
+    built.append(LavinForConditionalGeneration.from_pretrained(tmp_path / "adapters"))
+    built.append(LavinForConditionalGeneration.from_pretrained(tmp_path / "full"))
+    for model in built:
+        assert model.language_model.config._experts_implementation == expected
+        assert model.config.text_config._experts_implementation == expected
+    # experts_implementation is honoured like attn_implementation: for both backbones, or per sub-config.
+    other = "eager" if expected != "eager" else "batched_mm"
+    asked = [
+        LavinForConditionalGeneration.from_backbones(folder, tiny_backbones[1], experts_implementation=other),
+        LavinForConditionalGeneration.from_backbones(
+            AutoModelForCausalLM.from_pretrained(folder), tiny_backbones[1], experts_implementation=other
+        ),
+        LavinForConditionalGeneration.from_pretrained(
+            tmp_path / "adapters", experts_implementation={"text_config": other}
+        ),
+        LavinForConditionalGeneration.from_pretrained(tmp_path / "full", experts_implementation=other),
+    ]
+    for model in asked:
+        assert model.language_model.config._experts_implementation == other
+    with torch.no_grad():
+        ids = torch.tensor([[5, 6, 7, 8]])
+        torch.testing.assert_close(asked[2](input_ids=ids).logits, built[3](input_ids=ids).logits)
+    with pytest.raises(ValueError, match="nonsense"):
+        LavinForConditionalGeneration.from_backbones(
+            folder, tiny_backbones[1], experts_implementation="nonsense"
+        )
 
 
 def test_attn_implementation_is_validated(tiny_backbones):

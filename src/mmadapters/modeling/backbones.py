@@ -186,10 +186,7 @@ def _from_config_kwargs(role: str, options: BackboneLoadOptions) -> dict[str, An
             f"quantization_config needs a {role} backbone loaded from weights (a Hub id, a folder or a loaded "
             "model); a config object builds random weights, which transformers does not quantise."
         )
-    kwargs: dict[str, Any] = {"dtype": backbone_dtype(options.dtype)}
-    if options.attn_implementation[role] is not None:
-        kwargs["attn_implementation"] = options.attn_implementation[role]
-    return kwargs
+    return {"dtype": backbone_dtype(options.dtype), **options.implementations(role)}
 
 
 def _place(model: PreTrainedModel, device_map: dict | None, options: BackboneLoadOptions) -> PreTrainedModel:
@@ -218,6 +215,8 @@ def adopt_backbone(
         )
     if options.attn_implementation[role] is not None:
         model.set_attn_implementation(options.attn_implementation[role])
+    if options.experts_implementation[role] is not None:
+        model.set_experts_implementation(options.experts_implementation[role])
     quantized = is_quantized(model)
     if options.dtype not in (None, "auto"):
         if quantized:
@@ -272,6 +271,7 @@ class LoadedBackbones:
     text_ref: BackboneReference | None
     vision_ref: BackboneReference | None
     attention: dict[str, str | None] = field(default_factory=dict)
+    experts: dict[str, str | None] = field(default_factory=dict)
 
     def config_kwargs(self) -> dict[str, Any]:
         """The composite-config fields that describe the backbones."""
@@ -287,10 +287,11 @@ class LoadedBackbones:
                 kwargs["image_token_id"] = token_id
         return kwargs
 
-    def attention_implementations(self) -> dict[str, str | None]:
-        """The backbones' attention implementations as loaded (read before a composite config is built from
-        their configs, which resets the choice: set it again with `config._attn_implementation = ...`)."""
-        return dict(self.attention)
+    def restore_implementations(self, config: PreTrainedConfig) -> None:
+        """Set the backbones' attention and experts (mixture-of-experts) implementations, as loaded, on the
+        composite `config`: building it from their configs resets both to None on the shared sub-configs."""
+        config._attn_implementation = dict(self.attention)
+        config._experts_implementation = dict(self.experts)
 
 
 def load_backbones(
@@ -307,7 +308,11 @@ def load_backbones(
         "text_config": language_model.config._attn_implementation,
         "vision_config": vision_tower.config._attn_implementation,
     }
-    return LoadedBackbones(language_model, vision_tower, text_ref, vision_ref, attention)
+    experts = {
+        "text_config": getattr(language_model.config, "_experts_implementation", None),
+        "vision_config": getattr(vision_tower.config, "_experts_implementation", None),
+    }
+    return LoadedBackbones(language_model, vision_tower, text_ref, vision_ref, attention, experts)
 
 
 def freeze(module: nn.Module) -> None:

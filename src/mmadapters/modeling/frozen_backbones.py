@@ -493,7 +493,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         config = cls._composite_config(
             backbones.text_ref, adapter_config, {**backbones.config_kwargs(), **fields}
         )
-        config._attn_implementation = backbones.attention_implementations()
+        backbones.restore_implementations(config)
         config.backbone_quantization = _quantization_record(backbones.language_model, backbones.vision_tower)
         model = cls(config, language_model=backbones.language_model, vision_tower=backbones.vision_tower)
         model.generation_config = GenerationConfig.from_dict(

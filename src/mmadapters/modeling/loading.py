@@ -5,8 +5,8 @@ separately (an LLM and a vision tower) plus a small trainable side. Every keywor
 `PreTrainedModel.from_pretrained` accepts is either honoured here or refused with a message that says why;
 unknown keywords raise `TypeError`, as in transformers:
 
-- per backbone: `dtype` (`torch_dtype`), `attn_implementation` (a string, or a dict keyed by `text_config` /
-  `vision_config` as transformers' composite models take it), `quantization_config` (one config for both
+- per backbone: `dtype` (`torch_dtype`), `attn_implementation` and `experts_implementation` (mixture-of-experts
+  LLMs; each a string, or a dict keyed by `text_config` / `vision_config` as transformers' composite models take it), `quantization_config` (one config for both
   backbones, or such a dict; our trainable modules are never quantised), the Hub keywords (`token`,
   `cache_dir`, `local_files_only`, `force_download`, `proxies`), `use_safetensors`, `trust_remote_code`,
   `weights_only`, `disable_mmap`, `offload_buffers`;
@@ -49,7 +49,6 @@ REFUSED = {
     "kernel_config": "Hub kernels would replace the backbone layers our adapters hook into",
     "allow_all_kernels": "Hub kernels would replace the backbone layers our adapters hook into",
     "fusion_config": "fused backbone layers would bypass the adapters' hooks",
-    "experts_implementation": "load a mixture-of-experts LLM yourself and pass it to from_backbones(text_model=...)",
     "key_mapping": "the backbones load with their own checkpoint keys; rename keys in the backbone checkpoints",
     "subfolder": "point text_model= / vision_model= at the backbone folders instead",
     "variant": "point text_model= / vision_model= at the backbone variant folders instead",
@@ -70,6 +69,7 @@ class BackboneLoadOptions:
 
     dtype: Any = None
     attn_implementation: dict[str, str | None] = field(default_factory=lambda: dict.fromkeys(ROLES))
+    experts_implementation: dict[str, str | None] = field(default_factory=lambda: dict.fromkeys(ROLES))
     quantization: dict[str, Any] = field(default_factory=lambda: dict.fromkeys(ROLES))
     device_map: Any = None
     max_memory: dict | None = None
@@ -81,11 +81,19 @@ class BackboneLoadOptions:
         """The keywords that also apply to config and revision lookups."""
         return {k: v for k, v in self.pass_through.items() if k in HUB_KEYWORDS}
 
+    def implementations(self, role: str) -> dict[str, str]:
+        """The attention and experts implementations asked for the `role` backbone (keywords of from_pretrained
+        and from_config)."""
+        asked = {
+            "attn_implementation": self.attn_implementation[role],
+            "experts_implementation": self.experts_implementation[role],
+        }
+        return {name: value for name, value in asked.items() if value is not None}
+
     def for_backbone(self, role: str, device_map: dict | None) -> dict[str, Any]:
         """`from_pretrained` keywords for the `role` backbone, given its part of the composite device map."""
         kwargs = dict(self.pass_through)
-        if self.attn_implementation[role] is not None:
-            kwargs["attn_implementation"] = self.attn_implementation[role]
+        kwargs.update(self.implementations(role))
         if self.quantization[role] is not None:
             kwargs["quantization_config"] = self.quantization[role]
         if device_map is not None:
@@ -128,12 +136,12 @@ def take_loading_options(kwargs: dict[str, Any], where: str) -> BackboneLoadOpti
     options = BackboneLoadOptions()
     dtype, torch_dtype = kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None)
     options.dtype = dtype if dtype is not None else torch_dtype
-    options.attn_implementation = per_role(kwargs.pop("attn_implementation", None), "attn_implementation")
-    for role, value in options.attn_implementation.items():
-        if value is not None and not isinstance(value, str):
-            raise LoadingOptionError(
-                f"attn_implementation for the {role} backbone must be a string, got {value!r}."
-            )
+    for name in ("attn_implementation", "experts_implementation"):
+        per_backbone = per_role(kwargs.pop(name, None), name)
+        for role, value in per_backbone.items():
+            if value is not None and not isinstance(value, str):
+                raise LoadingOptionError(f"{name} for the {role} backbone must be a string, got {value!r}.")
+        setattr(options, name, per_backbone)
     options.quantization = per_role(kwargs.pop("quantization_config", None), "quantization_config")
     options.device_map = normalize_device_map(kwargs.pop("device_map", None))
     options.max_memory = kwargs.pop("max_memory", None)
@@ -149,7 +157,7 @@ def per_role(value: Any, name: str) -> dict[str, Any]:
     if isinstance(value, dict) and value and set(value) <= {"text_config", "vision_config", ""}:
         default = value.get("")
         return {role: value.get(f"{role}_config", default) for role in ROLES}
-    if isinstance(value, dict) and name == "attn_implementation":
+    if isinstance(value, dict) and name in ("attn_implementation", "experts_implementation"):
         raise LoadingOptionError(
             f"{name} as a dict must be keyed by 'text_config' and/or 'vision_config', got keys {sorted(value)}."
         )
