@@ -256,9 +256,8 @@ def make_trainer(model, processor, dataset, output_dir, max_steps=6, training=No
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=VisionLanguageCollator(processor),
         processing_class=processor,
-        **kwargs,
+        **{"data_collator": VisionLanguageCollator(processor), **kwargs},
     )
 
 

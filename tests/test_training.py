@@ -348,6 +348,34 @@ def test_the_trainers_optimizer_choices_are_honoured(tiny_backbones, processor, 
         assert {id(p) for group in optimizer.param_groups for p in group["params"]} == trainable
 
 
+def test_remove_unused_columns_keeps_what_the_collator_reads(tiny_backbones, processor, tmp_path):
+    """transformers' default `remove_unused_columns=True` kept only the forward's argument names, so the
+    collator's raw columns (prompt, target, image) were dropped and training stopped with "No columns in the
+    dataset match". Our Trainers keep the collator's columns and still drop the others."""
+    from mmadapters.trainers import VisionLanguageCollator
+
+    dataset = toy_dataset(tmp_path, n=4).map(lambda row: {"note": "unused"})
+    seen = []
+
+    class RecordingCollator(VisionLanguageCollator):
+        def __call__(self, examples):
+            seen.extend(sorted(example) for example in examples)
+            return super().__call__(examples)
+
+    model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+    trainer = make_trainer(
+        model,
+        processor,
+        dataset,
+        tmp_path / "out",
+        max_steps=1,
+        training={"remove_unused_columns": True, "save_strategy": "no"},
+        data_collator=RecordingCollator(processor),
+    )
+    trainer.train()
+    assert seen and all(keys == ["image", "prompt", "target"] for keys in seen)
+
+
 def test_gradient_accumulation_matches_a_large_batch(tiny_backbones, processor, tmp_path):
     dataset = toy_dataset(tmp_path, n=8)
     results = []

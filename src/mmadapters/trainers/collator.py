@@ -29,6 +29,9 @@ import torch
 class VisionLanguageCollator:
     """Builds training batches with a `LavinProcessor` or `CromeProcessor`."""
 
+    # The columns it reads (the Trainer's `remove_unused_columns` keeps them; see AdapterTrainer).
+    columns = ("prompt", "target", "image", "messages", "images")
+
     processor: Any
     max_length: int | None = None
     overflow: str = "truncate_right"

@@ -27,6 +27,7 @@ from ..modeling.crome import CromeForConditionalGeneration
 from ..modeling.lavin import LavinForConditionalGeneration
 from ..modeling.peft_on_top import adopt_peft_model
 from .checkpoints import check_sharded_saving, find_last_checkpoint
+from .collator import VisionLanguageCollator
 
 logger = logging.getLogger(__name__)
 TRAINING_ARGS_NAME = "training_args.bin"
@@ -164,6 +165,15 @@ class AdapterTrainer(Trainer):
 
     def _unwrapped(self) -> Any:
         return self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """`remove_unused_columns` keeps the forward's argument names and, with our collator, the raw columns it
+        reads (prompt, target, image, ...): transformers' Trainer would drop them and stop with "No columns in
+        the dataset match"."""
+        super()._set_signature_columns_if_needed()
+        if isinstance(self.data_collator, VisionLanguageCollator):
+            kept = [*self._signature_columns, *self.data_collator.columns]
+            self._signature_columns = list(dict.fromkeys(kept))
 
     def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
         """LaVIN's recipe (also sensible for CROME): weight decay on matrices only, never on biases and 1-D
