@@ -80,6 +80,34 @@ def test_generate_until_equals_mmadapters_own_evaluation(checkpoint):
     assert len(cut[0]) < len(own[0])
 
 
+def test_the_tasks_generation_options_are_honoured(checkpoint, caplog):
+    """num_beams, sampling (temperature, top_p) and other transformers options reach generate; a key that is not a
+    generation option (another model's setting) is logged, not passed."""
+    import torch
+
+    lmm = LavinLMM(pretrained=checkpoint, batch_size=3)
+    lmm.task_dict = {"colors": {"test": DOCS}}
+    task = {"max_new_tokens": 5, "temperature": 0, "top_p": 1.0, "num_beams": 3, "do_sample": False}
+    beams = lmm.generate_until(requests({**task, "repetition_penalty": 1.5, "image_aspect_ratio": "pad"}))
+    prompts = [lmm._prompt(doc["question"], int(doc["image"] is not None)) for doc in DOCS]
+    inputs = lmm._inputs(prompts, [doc_to_visual(doc) for doc in DOCS])
+    expected = lmm.model.generate(
+        **inputs, max_new_tokens=5, num_beams=3, repetition_penalty=1.5, do_sample=False
+    )
+    decoded = lmm.processor.batch_decode(
+        expected[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+    )
+    assert beams == decoded
+    assert "'image_aspect_ratio' is not a transformers generation option" in caplog.text
+    sampled = {**task, "num_beams": 1, "temperature": 5.0, "top_p": 0.9}
+    torch.manual_seed(0)
+    first = lmm.generate_until(requests(sampled))
+    torch.manual_seed(0)
+    assert lmm.generate_until(requests(sampled)) == first
+    greedy = lmm.generate_until(requests({**task, "num_beams": 1}))
+    assert first != greedy  # a hot temperature samples something else
+
+
 def test_loglikelihood(checkpoint):
     lmm = LavinLMM(pretrained=checkpoint)
     lmm.task_dict = {"colors": {"test": DOCS}}

@@ -8,14 +8,18 @@ checkpoint's chat template (one user turn: the image, then lmms-eval's context t
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
+from transformers import GenerationConfig
 
 from ..evaluation.generate import answer_tokens
+
+logger = logging.getLogger(__name__)
 
 
 class MMAdaptersLMM(lmms):
@@ -54,6 +58,7 @@ class MMAdaptersLMM(lmms):
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
         self.device = device
+        self._ignored_task_options: set[str] = set()  # logged once each
 
     def _prompt(self, context: str, num_images: int) -> str:
         content = [{"type": "image"}] * num_images + [{"type": "text", "text": context}]
@@ -96,13 +101,7 @@ class MMAdaptersLMM(lmms):
                 prompts.append(self._prompt(context, len(visuals)))
                 images.append(visuals)
             inputs = self._inputs(prompts, images)
-            temperature = float(gen_kwargs.get("temperature", 0) or 0)
-            output = self.model.generate(
-                **inputs,
-                max_new_tokens=int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)),
-                do_sample=temperature > 0,
-                **({"temperature": temperature} if temperature > 0 else {}),
-            )
+            output = self.model.generate(**inputs, **self._generate_options(gen_kwargs))
             texts = self.processor.batch_decode(
                 answer_tokens(self.model, inputs["input_ids"], output), skip_special_tokens=True
             )
@@ -113,6 +112,37 @@ class MMAdaptersLMM(lmms):
                 answers.append(text)
             start = stop
         return answers
+
+    def _generate_options(self, gen_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """A task's `generation_kwargs` as `generate` options, as lmms-eval's LLaVA model reads them: sampling when
+        `temperature` > 0 (then `temperature` and `top_p` apply), `num_beams`, `max_new_tokens`; any other
+        transformers generation option (`top_k`, `repetition_penalty`, ...) passes through. Keys that are not
+        generation options (`until`, cut here afterwards; other models' settings such as `image_aspect_ratio`)
+        are not passed; the latter are logged once."""
+        temperature = float(gen_kwargs.get("temperature") or 0)
+        sampling = temperature > 0
+        options: dict[str, Any] = {
+            "max_new_tokens": int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens),
+            "num_beams": int(gen_kwargs.get("num_beams") or 1),
+            "do_sample": sampling,
+        }
+        if sampling:
+            options["temperature"] = temperature
+            if gen_kwargs.get("top_p") is not None:
+                options["top_p"] = float(gen_kwargs["top_p"])
+        handled = {"temperature", "top_p", "do_sample", "num_beams", "max_new_tokens", "until"}
+        known = GenerationConfig().to_dict()
+        for name, value in gen_kwargs.items():
+            if name in handled:
+                continue
+            if name in known:
+                options[name] = value
+            elif name not in self._ignored_task_options:
+                self._ignored_task_options.add(name)
+                logger.warning(
+                    "Task generation option %r is not a transformers generation option: ignored.", name
+                )
+        return options
 
     @torch.no_grad()
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
