@@ -207,6 +207,35 @@ def test_arrays_and_tensors_in_every_channel_layout_load_as_the_same_image(proce
     )
 
 
+def test_image_urls_are_downloaded_and_checked_like_files(processor, tmp_path):
+    """An http(s) URL loads as transformers' image processors load it; a failed download or a file that is not an
+    image is a clear InvalidImageError."""
+    import functools
+    import http.server
+    import threading
+
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 16, 3), dtype=np.uint8))
+    picture.save(tmp_path / "picture.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        prompt = "Image: <image>\nwhat?"
+        torch.testing.assert_close(
+            processor(images=[f"{base}/picture.png"], text=prompt)["pixel_values"],
+            processor(images=[str(tmp_path / "picture.png")], text=prompt)["pixel_values"],
+        )
+        with pytest.raises(InvalidImageError, match="could not be downloaded.*404"):
+            load_image(f"{base}/missing.png")
+        with pytest.raises(InvalidImageError, match="not a readable image"):
+            load_image(f"{base}/notes.png")
+    finally:
+        server.shutdown()
+
+
 def test_transparency_is_composited_on_white():
     transparent = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
     assert load_image(transparent).getpixel((0, 0)) == (255, 255, 255)

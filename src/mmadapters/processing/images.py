@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import urllib.request
 import warnings
 from typing import Any
 
@@ -15,6 +16,9 @@ from PIL import Image, ImageOps
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 # Wider than a panorama strip; anything beyond is a mistake or an attack, and would resize to a line of pixels.
 MAX_ASPECT_RATIO = 50.0
+# Image URLs: how long to wait for the server, and how much to read (no photograph needs more).
+DOWNLOAD_TIMEOUT_SECONDS = 30.0
+MAX_DOWNLOAD_BYTES = 64 * 2**20
 
 
 class InvalidImageError(ValueError):
@@ -24,8 +28,8 @@ class InvalidImageError(ValueError):
 def load_image(image: Any, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, what: str = "image") -> Image.Image:
     """Open and validate one image; return it as RGB.
 
-    Accepts a PIL image, a path, raw bytes, or a uint8 array or tensor ((H, W), (H, W, C) or (C, H, W)). Grayscale, RGBA/LA (composited on
-    white), palette, CMYK and 16-bit images are converted; EXIF rotation is applied. Refuses unreadable or
+    Accepts a PIL image, a path, an http(s) URL, raw bytes, or a uint8 array or tensor ((H, W), (H, W, C) or
+    (C, H, W)). Grayscale, RGBA/LA (composited on white), palette, CMYK and 16-bit images are converted; EXIF rotation is applied. Refuses unreadable or
     truncated files, more than `max_pixels` pixels (checked from the header, before decoding: decompression
     bombs are never decoded) and aspect ratios beyond 1:50.
     """
@@ -61,6 +65,8 @@ def _open(image: Any, label: str) -> Image.Image:
         image = image.detach().cpu().numpy()
     if isinstance(image, np.ndarray):
         return Image.fromarray(_channels_last(image, label))
+    if isinstance(image, str) and image.startswith(("http://", "https://")):
+        image = _download(image, label)
     if isinstance(image, (str, os.PathLike)):
         if not os.path.isfile(image):
             raise InvalidImageError(f"The {label} does not exist or is not a file.")
@@ -69,8 +75,8 @@ def _open(image: Any, label: str) -> Image.Image:
         source = io.BytesIO(image)
     else:
         raise InvalidImageError(
-            f"Unsupported {label} of type {type(image).__name__}: pass a PIL image, a file path, bytes or a uint8 "
-            "array or tensor."
+            f"Unsupported {label} of type {type(image).__name__}: pass a PIL image, a file path, a URL, bytes or a "
+            "uint8 array or tensor."
         )
     try:
         with warnings.catch_warnings():
@@ -82,6 +88,21 @@ def _open(image: Any, label: str) -> Image.Image:
         raise InvalidImageError(
             f"The {label} is not a readable image ({error}). Supported: the formats Pillow reads (PNG, JPEG, ...)."
         ) from error
+
+
+def _download(url: str, label: str) -> bytes:
+    """An image URL's bytes (as transformers' image processors take URLs), at most MAX_DOWNLOAD_BYTES; the
+    checks of `load_image` then apply to them as to a file."""
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_SECONDS) as response:
+            data = response.read(MAX_DOWNLOAD_BYTES + 1)
+    except (OSError, ValueError) as error:  # URLError and HTTPError are OSErrors; ValueError: a malformed URL
+        raise InvalidImageError(f"The {label} could not be downloaded ({error}).") from error
+    if len(data) > MAX_DOWNLOAD_BYTES:
+        raise InvalidImageError(
+            f"The {label} is larger than {MAX_DOWNLOAD_BYTES // 2**20} MiB: download and downscale it first."
+        )
+    return data
 
 
 def _channels_last(array: np.ndarray, label: str) -> np.ndarray:
