@@ -142,4 +142,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from mmadapters.library_logs import quiet_library_logs
+
+    quiet_library_logs()
     main()

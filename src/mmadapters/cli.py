@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 from .cli_arguments import add_dataclass_arguments
 from .errors import MMAdaptersError
 from .hub import check_checkpoint_name
+from .library_logs import quiet_library_logs
 from .validation import limit_or_all, non_negative_int, positive_float, positive_int
 
 # `mmadapters eval` without --limit: easy-vqa evaluates 1,000 questions (the quickstart's), the benchmarks all.
@@ -449,19 +449,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.set_defaults(run=_merge)
     return parser
-
-
-# Library log lines that say nothing to a user of our commands, silenced for the commands only (the library never
-# touches logging configuration). bitsandbytes, when installed, tries at import on CPUs with AVX512-BF16 to fetch an
-# optional faster 4-bit kernel from the Hub (`kernels`); offline it logs a warning and uses its own kernel.
-# MMADAPTERS_VERBOSE=1 keeps them.
-QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
-
-
-def quiet_library_logs() -> None:
-    if os.environ.get("MMADAPTERS_VERBOSE") != "1":
-        for name in QUIET_LOGGERS:
-            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

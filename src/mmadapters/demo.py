@@ -23,6 +23,7 @@ from typing import Any
 
 from .errors import MMAdaptersError
 from .hub import SPACE_SETTINGS_NAME, check_checkpoint_name
+from .library_logs import quiet_library_logs
 from .modeling.image_tokens import ImageTokenMismatchError
 from .processing import InvalidImageError, PromptTooLongError, load_image
 from .validation import port_number, positive_float, positive_int
@@ -350,6 +351,7 @@ def launch(
     argv: list[str] | None = None, kind: str = "lavin", app_dir: str | None = None, block: bool = True
 ):
     """Load the model, build the app and serve it; prints the URL. Returns the running demo."""
+    quiet_library_logs()
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     args = parse_args(argv, kind)
     check_port_free(args.host, args.port)  # before loading the model: a taken port is known at once
