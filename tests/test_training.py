@@ -439,6 +439,44 @@ def test_crome_trainer_honours_the_stage(tmp_path):
     assert saved == set(model.adapter_module_names())
 
 
+def test_model_init_models_are_taken_as_given_models_are(tiny_backbones, tmp_path):
+    """A Trainer's `model_init` (hyper-parameter search) builds models that are taken as a given model is:
+    CROME's stage is set on each, a PeftModel around LaVIN is adopted (its LoRA and our adapters train)."""
+    from peft import LoraConfig, get_peft_model
+
+    from mmadapters import CromeProcessor
+
+    crome, processor = seeded_model_and_processor("crome", tiny_backbones)
+    dataset = toy_dataset(tmp_path, n=4)
+    trainer = CromeTrainer(
+        model_init=lambda: seeded_model_and_processor("crome", tiny_backbones)[0],
+        args=TrainingArguments(str(tmp_path / "crome"), use_cpu=True, report_to=[]),
+        train_dataset=dataset,
+        data_collator=VisionLanguageCollator(
+            CromeProcessor.from_backbones(*tiny_backbones, num_image_tokens=crome.config.num_image_tokens)
+        ),
+        stage="pretrain",
+    )
+    trains = {name.split(".")[0] for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trains == {"adapter", "query_projection", "patch_projection"}
+    with pytest.raises(TypeError, match="CromeTrainer trains a CromeForConditionalGeneration, got Lavin"):
+        CromeTrainer(
+            model_init=lambda: LavinForConditionalGeneration.from_backbones(*tiny_backbones),
+            args=TrainingArguments(str(tmp_path / "wrong"), use_cpu=True, report_to=[]),
+        )
+
+    def lavin_with_lora():
+        lavin = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+        return get_peft_model(lavin, LoraConfig(r=2, target_modules=r".*language_model.*\.q_proj"))
+
+    trainer = make_trainer(
+        None, processor, dataset, tmp_path / "lavin", max_steps=1, model_init=lavin_with_lora
+    )
+    assert isinstance(trainer.model, LavinForConditionalGeneration)
+    trains = {name.split(".")[0] for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert {"language_model", "llm_adapters", "projector"} <= trains  # the LoRA (in the LLM) and our adapters
+
+
 def seeded_model_and_processor(which: str, tiny_backbones):
     """LaVIN or CROME (a tiny Q-Former) on the tiny backbones, built under seed 0, with its processor."""
     from mmadapters import CromeProcessor

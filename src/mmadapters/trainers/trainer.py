@@ -104,7 +104,9 @@ class AdapterTrainer(Trainer):
     it."""
 
     def __init__(self, *args: Any, hub_license: str | None = None, **kwargs: Any) -> None:
-        args, kwargs, _ = _model_argument(args, kwargs)
+        args, kwargs, model = _model_argument(args, kwargs)
+        if model is not None:
+            self._take_model(model)
         self.hub_license = hub_license  # read by init_hf_repo, which transformers' __init__ calls
         super().__init__(*args, **kwargs)
         state = self.accelerator.state
@@ -112,6 +114,14 @@ class AdapterTrainer(Trainer):
             state.deepspeed_plugin.deepspeed_config if self.is_deepspeed_enabled else None,
             str(state.fsdp_plugin.state_dict_type) if self.is_fsdp_enabled else None,
         )
+
+    def _take_model(self, model: Any) -> Any:
+        """Check and prepare the model this Trainer trains (given, or built by `model_init`); see CromeTrainer."""
+        return model
+
+    def call_model_init(self, trial: Any = None) -> Any:
+        """`model_init`'s model, taken as a model given to the Trainer is (a PeftModel around ours adopted)."""
+        return self._take_model(adopt_peft_model(super().call_model_init(trial)))
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         """`Trainer.train`; `resume_from_checkpoint=True` takes the last *complete* checkpoint of the output folder
@@ -380,11 +390,13 @@ class CromeTrainer(AdapterTrainer):
     """Trainer for `CromeForConditionalGeneration`; `stage` sets what trains (see `set_stage`)."""
 
     def __init__(self, *args: Any, stage: str = "finetune", **kwargs: Any) -> None:
-        args, kwargs, model = _model_argument(args, kwargs)
+        self.stage = stage
+        super().__init__(*args, **kwargs)
+
+    def _take_model(self, model: Any) -> Any:
         if not isinstance(model, CromeForConditionalGeneration):
             raise TypeError(
                 f"CromeTrainer trains a CromeForConditionalGeneration, got {type(model).__name__}."
             )
-        model.set_stage(stage)
-        self.stage = stage
-        super().__init__(*args, **kwargs)
+        model.set_stage(self.stage)
+        return model
