@@ -134,6 +134,12 @@ def test_call_keywords_honoured_or_refused(processor):
         {"videos": None},
     ):
         torch.testing.assert_close(processor(text=text, **accepted)["input_ids"], plain["input_ids"])
+    plain_values = processor(images=[rgb()], text="Image: <image>\nwhat?", return_tensors=None)
+    assert isinstance(plain_values["input_ids"], list) and isinstance(plain_values["pixel_values"], list)
+    np.testing.assert_array_equal(
+        np.stack(plain_values["pixel_values"]),
+        processor(images=[rgb()], text="Image: <image>\nwhat?")["pixel_values"].numpy(),
+    )
     with pytest.raises(ValueError, match="pads each batch to its longest sample"):
         processor(text=text, padding="max_length")
     with pytest.raises(ValueError, match="always returns attention_mask"):

@@ -264,7 +264,8 @@ class AdapterProcessorMixin:
         pixel_values = self._pixel_values(inputs.images)  # bad images are refused before any tokenising
         data = self._model_inputs(inputs, **options)
         if pixel_values is not None:
-            data["pixel_values"] = pixel_values
+            # return_tensors=None: plain values throughout, as transformers' processors give (one array per image)
+            data["pixel_values"] = pixel_values if return_tensors is not None else list(pixel_values.numpy())
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def _model_inputs(self, inputs: CheckedInputs, **options: Any) -> dict[str, Any]:
