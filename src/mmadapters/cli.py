@@ -131,7 +131,7 @@ def _input_lines():
 
 
 def _chat(args: argparse.Namespace) -> None:
-    """Terminal chat: `/image PATH` attaches an image to the next question, `/reset` forgets, `/quit` ends."""
+    """Terminal chat: `/image PATH` (a file or an http(s) URL) attaches an image to the next question, `/reset` forgets, `/quit` ends."""
     from .evaluation.generate import answer_tokens
     from .processing import InvalidImageError, load_image
 
@@ -139,7 +139,7 @@ def _chat(args: argparse.Namespace) -> None:
     messages: list[dict] = []
     images: list = []
     pending_image = None
-    print("Type a question. /image PATH attaches an image, /reset starts over, /quit ends.")
+    print("Type a question. /image PATH (or URL) attaches an image, /reset starts over, /quit ends.")
     for line in _input_lines():
         if line is None:
             print("error: that line is not UTF-8 text; type it again (check the terminal's encoding).")
