@@ -169,3 +169,28 @@ def test_processor_save_is_atomic_and_keeps_the_models_files(tiny_backbones, tmp
         processor.save_pretrained(folder)
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == after
+
+
+def test_a_save_into_a_backbones_own_folder_is_refused_and_changes_nothing(tmp_path, monkeypatch):
+    """save_pretrained into the folder a backbone was loaded from replaced that backbone's config.json and
+    removed its weights (the checkpoint then could not load): refused before anything is written, however the
+    folder is spelled, and a Trainer with that output folder is refused when it is built."""
+    from conftest import make_trainer, save_tiny_llm, save_tiny_vision, toy_dataset
+
+    llm, vision = save_tiny_llm(tmp_path / "llm"), save_tiny_vision(tmp_path / "vision")
+    model = LavinForConditionalGeneration.from_backbones(llm, vision)
+    processor = LavinProcessor.from_backbones(llm, vision)
+
+    def snapshot(folder):
+        return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+    before = {role: snapshot(tmp_path / role) for role in ("llm", "vision")}
+    monkeypatch.chdir(tmp_path)
+    for folder, role in ((llm, "text"), (vision, "vision"), ("llm/", "text"), ("./vision", "vision")):
+        with pytest.raises(ValueError, match=f"is the folder the {role} backbone was loaded from"):
+            model.save_pretrained(folder, processor=processor)
+    with pytest.raises(ValueError, match="is the folder the text backbone was loaded from"):
+        make_trainer(model, processor, toy_dataset(tmp_path, n=4), llm)
+    assert {role: snapshot(tmp_path / role) for role in ("llm", "vision")} == before
+    model.save_pretrained(tmp_path / "llm" / "adapters")  # a folder inside is fine
+    LavinForConditionalGeneration.from_pretrained(tmp_path / "llm" / "adapters")

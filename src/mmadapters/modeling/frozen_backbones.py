@@ -675,6 +675,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
                 "save_pretrained(push_to_hub=True) is not supported: save, then call model.push_to_hub(repo_id) "
                 "(or `mmadapters push FOLDER REPO_ID`), which uploads the checkpoint with a generated model card."
             )
+        self.check_save_directory(save_directory)
         referenced = self.backbones_are_referenced()
         if adapter_only and referenced:
             check_adapter_only_save_options(kwargs)
@@ -709,6 +710,20 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             write_loader(staging)
             if processor is not None:
                 processor.save_pretrained(staging)
+
+    def check_save_directory(self, save_directory: str | os.PathLike) -> None:
+        """Refuse, before anything is written, to save into the folder a backbone was loaded from: the save would
+        replace that backbone's config.json and weights, and this checkpoint, which reads its backbones from
+        there, could no longer load. (Our Trainers check their output folder when they are built.)"""
+        target = os.path.realpath(save_directory)
+        for role, backbone in (("text", self.language_model), ("vision", self.vision_tower)):
+            source = getattr(backbone, "name_or_path", "") or ""
+            if source and os.path.isdir(source) and os.path.realpath(source) == target:
+                raise ValueError(
+                    f"{os.fspath(save_directory)} is the folder the {role} backbone was loaded from: saving there "
+                    "would replace its config.json and weights with this checkpoint's, and the checkpoint reads its "
+                    "backbones from there. Save to another folder."
+                )
 
     @classmethod
     def register_for_auto_class(cls, auto_class: Any = "AutoModel") -> None:
