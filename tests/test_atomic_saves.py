@@ -189,8 +189,13 @@ def test_a_save_into_a_backbones_own_folder_is_refused_and_changes_nothing(tmp_p
     for folder, role in ((llm, "text"), (vision, "vision"), ("llm/", "text"), ("./vision", "vision")):
         with pytest.raises(ValueError, match=f"is the folder the {role} backbone was loaded from"):
             model.save_pretrained(folder, processor=processor)
+    with pytest.raises(ValueError, match="is the folder the tokenizer was loaded from"):
+        processor.save_pretrained("llm")
     with pytest.raises(ValueError, match="is the folder the text backbone was loaded from"):
         make_trainer(model, processor, toy_dataset(tmp_path, n=4), llm)
     assert {role: snapshot(tmp_path / role) for role in ("llm", "vision")} == before
     model.save_pretrained(tmp_path / "llm" / "adapters")  # a folder inside is fine
     LavinForConditionalGeneration.from_pretrained(tmp_path / "llm" / "adapters")
+    # A processor loaded from a checkpoint saves back into it (its tokenizer's folder, but a processor's save).
+    processor.save_pretrained(tmp_path / "checkpoint")
+    LavinProcessor.from_pretrained(tmp_path / "checkpoint").save_pretrained(tmp_path / "checkpoint")

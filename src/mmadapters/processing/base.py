@@ -342,6 +342,17 @@ class AdapterProcessorMixin:
     ) -> Any:
         """`ProcessorMixin.save_pretrained`, atomically: a kill leaves the old processor files or the new ones, and
         the folder's other files (a model saved there) are kept. `push_to_hub=True` is transformers' own path."""
+        source = self.tokenizer.name_or_path  # the LLM's folder, or a checkpoint's when loaded from one
+        if (
+            source
+            and os.path.isdir(source)
+            and os.path.realpath(source) == os.path.realpath(save_directory)
+            and not os.path.isfile(os.path.join(source, "processor_config.json"))  # not a processor's save
+        ):
+            raise ValueError(
+                f"{os.fspath(save_directory)} is the folder the tokenizer was loaded from (the LLM's): saving there "
+                "would replace its tokenizer files with this processor's. Save to another folder."
+            )
         if push_to_hub:
             return super().save_pretrained(save_directory, push_to_hub=True, **kwargs)
         # processor_config.json names the remote-code loader (AutoProcessor with trust_remote_code=True).
