@@ -6,8 +6,9 @@ separately (an LLM and a vision tower) plus a small trainable side. Every keywor
 unknown keywords raise `TypeError`, as in transformers:
 
 - per backbone: `dtype` (`torch_dtype`), `attn_implementation` and `experts_implementation` (mixture-of-experts
-  LLMs; each a string, or a dict keyed by `text_config` / `vision_config` as transformers' composite models take it), `quantization_config` (one config for both
-  backbones, or such a dict; our trainable modules are never quantised), the Hub keywords (`token`,
+  LLMs), each a string or a dict keyed by `text_config` / `vision_config` as transformers' composite models take
+  it, `quantization_config` (one config for both backbones, or such a dict; our trainable modules are never
+  quantised), the Hub keywords (`token`,
   `cache_dir`, `local_files_only`, `force_download`, `proxies`), `use_safetensors`, `trust_remote_code`,
   `weights_only`, `disable_mmap`, `offload_buffers`;
 - placement: `device_map` ("auto"/"balanced"/"balanced_low_0"/"sequential", a device, or a dict over the

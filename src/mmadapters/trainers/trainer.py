@@ -109,10 +109,9 @@ class AdapterTrainer(Trainer):
             self._take_model(model)
         self.hub_license = hub_license  # read by init_hf_repo, which transformers' __init__ calls
         super().__init__(*args, **kwargs)
-        if hasattr(
-            self._unwrapped(), "check_save_directory"
-        ):  # the final save_model writes the folder itself
-            self._unwrapped().check_save_directory(self.args.output_dir)
+        trained = self._unwrapped()
+        if hasattr(trained, "check_save_directory"):  # the final save_model writes output_dir itself
+            trained.check_save_directory(self.args.output_dir)
         state = self.accelerator.state
         check_sharded_saving(
             state.deepspeed_plugin.deepspeed_config if self.is_deepspeed_enabled else None,
