@@ -242,6 +242,12 @@ def test_processor_rebuilt_from_backbones_when_not_saved(trained, tmp_path):
     model.save_pretrained(tmp_path)  # no processor given
     rebuilt = AutoProcessor.from_pretrained(tmp_path)
     assert isinstance(rebuilt, LavinProcessor) and rebuilt.num_image_tokens == model.config.num_image_tokens
+    # The processor's own options apply to a rebuilt processor as to a saved one (they were dropped).
+    for loader in (AutoProcessor, LavinProcessor):
+        options = loader.from_pretrained(
+            tmp_path, max_length=77, overflow="truncate_left", max_image_pixels=5000
+        )
+        assert (options.max_length, options.overflow, options.max_image_pixels) == (77, "truncate_left", 5000)
 
 
 def test_a_checkpoint_saved_by_mmadapters_0_1_loads_identically(tmp_path, monkeypatch):

@@ -310,32 +310,46 @@ class AdapterProcessorMixin:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
         """Load a saved processor; for an adapter-only checkpoint saved without one, rebuild it from the
-        backbones named in its config.json."""
+        backbones named in its config.json (the processor's own options given here, e.g. `max_length`, apply
+        to it as they do to a saved one)."""
         folder = os.fspath(pretrained_model_name_or_path)
         if (
             os.path.isdir(folder)
             and not has_saved_processor(folder)
             and os.path.isfile(f"{folder}/config.json")
         ):
-            config = AutoConfig.from_pretrained(folder)
-            text = (config.text_backbone or {}).get("name_or_path")
-            vision = (config.vision_backbone or {}).get("name_or_path")
-            if text and vision:
-                return cls.from_backbones(text, vision, num_image_tokens=config.num_image_tokens)
+            options = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+            rebuilt = cls._from_recorded_backbones(
+                AutoConfig.from_pretrained(folder), **{k: v for k, v in kwargs.items() if k in options}
+            )
+            if rebuilt is not None:
+                return rebuilt
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
     def from_model(cls, model: Any) -> Any:
         """The processor for `model`: built from the backbones its config names (tokenizer with the image token,
         the tower's image processor) and its number of visual tokens."""
-        text = (model.config.text_backbone or {}).get("name_or_path")
-        vision = (model.config.vision_backbone or {}).get("name_or_path")
-        if not (text and vision):
+        processor = cls._from_recorded_backbones(model.config)
+        if processor is None:
             raise ValueError(
                 "This model's backbones were built from config objects, so no tokenizer can be found for them: build "
                 "the processor with from_backbones(text_model_folder, vision_model_folder)."
             )
-        return cls.from_backbones(text, vision, num_image_tokens=model.config.num_image_tokens)
+        return processor
+
+    @classmethod
+    def _from_recorded_backbones(cls, config: Any, **options: Any) -> Any:
+        """A processor built from the backbones a model config records (at the LLM's recorded revision), or None
+        when it names none."""
+        text = (config.text_backbone or {}).get("name_or_path")
+        vision = (config.vision_backbone or {}).get("name_or_path")
+        if not (text and vision):
+            return None
+        revision = (config.text_backbone or {}).get("revision")
+        return cls.from_backbones(
+            text, vision, num_image_tokens=config.num_image_tokens, revision=revision, **options
+        )
 
     def save_pretrained(
         self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any
