@@ -3,7 +3,8 @@
 It speaks the routes the real `huggingface_hub` client uses for model repos (ECOSYSTEM.md): create a repo,
 pre-upload ("regular" mode: bytes inline), NDJSON commits with base64 contents, repo info and tree listing,
 and HEAD/GET `resolve` downloads with the headers the client reads (X-Repo-Commit, ETag, Content-Length,
-X-Error-Code). Repos live in memory with their full commit history, so revisions can be pinned.
+X-Error-Code), and branches (commits go to an existing branch, as on the Hub). Repos live in memory with their
+full commit history, so revisions can be pinned.
 
 Test hooks: `token` (when set, writes and private reads need `Authorization: Bearer <token>`), `fail_next`
 (the next N requests get HTTP 503), and `requests` (a log of (method, path)).
@@ -29,14 +30,14 @@ def git_blob_oid(content: bytes) -> str:
 @dataclass
 class Repo:
     private: bool
-    commits: list[tuple[str, dict[str, bytes]]] = field(default_factory=list)  # oldest first
+    commits: list[tuple[str, dict[str, bytes]]] = field(default_factory=list)  # every branch's, oldest first
+    heads: dict[str, str] = field(default_factory=dict)  # branch -> its last commit
 
     def files_at(self, revision: str) -> tuple[str, dict[str, bytes]] | None:
-        if revision in ("main", "HEAD"):
-            return self.commits[-1]
-        for sha, files in self.commits:
-            if sha == revision:
-                return sha, files
+        sha = self.heads.get("main" if revision == "HEAD" else revision, revision)
+        for commit_sha, files in self.commits:
+            if commit_sha == sha:
+                return commit_sha, files
         return None
 
 
@@ -65,12 +66,13 @@ class HubServer(ThreadingHTTPServer):
         self.shutdown()
         self.server_close()
 
-    def new_commit(self, repo: Repo, files: dict[str, bytes]) -> str:
+    def new_commit(self, repo: Repo, files: dict[str, bytes], branch: str = "main") -> str:
         self._counter += 1
-        parent = repo.commits[-1][0] if repo.commits else ""
+        parent = repo.heads.get(branch, "")
         listing = "".join(f"{p}:{git_blob_oid(c)}\n" for p, c in sorted(files.items()))
         sha = hashlib.sha1(f"{parent}\n{self._counter}\n{listing}".encode()).hexdigest()
         repo.commits.append((sha, files))
+        repo.heads[branch] = sha
         return sha
 
 
@@ -243,9 +245,11 @@ class HubHandler(BaseHTTPRequestHandler):
         if parts[0] == "api" and parts[1] in ("models", "spaces") and len(parts) >= 6:
             kind, repo_id = parts[1], f"{parts[2]}/{parts[3]}"
             if parts[4] == "preupload":
-                return self._preupload(repo_id, json.loads(body), kind)
+                return self._preupload(repo_id, parts[5], json.loads(body), kind)
             if parts[4] == "commit":
                 return self._commit(repo_id, parts[5], body, kind)
+            if parts[4] == "branch":
+                return self._branch(repo_id, parts[5], json.loads(body or b"{}"), kind)
         self._error(404, f"No route for POST {self.path}")
 
     def _create(self, payload: dict) -> None:
@@ -266,23 +270,36 @@ class HubHandler(BaseHTTPRequestHandler):
             store[repo_id] = repo
         self._json(200, {"url": url, "name": repo_id})
 
-    def _preupload(self, repo_id: str, payload: dict, kind: str) -> None:
+    def _preupload(self, repo_id: str, revision: str, payload: dict, kind: str) -> None:
         repo = self._repo(repo_id, kind=kind)
         if repo is None:
             return
         files = [
             {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in payload["files"]
         ]
-        self._json(200, {"files": files, "commitOid": repo.commits[-1][0]})
+        self._json(200, {"files": files, "commitOid": repo.heads.get(revision, repo.heads["main"])})
+
+    def _branch(self, repo_id: str, branch: str, payload: dict, kind: str) -> None:
+        repo = self._repo(repo_id, kind=kind)
+        if repo is None:
+            return
+        with self.server.lock:
+            if branch in repo.heads:
+                return self._error(409, f"Reference already exists: {branch}")
+            start = repo.files_at(payload.get("startingPoint") or "main")
+            if start is None:
+                return self._error(404, f"Invalid rev id: {payload.get('startingPoint')}", "RevisionNotFound")
+            repo.heads[branch] = start[0]
+        self._json(200, {})
 
     def _commit(self, repo_id: str, revision: str, body: bytes, kind: str) -> None:
         repo = self._repo(repo_id, kind=kind)
         if repo is None:
             return
-        if revision != "main":
-            return self._error(400, "This test server commits to main only")
+        if revision not in repo.heads:  # the real Hub: a commit goes to an existing branch
+            return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
         with self.server.lock:
-            files = dict(repo.commits[-1][1])
+            files = dict(repo.files_at(revision)[1])
             for line in body.splitlines():
                 if not line.strip():
                     continue
@@ -299,7 +316,7 @@ class HubHandler(BaseHTTPRequestHandler):
                         del files[path]
                 elif item["key"] == "lfsFile":
                     return self._error(400, "LFS uploads are not supported by this test server")
-            sha = self.server.new_commit(repo, files)
+            sha = self.server.new_commit(repo, files, revision)
         self._json(
             200, {"commitUrl": f"{self.server.url}/{repo_id}/commit/{sha}", "commitOid": sha, "success": True}
         )

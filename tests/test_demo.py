@@ -316,8 +316,12 @@ def test_push_space_command(monkeypatch, capsys):
             pr_url="https://huggingface.co/spaces/org/space/discussions/1",
         )
 
+    def create_branch(self, repo_id, **kwargs):
+        seen["branch"] = (repo_id, kwargs)
+
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(HfApi, "create_branch", create_branch)
     flags = ["--private", "--create-pr", "--revision", "dev", "--commit-description", "why", "--retries", "0"]
     assert main(["push-space", folder, "org/space", "--model", "org/lavin", *flags]) == 0
     assert seen["create_repo"] == (
@@ -327,6 +331,7 @@ def test_push_space_command(monkeypatch, capsys):
     repo_id, commit = seen["commit"]
     assert repo_id == "org/space" and commit["repo_type"] == "space"
     assert (commit["create_pr"], commit["revision"], commit["commit_description"]) == (True, "dev", "why")
+    assert seen["branch"] == ("org/space", {"branch": "dev", "repo_type": "space", "exist_ok": True})
     assert {"app.py", "README.md", "mmadapters_space.json"} <= seen["files"]
     assert "discussions/1" in capsys.readouterr().out
 

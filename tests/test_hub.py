@@ -340,6 +340,24 @@ def test_model_push_to_hub_private_and_existing_repo(hub, checkpoint, tiny_backb
     assert len(repo.commits) == 3 and "processor_config.json" in repo.commits[-1][1]
 
 
+def test_push_to_a_new_branch_creates_it(hub, checkpoint):
+    """`revision=` names the branch to push to; a branch the repo does not have yet is created from main, as
+    transformers' push_to_hub does (the Hub refuses a commit to a missing branch)."""
+    model, folder = checkpoint
+    common = dict(token=TOKEN, endpoint=hub.url, allow_local_backbones=True, license="apache-2.0")
+    model.push_to_hub("org/branches", **common)
+    main_head = hub.repos["org/branches"].heads["main"]
+    url = model.push_to_hub("org/branches", revision="dev", commit_message="on dev", **common)
+    repo = hub.repos["org/branches"]
+    assert repo.heads["main"] == main_head and url.endswith(repo.heads["dev"])
+    push_folder(folder, "org/branches", revision="v2", **common)  # the folder push too, into the same repo
+    assert "mmadapters_model.safetensors" in repo.files_at("v2")[1]
+    assert (
+        repo.files_at("dev")[1]["mmadapters_model.safetensors"]
+        == repo.files_at("v2")[1]["mmadapters_model.safetensors"]
+    )
+
+
 def test_transient_5xx_are_retried(hub, checkpoint):
     _, folder = checkpoint
     hub.fail_next = 2  # create_repo fails twice, then the server recovers

@@ -92,6 +92,7 @@ def test_push_to_hub_takes_transformers_keywords(tiny_backbones, monkeypatch):
         HfApi, "create_repo", lambda self, repo_id, **k: RepoUrl(f"https://huggingface.co/{repo_id}")
     )
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(HfApi, "create_branch", lambda self, repo_id, **k: seen.update(branch=k["branch"]))
     model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
     url = model.push_to_hub(
         "org/lavin",
@@ -105,6 +106,7 @@ def test_push_to_hub_takes_transformers_keywords(tiny_backbones, monkeypatch):
     )
     assert url == "https://huggingface.co/org/lavin/discussions/1"
     assert seen["create_pr"] is True and seen["revision"] == "dev" and seen["commit_description"] == "why"
+    assert seen["branch"] == "dev"  # made first: a commit to a branch the repo lacks is refused
     assert "- scienceqa" in seen["card"]
     with pytest.raises(ValueError, match="max_shard_size applies to full checkpoints"):
         model.push_to_hub("org/lavin", max_shard_size="1GB", allow_local_backbones=True, license="apache-2.0")

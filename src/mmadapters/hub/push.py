@@ -492,6 +492,30 @@ def _upload(
     repo_type = create_kwargs.get("repo_type")
     create_repo(repo_id, create_kwargs, token, retries, retry_wait, endpoint)
     token = token or get_token()  # only to scrub it from messages: never printed
+    branch = (commit_kwargs or {}).get("revision")
+
+    def make_branch() -> None:
+        from huggingface_hub.errors import HfHubHTTPError
+
+        try:
+            api.create_branch(repo_id, branch=branch, repo_type=repo_type, exist_ok=True)
+        except HfHubHTTPError as error:
+            # A pull request to a repo we cannot write to: its branch must exist (the commit says if not).
+            forbidden = error.response is not None and error.response.status_code == 403
+            if not (forbidden and (commit_kwargs or {}).get("create_pr")):
+                raise
+
+    if branch and not branch.startswith("refs/pr/"):
+        # The Hub refuses a commit to a branch the repo does not have: make it from main first, as
+        # transformers' push_to_hub does.
+        _with_retries(
+            make_branch,
+            f"create the branch {branch!r}",
+            endpoint,
+            token,
+            retries,
+            retry_wait,
+        )
 
     def commit() -> Any:
         # Fresh operations on each attempt: the client refuses to reuse committed ones.
