@@ -206,6 +206,42 @@ def test_wrong_lavin_config_is_a_clear_error():
         LavinConfig(
             text_config=tiny_text_config(), vision_config=tiny_vision_config(), adapter_config={"alpha": 1}
         )
+    with pytest.raises(ValueError, match="projector_hidden_size must be a positive integer"):
+        LavinConfig(
+            text_config=tiny_text_config(), vision_config=tiny_vision_config(), projector_hidden_size=0
+        )
+    # from_backbones takes the adapter settings as a config or a dict of its fields; anything else is refused.
+    from_dict = LavinForConditionalGeneration.from_backbones(
+        tiny_text_config(), tiny_vision_config(), adapter_config={"r": 4, "groups": 2}
+    )
+    assert (from_dict.config.mm_adapter_config.r, from_dict.config.mm_adapter_config.groups) == (4, 2)
+    with pytest.raises(ValueError, match="Unknown MMAdapterConfig field"):
+        LavinForConditionalGeneration.from_backbones(
+            tiny_text_config(), tiny_vision_config(), adapter_config={"rank": 4}
+        )
+    from mmadapters.modeling.adapters.config import CromeAdapterConfig
+
+    with pytest.raises(TypeError, match="adapter_config must be a MMAdapterConfig .* got CromeAdapterConfig"):
+        LavinForConditionalGeneration.from_backbones(
+            tiny_text_config(), tiny_vision_config(), adapter_config=CromeAdapterConfig()
+        )
+
+
+def test_wrong_crome_config_is_a_clear_error():
+    from conftest import tiny_qformer_config
+
+    from mmadapters import CromeConfig
+
+    common = dict(
+        text_config=tiny_text_config(),
+        vision_config=tiny_vision_config(),
+        qformer_config=tiny_qformer_config(),
+    )
+    with pytest.raises(ValueError, match="num_query_tokens must be a positive integer"):
+        CromeConfig(**common, num_query_tokens=0)
+    with pytest.raises(ValueError, match=r"vision_feature_layer=9 must index .* \(-9..8"):
+        CromeConfig(**common, vision_feature_layer=9)
+    assert CromeConfig(**common, vision_feature_layer=-9).vision_feature_layer == -9  # the embeddings
 
 
 def test_unsupported_llm_architecture_is_a_clear_error():

@@ -452,7 +452,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
                 device map).
             vision_model: the same for a CLIP/SigLIP vision tower (a full CLIP checkpoint also works).
             adapter_config: the method's adapter settings (LaVIN: `MMAdapterConfig`, CROME: `CromeAdapterConfig`;
-                default: the paper's); not modified.
+                or a dict of its fields; default: the paper's); not modified.
             dtype: dtype of the frozen backbones (adapters stay float32). Default float32.
             text_revision, vision_revision: Hub revisions to load (recorded in the config).
             **kwargs: loading keywords of `from_pretrained` (`attn_implementation`, `device_map`, `max_memory`,
@@ -1047,8 +1047,17 @@ def read_adapter_file(path: str, source: str) -> dict[str, torch.Tensor]:
 
 
 def adapter_settings(adapter_config: Any, config_class: type, text_ref: BackboneReference | None) -> dict:
-    """The adapter settings for a new model's config: a copy of the caller's adapter config (never modified; the
-    class default when None) naming the LLM it adapts."""
+    """The adapter settings for a new model's config: a copy of the caller's adapter config (an instance of
+    `config_class` or a dict of its fields; never modified; the class default when None) naming the LLM it adapts."""
+    if isinstance(adapter_config, dict):
+        adapter_config = config_class.from_dict(
+            adapter_config
+        )  # unknown fields and wrong types: a clear error
+    elif adapter_config is not None and not isinstance(adapter_config, config_class):
+        raise TypeError(
+            f"adapter_config must be a {config_class.__name__} (or a dict of its fields), got "
+            f"{type(adapter_config).__name__}."
+        )
     settings = config_class.from_dict(adapter_config.to_dict()) if adapter_config else config_class()
     settings.base_model_name_or_path = text_ref.name_or_path if text_ref else None
     return settings.to_dict()

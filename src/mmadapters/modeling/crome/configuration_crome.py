@@ -63,6 +63,16 @@ class CromeConfig(FrozenBackbonesConfig):
                 f"qformer_config.encoder_hidden_size={self.qformer_config.encoder_hidden_size} must equal the vision "
                 f"tower's hidden_size={self.vision_config.hidden_size}: the Q-Former cross-attends to its output."
             )
+        if self.num_query_tokens < 1:
+            raise ValueError(
+                f"num_query_tokens must be a positive integer (32 in the paper), got {self.num_query_tokens}."
+            )
+        num_vision_layers = self.vision_config.num_hidden_layers
+        if not -(num_vision_layers + 1) <= self.vision_feature_layer <= num_vision_layers:
+            raise ValueError(
+                f"vision_feature_layer={self.vision_feature_layer} must index the vision tower's hidden states "
+                f"(-{num_vision_layers + 1}..{num_vision_layers}: the embeddings, then {num_vision_layers} layers)."
+            )
         self.stages_used = list(self.stages_used or [])
         unknown = [stage for stage in self.stages_used if stage not in STAGES]
         if unknown:

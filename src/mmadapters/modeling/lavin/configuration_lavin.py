@@ -71,6 +71,10 @@ class LavinConfig(FrozenBackbonesConfig):
             )
         if self.vision_feature_pooling is None:
             self.vision_feature_pooling = "mean" if "siglip" in self.vision_config.model_type else "cls"
+        if self.projector_hidden_size < 1:
+            raise ValueError(
+                f"projector_hidden_size must be a positive integer (128 in the paper), got {self.projector_hidden_size}."
+            )
 
     @property
     def num_image_tokens(self) -> int:
