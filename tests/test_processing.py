@@ -205,6 +205,9 @@ def test_arrays_and_tensors_in_every_channel_layout_load_as_the_same_image(proce
         load_image(torch.from_numpy(pixels).float() / 255)
     with pytest.raises(InvalidImageError, match=r"shape \(6, 5, 7\).*channels"):
         load_image(np.zeros((6, 5, 7), dtype=np.uint8))
+    # A `datasets` Image column read without decoding gives {"bytes", "path"} dicts.
+    stored = png_bytes(Image.fromarray(pixels))
+    np.testing.assert_array_equal(np.asarray(load_image({"bytes": stored, "path": None})), expected)
     batch = torch.from_numpy(np.stack([pixels, pixels[::-1].copy()])).permute(0, 3, 1, 2)  # (2, C, H, W)
     prompts = ["Image: <image>\nwhat?", "Image: <image>\nand this?"]
     torch.testing.assert_close(

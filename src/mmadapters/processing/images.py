@@ -28,10 +28,11 @@ class InvalidImageError(ValueError):
 def load_image(image: Any, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, what: str = "image") -> Image.Image:
     """Open and validate one image; return it as RGB.
 
-    Accepts a PIL image, a path, an http(s) URL, raw bytes, or a uint8 array or tensor ((H, W), (H, W, C) or
-    (C, H, W)). Grayscale, RGBA/LA (composited on white), palette, CMYK and 16-bit images are converted; EXIF rotation is applied. Refuses unreadable or
-    truncated files, more than `max_pixels` pixels (checked from the header, before decoding: decompression
-    bombs are never decoded) and aspect ratios beyond 1:50.
+    Accepts a PIL image, a path, an http(s) URL, raw bytes, a `datasets` image dict ({"bytes", "path"}), or a
+    uint8 array or tensor ((H, W), (H, W, C) or (C, H, W)). Grayscale, RGBA/LA (composited on white), palette,
+    CMYK and 16-bit images are converted; EXIF rotation is applied. Refuses unreadable or truncated files, more
+    than `max_pixels` pixels (checked from the header, before decoding: decompression bombs are never decoded)
+    and aspect ratios beyond 1:50.
     """
     label = f"{what} {str(image)[:200]!r}" if isinstance(image, (str, os.PathLike)) else what
     pil = _open(image, label)
@@ -65,6 +66,9 @@ def _open(image: Any, label: str) -> Image.Image:
         image = image.detach().cpu().numpy()
     if isinstance(image, np.ndarray):
         return Image.fromarray(_channels_last(image, label))
+    if isinstance(image, dict) and ("bytes" in image or "path" in image):
+        # A `datasets` Image column read without decoding: {"bytes": ..., "path": ...}.
+        image = image.get("bytes") or image.get("path")
     if isinstance(image, str) and image.startswith(("http://", "https://")):
         image = _download(image, label)
     if isinstance(image, (str, os.PathLike)):
