@@ -214,6 +214,16 @@ def test_qformer_reads_the_instruction(backbones):
     torch.testing.assert_close(given["input_ids"], default["input_ids"])  # the LLM's input is the prompt's
     with pytest.raises(TypeError, match="instruction.*it takes .*overflow, instructions"):
         processor(images=[image(0)], text=text[0], instruction="typo")
+    # One string is every sample's instruction; a list needs one per prompt (a batch with one used IndexError,
+    # a longer list was cut silently).
+    shared = processor(images=[[image(0)], [image(1)]], text=text, instructions="name it")
+    expected = processor.qformer_tokenizer(["name it", "name it"], padding=True)["input_ids"]
+    assert shared["qformer_input_ids"].tolist() == expected
+    for wrong in (["one"], ["a", "b", "c"], [None, "x"]):
+        with pytest.raises(
+            ValueError, match="instructions: one string for every sample, or a list of 2 strings"
+        ):
+            processor(images=[[image(0)], [image(1)]], text=text, instructions=wrong)
 
 
 def test_qformer_reads_a_left_padded_instruction_as_a_right_padded_one(backbones):

@@ -120,14 +120,21 @@ class CromeProcessor(AdapterProcessorMixin, ProcessorMixin):
 
         With answers (training): a decoder-only LLM gets prompt + answer + EOS with `labels` on the answer only; an
         encoder-decoder LLM gets the prompt as input and `labels` = the answer tokens + EOS (the decoder's targets).
-        `instructions` (a `__call__` keyword): what the Q-Former reads for each sample's images (default: the
-        prompt without its image placeholders).
+        `instructions` (a `__call__` keyword): what the Q-Former reads for each sample's images, one string for
+        every sample or one per prompt (default: the prompt without its image placeholders).
         """
         texts, answer_list, overflow = inputs.texts, inputs.answers, inputs.overflow
         if instructions is None:
             instruction_list = [t.replace(IMAGE_TOKEN, "").strip() for t in texts]
+        elif isinstance(instructions, str):
+            instruction_list = [instructions] * len(texts)
         else:
-            instruction_list = [instructions] if isinstance(instructions, str) else list(instructions)
+            instruction_list = list(instructions)
+            if len(instruction_list) != len(texts) or not all(isinstance(i, str) for i in instruction_list):
+                raise ValueError(
+                    f"instructions: one string for every sample, or a list of {len(texts)} strings (one per "
+                    f"prompt); got {instructions!r:.200}."
+                )
         prompt_ids = self.tokenizer(
             self._expand_image_tokens(texts), add_special_tokens=inputs.add_special_tokens
         )["input_ids"]
