@@ -19,7 +19,7 @@ from PIL import Image
 from mmadapters import LavinForConditionalGeneration, LavinProcessor
 from mmadapters.demo import DemoLimits, build_conversation, make_chat_fn, resolve_model_name
 from mmadapters.hub import push_space
-from mmadapters.processing import load_image
+from mmadapters.processing import InvalidImageError, load_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(REPO, "spaces", "lavin", "examples", "red_triangle.png")
@@ -244,6 +244,9 @@ def test_conversation_rejects_unknown_files(tmp_path):
     text_file.write_text("hello")
     with pytest.raises(Exception, match="not a readable image"):
         build_conversation({"text": "read this", "files": [str(text_file)]}, [], 10**6)
+    # An upload is a file on the server: a URL sent as a file name is not fetched (the server requests nothing).
+    with pytest.raises(InvalidImageError, match="does not exist or is not a file"):
+        build_conversation({"text": "look", "files": ["http://127.0.0.1:9/secret.png"]}, [], 10**6)
 
 
 def test_model_resolution(tmp_path, monkeypatch):

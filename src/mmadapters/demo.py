@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .errors import MMAdaptersError
@@ -153,7 +154,8 @@ def build_conversation(
         content: list[dict] = []
         if role == "user":
             for path in files:
-                images.append(load_image(path, max_image_pixels, what="uploaded file"))
+                # A Path, never a URL string: the server reads uploaded files only, it fetches nothing for a client.
+                images.append(load_image(Path(path), max_image_pixels, what="uploaded file"))
                 content.append({"type": "image"})
         if text:
             content.append({"type": "text", "text": text})
