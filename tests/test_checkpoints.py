@@ -109,12 +109,22 @@ def test_save_pretrained_keywords_are_honoured_or_refused(trained, tmp_path):
 
     with pytest.raises(ValueError, match=r"push_to_hub=True\) is not supported.*model.push_to_hub"):
         model.save_pretrained(tmp_path / "push", push_to_hub=True)
-    for option in ({"max_shard_size": "1GB"}, {"variant": "fp16"}, {"safe_serialization": False}):
+    for option in ({"variant": "fp16"}, {"safe_serialization": False}):
         with pytest.raises(ValueError, match="applies to full checkpoints.*adapter_only=False"):
             model.save_pretrained(tmp_path / "options", **option)
+    # max_shard_size: the adapter file is one shard; a limit it exceeds (or no size at all) is refused.
+    with pytest.raises(
+        ValueError, match=r"adapter file would be [\d,]+ bytes, more than max_shard_size='1KB'"
+    ):
+        model.save_pretrained(tmp_path / "options", max_shard_size="1KB")
+    with pytest.raises(ValueError, match="max_shard_size='5 potatoes' is not a size"):
+        model.save_pretrained(tmp_path / "options", max_shard_size="5 potatoes")
     with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['shard_size'\]"):
         model.save_pretrained(tmp_path / "options", shard_size="1GB")
     assert not any((tmp_path / name).exists() for name in ("changed", "partial", "push", "options"))
+    for size in ("5GB", "500MiB", 10**9):  # what generic scripts pass: one file, as without it
+        model.save_pretrained(tmp_path / f"sharded-{size}", max_shard_size=size)
+        assert sorted(os.listdir(tmp_path / f"sharded-{size}")) == sorted(os.listdir(tmp_path / "token"))
     # A full save passes them on to transformers.
     model.save_pretrained(tmp_path / "full", adapter_only=False, max_shard_size="100KB")
     assert (tmp_path / "full" / "model.safetensors.index.json").is_file()

@@ -108,5 +108,8 @@ def test_push_to_hub_takes_transformers_keywords(tiny_backbones, monkeypatch):
     assert seen["create_pr"] is True and seen["revision"] == "dev" and seen["commit_description"] == "why"
     assert seen["branch"] == "dev"  # made first: a commit to a branch the repo lacks is refused
     assert "- scienceqa" in seen["card"]
-    with pytest.raises(ValueError, match="max_shard_size applies to full checkpoints"):
-        model.push_to_hub("org/lavin", max_shard_size="1GB", allow_local_backbones=True, license="apache-2.0")
+    with pytest.raises(ValueError, match="more than max_shard_size='1KB'"):
+        model.push_to_hub("org/lavin", max_shard_size="1KB", allow_local_backbones=True, license="apache-2.0")
+    seen.clear()
+    model.push_to_hub("org/lavin", max_shard_size="1GB", allow_local_backbones=True, license="apache-2.0")
+    assert "mmadapters_model.safetensors" in seen["files"]  # one adapter file fits one shard

@@ -82,10 +82,10 @@ def without_wrapper_prefixes(name: str) -> str:
 
 
 # PreTrainedModel.save_pretrained's options and the values an adapter-only save writes anyway (one
-# mmadapters_model.safetensors, no shards, no variant). `token` only matters with push_to_hub (refused): any value.
+# mmadapters_model.safetensors, no variant). `token` only matters with push_to_hub (refused): any value.
+# `max_shard_size` is checked against the adapter file's size (see `check_adapter_file_fits`).
 ADAPTER_ONLY_SAVE_OPTIONS_ANY_VALUE = ("token",)
 ADAPTER_ONLY_SAVE_DEFAULTS = {
-    "max_shard_size": None,
     "variant": None,
     "save_peft_format": True,
     "save_original_format": True,
@@ -122,6 +122,39 @@ def check_adapter_only_save_options(options: dict[str, Any]) -> None:
             f"save_pretrained({', '.join(f'{name}={options[name]!r}' for name in changed)}) applies to full "
             f"checkpoints: an adapter-only checkpoint is one small {ADAPTER_WEIGHTS_NAME} (safetensors). Pass "
             "adapter_only=False to save every weight with these options."
+        )
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_SIZE_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+
+
+def size_in_bytes(size: int | str) -> int:
+    """A `max_shard_size` in bytes: an int, or a string such as "5GB" (powers of 1000) or "500MiB" (of 1024)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        return size
+    text = str(size).strip().upper().replace(" ", "")
+    number = text.rstrip("KMGTIB")
+    unit = text[len(number) :]
+    try:
+        return int(float(number) * _SIZE_UNITS[unit])
+    except (KeyError, ValueError):
+        raise ValueError(
+            f"max_shard_size={size!r} is not a size: give bytes (an int) or e.g. '5GB', '500MiB'."
+        ) from None
+
+
+def check_adapter_file_fits(tensors: dict[str, torch.Tensor], max_shard_size: int | str | None) -> None:
+    """An adapter-only checkpoint is one file: it honours `max_shard_size` when it fits in one shard (adapters are
+    megabytes), and refuses, before anything is written, a limit it would exceed."""
+    if max_shard_size is None:
+        return
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    if size > size_in_bytes(max_shard_size):
+        raise ValueError(
+            f"The adapter file would be {size:,} bytes, more than max_shard_size={max_shard_size!r}: an adapter-only "
+            f"checkpoint is one {ADAPTER_WEIGHTS_NAME}. Raise max_shard_size, or save every weight in shards with "
+            "adapter_only=False."
         )
 
 
@@ -677,7 +710,11 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             )
         self.check_save_directory(save_directory)
         referenced = self.backbones_are_referenced()
+        shard_limit = None
         if adapter_only and referenced:
+            shard_limit = kwargs.pop("max_shard_size", None)
+            if shard_limit is not None:
+                size_in_bytes(shard_limit)  # a malformed size is refused on every process
             check_adapter_only_save_options(kwargs)
         if not is_main_process:
             return
@@ -690,6 +727,10 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         peft_on_top.sync_record(self)
         if adapter_only:
             self._refuse_changed_backbones(state_dict)
+            adapter_state = {
+                k: v.detach().contiguous().cpu() for k, v in self._adapter_tensors(state_dict).items()
+            }
+            check_adapter_file_fits(adapter_state, shard_limit)
         # The remote-code loader: the checkpoint loads with trust_remote_code=True and no `import mmadapters`.
         self.config.auto_map = model_auto_map(type(self.config), type(self))
         folder = os.fspath(save_directory)
@@ -703,10 +744,9 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             else:
                 self.config.save_pretrained(staging)
                 self.generation_config.save_pretrained(staging)
-                state = {
-                    k: v.detach().contiguous().cpu() for k, v in self._adapter_tensors(state_dict).items()
-                }
-                save_file(state, os.path.join(staging, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+                save_file(
+                    adapter_state, os.path.join(staging, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"}
+                )
             write_loader(staging)
             if processor is not None:
                 processor.save_pretrained(staging)
@@ -852,18 +892,13 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         `repo_id` on the Hub; returns the commit URL (the pull request's with `create_pr=True`).
 
         transformers' keywords: `private`, `token`, `commit_message`, `commit_description`, `create_pr`,
-        `revision` (the branch), `tags` (added to the card) and `max_shard_size` (for `adapter_only=False`; an
-        adapter file is one small file). Other options of `mmadapters.hub.push_folder` pass through (retries,
+        `revision` (the branch), `tags` (added to the card) and `max_shard_size` (as in `save_pretrained`: an
+        adapter file is one file, refused if it would exceed it). Other options of `mmadapters.hub.push_folder` pass through (retries,
         `allow_local_backbones`, ...)."""
         import tempfile
 
         from ..hub import push_folder
 
-        if max_shard_size is not None and adapter_only:
-            raise ValueError(
-                "max_shard_size applies to full checkpoints (adapter_only=False): an adapter-only checkpoint is one "
-                f"small {ADAPTER_WEIGHTS_NAME}."
-            )
         save_kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
         with tempfile.TemporaryDirectory() as scratch:
             folder = os.path.join(scratch, "checkpoint")
