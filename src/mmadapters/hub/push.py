@@ -492,7 +492,8 @@ def _upload(
     repo_type = create_kwargs.get("repo_type")
     create_repo(repo_id, create_kwargs, token, retries, retry_wait, endpoint)
     token = token or get_token()  # only to scrub it from messages: never printed
-    branch = (commit_kwargs or {}).get("revision")
+    commit_kwargs = {k: v for k, v in (commit_kwargs or {}).items() if v}
+    branch = commit_kwargs.get("revision")
 
     def make_branch() -> None:
         from huggingface_hub.errors import HfHubHTTPError
@@ -502,7 +503,7 @@ def _upload(
         except HfHubHTTPError as error:
             # A pull request to a repo we cannot write to: its branch must exist (the commit says if not).
             forbidden = error.response is not None and error.response.status_code == 403
-            if not (forbidden and (commit_kwargs or {}).get("create_pr")):
+            if not (forbidden and commit_kwargs.get("create_pr")):
                 raise
 
     if branch and not branch.startswith("refs/pr/"):
@@ -527,7 +528,7 @@ def _upload(
             operations=operations,
             commit_message=commit_message,
             repo_type=repo_type,
-            **{k: v for k, v in (commit_kwargs or {}).items() if v},
+            **commit_kwargs,
         )
 
     info = _with_retries(commit, "upload the files", endpoint, token, retries, retry_wait)

@@ -893,8 +893,8 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
 
         transformers' keywords: `private`, `token`, `commit_message`, `commit_description`, `create_pr`,
         `revision` (the branch), `tags` (added to the card) and `max_shard_size` (as in `save_pretrained`: an
-        adapter file is one file, refused if it would exceed it). Other options of `mmadapters.hub.push_folder` pass through (retries,
-        `allow_local_backbones`, ...)."""
+        adapter file is one file, refused if it would exceed it). Other options of `mmadapters.hub.push_folder`
+        pass through (retries, `allow_local_backbones`, ...)."""
         import tempfile
 
         from ..hub import push_folder
@@ -1084,16 +1084,18 @@ def read_adapter_file(path: str, source: str) -> dict[str, torch.Tensor]:
 def adapter_settings(adapter_config: Any, config_class: type, text_ref: BackboneReference | None) -> dict:
     """The adapter settings for a new model's config: a copy of the caller's adapter config (an instance of
     `config_class` or a dict of its fields; never modified; the class default when None) naming the LLM it adapts."""
-    if isinstance(adapter_config, dict):
-        adapter_config = config_class.from_dict(
-            adapter_config
-        )  # unknown fields and wrong types: a clear error
-    elif adapter_config is not None and not isinstance(adapter_config, config_class):
+    if adapter_config is None:
+        values = {}
+    elif isinstance(adapter_config, dict):
+        values = dict(adapter_config)
+    elif isinstance(adapter_config, config_class):
+        values = adapter_config.to_dict()
+    else:
         raise TypeError(
             f"adapter_config must be a {config_class.__name__} (or a dict of its fields), got "
             f"{type(adapter_config).__name__}."
         )
-    settings = config_class.from_dict(adapter_config.to_dict()) if adapter_config else config_class()
+    settings = config_class.from_dict(values)  # a copy; unknown fields and wrong types: a clear error
     settings.base_model_name_or_path = text_ref.name_or_path if text_ref else None
     return settings.to_dict()
 

@@ -274,9 +274,8 @@ class AdapterTrainer(Trainer):
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
         token = token if token is not None else self.args.hub_token
         if self.hub_model_id is None:  # no push_to_hub in the arguments: the checks and the repo come now
-            self.hub_license = self.hub_license or card.get(
-                "license"
-            )  # a license given here settles the card's
+            # A license given here settles the card's.
+            self.hub_license = self.hub_license or card.get("license")
             self.init_hf_repo(token=token, private=private)
         self.save_model(_internal_call=True)
         if not self.is_world_process_zero():
