@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 
 import pytest
 import torch
@@ -152,6 +153,41 @@ def test_full_save_keeps_lora_layers(lavin, processor, tmp_path):
     lavin.save_pretrained(tmp_path / "full", adapter_only=False)
     reloaded = LavinForConditionalGeneration.from_pretrained(tmp_path / "full")
     torch.testing.assert_close(logits(reloaded, batch), expected)
+
+
+def test_named_adapters_switch_as_in_peft_and_the_active_ones_round_trip(lavin, processor, tmp_path):
+    """Several named LoRAs on different modules: set_adapter / active_adapters behave as PEFT's (every layer takes
+    the names, also where one of them has no layer), and a checkpoint reloads with the adapters that were active
+    when it was saved (not with the last one recorded), so it computes what the saved model did."""
+    lavin.add_adapter(lora(target_modules=["q_proj"]), adapter_name="a")
+    lavin.add_adapter(lora(target_modules=["v_proj"]), adapter_name="b")
+    randomize_trainable(lavin)
+    batch = inputs(processor)
+    assert lavin.active_adapters() == ["b"]  # as transformers: the adapter just added is the active one
+    expected = {}
+    for active in (["a"], ["b"], ["a", "b"]):
+        lavin.set_adapter(active)
+        assert lavin.active_adapters() == active
+        expected[tuple(active)] = logits(lavin, batch)
+    assert not torch.allclose(expected[("a",)], expected[("a", "b")])
+    for active in (["a"], ["a", "b"]):
+        lavin.set_adapter(active)
+        lavin.save_pretrained(tmp_path / "-".join(active))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            reloaded = LavinForConditionalGeneration.from_pretrained(tmp_path / "-".join(active))
+        assert not [w for w in caught if "peft_config" in str(w.message)], "PEFT's multiple-adapters warning"
+        assert reloaded.active_adapters() == active
+        torch.testing.assert_close(logits(reloaded, batch), expected[tuple(active)])
+        reloaded.set_adapter("b")
+        torch.testing.assert_close(logits(reloaded, batch), expected[("b",)])
+        # Which adapters train follows the active ones, as in PEFT.
+        trains = {
+            n.split(".lora_")[1].split(".")[1]
+            for n, p in reloaded.named_parameters()
+            if ".lora_" in n and p.requires_grad
+        }
+        assert trains == {"b"}
 
 
 def test_delete_adapter_removes_layers_and_record(lavin):

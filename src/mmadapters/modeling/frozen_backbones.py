@@ -836,8 +836,10 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             raise ValueError(
                 f"No PEFT adapter named {unknown}; the model has {sorted(self.config.peft_adapters or {})}."
             )
+        # Every layer takes all the names, as PEFT's set_adapter does (a layer runs those of them it holds), so
+        # that any layer answers `active_adapters`.
         for _, layer in peft_on_top.tuner_layers(self):
-            layer.set_adapter([n for n in names if n in layer._all_available_adapter_names()])
+            layer.set_adapter(names)
         self._thaw_peft_layers()
 
     def disable_adapters(self) -> None:

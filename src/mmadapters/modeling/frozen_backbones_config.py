@@ -27,7 +27,8 @@ class FrozenBackbonesConfig(PreTrainedConfig):
             quantization configs as dicts); `from_pretrained` of an adapter-only checkpoint quantises them the
             same way unless given another `quantization_config`.
         peft_adapters: PEFT layers on the backbones (LoRA on top), adapter name -> `{"on": backbone, "config": PEFT
-            config as a dict}`; every load rebuilds them before reading the weights (see `modeling.peft_on_top`).
+            config as a dict, "active": whether it was active when saved}`; every load rebuilds them before reading
+            the weights and makes the same ones active (see `modeling.peft_on_top`).
         tie_word_embeddings: follows the LLM's own setting (set in `__post_init__`).
     """
 

@@ -143,6 +143,10 @@ def inject_peft_layers(
     trains = [p.requires_grad for p in own]
     config = copy.deepcopy(peft_config)
     for scope, target in _targets(model, on):
+        # PEFT warns about "multiple adapters" when the target already holds a `peft_config` from an earlier
+        # injection. Rebuilding recorded adapters (at load) is not adding a new one: they were checked together
+        # when added, so the earlier configs are set aside for the injection and put back after it.
+        earlier = {} if record else vars(target).pop("peft_config", {})
         try:
             inject_adapter_in_model(config, target, adapter_name=adapter_name)
         except ValueError as error:
@@ -155,6 +159,8 @@ def inject_peft_layers(
             raise PeftOnTopError(
                 f"{type(peft_config).__name__} injected no layer into {scope or 'the model'}."
             )
+        if earlier:
+            target.peft_config = {**earlier, **target.peft_config}
     for parameter, trained in zip(own, trains, strict=True):
         parameter.requires_grad_(trained)
     if record:
@@ -170,13 +176,18 @@ def _example_names(module: nn.Module) -> list[str]:
 
 
 def rebuild_recorded_layers(model: nn.Module) -> None:
-    """Inject the PEFT layers that `model.config.peft_adapters` records (at construction, before loading)."""
-    for adapter_name, entry in (getattr(model.config, "peft_adapters", None) or {}).items():
+    """Inject the PEFT layers that `model.config.peft_adapters` records (at construction, before loading), and
+    make active the adapters that were active when the checkpoint was saved (a checkpoint that does not record it,
+    saved by an earlier version, gets the last adapter injected, as after `add_adapter`)."""
+    recorded = getattr(model.config, "peft_adapters", None) or {}
+    for adapter_name, entry in recorded.items():
         if adapter_name in adapter_names_in(model):
             continue
         inject_peft_layers(
             model, peft_config_from_dict(entry["config"]), adapter_name, entry["on"], record=False
         )
+    if any("active" in entry for entry in recorded.values()):
+        model.set_adapter([name for name, entry in recorded.items() if entry.get("active")])
 
 
 def add_lora(
@@ -337,7 +348,8 @@ def _record_whole_model_adapters(model: nn.Module, peft_configs: dict[str, Any])
 def sync_record(model: nn.Module) -> None:
     """Make `config.peft_adapters` describe the PEFT layers the model holds (before a save): layers added by
     `peft.get_peft_model` are recorded from the config PEFT left on the model (`model.peft_config`); a recorded
-    adapter whose layers are gone (merged or unloaded through PEFT) is dropped from the record."""
+    adapter whose layers are gone (merged or unloaded through PEFT) is dropped from the record; each entry notes
+    whether the adapter is active (`"active"`), so that a load makes the same ones active."""
     present = adapter_names_in(model)
     unrecorded = sorted(present - set(model.config.peft_adapters or {}))
     if unrecorded:
@@ -354,6 +366,9 @@ def sync_record(model: nn.Module) -> None:
         logger.info(f"PEFT adapter(s) {gone} are no longer in the model's layers; dropped from its config.")
         kept = {k: v for k, v in model.config.peft_adapters.items() if k not in gone}
         model.config.peft_adapters = kept or None
+    active = set(model.active_adapters())
+    for name, entry in (model.config.peft_adapters or {}).items():
+        entry["active"] = name in active
 
 
 def merge_peft_layers(module: nn.Module) -> int:
