@@ -10,7 +10,13 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from mmadapters import LavinForConditionalGeneration, LavinProcessor
+from mmadapters import (
+    CromeForConditionalGeneration,
+    CromeProcessor,
+    LavinForConditionalGeneration,
+    LavinProcessor,
+)
+from mmadapters.checkpoint_files import CheckpointKindError
 from mmadapters.cli import main
 from mmadapters.modeling.backbones import BackboneNotFoundError
 
@@ -115,6 +121,11 @@ LOAD_CASES = {
     "NaN adapter tensor": (lambda f: corrupt_adapter(f, "nan"), ValueError, "not finite"),
     "int32 adapter tensor": (lambda f: corrupt_adapter(f, "int32"), ValueError, "dtype torch.int32"),
     "no config.json": (lambda f: (f / "config.json").unlink(), FileNotFoundError, "no config.json"),
+    "no adapter file": (
+        lambda f: (f / "mmadapters_model.safetensors").unlink(),
+        FileNotFoundError,
+        "has a config.json but no weights: neither mmadapters_model.safetensors",
+    ),
     "unknown adapter setting": (
         lambda f: edit_adapter_settings(f, rank=8),
         ValueError,
@@ -138,6 +149,33 @@ def test_broken_checkpoints_are_clear_errors(saved, tmp_path, case):
     with pytest.raises(error, match=message):
         LavinForConditionalGeneration.from_pretrained(folder)
     assert snapshot(folder) == before
+
+
+def test_a_checkpoint_of_another_kind_is_refused_before_anything_is_built(saved, tiny_backbones):
+    """A backbone's folder where a checkpoint belongs was loaded as a LaVIN with the default (paper-size) backbones
+    built from nothing: tens of gigabytes, the process killed for memory. Another method's checkpoint failed on
+    its adapter settings. Both are refused by what config.json says."""
+    with pytest.raises(
+        CheckpointKindError, match="holds a 'llama' model, not a LaVIN checkpoint.*from_backbones"
+    ):
+        LavinForConditionalGeneration.from_pretrained(tiny_backbones[0])
+    with pytest.raises(
+        CheckpointKindError, match="holds a 'clip_vision_model' model, not a CROME checkpoint"
+    ):
+        CromeForConditionalGeneration.from_pretrained(tiny_backbones[1])
+    with pytest.raises(
+        CheckpointKindError, match="is a LaVIN checkpoint.*not a CROME one.*AutoModelForImageTextToText"
+    ):
+        CromeForConditionalGeneration.from_pretrained(saved[0])
+    # The processors the same way (the LLM folder has a tokenizer, the tower's an image processor).
+    with pytest.raises(CheckpointKindError, match="holds a 'llama' model, not a LaVIN checkpoint"):
+        LavinProcessor.from_pretrained(tiny_backbones[0])
+    with pytest.raises(
+        CheckpointKindError, match="holds a 'clip_vision_model' model, not a LaVIN checkpoint"
+    ):
+        LavinProcessor.from_pretrained(tiny_backbones[1])
+    with pytest.raises(CheckpointKindError, match="is a LaVIN checkpoint.*not a CROME one"):
+        CromeProcessor.from_pretrained(saved[0])
 
 
 def test_missing_folders_are_clear_errors(saved, tmp_path):

@@ -181,6 +181,28 @@ print(json.dumps({"state": state, "downloaded": downloaded}))
 """
 
 
+LOAD_A_BACKBONE_REPO = """
+import sys
+from mmadapters import LavinForConditionalGeneration
+from mmadapters.checkpoint_files import CheckpointKindError
+try:
+    LavinForConditionalGeneration.from_pretrained(sys.argv[1])
+except CheckpointKindError as error:
+    print(error)
+"""
+
+
+def test_a_backbone_repo_given_as_a_checkpoint_is_refused_without_downloading_its_weights(
+    hub, tiny_backbones, tmp_path
+):
+    upload_plain(hub, "org/tiny-llm", tiny_backbones[0])
+    refused = run(LOAD_A_BACKBONE_REPO, "org/tiny-llm", env=hub_env(hub, tmp_path))
+    assert refused.returncode == 0, refused.stderr[-3000:]
+    assert "'org/tiny-llm' holds a 'llama' model, not a LaVIN checkpoint" in refused.stdout
+    downloads = [path for method, path in hub.requests if method == "GET" and "/resolve/" in path]
+    assert downloads and all(path.split("?")[0].endswith("/config.json") for path in downloads), downloads
+
+
 def test_trainer_push_to_hub_pushes_adapter_checkpoints_with_our_card_and_no_token(
     hub, tiny_backbones, tmp_path
 ):

@@ -17,6 +17,9 @@ import json
 import os
 from collections.abc import Callable
 
+from .errors import MMAdaptersError
+from .method_names import METHOD_NAMES
+
 ADAPTER_WEIGHTS_NAME = "mmadapters_model.safetensors"
 # PEFT's file names (what PeftModel.save_pretrained writes; safetensors, or a pickle from old PEFT versions).
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -81,6 +84,57 @@ def replaced_by_adapter_save(folder: str) -> Callable[[str], bool]:
     return replaces
 
 
+# What transformers' own `save_pretrained` writes for a full checkpoint (single file or shards, safetensors or pickle).
+FULL_WEIGHTS_NAMES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+class CheckpointKindError(MMAdaptersError, ValueError):
+    """A checkpoint of another kind than the class asked to load it (another method, or not ours at all)."""
+
+
+def check_checkpoint_kind(name: str, config: dict | None, model_type: str) -> None:
+    """Refuse a checkpoint whose config.json (`config`, None: none) is of another model type than `model_type`.
+
+    transformers only warns when a config.json of another model type is loaded, and then builds the model from
+    that type's defaults: for us a random paper-size LLM and vision tower (tens of gigabytes) when someone passes a
+    backbone's folder or repo where a checkpoint belongs. Refused here, before anything is built or downloaded."""
+    found = None if config is None else config.get("model_type")
+    if config is None or found == model_type:
+        return
+    method_name = METHOD_NAMES[model_type].name
+    if found in METHOD_NAMES:
+        raise CheckpointKindError(
+            f"'{name}' is a {METHOD_NAMES[found].name} checkpoint (config.json: model_type '{found}'), not a "
+            f"{method_name} one. Load it with AutoModelForImageTextToText / AutoProcessor.from_pretrained('{name}'), "
+            "which pick the right classes."
+        )
+    what = f"a '{found}' model" if found else "a config.json without a model_type"
+    raise CheckpointKindError(
+        f"'{name}' holds {what}, not a {method_name} checkpoint (the folder that `save_pretrained` wrote). To "
+        f"build {method_name} around a backbone, pass it to `from_backbones` as text_model= or vision_model=."
+    )
+
+
+def incomplete_checkpoint_message(name: str, folder: str) -> str | None:
+    """Why a folder with our config.json cannot load (None: it has weights to load): no adapter file and no full
+    weights, e.g. a copy or download that stopped after config.json."""
+    present = [
+        f for f in (ADAPTER_WEIGHTS_NAME, *FULL_WEIGHTS_NAMES) if os.path.isfile(os.path.join(folder, f))
+    ]
+    if present or adapter_weights_file(folder) is not None:
+        return None
+    return (
+        f"'{name}' has a config.json but no weights: neither {ADAPTER_WEIGHTS_NAME} (an adapter-only checkpoint) "
+        "nor model.safetensors (a full one). The folder is incomplete: save the model again, or copy or download "
+        "the whole checkpoint again."
+    )
+
+
 def not_our_checkpoint_message(name: str, folder: str) -> str:
     """Why `folder` is not an mmadapters checkpoint, and what to do instead (a PEFT adapter is named as such)."""
     if is_peft_adapter_folder(folder):
@@ -97,10 +151,14 @@ def not_our_checkpoint_message(name: str, folder: str) -> str:
 
 __all__ = [
     "ADAPTER_WEIGHTS_NAME",
+    "CheckpointKindError",
+    "check_checkpoint_kind",
     "PEFT_CONFIG_NAME",
     "PEFT_WEIGHTS_NAMES",
     "LEGACY_ADAPTER_WEIGHTS_NAME",
+    "FULL_WEIGHTS_NAMES",
     "adapter_weights_file",
+    "incomplete_checkpoint_message",
     "is_peft_adapter_folder",
     "not_our_checkpoint_message",
 ]

@@ -443,6 +443,34 @@ def resolve_checkpoint_folder(
     )
 
 
+def read_checkpoint_config(
+    name_or_path: str, revision: str | None = None, subfolder: str = "", **hub_kwargs: Any
+) -> dict[str, Any] | None:
+    """The checkpoint's config.json as a dict, read before anything else of a Hub repo is downloaded (so that a
+    backbone's repo passed where a checkpoint belongs is refused without fetching its weights); None when there is
+    none or it cannot be read here (the full resolution that follows reports why)."""
+    import json
+
+    subfolder = subfolder.strip("/")
+    if os.path.isdir(name_or_path):
+        path = os.path.join(name_or_path, subfolder, "config.json")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = hf_hub_download(
+                name_or_path, "config.json", subfolder=subfolder or None, revision=revision, **hub_kwargs
+            )
+        except Exception:  # no such file or repo, offline, no access: resolve_checkpoint_folder says which
+            return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None  # missing or unreadable: the loaders report it with the folder's other files in view
+    return config if isinstance(config, dict) else None
+
+
 def read_tensors(folder: str, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors checkpoint (single file or shards) whose names start with `prefixes`, read
     one by one: nothing else of the checkpoint is loaded."""

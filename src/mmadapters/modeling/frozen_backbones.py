@@ -30,6 +30,8 @@ from ..atomic import atomic_directory, recover
 from ..checkpoint_files import (
     ADAPTER_WEIGHTS_NAME,
     adapter_weights_file,
+    check_checkpoint_kind,
+    incomplete_checkpoint_message,
     is_peft_adapter_folder,
     not_our_checkpoint_message,
     replaced_by_adapter_save,
@@ -49,6 +51,7 @@ from .backbones import (
     load_backbones,
     load_text_backbone,
     load_vision_backbone,
+    read_checkpoint_config,
     resolve_checkpoint_folder,
     vision_config_of,
 )
@@ -953,10 +956,19 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         hub_kwargs = {k: kwargs[k] for k in ("token", "cache_dir", "local_files_only") if k in kwargs}
         # `subfolder`: where the checkpoint lies in the folder or repo (a Trainer push's last-checkpoint/); the
         # backbones are found from its config.json.
-        folder = resolve_checkpoint_folder(name, revision, kwargs.pop("subfolder", "") or "", **hub_kwargs)
+        subfolder = kwargs.pop("subfolder", "") or ""
+        if kwargs.get("config") is None:
+            config = read_checkpoint_config(name, revision, subfolder, **hub_kwargs)
+            check_checkpoint_kind(name, config, cls.config_class.model_type)
+        folder = resolve_checkpoint_folder(name, revision, subfolder, **hub_kwargs)
         if adapter_weights_file(folder) is None:
             if is_peft_adapter_folder(folder) and not os.path.isfile(os.path.join(folder, "config.json")):
                 raise ValueError(not_our_checkpoint_message(name, folder))
+            incomplete = os.path.isfile(
+                os.path.join(folder, "config.json")
+            ) and incomplete_checkpoint_message(name, folder)
+            if incomplete and kwargs.get("config") is None:
+                raise FileNotFoundError(incomplete)
             if text_model is not None or vision_model is not None:
                 raise LoadingOptionError(
                     f"'{name}' is a full checkpoint (it holds the backbones' weights): text_model= / vision_model= "

@@ -20,8 +20,9 @@ from transformers import (
 )
 
 from ..atomic import atomic_directory
+from ..checkpoint_files import check_checkpoint_kind
 from ..hub.remote_code import processor_auto_map, write_loader
-from ..modeling.backbones import IMAGE_TOKEN, add_image_token, vision_config_of
+from ..modeling.backbones import IMAGE_TOKEN, add_image_token, read_checkpoint_config, vision_config_of
 from ..modeling.image_tokens import ImageTokenMismatchError
 from .images import load_image
 
@@ -202,6 +203,8 @@ class AdapterProcessorMixin:
     `__init__` and has a `from_backbones` classmethod; `call_options` names its own `__call__` keywords."""
 
     call_options: tuple[str, ...] = ()
+    # The `model_type` of the method's checkpoints ("lavin", "crome"): from_pretrained refuses others'.
+    model_type: str = ""
 
     def _init_adapter_inputs(
         self,
@@ -313,6 +316,11 @@ class AdapterProcessorMixin:
         backbones named in its config.json (the processor's own options given here, e.g. `max_length`, apply
         to it as they do to a saved one)."""
         folder = os.fspath(pretrained_model_name_or_path)
+        hub_kwargs = {k: kwargs[k] for k in ("token", "cache_dir", "local_files_only") if k in kwargs}
+        config = read_checkpoint_config(
+            folder, kwargs.get("revision"), kwargs.get("subfolder") or "", **hub_kwargs
+        )
+        check_checkpoint_kind(folder, config, cls.model_type)
         if (
             os.path.isdir(folder)
             and not has_saved_processor(folder)

@@ -40,6 +40,8 @@ class CromeProcessor(AdapterProcessorMixin, ProcessorMixin):
         qformer_max_length: the instruction is truncated to this many Q-Former tokens.
     """
 
+    model_type = "crome"
+
     def __init__(
         self,
         image_processor: Any = None,

@@ -57,6 +57,8 @@ class LavinProcessor(AdapterProcessorMixin, ProcessorMixin):
             converted official checkpoints and LaVIN's own formats (ScienceQA QCM-ALE, "Instruction: ...").
     """
 
+    model_type = "lavin"
+
     def __init__(
         self,
         image_processor: Any = None,
