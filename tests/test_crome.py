@@ -636,21 +636,13 @@ def test_convert_instructblip_command(backbones, instructblip_checkpoint, tmp_pa
     )
 
 
-@pytest.mark.parametrize("kind", ["llama", "t5"])
-def test_chat_command_prints_the_whole_answer_for_both_llm_kinds(
-    backbones, tmp_path, monkeypatch, capsys, kind
-):
-    # An encoder-decoder LLM's generate returns the answer only: chat must not cut it at the prompt length.
-    import io
-    import sys
-
-    from mmadapters.cli import main
-    from mmadapters.evaluation.generate import answer_tokens
-
-    if kind == "t5":  # a tiny random T5 answers <pad>: suppress the special tokens so the answer has words
+def saved_model_that_answers_in_words(backbones, kind, folder):
+    """A CROME around the `kind` LLM whose greedy answers are words (a tiny random T5 answers <pad>: the special
+    tokens are suppressed, in the LLM's generation config and the model's), saved with its processor."""
+    if kind == "t5":
         from transformers import GenerationConfig
 
-        t5 = tmp_path / "t5"
+        t5 = folder.parent / f"{folder.name}-t5"
         shutil.copytree(backbones["t5"], t5)
         config = GenerationConfig.from_pretrained(t5)
         config.suppress_tokens = [config.pad_token_id, config.eos_token_id]
@@ -661,16 +653,61 @@ def test_chat_command_prints_the_whole_answer_for_both_llm_kinds(
         processor.tokenizer.pad_token_id,
         processor.tokenizer.eos_token_id,
     ]
-    model.eval().save_pretrained(tmp_path / "crome", processor=processor)
+    model.eval().save_pretrained(folder, processor=processor)
+    return model, processor
+
+
+def whole_answer(model, processor, messages, images=None, max_new_tokens=4):
+    from mmadapters.evaluation.generate import answer_tokens
+
+    inputs = processor(
+        images=images, text=processor.apply_chat_template(messages, add_generation_prompt=True)
+    )
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    answer = processor.decode(answer_tokens(model, inputs["input_ids"], output)[0], skip_special_tokens=True)
+    assert answer.strip(), "the tiny model's answer is empty: the test would prove nothing"
+    return answer
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_chat_command_prints_the_whole_answer_for_both_llm_kinds(
+    backbones, tmp_path, monkeypatch, capsys, kind
+):
+    # An encoder-decoder LLM's generate returns the answer only: chat must not cut it at the prompt length.
+    import io
+    import sys
+
+    from mmadapters.cli import main
+
+    model, processor = saved_model_that_answers_in_words(backbones, kind, tmp_path / "crome")
     question = "the capital of france is"
     messages = [{"role": "user", "content": [{"type": "text", "text": question}]}]
-    inputs = processor(text=processor.apply_chat_template(messages, add_generation_prompt=True))
-    with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    expected = processor.decode(
-        answer_tokens(model, inputs["input_ids"], output)[0], skip_special_tokens=True
-    )
-    assert expected.strip(), "the tiny model's answer is empty: the test would prove nothing"
+    expected = whole_answer(model, processor, messages)
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{question}\n/quit\n"))
     assert main(["chat", str(tmp_path / "crome"), "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == expected.strip()
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_the_model_card_snippet_prints_the_whole_answer_for_both_llm_kinds(backbones, tmp_path, capsys, kind):
+    """The card's usage snippet, run as written (the repo id replaced by the folder), prints what the model
+    answers; for a T5 CROME it printed nothing (it cut generate's output at the prompt length)."""
+    import re
+
+    from PIL import Image
+
+    from mmadapters.hub import build_model_card
+
+    folder = tmp_path / "crome"
+    model, processor = saved_model_that_answers_in_words(backbones, kind, folder)
+    card = str(build_model_card(str(folder), str(folder), license="apache-2.0"))
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    exec(compile(snippet, "model card snippet", "exec"), {})
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape is this?"}]}
+    ]
+    expected = whole_answer(
+        model, processor, messages, [Image.new("RGB", (224, 224), "white")], max_new_tokens=32
+    )
+    assert capsys.readouterr().out == expected + "\n"

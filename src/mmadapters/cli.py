@@ -11,6 +11,7 @@ from typing import Any
 from .cli_arguments import add_dataclass_arguments
 from .errors import MMAdaptersError
 from .hub import check_checkpoint_name
+from .inference_loading import add_inference_arguments, inputs_on_model_device, load_for_inference
 from .library_logs import quiet_library_logs
 from .validation import limit_or_all, non_negative_int, positive_float, positive_int
 
@@ -45,18 +46,11 @@ def _train(args: argparse.Namespace) -> None:
         print(f"Saved the adapter-only checkpoint to {final}")
 
 
-def _load(checkpoint: str) -> tuple:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    check_checkpoint_name(checkpoint)
-    return AutoModelForImageTextToText.from_pretrained(checkpoint), AutoProcessor.from_pretrained(checkpoint)
-
-
 def _eval(args: argparse.Namespace) -> None:
     from .data import load_easy_vqa
     from .evaluation import evaluate_easy_vqa, progress_bar
 
-    model, processor = _load(args.checkpoint)
+    model, processor = load_for_inference(args.checkpoint, args.dtype, args.device_map)
     if args.task != "easy-vqa":
         _eval_task(args, model, processor)
         return
@@ -135,7 +129,7 @@ def _chat(args: argparse.Namespace) -> None:
     from .evaluation.generate import answer_tokens
     from .processing import InvalidImageError, load_image
 
-    model, processor = _load(args.checkpoint)
+    model, processor = load_for_inference(args.checkpoint, args.dtype, args.device_map)
     messages: list[dict] = []
     images: list = []
     pending_image = None
@@ -168,7 +162,7 @@ def _chat(args: argparse.Namespace) -> None:
             pending_image = None
         messages.append({"role": "user", "content": content})
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = processor(images=images or None, text=prompt)
+        inputs = inputs_on_model_device(processor(images=images or None, text=prompt), model)
         output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
         answer = processor.decode(
             answer_tokens(model, inputs["input_ids"], output)[0], skip_special_tokens=True
@@ -348,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["open", "multiple_choice", "describe"],
         help="easy-vqa only",
     )
+    add_inference_arguments(evaluate)
     evaluate.set_defaults(run=_eval)
 
     chat = commands.add_parser("chat", help="chat with a checkpoint in the terminal (image path + question)")
@@ -358,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=64,
         help="longest answer in tokens (default: %(default)s)",
     )
+    add_inference_arguments(chat)
     chat.set_defaults(run=_chat)
 
     convert = commands.add_parser(

@@ -7,7 +7,9 @@ message in the chat, never a stack trace, and the app keeps serving.
 
 Which model: `--model` or the `MMADAPTERS_MODEL` environment variable (a Hub repo id or a local checkpoint
 folder), else the `model` named in the Space's `mmadapters_space.json` (written by `mmadapters push-space`),
-else the quickstart checkpoint when present, else a fresh model around the embedded backbones.
+else the quickstart checkpoint when present, else a fresh model around the embedded backbones. Where it runs:
+`--dtype` and `--device-map` (or MMADAPTERS_DTYPE / MMADAPTERS_DEVICE_MAP, for a Space on GPU hardware, e.g.
+`bfloat16` and `cuda`); default float32 on CPU.
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MMAdaptersError
-from .hub import SPACE_SETTINGS_NAME, check_checkpoint_name
+from .hub import SPACE_SETTINGS_NAME
+from .inference_loading import (
+    add_inference_arguments,
+    inputs_on_model_device,
+    load_for_inference,
+    loading_options,
+)
 from .library_logs import quiet_library_logs
 from .modeling.image_tokens import ImageTokenMismatchError
 from .processing import InvalidImageError, PromptTooLongError, load_image
@@ -65,21 +73,20 @@ def resolve_model_name(model: str | None, app_dir: str | None = None) -> str | N
     return None
 
 
-def load_demo_model(model_name: str | None, kind: str = "lavin") -> tuple[Any, Any, str]:
+def load_demo_model(
+    model_name: str | None, kind: str = "lavin", dtype: str = "float32", device_map: str | None = None
+) -> tuple[Any, Any, str]:
     """(model, processor, description) for a checkpoint (any of ours), or for `kind` around the embedded
-    backbones when `model_name` is None."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
+    backbones when `model_name` is None; `dtype` and `device_map` as in `mmadapters.inference_loading`."""
     if model_name is not None:
-        check_checkpoint_name(model_name)
-        model = AutoModelForImageTextToText.from_pretrained(model_name)
-        return model.eval(), AutoProcessor.from_pretrained(model_name), model_name
+        model, processor = load_for_inference(model_name, dtype, device_map)
+        return model, processor, model_name
 
     from .methods import method
     from .modeling.embedded import embedded_backbones
 
     text_model, vision_model = embedded_backbones()
-    model, processor = method(kind).build(text_model, vision_model)
+    model, processor = method(kind).build(text_model, vision_model, **loading_options(dtype, device_map))
     description = (
         f"untrained {kind} adapters around the embedded backbones (run `make quickstart` for a trained one)"
     )
@@ -203,7 +210,7 @@ def make_chat_fn(model: Any, processor: Any, limits: DemoLimits):
         try:
             messages, images = build_conversation(message, history or [], limits.max_image_pixels)
             prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-            inputs = processor(images=images or None, text=prompt)
+            inputs = inputs_on_model_device(processor(images=images or None, text=prompt), model)
         except USER_ERRORS as error:
             yield f"{ERROR_MARK} {error}"
             return
@@ -329,6 +336,7 @@ def parse_args(argv: list[str] | None = None, kind: str = "lavin") -> argparse.N
         "--timeout", type=positive_float, default=DemoLimits.timeout_s, help="generation timeout (s)"
     )
     parser.add_argument("--concurrency", type=positive_int, default=DemoLimits.concurrency)
+    add_inference_arguments(parser, environment=True)
     return parser.parse_args(argv)
 
 
@@ -361,7 +369,7 @@ def launch(
         max_new_tokens=args.max_new_tokens, timeout_s=args.timeout, concurrency=args.concurrency
     )
     name = resolve_model_name(args.model_option or args.model, app_dir)
-    model, processor, description = load_demo_model(name, args.kind)
+    model, processor, description = load_demo_model(name, args.kind, args.dtype, args.device_map)
     kind = getattr(model.config, "model_type", args.kind)
     examples = os.path.join(app_dir or os.path.join("spaces", kind), "examples")
     demo = build_demo(model, processor, description, kind, limits, examples)

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from ..inference_loading import inputs_on_model_device
+
 
 def answer_tokens(model: Any, input_ids: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     """The answer part of `generate`'s output: a decoder-only LLM returns prompt + answer (the prompt is cut off),
@@ -48,7 +50,7 @@ def generate_answers(
     for start in range(0, len(prompts), batch_size):
         stop = min(start + batch_size, len(prompts))
         batch_images = [[] if images[i] is None else [images[i]] for i in range(start, stop)]
-        inputs = processor(images=batch_images, text=list(prompts[start:stop]))
+        inputs = inputs_on_model_device(processor(images=batch_images, text=list(prompts[start:stop])), model)
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         answers.extend(
             processor.batch_decode(

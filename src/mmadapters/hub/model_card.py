@@ -55,13 +55,36 @@ messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "te
 prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
 inputs = processor(images=[image], text=prompt)
 output = model.generate(**inputs, max_new_tokens=32)
-print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+{{ answer_lines }}
 ```
 
 Or from the command line: `mmadapters chat {{ repo_id }}`. Backbones stored elsewhere can be given with
 `from_pretrained("{{ repo_id }}", text_model=..., vision_model=...)`. Without `import mmadapters`,
 `from_pretrained(..., trust_remote_code=True)` runs `mmadapters_loader.py`, which only imports the installed package.
 """
+
+# The snippet's last lines: a decoder-only LLM's generate returns the prompt and the answer, an encoder-decoder
+# one's (CROME on T5) the answer only (as `mmadapters.evaluation.generate.answer_tokens` reads them).
+_ANSWER_LINES = {
+    False: 'print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+    True: "# The LLM is encoder-decoder: generate returns the answer alone.\n"
+    "print(processor.decode(output[0], skip_special_tokens=True))",
+}
+
+
+def _llm_is_encoder_decoder(config: dict[str, Any]) -> bool:
+    """Whether the checkpoint's LLM is encoder-decoder: saved configs leave out values equal to their class's
+    default, so T5's `is_encoder_decoder: true` is read from its config class."""
+    from transformers import CONFIG_MAPPING
+
+    text = config.get("text_config") or {}
+    if "is_encoder_decoder" in text:
+        return bool(text["is_encoder_decoder"])
+    model_type = text.get("model_type")
+    return model_type in CONFIG_MAPPING and bool(
+        getattr(CONFIG_MAPPING[model_type], "is_encoder_decoder", False)
+    )
+
 
 # Licenses of the backbones the package embeds (portable names; see mmadapters.modeling.embedded).
 KNOWN_LICENSES = {
@@ -210,6 +233,7 @@ def build_model_card(
         evaluation=evaluation,
         repo_id=repo_id,
         minimum_version=MINIMUM_VERSION,
+        answer_lines=_ANSWER_LINES[_llm_is_encoder_decoder(config)],
     )
 
 

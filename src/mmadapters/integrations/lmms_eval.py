@@ -18,6 +18,7 @@ from lmms_eval.models.registry_v2 import ModelManifest
 from transformers import GenerationConfig
 
 from ..evaluation.generate import answer_tokens
+from ..inference_loading import inference_dtype, inputs_on_model_device, load_for_inference
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,9 @@ class MMAdaptersLMM(lmms):
     """An mmadapters checkpoint as an lmms-eval model (`model_kind` says which of ours it must be).
 
     model_args: `pretrained` (Hub id or folder), `batch_size` (questions per generate call, default 8),
-    `max_new_tokens` (default 64, unless a task's generation kwargs say otherwise), `device` (default cpu)."""
+    `max_new_tokens` (default 64, unless a task's generation kwargs say otherwise), `device` (default cpu; e.g.
+    cuda), `dtype` (the frozen backbones': float32 (default), bfloat16, float16 or auto) and `device_map` (instead
+    of `device`: "auto" splits the model over the GPUs), as lmms-eval's own Hugging Face models take them."""
 
     model_kind = ""
 
@@ -36,28 +39,28 @@ class MMAdaptersLMM(lmms):
         batch_size: int | str = 8,
         max_new_tokens: int | str = 64,
         device: str = "cpu",
+        dtype: str = "float32",
+        device_map: str = "",
         **kwargs: Any,
     ) -> None:
         super().__init__()
         if kwargs:
             raise TypeError(
                 f"Unknown model_args {sorted(kwargs)} for --model {self.model_kind}; known: pretrained, batch_size, "
-                "max_new_tokens, device."
+                "max_new_tokens, device, dtype, device_map."
             )
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
         import mmadapters  # noqa: F401  (registers our models with the Auto classes)
 
-        self.model = AutoModelForImageTextToText.from_pretrained(pretrained).to(device).eval()
+        self.model, self.processor = load_for_inference(
+            pretrained, inference_dtype(dtype), device_map or device
+        )
         if self.model.config.model_type != self.model_kind:
             raise ValueError(
                 f"{pretrained} is a {self.model.config.model_type} checkpoint; use --model "
                 f"{self.model.config.model_type}."
             )
-        self.processor = AutoProcessor.from_pretrained(pretrained)
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
-        self.device = device
         self._ignored_task_options: set[str] = set()  # logged once each
 
     def _prompt(self, context: str, num_images: int) -> str:
@@ -77,7 +80,9 @@ class MMAdaptersLMM(lmms):
         return visuals
 
     def _inputs(self, prompts: list[str], images: list[list[Any]], answers: list[str] | None = None) -> Any:
-        return self.processor(images=images, text=prompts, answers=answers).to(self.device)
+        return inputs_on_model_device(
+            self.processor(images=images, text=prompts, answers=answers), self.model
+        )
 
     @torch.no_grad()
     def generate_until(self, requests: list[Instance]) -> list[str]:

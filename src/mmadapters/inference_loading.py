@@ -1,0 +1,89 @@
+"""Loading a checkpoint to answer questions: `mmadapters eval`, `mmadapters chat`, the demo and the lmms-eval plugin.
+
+Each takes the same two choices, as transformers' `from_pretrained` keywords:
+- `dtype`: the frozen backbones' dtype ("float32", the default, reproduces the numbers in the README on CPU;
+  "bfloat16" or "float16" halve the memory of a 7B LLM on a GPU; "auto": what the backbones' checkpoints hold);
+- `device_map`: None (the default: CPU), one device ("cuda", "cuda:1", "mps"), or a strategy that splits the
+  model over the available GPUs ("auto", "balanced"; each adapter goes with its decoder layer).
+
+The model's inputs go to `model.device` (`inputs_on_model_device`), where its embeddings are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+import torch
+
+from .hub import check_checkpoint_name
+
+INFERENCE_DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+def inference_dtype(value: str) -> str:
+    """A `--dtype` value, checked (argparse type and lmms-eval model_args)."""
+    if value not in INFERENCE_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(INFERENCE_DTYPES)}; got {value!r}.")
+    return value
+
+
+def loading_options(dtype: str = "float32", device_map: str | None = None) -> dict[str, Any]:
+    """`from_pretrained` / `from_backbones` keywords for a `dtype` name and a `device_map` (None or "": CPU)."""
+    inference_dtype(dtype)
+    options: dict[str, Any] = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
+    if device_map:
+        options["device_map"] = device_map
+    return options
+
+
+def load_for_inference(name: str, dtype: str = "float32", device_map: str | None = None) -> tuple[Any, Any]:
+    """(model in eval mode, processor) of a checkpoint folder or Hub repo (any of our methods)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    check_checkpoint_name(name)
+    model = AutoModelForImageTextToText.from_pretrained(name, **loading_options(dtype, device_map))
+    return model.eval(), AutoProcessor.from_pretrained(name)
+
+
+def inputs_on_model_device(inputs: Any, model: Any) -> Any:
+    """The processor's output (a BatchFeature) on the model's device: where a model moved with `.to("cuda")` or
+    placed by a device map reads its input ids (the processor builds them on CPU)."""
+    return inputs.to(model.device)
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser, environment: bool = False) -> None:
+    """`--dtype` and `--device-map` on a command that loads a checkpoint. With `environment`, their defaults come
+    from MMADAPTERS_DTYPE / MMADAPTERS_DEVICE_MAP when set (a Space's settings, where no flag can be passed)."""
+    dtype_default = os.environ.get("MMADAPTERS_DTYPE", "float32") if environment else "float32"
+    device_map_default = os.environ.get("MMADAPTERS_DEVICE_MAP") if environment else None
+    parser.add_argument(
+        "--dtype",
+        type=_dtype_argument,
+        default=dtype_default,
+        help=f"the frozen backbones' dtype: {', '.join(INFERENCE_DTYPES)} (default: %(default)s; bfloat16 on a GPU "
+        "halves the memory)",
+    )
+    parser.add_argument(
+        "--device-map",
+        default=device_map_default,
+        help='where the model runs: a device ("cuda", "cuda:1") or "auto" to split it over the GPUs (default: CPU)',
+    )
+
+
+def _dtype_argument(value: str) -> str:
+    try:
+        return inference_dtype(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+__all__ = [
+    "INFERENCE_DTYPES",
+    "add_inference_arguments",
+    "inference_dtype",
+    "inputs_on_model_device",
+    "load_for_inference",
+    "loading_options",
+]

@@ -1,0 +1,101 @@
+"""Where inference runs: `--dtype` / `--device-map` of `mmadapters eval` and `chat`, the demo (flags or the Space's
+environment) and the lmms-eval plugin's model_args reach `from_pretrained`, and the inputs follow the model."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from mmadapters import LavinForConditionalGeneration, LavinProcessor
+from mmadapters.cli import main
+from mmadapters.inference_loading import inputs_on_model_device, load_for_inference
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_backbones, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("inference") / "ckpt"
+    model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+    model.save_pretrained(folder, processor=LavinProcessor.from_backbones(*tiny_backbones))
+    return str(folder)
+
+
+@pytest.fixture()
+def loads(monkeypatch):
+    """The keywords every from_pretrained of the Auto model class got (the real loader runs)."""
+    from transformers import AutoModelForImageTextToText
+
+    seen = []
+    original = AutoModelForImageTextToText.from_pretrained.__func__
+
+    def recording(cls, name, *args, **kwargs):
+        seen.append(kwargs)
+        return original(cls, name, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", classmethod(recording))
+    return seen
+
+
+def test_load_for_inference_places_and_casts_the_backbones(checkpoint):
+    model, processor = load_for_inference(checkpoint, "bfloat16", "cpu")
+    assert not model.training
+    assert model.language_model.dtype == torch.bfloat16 and model.vision_tower.dtype == torch.bfloat16
+    assert model.device == torch.device("cpu")
+    inputs = inputs_on_model_device(processor(text=["Image: N/A\nhello"]), model)
+    assert inputs["input_ids"].device == model.device
+    assert (
+        model.generate(**inputs, max_new_tokens=2, do_sample=False).shape[1]
+        == inputs["input_ids"].shape[1] + 2
+    )
+    default, _ = load_for_inference(checkpoint)
+    assert default.language_model.dtype == torch.float32  # the README's numbers are float32 on CPU
+
+
+def test_eval_and_chat_take_dtype_and_device_map(checkpoint, loads, tmp_path, capsys, monkeypatch):
+    assert main(["eval", checkpoint, "--limit", "2", "--dtype", "bfloat16", "--device-map", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["count"] == 2
+    assert loads[-1] == {"dtype": torch.bfloat16, "device_map": "cpu"}
+    image = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(image)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"/image {image}\nwhat color?\n/quit\n"))
+    assert main(["chat", checkpoint, "--max-new-tokens", "2", "--dtype", "float16"]) == 0
+    assert loads[-1] == {"dtype": torch.float16}  # no device map: CPU, as before
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["eval", checkpoint, "--dtype", "float64"])
+    assert "dtype must be one of float32, bfloat16, float16, auto; got 'float64'" in capsys.readouterr().err
+    assert main(["chat", checkpoint, "--device-map", "nowhere"]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_the_demo_takes_flags_or_the_spaces_environment(checkpoint, monkeypatch):
+    from mmadapters.demo import load_demo_model, parse_args
+
+    monkeypatch.delenv("MMADAPTERS_DTYPE", raising=False)
+    monkeypatch.delenv("MMADAPTERS_DEVICE_MAP", raising=False)
+    args = parse_args([checkpoint])
+    assert (args.dtype, args.device_map) == ("float32", None)
+    monkeypatch.setenv("MMADAPTERS_DTYPE", "bfloat16")
+    monkeypatch.setenv("MMADAPTERS_DEVICE_MAP", "cpu")
+    args = parse_args([checkpoint])
+    assert (args.dtype, args.device_map) == ("bfloat16", "cpu")
+    assert parse_args([checkpoint, "--dtype", "float16"]).dtype == "float16"  # a flag wins
+    model, _, _ = load_demo_model(checkpoint, "lavin", args.dtype, args.device_map)
+    assert model.language_model.dtype == torch.bfloat16
+
+
+def test_lmms_eval_model_args_dtype_and_device_map(checkpoint, loads):
+    pytest.importorskip("lmms_eval.api.model")
+    from mmadapters.integrations.lmms_eval import LavinLMM
+
+    lmm = LavinLMM(pretrained=checkpoint, dtype="bfloat16", device_map="cpu")
+    assert lmm.model.language_model.dtype == torch.bfloat16
+    assert loads[-1] == {"dtype": torch.bfloat16, "device_map": "cpu"}
+    LavinLMM(pretrained=checkpoint, device="cpu")
+    assert loads[-1] == {"dtype": torch.float32, "device_map": "cpu"}
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        LavinLMM(pretrained=checkpoint, dtype="double")
