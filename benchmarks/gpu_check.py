@@ -8,7 +8,8 @@ What it reports (JSON on stdout, one object per measurement, and a summary table
   LLM alone vs full fine-tuning of the LLM (skipped when it does not fit);
 - generation tokens/s: LaVIN (text-only, folded adapters) vs the bare LLM, greedy, same prompt;
 - LaVIN with a bitsandbytes nf4 LLM (LaVIN-lite): load, train step, generation;
-- sdpa vs flash_attention_2 for LaVIN's training step, where flash-attn is installed.
+- sdpa vs flash_attention_2 for LaVIN's training step, where flash-attn is installed;
+- inference as `mmadapters eval` / `chat` / the demo run it with `--device-map cuda`: the same answers as on CPU.
 
 Backbones have random weights (no Hub access on the machines it runs on): speed and memory do not depend on the
 values. The 4-bit run needs weights to quantise, so the random LLM is saved once to --workdir first.
@@ -238,7 +239,36 @@ def run(size_name: str, device: str, workdir: str, steps: int) -> list[dict]:
         )
     else:
         report(results, run="lavin_bf16_train_flash_attention_2", skipped="flash-attn not installed")
+
+    # 5. Inference as `mmadapters eval` / `chat`, the demo and lmms-eval run it on a GPU (`--device-map cuda`).
+    report(results, run="inference_on_device", **inference_on_device(workdir, device))
     return results
+
+
+def inference_on_device(workdir: str, device: str) -> dict[str, Any]:
+    """An adapter-only checkpoint around the embedded backbones (the real SmolLM2: a tokenizer, and answers in
+    words), loaded with `load_for_inference` on CPU and onto `device`; greedy answers through `generate_answers`,
+    whose inputs must follow the model to the device. Untrained adapters: the answers are the LLM's."""
+    from PIL import Image
+
+    from mmadapters import LavinProcessor, embedded_backbones
+    from mmadapters.evaluation import generate_answers
+    from mmadapters.inference_loading import load_for_inference
+
+    text_model, vision_model = embedded_backbones()
+    folder = os.path.join(workdir, "embedded-lavin")
+    processor = LavinProcessor.from_backbones(text_model, vision_model)
+    LavinForConditionalGeneration.from_backbones(text_model, vision_model).save_pretrained(
+        folder, processor=processor
+    )
+    prompts = ["Image: <image>\nWhat color is the shape?", "Image: N/A\nWhat is the capital of France?"]
+    images = [Image.new("RGB", (64, 64), "red"), None]
+    answers = {}
+    for where in ("cpu", device):
+        model, processor = load_for_inference(folder, "float32", where)
+        answers[where] = generate_answers(model, processor, prompts, images, batch_size=2, max_new_tokens=8)
+        del model
+    return {"answers": answers[device], "same_as_cpu": answers[device] == answers["cpu"]}
 
 
 def main() -> None:
