@@ -105,6 +105,25 @@ def test_attn_implementation_applies_to_both_backbones(tiny_backbones, checkpoin
     )
 
 
+def test_attention_asked_through_a_config_object_is_honoured(checkpoint):
+    """transformers' pipeline passes `model_kwargs={"attn_implementation": ...}` as a config it loaded with it
+    (`config=`, no keyword); the backbones were loaded with their default attention instead."""
+    from transformers import AutoConfig, pipeline
+
+    config = AutoConfig.from_pretrained(checkpoint[0], attn_implementation={"text_config": "eager"})
+    assert attn(LavinForConditionalGeneration.from_pretrained(checkpoint[0], config=config)) == (
+        "eager",
+        "sdpa",
+    )
+    # A keyword still decides over the config.
+    chosen = LavinForConditionalGeneration.from_pretrained(
+        checkpoint[0], config=config, attn_implementation="sdpa"
+    )
+    assert attn(chosen) == ("sdpa", "sdpa")
+    pipe = pipeline("image-text-to-text", model=checkpoint[0], model_kwargs={"attn_implementation": "eager"})
+    assert attn(pipe.model) == ("eager", "eager")
+
+
 def test_a_mixture_of_experts_llm_keeps_its_experts_implementation(tiny_backbones, tmp_path):
     """Building the composite config from the backbones' configs reset the LLM's experts implementation to None
     (transformers then warned and fell back to its slow path): every way in keeps what transformers chose."""

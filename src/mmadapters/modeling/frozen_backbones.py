@@ -1028,6 +1028,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         adapter_tensors = read_adapter_file(adapter_weights_file(folder), name)
         if isinstance(given_config, PreTrainedConfig):
             config, unused = given_config, kwargs
+            options.take_implementations_from(config)
         else:
             config, unused = cls.config_class.from_pretrained(
                 given_config or folder, return_unused_kwargs=True, **kwargs

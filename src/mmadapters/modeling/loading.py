@@ -91,6 +91,17 @@ class BackboneLoadOptions:
         }
         return {name: value for name, value in asked.items() if value is not None}
 
+    def take_implementations_from(self, config: Any) -> None:
+        """The attention and experts implementations a given config object asks for, for each backbone that no
+        keyword chose: transformers' pipeline passes `model_kwargs={"attn_implementation": ...}` this way (set on
+        the config it loads, then `from_pretrained(config=...)` without the keyword)."""
+        for name in ("attn_implementation", "experts_implementation"):
+            chosen = getattr(self, name)
+            for role in ROLES:
+                asked = getattr(getattr(config, f"{role}_config", None), f"_{name}", None)
+                if chosen[role] is None and isinstance(asked, str):
+                    chosen[role] = asked
+
     def for_backbone(self, role: str, device_map: dict | None) -> dict[str, Any]:
         """`from_pretrained` keywords for the `role` backbone, given its part of the composite device map."""
         kwargs = dict(self.pass_through)
