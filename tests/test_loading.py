@@ -268,6 +268,29 @@ def test_device_map_auto_splits_with_offload_and_runs_identically(checkpoint, in
         assert torch.equal(loaded.generate(**inputs, **kwargs), reference.generate(**inputs, **kwargs))
 
 
+def test_a_full_checkpoint_offloaded_by_a_device_map_keeps_our_modules_where_they_compute(
+    checkpoint, inputs, tmp_path
+):
+    """A full checkpoint goes through transformers' loader, which offloaded our projector to disk (its weights on
+    the meta device: "Cannot copy out of meta tensor" at the first image); our modules now go where they
+    compute, as for adapter-only checkpoints."""
+    from mmadapters.modeling.loading import whole_model_disk_offload_supported
+
+    path, reference = checkpoint
+    full = tmp_path / "full"
+    reference.save_pretrained(full, adapter_only=False)
+    budget = {"cpu": 200_000} if whole_model_disk_offload_supported() else {"cpu": 400_000}
+    loaded = LavinForConditionalGeneration.from_pretrained(
+        full, device_map="auto", max_memory=budget, offload_folder=str(tmp_path / "offload")
+    )
+    devices = loaded.hf_device_map
+    assert "disk" in devices.values()
+    own = {k: v for k, v in devices.items() if not k.startswith(("language_model", "vision_tower"))}
+    assert own and set(own.values()) == {"cpu"}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, reference(**inputs).logits, rtol=0, atol=1e-6)
+
+
 def test_offload_to_disk_needs_an_offload_folder(checkpoint):
     with pytest.raises(LoadingOptionError, match="offload_folder"):
         LavinForConditionalGeneration.from_pretrained(

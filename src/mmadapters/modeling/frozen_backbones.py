@@ -61,8 +61,10 @@ from .loading import (
     BackboneLoadOptions,
     LoadingOptionError,
     compute_device_map,
+    execution_device,
     main_device_of,
     move_own_modules,
+    normalize_device_map,
     split_device_map,
     take_loading_options,
 )
@@ -1000,9 +1002,38 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             kwargs["dtype"] = torch.float32 if kwargs.get("dtype") is None else "auto"
         if revision is not None:
             kwargs["revision"] = revision
+        if folder is not None and kwargs.get("device_map") is not None:
+            kwargs["device_map"] = cls._full_checkpoint_device_map(folder, kwargs)
         loaded = super().from_pretrained(folder, *model_args, **kwargs)
         (loaded[0] if isinstance(loaded, tuple) else loaded).watch_backbones()
         return loaded
+
+    @classmethod
+    def _full_checkpoint_device_map(cls, folder: str, kwargs: dict[str, Any]) -> Any:
+        """The device map for a full checkpoint, resolved as for adapter-only ones (`_plan_placement`): transformers'
+        loader would resolve a strategy over the whole model and could offload our own modules (to disk, or to CPU
+        beside accelerators), leaving their weights on the meta device where our forward reads them. Here they
+        go where they compute (they are small); the backbones' layers are placed as the strategy says."""
+        options = BackboneLoadOptions(
+            dtype=kwargs.get("dtype") or kwargs.get("torch_dtype"),
+            device_map=normalize_device_map(kwargs["device_map"]),
+            max_memory=kwargs.get("max_memory"),
+        )
+        if set(options.device_map) == {""}:  # one device for everything: nothing is offloaded
+            return kwargs["device_map"]
+        (text_map, vision_map), own_map = cls._plan_placement(
+            options, lambda: cls.config_class.from_pretrained(folder)
+        )
+        main_device = own_map.pop("__main__")
+        if "" in own_map:  # the strategy put the whole model on one device
+            return {"": own_map[""]}
+        device_map = {}
+        for prefix, backbone_map in (("language_model", text_map), ("vision_tower", vision_map)):
+            for key, device in (backbone_map or {}).items():
+                device_map[f"{prefix}.{key}" if key else prefix] = device
+        for key, device in own_map.items():
+            device_map[key] = execution_device(device, main_device)
+        return device_map
 
     @classmethod
     def _from_adapter_checkpoint(
