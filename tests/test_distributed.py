@@ -107,6 +107,19 @@ def test_fsdp_on_two_processes_equals_one_process(tiny_backbones, tmp_path):
     assert any(one[k].abs().max() > 1e-3 for k in one if "expert_b" in k), "the experts did not move"
 
 
+def test_ddp_with_activation_checkpointing_trains_through_batches_without_images(tiny_backbones, tmp_path):
+    """transformers turns DDP's unused-parameter detection off under activation checkpointing; a batch without
+    images (ScienceQA and LLaVA data have many) leaves the vision side unused, and DDP stopped at the next step
+    ("Expected to have finished reduction in the prior iteration"). Our Trainers keep the detection on."""
+    script = str(ROOT / "tests" / "distributed" / "ddp_text_only_batches.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    completed = run(
+        [*command, "--master_port", str(free_port()), script, *tiny_backbones, str(tmp_path)], tmp_path
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.count("trained") == 2
+
+
 def test_shipped_launch_configs_are_valid():
     cpu = yaml.safe_load((ROOT / "recipes" / "accelerate" / "cpu-2-processes.yaml").read_text())
     assert cpu["distributed_type"] == "MULTI_GPU" and cpu["num_processes"] == 2

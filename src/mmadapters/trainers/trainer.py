@@ -92,6 +92,33 @@ def _model_argument(args: tuple, kwargs: dict) -> tuple[tuple, dict, Any]:
     return args, kwargs, None
 
 
+def _finding_unused_parameters(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The Trainer's arguments with DDP's unused-parameter detection on, unless the user set
+    `ddp_find_unused_parameters` (in a copy: the caller's TrainingArguments are not changed).
+
+    A batch without images leaves the vision side unused (LaVIN's vision adapters and projector, CROME's image
+    path), and DDP then stops at the next step ("Expected to have finished reduction in the prior iteration").
+    transformers turns the detection off under activation checkpointing, which breaks *reentrant* checkpointing;
+    ours is non-reentrant (transformers' default; LaVIN refuses the other), so it stays on, unless reentrant
+    checkpointing is asked for."""
+    training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+    if training_args is None or training_args.ddp_find_unused_parameters is not None:
+        return args, kwargs
+    checkpointing = (
+        getattr(training_args, "activation_checkpointing_kwargs", None)
+        or getattr(training_args, "gradient_checkpointing_kwargs", None)
+        or {}
+    )
+    if checkpointing.get("use_reentrant"):
+        return args, kwargs
+    # A shallow copy: TrainingArguments.__post_init__ must not run again (dataclasses.replace would).
+    copied = copy.copy(training_args)
+    copied.ddp_find_unused_parameters = True
+    if "args" in kwargs:
+        return args, {**kwargs, "args": copied}
+    return (args[0], copied, *args[2:]), kwargs
+
+
 class AdapterTrainer(Trainer):
     """Trainer for models with frozen backbones and an adapter side that saves on its own.
 
@@ -105,6 +132,7 @@ class AdapterTrainer(Trainer):
 
     def __init__(self, *args: Any, hub_license: str | None = None, **kwargs: Any) -> None:
         args, kwargs, model = _model_argument(args, kwargs)
+        args, kwargs = _finding_unused_parameters(args, kwargs)
         if model is not None:
             self._take_model(model)
         self.hub_license = hub_license  # read by init_hf_repo, which transformers' __init__ calls
