@@ -121,12 +121,11 @@ def check_checkpoint_kind(name: str, config: dict | None, model_type: str) -> No
 
 
 def incomplete_checkpoint_message(name: str, folder: str) -> str | None:
-    """Why a folder with our config.json cannot load (None: it has weights to load): no adapter file and no full
-    weights, e.g. a copy or download that stopped after config.json."""
-    present = [
-        f for f in (ADAPTER_WEIGHTS_NAME, *FULL_WEIGHTS_NAMES) if os.path.isfile(os.path.join(folder, f))
-    ]
-    if present or adapter_weights_file(folder) is not None:
+    """Why a folder with a config.json cannot load (None: it has weights, or no config.json): no adapter file and
+    no full weights, e.g. a copy or download that stopped after config.json."""
+    if not os.path.isfile(os.path.join(folder, "config.json")) or adapter_weights_file(folder) is not None:
+        return None
+    if any(os.path.isfile(os.path.join(folder, f)) for f in FULL_WEIGHTS_NAMES):
         return None
     return (
         f"'{name}' has a config.json but no weights: neither {ADAPTER_WEIGHTS_NAME} (an adapter-only checkpoint) "

@@ -959,17 +959,16 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         # `subfolder`: where the checkpoint lies in the folder or repo (a Trainer push's last-checkpoint/); the
         # backbones are found from its config.json.
         subfolder = kwargs.pop("subfolder", "") or ""
-        if kwargs.get("config") is None:
-            config = read_checkpoint_config(name, revision, subfolder, **hub_kwargs)
-            check_checkpoint_kind(name, config, cls.config_class.model_type)
+        config_given = kwargs.get("config") is not None
+        if not config_given:  # a backbone or the other method's checkpoint: refused before any download
+            saved_config = read_checkpoint_config(name, revision, subfolder, **hub_kwargs)
+            check_checkpoint_kind(name, saved_config, cls.config_class.model_type)
         folder = resolve_checkpoint_folder(name, revision, subfolder, **hub_kwargs)
         if adapter_weights_file(folder) is None:
             if is_peft_adapter_folder(folder) and not os.path.isfile(os.path.join(folder, "config.json")):
                 raise ValueError(not_our_checkpoint_message(name, folder))
-            incomplete = os.path.isfile(
-                os.path.join(folder, "config.json")
-            ) and incomplete_checkpoint_message(name, folder)
-            if incomplete and kwargs.get("config") is None:
+            incomplete = None if config_given else incomplete_checkpoint_message(name, folder)
+            if incomplete:
                 raise FileNotFoundError(incomplete)
             if text_model is not None or vision_model is not None:
                 raise LoadingOptionError(
