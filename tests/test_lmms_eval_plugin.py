@@ -128,3 +128,16 @@ def test_wrong_model_and_unknown_arguments_are_refused(checkpoint):
         CromeLMM(pretrained=checkpoint)
     with pytest.raises(TypeError, match="Unknown model_args \\['temperatur'\\]"):
         LavinLMM(pretrained=checkpoint, temperatur=0.2)
+
+
+def test_each_process_of_a_multi_process_run_takes_its_own_gpu(monkeypatch):
+    """lmms-eval shards the requests over the processes of `accelerate launch -m lmms_eval`; device=cuda must
+    then mean this process's GPU, not cuda:0 for all of them."""
+    from mmadapters.integrations.lmms_eval import device_of_this_process
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert device_of_this_process("cuda") == "cuda"
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert device_of_this_process("cuda") == "cuda:3"
+    assert device_of_this_process("cuda:1") == "cuda:1" and device_of_this_process("cpu") == "cpu"

@@ -9,6 +9,7 @@ checkpoint's chat template (one user turn: the image, then lmms-eval's context t
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -28,8 +29,9 @@ class MMAdaptersLMM(lmms):
 
     model_args: `pretrained` (Hub id or folder), `batch_size` (questions per generate call, default 8),
     `max_new_tokens` (default 64, unless a task's generation kwargs say otherwise), `device` (default cpu; e.g.
-    cuda), `dtype` (the frozen backbones': float32 (default), bfloat16, float16 or auto) and `device_map` (instead
-    of `device`: "auto" splits the model over the GPUs), as lmms-eval's own Hugging Face models take them."""
+    cuda: one GPU per process under `accelerate launch`), `dtype` (the frozen backbones': float32 (default),
+    bfloat16, float16 or auto) and `device_map` (instead of `device`: "auto" splits the model over the GPUs), as
+    lmms-eval's own Hugging Face models take them."""
 
     model_kind = ""
 
@@ -52,7 +54,7 @@ class MMAdaptersLMM(lmms):
         import mmadapters  # noqa: F401  (registers our models with the Auto classes)
 
         self.model, self.processor = load_for_inference(
-            pretrained, inference_dtype(dtype), device_map or device
+            pretrained, inference_dtype(dtype), device_map or device_of_this_process(device)
         )
         if self.model.config.model_type != self.model_kind:
             raise ValueError(
@@ -178,6 +180,15 @@ class MMAdaptersLMM(lmms):
         )
 
 
+def device_of_this_process(device: str) -> str:
+    """`device` for this process: under several processes (`accelerate launch -m lmms_eval`, torchrun), where
+    lmms-eval gives each process its share of the requests, a bare "cuda" becomes this process's GPU
+    (`cuda:LOCAL_RANK`), as lmms-eval's own models bind it; anything else is kept as given."""
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
+
+
 class LavinLMM(MMAdaptersLMM):
     """`--model lavin`."""
 
@@ -198,4 +209,4 @@ def manifests() -> list[ModelManifest]:
     ]
 
 
-__all__ = ["CromeLMM", "LavinLMM", "MMAdaptersLMM", "manifests"]
+__all__ = ["CromeLMM", "LavinLMM", "MMAdaptersLMM", "device_of_this_process", "manifests"]
