@@ -49,7 +49,10 @@ def load_for_inference(name: str, dtype: str = "float32", device_map: str | None
 
 def inputs_on_model_device(inputs: Any, model: Any) -> Any:
     """The processor's output (a BatchFeature) on the model's device: where a model moved with `.to("cuda")` or
-    placed by a device map reads its input ids (the processor builds them on CPU)."""
+    placed by a device map reads its input ids (the processor builds them on CPU). When the first weights are
+    offloaded (the meta device), the inputs stay where they are: accelerate's hooks move them."""
+    if model.device.type == "meta":
+        return inputs
     return inputs.to(model.device)
 
 
