@@ -99,3 +99,13 @@ def test_lmms_eval_model_args_dtype_and_device_map(checkpoint, loads):
     assert loads[-1] == {"dtype": torch.float32, "device_map": "cpu"}
     with pytest.raises(ValueError, match="dtype must be one of"):
         LavinLMM(pretrained=checkpoint, dtype="double")
+
+
+def test_inputs_stay_in_place_when_the_models_first_weights_are_offloaded(checkpoint):
+    """Offloaded weights sit on the meta device, where no input can go; accelerate's hooks move the inputs."""
+    from types import SimpleNamespace
+
+    _, processor = load_for_inference(checkpoint)
+    inputs = processor(text=["Image: N/A\nhello"])
+    offloaded = SimpleNamespace(device=torch.device("meta"))
+    assert inputs_on_model_device(inputs, offloaded)["input_ids"].device == torch.device("cpu")
