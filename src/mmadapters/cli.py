@@ -44,6 +44,12 @@ def _train(args: argparse.Namespace) -> None:
     final = train_from_recipe(args.recipe, resume=args.resume, overwrite=args.overwrite)
     if is_main_process():
         print(f"Saved the adapter-only checkpoint to {final}")
+    # Under torchrun / accelerate launch: a process group left to the interpreter's exit can abort a process
+    # after a finished run (gloo, "terminate called without an active exception"), and the launcher fails.
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _eval(args: argparse.Namespace) -> None:

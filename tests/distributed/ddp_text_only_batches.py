@@ -56,3 +56,4 @@ trainer = InOrderTrainer(
 trainer.train()
 assert arguments.ddp_find_unused_parameters is None  # the caller's arguments are left as given
 print("trained", flush=True)
+torch.distributed.destroy_process_group()  # a process group left to the interpreter's exit can abort it
