@@ -307,8 +307,11 @@ def test_every_command_line_argument_has_help_and_quickstart_flags_come_from_its
     from mmadapters.cli import build_parser
     from mmadapters.quickstart import QuickstartSettings
 
+    from mmadapters.demo import build_parser as build_demo_parser
+
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    commands = {**commands, "demo (its own options)": build_demo_parser()}
     missing = [
         f"{name} {action.option_strings or action.dest}"
         for name, command in commands.items()

@@ -323,21 +323,45 @@ def build_demo(
 
 
 def parse_args(argv: list[str] | None = None, kind: str = "lavin") -> argparse.Namespace:
+    return build_parser(kind).parse_args(argv)
+
+
+def build_parser(kind: str = "lavin") -> argparse.ArgumentParser:
+    """The demo's options (`mmadapters demo ...`, `python spaces/KIND/app.py ...`)."""
     parser = argparse.ArgumentParser(description=f"The {kind} chat demo")
     parser.add_argument("model", nargs="?", help="Hub repo id or local checkpoint folder")
     parser.add_argument("--model", dest="model_option", help="same as the positional argument")
     parser.add_argument(
         "--kind", default=kind, choices=["lavin", "crome"], help="model for the embedded default"
     )
-    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
-    parser.add_argument("--port", type=port_number, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
-    parser.add_argument("--max-new-tokens", type=positive_int, default=DemoLimits.max_new_tokens)
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        help="the address to serve on (default: %(default)s; GRADIO_SERVER_NAME)",
+    )
+    parser.add_argument(
+        "--port",
+        type=port_number,
+        default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
+        help="the port (default: %(default)s; GRADIO_SERVER_PORT)",
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=DemoLimits.max_new_tokens,
+        help="the most new tokens an answer may have (default: %(default)s)",
+    )
     parser.add_argument(
         "--timeout", type=positive_float, default=DemoLimits.timeout_s, help="generation timeout (s)"
     )
-    parser.add_argument("--concurrency", type=positive_int, default=DemoLimits.concurrency)
+    parser.add_argument(
+        "--concurrency",
+        type=positive_int,
+        default=DemoLimits.concurrency,
+        help="generations run at once; others queue (default: %(default)s)",
+    )
     add_inference_arguments(parser, environment=True)
-    return parser.parse_args(argv)
+    return parser
 
 
 class PortInUseError(MMAdaptersError, OSError):
