@@ -305,9 +305,8 @@ def test_every_command_line_argument_has_help_and_quickstart_flags_come_from_its
     import dataclasses
 
     from mmadapters.cli import build_parser
-    from mmadapters.quickstart import QuickstartSettings
-
     from mmadapters.demo import build_parser as build_demo_parser
+    from mmadapters.quickstart import QuickstartSettings
 
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
