@@ -58,7 +58,7 @@ output = model.generate(**inputs, max_new_tokens=32)
 {{ answer_lines }}
 ```
 
-Or from the command line: `mmadapters chat {{ repo_id }}`. Backbones stored elsewhere can be given with
+Or from the command line: `mmadapters chat {{ repo_id }}` (on a GPU: `--dtype bfloat16 --device-map cuda`). Backbones stored elsewhere can be given with
 `from_pretrained("{{ repo_id }}", text_model=..., vision_model=...)`. Without `import mmadapters`,
 `from_pretrained(..., trust_remote_code=True)` runs `mmadapters_loader.py`, which only imports the installed package.
 """
