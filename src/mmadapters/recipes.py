@@ -33,6 +33,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from .inference_loading import INFERENCE_DTYPES, loading_options
+
 RECIPE_KEYS = {
     "model",
     "text_model",
@@ -52,7 +54,7 @@ RECIPE_KEYS = {
     "hub_license",
 }
 DATA_NAMES = ("easy_vqa", "scienceqa", "llava")
-DTYPES = ("float32", "bfloat16", "float16", "auto")
+DTYPES = INFERENCE_DTYPES  # the backbones' dtype names, as eval, chat and the demo take them
 
 
 def is_main_process() -> bool:
@@ -266,11 +268,9 @@ def build_model_and_processor(recipe: dict[str, Any]) -> tuple[Any, Any]:
 
 def loading_keywords(recipe: dict[str, Any]) -> dict[str, Any]:
     """`dtype` and `quantization_config` for from_backbones / from_pretrained, from the recipe's keys."""
-    import torch
-
     keywords: dict[str, Any] = {}
     if recipe.get("dtype") not in (None, "float32"):
-        keywords["dtype"] = "auto" if recipe["dtype"] == "auto" else getattr(torch, recipe["dtype"])
+        keywords["dtype"] = loading_options(recipe["dtype"])["dtype"]
     if recipe.get("quantization"):
         keywords["quantization_config"] = quantization_configs(recipe["quantization"])
     return keywords

@@ -19,7 +19,7 @@ from lmms_eval.models.registry_v2 import ModelManifest
 from transformers import GenerationConfig
 
 from ..evaluation.generate import answer_tokens
-from ..inference_loading import inference_dtype, inputs_on_model_device, load_for_inference
+from ..inference_loading import inputs_on_model_device, load_for_inference
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class MMAdaptersLMM(lmms):
         import mmadapters  # noqa: F401  (registers our models with the Auto classes)
 
         self.model, self.processor = load_for_inference(
-            pretrained, inference_dtype(dtype), device_map or device_of_this_process(device)
+            pretrained, dtype, device_map or device_of_this_process(device)
         )
         if self.model.config.model_type != self.model_kind:
             raise ValueError(
