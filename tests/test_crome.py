@@ -19,6 +19,7 @@ from conftest import (
     tiny_text_config,
 )
 from transformers import (
+    AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoProcessor,
     InstructBlipConfig,
@@ -388,6 +389,40 @@ def test_beam_search_keeps_each_samples_images(backbones, kind, randomize_adapte
         rows = slice(2 * i, 2 * i + 2)
         assert batched.sequences[rows, -4:].tolist() == alone.sequences[:, -4:].tolist()
         torch.testing.assert_close(batched.sequences_scores[rows], alone.sequences_scores, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["lavin", "llama"])
+def test_assisted_generation_gives_the_assistant_the_images_and_greedy_answers(
+    backbones, kind, randomize_adapters
+):
+    """generate(assistant_model=...): the assistant's first round is not transformers' "first iteration", which
+    drops pixel_values; it must still see the images (its vision tower runs), and the answer is greedy's."""
+    model, processor = build_with_active_adapters(backbones, kind, randomize_adapters)
+    assistant, _ = build_with_active_adapters(backbones, kind, randomize_adapters)
+    calls = []
+    assistant.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+    inputs = processor(images=[image(0)], text="<image>\nwhat color is the shape?")
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    greedy = model.generate(**inputs, **kwargs)
+    assert model.generate(**inputs, **kwargs, assistant_model=assistant).tolist() == greedy.tolist()
+    assert len(calls) == 1
+    assert model.generate(**inputs, **kwargs, prompt_lookup_num_tokens=2).tolist() == greedy.tolist()
+
+
+@pytest.mark.parametrize("kind", ["lavin", "llama", "t5"])
+def test_an_assistant_that_cannot_take_the_inputs_is_refused_up_front(backbones, kind, randomize_adapters):
+    model, processor = build_with_active_adapters(backbones, kind, randomize_adapters)
+    inputs = processor(images=[image(0)], text="<image>\nwhat color is the shape?")
+    plain_llm = AutoModelForCausalLM.from_pretrained(backbones["llama"])
+    with pytest.raises(
+        TypeError, match="assistant_model must be a .*ForConditionalGeneration too.*LlamaForCausalLM"
+    ):
+        model.generate(**inputs, max_new_tokens=2, assistant_model=plain_llm)
+    if kind == "t5":
+        with pytest.raises(
+            ValueError, match="decoder-only LLM.*encoder-decoder \\(t5\\).*prompt_lookup_num_tokens"
+        ):
+            model.generate(**inputs, max_new_tokens=2, assistant_model=model)
 
 
 @pytest.mark.parametrize("kind", ["lavin", "llama", "t5"])

@@ -68,6 +68,7 @@ from .loading import (
     split_device_map,
     take_loading_options,
 )
+from .transformers_compat import cache_kwargs
 
 logger = logging.get_logger(__name__)
 
@@ -358,6 +359,40 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             expand_size, is_encoder_decoder, input_ids, **model_kwargs
         )
         return input_ids, {**model_kwargs, **per_image}
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        cache: Any = None,
+        past_key_values: Any = None,
+        is_first_iteration: bool | None = False,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """GenerationMixin's, except that the images are kept whenever the cache has not seen the prompt yet.
+        GenerationMixin drops `pixel_values` outside "the first iteration", and an assistant model (assisted
+        generation, `generate(..., assistant_model=...)`) runs even its first round as a later iteration: it would
+        see the image placeholders without their images. (Both names of the cache stay in the signature, which
+        generate reads to tell model keywords from typos.)"""
+        cache = cache if cache is not None else past_key_values
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, is_first_iteration=is_first_iteration, **cache_kwargs(cache), **kwargs
+        )
+        if cache is None or cache.get_seq_length() == 0:
+            for name in self.per_image_input_names:
+                if name not in model_inputs and kwargs.get(name) is not None:
+                    model_inputs[name] = kwargs[name]
+        return model_inputs
+
+    def check_assistant_model(self, assistant_model: Any) -> None:
+        """Assisted generation hands every model input (the images included) to the assistant's own `generate`:
+        only a model of the same class can take them. transformers would stop inside the assistant's `generate`
+        with a list of "unused" model keywords."""
+        if assistant_model is not None and not isinstance(assistant_model, type(self)):
+            raise TypeError(
+                f"assistant_model must be a {type(self).__name__} too (assisted generation gives the assistant the "
+                f"same inputs, images included), not {type(assistant_model).__name__}. For a draft model without "
+                "images, use prompt lookup instead: generate(..., prompt_lookup_num_tokens=10)."
+            )
 
     def check_inputs(
         self,

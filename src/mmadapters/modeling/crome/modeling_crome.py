@@ -463,7 +463,14 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
         dropped afterwards), returning prompt + new tokens. Encoder-decoder LLM: the encoder input is embedded
         once and handed to the LLM's own `generate`, which returns the decoder's tokens.
         """
+        self.check_assistant_model(kwargs.get("assistant_model"))
         if self.is_encoder_decoder_llm:
+            if kwargs.get("assistant_model") is not None:
+                # the LLM's generate would run the assistant's encoder on our embedded inputs, not on its own
+                raise ValueError(
+                    "assistant_model works with a decoder-only LLM; this CROME's LLM is an encoder-decoder "
+                    f"({self.config.text_config.model_type}). Use generate(..., prompt_lookup_num_tokens=10) instead."
+                )
             inputs_embeds = self.embed_inputs(
                 input_ids, pixel_values, qformer_input_ids, qformer_attention_mask, prompt_mask
             )

@@ -483,6 +483,7 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         so that each generated token pays three small ops per adapter. The vision tower runs once, in the
         prefill step (`generate` drops `pixel_values` afterwards).
         """
+        self.check_assistant_model(kwargs.get("assistant_model"))
         if modality is None:
             if input_ids is None:
                 raise ValueError("generate needs input_ids, or `modality` with inputs_embeds.")
