@@ -24,6 +24,7 @@ from mmadapters import (
     PeftOnTopError,
     add_lora,
 )
+from mmadapters.convert.merge import merge_lavin_adapters
 from mmadapters.modeling.peft_on_top import tuner_layers
 from mmadapters.trainers import CromeTrainer
 
@@ -246,6 +247,33 @@ def test_save_of_a_get_peft_model_model_without_adoption_keeps_the_lora(lavin, p
     reloaded = LavinForConditionalGeneration.from_pretrained(tmp_path / "ck")
     assert lora_places(reloaded) == ["language_model", "vision_tower"]
     torch.testing.assert_close(logits(reloaded, batch), expected)
+
+
+def test_all_linear_lora_on_our_own_layers_counts_in_generate_and_in_the_merge(lavin, processor, tmp_path):
+    """PEFT's target_modules="all-linear" wraps every linear layer, our adapters' down-projections and routers
+    too (as it wraps LLaVA's projector). generate folds the LLM adapters for speed, and the merged export folds
+    them into the LLM: both must count those LoRA layers as forward does."""
+    peft_model = get_peft_model(lavin, lora(target_modules="all-linear", init_lora_weights=False))
+    assert "llm_adapters" in lora_places(lavin)
+    model = mmadapters.adopt_peft_model(peft_model)
+    randomize_trainable(model)  # our experts start at zero, which would hide what goes through `down`
+    batch = inputs(processor)
+    expected = logits(model, batch)[:, -1]
+    with torch.no_grad():
+        generated = model.generate(
+            **batch, max_new_tokens=1, do_sample=False, output_scores=True, return_dict_in_generate=True
+        )
+    torch.testing.assert_close(generated.scores[0], expected, atol=1e-5, rtol=0)
+
+    model.save_pretrained(tmp_path / "ck")
+    reloaded = LavinForConditionalGeneration.from_pretrained(tmp_path / "ck")
+    torch.testing.assert_close(logits(reloaded, batch)[:, -1], expected)
+    text = processor(text=["Image: N/A\nthe capital of"])
+    text_logits = logits(reloaded, text)
+    merged = merge_lavin_adapters(reloaded, "text")
+    with torch.no_grad():
+        merged_logits = merged(**text).logits
+    torch.testing.assert_close(merged_logits, text_logits, atol=1e-5, rtol=0)
 
 
 def test_load_adapter_of_a_lora_trained_on_the_bare_llm(lavin, tiny_backbones, processor, tmp_path):

@@ -1,8 +1,9 @@
 """Merged export: fold LaVIN's LLM-side adapters into the frozen LLM for one modality (LAVIN.md section 8).
 
 For a fixed modality the routing weights are constants (they come from the modality token alone), so each
-LLM adapter is affine: x' = M x + c with M = I + U A and c as `MMAdapter.fold` computes it. The adapter sits
-on the normed input of the projections that follow it, so folding it into them is exact:
+LLM adapter is affine: x' = M x + c with M = I + U A and c = U b_A + c_experts (`MMAdapter.fold` gives U and
+c_experts). The adapter sits on the normed input of the projections that follow it, so folding it into them is
+exact:
 
     W x' + b = (W M) x + (W c + b)       for q/k/v (attention site) and the MLP's input projections
 
@@ -12,7 +13,7 @@ text from position 1 (position 0 belongs to the modality token); RoPE attention 
 differences, so the merged LLM, counting from 0, gives the same logits.
 
 PEFT layers on the LLM (LoRA on top) are merged into its weights first (W + s B A), so the adapters fold into the
-weights the LLM actually uses; PEFT layers on the vision tower stay with the unmerged vision side.
+weights the LLM actually uses (and so are PEFT layers on the LLM adapters' own linear layers); PEFT layers on the vision tower stay with the unmerged vision side.
 
 The vision side stays unmerged (its router depends on each image), so `--modality image` exports the LLM that
 an image sample sees: it takes `inputs_embeds` with the visual tokens placed by the unmerged LaVIN model.
@@ -58,8 +59,11 @@ def merge_lavin_adapters(
     if modality not in MODALITIES:
         raise MergeError(f"modality must be 'text' or 'image', got {modality!r}")
     model.eval()
-    table = model.compute_routing_table()[MODALITIES[modality]]  # (layers, sites, 2)
+    # PEFT layers first: on the LLM, and on the LLM adapters' own linear layers where
+    # get_peft_model(target_modules="all-linear") put them, so that the routing and the fold below see them.
     merge_peft_layers(model.language_model)
+    merge_peft_layers(model.llm_adapters)
+    table = model.compute_routing_table()[MODALITIES[modality]]  # (layers, sites, 2)
     language_model = model.language_model
     site_names = ["attn"] + (["mlp"] if model.llm_adapters[0].mlp is not None else [])
     layers = find_decoder_layers(language_model, need_mlp_norm="mlp" in site_names)
@@ -70,7 +74,7 @@ def merge_lavin_adapters(
             up, bias = adapter.fold(table[index, site_index].unsqueeze(0))  # (1, d, r), (1, d)
             down = adapter.down.weight.double()
             affine = torch.eye(down.shape[1], dtype=torch.float64) + up[0].double() @ down  # M = I + U A
-            shift = bias[0].double()  # c
+            shift = bias[0].double() + up[0].double() @ adapter.down.bias.double()  # U b_A + c
             parent_name, projection_names, _ = _SITE_PROJECTIONS[site_name]
             parent = getattr(layer, parent_name)
             for name in projection_names:

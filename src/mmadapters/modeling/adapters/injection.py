@@ -32,7 +32,7 @@ FOLDED_ADAPTERS_KWARG = "mm_folded_adapters"
 
 
 class FoldedAdapters:
-    """The LLM adapters of every layer folded per modality (inference): each site is x + U (A x) + c.
+    """The LLM adapters of every layer folded per modality (inference): each site is x + U (A x + b_A) + c.
 
     up: (layers, sites, 2 modalities, d, r); bias: (layers, sites, 2, d). `rows` picks each sequence's modality
     and splits per layer and site, so that the per-layer hooks only index Python lists. A batch of a single

@@ -115,20 +115,23 @@ class MMAdapter(nn.Module):
 
     def fold(self, routing_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For fixed routing weights (rows of (n, 2)) the adapter is affine (LAVIN.md section 8):
-        y = x + U (A_w x) + c, with A_w the down-projection weight, U = s (w0 B + w1 D) of shape (n, d, r) and
-        c = s (w0 b_B + w1 b_D + (w0 B + w1 D) b_A) of shape (n, d). Dropout is ignored (inference only)."""
+        y = x + U (A x + b_A) + c, with U = s (w0 B + w1 D) of shape (n, d, r) and c = s (w0 b_B + w1 b_D) of
+        shape (n, d); `forward_folded` applies it. The down-projection (A, b_A) stays a module call there rather
+        than being folded into U and c: PEFT layers a user put on it (`get_peft_model` with
+        `target_modules="all-linear"` wraps it) then count as they do in `forward`. Dropout is ignored
+        (inference only)."""
         w = routing_weights.to(self.down.weight.dtype)
         mixed = (
             w[:, 0, None, None] * self.expert_b.dense_weight()
             + w[:, 1, None, None] * self.expert_d.dense_weight()
         )
         mixed_bias = w[:, 0, None] * self.expert_b.bias + w[:, 1, None] * self.expert_d.bias
-        return self.scale * mixed, self.scale * (mixed_bias + mixed @ self.down.bias)
+        return self.scale * mixed, self.scale * mixed_bias
 
     def forward_folded(self, x: torch.Tensor, up: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """The adapter from `fold`'s output: `up` (d, r) and `bias` (d,) for the whole batch, or (batch, d, r)
         and (batch, d) with one row per sequence. A few ops per token."""
-        hidden = torch.nn.functional.linear(x, self.down.weight)  # (batch, seq, r)
+        hidden = self.down(x)  # (batch, seq, r)
         if up.dim() == 2:
             return x + torch.nn.functional.linear(hidden, up, bias)
         return x + (hidden @ up.transpose(1, 2) + bias.unsqueeze(1))

@@ -311,7 +311,7 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         return weights.view(2, num_layers, sites, 2)
 
     def fold_llm_adapters(self) -> FoldedAdapters:
-        """The LLM adapters folded per modality (for inference): each is then x + U (A x) + c.
+        """The LLM adapters folded per modality (for inference): each is then x + U (A x + b_A) + c.
 
         `generate` folds once per call, which makes the per-token adapter cost a few small ops (see
         benchmarks/generation_speed.py). Without gradients the fold is also kept across calls, keyed on the
