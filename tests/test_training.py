@@ -288,6 +288,59 @@ def test_llava_conversations(processor, tmp_path):
     assert dataset["prompt"][0] == "<|user|>Image: <image>\nwhat color?</s><|assistant|>"
     assert dataset["prompt"][1].endswith("<|assistant|>blue</s><|user|>and the shape?</s><|assistant|>")
 
+    lines = tmp_path / "data.jsonl"  # JSON Lines, and an image given as a list of one
+    lines.write_text("\n".join(json.dumps({**c, "image": [c["image"]]}) for c in conversations * 2) + "\n")
+    from_lines = load_llava_conversations(str(lines), str(tmp_path), processor)
+    assert from_lines["target"] == ["blue", "square"] * 2 and from_lines["prompt"][:2] == dataset["prompt"]
+
+
+LLAVA_TURNS = [{"from": "human", "value": "<image>\nwhat?"}, {"from": "gpt", "value": "red"}]
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"image": ["a.png", "b.png"], "conversations": LLAVA_TURNS}, "conversation 1 names 2 images"),
+        ({"image": "a.png", "conversations": [{"from": "human"}, LLAVA_TURNS[1]]}, "turn 0: a turn is"),
+        ({"image": "a.png", "conversations": [LLAVA_TURNS[1]]}, "assistant turn comes before any user turn"),
+        ({"conversations": LLAVA_TURNS}, "holds 1 <image> placeholder\\(s\\) for 0 image"),
+        (
+            {
+                "image": "a.png",
+                "conversations": [{"from": "human", "value": "<image> <image>"}, LLAVA_TURNS[1]],
+            },
+            "holds 2 <image> placeholder",
+        ),
+        ({"image": "a.png", "conversations": "hi"}, "no list of turns under 'conversations'"),
+        ("just text", "conversation 1 is a str"),
+    ],
+    ids=[
+        "two images",
+        "turn without value",
+        "assistant first",
+        "placeholder without image",
+        "two placeholders",
+        "turns not a list",
+        "not a record",
+    ],
+)
+def test_llava_records_that_cannot_be_trained_on_are_refused_by_number(processor, tmp_path, record, message):
+    save_image(tmp_path, "a.png", (0, 0, 255))
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([{"image": "a.png", "conversations": LLAVA_TURNS}, record]))
+    with pytest.raises(ValueError, match=message):
+        load_llava_conversations(str(path), str(tmp_path), processor)
+
+
+def test_llava_files_that_hold_nothing_to_train_on_are_refused(processor, tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([{"conversations": [{"from": "human", "value": "hi"}]}]))
+    with pytest.raises(ValueError, match="no assistant turn"):
+        load_llava_conversations(str(path), str(tmp_path), processor)
+    path.write_text('{"conversations": []}\nnot json\n')
+    with pytest.raises(ValueError, match="neither JSON .* nor JSON Lines \\(line 2"):
+        load_llava_conversations(str(path), str(tmp_path), processor)
+
 
 # --- trainers ---------------------------------------------------------------------------------------------------
 
