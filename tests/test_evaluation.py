@@ -14,6 +14,7 @@ from PIL import Image
 
 from mmadapters.evaluation import tasks
 from mmadapters.evaluation.benchmarks import mmbench_circular, mme_scores, mme_yes_no, rotate_options
+from mmadapters.processing.images import load_image
 
 
 def test_mme_scores_by_hand():
@@ -130,6 +131,48 @@ def test_scienceqa_task_from_a_local_hub_layout_copy(tmp_path, monkeypatch):
     assert (result["count"], result["unparsed"], result["split"]) == (3, 1, "test")
     with pytest.raises(FileNotFoundError, match="split 'validation'"):
         tasks.run_task("scienceqa", None, None, data=str(folder), split="validation")
+
+
+def write_official_scienceqa(folder, split="test"):
+    """`scienceqa_rows` in ScienceQA's official layout (as LaVIN's data/ folder): problems.json, pid_splits.json
+    and images/<split>/<pid>/image.png."""
+    problems = {}
+    for number, row in enumerate(scienceqa_rows()):
+        pid = str(100 + number)
+        problems[pid] = {**row, "image": None if row["image"] is None else "image.png", "split": split}
+        if row["image"] is not None:
+            (folder / "images" / split / pid).mkdir(parents=True)
+            row["image"].save(folder / "images" / split / pid / "image.png")
+    (folder / "problems.json").write_text(json.dumps(problems))
+    (folder / "pid_splits.json").write_text(json.dumps({split: sorted(problems), "train": []}))
+    return folder
+
+
+def test_scienceqa_task_from_a_copy_in_the_official_layout_scores_as_from_the_hub_layout(
+    tmp_path, monkeypatch
+):
+    official = write_official_scienceqa(tmp_path / "data")
+    hub = write_hub_layout(tmp_path / "sqa", "test", scienceqa_rows(), SQA_FEATURES)
+    seen = []
+
+    def fake_generate(model, processor, prompts, images, **kwargs):
+        seen.append(
+            (list(prompts), [None if image is None else load_image(image).tobytes() for image in images])
+        )
+        return ["The answer is A. BECAUSE", "The answer is A.", "no idea"]
+
+    monkeypatch.setattr(tasks, "generate_answers", fake_generate)
+    from_official = tasks.run_task("scienceqa", None, None, data=str(official), split="test")
+    from_hub = tasks.run_task("scienceqa", None, None, data=str(hub), split="test")
+    assert seen[0] == seen[1]  # the same prompts and the same images
+    assert from_official["metrics"] == from_hub["metrics"] and from_official["metrics"]["Avg"] == 33.33
+    assert tasks.load_task_data("scienceqa", str(official), "test", limit=2)["pid"] == ["100", "101"]
+
+    with pytest.raises(ValueError, match="no split 'validation'; it has \\['test', 'train'\\]"):
+        tasks.run_task("scienceqa", None, None, data=str(official), split="validation")
+    (official / "images" / "test" / "100" / "image.png").unlink()
+    with pytest.raises(FileNotFoundError, match="1 image\\(s\\) of split 'test' are missing, e.g. .*100"):
+        tasks.load_task_data("scienceqa", str(official), "test")
 
 
 def test_mme_and_mmbench_tasks_from_local_copies(tmp_path, monkeypatch):

@@ -91,3 +91,58 @@ def test_eval_data_gives_an_evaluation_loss(tiny_backbones, tmp_path):
 def test_bad_new_keys_are_clear_errors(tiny_backbones, tmp_path, overrides, message, capsys):
     assert main(["train", str(write_recipe(tmp_path, tiny_backbones, **overrides))]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_scienceqa_trains_from_a_local_copy_in_the_official_layout_and_limits_are_honoured(
+    tiny_backbones, tmp_path
+):
+    """`data: {name: scienceqa, path: ...}` reads LaVIN's data/ folder (problems.json, pid_splits.json, images/);
+    `limit` takes the first rows of every data set (it was dropped for scienceqa and llava)."""
+    from PIL import Image
+
+    from mmadapters.recipes import build_dataset
+
+    folder = tmp_path / "data"
+    problems = {}
+    for number in range(6):
+        pid = str(number)
+        with_image = number % 2 == 0
+        problems[pid] = {"question": f"q{number}?", "choices": ["red", "blue"], "answer": number % 2, "hint": "",
+                         "lecture": "", "solution": "", "subject": "natural science", "grade": "grade1",
+                         "image": "image.png" if with_image else None, "split": "train"}  # fmt: skip
+        if with_image:
+            (folder / "images" / "train" / pid).mkdir(parents=True)
+            Image.new("RGB", (32, 32), (255, 0, 0)).save(folder / "images" / "train" / pid / "image.png")
+    (folder / "pid_splits.json").write_text(json.dumps({"train": sorted(problems), "test": []}))
+    (folder / "problems.json").write_text(json.dumps(problems))
+
+    rows = build_dataset({"name": "scienceqa", "path": str(folder), "limit": 4}, processor=None)
+    assert (
+        len(rows) == 4 and rows["image"][1] is None and rows["image"][0].endswith("images/train/0/image.png")
+    )
+    assert rows["prompt"][0].startswith(
+        "Image: <image> Question: q0?\nContext: N/A\nOptions: (A) red (B) blue"
+    )
+    assert rows["target"][1] == "The answer is B. BECAUSE:"
+
+    conversations = [{"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": "a"}]}
+                     for i in range(5)]  # fmt: skip
+    (tmp_path / "chat.json").write_text(json.dumps(conversations))
+    processor = build_model_and_processor(load_recipe(str(write_recipe(tmp_path, tiny_backbones))))[1]
+    chats = build_dataset({"name": "llava", "json": str(tmp_path / "chat.json"), "limit": 2}, processor)
+    assert len(chats) == 2
+
+    recipe = write_recipe(
+        tmp_path, tiny_backbones, data={"name": "scienceqa", "path": str(folder), "limit": 4}
+    )
+    assert main(["train", str(recipe)]) == 0
+    assert (tmp_path / "run" / "final" / "mmadapters_model.safetensors").is_file()
+
+
+def test_a_data_option_the_data_set_does_not_take_is_refused(tiny_backbones, tmp_path, capsys):
+    recipe = write_recipe(tmp_path, tiny_backbones, data={"name": "scienceqa", "split": "train", "limt": 5})
+    assert main(["train", str(recipe)]) == 2
+    assert (
+        "`data` has option(s) ['limt'] that scienceqa does not take; it takes ['split', 'path', 'limit']"
+        in (capsys.readouterr().err)
+    )

@@ -328,8 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument(
         "--data",
-        help="the benchmark's data: a Hub id, or a local copy (a folder of parquet files in the Hub layout, or one "
-        "parquet file) for offline machines; default: the benchmark's Hub repo (not for easy-vqa)",
+        help="the benchmark's data: a Hub id, or a local copy for offline machines (a folder of parquet files in the "
+        "Hub layout, or one parquet file; ScienceQA also in its official layout, the folder with problems.json, "
+        "pid_splits.json and images/, as LaVIN's data/); default: the benchmark's Hub repo (not for easy-vqa)",
     )
     evaluate.add_argument("--split", help="default: test (MMBench: dev)")
     evaluate.add_argument("--batch-size", type=positive_int, default=16, help="prompts per generate call")

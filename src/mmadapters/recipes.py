@@ -9,7 +9,8 @@ stage: finetune              # crome only: pretrain | instruct | finetune
 init_from: ...               # crome only: an InstructBLIP checkpoint to initialise from (optional)
 from_checkpoint: ...         # continue from an earlier run's checkpoint instead (optional)
 feature_whitening: 4000      # lavin only: whiten the visual features, fitted on this many training images
-data: {name: easy_vqa, split: train, limit: 4800, prompt_format: open}
+data: {name: easy_vqa, split: train, limit: 4800, prompt_format: open}  # or scienceqa (split, path, limit),
+                             # llava (json, image_folder, limit); path: a local copy of ScienceQA
 eval_data: {name: easy_vqa, split: test, limit: 200}   # optional: evaluation loss during training
 dtype: bfloat16              # the frozen backbones' dtype (adapters stay float32); default float32
 quantization:                # optional, bitsandbytes (BitsAndBytesConfig fields) per backbone: LaVIN-lite
@@ -53,7 +54,13 @@ RECIPE_KEYS = {
     "lora",
     "hub_license",
 }
-DATA_NAMES = ("easy_vqa", "scienceqa", "llava")
+# The data sets a recipe names, and the options each takes (anything else in its block is an error, never dropped).
+DATA_OPTIONS = {
+    "easy_vqa": ("split", "prompt_format", "limit", "seed"),
+    "scienceqa": ("split", "path", "limit"),  # path: a local copy (official or Hub parquet layout)
+    "llava": ("json", "image_folder", "limit"),
+}
+DATA_NAMES = tuple(DATA_OPTIONS)
 DTYPES = INFERENCE_DTYPES  # the backbones' dtype names, as eval, chat and the demo take them
 
 
@@ -151,7 +158,14 @@ def recipe_errors(recipe: dict[str, Any]) -> list[str]:
         except (ValueError, TypeError) as error:
             errors.append(f"`adapter`: {error}".rstrip("."))
     for key in ("data", "eval_data"):
-        limit = (recipe.get(key) or {}).get("limit")
+        data = recipe.get(key) or {}
+        unknown = sorted(set(data) - {"name", *DATA_OPTIONS[data.get("name", "easy_vqa")]})
+        if unknown:
+            errors.append(
+                f"`{key}` has option(s) {unknown} that {data['name']} does not take; it takes "
+                f"{list(DATA_OPTIONS[data['name']])}"
+            )
+        limit = data.get("limit")
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
             errors.append(f"`{key}.limit` must be a positive integer (or absent: all rows), got {limit!r}")
     if recipe.get("dtype", "float32") not in DTYPES:
@@ -311,10 +325,12 @@ def build_dataset(data: dict[str, Any], processor: Any) -> Any:
     if data["name"] == "easy_vqa":
         return load_easy_vqa(**options)
     if data["name"] == "scienceqa":
-        return load_scienceqa(options.get("split", "train"))
+        return load_scienceqa(**options)
     if "json" not in options:
         raise RecipeError("data.name: llava needs `data.json` (and usually `data.image_folder`).")
-    return load_llava_conversations(options["json"], options.get("image_folder"), processor)
+    rows = load_llava_conversations(options["json"], options.get("image_folder"), processor)
+    limit = options.get("limit")
+    return rows if limit is None else rows.select(range(min(limit, len(rows))))
 
 
 def first_distinct_images(rows: Any, count: int) -> list[Any]:

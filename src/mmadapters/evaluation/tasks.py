@@ -8,13 +8,13 @@ user turn through the processor's chat template (for a converted official checkp
 
 from __future__ import annotations
 
-import glob
 import math
 import os
 from collections.abc import Callable
 from typing import Any
 
-from ..data.scienceqa import LETTERS, scienceqa_example
+from ..data.parquet_copy import read_parquet_copy
+from ..data.scienceqa import LETTERS, is_official_scienceqa_folder, read_official_scienceqa, scienceqa_example
 from .benchmarks import mmbench_circular, mme_scores, mme_yes_no, rotate_options
 from .generate import generate_answers
 from .scoring import extract_letter, scienceqa_table
@@ -32,33 +32,22 @@ def load_task_data(
     task: str, data: str | None = None, split: str | None = None, limit: int | None = None
 ) -> Any:
     """The benchmark's rows: from `data` (a Hub id, a folder of parquet files in the Hub layout such as
-    `data/test-00000-of-00001.parquet`, or one parquet file), by default the benchmark's Hub repo."""
+    `data/test-00000-of-00001.parquet`, or one parquet file; for ScienceQA also its official layout, the folder
+    with problems.json, pid_splits.json and images/), by default the benchmark's Hub repo."""
     import datasets
 
     repo, config, default_split = HUB_SOURCES[task]
     split = split or default_split
     source = data or repo
-    if os.path.isfile(source) or os.path.isdir(source):
-        files = [source] if os.path.isfile(source) else _split_files(source, split)
-        rows = datasets.load_dataset("parquet", data_files=files, split="train")
+    if task == "scienceqa" and is_official_scienceqa_folder(source):
+        rows = read_official_scienceqa(source, split)
+    elif os.path.isfile(source) or os.path.isdir(source):
+        rows = read_parquet_copy(source, split)
     else:
         rows = datasets.load_dataset(source, config, split=split)
     if limit is not None:
         rows = rows.select(range(min(limit, len(rows))))
     return rows
-
-
-def _split_files(folder: str, split: str) -> list[str]:
-    every = sorted(glob.glob(os.path.join(folder, "**", "*.parquet"), recursive=True))
-    chosen = [
-        f for f in every if os.path.basename(f).startswith(f"{split}-") or f"{os.sep}{split}{os.sep}" in f
-    ]
-    if not chosen:
-        raise FileNotFoundError(
-            f"No parquet files of split '{split}' under {folder} (expected the Hub layout, e.g. "
-            f"data/{split}-00000-of-00001.parquet); found {[os.path.relpath(f, folder) for f in every][:5]}."
-        )
-    return chosen
 
 
 def chat_prompt(processor: Any, text: str, has_image: bool) -> str:
