@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_llm
+from conftest import save_llm_with_width, save_tiny_llm, save_tiny_vision
 from transformers import AutoModelForCausalLM
 
 from mmadapters import LavinForConditionalGeneration, LavinProcessor, MMAdapterConfig
@@ -173,3 +174,43 @@ def test_merged_export_includes_a_lora_on_top(trained_checkpoint, tmp_path):
     model.disable_adapters()
     with torch.no_grad():
         assert not torch.allclose(model(**inputs).logits, expected, atol=1e-3)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_quantised_llm_is_dequantized_and_merged_as_it_computed(tmp_path, randomize_adapters, bits):
+    """LaVIN-lite: folding into packed 4-bit weights failed with a shape error, and into int8 weights wrote
+    nonsense. The LLM is dequantized first: the merged LLM computes what LaVIN computes on the dequantized weights,
+    and what the quantised LaVIN computes up to its kernels' rounding."""
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
+
+    from mmadapters import add_lora
+
+    llm, vision = save_llm_with_width(tmp_path / "llm", 64), save_tiny_vision(tmp_path / "vision")
+    quantization = {"text_config": BitsAndBytesConfig(load_in_4bit=bits == 4, load_in_8bit=bits == 8)}
+    torch.manual_seed(0)
+    model = LavinForConditionalGeneration.from_backbones(llm, vision, quantization_config=quantization)
+    randomize_adapters(model, std=0.3)
+    processor = LavinProcessor.from_backbones(llm, vision)
+    model.save_pretrained(tmp_path / "lite", processor=processor)
+    inputs = processor(text=["Image: N/A\nthe capital of france is"])
+
+    assert main(["merge", str(tmp_path / "lite"), str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+    quantised = LavinForConditionalGeneration.from_pretrained(tmp_path / "lite").eval()
+    dequantized = LavinForConditionalGeneration.from_pretrained(tmp_path / "lite").eval()
+    dequantized.language_model.dequantize()  # before it runs (see the refusal below)
+    with torch.no_grad():
+        logits = merged(input_ids=inputs["input_ids"]).logits
+        torch.testing.assert_close(logits, dequantized(**inputs).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(logits, quantised(**inputs).logits, atol=5e-2, rtol=0)
+
+    if bits == 4:  # `quantised` has run on the CPU: bitsandbytes repacked its 4-bit weights
+        with pytest.raises(MergeError, match="already run on the CPU.*Merge a freshly loaded model"):
+            merge_lavin_adapters(quantised, "text")
+    with_lora = LavinForConditionalGeneration.from_pretrained(tmp_path / "lite")
+    add_lora(with_lora, LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(MergeError, match="quantised \\(bitsandbytes\\) and holds PEFT layers"):
+        merge_lavin_adapters(with_lora, "text")

@@ -15,6 +15,9 @@ differences, so the merged LLM, counting from 0, gives the same logits.
 PEFT layers on the LLM (LoRA on top) are merged into its weights first (W + s B A), so the adapters fold into the
 weights the LLM actually uses (and so are PEFT layers on the LLM adapters' own linear layers); PEFT layers on the vision tower stay with the unmerged vision side.
 
+A quantised LLM (LaVIN-lite) is dequantized first: the export holds full-precision weights (a quantised LLM with
+PEFT layers on it is refused: the LoRA would be quantised too).
+
 The vision side stays unmerged (its router depends on each image), so `--modality image` exports the LLM that
 an image sample sees: it takes `inputs_embeds` with the visual tokens placed by the unmerged LaVIN model.
 """
@@ -33,7 +36,7 @@ from ..atomic import atomic_directory, check_output_folder
 from ..modeling.adapters.injection import find_decoder_layers
 from ..modeling.embedded import resolve_backbone_name
 from ..modeling.lavin import LavinForConditionalGeneration
-from ..modeling.peft_on_top import merge_peft_layers
+from ..modeling.peft_on_top import merge_peft_layers, tuner_layers
 from ..processing.base import build_chat_template
 
 MODALITIES = {"text": 0, "image": 1}
@@ -59,6 +62,7 @@ def merge_lavin_adapters(
     if modality not in MODALITIES:
         raise MergeError(f"modality must be 'text' or 'image', got {modality!r}")
     model.eval()
+    _dequantize(model.language_model)
     # PEFT layers first: on the LLM, and on the LLM adapters' own linear layers where
     # get_peft_model(target_modules="all-linear") put them, so that the routing and the fold below see them.
     merge_peft_layers(model.language_model)
@@ -86,6 +90,42 @@ def merge_lavin_adapters(
 
     model.remove_adapter_hooks()
     return language_model
+
+
+def _dequantize(language_model: PreTrainedModel) -> None:
+    """Turn a quantised LLM (LaVIN-lite: bitsandbytes 4-bit or 8-bit) back into full-precision layers, in place,
+    before anything runs or is folded: the export is a plain checkpoint, and folding into packed quantised weights
+    would compute nonsense. The dequantized weights are the ones the model computed with, so the merged LLM answers
+    as the quantised LaVIN did (up to the quantised kernels' rounding); quantise it again when loading it."""
+    quantizer = getattr(language_model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    method = getattr(quantizer.quantization_config, "quant_method", "quantised")
+    method = getattr(method, "value", method)  # an enum in transformers
+    if tuner_layers(language_model):
+        raise MergeError(
+            f"The LLM is quantised ({method}) and holds PEFT layers: merging those into quantised weights would "
+            "quantise the LoRA too. Keep this model unmerged (its adapter-only checkpoint loads as it is), or "
+            "train the LoRA on a full-precision LLM to merge it."
+        )
+    if any(
+        getattr(getattr(p, "quant_state", None), "packing_format_for_cpu", False)
+        for p in language_model.parameters()
+    ):
+        # bitsandbytes repacks 4-bit weights for its CPU kernels at the first inference pass; dequantize then reads
+        # wrong values (measured: logits off by the size of the logits), even after its own unpacking.
+        raise MergeError(
+            "This 4-bit LLM has already run on the CPU, which repacks bitsandbytes' weights in a layout that cannot "
+            "be dequantized exactly. Merge a freshly loaded model: `mmadapters merge CHECKPOINT OUTPUT`, or "
+            "merge_lavin_adapters(LavinForConditionalGeneration.from_pretrained(CHECKPOINT)) before running it."
+        )
+    try:
+        language_model.dequantize()
+    except (ValueError, NotImplementedError, AttributeError, TypeError) as error:
+        raise MergeError(
+            f"The LLM is quantised ({method}) and transformers cannot dequantize it ({error}); a merged export "
+            "needs full-precision weights. Keep this model unmerged."
+        ) from error
 
 
 def _enable_biases(language_model: PreTrainedModel, layers: nn.ModuleList, site_names: list[str]) -> None:
