@@ -382,6 +382,50 @@ def test_lavin_lite_4bit_backbone_trains_and_round_trips(tiny_backbones, tmp_pat
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_lavin_lite_saves_after_inference_and_its_full_checkpoint_quantises_the_llm_alone(
+    tiny_backbones, tmp_path, randomize_adapters, bits
+):
+    """After an inference pass on the CPU (an evaluation during training), bitsandbytes had repacked the 4-bit
+    weights in place and the adapter-only save refused as if the LLM had been trained. A full checkpoint reloaded
+    with the vision tower and our adapters quantised too, and its first forward failed inside bitsandbytes."""
+    from bitsandbytes.nn import Linear4bit, Linear8bitLt
+    from transformers import BitsAndBytesConfig
+
+    text_path = save_llm_with_width(tmp_path / "llm64")
+    quantization = {
+        4: BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
+        8: BitsAndBytesConfig(load_in_8bit=True),
+    }[bits]
+    torch.manual_seed(0)
+    model = LavinForConditionalGeneration.from_backbones(
+        text_path, tiny_backbones[1], quantization_config={"text_config": quantization}
+    ).eval()
+    randomize_adapters(model)
+    batch = LavinProcessor.from_backbones(text_path, tiny_backbones[1])(
+        images=[[image(1)], []], text=["Image: <image>\nwhat color", "Image: N/A\nthe capital of"]
+    )
+    with torch.no_grad():
+        expected = model(**batch).logits
+    model.save_pretrained(tmp_path / "adapters")
+    model.save_pretrained(tmp_path / "full", adapter_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, expected, rtol=0, atol=0)  # saving changed nothing
+
+    quantised_class = Linear4bit if bits == 4 else Linear8bitLt
+    for folder in ("adapters", "full"):
+        loaded = LavinForConditionalGeneration.from_pretrained(tmp_path / folder)
+        assert isinstance(loaded.language_model.model.layers[0].self_attn.q_proj, quantised_class)
+        assert type(loaded.vision_tower.encoder.layers[0].self_attn.q_proj) is torch.nn.Linear
+        assert type(loaded.llm_adapters[0].attn.router) is torch.nn.Linear
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.eval()(**batch).logits, expected, rtol=0, atol=0)
+    loaded.train()
+    loaded(**batch, labels=batch["input_ids"].masked_fill(batch["input_ids"] >= 300, -100)).loss.backward()
+    assert loaded.llm_adapters[0].attn.router.weight.grad is not None  # our modules train after a full load
+
+
 @pytest.mark.skipif(importlib.util.find_spec("optimum") is None, reason="optimum-quanto not installed")
 def test_quanto_backbone_stays_frozen(tiny_backbones):
     from optimum.quanto import freeze, qint8, quantize

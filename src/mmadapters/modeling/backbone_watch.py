@@ -27,6 +27,18 @@ def _sample(tensor: torch.Tensor) -> torch.Tensor:
     return flat[::step].to("cpu", copy=True)
 
 
+def keep_quantized_weights_in_place(module: nn.Module) -> None:
+    """Keep bitsandbytes from rewriting a backbone's 4-bit weights. On a CPU with AVX512-BF16, bitsandbytes (0.50)
+    repacks a 4-bit layer's weights in place at its first inference pass, into a layout it computes in bfloat16
+    and packs back only approximately (its double-quantised absmax is quantised again): an adapter-only save then
+    refused as if the backbone had been trained, a merged export dequantized garbage, and inference computed
+    differently from training. With the switch off those layers compute as on any other CPU (their float32
+    compute dtype) and their weights stay as loaded."""
+    for layer in module.modules():
+        if getattr(layer, "support_avx512bf16_for_cpu", False):
+            layer.support_avx512bf16_for_cpu = False
+
+
 def backbone_tensors(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """The backbones' tensors, named `role.name` (role: "language_model", "vision_tower"), as the live modules
     hold them."""

@@ -39,7 +39,12 @@ from ..checkpoint_files import (
 from ..hub.names import looks_like_local_path
 from ..hub.remote_code import model_auto_map, write_loader
 from . import peft_on_top
-from .backbone_watch import BackboneWatch, backbone_tensors, backbone_tensors_in
+from .backbone_watch import (
+    BackboneWatch,
+    backbone_tensors,
+    backbone_tensors_in,
+    keep_quantized_weights_in_place,
+)
 from .backbones import (
     BackboneReference,
     BackboneSpec,
@@ -56,6 +61,7 @@ from .backbones import (
     vision_config_of,
 )
 from .causal_lm_output import VisionLanguageCausalLMOutput, causal_lm_output
+from .full_checkpoint_quantization import scoped_quantization_config
 from .loading import (
     ROLES,
     BackboneLoadOptions,
@@ -834,7 +840,10 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         return {name: getattr(self, name) for name in BACKBONE_MODULES}
 
     def watch_backbones(self) -> None:
-        """Remember the backbones' weights as they are now (see `BackboneWatch`); called once loaded."""
+        """Remember the backbones' weights as they are now (see `BackboneWatch`), and keep bitsandbytes from
+        rewriting quantised ones (`keep_quantized_weights_in_place`); called once loaded."""
+        for backbone in self._backbone_modules().values():
+            keep_quantized_weights_in_place(backbone)
         self._backbone_watch = BackboneWatch(backbone_tensors(self._backbone_modules()))
 
     # ------------------------------------------------------------------------------------------------
@@ -1038,6 +1047,16 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             kwargs["revision"] = revision
         if folder is not None and kwargs.get("device_map") is not None:
             kwargs["device_map"] = cls._full_checkpoint_device_map(folder, kwargs)
+        if folder is not None and kwargs.get("quantization_config") is None:
+            # A quantised backbone's weights: quantisation for that backbone alone (see full_checkpoint_quantization)
+            given = kwargs.get("config")
+            config = (
+                given if isinstance(given, PreTrainedConfig) else cls.config_class.from_pretrained(folder)
+            )
+            quantization = scoped_quantization_config(folder, config)
+            if quantization is not None:
+                config.quantization_config = quantization
+                kwargs["config"] = config
         loaded = super().from_pretrained(folder, *model_args, **kwargs)
         (loaded[0] if isinstance(loaded, tuple) else loaded).watch_backbones()
         return loaded
