@@ -201,15 +201,16 @@ def test_a_quantised_llm_is_dequantized_and_merged_as_it_computed(tmp_path, rand
     assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
     quantised = LavinForConditionalGeneration.from_pretrained(tmp_path / "lite").eval()
     dequantized = LavinForConditionalGeneration.from_pretrained(tmp_path / "lite").eval()
-    dequantized.language_model.dequantize()  # before it runs (see the refusal below)
+    dequantized.language_model.dequantize()
     with torch.no_grad():
         logits = merged(input_ids=inputs["input_ids"]).logits
         torch.testing.assert_close(logits, dequantized(**inputs).logits, atol=1e-5, rtol=0)
-        torch.testing.assert_close(logits, quantised(**inputs).logits, atol=5e-2, rtol=0)
+        torch.testing.assert_close(logits, quantised(**inputs).logits, atol=1e-2, rtol=0)
 
-    if bits == 4:  # `quantised` has run on the CPU: bitsandbytes repacked its 4-bit weights
-        with pytest.raises(MergeError, match="already run on the CPU.*Merge a freshly loaded model"):
-            merge_lavin_adapters(quantised, "text")
+    # The model that has just run merges as well (our backbones' 4-bit weights are not repacked on the CPU).
+    with torch.no_grad():
+        again = merge_lavin_adapters(quantised, "text")(input_ids=inputs["input_ids"]).logits
+    torch.testing.assert_close(again, logits, atol=1e-5, rtol=0)
     with_lora = LavinForConditionalGeneration.from_pretrained(tmp_path / "lite")
     add_lora(with_lora, LoraConfig(r=4, target_modules=["q_proj"]))
     with pytest.raises(MergeError, match="quantised \\(bitsandbytes\\) and holds PEFT layers"):

@@ -94,8 +94,8 @@ def merge_lavin_adapters(
 
 def _dequantize(language_model: PreTrainedModel) -> None:
     """Turn a quantised LLM (LaVIN-lite: bitsandbytes 4-bit or 8-bit) back into full-precision layers, in place,
-    before anything runs or is folded: the export is a plain checkpoint, and folding into packed quantised weights
-    would compute nonsense. The dequantized weights are the ones the model computed with, so the merged LLM answers
+    before anything is folded: the export is a plain checkpoint, and folding into packed quantised weights would
+    compute nonsense. The dequantized weights are the ones the model computed with, so the merged LLM answers
     as the quantised LaVIN did (up to the quantised kernels' rounding); quantise it again when loading it."""
     quantizer = getattr(language_model, "hf_quantizer", None)
     if quantizer is None:
@@ -107,17 +107,6 @@ def _dequantize(language_model: PreTrainedModel) -> None:
             f"The LLM is quantised ({method}) and holds PEFT layers: merging those into quantised weights would "
             "quantise the LoRA too. Keep this model unmerged (its adapter-only checkpoint loads as it is), or "
             "train the LoRA on a full-precision LLM to merge it."
-        )
-    if any(
-        getattr(getattr(p, "quant_state", None), "packing_format_for_cpu", False)
-        for p in language_model.parameters()
-    ):
-        # bitsandbytes repacks 4-bit weights for its CPU kernels at the first inference pass; dequantize then reads
-        # wrong values (measured: logits off by the size of the logits), even after its own unpacking.
-        raise MergeError(
-            "This 4-bit LLM has already run on the CPU, which repacks bitsandbytes' weights in a layout that cannot "
-            "be dequantized exactly. Merge a freshly loaded model: `mmadapters merge CHECKPOINT OUTPUT`, or "
-            "merge_lavin_adapters(LavinForConditionalGeneration.from_pretrained(CHECKPOINT)) before running it."
         )
     try:
         language_model.dequantize()
