@@ -469,6 +469,17 @@ def test_model_card(checkpoint, tmp_path):
     assert "base_model:\n- HuggingFaceTB/SmolLM2-135M-Instruct" in card
     params = sum(p.numel() for p in model.adapter_state_dict().values())
     assert f"{params:,} trainable parameters" in card
+    assert 'pip install "mmadapters>=' in card and "quantised" not in card
+
+    # LaVIN-lite: the card says how the LLM loads, and installs bitsandbytes (the `quant` extra) with the package.
+    config["backbone_quantization"] = {
+        "text_config": {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    }
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    card = str(build_model_card(folder, "org/lavin", license="apache-2.0"))
+    assert 'pip install "mmadapters[quant]>=' in card
+    assert "loads them quantised again: the LLM (bitsandbytes, 4-bit nf4)" in card
 
 
 def test_crome_checkpoint_card_and_push(tiny_backbones, tmp_path, hub):

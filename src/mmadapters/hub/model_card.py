@@ -24,7 +24,7 @@ _TEMPLATE = """---
 {{ method_name }} adapters for **{{ text_name }}** with the vision tower **{{ vision_name }}**: {{ method_text }}.
 This repository holds only the adapters ({{ adapter_size }}, {{ trainable }} trainable parameters); the frozen
 backbones are downloaded from their own repositories at the revisions below and checked against the weight
-fingerprints recorded in `config.json`.
+fingerprints recorded in `config.json`.{{ quantisation_note }}
 
 ## Base models
 
@@ -39,7 +39,7 @@ fingerprints recorded in `config.json`.
 ## Usage
 
 ```bash
-pip install "mmadapters>={{ minimum_version }}"
+pip install "mmadapters{{ extras }}>={{ minimum_version }}"
 ```
 
 ```python
@@ -70,6 +70,30 @@ _ANSWER_LINES = {
     True: "# The LLM is encoder-decoder: generate returns the answer alone.\n"
     "print(processor.decode(output[0], skip_special_tokens=True))",
 }
+
+
+def _quantisation_note(config: dict[str, Any]) -> str:
+    """For a checkpoint trained on quantised backbones (LaVIN-lite): how they are loaded again (needs the `quant`
+    extra, which installs bitsandbytes)."""
+    record = config.get("backbone_quantization") or {}
+    parts = []
+    for role, name in (("text_config", "LLM"), ("vision_config", "vision tower")):
+        settings = record.get(role)
+        if settings:
+            bits = (
+                "4-bit" if settings.get("load_in_4bit") else "8-bit" if settings.get("load_in_8bit") else ""
+            )
+            kind = settings.get("bnb_4bit_quant_type") if settings.get("load_in_4bit") else None
+            detail = " ".join(x for x in (bits, kind) if x)
+            parts.append(
+                f"the {name} ({settings.get('quant_method', 'quantised')}{', ' + detail if detail else ''})"
+            )
+    if not parts:
+        return ""
+    return (
+        f" It was trained on quantised backbones and loads them quantised again: {' and '.join(parts)}, as "
+        "recorded in `config.json` (`from_pretrained(..., quantization_config=...)` overrides it)."
+    )
 
 
 def _llm_is_encoder_decoder(config: dict[str, Any]) -> bool:
@@ -233,6 +257,8 @@ def build_model_card(
         evaluation=evaluation,
         repo_id=repo_id,
         minimum_version=MINIMUM_VERSION,
+        extras="[quant]" if config.get("backbone_quantization") else "",
+        quantisation_note=_quantisation_note(config),
         answer_lines=_ANSWER_LINES[_llm_is_encoder_decoder(config)],
     )
 
