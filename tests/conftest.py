@@ -282,12 +282,12 @@ def write_recipe(tmp_path, tiny_backbones, **overrides):
     return path
 
 
-def save_llm_with_width(path, hidden_size: int = 64) -> str:
+def save_llm_with_width(path, hidden_size: int = 64, **overrides) -> str:
     """bitsandbytes' CPU 4-bit kernels need input widths of at least one quantisation block (64)."""
     tokenizer = make_tokenizer()
     torch.manual_seed(0)
     config = tiny_text_config(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, **overrides
     )
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tokenizer.save_pretrained(path)

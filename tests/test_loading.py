@@ -383,17 +383,18 @@ def test_lavin_lite_4bit_backbone_trains_and_round_trips(tiny_backbones, tmp_pat
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits, tied", [(4, False), (4, True), (8, True)])
 def test_lavin_lite_saves_after_inference_and_its_full_checkpoint_quantises_the_llm_alone(
-    tiny_backbones, tmp_path, randomize_adapters, bits
+    tiny_backbones, tmp_path, randomize_adapters, bits, tied
 ):
     """After an inference pass on the CPU (an evaluation during training), bitsandbytes had repacked the 4-bit
     weights in place and the adapter-only save refused as if the LLM had been trained. A full checkpoint reloaded
-    with the vision tower and our adapters quantised too, and its first forward failed inside bitsandbytes."""
+    with the vision tower and our adapters quantised too (and an LM head tied to the embeddings), and its first
+    forward failed inside bitsandbytes."""
     from bitsandbytes.nn import Linear4bit, Linear8bitLt
     from transformers import BitsAndBytesConfig
 
-    text_path = save_llm_with_width(tmp_path / "llm64")
+    text_path = save_llm_with_width(tmp_path / "llm64", tie_word_embeddings=tied)
     quantization = {
         4: BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
         8: BitsAndBytesConfig(load_in_8bit=True),
@@ -419,6 +420,7 @@ def test_lavin_lite_saves_after_inference_and_its_full_checkpoint_quantises_the_
         assert isinstance(loaded.language_model.model.layers[0].self_attn.q_proj, quantised_class)
         assert type(loaded.vision_tower.encoder.layers[0].self_attn.q_proj) is torch.nn.Linear
         assert type(loaded.llm_adapters[0].attn.router) is torch.nn.Linear
+        assert type(loaded.language_model.lm_head) is torch.nn.Linear
         with torch.no_grad():
             torch.testing.assert_close(loaded.eval()(**batch).logits, expected, rtol=0, atol=0)
     loaded.train()

@@ -5,7 +5,7 @@ The file holds the quantised backbone's weights as bitsandbytes stores them (4-b
 and everything else in full precision. transformers' loader takes the quantisation from the text sub-config and
 applies it to the whole model: the other backbone and our trainable modules were quantised too, and the first
 forward failed inside bitsandbytes. `scoped_quantization_config` gives the loader the same quantisation with every
-module the file holds in full precision listed as not to be converted.
+module the file does not hold quantised listed as not to be converted.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ import os
 import re
 from typing import Any
 
+import torch
 from safetensors import safe_open
+from torch import nn
 
 from .loading import LoadingOptionError
 
@@ -46,17 +48,28 @@ def scoped_quantization_config(folder: str, config: Any) -> dict[str, Any] | Non
     quantised = {
         name[: -len(suffix)] for name in names for suffix in QUANTISED_LAYER_SUFFIXES if name.endswith(suffix)
     }
-    quantised_backbones = {BACKBONE_OF_ROLE[role] for role in record}
-    full_precision = sorted(
-        {
-            name.rsplit(".", 1)[0]
-            for name in names
-            if name.split(".", 1)[0] in quantised_backbones and name.endswith(".weight")
-        }
-        - quantised
-    )
-    others = sorted({name.split(".", 1)[0] for name in names} - quantised_backbones)
-    return {**settings[0], "llm_int8_skip_modules": [re.escape(name) for name in (*others, *full_precision)]}
+    backbone_configs = {BACKBONE_OF_ROLE[role]: getattr(config, role) for role in record}
+    # Linear layers of a quantised backbone that the file holds in full precision (the LM head), or not at all (an
+    # LM head tied to the input embeddings): found on the backbone built without weights (meta device).
+    full_precision = [name for name in linear_layer_names(backbone_configs) if name not in quantised]
+    others = sorted({name.split(".", 1)[0] for name in names} - set(backbone_configs))
+    skip = [re.escape(name) for name in (*others, *full_precision)]
+    return {**settings[0], "llm_int8_skip_modules": skip}
+
+
+def linear_layer_names(backbone_configs: dict[str, Any]) -> list[str]:
+    """The qualified names of the linear layers of each backbone (attribute -> its config)."""
+    from .backbones import build_text_backbone, build_vision_backbone
+
+    build = {"language_model": build_text_backbone, "vision_tower": build_vision_backbone}
+    names = []
+    for attribute, backbone_config in backbone_configs.items():
+        with torch.device("meta"):
+            backbone = build[attribute](backbone_config)
+        names += [
+            f"{attribute}.{n}" for n, module in backbone.named_modules() if isinstance(module, nn.Linear)
+        ]
+    return names
 
 
 def weight_names(folder: str) -> list[str]:
