@@ -428,6 +428,47 @@ def test_lavin_lite_saves_after_inference_and_its_full_checkpoint_quantises_the_
     assert loaded.llm_adapters[0].attn.router.weight.grad is not None  # our modules train after a full load
 
 
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+def test_a_checkpoint_quantised_at_load_saves_as_it_is_and_a_lite_one_loads_unquantised(
+    tiny_backbones, tmp_path, randomize_adapters
+):
+    """from_pretrained(quantization_config=...) of a full-precision checkpoint, then save: the checkpoint reloaded
+    in full precision (the record said so), unlike the model that was saved. And a LaVIN-lite checkpoint loads in
+    full precision from a config without the record (its backbones come from their own full-precision source)."""
+    from bitsandbytes.nn import Linear8bitLt
+    from transformers import BitsAndBytesConfig
+
+    from mmadapters import LavinConfig
+
+    text_path = save_llm_with_width(tmp_path / "llm64")
+    torch.manual_seed(0)
+    model = randomize_adapters(
+        LavinForConditionalGeneration.from_backbones(text_path, tiny_backbones[1])
+    ).eval()
+    model.save_pretrained(tmp_path / "full-precision")
+    ids = torch.tensor([[1, 40, 50, 60]])
+    quantised = LavinForConditionalGeneration.from_pretrained(
+        tmp_path / "full-precision",
+        quantization_config={"text_config": BitsAndBytesConfig(load_in_8bit=True)},
+    ).eval()
+    quantised.save_pretrained(tmp_path / "lite")
+    reloaded = LavinForConditionalGeneration.from_pretrained(tmp_path / "lite").eval()
+    assert isinstance(reloaded.language_model.model.layers[0].mlp.down_proj, Linear8bitLt)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded(input_ids=ids).logits, quantised(input_ids=ids).logits, rtol=0, atol=0
+        )
+
+    config = LavinConfig.from_pretrained(tmp_path / "lite")
+    config.backbone_quantization = None
+    unquantised = LavinForConditionalGeneration.from_pretrained(tmp_path / "lite", config=config).eval()
+    assert type(unquantised.language_model.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(
+            unquantised(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0
+        )
+
+
 @pytest.mark.skipif(importlib.util.find_spec("optimum") is None, reason="optimum-quanto not installed")
 def test_quanto_backbone_stays_frozen(tiny_backbones):
     from optimum.quanto import freeze, qint8, quantize

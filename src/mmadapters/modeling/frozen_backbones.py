@@ -1151,6 +1151,9 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         config.text_config = loaded["text"].config
         config.vision_config = loaded["vision"].config
         config._attn_implementation = attention
+        # As the backbones are now: quantised as recorded, or as this call's quantization_config asked (a save then
+        # reloads the model as it was saved, as transformers does for a quantised model).
+        config.backbone_quantization = _quantization_record(loaded["text"], loaded["vision"])
         model = cls(config, language_model=loaded["text"], vision_tower=loaded["vision"])
         model.load_referenced_weights(name, ignore_backbone_mismatch)
         model.load_adapter_state_dict(adapter_tensors, source=name)
