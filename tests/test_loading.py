@@ -469,6 +469,53 @@ def test_a_checkpoint_quantised_at_load_saves_as_it_is_and_a_lite_one_loads_unqu
         )
 
 
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+def test_a_full_checkpoint_quantised_at_load_quantises_the_backbones_alone(
+    tiny_backbones, tmp_path, randomize_adapters
+):
+    """from_pretrained(full checkpoint, quantization_config=...) quantised our adapters too (transformers applies
+    one quantisation to the whole model), and the dict form failed inside transformers. Now it computes what the
+    adapter-only checkpoint loaded the same way computes, and a checkpoint quantised already refuses a second one."""
+    from bitsandbytes.nn import Linear8bitLt
+    from transformers import BitsAndBytesConfig
+
+    text_path = save_llm_with_width(tmp_path / "llm64")
+    torch.manual_seed(0)
+    model = randomize_adapters(
+        LavinForConditionalGeneration.from_backbones(text_path, tiny_backbones[1])
+    ).eval()
+    model.save_pretrained(tmp_path / "adapters")
+    model.save_pretrained(tmp_path / "full", adapter_only=False)
+    ids = torch.tensor([[1, 40, 50, 60]])
+    for quantization in (
+        BitsAndBytesConfig(load_in_8bit=True),
+        {"text_config": BitsAndBytesConfig(load_in_8bit=True)},
+    ):
+        full = LavinForConditionalGeneration.from_pretrained(
+            tmp_path / "full", quantization_config=quantization
+        )
+        adapters = LavinForConditionalGeneration.from_pretrained(
+            tmp_path / "adapters", quantization_config=quantization
+        )
+        assert isinstance(full.language_model.model.layers[0].mlp.down_proj, Linear8bitLt)
+        assert (
+            type(full.llm_adapters[0].attn.router) is torch.nn.Linear
+            and type(full.projector.linear_1) is torch.nn.Linear
+        )
+        vision_quantised = isinstance(full.vision_tower.encoder.layers[0].mlp.fc1, Linear8bitLt)
+        assert vision_quantised == (not isinstance(quantization, dict))
+        assert full.config.backbone_quantization == adapters.config.backbone_quantization
+        with torch.no_grad():
+            torch.testing.assert_close(
+                full.eval()(input_ids=ids).logits, adapters.eval()(input_ids=ids).logits, rtol=0, atol=0
+            )
+    full.save_pretrained(tmp_path / "lite-full", adapter_only=False)
+    with pytest.raises(LoadingOptionError, match="quantised already"):
+        LavinForConditionalGeneration.from_pretrained(
+            tmp_path / "lite-full", quantization_config=quantization
+        )
+
+
 @pytest.mark.skipif(importlib.util.find_spec("optimum") is None, reason="optimum-quanto not installed")
 def test_quanto_backbone_stays_frozen(tiny_backbones):
     from optimum.quanto import freeze, qint8, quantize

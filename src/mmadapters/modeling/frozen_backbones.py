@@ -61,7 +61,7 @@ from .backbones import (
     vision_config_of,
 )
 from .causal_lm_output import VisionLanguageCausalLMOutput, causal_lm_output
-from .full_checkpoint_quantization import scoped_quantization_config
+from .full_checkpoint_quantization import scoped_quantization
 from .loading import (
     ROLES,
     BackboneLoadOptions,
@@ -1047,18 +1047,27 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             kwargs["revision"] = revision
         if folder is not None and kwargs.get("device_map") is not None:
             kwargs["device_map"] = cls._full_checkpoint_device_map(folder, kwargs)
-        if folder is not None and kwargs.get("quantization_config") is None:
-            # A quantised backbone's weights: quantisation for that backbone alone (see full_checkpoint_quantization)
+        scoped = None
+        if (
+            folder is not None
+        ):  # quantised backbones: quantisation for them alone (see full_checkpoint_quantization)
             given = kwargs.get("config")
             config = (
                 given if isinstance(given, PreTrainedConfig) else cls.config_class.from_pretrained(folder)
             )
-            quantization = scoped_quantization_config(folder, config)
-            if quantization is not None:
-                config.quantization_config = quantization
+            scoped = scoped_quantization(folder, config, kwargs.pop("quantization_config", None))
+            if (
+                scoped is not None and config.backbone_quantization
+            ):  # pre-quantised weights: the config says how
+                config.quantization_config = scoped[1]
                 kwargs["config"] = config
+            elif scoped is not None:
+                kwargs["quantization_config"] = scoped[1]
         loaded = super().from_pretrained(folder, *model_args, **kwargs)
-        (loaded[0] if isinstance(loaded, tuple) else loaded).watch_backbones()
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        if scoped is not None:
+            model.config.backbone_quantization = scoped[0]
+        model.watch_backbones()
         return loaded
 
     @classmethod

@@ -1,11 +1,17 @@
-"""Loading a full checkpoint of a model whose backbone(s) were quantised (LaVIN-lite saved with every weight).
+"""Quantised backbones in a full checkpoint (every weight saved, `save_pretrained(adapter_only=False)`).
 
-The file holds the quantised backbone's weights as bitsandbytes stores them (4-bit: `<layer>.weight` with
-`<layer>.weight.absmax` and the rest of its quantisation state beside it; 8-bit: `<layer>.weight` and `<layer>.SCB`),
-and everything else in full precision. transformers' loader takes the quantisation from the text sub-config and
-applies it to the whole model: the other backbone and our trainable modules were quantised too, and the first
-forward failed inside bitsandbytes. `scoped_quantization_config` gives the loader the same quantisation with every
-module the file does not hold quantised listed as not to be converted.
+transformers' loader applies one quantisation to a whole model: the one the text sub-config records, or the
+`quantization_config` keyword. For our models that quantised the vision tower and our trainable modules too (and an
+LM head tied to the embeddings), and the first forward failed inside bitsandbytes. `scoped_quantization` gives the
+loader the quantisation with everything outside the quantised backbone(s) listed as not to be converted, for both
+cases:
+- recorded (LaVIN-lite saved with every weight): the file holds the quantised backbone's weights as bitsandbytes
+  stores them (4-bit: `<layer>.weight` with `<layer>.weight.absmax` and the rest of its quantisation state beside
+  it; 8-bit: `<layer>.weight` and `<layer>.SCB`); the layers without that state stay in full precision;
+- requested (`from_pretrained(full_checkpoint, quantization_config=...)`, one config for both backbones or a dict
+  keyed by `text_config` / `vision_config`, as for adapter-only checkpoints): the backbone's linear layers are
+  quantised as transformers would quantise that backbone alone (its LM head kept in full precision).
+Both are bitsandbytes only (its `llm_int8_skip_modules` scopes them); other methods are refused for full checkpoints.
 """
 
 from __future__ import annotations
@@ -19,57 +25,93 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .loading import LoadingOptionError
+from .loading import ROLES, LoadingOptionError, per_role
 
 # The state-dict suffixes by which bitsandbytes marks a quantised layer (4-bit, 8-bit).
 QUANTISED_LAYER_SUFFIXES = (".weight.absmax", ".SCB")
-# A role of `backbone_quantization` -> the attribute (and state-dict prefix) of that backbone.
-BACKBONE_OF_ROLE = {"text_config": "language_model", "vision_config": "vision_tower"}
+# A role's backbone attribute (also its state-dict prefix).
+BACKBONE_OF_ROLE = {"text": "language_model", "vision": "vision_tower"}
 
 
-def scoped_quantization_config(folder: str, config: Any) -> dict[str, Any] | None:
-    """The quantization config (as the dict a config.json holds) to load `folder`, a full checkpoint, with; None
-    when no backbone was quantised."""
-    record = getattr(config, "backbone_quantization", None)
+def scoped_quantization(folder: str, config: Any, requested: Any) -> tuple[dict[str, Any], Any] | None:
+    """(the `backbone_quantization` record of the loaded model, the quantization config to load `folder` with:
+    a dict for a pre-quantised checkpoint, set on its config; a config object for a requested one, passed as
+    `quantization_config`), or None when no backbone is quantised."""
+    recorded = getattr(config, "backbone_quantization", None) or {}
+    if recorded and requested is not None:
+        raise LoadingOptionError(
+            f"{folder} holds backbone weights quantised already ({sorted(recorded)}); load it without "
+            "quantization_config, or quantise the adapter-only checkpoint of this model instead."
+        )
+    if requested is not None:
+        record = {
+            f"{role}_config": value if isinstance(value, dict) else value.to_dict()
+            for role, value in per_role(requested, "quantization_config").items()
+            if value is not None
+        }
+    else:
+        record = dict(recorded)
     if not record:
         return None
+    settings = _one_bitsandbytes_setting(folder, record)
+    backbone_configs = {
+        BACKBONE_OF_ROLE[role]: getattr(config, f"{role}_config")
+        for role in ROLES
+        if f"{role}_config" in record
+    }
+    names = weight_names(folder)
+    linear_layers, heads = _linear_layers_and_heads(backbone_configs)
+    if recorded:  # the layers the file holds quantised
+        quantised = {
+            name[: -len(suffix)]
+            for name in names
+            for suffix in QUANTISED_LAYER_SUFFIXES
+            if name.endswith(suffix)
+        }
+    else:  # as transformers quantises a backbone alone: every linear layer but its LM head
+        quantised = set(linear_layers) - set(heads)
+    full_precision = [name for name in linear_layers if name not in quantised]
+    others = sorted({name.split(".", 1)[0] for name in names} - set(backbone_configs))
+    skip = [re.escape(name) for name in (*others, *full_precision)]
+    if recorded:
+        return record, {**settings, "llm_int8_skip_modules": skip}
+    from transformers.quantizers.auto import AutoQuantizationConfig
+
+    return record, AutoQuantizationConfig.from_dict({**settings, "llm_int8_skip_modules": skip})
+
+
+def _one_bitsandbytes_setting(folder: str, record: dict[str, Any]) -> dict[str, Any]:
     settings = list({json.dumps(value, sort_keys=True): value for value in record.values()}.values())
     if len(settings) > 1:
         raise LoadingOptionError(
-            f"{folder} is a full checkpoint whose backbones were quantised differently ({sorted(record)}); "
-            "transformers loads one quantisation per model. Save such a model adapter-only (the default)."
+            f"{folder} is a full checkpoint and its backbones are quantised differently ({sorted(record)}); "
+            "transformers loads one quantisation per model. Use the adapter-only checkpoint of this model."
         )
     if settings[0].get("quant_method") != "bitsandbytes":
         raise LoadingOptionError(
-            f"{folder} is a full checkpoint with a {settings[0].get('quant_method')}-quantised backbone; full "
-            "checkpoints of quantised backbones load for bitsandbytes only. Save the model adapter-only."
+            f"{folder} is a full checkpoint, and its backbones can be quantised by bitsandbytes only (got "
+            f"{settings[0].get('quant_method')}); use the adapter-only checkpoint of this model."
         )
-    names = weight_names(folder)
-    quantised = {
-        name[: -len(suffix)] for name in names for suffix in QUANTISED_LAYER_SUFFIXES if name.endswith(suffix)
-    }
-    backbone_configs = {BACKBONE_OF_ROLE[role]: getattr(config, role) for role in record}
-    # Linear layers of a quantised backbone that the file holds in full precision (the LM head), or not at all (an
-    # LM head tied to the input embeddings): found on the backbone built without weights (meta device).
-    full_precision = [name for name in linear_layer_names(backbone_configs) if name not in quantised]
-    others = sorted({name.split(".", 1)[0] for name in names} - set(backbone_configs))
-    skip = [re.escape(name) for name in (*others, *full_precision)]
-    return {**settings[0], "llm_int8_skip_modules": skip}
+    return {key: value for key, value in settings[0].items() if key != "llm_int8_skip_modules"}
 
 
-def linear_layer_names(backbone_configs: dict[str, Any]) -> list[str]:
-    """The qualified names of the linear layers of each backbone (attribute -> its config)."""
+def _linear_layers_and_heads(backbone_configs: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The qualified names of each backbone's linear layers, and of its output head (the LM head), found on the
+    backbone built without weights (meta device)."""
     from .backbones import build_text_backbone, build_vision_backbone
 
     build = {"language_model": build_text_backbone, "vision_tower": build_vision_backbone}
-    names = []
+    linear_layers, heads = [], []
     for attribute, backbone_config in backbone_configs.items():
         with torch.device("meta"):
             backbone = build[attribute](backbone_config)
-        names += [
-            f"{attribute}.{n}" for n, module in backbone.named_modules() if isinstance(module, nn.Linear)
-        ]
-    return names
+        head = backbone.get_output_embeddings() if hasattr(backbone, "get_output_embeddings") else None
+        for name, module in backbone.named_modules():
+            if isinstance(module, nn.Linear):
+                linear_layers.append(f"{attribute}.{name}")
+                if module is head:
+                    heads.append(f"{attribute}.{name}")
+    return linear_layers, heads
 
 
 def weight_names(folder: str) -> list[str]:
@@ -81,8 +123,8 @@ def weight_names(folder: str) -> list[str]:
     single = os.path.join(folder, "model.safetensors")
     if not os.path.isfile(single):
         raise LoadingOptionError(
-            f"{folder} is a full checkpoint of a quantised backbone without safetensors weights; save it again "
-            "with save_pretrained(folder, adapter_only=False) (safetensors), or adapter-only."
+            f"{folder} is a full checkpoint without safetensors weights, which quantised backbones need here; "
+            "save it again with save_pretrained(folder, adapter_only=False) (safetensors), or adapter-only."
         )
     with safe_open(single, framework="pt") as f:
         return list(f.keys())
