@@ -4,6 +4,7 @@ modules) or refused with a message; loaded backbones; device maps; quantised bac
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 
 import pytest
@@ -423,6 +424,15 @@ def test_lavin_lite_saves_after_inference_and_its_full_checkpoint_quantises_the_
         assert type(loaded.language_model.lm_head) is torch.nn.Linear
         with torch.no_grad():
             torch.testing.assert_close(loaded.eval()(**batch).logits, expected, rtol=0, atol=0)
+    loaded.save_pretrained(
+        tmp_path / "adapters-again"
+    )  # from the full checkpoint: no quantised weights in it
+    assert "quantization_config" not in json.loads((tmp_path / "adapters-again" / "config.json").read_text())
+    with torch.no_grad():
+        again = (
+            LavinForConditionalGeneration.from_pretrained(tmp_path / "adapters-again").eval()(**batch).logits
+        )
+    torch.testing.assert_close(again, expected, rtol=0, atol=0)
     loaded.train()
     loaded(**batch, labels=batch["input_ids"].masked_fill(batch["input_ids"] >= 300, -100)).loss.backward()
     assert loaded.llm_adapters[0].attn.router.weight.grad is not None  # our modules train after a full load
