@@ -288,12 +288,33 @@ def test_push_space(tmp_path):
         assert "sdk: gradio" in readme and "models:\n- org/lavin" in readme
         assert "examples/red_triangle.png" in files and "app.py" in files
         assert "org/lavin-space" not in server.repos  # a Space, not a model repo
+        assert files["requirements.txt"].decode().splitlines()[-1] == "mmadapters[demo]>=0.1"
+
+        # A model trained on quantised backbones (LaVIN-lite) needs bitsandbytes in the Space: the quant extra.
+        from huggingface_hub import HfApi
+
+        api = HfApi(endpoint=server.url, token="hf_space_token_123456")
+        api.create_repo("org/lite")
+        config = json.dumps(
+            {"model_type": "lavin", "backbone_quantization": {"text_config": {"load_in_4bit": True}}}
+        )
+        api.upload_file(path_or_fileobj=config.encode(), path_in_repo="config.json", repo_id="org/lite")
+        push_space(
+            os.path.join(REPO, "spaces", "lavin"),
+            "org/lite-space",
+            model="org/lite",
+            token="hf_space_token_123456",
+            endpoint=server.url,
+        )
+        files = server.spaces["org/lite-space"].commits[-1][1]
+        assert files["requirements.txt"].decode().splitlines()[-1] == "mmadapters[demo,quant]>=0.1"
     finally:
         server.stop()
 
 
 def test_push_space_command(monkeypatch, capsys):
     """`mmadapters push-space`: the plan with --dry-run; the commit flags it shares with `push` reach the Hub."""
+    import huggingface_hub
     from huggingface_hub import CommitInfo, HfApi, RepoUrl
 
     from mmadapters.cli import main
@@ -322,9 +343,15 @@ def test_push_space_command(monkeypatch, capsys):
     def create_branch(self, repo_id, **kwargs):
         seen["branch"] = (repo_id, kwargs)
 
+    def no_model_config(
+        *args, **kwargs
+    ):  # push-space reads the model's config.json (LaVIN-lite needs bitsandbytes)
+        raise OSError("offline")
+
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
     monkeypatch.setattr(HfApi, "create_branch", create_branch)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_model_config)
     flags = ["--private", "--create-pr", "--revision", "dev", "--commit-description", "why", "--retries", "0"]
     assert main(["push-space", folder, "org/space", "--model", "org/lavin", *flags]) == 0
     assert seen["create_repo"] == (

@@ -23,6 +23,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -434,6 +435,8 @@ def push_space(
         files = space_files(os.fspath(folder), model, generated)
         if dry_run:
             return _plan(files)
+        if _trained_on_quantised_backbones(model, endpoint, token):
+            files["requirements.txt"] = _with_quant_extra(files["requirements.txt"], generated)
         return _upload(
             files,
             repo_id,
@@ -445,6 +448,34 @@ def push_space(
             endpoint,
             {"create_pr": create_pr, "revision": revision, "commit_description": commit_description},
         )
+
+
+def _trained_on_quantised_backbones(model: str, endpoint: str | None, token: str | None) -> bool:
+    """Whether the model repo's config.json records quantised backbones (LaVIN-lite): a Space serving it needs
+    bitsandbytes. False when it cannot be read (the Space's app then says what is missing when it loads)."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        with open(hf_hub_download(model, "config.json", endpoint=endpoint, token=token)) as f:
+            return bool(json.load(f).get("backbone_quantization"))
+    except Exception:  # offline, no such repo, no config: nothing to add
+        return False
+
+
+def _with_quant_extra(requirements: str, generated: str) -> str:
+    """A copy of the Space's requirements.txt (written into `generated`) whose mmadapters line takes the `quant`
+    extra too (bitsandbytes)."""
+    with open(requirements) as f:
+        lines = f.read().splitlines()
+    for index, line in enumerate(lines):
+        match = re.match(r"^mmadapters(\[([^\]]*)\])?(.*)$", line.strip())
+        if match and "quant" not in (match.group(2) or ""):
+            extras = [e for e in (match.group(2) or "").split(",") if e.strip()] + ["quant"]
+            lines[index] = f"mmadapters[{','.join(extras)}]{match.group(3)}"
+    path = os.path.join(generated, "requirements.txt")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
 
 
 def create_repo(
