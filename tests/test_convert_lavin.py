@@ -8,12 +8,13 @@ kernel-1 Conv1d modules under the official names, the ViT adapters working in th
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import pickle
 
 import pytest
 import torch
-from conftest import save_tiny_llm
+from conftest import save_llm_with_width, save_tiny_llm
 from torch import nn
 from transformers import AutoModelForCausalLM, CLIPVisionModel
 
@@ -298,3 +299,62 @@ def test_converted_checkpoint_answers_scienceqa_prompts_as_the_official_forward(
                 )  # fmt: skip
                 ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
         assert ours[0].tolist() == ids[0].tolist()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+def test_a_lavin_lite_checkpoint_converts_with_its_llm_quantised_as_the_official_code_did(
+    tiny_backbones, tmp_path, capsys
+):
+    """Official LaVIN-lite (`--bits 4bit`): the adapters were trained on an LLM quantised by bitsandbytes (nf4,
+    double quantisation, float16 compute). The conversion records that quantisation, so the converted model (and
+    every load of it) computes what the official model computes on the quantised LLM."""
+    from transformers import BitsAndBytesConfig
+
+    from mmadapters.modeling.backbone_watch import keep_quantized_weights_in_place
+
+    llm_path = save_llm_with_width(tmp_path / "llm64")  # bitsandbytes' CPU 4-bit kernels need width >= 64
+    official_setup = BitsAndBytesConfig(  # LaVIN's util/quantization.py
+        load_in_4bit=True,
+        llm_int8_threshold=6.0,
+        llm_int8_has_fp16_weight=False,
+        bnb_4bit_compute_dtype=torch.float16,
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_quant_type="nf4",
+    )
+    quantised_llm = AutoModelForCausalLM.from_pretrained(llm_path, quantization_config=official_setup).eval()
+    keep_quantized_weights_in_place(quantised_llm)  # as our backbones: no bfloat16 CPU repacking
+    vision = CLIPVisionModel.from_pretrained(tiny_backbones[1]).eval()
+    torch.manual_seed(0)
+    reference = OfficialLavinAdapters(
+        quantised_llm.config.num_hidden_layers,
+        quantised_llm.config.hidden_size,
+        vision.config.num_hidden_layers,
+        vision.config.hidden_size,
+    ).eval()
+    path = tmp_path / "checkpoint-19.pth"
+    args = argparse.Namespace(adapter_scale=SCALE, temperature=TEMPERATURE, llm_model="7B", bits="4bit")
+    torch.save({"model": reference.state_dict(), "epoch": 19, "args": args}, path)
+    out = tmp_path / "converted"
+    assert main(["convert-lavin", str(path), "--llm", llm_path, "--vision", tiny_backbones[1], str(out)]) == 0
+    model = LavinForConditionalGeneration.from_pretrained(out)
+    record = model.config.backbone_quantization["text_config"]
+    assert (
+        record["load_in_4bit"]
+        and record["bnb_4bit_quant_type"] == "nf4"
+        and record["bnb_4bit_use_double_quant"]
+    )
+    assert record["bnb_4bit_compute_dtype"] == "float16"
+    from transformers import AutoProcessor
+
+    inputs = sample_batch(model, AutoProcessor.from_pretrained(out))
+    with torch.no_grad():
+        expected = reference.logits(
+            quantised_llm,
+            vision,
+            inputs["input_ids"],
+            inputs["pixel_values"],
+            model.config.image_token_id,
+            model.config.vision_feature_layers,
+        )
+        # float16 compute inside the 4-bit layers: rounding differs with the order of operations
+        torch.testing.assert_close(model.eval()(**inputs).logits, expected, atol=5e-4, rtol=0)

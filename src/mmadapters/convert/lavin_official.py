@@ -150,6 +150,34 @@ def adapter_config_from_official(tensors: dict[str, torch.Tensor], args: dict[st
     )
 
 
+def official_quantization(args: dict[str, Any]) -> Any:
+    """The LLM quantisation of an official LaVIN-lite checkpoint (`args.bits` "4bit" / "8bit"; None otherwise), as
+    the official code sets it up (util/quantization.py: bitsandbytes, nf4 with double quantisation and float16
+    compute, on the decoder layers; transformers' bitsandbytes integration keeps the LM head out, as the official
+    code quantises `llama.layers` only). The adapters were trained against it, so the converted model loads it."""
+    bits = str(args.get("bits", "16bit"))
+    if bits not in ("4bit", "8bit"):
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise OfficialCheckpointError(
+            f"The checkpoint is LaVIN-lite (its LLM was quantised to {bits}, args.bits): converting it faithfully "
+            "needs bitsandbytes: pip install 'mmadapters[quant]'."
+        )
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=bits == "4bit",
+        load_in_8bit=bits == "8bit",
+        llm_int8_threshold=6.0,
+        llm_int8_has_fp16_weight=False,
+        bnb_4bit_compute_dtype=torch.float16,
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_quant_type="nf4",
+    )
+
+
 def convert_official_lavin(
     checkpoint: str | os.PathLike,
     text_model: BackboneSpec,
@@ -161,19 +189,23 @@ def convert_official_lavin(
     the official adapter tensors into it. Raises on missing tensors or unmapped keys (the report lists them).
 
     `temperature` overrides the router temperature when the checkpoint's `args` do not record it (10 for 7B,
-    5 for 13B). The processor uses the official preprocessing (bicubic resize, no crop, ImageNet statistics)."""
+    5 for 13B). A LaVIN-lite checkpoint (`args.bits`) gets its LLM quantised as the official code did
+    (`official_quantization`). The processor uses the official preprocessing (bicubic resize, no crop, ImageNet
+    statistics)."""
     tensors, args = load_official_checkpoint(checkpoint)
     adapter_config = adapter_config_from_official(tensors, args)
     if temperature is not None:
         adapter_config.temperature = temperature
     vision_layers = sorted({int(k.split(".")[4]) for k in tensors if k.startswith("backbone.visual.")})
     projector = tensors.get("adapter_proj.conv_A.weight")
+    quantization = official_quantization(args)
     model = LavinForConditionalGeneration.from_backbones(
         text_model,
         vision_model,
         adapter_config=adapter_config,
         dtype=dtype,
         projector_hidden_size=projector.shape[0] if projector is not None else 128,
+        **({"quantization_config": {"text_config": quantization}} if quantization is not None else {}),
     )
     if adapter_config.vision_adapters and len(vision_layers) != len(model.vision_adapters):
         raise OfficialCheckpointError(
