@@ -336,6 +336,7 @@ def test_a_lavin_lite_checkpoint_converts_with_its_llm_quantised_as_the_official
     torch.save({"model": reference.state_dict(), "epoch": 19, "args": args}, path)
     out = tmp_path / "converted"
     assert main(["convert-lavin", str(path), "--llm", llm_path, "--vision", tiny_backbones[1], str(out)]) == 0
+    assert "LaVIN-lite: the LLM is quantised to 4bit" in capsys.readouterr().out
     model = LavinForConditionalGeneration.from_pretrained(out)
     record = model.config.backbone_quantization["text_config"]
     assert (
@@ -358,3 +359,17 @@ def test_a_lavin_lite_checkpoint_converts_with_its_llm_quantised_as_the_official
         )
         # float16 compute inside the 4-bit layers: rounding differs with the order of operations
         torch.testing.assert_close(model.eval()(**inputs).logits, expected, atol=5e-4, rtol=0)
+
+
+def test_a_checkpoint_trained_on_vicuna_says_so_when_converted_onto_another_llm(
+    official, tiny_backbones, tmp_path
+):
+    """Vicuna has LLaMA's shapes: nothing in the weights shows the mismatch, the saved args do."""
+    payload = torch.load(official[3], weights_only=False)
+    payload["args"].use_vicuna = True
+    torch.save(payload, tmp_path / "vicuna.pth")
+    _, _, report = convert_official_lavin(tmp_path / "vicuna.pth", *tiny_backbones)
+    assert any("trained on Vicuna (args.use_vicuna)" in note for note in report.notes)
+    assert "trained on Vicuna" in report.summary()
+    _, _, plain = convert_official_lavin(official[3], *tiny_backbones)
+    assert plain.notes == []

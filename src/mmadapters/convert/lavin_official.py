@@ -67,9 +67,10 @@ class ConversionReport:
     unmapped: list[str] = field(default_factory=list)  # official keys with no place in our model
     missing: list[str] = field(default_factory=list)  # our adapter tensors the checkpoint did not provide
     settings: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what the user should know about the backbones
 
     def summary(self) -> str:
-        lines = [f"mapped {self.mapped} tensors; adapter settings {self.settings}"]
+        lines = [f"mapped {self.mapped} tensors; adapter settings {self.settings}", *self.notes]
         if self.unmapped:
             lines.append(f"unmapped official keys ({len(self.unmapped)}): {self.unmapped[:10]}")
         if self.missing:
@@ -178,6 +179,25 @@ def official_quantization(args: dict[str, Any]) -> Any:
     )
 
 
+def backbone_notes(args: dict[str, Any], text_model: BackboneSpec) -> list[str]:
+    """What the saved args say about the backbones that the weights cannot show: a Vicuna LLM has LLaMA's shapes,
+    so a conversion onto LLaMA would pass every check and answer worse."""
+    notes = []
+    if str(args.get("bits", "16bit")) in ("4bit", "8bit"):
+        notes.append(
+            f"LaVIN-lite: the LLM is quantised to {args['bits']} as the official code did (recorded)."
+        )
+    if (
+        args.get("use_vicuna")
+        and "vicuna" not in str(getattr(text_model, "name_or_path", text_model)).lower()
+    ):
+        notes.append(
+            f"note: the checkpoint was trained on Vicuna (args.use_vicuna), and the LLM given is {text_model}; "
+            "its adapters expect Vicuna's weights (e.g. lmsys/vicuna-7b-v1.1)."
+        )
+    return notes
+
+
 def convert_official_lavin(
     checkpoint: str | os.PathLike,
     text_model: BackboneSpec,
@@ -214,7 +234,7 @@ def convert_official_lavin(
         )
 
     expected = model.adapter_state_dict()
-    report = ConversionReport(settings=adapter_config.to_dict())
+    report = ConversionReport(settings=adapter_config.to_dict(), notes=backbone_notes(args, text_model))
     converted = {}
     for key, value in tensors.items():
         ours = official_to_ours(key)
