@@ -13,7 +13,8 @@ text from position 1 (position 0 belongs to the modality token); RoPE attention 
 differences, so the merged LLM, counting from 0, gives the same logits.
 
 PEFT layers on the LLM (LoRA on top) are merged into its weights first (W + s B A), so the adapters fold into the
-weights the LLM actually uses (and so are PEFT layers on the LLM adapters' own linear layers); PEFT layers on the vision tower stay with the unmerged vision side.
+weights the LLM actually uses (and so are PEFT layers on the LLM adapters' own linear layers); PEFT layers on the
+vision tower stay with the unmerged vision side.
 
 A quantised LLM (LaVIN-lite) is dequantized first: the export holds full-precision weights (a quantised LLM with
 PEFT layers on it is refused: the LoRA would be quantised too).

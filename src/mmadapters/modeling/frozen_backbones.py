@@ -1048,26 +1048,26 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             kwargs["revision"] = revision
         if folder is not None and kwargs.get("device_map") is not None:
             kwargs["device_map"] = cls._full_checkpoint_device_map(folder, kwargs)
-        scoped = None
-        if (
-            folder is not None
-        ):  # quantised backbones: quantisation for them alone (see full_checkpoint_quantization)
+        record = quantization = None
+        if folder is not None:
+            # Quantised backbones: quantisation for them alone (see full_checkpoint_quantization).
             given = kwargs.get("config")
             config = (
                 given if isinstance(given, PreTrainedConfig) else cls.config_class.from_pretrained(folder)
             )
-            scoped = scoped_quantization(folder, config, kwargs.pop("quantization_config", None))
-            if (
-                scoped is not None and config.backbone_quantization
-            ):  # pre-quantised weights: the config says how
-                config.quantization_config = scoped[1]
-                kwargs["config"] = config
-            elif scoped is not None:
-                kwargs["quantization_config"] = scoped[1]
+            record, quantization = scoped_quantization(
+                folder, config, kwargs.pop("quantization_config", None)
+            )
+        if quantization is not None and config.backbone_quantization:
+            # Pre-quantised weights in the file: transformers reads how from the config.
+            config.quantization_config = quantization
+            kwargs["config"] = config
+        elif quantization is not None:
+            kwargs["quantization_config"] = quantization
         loaded = super().from_pretrained(folder, *model_args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
-        if scoped is not None:
-            model.config.backbone_quantization = scoped[0]
+        if record is not None:
+            model.config.backbone_quantization = record
         model.watch_backbones()
         return loaded
 

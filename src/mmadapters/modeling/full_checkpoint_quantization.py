@@ -33,10 +33,10 @@ QUANTISED_LAYER_SUFFIXES = (".weight.absmax", ".SCB")
 BACKBONE_OF_ROLE = {"text": "language_model", "vision": "vision_tower"}
 
 
-def scoped_quantization(folder: str, config: Any, requested: Any) -> tuple[dict[str, Any], Any] | None:
+def scoped_quantization(folder: str, config: Any, requested: Any) -> tuple[dict[str, Any] | None, Any]:
     """(the `backbone_quantization` record of the loaded model, the quantization config to load `folder` with:
     a dict for a pre-quantised checkpoint, set on its config; a config object for a requested one, passed as
-    `quantization_config`), or None when no backbone is quantised."""
+    `quantization_config`); (None, None) when no backbone is quantised."""
     recorded = getattr(config, "backbone_quantization", None) or {}
     if recorded and requested is not None:
         raise LoadingOptionError(
@@ -52,7 +52,7 @@ def scoped_quantization(folder: str, config: Any, requested: Any) -> tuple[dict[
     else:
         record = dict(recorded)
     if not record:
-        return None
+        return None, None
     settings = _one_bitsandbytes_setting(folder, record)
     backbone_configs = {
         BACKBONE_OF_ROLE[role]: getattr(config, f"{role}_config")
