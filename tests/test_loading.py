@@ -526,6 +526,47 @@ def test_a_full_checkpoint_quantised_at_load_quantises_the_backbones_alone(
         )
 
 
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+def test_full_checkpoints_with_lora_on_a_quantised_llm_reload_with_the_lora_in_full_precision(
+    tiny_backbones, tmp_path
+):
+    """LoRA on top of a quantised LLM, saved with every weight: the reload failed in transformers (the LoRA's
+    base layers did not match the LLM's). And a full-precision checkpoint with LoRA, quantised at load, quantises
+    the LoRA's base layers, never the LoRA's own."""
+    from bitsandbytes.nn import Linear8bitLt
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
+
+    from mmadapters import add_lora
+
+    text_path = save_llm_with_width(tmp_path / "llm64")
+    ids = torch.tensor([[1, 40, 50, 60]])
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    quantization = {"text_config": BitsAndBytesConfig(load_in_8bit=True)}
+    torch.manual_seed(0)
+    lite = LavinForConditionalGeneration.from_backbones(
+        text_path, tiny_backbones[1], quantization_config=quantization
+    )
+    add_lora(lite.eval(), lora)
+    lite.save_pretrained(tmp_path / "lite-lora", adapter_only=False)
+    torch.manual_seed(0)
+    plain = add_lora(LavinForConditionalGeneration.from_backbones(text_path, tiny_backbones[1]).eval(), lora)
+    plain.save_pretrained(tmp_path / "plain-lora", adapter_only=False)
+    for folder, expected_model, kwargs in (
+        ("lite-lora", lite, {}),
+        ("plain-lora", lite, {"quantization_config": quantization}),
+    ):
+        loaded = LavinForConditionalGeneration.from_pretrained(tmp_path / folder, **kwargs).eval()
+        q_proj = loaded.language_model.model.layers[0].self_attn.q_proj
+        assert (
+            isinstance(q_proj.base_layer, Linear8bitLt) and type(q_proj.lora_A["default"]) is torch.nn.Linear
+        )
+        with torch.no_grad():
+            torch.testing.assert_close(
+                loaded(input_ids=ids).logits, expected_model(input_ids=ids).logits, rtol=0, atol=0
+            )
+
+
 @pytest.mark.skipif(importlib.util.find_spec("optimum") is None, reason="optimum-quanto not installed")
 def test_quanto_backbone_stays_frozen(tiny_backbones):
     from optimum.quanto import freeze, qint8, quantize

@@ -1056,7 +1056,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
                 given if isinstance(given, PreTrainedConfig) else cls.config_class.from_pretrained(folder)
             )
             record, quantization = scoped_quantization(
-                folder, config, kwargs.pop("quantization_config", None)
+                folder, config, kwargs.pop("quantization_config", None), cls
             )
         if quantization is not None and config.backbone_quantization:
             # Pre-quantised weights in the file: transformers reads how from the config.

@@ -16,6 +16,7 @@ Both are bitsandbytes only (its `llm_int8_skip_modules` scopes them); other meth
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -33,10 +34,13 @@ QUANTISED_LAYER_SUFFIXES = (".weight.absmax", ".SCB")
 BACKBONE_OF_ROLE = {"text": "language_model", "vision": "vision_tower"}
 
 
-def scoped_quantization(folder: str, config: Any, requested: Any) -> tuple[dict[str, Any] | None, Any]:
+def scoped_quantization(
+    folder: str, config: Any, requested: Any, model_class: type
+) -> tuple[dict[str, Any] | None, Any]:
     """(the `backbone_quantization` record of the loaded model, the quantization config to load `folder` with:
     a dict for a pre-quantised checkpoint, set on its config; a config object for a requested one, passed as
-    `quantization_config`); (None, None) when no backbone is quantised."""
+    `quantization_config`); (None, None) when no backbone is quantised. `model_class` builds the model that will
+    load (on the meta device, without weights) to find its layers."""
     recorded = getattr(config, "backbone_quantization", None) or {}
     if recorded and requested is not None:
         raise LoadingOptionError(
@@ -54,13 +58,9 @@ def scoped_quantization(folder: str, config: Any, requested: Any) -> tuple[dict[
     if not record:
         return None, None
     settings = _one_bitsandbytes_setting(folder, record)
-    backbone_configs = {
-        BACKBONE_OF_ROLE[role]: getattr(config, f"{role}_config")
-        for role in ROLES
-        if f"{role}_config" in record
-    }
+    backbones = [BACKBONE_OF_ROLE[role] for role in ROLES if f"{role}_config" in record]
     names = weight_names(folder)
-    linear_layers, heads = _linear_layers_and_heads(backbone_configs)
+    linear_layers, kept = _linear_layers_and_heads(model_class, config, backbones)
     if recorded:  # the layers the file holds quantised
         quantised = {
             name[: -len(suffix)]
@@ -68,10 +68,10 @@ def scoped_quantization(folder: str, config: Any, requested: Any) -> tuple[dict[
             for suffix in QUANTISED_LAYER_SUFFIXES
             if name.endswith(suffix)
         }
-    else:  # as transformers quantises a backbone alone: every linear layer but its LM head
-        quantised = set(linear_layers) - set(heads)
+    else:  # as transformers quantises a backbone alone: every linear layer but its LM head (and PEFT's own)
+        quantised = set(linear_layers) - set(kept)
     full_precision = [name for name in linear_layers if name not in quantised]
-    others = sorted({name.split(".", 1)[0] for name in names} - set(backbone_configs))
+    others = sorted({name.split(".", 1)[0] for name in names} - set(backbones))
     skip = [re.escape(name) for name in (*others, *full_precision)]
     if recorded:
         return record, {**settings, "llm_int8_skip_modules": skip}
@@ -95,23 +95,26 @@ def _one_bitsandbytes_setting(folder: str, record: dict[str, Any]) -> dict[str, 
     return {key: value for key, value in settings[0].items() if key != "llm_int8_skip_modules"}
 
 
-def _linear_layers_and_heads(backbone_configs: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """The qualified names of each backbone's linear layers, and of its output head (the LM head), found on the
-    backbone built without weights (meta device)."""
-    from .backbones import build_text_backbone, build_vision_backbone
+def _linear_layers_and_heads(
+    model_class: type, config: Any, backbones: list[str]
+) -> tuple[list[str], list[str]]:
+    """The qualified names of the linear layers of the `backbones` as the model builds them (with the PEFT layers
+    recorded in the config), and of those never to quantise: the LM head and the PEFT adapters' own layers (e.g.
+    `lora_A`). Found on the model built without weights (meta device)."""
+    from .peft_on_top import peft_state_prefixes
 
-    build = {"language_model": build_text_backbone, "vision_tower": build_vision_backbone}
-    linear_layers, heads = [], []
-    for attribute, backbone_config in backbone_configs.items():
-        with torch.device("meta"):
-            backbone = build[attribute](backbone_config)
-        head = backbone.get_output_embeddings() if hasattr(backbone, "get_output_embeddings") else None
-        for name, module in backbone.named_modules():
+    with torch.device("meta"):
+        model = model_class(copy.deepcopy(config))
+    peft_layers = tuple(prefix.rstrip(".") for prefix in peft_state_prefixes(model))
+    head = model.language_model.get_output_embeddings()
+    linear_layers, kept = [], []
+    for backbone in backbones:
+        for name, module in getattr(model, backbone).named_modules(prefix=backbone):
             if isinstance(module, nn.Linear):
-                linear_layers.append(f"{attribute}.{name}")
-                if module is head:
-                    heads.append(f"{attribute}.{name}")
-    return linear_layers, heads
+                linear_layers.append(name)
+                if module is head or (peft_layers and name.startswith(peft_layers)):
+                    kept.append(name)
+    return linear_layers, kept
 
 
 def weight_names(folder: str) -> list[str]:
