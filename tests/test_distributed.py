@@ -113,9 +113,17 @@ def test_ddp_with_activation_checkpointing_trains_through_batches_without_images
     ("Expected to have finished reduction in the prior iteration"). Our Trainers keep the detection on."""
     script = str(ROOT / "tests" / "distributed" / "ddp_text_only_batches.py")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    completed = run(
-        [*command, "--master_port", str(free_port()), script, *tiny_backbones, str(tmp_path)], tmp_path
-    )
+    for attempt in range(2):
+        completed = run(
+            [*command, "--master_port", str(free_port()), script, *tiny_backbones, str(tmp_path)], tmp_path
+        )
+        # Under the lowest pins (transformers 5.20, accelerate 1.3) a process sometimes aborts after its training
+        # finished, in torch's C++ teardown ("terminate called without an active exception"; about 1 run in 16 on
+        # a loaded 2-core machine, never with the newest pins; cause not found). Such a run is repeated once; the
+        # failure this test is about (DDP stopping at the second step) is deterministic and fails both attempts.
+        teardown_abort = "terminate called without an active exception" in completed.stderr
+        if completed.returncode == 0 or not teardown_abort or attempt == 1:
+            break
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert completed.stdout.count("trained") == 2
 
