@@ -149,6 +149,18 @@ def sample_batch(model, processor):
     return processor(images=[[images[0]], [images[1]]], text=["Image: <image> what color?"] * 2)
 
 
+def official_logits(reference, llm, vision, model, inputs):
+    """The official forward's logits for `inputs` (with images), placed as `model` places its visual tokens."""
+    return reference.logits(
+        llm,
+        vision,
+        inputs["input_ids"],
+        inputs["pixel_values"],
+        model.config.image_token_id,
+        model.config.vision_feature_layers,
+    )
+
+
 def test_converted_official_checkpoint_gives_the_official_logits(official, tiny_backbones):
     reference, llm, vision, path = official
     model, processor, report = convert_official_lavin(path, *tiny_backbones)
@@ -193,14 +205,7 @@ def test_convert_lavin_cli_writes_a_loadable_checkpoint(official, tiny_backbones
     processor = AutoProcessor.from_pretrained(out)
     inputs = sample_batch(model, processor)
     with torch.no_grad():
-        expected = reference.logits(
-            llm,
-            vision,
-            inputs["input_ids"],
-            inputs["pixel_values"],
-            model.config.image_token_id,
-            model.config.vision_feature_layers,
-        )
+        expected = official_logits(reference, llm, vision, model, inputs)
         torch.testing.assert_close(model(**inputs).logits, expected, atol=1e-5, rtol=0)
 
 
@@ -349,14 +354,7 @@ def test_a_lavin_lite_checkpoint_converts_with_its_llm_quantised_as_the_official
 
     inputs = sample_batch(model, AutoProcessor.from_pretrained(out))
     with torch.no_grad():
-        expected = reference.logits(
-            quantised_llm,
-            vision,
-            inputs["input_ids"],
-            inputs["pixel_values"],
-            model.config.image_token_id,
-            model.config.vision_feature_layers,
-        )
+        expected = official_logits(reference, quantised_llm, vision, model, inputs)
         # float16 compute inside the 4-bit layers: rounding differs with the order of operations
         torch.testing.assert_close(model.eval()(**inputs).logits, expected, atol=5e-4, rtol=0)
 
