@@ -345,3 +345,48 @@ def test_eval_limit_all_means_the_whole_split():
     assert parser.parse_args(["eval", "ckpt"]).limit == NO_LIMIT_GIVEN
     assert parser.parse_args(["eval", "ckpt", "--limit", "7"]).limit == 7
     assert len(load_easy_vqa("test", limit=None, prompt_format="open")) == 9673  # what --limit all evaluates
+
+
+def test_every_mmadapters_error_is_one_cli_line(tmp_path, capsys):
+    """All our error classes share MMAdaptersError (what `main` catches); a checkpoint whose backbone folder is
+    gone (BackboneNotFoundError, an OSError) is one `error:` line, exit 2, not a traceback."""
+    import importlib
+    import pkgutil
+    import shutil
+
+    import mmadapters
+    from mmadapters.errors import MMAdaptersError
+    from mmadapters.modeling.lavin import LavinForConditionalGeneration as Lavin
+
+    ours = set()
+    for module_info in pkgutil.walk_packages(mmadapters.__path__, "mmadapters."):
+        if module_info.name.startswith(("mmadapters.lmms_eval", "mmadapters.demo")):
+            continue  # optional dependencies (lmms-eval's registry); the demo is checked by name below
+        module = importlib.import_module(module_info.name)
+        ours |= {
+            value
+            for value in vars(module).values()
+            if isinstance(value, type)
+            and issubclass(value, Exception)
+            and value.__module__ == module.__name__
+        }
+    from mmadapters.demo import PortInUseError
+
+    ours.add(PortInUseError)
+    assert len(ours) >= 15
+    assert [error.__name__ for error in ours if not issubclass(error, MMAdaptersError)] == []
+
+    from conftest import save_tiny_llm, save_tiny_vision
+
+    llm = save_tiny_llm(tmp_path / "llm")
+    vision = save_tiny_vision(tmp_path / "vision")
+    checkpoint = tmp_path / "checkpoint"
+    Lavin.from_backbones(llm, vision).save_pretrained(checkpoint)
+    from mmadapters import LavinProcessor
+
+    LavinProcessor.from_backbones(llm, vision).save_pretrained(checkpoint)
+    shutil.rmtree(tmp_path / "llm")
+    capsys.readouterr()
+    assert main(["eval", str(checkpoint), "--limit", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err and "text_model" in err

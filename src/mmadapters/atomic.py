@@ -184,7 +184,7 @@ def _exchange(first: Path, second: Path) -> bool:
     return result == 0
 
 
-class OutputFolderError(ValueError):
+class OutputFolderError(MMAdaptersError, ValueError):
     """An output folder that would overwrite an input or another checkpoint."""
 
 

@@ -455,9 +455,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .hub import PushError
-    from .recipes import RecipeError
-
     quiet_library_logs()
 
     args, extra = build_parser().parse_known_args(argv)
@@ -465,7 +462,9 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().parse_args(argv)  # reports the unknown arguments the usual way
     try:
         args.run(args, extra) if getattr(args, "passes_extra", False) else args.run(args)
-    except (MMAdaptersError, RecipeError, FileNotFoundError, ValueError, PushError) as error:
+    # Our errors (all MMAdaptersError) and the ValueError / FileNotFoundError that transformers-style checks raise
+    # carry a message that says what to do: one line, not a traceback.
+    except (MMAdaptersError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -34,6 +34,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from .errors import MMAdaptersError
 from .inference_loading import INFERENCE_DTYPES, loading_options
 
 RECIPE_KEYS = {
@@ -69,7 +70,7 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-class RecipeError(ValueError):
+class RecipeError(MMAdaptersError, ValueError):
     """A recipe that cannot run: the message says which key is wrong and how to fix it."""
 
 

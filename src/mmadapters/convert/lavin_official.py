@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from ..errors import MMAdaptersError
 from ..modeling.adapters import MMAdapterConfig
 from ..modeling.backbones import BackboneSpec
 from ..modeling.lavin import LavinForConditionalGeneration
@@ -55,7 +56,7 @@ _FIXED_KEYS = {
 }
 
 
-class OfficialCheckpointError(ValueError):
+class OfficialCheckpointError(MMAdaptersError, ValueError):
     """The file is not an official LaVIN checkpoint we can convert faithfully."""
 
 

@@ -34,6 +34,7 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel
 
 from ..atomic import atomic_directory, check_output_folder
+from ..errors import MMAdaptersError
 from ..modeling.adapters.injection import find_decoder_layers
 from ..modeling.embedded import resolve_backbone_name
 from ..modeling.lavin import LavinForConditionalGeneration
@@ -50,7 +51,7 @@ _SITE_PROJECTIONS = {
 }
 
 
-class MergeError(ValueError):
+class MergeError(MMAdaptersError, ValueError):
     """The adapters cannot be folded into this LLM as a plain checkpoint."""
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..checkpoint_files import ADAPTER_WEIGHTS_NAME, adapter_weights_file
+from ..errors import MMAdaptersError
 from ..method_names import METHOD_NAMES
 from .names import is_hub_id
 from .remote_code import MINIMUM_VERSION
@@ -117,7 +118,7 @@ KNOWN_LICENSES = {
 }
 
 
-class LicenseError(ValueError):
+class LicenseError(MMAdaptersError, ValueError):
     """The card's license cannot be decided: the message says to pass one."""
 
 

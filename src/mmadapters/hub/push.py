@@ -37,6 +37,7 @@ from ..checkpoint_files import (
     is_peft_adapter_folder,
     is_peft_tensor_name,
 )
+from ..errors import MMAdaptersError
 from .model_card import LicenseError, build_model_card
 from .remote_code import LOADER_FILE
 
@@ -100,7 +101,7 @@ TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
 SPACE_SETTINGS_NAME = "mmadapters_space.json"
 
 
-class PushError(RuntimeError):
+class PushError(MMAdaptersError, RuntimeError):
     """The push could not be done; the message says why and what to do."""
 
 

@@ -23,6 +23,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from ..errors import MMAdaptersError
 from ..hub.names import looks_like_local_path
 from .embedded import portable_name, resolve_backbone_name
 from .loading import BackboneLoadOptions, LoadingOptionError
@@ -32,11 +33,11 @@ _FINGERPRINT_TENSORS = 16
 _FINGERPRINT_POSITIONS = (0.0, 1 / 3, 2 / 3, 1.0)
 
 
-class BackboneMismatchError(ValueError):
+class BackboneMismatchError(MMAdaptersError, ValueError):
     """Adapters were trained on one backbone and are being loaded onto another."""
 
 
-class BackboneNotFoundError(OSError):
+class BackboneNotFoundError(MMAdaptersError, OSError):
     """A backbone named by a checkpoint or by the caller cannot be found locally or on the Hub."""
 
 

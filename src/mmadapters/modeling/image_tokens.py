@@ -8,8 +8,10 @@ import torch
 from torch import nn
 from torch.compiler import is_compiling
 
+from ..errors import MMAdaptersError
 
-class ImageTokenMismatchError(ValueError):
+
+class ImageTokenMismatchError(MMAdaptersError, ValueError):
     """The image placeholder tokens in `input_ids` do not match the images given."""
 
 

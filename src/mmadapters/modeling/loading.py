@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import MMAdaptersError
+
 ROLES = ("text", "vision")
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -60,7 +62,7 @@ REFUSED = {
 }
 
 
-class LoadingOptionError(ValueError):
+class LoadingOptionError(MMAdaptersError, ValueError):
     """A loading keyword that our models cannot honour."""
 
 

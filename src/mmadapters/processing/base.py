@@ -21,6 +21,7 @@ from transformers import (
 
 from ..atomic import atomic_directory
 from ..checkpoint_files import check_checkpoint_kind
+from ..errors import MMAdaptersError
 from ..hub.remote_code import processor_auto_map, write_loader
 from ..modeling.backbones import IMAGE_TOKEN, add_image_token, read_checkpoint_config, vision_config_of
 from ..modeling.image_tokens import ImageTokenMismatchError
@@ -123,7 +124,7 @@ def question_answer_chat_template() -> str:
     return _flattening_then("Image: <image>\n", "Image: N/A\n", _QUESTION_ANSWER_TEMPLATE)
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(MMAdaptersError, ValueError):
     """A prompt (plus answer) is longer than `max_length` and the overflow policy is "raise"."""
 
 

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from ..errors import MMAdaptersError
+
 # 64 megapixels (8000 x 8000): far above what any vision tower uses, far below a decompression bomb.
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 # Wider than a panorama strip; anything beyond is a mistake or an attack, and would resize to a line of pixels.
@@ -21,7 +23,7 @@ DOWNLOAD_TIMEOUT_SECONDS = 30.0
 MAX_DOWNLOAD_BYTES = 64 * 2**20
 
 
-class InvalidImageError(ValueError):
+class InvalidImageError(MMAdaptersError, ValueError):
     """An image could not be read or is not acceptable (corrupt, truncated, absurd size, unsupported type)."""
 
 
