@@ -27,6 +27,8 @@ def test_train_eval_and_chat_commands(tiny_backbones, tmp_path, capsys, monkeypa
     assert main(["eval", str(final), "--limit", "6"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["count"] == 6 and set(result["by_group"]) <= {"yes/no", "color", "shape"}
+    written = json.loads((final / "eval_easy-vqa.json").read_text())  # every generation, beside the summary
+    assert written["accuracy"] == result["accuracy"] and len(written["generations"]) == 6
     assert main(["eval", str(final), "--limit", "6", "--prompt-format", "describe"]) == 0
     described = json.loads(capsys.readouterr().out)
     assert described["count"] == 6  # the open questions, scored on the word after a description
@@ -385,8 +387,21 @@ def test_every_mmadapters_error_is_one_cli_line(tmp_path, capsys):
     from mmadapters import LavinProcessor
 
     LavinProcessor.from_backbones(llm, vision).save_pretrained(checkpoint)
-    shutil.rmtree(tmp_path / "llm")
+    shutil.move(tmp_path / "llm", tmp_path / "moved_llm")
     capsys.readouterr()
-    assert main(["eval", str(checkpoint), "--limit", "1"]) == 2
+    assert main(["eval", str(checkpoint), "--limit", "2"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "Traceback" not in err and "text_model" in err
+    assert err.startswith("error: ") and "Traceback" not in err and "--text-model" in err
+
+    # The way out the message names: the backbone's new place, checked against the checkpoint's record.
+    output = tmp_path / "eval.json"
+    command = ["eval", str(checkpoint), "--limit", "2", "--output", str(output)]
+    assert main([*command, "--text-model", str(tmp_path / "moved_llm")]) == 0
+    assert json.loads(output.read_text())["count"] == 2  # --output is honoured for easy-vqa too
+    assert json.loads((checkpoint / "eval_results.json").read_text())  # and recorded for the model card
+    other_llm = save_tiny_llm(tmp_path / "other_llm", seed=1)
+    capsys.readouterr()
+    assert main([*command, "--text-model", other_llm]) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "has different weights" in err and "--text-model" in err
+    assert "Traceback" not in err

@@ -440,3 +440,19 @@ def test_demo_on_a_taken_port_is_a_clear_error_before_loading(checkpoint, monkey
         port = taken.getsockname()[1]
         assert main(["demo", checkpoint, "--port", str(port)]) == 2
     assert f"Port {port} on 127.0.0.1 is in use" in capsys.readouterr().err
+
+
+def test_backbones_from_flags_or_a_space_setting(tiny_backbones, monkeypatch):
+    """`--text-model` / `--vision-model` (or MMADAPTERS_TEXT_MODEL / MMADAPTERS_VISION_MODEL, a Space's settings)
+    reach the model: without a checkpoint they replace the embedded backbones of the fresh model."""
+    from mmadapters.demo import load_demo_model, parse_args
+
+    text_model, vision_model = tiny_backbones
+    monkeypatch.setenv("MMADAPTERS_TEXT_MODEL", text_model)
+    monkeypatch.setenv("MMADAPTERS_VISION_MODEL", "from-env")
+    args = parse_args(["--vision-model", vision_model], "lavin")
+    assert (args.text_model, args.vision_model) == (text_model, vision_model)  # a flag wins over the setting
+    model, _, description = load_demo_model(
+        None, "lavin", text_model=args.text_model, vision_model=args.vision_model
+    )
+    assert model.config.text_backbone["name_or_path"] == text_model and text_model in description

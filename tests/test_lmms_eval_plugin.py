@@ -141,3 +141,25 @@ def test_each_process_of_a_multi_process_run_takes_its_own_gpu(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert device_of_this_process("cuda") == "cuda:3"
     assert device_of_this_process("cuda:1") == "cuda:1" and device_of_this_process("cpu") == "cpu"
+
+
+def test_backbones_elsewhere_are_model_args(checkpoint, tiny_backbones, tmp_path):
+    """A checkpoint whose backbone folder is not on this machine: `text_model` / `vision_model` say where it is."""
+    import json
+    import shutil
+
+    moved = tmp_path / "checkpoint"
+    shutil.copytree(checkpoint, moved)
+    config = json.loads((moved / "config.json").read_text())
+    config["text_backbone"]["name_or_path"] = str(tmp_path / "gone")
+    (moved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(OSError, match="text_model"):
+        LavinLMM(pretrained=str(moved))
+    answers = []
+    for lmm in (
+        LavinLMM(pretrained=str(moved), text_model=tiny_backbones[0]),
+        LavinLMM(pretrained=checkpoint),
+    ):
+        lmm.task_dict = {"colors": {"test": DOCS}}
+        answers.append(lmm.generate_until(requests({"max_new_tokens": 4})))
+    assert answers[0] == answers[1] and any(answers[0])

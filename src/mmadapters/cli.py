@@ -53,13 +53,34 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    """Evaluate; the results are printed, written as JSON (`--output`, by default eval_TASK.json in a checkpoint
+    folder) and recorded for the model card of a later push."""
+    model, processor = load_for_inference(
+        args.checkpoint, args.dtype, args.device_map, args.text_model, args.vision_model
+    )
+    if args.task == "easy-vqa":
+        result, results_name, command = _eval_easy_vqa(args, model, processor)
+    else:
+        result, results_name, command = _eval_task(args, model, processor)
+    print(json.dumps({k: v for k, v in result.items() if k != "generations"}, indent=2))
+    output = args.output or (
+        os.path.join(args.checkpoint, f"eval_{args.task}.json") if os.path.isdir(args.checkpoint) else None
+    )
+    if output:
+        with open(output, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+    if os.path.isdir(args.checkpoint):  # the model card of a later push shows the last evaluation
+        from .hub import write_eval_results
+
+        write_eval_results(args.checkpoint, results_name, result, command)
+
+
+def _eval_easy_vqa(args: argparse.Namespace, model: Any, processor: Any) -> tuple[dict[str, Any], str, str]:
+    """(results, their name on the model card, the command that reproduces them)."""
     from .data import load_easy_vqa
     from .evaluation import evaluate_easy_vqa, progress_bar
 
-    model, processor = load_for_inference(args.checkpoint, args.dtype, args.device_map)
-    if args.task != "easy-vqa":
-        _eval_task(args, model, processor)
-        return
     # "describe" asks the same questions as "open" (only the training targets differ): every test question,
     # scored on the word after the model's description (as the quickstart scores itself).
     if args.data is not None:
@@ -80,18 +101,12 @@ def _eval(args: argparse.Namespace) -> None:
         answers_described=described,
     )
     bar.close()
-    print(json.dumps({k: v for k, v in result.items() if k != "generations"}, indent=2))
-    if os.path.isdir(args.checkpoint):  # the model card of a later push shows the last evaluation
-        from .hub import write_eval_results
-
-        command = (
-            f"mmadapters eval CHECKPOINT --limit {args.limit or 'all'} --prompt-format {args.prompt_format}"
-        )
-        write_eval_results(args.checkpoint, f"easy-vqa test ({args.prompt_format} answers)", result, command)
+    command = f"mmadapters eval CHECKPOINT --limit {args.limit or 'all'} --prompt-format {args.prompt_format}"
+    return result, f"easy-vqa test ({args.prompt_format} answers)", command
 
 
-def _eval_task(args: argparse.Namespace, model: Any, processor: Any) -> None:
-    """ScienceQA, MME or MMBench: the paper's table, printed and written as JSON (and recorded for the card)."""
+def _eval_task(args: argparse.Namespace, model: Any, processor: Any) -> tuple[dict[str, Any], str, str]:
+    """ScienceQA, MME or MMBench, with the paper's table: (results, their name on the model card, the command)."""
     from .evaluation import progress_bar
     from .evaluation.tasks import run_task
 
@@ -101,20 +116,8 @@ def _eval_task(args: argparse.Namespace, model: Any, processor: Any) -> None:
         args.task, model, processor, args.data, args.split, limit, args.batch_size, progress=progress
     )
     bar.close()
-    summary = {k: v for k, v in result.items() if k != "generations"}
-    print(json.dumps(summary, indent=2))
-    output = args.output or (
-        os.path.join(args.checkpoint, f"eval_{args.task}.json") if os.path.isdir(args.checkpoint) else None
-    )
-    if output:
-        with open(output, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
-    if os.path.isdir(args.checkpoint):  # the model card of a later push shows the last evaluation
-        from .hub import write_eval_results
-
-        command = f"mmadapters eval CHECKPOINT --task {args.task}" + (f" --limit {limit}" if limit else "")
-        write_eval_results(args.checkpoint, f"{result['dataset']} {result['split']}", result, command)
+    command = f"mmadapters eval CHECKPOINT --task {args.task}" + (f" --limit {limit}" if limit else "")
+    return result, f"{result['dataset']} {result['split']}", command
 
 
 def _input_lines():
@@ -135,7 +138,9 @@ def _chat(args: argparse.Namespace) -> None:
     from .evaluation.generate import answer_tokens
     from .processing import InvalidImageError, load_image
 
-    model, processor = load_for_inference(args.checkpoint, args.dtype, args.device_map)
+    model, processor = load_for_inference(
+        args.checkpoint, args.dtype, args.device_map, args.text_model, args.vision_model
+    )
     messages: list[dict] = []
     images: list = []
     pending_image = None

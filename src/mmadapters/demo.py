@@ -9,7 +9,9 @@ Which model: `--model` or the `MMADAPTERS_MODEL` environment variable (a Hub rep
 folder), else the `model` named in the Space's `mmadapters_space.json` (written by `mmadapters push-space`),
 else the quickstart checkpoint when present, else a fresh model around the embedded backbones. Where it runs:
 `--dtype` and `--device-map` (or MMADAPTERS_DTYPE / MMADAPTERS_DEVICE_MAP, for a Space on GPU hardware, e.g.
-`bfloat16` and `cuda`); default float32 on CPU.
+`bfloat16` and `cuda`); default float32 on CPU. Backbones that are not where the checkpoint names them:
+`--text-model` / `--vision-model` (or MMADAPTERS_TEXT_MODEL / MMADAPTERS_VISION_MODEL); without a checkpoint they
+replace the embedded backbones of the fresh model.
 """
 
 from __future__ import annotations
@@ -74,22 +76,31 @@ def resolve_model_name(model: str | None, app_dir: str | None = None) -> str | N
 
 
 def load_demo_model(
-    model_name: str | None, kind: str = "lavin", dtype: str = "float32", device_map: str | None = None
+    model_name: str | None,
+    kind: str = "lavin",
+    dtype: str = "float32",
+    device_map: str | None = None,
+    text_model: str | None = None,
+    vision_model: str | None = None,
 ) -> tuple[Any, Any, str]:
     """(model, processor, description) for a checkpoint (any of ours), or for `kind` around the embedded
-    backbones when `model_name` is None; `dtype` and `device_map` as in `mmadapters.inference_loading`."""
+    backbones when `model_name` is None; `dtype`, `device_map`, `text_model` and `vision_model` as in
+    `mmadapters.inference_loading` (without a checkpoint, the backbones given replace the embedded ones)."""
     if model_name is not None:
-        model, processor = load_for_inference(model_name, dtype, device_map)
+        model, processor = load_for_inference(model_name, dtype, device_map, text_model, vision_model)
         return model, processor, model_name
 
     from .methods import method
     from .modeling.embedded import embedded_backbones
 
-    text_model, vision_model = embedded_backbones()
+    embedded_text, embedded_vision = embedded_backbones()
+    text_model, vision_model = text_model or embedded_text, vision_model or embedded_vision
     model, processor = method(kind).build(text_model, vision_model, **loading_options(dtype, device_map))
-    description = (
-        f"untrained {kind} adapters around the embedded backbones (run `make quickstart` for a trained one)"
-    )
+    if (text_model, vision_model) == (embedded_text, embedded_vision):
+        backbones = "the embedded backbones"
+    else:
+        backbones = f"{text_model} and {vision_model}"
+    description = f"untrained {kind} adapters around {backbones} (run `make quickstart` for a trained one)"
     return model.eval(), processor, description
 
 
@@ -393,7 +404,9 @@ def launch(
         max_new_tokens=args.max_new_tokens, timeout_s=args.timeout, concurrency=args.concurrency
     )
     name = resolve_model_name(args.model_option or args.model, app_dir)
-    model, processor, description = load_demo_model(name, args.kind, args.dtype, args.device_map)
+    model, processor, description = load_demo_model(
+        name, args.kind, args.dtype, args.device_map, args.text_model, args.vision_model
+    )
     kind = getattr(model.config, "model_type", args.kind)
     examples = os.path.join(app_dir or os.path.join("spaces", kind), "examples")
     demo = build_demo(model, processor, description, kind, limits, examples)

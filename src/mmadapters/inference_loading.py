@@ -1,10 +1,13 @@
 """Loading a checkpoint to answer questions: `mmadapters eval`, `mmadapters chat`, the demo and the lmms-eval plugin.
 
-Each takes the same two choices, as transformers' `from_pretrained` keywords:
+Each takes the same choices, as `from_pretrained` keywords:
 - `dtype`: the frozen backbones' dtype ("float32", the default, reproduces the numbers in the README on CPU;
   "bfloat16" or "float16" halve the memory of a 7B LLM on a GPU; "auto": what the backbones' checkpoints hold);
 - `device_map`: None (the default: CPU), one device ("cuda", "cuda:1", "mps"), or a strategy that splits the
-  model over the available GPUs ("auto", "balanced"; each adapter goes with its decoder layer).
+  model over the available GPUs ("auto", "balanced"; each adapter goes with its decoder layer);
+- `text_model` / `vision_model`: where the backbones are when not where the checkpoint was trained (a local copy,
+  or a Hub id, for an adapter-only checkpoint that names a folder on another machine); checked against the
+  fingerprints the checkpoint recorded, as `from_pretrained(..., text_model=...)` does.
 
 The model's inputs go to `model.device` (`inputs_on_model_device`), where its embeddings are.
 """
@@ -38,12 +41,23 @@ def loading_options(dtype: str = "float32", device_map: str | None = None) -> di
     return options
 
 
-def load_for_inference(name: str, dtype: str = "float32", device_map: str | None = None) -> tuple[Any, Any]:
+def load_for_inference(
+    name: str,
+    dtype: str = "float32",
+    device_map: str | None = None,
+    text_model: str | None = None,
+    vision_model: str | None = None,
+) -> tuple[Any, Any]:
     """(model in eval mode, processor) of a checkpoint folder or Hub repo (any of our methods)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     check_checkpoint_name(name)
-    model = AutoModelForImageTextToText.from_pretrained(name, **loading_options(dtype, device_map))
+    backbones = {"text_model": text_model, "vision_model": vision_model}
+    model = AutoModelForImageTextToText.from_pretrained(
+        name,
+        **loading_options(dtype, device_map),
+        **{key: value for key, value in backbones.items() if value},
+    )
     return model.eval(), AutoProcessor.from_pretrained(name)
 
 
@@ -57,10 +71,19 @@ def inputs_on_model_device(inputs: Any, model: Any) -> Any:
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser, environment: bool = False) -> None:
-    """`--dtype` and `--device-map` on a command that loads a checkpoint. With `environment`, their defaults come
-    from MMADAPTERS_DTYPE / MMADAPTERS_DEVICE_MAP when set (a Space's settings, where no flag can be passed)."""
+    """`--dtype`, `--device-map`, `--text-model` and `--vision-model` on a command that loads a checkpoint. With
+    `environment`, their defaults come from MMADAPTERS_DTYPE / MMADAPTERS_DEVICE_MAP / MMADAPTERS_TEXT_MODEL /
+    MMADAPTERS_VISION_MODEL when set (a Space's settings, where no flag can be passed)."""
     dtype_default = os.environ.get("MMADAPTERS_DTYPE", "float32") if environment else "float32"
     device_map_default = os.environ.get("MMADAPTERS_DEVICE_MAP") if environment else None
+    for role in ("text", "vision"):
+        parser.add_argument(
+            f"--{role}-model",
+            default=os.environ.get(f"MMADAPTERS_{role.upper()}_MODEL") if environment else None,
+            help=f"the {role} backbone (a local folder or Hub id) when it is not where the checkpoint names it, "
+            "e.g. a checkpoint trained on another machine's folder; checked against the checkpoint's record "
+            "(default: the backbone the checkpoint names)",
+        )
     parser.add_argument(
         "--dtype",
         type=_dtype_argument,

@@ -31,7 +31,8 @@ class MMAdaptersLMM(lmms):
     `max_new_tokens` (default 64, unless a task's generation kwargs say otherwise), `device` (default cpu; e.g.
     cuda: one GPU per process under `accelerate launch`), `dtype` (the frozen backbones': float32 (default),
     bfloat16, float16 or auto) and `device_map` (instead of `device`: "auto" splits the model over the GPUs), as
-    lmms-eval's own Hugging Face models take them."""
+    lmms-eval's own Hugging Face models take them; `text_model` / `vision_model` (a local folder or Hub id) when
+    a backbone is not where the checkpoint names it."""
 
     model_kind = ""
 
@@ -43,18 +44,20 @@ class MMAdaptersLMM(lmms):
         device: str = "cpu",
         dtype: str = "float32",
         device_map: str = "",
+        text_model: str = "",
+        vision_model: str = "",
         **kwargs: Any,
     ) -> None:
         super().__init__()
         if kwargs:
             raise TypeError(
                 f"Unknown model_args {sorted(kwargs)} for --model {self.model_kind}; known: pretrained, batch_size, "
-                "max_new_tokens, device, dtype, device_map."
+                "max_new_tokens, device, dtype, device_map, text_model, vision_model."
             )
         import mmadapters  # noqa: F401  (registers our models with the Auto classes)
 
         self.model, self.processor = load_for_inference(
-            pretrained, dtype, device_map or device_of_this_process(device)
+            pretrained, dtype, device_map or device_of_this_process(device), text_model, vision_model
         )
         if self.model.config.model_type != self.model_kind:
             raise ValueError(

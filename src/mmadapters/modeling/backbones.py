@@ -169,7 +169,8 @@ def _backbone_config(
     if looks_like_local_path(name) and not os.path.isdir(name):
         raise BackboneNotFoundError(
             f"The {role} backbone folder {name} does not exist (a checkpoint names the backbones it was trained on "
-            f"by where they were loaded from). Pass {role}_model= with a local copy of that backbone, or its Hub id."
+            f"by where they were loaded from). Pass {role}_model= (on the command line --{role}-model) with a local "
+            "copy of that backbone, or its Hub id."
         )
     try:
         return AutoConfig.from_pretrained(name, revision=revision, **options.hub_kwargs())
@@ -177,7 +178,7 @@ def _backbone_config(
         raise BackboneNotFoundError(
             f"The {role} backbone '{name}' cannot be loaded: no such local folder, and the Hub repo cannot be "
             f"reached or does not exist ({type(error).__name__}: {str(error).splitlines()[0][:200]}). Pass "
-            f"{role}_model= with a local copy of the backbone."
+            f"{role}_model= (on the command line --{role}-model) with a local copy of the backbone."
         ) from error
 
 
@@ -365,7 +366,7 @@ def check_backbone(
         f"(revision {expected.revision}), but the {role} backbone loaded from '{loaded.name_or_path}' "
         f"(revision {loaded.revision}) has different weights (fingerprint "
         f"{_short(expected.fingerprint)} != {_short(loaded.fingerprint)}). Pass the original backbone "
-        f"(`{role}_model=...`), or `ignore_backbone_mismatch=True` if you really mean to load the adapters onto "
+        f"(`{role}_model=...`; on the command line --{role}-model), or `ignore_backbone_mismatch=True` if you really mean to load the adapters onto "
         "another backbone."
     )
 
