@@ -113,6 +113,28 @@ def test_merge_refuses_an_architecture_without_bias_option(tmp_path, tiny_backbo
         merge_lavin_adapters(model, "audio")
 
 
+def test_merge_takes_backbones_that_moved(trained_checkpoint, tiny_backbones, tmp_path, capsys):
+    """A checkpoint whose backbone folders are not where it names them: --text-model / --vision-model (as eval and
+    chat take them; --llm / --vision are the same flags) say where they are."""
+    import shutil
+
+    folder, _ = trained_checkpoint
+    text_copy, vision_copy = tmp_path / "llm-copy", tmp_path / "vision-copy"
+    shutil.copytree(tiny_backbones[0], text_copy)
+    shutil.copytree(tiny_backbones[1], vision_copy)
+    config = json.loads((Path(folder) / "config.json").read_text())
+    for role in ("text", "vision"):
+        config[f"{role}_backbone"]["name_or_path"] = str(tmp_path / f"gone-{role}")
+    (Path(folder) / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main(["merge", folder, str(tmp_path / "refused"), "--text-model", str(text_copy)]) == 2
+    assert "--vision-model" in capsys.readouterr().err and not os.path.exists(tmp_path / "refused")
+    out = tmp_path / "merged"
+    command = ["merge", folder, str(out), "--text-model", str(text_copy), "--vision-model", str(vision_copy)]
+    assert main(command) == 0
+    assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "llama"
+
+
 def test_merge_cli_rejects_missing_checkpoint(tmp_path, capsys):
     assert main(["merge", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -214,7 +214,12 @@ def _merge(args: argparse.Namespace) -> None:
 
     check_checkpoint_name(args.checkpoint)
     out = merge_checkpoint(
-        args.checkpoint, args.output_dir, args.modality, text_model=args.llm, overwrite=args.overwrite
+        args.checkpoint,
+        args.output_dir,
+        args.modality,
+        text_model=args.llm,
+        vision_model=args.vision,
+        overwrite=args.overwrite,
     )
     print(
         f"Folded the LLM adapters for {args.modality} samples into a plain transformers LLM: {out} "
@@ -373,7 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("instructblip", help="InstructBLIP checkpoint: Hub id or local folder")
     convert.add_argument("output_dir", help="where the CROME checkpoint goes")
-    convert.add_argument("--llm", required=True, help="the LLM to put CROME around: Hub id or local folder")
+    convert.add_argument(
+        "--llm",
+        "--text-model",
+        dest="llm",
+        required=True,
+        help="the LLM to put CROME around: Hub id or local folder",
+    )
     convert.add_argument(
         "--overwrite",
         action="store_true",
@@ -384,9 +395,19 @@ def build_parser() -> argparse.ArgumentParser:
     lavin = commands.add_parser("convert-lavin", help="convert an official LaVIN checkpoint-N.pth")
     lavin.add_argument("checkpoint", help="the official .pth file (adapter tensors, optimizer, args)")
     lavin.add_argument("output_dir", help="where the converted checkpoint goes")
-    lavin.add_argument("--llm", required=True, help="the LLaMA it was trained on: Hub id or local folder")
     lavin.add_argument(
-        "--vision", required=True, help="the CLIP ViT-L/14 it was trained on: Hub id or folder"
+        "--llm",
+        "--text-model",
+        dest="llm",
+        required=True,
+        help="the LLaMA it was trained on: Hub id or local folder",
+    )
+    lavin.add_argument(
+        "--vision",
+        "--vision-model",
+        dest="vision",
+        required=True,
+        help="the CLIP ViT-L/14 it was trained on: Hub id or folder",
     )
     lavin.add_argument(
         "--temperature", type=positive_float, help="router temperature if the checkpoint does not record it"
@@ -449,7 +470,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["text", "image"],
         help="the modality whose routing is folded in (default: %(default)s)",
     )
-    merge.add_argument("--llm", help="load the LLM from here instead of the path recorded in the checkpoint")
+    merge.add_argument(
+        "--llm",
+        "--text-model",
+        dest="llm",
+        help="load the LLM from here instead of the place recorded in the checkpoint (checked against its record)",
+    )
+    merge.add_argument(
+        "--vision",
+        "--vision-model",
+        dest="vision",
+        help="load the vision tower from here instead of the place recorded in the checkpoint (checked against its "
+        "record; the merged LLM does not hold it, but the checkpoint loads whole)",
+    )
     merge.add_argument(
         "--overwrite",
         action="store_true",
