@@ -86,6 +86,53 @@ def test_subfolder_is_where_the_checkpoint_lies(tiny_backbones, checkpoint, tmp_
         LavinForConditionalGeneration.from_backbones(*tiny_backbones, subfolder="x")
 
 
+def test_adapter_config_overrides_settings_that_leave_the_weights_alone(checkpoint, tmp_path, inputs):
+    """`from_pretrained(checkpoint, adapter_config=...)`, as transformers takes config fields: the fields given
+    replace the checkpoint's (a dict of some fields, or a whole adapter config); fields that decide the adapters'
+    weights (their shapes, which exist) must keep the checkpoint's values, refused before anything loads."""
+    from mmadapters import MMAdapterConfig
+    from mmadapters.modeling.adapters import AdapterSettingsError
+
+    folder, saved = checkpoint
+    expected = saved.config.adapter_config
+    hotter = LavinForConditionalGeneration.from_pretrained(
+        folder, adapter_config={"temperature": 2.5, "dropout": 0}
+    )
+    assert hotter.config.adapter_config == {**expected, "temperature": 2.5, "dropout": 0}
+    assert hotter.llm_adapters[0].attn.temperature == 2.5  # the modules read it
+    for name, tensor in saved.adapter_state_dict().items():
+        assert torch.equal(hotter.adapter_state_dict()[name], tensor)
+    with torch.no_grad():
+        assert not torch.allclose(hotter(**inputs).logits, saved(**inputs).logits)
+
+    whole = MMAdapterConfig.from_dict({**expected, "scale": 0.5})
+    assert (
+        LavinForConditionalGeneration.from_pretrained(folder, adapter_config=whole).config.adapter_config[
+            "scale"
+        ]
+        == 0.5
+    )
+    with pytest.raises(AdapterSettingsError, match=r"r \(8 -> 4\).*placement \('attn' -> 'attn_mlp'\)"):
+        LavinForConditionalGeneration.from_pretrained(
+            folder, adapter_config={"r": 4, "placement": "attn_mlp"}
+        )
+    with pytest.raises(ValueError, match="Unknown MMAdapterConfig field"):
+        LavinForConditionalGeneration.from_pretrained(folder, adapter_config={"bottleneck": 4})
+    with pytest.raises(TypeError, match="adapter_config must be"):
+        LavinForConditionalGeneration.from_pretrained(folder, adapter_config=4)
+
+    # A full checkpoint takes it the same way.
+    saved.save_pretrained(tmp_path / "full", adapter_only=False)
+    full = LavinForConditionalGeneration.from_pretrained(
+        tmp_path / "full", adapter_config={"temperature": 2.5}
+    )
+    assert full.config.adapter_config["temperature"] == 2.5 and full.llm_adapters[0].attn.temperature == 2.5
+    with torch.no_grad():
+        assert torch.allclose(full(**inputs).logits, hotter.eval()(**inputs).logits, atol=1e-5)
+    with pytest.raises(AdapterSettingsError, match=r"groups \(2 -> 4\)"):
+        LavinForConditionalGeneration.from_pretrained(tmp_path / "full", adapter_config={"groups": 4})
+
+
 def test_attn_implementation_applies_to_both_backbones(tiny_backbones, checkpoint, inputs):
     model = LavinForConditionalGeneration.from_backbones(*tiny_backbones, attn_implementation="eager")
     assert attn(model) == ("eager", "eager")

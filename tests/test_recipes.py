@@ -146,3 +146,46 @@ def test_a_data_option_the_data_set_does_not_take_is_refused(tiny_backbones, tmp
         "`data` has option(s) ['limt'] that scienceqa does not take; it takes ['split', 'path', 'limit']"
         in (capsys.readouterr().err)
     )
+
+
+def test_from_checkpoint_honours_the_backbone_and_adapter_keys_or_refuses_them(
+    tiny_backbones, tmp_path, capsys
+):
+    """A run that continues from a checkpoint: `text_model` / `vision_model` say where its backbones are (checked
+    against its record), `adapter` changes the settings that leave the weights alone; keys that would build
+    something else (adapter shapes, another method, whitening, init_from) are refused before anything trains."""
+    import shutil
+
+    first = tmp_path / "first"
+    first.mkdir()
+    assert main(["train", str(write_recipe(first, tiny_backbones))]) == 0
+    stage_one = first / "run" / "final"
+    config = json.loads((stage_one / "config.json").read_text())
+    config["text_backbone"]["name_or_path"] = str(tmp_path / "gone")  # trained on another machine's folder
+    (stage_one / "config.json").write_text(json.dumps(config))
+    moved_llm = shutil.copytree(tiny_backbones[0], tmp_path / "llm-here")
+
+    def recipe(**overrides):
+        keys = {"from_checkpoint": str(stage_one), "text_model": str(moved_llm), **overrides}
+        return str(write_recipe(tmp_path, tiny_backbones, **keys))
+
+    assert main(["train", recipe(adapter={"temperature": 3.0, "dropout": 0.0})]) == 0
+    continued = LavinForConditionalGeneration.from_pretrained(
+        tmp_path / "run" / "final", text_model=moved_llm
+    )
+    assert continued.config.adapter_config["temperature"] == 3.0 and continued.config.adapter_config["r"] == 8
+    capsys.readouterr()
+    for overrides, message in (
+        ({"adapter": {"r": 4}}, "r (8 -> 4)"),
+        (
+            {"model": "crome"},
+            "is a LaVIN checkpoint (config.json: model_type 'lavin'), not a CROME one. Set `model`",
+        ),
+        ({"feature_whitening": 40}, "`feature_whitening` builds new"),
+        (
+            {"model": "crome", "init_from": "Salesforce/instructblip-vicuna-7b"},
+            "`init_from` and `from_checkpoint`",
+        ),
+    ):
+        assert main(["train", recipe(**overrides)]) == 2, overrides
+        assert message in capsys.readouterr().err, overrides

@@ -7,7 +7,9 @@ vision_model: embedded
 adapter: {temperature: 10.0} # MMAdapterConfig / CromeAdapterConfig fields
 stage: finetune              # crome only: pretrain | instruct | finetune
 init_from: ...               # crome only: an InstructBLIP checkpoint to initialise from (optional)
-from_checkpoint: ...         # continue from an earlier run's checkpoint instead (optional)
+from_checkpoint: ...         # continue from an earlier run's checkpoint instead (optional; then text_model /
+                             # vision_model say where its backbones are, if not where it names them, and
+                             # adapter may change only the settings that leave its weights alone)
 feature_whitening: 4000      # lavin only: whiten the visual features, fitted on this many training images
 data: {name: easy_vqa, split: train, limit: 4800, prompt_format: open}  # or scienceqa (split, path, limit),
                              # llava (json, image_folder, limit); path: a local copy of ScienceQA
@@ -175,6 +177,13 @@ def recipe_errors(recipe: dict[str, Any]) -> list[str]:
     errors.extend(_lora_errors(recipe.get("lora")))
     if recipe.get("init_from") and recipe["model"] != "crome":
         errors.append("`init_from` (an InstructBLIP checkpoint) is CROME's; LaVIN starts from its backbones")
+    if recipe.get("from_checkpoint") and recipe.get("init_from"):
+        errors.append("`init_from` and `from_checkpoint` both say where the model starts: keep one")
+    if recipe.get("from_checkpoint") and recipe.get("feature_whitening") is not None:
+        errors.append(
+            "`feature_whitening` builds new adapters; a run from `from_checkpoint` keeps the checkpoint's "
+            "(its whitening, if fitted, included): leave it out"
+        )
     if recipe["model"] == "crome" and recipe.get("stage", "finetune") not in (
         "pretrain",
         "instruct",
@@ -292,15 +301,34 @@ def loading_keywords(recipe: dict[str, Any]) -> dict[str, Any]:
 
 
 def _build_model_and_processor(recipe: dict[str, Any]) -> tuple[Any, Any]:
+    from .checkpoint_files import CheckpointKindError
     from .methods import method
+    from .modeling.adapters import AdapterSettingsError
 
     if recipe.get("from_checkpoint"):  # continue from an earlier stage's (adapter-only) checkpoint
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        model = AutoModelForImageTextToText.from_pretrained(
-            recipe["from_checkpoint"], **loading_keywords(recipe)
-        )
-        return model.train(), AutoProcessor.from_pretrained(recipe["from_checkpoint"])
+        # The method's own classes: a checkpoint of the other method is refused before anything loads. The
+        # backbones named in the recipe say where the checkpoint's are; `adapter` changes the settings that leave
+        # its weights alone (anything else is refused by from_pretrained).
+        chosen = method(recipe["model"])
+        text_model, vision_model = resolve_backbones(recipe)
+        backbones = {
+            key: value
+            for key, value in (("text_model", text_model), ("vision_model", vision_model))
+            if key in recipe
+        }
+        adapter_settings = {"adapter_config": recipe["adapter"]} if recipe.get("adapter") else {}
+        try:
+            model = chosen.model_class.from_pretrained(
+                recipe["from_checkpoint"], **backbones, **adapter_settings, **loading_keywords(recipe)
+            )
+        except AdapterSettingsError as error:
+            raise RecipeError(f"`adapter` with `from_checkpoint`: {error}") from None
+        except CheckpointKindError as error:
+            raise RecipeError(
+                f"`model: {recipe['model']}`, but `from_checkpoint` {str(error).split('. ')[0]}. Set `model` to the "
+                "checkpoint's method."
+            ) from None
+        return model.train(), chosen.processor_class.from_pretrained(recipe["from_checkpoint"])
     text_model, vision_model = resolve_backbones(recipe)
     adapter = recipe.get("adapter") or {}
     if recipe.get("init_from"):  # CROME: the Q-Former from an InstructBLIP checkpoint

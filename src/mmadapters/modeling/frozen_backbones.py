@@ -991,8 +991,10 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         # these along; our adapters are not PEFT's, and are loaded below.
         kwargs.pop("adapter_kwargs", None)
         kwargs.pop("_adapter_model_path", None)
+        # Our one nested config field: the fields given replace the checkpoint's (see _with_adapter_settings).
+        adapter_settings = kwargs.pop("adapter_config", None)
         if pretrained_model_name_or_path is None:
-            return cls._from_full_checkpoint(None, model_args, revision, kwargs)
+            return cls._from_full_checkpoint(None, model_args, revision, adapter_settings, kwargs)
         name = os.fspath(pretrained_model_name_or_path)
         recover(name)  # a save killed between its two renames left the checkpoint moved aside: put it back
         if not os.path.isdir(name) and looks_like_local_path(name):
@@ -1020,7 +1022,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
                     f"'{name}' is a full checkpoint (it holds the backbones' weights): text_model= / vision_model= "
                     "apply to adapter-only checkpoints."
                 )
-            return cls._from_full_checkpoint(folder, model_args, None, kwargs)
+            return cls._from_full_checkpoint(folder, model_args, None, adapter_settings, kwargs)
         if model_args:
             raise TypeError(
                 f"{cls.__name__}.from_pretrained() takes no extra positional arguments: {model_args}"
@@ -1033,15 +1035,27 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             ignore_backbone_mismatch,
             text_revision,
             vision_revision,
+            adapter_settings,
             kwargs,
         )
 
     @classmethod
     def _from_full_checkpoint(
-        cls, folder: str | None, model_args: tuple, revision: str | None, kwargs: dict[str, Any]
+        cls,
+        folder: str | None,
+        model_args: tuple,
+        revision: str | None,
+        adapter_settings: Any,
+        kwargs: dict[str, Any],
     ) -> Any:
         """A checkpoint with every weight: transformers' own loader (all its keywords apply). Our default dtype is
         float32 (transformers' is "auto")."""
+        if adapter_settings is not None:
+            given = kwargs.get("config")
+            config = (
+                given if isinstance(given, PreTrainedConfig) else cls.config_class.from_pretrained(folder)
+            )
+            kwargs["config"] = _with_adapter_settings(config, adapter_settings, folder or "the given config")
         if kwargs.get("dtype") in (None, "auto") and kwargs.get("torch_dtype") is None:
             kwargs["dtype"] = torch.float32 if kwargs.get("dtype") is None else "auto"
         if revision is not None:
@@ -1108,6 +1122,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         ignore_backbone_mismatch: bool,
         text_revision: str | None,
         vision_revision: str | None,
+        adapter_settings: Any,
         kwargs: dict[str, Any],
     ) -> Any:
         where = f"{cls.__name__}.from_pretrained"
@@ -1132,6 +1147,8 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
                 f"{where}() got unexpected keyword argument(s) {sorted(unused)}: they are neither loading options "
                 f"nor fields of {cls.config_class.__name__}."
             )
+        if adapter_settings is not None:
+            config = _with_adapter_settings(config, adapter_settings, f"'{name}'")
         _apply_recorded_quantization(options, config)
         device_maps, own_map = cls._plan_placement(options, lambda: config)
         overrides = {"text": text_model, "vision": vision_model}
@@ -1175,6 +1192,27 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         model.watch_backbones()
         model.eval()
         return model
+
+
+def _with_adapter_settings(config: PreTrainedConfig, settings: Any, where: str) -> PreTrainedConfig:
+    """A copy of `config` whose adapter settings take the fields of `settings` (a dict of some fields, or a whole
+    adapter config): `from_pretrained(checkpoint, adapter_config=...)`. transformers would replace the nested dict
+    whole (every other field back to its default); fields that decide the adapter weights must keep the
+    checkpoint's values (`AdapterConfigFile.with_changes`)."""
+    adapter_class = config.adapter_config_class
+    if isinstance(settings, adapter_class):
+        changes = {k: v for k, v in settings.to_dict().items() if k != "base_model_name_or_path"}
+    elif isinstance(settings, dict):
+        changes = settings
+    else:
+        raise TypeError(
+            f"adapter_config must be a {adapter_class.__name__} or a dict of its fields, got "
+            f"{type(settings).__name__}."
+        )
+    current = adapter_class.from_dict(config.adapter_config)
+    config = copy.deepcopy(config)
+    config.adapter_config = current.with_changes(changes, where).to_dict()
+    return config
 
 
 def adapter_only_config(config: PreTrainedConfig) -> PreTrainedConfig:

@@ -1,6 +1,6 @@
 """Adapter building blocks with no model knowledge: layers, configs, and their injection."""
 
-from .config import ADAPTER_CONFIG_NAME, CromeAdapterConfig, MMAdapterConfig
+from .config import ADAPTER_CONFIG_NAME, AdapterSettingsError, CromeAdapterConfig, MMAdapterConfig
 from .crome_adapter import CromeAdapter
 from .injection import (
     FOLDED_ADAPTERS_KWARG,
@@ -16,6 +16,7 @@ from .mm_adapter import GroupedLinear, MMAdapter
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
+    "AdapterSettingsError",
     "CromeAdapter",
     "CromeAdapterConfig",
     "DecoderLayerAdapters",

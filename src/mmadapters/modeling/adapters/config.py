@@ -10,17 +10,25 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
+from ...errors import MMAdaptersError
 from ...validation import type_errors
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
+
+
+class AdapterSettingsError(MMAdaptersError, ValueError):
+    """Adapter settings that do not fit the adapters they are meant for."""
 
 
 class AdapterConfigFile:
     """Saving and loading shared by our adapter configs (PEFT's layout: one `adapter_config.json`)."""
 
     peft_type: str
+    # The fields that decide the adapters' weights (their shapes, which exist): a checkpoint's adapters load only
+    # with its own values of these. The others (dropout, temperature, ...) may change at load time.
+    WEIGHT_FIELDS: ClassVar[tuple[str, ...]] = ("peft_type",)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -40,6 +48,24 @@ class AdapterConfigFile:
                 "; ".join(f"{cls.__name__}.{name} {message}" for name, message in errors.items()) + "."
             )
         return cls(**values)
+
+    def with_changes(self, changes: dict[str, Any], where: str) -> Any:
+        """This config with the fields in `changes` replaced (validated), refusing a change to a weight field with
+        a message for `where` (the checkpoint whose adapters these settings describe)."""
+        changed = type(self).from_dict({**self.to_dict(), **changes})
+        refused = [
+            f"{name} ({getattr(self, name)!r} -> {getattr(changed, name)!r})"
+            for name in self.WEIGHT_FIELDS
+            if getattr(changed, name) != getattr(self, name)
+        ]
+        if refused:
+            others = sorted(set(self.to_dict()) - set(self.WEIGHT_FIELDS) - {"base_model_name_or_path"})
+            raise AdapterSettingsError(
+                f"adapter_config changes {', '.join(refused)}, which decide the shapes of the adapters in {where}: "
+                f"they load only with the values they were trained with. Leave these out (fields that leave the "
+                f"weights alone may change: {', '.join(others)}), or build new adapters with from_backbones."
+            )
+        return changed
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         os.makedirs(save_directory, exist_ok=True)
@@ -97,6 +123,8 @@ class MMAdapterConfig(AdapterConfigFile):
     peft_type: str = "MMA"
     base_model_name_or_path: str | None = None
 
+    WEIGHT_FIELDS: ClassVar[tuple[str, ...]] = ("r", "groups", "placement", "vision_adapters", "peft_type")
+
     def __post_init__(self) -> None:
         if self.r < 1:
             raise ValueError(f"MMAdapterConfig.r must be a positive integer, got {self.r}.")
@@ -139,6 +167,8 @@ class CromeAdapterConfig(AdapterConfigFile):
     zero_init_up: bool = True
     peft_type: str = "CROME"
     base_model_name_or_path: str | None = None
+
+    WEIGHT_FIELDS: ClassVar[tuple[str, ...]] = ("bottleneck", "bias", "peft_type")
 
     def __post_init__(self) -> None:
         if self.bottleneck < 1:
