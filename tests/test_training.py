@@ -292,6 +292,8 @@ def test_llava_conversations(processor, tmp_path):
     lines.write_text("\n".join(json.dumps({**c, "image": [c["image"]]}) for c in conversations * 2) + "\n")
     from_lines = load_llava_conversations(str(lines), str(tmp_path), processor)
     assert from_lines["target"] == ["blue", "square"] * 2 and from_lines["prompt"][:2] == dataset["prompt"]
+    first_three = load_llava_conversations(str(lines), str(tmp_path), processor, limit=3)
+    assert first_three["target"] == ["blue", "square", "blue"]  # `limit` counts examples (assistant turns)
 
 
 LLAVA_TURNS = [{"from": "human", "value": "<image>\nwhat?"}, {"from": "gpt", "value": "red"}]

@@ -357,9 +357,9 @@ def build_dataset(data: dict[str, Any], processor: Any) -> Any:
         return load_scienceqa(**options)
     if "json" not in options:
         raise RecipeError("data.name: llava needs `data.json` (and usually `data.image_folder`).")
-    rows = load_llava_conversations(options["json"], options.get("image_folder"), processor)
-    limit = options.get("limit")
-    return rows if limit is None else rows.select(range(min(limit, len(rows))))
+    return load_llava_conversations(
+        options["json"], options.get("image_folder"), processor, limit=options.get("limit")
+    )
 
 
 def first_distinct_images(rows: Any, count: int) -> list[Any]:

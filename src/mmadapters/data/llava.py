@@ -15,12 +15,17 @@ import json
 import os
 from typing import Any
 
+from .rows import first_rows
+
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_PLACEHOLDER = "<image>"
 
 
-def load_llava_conversations(json_path: str, image_folder: str | None, processor: Any) -> Any:
-    """A `datasets.Dataset` with image (path or None), prompt and target columns."""
+def load_llava_conversations(
+    json_path: str, image_folder: str | None, processor: Any, limit: int | None = None
+) -> Any:
+    """A `datasets.Dataset` with image (path or None), prompt and target columns; `limit`: its first examples (every
+    record is still checked)."""
     import datasets
 
     records = read_records(json_path)
@@ -52,7 +57,7 @@ def load_llava_conversations(json_path: str, image_folder: str | None, processor
             messages.append({"role": role, "content": content})
     if not rows["target"]:
         raise ValueError(f"{json_path} holds no assistant turn ('from': 'gpt'): nothing to train on.")
-    return datasets.Dataset.from_dict(rows)
+    return first_rows(datasets.Dataset.from_dict(rows), limit)
 
 
 def read_records(json_path: str) -> list[Any]:

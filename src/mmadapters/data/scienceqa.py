@@ -13,6 +13,8 @@ import json
 import os
 from typing import Any
 
+from .rows import first_rows
+
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 HUB_DATASET = "derek-thomas/ScienceQA"
 # The official layout (the ScienceQA repo's data/scienceqa folder; LaVIN's data/ folder).
@@ -71,9 +73,7 @@ def load_scienceqa(
         rows = read_official_scienceqa(path, split)
     else:
         rows = read_parquet_copy(path, split)
-    if limit is not None:
-        rows = rows.select(range(min(limit, len(rows))))
-    return format_scienceqa(rows)
+    return format_scienceqa(first_rows(rows, limit))
 
 
 def is_official_scienceqa_folder(path: str) -> bool:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..data.parquet_copy import read_parquet_copy
+from ..data.rows import first_rows
 from ..data.scienceqa import LETTERS, is_official_scienceqa_folder, read_official_scienceqa, scienceqa_example
 from .benchmarks import mmbench_circular, mme_scores, mme_yes_no, rotate_options
 from .generate import generate_answers
@@ -45,9 +46,7 @@ def load_task_data(
         rows = read_parquet_copy(source, split)
     else:
         rows = datasets.load_dataset(source, config, split=split)
-    if limit is not None:
-        rows = rows.select(range(min(limit, len(rows))))
-    return rows
+    return first_rows(rows, limit)
 
 
 def chat_prompt(processor: Any, text: str, has_image: bool) -> str:
