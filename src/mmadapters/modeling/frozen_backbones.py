@@ -72,6 +72,7 @@ from .loading import (
     main_device_of,
     move_own_modules,
     normalize_device_map,
+    quantization_as_dict,
     split_device_map,
     take_loading_options,
 )
@@ -1279,9 +1280,7 @@ def _quantization_record(language_model: nn.Module, vision_tower: nn.Module) -> 
     for role, module in (("text", language_model), ("vision", vision_tower)):
         quantization = getattr(module.config, "quantization_config", None) if is_quantized(module) else None
         if quantization is not None:
-            record[f"{role}_config"] = (
-                quantization if isinstance(quantization, dict) else quantization.to_dict()
-            )
+            record[f"{role}_config"] = quantization_as_dict(quantization)
     return record or None
 
 

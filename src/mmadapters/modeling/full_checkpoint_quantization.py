@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .loading import ROLES, LoadingOptionError, per_role
+from .loading import ROLES, LoadingOptionError, per_role, quantization_as_dict
 
 # The state-dict suffixes by which bitsandbytes marks a quantised layer (4-bit, 8-bit).
 QUANTISED_LAYER_SUFFIXES = (".weight.absmax", ".SCB")
@@ -49,7 +49,7 @@ def scoped_quantization(
         )
     if requested is not None:
         record = {
-            f"{role}_config": value if isinstance(value, dict) else value.to_dict()
+            f"{role}_config": quantization_as_dict(value)
             for role, value in per_role(requested, "quantization_config").items()
             if value is not None
         }

@@ -183,6 +183,11 @@ def per_role(value: Any, name: str) -> dict[str, Any]:
     return dict.fromkeys(ROLES, value)
 
 
+def quantization_as_dict(value: Any) -> dict[str, Any]:
+    """A quantization config (a transformers config object, or its dict already) as the dict config.json records."""
+    return value if isinstance(value, dict) else value.to_dict()
+
+
 def normalize_device_map(device_map: Any) -> Any:
     """A strategy name, a dict {module name: device}, or None. A single device becomes {"": device}."""
     if device_map is None or isinstance(device_map, dict):
