@@ -163,3 +163,13 @@ def test_backbones_elsewhere_are_model_args(checkpoint, tiny_backbones, tmp_path
         lmm.task_dict = {"colors": {"test": DOCS}}
         answers.append(lmm.generate_until(requests({"max_new_tokens": 4})))
     assert answers[0] == answers[1] and any(answers[0])
+    from conftest import save_tiny_llm
+
+    other = save_tiny_llm(tmp_path / "other", seed=5)
+    with pytest.raises(ValueError, match="different weights"):
+        LavinLMM(pretrained=str(moved), text_model=other)
+    LavinLMM(
+        pretrained=str(moved), text_model=other, ignore_backbone_mismatch="True"
+    )  # as lmms-eval passes it
+    with pytest.raises(ValueError, match="must be true or false"):
+        LavinLMM(pretrained=str(moved), text_model=other, ignore_backbone_mismatch="maybe")

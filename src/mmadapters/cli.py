@@ -11,7 +11,12 @@ from typing import Any
 from .cli_arguments import add_dataclass_arguments
 from .errors import MMAdaptersError
 from .hub import check_checkpoint_name
-from .inference_loading import add_inference_arguments, inputs_on_model_device, load_for_inference
+from .inference_loading import (
+    add_inference_arguments,
+    inference_keywords,
+    inputs_on_model_device,
+    load_for_inference,
+)
 from .library_logs import quiet_library_logs
 from .validation import limit_or_all, non_negative_int, positive_float, positive_int
 
@@ -55,9 +60,7 @@ def _train(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     """Evaluate; the results are printed, written as JSON (`--output`, by default eval_TASK.json in a checkpoint
     folder) and recorded for the model card of a later push."""
-    model, processor = load_for_inference(
-        args.checkpoint, args.dtype, args.device_map, args.text_model, args.vision_model
-    )
+    model, processor = load_for_inference(args.checkpoint, **inference_keywords(args))
     if args.task == "easy-vqa":
         result, results_name, command = _eval_easy_vqa(args, model, processor)
     else:
@@ -138,9 +141,7 @@ def _chat(args: argparse.Namespace) -> None:
     from .evaluation.generate import answer_tokens
     from .processing import InvalidImageError, load_image
 
-    model, processor = load_for_inference(
-        args.checkpoint, args.dtype, args.device_map, args.text_model, args.vision_model
-    )
+    model, processor = load_for_inference(args.checkpoint, **inference_keywords(args))
     messages: list[dict] = []
     images: list = []
     pending_image = None

@@ -30,6 +30,7 @@ from .errors import MMAdaptersError
 from .hub import SPACE_SETTINGS_NAME
 from .inference_loading import (
     add_inference_arguments,
+    inference_keywords,
     inputs_on_model_device,
     load_for_inference,
     loading_options,
@@ -82,12 +83,15 @@ def load_demo_model(
     device_map: str | None = None,
     text_model: str | None = None,
     vision_model: str | None = None,
+    ignore_backbone_mismatch: bool = False,
 ) -> tuple[Any, Any, str]:
     """(model, processor, description) for a checkpoint (any of ours), or for `kind` around the embedded
-    backbones when `model_name` is None; `dtype`, `device_map`, `text_model` and `vision_model` as in
-    `mmadapters.inference_loading` (without a checkpoint, the backbones given replace the embedded ones)."""
+    backbones when `model_name` is None; the other arguments as in `mmadapters.inference_loading` (without a
+    checkpoint, the backbones given replace the embedded ones)."""
     if model_name is not None:
-        model, processor = load_for_inference(model_name, dtype, device_map, text_model, vision_model)
+        model, processor = load_for_inference(
+            model_name, dtype, device_map, text_model, vision_model, ignore_backbone_mismatch
+        )
         return model, processor, model_name
 
     from .methods import method
@@ -404,9 +408,7 @@ def launch(
         max_new_tokens=args.max_new_tokens, timeout_s=args.timeout, concurrency=args.concurrency
     )
     name = resolve_model_name(args.model_option or args.model, app_dir)
-    model, processor, description = load_demo_model(
-        name, args.kind, args.dtype, args.device_map, args.text_model, args.vision_model
-    )
+    model, processor, description = load_demo_model(name, args.kind, **inference_keywords(args))
     kind = getattr(model.config, "model_type", args.kind)
     examples = os.path.join(app_dir or os.path.join("spaces", kind), "examples")
     demo = build_demo(model, processor, description, kind, limits, examples)

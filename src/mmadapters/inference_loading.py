@@ -7,7 +7,9 @@ Each takes the same choices, as `from_pretrained` keywords:
   model over the available GPUs ("auto", "balanced"; each adapter goes with its decoder layer);
 - `text_model` / `vision_model`: where the backbones are when not where the checkpoint was trained (a local copy,
   or a Hub id, for an adapter-only checkpoint that names a folder on another machine); checked against the
-  fingerprints the checkpoint recorded, as `from_pretrained(..., text_model=...)` does.
+  fingerprints the checkpoint recorded, as `from_pretrained(..., text_model=...)` does;
+- `ignore_backbone_mismatch`: load the adapters onto backbones whose weights differ from those they were trained
+  on (a fine-tuned variant), as `from_pretrained` takes it.
 
 The model's inputs go to `model.device` (`inputs_on_model_device`), where its embeddings are.
 """
@@ -47,6 +49,7 @@ def load_for_inference(
     device_map: str | None = None,
     text_model: str | None = None,
     vision_model: str | None = None,
+    ignore_backbone_mismatch: bool = False,
 ) -> tuple[Any, Any]:
     """(model in eval mode, processor) of a checkpoint folder or Hub repo (any of our methods)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -57,6 +60,7 @@ def load_for_inference(
         name,
         **loading_options(dtype, device_map),
         **{key: value for key, value in backbones.items() if value},
+        **({"ignore_backbone_mismatch": True} if ignore_backbone_mismatch else {}),
     )
     return model.eval(), AutoProcessor.from_pretrained(name)
 
@@ -68,6 +72,15 @@ def inputs_on_model_device(inputs: Any, model: Any) -> Any:
     if model.device.type == "meta":
         return inputs
     return inputs.to(model.device)
+
+
+# The flags `add_inference_arguments` adds, as `load_for_inference` names its keywords.
+INFERENCE_ARGUMENTS = ("dtype", "device_map", "text_model", "vision_model", "ignore_backbone_mismatch")
+
+
+def inference_keywords(args: argparse.Namespace) -> dict[str, Any]:
+    """`load_for_inference` keywords from a command's parsed `add_inference_arguments` flags."""
+    return {name: getattr(args, name) for name in INFERENCE_ARGUMENTS}
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser, environment: bool = False) -> None:
@@ -84,6 +97,12 @@ def add_inference_arguments(parser: argparse.ArgumentParser, environment: bool =
             "e.g. a checkpoint trained on another machine's folder; checked against the checkpoint's record "
             "(default: the backbone the checkpoint names)",
         )
+    parser.add_argument(
+        "--ignore-backbone-mismatch",
+        action="store_true",
+        help="load the adapters onto backbones whose weights differ from those they were trained on (e.g. a "
+        "fine-tuned variant); without it that is an error",
+    )
     parser.add_argument(
         "--dtype",
         type=_dtype_argument,
@@ -108,7 +127,9 @@ def _dtype_argument(value: str) -> str:
 __all__ = [
     "INFERENCE_DTYPES",
     "add_inference_arguments",
+    "INFERENCE_ARGUMENTS",
     "inference_dtype",
+    "inference_keywords",
     "inputs_on_model_device",
     "load_for_inference",
     "loading_options",

@@ -32,7 +32,8 @@ class MMAdaptersLMM(lmms):
     cuda: one GPU per process under `accelerate launch`), `dtype` (the frozen backbones': float32 (default),
     bfloat16, float16 or auto) and `device_map` (instead of `device`: "auto" splits the model over the GPUs), as
     lmms-eval's own Hugging Face models take them; `text_model` / `vision_model` (a local folder or Hub id) when
-    a backbone is not where the checkpoint names it."""
+    a backbone is not where the checkpoint names it, and `ignore_backbone_mismatch` (true / false) to load the
+    adapters onto backbones whose weights differ from those they were trained on."""
 
     model_kind = ""
 
@@ -46,18 +47,24 @@ class MMAdaptersLMM(lmms):
         device_map: str = "",
         text_model: str = "",
         vision_model: str = "",
+        ignore_backbone_mismatch: bool | str = False,
         **kwargs: Any,
     ) -> None:
         super().__init__()
         if kwargs:
             raise TypeError(
                 f"Unknown model_args {sorted(kwargs)} for --model {self.model_kind}; known: pretrained, batch_size, "
-                "max_new_tokens, device, dtype, device_map, text_model, vision_model."
+                "max_new_tokens, device, dtype, device_map, text_model, vision_model, ignore_backbone_mismatch."
             )
         import mmadapters  # noqa: F401  (registers our models with the Auto classes)
 
         self.model, self.processor = load_for_inference(
-            pretrained, dtype, device_map or device_of_this_process(device), text_model, vision_model
+            pretrained,
+            dtype,
+            device_map or device_of_this_process(device),
+            text_model,
+            vision_model,
+            ignore_backbone_mismatch=parse_flag(ignore_backbone_mismatch, "ignore_backbone_mismatch"),
         )
         if self.model.config.model_type != self.model_kind:
             raise ValueError(
@@ -181,6 +188,17 @@ class MMAdaptersLMM(lmms):
         raise NotImplementedError(
             "Multi-round generation is not supported by the mmadapters lmms-eval plugin."
         )
+
+
+def parse_flag(value: bool | str, name: str) -> bool:
+    """A true/false model_arg (lmms-eval passes them as written: a bool or a string)."""
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no", ""):
+        return False
+    raise ValueError(f"model_arg {name} must be true or false, got {value!r}.")
 
 
 def device_of_this_process(device: str) -> str:
