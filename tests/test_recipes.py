@@ -179,7 +179,7 @@ def test_from_checkpoint_honours_the_backbone_and_adapter_keys_or_refuses_them(
         ({"adapter": {"r": 4}}, "r (8 -> 4)"),
         (
             {"model": "crome"},
-            "is a LaVIN checkpoint (config.json: model_type 'lavin'), not a CROME one. Set `model`",
+            "is a lavin checkpoint, but the recipe says `model: crome`: set `model: lavin`",
         ),
         ({"feature_whitening": 40}, "`feature_whitening` builds new"),
         (
