@@ -77,6 +77,10 @@ FORWARD_CASES = {
         "LLM's context holds 256",
     ),
     "input_ids and inputs_embeds": (lambda b: {**b, "inputs_embeds": torch.zeros(2, 1, 32)}, "exactly one"),
+    "labels outside the vocabulary": (
+        lambda b: {**b, "labels": torch.cat([b["input_ids"][:, :-1], torch.full((2, 1), 10_000)], dim=1)},
+        "labels contain ids outside the LLM vocabulary",
+    ),
 }
 
 
@@ -86,6 +90,34 @@ def test_forward_refuses_malformed_inputs(saved, case):
     make, message = FORWARD_CASES[case]
     with pytest.raises(ValueError, match=message):
         model(**make(batch))
+
+
+@pytest.mark.parametrize("kind", ["lavin", "crome", "crome-t5"])
+def test_labels_may_be_the_input_ids_image_placeholders_are_not_predicted(tiny_backbones, tmp_path, kind):
+    """`labels=input_ids` (a common first try) is a loss over the text: the image placeholder (past the LLM's
+    vocabulary) is ignored at its positions, as LLaVA's training ignores image positions; before, an index error
+    from inside the loss."""
+    from test_crome import save_tiny_t5
+
+    from mmadapters import CromeForConditionalGeneration, CromeProcessor
+
+    text_model = save_tiny_t5(tmp_path / "t5") if kind == "crome-t5" else tiny_backbones[0]
+    model_class, processor_class = (
+        (LavinForConditionalGeneration, LavinProcessor)
+        if kind == "lavin"
+        else (CromeForConditionalGeneration, CromeProcessor)
+    )
+    torch.manual_seed(0)
+    model = model_class.from_backbones(text_model, tiny_backbones[1]).eval()
+    processor = processor_class.from_model(model)
+    image = (torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    batch = dict(processor(images=[[image]], text=["<image> what color?"]))
+    labels = batch["input_ids"].clone()
+    assert (labels == model.config.image_token_id).any()
+    masked = labels.masked_fill(labels == model.config.image_token_id, -100)
+    with torch.no_grad():
+        loss = model(**batch, labels=labels).loss
+        assert torch.isfinite(loss) and torch.equal(loss, model(**batch, labels=masked).loss)
 
 
 def corrupt_adapter(folder, how):

@@ -540,6 +540,58 @@ def test_lora_on_a_4bit_llm_trains_and_round_trips(tiny_backbones, tmp_path):
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
 
 
+def checkpointing_argument() -> str:
+    """The TrainingArguments field that turns on activation checkpointing (renamed in transformers 5.24)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {field.name for field in dataclasses.fields(TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+def test_peft_kbit_preparation_then_training_with_checkpointing_trains_lora_and_our_adapters(
+    tiny_backbones, tmp_path
+):
+    """The QLoRA recipe as PEFT users write it (README, "QLoRA with PEFT's helper"): prepare_model_for_kbit_training
+    and get_peft_model on LaVIN-lite, then our Trainer with activation checkpointing on. Both the LoRA and LaVIN's
+    own adapters train through the 4-bit LLM with checkpointing on."""
+    from conftest import save_llm_with_width
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    text_path = save_llm_with_width(tmp_path / "llm64")
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    torch.manual_seed(0)
+    model = LavinForConditionalGeneration.from_backbones(
+        text_path, tiny_backbones[1], quantization_config={"text_config": quantization}
+    )
+    model = prepare_model_for_kbit_training(model)
+    assert not any(p.requires_grad for p in model.parameters())  # PEFT froze everything, ours included
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)"))
+    before = {
+        n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_B" in n or "expert" in n
+    }
+    processor = LavinProcessor.from_backbones(text_path, tiny_backbones[1])
+    trainer = make_trainer(
+        peft_model,
+        processor,
+        toy_dataset(tmp_path),
+        tmp_path / "out",
+        max_steps=2,
+        training={checkpointing_argument(): True, "save_strategy": "no"},
+    )
+    trained = trainer.model
+    trainer.train()
+    assert trained.is_gradient_checkpointing
+    after = dict(trained.named_parameters())
+    changed = {n for n, p in before.items() if not torch.equal(after[n.removeprefix("base_model.model.")], p)}
+    assert any("lora_B" in n for n in changed) and any("llm_adapters" in n and "expert" in n for n in changed)
+
+
 def test_is_gradient_checkpointing_answers_without_a_deprecation_warning(lavin):
     """PEFT's get_peft_model reads `is_gradient_checkpointing`, which transformers 5.24 deprecated: our models
     answer it quietly, and correctly."""

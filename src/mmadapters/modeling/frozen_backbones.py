@@ -63,6 +63,7 @@ from .backbones import (
 )
 from .causal_lm_output import VisionLanguageCausalLMOutput, causal_lm_output
 from .full_checkpoint_quantization import scoped_quantization
+from .image_tokens import labels_without_image_tokens
 from .loading import (
     ROLES,
     BackboneLoadOptions,
@@ -473,6 +474,13 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         """The decoder-only LLM on the prepared input embeddings (the end of both models' `forward`): logits and
         loss (`causal_lm_output`; `llm_kwargs` holds the attention mask, positions, cache, adapter and loss
         keyword arguments), with the image outputs attached as transformers' vision-language models do."""
+        if labels is not None:
+            labels = labels_without_image_tokens(
+                labels,
+                self.config.image_token_id,
+                self.config.text_config.vocab_size,
+                llm_kwargs.get("ignore_index", -100),
+            )
         output = causal_lm_output(
             self.language_model,
             self.loss_function,

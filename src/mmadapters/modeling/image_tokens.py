@@ -33,6 +33,23 @@ def embed_text_tokens(
     return embeddings(input_ids.masked_fill(image_mask, 0))
 
 
+def labels_without_image_tokens(
+    labels: torch.LongTensor, image_token_id: int, vocab_size: int, ignore_index: int = -100
+) -> torch.LongTensor:
+    """`labels` with the image placeholders ignored: a placeholder is no token the LLM can predict (its position
+    holds a visual token), so `labels=input_ids` trains on the text alone, as LLaVA's training code ignores image
+    positions. Any other id outside the vocabulary is refused here rather than as an index error inside the loss."""
+    image_mask = labels == image_token_id
+    bad = (~image_mask) & (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if not is_compiling() and bad.any():  # see embed_text_tokens
+        raise ValueError(
+            f"labels contain ids outside the LLM vocabulary (0..{vocab_size - 1}) that are neither the image token "
+            f"({image_token_id}) nor ignore_index ({ignore_index}): {labels[bad][:5].tolist()}. Build labels from "
+            "this model's tokenizer, with ignore_index where nothing is to be predicted."
+        )
+    return labels.masked_fill(image_mask, ignore_index)
+
+
 def check_image_token_count(
     image_mask: torch.Tensor, num_images: int, per_image: int, processor_name: str
 ) -> None:
