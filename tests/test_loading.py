@@ -121,6 +121,19 @@ def test_adapter_config_overrides_settings_that_leave_the_weights_alone(checkpoi
     with pytest.raises(TypeError, match="adapter_config must be"):
         LavinForConditionalGeneration.from_pretrained(folder, adapter_config=4)
 
+    # The Auto classes read the config first (AutoConfig with the keywords): the same there.
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    auto = AutoModelForImageTextToText.from_pretrained(
+        folder, adapter_config={"temperature": 2.5, "dropout": 0}
+    )
+    assert auto.config.adapter_config == hotter.config.adapter_config
+    assert (
+        AutoConfig.from_pretrained(folder, adapter_config={"scale": 0.5}).adapter_config["r"] == expected["r"]
+    )
+    with pytest.raises(AdapterSettingsError, match=r"r \(8 -> 4\)"):
+        AutoModelForImageTextToText.from_pretrained(folder, adapter_config={"r": 4})
+
     # A full checkpoint takes it the same way.
     saved.save_pretrained(tmp_path / "full", adapter_only=False)
     full = LavinForConditionalGeneration.from_pretrained(

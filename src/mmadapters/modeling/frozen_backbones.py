@@ -62,6 +62,7 @@ from .backbones import (
     vision_config_of,
 )
 from .causal_lm_output import VisionLanguageCausalLMOutput, causal_lm_output
+from .frozen_backbones_config import changed_adapter_settings
 from .full_checkpoint_quantization import scoped_quantization
 from .image_tokens import labels_without_image_tokens
 from .loading import (
@@ -1000,7 +1001,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         # these along; our adapters are not PEFT's, and are loaded below.
         kwargs.pop("adapter_kwargs", None)
         kwargs.pop("_adapter_model_path", None)
-        # Our one nested config field: the fields given replace the checkpoint's (see _with_adapter_settings).
+        # Our one nested config field: the fields given replace the checkpoint's (changed_adapter_settings).
         adapter_settings = kwargs.pop("adapter_config", None)
         if pretrained_model_name_or_path is None:
             return cls._from_full_checkpoint(None, model_args, revision, adapter_settings, kwargs)
@@ -1064,7 +1065,11 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             config = (
                 given if isinstance(given, PreTrainedConfig) else cls.config_class.from_pretrained(folder)
             )
-            kwargs["config"] = _with_adapter_settings(config, adapter_settings, folder or "the given config")
+            config = copy.deepcopy(config)
+            config.adapter_config = changed_adapter_settings(
+                config, adapter_settings, folder or "the given config"
+            )
+            kwargs["config"] = config
         if kwargs.get("dtype") in (None, "auto") and kwargs.get("torch_dtype") is None:
             kwargs["dtype"] = torch.float32 if kwargs.get("dtype") is None else "auto"
         if revision is not None:
@@ -1157,7 +1162,8 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
                 f"nor fields of {cls.config_class.__name__}."
             )
         if adapter_settings is not None:
-            config = _with_adapter_settings(config, adapter_settings, f"'{name}'")
+            config = copy.deepcopy(config)
+            config.adapter_config = changed_adapter_settings(config, adapter_settings, f"'{name}'")
         _apply_recorded_quantization(options, config)
         device_maps, own_map = cls._plan_placement(options, lambda: config)
         overrides = {"text": text_model, "vision": vision_model}
@@ -1201,27 +1207,6 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         model.watch_backbones()
         model.eval()
         return model
-
-
-def _with_adapter_settings(config: PreTrainedConfig, settings: Any, where: str) -> PreTrainedConfig:
-    """A copy of `config` whose adapter settings take the fields of `settings` (a dict of some fields, or a whole
-    adapter config): `from_pretrained(checkpoint, adapter_config=...)`. transformers would replace the nested dict
-    whole (every other field back to its default); fields that decide the adapter weights must keep the
-    checkpoint's values (`AdapterConfigFile.with_changes`)."""
-    adapter_class = config.adapter_config_class
-    if isinstance(settings, adapter_class):
-        changes = {k: v for k, v in settings.to_dict().items() if k != "base_model_name_or_path"}
-    elif isinstance(settings, dict):
-        changes = settings
-    else:
-        raise TypeError(
-            f"adapter_config must be a {adapter_class.__name__} or a dict of its fields, got "
-            f"{type(settings).__name__}."
-        )
-    current = adapter_class.from_dict(config.adapter_config)
-    config = copy.deepcopy(config)
-    config.adapter_config = current.with_changes(changes, where).to_dict()
-    return config
 
 
 def adapter_only_config(config: PreTrainedConfig) -> PreTrainedConfig:

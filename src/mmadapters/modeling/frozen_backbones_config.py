@@ -59,6 +59,18 @@ class FrozenBackbonesConfig(PreTrainedConfig):
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
 
     @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        """As transformers' `from_dict`, except for an `adapter_config` keyword (`from_pretrained(checkpoint,
+        adapter_config=...)`, the Auto classes' way included): it changes the saved adapter settings field by field
+        (`changed_adapter_settings`) instead of replacing them whole."""
+        settings = kwargs.pop("adapter_config", None)
+        loaded = super().from_dict(config_dict, **kwargs)
+        if settings is not None:
+            config = loaded[0] if isinstance(loaded, tuple) else loaded
+            config.adapter_config = changed_adapter_settings(config, settings, "this checkpoint")
+        return loaded
+
+    @classmethod
     def register_for_auto_class(cls, auto_class: Any = "AutoConfig") -> None:
         """A no-op: `import mmadapters` registers our configs, and saves write their own `auto_map` (see
         `mmadapters.hub.remote_code`); transformers' version would make later saves copy our source files."""
@@ -69,4 +81,22 @@ class FrozenBackbonesConfig(PreTrainedConfig):
         return with_recorded_backbone_names(super().to_dict())
 
 
-__all__ = ["FrozenBackbonesConfig"]
+def changed_adapter_settings(config: FrozenBackbonesConfig, settings: Any, where: str) -> dict[str, Any]:
+    """The adapter settings of `config` with the fields of `settings` (a dict of some fields, or a whole adapter
+    config) replaced: `from_pretrained(checkpoint, adapter_config=...)`. transformers would replace the nested dict
+    whole (every other field back to its default); fields that decide the adapter weights must keep the
+    checkpoint's values (`AdapterConfigFile.with_changes` refuses, naming `where`)."""
+    adapter_class = config.adapter_config_class
+    if isinstance(settings, adapter_class):
+        changes = {k: v for k, v in settings.to_dict().items() if k != "base_model_name_or_path"}
+    elif isinstance(settings, dict):
+        changes = settings
+    else:
+        raise TypeError(
+            f"adapter_config must be a {adapter_class.__name__} or a dict of its fields, got "
+            f"{type(settings).__name__}."
+        )
+    return adapter_class.from_dict(config.adapter_config).with_changes(changes, where).to_dict()
+
+
+__all__ = ["FrozenBackbonesConfig", "changed_adapter_settings"]
