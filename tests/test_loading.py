@@ -713,6 +713,27 @@ def test_image_features_and_embeddings_accessors(checkpoint):
     assert model.config.text_config.vocab_size == 310
 
 
+def test_resized_token_embeddings_are_saved_in_full_and_reload(tiny_backbones, tmp_path):
+    """A token added to the tokenizer and `resize_token_embeddings`: the new (frozen, randomly initialised) rows
+    cannot come back from the backbone's source, so an adapter-only save refuses, naming the fix, and a full save
+    reloads the same model."""
+    from mmadapters.modeling.peft_on_top import PeftOnTopError
+
+    model = LavinForConditionalGeneration.from_backbones(*tiny_backbones).eval()
+    processor = LavinProcessor.from_backbones(*tiny_backbones)
+    processor.tokenizer.add_tokens(["<extra>"])
+    model.resize_token_embeddings(len(processor.tokenizer))
+    inputs = processor(text=["Image: N/A\nhello <extra> world"])
+    assert (inputs["input_ids"] == len(processor.tokenizer) - 1).any()
+    with pytest.raises(PeftOnTopError, match="resized token embeddings.*adapter_only=False"):
+        model.save_pretrained(tmp_path / "adapters")
+    assert not (tmp_path / "adapters").exists()
+    model.save_pretrained(tmp_path / "full", processor=processor, adapter_only=False)
+    reloaded = LavinForConditionalGeneration.from_pretrained(tmp_path / "full").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+
+
 def test_from_backbones_leaves_the_callers_adapter_config_alone(tiny_backbones):
     from mmadapters import MMAdapterConfig
 

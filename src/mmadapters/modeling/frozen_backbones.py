@@ -841,7 +841,8 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         if changed:
             raise peft_on_top.PeftOnTopError(
                 f"The backbone weights changed since the model was loaded ({len(changed)} tensors, e.g. "
-                f"{changed[:3]}): a merged LoRA (merge_and_unload) or a trained backbone. An adapter-only checkpoint "
+                f"{changed[:3]}): a merged LoRA (merge_and_unload), resized token embeddings or a trained backbone. "
+                "An adapter-only checkpoint "
                 "re-reads the backbones from their source and would lose the change. Save every weight with "
                 "save_pretrained(folder, adapter_only=False), or keep the LoRA unmerged (it is saved with the "
                 "adapters)."
