@@ -707,6 +707,64 @@ def test_collator_takes_trl_conversational_rows(processor, tmp_path):
         VisionLanguageCollator(processor)([{**rows[1], "images": [image]}])
 
 
+@pytest.mark.parametrize("kind", ["lavin", "crome"])
+def test_group_by_length_counts_raw_rows_as_the_collator_builds_them(tiny_backbones, tmp_path, kind):
+    """`train_sampling_strategy="group_by_length"` on prompt/target/image rows (and TRL's messages rows):
+    transformers infers lengths from `input_ids` only and stopped with "Can only automatically infer lengths"; our
+    Trainers count each row's sample (here exactly the collator's token count) and a length column of the data
+    set's own is taken as given."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from mmadapters import CromeProcessor
+
+    model_class = LavinForConditionalGeneration if kind == "lavin" else CromeForConditionalGeneration
+    model = model_class.from_backbones(*tiny_backbones)
+    processor = (LavinProcessor if kind == "lavin" else CromeProcessor).from_model(model)
+    rows = toy_dataset(tmp_path, n=12).to_list()
+    rows[0]["prompt"] += " and what is written in the corner of it, if anything at all?"
+    rows[1]["target"] += " or maybe purple, it is hard to say"
+    collator = VisionLanguageCollator(processor)
+    dataset = datasets.Dataset.from_list(rows)
+    built = [int(collator([row])["attention_mask"].sum()) for row in rows]
+    assert collator.sample_lengths(dataset) == built and len(set(built)) >= 3
+    conversation = {
+        "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color is this?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+        ],
+        "images": [rows[0]["image"]],
+    }
+    messages = datasets.Dataset.from_list([conversation])
+    assert collator.sample_lengths(messages) == [int(collator([conversation])["attention_mask"].sum())]
+
+    trainer_class = LavinTrainer if kind == "lavin" else CromeTrainer
+    training = {"train_sampling_strategy": "group_by_length", "save_strategy": "no"}
+    trainer = make_trainer(
+        model,
+        processor,
+        dataset,
+        tmp_path / "out",
+        max_steps=2,
+        training=training,
+        trainer_class=trainer_class,
+    )
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, LengthGroupedSampler) and sampler.lengths == built
+    trainer.train()
+    given = dataset.add_column("length", list(range(len(rows))))
+    trainer = make_trainer(
+        model,
+        processor,
+        given,
+        tmp_path / "out2",
+        max_steps=1,
+        training=training,
+        trainer_class=trainer_class,
+    )
+    assert trainer._get_train_sampler().lengths == list(range(len(rows)))
+    trainer.train()
+
+
 def test_text_distillation_is_zero_for_the_bare_llm_and_trains_towards_it(
     tiny_backbones, processor, tmp_path
 ):

@@ -213,8 +213,33 @@ class AdapterTrainer(Trainer):
         the dataset match"."""
         super()._set_signature_columns_if_needed()
         if isinstance(self.data_collator, VisionLanguageCollator):
-            kept = [*self._signature_columns, *self.data_collator.columns]
+            kept = [*self._signature_columns, *self.data_collator.columns, self.args.length_column_name]
             self._signature_columns = list(dict.fromkeys(kept))
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return super()._get_train_sampler(self._with_sample_lengths(dataset))
+
+    def _get_eval_sampler(self, eval_dataset: Any) -> Any:
+        return super()._get_eval_sampler(self._with_sample_lengths(eval_dataset))
+
+    def _with_sample_lengths(self, dataset: Any) -> Any:
+        """For `train_sampling_strategy="group_by_length"` / `"batch_rebalance"`: raw rows (prompt, target, image or
+        TRL's messages) get a `length_column_name` column counted as our collator builds the samples, since
+        transformers infers lengths from `input_ids` alone and stops with "Can only automatically infer lengths".
+        A length column of the data set's own is used as it is."""
+        import datasets
+
+        if (
+            self.args.train_sampling_strategy in ("group_by_length", "batch_rebalance")
+            and isinstance(dataset, datasets.Dataset)
+            and isinstance(self.data_collator, VisionLanguageCollator)
+            and self.args.length_column_name not in dataset.column_names
+            and "input_ids" not in dataset.column_names
+        ):
+            lengths = self.data_collator.sample_lengths(dataset)
+            return dataset.add_column(self.args.length_column_name, lengths)
+        return dataset
 
     def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
         """LaVIN's recipe (also sensible for CROME): weight decay on matrices only, never on biases and 1-D
