@@ -506,10 +506,9 @@ def test_readme_lora_on_top_example_runs(tiny_backbones, tmp_path, monkeypatch):
     assert (tmp_path / "lavin-lora" / "mmadapters_model.safetensors").is_file()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
-def test_lora_on_a_4bit_llm_trains_and_round_trips(tiny_backbones, tmp_path):
-    """QLoRA-style: LaVIN-lite (the LLM in 4-bit nf4) with a LoRA on top; the LoRA and our adapters train, the
-    checkpoint quantises the LLM again and rebuilds the LoRA."""
+def lavin_lite(tiny_backbones, tmp_path):
+    """LaVIN-lite at tiny size (the LLM in 4-bit nf4; bitsandbytes' CPU kernels need a width of 64) and its
+    processor."""
     from conftest import save_llm_with_width
     from transformers import BitsAndBytesConfig
 
@@ -521,11 +520,18 @@ def test_lora_on_a_4bit_llm_trains_and_round_trips(tiny_backbones, tmp_path):
     model = LavinForConditionalGeneration.from_backbones(
         text_path, tiny_backbones[1], quantization_config={"text_config": quantization}
     )
+    return model, LavinProcessor.from_backbones(text_path, tiny_backbones[1])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+def test_lora_on_a_4bit_llm_trains_and_round_trips(tiny_backbones, tmp_path):
+    """QLoRA-style: LaVIN-lite (the LLM in 4-bit nf4) with a LoRA on top; the LoRA and our adapters train, the
+    checkpoint quantises the LLM again and rebuilds the LoRA."""
+    model, processor = lavin_lite(tiny_backbones, tmp_path)
     add_lora(model, lora())
     assert (
         type(model.language_model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     )  # PEFT's bnb LoRA
-    processor = LavinProcessor.from_backbones(text_path, tiny_backbones[1])
     batch = processor(text=["Image: N/A\nthe capital of"], answers=["paris"])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
@@ -557,25 +563,15 @@ def test_peft_kbit_preparation_then_training_with_checkpointing_trains_lora_and_
     """The QLoRA recipe as PEFT users write it (README, "QLoRA with PEFT's helper"): prepare_model_for_kbit_training
     and get_peft_model on LaVIN-lite, then our Trainer with activation checkpointing on. Both the LoRA and LaVIN's
     own adapters train through the 4-bit LLM with checkpointing on."""
-    from conftest import save_llm_with_width
     from peft import prepare_model_for_kbit_training
-    from transformers import BitsAndBytesConfig
 
-    text_path = save_llm_with_width(tmp_path / "llm64")
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
-    )
-    torch.manual_seed(0)
-    model = LavinForConditionalGeneration.from_backbones(
-        text_path, tiny_backbones[1], quantization_config={"text_config": quantization}
-    )
+    model, processor = lavin_lite(tiny_backbones, tmp_path)
     model = prepare_model_for_kbit_training(model)
     assert not any(p.requires_grad for p in model.parameters())  # PEFT froze everything, ours included
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)"))
     before = {
         n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_B" in n or "expert" in n
     }
-    processor = LavinProcessor.from_backbones(text_path, tiny_backbones[1])
     trainer = make_trainer(
         peft_model,
         processor,

@@ -293,6 +293,25 @@ def _push_space(args: argparse.Namespace) -> None:
         print(f"Pushed the Space {args.folder} to {args.repo_id} (model {args.model}): {result}")
 
 
+def _add_backbone_flag(
+    command: argparse.ArgumentParser, role: str, help: str, required: bool = False
+) -> None:
+    """`--text-model` / `--vision-model` as every command names a backbone; `--llm` / `--vision` (the converters'
+    first names) are the same flags."""
+    first_name = {"text": "--llm", "vision": "--vision"}[role]
+    command.add_argument(
+        first_name, f"--{role}-model", dest=first_name.removeprefix("--"), required=required, help=help
+    )
+
+
+def _add_overwrite_flag(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a checkpoint already in the output folder (atomically)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .quickstart import QuickstartSettings  # its defaults are the quickstart flags' defaults
 
@@ -379,45 +398,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("instructblip", help="InstructBLIP checkpoint: Hub id or local folder")
     convert.add_argument("output_dir", help="where the CROME checkpoint goes")
-    convert.add_argument(
-        "--llm",
-        "--text-model",
-        dest="llm",
-        required=True,
-        help="the LLM to put CROME around: Hub id or local folder",
-    )
-    convert.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace a checkpoint already in the output folder (atomically)",
-    )
+    _add_backbone_flag(convert, "text", "the LLM to put CROME around: Hub id or local folder", required=True)
+    _add_overwrite_flag(convert)
     convert.set_defaults(run=_convert_instructblip)
 
     lavin = commands.add_parser("convert-lavin", help="convert an official LaVIN checkpoint-N.pth")
     lavin.add_argument("checkpoint", help="the official .pth file (adapter tensors, optimizer, args)")
     lavin.add_argument("output_dir", help="where the converted checkpoint goes")
-    lavin.add_argument(
-        "--llm",
-        "--text-model",
-        dest="llm",
-        required=True,
-        help="the LLaMA it was trained on: Hub id or local folder",
-    )
-    lavin.add_argument(
-        "--vision",
-        "--vision-model",
-        dest="vision",
-        required=True,
-        help="the CLIP ViT-L/14 it was trained on: Hub id or folder",
+    _add_backbone_flag(lavin, "text", "the LLaMA it was trained on: Hub id or local folder", required=True)
+    _add_backbone_flag(
+        lavin, "vision", "the CLIP ViT-L/14 it was trained on: Hub id or folder", required=True
     )
     lavin.add_argument(
         "--temperature", type=positive_float, help="router temperature if the checkpoint does not record it"
     )
-    lavin.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace a checkpoint already in the output folder (atomically)",
-    )
+    _add_overwrite_flag(lavin)
     lavin.set_defaults(run=_convert_lavin)
 
     push = commands.add_parser("push", help="upload an adapter-only checkpoint folder to the Hub")
@@ -471,24 +466,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["text", "image"],
         help="the modality whose routing is folded in (default: %(default)s)",
     )
-    merge.add_argument(
-        "--llm",
-        "--text-model",
-        dest="llm",
-        help="load the LLM from here instead of the place recorded in the checkpoint (checked against its record)",
+    _add_backbone_flag(
+        merge,
+        "text",
+        "load the LLM from here instead of the place recorded in the checkpoint (checked against its record)",
     )
-    merge.add_argument(
-        "--vision",
-        "--vision-model",
-        dest="vision",
-        help="load the vision tower from here instead of the place recorded in the checkpoint (checked against its "
+    _add_backbone_flag(
+        merge,
+        "vision",
+        "load the vision tower from here instead of the place recorded in the checkpoint (checked against its "
         "record; the merged LLM does not hold it, but the checkpoint loads whole)",
     )
-    merge.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace a checkpoint already in the output folder (atomically)",
-    )
+    _add_overwrite_flag(merge)
     merge.set_defaults(run=_merge)
     return parser
 

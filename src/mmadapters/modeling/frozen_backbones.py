@@ -463,6 +463,12 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
     def _return_dict(self, return_dict: bool | None) -> bool:
         return self.config.return_dict if return_dict is None else return_dict
 
+    def _text_labels(self, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        """`labels` without the image placeholders (`labels_without_image_tokens`): `labels=input_ids` works."""
+        return labels_without_image_tokens(
+            labels, self.config.image_token_id, self.config.text_config.vocab_size, ignore_index
+        )
+
     def _decoder_only_output(
         self,
         inputs_embeds: torch.Tensor,
@@ -476,12 +482,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         loss (`causal_lm_output`; `llm_kwargs` holds the attention mask, positions, cache, adapter and loss
         keyword arguments), with the image outputs attached as transformers' vision-language models do."""
         if labels is not None:
-            labels = labels_without_image_tokens(
-                labels,
-                self.config.image_token_id,
-                self.config.text_config.vocab_size,
-                llm_kwargs.get("ignore_index", -100),
-            )
+            labels = self._text_labels(labels, llm_kwargs.get("ignore_index", -100))
         output = causal_lm_output(
             self.language_model,
             self.loss_function,

@@ -31,12 +31,7 @@ from ..causal_lm_output import (
     image_features_output,
 )
 from ..frozen_backbones import FrozenBackbonesPreTrainedModel, adapter_settings
-from ..image_tokens import (
-    check_image_token_count,
-    embed_text_tokens,
-    labels_without_image_tokens,
-    refuse_images_without_pixels,
-)
+from ..image_tokens import check_image_token_count, embed_text_tokens, refuse_images_without_pixels
 from ..transformers_compat import cache_kwargs, cache_of, pick_cache
 from .configuration_crome import STAGES, CromeConfig
 
@@ -429,12 +424,7 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
         """The encoder-decoder LLM (T5) on the prepared encoder input; the loss over the answer (`labels`)."""
         loss_kwargs = {key: llm_kwargs.pop(key) for key in LOSS_KWARGS if key in llm_kwargs}
         if labels is not None:
-            labels = labels_without_image_tokens(
-                labels,
-                self.config.image_token_id,
-                self.config.text_config.vocab_size,
-                loss_kwargs.get("ignore_index", -100),
-            )
+            labels = self._text_labels(labels, loss_kwargs.get("ignore_index", -100))
         if labels is None and decoder_input_ids is None:  # score the first answer token
             start = self.language_model.config.decoder_start_token_id
             decoder_input_ids = torch.full((inputs_embeds.shape[0], 1), start, device=inputs_embeds.device)
