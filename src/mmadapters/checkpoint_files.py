@@ -94,7 +94,12 @@ FULL_WEIGHTS_NAMES = (
 
 
 class CheckpointKindError(MMAdaptersError, ValueError):
-    """A checkpoint of another kind than the class asked to load it (another method, or not ours at all)."""
+    """A checkpoint of another kind than the class asked to load it (another method, or not ours at all);
+    `found` is the model_type its config.json names (None: none)."""
+
+    def __init__(self, message: str, found: str | None = None) -> None:
+        super().__init__(message)
+        self.found = found
 
 
 def check_checkpoint_kind(name: str, config: dict | None, model_type: str) -> None:
@@ -111,12 +116,14 @@ def check_checkpoint_kind(name: str, config: dict | None, model_type: str) -> No
         raise CheckpointKindError(
             f"'{name}' is a {METHOD_NAMES[found].name} checkpoint (config.json: model_type '{found}'), not a "
             f"{method_name} one. Load it with AutoModelForImageTextToText / AutoProcessor.from_pretrained('{name}'), "
-            "which pick the right classes."
+            "which pick the right classes.",
+            found=found,
         )
     what = f"a '{found}' model" if found else "a config.json without a model_type"
     raise CheckpointKindError(
         f"'{name}' holds {what}, not a {method_name} checkpoint (the folder that `save_pretrained` wrote). To "
-        f"build {method_name} around a backbone, pass it to `from_backbones` as text_model= or vision_model=."
+        f"build {method_name} around a backbone, pass it to `from_backbones` as text_model= or vision_model=.",
+        found=found,
     )
 
 

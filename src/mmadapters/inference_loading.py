@@ -85,8 +85,9 @@ def inference_keywords(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_inference_arguments(parser: argparse.ArgumentParser, environment: bool = False) -> None:
     """`--dtype`, `--device-map`, `--text-model`, `--vision-model` and `--ignore-backbone-mismatch` on a command
-    that loads a checkpoint. With `environment`, the first four defaults come from MMADAPTERS_DTYPE / MMADAPTERS_DEVICE_MAP / MMADAPTERS_TEXT_MODEL /
-    MMADAPTERS_VISION_MODEL when set (a Space's settings, where no flag can be passed)."""
+    that loads a checkpoint. With `environment`, the first four defaults come from MMADAPTERS_DTYPE /
+    MMADAPTERS_DEVICE_MAP / MMADAPTERS_TEXT_MODEL / MMADAPTERS_VISION_MODEL when set (a Space's settings, where no
+    flag can be passed)."""
     dtype_default = os.environ.get("MMADAPTERS_DTYPE", "float32") if environment else "float32"
     device_map_default = os.environ.get("MMADAPTERS_DEVICE_MAP") if environment else None
     for role in ("text", "vision"):

@@ -301,21 +301,15 @@ def loading_keywords(recipe: dict[str, Any]) -> dict[str, Any]:
 
 
 def _build_model_and_processor(recipe: dict[str, Any]) -> tuple[Any, Any]:
+    from .checkpoint_files import CheckpointKindError
     from .methods import METHODS, method
     from .modeling.adapters import AdapterSettingsError
-    from .modeling.backbones import read_checkpoint_config
 
     if recipe.get("from_checkpoint"):  # continue from an earlier stage's (adapter-only) checkpoint
         # The method's own classes: a checkpoint of the other method is refused before anything loads. The
         # backbones named in the recipe say where the checkpoint's are; `adapter` changes the settings that leave
         # its weights alone (anything else is refused by from_pretrained).
         chosen = method(recipe["model"])
-        saved_kind = (read_checkpoint_config(recipe["from_checkpoint"]) or {}).get("model_type")
-        if saved_kind in METHODS and saved_kind != recipe["model"]:
-            raise RecipeError(
-                f"`from_checkpoint` {recipe['from_checkpoint']} is a {saved_kind} checkpoint, but the recipe says "
-                f"`model: {recipe['model']}`: set `model: {saved_kind}`."
-            )
         text_model, vision_model = resolve_backbones(recipe)
         backbones = {
             key: value
@@ -329,6 +323,13 @@ def _build_model_and_processor(recipe: dict[str, Any]) -> tuple[Any, Any]:
             )
         except AdapterSettingsError as error:
             raise RecipeError(f"`adapter` with `from_checkpoint`: {error}") from None
+        except CheckpointKindError as error:
+            if error.found not in METHODS:
+                raise
+            raise RecipeError(
+                f"`from_checkpoint` {recipe['from_checkpoint']} is a {error.found} checkpoint, but the recipe says "
+                f"`model: {recipe['model']}`: set `model: {error.found}`."
+            ) from None
         return model.train(), chosen.processor_class.from_pretrained(recipe["from_checkpoint"])
     text_model, vision_model = resolve_backbones(recipe)
     adapter = recipe.get("adapter") or {}

@@ -366,8 +366,8 @@ def check_backbone(
         f"(revision {expected.revision}), but the {role} backbone loaded from '{loaded.name_or_path}' "
         f"(revision {loaded.revision}) has different weights (fingerprint "
         f"{_short(expected.fingerprint)} != {_short(loaded.fingerprint)}). Pass the original backbone "
-        f"(`{role}_model=...`; on the command line --{role}-model), or `ignore_backbone_mismatch=True` (--ignore-backbone-mismatch) if you really mean "
-        "to load the adapters onto another backbone."
+        f"(`{role}_model=...`; on the command line --{role}-model), or `ignore_backbone_mismatch=True` "
+        "(--ignore-backbone-mismatch) if you really mean to load the adapters onto another backbone."
     )
 
 

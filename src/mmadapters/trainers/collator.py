@@ -73,12 +73,8 @@ class VisionLanguageCollator:
         if "prompt" in rows.column_names:
             prompts, targets = rows["prompt"], rows["target"]
         else:  # TRL's conversational rows
-            conversations = rows["messages"]
-            prompts = [
-                self.processor.apply_chat_template(turns[:-1], add_generation_prompt=True)
-                for turns in conversations
-            ]
-            targets = [_text_of(turns[-1]["content"]) for turns in conversations]
+            pairs = [prompt_and_target(turns, self.processor) for turns in rows["messages"]]
+            prompts, targets = [prompt for prompt, _ in pairs], [target for _, target in pairs]
         texts = [prompt + target for prompt, target in zip(prompts, targets, strict=True)]
         token_ids = self.processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
         # The placeholder is one token of the text and num_image_tokens of the sample.
@@ -117,11 +113,17 @@ def example_from_messages(example: dict[str, Any], processor: Any, index: int = 
             f"Example {index}: {len(images)} image(s) in 'images' but {placeholders} {{'type': 'image'}} entries in "
             "'messages'; LaVIN and CROME take at most one image per sample, with one image entry where it goes."
         )
-    return {
-        "prompt": processor.apply_chat_template(messages[:-1], add_generation_prompt=True),
-        "target": _text_of(messages[-1]["content"]),
-        "image": images[0] if images else None,
-    }
+    prompt, target = prompt_and_target(messages, processor)
+    return {"prompt": prompt, "target": target, "image": images[0] if images else None}
+
+
+def prompt_and_target(messages: list[dict[str, Any]], processor: Any) -> tuple[str, str]:
+    """A conversation's prompt (the turns before the last, through the chat template) and target (the last turn's
+    text)."""
+    return (
+        processor.apply_chat_template(messages[:-1], add_generation_prompt=True),
+        _text_of(messages[-1]["content"]),
+    )
 
 
 def _text_of(content: Any) -> str:
