@@ -444,6 +444,26 @@ def test_lavin_lite_4bit_backbone_trains_and_round_trips(tiny_backbones, tmp_pat
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+@pytest.mark.parametrize("model_class", [LavinForConditionalGeneration, CromeForConditionalGeneration])
+def test_num_parameters_counts_a_4bit_llm_at_its_real_size(tiny_backbones, tmp_path, model_class):
+    """transformers' num_parameters() doubles the packed 4-bit weights only when the top model says it is 4-bit;
+    ours is a composite whose LLM alone is, and it reported the 4-bit LLM at half its size."""
+    from transformers import BitsAndBytesConfig
+
+    text_path = save_llm_with_width(tmp_path / "llm64")
+    full = model_class.from_backbones(text_path, tiny_backbones[1])
+    quantised = model_class.from_backbones(
+        text_path,
+        tiny_backbones[1],
+        quantization_config={"text_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")},
+    )
+    assert quantised.language_model.is_loaded_in_4bit
+    for options in ({}, {"exclude_embeddings": True}, {"only_trainable": True}):
+        assert quantised.num_parameters(**options) == full.num_parameters(**options), options
+    assert full.num_parameters(only_trainable=True) < full.num_parameters(exclude_embeddings=True)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
 @pytest.mark.parametrize("bits, tied", [(4, False), (4, True), (8, True)])
 def test_lavin_lite_saves_after_inference_and_its_full_checkpoint_quantises_the_llm_alone(
     tiny_backbones, tmp_path, randomize_adapters, bits, tied

@@ -59,6 +59,7 @@ from .backbones import (
     load_vision_backbone,
     read_checkpoint_config,
     resolve_checkpoint_folder,
+    unpacked_numel,
     vision_config_of,
 )
 from .causal_lm_output import VisionLanguageCausalLMOutput, causal_lm_output
@@ -287,6 +288,21 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         if thawed:
             logger.warning(f"{thawed:,} backbone parameters had become trainable; they are frozen again.")
         return thawed
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """As transformers' `num_parameters`, with 4-bit backbone weights counted at their real size.
+        transformers doubles the packed bitsandbytes 4-bit weights only when the top model is `is_loaded_in_4bit`;
+        ours is a composite whose LLM alone may be, so each parameter is looked at instead."""
+        embedding_weights = (
+            {f"{name}.weight" for name, module in self.named_modules() if isinstance(module, nn.Embedding)}
+            if exclude_embeddings
+            else set()
+        )
+        return sum(
+            unpacked_numel(parameter)
+            for name, parameter in self.named_parameters()
+            if name not in embedding_weights and (parameter.requires_grad or not only_trainable)
+        )
 
     def _peft_parameters(self) -> list[nn.Parameter]:
         prefixes = peft_on_top.peft_state_prefixes(self)
