@@ -648,6 +648,20 @@ def test_pipeline_batches_equal_one_by_one(backbones, kind, tmp_path, randomize_
     assert batched == alone
 
 
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_sample_lengths_are_the_built_samples_lengths_without_the_images(backbones, kind):
+    """An encoder-decoder CROME's sample is its prompt (with the tokenizer's EOS): the answer goes to the decoder."""
+    _, processor = build(backbones, kind)
+    texts = ["<image>\nwhat color is it?", "say hi"]
+    answers = ["red", "hi there, my friend, how are you"]
+    built = processor(images=[[image(0)], []], text=texts, answers=answers)["attention_mask"].sum(-1).tolist()
+    assert processor.sample_lengths(texts, answers) == built
+    assert (processor.sample_lengths(texts, ["a", "b"]) == built) == (kind == "t5")
+    assert processor.sample_lengths(texts, answers, max_length=5, overflow="truncate_left") == [
+        min(n, 5) for n in built
+    ]
+
+
 def test_processor_round_trip_keeps_both_tokenizers(backbones, tmp_path):
     _, processor = build(backbones)
     processor.save_pretrained(tmp_path)

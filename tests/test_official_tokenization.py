@@ -118,6 +118,24 @@ def test_text_only_prompt_and_training_target_are_the_official_ones(processor, s
     assert labels == [-100] * len(prompt_ids) + example[len(prompt_ids) :]
 
 
+def test_sample_lengths_are_the_built_samples_lengths_without_the_images(processor):
+    """What the Trainers group by under `group_by_length`: BOS, the head encoded piece by piece and prompt + answer
+    encoded together make these samples longer than their text's joint token count."""
+    import numpy as np
+
+    texts = [
+        "Image: <image> Question: Which\nResponse:",
+        "Image: N/A Question: Which is farthest north?\nResponse:",
+    ]
+    answers = ["The answer is A.", "The answer is B. BECAUSE: Maps have four cardinal directions."]
+    image = np.zeros((32, 32, 3), dtype=np.uint8)
+    built = processor(images=[[image], []], text=texts, answers=answers)["attention_mask"].sum(-1).tolist()
+    assert processor.sample_lengths(texts, answers) == built
+    prompts_only = processor(images=[[image], []], text=texts)["attention_mask"].sum(-1).tolist()
+    assert processor.sample_lengths(texts) == prompts_only
+    assert processor.sample_lengths(texts, answers, max_length=12, overflow="truncate_right") == [12, 12]
+
+
 def test_scienceqa_prompts_use_the_official_head(processor, sp_model):
     row = {
         "question": "Which?",

@@ -750,6 +750,13 @@ def test_group_by_length_counts_raw_rows_as_the_collator_builds_them(tiny_backbo
     )
     sampler = trainer._get_train_sampler()
     assert isinstance(sampler, LengthGroupedSampler) and sampler.lengths == built
+    counted = []
+    original = collator.sample_lengths
+    trainer.data_collator.sample_lengths = lambda rows: counted.append(len(rows)) or original(rows)
+    for _ in range(2):  # an evaluation set is counted once, not at every evaluation
+        assert trainer._get_eval_sampler(messages).lengths == collator.sample_lengths(messages)
+    assert counted == [1]
+    trainer.data_collator.sample_lengths = original
     trainer.train()
     given = dataset.add_column("length", list(range(len(rows))))
     trainer = make_trainer(

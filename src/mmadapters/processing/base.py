@@ -186,6 +186,10 @@ def check_overflow_policy(overflow: str) -> str:
     return overflow
 
 
+# sample_lengths encodes this many samples at a time (each chunk is padded to its longest sample).
+LENGTH_CHUNK = 256
+
+
 @dataclass
 class CheckedInputs:
     """One processor call's inputs after the shared checks, for the method's own encoding (`_model_inputs`)."""
@@ -271,6 +275,36 @@ class AdapterProcessorMixin:
             # return_tensors=None: plain values throughout, as transformers' processors give (one array per image)
             data["pixel_values"] = pixel_values if return_tensors is not None else list(pixel_values.numpy())
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def sample_lengths(
+        self,
+        text: str | list[str],
+        answers: str | list[str] | None = None,
+        max_length: int | None = None,
+        overflow: str | None = None,
+    ) -> list[int]:
+        """Each sample's length in tokens (its `attention_mask` sum), as `__call__` builds it, without the images:
+        they are not needed (each placeholder counts `num_image_tokens`), so none are read or checked. What our
+        Trainers' `group_by_length` groups by. A sample that overflow="raise" would refuse is counted whole."""
+        texts = self._check_texts(text)
+        answer_list = self._check_answers(answers, texts)
+        overflow = check_overflow_policy(overflow or self.overflow)
+        lengths: list[int] = []
+        for start in range(0, len(texts), LENGTH_CHUNK):
+            window = slice(start, start + LENGTH_CHUNK)
+            inputs = CheckedInputs(
+                texts=texts[window],
+                answers=None if answer_list is None else answer_list[window],
+                images=[],
+                add_special_tokens=True,
+                max_length=None,
+                overflow=overflow,
+            )
+            lengths += [sum(mask) for mask in self._model_inputs(inputs)["attention_mask"]]
+        limit = self._max_length(max_length)
+        if limit is None or overflow == "raise":
+            return lengths
+        return [min(length, limit) for length in lengths]
 
     def _model_inputs(self, inputs: CheckedInputs, **options: Any) -> dict[str, Any]:
         """The method's token-level fields (input_ids, attention_mask, labels, ...) for `inputs`."""

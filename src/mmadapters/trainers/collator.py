@@ -65,24 +65,18 @@ class VisionLanguageCollator:
         return dict(batch)
 
     def sample_lengths(self, rows: Any) -> list[int]:
-        """Each row's length in tokens, read from a `datasets.Dataset` without decoding its images: the tokens of
-        prompt and answer, EOS, and each image's visual tokens in place of its placeholder (before truncation; a
-        processor that adds BOS or tokenises piece by piece, as converted official checkpoints do, builds samples
-        a token or two longer). What `train_sampling_strategy="group_by_length"` groups by: transformers counts
-        `input_ids`, which raw rows do not have."""
+        """Each row's length in tokens, read from a `datasets.Dataset` without decoding its images: the length of
+        the sample this collator builds from it (`processor.sample_lengths`, truncation included). What
+        `train_sampling_strategy="group_by_length"` groups by: transformers counts `input_ids`, which raw rows do
+        not have."""
         if "prompt" in rows.column_names:
             prompts, targets = rows["prompt"], rows["target"]
         else:  # TRL's conversational rows
             pairs = [prompt_and_target(turns, self.processor) for turns in rows["messages"]]
             prompts, targets = [prompt for prompt, _ in pairs], [target for _, target in pairs]
-        texts = [prompt + target for prompt, target in zip(prompts, targets, strict=True)]
-        token_ids = self.processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        # The placeholder is one token of the text and num_image_tokens of the sample.
-        per_image = self.processor.num_image_tokens - 1
-        return [
-            len(ids) + 1 + per_image * prompt.count(self.processor.image_token)
-            for ids, prompt in zip(token_ids, prompts, strict=True)
-        ]
+        return self.processor.sample_lengths(
+            prompts, targets, max_length=self.max_length, overflow=self.overflow
+        )
 
 
 def example_from_messages(example: dict[str, Any], processor: Any, index: int = 0) -> dict[str, Any]:

@@ -136,6 +136,8 @@ class AdapterTrainer(Trainer):
         if model is not None:
             self._take_model(model)
         self.hub_license = hub_license  # read by init_hf_repo, which transformers' __init__ calls
+        # id(data set) -> (data set, data set with a length column): counted once, not at every evaluation
+        self._counted_datasets: dict[int, tuple[Any, Any]] = {}
         super().__init__(*args, **kwargs)
         trained = self._unwrapped()
         if hasattr(trained, "check_save_directory"):  # the final save_model writes output_dir itself
@@ -237,8 +239,12 @@ class AdapterTrainer(Trainer):
             and self.args.length_column_name not in dataset.column_names
             and "input_ids" not in dataset.column_names
         ):
-            lengths = self.data_collator.sample_lengths(dataset)
-            return dataset.add_column(self.args.length_column_name, lengths)
+            counted = self._counted_datasets.get(id(dataset))
+            if counted is None or counted[0] is not dataset:
+                lengths = self.data_collator.sample_lengths(dataset)
+                counted = (dataset, dataset.add_column(self.args.length_column_name, lengths))
+                self._counted_datasets[id(dataset)] = counted
+            return counted[1]
         return dataset
 
     def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
