@@ -249,6 +249,73 @@ def test_dtype_and_torch_dtype(tiny_backbones, checkpoint, tmp_path):
     assert LavinForConditionalGeneration.from_pretrained(full).language_model.dtype == torch.float32
 
 
+@pytest.mark.parametrize("model_class", [LavinForConditionalGeneration, CromeForConditionalGeneration])
+def test_both_checkpoint_kinds_reload_in_the_asked_or_saved_dtype_with_our_modules_in_float32(
+    tiny_backbones, tmp_path, model_class
+):
+    """`dtype="auto"` is the dtype the model was saved in (transformers' meaning), for an adapter-only checkpoint as
+    for a full one; our modules are float32 either way, loaded exactly. Before: the full checkpoint's loader built
+    our modules in the backbones' dtype (saved float32 weights rounded to bfloat16, then trained in it), a CROME
+    model reported the dtype of its float32 query tokens (so its full checkpoint recorded float32), and "auto" of
+    an adapter-only checkpoint took each backbone source's own dtype."""
+    torch.manual_seed(0)
+    model = model_class.from_backbones(*tiny_backbones, dtype=torch.bfloat16)
+    assert model.dtype == model.language_model.dtype == torch.bfloat16
+    model.save_pretrained(tmp_path / "adapters")
+    model.save_pretrained(tmp_path / "full", adapter_only=False)
+    own = {
+        name: parameter
+        for name, parameter in model.named_parameters()
+        if not name.startswith(("language_model.", "vision_tower."))
+    }
+    for folder in ("adapters", "full"):
+        for dtype, expected in (
+            ("auto", torch.bfloat16),
+            (None, torch.float32),
+            (torch.float16, torch.float16),
+        ):
+            loaded = model_class.from_pretrained(
+                tmp_path / folder, **({} if dtype is None else {"dtype": dtype})
+            )
+            assert loaded.dtype == loaded.language_model.dtype == loaded.vision_tower.dtype == expected, (
+                folder,
+                dtype,
+            )
+            loaded_own = dict(loaded.named_parameters())
+            for name, parameter in own.items():
+                assert loaded_own[name].dtype == torch.float32, (folder, dtype, name)
+                assert torch.equal(loaded_own[name], parameter), (folder, dtype, name)
+
+
+def test_a_dtype_per_backbone_is_honoured_where_each_backbone_loads_by_itself(
+    tiny_backbones, tmp_path, inputs
+):
+    """transformers' dict form of `dtype` (documented in mmadapters.modeling.loading) reached each backbone as a
+    dict, which it read as float32. A full checkpoint loads in one dtype (transformers would turn the dict into
+    float32 for everything, with a deprecation warning): a dict asking two is refused there."""
+    per_backbone = {"text_config": torch.bfloat16, "vision_config": torch.float16}
+    model = LavinForConditionalGeneration.from_backbones(*tiny_backbones, dtype=per_backbone)
+    assert (model.language_model.dtype, model.vision_tower.dtype) == (torch.bfloat16, torch.float16)
+    with torch.no_grad():
+        assert model(**inputs).logits.dtype == torch.bfloat16
+    model.save_pretrained(tmp_path / "adapters")
+    model.save_pretrained(tmp_path / "full", adapter_only=False)
+    for dtype, expected in (
+        (per_backbone, (torch.bfloat16, torch.float16)),
+        ("auto", (torch.bfloat16, torch.float16)),
+        ({"vision_config": torch.bfloat16}, (torch.float32, torch.bfloat16)),
+    ):
+        loaded = LavinForConditionalGeneration.from_pretrained(tmp_path / "adapters", dtype=dtype)
+        assert (loaded.language_model.dtype, loaded.vision_tower.dtype) == expected, dtype
+    with pytest.raises(LoadingOptionError, match="full checkpoint, which loads in one dtype"):
+        LavinForConditionalGeneration.from_pretrained(tmp_path / "full", dtype=per_backbone)
+    both = {"text_config": torch.bfloat16, "vision_config": torch.bfloat16}
+    loaded = LavinForConditionalGeneration.from_pretrained(tmp_path / "full", dtype=both)
+    assert loaded.language_model.dtype == loaded.vision_tower.dtype == torch.bfloat16
+    with pytest.raises(LoadingOptionError, match="keyed by 'text_config' and/or 'vision_config'"):
+        LavinForConditionalGeneration.from_backbones(*tiny_backbones, dtype={"text": torch.bfloat16})
+
+
 def test_crome_backbones_follow_dtype_in_full_checkpoints(tmp_path):
     from conftest import tiny_qformer_config
 

@@ -91,7 +91,7 @@ def load_text_backbone(
     model = _text_class_for(config).from_pretrained(
         name,
         revision=revision,
-        dtype=backbone_dtype(options.dtype),
+        dtype=backbone_dtype(options.dtype["text"]),
         **options.for_backbone("text", device_map),
     )
     freeze(model)
@@ -140,7 +140,7 @@ def load_vision_backbone(
     model = _vision_class_for(config).from_pretrained(
         name,
         revision=revision,
-        dtype=backbone_dtype(options.dtype),
+        dtype=backbone_dtype(options.dtype["vision"]),
         key_mapping=key_mapping,
         **options.for_backbone("vision", device_map),
     )
@@ -188,7 +188,7 @@ def _from_config_kwargs(role: str, options: BackboneLoadOptions) -> dict[str, An
             f"quantization_config needs a {role} backbone loaded from weights (a Hub id, a folder or a loaded "
             "model); a config object builds random weights, which transformers does not quantise."
         )
-    return {"dtype": backbone_dtype(options.dtype), **options.implementations(role)}
+    return {"dtype": backbone_dtype(options.dtype[role]), **options.implementations(role)}
 
 
 def _place(model: PreTrainedModel, device_map: dict | None, options: BackboneLoadOptions) -> PreTrainedModel:
@@ -220,10 +220,10 @@ def adopt_backbone(
     if options.experts_implementation[role] is not None:
         model.set_experts_implementation(options.experts_implementation[role])
     quantized = is_quantized(model)
-    if options.dtype not in (None, "auto"):
+    if options.dtype[role] not in (None, "auto"):
         if quantized:
             raise LoadingOptionError(f"The {role} backbone is quantised: its dtype cannot be changed.")
-        model.to(options.dtype)
+        model.to(options.dtype[role])
     freeze(model)
     name = model.name_or_path or getattr(model.config, "_name_or_path", "")
     return model, (_reference(name, revision, model) if name else None)

@@ -75,6 +75,7 @@ from .loading import (
     main_device_of,
     move_own_modules,
     normalize_device_map,
+    per_role,
     quantization_as_dict,
     split_device_map,
     take_loading_options,
@@ -207,7 +208,15 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         self.vision_tower = vision_tower or build_vision_backbone(config.vision_config)
         freeze(self.language_model)
         freeze(self.vision_tower)
-        self._build_trainable_side(config)
+        # Our modules are float32 whatever the backbones' dtype: they train in it (as from_backbones builds them),
+        # and a full checkpoint's loader, which builds the model in the dtype asked, then loads their saved float32
+        # weights exactly instead of rounding them to it.
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)
+        try:
+            self._build_trainable_side(config)
+        finally:
+            torch.set_default_dtype(default_dtype)
         self.post_init()
         self.restore_trainable_side()  # what the method trains now (e.g. CROME: the current stage's modules)
 
@@ -319,6 +328,12 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
                 for name in layer.active_adapters
             )
             layer.set_adapter(layer.active_adapters, inference_mode=inference)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The backbones' dtype (the LLM's; our modules stay float32), whichever parameter comes first: what
+        `inputs.to(model.dtype)` and a full save's recorded `dtype` (what `dtype="auto"` reloads in) mean."""
+        return self.language_model.dtype
 
     @property
     def is_gradient_checkpointing(self) -> bool:
@@ -634,8 +649,9 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         config = meta_config()
         with torch.device("meta"):
             meta_model = cls(config)
-        if options.dtype not in (None, "auto"):
-            meta_model.to(options.dtype)
+        for role, backbone in zip(ROLES, (meta_model.language_model, meta_model.vision_tower), strict=True):
+            if options.dtype[role] not in (None, "auto"):
+                backbone.to(options.dtype[role])
         full_map = compute_device_map(meta_model, options)
         text_map, vision_map, own_map = split_device_map(full_map)
         return (text_map or None, vision_map or None), {**own_map, "__main__": main_device_of(full_map)}
@@ -1088,8 +1104,9 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
                 config, adapter_settings, folder or "the given config"
             )
             kwargs["config"] = config
-        if kwargs.get("dtype") in (None, "auto") and kwargs.get("torch_dtype") is None:
-            kwargs["dtype"] = torch.float32 if kwargs.get("dtype") is None else "auto"
+        dtype, torch_dtype = kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None)
+        asked = dtype if dtype is not None else torch_dtype
+        kwargs["dtype"] = torch.float32 if asked is None else one_dtype(asked, folder)
         if revision is not None:
             kwargs["revision"] = revision
         if folder is not None and kwargs.get("device_map") is not None:
@@ -1124,7 +1141,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         beside accelerators), leaving their weights on the meta device where our forward reads them. Here they
         go where they compute (they are small); the backbones' layers are placed as the strategy says."""
         options = BackboneLoadOptions(
-            dtype=kwargs.get("dtype") or kwargs.get("torch_dtype"),
+            dtype=per_role(kwargs["dtype"], "dtype"),
             device_map=normalize_device_map(kwargs["device_map"]),
             max_memory=kwargs.get("max_memory"),
         )
@@ -1183,6 +1200,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             config = copy.deepcopy(config)
             config.adapter_config = changed_adapter_settings(config, adapter_settings, f"'{name}'")
         _apply_recorded_quantization(options, config)
+        options.take_recorded_dtypes(config)
         device_maps, own_map = cls._plan_placement(options, lambda: config)
         overrides = {"text": text_model, "vision": vision_model}
         revisions = {"text": text_revision, "vision": vision_revision}
@@ -1225,6 +1243,21 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         model.watch_backbones()
         model.eval()
         return model
+
+
+def one_dtype(dtype: Any, folder: str | None) -> Any:
+    """The dtype of a full checkpoint's load: one for the whole model. transformers would turn a per-backbone dict
+    into float32 for everything with a deprecation warning; a dict that asks one dtype for both is taken."""
+    if not isinstance(dtype, dict):
+        return dtype
+    per_backbone = per_role(dtype, "dtype")
+    if len({str(value) for value in per_backbone.values()}) > 1:
+        raise LoadingOptionError(
+            f"{folder or 'This'} is a full checkpoint, which loads in one dtype (transformers deprecates one per "
+            f"module); got {dtype}. Pass one dtype and cast a backbone afterwards (model.vision_tower.to(...)), "
+            "or save the model adapter-only: each backbone then loads in its own dtype."
+        )
+    return per_backbone["text"]
 
 
 def adapter_only_config(config: PreTrainedConfig) -> PreTrainedConfig:

@@ -7,8 +7,9 @@ unknown keywords raise `TypeError`, as in transformers:
 
 - per backbone: `dtype` (`torch_dtype`), `attn_implementation` and `experts_implementation` (mixture-of-experts
   LLMs), each a string or a dict keyed by `text_config` / `vision_config` as transformers' composite models take
-  it, `quantization_config` (one config for both backbones, or such a dict; our trainable modules are never
-  quantised), the Hub keywords (`token`,
+  it (a full checkpoint loads in one dtype: `one_dtype`; "auto" of an adapter-only checkpoint is the dtype each
+  backbone was saved in), `quantization_config` (one config for both backbones, or such a dict; our trainable
+  modules are never quantised), the Hub keywords (`token`,
   `cache_dir`, `local_files_only`, `force_download`, `proxies`), `use_safetensors`, `trust_remote_code`,
   `weights_only`, `disable_mmap`, `offload_buffers`;
 - placement: `device_map` ("auto"/"balanced"/"balanced_low_0"/"sequential", a device, or a dict over the
@@ -70,7 +71,7 @@ class LoadingOptionError(MMAdaptersError, ValueError):
 class BackboneLoadOptions:
     """The backbone-related loading keywords of one `from_pretrained` / `from_backbones` call, validated."""
 
-    dtype: Any = None
+    dtype: dict[str, Any] = field(default_factory=lambda: dict.fromkeys(ROLES))
     attn_implementation: dict[str, str | None] = field(default_factory=lambda: dict.fromkeys(ROLES))
     experts_implementation: dict[str, str | None] = field(default_factory=lambda: dict.fromkeys(ROLES))
     quantization: dict[str, Any] = field(default_factory=lambda: dict.fromkeys(ROLES))
@@ -92,6 +93,15 @@ class BackboneLoadOptions:
             "experts_implementation": self.experts_implementation[role],
         }
         return {name: value for name, value in asked.items() if value is not None}
+
+    def take_recorded_dtypes(self, config: Any) -> None:
+        """`dtype="auto"` for an adapter-only checkpoint: each backbone in the dtype the model was saved with
+        (recorded in its sub-config), as "auto" means for a full checkpoint; the backbone source's own dtype where
+        none is recorded."""
+        for role in ROLES:
+            recorded = getattr(getattr(config, f"{role}_config", None), "dtype", None)
+            if self.dtype[role] == "auto" and recorded is not None:
+                self.dtype[role] = recorded
 
     def take_implementations_from(self, config: Any) -> None:
         """The attention and experts implementations a given config object asks for, for each backbone that no
@@ -149,7 +159,7 @@ def take_loading_options(kwargs: dict[str, Any], where: str) -> BackboneLoadOpti
             raise LoadingOptionError(f"{where} does not support `{name}`: {why}.")
     options = BackboneLoadOptions()
     dtype, torch_dtype = kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None)
-    options.dtype = dtype if dtype is not None else torch_dtype
+    options.dtype = per_role(dtype if dtype is not None else torch_dtype, "dtype")
     for name in ("attn_implementation", "experts_implementation"):
         per_backbone = per_role(kwargs.pop(name, None), name)
         for role, value in per_backbone.items():
@@ -171,7 +181,7 @@ def per_role(value: Any, name: str) -> dict[str, Any]:
     if isinstance(value, dict) and value and set(value) <= {"text_config", "vision_config", ""}:
         default = value.get("")
         return {role: value.get(f"{role}_config", default) for role in ROLES}
-    if isinstance(value, dict) and name in ("attn_implementation", "experts_implementation"):
+    if isinstance(value, dict) and name in ("dtype", "attn_implementation", "experts_implementation"):
         raise LoadingOptionError(
             f"{name} as a dict must be keyed by 'text_config' and/or 'vision_config', got keys {sorted(value)}."
         )
