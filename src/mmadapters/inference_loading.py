@@ -2,7 +2,7 @@
 
 Each takes the same choices, as `from_pretrained` keywords:
 - `dtype`: the frozen backbones' dtype ("float32", the default, reproduces the numbers in the README on CPU;
-  "bfloat16" or "float16" halve the memory of a 7B LLM on a GPU; "auto": what the backbones' checkpoints hold);
+  "bfloat16" or "float16" halve the memory of a 7B LLM on a GPU; "auto": the dtype the model was saved in);
 - `device_map`: None (the default: CPU), one device ("cuda", "cuda:1", "mps"), or a strategy that splits the
   model over the available GPUs ("auto", "balanced"; each adapter goes with its decoder layer);
 - `text_model` / `vision_model`: where the backbones are when not where the checkpoint was trained (a local copy,
