@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -60,14 +61,45 @@ def test_unknown_keywords_raise_type_error(tiny_backbones, checkpoint):
         LavinForConditionalGeneration.from_pretrained(checkpoint[0], made_up=1)
 
 
-@pytest.mark.parametrize(
-    "keyword", ["gguf_file", "tp_plan", "key_mapping", "use_kernels", "output_loading_info"]
-)
+@pytest.mark.parametrize("keyword", ["gguf_file", "tp_plan", "key_mapping", "use_kernels"])
 def test_unsupported_keywords_are_refused_with_the_reason(tiny_backbones, checkpoint, keyword):
     with pytest.raises(LoadingOptionError, match=f"does not support `{keyword}`"):
         LavinForConditionalGeneration.from_backbones(*tiny_backbones, **{keyword: "x"})
     with pytest.raises(LoadingOptionError, match=f"does not support `{keyword}`"):
         LavinForConditionalGeneration.from_pretrained(checkpoint[0], **{keyword: "x"})
+
+
+def test_output_loading_info_reports_the_backbones_loading_under_their_names_in_the_model(
+    tiny_backbones, tmp_path, inputs
+):
+    """transformers' `(model, loading_info)`: for an adapter-only checkpoint, what each backbone's own loading found
+    (our adapter file is loaded strictly: a missing or extra tensor is an error, never a report). It was refused."""
+    from safetensors.torch import load_file, save_file
+
+    llm_folder = tmp_path / "llm"
+    shutil.copytree(tiny_backbones[0], llm_folder)
+    model = LavinForConditionalGeneration.from_backbones(llm_folder, tiny_backbones[1])
+    model.save_pretrained(tmp_path / "adapters")
+    model.save_pretrained(tmp_path / "full", adapter_only=False)
+    empty = {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(), "error_msgs": []}
+    for folder in ("adapters", "full"):
+        loaded, info = LavinForConditionalGeneration.from_pretrained(
+            tmp_path / folder, output_loading_info=True
+        )
+        assert isinstance(loaded, LavinForConditionalGeneration) and info == empty, folder
+    assert LavinForConditionalGeneration.from_pretrained(
+        tmp_path / "adapters", output_loading_info=False
+    ).config
+
+    weights = load_file(llm_folder / "model.safetensors")  # the LLM's folder loses its final norm
+    del weights["model.norm.weight"]
+    save_file(weights, llm_folder / "model.safetensors", metadata={"format": "pt"})
+    loaded, info = LavinForConditionalGeneration.from_pretrained(
+        tmp_path / "adapters", output_loading_info=True, ignore_backbone_mismatch=True
+    )
+    assert info == {**empty, "missing_keys": {"language_model.model.norm.weight"}}
+    with pytest.raises(LoadingOptionError, match="from_backbones does not take `output_loading_info`"):
+        LavinForConditionalGeneration.from_backbones(*tiny_backbones, output_loading_info=True)
 
 
 def test_subfolder_is_where_the_checkpoint_lies(tiny_backbones, checkpoint, tmp_path, inputs):

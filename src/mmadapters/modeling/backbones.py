@@ -88,14 +88,30 @@ def load_text_backbone(
     name = resolve_backbone_name(os.fspath(spec))
     revision = resolve_hub_revision(name, revision, options.hub_kwargs())
     config = _backbone_config(name, revision, options, "text")
-    model = _text_class_for(config).from_pretrained(
-        name,
-        revision=revision,
-        dtype=backbone_dtype(options.dtype["text"]),
-        **options.for_backbone("text", device_map),
-    )
+    model = _from_weights(_text_class_for(config), "text", name, revision, options, device_map)
     freeze(model)
     return model, _reference(name, revision, model)
+
+
+def _from_weights(
+    model_class: type[PreTrainedModel],
+    role: str,
+    name: str,
+    revision: str | None,
+    options: BackboneLoadOptions,
+    device_map: dict | None,
+    **extra: Any,
+) -> PreTrainedModel:
+    """`model_class.from_pretrained` of the `role` backbone with this call's options (and its loading info kept,
+    when asked for)."""
+    loaded = model_class.from_pretrained(
+        name,
+        revision=revision,
+        dtype=backbone_dtype(options.dtype[role]),
+        **extra,
+        **options.for_backbone(role, device_map),
+    )
+    return options.loaded(role, loaded)
 
 
 def build_text_backbone(config: PreTrainedConfig) -> PreTrainedModel:
@@ -137,12 +153,8 @@ def load_vision_backbone(
     # The vision-only class of the config (CLIPVisionModel, SiglipVisionModel, ...) also loads the vision
     # half of a full CLIP/SigLIP checkpoint; BLIP-2/InstructBLIP checkpoints keep it under `vision_model.`.
     key_mapping = {r"^vision_model\.": ""} if full_config.model_type in ("instructblip", "blip-2") else None
-    model = _vision_class_for(config).from_pretrained(
-        name,
-        revision=revision,
-        dtype=backbone_dtype(options.dtype["vision"]),
-        key_mapping=key_mapping,
-        **options.for_backbone("vision", device_map),
+    model = _from_weights(
+        _vision_class_for(config), "vision", name, revision, options, device_map, key_mapping=key_mapping
     )
     freeze(model)
     return model, _reference(name, revision, model)

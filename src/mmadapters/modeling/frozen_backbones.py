@@ -587,6 +587,11 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         kwargs["dtype"] = dtype
         where = f"{cls.__name__}.from_backbones"
         options = take_loading_options(kwargs, where)
+        if options.loading_info is not None:
+            raise LoadingOptionError(
+                f"{where} does not take `output_loading_info` (a from_pretrained keyword): it builds a new model. "
+                "Load the backbones with their own from_pretrained(..., output_loading_info=True) and pass them in."
+            )
         fields = cls._take_config_fields(kwargs, where)
         if (isinstance(text_model, PreTrainedModel) or isinstance(vision_model, PreTrainedModel)) and (
             options.device_map is not None
@@ -1242,6 +1247,8 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         model._follow_backbone_devices(own_map)
         model.watch_backbones()
         model.eval()
+        if options.loading_info is not None:
+            return model, options.composite_loading_info(dict(zip(ROLES, BACKBONE_MODULES, strict=True)))
         return model
 
 

@@ -11,7 +11,8 @@ unknown keywords raise `TypeError`, as in transformers:
   backbone was saved in), `quantization_config` (one config for both backbones, or such a dict; our trainable
   modules are never quantised), the Hub keywords (`token`,
   `cache_dir`, `local_files_only`, `force_download`, `proxies`), `use_safetensors`, `trust_remote_code`,
-  `weights_only`, `disable_mmap`, `offload_buffers`;
+  `weights_only`, `disable_mmap`, `offload_buffers`, `output_loading_info` (the backbones' loading info under
+  their names in the model: `BackboneLoadOptions.composite_loading_info`);
 - placement: `device_map` ("auto"/"balanced"/"balanced_low_0"/"sequential", a device, or a dict over the
   composite's module names such as `{"language_model": 0, "vision_tower": "cpu", ...}`), `max_memory`,
   `offload_folder`. The composite map is computed once on a meta copy of the whole model, so accelerate can
@@ -58,7 +59,6 @@ REFUSED = {
     "variant": "point text_model= / vision_model= at the backbone variant folders instead",
     "adapter_name": "our adapters are not PEFT adapters; load PEFT adapters afterwards with PeftModel",
     "ignore_mismatched_sizes": "adapter weights of another shape belong to another model: they are refused",
-    "output_loading_info": "adapter-only checkpoints are loaded strictly (a missing or extra tensor is an error)",
     "state_dict": "pass adapter weights with model.load_adapter_state_dict(...) after loading",
 }
 
@@ -80,6 +80,8 @@ class BackboneLoadOptions:
     offload_folder: str | None = None
     offload_buffers: bool = False
     pass_through: dict[str, Any] = field(default_factory=dict)
+    # `output_loading_info=True`: each backbone's loading info, by role, as its loader found it (else None).
+    loading_info: dict[str, dict] | None = None
 
     def hub_kwargs(self) -> dict[str, Any]:
         """The keywords that also apply to config and revision lookups."""
@@ -93,6 +95,28 @@ class BackboneLoadOptions:
             "experts_implementation": self.experts_implementation[role],
         }
         return {name: value for name, value in asked.items() if value is not None}
+
+    def loaded(self, role: str, result: Any) -> Any:
+        """The model a backbone's `from_pretrained` returned, its loading info kept when it was asked for."""
+        if self.loading_info is None:
+            return result
+        model, self.loading_info[role] = result
+        return model
+
+    def composite_loading_info(self, prefixes: dict[str, str]) -> dict[str, Any]:
+        """transformers' loading info of the whole model: each backbone's, under its name in the model
+        (`prefixes`: role -> attribute name)."""
+        info: dict[str, Any] = {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set()}
+        info["error_msgs"] = []
+        for role, found in (self.loading_info or {}).items():
+            prefix = f"{prefixes[role]}."
+            for name in ("missing_keys", "unexpected_keys"):
+                info[name] |= {prefix + key for key in found.get(name, ())}
+            info["mismatched_keys"] |= {
+                (prefix + key, *shapes) for key, *shapes in found.get("mismatched_keys", ())
+            }
+            info["error_msgs"] += list(found.get("error_msgs", ()))
+        return info
 
     def take_recorded_dtypes(self, config: Any) -> None:
         """`dtype="auto"` for an adapter-only checkpoint: each backbone in the dtype the model was saved with
@@ -118,6 +142,8 @@ class BackboneLoadOptions:
         """`from_pretrained` keywords for the `role` backbone, given its part of the composite device map."""
         kwargs = dict(self.pass_through)
         kwargs.update(self.implementations(role))
+        if self.loading_info is not None:
+            kwargs["output_loading_info"] = True  # its answer goes through `loaded`
         if self.quantization[role] is not None:
             kwargs["quantization_config"] = self.quantization[role]
         if device_map is not None:
@@ -172,6 +198,7 @@ def take_loading_options(kwargs: dict[str, Any], where: str) -> BackboneLoadOpti
     options.offload_folder = kwargs.pop("offload_folder", None)
     options.offload_buffers = bool(kwargs.pop("offload_buffers", False))
     options.pass_through = {name: kwargs.pop(name) for name in PASS_THROUGH if name in kwargs}
+    options.loading_info = {} if kwargs.pop("output_loading_info", False) else None
     return options
 
 
