@@ -260,6 +260,25 @@ def test_processor_rebuilt_from_backbones_when_not_saved(trained, tmp_path):
         assert (options.max_length, options.overflow, options.max_image_pixels) == (77, "truncate_left", 5000)
 
 
+def test_a_processor_for_another_number_of_visual_tokens_is_refused_clearly(trained, tmp_path):
+    """num_image_tokens is the model's: a processor that expands `<image>` otherwise builds inputs the model refuses.
+    It raised "property 'num_image_tokens' of 'LavinConfig' object has no setter" from inside transformers."""
+    from mmadapters.modeling.image_tokens import NumImageTokensError
+
+    model, processor = trained
+    model.save_pretrained(tmp_path / "saved", processor=processor)
+    model.save_pretrained(tmp_path / "rebuilt")
+    recorded = model.config.num_image_tokens
+    for folder in ("saved", "rebuilt"):
+        for loader in (AutoProcessor, LavinProcessor):
+            with pytest.raises(NumImageTokensError, match=f"makes {recorded} visual tokens per image"):
+                loader.from_pretrained(tmp_path / folder, num_image_tokens=recorded + 1)
+            assert (
+                loader.from_pretrained(tmp_path / folder, num_image_tokens=recorded).num_image_tokens
+                == recorded
+            )
+
+
 def test_a_checkpoint_saved_by_mmadapters_0_1_loads_identically(tmp_path, monkeypatch):
     # tests/fixtures/mmadapters-0.1: saved by the 0.1.0 code (adapter_model.safetensors + adapter_config.json,
     # backbones named by relative paths), with the logits it computed (make_fixture.py there).

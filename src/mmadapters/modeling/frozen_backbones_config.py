@@ -9,6 +9,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 from .backbone_names import with_recorded_backbone_names
+from .image_tokens import check_num_image_tokens
 
 
 @strict
@@ -64,10 +65,14 @@ class FrozenBackbonesConfig(PreTrainedConfig):
         adapter_config=...)`, the Auto classes' way included): it changes the saved adapter settings field by field
         (`changed_adapter_settings`) instead of replacing them whole."""
         settings = kwargs.pop("adapter_config", None)
+        # Derived from the fields (a property), not settable; the processor options handed to AutoProcessor reach
+        # the config this way when the checkpoint holds no processor files.
+        asked_tokens = kwargs.pop("num_image_tokens", None)
         loaded = super().from_dict(config_dict, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
         if settings is not None:
-            config = loaded[0] if isinstance(loaded, tuple) else loaded
             config.adapter_config = changed_adapter_settings(config, settings, "this checkpoint")
+        check_num_image_tokens(asked_tokens, config.num_image_tokens, "this model")
         return loaded
 
     @classmethod

@@ -15,6 +15,21 @@ class ImageTokenMismatchError(MMAdaptersError, ValueError):
     """The image placeholder tokens in `input_ids` do not match the images given."""
 
 
+class NumImageTokensError(MMAdaptersError, TypeError):
+    """`num_image_tokens` given to a loader differs from the model's: it follows from the model's config and
+    cannot be set. A TypeError, like an unknown keyword (and so that AutoProcessor, which takes a ValueError from
+    the config for "no processor here", passes it on)."""
+
+
+def check_num_image_tokens(asked: int | None, recorded: int, where: str) -> None:
+    """Refuse a `num_image_tokens` keyword other than the model's (`where`: "the model of 'path'", ...)."""
+    if asked is not None and asked != recorded:
+        raise NumImageTokensError(
+            f"num_image_tokens={asked}, but {where} makes {recorded} visual tokens per image, which its processor "
+            "expands each <image> to. Leave num_image_tokens out."
+        )
+
+
 def embed_text_tokens(
     embeddings: nn.Embedding, input_ids: torch.LongTensor, image_token_id: int
 ) -> torch.Tensor:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import (
+    CONFIG_MAPPING,
     AutoConfig,
     AutoImageProcessor,
     BatchFeature,
@@ -24,7 +25,7 @@ from ..checkpoint_files import check_checkpoint_kind
 from ..errors import MMAdaptersError
 from ..hub.remote_code import processor_auto_map, write_loader
 from ..modeling.backbones import IMAGE_TOKEN, add_image_token, read_checkpoint_config, vision_config_of
-from ..modeling.image_tokens import ImageTokenMismatchError
+from ..modeling.image_tokens import ImageTokenMismatchError, check_num_image_tokens
 from .images import load_image
 
 IGNORE_INDEX = -100
@@ -356,6 +357,12 @@ class AdapterProcessorMixin:
             folder, kwargs.get("revision"), kwargs.get("subfolder") or "", **hub_kwargs
         )
         check_checkpoint_kind(folder, config, cls.model_type)
+        asked_tokens = kwargs.pop("num_image_tokens", None)
+        if asked_tokens is not None and config is not None:
+            recorded = CONFIG_MAPPING[config["model_type"]].from_dict(config).num_image_tokens
+            check_num_image_tokens(asked_tokens, recorded, f"the model of '{folder}'")
+        elif asked_tokens is not None:  # a processor saved on its own: the option applies to it
+            kwargs["num_image_tokens"] = asked_tokens
         if (
             os.path.isdir(folder)
             and not has_saved_processor(folder)
