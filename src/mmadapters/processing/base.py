@@ -357,12 +357,10 @@ class AdapterProcessorMixin:
             folder, kwargs.get("revision"), kwargs.get("subfolder") or "", **hub_kwargs
         )
         check_checkpoint_kind(folder, config, cls.model_type)
-        asked_tokens = kwargs.pop("num_image_tokens", None)
-        if asked_tokens is not None and config is not None:
+        # num_image_tokens is the model's count: refused if another (a processor saved alone takes it as given).
+        if config is not None and "num_image_tokens" in kwargs:
             recorded = CONFIG_MAPPING[config["model_type"]].from_dict(config).num_image_tokens
-            check_num_image_tokens(asked_tokens, recorded, f"the model of '{folder}'")
-        elif asked_tokens is not None:  # a processor saved on its own: the option applies to it
-            kwargs["num_image_tokens"] = asked_tokens
+            check_num_image_tokens(kwargs.pop("num_image_tokens"), recorded, f"the model of '{folder}'")
         if (
             os.path.isdir(folder)
             and not has_saved_processor(folder)
