@@ -11,11 +11,13 @@ import shutil
 import pytest
 import torch
 from conftest import (
+    make_trainer,
     save_llm_with_width,
     save_tiny_llm,
     tiny_qformer_config,
     tiny_text_config,
     tiny_vision_config,
+    toy_dataset,
 )
 from transformers import AutoModelForCausalLM, CLIPVisionModel
 
@@ -560,6 +562,79 @@ def test_num_parameters_counts_a_4bit_llm_at_its_real_size(tiny_backbones, tmp_p
     for options in ({}, {"exclude_embeddings": True}, {"only_trainable": True}):
         assert quantised.num_parameters(**options) == full.num_parameters(**options), options
     assert full.num_parameters(only_trainable=True) < full.num_parameters(exclude_embeddings=True)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_quantised_llm_marks_the_model_loaded_in_4bit_or_8bit_however_it_is_loaded(
+    tiny_backbones, tmp_path, bits
+):
+    """transformers marks a model loaded with bitsandbytes, and PEFT, the Trainer and accelerate read the mark on the
+    model they are given. Ours was unmarked when built or loaded adapter-only (its LLM alone was marked), while a
+    full checkpoint carried transformers' quantizer on the whole model and none on its LLM. Now every way of
+    loading gives the same model: the marks are read from the backbones, the quantizer is the LLM's."""
+    from transformers import BitsAndBytesConfig
+
+    text_path = save_llm_with_width(tmp_path / "llm64")
+    quantization = {"text_config": BitsAndBytesConfig(load_in_4bit=bits == 4, load_in_8bit=bits == 8)}
+    built = LavinForConditionalGeneration.from_backbones(
+        text_path, tiny_backbones[1], quantization_config=quantization
+    )
+    built.save_pretrained(tmp_path / "adapters")
+    built.save_pretrained(tmp_path / "full", adapter_only=False)
+    marked, unmarked = f"is_loaded_in_{bits}bit", f"is_loaded_in_{12 - bits}bit"
+    for model in (
+        built,
+        LavinForConditionalGeneration.from_pretrained(tmp_path / "adapters"),
+        LavinForConditionalGeneration.from_pretrained(tmp_path / "full"),
+    ):
+        assert getattr(model, marked) is True and getattr(model, unmarked) is False
+        assert not getattr(model, "is_quantized", False) and getattr(model, "hf_quantizer", None) is None
+        assert getattr(model.config, "quantization_config", None) is None
+        llm = model.language_model
+        assert getattr(llm, marked) is True and llm.is_quantized and llm.hf_quantizer is not None
+        assert llm.config.quantization_config.quant_method == "bitsandbytes"
+        assert getattr(model.vision_tower, "hf_quantizer", None) is None
+    full_precision = LavinForConditionalGeneration.from_backbones(text_path, tiny_backbones[1])
+    assert full_precision.is_loaded_in_4bit is False and full_precision.is_loaded_in_8bit is False
+    with pytest.raises(AttributeError, match="read from the backbones' weights"):
+        full_precision.is_loaded_in_4bit = True
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+def test_a_quantised_full_checkpoint_trains_and_the_trainer_never_copies_it_with_data_parallel(
+    tiny_backbones, tmp_path
+):
+    """The Trainer refused a LaVIN-lite full checkpoint ("You cannot perform fine-tuning on purely quantized
+    models"): transformers' loader had marked the whole model quantised, adapters included. And with several GPUs
+    in one process the Trainer copies a model with DataParallel unless it is marked loaded in 4/8-bit (bitsandbytes
+    layers cannot be copied so), which ours was not."""
+    from torch import nn
+    from transformers import BitsAndBytesConfig
+
+    text_path = save_llm_with_width(tmp_path / "llm64")
+    quantization = {"text_config": BitsAndBytesConfig(load_in_4bit=True)}
+    LavinForConditionalGeneration.from_backbones(
+        text_path, tiny_backbones[1], quantization_config=quantization
+    ).save_pretrained(tmp_path / "full", adapter_only=False)
+    model = LavinForConditionalGeneration.from_pretrained(tmp_path / "full")
+    processor = LavinProcessor.from_backbones(text_path, tiny_backbones[1])
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer = make_trainer(
+        model,
+        processor,
+        toy_dataset(tmp_path),
+        tmp_path / "out",
+        max_steps=2,
+        training={"save_strategy": "no"},
+    )
+    trainer.train()
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+
+    trainer.args._n_gpu = 2  # what the Trainer reads to wrap the model in DataParallel
+    assert trainer._wrap_model(model, training=False) is model
+    full_precision = LavinForConditionalGeneration.from_backbones(text_path, tiny_backbones[1])
+    assert isinstance(trainer._wrap_model(full_precision, training=False), nn.DataParallel)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")

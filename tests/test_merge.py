@@ -237,3 +237,31 @@ def test_a_quantised_llm_is_dequantized_and_merged_as_it_computed(tmp_path, rand
     add_lora(with_lora, LoraConfig(r=4, target_modules=["q_proj"]))
     with pytest.raises(MergeError, match="quantised \\(bitsandbytes\\) and holds PEFT layers"):
         merge_lavin_adapters(with_lora, "text")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+def test_a_quantised_full_checkpoint_merges_as_its_adapter_only_checkpoint_does(tmp_path, randomize_adapters):
+    """LaVIN-lite saved with every weight: its LLM carried no quantizer (transformers' loader put it on the whole
+    model), so the merge folded into the packed 4-bit weights and failed with a shape error from torch."""
+    from transformers import BitsAndBytesConfig
+
+    llm, vision = save_llm_with_width(tmp_path / "llm", 64), save_tiny_vision(tmp_path / "vision")
+    quantization = {"text_config": BitsAndBytesConfig(load_in_4bit=True)}
+    torch.manual_seed(0)
+    model = LavinForConditionalGeneration.from_backbones(llm, vision, quantization_config=quantization)
+    randomize_adapters(model, std=0.3)
+    processor = LavinProcessor.from_backbones(llm, vision)
+    model.save_pretrained(tmp_path / "lite", processor=processor)
+    model.save_pretrained(tmp_path / "full", processor=processor, adapter_only=False)
+
+    for kind in ("lite", "full"):
+        assert main(["merge", str(tmp_path / kind), str(tmp_path / f"merged-{kind}")]) == 0
+    inputs = processor(text=["Image: N/A\nthe capital of france is"])
+    with torch.no_grad():
+        logits = {
+            kind: AutoModelForCausalLM.from_pretrained(tmp_path / f"merged-{kind}", dtype=torch.float32)(
+                input_ids=inputs["input_ids"]
+            ).logits
+            for kind in ("lite", "full")
+        }
+    torch.testing.assert_close(logits["full"], logits["lite"], atol=1e-5, rtol=0)

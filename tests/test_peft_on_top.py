@@ -546,29 +546,29 @@ def test_lora_on_a_4bit_llm_trains_and_round_trips(tiny_backbones, tmp_path):
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
 
 
-def checkpointing_argument() -> str:
-    """The TrainingArguments field that turns on activation checkpointing (renamed in transformers 5.24)."""
-    import dataclasses
-
-    from transformers import TrainingArguments
-
-    names = {field.name for field in dataclasses.fields(TrainingArguments)}
-    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
-
-
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
 def test_peft_kbit_preparation_then_training_with_checkpointing_trains_lora_and_our_adapters(
     tiny_backbones, tmp_path
 ):
     """The QLoRA recipe as PEFT users write it (README, "QLoRA with PEFT's helper"): prepare_model_for_kbit_training
-    and get_peft_model on LaVIN-lite, then our Trainer with activation checkpointing on. Both the LoRA and LaVIN's
-    own adapters train through the 4-bit LLM with checkpointing on."""
+    and get_peft_model on LaVIN-lite, then our Trainer. PEFT reads `is_loaded_in_4bit` on the model it is given,
+    which ours lacked (its LLM alone had it): the helper left activation checkpointing off and get_peft_model
+    wrapped the 4-bit layers with a plain LoRA (which cannot be merged into them). Now PEFT's 4-bit LoRA, with
+    checkpointing on (and no deprecation warning), and the LoRA and LaVIN's own adapters train through the 4-bit
+    LLM."""
+    import warnings
+
     from peft import prepare_model_for_kbit_training
+    from peft.tuners.lora.bnb import Linear4bit as Lora4bit
 
     model, processor = lavin_lite(tiny_backbones, tmp_path)
-    model = prepare_model_for_kbit_training(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = prepare_model_for_kbit_training(model)
+    assert model.is_gradient_checkpointing
     assert not any(p.requires_grad for p in model.parameters())  # PEFT froze everything, ours included
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)"))
+    assert isinstance(model.language_model.model.layers[0].self_attn.q_proj, Lora4bit)
     before = {
         n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_B" in n or "expert" in n
     }
@@ -578,7 +578,7 @@ def test_peft_kbit_preparation_then_training_with_checkpointing_trains_lora_and_
         toy_dataset(tmp_path),
         tmp_path / "out",
         max_steps=2,
-        training={checkpointing_argument(): True, "save_strategy": "no"},
+        training={"save_strategy": "no"},
     )
     trained = trainer.model
     trainer.train()

@@ -245,14 +245,6 @@ def is_quantized(model: nn.Module) -> bool:
     return bool(getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None)
 
 
-def unpacked_numel(parameter: torch.Tensor) -> int:
-    """How many weights a parameter holds: a bitsandbytes 4-bit parameter packs two per byte of its storage
-    (read by class name, as PEFT does, so that bitsandbytes need not be installed)."""
-    if type(parameter).__name__ == "Params4bit":
-        return parameter.numel() * 2 * parameter.element_size()
-    return parameter.numel()
-
-
 def resolve_hub_revision(
     name: str, revision: str | None, hub_kwargs: dict[str, Any] | None = None
 ) -> str | None:

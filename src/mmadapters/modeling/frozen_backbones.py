@@ -59,12 +59,11 @@ from .backbones import (
     load_vision_backbone,
     read_checkpoint_config,
     resolve_checkpoint_folder,
-    unpacked_numel,
     vision_config_of,
 )
 from .causal_lm_output import VisionLanguageCausalLMOutput, causal_lm_output
 from .frozen_backbones_config import changed_adapter_settings
-from .full_checkpoint_quantization import scoped_quantization
+from .full_checkpoint_quantization import hand_quantization_to_backbones, scoped_quantization
 from .image_tokens import labels_without_image_tokens
 from .loading import (
     ROLES,
@@ -174,6 +173,24 @@ def check_adapter_file_fits(tensors: dict[str, torch.Tensor], max_shard_size: in
             f"checkpoint is one {ADAPTER_WEIGHTS_NAME}. Raise max_shard_size, or save every weight in shards with "
             "adapter_only=False."
         )
+
+
+def bitsandbytes_mark(name: str, parameter_class: str) -> property:
+    """The model's `is_loaded_in_4bit` / `is_loaded_in_8bit`: whether a backbone holds bitsandbytes parameters of
+    `parameter_class`. Setting it is allowed only to the same value (transformers' loader sets it on the model it
+    loads from a quantised full checkpoint)."""
+
+    def read(model: FrozenBackbonesPreTrainedModel) -> bool:
+        return model._backbones_hold(parameter_class)
+
+    def check(model: FrozenBackbonesPreTrainedModel, value: bool) -> None:
+        if bool(value) != read(model):
+            raise AttributeError(
+                f"{name} is read from the backbones' weights ({read(model)}) and cannot be set; quantise a "
+                "backbone when loading it (quantization_config=...)."
+            )
+
+    return property(read, check)
 
 
 class FrozenBackbonesPreTrainedModel(PreTrainedModel):
@@ -298,19 +315,22 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             logger.warning(f"{thawed:,} backbone parameters had become trainable; they are frozen again.")
         return thawed
 
-    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
-        """As transformers' `num_parameters`, with 4-bit backbone weights counted at their real size.
-        transformers doubles the packed bitsandbytes 4-bit weights only when the top model is `is_loaded_in_4bit`;
-        ours is a composite whose LLM alone may be, so each parameter is looked at instead."""
-        embedding_weights = (
-            {f"{name}.weight" for name, module in self.named_modules() if isinstance(module, nn.Embedding)}
-            if exclude_embeddings
-            else set()
-        )
-        return sum(
-            unpacked_numel(parameter)
-            for name, parameter in self.named_parameters()
-            if name not in embedding_weights and (parameter.requires_grad or not only_trainable)
+    # transformers marks a model loaded with bitsandbytes `is_loaded_in_4bit` / `is_loaded_in_8bit`, and PEFT, the
+    # Trainer, accelerate and transformers itself read the marks on the model they are given: PEFT's
+    # `get_peft_model` wraps 4-bit layers with its 4-bit LoRA (a plain LoRA cannot be merged into them),
+    # `prepare_model_for_kbit_training` turns on activation checkpointing, the Trainer does not copy the model with
+    # DataParallel, `num_parameters()` counts packed 4-bit weights at their real size. Ours is quantised where its
+    # backbones are, so the marks are read from the backbones' weights.
+    is_loaded_in_4bit = bitsandbytes_mark("is_loaded_in_4bit", "Params4bit")
+    is_loaded_in_8bit = bitsandbytes_mark("is_loaded_in_8bit", "Int8Params")
+
+    def _backbones_hold(self, parameter_class: str) -> bool:
+        """Whether a backbone holds bitsandbytes parameters of this class (by name, as PEFT reads them, so that
+        bitsandbytes need not be installed)."""
+        return any(
+            type(parameter).__name__ == parameter_class
+            for backbone in self._backbone_modules().values()
+            for parameter in backbone.parameters()
         )
 
     def _peft_parameters(self) -> list[nn.Parameter]:
@@ -341,6 +361,20 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         `is_activation_checkpointing`, but PEFT (get_peft_model, 0.21) still reads it: answered here without the
         deprecation warning, so that PEFT on our models runs quietly."""
         return any(getattr(m, "gradient_checkpointing", False) is True for m in self.modules())
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any):
+        """Turn on activation checkpointing. transformers 5.24 deprecated this name for
+        `activation_checkpointing_enable` (which calls this override), but PEFT (`prepare_model_for_kbit_training`,
+        0.21) still calls it: done here without the deprecation warning.
+
+        Checkpoint keywords without `use_reentrant` get `use_reentrant=False`, transformers' default (PEFT passes
+        `{}`, which left torch to pick reentrant checkpointing, with a warning; LaVIN's routing weights reach the
+        decoder layers as keyword arguments, and reentrant checkpointing cannot differentiate those)."""
+        if gradient_checkpointing_kwargs is not None and "use_reentrant" not in gradient_checkpointing_kwargs:
+            gradient_checkpointing_kwargs = {**gradient_checkpointing_kwargs, "use_reentrant": False}
+        if hasattr(PreTrainedModel, "_activation_checkpointing_enable"):  # transformers 5.24+
+            return self._activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+        return super().gradient_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     def placeholder_mask(
         self,
@@ -1136,6 +1170,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         if record is not None:
             model.config.backbone_quantization = record
+            hand_quantization_to_backbones(model, record)
         model.watch_backbones()
         return loaded
 

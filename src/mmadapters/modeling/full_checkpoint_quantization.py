@@ -131,3 +131,31 @@ def weight_names(folder: str) -> list[str]:
         )
     with safe_open(single, framework="pt") as f:
         return list(f.keys())
+
+
+def hand_quantization_to_backbones(model: nn.Module, record: dict[str, Any]) -> None:
+    """After a full checkpoint loaded with quantised backbones: transformers' loader marked the whole model
+    quantised (`hf_quantizer`, `is_quantized`, `quantization_method` and the top-level `quantization_config` on the
+    LaVIN/CROME model), but only the backbones are. Move the marks to the backbones, as each carries them when
+    loaded by itself, so that the model is the same as one built by `from_backbones` or from an adapter-only
+    checkpoint: the Trainer sees trainable adapters around quantised backbones (it refused "a purely quantized
+    model"), and `language_model.dequantize()` (used by `mmadapters merge`) finds its quantizer."""
+    from transformers.quantizers.auto import AutoHfQuantizer, AutoQuantizationConfig
+
+    for role in ROLES:
+        settings = record.get(f"{role}_config")
+        if settings is None:
+            continue
+        backbone = getattr(model, BACKBONE_OF_ROLE[role])
+        quantization = AutoQuantizationConfig.from_dict(dict(settings))
+        backbone.config.quantization_config = quantization
+        backbone.hf_quantizer = AutoHfQuantizer.from_config(quantization, pre_quantized=True)
+        backbone.is_quantized = True
+        backbone.quantization_method = quantization.quant_method
+        setattr(backbone, "is_loaded_in_4bit" if quantization.load_in_4bit else "is_loaded_in_8bit", True)
+    # The model's own `is_loaded_in_4bit` / `is_loaded_in_8bit` are read from the backbones' weights.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.__dict__.pop("quantization_method", None)
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
