@@ -871,7 +871,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
                 # the weights (config.json makes every load rebuild their layers first).
                 PreTrainedModel.save_pretrained(self, staging, state_dict=state_dict, **kwargs)
             else:
-                adapter_only_config(self.config).save_pretrained(staging)
+                self.config.save_pretrained(staging)
                 self.generation_config.save_pretrained(staging)
                 save_file(
                     adapter_state, os.path.join(staging, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"}
@@ -1300,17 +1300,6 @@ def one_dtype(dtype: Any, folder: str | None) -> Any:
             "or save the model adapter-only: each backbone then loads in its own dtype."
         )
     return per_backbone["text"]
-
-
-def adapter_only_config(config: PreTrainedConfig) -> PreTrainedConfig:
-    """The config an adapter-only checkpoint writes: without the top-level `quantization_config` a model loaded
-    from a quantised full checkpoint carries (transformers' mark of quantised weights in the file; this file holds
-    none, and `backbone_quantization` says how the backbones are quantised again)."""
-    if getattr(config, "quantization_config", None) is None:
-        return config
-    config = copy.deepcopy(config)
-    del config.quantization_config
-    return config
 
 
 def read_adapter_file(path: str, source: str) -> dict[str, torch.Tensor]:
