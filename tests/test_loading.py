@@ -602,6 +602,47 @@ def test_a_quantised_llm_marks_the_model_loaded_in_4bit_or_8bit_however_it_is_lo
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+def test_dequantize_gives_full_precision_backbones_that_both_kinds_of_checkpoint_reload(
+    tiny_backbones, tmp_path
+):
+    """`model.dequantize()` of LaVIN-lite said "You need to first quantize your model" (transformers' quantizer is
+    the LLM's), and a full save after the LLM was dequantized recorded it as still quantised: the checkpoint did
+    not load. A full save now holds the dequantized LLM; an adapter-only one quantises its source again, which
+    rebuilds the same values."""
+    from torch import nn
+    from transformers import BitsAndBytesConfig
+
+    text_path = save_llm_with_width(tmp_path / "llm64")
+    model = LavinForConditionalGeneration.from_backbones(
+        text_path,
+        tiny_backbones[1],
+        quantization_config={"text_config": BitsAndBytesConfig(load_in_4bit=True)},
+    ).eval()
+    processor = LavinProcessor.from_backbones(text_path, tiny_backbones[1])
+    batch = processor(images=[[image(1)]], text=["Image: <image>\nwhat color"])
+    with torch.no_grad():
+        quantised = model(**batch).logits
+    assert model.dequantize() is model
+    assert type(model.language_model.model.layers[0].self_attn.q_proj) is nn.Linear
+    assert not model.is_loaded_in_4bit and getattr(model.language_model, "hf_quantizer", None) is None
+    with torch.no_grad():
+        dequantized = model(**batch).logits
+    torch.testing.assert_close(dequantized, quantised, atol=1e-2, rtol=0)
+
+    model.save_pretrained(tmp_path / "full", adapter_only=False)
+    model.save_pretrained(tmp_path / "adapters")
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["backbone_quantization"] is None
+    full = LavinForConditionalGeneration.from_pretrained(tmp_path / "full").eval()
+    adapters = LavinForConditionalGeneration.from_pretrained(tmp_path / "adapters").eval()
+    assert not full.is_loaded_in_4bit and adapters.is_loaded_in_4bit
+    with torch.no_grad():
+        torch.testing.assert_close(full(**batch).logits, dequantized, atol=0, rtol=0)
+        torch.testing.assert_close(adapters(**batch).logits, quantised, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="Neither backbone .* is quantised: nothing to dequantize"):
+        full.dequantize()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
 def test_a_quantised_full_checkpoint_trains_and_the_trainer_never_copies_it_with_data_parallel(
     tiny_backbones, tmp_path
 ):

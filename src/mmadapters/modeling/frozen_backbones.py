@@ -324,6 +324,20 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
     is_loaded_in_4bit = bitsandbytes_mark("is_loaded_in_4bit", "Params4bit")
     is_loaded_in_8bit = bitsandbytes_mark("is_loaded_in_8bit", "Int8Params")
 
+    def dequantize(self, dtype: torch.dtype | None = None) -> FrozenBackbonesPreTrainedModel:
+        """transformers' `dequantize` for each quantised backbone (e.g. LaVIN-lite's LLM), in place; returns the
+        model. A full save then holds (and reloads) the dequantized backbones in full precision; an adapter-only
+        save still records how they were quantised, since quantising their sources again rebuilds the values they
+        now hold."""
+        quantised = [backbone for backbone in self._backbone_modules().values() if is_quantized(backbone)]
+        if not quantised:
+            raise ValueError(
+                f"Neither backbone of this {type(self).__name__} is quantised: nothing to dequantize."
+            )
+        for backbone in quantised:
+            backbone.dequantize(dtype=dtype)
+        return self
+
     def _backbones_hold(self, parameter_class: str) -> bool:
         """Whether a backbone holds bitsandbytes parameters of this class (by name, as PEFT reads them, so that
         bitsandbytes need not be installed)."""
@@ -868,8 +882,18 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         with atomic_directory(save_directory, **({"replaces": replaces} if replaces else {})) as staging:
             if not adapter_only:
                 # The adapter settings and the PEFT record are in config.json; the PEFT layers' tensors are among
-                # the weights (config.json makes every load rebuild their layers first).
-                PreTrainedModel.save_pretrained(self, staging, state_dict=state_dict, **kwargs)
+                # the weights (config.json makes every load rebuild their layers first). The quantisation record
+                # says how the backbones in the file are quantised: a backbone dequantized since loading is
+                # saved, and reloads, in full precision. (An adapter-only save keeps the record of how they were
+                # loaded: quantising their sources again rebuilds the values a dequantized backbone holds.)
+                loaded_quantization = self.config.backbone_quantization
+                self.config.backbone_quantization = _quantization_record(
+                    self.language_model, self.vision_tower
+                )
+                try:
+                    PreTrainedModel.save_pretrained(self, staging, state_dict=state_dict, **kwargs)
+                finally:
+                    self.config.backbone_quantization = loaded_quantization
             else:
                 self.config.save_pretrained(staging)
                 self.generation_config.save_pretrained(staging)
