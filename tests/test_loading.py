@@ -284,6 +284,32 @@ def test_dtype_and_torch_dtype(tiny_backbones, checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("model_class", [LavinForConditionalGeneration, CromeForConditionalGeneration])
+def test_every_way_of_loading_trains_the_same_parameters(tiny_backbones, tmp_path, model_class):
+    """A full checkpoint loaded with every parameter trainable (transformers' loader makes what it loads
+    trainable): a training loop over the `requires_grad` parameters trained the frozen LLM and vision tower, and
+    CROME's modules of every stage at once. Now both checkpoint kinds train what the saved model trained: our
+    modules (CROME: the last stage's) and the LoRA on top."""
+    from peft import LoraConfig
+
+    from mmadapters import add_lora
+
+    model = model_class.from_backbones(*tiny_backbones)
+    add_lora(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    if model_class is CromeForConditionalGeneration:
+        model.set_stage("instruct")
+    expected = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_" in name for name in expected)
+    assert not any(
+        name.startswith(("language_model", "vision_tower")) and "lora_" not in name for name in expected
+    )
+    model.save_pretrained(tmp_path / "adapters")
+    model.save_pretrained(tmp_path / "full", adapter_only=False)
+    for kind in ("adapters", "full"):
+        loaded = model_class.from_pretrained(tmp_path / kind)
+        assert {name for name, p in loaded.named_parameters() if p.requires_grad} == expected, kind
+
+
+@pytest.mark.parametrize("model_class", [LavinForConditionalGeneration, CromeForConditionalGeneration])
 def test_both_checkpoint_kinds_reload_in_the_asked_or_saved_dtype_with_our_modules_in_float32(
     tiny_backbones, tmp_path, model_class
 ):

@@ -296,6 +296,15 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         else:
             super()._init_weights(module)
 
+    def _restore_trainability(self) -> None:
+        """What trains, as when the model was built: the backbones frozen (their PEFT layers train), our modules as
+        the method says (`restore_trainable_side`). transformers' loader of a full checkpoint makes every parameter
+        it loads trainable, the backbones' included."""
+        freeze(self.language_model)
+        freeze(self.vision_tower)
+        self.restore_trainable_side()
+        self._thaw_peft_layers()
+
     def freeze_backbones(self) -> int:
         """Freeze both backbones again; returns how many backbone parameters had become trainable (in-place
         quantisation, e.g. optimum-quanto's `quantize(model.language_model, ...)`, creates new parameters that
@@ -1195,6 +1204,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         if record is not None:
             model.config.backbone_quantization = record
             hand_quantization_to_backbones(model, record)
+        model._restore_trainability()
         model.watch_backbones()
         return loaded
 
