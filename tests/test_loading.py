@@ -56,11 +56,22 @@ def attn(model):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_unknown_keywords_raise_type_error(tiny_backbones, checkpoint):
+def test_unknown_keywords_raise_type_error(tiny_backbones, checkpoint, tmp_path):
     with pytest.raises(TypeError, match="made_up"):
         LavinForConditionalGeneration.from_backbones(*tiny_backbones, made_up=1)
     with pytest.raises(TypeError, match="made_up"):
         LavinForConditionalGeneration.from_pretrained(checkpoint[0], made_up=1)
+    # A full checkpoint: transformers' loader hands the keywords it does not know to the model's __init__, which
+    # named our base class ("FrozenBackbonesPreTrainedModel.__init__() got an unexpected keyword argument").
+    LavinForConditionalGeneration.from_backbones(*tiny_backbones).save_pretrained(
+        tmp_path / "full", adapter_only=False
+    )
+    with pytest.raises(
+        TypeError,
+        match=r"LavinForConditionalGeneration got unexpected keyword argument\(s\) \['made_up'\]: they are neither "
+        "loading options nor fields of LavinConfig",
+    ):
+        LavinForConditionalGeneration.from_pretrained(tmp_path / "full", made_up=1)
 
 
 @pytest.mark.parametrize("keyword", ["gguf_file", "tp_plan", "key_mapping", "use_kernels"])

@@ -218,7 +218,14 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         config: PreTrainedConfig,
         language_model: PreTrainedModel | None = None,
         vision_tower: PreTrainedModel | None = None,
+        **unexpected: Any,
     ) -> None:
+        if unexpected:
+            # transformers' loader of a full checkpoint passes the keywords it does not know on to here
+            raise TypeError(
+                f"{type(self).__name__} got unexpected keyword argument(s) {sorted(unexpected)}: they are neither "
+                f"loading options nor fields of {type(config).__name__}."
+            )
         super().__init__(config)
         # Built from the configs when not given (random weights; a full checkpoint then loads into them).
         self.language_model = language_model or build_text_backbone(config.text_config)
