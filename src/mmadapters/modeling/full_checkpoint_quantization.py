@@ -139,7 +139,8 @@ def hand_quantization_to_backbones(model: nn.Module, record: dict[str, Any]) -> 
     LaVIN/CROME model), but only the backbones are. Move the marks to the backbones, as each carries them when
     loaded by itself, so that the model is the same as one built by `from_backbones` or from an adapter-only
     checkpoint: the Trainer sees trainable adapters around quantised backbones (it refused "a purely quantized
-    model"), and `language_model.dequantize()` (used by `mmadapters merge`) finds its quantizer."""
+    model"), `language_model.dequantize()` (used by `mmadapters merge`) finds its quantizer, and the model saves
+    again with every weight."""
     from transformers.quantizers.auto import AutoHfQuantizer, AutoQuantizationConfig
 
     for role in ROLES:
@@ -153,6 +154,16 @@ def hand_quantization_to_backbones(model: nn.Module, record: dict[str, Any]) -> 
         backbone.is_quantized = True
         backbone.quantization_method = quantization.quant_method
         setattr(backbone, "is_loaded_in_4bit" if quantization.load_in_4bit else "is_loaded_in_8bit", True)
+    # transformers' loader keeps the conversions it read the weights with, to undo them at the next full save. The
+    # quantizer's own (bitsandbytes' saved state into quantised layers) have no undo: the save raised
+    # NotImplementedError (as it does for a transformers model loaded pre-quantised, in 5.24). None is needed: a
+    # quantised layer's state dict is in the saved form already.
+    quantizer_patterns = [c.source_patterns for c in model.hf_quantizer.get_weight_conversions()]
+    model._weight_conversions = [
+        conversion
+        for conversion in getattr(model, "_weight_conversions", None) or []
+        if conversion.source_patterns not in quantizer_patterns
+    ]
     # The model's own `is_loaded_in_4bit` / `is_loaded_in_8bit` are read from the backbones' weights.
     model.hf_quantizer = None
     model.is_quantized = False
