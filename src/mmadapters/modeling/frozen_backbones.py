@@ -79,7 +79,7 @@ from .loading import (
     split_device_map,
     take_loading_options,
 )
-from .transformers_compat import cache_kwargs
+from .transformers_compat import ACTIVATION_CHECKPOINTING_NAMES, cache_kwargs
 
 logger = logging.get_logger(__name__)
 
@@ -402,7 +402,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         decoder layers as keyword arguments, and reentrant checkpointing cannot differentiate those)."""
         if gradient_checkpointing_kwargs is not None and "use_reentrant" not in gradient_checkpointing_kwargs:
             gradient_checkpointing_kwargs = {**gradient_checkpointing_kwargs, "use_reentrant": False}
-        if hasattr(PreTrainedModel, "_activation_checkpointing_enable"):  # transformers 5.24+
+        if ACTIVATION_CHECKPOINTING_NAMES:  # the method under this name is transformers' deprecated alias
             return self._activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
         return super().gradient_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 

@@ -14,6 +14,7 @@ import warnings
 from typing import Any
 
 from torch import nn
+from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 _OUTPUT_FIELDS = {field.name for field in dataclasses.fields(CausalLMOutputWithPast)}
@@ -45,10 +46,14 @@ def cache_kwargs(cache: Any) -> dict[str, Any]:
     return {CACHE_KWARG: cache}
 
 
+# Whether this release has the activation-checkpointing names (5.24+; the gradient-checkpointing ones then warn).
+ACTIVATION_CHECKPOINTING_NAMES = hasattr(PreTrainedModel, "activation_checkpointing_enable")
+
+
 def enable_activation_checkpointing(model: nn.Module, checkpoint_kwargs: dict | None = None) -> None:
     """`activation_checkpointing_enable` where it exists (5.24+), else `gradient_checkpointing_enable`;
     `checkpoint_kwargs` go to `torch.utils.checkpoint` (e.g. `{"use_reentrant": False}`)."""
-    if hasattr(type(model), "activation_checkpointing_enable"):
+    if ACTIVATION_CHECKPOINTING_NAMES:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
