@@ -1150,3 +1150,41 @@ def test_8bit_backbone_loads_runs_and_round_trips(tiny_backbones, tmp_path):
     assert isinstance(loaded.language_model.model.layers[0].mlp.down_proj, Linear8bitLt)
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_quantised_model_refuses_dtype_casts_as_transformers_does_and_loses_nothing(
+    tiny_backbones, tmp_path, bits
+):
+    """transformers refuses `.to(dtype)`, `.half()` and `.float()` of a bitsandbytes model (and `.cuda()` of an
+    8-bit one): the dtype is chosen at loading. LaVIN-lite's casts went through and turned our float32 adapters and
+    the LLM's unquantised layers to float16. They are now refused the same way, before anything changes; device
+    moves still work, and a dequantized model casts."""
+    from transformers import BitsAndBytesConfig
+
+    quantization = {"text_config": BitsAndBytesConfig(load_in_4bit=bits == 4, load_in_8bit=bits == 8)}
+    model = LavinForConditionalGeneration.from_backbones(
+        save_llm_with_width(tmp_path / "llm64"), tiny_backbones[1], quantization_config=quantization
+    )
+    before = {name: parameter.dtype for name, parameter in model.named_parameters()}
+    casts = {
+        ".half()": lambda: model.half(),
+        ".float()": lambda: model.float(),
+        ".bfloat16()": lambda: model.bfloat16(),
+        ".to(torch.float16)": lambda: model.to(torch.float16),
+        ".to('cpu', torch.bfloat16)": lambda: model.to("cpu", torch.bfloat16),
+        ".to(dtype=torch.float16)": lambda: model.to(dtype=torch.float16),
+    }
+    if bits == 8:
+        casts[".cuda()"] = lambda: model.cuda()
+    for call, cast in casts.items():
+        with pytest.raises(
+            ValueError, match=rf"LavinForConditionalGeneration has a {bits}-bit .*(dtype=|device_map=)"
+        ):
+            cast()
+        assert {name: parameter.dtype for name, parameter in model.named_parameters()} == before, call
+    assert model.to("cpu") is model and model.to(torch.device("cpu")) is model
+    model.dequantize()
+    assert model.half() is model and model.language_model.dtype == torch.float16
+    assert {tensor.dtype for tensor in model.adapter_state_dict().values()} == {torch.float16}

@@ -363,6 +363,50 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             for parameter in backbone.parameters()
         )
 
+    def _refuse_quantised(self, call: str, how: str) -> None:
+        """transformers refuses dtype casts of a bitsandbytes model (and `.cuda()` of an 8-bit one); it does so by
+        the quantizer on the model, which ours hands to its backbones, so the refusal is made here: a cast would
+        turn our float32 modules and the LLM's unquantised layers to the new dtype."""
+        bits = 4 if self.is_loaded_in_4bit else 8 if self.is_loaded_in_8bit else None
+        if bits is not None:
+            raise ValueError(
+                f"This {type(self).__name__} has a {bits}-bit bitsandbytes backbone: `{call}` is refused, as "
+                f"transformers refuses it for bitsandbytes models. {how}, or call model.dequantize() first."
+            )
+
+    def _refuse_quantised_cast(self, call: str) -> None:
+        self._refuse_quantised(
+            call,
+            "Choose the backbones' dtype when loading (from_backbones(..., dtype=...) or from_pretrained(..., "
+            "dtype=...); our own modules stay float32)",
+        )
+
+    def to(self, *args: Any, **kwargs: Any) -> Self:
+        if "dtype" in kwargs or any(isinstance(arg, (torch.dtype, torch.Tensor)) for arg in args):
+            self._refuse_quantised_cast(".to(dtype)")
+        return super().to(*args, **kwargs)
+
+    def half(self) -> Self:
+        self._refuse_quantised_cast(".half()")
+        return super().half()
+
+    def float(self) -> Self:
+        self._refuse_quantised_cast(".float()")
+        return super().float()
+
+    def bfloat16(self) -> Self:
+        self._refuse_quantised_cast(".bfloat16()")
+        return super().bfloat16()
+
+    def double(self) -> Self:
+        self._refuse_quantised_cast(".double()")
+        return super().double()
+
+    def cuda(self, *args: Any, **kwargs: Any) -> Self:
+        if self.is_loaded_in_8bit:
+            self._refuse_quantised(".cuda()", "Load it on the GPU (device_map=...)")
+        return super().cuda(*args, **kwargs)
+
     def _peft_parameters(self) -> list[nn.Parameter]:
         prefixes = peft_on_top.peft_state_prefixes(self)
         return [p for n, p in self.named_parameters() if n.startswith(prefixes)] if prefixes else []
