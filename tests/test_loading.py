@@ -21,7 +21,12 @@ from conftest import (
 )
 from transformers import AutoModelForCausalLM, CLIPVisionModel
 
-from mmadapters import CromeForConditionalGeneration, LavinForConditionalGeneration, LavinProcessor
+from mmadapters import (
+    CromeForConditionalGeneration,
+    LavinConfig,
+    LavinForConditionalGeneration,
+    LavinProcessor,
+)
 from mmadapters.modeling.loading import LoadingOptionError
 
 
@@ -189,6 +194,25 @@ def test_adapter_config_overrides_settings_that_leave_the_weights_alone(checkpoi
         assert torch.allclose(full(**inputs).logits, hotter.eval()(**inputs).logits, atol=1e-5)
     with pytest.raises(AdapterSettingsError, match=r"groups \(2 -> 4\)"):
         LavinForConditionalGeneration.from_pretrained(tmp_path / "full", adapter_config={"groups": 4})
+
+
+def test_config_field_keywords_apply_to_every_kind_of_checkpoint(checkpoint, tmp_path):
+    """transformers sets a keyword that is a config attribute (`output_hidden_states=True`) on the config it loads.
+    A full checkpoint loaded with `adapter_config=` (or pre-quantised, below) raised TypeError for it: the
+    config object we hand transformers' loader went without it, so transformers passed it to __init__."""
+    folder, saved = checkpoint
+    saved.save_pretrained(tmp_path / "full", adapter_only=False)
+    for source, options in (
+        (folder, {}),
+        (folder, {"adapter_config": {"temperature": 2.5}}),
+        (tmp_path / "full", {}),
+        (tmp_path / "full", {"adapter_config": {"temperature": 2.5}}),
+    ):
+        model = LavinForConditionalGeneration.from_pretrained(source, output_hidden_states=True, **options)
+        assert model.config.output_hidden_states is True, (source, options)
+        assert model.config.adapter_config["temperature"] == options.get("adapter_config", {}).get(
+            "temperature", 10
+        )
 
 
 def test_attn_implementation_applies_to_both_backbones(tiny_backbones, checkpoint, inputs):
@@ -620,10 +644,13 @@ def test_a_quantised_llm_marks_the_model_loaded_in_4bit_or_8bit_however_it_is_lo
     built.save_pretrained(tmp_path / "adapters")
     built.save_pretrained(tmp_path / "full", adapter_only=False)
     marked, unmarked = f"is_loaded_in_{bits}bit", f"is_loaded_in_{12 - bits}bit"
+    given = LavinConfig.from_pretrained(tmp_path / "full")
     for model in (
         built,
         LavinForConditionalGeneration.from_pretrained(tmp_path / "adapters"),
         LavinForConditionalGeneration.from_pretrained(tmp_path / "full"),
+        LavinForConditionalGeneration.from_pretrained(tmp_path / "full", output_hidden_states=True),
+        LavinForConditionalGeneration.from_pretrained(tmp_path / "full", config=given),
     ):
         assert getattr(model, marked) is True and getattr(model, unmarked) is False
         assert not getattr(model, "is_quantized", False) and getattr(model, "hf_quantizer", None) is None
@@ -632,6 +659,7 @@ def test_a_quantised_llm_marks_the_model_loaded_in_4bit_or_8bit_however_it_is_lo
         assert getattr(llm, marked) is True and llm.is_quantized and llm.hf_quantizer is not None
         assert llm.config.quantization_config.quant_method == "bitsandbytes"
         assert getattr(model.vision_tower, "hf_quantizer", None) is None
+    assert getattr(given, "quantization_config", None) is None  # the config given is not changed
     full_precision = LavinForConditionalGeneration.from_backbones(text_path, tiny_backbones[1])
     assert full_precision.is_loaded_in_4bit is False and full_precision.is_loaded_in_8bit is False
     with pytest.raises(AttributeError, match="read from the backbones' weights"):

@@ -1217,39 +1217,49 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
     ) -> Any:
         """A checkpoint with every weight: transformers' own loader (all its keywords apply). Our default dtype is
         float32 (transformers' is "auto")."""
-        if adapter_settings is not None:
-            given = kwargs.get("config")
-            config = (
-                given if isinstance(given, PreTrainedConfig) else cls.config_class.from_pretrained(folder)
-            )
-            config = copy.deepcopy(config)
-            config.adapter_config = changed_adapter_settings(
-                config, adapter_settings, folder or "the given config"
-            )
-            kwargs["config"] = config
         dtype, torch_dtype = kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None)
         asked = dtype if dtype is not None else torch_dtype
         kwargs["dtype"] = torch.float32 if asked is None else one_dtype(asked, folder)
         if revision is not None:
             kwargs["revision"] = revision
+        # The checkpoint's config, read once; a config object given is copied before it is changed.
+        given = kwargs.get("config")
+        config = given if isinstance(given, PreTrainedConfig) else None
+        read_here = config is None and (folder is not None or given is not None)
+        if read_here:
+            config = cls.config_class.from_pretrained(given if given is not None else folder)
+        elif config is not None:
+            config = copy.deepcopy(config)
+        changed = False
+        if adapter_settings is not None:
+            if config is None:
+                raise ValueError("adapter_config= needs a checkpoint folder or a config to change.")
+            config.adapter_config = changed_adapter_settings(
+                config, adapter_settings, folder or "the given config"
+            )
+            changed = True
         if folder is not None and kwargs.get("device_map") is not None:
-            kwargs["device_map"] = cls._full_checkpoint_device_map(folder, kwargs)
-        record = quantization = None
+            kwargs["device_map"] = cls._full_checkpoint_device_map(config, kwargs)
+        record = None
         if folder is not None:
             # Quantised backbones: quantisation for them alone (see full_checkpoint_quantization).
-            given = kwargs.get("config")
-            config = (
-                given if isinstance(given, PreTrainedConfig) else cls.config_class.from_pretrained(folder)
-            )
             record, quantization = scoped_quantization(
                 folder, config, kwargs.pop("quantization_config", None), cls
             )
-        if quantization is not None and config.backbone_quantization:
-            # Pre-quantised weights in the file: transformers reads how from the config.
-            config.quantization_config = quantization
+            if quantization is not None and config.backbone_quantization:
+                # Pre-quantised weights in the file: transformers reads how from the config.
+                config.quantization_config = quantization
+                changed = True
+            elif quantization is not None:
+                kwargs["quantization_config"] = quantization
+        if changed and read_here:
+            # transformers sets the keywords that are config attributes (`output_hidden_states=True`) on a config
+            # it reads itself (with a config object given, it passes them to the model's __init__). This config
+            # was read here for it: they are set as transformers would have.
+            for key in [key for key in kwargs if key != "dtype" and hasattr(config, key)]:
+                setattr(config, key, kwargs.pop(key))
+        if changed:
             kwargs["config"] = config
-        elif quantization is not None:
-            kwargs["quantization_config"] = quantization
         loaded = super().from_pretrained(folder, *model_args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         if record is not None:
@@ -1260,7 +1270,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         return loaded
 
     @classmethod
-    def _full_checkpoint_device_map(cls, folder: str, kwargs: dict[str, Any]) -> Any:
+    def _full_checkpoint_device_map(cls, config: PreTrainedConfig, kwargs: dict[str, Any]) -> Any:
         """The device map for a full checkpoint, resolved as for adapter-only ones (`_plan_placement`): transformers'
         loader would resolve a strategy over the whole model and could offload our own modules (to disk, or to CPU
         beside accelerators), leaving their weights on the meta device where our forward reads them. Here they
@@ -1272,9 +1282,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         )
         if set(options.device_map) == {""}:  # one device for everything: nothing is offloaded
             return kwargs["device_map"]
-        (text_map, vision_map), own_map = cls._plan_placement(
-            options, lambda: cls.config_class.from_pretrained(folder)
-        )
+        (text_map, vision_map), own_map = cls._plan_placement(options, lambda: config)
         main_device = own_map.pop("__main__")
         if "" in own_map:  # the strategy put the whole model on one device
             return {"": own_map[""]}
