@@ -118,6 +118,47 @@ def test_refusals_say_what_is_wrong(lavin):
         add_lora(lavin, lora())
 
 
+@pytest.mark.parametrize("method", ["VeraConfig", "RandLoraConfig"])
+def test_peft_methods_whose_layers_share_tensors_are_refused_before_anything_trains(
+    lavin, processor, tmp_path, method
+):
+    """VeRA, VB-LoRA and RandLoRA share tensors between the layers they adapt (random projections, a trained
+    vector bank). A Trainer given such a PeftModel trained it, then crashed at its first checkpoint in
+    safetensors ("Some tensors share memory"), and a load could not rebuild the layers anyway. They are refused
+    where they come in: the Trainer (PEFT marks VeRA; RandLoRA is found from the tensors themselves),
+    `add_adapter` (the model is left as it was) and a save of an unadopted PeftModel's model (nothing written)."""
+    import peft
+
+    config = getattr(peft, method)(r=4, target_modules=["q_proj", "v_proj"])
+    batch = inputs(processor)
+    before = logits(lavin, batch)
+    with pytest.raises(PeftOnTopError, match=f"{method} shares tensors between the layers it adapts"):
+        lavin.add_adapter(config)
+    assert lora_places(lavin) == [] and not lavin.config.peft_adapters
+    assert not hasattr(lavin.language_model, "peft_config")
+    torch.testing.assert_close(logits(lavin, batch), before)
+    lavin.save_pretrained(tmp_path / "still-saves")  # the refused layers left nothing behind
+
+    peft_model = get_peft_model(lavin, config)
+    with pytest.raises(PeftOnTopError, match="PeftModel.save_pretrained saves this one without our modules"):
+        make_trainer(peft_model, processor, toy_dataset(tmp_path, n=8), tmp_path / "run", max_steps=1)
+    assert not (tmp_path / "run").exists() or not os.listdir(tmp_path / "run")
+    with pytest.raises(PeftOnTopError, match=f"{method} shares tensors"):
+        peft_model.get_base_model().save_pretrained(tmp_path / "ck")
+    assert not (tmp_path / "ck").exists()
+
+
+def test_prompt_learning_methods_are_refused(lavin):
+    from peft import AdaptionPromptConfig, PrefixTuningConfig
+
+    for config in (
+        PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+        AdaptionPromptConfig(adapter_len=4, adapter_layers=1, task_type="CAUSAL_LM"),
+    ):
+        with pytest.raises(PeftOnTopError, match=f"{type(config).__name__} is a prompt-learning method"):
+            lavin.add_adapter(config)
+
+
 # --- one checkpoint with every trained tensor -------------------------------------------------------------------
 
 

@@ -113,16 +113,51 @@ def _targets(model: nn.Module, on: str) -> list[tuple[str, nn.Module]]:
 
 
 def _check_supported(peft_config: Any) -> None:
-    if getattr(peft_config, "is_prompt_learning", False):
+    """Refuse, before anything trains, a PEFT method that a checkpoint could not rebuild: a load injects each
+    recorded adapter again with `inject_adapter_in_model` and reads every layer's tensors from the file."""
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
+    name = type(peft_config).__name__
+    if getattr(peft_config, "is_prompt_learning", False) or getattr(peft_config, "is_adaption_prompt", False):
         raise PeftOnTopError(
-            f"{type(peft_config).__name__} is a prompt-learning method: it needs a PeftModel around a text model and "
-            "cannot sit inside a frozen backbone. Use a method that injects layers (LoRA, LoHa, IA3, ...)."
+            f"{name} is a prompt-learning method: it needs a PeftModel around a text model and cannot sit inside "
+            "a frozen backbone. Use a method that injects layers (LoRA, LoHa, IA3, ...)."
         )
+    tuner = PEFT_TYPE_TO_TUNER_MAPPING.get(peft_config.peft_type)
+    if tuner is None:
+        raise PeftOnTopError(f"{name}: PEFT cannot inject {peft_config.peft_type} layers into a model.")
+    if getattr(
+        tuner, "uses_shared_state", False
+    ):  # peft >= 0.19 marks them; see also check_layers_share_nothing
+        raise PeftOnTopError(shared_state_message(name, ["PEFT keeps them on its tuner"]))
     if getattr(peft_config, "modules_to_save", None):
         raise PeftOnTopError(
             f"modules_to_save={peft_config.modules_to_save}: not needed for our own modules (they always train and "
             "are saved with the PEFT layers), and backbone modules do not train here. Remove modules_to_save."
         )
+
+
+def shared_state_message(method: str, shared: list[str]) -> str:
+    return (
+        f"{method} shares tensors between the layers it adapts ({', '.join(shared[:3])}): our checkpoints hold each "
+        "layer's PEFT tensors, so a save could not keep them and a load could not rebuild them. Use a method "
+        "whose layers are independent (LoRA, DoRA, LoHa, LoKr, IA3, OFT, ...); PEFT's own PeftModel.save_pretrained "
+        "saves this one without our modules."
+    )
+
+
+def check_layers_share_nothing(module: nn.Module, method: str) -> None:
+    """Refuse PEFT layers inside `module` that share a tensor (VeRA's or RandLoRA's projections, VB-LoRA's vector
+    bank): found from the tensors themselves, so that methods PEFT does not mark are caught too."""
+    names_by_storage: dict[tuple, list[str]] = {}
+    prefixes = peft_state_prefixes(module)
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if prefixes and name.startswith(prefixes) and tensor.numel() and not tensor.is_meta:
+            storage = (tensor.device, tensor.untyped_storage().data_ptr())
+            names_by_storage.setdefault(storage, []).append(name)
+    shared = [names[0] for names in names_by_storage.values() if len(names) > 1]
+    if shared:
+        raise PeftOnTopError(shared_state_message(method, shared))
 
 
 def inject_peft_layers(
@@ -161,11 +196,37 @@ def inject_peft_layers(
             )
         if earlier:
             target.peft_config = {**earlier, **target.peft_config}
+        try:
+            check_layers_share_nothing(target, type(peft_config).__name__)
+        except PeftOnTopError:
+            _take_out(target, adapter_name)
+            raise
     for parameter, trained in zip(own, trains, strict=True):
         parameter.requires_grad_(trained)
     if record:
         recorded[adapter_name] = {"on": on, "config": peft_config_to_dict(peft_config)}
         model.config.peft_adapters = recorded
+
+
+def _take_out(target: nn.Module, adapter_name: str) -> None:
+    """Remove the adapter just injected into `target`: its layers (the plain layer back where no other adapter is)
+    and its entry in the `peft_config` PEFT left there, so the model is as it was."""
+    for name, layer in tuner_layers(target):
+        if adapter_name not in layer._all_available_adapter_names():
+            continue
+        layer.delete_adapter(adapter_name)
+        if not layer._all_available_adapter_names() and hasattr(layer, "get_base_layer"):
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(
+                target.get_submodule(parent_name) if parent_name else target,
+                child_name,
+                layer.get_base_layer(),
+            )
+    configs = vars(target).get("peft_config")
+    if configs is not None:
+        configs.pop(adapter_name, None)
+        if not configs:
+            del target.peft_config
 
 
 def _example_names(module: nn.Module) -> list[str]:
@@ -340,6 +401,7 @@ def _record_whole_model_adapters(model: nn.Module, peft_configs: dict[str, Any])
     recorded = dict(model.config.peft_adapters or {})
     for adapter_name, peft_config in peft_configs.items():
         _check_supported(peft_config)
+        check_layers_share_nothing(model, type(peft_config).__name__)
         if adapter_name not in recorded:
             recorded[adapter_name] = {"on": "", "config": peft_config_to_dict(peft_config)}
     model.config.peft_adapters = recorded
