@@ -113,9 +113,48 @@ def test_refusals_say_what_is_wrong(lavin):
         add_lora(lavin, lora(), on="decoder")
     with pytest.raises(PeftOnTopError, match="nothing to adapt in language_model"):
         add_lora(lavin, lora(target_modules=["no_such_layer"]))
+    with pytest.raises(PeftOnTopError, match=r"LoraConfig\(bias='all'\) trains the backbones' biases"):
+        add_lora(lavin, lora(bias="all"))
     add_lora(lavin, lora())
     with pytest.raises(PeftOnTopError, match="already has a PEFT adapter named 'default'"):
         add_lora(lavin, lora())
+
+
+def test_a_peft_model_that_trains_backbone_biases_is_refused_by_adoption(lavin, processor, tmp_path):
+    """bias='all' / 'lora_only' train the backbones' biases; our Trainers froze them again with a warning (the
+    option silently not honoured). Refused before anything trains."""
+    peft_model = get_peft_model(lavin, lora(bias="lora_only"))
+    with pytest.raises(PeftOnTopError, match=r"bias='lora_only'\) trains the backbones' biases"):
+        make_trainer(peft_model, processor, toy_dataset(tmp_path, n=8), tmp_path / "run", max_steps=1)
+
+
+@pytest.mark.parametrize("how", ["TrainableTokensConfig", "trainable_token_indices"])
+def test_trainable_tokens_on_the_llm_embeddings_train_and_round_trip(lavin, processor, tmp_path, how):
+    """PEFT's trainable tokens (alone, or LoRA's `trainable_token_indices`) wrap the LLM's input embeddings; the
+    forward read the vocabulary size from the wrapper and failed with AttributeError ('num_embeddings')."""
+    from peft import TrainableTokensConfig
+
+    batch = inputs(processor)
+    tokens = sorted({int(t) for t in batch["input_ids"][0] if int(t) < lavin.config.text_config.vocab_size})[
+        :3
+    ]
+    if how == "TrainableTokensConfig":
+        config = TrainableTokensConfig(target_modules=["embed_tokens"], token_indices=tokens)
+    else:
+        config = lora(trainable_token_indices=tokens)
+    model = mmadapters.adopt_peft_model(get_peft_model(lavin, config))
+    assert model.freeze_backbones() == 0
+    before = logits(model, batch)
+    randomize_trainable(model)
+    expected = logits(model, batch)
+    assert not torch.allclose(expected, before)
+    model.save_pretrained(tmp_path / "ck")
+    assert any(
+        "trainable_tokens_delta" in key for key in load_file(tmp_path / "ck" / "mmadapters_model.safetensors")
+    )
+    torch.testing.assert_close(
+        logits(LavinForConditionalGeneration.from_pretrained(tmp_path / "ck"), batch), expected
+    )
 
 
 @pytest.mark.parametrize("method", ["VeraConfig", "RandLoraConfig"])
@@ -297,6 +336,8 @@ def test_all_linear_lora_on_our_own_layers_counts_in_generate_and_in_the_merge(l
     peft_model = get_peft_model(lavin, lora(target_modules="all-linear", init_lora_weights=False))
     assert "llm_adapters" in lora_places(lavin)
     model = mmadapters.adopt_peft_model(peft_model)
+    # The LoRA on our own layers is no backbone parameter (it was counted as a negative number of them).
+    assert model.freeze_backbones() == 0
     randomize_trainable(model)  # our experts start at zero, which would hide what goes through `down`
     batch = inputs(processor)
     expected = logits(model, batch)[:, -1]

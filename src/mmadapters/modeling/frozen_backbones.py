@@ -64,7 +64,7 @@ from .backbones import (
 from .causal_lm_output import VisionLanguageCausalLMOutput, causal_lm_output
 from .frozen_backbones_config import changed_adapter_settings
 from .full_checkpoint_quantization import hand_quantization_to_backbones, scoped_quantization
-from .image_tokens import labels_without_image_tokens
+from .image_tokens import labels_without_image_tokens, vocabulary_size
 from .loading import (
     ROLES,
     BackboneLoadOptions,
@@ -316,14 +316,13 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         """Freeze both backbones again; returns how many backbone parameters had become trainable (in-place
         quantisation, e.g. optimum-quanto's `quantize(model.language_model, ...)`, creates new parameters that
         require gradients). Our Trainers call it before training."""
+        peft_parameters = {id(p) for p in self._peft_parameters()}  # they train, in the backbones or in ours
         thawed = sum(
             p.numel()
             for m in (self.language_model, self.vision_tower)
             for p in m.parameters()
-            if p.requires_grad
+            if p.requires_grad and id(p) not in peft_parameters
         )
-        peft_parameters = self._peft_parameters()
-        thawed -= sum(p.numel() for p in peft_parameters if p.requires_grad)
         freeze(self.language_model)
         freeze(self.vision_tower)
         self._thaw_peft_layers()
@@ -463,12 +462,13 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         if input_ids is not None:
             return input_ids == image_token_id
         embeddings = self.get_input_embeddings()
-        if image_token_id >= embeddings.num_embeddings and pixel_values is None:
+        vocab_size = vocabulary_size(embeddings)
+        if image_token_id >= vocab_size and pixel_values is None:
             return torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
-        if image_token_id >= embeddings.num_embeddings:
+        if image_token_id >= vocab_size:
             raise ValueError(
                 f"With inputs_embeds and no input_ids, the image placeholders cannot be found: the image token "
-                f"({image_token_id}) has no embedding in the LLM vocabulary ({embeddings.num_embeddings}). Pass "
+                f"({image_token_id}) has no embedding in the LLM vocabulary ({vocab_size}). Pass "
                 "input_ids (the processor's output)."
             )
         placeholder = embeddings(torch.tensor(image_token_id, device=inputs_embeds.device)).to(

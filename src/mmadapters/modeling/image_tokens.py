@@ -30,11 +30,25 @@ def check_num_image_tokens(asked: int | None, recorded: int, where: str) -> None
         )
 
 
+def vocabulary_size(embeddings: nn.Module) -> int:
+    """Rows of the LLM's input embeddings. PEFT wraps them in a layer (LoRA, trainable tokens:
+    `get_base_layer()`) or, for LoRA's `trainable_token_indices`, a wrapper (`original_module`), around the
+    nn.Embedding that knows its size."""
+    while not hasattr(embeddings, "num_embeddings"):
+        if hasattr(embeddings, "get_base_layer"):
+            embeddings = embeddings.get_base_layer()
+        elif hasattr(embeddings, "original_module"):
+            embeddings = embeddings.original_module
+        else:
+            raise TypeError(f"The LLM's input embeddings ({type(embeddings).__name__}) hold no nn.Embedding.")
+    return embeddings.num_embeddings
+
+
 def embed_text_tokens(
     embeddings: nn.Embedding, input_ids: torch.LongTensor, image_token_id: int
 ) -> torch.Tensor:
     """Token embeddings, with a dummy id at the image placeholders; other ids must be in the vocabulary."""
-    vocab_size = embeddings.num_embeddings
+    vocab_size = vocabulary_size(embeddings)
     image_mask = input_ids == image_token_id
     bad = (~image_mask) & ((input_ids < 0) | (input_ids >= vocab_size))
     # Checks on values are skipped while torch.compile traces (a data-dependent branch is a graph break): run the

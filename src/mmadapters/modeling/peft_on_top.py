@@ -137,6 +137,19 @@ def _check_supported(peft_config: Any) -> None:
         )
 
 
+def _check_backbone_weights_stay_frozen(peft_config: Any) -> None:
+    """Refuse, when an adapter is added, a PEFT option that trains the backbones' own weights: they stay frozen
+    here (our Trainers freeze them again) and an adapter-only checkpoint does not hold them. Checkpoints that
+    record such an option still load (it never trained anything here)."""
+    bias = getattr(peft_config, "bias", "none")
+    if bias not in (None, "none"):
+        raise PeftOnTopError(
+            f"{type(peft_config).__name__}(bias={bias!r}) trains the backbones' biases ({'every one' if bias == 'all' else 'those of the adapted layers'}), "
+            "which stay frozen here. Use bias='none' (a LoraConfig's lora_bias=True gives the LoRA layers trained "
+            "biases of their own)."
+        )
+
+
 def shared_state_message(method: str, shared: list[str]) -> str:
     return (
         f"{method} shares tensors between the layers it adapts ({', '.join(shared[:3])}): our checkpoints hold each "
@@ -168,6 +181,8 @@ def inject_peft_layers(
     from peft import inject_adapter_in_model
 
     _check_supported(peft_config)
+    if record:
+        _check_backbone_weights_stay_frozen(peft_config)
     recorded = dict(getattr(model.config, "peft_adapters", None) or {})
     if record and adapter_name in recorded:
         raise PeftOnTopError(
@@ -389,6 +404,8 @@ def adopt_peft_model(peft_model: Any) -> Any:
         return peft_model
     model = peft_model.get_base_model()
     _check_our_model(model)
+    for peft_config in peft_model.peft_config.values():
+        _check_backbone_weights_stay_frozen(peft_config)
     _record_whole_model_adapters(model, peft_model.peft_config)
     model.restore_trainable_side()
     peft_model.save_pretrained = model.save_pretrained
