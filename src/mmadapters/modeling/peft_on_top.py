@@ -453,7 +453,18 @@ def sync_record(model: nn.Module) -> None:
 def merge_peft_layers(module: nn.Module) -> int:
     """Merge every PEFT layer inside `module` into the weight it wraps (its active adapters) and put the plain
     layer back; returns how many were merged. A PEFT method that cannot merge raises PEFT's own error."""
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
     merged = 0
+    # PEFT's wrappers around a whole module (LoRA's `trainable_token_indices` on the embeddings) merge and give the
+    # plain module back themselves, as in PEFT's merge_and_unload.
+    for name, wrapper in [
+        (n, m) for n, m in module.named_modules() if isinstance(m, AuxiliaryTrainingWrapper)
+    ]:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, child_name, wrapper.unload_and_optionally_merge_module(True, False, None))
+        merged += 1
     for name, layer in tuner_layers(module):
         if not hasattr(layer, "get_base_layer"):
             continue
