@@ -25,7 +25,7 @@ from mmadapters import (
     add_lora,
 )
 from mmadapters.convert.merge import merge_lavin_adapters
-from mmadapters.modeling.peft_on_top import tuner_layers
+from mmadapters.modeling.peft_on_top import name_through_peft_layers, tuner_layers
 from mmadapters.trainers import CromeTrainer
 
 
@@ -160,6 +160,42 @@ def test_trainable_tokens_on_the_llm_embeddings_train_and_round_trip(lavin, proc
     assert type(merged.get_input_embeddings()) is torch.nn.Embedding
     with torch.no_grad():
         torch.testing.assert_close(merged(**text).logits, text_logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("how", ["TrainableTokensConfig", "trainable_token_indices", "lora_on_lm_head"])
+def test_peft_layers_on_tied_embeddings_reload_from_both_kinds_of_checkpoint(tiny_backbones, tmp_path, how):
+    """An LLM whose input and output embeddings are tied (SmolLM2, T5, ...): a PEFT layer on a tied module holds
+    its weight under its base layer. A load rebuilt the layers before transformers tied the weights by their plain
+    names (AttributeError "embed_tokens.weight is neither a parameter...", or "attribute 'weight' already
+    exists"), and a full save refused the tied copy ("shared tensors which are not properly defined")."""
+    from conftest import save_llm_with_width
+    from peft import TrainableTokensConfig
+
+    text_path = save_llm_with_width(tmp_path / "tied-llm", hidden_size=32, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LavinForConditionalGeneration.from_backbones(text_path, tiny_backbones[1])
+    processor = LavinProcessor.from_backbones(text_path, tiny_backbones[1])
+    batch = inputs(processor)
+    vocab_size = model.config.text_config.vocab_size
+    tokens = sorted({int(t) for t in batch["input_ids"][0] if int(t) < vocab_size})
+    config = {
+        "TrainableTokensConfig": TrainableTokensConfig(target_modules=["embed_tokens"], token_indices=tokens),
+        "trainable_token_indices": lora(trainable_token_indices=tokens),
+        "lora_on_lm_head": lora(target_modules=["q_proj", "lm_head"]),
+    }[how]
+    model = mmadapters.adopt_peft_model(get_peft_model(model, config))
+    randomize_trainable(model)
+    expected = logits(model, batch)
+    for adapter_only in (True, False):
+        folder = tmp_path / ("adapters" if adapter_only else "full")
+        model.save_pretrained(folder, adapter_only=adapter_only)
+        reloaded = LavinForConditionalGeneration.from_pretrained(folder)
+        llm = reloaded.language_model
+        assert name_through_peft_layers(llm, "lm_head.weight") != "lm_head.weight" or how != "lora_on_lm_head"
+        assert llm.get_parameter(name_through_peft_layers(llm, "lm_head.weight")) is llm.get_parameter(
+            name_through_peft_layers(llm, "model.embed_tokens.weight")
+        ), "the reloaded LLM's embeddings are no longer tied"
+        torch.testing.assert_close(logits(reloaded, batch), expected)
 
 
 @pytest.mark.parametrize("method", ["VeraConfig", "RandLoraConfig"])

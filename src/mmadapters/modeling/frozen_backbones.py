@@ -284,10 +284,28 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
     # ------------------------------------------------------------------------------------------------
 
     def post_init(self) -> None:
-        # PEFT layers recorded in the config (LoRA on top) are rebuilt before any weight is initialised or loaded,
-        # so that a checkpoint's PEFT tensors find their layers.
-        peft_on_top.rebuild_recorded_layers(self)
+        # transformers first (it ties the backbones' weights by their plain names), then the PEFT layers recorded
+        # in the config (LoRA on top), before any weight is loaded, so that a checkpoint's PEFT tensors find them.
         super().post_init()
+        peft_on_top.rebuild_recorded_layers(self)
+        self._name_tied_weights_as_held()
+
+    def _name_tied_weights_as_held(self) -> None:
+        """transformers' tied-weights mapping (`all_tied_weights_keys`, which a full load and `tie_weights` read),
+        named as the model holds the weights now: a PEFT layer on a tied module (LoRA on a tied LM head, trainable
+        tokens on tied embeddings) holds the weight under its base layer. A full save finds the tied copies to
+        leave out by the modules' `_tied_weights_keys`: the renamed ones are declared on this model."""
+        held = self._as_held(self.all_tied_weights_keys)
+        renamed = set(held) - set(self.all_tied_weights_keys)
+        self.all_tied_weights_keys = held
+        self._tied_weights_keys = {target: held[target] for target in renamed} or None
+
+    def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict:
+        return self._as_held(super().get_expanded_tied_weights_keys(all_submodels=all_submodels))
+
+    def _as_held(self, mapping: dict[str, str]) -> dict[str, str]:
+        name = peft_on_top.name_through_peft_layers
+        return {name(self, target): name(self, source) for target, source in mapping.items()}
 
     def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
         # transformers treats models outside the library as "custom code" and then skips every module without
@@ -946,6 +964,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
                 # says how the backbones in the file are quantised: a backbone dequantized since loading is
                 # saved, and reloads, in full precision. (An adapter-only save keeps the record of how they were
                 # loaded: quantising their sources again rebuilds the values a dequantized backbone holds.)
+                self._name_tied_weights_as_held()  # PEFT layers added since construction
                 loaded_quantization = self.config.backbone_quantization
                 self.config.backbone_quantization = _quantization_record(
                     self.language_model, self.vision_tower

@@ -476,6 +476,34 @@ def merge_peft_layers(module: nn.Module) -> int:
     return merged
 
 
+def name_through_peft_layers(model: nn.Module, name: str) -> str:
+    """`name` (of a parameter, as transformers' tied-weights mapping gives it) as the model holds it now: a PEFT
+    layer or wrapper on the module (LoRA on a tied LM head, trainable tokens on tied embeddings) keeps the module's
+    weight under its `base_layer` (or its wrapper's `original_module` / `token_adapter`). A name that leads
+    nowhere is returned as it is."""
+    module, path = model, []
+    for part in name.split("."):
+        while part not in module._modules and part not in module._parameters and part not in module._buffers:
+            inner = next(
+                (
+                    n
+                    for n in ("base_layer", "original_module", "token_adapter")
+                    if module._modules.get(n) is not None
+                ),
+                None,
+            )
+            if inner is None:
+                return name
+            path.append(inner)
+            module = module._modules[inner]
+        path.append(part)
+        if part in module._modules:
+            module = module._modules[part]
+            if module is None:
+                return name
+    return ".".join(path)
+
+
 def _check_our_model(model: nn.Module) -> None:
     if not hasattr(model, "adapter_module_names") or not hasattr(model.config, "peft_adapters"):
         raise PeftOnTopError(
@@ -490,6 +518,7 @@ __all__ = [
     "inject_peft_layers",
     "load_peft_adapter",
     "merge_peft_layers",
+    "name_through_peft_layers",
     "peft_state_prefixes",
     "rebuild_recorded_layers",
     "sync_record",
