@@ -167,7 +167,8 @@ def test_peft_layers_on_tied_embeddings_reload_from_both_kinds_of_checkpoint(tin
     """An LLM whose input and output embeddings are tied (SmolLM2, T5, ...): a PEFT layer on a tied module holds
     its weight under its base layer. A load rebuilt the layers before transformers tied the weights by their plain
     names (AttributeError "embed_tokens.weight is neither a parameter...", or "attribute 'weight' already
-    exists"), and a full save refused the tied copy ("shared tensors which are not properly defined")."""
+    exists"), a full save refused the tied copy ("shared tensors which are not properly defined"), and the merged
+    export was wrong."""
     from conftest import save_llm_with_width
     from peft import TrainableTokensConfig
 
@@ -196,6 +197,18 @@ def test_peft_layers_on_tied_embeddings_reload_from_both_kinds_of_checkpoint(tin
             name_through_peft_layers(llm, "model.embed_tokens.weight")
         ), "the reloaded LLM's embeddings are no longer tied"
         torch.testing.assert_close(logits(reloaded, batch), expected)
+
+    # The merge gives the tied weight under a PEFT layer its own copy: merged into the one shared tensor, the
+    # LM head's LoRA changed the input embeddings too (logits off by 5 at this size), and trainable tokens
+    # were merged twice into it.
+    text = processor(text=["Image: N/A\nthe capital of"])
+    text_logits = logits(reloaded, text)
+    merged = merge_lavin_adapters(reloaded, "text")
+    assert merged.config.tie_word_embeddings is False
+    merged.save_pretrained(tmp_path / "merged")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(exported(**text).logits, text_logits, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("method", ["VeraConfig", "RandLoraConfig"])

@@ -38,7 +38,7 @@ from ..errors import MMAdaptersError
 from ..modeling.adapters.injection import find_decoder_layers
 from ..modeling.embedded import resolve_backbone_name
 from ..modeling.lavin import LavinForConditionalGeneration
-from ..modeling.peft_on_top import merge_peft_layers, tuner_layers
+from ..modeling.peft_on_top import merge_peft_layers, name_through_peft_layers, tuner_layers
 from ..processing.base import build_chat_template
 
 MODALITIES = {"text": 0, "image": 1}
@@ -67,6 +67,7 @@ def merge_lavin_adapters(
     _dequantize(model.language_model)
     # PEFT layers first: on the LLM, and on the LLM adapters' own linear layers where
     # get_peft_model(target_modules="all-linear") put them, so that the routing and the fold below see them.
+    _untie_weights_under_peft_layers(model.language_model)
     merge_peft_layers(model.language_model)
     merge_peft_layers(model.llm_adapters)
     table = model.compute_routing_table()[MODALITIES[modality]]  # (layers, sites, 2)
@@ -92,6 +93,28 @@ def merge_lavin_adapters(
 
     model.remove_adapter_hooks()
     return language_model
+
+
+def _untie_weights_under_peft_layers(language_model: PreTrainedModel) -> None:
+    """Give a tied weight under a PEFT layer its own copy before the merge (LoRA on a tied LM head, trainable
+    tokens on tied embeddings; SmolLM2 ties them): merged into the one shared tensor, the LM head's LoRA would
+    change the input embeddings too. The exported LLM then has untied embeddings (`tie_word_embeddings=False`),
+    as PEFT advises for such merges."""
+    untied = False
+    for target, source in list(language_model.all_tied_weights_keys.items()):
+        held_target = name_through_peft_layers(language_model, target)
+        held_source = name_through_peft_layers(language_model, source)
+        if (held_target, held_source) == (target, source):
+            continue  # no PEFT layer on either: the merge leaves the shared weight alone
+        module_name, _, parameter_name = held_target.rpartition(".")
+        copy = language_model.get_parameter(held_source).detach().clone()
+        setattr(
+            language_model.get_submodule(module_name), parameter_name, nn.Parameter(copy, requires_grad=False)
+        )
+        del language_model.all_tied_weights_keys[target]
+        untied = True
+    if untied:
+        language_model.config.get_text_config().tie_word_embeddings = False
 
 
 def _dequantize(language_model: PreTrainedModel) -> None:
