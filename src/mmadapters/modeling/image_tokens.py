@@ -9,6 +9,7 @@ from torch import nn
 from torch.compiler import is_compiling
 
 from ..errors import MMAdaptersError
+from .peft_on_top import name_through_peft_layers
 
 
 class ImageTokenMismatchError(MMAdaptersError, ValueError):
@@ -31,17 +32,9 @@ def check_num_image_tokens(asked: int | None, recorded: int, where: str) -> None
 
 
 def vocabulary_size(embeddings: nn.Module) -> int:
-    """Rows of the LLM's input embeddings. PEFT wraps them in a layer (LoRA, trainable tokens:
-    `get_base_layer()`) or, for LoRA's `trainable_token_indices`, a wrapper (`original_module`), around the
-    nn.Embedding that knows its size."""
-    while not hasattr(embeddings, "num_embeddings"):
-        if hasattr(embeddings, "get_base_layer"):
-            embeddings = embeddings.get_base_layer()
-        elif hasattr(embeddings, "original_module"):
-            embeddings = embeddings.original_module
-        else:
-            raise TypeError(f"The LLM's input embeddings ({type(embeddings).__name__}) hold no nn.Embedding.")
-    return embeddings.num_embeddings
+    """Rows of the LLM's input embeddings, also under a PEFT layer or wrapper (LoRA, trainable tokens), which
+    holds the embedding weight under its base layer."""
+    return embeddings.get_parameter(name_through_peft_layers(embeddings, "weight")).shape[0]
 
 
 def embed_text_tokens(

@@ -126,9 +126,8 @@ def _check_supported(peft_config: Any) -> None:
     tuner = PEFT_TYPE_TO_TUNER_MAPPING.get(peft_config.peft_type)
     if tuner is None:
         raise PeftOnTopError(f"{name}: PEFT cannot inject {peft_config.peft_type} layers into a model.")
-    if getattr(
-        tuner, "uses_shared_state", False
-    ):  # peft >= 0.19 marks them; see also check_layers_share_nothing
+    # Recent PEFT marks the methods that share state between layers; check_layers_share_nothing finds the others.
+    if getattr(tuner, "uses_shared_state", False):
         raise PeftOnTopError(shared_state_message(name, ["PEFT keeps them on its tuner"]))
     if getattr(peft_config, "modules_to_save", None):
         raise PeftOnTopError(
@@ -143,10 +142,10 @@ def _check_backbone_weights_stay_frozen(peft_config: Any) -> None:
     record such an option still load (it never trained anything here)."""
     bias = getattr(peft_config, "bias", "none")
     if bias not in (None, "none"):
+        which = "every one" if bias == "all" else "those of the adapted layers"
         raise PeftOnTopError(
-            f"{type(peft_config).__name__}(bias={bias!r}) trains the backbones' biases ({'every one' if bias == 'all' else 'those of the adapted layers'}), "
-            "which stay frozen here. Use bias='none' (a LoraConfig's lora_bias=True gives the LoRA layers trained "
-            "biases of their own)."
+            f"{type(peft_config).__name__}(bias={bias!r}) trains the backbones' biases ({which}), which stay frozen "
+            "here. Use bias='none' (a LoraConfig's lora_bias=True gives the LoRA layers trained biases of their own)."
         )
 
 
