@@ -33,8 +33,11 @@ def check_num_image_tokens(asked: int | None, recorded: int, where: str) -> None
 
 def vocabulary_size(embeddings: nn.Module) -> int:
     """Rows of the LLM's input embeddings, also under a PEFT layer or wrapper (LoRA, trainable tokens), which
-    holds the embedding weight under its base layer."""
-    return embeddings.get_parameter(name_through_peft_layers(embeddings, "weight")).shape[0]
+    holds the nn.Embedding as its base layer. (Read from the module, not its weight: under FSDP the weight is a
+    view of a flat parameter.)"""
+    for part in name_through_peft_layers(embeddings, "weight").split(".")[:-1]:
+        embeddings = getattr(embeddings, part)
+    return embeddings.num_embeddings
 
 
 def embed_text_tokens(
