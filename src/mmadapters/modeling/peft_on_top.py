@@ -415,9 +415,11 @@ def adopt_peft_model(peft_model: Any) -> Any:
 def _record_whole_model_adapters(model: nn.Module, peft_configs: dict[str, Any]) -> None:
     """Record adapters that PEFT injected into the whole model (`get_peft_model`), unless already recorded."""
     recorded = dict(model.config.peft_adapters or {})
-    for adapter_name, peft_config in peft_configs.items():
+    for peft_config in peft_configs.values():
         _check_supported(peft_config)
-        check_layers_share_nothing(model, type(peft_config).__name__)
+    if peft_configs:  # one PeftModel holds adapters of one PEFT type: one look at the model's tensors
+        check_layers_share_nothing(model, type(next(iter(peft_configs.values()))).__name__)
+    for adapter_name, peft_config in peft_configs.items():
         if adapter_name not in recorded:
             recorded[adapter_name] = {"on": "", "config": peft_config_to_dict(peft_config)}
     model.config.peft_adapters = recorded
