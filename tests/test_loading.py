@@ -1200,6 +1200,8 @@ def test_a_quantised_model_refuses_dtype_casts_as_transformers_does_and_loses_no
         ".half()": lambda: model.half(),
         ".float()": lambda: model.float(),
         ".bfloat16()": lambda: model.bfloat16(),
+        ".double()": lambda: model.double(),
+        ".to(a float16 tensor)": lambda: model.to(torch.zeros(1, dtype=torch.float16)),
         ".to(torch.float16)": lambda: model.to(torch.float16),
         ".to('cpu', torch.bfloat16)": lambda: model.to("cpu", torch.bfloat16),
         ".to(dtype=torch.float16)": lambda: model.to(dtype=torch.float16),
