@@ -1218,3 +1218,35 @@ def test_a_quantised_model_refuses_dtype_casts_as_transformers_does_and_loses_no
     model.dequantize()
     assert model.half() is model and model.language_model.dtype == torch.float16
     assert {tensor.dtype for tensor in model.adapter_state_dict().values()} == {torch.float16}
+
+
+@pytest.mark.parametrize("model_class", [LavinForConditionalGeneration, CromeForConditionalGeneration])
+def test_every_way_of_building_or_loading_returns_the_whole_model_in_eval_mode(
+    tiny_backbones, tmp_path, model_class
+):
+    """As transformers' from_pretrained does: from_backbones gave our modules in training mode around backbones in
+    eval mode (CROME's Q-Former dropout made two forward passes of the new model differ), or backbones in training
+    mode when built from config objects. Now every way gives one mode, eval; a Trainer (or `model.train()`) turns
+    training mode on."""
+    from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionModel
+
+    text_path, vision_path = tiny_backbones
+    ways = {
+        "paths": lambda: model_class.from_backbones(text_path, vision_path),
+        "config objects": lambda: model_class.from_backbones(
+            AutoConfig.from_pretrained(text_path), AutoConfig.from_pretrained(vision_path)
+        ),
+        "models in training mode": lambda: model_class.from_backbones(
+            AutoModelForCausalLM.from_pretrained(text_path).train(),
+            CLIPVisionModel.from_pretrained(vision_path).train(),
+        ),
+    }
+    built = ways["paths"]()
+    built.save_pretrained(tmp_path / "adapters")
+    built.save_pretrained(tmp_path / "full", adapter_only=False)
+    ways["adapter-only checkpoint"] = lambda: model_class.from_pretrained(tmp_path / "adapters")
+    ways["full checkpoint"] = lambda: model_class.from_pretrained(tmp_path / "full")
+    for way, build in ways.items():
+        model = build()
+        assert [name for name, module in model.named_modules() if module.training] == [], way
+        assert all(module.training for module in model.train().modules()), way

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from mmadapters import (
+    CromeProcessor,
     ImageTokenMismatchError,
     InvalidImageError,
     LavinProcessor,
@@ -151,12 +152,75 @@ def test_call_keywords_honoured_or_refused(processor):
         )
     with pytest.raises(ValueError, match="takes images and text; got videos"):
         processor(text=text, videos=[np.zeros((2, 8, 8, 3), dtype=np.uint8)])
-    with pytest.raises(TypeError, match=r"\['truncation'\].*overflow='truncate_left'"):
-        processor(text=text, truncation=True)
+    with pytest.raises(TypeError, match=r"\['stride'\].*overflow='truncate_left'"):
+        processor(text=text, stride=2)
     with pytest.raises(TypeError, match=r"\['do_sample'\].*generate_kwargs"):
         processor(text=text, do_sample=False)
     with pytest.raises(ValueError, match="overflow must be one of"):
         processor(text=text, overflow="cut")
+
+
+@pytest.mark.parametrize("processor_class", [LavinProcessor, CromeProcessor])
+def test_padding_side_pad_to_multiple_of_and_truncation_are_honoured(tiny_backbones, processor_class):
+    """transformers' tokenizer keywords that processors take (TRL's collators pass them, for instance):
+    `padding_side` and `pad_to_multiple_of` as the tokenizer honours them; `truncation=True` cuts at `max_length`
+    on the tokenizer's truncation side (never through an image), `truncation=False` never cuts. They used to be
+    refused."""
+    processor = processor_class.from_backbones(*tiny_backbones)
+    text = ["Image: <image>\nwhat color?", "Image: N/A\na much longer prompt than the first one"]
+    images = [[rgb()], []]
+    for answers, default_side in ((None, "left"), (["red", "a long answer here"], "right")):
+        plain = processor(images=images, text=text, answers=answers)
+        lengths = plain["attention_mask"].sum(dim=1)
+        row, shorter = int(lengths.argmin()), int(lengths.min())
+        assert shorter < int(lengths.max())
+        for side in ("left", "right"):
+            out = processor(images=images, text=text, answers=answers, padding_side=side)
+            mask = out["attention_mask"][row]
+            padding, tokens = (
+                (mask[:-shorter], mask[-shorter:]) if side == "left" else (mask[shorter:], mask[:shorter])
+            )
+            assert tokens.all() and not padding.any(), side
+            for (
+                name,
+                values,
+            ) in out.items():  # the same tokens, moved: each row's kept values are the plain ones
+                if name in ("pixel_values", "qformer_input_ids", "qformer_attention_mask"):
+                    torch.testing.assert_close(values, plain[name])
+                    continue
+                if (
+                    values.shape != plain[name].shape
+                ):  # encoder-decoder labels: the decoder targets, right-padded
+                    continue
+                keep, plain_keep = out["attention_mask"].bool(), plain["attention_mask"].bool()
+                assert torch.equal(values[keep], plain[name][plain_keep]), (side, name)
+            if side == default_side:
+                assert torch.equal(out["input_ids"], plain["input_ids"])
+        padded = processor(images=images, text=text, answers=answers, pad_to_multiple_of=16)
+        longest = plain["input_ids"].shape[1]
+        assert padded["input_ids"].shape[1] == -(-longest // 16) * 16 > longest
+        assert padded["attention_mask"].sum() == plain["attention_mask"].sum()
+    long_text = "Image: N/A\n" + "one two " * 40
+    processor.tokenizer.truncation_side = "left"
+    kept = processor(text=long_text, max_length=20, truncation=True)["input_ids"][0]
+    torch.testing.assert_close(
+        kept, processor(text=long_text, max_length=20, overflow="truncate_left")["input_ids"][0]
+    )
+    processor.tokenizer.truncation_side = "right"
+    kept = processor(text=long_text, max_length=20, truncation="longest_first")["input_ids"][0]
+    torch.testing.assert_close(
+        kept, processor(text=long_text, max_length=20, overflow="truncate_right")["input_ids"][0]
+    )
+    with pytest.raises(PromptTooLongError, match="more than max_length=20"):
+        processor(text=long_text, max_length=20, truncation=False)
+    with pytest.raises(ValueError, match="padding_side must be 'left' or 'right'"):
+        processor(text=text[1], padding_side="middle")
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be a positive integer"):
+        processor(text=text[1], pad_to_multiple_of=0)
+    with pytest.raises(ValueError, match="truncation=True and overflow='raise' disagree"):
+        processor(text=text[1], truncation=True, overflow="raise")
+    with pytest.raises(ValueError, match="only_second"):
+        processor(text=text[1], truncation="only_second")
 
 
 def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:

@@ -708,7 +708,8 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
                 `mmadapters.modeling.loading`) and other fields of the model's config (LaVIN: vision_feature_layers,
                 projector_hidden_size, ...). Anything else raises TypeError.
 
-        Works under `with torch.device("meta"):` with config objects, for instant full-size parameter counts.
+        Returns the model in eval mode, as from_pretrained does. Works under `with torch.device("meta"):` with
+        config objects, for instant full-size parameter counts.
         """
         kwargs["dtype"] = dtype
         where = f"{cls.__name__}.from_backbones"
@@ -754,7 +755,10 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         )
         model._follow_backbone_devices(own_map)
         model.watch_backbones()
-        return model
+        # One mode for the whole model, eval, as from_pretrained gives (the backbones came in eval mode from their
+        # own from_pretrained, in training mode from a config object; our modules were built in training mode).
+        # A Trainer, or `model.train()`, turns training mode on.
+        return model.eval()
 
     @classmethod
     def _take_config_fields(cls, kwargs: dict[str, Any], where: str) -> dict[str, Any]:

@@ -187,6 +187,17 @@ def check_overflow_policy(overflow: str) -> str:
     return overflow
 
 
+def _padding_keywords(kwargs: dict[str, Any]) -> tuple[str | None, int | None]:
+    """transformers' `padding_side` and `pad_to_multiple_of`, taken out of a processor call's keywords."""
+    padding_side = kwargs.pop("padding_side", None)
+    if padding_side not in (None, "left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right'; got {padding_side!r}.")
+    multiple = kwargs.pop("pad_to_multiple_of", None)
+    if multiple is not None and (isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1):
+        raise ValueError(f"pad_to_multiple_of must be a positive integer; got {multiple!r}.")
+    return padding_side, multiple
+
+
 # sample_lengths encodes this many samples at a time (each chunk is padded to its longest sample).
 LENGTH_CHUNK = 256
 
@@ -201,6 +212,11 @@ class CheckedInputs:
     add_special_tokens: bool
     max_length: int | None
     overflow: str
+    padding_side: str | None = None  # None: ours (left for generation, right with answers)
+    pad_to_multiple_of: int | None = None
+
+    def pads_left(self) -> bool:
+        return self.answers is None if self.padding_side is None else self.padding_side == "left"
 
 
 class AdapterProcessorMixin:
@@ -254,14 +270,18 @@ class AdapterProcessorMixin:
             max_length, overflow: override the processor's length limit and overflow policy for this call.
             **kwargs: the method's own keywords (`call_options`; CROME: `instructions`, what the Q-Former reads).
                 Of transformers' processor keywords, `padding` (True / "longest": the batch is padded to its
-                longest sample), `return_attention_mask=True` and `videos` / `audio` left None are accepted;
-                anything else is refused.
+                longest sample), `padding_side` ("left" / "right"; default: left without answers, right with
+                them), `pad_to_multiple_of`, `truncation` (True / "longest_first" / "only_first": cut at
+                `max_length` on the tokenizer's `truncation_side`, never through an image; False: never cut),
+                `return_attention_mask=True` and `videos` / `audio` left None are accepted; anything else is
+                refused.
         Returns:
             `BatchFeature` with input_ids, attention_mask, [labels], [pixel_values], and the method's own fields.
         """
+        padding_side, pad_to_multiple_of = _padding_keywords(kwargs)
+        overflow = self._overflow_for(kwargs.pop("truncation", None), overflow)
         options = self._check_call_options(kwargs)
         texts = self._check_texts(text)
-        overflow = check_overflow_policy(overflow or self.overflow)
         inputs = CheckedInputs(
             texts=texts,
             answers=self._check_answers(answers, texts),
@@ -269,6 +289,8 @@ class AdapterProcessorMixin:
             add_special_tokens=add_special_tokens,
             max_length=self._max_length(max_length),
             overflow=overflow,
+            padding_side=padding_side,
+            pad_to_multiple_of=pad_to_multiple_of,
         )
         pixel_values = self._pixel_values(inputs.images)  # bad images are refused before any tokenising
         data = self._model_inputs(inputs, **options)
@@ -311,6 +333,26 @@ class AdapterProcessorMixin:
         """The method's token-level fields (input_ids, attention_mask, labels, ...) for `inputs`."""
         raise NotImplementedError
 
+    def _overflow_for(self, truncation: bool | str | None, overflow: str | None) -> str:
+        """The overflow policy of a call: `overflow`, or what transformers' `truncation` keyword asks (cut on the
+        tokenizer's truncation side, or never cut), or the processor's own; the two keywords must agree."""
+        if truncation is None:
+            return check_overflow_policy(overflow or self.overflow)
+        if truncation not in (True, False, "longest_first", "only_first", "do_not_truncate"):
+            raise ValueError(
+                f"truncation={truncation!r} is not supported: a processor call encodes single sequences (no "
+                "pairs), so it takes True / 'longest_first' / 'only_first' (cut at max_length) or False."
+            )
+        cuts = truncation not in (False, "do_not_truncate")
+        side = getattr(self.tokenizer, "truncation_side", "right")
+        asked = ("truncate_left" if side == "left" else "truncate_right") if cuts else "raise"
+        if overflow is not None and (overflow != "raise") != cuts:
+            raise ValueError(
+                f"truncation={truncation!r} and overflow={overflow!r} disagree: pass one of them (overflow says "
+                "which end is cut)."
+            )
+        return check_overflow_policy(overflow or asked)
+
     def _check_call_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The method's own keywords out of `kwargs`; transformers' keywords that match what we do are accepted,
         any other keyword is refused (never silently dropped)."""
@@ -333,7 +375,7 @@ class AdapterProcessorMixin:
             # The keywords `__call__` names, read off its signature so that the message cannot drift from it.
             named = inspect.signature(AdapterProcessorMixin.__call__).parameters
             accepted = [parameter for parameter in named if parameter not in ("self", "kwargs")]
-            hint = "For truncation use max_length with overflow='truncate_left' or 'truncate_right'."
+            hint = "For truncation use max_length with truncation=True or overflow='truncate_left' / 'truncate_right'."
             if set(unknown) & set(GenerationConfig().to_dict()):
                 # A pipeline hands its unknown keywords to the processor, so they never reach generate.
                 hint = (
@@ -536,10 +578,14 @@ class AdapterProcessorMixin:
         return kept, None if labels is None else labels[window]
 
     def _pad(
-        self, rows: dict[str, list[list[int]]], fills: dict[str, int], left: bool
+        self, rows: dict[str, list[list[int]]], fills: dict[str, int], inputs: CheckedInputs
     ) -> dict[str, list[list[int]]]:
-        """Pad every row of every field to the longest `input_ids` row; adds `attention_mask`."""
+        """Pad every row of every field to the longest `input_ids` row (rounded up to `pad_to_multiple_of`), on the
+        call's side; adds `attention_mask`."""
+        left = inputs.pads_left()
         longest = max(len(ids) for ids in rows["input_ids"])
+        if inputs.pad_to_multiple_of:
+            longest = -(-longest // inputs.pad_to_multiple_of) * inputs.pad_to_multiple_of
         padded: dict[str, list[list[int]]] = {name: [] for name in (*rows, "attention_mask")}
         for index, ids in enumerate(rows["input_ids"]):
             padding = [0] * (longest - len(ids))

@@ -163,9 +163,8 @@ class CromeProcessor(AdapterProcessorMixin, ProcessorMixin):
             if labels is not None:
                 rows.setdefault("labels", []).append(labels)
 
-        training = answer_list is not None
         fills = {"input_ids": self._pad_id(), "prompt_mask": 0, "labels": IGNORE_INDEX}
-        data = self._pad(rows, fills, left=not training)
+        data = self._pad(rows, fills, inputs)
         if decoder_labels:
             longest = max(len(labels) for labels in decoder_labels)
             data["labels"] = [labels + [IGNORE_INDEX] * (longest - len(labels)) for labels in decoder_labels]

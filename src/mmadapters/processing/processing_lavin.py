@@ -138,9 +138,7 @@ class LavinProcessor(AdapterProcessorMixin, ProcessorMixin):
             rows["input_ids"].append(ids)
             if labels is not None:
                 rows["labels"].append(labels)
-        return self._pad(
-            rows, {"input_ids": self._pad_id(), "labels": IGNORE_INDEX}, left=inputs.answers is None
-        )
+        return self._pad(rows, {"input_ids": self._pad_id(), "labels": IGNORE_INDEX}, inputs)
 
     def _joint_ids(
         self, text: str, answer: str | None, add_special_tokens: bool
