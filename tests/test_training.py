@@ -55,6 +55,14 @@ def test_collator_masks_prompt_image_and_padding(processor, tmp_path):
     assert batch["pixel_values"].shape[0] == 1  # mixture batch: one image, one text-only sample
     with pytest.raises(KeyError, match="target"):
         VisionLanguageCollator(processor)([{"prompt": "Image: N/A\nhi", "image": None}])
+    # pad_to_multiple_of, as transformers' collators take it (tensor cores like multiples of 8; 7 here does not divide the width): more padding, the
+    # same tokens and labels
+    rounded = VisionLanguageCollator(processor, pad_to_multiple_of=7)(examples)
+    width = batch["input_ids"].shape[1]
+    assert rounded["input_ids"].shape[1] == -(-width // 7) * 7 > width
+    for name in ("input_ids", "labels", "attention_mask"):
+        assert torch.equal(rounded[name][:, :width], batch[name])
+    assert not rounded["attention_mask"][:, width:].any() and (rounded["labels"][:, width:] == -100).all()
 
 
 def test_collator_truncation_policy(processor):

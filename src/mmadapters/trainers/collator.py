@@ -35,6 +35,8 @@ class VisionLanguageCollator:
     processor: Any
     max_length: int | None = None
     overflow: str = "truncate_right"
+    # Round each batch's length up to a multiple of this (as transformers' collators do; e.g. 8 for tensor cores).
+    pad_to_multiple_of: int | None = None
     # False: text-only samples keep their tokens but get no labels (-100), for a loss of their own such as
     # LavinTrainer's `text_distillation` (the quickstart's default; see QuickstartSettings.text_answer_loss).
     supervise_text_only: bool = True
@@ -58,6 +60,7 @@ class VisionLanguageCollator:
             answers=[example["target"] for example in examples],
             max_length=self.max_length,
             overflow=self.overflow,
+            pad_to_multiple_of=self.pad_to_multiple_of,
         )
         if not self.supervise_text_only and "labels" in batch:
             text_only = torch.tensor([not sample_images for sample_images in images])
