@@ -272,7 +272,8 @@ class AdapterProcessorMixin:
                 Of transformers' processor keywords, `padding` (True / "longest": the batch is padded to its
                 longest sample), `padding_side` ("left" / "right"; default: left without answers, right with
                 them), `pad_to_multiple_of`, `truncation` (True / "longest_first" / "only_first": cut at
-                `max_length` on the tokenizer's `truncation_side`, never through an image; False: never cut),
+                `max_length` on the tokenizer's `truncation_side`, never through an image; False: never cut, as
+                overflow="raise"),
                 `return_attention_mask=True` and `videos` / `audio` left None are accepted; anything else is
                 refused.
         Returns:
