@@ -210,6 +210,21 @@ def test_wrong_lavin_config_is_a_clear_error():
         LavinConfig(
             text_config=tiny_text_config(), vision_config=tiny_vision_config(), projector_hidden_size=0
         )
+    # Values a hand-edited config.json may hold: named with their field, not read as something else ("median"
+    # pooled as the mean, a string compared with a number).
+    common = dict(text_config=tiny_text_config(), vision_config=tiny_vision_config())
+    with pytest.raises(ValueError, match="vision_feature_pooling must be 'cls' or 'mean', got 'median'"):
+        LavinConfig(**common, vision_feature_pooling="median")
+    with pytest.raises(
+        ValueError, match=r"LavinConfig.projector_hidden_size must be an integer, got '128' \(str\)"
+    ):
+        LavinConfig(**common, projector_hidden_size="128")
+    with pytest.raises(
+        ValueError, match=r"LavinConfig.vision_feature_whitening must be true or false, got 'yes'"
+    ):
+        LavinConfig(**common, vision_feature_whitening="yes")
+    with pytest.raises(ValueError, match="image_token_id must be a non-negative integer, got -5"):
+        LavinConfig(**common, image_token_id=-5)
     # from_backbones takes the adapter settings as a config or a dict of its fields; anything else is refused.
     from_dict = LavinForConditionalGeneration.from_backbones(
         tiny_text_config(), tiny_vision_config(), adapter_config={"r": 4, "groups": 2}
@@ -242,6 +257,12 @@ def test_wrong_crome_config_is_a_clear_error():
     with pytest.raises(ValueError, match=r"vision_feature_layer=9 must index .* \(-9..8"):
         CromeConfig(**common, vision_feature_layer=9)
     assert CromeConfig(**common, vision_feature_layer=-9).vision_feature_layer == -9  # the embeddings
+    with pytest.raises(ValueError, match=r"CromeConfig.use_patch_branch must be true or false, got 'no'"):
+        CromeConfig(**common, use_patch_branch="no")  # a string would have turned the branch on
+    with pytest.raises(
+        ValueError, match=r"CromeConfig.num_query_tokens must be an integer, got 32.0 \(float\)"
+    ):
+        CromeConfig(**common, num_query_tokens=32.0)
 
 
 def test_unsupported_llm_architecture_is_a_clear_error():

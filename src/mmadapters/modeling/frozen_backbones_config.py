@@ -8,6 +8,7 @@ from typing import Any
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
+from ..validation import type_errors
 from .backbone_names import with_recorded_backbone_names
 from .image_tokens import check_num_image_tokens
 
@@ -52,12 +53,34 @@ class FrozenBackbonesConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
+        self._check_field_types()
         # Validate and normalise the adapter settings (unknown fields raise a clear error here, early).
         self.adapter_config = self.adapter_config_class.from_dict(self.adapter_config or {}).to_dict()
         if self.image_token_id is None:
             self.image_token_id = self.text_config.vocab_size
+        if self.image_token_id < 0:
+            raise ValueError(f"image_token_id must be a non-negative integer, got {self.image_token_id}.")
         # Output embeddings are tied (or not) inside the LLM itself; follow it, as LLaVA does.
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+
+    def _check_field_types(self) -> None:
+        """A value of the wrong type in one of our fields (a hand-edited config.json: `"use_patch_branch": "no"`,
+        `"projector_hidden_size": "128"`) is named with its field here, not read as something else later or met as a
+        comparison error. `@strict` checks no annotation of ours: they are strings (`from __future__ import
+        annotations`), which its validators skip."""
+        ours = {
+            name
+            for klass in type(self).__mro__
+            if klass.__module__.startswith("mmadapters.")
+            for name in vars(klass).get("__annotations__", {})
+        }
+        errors = type_errors(
+            type(self), {name: getattr(self, name) for name in sorted(ours) if hasattr(self, name)}
+        )
+        if errors:
+            raise ValueError(
+                "; ".join(f"{type(self).__name__}.{name} {message}" for name, message in errors.items()) + "."
+            )
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:

@@ -63,7 +63,11 @@ class LavinConfig(FrozenBackbonesConfig):
         num_vision_layers = self.vision_config.num_hidden_layers
         if self.vision_feature_layers is None:
             self.vision_feature_layers = default_vision_feature_layers(num_vision_layers)
-        bad = [layer for layer in self.vision_feature_layers if not 1 <= layer <= num_vision_layers]
+        bad = [
+            layer
+            for layer in self.vision_feature_layers
+            if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= num_vision_layers
+        ]
         if bad or not self.vision_feature_layers:
             raise ValueError(
                 f"vision_feature_layers={self.vision_feature_layers} must name layers 1..{num_vision_layers} of "
@@ -71,6 +75,10 @@ class LavinConfig(FrozenBackbonesConfig):
             )
         if self.vision_feature_pooling is None:
             self.vision_feature_pooling = "mean" if "siglip" in self.vision_config.model_type else "cls"
+        if self.vision_feature_pooling not in ("cls", "mean"):
+            raise ValueError(
+                f"vision_feature_pooling must be 'cls' or 'mean', got {self.vision_feature_pooling!r}."
+            )
         if self.projector_hidden_size < 1:
             raise ValueError(
                 f"projector_hidden_size must be a positive integer (128 in the paper), got {self.projector_hidden_size}."
