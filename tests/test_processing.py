@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pytest
@@ -349,6 +350,40 @@ def test_processor_round_trip(processor, tmp_path):
     a = processor(images=[rgb()], text="Image: <image>\nwhat color?")
     b = loaded(images=[rgb()], text="Image: <image>\nwhat color?")
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("max_length", "50", "max_length must be a positive integer or None, got '50'"),
+        ("max_length", 0, "max_length must be a positive integer or None, got 0"),
+        ("num_image_tokens", "2", "num_image_tokens must be a positive integer, got '2'"),
+        ("max_image_pixels", "big", "max_image_pixels must be a positive integer, got 'big'"),
+        ("official_tokenization", "no", "official_tokenization must be True or False, got 'no'"),
+        ("qformer_max_length", 0, "qformer_max_length must be a positive integer, got 0"),
+        ("encoder_decoder", "yes", "encoder_decoder must be True or False, got 'yes'"),
+    ],
+)
+def test_a_wrong_value_in_processor_config_json_is_named_when_it_loads(
+    tiny_backbones, tmp_path, field, value, message
+):
+    """A hand-edited processor_config.json: a string where a number belongs failed at the first call with a torch
+    or Python comparison error, and "official_tokenization": "no" was read as true."""
+    import json
+
+    processor_class = CromeProcessor if field in ("qformer_max_length", "encoder_decoder") else LavinProcessor
+    processor_class.from_backbones(*tiny_backbones).save_pretrained(tmp_path)
+    config_path = tmp_path / "processor_config.json"
+    config = json.loads(config_path.read_text())
+    config[field] = value
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        processor_class.from_pretrained(tmp_path)
+
+
+def test_a_wrong_max_length_in_a_call_is_named(processor):
+    with pytest.raises(ValueError, match="max_length must be a positive integer or None, got '20'"):
+        processor(text="Image: N/A\nhello", max_length="20")
 
 
 def test_official_preprocessing(tiny_backbones):

@@ -57,6 +57,24 @@ def type_errors(fields_of: type, values: dict[str, Any]) -> dict[str, str]:
     return errors
 
 
+def check_positive_int(value: Any, name: str, optional: bool = False) -> Any:
+    """`value` if it is an integer >= 1 (or None, where `optional`); else a ValueError naming `name`: a setting read
+    from a file (processor_config.json) is checked where it is read, not met later as a comparison error."""
+    if value is None and optional:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        allowed = "a positive integer or None" if optional else "a positive integer"
+        raise ValueError(f"{name} must be {allowed}, got {value!r}.")
+    return value
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """`value` if it is True or False; else a ValueError naming `name` (a string such as "no" is truthy)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}.")
+    return value
+
+
 # argparse types for the command-line numbers (a count of steps, questions, tokens, retries, a port).
 
 

@@ -26,6 +26,7 @@ from ..errors import MMAdaptersError
 from ..hub.remote_code import processor_auto_map, write_loader
 from ..modeling.backbones import IMAGE_TOKEN, add_image_token, read_checkpoint_config, vision_config_of
 from ..modeling.image_tokens import ImageTokenMismatchError, check_num_image_tokens
+from ..validation import check_positive_int
 from .images import load_image
 
 IGNORE_INDEX = -100
@@ -242,9 +243,9 @@ class AdapterProcessorMixin:
         # Our own calls pad by themselves (left for generation, right with answers). The tokenizer's side is what
         # transformers' pipeline pads its batches with (`batch_size=`), and those batches go to `generate`.
         tokenizer.padding_side = "left"
-        self.num_image_tokens = num_image_tokens
-        self.max_length = max_length
-        self.max_image_pixels = max_image_pixels
+        self.num_image_tokens = check_positive_int(num_image_tokens, "num_image_tokens")
+        self.max_length = check_positive_int(max_length, "max_length", optional=True)
+        self.max_image_pixels = check_positive_int(max_image_pixels, "max_image_pixels")
 
     def __call__(
         self,
@@ -554,6 +555,7 @@ class AdapterProcessorMixin:
         return [t.replace(IMAGE_TOKEN, IMAGE_TOKEN * self.num_image_tokens) for t in texts]
 
     def _max_length(self, max_length: int | None) -> int | None:
+        check_positive_int(max_length, "max_length", optional=True)
         if max_length or self.max_length:
             return max_length or self.max_length
         limit = getattr(self.tokenizer, "model_max_length", None)

@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig, ProcessorM
 
 from ..modeling.backbones import IMAGE_TOKEN
 from ..modeling.embedded import resolve_backbone_name
+from ..validation import check_bool, check_positive_int
 from .base import (
     CLIP_MEAN,
     CLIP_STD,
@@ -57,8 +58,8 @@ class CromeProcessor(AdapterProcessorMixin, ProcessorMixin):
         **kwargs: Any,
     ) -> None:
         self._init_adapter_inputs(tokenizer, num_image_tokens, max_length, overflow, max_image_pixels)
-        self.encoder_decoder = encoder_decoder
-        self.qformer_max_length = qformer_max_length
+        self.encoder_decoder = check_bool(encoder_decoder, "encoder_decoder")
+        self.qformer_max_length = check_positive_int(qformer_max_length, "qformer_max_length")
         chat_template = chat_template or build_chat_template(tokenizer, "<image>\n", "")
         super().__init__(image_processor, tokenizer, qformer_tokenizer, chat_template=chat_template)
 

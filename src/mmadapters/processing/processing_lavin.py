@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig, ProcessorM
 from ..modeling.backbones import vision_config_of
 from ..modeling.embedded import resolve_backbone_name
 from ..modeling.lavin.configuration_lavin import default_vision_feature_layers
+from ..validation import check_bool
 from .base import (
     IGNORE_INDEX,
     IMAGENET_MEAN,
@@ -72,7 +73,7 @@ class LavinProcessor(AdapterProcessorMixin, ProcessorMixin):
         **kwargs: Any,
     ) -> None:
         self._init_adapter_inputs(tokenizer, num_image_tokens, max_length, overflow, max_image_pixels)
-        self.official_tokenization = official_tokenization
+        self.official_tokenization = check_bool(official_tokenization, "official_tokenization")
         if chat_template is None and official_tokenization:
             chat_template = official_instruction_chat_template()
         chat_template = chat_template or build_chat_template(tokenizer, "Image: <image>\n", "Image: N/A\n")
