@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -177,6 +178,52 @@ def test_mismatched_backbone_is_refused(trained, tmp_path, tiny_backbones):
     # The same backbone at another location is accepted.
     moved = save_tiny_llm(tmp_path / "moved_llm", seed=0)
     LavinForConditionalGeneration.from_pretrained(tmp_path / "ckpt", text_model=moved)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda c: c["text_backbone"].update(name_or_path=5),
+            "text_backbone.name_or_path must be a string, got 5",
+        ),
+        (lambda c: c.update(vision_backbone="bb/vision"), "vision_backbone must be an object"),
+        (
+            lambda c: c["text_backbone"].update(revision=3),
+            "text_backbone.revision must be a string or null, got 3",
+        ),
+        (
+            lambda c: c["text_backbone"].update(fingerprint="abc"),
+            "text_backbone.fingerprint must be an object",
+        ),
+        (lambda c: c.update(backbone_quantization=[1]), "backbone_quantization must be an object"),
+        (
+            lambda c: c.update(backbone_quantization={"text_config": "4bit"}),
+            "backbone_quantization.text_config must",
+        ),
+        (lambda c: c.update(peft_adapters=["x"]), "peft_adapters must be an object"),
+        (
+            lambda c: c.update(peft_adapters={"default": {"config": 5}}),
+            "peft_adapters.default must be an object",
+        ),
+    ],
+)
+def test_a_config_json_whose_records_were_edited_out_of_shape_is_refused_by_field(
+    trained, tmp_path, edit, message
+):
+    """The records a save writes into config.json (each backbone's source and fingerprint, how the backbones were
+    quantised, the PEFT layers on top): one edited into another shape failed inside the loader with a Python
+    TypeError or AttributeError ("'str' object has no attribute 'get'"), or with revision 3 loaded as if nothing
+    were wrong. Now the config refuses it, naming the field, before anything loads."""
+    model, _ = trained
+    model.save_pretrained(tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
+        LavinForConditionalGeneration.from_pretrained(tmp_path / "ckpt")
+    assert "written by save_pretrained" in str(error.value)
 
 
 def test_backbone_with_other_shapes_is_refused_even_when_ignored(trained, tmp_path):

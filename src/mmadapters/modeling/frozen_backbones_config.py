@@ -13,6 +13,64 @@ from .backbone_names import with_recorded_backbone_names
 from .image_tokens import check_num_image_tokens
 
 
+def check_records(config: Any) -> None:
+    """The records a save writes into config.json (`text_backbone` / `vision_backbone`: where each backbone came
+    from and its fingerprint; `backbone_quantization`; `peft_adapters`) have one shape. A record edited into another
+    is refused here, by field, rather than failing inside the loader as a Python TypeError (or, for a revision that
+    is not a string, not at all)."""
+    problems = []
+    for role in ("text", "vision"):
+        record, where = getattr(config, f"{role}_backbone"), f"{role}_backbone"
+        if record is None:
+            continue
+        if not isinstance(record, dict):
+            problems.append(
+                f"{where} must be an object (name_or_path, revision, fingerprint), got {record!r:.80}"
+            )
+            continue
+        if not isinstance(record.get("name_or_path"), str):
+            problems.append(f"{where}.name_or_path must be a string, got {record.get('name_or_path')!r:.80}")
+        if record.get("revision") is not None and not isinstance(record["revision"], str):
+            problems.append(f"{where}.revision must be a string or null, got {record['revision']!r:.80}")
+        fingerprint = record.get("fingerprint")
+        if fingerprint is not None and not (
+            isinstance(fingerprint, dict)
+            and isinstance(fingerprint.get("structure_sha256"), str)
+            and isinstance(fingerprint.get("samples"), list)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in fingerprint["samples"])
+        ):
+            problems.append(f"{where}.fingerprint must be an object (structure_sha256, samples) or null")
+    quantization = config.backbone_quantization
+    if quantization is not None:
+        if not isinstance(quantization, dict):
+            problems.append(f"backbone_quantization must be an object or null, got {quantization!r:.80}")
+        else:
+            for key, value in quantization.items():
+                if key not in ("text_config", "vision_config") or not isinstance(value, dict | None):
+                    problems.append(f"backbone_quantization.{key} must be a quantization config (an object)")
+    adapters = config.peft_adapters
+    if adapters is not None:
+        if not isinstance(adapters, dict):
+            problems.append(f"peft_adapters must be an object or null, got {adapters!r:.80}")
+        else:
+            for name, entry in adapters.items():
+                if not (
+                    isinstance(entry, dict)
+                    and isinstance(entry.get("on"), str)
+                    and isinstance(entry.get("config"), dict)
+                ):
+                    problems.append(
+                        f"peft_adapters.{name} must be an object with 'on' and 'config' (PEFT's config)"
+                    )
+    if problems:
+        raise ValueError(
+            f"{type(config).__name__}: "
+            + "; ".join(problems)
+            + ". These records are written by save_pretrained: "
+            "restore the checkpoint's config.json (or save the model again)."
+        )
+
+
 @strict
 class FrozenBackbonesConfig(PreTrainedConfig):
     r"""Base of [`LavinConfig`] and [`CromeConfig`]: two frozen backbones and an adapter side.
@@ -54,6 +112,7 @@ class FrozenBackbonesConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
         self._check_field_types()
+        check_records(self)
         # Validate and normalise the adapter settings (unknown fields raise a clear error here, early).
         self.adapter_config = self.adapter_config_class.from_dict(self.adapter_config or {}).to_dict()
         if self.image_token_id is None:
