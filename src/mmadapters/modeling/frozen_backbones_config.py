@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
@@ -11,6 +12,21 @@ from transformers import PreTrainedConfig
 from ..validation import type_errors
 from .backbone_names import with_recorded_backbone_names
 from .image_tokens import check_num_image_tokens
+
+
+def _mapping_problems(
+    value: Any, where: str, entry_is_valid: Callable[[str, Any], bool], entry_shape: str
+) -> list[str]:
+    """What is wrong with a record that maps names to entries (null allowed)."""
+    if value is None:
+        return []
+    if not isinstance(value, dict):
+        return [f"{where} must be an object or null, got {value!r:.80}"]
+    return [
+        f"{where}.{key} must be {entry_shape}"
+        for key, entry in value.items()
+        if not entry_is_valid(key, entry)
+    ]
 
 
 def check_records(config: Any) -> None:
@@ -40,28 +56,22 @@ def check_records(config: Any) -> None:
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in fingerprint["samples"])
         ):
             problems.append(f"{where}.fingerprint must be an object (structure_sha256, samples) or null")
-    quantization = config.backbone_quantization
-    if quantization is not None:
-        if not isinstance(quantization, dict):
-            problems.append(f"backbone_quantization must be an object or null, got {quantization!r:.80}")
-        else:
-            for key, value in quantization.items():
-                if key not in ("text_config", "vision_config") or not isinstance(value, dict | None):
-                    problems.append(f"backbone_quantization.{key} must be a quantization config (an object)")
-    adapters = config.peft_adapters
-    if adapters is not None:
-        if not isinstance(adapters, dict):
-            problems.append(f"peft_adapters must be an object or null, got {adapters!r:.80}")
-        else:
-            for name, entry in adapters.items():
-                if not (
-                    isinstance(entry, dict)
-                    and isinstance(entry.get("on"), str)
-                    and isinstance(entry.get("config"), dict)
-                ):
-                    problems.append(
-                        f"peft_adapters.{name} must be an object with 'on' and 'config' (PEFT's config)"
-                    )
+    problems += _mapping_problems(
+        config.backbone_quantization,
+        "backbone_quantization",
+        lambda key, entry: key in ("text_config", "vision_config") and isinstance(entry, dict | None),
+        "a quantization config (an object)",
+    )
+    problems += _mapping_problems(
+        config.peft_adapters,
+        "peft_adapters",
+        lambda key, entry: (
+            isinstance(entry, dict)
+            and isinstance(entry.get("on"), str)
+            and isinstance(entry.get("config"), dict)
+        ),
+        "an object with 'on' and 'config' (PEFT's config)",
+    )
     if problems:
         raise ValueError(
             f"{type(config).__name__}: "
