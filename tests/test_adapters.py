@@ -206,6 +206,12 @@ def test_wrong_lavin_config_is_a_clear_error():
         LavinConfig(
             text_config=tiny_text_config(), vision_config=tiny_vision_config(), adapter_config={"alpha": 1}
         )
+    with pytest.raises(ValueError, match="MMAdapterConfig.peft_type must be 'MMA', got 'LORA'"):
+        LavinConfig(
+            text_config=tiny_text_config(),
+            vision_config=tiny_vision_config(),
+            adapter_config={"peft_type": "LORA"},
+        )
     with pytest.raises(ValueError, match="projector_hidden_size must be a positive integer"):
         LavinConfig(
             text_config=tiny_text_config(), vision_config=tiny_vision_config(), projector_hidden_size=0

@@ -43,6 +43,11 @@ class AdapterConfigFile:
                 "Was this adapter_config.json written by a newer mmadapters or by another adapter method?"
             )
         errors = type_errors(cls, values)
+        method = next(f.default for f in dataclasses.fields(cls) if f.name == "peft_type")
+        if "peft_type" not in errors and values.get("peft_type", method) != method:
+            errors["peft_type"] = (
+                f"must be {method!r}, got {values['peft_type']!r} (another method's settings)"
+            )
         if errors:
             raise ValueError(
                 "; ".join(f"{cls.__name__}.{name} {message}" for name, message in errors.items()) + "."
