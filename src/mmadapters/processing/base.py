@@ -193,10 +193,9 @@ def _padding_keywords(kwargs: dict[str, Any]) -> tuple[str | None, int | None]:
     padding_side = kwargs.pop("padding_side", None)
     if padding_side not in (None, "left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right'; got {padding_side!r}.")
-    multiple = kwargs.pop("pad_to_multiple_of", None)
-    if multiple is not None and (isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1):
-        raise ValueError(f"pad_to_multiple_of must be a positive integer; got {multiple!r}.")
-    return padding_side, multiple
+    return padding_side, check_positive_int(
+        kwargs.pop("pad_to_multiple_of", None), "pad_to_multiple_of", optional=True
+    )
 
 
 # sample_lengths encodes this many samples at a time (each chunk is padded to its longest sample).
@@ -274,9 +273,8 @@ class AdapterProcessorMixin:
                 longest sample), `padding_side` ("left" / "right"; default: left without answers, right with
                 them), `pad_to_multiple_of`, `truncation` (True / "longest_first" / "only_first": cut at
                 `max_length` on the tokenizer's `truncation_side`, never through an image; False: never cut, as
-                overflow="raise"),
-                `return_attention_mask=True` and `videos` / `audio` left None are accepted; anything else is
-                refused.
+                overflow="raise"), `return_attention_mask=True` and `videos` / `audio` left None are accepted;
+                anything else is refused.
         Returns:
             `BatchFeature` with input_ids, attention_mask, [labels], [pixel_values], and the method's own fields.
         """
