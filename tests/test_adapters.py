@@ -195,7 +195,7 @@ def test_official_vision_routing_parity_flag_routes_by_the_first_image(randomize
     assert (model.image_tokens(other)[1] - with_zero).abs().max() > 1e-6
 
 
-def test_wrong_lavin_config_is_a_clear_error():
+def test_wrong_lavin_config_is_a_clear_error(tmp_path):
     from mmadapters import LavinConfig
 
     with pytest.raises(ValueError, match="vision_feature_layers=\\[4, 30\\] must name layers 1..8"):
@@ -212,6 +212,10 @@ def test_wrong_lavin_config_is_a_clear_error():
             vision_config=tiny_vision_config(),
             adapter_config={"peft_type": "LORA"},
         )
+    # The same check for an adapter_config.json file (the layout of versions before 0.2), naming the file.
+    MMAdapterConfig(peft_type="LORA").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"adapter_config.json: MMAdapterConfig.peft_type must be 'MMA'"):
+        MMAdapterConfig.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="projector_hidden_size must be a positive integer"):
         LavinConfig(
             text_config=tiny_text_config(), vision_config=tiny_vision_config(), projector_hidden_size=0

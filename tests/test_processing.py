@@ -182,16 +182,13 @@ def test_padding_side_pad_to_multiple_of_and_truncation_are_honoured(tiny_backbo
                 (mask[:-shorter], mask[-shorter:]) if side == "left" else (mask[shorter:], mask[:shorter])
             )
             assert tokens.all() and not padding.any(), side
-            for (
-                name,
-                values,
-            ) in out.items():  # the same tokens, moved: each row's kept values are the plain ones
+            # The same tokens, moved: each row's kept values are the plain ones.
+            for name, values in out.items():
                 if name in ("pixel_values", "qformer_input_ids", "qformer_attention_mask"):
                     torch.testing.assert_close(values, plain[name])
                     continue
-                if (
-                    values.shape != plain[name].shape
-                ):  # encoder-decoder labels: the decoder targets, right-padded
+                # Encoder-decoder labels are the decoder's targets, right-padded on their own.
+                if values.shape != plain[name].shape:
                     continue
                 keep, plain_keep = out["attention_mask"].bool(), plain["attention_mask"].bool()
                 assert torch.equal(values[keep], plain[name][plain_keep]), (side, name)

@@ -43,7 +43,7 @@ class AdapterConfigFile:
                 "Was this adapter_config.json written by a newer mmadapters or by another adapter method?"
             )
         errors = type_errors(cls, values)
-        method = next(f.default for f in dataclasses.fields(cls) if f.name == "peft_type")
+        method = cls.peft_type  # the method's own (each config class's default)
         if "peft_type" not in errors and values.get("peft_type", method) != method:
             errors["peft_type"] = (
                 f"must be {method!r}, got {values['peft_type']!r} (another method's settings)"
@@ -83,10 +83,10 @@ class AdapterConfigFile:
         path = os.path.join(directory, ADAPTER_CONFIG_NAME)
         with open(path) as f:
             values = json.load(f)
-        expected = cls.__dataclass_fields__["peft_type"].default
-        if values.get("peft_type", expected) != expected:
-            raise ValueError(f"{path} describes a {values['peft_type']!r} adapter, not a {expected} adapter.")
-        return cls.from_dict(values)
+        try:
+            return cls.from_dict(values)  # checks the fields, another method's peft_type included
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
 
 
 @dataclass
