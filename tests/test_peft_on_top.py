@@ -10,7 +10,14 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_trainer, save_tiny_llm, save_tiny_vision, tiny_qformer_config, toy_dataset
+from conftest import (
+    make_trainer,
+    save_llm_with_width,
+    save_tiny_llm,
+    save_tiny_vision,
+    tiny_qformer_config,
+    toy_dataset,
+)
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -118,6 +125,69 @@ def test_refusals_say_what_is_wrong(lavin):
     add_lora(lavin, lora())
     with pytest.raises(PeftOnTopError, match="already has a PEFT adapter named 'default'"):
         add_lora(lavin, lora())
+
+
+def peft_state(model):
+    """What a PEFT add or load may change: the parameters (names, values, which train), the active adapters, the
+    record in config.json and PEFT's configs on the model and its backbones."""
+    parameters = {name: (p.detach().clone(), p.requires_grad) for name, p in model.named_parameters()}
+    configs = [
+        sorted(vars(m).get("peft_config") or {}) for m in (model, model.language_model, model.vision_tower)
+    ]
+    return parameters, model.active_adapters(), dict(model.config.peft_adapters or {}), configs
+
+
+def assert_same_peft_state(model, before):
+    parameters, active, record, configs = peft_state(model)
+    assert sorted(parameters) == sorted(before[0])
+    for name, (value, trains) in parameters.items():
+        assert torch.equal(value, before[0][name][0]) and trains == before[0][name][1], name
+    assert (active, record, configs) == before[1:]
+
+
+def test_a_second_named_adapter_adds_quietly_and_a_failed_one_leaves_the_model_as_it_was(
+    lavin, processor, tiny_backbones, tmp_path
+):
+    """A second `add_adapter` showed PEFT's "Already found a `peft_config` attribute ... Make sure to know what you
+    are doing!" warning (PeftModel.add_adapter does not warn). An add or load that failed left things behind: the
+    failed adapter's config in the LLM's `peft_config`, the LLM's layers of an adapter that then failed on the
+    vision tower (`on="both"`), the earlier adapter made inactive (PEFT activates the new one everywhere), and a
+    `load_adapter` of a file from another base model an injected, recorded adapter of random weights. Now a
+    failure leaves the model computing, training and recording exactly what it did."""
+    lavin.add_adapter(lora(target_modules=["q_proj"], init_lora_weights=False), adapter_name="a")
+    batch = inputs(processor)
+    expected = logits(lavin, batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lavin.add_adapter(lora(target_modules=["v_proj"]), adapter_name="b")
+    lavin.delete_adapter("b")
+    lavin.set_adapter("a")
+    before = peft_state(lavin)
+    with pytest.raises(PeftOnTopError, match="nothing to adapt in language_model"):
+        lavin.add_adapter(lora(target_modules=["no_such_layer"]), adapter_name="c")
+    assert_same_peft_state(lavin, before)
+    # The LLM has gate_proj, the CLIP tower has not: injected into the LLM, then refused on the tower.
+    with pytest.raises(PeftOnTopError, match="nothing to adapt in vision_tower"):
+        lavin.add_adapter(
+            lora(target_modules=["gate_proj"], init_lora_weights=False), adapter_name="c", on="both"
+        )
+    assert_same_peft_state(lavin, before)
+    torch.testing.assert_close(logits(lavin, batch), expected)
+    # A PEFT adapter trained on an LLM of another width: its tensors do not fit.
+    other = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(save_llm_with_width(tmp_path / "wide", 48)), lora()
+    )
+    other.save_pretrained(tmp_path / "wide-lora")
+    with pytest.raises(PeftOnTopError, match="other shapes"):
+        lavin.load_adapter(tmp_path / "wide-lora", adapter_name="c")
+    assert_same_peft_state(lavin, before)
+    torch.testing.assert_close(logits(lavin, batch), expected)
+    lavin.add_adapter(lora(target_modules=["v_proj"]), adapter_name="c")  # the name is free again
+    lavin.set_adapter("a")
+    lavin.save_pretrained(tmp_path / "ck")
+    reloaded = LavinForConditionalGeneration.from_pretrained(tmp_path / "ck")
+    assert sorted(reloaded.config.peft_adapters) == ["a", "c"]
+    torch.testing.assert_close(logits(reloaded, batch), expected)
 
 
 def test_a_peft_model_that_trains_backbone_biases_is_refused_by_adoption(lavin, processor, tmp_path):

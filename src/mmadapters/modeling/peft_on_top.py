@@ -23,9 +23,11 @@ would write PEFT's tensors only, dropping ours.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -177,8 +179,6 @@ def inject_peft_layers(
 ) -> None:
     """Inject PEFT layers described by `peft_config` into `model`'s backbone(s) `on`, leaving which of our own
     parameters train unchanged, and (with `record`) note the injection in `model.config.peft_adapters`."""
-    from peft import inject_adapter_in_model
-
     _check_supported(peft_config)
     if record:
         _check_backbone_weights_stay_frozen(peft_config)
@@ -191,30 +191,9 @@ def inject_peft_layers(
     own = [p for n, p in model.named_parameters() if n.split(".", 1)[0] in model.adapter_module_names()]
     trains = [p.requires_grad for p in own]
     config = copy.deepcopy(peft_config)
-    for scope, target in _targets(model, on):
-        # PEFT warns about "multiple adapters" when the target already holds a `peft_config` from an earlier
-        # injection. Rebuilding recorded adapters (at load) is not adding a new one: they were checked together
-        # when added, so the earlier configs are set aside for the injection and put back after it.
-        earlier = {} if record else vars(target).pop("peft_config", {})
-        try:
-            inject_adapter_in_model(config, target, adapter_name=adapter_name)
-        except ValueError as error:
-            where = "the whole model" if scope == "" else scope
-            raise PeftOnTopError(
-                f"PEFT found nothing to adapt in {where}: {error} Module names there look like "
-                f"{_example_names(target)}."
-            ) from None
-        if adapter_name not in adapter_names_in(target):
-            raise PeftOnTopError(
-                f"{type(peft_config).__name__} injected no layer into {scope or 'the model'}."
-            )
-        if earlier:
-            target.peft_config = {**earlier, **target.peft_config}
-        try:
-            check_layers_share_nothing(target, type(peft_config).__name__)
-        except PeftOnTopError:
-            _take_out(target, adapter_name)
-            raise
+    with _undone_on_failure(model, adapter_name):  # all backbones or none: "both" never half-injects
+        for scope, target in _targets(model, on):
+            _inject_into(target, scope, config, adapter_name, type(peft_config).__name__)
     for parameter, trained in zip(own, trains, strict=True):
         parameter.requires_grad_(trained)
     if record:
@@ -222,25 +201,72 @@ def inject_peft_layers(
         model.config.peft_adapters = recorded
 
 
-def _take_out(target: nn.Module, adapter_name: str) -> None:
-    """Remove the adapter just injected into `target`: its layers (the plain layer back where no other adapter is)
-    and its entry in the `peft_config` PEFT left there, so the model is as it was."""
-    for name, layer in tuner_layers(target):
+def _inject_into(target: nn.Module, scope: str, config: Any, adapter_name: str, method: str) -> None:
+    """Inject one adapter into one backbone (undone by the caller's `_undone_on_failure` if anything fails)."""
+    from peft import inject_adapter_in_model
+
+    # PEFT warns "Make sure to know what you are doing!" when the target already holds a `peft_config` from an
+    # earlier injection. A second named adapter is what add_adapter is for (the name was checked before, and
+    # PeftModel.add_adapter does not warn either), and rebuilding recorded adapters at load adds nothing new: the
+    # earlier configs are set aside for the injection and put back after it.
+    earlier = vars(target).pop("peft_config", {})
+    try:
+        inject_adapter_in_model(config, target, adapter_name=adapter_name)
+    except ValueError as error:
+        where = "the whole model" if scope == "" else scope
+        raise PeftOnTopError(
+            f"PEFT found nothing to adapt in {where}: {error} Module names there look like "
+            f"{_example_names(target)}."
+        ) from None
+    finally:
+        if earlier:
+            target.peft_config = {**earlier, **vars(target).get("peft_config", {})}
+    if adapter_name not in adapter_names_in(target):
+        raise PeftOnTopError(f"{method} injected no layer into {scope or 'the model'}.")
+    check_layers_share_nothing(target, method)
+
+
+@contextlib.contextmanager
+def _undone_on_failure(model: nn.Module, adapter_name: str) -> Iterator[None]:
+    """If the block fails, take the adapter `adapter_name` out again and give the model back its PEFT state: a
+    failed add or load (no module to adapt, a file from another base model) leaves the model computing, training
+    and saving what it did. PEFT makes a new adapter the active one on every layer, earlier adapters' too, so the
+    active adapters, what trains, the `peft_config` dicts and the record are all noted first."""
+    layers = tuner_layers(model)
+    active = [(layer, list(layer.active_adapters)) for _, layer in layers]
+    trains = {name: p.requires_grad for name, p in model.named_parameters()}
+    holders = [model, *(getattr(model, name) for name in SCOPES["both"])]
+    configs = [(holder, dict(vars(holder).get("peft_config") or {})) for holder in holders]
+    record = copy.deepcopy(getattr(model.config, "peft_adapters", None))
+    try:
+        yield
+    except BaseException:
+        for layer, names in active:  # first, so that PEFT does not warn of deleting an active adapter
+            layer.set_adapter(names)
+        _take_out(model, adapter_name, {name for name, _ in layers})
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(trains.get(name, False))
+        for holder, held in configs:
+            if held:
+                holder.peft_config = held
+            elif "peft_config" in vars(holder):
+                del holder.peft_config
+        model.config.peft_adapters = record
+        raise
+
+
+def _take_out(model: nn.Module, adapter_name: str, wrapped_before: set[str]) -> None:
+    """Remove the adapter just injected: its tensors from every layer, and the layers PEFT wrapped for it alone
+    (those not in `wrapped_before`, which may be empty wrappers an earlier adapter left) back to the plain ones."""
+    for name, layer in tuner_layers(model):
         if adapter_name not in layer._all_available_adapter_names():
             continue
         layer.delete_adapter(adapter_name)
-        if not layer._all_available_adapter_names() and hasattr(layer, "get_base_layer"):
+        if name not in wrapped_before and not layer._all_available_adapter_names():
             parent_name, _, child_name = name.rpartition(".")
             setattr(
-                target.get_submodule(parent_name) if parent_name else target,
-                child_name,
-                layer.get_base_layer(),
+                model.get_submodule(parent_name) if parent_name else model, child_name, layer.get_base_layer()
             )
-    configs = vars(target).get("peft_config")
-    if configs is not None:
-        configs.pop(adapter_name, None)
-        if not configs:
-            del target.peft_config
 
 
 def _example_names(module: nn.Module) -> list[str]:
@@ -314,8 +340,9 @@ def load_peft_adapter(
     scope = "" if trained_on_ours else (on or "language_model")
     name = adapter_name or "default"
     peft_config.inference_mode = not is_trainable
-    inject_peft_layers(model, peft_config, name, scope)
-    _load_peft_tensors(model, scope, name, state, str(peft_model_id))
+    with _undone_on_failure(model, name):  # tensors that do not fit leave no adapter behind
+        inject_peft_layers(model, peft_config, name, scope)
+        _load_peft_tensors(model, scope, name, state, str(peft_model_id))
     if not is_trainable:
         for _, layer in tuner_layers(model):
             if name in layer._all_available_adapter_names():
