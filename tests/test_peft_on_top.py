@@ -190,6 +190,41 @@ def test_a_second_named_adapter_adds_quietly_and_a_failed_one_leaves_the_model_a
     torch.testing.assert_close(logits(reloaded, batch), expected)
 
 
+def test_adapter_calls_with_no_or_unknown_peft_adapters_are_refused_and_change_nothing(lavin, processor):
+    """delete_adapter / disable_adapters / enable_adapters / get_adapter_state_dict did nothing (or returned {})
+    for a name the model does not hold or a model without PEFT adapters, and delete_adapter(["a", "x"]) removed
+    "a" before finding "x" missing; transformers raises ValueError there. `disable_adapters()` on a LaVIN without
+    LoRA silently left LaVIN's own adapters on."""
+    for call in (
+        lambda: lavin.disable_adapters(),
+        lambda: lavin.enable_adapters(),
+        lambda: lavin.delete_adapter("default"),
+        lambda: lavin.set_adapter("default"),
+        lambda: lavin.get_adapter_state_dict(),
+    ):
+        with pytest.raises(
+            ValueError, match=r"No PEFT adapter loaded: nothing to \w+\. .* own adapters are not PEFT"
+        ):
+            call()
+    assert lavin.active_adapters() == []
+    add_lora(lavin, lora(init_lora_weights=False), adapter_name="a")
+    batch = inputs(processor)
+    expected = logits(lavin, batch)
+    for call in (
+        lambda: lavin.delete_adapter(["a", "x"]),
+        lambda: lavin.set_adapter(["a", "x"]),
+        lambda: lavin.get_adapter_state_dict("x"),
+    ):
+        with pytest.raises(PeftOnTopError, match=r"No PEFT adapter named \['x'\]: the model has \['a'\]"):
+            call()
+    assert lavin.active_adapters() == ["a"] and list(lavin.config.peft_adapters) == ["a"]
+    torch.testing.assert_close(logits(lavin, batch), expected)
+    assert (
+        lavin.get_adapter_state_dict()
+        and lavin.get_adapter_state_dict().keys() == lavin.get_adapter_state_dict("a").keys()
+    )
+
+
 def test_a_peft_model_that_trains_backbone_biases_is_refused_by_adoption(lavin, processor, tmp_path):
     """bias='all' / 'lora_only' train the backbones' biases; our Trainers froze them again with a warning (the
     option silently not honoured). Refused before anything trains."""

@@ -1068,14 +1068,24 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             )
         peft_on_top.load_peft_adapter(self, peft_model_id, adapter_name, on, revision, token, is_trainable)
 
+    def _check_peft_adapter_names(self, names: list[str], action: str) -> None:
+        """Refuse, before anything changes, a PEFT adapter call on a model without PEFT adapters or with names it
+        does not hold, as transformers does (its methods raise ValueError there) rather than do nothing."""
+        known = sorted(self.config.peft_adapters or {})
+        if not known:
+            raise peft_on_top.PeftOnTopError(
+                f"No PEFT adapter loaded: nothing to {action}. Add one with add_adapter() or load_adapter() first. "
+                f"{type(self).__name__}'s own adapters are not PEFT adapters: they are part of the model and always "
+                "run."
+            )
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise peft_on_top.PeftOnTopError(f"No PEFT adapter named {unknown}: the model has {known}.")
+
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Make the named PEFT adapter(s) the active ones."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        unknown = [n for n in names if n not in (self.config.peft_adapters or {})]
-        if unknown:
-            raise ValueError(
-                f"No PEFT adapter named {unknown}; the model has {sorted(self.config.peft_adapters or {})}."
-            )
+        self._check_peft_adapter_names(names, "set")
         # Every layer takes all the names, as PEFT's set_adapter does (a layer runs those of them it holds), so
         # that any layer answers `active_adapters`.
         for _, layer in peft_on_top.tuner_layers(self):
@@ -1084,24 +1094,28 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
 
     def disable_adapters(self) -> None:
         """Run without the PEFT layers (our own adapters stay on)."""
+        self._check_peft_adapter_names([], "disable")
         for _, layer in peft_on_top.tuner_layers(self):
             layer.enable_adapters(False)
 
     def enable_adapters(self) -> None:
         """Run with the PEFT layers again."""
+        self._check_peft_adapter_names([], "enable")
         for _, layer in peft_on_top.tuner_layers(self):
             layer.enable_adapters(True)
         self._thaw_peft_layers()
 
     def active_adapters(self) -> list[str]:
-        """Names of the active PEFT adapters."""
+        """Names of the active PEFT adapters ([] without any; transformers raises there, PEFT's layers answer [])."""
         for _, layer in peft_on_top.tuner_layers(self):
             return list(layer.active_adapters)
         return []
 
     def delete_adapter(self, adapter_names: str | list[str]) -> None:
-        """Remove PEFT adapter(s) and their layers' tensors."""
+        """Remove PEFT adapter(s) and their layers' tensors; every name must be one of the model's adapters (checked
+        before any is removed)."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._check_peft_adapter_names(names, "delete")
         for _, layer in peft_on_top.tuner_layers(self):
             for name in names:
                 if name in layer._all_available_adapter_names():
@@ -1111,6 +1125,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
     def get_adapter_state_dict(self, adapter_name: str | None = None, state_dict: dict | None = None) -> dict:
         """The tensors of one PEFT adapter (default: the first active one), keyed as in the model."""
         name = adapter_name or (self.active_adapters() or ["default"])[0]
+        self._check_peft_adapter_names([name], "return")
         state = state_dict if state_dict is not None else self.state_dict()
         prefixes = peft_on_top.peft_state_prefixes(self)
         return {k: v for k, v in state.items() if prefixes and k.startswith(prefixes) and f".{name}." in k}
