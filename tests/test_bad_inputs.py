@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import pytest
@@ -81,6 +82,16 @@ FORWARD_CASES = {
         lambda b: {**b, "labels": torch.cat([b["input_ids"][:, :-1], torch.full((2, 1), 10_000)], dim=1)},
         "labels contain ids outside the LLM vocabulary",
     ),
+    # Before: torch's "Expected input batch_size (36) to match target batch_size (32)" from inside the loss.
+    "labels shorter than the sequence": (
+        lambda b: {**b, "labels": b["input_ids"][:, :-2]},
+        "labels has shape \\(2, 11\\) but must be \\(2, 13\\): the whole sequence",
+    ),
+    "labels of another batch": (
+        lambda b: {**b, "labels": b["input_ids"][:1]},
+        "labels has shape \\(1, 13\\) but must be \\(2, 13\\)",
+    ),
+    "float labels": (lambda b: {**b, "labels": b["input_ids"].float()}, "labels must hold integer token ids"),
 }
 
 
@@ -118,6 +129,39 @@ def test_labels_may_be_the_input_ids_image_placeholders_are_not_predicted(tiny_b
     with torch.no_grad():
         loss = model(**batch, labels=labels).loss
         assert torch.isfinite(loss) and torch.equal(loss, model(**batch, labels=masked).loss)
+
+
+@pytest.mark.parametrize("kind", ["crome", "crome-t5"])
+def test_crome_labels_and_prompt_mask_of_another_shape_are_named(tiny_backbones, tmp_path, kind):
+    """CROME's labels (the whole sequence for a decoder-only LLM, the answer for T5) of another batch or length
+    stopped inside the loss with torch's batch-size message; a prompt_mask longer than the sequence ran, cut
+    silently, and one of another batch stopped in a tensor operation."""
+    from test_crome import save_tiny_t5
+
+    text_model = save_tiny_t5(tmp_path / "t5") if kind == "crome-t5" else tiny_backbones[0]
+    model = CromeForConditionalGeneration.from_backbones(text_model, tiny_backbones[1]).eval()
+    processor = CromeProcessor.from_model(model)
+    image = (torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    batch = dict(
+        processor(images=[[image], []], text=["<image> what color?", "hello"], answers=[" red", " hi"])
+    )
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch, labels=labels).loss)  # the processor's labels fit
+        layout = "the answer's token ids" if kind == "crome-t5" else "the whole sequence"
+        with pytest.raises(ValueError, match=f"labels has shape \\(1, {labels.shape[1]}\\) but .*{layout}"):
+            model(**batch, labels=labels[:1])
+        if kind == "crome":
+            with pytest.raises(
+                ValueError, match=f"labels has shape \\(2, {labels.shape[1] - 1}\\) but must be"
+            ):
+                model(**batch, labels=labels[:, :-1])
+        mask = batch["prompt_mask"]
+        for wrong in (mask[:1], torch.cat([mask, mask[:, :1]], dim=1)):
+            with pytest.raises(
+                ValueError, match=re.escape(f"prompt_mask has shape {tuple(wrong.shape)} but input_ids")
+            ):
+                model(**{**batch, "prompt_mask": wrong})
 
 
 def corrupt_adapter(folder, how):

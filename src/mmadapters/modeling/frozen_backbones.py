@@ -613,6 +613,32 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
                     f"pixel_values must be floating point (normalised by the processor), got {pixel_values.dtype}."
                 )
 
+    def check_labels(self, labels: torch.Tensor, batch: int, length: int | None) -> None:
+        """Refuse `labels` that cannot be scored against the inputs, naming both shapes (torch's cross entropy would
+        stop with "Expected input batch_size (36) to match target batch_size (32)"). `length`: the sequence length
+        they must have (a decoder-only LLM: the whole sequence); None for an encoder-decoder's answer."""
+        if is_compiling():
+            return
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(
+                f"labels must hold integer token ids (-100 where nothing is scored), got {labels.dtype}."
+            )
+        if (
+            labels.dim() != 2
+            or labels.shape[0] != batch
+            or (length is not None and labels.shape[1] != length)
+        ):
+            expected = f"({batch}, {length})" if length is not None else f"({batch}, answer length)"
+            layout = (
+                "the whole sequence, as input_ids, with -100 where nothing is predicted"
+                if length is not None
+                else "the answer's token ids"
+            )
+            raise ValueError(
+                f"labels has shape {tuple(labels.shape)} but must be {expected}: {layout}. The processor builds "
+                "them: processor(images=..., text=prompts, answers=answers)."
+            )
+
     def _position_offset(self) -> int:
         """Positions the model uses before the text (LaVIN's modality token takes position 0)."""
         return 0
@@ -639,6 +665,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         loss (`causal_lm_output`; `llm_kwargs` holds the attention mask, positions, cache, adapter and loss
         keyword arguments), with the image outputs attached as transformers' vision-language models do."""
         if labels is not None:
+            self.check_labels(labels, inputs_embeds.shape[0], inputs_embeds.shape[1])
             labels = self._text_labels(labels, llm_kwargs.get("ignore_index", -100))
         output = causal_lm_output(
             self.language_model,

@@ -8,6 +8,7 @@ from typing import Any, Unpack
 
 import torch
 from torch import nn
+from torch.compiler import is_compiling
 from transformers import GenerationMixin, InstructBlipQFormerModel
 from transformers import initialization as init
 from transformers.loss.loss_utils import fixed_cross_entropy
@@ -326,6 +327,16 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
         if prompt_mask is not None:
             # generate passes the prompt's mask at every step: align it with the positions fed now.
             total = past_length + input_ids.shape[1]
+            if not is_compiling() and (
+                prompt_mask.dim() != 2
+                or prompt_mask.shape[0] != input_ids.shape[0]
+                or prompt_mask.shape[1] > total
+            ):
+                raise ValueError(
+                    f"prompt_mask has shape {tuple(prompt_mask.shape)} but input_ids {tuple(input_ids.shape)}: it "
+                    "must be (batch, at most the sequence length), 1 on the prompt's text tokens, as CromeProcessor "
+                    "returns it."
+                )
             padded = torch.nn.functional.pad(prompt_mask, (0, max(0, total - prompt_mask.shape[1])))
             step_mask = padded[:, past_length:total].bool() & ~image_mask
             if step_mask.any():
@@ -424,6 +435,7 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
         """The encoder-decoder LLM (T5) on the prepared encoder input; the loss over the answer (`labels`)."""
         loss_kwargs = {key: llm_kwargs.pop(key) for key in LOSS_KWARGS if key in llm_kwargs}
         if labels is not None:
+            self.check_labels(labels, inputs_embeds.shape[0], None)
             labels = self._text_labels(labels, loss_kwargs.get("ignore_index", -100))
         if labels is None and decoder_input_ids is None:  # score the first answer token
             start = self.language_model.config.decoder_start_token_id
