@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -365,9 +366,8 @@ def test_every_mmadapters_error_is_one_cli_line(tmp_path, capsys):
         try:
             module = importlib.import_module(module_info.name)
         except ModuleNotFoundError as error:
-            if (error.name or "").split(".")[
-                0
-            ] == "lmms_eval":  # the optional lmms-eval plugin, where lmms-eval is not installed
+            # the optional lmms-eval plugin, where lmms-eval is not installed
+            if (error.name or "").split(".")[0] == "lmms_eval":
                 continue
             raise
         ours |= {
@@ -379,6 +379,13 @@ def test_every_mmadapters_error_is_one_cli_line(tmp_path, capsys):
         }
     assert len(ours) >= 15
     assert [error.__name__ for error in ours if not issubclass(error, MMAdaptersError)] == []
+    # ... and each has its row in the README's table of errors.
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme.split("### Errors you can get", 1)[1].split("\n### ", 1)[0]
+    assert (
+        sorted(e.__name__ for e in ours if e is not MMAdaptersError and f"| `{e.__name__}`" not in table)
+        == []
+    )
 
     from conftest import save_tiny_llm, save_tiny_vision
 
