@@ -172,12 +172,8 @@ def test_quickstart_at_reduced_size(tmp_path):
     assert os.path.isfile(os.path.join(saved["checkpoint_dir"], "eval_results.json"))  # for the model card
 
 
-@pytest.mark.integration
-def test_quickstart_defaults_describe_whitening_no_vision_adapters(tmp_path):
-    from transformers import AutoProcessor
-
+def test_quickstart_defaults_are_the_cli_defaults_and_bad_settings_stop_before_anything_loads(tmp_path):
     from mmadapters.cli import build_parser
-    from mmadapters.data.easy_vqa import format_prompt
     from mmadapters.quickstart import QuickstartSettings, run_quickstart
 
     defaults = QuickstartSettings()
@@ -194,14 +190,68 @@ def test_quickstart_defaults_describe_whitening_no_vision_adapters(tmp_path):
         defaults.adapter_dropout,
     )
     assert (flags.prompt_format, flags.feature_whitening, flags.vision_adapters) == ("describe", True, False)
-    settings = QuickstartSettings(
-        train_steps=2, batch_size=4, num_test=8, eval_batch_size=8, text_max_new_tokens=4
+    with pytest.raises(ValueError, match="prompt_format must be 'open' or 'describe'"):
+        run_quickstart(tmp_path, QuickstartSettings(prompt_format="multiple_choice"), log=lambda *_: None)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.integration
+def test_quickstart_command_on_its_defaults_is_quiet_and_saves_what_it_describes(tmp_path):
+    """`mmadapters quickstart` on its default method (describe prompts, feature whitening, no vision adapters) at
+    reduced size, run as the README runs it. Its console: the steps, progress bars and results; no deprecation
+    or library warnings. Its checkpoint: the model it describes, and a processor that chats in the layout it
+    trained on."""
+    from transformers import AutoProcessor
+
+    from mmadapters.data.easy_vqa import format_prompt
+
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mmadapters.cli",
+            "quickstart",
+            "--output-dir",
+            str(tmp_path),
+            "--train-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--num-test",
+            "8",
+            "--eval-batch-size",
+            "8",
+            "--text-max-new-tokens",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
-    summary = run_quickstart(tmp_path, settings, log=lambda *_: None)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    output = completed.stdout + completed.stderr
+    assert all(f"[{step}/6]" in completed.stdout for step in range(1, 7))
+    for marker in ("Warning", "deprecated", "kernels-community", "Loading weights"):
+        assert marker not in output, [line for line in output.splitlines() if marker in line][:3]
+    # The evaluations show a bar with ETA (tqdm on stderr), the results one rounded line each.
+    assert "evaluating" in completed.stderr and "8/8" in completed.stderr
+    accuracy_lines = [line for line in completed.stdout.splitlines() if line.strip().startswith("accuracy")]
+    assert len(accuracy_lines) == 2
+    assert all(
+        re.fullmatch(r"accuracy \d\.\d{3} \((\S+ \d\.\d{3}(, )?)+\)", line.strip()) for line in accuracy_lines
+    )
+
+    summary = json.loads((tmp_path / "quickstart_summary.json").read_text())
     assert summary["settings"]["prompt_format"] == "describe" and summary["num_test_questions"] == 8
     model = LavinForConditionalGeneration.from_pretrained(summary["checkpoint_dir"])
     assert model.vision_adapters is None
-    assert model.config.mm_adapter_config.dropout == defaults.adapter_dropout == 0.0
+    assert model.config.mm_adapter_config.dropout == 0.0
+    assert summary["trainable_parameters"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    whitening = model.feature_whitening
+    assert int(whitening.fitted) == 1 and not torch.equal(whitening.transform[0], torch.eye(192))
+    results = json.loads(open(os.path.join(summary["checkpoint_dir"], "eval_results.json")).read())
+    assert "describe" in json.dumps(results)
     # The saved processor prompts chat the way the quickstart trained: easy-vqa's plain layout, turn by turn.
     processor = AutoProcessor.from_pretrained(summary["checkpoint_dir"])
     image_turn = {
@@ -223,13 +273,6 @@ def test_quickstart_defaults_describe_whitening_no_vision_adapters(tmp_path):
         processor.apply_chat_template([{"role": "user", "content": "Hi"}])
         == "Image: N/A\nQuestion: Hi\nAnswer:"
     )
-    assert summary["trainable_parameters"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
-    whitening = model.feature_whitening
-    assert int(whitening.fitted) == 1 and not torch.equal(whitening.transform[0], torch.eye(192))
-    results = json.loads(open(os.path.join(summary["checkpoint_dir"], "eval_results.json")).read())
-    assert "describe" in json.dumps(results)
-    with pytest.raises(ValueError, match="prompt_format must be 'open' or 'describe'"):
-        run_quickstart(tmp_path, QuickstartSettings(prompt_format="multiple_choice"), log=lambda *_: None)
 
 
 def test_first_sentence_is_the_answer():
@@ -241,41 +284,6 @@ def test_first_sentence_is_the_answer():
     assert first_sentence("Paris\nThe city") == "Paris"
     assert first_sentence("2 +  3 = 5") == "2 + 3 = 5"
     assert first_sentence("") == ""
-
-
-@pytest.mark.integration
-def test_quickstart_command_prints_no_library_warnings(tmp_path):
-    # The quickstart's console: its steps, progress bars and results; no deprecation or library warnings.
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mmadapters.cli",
-            "quickstart",
-            "--output-dir",
-            str(tmp_path),
-            "--train-steps",
-            "2",
-            "--num-test",
-            "8",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert completed.returncode == 0, completed.stderr[-2000:]
-    output = completed.stdout + completed.stderr
-    assert all(f"[{step}/6]" in completed.stdout for step in range(1, 7))
-    for marker in ("Warning", "deprecated", "kernels-community", "Loading weights"):
-        assert marker not in output, [line for line in output.splitlines() if marker in line][:3]
-    # The evaluations show a bar with ETA (tqdm on stderr), the results one rounded line each.
-    assert "evaluating" in completed.stderr and "8/8" in completed.stderr
-    accuracy_lines = [line for line in completed.stdout.splitlines() if line.strip().startswith("accuracy")]
-    assert len(accuracy_lines) == 2
-    assert all(
-        re.fullmatch(r"accuracy \d\.\d{3} \((\S+ \d\.\d{3}(, )?)+\)", line.strip()) for line in accuracy_lines
-    )
 
 
 def test_method_registry_builds_both_models_and_their_processors(tiny_backbones, tmp_path):
