@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 import os
+
+# Before anything imports huggingface_hub: it reads HF_HUB_OFFLINE once, at import. Set later (as it was), the
+# suite's own process stayed online, and a Hub id with no local copy (a model card's license lookup) tried
+# huggingface.co with retries (about 23 s a call here, where it cannot be reached). Tests that talk to the local
+# test Hub server turn offline mode off for their duration (the `local_hub_online` fixture).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# gradio (the demo's tests) reports usage to api.gradio.app unless told not to: nothing leaves the machine.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
 import traceback
 import warnings
 from pathlib import Path
@@ -29,9 +38,16 @@ from transformers import (
 
 import mmadapters  # noqa: F401  (registers the Auto classes)
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 MMADAPTERS_SOURCE = str(Path(mmadapters.__file__).parent)
+
+
+@pytest.fixture()
+def local_hub_online(monkeypatch):
+    """huggingface_hub online in this process, for a test that talks to the local test Hub server (tests/hub_server.py,
+    reached with an explicit endpoint): the rest of the suite runs offline (HF_HUB_OFFLINE, set above)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
 
 
 @pytest.fixture(autouse=True)

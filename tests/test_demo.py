@@ -265,7 +265,7 @@ def test_model_resolution(tmp_path, monkeypatch):
     assert resolve_model_name("org/explicit", str(space)) == "org/explicit"
 
 
-def test_push_space(tmp_path):
+def test_push_space(tmp_path, local_hub_online):
     server = HubServer(token="hf_space_token_123456").start()
     try:
         planned = push_space(

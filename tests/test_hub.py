@@ -26,7 +26,7 @@ TOKEN = "hf_test_secret_token_0123456789"
 
 
 @pytest.fixture()
-def hub():
+def hub(local_hub_online):
     server = HubServer(token=TOKEN).start()
     yield server
     server.stop()
