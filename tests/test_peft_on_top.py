@@ -225,6 +225,18 @@ def test_adapter_calls_with_no_or_unknown_peft_adapters_are_refused_and_change_n
     )
 
 
+def test_adapter_calls_know_the_adapters_of_a_get_peft_model_wrapper_not_yet_adopted(tiny_backbones):
+    """The names come from the model's layers too: right after `get_peft_model` (before a Trainer adopts the
+    wrapper and records it) the model's own adapter calls find PEFT's adapter."""
+    model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+    get_peft_model(model, lora())
+    assert model.active_adapters() == ["default"] and model.get_adapter_state_dict()
+    model.disable_adapters()
+    model.enable_adapters()
+    with pytest.raises(PeftOnTopError, match=r"No PEFT adapter named \['x'\]: the model has \['default'\]"):
+        model.delete_adapter("x")
+
+
 def test_a_peft_model_that_trains_backbone_biases_is_refused_by_adoption(lavin, processor, tmp_path):
     """bias='all' / 'lora_only' train the backbones' biases; our Trainers froze them again with a warning (the
     option silently not honoured). Refused before anything trains."""

@@ -1097,8 +1097,9 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
 
     def _check_peft_adapter_names(self, names: list[str], action: str) -> None:
         """Refuse, before anything changes, a PEFT adapter call on a model without PEFT adapters or with names it
-        does not hold, as transformers does (its methods raise ValueError there) rather than do nothing."""
-        known = sorted(self.config.peft_adapters or {})
+        does not hold, as transformers does (its methods raise ValueError there) rather than do nothing. Known: the
+        recorded adapters and those whose layers are in the model (a `get_peft_model` wrapper not yet adopted)."""
+        known = sorted(set(self.config.peft_adapters or {}) | peft_on_top.adapter_names_in(self))
         if not known:
             raise peft_on_top.PeftOnTopError(
                 f"No PEFT adapter loaded: nothing to {action}. Add one with add_adapter() or load_adapter() first. "
