@@ -208,7 +208,8 @@ def _inject_into(target: nn.Module, scope: str, config: Any, adapter_name: str, 
     # PEFT warns "Make sure to know what you are doing!" when the target already holds a `peft_config` from an
     # earlier injection. A second named adapter is what add_adapter is for (the name was checked before, and
     # PeftModel.add_adapter does not warn either), and rebuilding recorded adapters at load adds nothing new: the
-    # earlier configs are set aside for the injection and put back after it.
+    # earlier configs are set aside for the injection and put back after it (after a failure the caller's
+    # `_undone_on_failure` puts them back).
     earlier = vars(target).pop("peft_config", {})
     try:
         inject_adapter_in_model(config, target, adapter_name=adapter_name)
@@ -218,9 +219,8 @@ def _inject_into(target: nn.Module, scope: str, config: Any, adapter_name: str, 
             f"PEFT found nothing to adapt in {where}: {error} Module names there look like "
             f"{_example_names(target)}."
         ) from None
-    finally:
-        if earlier:
-            target.peft_config = {**earlier, **vars(target).get("peft_config", {})}
+    if earlier:
+        target.peft_config = {**earlier, **target.peft_config}
     if adapter_name not in adapter_names_in(target):
         raise PeftOnTopError(f"{method} injected no layer into {scope or 'the model'}.")
     check_layers_share_nothing(target, method)
