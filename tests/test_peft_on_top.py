@@ -591,10 +591,17 @@ def test_a_merge_is_saved_in_full_or_refused(lavin, processor, tmp_path):
 
 
 def test_a_trained_backbone_is_never_dropped_by_an_adapter_only_save(lavin, tiny_backbones, tmp_path):
-    # A dtype cast is not a change.
-    LavinForConditionalGeneration.from_backbones(*tiny_backbones).to(torch.bfloat16).save_pretrained(
-        tmp_path / "bf16"
-    )
+    # A dtype cast is not a change, nor a cast to half precision and back (the values are rounded; a reload reads
+    # them unrounded).
+    for half in (torch.bfloat16, torch.float16):
+        cast = LavinForConditionalGeneration.from_backbones(*tiny_backbones).to(half)
+        cast.save_pretrained(tmp_path / f"{half}")
+        cast.float().save_pretrained(tmp_path / f"{half}-and-back")
+    # A change made in half precision is still one.
+    with torch.no_grad():
+        cast.half().language_model.model.layers[0].mlp.up_proj.weight.add_(0.01)
+    with pytest.raises(PeftOnTopError, match="backbone weights changed"):
+        cast.float().save_pretrained(tmp_path / "changed-in-fp16")
     with torch.no_grad():
         lavin.language_model.model.layers[0].mlp.up_proj.weight.add_(0.01)
     with pytest.raises(PeftOnTopError, match="backbone weights changed"):

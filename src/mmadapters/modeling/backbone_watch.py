@@ -7,8 +7,11 @@ loaded, and `changed()` compares it with the weights as they are now.
 
 The sample: about 4,096 evenly strided elements per tensor (all of a small one). A merge or a training step
 changes essentially every element of a tensor it touches, so a sample sees it; reading the sample costs
-milliseconds even for a 7B model. Dtype casts (`model.half()`) and device moves are not changes: the recorded
-values are cast to the tensor's current dtype before comparing. Offloaded tensors (on the meta device) are skipped.
+milliseconds even for a 7B model. Dtype casts and device moves are not changes: the recorded values are cast to
+the tensor's current dtype before comparing, also through bfloat16 or float16 on the way (`model.to(torch.bfloat16)`
+then `model.float()` holds the loaded values rounded; an adapter-only reload reads them again unrounded). A change
+made while the weights were in half precision still shows wherever it moved a value by a rounding step or more,
+as it would on a model kept in that precision. Offloaded tensors (on the meta device) are skipped.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from torch import nn
 from ..checkpoint_files import is_peft_tensor_name
 
 SAMPLES_PER_TENSOR = 4096
+# The half precisions a model may have been cast through and back (see the module docstring).
+ROUNDING_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _sample(tensor: torch.Tensor) -> torch.Tensor:
@@ -92,9 +97,18 @@ class BackboneWatch:
             if tensor.dtype.is_floating_point != recorded.dtype.is_floating_point:
                 continue
             current = _sample(tensor)
-            if current.shape != recorded.shape or not torch.equal(current, recorded.to(tensor.dtype)):
+            if current.shape != recorded.shape or not _same_up_to_casts(current, recorded):
                 different.append(name)
         return different
+
+
+def _same_up_to_casts(current: torch.Tensor, recorded: torch.Tensor) -> bool:
+    """Whether `current` holds the recorded values cast to its dtype, directly or through a half precision."""
+    if torch.equal(current, recorded.to(current.dtype)):
+        return True
+    if not current.dtype.is_floating_point:
+        return False
+    return any(torch.equal(current, recorded.to(half).to(current.dtype)) for half in ROUNDING_DTYPES)
 
 
 __all__ = ["BackboneWatch", "backbone_tensors", "backbone_tensors_in"]
