@@ -309,12 +309,10 @@ def test_every_command_line_argument_has_help_and_quickstart_flags_come_from_its
     import dataclasses
 
     from mmadapters.cli import build_parser
-    from mmadapters.demo import build_parser as build_demo_parser
     from mmadapters.quickstart import QuickstartSettings
 
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    commands = {**commands, "demo (its own options)": build_demo_parser()}
     missing = [
         f"{name} {action.option_strings or action.dest}"
         for name, command in commands.items()
@@ -327,6 +325,25 @@ def test_every_command_line_argument_has_help_and_quickstart_flags_come_from_its
         assert defaults[field.name] == field.default, field.name
     args = commands["quickstart"].parse_args(["--train-steps", "7", "--no-feature-whitening", "--seed", "3"])
     assert (args.train_steps, args.feature_whitening, args.seed) == (7, False, 3)
+
+
+def test_mmadapters_demo_takes_and_lists_the_apps_own_options(capsys):
+    from mmadapters.cli import build_parser, main
+    from mmadapters.demo import build_parser as build_demo_parser
+
+    app_options = {option for action in build_demo_parser()._actions for option in action.option_strings}
+    with pytest.raises(SystemExit) as stopped:
+        main(["demo", "-h"])
+    assert stopped.value.code == 0
+    listed = capsys.readouterr().out
+    assert [option for option in sorted(app_options) if option not in listed] == []
+    args = build_parser().parse_args(
+        ["demo", "ck", "--port", "7000", "--max-new-tokens", "5", "--kind", "crome"]
+    )
+    assert (args.model, args.port, args.max_new_tokens, args.kind) == ("ck", 7000, 5, "crome")
+    with pytest.raises(SystemExit):
+        main(["demo", "--port", "99999"])
+    assert "mmadapters demo: error: argument --port" in capsys.readouterr().err
 
 
 def test_quickstart_text_prompts_held_out_are_not_trained_on():

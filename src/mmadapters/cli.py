@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from .cli_arguments import add_dataclass_arguments
+from .demo import build_parser as build_demo_parser
 from .errors import MMAdaptersError
 from .hub import check_checkpoint_name
 from .inference_loading import (
@@ -276,11 +277,11 @@ def _push(args: argparse.Namespace) -> None:
         print(f"Pushed {args.folder} to {args.repo_id}: {result}")
 
 
-def _demo(args: argparse.Namespace, extra: list[str]) -> None:
+def _demo(args: argparse.Namespace) -> None:
     from .demo import launch
 
     app_dir = os.path.join("spaces", args.kind)
-    launch(extra, kind=args.kind, app_dir=app_dir if os.path.isdir(app_dir) else None)
+    launch(kind=args.kind, app_dir=app_dir if os.path.isdir(app_dir) else None, args=args)
 
 
 def _push_space(args: argparse.Namespace) -> None:
@@ -437,14 +438,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     push.set_defaults(run=_push)
 
+    # The demo's own options (those of `python spaces/lavin/app.py`), so that `mmadapters demo -h` lists them.
     demo = commands.add_parser(
         "demo",
-        help="launch the gradio chat locally and print its URL (options: see `python spaces/lavin/app.py -h`)",
+        help="launch the gradio chat locally and print its URL",
+        description="Launch the gradio chat locally and print its URL.",
+        parents=[build_demo_parser(add_help=False)],
     )
-    demo.add_argument(
-        "--kind", default="lavin", choices=["lavin", "crome"], help="which Space's app and examples"
-    )
-    demo.set_defaults(run=_demo, passes_extra=True)
+    demo.set_defaults(run=_demo)
 
     space = commands.add_parser(
         "push-space", help="upload a Space folder (spaces/lavin, spaces/crome) to the Hub"
@@ -485,11 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     quiet_library_logs()
 
-    args, extra = build_parser().parse_known_args(argv)
-    if extra and not getattr(args, "passes_extra", False):
-        build_parser().parse_args(argv)  # reports the unknown arguments the usual way
+    args = build_parser().parse_args(argv)
     try:
-        args.run(args, extra) if getattr(args, "passes_extra", False) else args.run(args)
+        args.run(args)
     # Our errors (all MMAdaptersError) and the ValueError / FileNotFoundError that transformers-style checks raise
     # carry a message that says what to do: one line, not a traceback.
     except (MMAdaptersError, FileNotFoundError, ValueError) as error:

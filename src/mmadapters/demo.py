@@ -341,13 +341,17 @@ def parse_args(argv: list[str] | None = None, kind: str = "lavin") -> argparse.N
     return build_parser(kind).parse_args(argv)
 
 
-def build_parser(kind: str = "lavin") -> argparse.ArgumentParser:
-    """The demo's options (`mmadapters demo ...`, `python spaces/KIND/app.py ...`)."""
-    parser = argparse.ArgumentParser(description=f"The {kind} chat demo")
+def build_parser(kind: str = "lavin", add_help: bool = True) -> argparse.ArgumentParser:
+    """The demo's options (`python spaces/KIND/app.py ...`; `mmadapters demo` takes them as a parent parser,
+    `add_help=False`, so that `mmadapters demo -h` lists them)."""
+    parser = argparse.ArgumentParser(description=f"The {kind} chat demo", add_help=add_help)
     parser.add_argument("model", nargs="?", help="Hub repo id or local checkpoint folder")
     parser.add_argument("--model", dest="model_option", help="same as the positional argument")
     parser.add_argument(
-        "--kind", default=kind, choices=["lavin", "crome"], help="model for the embedded default"
+        "--kind",
+        default=kind,
+        choices=["lavin", "crome"],
+        help="the method: the model for the embedded default and the Space's examples",
     )
     parser.add_argument(
         "--host",
@@ -397,12 +401,18 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def launch(
-    argv: list[str] | None = None, kind: str = "lavin", app_dir: str | None = None, block: bool = True
+    argv: list[str] | None = None,
+    kind: str = "lavin",
+    app_dir: str | None = None,
+    block: bool = True,
+    args: argparse.Namespace | None = None,
 ):
-    """Load the model, build the app and serve it; prints the URL. Returns the running demo."""
+    """Load the model, build the app and serve it; prints the URL. Returns the running demo. The options: `argv`
+    (parsed here), or `args` already parsed by `build_parser`'s options (`mmadapters demo`)."""
     quiet_library_logs()
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    args = parse_args(argv, kind)
+    if args is None:
+        args = parse_args(argv, kind)
     check_port_free(args.host, args.port)  # before loading the model: a taken port is known at once
     limits = DemoLimits(
         max_new_tokens=args.max_new_tokens, timeout_s=args.timeout, concurrency=args.concurrency
