@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM
 
 import mmadapters
 from mmadapters import (
+    BackboneChangedError,
     CromeForConditionalGeneration,
     CromeProcessor,
     LavinForConditionalGeneration,
@@ -582,8 +583,10 @@ def test_a_merge_is_saved_in_full_or_refused(lavin, processor, tmp_path):
     expected = logits(peft_model, batch)
     merged = peft_model.merge_and_unload()
     assert merged is lavin and not tuner_layers(merged)
-    with pytest.raises(PeftOnTopError, match=r"adapter_only=False"):
+    # BackboneChangedError is a PeftOnTopError too (what this refusal raised before it had its own class).
+    with pytest.raises(PeftOnTopError, match=r"adapter_only=False") as refused:
         merged.save_pretrained(tmp_path / "adapters")
+    assert isinstance(refused.value, BackboneChangedError)
     assert not (tmp_path / "adapters").exists()
     merged.save_pretrained(tmp_path / "full", adapter_only=False)
     reloaded = LavinForConditionalGeneration.from_pretrained(tmp_path / "full")
@@ -600,11 +603,11 @@ def test_a_trained_backbone_is_never_dropped_by_an_adapter_only_save(lavin, tiny
     # A change made in half precision is still one.
     with torch.no_grad():
         cast.half().language_model.model.layers[0].mlp.up_proj.weight.add_(0.01)
-    with pytest.raises(PeftOnTopError, match="backbone weights changed"):
+    with pytest.raises(BackboneChangedError, match="backbone weights changed"):
         cast.float().save_pretrained(tmp_path / "changed-in-fp16")
     with torch.no_grad():
         lavin.language_model.model.layers[0].mlp.up_proj.weight.add_(0.01)
-    with pytest.raises(PeftOnTopError, match="backbone weights changed"):
+    with pytest.raises(BackboneChangedError, match="backbone weights changed"):
         lavin.save_pretrained(tmp_path / "ck")
 
 

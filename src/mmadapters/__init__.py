@@ -7,6 +7,7 @@ Importing the package registers the models with the transformers Auto classes, s
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .modeling.adapters import CromeAdapterConfig, MMAdapterConfig
+from .modeling.backbone_watch import BackboneChangedError
 from .modeling.backbones import BackboneMismatchError
 from .modeling.crome import CromeConfig, CromeForConditionalGeneration
 from .modeling.embedded import embedded_backbones
@@ -27,6 +28,7 @@ AutoProcessor.register(CromeConfig, CromeProcessor)
 __version__ = "0.2.0"
 
 __all__ = [
+    "BackboneChangedError",
     "BackboneMismatchError",
     "CromeAdapterConfig",
     "CromeConfig",

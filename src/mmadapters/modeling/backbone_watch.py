@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..checkpoint_files import is_peft_tensor_name
+from .peft_on_top import PeftOnTopError
 
 SAMPLES_PER_TENSOR = 4096
 # The half precisions a model may have been cast through and back (see the module docstring).
@@ -74,6 +75,11 @@ def _without_peft(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     }
 
 
+class BackboneChangedError(PeftOnTopError):
+    """An adapter-only save of a model whose backbone weights changed since loading (it would lose the change).
+    A `PeftOnTopError` too, the class this refusal had before it had its own, so handlers of that still catch it."""
+
+
 class BackboneWatch:
     """A sample of the backbones' weights as loaded (see the module docstring)."""
 
@@ -111,4 +117,4 @@ def _same_up_to_casts(current: torch.Tensor, recorded: torch.Tensor) -> bool:
     return any(torch.equal(current, recorded.to(half).to(current.dtype)) for half in ROUNDING_DTYPES)
 
 
-__all__ = ["BackboneWatch", "backbone_tensors", "backbone_tensors_in"]
+__all__ = ["BackboneChangedError", "BackboneWatch", "backbone_tensors", "backbone_tensors_in"]

@@ -41,6 +41,7 @@ from ..hub.names import looks_like_local_path
 from ..hub.remote_code import model_auto_map, write_loader
 from . import peft_on_top
 from .backbone_watch import (
+    BackboneChangedError,
     BackboneWatch,
     backbone_tensors,
     backbone_tensors_in,
@@ -1045,7 +1046,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         else:
             changed = watch.changed(backbone_tensors_in(state_dict, BACKBONE_MODULES))
         if changed:
-            raise peft_on_top.PeftOnTopError(
+            raise BackboneChangedError(
                 f"The backbone weights changed since the model was loaded ({len(changed)} tensors, e.g. "
                 f"{changed[:3]}): a merged LoRA (merge_and_unload), resized token embeddings or a trained backbone. "
                 "An adapter-only checkpoint "
