@@ -164,6 +164,24 @@ print(json.dumps({"url": pushing.result(), "repo": trainer.hub_model_id}))
 """
 
 
+TRAIN_AND_PUSH_TO_A_BRANCH = """
+import sys, torch
+from conftest import make_trainer, toy_dataset
+from mmadapters import LavinForConditionalGeneration, LavinProcessor
+output_dir, data, token = sys.argv[1:4]
+torch.manual_seed(0)
+model = LavinForConditionalGeneration.from_backbones("org/tiny-llm", "org/tiny-vision")
+processor = LavinProcessor.from_backbones("org/tiny-llm", "org/tiny-vision")
+push = dict(push_to_hub=True, hub_model_id="me/branch-run", hub_token=token, hub_revision="dev")
+trainer = make_trainer(
+    model, processor, toy_dataset(data, n=8), output_dir, max_steps=2, training=dict(save_steps=2, **push),
+    hub_license="apache-2.0",
+)
+trainer.train()
+trainer.push_to_hub()
+"""
+
+
 LOAD_SUBFOLDER = """
 import sys, json, os
 from safetensors.torch import load_file
@@ -190,6 +208,26 @@ try:
 except CheckpointKindError as error:
     print(error)
 """
+
+
+def test_trainer_pushes_to_the_branch_hub_revision_names(hub, tiny_backbones, tmp_path):
+    """TrainingArguments(hub_revision="dev"): the checkpoint pushes during training and the final push go to that
+    branch (created from main, as transformers does); main holds no adapters."""
+    upload_plain(hub, "org/tiny-llm", tiny_backbones[0])
+    upload_plain(hub, "org/tiny-vision", tiny_backbones[1])
+    env = {name: value for name, value in hub_env(hub, tmp_path).items() if name != "HF_TOKEN"}
+    output_dir = tmp_path / "run"
+    (tmp_path / "data").mkdir()
+    trained = run(TRAIN_AND_PUSH_TO_A_BRANCH, str(output_dir), str(tmp_path / "data"), TOKEN, env=env)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    repo = hub.repos["me/branch-run"]
+    on_main = repo.files_at("main")
+    assert on_main is None or "mmadapters_model.safetensors" not in on_main[1]
+    on_dev = repo.files_at("dev")[1]
+    assert (
+        on_dev["mmadapters_model.safetensors"] == (output_dir / "mmadapters_model.safetensors").read_bytes()
+    )
+    assert "library_name: mmadapters" in on_dev["README.md"].decode()
 
 
 def test_a_backbone_repo_given_as_a_checkpoint_is_refused_without_downloading_its_weights(
