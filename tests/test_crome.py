@@ -391,6 +391,49 @@ def test_beam_search_keeps_each_samples_images(backbones, kind, randomize_adapte
         torch.testing.assert_close(batched.sequences_scores[rows], alone.sequences_scores, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["lavin", "llama", "t5"])
+def test_static_cache_stop_strings_and_streamers_work_as_in_transformers(backbones, kind, randomize_adapters):
+    """The README's generation options: a static cache gives greedy's tokens, `stop_strings` ends the answer at
+    the first token that completes the string, and a streamer gets the prompt (decoder-only; an encoder-decoder:
+    the decoder's start token) and then each new token as generated."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, value):
+            self.puts.append(value.reshape(-1).tolist())
+
+        def end(self):
+            self.ended = True
+
+    model, processor = build_with_active_adapters(backbones, kind, randomize_adapters)
+    inputs = processor(images=[image(0)], text="<image>\nwhat color is the shape?")
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    greedy = model.generate(**inputs, **kwargs)
+    start = 0 if kind == "t5" else inputs["input_ids"].shape[1]  # a T5 CROME returns the decoder's tokens
+    answer = greedy[0, start:].tolist()
+    assert model.generate(**inputs, **kwargs, cache_implementation="static").tolist() == greedy.tolist()
+
+    # The first new token (after the first two) whose text is a plain word stops the answer there.
+    pieces = [processor.decode([token]) for token in answer]
+    at = next(i for i, text in enumerate(pieces) if i >= 2 and text.strip().isalpha() and text.isascii())
+    stopped = model.generate(
+        **inputs, max_new_tokens=8, do_sample=False, stop_strings=[pieces[at]], tokenizer=processor.tokenizer
+    )
+    first = pieces.index(pieces[at])  # the same text may come earlier
+    assert stopped[0, start:].tolist() == answer[: first + 1]
+
+    streamer = Collect()
+    assert model.generate(**inputs, **kwargs, streamer=streamer).tolist() == greedy.tolist()
+    prompt = (
+        [model.config.get_text_config().decoder_start_token_id] if kind == "t5" else inputs["input_ids"][0]
+    )
+    assert streamer.puts[0] == list(prompt) and streamer.ended
+    assert [token for put in streamer.puts[1:] for token in put] == (answer[1:] if kind == "t5" else answer)
+
+
 @pytest.mark.parametrize("kind", ["lavin", "llama"])
 def test_assisted_generation_gives_the_assistant_the_images_and_greedy_answers(
     backbones, kind, randomize_adapters
