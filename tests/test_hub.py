@@ -172,7 +172,10 @@ output_dir, data, token = sys.argv[1:4]
 torch.manual_seed(0)
 model = LavinForConditionalGeneration.from_backbones("org/tiny-llm", "org/tiny-vision")
 processor = LavinProcessor.from_backbones("org/tiny-llm", "org/tiny-vision")
-push = dict(push_to_hub=True, hub_model_id="me/branch-run", hub_token=token, hub_revision="dev")
+push = dict(
+    push_to_hub=True, hub_model_id="me/branch-run", hub_token=token, hub_revision="dev",
+    hub_strategy="all_checkpoints",
+)
 trainer = make_trainer(
     model, processor, toy_dataset(data, n=8), output_dir, max_steps=2, training=dict(save_steps=2, **push),
     hub_license="apache-2.0",
@@ -212,7 +215,8 @@ except CheckpointKindError as error:
 
 def test_trainer_pushes_to_the_branch_hub_revision_names(hub, tiny_backbones, tmp_path):
     """TrainingArguments(hub_revision="dev"): the checkpoint pushes during training and the final push go to that
-    branch (created from main, as transformers does); main holds no adapters."""
+    branch (created from main, as transformers does); main holds no adapters. hub_strategy="all_checkpoints":
+    each checkpoint, Trainer state included, in its own checkpoint-N/ folder of the repo."""
     upload_plain(hub, "org/tiny-llm", tiny_backbones[0])
     upload_plain(hub, "org/tiny-vision", tiny_backbones[1])
     env = {name: value for name, value in hub_env(hub, tmp_path).items() if name != "HF_TOKEN"}
@@ -228,6 +232,9 @@ def test_trainer_pushes_to_the_branch_hub_revision_names(hub, tiny_backbones, tm
         on_dev["mmadapters_model.safetensors"] == (output_dir / "mmadapters_model.safetensors").read_bytes()
     )
     assert "library_name: mmadapters" in on_dev["README.md"].decode()
+    saved = output_dir / "checkpoint-2"
+    for name in ("mmadapters_model.safetensors", "optimizer.pt", "trainer_state.json"):
+        assert on_dev[f"checkpoint-2/{name}"] == (saved / name).read_bytes()
 
 
 def test_a_backbone_repo_given_as_a_checkpoint_is_refused_without_downloading_its_weights(
