@@ -206,6 +206,12 @@ def test_mismatched_backbone_is_refused(trained, tmp_path, tiny_backbones):
             lambda c: c.update(peft_adapters={"default": {"config": 5}}),
             "peft_adapters.default must be an object",
         ),
+        (
+            lambda c: c.update(
+                peft_adapters={"default": {"on": "language_model", "config": {}, "order": "1"}}
+            ),
+            "an integer 'order'",
+        ),
     ],
 )
 def test_a_config_json_whose_records_were_edited_out_of_shape_is_refused_by_field(

@@ -374,6 +374,65 @@ def test_prompt_learning_methods_are_refused(lavin):
 # --- one checkpoint with every trained tensor -------------------------------------------------------------------
 
 
+def other_peft_method(name):
+    """The README's "any PEFT method that injects layers", beyond plain LoRA, at tiny size."""
+    from peft import IA3Config, LoHaConfig, LoKrConfig, OFTConfig
+
+    projections = ["q_proj", "v_proj"]
+    return {
+        "dora": lambda: lora(use_dora=True),
+        "loha": lambda: LoHaConfig(r=4, target_modules=projections),
+        "lokr": lambda: LoKrConfig(r=4, target_modules=projections),
+        "ia3": lambda: IA3Config(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        "oft": lambda: OFTConfig(r=0, oft_block_size=8, target_modules=projections),
+    }[name]()
+
+
+@pytest.mark.parametrize("method", ["dora", "loha", "lokr", "ia3", "oft"])
+def test_other_peft_methods_on_both_backbones_round_trip(lavin, processor, tmp_path, method):
+    """DoRA, LoHa, LoKr, IA3 and OFT layers on the LLM and the vision tower reload from an adapter-only and a full
+    checkpoint to identical logits (and change them: the comparison is not vacuous)."""
+    batch = inputs(processor)
+    without = logits(lavin, batch)
+    lavin.add_adapter(other_peft_method(method), on="both")
+    assert lora_places(lavin) == ["language_model", "vision_tower"]
+    randomize_trainable(lavin)
+    expected = logits(lavin, batch)
+    assert not torch.allclose(expected, without)
+    for adapter_only in (True, False):
+        folder = tmp_path / ("adapters" if adapter_only else "full")
+        lavin.save_pretrained(folder, adapter_only=adapter_only)
+        reloaded = LavinForConditionalGeneration.from_pretrained(folder)
+        assert lora_places(reloaded) == ["language_model", "vision_tower"]
+        torch.testing.assert_close(logits(reloaded, batch), expected, rtol=0, atol=0)
+
+
+def test_two_peft_methods_on_one_module_reload_nested_as_they_were_added(lavin, processor, tmp_path):
+    """An OFT adapter, then a LoRA on the same projections: PEFT nests the LoRA layer around the OFT layer, and the
+    tensors are named by that nesting. config.json sorts the record's keys ("lora" before "oft"), and a load
+    injected in that order: the adapter-only load refused the tensors as another model's, the full one loaded
+    uninitialised memory. Both reload to identical logits for every choice of active adapters."""
+    from peft import OFTConfig
+
+    batch = inputs(processor)
+    lavin.add_adapter(OFTConfig(r=0, oft_block_size=8, target_modules=["q_proj", "v_proj"]), "oft", on="both")
+    lavin.add_adapter(lora(target_modules=["q_proj", "o_proj"]), "lora")
+    randomize_trainable(lavin)
+    for active in (["oft"], ["lora"], ["oft", "lora"]):
+        lavin.set_adapter(active)
+        expected = logits(lavin, batch)
+        for adapter_only in (True, False):
+            folder = tmp_path / f"{'-'.join(active)}-{adapter_only}"
+            lavin.save_pretrained(folder, adapter_only=adapter_only)
+            reloaded = LavinForConditionalGeneration.from_pretrained(folder)
+            assert reloaded.active_adapters() == active
+            torch.testing.assert_close(logits(reloaded, batch), expected, rtol=0, atol=0)
+    assert list(reloaded.config.peft_adapters) == [
+        "oft",
+        "lora",
+    ]  # the injection order, kept for the next save
+
+
 def test_lora_and_adapters_round_trip_in_one_folder(lavin, processor, tmp_path):
     add_lora(lavin, lora(), on="both")
     randomize_trainable(lavin)

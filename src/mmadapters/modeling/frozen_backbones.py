@@ -1332,6 +1332,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         if record is not None:
             model.config.backbone_quantization = record
             hand_quantization_to_backbones(model, record)
+        peft_on_top.rebuild_layers_with_lost_buffers(model)
         model._restore_trainability()
         model.watch_backbones()
         return loaded

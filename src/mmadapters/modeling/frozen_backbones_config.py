@@ -69,8 +69,9 @@ def check_records(config: Any) -> None:
             isinstance(entry, dict)
             and isinstance(entry.get("on"), str)
             and isinstance(entry.get("config"), dict)
+            and type(entry.get("order", 0)) is int
         ),
-        "an object with 'on' and 'config' (PEFT's config)",
+        "an object with 'on', 'config' (PEFT's config) and an integer 'order'",
     )
     if problems:
         raise ValueError(
@@ -97,8 +98,9 @@ class FrozenBackbonesConfig(PreTrainedConfig):
             quantization configs as dicts); `from_pretrained` of an adapter-only checkpoint quantises them the
             same way unless given another `quantization_config`.
         peft_adapters: PEFT layers on the backbones (LoRA on top), adapter name -> `{"on": backbone, "config": PEFT
-            config as a dict, "active": whether it was active when saved}`; every load rebuilds them before reading
-            the weights and makes the same ones active (see `modeling.peft_on_top`).
+            config as a dict, "active": whether it was active when saved, "order": its place in the injection
+            order}`; every load rebuilds them, in that order, before reading the weights and makes the same ones
+            active (see `modeling.peft_on_top`).
         tie_word_embeddings: follows the LLM's own setting (set in `__post_init__`).
     """
 

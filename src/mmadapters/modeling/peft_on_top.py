@@ -280,15 +280,102 @@ def rebuild_recorded_layers(model: nn.Module) -> None:
     """Inject the PEFT layers that `model.config.peft_adapters` records (at construction, before loading), and
     make active the adapters that were active when the checkpoint was saved (a checkpoint that does not record it,
     saved by an earlier version, gets the last adapter injected, as after `add_adapter`)."""
-    recorded = getattr(model.config, "peft_adapters", None) or {}
+    recorded = in_injection_order(getattr(model.config, "peft_adapters", None) or {})
     for adapter_name, entry in recorded.items():
         if adapter_name in adapter_names_in(model):
             continue
         inject_peft_layers(
             model, peft_config_from_dict(entry["config"]), adapter_name, entry["on"], record=False
         )
+    if recorded:
+        model.config.peft_adapters = recorded  # later additions come after these, as when they were added
     if any("active" in entry for entry in recorded.values()):
         model.set_adapter([name for name, entry in recorded.items() if entry.get("active")])
+
+
+def in_injection_order(recorded: dict[str, Any]) -> dict[str, Any]:
+    """The record's adapters in the order they were injected. Two PEFT methods on one module nest in that order
+    (the later one wraps the earlier, e.g. a LoRA around an OFT layer), and their tensors are named by the
+    nesting, so a load must inject them in the same order. config.json is written with sorted keys: each entry
+    keeps its place in `"order"` (records written before it existed keep the file's order)."""
+    places = {name: place for place, name in enumerate(recorded)}
+    return dict(sorted(recorded.items(), key=lambda item: item[1].get("order", places[item[0]])))
+
+
+def rebuild_layers_with_lost_buffers(model: nn.Module) -> None:
+    """After a full checkpoint's load: give back the PEFT layers their non-persistent buffers.
+
+    transformers builds a full checkpoint's model on the meta device and fills every non-persistent buffer with
+    uninitialised memory, for `_init_weights` to compute again (as it does for its own modules' buffers, e.g.
+    rotary frequencies). PEFT computes such buffers once, when it creates a layer (OFT's and PSOFT's
+    upper-triangle indices, BOFT's permutations, ...), and nothing computed them again: a reloaded OFT read garbage
+    indices. Each adapter with such buffers is injected again into the backbones, now loaded (the way an
+    adapter-only checkpoint rebuilds its layers), and given back the tensors the checkpoint loaded into it."""
+    layers = tuner_layers(model)
+    lost = sorted(
+        {
+            adapter
+            for _, layer in layers
+            for buffer in _non_persistent_buffer_names(layer)
+            for adapter in layer._all_available_adapter_names()
+            if adapter in buffer.split(".")
+        }
+    )
+    if not lost:
+        return
+    loaded = {
+        f"{name}.{key}": tensor
+        for name, layer in layers
+        for key, tensor in layer.state_dict().items()
+        if not key.startswith("base_layer.")
+    }
+    active = [(layer, list(layer.active_adapters)) for _, layer in layers]
+    recorded = model.config.peft_adapters or {}
+    for adapter_name in lost:
+        entry = recorded[adapter_name]
+        config = peft_config_from_dict(entry["config"])
+        for scope, target in _targets(model, entry["on"]):
+            with _nested_layers_in_place(target, adapter_name):
+                _inject_into(target, scope, config, adapter_name, type(config).__name__)
+    unexpected = model.load_state_dict(loaded, strict=False).unexpected_keys
+    if unexpected:
+        raise PeftOnTopError(f"PEFT layers rebuilt after loading lack the loaded tensors {unexpected[:3]}.")
+    for layer, names in active:
+        layer.set_adapter(names)
+
+
+@contextlib.contextmanager
+def _nested_layers_in_place(target: nn.Module, adapter_name: str) -> Iterator[None]:
+    """For the block, put each PEFT layer holding `adapter_name` that sits inside another PEFT layer (two methods on
+    one module: a LoRA around an OFT layer) in the outer layer's place, where PEFT's injection finds it by the
+    module's name and updates it (rather than wrapping the outer layer once more); the outer layers go back after."""
+    swaps = []
+    for name, layer in tuner_layers(target):
+        if name.endswith(".base_layer") and adapter_name in layer._all_available_adapter_names():
+            place = name
+            while place.endswith(".base_layer"):
+                place = place.removesuffix(".base_layer")
+            parent_name, _, child_name = place.rpartition(".")
+            parent = target.get_submodule(parent_name) if parent_name else target
+            swaps.append((parent, child_name, getattr(parent, child_name), layer))
+    for parent, child_name, _, layer in swaps:
+        setattr(parent, child_name, layer)
+    try:
+        yield
+    finally:
+        for parent, child_name, outer, _ in swaps:
+            setattr(parent, child_name, outer)
+
+
+def _non_persistent_buffer_names(layer: nn.Module) -> list[str]:
+    """The non-persistent buffers of a PEFT layer's own modules (its base layer left out)."""
+    return [
+        f"{prefix}.{name}" if prefix else name
+        for prefix, module in layer.named_modules()
+        if not prefix.startswith("base_layer")
+        for name in module._non_persistent_buffers_set
+        if module._buffers.get(name) is not None
+    ]
 
 
 def add_lora(
@@ -456,7 +543,8 @@ def sync_record(model: nn.Module) -> None:
     """Make `config.peft_adapters` describe the PEFT layers the model holds (before a save): layers added by
     `peft.get_peft_model` are recorded from the config PEFT left on the model (`model.peft_config`); a recorded
     adapter whose layers are gone (merged or unloaded through PEFT) is dropped from the record; each entry notes
-    whether the adapter is active (`"active"`), so that a load makes the same ones active."""
+    whether the adapter is active (`"active"`), so that a load makes the same ones active, and its place in the
+    injection order (`"order"`)."""
     present = adapter_names_in(model)
     unrecorded = sorted(present - set(model.config.peft_adapters or {}))
     if unrecorded:
@@ -474,8 +562,9 @@ def sync_record(model: nn.Module) -> None:
         kept = {k: v for k, v in model.config.peft_adapters.items() if k not in gone}
         model.config.peft_adapters = kept or None
     active = set(model.active_adapters())
-    for name, entry in (model.config.peft_adapters or {}).items():
+    for order, (name, entry) in enumerate((model.config.peft_adapters or {}).items()):
         entry["active"] = name in active
+        entry["order"] = order  # the injection order (see in_injection_order)
 
 
 def merge_peft_layers(module: nn.Module) -> int:
