@@ -407,6 +407,31 @@ def test_other_peft_methods_on_both_backbones_round_trip(lavin, processor, tmp_p
         torch.testing.assert_close(logits(reloaded, batch), expected, rtol=0, atol=0)
 
 
+# PEFT's BOFT tries to build its CUDA kernel and says so on a machine without CUDA (upstream, not ours).
+@pytest.mark.filterwarnings(
+    "ignore:Failed to load the CUDA extension", "ignore:Setting boft_n_butterfly_factor"
+)
+def test_boft_round_trips_adapter_only_and_a_full_save_is_refused_before_writing(lavin, processor, tmp_path):
+    """PEFT cannot create BOFT layers on the meta device, where transformers builds a full checkpoint's model (its
+    load failed with "Tensor.item() cannot be called on meta tensors"): a full save is refused up front."""
+    from peft import BOFTConfig
+
+    batch = inputs(processor)
+    lavin.add_adapter(
+        BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=1, target_modules=["q_proj", "v_proj"])
+    )
+    randomize_trainable(lavin)
+    expected = logits(lavin, batch)
+    lavin.save_pretrained(tmp_path / "adapters")
+    reloaded = LavinForConditionalGeneration.from_pretrained(tmp_path / "adapters")
+    torch.testing.assert_close(logits(reloaded, batch), expected, rtol=0, atol=0)
+    with pytest.raises(
+        PeftOnTopError, match="BOFT, whose layers cannot be rebuilt by a full checkpoint's load"
+    ):
+        lavin.save_pretrained(tmp_path / "full", adapter_only=False)
+    assert not (tmp_path / "full").exists()
+
+
 def test_two_peft_methods_on_one_module_reload_nested_as_they_were_added(lavin, processor, tmp_path):
     """An OFT adapter, then a LoRA on the same projections: PEFT nests the LoRA layer around the OFT layer, and the
     tensors are named by that nesting. config.json sorts the record's keys ("lora" before "oft"), and a load

@@ -978,6 +978,8 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             )
             adapter_only = False
         peft_on_top.sync_record(self)
+        if not adapter_only:
+            peft_on_top.check_full_checkpoint_can_rebuild(self)
         if adapter_only:
             self._refuse_changed_backbones(state_dict)
             adapter_state = {

@@ -367,6 +367,24 @@ def _nested_layers_in_place(target: nn.Module, adapter_name: str) -> Iterator[No
             setattr(parent, child_name, outer)
 
 
+# PEFT methods whose layers cannot be created while transformers builds a full checkpoint's model on the meta device
+# (BOFT computes its permutation matrices with `.item()`): a full checkpoint holding them could not load.
+NOT_BUILDABLE_ON_META = ("BOFT",)
+
+
+def check_full_checkpoint_can_rebuild(model: nn.Module) -> None:
+    """Refuse, before anything is written, a full save of PEFT layers that its load could not rebuild."""
+    for adapter_name, entry in (model.config.peft_adapters or {}).items():
+        peft_type = entry["config"].get("peft_type")
+        if peft_type in NOT_BUILDABLE_ON_META:
+            raise PeftOnTopError(
+                f"The PEFT adapter {adapter_name!r} is {peft_type}, whose layers cannot be rebuilt by a full "
+                "checkpoint's load (transformers builds that model on the meta device, where PEFT cannot create "
+                f"{peft_type} layers). Save adapter-only (save_pretrained(folder), backbones loaded by name), or use "
+                "OFT, whose full checkpoints load."
+            )
+
+
 def _non_persistent_buffer_names(layer: nn.Module) -> list[str]:
     """The non-persistent buffers of a PEFT layer's own modules (its base layer left out)."""
     return [
