@@ -10,6 +10,7 @@ from typing import Any
 
 from .cli_arguments import add_dataclass_arguments
 from .demo import build_parser as build_demo_parser
+from .demo import launch as launch_demo
 from .errors import MMAdaptersError
 from .hub import check_checkpoint_name
 from .inference_loading import (
@@ -278,10 +279,8 @@ def _push(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from .demo import launch
-
     app_dir = os.path.join("spaces", args.kind)
-    launch(kind=args.kind, app_dir=app_dir if os.path.isdir(app_dir) else None, args=args)
+    launch_demo(kind=args.kind, app_dir=app_dir if os.path.isdir(app_dir) else None, args=args)
 
 
 def _push_space(args: argparse.Namespace) -> None:

@@ -978,14 +978,14 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             )
             adapter_only = False
         peft_on_top.sync_record(self)
-        if not adapter_only:
-            peft_on_top.check_full_checkpoint_can_rebuild(self)
         if adapter_only:
             self._refuse_changed_backbones(state_dict)
             adapter_state = {
                 k: v.detach().contiguous().cpu() for k, v in self._adapter_tensors(state_dict).items()
             }
             check_adapter_file_fits(adapter_state, shard_limit)
+        else:
+            peft_on_top.check_full_checkpoint_can_rebuild(self)
         # The remote-code loader: the checkpoint loads with trust_remote_code=True and no `import mmadapters`.
         self.config.auto_map = model_auto_map(type(self.config), type(self))
         folder = os.fspath(save_directory)

@@ -308,17 +308,16 @@ def rebuild_layers_with_lost_buffers(model: nn.Module) -> None:
     transformers builds a full checkpoint's model on the meta device and fills every non-persistent buffer with
     uninitialised memory, for `_init_weights` to compute again (as it does for its own modules' buffers, e.g.
     rotary frequencies). PEFT computes such buffers once, when it creates a layer (OFT's and PSOFT's
-    upper-triangle indices, BOFT's permutations, ...), and nothing computed them again: a reloaded OFT read garbage
-    indices. Each adapter with such buffers is injected again into the backbones, now loaded (the way an
-    adapter-only checkpoint rebuilds its layers), and given back the tensors the checkpoint loaded into it."""
+    upper-triangle indices, ...), and nothing computed them again: a reloaded OFT read garbage indices. Every
+    adapter of a layer with such buffers is injected again into the backbones, now loaded (the way an adapter-only
+    checkpoint rebuilds its layers), and given back the tensors the checkpoint loaded into it."""
     layers = tuner_layers(model)
     lost = sorted(
         {
             adapter
             for _, layer in layers
-            for buffer in _non_persistent_buffer_names(layer)
+            if _has_non_persistent_buffers(layer)
             for adapter in layer._all_available_adapter_names()
-            if adapter in buffer.split(".")
         }
     )
     if not lost:
@@ -385,15 +384,14 @@ def check_full_checkpoint_can_rebuild(model: nn.Module) -> None:
             )
 
 
-def _non_persistent_buffer_names(layer: nn.Module) -> list[str]:
-    """The non-persistent buffers of a PEFT layer's own modules (its base layer left out)."""
-    return [
-        f"{prefix}.{name}" if prefix else name
+def _has_non_persistent_buffers(layer: nn.Module) -> bool:
+    """Whether a PEFT layer's own modules (its base layer left out) hold non-persistent buffers."""
+    return any(
+        module._buffers.get(name) is not None
         for prefix, module in layer.named_modules()
         if not prefix.startswith("base_layer")
         for name in module._non_persistent_buffers_set
-        if module._buffers.get(name) is not None
-    ]
+    )
 
 
 def add_lora(
