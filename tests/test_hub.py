@@ -213,17 +213,25 @@ except CheckpointKindError as error:
 """
 
 
-def test_trainer_pushes_to_the_branch_hub_revision_names(hub, tiny_backbones, tmp_path):
-    """TrainingArguments(hub_revision="dev"): the checkpoint pushes during training and the final push go to that
-    branch (created from main, as transformers does); main holds no adapters. hub_strategy="all_checkpoints":
-    each checkpoint, Trainer state included, in its own checkpoint-N/ folder of the repo."""
+def train_and_push(hub, tiny_backbones, tmp_path, script):
+    """Run a training `script` (TRAIN_AND_PUSH...) in its own process against the local Hub, with the backbones on
+    it and the token in `hub_token` only (not in the environment); returns the finished process and its output
+    folder."""
     upload_plain(hub, "org/tiny-llm", tiny_backbones[0])
     upload_plain(hub, "org/tiny-vision", tiny_backbones[1])
     env = {name: value for name, value in hub_env(hub, tmp_path).items() if name != "HF_TOKEN"}
     output_dir = tmp_path / "run"
     (tmp_path / "data").mkdir()
-    trained = run(TRAIN_AND_PUSH_TO_A_BRANCH, str(output_dir), str(tmp_path / "data"), TOKEN, env=env)
+    trained = run(script, str(output_dir), str(tmp_path / "data"), TOKEN, env=env)
     assert trained.returncode == 0, trained.stderr[-3000:]
+    return trained, output_dir
+
+
+def test_trainer_pushes_to_the_branch_hub_revision_names(hub, tiny_backbones, tmp_path):
+    """TrainingArguments(hub_revision="dev"): the checkpoint pushes during training and the final push go to that
+    branch (created from main, as transformers does); main holds no adapters. hub_strategy="all_checkpoints":
+    each checkpoint, Trainer state included, in its own checkpoint-N/ folder of the repo."""
+    _, output_dir = train_and_push(hub, tiny_backbones, tmp_path, TRAIN_AND_PUSH_TO_A_BRANCH)
     repo = hub.repos["me/branch-run"]
     on_main = repo.files_at("main")
     assert on_main is None or "mmadapters_model.safetensors" not in on_main[1]
@@ -255,13 +263,7 @@ def test_trainer_push_to_hub_pushes_adapter_checkpoints_with_our_card_and_no_tok
     the repo's root (transformers' own push would leave them out until the end) and the whole checkpoint in
     last-checkpoint/; `push_to_hub()` at the end pushes the final adapters with our model card (license, tags).
     The token travels in `hub_token` only and is in no pushed file; the repo loads."""
-    upload_plain(hub, "org/tiny-llm", tiny_backbones[0])
-    upload_plain(hub, "org/tiny-vision", tiny_backbones[1])
-    env = {name: value for name, value in hub_env(hub, tmp_path).items() if name != "HF_TOKEN"}
-    output_dir = tmp_path / "run"
-    (tmp_path / "data").mkdir()
-    trained = run(TRAIN_AND_PUSH, str(output_dir), str(tmp_path / "data"), TOKEN, env=env)
-    assert trained.returncode == 0, trained.stderr[-3000:]
+    trained, output_dir = train_and_push(hub, tiny_backbones, tmp_path, TRAIN_AND_PUSH)
     assert TOKEN not in trained.stdout + trained.stderr
     result = json.loads(trained.stdout.strip().splitlines()[-1])
     assert result["repo"] == "me/run" and "/me/run/commit/" in result["url"]
