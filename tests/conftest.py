@@ -154,6 +154,24 @@ def tiny_qformer_config(vocab_size: int = 302, encoder_hidden_size: int = 32):
     )
 
 
+def tiny_model_from_configs(kind: str, **kwargs):
+    """LaVIN, or CROME with a fresh Q-Former and 4 query tokens, around the tiny backbone configs (random
+    weights); an image placeholder is id 300 (one past the tiny vocabulary)."""
+    from mmadapters import CromeForConditionalGeneration, LavinForConditionalGeneration
+
+    if kind == "lavin":
+        return LavinForConditionalGeneration.from_backbones(
+            tiny_text_config(), tiny_vision_config(), **kwargs
+        )
+    return CromeForConditionalGeneration.from_backbones(
+        tiny_text_config(),
+        tiny_vision_config(),
+        qformer=tiny_qformer_config(vocab_size=300),
+        num_query_tokens=4,
+        **kwargs,
+    )
+
+
 def save_tiny_llm(path, seed: int = 0, kind: str = "llama", tokenizer=None) -> str:
     tokenizer = tokenizer or make_tokenizer()
     torch.manual_seed(seed)

@@ -3,6 +3,7 @@ saves, and FSDP (frozen backbones + trainable adapters in the same units) equals
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -152,3 +154,123 @@ def test_sharded_set_ups_that_would_not_save_the_adapters_are_refused():
     check_sharded_saving({"zero_optimization": {"stage": 2}}, None)  # ZeRO-2 keeps whole parameters
     with pytest.raises(ValueError, match="SHARDED_STATE_DICT.*FULL_STATE_DICT"):
         check_sharded_saving(None, "StateDictType.SHARDED_STATE_DICT")
+
+
+def data_parallel_replicas(model: torch.nn.Module, count: int, monkeypatch) -> list[torch.nn.Module]:
+    """The copies nn.DataParallel makes at every step (torch's own `replicate`), here on CPU: only the broadcast of
+    the tensors to the GPUs is replaced, by differentiable copies."""
+    replicate_module = importlib.import_module("torch.nn.parallel.replicate")
+
+    def copy_to_each_device(tensors, devices, detach=False):
+        return [[t.detach().clone() if detach else t.clone() for t in tensors] for _ in devices]
+
+    monkeypatch.setattr(replicate_module, "_broadcast_coalesced_reshape", copy_to_each_device)
+    return replicate_module.replicate(model, list(range(count)))
+
+
+@pytest.mark.parametrize(
+    "kind, routing, checkpointing",
+    [
+        ("lavin", "learned", False),
+        ("lavin", "modality", False),
+        ("lavin", "learned", True),
+        ("crome", None, False),
+    ],
+)
+def test_data_parallel_replicas_run_and_train_their_own_adapters(kind, routing, checkpointing, monkeypatch):
+    """transformers' Trainer wraps the model in nn.DataParallel on several GPUs in one process: each replica must
+    compute what the model computes and send its gradients through its own copies of the adapters (the copies
+    of hooked modules share the original's hooks, which are bound to the original adapters)."""
+    from conftest import tiny_model_from_configs
+
+    from mmadapters import MMAdapterConfig
+
+    torch.manual_seed(0)
+    if kind == "lavin":
+        model = tiny_model_from_configs(
+            kind, adapter_config=MMAdapterConfig(placement="attn_mlp", llm_routing=routing)
+        )
+        extra = {}
+    else:
+        model = tiny_model_from_configs(kind)
+        extra = {"qformer_input_ids": torch.tensor([[5, 6, 7]])}  # one instruction per image
+    for module in model.modules():  # the replicas must compute what the model computes
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for parameter in model.parameters():  # adapters away from their identity start, so that they matter
+        if parameter.requires_grad:
+            parameter.data.normal_(0, 0.05)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    n = model.config.num_image_tokens
+    input_ids = torch.tensor(
+        [[1] + [300] * n + [40, 50], [1, 7, 8] + [40] * n]
+    )  # an image sample, a text one
+    inputs = {"input_ids": input_ids, "pixel_values": torch.randn(1, 3, 32, 32), **extra}
+    inputs["labels"] = input_ids.masked_fill(input_ids == 300, -100)
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    expected_loss = model(**inputs).loss
+    expected_grads = torch.autograd.grad(expected_loss, list(trained.values()), allow_unused=True)
+
+    replicas = data_parallel_replicas(model, 2, monkeypatch)
+    losses = {}
+
+    def run(j: int) -> None:
+        try:
+            losses[j] = replicas[j](**inputs).loss
+        except Exception as error:  # re-raised below, in the test's thread
+            losses[j] = error
+
+    threads = [threading.Thread(target=run, args=(j,)) for j in range(2)]  # as DataParallel's parallel_apply
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for loss in losses.values():
+        if isinstance(loss, Exception):
+            raise loss
+    for j, replica in enumerate(replicas):
+        torch.testing.assert_close(losses[j], expected_loss, atol=1e-5, rtol=1e-5)
+        copies = {  # the replica's own copies of the trained parameters (what DataParallel reduces)
+            f"{prefix}.{key}".lstrip("."): tensor
+            for prefix, module in replica.named_modules()
+            for key, tensor in module._former_parameters.items()
+        }
+        grads = torch.autograd.grad(losses[j], [copies[name] for name in trained], allow_unused=True)
+        for name, grad, expected in zip(trained, grads, expected_grads, strict=True):
+            if expected is None:  # not used by this forward (CROME: what this stage does not train)
+                continue
+            assert grad is not None, f"replica {j}: no gradient reaches its copy of {name}"
+            torch.testing.assert_close(grad, expected, atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["lavin", "crome"])
+def test_one_process_on_several_gpus_is_refused_when_the_trainer_is_built(
+    kind, tiny_backbones, tmp_path, monkeypatch
+):
+    """There the Trainer would wrap the model in nn.DataParallel, which cuts a batch's images apart from their
+    samples: refused with the launch that works (one process per GPU), before anything trains."""
+    from conftest import make_trainer, toy_dataset
+    from transformers import TrainingArguments
+
+    from mmadapters import CromeForConditionalGeneration, CromeProcessor, LavinProcessor
+    from mmadapters.trainers import CromeTrainer, LavinTrainer
+
+    if kind == "lavin":
+        model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+        processor, trainer_class = LavinProcessor.from_backbones(*tiny_backbones), LavinTrainer
+    else:
+        model = CromeForConditionalGeneration.from_backbones(*tiny_backbones, num_query_tokens=4)
+        processor = CromeProcessor.from_backbones(
+            *tiny_backbones, num_image_tokens=model.config.num_image_tokens
+        )
+        trainer_class = CromeTrainer
+    dataset = toy_dataset(tmp_path)
+    monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: 2))
+    with pytest.raises(ValueError, match=r"sees 2 GPUs.*nn\.DataParallel.*torchrun --nproc_per_node 2"):
+        make_trainer(model, processor, dataset, tmp_path / "out", trainer_class=trainer_class)
+    monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: 1))
+    assert (
+        make_trainer(model, processor, dataset, tmp_path / "out", trainer_class=trainer_class).model is model
+    )

@@ -1129,23 +1129,13 @@ def test_readme_loading_at_scale_examples_run(tiny_backbones, tmp_path, monkeypa
 @pytest.mark.parametrize("kind", ["lavin", "crome"])
 def test_forward_compiles_without_graph_breaks(kind):
     import torch._dynamo as dynamo
-    from conftest import tiny_qformer_config
+    from conftest import tiny_model_from_configs
 
     torch.manual_seed(0)
-    if kind == "lavin":
-        model = LavinForConditionalGeneration.from_backbones(tiny_text_config(), tiny_vision_config()).eval()
-        inputs = {"input_ids": torch.tensor([[1] + [300] * model.config.num_image_tokens + [40, 50]])}
-    else:
-        model = CromeForConditionalGeneration.from_backbones(
-            tiny_text_config(),
-            tiny_vision_config(),
-            qformer=tiny_qformer_config(vocab_size=300),
-            num_query_tokens=4,
-        ).eval()
-        inputs = {
-            "input_ids": torch.tensor([[1] + [300] * model.config.num_image_tokens + [40, 50]]),
-            "qformer_input_ids": torch.tensor([[5, 6, 7]]),
-        }
+    model = tiny_model_from_configs(kind).eval()
+    inputs = {"input_ids": torch.tensor([[1] + [300] * model.config.num_image_tokens + [40, 50]])}
+    if kind == "crome":
+        inputs["qformer_input_ids"] = torch.tensor([[5, 6, 7]])
     inputs["pixel_values"] = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         expected = model(

@@ -119,6 +119,26 @@ def _finding_unused_parameters(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return (args[0], copied, *args[2:]), kwargs
 
 
+def refuse_data_parallel(n_gpu: int, model: Any) -> None:
+    """Refuse what transformers' Trainer does when one process sees several GPUs: copy the model onto each with
+    `nn.DataParallel` (it skips bitsandbytes-quantised models, as here).
+
+    DataParallel cuts every tensor of a batch into equal chunks along its first dimension. A batch's images
+    (`pixel_values`, CROME's Q-Former instructions) are counted per image, not per sample, so with text-only or
+    multi-image samples a GPU would get images of another GPU's samples; and it gathers outputs whose fields
+    must match on every GPU (the logits of the supervised positions, the image outputs of a chunk without
+    images do not). One process per GPU (DDP) has none of this."""
+    quantised = getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False)
+    if n_gpu > 1 and not quantised:
+        raise ValueError(
+            f"This process sees {n_gpu} GPUs, and transformers' Trainer would copy the model onto each with "
+            "nn.DataParallel, which splits a batch's images apart from their samples (text-only or multi-image "
+            f"samples). Start one process per GPU instead: `torchrun --nproc_per_node {n_gpu} your_script.py` or "
+            "`accelerate launch` (DDP; README, 'Multi-process training'), or train on one GPU "
+            "(CUDA_VISIBLE_DEVICES=0)."
+        )
+
+
 class AdapterTrainer(Trainer):
     """Trainer for models with frozen backbones and an adapter side that saves on its own.
 
@@ -139,6 +159,7 @@ class AdapterTrainer(Trainer):
         # id(data set) -> (data set, data set with a length column): counted once, not at every evaluation
         self._counted_datasets: dict[int, tuple[Any, Any]] = {}
         super().__init__(*args, **kwargs)
+        refuse_data_parallel(self.args.n_gpu, self.model)
         trained = self._unwrapped()
         if hasattr(trained, "check_save_directory"):  # the final save_model writes output_dir itself
             trained.check_save_directory(self.args.output_dir)

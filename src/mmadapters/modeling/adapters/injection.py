@@ -23,6 +23,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .call_state import hand_over, take_over
 from .config import MMAdapterConfig
+from .data_parallel import REPLICA_ADAPTER, replica_adapter
 from .mm_adapter import MMAdapter
 
 # Keyword arguments of the LLM forward that reach every decoder layer: the per-layer routing weights, or
@@ -81,6 +82,8 @@ class DecoderLayerAdapters(nn.Module):
         No routing weights in the arguments means "route by your own first token" (used to run the
         modality token alone when the routing table is computed).
         """
+        if (own := replica_adapter(module, self)) is not self:  # a DataParallel replica: its own adapters
+            return own.attention_pre_hook(module, args, kwargs)
         if (folded := kwargs.get(FOLDED_ADAPTERS_KWARG)) is not None:
             return self._apply_folded(args, kwargs, *folded)
         table = kwargs.get(ROUTING_WEIGHTS_KWARG)
@@ -120,6 +123,8 @@ class DecoderLayerAdapters(nn.Module):
 
     def mlp_norm_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         """Forward hook on `post_attention_layernorm`: adapt the MLP input."""
+        if (own := replica_adapter(module, self)) is not self:  # a DataParallel replica: its own adapters
+            return own.mlp_norm_hook(module, args, output)
         kind, value = take_over(self, ("routing", None))
         if kind == "folded":
             up, bias = value
@@ -180,3 +185,18 @@ def inject_vision_adapters(layers: nn.ModuleList, adapters: list[MMAdapter]) -> 
         layer.layer_norm1.register_forward_hook(adapter.norm_output_hook)
         for layer, adapter in zip(layers, adapters, strict=True)
     ]
+
+
+def bind_replica_adapters(pairs: list[tuple[nn.Module, nn.Module]]) -> None:
+    """On a DataParallel replica: tell each hooked module copy which adapter copy its hooks run (data_parallel.py).
+
+    `pairs`: each adapter with its layer (`own_layer_adapters`): a `DecoderLayerAdapters` with its decoder layer,
+    an `MMAdapter` with its vision encoder layer; the hooked modules are those `inject_*` hooks.
+    """
+    for adapter, layer in pairs:
+        if isinstance(adapter, DecoderLayerAdapters):
+            hooked = [layer.self_attn, layer.post_attention_layernorm]
+        else:
+            hooked = [layer.layer_norm1]
+        for module in hooked:
+            module.__dict__[REPLICA_ADAPTER] = adapter

@@ -10,6 +10,7 @@ from transformers import initialization as init
 
 from .call_state import record_routing
 from .config import MMAdapterConfig
+from .data_parallel import replica_adapter
 
 
 class GroupedLinear(nn.Module):
@@ -142,7 +143,7 @@ class MMAdapter(nn.Module):
 
     def norm_output_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         """Forward hook on a norm (vision side): adapt its output, each sequence routed by itself."""
-        return self.adapt(output)
+        return replica_adapter(module, self).adapt(output)  # a DataParallel replica runs its own adapter
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}, temperature={self.temperature}, router_token={self.router_token!r}"

@@ -253,11 +253,10 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
         vision-language models do: a `BaseModelOutputWithPooling` with the visual tokens as `pooler_output` and the
         vision tower's states (`output_hidden_states`, `output_attentions` reach the tower); a tuple with
         `return_dict=False` (default: `config.return_dict`)."""
-        vision_dtype = self.vision_tower.dtype
         asked = kwargs.pop("output_hidden_states", None)
         asked = asked if asked is not None else self.config.vision_config.output_hidden_states
         outputs = self.vision_tower(
-            pixel_values=pixel_values.to(vision_dtype),
+            pixel_values=pixel_values,  # the tower casts them to its patch embedding's dtype (as in InstructBLIP)
             output_hidden_states=bool(asked) or self.config.use_patch_branch,
             **kwargs,
         )

@@ -28,6 +28,7 @@ from ..adapters import (
     inject_vision_adapters,
 )
 from ..adapters.call_state import recording_routing
+from ..adapters.injection import bind_replica_adapters
 from ..backbones import BackboneReference
 from ..causal_lm_output import VisionLanguageCausalLMOutput, image_features_output
 from ..frozen_backbones import FrozenBackbonesPreTrainedModel, adapter_settings
@@ -238,10 +239,8 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
 
     def _pooled_vision_features(self, pixel_values: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, Any]:
         kwargs.pop("output_hidden_states", None)  # always on: the features are read from the hidden states
-        vision_dtype = self.vision_tower.dtype
-        outputs = self.vision_tower(
-            pixel_values=pixel_values.to(vision_dtype), output_hidden_states=True, **kwargs
-        )
+        # The tower casts the pixels to its patch embedding's dtype itself (as transformers' LLaVA relies on).
+        outputs = self.vision_tower(pixel_values=pixel_values, output_hidden_states=True, **kwargs)
         hidden_states = outputs.hidden_states  # (embeddings, layer 1, ..., layer N)
         if self.config.vision_feature_pooling == "cls":
             pooled = [hidden_states[layer][:, 0] for layer in self.config.vision_feature_layers]
@@ -393,6 +392,10 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         cache = pick_cache(cache, kwargs.pop("past_key_values", None), type(self).__name__)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if getattr(
+            self, "_is_replica", False
+        ):  # torch's mark on a DataParallel copy (adapters/data_parallel.py)
+            bind_replica_adapters(self.own_layer_adapters())
         self.check_inputs(input_ids, attention_mask, pixel_values, cache.get_seq_length() if cache else 0)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
