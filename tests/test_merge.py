@@ -113,6 +113,32 @@ def test_merge_refuses_an_architecture_without_bias_option(tmp_path, tiny_backbo
         merge_lavin_adapters(model, "audio")
 
 
+@pytest.mark.parametrize("routing", ["learned", "modality"])
+def test_a_merged_model_is_consumed_and_refuses_to_run_or_merge_again(
+    tiny_backbones, randomize_adapters, routing
+):
+    """merge_lavin_adapters folds the adapters into the LLM and detaches them: the LaVIN it was given then
+    computed without its adapters (fixed routing) or stopped with a KeyError (learned routing), and a second merge
+    folded the adapters into the LLM twice (fixed routing). Each is refused, naming the reload."""
+    model = LavinForConditionalGeneration.from_backbones(
+        *tiny_backbones, adapter_config=MMAdapterConfig(llm_routing=routing)
+    ).eval()
+    randomize_adapters(model)
+    ids = torch.tensor([[1, 40, 50, 60]])
+    merged = merge_lavin_adapters(model, "text")
+    expected = merged(ids).logits
+    calls = {
+        "forward": lambda: model(input_ids=ids),
+        "generate": lambda: model.generate(input_ids=ids, max_new_tokens=2),
+        "routing table": model.compute_routing_table,
+        "second merge": lambda: merge_lavin_adapters(model, "text"),
+    }
+    for call in calls.values():
+        with pytest.raises(RuntimeError, match=r"adapters are detached.*from_pretrained"):
+            call()
+    torch.testing.assert_close(merged(ids).logits, expected)  # the refused merge changed nothing
+
+
 def test_merge_takes_backbones_that_moved(trained_checkpoint, tiny_backbones, tmp_path, capsys):
     """A checkpoint whose backbone folders are not where it names them: --text-model / --vision-model (as eval and
     chat take them; --llm / --vision are the same flags) say where they are."""

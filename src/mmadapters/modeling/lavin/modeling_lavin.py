@@ -189,6 +189,17 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
             handle.remove()
         self._adapter_hook_handles = []
 
+    def check_adapters_attached(self) -> None:
+        """Refuse to run, route or merge a LaVIN whose adapters were detached (`remove_adapter_hooks`, or
+        `merge_lavin_adapters`, which consumes the model): it would compute without them, or fold them twice."""
+        if not self._adapter_hook_handles:
+            raise RuntimeError(
+                "This LaVIN's adapters are detached from its backbones (remove_adapter_hooks(), which "
+                "merge_lavin_adapters and `mmadapters merge` call after folding them into the LLM): running, routing "
+                "or merging it again would compute without its adapters or fold them in twice. Load the checkpoint "
+                "again with from_pretrained."
+            )
+
     def own_layer_adapters(self) -> list[tuple[nn.Module, nn.Module]]:
         """Each LLM adapter with its decoder layer, each vision adapter with its encoder layer."""
         pairs = list(zip(self.llm_adapters, find_decoder_layers(self.language_model), strict=True))
@@ -290,6 +301,7 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         depends only on the modality bit, so it is run here once, alone, as a length-1 sequence at position 0,
         with every adapter routing itself by it; the weights each adapter computed form the table.
         """
+        self.check_adapters_attached()
         num_layers, sites = len(self.llm_adapters), len(self.llm_adapters[0].sites())
         if self.llm_routing == "modality":
             weight = self.modality_embedding.weight
@@ -392,9 +404,9 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         cache = pick_cache(cache, kwargs.pop("past_key_values", None), type(self).__name__)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        if getattr(
-            self, "_is_replica", False
-        ):  # torch's mark on a DataParallel copy (adapters/data_parallel.py)
+        self.check_adapters_attached()
+        # torch marks the copies nn.DataParallel makes; their hooks must run their own adapters (data_parallel.py).
+        if getattr(self, "_is_replica", False):
             bind_replica_adapters(self.own_layer_adapters())
         self.check_inputs(input_ids, attention_mask, pixel_values, cache.get_seq_length() if cache else 0)
         if inputs_embeds is None:
