@@ -361,3 +361,36 @@ def test_chat_reports_a_line_that_is_not_utf8_and_goes_on(saved, monkeypatch, ca
         out.strip().splitlines()[-1]
         != "error: that line is not UTF-8 text; type it again (check the terminal's encoding)."
     )
+
+
+@pytest.mark.parametrize("kind", ["lavin", "crome"])
+def test_a_variable_resolution_vision_tower_is_refused_before_it_loads(kind, tmp_path, monkeypatch):
+    """SigLIP2's NaFlex towers need patch sequences with `pixel_attention_mask` and `spatial_shapes`: LaVIN was
+    built and failed at its first forward inside transformers, CROME failed while building its config with an
+    AttributeError. Refused, as a config, a folder (before its weights load) or a loaded model."""
+    from conftest import tiny_text_config
+    from transformers import Siglip2VisionConfig, Siglip2VisionModel
+
+    from mmadapters import CromeForConditionalGeneration, LavinForConditionalGeneration
+
+    model_class = LavinForConditionalGeneration if kind == "lavin" else CromeForConditionalGeneration
+    config = Siglip2VisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_patches=16,
+        patch_size=8,
+    )
+    tower = Siglip2VisionModel(config)
+    tower.save_pretrained(tmp_path / "siglip2")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the tower's weights were loaded before the refusal")
+
+    monkeypatch.setattr(Siglip2VisionModel, "from_pretrained", never)
+    for vision in (config, str(tmp_path / "siglip2"), tower):
+        with pytest.raises(
+            ValueError, match=r"Siglip2VisionModel needs pixel_attention_mask, spatial_shapes.*fixed"
+        ):
+            model_class.from_backbones(tiny_text_config(), vision)

@@ -9,6 +9,7 @@ backbone is refused with a clear message instead of silently producing garbage.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -141,6 +142,7 @@ def load_vision_backbone(
     loaded model."""
     options = options or BackboneLoadOptions()
     if isinstance(spec, PreTrainedModel):
+        check_fixed_size_vision_tower(type(spec))
         return adopt_backbone(spec, "vision", options, revision)
     if isinstance(spec, PreTrainedConfig):
         config = vision_config_of(spec)
@@ -169,9 +171,32 @@ def _vision_class_for(config: PreTrainedConfig) -> type[PreTrainedModel]:
     if config.model_type in unmapped:
         return unmapped[config.model_type]
     try:
-        return MODEL_MAPPING[type(config)]
+        model_class = MODEL_MAPPING[type(config)]
     except KeyError as error:
         raise ValueError(f"No transformers model class for vision config {type(config).__name__}.") from error
+    check_fixed_size_vision_tower(model_class)
+    return model_class
+
+
+def check_fixed_size_vision_tower(model_class: type[nn.Module]) -> None:
+    """Refuse, before any weight loads, a vision tower whose forward needs more than pixel values: SigLIP2's
+    NaFlex towers take variable-resolution patch sequences with `pixel_attention_mask` and `spatial_shapes`, and
+    both models feed fixed-size images (the processors resize them) to a CLIP/SigLIP/BLIP-style tower."""
+    parameters = inspect.signature(model_class.forward).parameters.values()
+    required = [
+        p.name
+        for p in parameters
+        if p.name not in ("self", "pixel_values")
+        and p.default is inspect.Parameter.empty
+        and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    ]
+    if required:
+        raise ValueError(
+            f"The vision tower {model_class.__name__} needs {', '.join(required)} besides pixel values (it reads "
+            "variable-resolution patch sequences); LaVIN and CROME feed fixed-size images to a CLIP, SigLIP or "
+            "BLIP-style tower. Use a fixed-resolution one, e.g. openai/clip-vit-large-patch14 or "
+            "google/siglip-so400m-patch14-384."
+        )
 
 
 def _backbone_config(
