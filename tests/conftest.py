@@ -136,6 +136,11 @@ def tiny_vision_config(kind: str = "clip", **overrides):
         patch_size=8,
     )
     common.update(overrides)
+    if kind == "siglip2":  # a NaFlex tower: variable-resolution patch sequences, counted in patches
+        from transformers import Siglip2VisionConfig
+
+        del common["image_size"]
+        return Siglip2VisionConfig(num_patches=16, **common)
     return CLIPVisionConfig(**common) if kind == "clip" else SiglipVisionConfig(**common)
 
 

@@ -368,20 +368,13 @@ def test_a_variable_resolution_vision_tower_is_refused_before_it_loads(kind, tmp
     """SigLIP2's NaFlex towers need patch sequences with `pixel_attention_mask` and `spatial_shapes`: LaVIN was
     built and failed at its first forward inside transformers, CROME failed while building its config with an
     AttributeError. Refused, as a config, a folder (before its weights load) or a loaded model."""
-    from conftest import tiny_text_config
-    from transformers import Siglip2VisionConfig, Siglip2VisionModel
+    from conftest import tiny_text_config, tiny_vision_config
+    from transformers import Siglip2VisionModel
 
     from mmadapters import CromeForConditionalGeneration, LavinForConditionalGeneration
 
     model_class = LavinForConditionalGeneration if kind == "lavin" else CromeForConditionalGeneration
-    config = Siglip2VisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_patches=16,
-        patch_size=8,
-    )
+    config = tiny_vision_config("siglip2", num_hidden_layers=2)
     tower = Siglip2VisionModel(config)
     tower.save_pretrained(tmp_path / "siglip2")
 
