@@ -123,6 +123,10 @@ def tiny_text_config(kind: str = "llama", vocab_size: int = 300, **overrides) ->
         from transformers import MixtralConfig
 
         return MixtralConfig(**{"num_local_experts": 4, "num_experts_per_tok": 2, **common})
+    if kind == "gemma3":  # norms around attention and MLP ("sandwich"): the MLP input has its own norm
+        from transformers import Gemma3TextConfig
+
+        return Gemma3TextConfig(**{"head_dim": 8, **common})
     return {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[kind](**common)
 
 

@@ -167,6 +167,33 @@ def test_mlp_placement_adds_a_second_adapter_per_layer(randomize_adapters):
     assert (model(input_ids=ids).logits - base).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("kind", ["llama", "mixtral", "gemma3"])
+def test_each_llm_adapter_gives_its_module_its_input(kind, randomize_adapters):
+    """The attention-site adapter's output is what self-attention receives and the MLP-site adapter's what the
+    MLP receives (LAVIN.md section 2). Gemma 2/3 (and OLMo 2, Exaone 4, ...) apply `post_attention_layernorm` to
+    the attention *output* and give the MLP input its own norm: the MLP adapter sat on the attention output."""
+    from mmadapters.modeling.adapters import find_decoder_layers
+
+    model = LavinForConditionalGeneration.from_backbones(
+        tiny_text_config(kind), tiny_vision_config(), adapter_config=MMAdapterConfig(placement="attn_mlp")
+    ).eval()
+    randomize_adapters(model)
+    layer, adapters = find_decoder_layers(model.language_model)[1], model.llm_adapters[1]
+    received, produced = {}, {}
+    for site, module, adapter in (("attn", layer.self_attn, adapters.attn), ("mlp", layer.mlp, adapters.mlp)):
+        module.register_forward_pre_hook(  # registered after ours: it sees the adapted input
+            lambda m, args, kwargs, site=site: received.__setitem__(
+                site, kwargs.get("hidden_states", *args[:1])
+            ),
+            with_kwargs=True,
+        )
+        adapter.register_forward_hook(lambda m, args, output, site=site: produced.__setitem__(site, output))
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6, 7, 8]]))
+    for site in ("attn", "mlp"):
+        torch.testing.assert_close(received[site], produced[site], msg=f"{kind}: the {site} input")
+
+
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_vision_adapters_route_each_image_by_itself(kind, randomize_adapters):
     model = LavinForConditionalGeneration.from_backbones(tiny_text_config(), tiny_vision_config(kind)).eval()

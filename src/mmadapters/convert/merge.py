@@ -73,7 +73,7 @@ def merge_lavin_adapters(
     table = model.compute_routing_table()[MODALITIES[modality]]  # (layers, sites, 2)
     language_model = model.language_model
     site_names = ["attn"] + (["mlp"] if model.llm_adapters[0].mlp is not None else [])
-    layers = find_decoder_layers(language_model, need_mlp_norm="mlp" in site_names)
+    layers = find_decoder_layers(language_model, need_mlp="mlp" in site_names)
     _enable_biases(language_model, layers, site_names)
 
     for index, (layer, adapters) in enumerate(zip(layers, model.llm_adapters, strict=True)):

@@ -5,14 +5,17 @@ checkpoint keys keep loading untouched, and the adapter modules are owned (and s
 Where the adapters sit (LAVIN.md section 2):
 
     h = x + Attn(Adapter(input_layernorm(x)))            every decoder layer
-    out = h + MLP(Adapter(post_attention_layernorm(h)))  only with placement="attn_mlp"
+    out = h + MLP(Adapter(norm(h)))                      only with placement="attn_mlp"
     vision: x + Attn(Adapter(layer_norm1(x)))            every encoder layer
 
 LLM side: the attention-site adapter transforms the normed hidden states as they enter self-attention (a
 forward pre-hook on `self_attn`, which receives the layer's keyword arguments). That is where the routing
 weights arrive: the LaVIN model passes `mm_routing_weights` (batch, layers, sites, 2) to the LLM forward and
 transformers hands extra keyword arguments to every decoder layer and its `self_attn`. The hook runs inside
-the layer's forward, so a gradient-checkpointed layer recomputes it with the same arguments.
+the layer's forward, so a gradient-checkpointed layer recomputes it with the same arguments. The MLP-site
+adapter transforms what enters the MLP (a forward pre-hook on `mlp`): the normed hidden states whatever the norm
+is called (`post_attention_layernorm` in Llama; Gemma 2/3, OLMo 2, ... apply that one to the attention output and
+give the MLP input `pre_feedforward_layernorm`).
 """
 
 from __future__ import annotations
@@ -121,18 +124,25 @@ class DecoderLayerAdapters(nn.Module):
         folded = [site.fold(routing_table[:, index]) for index, site in enumerate(self.sites())]
         return torch.stack([up for up, _ in folded]), torch.stack([bias for _, bias in folded])
 
-    def mlp_norm_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        """Forward hook on `post_attention_layernorm`: adapt the MLP input."""
+    def mlp_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Forward pre-hook on `mlp`: adapt its input with what the attention site handed over."""
         if (own := replica_adapter(module, self)) is not self:  # a DataParallel replica: its own adapters
-            return own.mlp_norm_hook(module, args, output)
+            return own.mlp_pre_hook(module, args, kwargs)
         kind, value = take_over(self, ("routing", None))
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         if kind == "folded":
             up, bias = value
-            return self.mlp.forward_folded(output.to(up.dtype), up, bias).to(output.dtype)
-        return self.mlp.adapt(output, value)
+            adapted = self.mlp.forward_folded(hidden.to(up.dtype), up, bias).to(hidden.dtype)
+        else:
+            adapted = self.mlp.adapt(hidden, value)
+        if "hidden_states" in kwargs:
+            kwargs["hidden_states"] = adapted
+        else:
+            args = (adapted, *args[1:])
+        return args, kwargs
 
 
-def find_decoder_layers(language_model: nn.Module, need_mlp_norm: bool = False) -> nn.ModuleList:
+def find_decoder_layers(language_model: nn.Module, need_mlp: bool = False) -> nn.ModuleList:
     """The decoder layers of a causal LM (Llama, Mistral, Qwen2/3, SmolLM2, ...), checked for an input norm."""
     decoder = language_model.get_decoder() if hasattr(language_model, "get_decoder") else language_model
     layers = getattr(decoder, "layers", None)
@@ -141,7 +151,7 @@ def find_decoder_layers(language_model: nn.Module, need_mlp_norm: bool = False) 
             f"Cannot find the decoder layers of {type(language_model).__name__}: LaVIN's adapters need a decoder "
             "with a `layers` list (Llama, Mistral, Qwen2, ... style)."
         )
-    needed = ["input_layernorm", "self_attn"] + (["post_attention_layernorm"] if need_mlp_norm else [])
+    needed = ["input_layernorm", "self_attn"] + (["mlp"] if need_mlp else [])
     for name in needed:
         if not isinstance(getattr(layers[0], name, None), nn.Module):
             raise ValueError(
@@ -173,7 +183,7 @@ def inject_decoder_adapters(layers: nn.ModuleList, adapters: nn.ModuleList) -> l
             layer.self_attn.register_forward_pre_hook(layer_adapters.attention_pre_hook, with_kwargs=True)
         )
         if layer_adapters.mlp is not None:
-            handles.append(layer.post_attention_layernorm.register_forward_hook(layer_adapters.mlp_norm_hook))
+            handles.append(layer.mlp.register_forward_pre_hook(layer_adapters.mlp_pre_hook, with_kwargs=True))
     return handles
 
 
@@ -195,7 +205,7 @@ def bind_replica_adapters(pairs: list[tuple[nn.Module, nn.Module]]) -> None:
     """
     for adapter, layer in pairs:
         if isinstance(adapter, DecoderLayerAdapters):
-            hooked = [layer.self_attn, layer.post_attention_layernorm]
+            hooked = [layer.self_attn, layer.mlp]
         else:
             hooked = [layer.layer_norm1]
         for module in hooked:

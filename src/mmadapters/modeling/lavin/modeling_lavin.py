@@ -130,14 +130,13 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         vision_width = config.vision_config.hidden_size
 
         # LLM side: one adapter per decoder layer (two with placement="attn_mlp"), routed by modality.
-        decoder_layers = find_decoder_layers(
-            self.language_model, need_mlp_norm=adapter_config.sites_per_layer > 1
-        )
+        decoder_layers = find_decoder_layers(self.language_model, need_mlp=adapter_config.sites_per_layer > 1)
         self.llm_adapters = nn.ModuleList(
             DecoderLayerAdapters(text_width, adapter_config, index) for index in range(len(decoder_layers))
         )
         # The hooks' handles, kept for remove_adapter_hooks (a plain list: not part of the state dict).
         self._adapter_hook_handles = inject_decoder_adapters(decoder_layers, self.llm_adapters)
+        self._adapters_attached = True  # read by the forward (torch.compile cannot read hook handles)
 
         # Vision side: one adapter per encoder layer, each image routed by its own CLS (or mean) token.
         self.vision_adapters = None
@@ -188,11 +187,12 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         for handle in self._adapter_hook_handles:
             handle.remove()
         self._adapter_hook_handles = []
+        self._adapters_attached = False
 
     def check_adapters_attached(self) -> None:
         """Refuse to run, route or merge a LaVIN whose adapters were detached (`remove_adapter_hooks`, or
         `merge_lavin_adapters`, which consumes the model): it would compute without them, or fold them twice."""
-        if not self._adapter_hook_handles:
+        if not self._adapters_attached:
             raise RuntimeError(
                 "This LaVIN's adapters are detached from its backbones (remove_adapter_hooks(), which "
                 "merge_lavin_adapters and `mmadapters merge` call after folding them into the LLM): running, routing "
