@@ -387,3 +387,33 @@ def test_a_variable_resolution_vision_tower_is_refused_before_it_loads(kind, tmp
             ValueError, match=r"Siglip2VisionModel needs pixel_attention_mask, spatial_shapes.*fixed"
         ):
             model_class.from_backbones(tiny_text_config(), vision)
+
+
+@pytest.mark.parametrize("kind", ["lavin", "crome"])
+def test_a_vision_language_model_given_as_the_llm_is_refused_before_it_loads(kind, tmp_path, monkeypatch):
+    """Gemma 3 from 4B, Mistral Small 3.1, Llama 4, ... are vision-language models: transformers built the whole
+    model (its own vision tower included) and composing the config failed with "'Gemma3Config' object has no
+    attribute 'vocab_size'". Refused, as a config, a folder (before its weights load) or a loaded model."""
+    from conftest import tiny_text_config, tiny_vision_config
+    from transformers import AutoModelForCausalLM, Gemma3Config, Gemma3ForConditionalGeneration
+
+    from mmadapters import CromeForConditionalGeneration, LavinForConditionalGeneration
+
+    model_class = LavinForConditionalGeneration if kind == "lavin" else CromeForConditionalGeneration
+    config = Gemma3Config(
+        text_config=tiny_text_config("gemma3").to_dict(),
+        vision_config=tiny_vision_config("siglip", num_hidden_layers=2).to_dict(),
+        mm_tokens_per_image=4,
+    )
+    vision_language_model = Gemma3ForConditionalGeneration(config)
+    vision_language_model.save_pretrained(tmp_path / "gemma3")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model's weights were loaded before the refusal")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", never)
+    for text in (config, str(tmp_path / "gemma3"), vision_language_model):
+        with pytest.raises(
+            ValueError, match=r"vision-language model \(Gemma3Config holds a vision_config\).*text-only"
+        ):
+            model_class.from_backbones(text, tiny_vision_config())

@@ -82,6 +82,7 @@ def load_text_backbone(
     loaded model: a causal LM, or a seq2seq LM (T5 family) when the config is encoder-decoder."""
     options = options or BackboneLoadOptions()
     if isinstance(spec, PreTrainedModel):
+        check_text_only_llm(spec.config)
         return adopt_backbone(spec, "text", options, revision)
     if isinstance(spec, PreTrainedConfig):
         model = _text_class_for(spec).from_config(spec, **_from_config_kwargs("text", options))
@@ -129,7 +130,20 @@ def build_vision_backbone(config: PreTrainedConfig) -> PreTrainedModel:
 
 
 def _text_class_for(config: PreTrainedConfig) -> type:
+    check_text_only_llm(config)
     return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+
+
+def check_text_only_llm(config: PreTrainedConfig) -> None:
+    """Refuse, before any weight loads, a vision-language model given as the LLM (Gemma 3 from 4B, Mistral Small
+    3.1, Llama 4, ...: their configs hold a `vision_config`): transformers would build the whole model, with its own
+    vision tower, and LaVIN and CROME put their own vision side in front of a text-only LLM."""
+    if getattr(config, "vision_config", None) is not None:
+        raise ValueError(
+            f"The text backbone is a vision-language model ({type(config).__name__} holds a vision_config): LaVIN "
+            "and CROME put their own vision side in front of a text-only LLM. Pass a text-only LLM checkpoint "
+            "(its causal LM with the LM head), or a text-only model you loaded yourself."
+        )
 
 
 def load_vision_backbone(
