@@ -364,56 +364,44 @@ def test_chat_reports_a_line_that_is_not_utf8_and_goes_on(saved, monkeypatch, ca
 
 
 @pytest.mark.parametrize("kind", ["lavin", "crome"])
-def test_a_variable_resolution_vision_tower_is_refused_before_it_loads(kind, tmp_path, monkeypatch):
-    """SigLIP2's NaFlex towers need patch sequences with `pixel_attention_mask` and `spatial_shapes`: LaVIN was
-    built and failed at its first forward inside transformers, CROME failed while building its config with an
-    AttributeError. Refused, as a config, a folder (before its weights load) or a loaded model."""
+@pytest.mark.parametrize("role", ["text", "vision"])
+def test_a_backbone_of_the_wrong_kind_is_refused_before_it_loads(kind, role, tmp_path, monkeypatch):
+    """Refused as a config, a folder (before its weights load) or a loaded model:
+    - text: a vision-language model given as the LLM (Gemma 3 from 4B, Mistral Small 3.1, Llama 4, ...):
+      transformers built the whole model, its own vision tower included, and composing the config failed with
+      "'Gemma3Config' object has no attribute 'vocab_size'";
+    - vision: SigLIP2's NaFlex towers, which need `pixel_attention_mask` and `spatial_shapes`: LaVIN was built and
+      failed at its first forward inside transformers, CROME failed building its config with an AttributeError."""
     from conftest import tiny_text_config, tiny_vision_config
-    from transformers import Siglip2VisionModel
-
-    from mmadapters import CromeForConditionalGeneration, LavinForConditionalGeneration
-
-    model_class = LavinForConditionalGeneration if kind == "lavin" else CromeForConditionalGeneration
-    config = tiny_vision_config("siglip2", num_hidden_layers=2)
-    tower = Siglip2VisionModel(config)
-    tower.save_pretrained(tmp_path / "siglip2")
-
-    def never(*args, **kwargs):
-        raise AssertionError("the tower's weights were loaded before the refusal")
-
-    monkeypatch.setattr(Siglip2VisionModel, "from_pretrained", never)
-    for vision in (config, str(tmp_path / "siglip2"), tower):
-        with pytest.raises(
-            ValueError, match=r"Siglip2VisionModel needs pixel_attention_mask, spatial_shapes.*fixed"
-        ):
-            model_class.from_backbones(tiny_text_config(), vision)
-
-
-@pytest.mark.parametrize("kind", ["lavin", "crome"])
-def test_a_vision_language_model_given_as_the_llm_is_refused_before_it_loads(kind, tmp_path, monkeypatch):
-    """Gemma 3 from 4B, Mistral Small 3.1, Llama 4, ... are vision-language models: transformers built the whole
-    model (its own vision tower included) and composing the config failed with "'Gemma3Config' object has no
-    attribute 'vocab_size'". Refused, as a config, a folder (before its weights load) or a loaded model."""
-    from conftest import tiny_text_config, tiny_vision_config
-    from transformers import AutoModelForCausalLM, Gemma3Config, Gemma3ForConditionalGeneration
-
-    from mmadapters import CromeForConditionalGeneration, LavinForConditionalGeneration
-
-    model_class = LavinForConditionalGeneration if kind == "lavin" else CromeForConditionalGeneration
-    config = Gemma3Config(
-        text_config=tiny_text_config("gemma3").to_dict(),
-        vision_config=tiny_vision_config("siglip", num_hidden_layers=2).to_dict(),
-        mm_tokens_per_image=4,
+    from transformers import (
+        AutoModelForCausalLM,
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Siglip2VisionModel,
     )
-    vision_language_model = Gemma3ForConditionalGeneration(config)
-    vision_language_model.save_pretrained(tmp_path / "gemma3")
+
+    from mmadapters import CromeForConditionalGeneration, LavinForConditionalGeneration
+
+    if role == "text":
+        config = Gemma3Config(
+            text_config=tiny_text_config("gemma3").to_dict(),
+            vision_config=tiny_vision_config("siglip", num_hidden_layers=2).to_dict(),
+            mm_tokens_per_image=4,
+        )
+        model, loader = Gemma3ForConditionalGeneration(config), AutoModelForCausalLM
+        message = r"vision-language model \(Gemma3Config holds a vision_config\).*text-only"
+    else:
+        config = tiny_vision_config("siglip2", num_hidden_layers=2)
+        model, loader = Siglip2VisionModel(config), Siglip2VisionModel
+        message = r"Siglip2VisionModel needs pixel_attention_mask, spatial_shapes.*fixed"
+    model.save_pretrained(tmp_path / "backbone")
 
     def never(*args, **kwargs):
-        raise AssertionError("the model's weights were loaded before the refusal")
+        raise AssertionError("the backbone's weights were loaded before the refusal")
 
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", never)
-    for text in (config, str(tmp_path / "gemma3"), vision_language_model):
-        with pytest.raises(
-            ValueError, match=r"vision-language model \(Gemma3Config holds a vision_config\).*text-only"
-        ):
-            model_class.from_backbones(text, tiny_vision_config())
+    monkeypatch.setattr(loader, "from_pretrained", never)
+    model_class = LavinForConditionalGeneration if kind == "lavin" else CromeForConditionalGeneration
+    for backbone in (config, str(tmp_path / "backbone"), model):
+        backbones = (backbone, tiny_vision_config()) if role == "text" else (tiny_text_config(), backbone)
+        with pytest.raises(ValueError, match=message):
+            model_class.from_backbones(*backbones)
