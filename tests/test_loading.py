@@ -87,6 +87,33 @@ def test_unsupported_keywords_are_refused_with_the_reason(tiny_backbones, checkp
         LavinForConditionalGeneration.from_pretrained(checkpoint[0], **{keyword: "x"})
 
 
+def test_weight_loading_keywords_reach_both_backbones(tiny_backbones, checkpoint, monkeypatch):
+    """`from_pretrained` keywords about reading weights go to each backbone's own `from_pretrained`, from
+    `from_backbones` and from an adapter-only checkpoint. `tqdm_class` (the download progress bars) was refused as
+    an unknown keyword."""
+    from tqdm.auto import tqdm
+    from transformers import PreTrainedModel
+
+    received = []
+    original = PreTrainedModel.from_pretrained.__func__
+
+    def recording(cls, *args, **kwargs):
+        received.append((cls.__name__, {k: kwargs.get(k) for k in keywords}))
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(recording))
+    keywords = {"tqdm_class": tqdm, "use_safetensors": True, "weights_only": True, "disable_mmap": True}
+    for load in (
+        lambda: LavinForConditionalGeneration.from_backbones(*tiny_backbones, **keywords),
+        lambda: LavinForConditionalGeneration.from_pretrained(checkpoint[0], **keywords),
+    ):
+        received.clear()
+        load()
+        backbones = [(name, got) for name, got in received if name in ("LlamaForCausalLM", "CLIPVisionModel")]
+        assert [name for name, _ in backbones] == ["LlamaForCausalLM", "CLIPVisionModel"]
+        assert all(got == keywords for _, got in backbones), backbones
+
+
 def test_output_loading_info_reports_the_backbones_loading_under_their_names_in_the_model(
     tiny_backbones, tmp_path, inputs
 ):

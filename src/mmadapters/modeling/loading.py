@@ -37,7 +37,13 @@ STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 # Passed unchanged to both backbones' `from_pretrained` (and, for the Hub ones, to config/revision lookups).
 HUB_KEYWORDS = ("token", "cache_dir", "local_files_only", "force_download", "proxies")
-PASS_THROUGH = HUB_KEYWORDS + ("use_safetensors", "trust_remote_code", "weights_only", "disable_mmap")
+PASS_THROUGH = HUB_KEYWORDS + (
+    "use_safetensors",
+    "trust_remote_code",
+    "weights_only",
+    "disable_mmap",
+    "tqdm_class",
+)
 # Accepted and without effect, as in transformers 5 itself (loading is always low-memory there).
 NO_EFFECT = ("low_cpu_mem_usage", "offload_state_dict", "mirror", "_fast_init")
 # Set by transformers' Auto classes and pipelines on the way in: not for us.
