@@ -3,9 +3,12 @@ modules) or refused with a message; loaded backbones; device maps; quantised bac
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import inspect
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -87,6 +90,31 @@ def test_unsupported_keywords_are_refused_with_the_reason(tiny_backbones, checkp
         LavinForConditionalGeneration.from_pretrained(checkpoint[0], **{keyword: "x"})
 
 
+def test_every_keyword_of_transformers_from_pretrained_is_honoured_or_refused():
+    """Each keyword that the installed transformers' `PreTrainedModel.from_pretrained` reads has its place in
+    loading.py, so a new one is not met with "unexpected keyword argument". transformers 5.25 added
+    `kernels_mode`."""
+    from transformers import PreTrainedModel
+
+    from mmadapters.modeling import loading
+
+    read = set(re.findall(r'kwargs\.pop\(\s*"(\w+)"', inspect.getsource(PreTrainedModel.from_pretrained)))
+    parameters = inspect.signature(PreTrainedModel.from_pretrained).parameters
+    read |= {name for name, p in parameters.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    placed = {*loading.PASS_THROUGH, *loading.NO_EFFECT, *loading.INTERNAL, *loading.REFUSED}
+    placed |= {f.name for f in dataclasses.fields(loading.BackboneLoadOptions)} | {
+        "torch_dtype",
+        "device_map",
+    }
+    placed |= {
+        "quantization_config",
+        "output_loading_info",
+    }  # BackboneLoadOptions.quantization, .loading_info
+    # Read by our from_pretrained itself.
+    placed |= {"pretrained_model_name_or_path", "config", "revision", "generation_config"}
+    assert read - placed == set()
+
+
 def test_weight_loading_keywords_reach_both_backbones(tiny_backbones, checkpoint, monkeypatch):
     """`from_pretrained` keywords about reading weights go to each backbone's own `from_pretrained`, from
     `from_backbones` and from an adapter-only checkpoint. `tqdm_class` (the download progress bars) was refused as
@@ -112,6 +140,40 @@ def test_weight_loading_keywords_reach_both_backbones(tiny_backbones, checkpoint
         backbones = [(name, got) for name, got in received if name in ("LlamaForCausalLM", "CLIPVisionModel")]
         assert [name for name, _ in backbones] == ["LlamaForCausalLM", "CLIPVisionModel"]
         assert all(got == keywords for _, got in backbones), backbones
+
+
+def test_backbones_load_without_hub_kernels_unless_a_full_checkpoint_asks(
+    tiny_backbones, checkpoint, tmp_path, monkeypatch
+):
+    """transformers 5.25 turns Hub kernels on when `use_kernels` is not given (earlier releases had them off): every
+    backbone load and every full-checkpoint load says `use_kernels=False`, so the layers our adapters hook into
+    stay transformers' own and nothing is fetched from the Hub while loading."""
+    from transformers import PreTrainedModel
+
+    received = []
+    original = PreTrainedModel.from_pretrained.__func__
+
+    def recording(cls, *args, **kwargs):
+        received.append((cls.__name__, kwargs.get("use_kernels", "not given")))
+        if kwargs.get("use_kernels"):
+            raise RuntimeError("kernels asked")
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(recording))
+    LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+    LavinForConditionalGeneration.from_pretrained(checkpoint[0])
+    full = tmp_path / "full"
+    checkpoint[1].save_pretrained(full, adapter_only=False)
+    LavinForConditionalGeneration.from_pretrained(full)
+    assert received and all(use_kernels is False for _, use_kernels in received), received
+    assert {name for name, _ in received} >= {
+        "LlamaForCausalLM",
+        "CLIPVisionModel",
+        "LavinForConditionalGeneration",
+    }
+    # A full checkpoint loads with transformers' own loader: asking for kernels there reaches it.
+    with pytest.raises(RuntimeError, match="kernels asked"):
+        LavinForConditionalGeneration.from_pretrained(full, use_kernels=True)
 
 
 def test_output_loading_info_reports_the_backbones_loading_under_their_names_in_the_model(

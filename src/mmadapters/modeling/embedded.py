@@ -108,7 +108,10 @@ def _convert_smollm2(out_dir: Path) -> None:
 
     gguf = smollm2_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # use_kernels=False: no Hub kernels (transformers 5.25 turns them on by default) for a copy of the weights.
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, use_kernels=False
+    )
     # A GGUF-loaded model refuses save_pretrained: copy its weights into a plain model built from its config.
     config = gguf_model.config
     if hasattr(config, "quantization_config"):

@@ -59,6 +59,7 @@ REFUSED = {
     "use_kernels": "Hub kernels would replace the backbone layers our adapters hook into",
     "kernel_config": "Hub kernels would replace the backbone layers our adapters hook into",
     "allow_all_kernels": "Hub kernels would replace the backbone layers our adapters hook into",
+    "kernels_mode": "Hub kernels would replace the backbone layers our adapters hook into",
     "fusion_config": "fused backbone layers would bypass the adapters' hooks",
     "key_mapping": "the backbones load with their own checkpoint keys; rename keys in the backbone checkpoints",
     "subfolder": "point text_model= / vision_model= at the backbone folders instead",
@@ -146,7 +147,9 @@ class BackboneLoadOptions:
 
     def for_backbone(self, role: str, device_map: dict | None) -> dict[str, Any]:
         """`from_pretrained` keywords for the `role` backbone, given its part of the composite device map."""
-        kwargs = dict(self.pass_through)
+        # Hub kernels stay off, as every release before transformers 5.25 had them (5.25 turns them on by default and
+        # fetches them from the Hub while loading): they replace the layers our adapters hook into.
+        kwargs = {"use_kernels": False, **self.pass_through}
         kwargs.update(self.implementations(role))
         if self.loading_info is not None:
             kwargs["output_loading_info"] = True  # its answer goes through `loaded`
