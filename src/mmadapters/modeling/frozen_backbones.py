@@ -1291,9 +1291,8 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         kwargs["dtype"] = torch.float32 if asked is None else one_dtype(asked, folder)
         if revision is not None:
             kwargs["revision"] = revision
-        kwargs.setdefault(
-            "use_kernels", False
-        )  # off unless asked, whatever the release's default (see loading.py)
+        # Hub kernels off unless asked, whatever the release's default (see BackboneLoadOptions.for_backbone).
+        kwargs.setdefault("use_kernels", False)
         # The checkpoint's config, read once; a config object given is copied before it is changed.
         given = kwargs.get("config")
         config = given if isinstance(given, PreTrainedConfig) else None
