@@ -615,6 +615,46 @@ def test_offload_to_disk_needs_an_offload_folder(checkpoint):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("family", ["metaclip_2", "blip"])
+@pytest.mark.parametrize("model_class", [LavinForConditionalGeneration, CromeForConditionalGeneration])
+def test_clip_style_towers_without_an_auto_mapping_load_from_their_full_checkpoints(
+    family, model_class, tiny_backbones, tmp_path, randomize_adapters
+):
+    """MetaCLIP 2 and BLIP vision towers are CLIP-style, but transformers maps no Auto class to their vision
+    configs: the tower's class is found from its config's name (MetaClip2VisionConfig -> MetaClip2VisionModel), and
+    BLIP keeps it under `vision_model.` as BLIP-2 does. It was refused ("No transformers model class")."""
+    import transformers
+
+    vision = tiny_vision_config().to_dict()
+    text = {"vocab_size": 99, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1}
+    text |= {"num_attention_heads": 2, "max_position_embeddings": 64}
+    prefix = {"metaclip_2": "MetaClip2", "blip": "Blip"}[family]
+    config = getattr(transformers, f"{prefix}Config")(text_config=text, vision_config=vision)
+    torch.manual_seed(0)
+    getattr(transformers, f"{prefix}Model")(config).save_pretrained(tmp_path / family)
+    saved = getattr(transformers, f"{prefix}VisionModel").from_pretrained(
+        tmp_path / family, key_mapping=({r"^vision_model\.": ""} if family == "blip" else None)
+    )
+
+    tiny = (
+        {"qformer": tiny_qformer_config(), "num_query_tokens": 4}
+        if model_class is CromeForConditionalGeneration
+        else {}
+    )
+    model = randomize_adapters(model_class.from_backbones(tiny_backbones[0], str(tmp_path / family), **tiny))
+    assert type(model.vision_tower) is type(saved)
+    for name, tensor in saved.state_dict().items():
+        torch.testing.assert_close(model.vision_tower.state_dict()[name], tensor, msg=name)
+    model.save_pretrained(tmp_path / "adapters")
+    reloaded = model_class.from_pretrained(tmp_path / "adapters")
+    pixels = torch.randn(2, 3, 32, 32)
+    # Through the tower: LaVIN's vision adapters are in it.
+    torch.testing.assert_close(
+        reloaded.vision_tower(pixel_values=pixels).last_hidden_state,
+        model.vision_tower(pixel_values=pixels).last_hidden_state,
+    )
+
+
 def test_from_backbones_takes_loaded_models(tiny_backbones, inputs, tmp_path):
     text_path, vision_path = tiny_backbones
     llm = AutoModelForCausalLM.from_pretrained(text_path, dtype=torch.float32)

@@ -167,8 +167,10 @@ def load_vision_backbone(
     full_config = _backbone_config(name, revision, options, "vision")
     config = vision_config_of(full_config)
     # The vision-only class of the config (CLIPVisionModel, SiglipVisionModel, ...) also loads the vision
-    # half of a full CLIP/SigLIP checkpoint; BLIP-2/InstructBLIP checkpoints keep it under `vision_model.`.
-    key_mapping = {r"^vision_model\.": ""} if full_config.model_type in ("instructblip", "blip-2") else None
+    # half of a full CLIP/SigLIP checkpoint; BLIP/BLIP-2/InstructBLIP checkpoints keep it under `vision_model.`.
+    key_mapping = (
+        {r"^vision_model\.": ""} if full_config.model_type in ("instructblip", "blip-2", "blip") else None
+    )
     model = _from_weights(
         _vision_class_for(config), "vision", name, revision, options, device_map, key_mapping=key_mapping
     )
@@ -177,17 +179,23 @@ def load_vision_backbone(
 
 
 def _vision_class_for(config: PreTrainedConfig) -> type[PreTrainedModel]:
-    from transformers import Blip2VisionModel, InstructBlipVisionModel
+    import transformers
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-    # Vision towers of BLIP-2 / InstructBLIP have no Auto mapping of their own.
-    unmapped = {"instructblip_vision_model": InstructBlipVisionModel, "blip_2_vision_model": Blip2VisionModel}
-    if config.model_type in unmapped:
-        return unmapped[config.model_type]
-    try:
-        model_class = MODEL_MAPPING[type(config)]
-    except KeyError as error:
-        raise ValueError(f"No transformers model class for vision config {type(config).__name__}.") from error
+    model_class = MODEL_MAPPING.get(type(config), None)
+    if model_class is None:
+        # Some vision towers have no Auto mapping of their own (BLIP, BLIP-2, InstructBLIP, MetaCLIP 2 in
+        # transformers 5.24): transformers names their class after the config (BlipVisionConfig -> BlipVisionModel).
+        config_name = type(config).__name__
+        class_name = config_name.removesuffix("Config") + "Model"
+        model_class = (
+            getattr(transformers, class_name, None) if config_name.endswith("VisionConfig") else None
+        )
+    if model_class is None:
+        raise ValueError(
+            f"No transformers model class for vision config {type(config).__name__}: pass a CLIP, SigLIP, "
+            "MetaCLIP 2 or BLIP-family vision tower."
+        )
     check_fixed_size_vision_tower(model_class)
     return model_class
 
