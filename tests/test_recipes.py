@@ -68,6 +68,34 @@ def test_eval_data_gives_an_evaluation_loss(tiny_backbones, tmp_path):
     assert len(losses) == 2 and all(loss > 0 for loss in losses)
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_auto_trains_in_bfloat16_only_where_the_device_computes_it_natively(
+    tiny_backbones, tmp_path, monkeypatch, native
+):
+    """`training.bf16: auto` (the quickstart recipe's): emulated bfloat16 made a quickstart step 16 times slower
+    than float32 on an AVX2-only CPU."""
+    import mmadapters.recipes
+
+    asked = []
+    monkeypatch.setattr(mmadapters.recipes, "native_bfloat16", lambda device: asked.append(device) or native)
+    training = {
+        "max_steps": 1,
+        "per_device_train_batch_size": 4,
+        "use_cpu": True,
+        "bf16": "auto",
+        "save_steps": 1,
+    }
+    assert main(["train", str(write_recipe(tmp_path, tiny_backbones, training=training))]) == 0
+    args = torch.load(tmp_path / "run" / "checkpoint-1" / "training_args.bin", weights_only=False)
+    assert asked == ["cpu"] and args.bf16 is native
+
+
+def test_bf16_takes_true_false_or_auto(tiny_backbones, tmp_path, capsys):
+    training = {"max_steps": 1, "bf16": "sometimes"}
+    assert main(["train", str(write_recipe(tmp_path, tiny_backbones, training=training))]) == 2
+    assert "`training.bf16`" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

@@ -881,7 +881,7 @@ def test_after_bf16_training_the_quickstart_unwraps_autocast_so_evaluations_run_
     torch.manual_seed(0)
     model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
     dataset = toy_dataset(tmp_path, n=4)
-    settings = QuickstartSettings(train_steps=1, batch_size=2)
+    settings = QuickstartSettings(train_steps=1, batch_size=2, bf16=True)
     args = training_arguments(
         str(tmp_path / "out"), settings, disable_tqdm=True, train_sampling_strategy="random"
     )

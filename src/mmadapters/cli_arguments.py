@@ -15,17 +15,17 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, settings_class: typ
         options = dict(field.metadata)
         help_text = options.pop("help")
         flag = "--" + field.name.replace("_", "-")
-        if isinstance(field.default, bool):
+        # A default that depends on the machine (QuickstartSettings.bf16) comes from a factory.
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        if isinstance(default, bool):
             parser.add_argument(
                 flag,
                 action=argparse.BooleanOptionalAction,
-                default=field.default,
+                default=default,
                 help=f"{help_text} (default: %(default)s)",
             )
         else:
-            parser.add_argument(
-                flag, default=field.default, help=f"{help_text} (default: %(default)s)", **options
-            )
+            parser.add_argument(flag, default=default, help=f"{help_text} (default: %(default)s)", **options)
 
 
 def dataclass_from_arguments(settings_class: type, args: argparse.Namespace) -> Any:

@@ -9,8 +9,9 @@ the adapter-only checkpoint; write `quickstart_summary.json`.
 For the embedded random vision tower and a 10-minute CPU budget the defaults depart from the paper's plain recipe
 in marked ways (each a `QuickstartSettings` field and a CLI flag): whitened visual features, no vision adapters,
 targets that first say what the image shows, batches of 8 rather than the paper's 32 (more updates in the same
-time), no dropout in the adapters (0.1 in the paper), bfloat16 mixed precision, and the LLM-side routing fixed by
-modality (ours) with no text-only samples. Why, with the measurements: benchmarks/README.md, "Quickstart".
+time), no dropout in the adapters (0.1 in the paper), bfloat16 mixed precision where the CPU computes it
+natively, and the LLM-side routing fixed by modality (ours) with no text-only samples. Why, with the
+measurements: benchmarks/README.md, "Quickstart".
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 
 import torch
 
+from .precision import native_bfloat16
 from .quickstart_prompts import HELD_OUT_QUESTIONS, training_questions
 from .validation import positive_float, positive_int
 
@@ -105,9 +107,16 @@ class QuickstartSettings:
         0.0, "weight of the text-only distillation loss towards the frozen LLM (ours; 0 = off)", type=float
     )
     # Mixed precision (bfloat16 autocast, float32 weights and optimizer), as GPU training usually runs: on a CPU
-    # with AVX-512 bfloat16 a step takes about 0.6 of the float32 time (benchmarks/README.md, "Quickstart").
+    # with AVX-512 bfloat16 a step takes about 0.6 of the float32 time, on an AVX2-only CPU (emulated bfloat16) 16
+    # times (benchmarks/README.md, "Quickstart"): on by default only where the CPU computes bfloat16 natively.
     # The vision tower and the whitening stay float32 (LavinForConditionalGeneration.get_image_features).
-    bf16: bool = _setting(True, "train in bfloat16 mixed precision (evaluations stay float32)")
+    bf16: bool = field(
+        default_factory=native_bfloat16,
+        metadata={
+            "help": "train in bfloat16 mixed precision (evaluations stay float32); the default is on where the CPU "
+            "computes bfloat16 natively (AVX-512, Arm BF16), else off"
+        },
+    )
     adapter_placement: str = _setting(
         "attn",
         'adapters before each self-attention ("attn", the paper\'s) or before each MLP too ("attn_mlp")',

@@ -19,7 +19,8 @@ quantization:                # optional, bitsandbytes (BitsAndBytesConfig fields
   text_config: {load_in_4bit: true, bnb_4bit_quant_type: nf4, bnb_4bit_use_double_quant: true}
 lora: {r: 8, lora_alpha: 16, target_modules: [q_proj, v_proj], on: language_model}  # optional LoRA on top
 output_dir: outputs/run
-training: {max_steps: 150, per_device_train_batch_size: 32, learning_rate: 3.0e-3}  # TrainingArguments
+training: {max_steps: 150, per_device_train_batch_size: 32, learning_rate: 3.0e-3}  # TrainingArguments;
+                             # bf16: auto = bf16 where the training device computes it natively
 hub_license: apache-2.0      # with training.push_to_hub: the model card's license, when the backbones' cards
                              # do not settle it (optional)
 ```
@@ -36,8 +37,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
+
 from .errors import MMAdaptersError
 from .inference_loading import INFERENCE_DTYPES, loading_options
+from .precision import native_bfloat16
 
 RECIPE_KEYS = {
     "model",
@@ -197,7 +201,8 @@ def recipe_errors(recipe: dict[str, Any]) -> list[str]:
     unknown = sorted(set(training) - known - {"resume_from_checkpoint"})
     if unknown:
         errors.append(f"`training` has unknown field(s) {unknown}: use TrainingArguments fields")
-    typed = type_errors(TrainingArguments, {k: v for k, v in training.items() if k in known})
+    given = {k: v for k, v in training.items() if k in known and not (k == "bf16" and v == "auto")}
+    typed = type_errors(TrainingArguments, given)
     errors.extend(f"`training.{name}` {message}" for name, message in typed.items())
     for key, (check, wanted) in TRAINING_RANGES.items():
         if key in training and key not in typed and not check(training[key]):
@@ -450,6 +455,9 @@ def train_from_recipe(
     if eval_dataset is not None:
         training.setdefault("eval_strategy", "steps")
     training.pop("resume_from_checkpoint", None)  # handled above: passed to train()
+    if training.get("bf16") == "auto":  # ours: bf16 only where it is not emulated (mmadapters.precision)
+        on_gpu = torch.cuda.is_available() and not training.get("use_cpu")
+        training["bf16"] = native_bfloat16("cuda" if on_gpu else "cpu")
     try:
         args = TrainingArguments(output_dir=recipe["output_dir"], **training)
     except TypeError as error:

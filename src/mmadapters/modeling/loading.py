@@ -19,6 +19,8 @@ unknown keywords raise `TypeError`, as in transformers:
   split a 7B LLM across devices without cutting a decoder layer (`_no_split_modules` come from the backbones),
   then split per backbone; each adapter is placed on the device where its layer runs (see
   `FrozenBackbonesPreTrainedModel._follow_backbone_devices`).
+
+Hub kernels stay off: each backbone loads with `use_kernels=False` (transformers 5.25 turns them on by default).
 """
 
 from __future__ import annotations
