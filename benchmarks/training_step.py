@@ -22,8 +22,8 @@ import time
 # "+sup": the forward computes logits only at supervised positions (`supervised_logits_only=True`, what
 # LavinTrainer/CromeTrainer pass in training steps); the others compute them everywhere (a plain HF forward).
 # "lavin+lora": LaVIN's adapters and a LoRA r = 8 on the LLM's q/v training together (`mmadapters.add_lora`).
-# "+bf16": the step under bfloat16 autocast, as `TrainingArguments(bf16=True)` runs it (the quickstart's default;
-# weights and optimizer stay float32).
+# "+bf16": the step under bfloat16 autocast, as `TrainingArguments(bf16=True)` runs it (the quickstart's default
+# where the CPU computes bfloat16 natively: mmadapters.precision; weights and optimizer stay float32).
 METHODS = ("lavin", "lavin+sup", "lavin+sup+bf16", "lavin+lora+sup", "lora", "lora+sup", "full")
 
 
