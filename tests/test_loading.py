@@ -102,14 +102,9 @@ def test_every_keyword_of_transformers_from_pretrained_is_honoured_or_refused():
     parameters = inspect.signature(PreTrainedModel.from_pretrained).parameters
     read |= {name for name, p in parameters.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
     placed = {*loading.PASS_THROUGH, *loading.NO_EFFECT, *loading.INTERNAL, *loading.REFUSED}
-    placed |= {f.name for f in dataclasses.fields(loading.BackboneLoadOptions)} | {
-        "torch_dtype",
-        "device_map",
-    }
-    placed |= {
-        "quantization_config",
-        "output_loading_info",
-    }  # BackboneLoadOptions.quantization, .loading_info
+    # Read into BackboneLoadOptions: its fields, and transformers' names for three of them.
+    placed |= {f.name for f in dataclasses.fields(loading.BackboneLoadOptions)}
+    placed |= {"torch_dtype", "quantization_config", "output_loading_info"}
     # Read by our from_pretrained itself.
     placed |= {"pretrained_model_name_or_path", "config", "revision", "generation_config"}
     assert read - placed == set()
