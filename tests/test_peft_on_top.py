@@ -5,6 +5,7 @@ never collide with PEFT's."""
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import warnings
 
@@ -33,6 +34,7 @@ from mmadapters import (
     add_lora,
 )
 from mmadapters.convert.merge import merge_lavin_adapters
+from mmadapters.modeling.loading import LoadingOptionError
 from mmadapters.modeling.peft_on_top import name_through_peft_layers, tuner_layers
 from mmadapters.trainers import CromeTrainer
 
@@ -711,7 +713,13 @@ def test_peft_and_our_checkpoints_share_a_folder_and_each_loader_says_what_it_go
     peft_model = get_peft_model(LavinForConditionalGeneration.from_backbones(*tiny_backbones), lora(r=2))
     peft_model.save_pretrained(folder)
     assert {"adapter_config.json", "mmadapters_model.safetensors"} <= set(os.listdir(folder))
-    torch.testing.assert_close(logits(LavinForConditionalGeneration.from_pretrained(folder), batch), expected)
+    # Loaded as transformers loads a model with a PEFT adapter beside it: both; here under one name, said up front.
+    with pytest.raises(LoadingOptionError, match="holds a PEFT adapter named 'default'.*adapter_name="):
+        LavinForConditionalGeneration.from_pretrained(folder)
+    both = LavinForConditionalGeneration.from_pretrained(folder, adapter_name="beside")
+    assert set(both.config.peft_adapters) == {"default", "beside"}
+    both.set_adapter("default")
+    torch.testing.assert_close(logits(both, batch), expected)
     # Our save into that folder keeps PEFT's adapter.
     lavin.save_pretrained(folder)
     assert PeftConfig.from_pretrained(folder).r == 2
@@ -727,6 +735,54 @@ def test_peft_and_our_checkpoints_share_a_folder_and_each_loader_says_what_it_go
         PeftModel.from_pretrained(llm, tmp_path / "ours")
     with pytest.raises(PeftOnTopError, match="not a PEFT adapter"):
         lavin.load_adapter(tmp_path / "ours", adapter_name="y")
+
+
+@pytest.mark.parametrize("adapter_only", [True, False])
+def test_a_peft_adapter_trained_on_our_checkpoint_loads_as_transformers_loads_one(
+    lavin, processor, tmp_path, adapter_only
+):
+    """`get_peft_model` on a loaded checkpoint, `PeftModel.save_pretrained`: PEFT records the checkpoint as the base
+    model (our loader left `name_or_path` empty, so it recorded none), and the adapter folder loads with its base
+    through transformers' Auto class, a pipeline, our own `from_pretrained` and PEFT's AutoPeftModel (the Auto
+    class and the pipeline dropped the LoRA of a full checkpoint without a word)."""
+    from peft import AutoPeftModel
+    from transformers import AutoModelForImageTextToText, pipeline
+
+    randomize_trainable(lavin)
+    checkpoint = str(tmp_path / "lavin")
+    lavin.save_pretrained(checkpoint, adapter_only=adapter_only)
+    processor.save_pretrained(checkpoint)
+    base = LavinForConditionalGeneration.from_pretrained(checkpoint)
+    assert base.name_or_path == checkpoint
+    peft_model = get_peft_model(
+        base, lora(target_modules=r".*language_model.*\.(q_proj|v_proj)", init_lora_weights=False)
+    )
+    peft_model.save_pretrained(tmp_path / "lora")
+    assert PeftConfig.from_pretrained(tmp_path / "lora").base_model_name_or_path == checkpoint
+    batch = inputs(processor)
+    expected = logits(peft_model, batch)
+    assert (
+        expected - logits(LavinForConditionalGeneration.from_pretrained(checkpoint), batch)
+    ).abs().max() > 1e-3
+    # PEFT 0.19+ imports the base model's module only when allowed (0.18 has no such keyword).
+    allowlist = "import_allowlist" in inspect.signature(AutoPeftModel.from_pretrained).parameters
+    allow = {"import_allowlist": [type(lavin).__module__]} if allowlist else {}
+    for load in (
+        lambda: AutoModelForImageTextToText.from_pretrained(tmp_path / "lora"),
+        lambda: pipeline("image-text-to-text", model=str(tmp_path / "lora")).model,
+        lambda: LavinForConditionalGeneration.from_pretrained(tmp_path / "lora"),
+        lambda: AutoPeftModel.from_pretrained(tmp_path / "lora", **allow),
+    ):
+        torch.testing.assert_close(logits(load(), batch), expected)
+    named = AutoModelForImageTextToText.from_pretrained(tmp_path / "lora", adapter_name="task")
+    assert named.active_adapters() == ["task"]
+    torch.testing.assert_close(logits(named, batch), expected)
+    with pytest.raises(LoadingOptionError, match="adapter_name='task' names the PEFT adapter"):
+        LavinForConditionalGeneration.from_pretrained(checkpoint, adapter_name="task")
+    with pytest.raises(LoadingOptionError, match=r"adapter_kwargs \['cache_dir'\] are not supported"):
+        AutoModelForImageTextToText.from_pretrained(
+            tmp_path / "lora", adapter_kwargs={"cache_dir": str(tmp_path)}
+        )
 
 
 def test_checkpoints_with_peft_file_names_still_load(lavin, processor, tmp_path):

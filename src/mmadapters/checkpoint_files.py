@@ -49,17 +49,32 @@ def adapter_weights_file(folder: str) -> str | None:
     return None
 
 
-def peft_type_of(folder: str) -> str | None:
-    """The `peft_type` named by the folder's adapter_config.json (None: no such file or no such field)."""
+def _peft_config_of(folder: str) -> dict:
+    """The folder's adapter_config.json as a dict ({} when there is none or it cannot be read)."""
     path = os.path.join(folder, PEFT_CONFIG_NAME)
     if not os.path.isfile(path):
-        return None
+        return {}
     try:
         with open(path) as f:
-            value = json.load(f).get("peft_type")
-    except (OSError, ValueError, AttributeError):
-        return None
+            config = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def peft_type_of(folder: str) -> str | None:
+    """The `peft_type` named by the folder's adapter_config.json (None: no such file or no such field)."""
+    value = _peft_config_of(folder).get("peft_type")
     return str(value) if value is not None else None
+
+
+def peft_base_model(folder: str) -> dict[str, str | None] | None:
+    """The base model a PEFT adapter folder names (`name_or_path` and `revision` from its adapter_config.json);
+    None when it names none (PEFT records none for a model built from configs)."""
+    config = _peft_config_of(folder)
+    if not config.get("base_model_name_or_path"):
+        return None
+    return {"name_or_path": config["base_model_name_or_path"], "revision": config.get("revision")}
 
 
 def is_peft_adapter_folder(folder: str) -> bool:
@@ -167,4 +182,5 @@ __all__ = [
     "incomplete_checkpoint_message",
     "is_peft_adapter_folder",
     "not_our_checkpoint_message",
+    "peft_base_model",
 ]

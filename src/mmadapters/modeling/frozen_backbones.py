@@ -35,6 +35,7 @@ from ..checkpoint_files import (
     incomplete_checkpoint_message,
     is_peft_adapter_folder,
     not_our_checkpoint_message,
+    peft_base_model,
     replaced_by_adapter_save,
 )
 from ..hub.names import looks_like_local_path
@@ -67,9 +68,11 @@ from .frozen_backbones_config import changed_adapter_settings
 from .full_checkpoint_quantization import hand_quantization_to_backbones, scoped_quantization
 from .image_tokens import labels_without_image_tokens, vocabulary_size
 from .loading import (
+    PEFT_ADAPTER_KWARGS,
     ROLES,
     BackboneLoadOptions,
     LoadingOptionError,
+    PeftAdapterToLoad,
     compute_device_map,
     execution_device,
     main_device_of,
@@ -1087,15 +1090,26 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         revision: str | None = None,
         token: str | None = None,
         is_trainable: bool = False,
+        adapter_kwargs: dict[str, Any] | None = None,
+        load_config: Any = None,
         **kwargs: Any,
     ) -> None:
         """Load a PEFT adapter (a folder or Hub repo that `PeftModel.save_pretrained` wrote) onto the model; see
-        `mmadapters.modeling.peft_on_top.load_peft_adapter`. It is saved with our adapters by save_pretrained."""
-        if kwargs:
+        `mmadapters.modeling.peft_on_top.load_peft_adapter`. It is saved with our adapters by save_pretrained.
+
+        `adapter_kwargs` (`revision`, `token`) as in transformers; transformers' loader calls this with them when
+        a full checkpoint comes with a PEFT adapter, and with `load_config`, its settings for the model's own
+        weights (dtype, placement), which the adapter's layers take from the layers they wrap."""
+        adapter_kwargs = dict(adapter_kwargs or {})
+        unsupported = sorted(set(adapter_kwargs) - set(PEFT_ADAPTER_KWARGS))
+        if kwargs or unsupported:
             raise TypeError(
-                f"load_adapter() got keyword argument(s) {sorted(kwargs)} that mmadapters does not support here "
-                "(supported: adapter_name, on, revision, token, is_trainable)."
+                f"load_adapter() got keyword argument(s) {sorted(kwargs)} (adapter_kwargs {unsupported}) that "
+                "mmadapters does not support here (supported: adapter_name, on, revision, token, is_trainable, "
+                f"adapter_kwargs with {list(PEFT_ADAPTER_KWARGS)})."
             )
+        revision = revision if revision is not None else adapter_kwargs.get("revision")
+        token = token if token is not None else adapter_kwargs.get("token")
         peft_on_top.load_peft_adapter(self, peft_model_id, adapter_name, on, revision, token, is_trainable)
 
     def _check_peft_adapter_names(self, names: list[str], action: str) -> None:
@@ -1222,14 +1236,17 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         from `text_model` / `vision_model` if given, and checked against the recorded fingerprints) or full.
 
         Every keyword of `PreTrainedModel.from_pretrained` is honoured or refused with a reason (see
-        `mmadapters.modeling.loading`); `text_revision` / `vision_revision` pick the backbones' revisions."""
-        # transformers' Auto classes take any folder with an adapter_config.json for a PEFT adapter and pass
-        # these along; our adapters are not PEFT's, and are loaded below.
-        kwargs.pop("adapter_kwargs", None)
-        kwargs.pop("_adapter_model_path", None)
+        `mmadapters.modeling.loading`); `text_revision` / `vision_revision` pick the backbones' revisions.
+
+        A PEFT adapter loads as in transformers: a PEFT adapter folder or repo loads the model its
+        adapter_config.json names (`base_model_name_or_path`), then the adapter; so does a PEFT adapter saved
+        into the checkpoint's folder (`adapter_name` names it)."""
+        peft_adapter = PeftAdapterToLoad.pop_from(kwargs)
         # Our one nested config field: the fields given replace the checkpoint's (changed_adapter_settings).
         adapter_settings = kwargs.pop("adapter_config", None)
         if pretrained_model_name_or_path is None:
+            peft_adapter.refuse_name_without_adapter("the config")
+            kwargs.update(peft_adapter.transformers_keywords())
             return cls._from_full_checkpoint(None, model_args, revision, adapter_settings, kwargs)
         name = os.fspath(pretrained_model_name_or_path)
         recover(name)  # a save killed between its two renames left the checkpoint moved aside: put it back
@@ -1247,9 +1264,35 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             saved_config = read_checkpoint_config(name, revision, subfolder, **hub_kwargs)
             check_checkpoint_kind(name, saved_config, cls.config_class.model_type)
         folder = resolve_checkpoint_folder(name, revision, subfolder, **hub_kwargs)
-        if adapter_weights_file(folder) is None:
-            if is_peft_adapter_folder(folder) and not os.path.isfile(os.path.join(folder, "config.json")):
+        if is_peft_adapter_folder(folder) and not os.path.isfile(os.path.join(folder, "config.json")):
+            # A PEFT adapter alone: its base model first (one of our checkpoints), then the adapter.
+            base = peft_base_model(folder)
+            base_config = base and read_checkpoint_config(
+                base["name_or_path"], base["revision"], **hub_kwargs
+            )
+            base_is_ours = (base_config or {}).get("model_type") == cls.config_class.model_type
+            if not base_is_ours or peft_adapter.path is not None:
                 raise ValueError(not_our_checkpoint_message(name, folder))
+            peft_adapter.path = name
+            peft_adapter.adapter_kwargs.setdefault("revision", revision)
+            return cls.from_pretrained(
+                base["name_or_path"],
+                *model_args,
+                text_model=text_model,
+                vision_model=vision_model,
+                ignore_backbone_mismatch=ignore_backbone_mismatch,
+                revision=base["revision"],
+                text_revision=text_revision,
+                vision_revision=vision_revision,
+                adapter_config=adapter_settings,
+                **peft_adapter.transformers_keywords(),
+                **kwargs,
+            )
+        if peft_adapter.path is None and is_peft_adapter_folder(folder):
+            peft_adapter.path = folder  # saved beside the model: transformers loads it too
+        peft_adapter.refuse_name_without_adapter(name)
+        peft_adapter.refuse_taken_name(name, (read_checkpoint_config(folder) or {}).get("peft_adapters"))
+        if adapter_weights_file(folder) is None:
             incomplete = None if config_given else incomplete_checkpoint_message(name, folder)
             if incomplete:
                 raise FileNotFoundError(incomplete)
@@ -1258,12 +1301,15 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
                     f"'{name}' is a full checkpoint (it holds the backbones' weights): text_model= / vision_model= "
                     "apply to adapter-only checkpoints."
                 )
-            return cls._from_full_checkpoint(folder, model_args, None, adapter_settings, kwargs)
+            kwargs.update(peft_adapter.transformers_keywords())  # transformers' loader calls our load_adapter
+            return named_after(
+                cls._from_full_checkpoint(folder, model_args, None, adapter_settings, kwargs), name
+            )
         if model_args:
             raise TypeError(
                 f"{cls.__name__}.from_pretrained() takes no extra positional arguments: {model_args}"
             )
-        return cls._from_adapter_checkpoint(
+        loaded = cls._from_adapter_checkpoint(
             name,
             folder,
             text_model,
@@ -1274,6 +1320,12 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             adapter_settings,
             kwargs,
         )
+        if peft_adapter.path is not None:
+            model = loaded[0] if isinstance(loaded, tuple) else loaded
+            model.load_adapter(
+                peft_adapter.path, adapter_name=peft_adapter.adapter_name, **peft_adapter.adapter_kwargs
+            )
+        return named_after(loaded, name)
 
     @classmethod
     def _from_full_checkpoint(
@@ -1534,6 +1586,15 @@ def _apply_recorded_quantization(options: BackboneLoadOptions, config: Any) -> N
     for role in ROLES:
         if record.get(f"{role}_config") is not None:
             options.quantization[role] = AutoQuantizationConfig.from_dict(dict(record[f"{role}_config"]))
+
+
+def named_after(loaded: Any, name: str) -> Any:
+    """The loaded model (or `(model, loading_info)`) with `name_or_path` set to the name it was loaded by, as
+    transformers sets it: PEFT records it as an adapter's base model, which transformers' Auto classes, pipelines
+    and PEFT's AutoPeftModel load before the adapter."""
+    model = loaded[0] if isinstance(loaded, tuple) else loaded
+    model.name_or_path = model.config.name_or_path = name
+    return loaded
 
 
 def _device_name(device: torch.device) -> Any:

@@ -21,6 +21,10 @@ unknown keywords raise `TypeError`, as in transformers:
   `FrozenBackbonesPreTrainedModel._follow_backbone_devices`).
 
 Hub kernels stay off: each backbone loads with `use_kernels=False` (transformers 5.25 turns them on by default).
+
+A PEFT adapter comes after the model, as in transformers (`PeftAdapterToLoad`): `from_pretrained` of a PEFT
+adapter folder or repo loads the base model its adapter_config.json names, then the adapter (`adapter_name`);
+transformers' Auto classes and pipelines pass it as `adapter_kwargs`.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ PASS_THROUGH = HUB_KEYWORDS + (
 # Accepted and without effect, as in transformers 5 itself (loading is always low-memory there).
 NO_EFFECT = ("low_cpu_mem_usage", "offload_state_dict", "mirror", "_fast_init")
 # Set by transformers' Auto classes and pipelines on the way in: not for us.
-INTERNAL = ("_from_auto", "_from_pipeline", "_commit_hash", "adapter_kwargs", "_adapter_model_path")
+INTERNAL = ("_from_auto", "_from_pipeline", "_commit_hash")
 # Accepted by transformers but not meaningful for a model assembled from two separately loaded backbones.
 REFUSED = {
     "gguf_file": "load the GGUF LLM with AutoModelForCausalLM.from_pretrained(..., gguf_file=...) and pass the "
@@ -66,7 +70,10 @@ REFUSED = {
     "key_mapping": "the backbones load with their own checkpoint keys; rename keys in the backbone checkpoints",
     "subfolder": "point text_model= / vision_model= at the backbone folders instead",
     "variant": "point text_model= / vision_model= at the backbone variant folders instead",
-    "adapter_name": "our adapters are not PEFT adapters; load PEFT adapters afterwards with PeftModel",
+    "adapter_name": "it names the PEFT adapter that from_pretrained loads from a PEFT adapter folder; add PEFT "
+    "adapters to a model built here with model.load_adapter(..., adapter_name=...)",
+    "adapter_kwargs": "it goes with a PEFT adapter that from_pretrained loads; add PEFT adapters to a model built "
+    "here with model.load_adapter(...)",
     "ignore_mismatched_sizes": "adapter weights of another shape belong to another model: they are refused",
     "state_dict": "pass adapter weights with model.load_adapter_state_dict(...) after loading",
 }
@@ -74,6 +81,63 @@ REFUSED = {
 
 class LoadingOptionError(MMAdaptersError, ValueError):
     """A loading keyword that our models cannot honour."""
+
+
+# transformers' `adapter_kwargs` that reach the adapter's download (the Auto classes set `revision` and `token`).
+PEFT_ADAPTER_KWARGS = ("revision", "token")
+
+
+@dataclass
+class PeftAdapterToLoad:
+    """A PEFT adapter (a folder or repo that `PeftModel.save_pretrained` wrote) that `from_pretrained` loads onto
+    the model after the model itself, as transformers' `from_pretrained` does: `path` is named by transformers'
+    Auto classes and pipelines (`adapter_kwargs["_adapter_model_path"]`, after they loaded the adapter's base
+    model), found in the checkpoint folder (a PEFT adapter saved beside the model) or given directly (a PEFT
+    adapter folder whose base model is our checkpoint). `adapter_name` names it ("default" unless given)."""
+
+    path: str | None = None
+    adapter_name: str | None = None
+    adapter_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def pop_from(cls, kwargs: dict[str, Any]) -> PeftAdapterToLoad:
+        """Take transformers' adapter keywords out of `from_pretrained`'s `kwargs`; unsupported ones are refused."""
+        adapter_kwargs = dict(kwargs.pop("adapter_kwargs", None) or {})
+        path = adapter_kwargs.pop("_adapter_model_path", None) or kwargs.pop("_adapter_model_path", None)
+        unsupported = sorted(set(adapter_kwargs) - set(PEFT_ADAPTER_KWARGS))
+        if unsupported:
+            raise LoadingOptionError(
+                f"adapter_kwargs {unsupported} are not supported: the PEFT adapter's download takes "
+                f"{list(PEFT_ADAPTER_KWARGS)}."
+            )
+        return cls(path and os.fspath(path), kwargs.pop("adapter_name", None), adapter_kwargs)
+
+    def transformers_keywords(self) -> dict[str, Any]:
+        """The keywords that make transformers' own loader (full checkpoints) load this adapter: it calls the
+        model's `load_adapter` with them, as for any model."""
+        keywords: dict[str, Any] = {"adapter_name": self.adapter_name} if self.adapter_name else {}
+        if self.path is not None:
+            keywords["adapter_kwargs"] = {**self.adapter_kwargs, "_adapter_model_path": self.path}
+        return keywords
+
+    def refuse_taken_name(self, name: str, recorded: dict[str, Any] | None) -> None:
+        """Refuse, before loading, a PEFT adapter whose name the checkpoint's own PEFT adapters (`recorded`, from
+        its config.json) already use."""
+        taken = self.adapter_name or "default"
+        if self.path is not None and taken in (recorded or {}):
+            raise LoadingOptionError(
+                f"'{name}' holds a PEFT adapter named {taken!r} (recorded in its config.json), and the PEFT adapter "
+                f"at '{self.path}' would load under the same name. Pass adapter_name='another name' to load both, "
+                "or load the checkpoint from a folder without PEFT's adapter_config.json."
+            )
+
+    def refuse_name_without_adapter(self, name: str) -> None:
+        if self.adapter_name is not None and self.path is None:
+            raise LoadingOptionError(
+                f"adapter_name={self.adapter_name!r} names the PEFT adapter that from_pretrained loads from a PEFT "
+                f"adapter folder (adapter_config.json), and '{name}' holds none. Add one afterwards with "
+                "model.load_adapter(path, adapter_name=...)."
+            )
 
 
 @dataclass
