@@ -21,7 +21,7 @@ from conftest import (
 )
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 import mmadapters
 from mmadapters import (
@@ -746,7 +746,7 @@ def test_a_peft_adapter_trained_on_our_checkpoint_loads_as_transformers_loads_on
     through transformers' Auto class, a pipeline, our own `from_pretrained` and PEFT's AutoPeftModel (the Auto
     class and the pipeline dropped the LoRA of a full checkpoint without a word)."""
     from peft import AutoPeftModel
-    from transformers import AutoModelForImageTextToText, pipeline
+    from transformers import pipeline
 
     randomize_trainable(lavin)
     checkpoint = str(tmp_path / "lavin")
@@ -774,6 +774,9 @@ def test_a_peft_adapter_trained_on_our_checkpoint_loads_as_transformers_loads_on
         lambda: AutoPeftModel.from_pretrained(tmp_path / "lora", **allow),
     ):
         torch.testing.assert_close(logits(load(), batch), expected)
+    loaded, info = AutoModelForImageTextToText.from_pretrained(tmp_path / "lora", output_loading_info=True)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+    torch.testing.assert_close(logits(loaded, batch), expected)
     named = AutoModelForImageTextToText.from_pretrained(tmp_path / "lora", adapter_name="task")
     assert named.active_adapters() == ["task"]
     torch.testing.assert_close(logits(named, batch), expected)
@@ -799,6 +802,10 @@ def test_checkpoints_with_peft_file_names_still_load(lavin, processor, tmp_path)
     (tmp_path / "old" / "adapter_config.json").write_text(json.dumps({**lavin.config.adapter_config}))
     torch.testing.assert_close(
         logits(LavinForConditionalGeneration.from_pretrained(tmp_path / "old"), batch), expected
+    )
+    # transformers' Auto class takes any adapter_config.json for a PEFT adapter's and passes it on: ours is not.
+    torch.testing.assert_close(
+        logits(AutoModelForImageTextToText.from_pretrained(tmp_path / "old"), batch), expected
     )
     # Saving again writes the new names and removes the old ones.
     LavinForConditionalGeneration.from_pretrained(tmp_path / "old").save_pretrained(tmp_path / "old")

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.compiler import is_compiling
 from transformers import GenerationConfig, PreTrainedConfig, PreTrainedModel
+from transformers.modeling_utils import LoadStateDictInfo
 from transformers.utils import logging
 
 from ..atomic import atomic_directory, recover
@@ -1093,13 +1094,15 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         adapter_kwargs: dict[str, Any] | None = None,
         load_config: Any = None,
         **kwargs: Any,
-    ) -> None:
+    ) -> LoadStateDictInfo:
         """Load a PEFT adapter (a folder or Hub repo that `PeftModel.save_pretrained` wrote) onto the model; see
         `mmadapters.modeling.peft_on_top.load_peft_adapter`. It is saved with our adapters by save_pretrained.
 
         `adapter_kwargs` (`revision`, `token`) as in transformers; transformers' loader calls this with them when
         a full checkpoint comes with a PEFT adapter, and with `load_config`, its settings for the model's own
-        weights (dtype, placement), which the adapter's layers take from the layers they wrap."""
+        weights (dtype, placement), which the adapter's layers take from the layers they wrap. Returns the
+        adapter's loading report, as transformers does (`from_pretrained(..., output_loading_info=True)` of a full
+        checkpoint returns it): empty, since a tensor without its place is refused, not reported."""
         adapter_kwargs = dict(adapter_kwargs or {})
         unsupported = sorted(set(adapter_kwargs) - set(PEFT_ADAPTER_KWARGS))
         if kwargs or unsupported:
@@ -1111,6 +1114,14 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         revision = revision if revision is not None else adapter_kwargs.get("revision")
         token = token if token is not None else adapter_kwargs.get("token")
         peft_on_top.load_peft_adapter(self, peft_model_id, adapter_name, on, revision, token, is_trainable)
+        return LoadStateDictInfo(
+            missing_keys=set(),
+            unexpected_keys=set(),
+            mismatched_keys=set(),
+            error_msgs=[],
+            conversion_errors={},
+            skipped_pp_keys=set(),
+        )
 
     def _check_peft_adapter_names(self, names: list[str], action: str) -> None:
         """Refuse, before anything changes, a PEFT adapter call on a model without PEFT adapters or with names it
@@ -1288,6 +1299,8 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
                 **peft_adapter.transformers_keywords(),
                 **kwargs,
             )
+        if peft_adapter.path == name and not is_peft_adapter_folder(folder):
+            peft_adapter.path = None  # transformers' Auto classes took our old adapter_config.json for PEFT's
         if peft_adapter.path is None and is_peft_adapter_folder(folder):
             peft_adapter.path = folder  # saved beside the model: transformers loads it too
         peft_adapter.refuse_name_without_adapter(name)
