@@ -145,6 +145,53 @@ def test_push_then_pull_in_another_process_gives_identical_logits(hub, tiny_back
     assert torch.equal(torch.load(got_file), torch.load(expected_file))
 
 
+PEFT_ON_TOP_OF_A_HUB_CHECKPOINT = """
+import sys, torch
+from conftest import tiny_sample_inputs
+from peft import LoraConfig, get_peft_model
+from mmadapters import LavinForConditionalGeneration, LavinProcessor
+out = sys.argv[1]
+model = LavinForConditionalGeneration.from_pretrained("org/lavin-tiny")
+assert model.name_or_path == "org/lavin-tiny", model.name_or_path
+config = LoraConfig(r=2, target_modules=r".*language_model.*\\.q_proj", init_lora_weights=False)
+peft_model = get_peft_model(model, config).eval()
+peft_model.push_to_hub("org/lavin-tiny-lora")
+with torch.no_grad():
+    torch.save(peft_model(**tiny_sample_inputs(LavinProcessor.from_pretrained("org/lavin-tiny"))).logits, out)
+"""
+
+LOAD_PEFT_ADAPTER_FROM_HUB = """
+import sys, torch
+import mmadapters
+from conftest import tiny_sample_inputs
+from transformers import AutoModelForImageTextToText, AutoProcessor
+model = AutoModelForImageTextToText.from_pretrained("org/lavin-tiny-lora").eval()
+assert model.active_adapters() == ["default"]
+with torch.no_grad():
+    torch.save(model(**tiny_sample_inputs(AutoProcessor.from_pretrained("org/lavin-tiny"))).logits, sys.argv[1])
+"""
+
+
+def test_a_peft_adapter_pushed_on_top_of_a_hub_checkpoint_loads_with_it(hub, tiny_backbones, tmp_path):
+    """PEFT records the Hub checkpoint (the name it was loaded by) as the adapter's base model, so transformers'
+    Auto class loads the adapter repo as that checkpoint with the adapter on it, in a fresh process."""
+    upload_plain(hub, "org/tiny-llm", tiny_backbones[0])
+    upload_plain(hub, "org/tiny-vision", tiny_backbones[1])
+    env = hub_env(hub, tmp_path)
+    built = run(BUILD_AND_SAVE, str(tmp_path / "lavin"), str(tmp_path / "base.pt"), env=env)
+    assert built.returncode == 0, built.stderr[-3000:]
+    push_folder(tmp_path / "lavin", "org/lavin-tiny", token=TOKEN, endpoint=hub.url, license="apache-2.0")
+    trained = run(PEFT_ON_TOP_OF_A_HUB_CHECKPOINT, str(tmp_path / "expected.pt"), env=env)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    adapter_config = json.loads(hub.repos["org/lavin-tiny-lora"].commits[-1][1]["adapter_config.json"])
+    assert adapter_config["base_model_name_or_path"] == "org/lavin-tiny"
+    loaded = run(LOAD_PEFT_ADAPTER_FROM_HUB, str(tmp_path / "got.pt"), env=env)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    expected = torch.load(tmp_path / "expected.pt")
+    assert torch.equal(torch.load(tmp_path / "got.pt"), expected)
+    assert not torch.equal(torch.load(tmp_path / "base.pt"), expected)  # the LoRA changed the model
+
+
 TRAIN_AND_PUSH = """
 import sys, json, torch
 from conftest import make_trainer, toy_dataset
