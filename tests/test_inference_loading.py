@@ -55,6 +55,23 @@ def test_load_for_inference_places_and_casts_the_backbones(checkpoint):
     assert default.language_model.dtype == torch.float32  # the README's numbers are float32 on CPU
 
 
+def test_a_peft_adapter_folder_loads_for_inference_with_its_base_checkpoint(checkpoint, tmp_path):
+    """`mmadapters eval` / `chat` / the demo on a folder that `PeftModel.save_pretrained` wrote on top of a
+    checkpoint: the checkpoint with the adapter on it, and the checkpoint's processor (the adapter folder has
+    none)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = LavinForConditionalGeneration.from_pretrained(checkpoint)
+    config = LoraConfig(r=2, target_modules=r".*language_model.*\.q_proj", init_lora_weights=False)
+    peft_model = get_peft_model(base, config).eval()
+    peft_model.save_pretrained(tmp_path / "lora")
+    model, processor = load_for_inference(str(tmp_path / "lora"))
+    assert type(processor).__name__ == "LavinProcessor" and model.active_adapters() == ["default"]
+    inputs = processor(text=["Image: N/A\nhello"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, peft_model(**inputs).logits)
+
+
 def test_eval_and_chat_take_dtype_and_device_map(checkpoint, loads, tmp_path, capsys, monkeypatch):
     assert main(["eval", checkpoint, "--limit", "2", "--dtype", "bfloat16", "--device-map", "cpu"]) == 0
     assert json.loads(capsys.readouterr().out)["count"] == 2

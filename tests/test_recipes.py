@@ -176,6 +176,28 @@ def test_a_data_option_the_data_set_does_not_take_is_refused(tiny_backbones, tmp
     )
 
 
+def test_from_checkpoint_takes_a_peft_adapter_folder_with_its_base_checkpoint(tiny_backbones, tmp_path):
+    """`from_checkpoint` naming what `PeftModel.save_pretrained` wrote on top of a checkpoint: training continues
+    from the checkpoint with the adapter on it (frozen, as transformers loads one), with the checkpoint's
+    processor."""
+    from peft import LoraConfig, get_peft_model
+
+    from mmadapters import LavinProcessor
+
+    model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+    model.save_pretrained(tmp_path / "ckpt", processor=LavinProcessor.from_backbones(*tiny_backbones))
+    config = LoraConfig(r=2, target_modules=r".*language_model.*\.q_proj")
+    get_peft_model(LavinForConditionalGeneration.from_pretrained(tmp_path / "ckpt"), config).save_pretrained(
+        tmp_path / "lora"
+    )
+    recipe = load_recipe(str(write_recipe(tmp_path, tiny_backbones, from_checkpoint=str(tmp_path / "lora"))))
+    model, processor = build_model_and_processor(recipe)
+    assert isinstance(processor, LavinProcessor) and model.training
+    assert list(model.config.peft_adapters) == ["default"]
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and not any("lora_" in name for name in trainable)
+
+
 def test_from_checkpoint_honours_the_backbone_and_adapter_keys_or_refuses_them(
     tiny_backbones, tmp_path, capsys
 ):

@@ -62,7 +62,8 @@ def load_for_inference(
         **{key: value for key, value in backbones.items() if value},
         **({"ignore_backbone_mismatch": True} if ignore_backbone_mismatch else {}),
     )
-    return model.eval(), AutoProcessor.from_pretrained(name)
+    # The processor is the checkpoint's: `name` may be a PEFT adapter folder, loaded on the checkpoint it names.
+    return model.eval(), AutoProcessor.from_pretrained(model.name_or_path or name)
 
 
 def inputs_on_model_device(inputs: Any, model: Any) -> Any:

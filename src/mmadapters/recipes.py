@@ -335,7 +335,9 @@ def _build_model_and_processor(recipe: dict[str, Any]) -> tuple[Any, Any]:
                 f"`from_checkpoint` {recipe['from_checkpoint']} is a {error.found} checkpoint, but the recipe says "
                 f"`model: {recipe['model']}`: set `model: {error.found}`."
             ) from None
-        return model.train(), chosen.processor_class.from_pretrained(recipe["from_checkpoint"])
+        # The checkpoint's processor (`from_checkpoint` may be a PEFT adapter folder, loaded on the one it names).
+        processor_source = model.name_or_path or recipe["from_checkpoint"]
+        return model.train(), chosen.processor_class.from_pretrained(processor_source)
     text_model, vision_model = resolve_backbones(recipe)
     adapter = recipe.get("adapter") or {}
     if recipe.get("init_from"):  # CROME: the Q-Former from an InstructBLIP checkpoint
