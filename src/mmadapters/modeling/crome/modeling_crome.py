@@ -395,6 +395,7 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
         """
         if input_ids is None:
             raise ValueError("CROME needs input_ids (the processor's output).")
+        refuse_inputs_embeds(kwargs.pop("inputs_embeds", None))
         cache = pick_cache(cache, kwargs.pop("past_key_values", None), type(self).__name__)
         past_length = cache.get_seq_length() if cache is not None else 0
         self.check_inputs(
@@ -477,6 +478,7 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
         once and handed to the LLM's own `generate`, which returns the decoder's tokens.
         """
         self.check_assistant_model(kwargs.get("assistant_model"))
+        refuse_inputs_embeds(kwargs.pop("inputs_embeds", None))
         if self.is_encoder_decoder_llm:
             if kwargs.get("assistant_model") is not None:
                 # the LLM's generate would run the assistant's encoder on our embedded inputs, not on its own
@@ -498,6 +500,16 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
             prompt_mask=prompt_mask,
             attention_mask=attention_mask,
             **kwargs,
+        )
+
+
+def refuse_inputs_embeds(inputs_embeds: torch.Tensor | None) -> None:
+    """CROME embeds its inputs itself. `inputs_embeds=None` is taken (PEFT's task wrappers pass it with the ids);
+    embeddings in place of ids are refused."""
+    if inputs_embeds is not None:
+        raise ValueError(
+            "CROME takes input_ids, not inputs_embeds: its Q-Former and adapter read the prompt from the ids (the "
+            "image placeholders and prompt_mask). Pass the processor's input_ids."
         )
 
 
