@@ -1284,8 +1284,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             base_is_ours = (base_config or {}).get("model_type") == cls.config_class.model_type
             if not base_is_ours or peft_adapter.path is not None:
                 raise ValueError(not_our_checkpoint_message(name, folder))
-            peft_adapter.path = name
-            peft_adapter.adapter_kwargs.setdefault("revision", revision)
+            peft_adapter.path = folder  # resolved here (a Hub repo's subfolder included)
             return cls.from_pretrained(
                 base["name_or_path"],
                 *model_args,
