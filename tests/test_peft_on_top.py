@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
+import shutil
 import warnings
 
 import pytest
@@ -780,6 +781,10 @@ def test_a_peft_adapter_trained_on_our_checkpoint_loads_as_transformers_loads_on
     named = AutoModelForImageTextToText.from_pretrained(tmp_path / "lora", adapter_name="task")
     assert named.active_adapters() == ["task"]
     torch.testing.assert_close(logits(named, batch), expected)
+    # In a subfolder (as a Hub repo holds one of several adapters): the adapter is read from there.
+    shutil.copytree(tmp_path / "lora", tmp_path / "runs" / "lora")
+    in_subfolder = LavinForConditionalGeneration.from_pretrained(tmp_path / "runs", subfolder="lora")
+    torch.testing.assert_close(logits(in_subfolder, batch), expected)
     with pytest.raises(LoadingOptionError, match="adapter_name='task' names the PEFT adapter"):
         LavinForConditionalGeneration.from_pretrained(checkpoint, adapter_name="task")
     with pytest.raises(LoadingOptionError, match=r"adapter_kwargs \['cache_dir'\] are not supported"):
