@@ -842,3 +842,43 @@ def test_the_model_card_snippet_prints_the_whole_answer_for_both_llm_kinds(backb
         model, processor, messages, [Image.new("RGB", (224, 224), "white")], max_new_tokens=32
     )
     assert capsys.readouterr().out == expected + "\n"
+
+
+def test_seq2seq_trainer_scores_a_t5_crome_by_its_generated_answers(backbones, tmp_path):
+    """transformers' Seq2SeqTrainer(predict_with_generate=True), the usual way to score an encoder-decoder by its
+    answers, pads the generated ids with the processing class's `pad_token_id`: transformers' processors have
+    none, and it stopped with "Pad_token_id must be set". Ours give the id they pad with. The predictions are
+    what `generate` returns for the same batch, with the plain Seq2SeqTrainer and mixed with CromeTrainer."""
+    from conftest import toy_dataset
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    from mmadapters.trainers import CromeTrainer, VisionLanguageCollator
+
+    class CromeSeq2SeqTrainer(CromeTrainer, Seq2SeqTrainer):
+        pass
+
+    model, processor = build(backbones, "t5")
+    randomize_up(model, std=0.5)
+    assert processor.pad_token_id == processor.tokenizer.pad_token_id is not None
+    assert processor.eos_token_id == processor.tokenizer.eos_token_id
+    (tmp_path / "images").mkdir()
+    dataset = toy_dataset(tmp_path / "images", n=4)
+    collator = VisionLanguageCollator(processor)
+    batch = collator([dataset[i] for i in range(4)])
+    batch.pop("labels")
+    generate = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    with torch.no_grad():
+        expected = model.generate(**batch, **generate)
+    args = Seq2SeqTrainingArguments(
+        str(tmp_path / "out"),
+        per_device_eval_batch_size=4,
+        use_cpu=True,
+        report_to=[],
+        predict_with_generate=True,
+        remove_unused_columns=False,  # transformers' own Trainer would drop the raw columns our collator reads
+    )
+    for trainer_class in (Seq2SeqTrainer, CromeSeq2SeqTrainer):
+        trainer = trainer_class(model=model, args=args, data_collator=collator, processing_class=processor)
+        predictions = trainer.predict(dataset, **generate).predictions
+        assert predictions[:, : expected.shape[1]].tolist() == expected.tolist(), trainer_class.__name__
+        assert (predictions[:, expected.shape[1] :] == processor.pad_token_id).all()

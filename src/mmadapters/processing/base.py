@@ -299,6 +299,18 @@ class AdapterProcessorMixin:
             data["pixel_values"] = pixel_values if return_tensors is not None else list(pixel_values.numpy())
         return BatchFeature(data=data, tensor_type=return_tensors)
 
+    @property
+    def pad_token_id(self) -> int | None:
+        """The id this processor pads with (the tokenizer's pad token, else its end-of-sequence token), read as on a
+        tokenizer: transformers' Seq2SeqTrainer pads generated answers with it (`predict_with_generate`), and the
+        Trainer counts non-padding tokens by it. transformers' own processors have no such attribute."""
+        return self._pad_id()
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """The tokenizer's end-of-sequence id (what `pad_token_id` falls back to), read as on a tokenizer."""
+        return self.tokenizer.eos_token_id
+
     def sample_lengths(
         self,
         text: str | list[str],
