@@ -640,6 +640,77 @@ def test_load_adapter_of_a_lora_trained_on_the_bare_llm(lavin, tiny_backbones, p
     )
 
 
+def peft_method_config(method: str, target_modules):
+    """A PEFT config of `method` on `target_modules` (the attention projections; the input norms for LN tuning)."""
+    import peft
+
+    if method == "ln_tuning":
+        norms = (
+            "input_layernorm" if isinstance(target_modules, list) else r".*language_model.*input_layernorm"
+        )
+        return peft.LNTuningConfig(target_modules=[norms] if isinstance(target_modules, list) else norms)
+    return {
+        "lora": lambda: lora(target_modules=target_modules),
+        "dora": lambda: lora(target_modules=target_modules, use_dora=True),
+        "loha": lambda: peft.LoHaConfig(r=4, target_modules=target_modules),
+        "lokr": lambda: peft.LoKrConfig(r=4, target_modules=target_modules),
+        "ia3": lambda: peft.IA3Config(target_modules=target_modules, feedforward_modules=[]),
+        "oft": lambda: peft.OFTConfig(r=0, oft_block_size=8, target_modules=target_modules),
+        "boft": lambda: peft.BOFTConfig(boft_block_size=8, target_modules=target_modules),
+        "hra": lambda: peft.HRAConfig(r=4, target_modules=target_modules),
+        "fourierft": lambda: peft.FourierFTConfig(n_frequency=16, target_modules=target_modules),
+        "adalora": lambda: peft.AdaLoraConfig(init_r=4, target_modules=target_modules, total_step=10),
+    }[method]()
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["lora", "dora", "loha", "lokr", "ia3", "oft", "boft", "hra", "fourierft", "adalora", "ln_tuning"],
+)
+def test_peft_adapter_files_of_every_injecting_method_load(
+    lavin, tiny_backbones, processor, tmp_path, method
+):
+    """What `PeftModel.save_pretrained` wrote loads, trained on the bare LLM (load_adapter: each adapted layer
+    computes what PEFT's does) and on one of our checkpoints (from_pretrained of the adapter folder: the logits of
+    the PeftModel). PEFT saves some tensors under other names than its layers hold them (DoRA's magnitude vector)
+    and leaves some out (AdaLoRA's `ranknum`, rebuilt from the config): our loader matched names itself and
+    refused both ("does not fit this model's modules"); PEFT's own loader puts them in place now."""
+
+    def config(**overrides):
+        return peft_method_config(method, overrides.get("target_modules", ["q_proj", "v_proj"]))
+
+    peft_llm = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_backbones[0]), config())
+    randomize_trainable(peft_llm)
+    peft_llm.save_pretrained(tmp_path / "llm-adapter")
+    lavin.load_adapter(tmp_path / "llm-adapter")
+    theirs = {name.removeprefix("base_model.model."): layer for name, layer in tuner_layers(peft_llm.eval())}
+    ours = dict(tuner_layers(lavin.eval().language_model))
+    assert sorted(ours) == sorted(theirs)
+    with torch.no_grad():
+        for name, layer in ours.items():
+            base_layer = layer.get_base_layer()
+            width = getattr(base_layer, "in_features", None) or base_layer.weight.shape[-1]
+            x = torch.randn(2, 3, width)
+            torch.testing.assert_close(layer(x), theirs[name](x), msg=name)
+    batch = inputs(processor)
+    expected = logits(lavin, batch)
+    lavin.save_pretrained(tmp_path / "ck")  # and in our own checkpoints, with our adapters
+    torch.testing.assert_close(
+        logits(LavinForConditionalGeneration.from_pretrained(tmp_path / "ck"), batch), expected
+    )
+
+    torch.manual_seed(0)
+    LavinForConditionalGeneration.from_backbones(*tiny_backbones).save_pretrained(tmp_path / "lavin")
+    base = LavinForConditionalGeneration.from_pretrained(tmp_path / "lavin")
+    peft_model = get_peft_model(base, config(target_modules=r".*language_model.*\.(q_proj|v_proj)"))
+    randomize_trainable(peft_model)
+    peft_model.save_pretrained(tmp_path / "on-lavin")
+    torch.testing.assert_close(
+        logits(AutoModelForImageTextToText.from_pretrained(tmp_path / "on-lavin"), batch),
+        logits(peft_model, batch),
+    )
+
+
 def test_load_adapter_of_a_lora_trained_on_lavin_goes_back_where_it_was(
     lavin, tiny_backbones, processor, tmp_path
 ):

@@ -454,37 +454,42 @@ def load_peft_adapter(
 
 
 def _load_peft_tensors(model: nn.Module, scope: str, name: str, state: dict, source: str) -> None:
-    """Put PEFT's saved tensors (adapter name left out of their keys) into the injected layers."""
+    """Put PEFT's saved tensors into the injected layers with PEFT's own loader (`set_peft_model_state_dict`, which
+    puts the adapter name back into each key and maps the tensors PEFT saves under other names, such as DoRA's
+    magnitude vector). First, every tensor must be one that PEFT saves for these layers (`get_peft_model_state_dict`
+    of the fresh layers, which also leaves out what PEFT rebuilds from the config, such as AdaLoRA's `ranknum`):
+    none missing, none left over, the same shapes."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
     target = model if scope == "" else getattr(model, scope)
-    expected = {
+    # This adapter's entries only: each PEFT layer holds one per adapter name (e.g. "...q_proj.lora_A.<name>.weight"),
+    # and PEFT knows only the adapters injected into this same module.
+    entries = tuple(f"{prefix}{name}" for prefix in peft_state_prefixes(target))
+    own = {
         key: value
         for key, value in target.state_dict().items()
-        if key.startswith(peft_state_prefixes(target)) and f".{name}." in f".{key}."
+        if key in entries or key.startswith(tuple(f"{entry}." for entry in entries))
     }
-    renamed = {}
-    for key, value in state.items():
-        parts = key.split(".")
-        for index in range(len(parts)):
-            candidate = ".".join([*parts[: index + 1], name, *parts[index + 1 :]])
-            if candidate in expected:
-                renamed[candidate] = value
-                break
-        else:
-            renamed[key] = value
-    missing = sorted(set(expected) - set(renamed))
-    unexpected = sorted(set(renamed) - set(expected))
+    fits = get_peft_model_state_dict(target, state_dict=own, adapter_name=name, save_embedding_layers=False)
+    missing = sorted(set(fits) - set(state))
+    unexpected = sorted(set(state) - set(fits))
     if missing or unexpected:
         raise PeftOnTopError(
             f"The PEFT adapter '{source}' does not fit this model's {scope or 'modules'}: missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}. Was it trained on another base model?"
         )
-    mis_shaped = [k for k in renamed if renamed[k].shape != expected[k].shape]
+    mis_shaped = [key for key in state if state[key].shape != fits[key].shape]
     if mis_shaped:
         raise PeftOnTopError(
             f"The PEFT adapter '{source}' has tensors of other shapes than this model's layers ({mis_shaped[:3]}): "
             "it was trained on a base model of another size."
         )
-    target.load_state_dict(renamed, strict=False)
+    result = set_peft_model_state_dict(target, state, adapter_name=name)
+    if result.unexpected_keys:  # the caller removes the half-loaded adapter
+        raise PeftOnTopError(
+            f"PEFT could not place tensors of the adapter '{source}' in this model's {scope or 'modules'}: "
+            f"{sorted(result.unexpected_keys)[:3]}."
+        )
 
 
 def _strip_wrapper_prefix(key: str) -> str:
