@@ -229,6 +229,43 @@ def test_adapter_calls_with_no_or_unknown_peft_adapters_are_refused_and_change_n
     )
 
 
+@pytest.mark.parametrize("on", ["language_model", "both"])
+def test_get_adapter_state_dict_returns_the_tensors_as_peft_saves_them(
+    lavin, tiny_backbones, processor, tmp_path, on
+):
+    """transformers' `get_adapter_state_dict` returns PEFT's saved form (`get_peft_model_state_dict`: keys without
+    the adapter name, DoRA's magnitude vector under PEFT's name), which a PEFT adapter file holds; ours returned the
+    model's own keys, adapter name included. Written as `PeftModel.save_pretrained` writes it, it loads back."""
+    from safetensors.torch import save_file
+
+    add_lora(lavin, lora(use_dora=True, init_lora_weights=False), on=on, adapter_name="task")
+    state = lavin.get_adapter_state_dict("task")
+    assert state and not [key for key in state if ".task" in key]
+    assert {key.split(".", 1)[0] for key in state} == set(SCOPES_OF[on])
+    magnitude = next(key for key in state if "lora_magnitude_vector" in key)
+    assert magnitude.endswith(".lora_magnitude_vector")  # PEFT's saved name (its layer holds `.task.weight`)
+    layer = lavin.get_submodule(magnitude.removesuffix(".lora_magnitude_vector"))
+    assert state[magnitude] is layer.lora_magnitude_vector["task"].weight or torch.equal(
+        state[magnitude], layer.lora_magnitude_vector["task"].weight
+    )
+    batch = inputs(processor)
+    expected = logits(lavin, batch)
+    scopes = "|".join(SCOPES_OF[on])
+    lora(use_dora=True, target_modules=rf".*({scopes}).*\.(q_proj|v_proj)").save_pretrained(tmp_path / "task")
+    save_file(
+        {f"base_model.model.{key}": value for key, value in state.items()},
+        tmp_path / "task" / "adapter_model.safetensors",
+    )
+    torch.manual_seed(0)
+    fresh = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+    fresh.load_state_dict(lavin.adapter_state_dict(), strict=False)  # LaVIN's own adapters, as they are
+    fresh.load_adapter(tmp_path / "task", adapter_name="task")
+    torch.testing.assert_close(logits(fresh, batch), expected)
+
+
+SCOPES_OF = {"language_model": ["language_model"], "both": ["language_model", "vision_tower"]}
+
+
 def test_adapter_calls_know_the_adapters_of_a_get_peft_model_wrapper_not_yet_adopted(tiny_backbones):
     """The names come from the model's layers too: right after `get_peft_model` (before a Trainer adopts the
     wrapper and records it) the model's own adapter calls find PEFT's adapter."""
@@ -627,7 +664,7 @@ def test_load_adapter_of_a_lora_trained_on_the_bare_llm(lavin, tiny_backbones, p
     assert lora_places(lavin) == ["language_model"]
     state = lavin.get_adapter_state_dict("default")
     a_key = next(k for k in state if ".lora_A." in k)
-    peft_key = "base_model.model." + a_key.removeprefix("language_model.").replace(".default.", ".")
+    peft_key = "base_model.model." + a_key.removeprefix("language_model.")  # PEFT's form, as saved
     torch.testing.assert_close(
         state[a_key], load_file(tmp_path / "llm-lora" / "adapter_model.safetensors")[peft_key]
     )

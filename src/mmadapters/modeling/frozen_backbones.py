@@ -1179,12 +1179,13 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         peft_on_top.sync_record(self)
 
     def get_adapter_state_dict(self, adapter_name: str | None = None, state_dict: dict | None = None) -> dict:
-        """The tensors of one PEFT adapter (default: the first active one), keyed as in the model."""
+        """The tensors of one PEFT adapter (default: the first active one) as PEFT saves them, as transformers'
+        method returns them: keys relative to the model without the adapter name (`get_peft_model_state_dict`),
+        what `PeftModel.save_pretrained` writes (with its "base_model.model." prefix) and `load_adapter` reads."""
         name = adapter_name or (self.active_adapters() or ["default"])[0]
         self._check_peft_adapter_names([name], "return")
         state = state_dict if state_dict is not None else self.state_dict()
-        prefixes = peft_on_top.peft_state_prefixes(self)
-        return {k: v for k, v in state.items() if prefixes and k.startswith(prefixes) and f".{name}." in k}
+        return peft_on_top.adapter_state_dict(self, name, state)
 
     def push_to_hub(
         self,

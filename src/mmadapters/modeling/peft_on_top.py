@@ -453,24 +453,49 @@ def load_peft_adapter(
     return model
 
 
+def saved_form(target: nn.Module, name: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Adapter `name`'s tensors in `target` (a module PEFT injected into; `state` keyed relative to it) as PEFT saves
+    them (`get_peft_model_state_dict`): the adapter name left out of the keys, each method's own renames (DoRA's
+    magnitude vector) and omissions (AdaLoRA's `ranknum`) applied."""
+    from peft import get_peft_model_state_dict
+
+    # This adapter's entries only: each PEFT layer holds one per adapter name (e.g. "...q_proj.lora_A.<name>.weight"),
+    # and PEFT knows only the adapters injected into this same module.
+    entries = tuple(f"{prefix}{name}" for prefix in peft_state_prefixes(target))
+    own = {
+        key: value
+        for key, value in state.items()
+        if key in entries or key.startswith(tuple(f"{entry}." for entry in entries))
+    }
+    return get_peft_model_state_dict(target, state_dict=own, adapter_name=name, save_embedding_layers=False)
+
+
+def adapter_state_dict(
+    model: nn.Module, name: str, state: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """PEFT adapter `name`'s tensors in PEFT's saved form (`saved_form`), keyed relative to `model` (`state` is
+    the model's state dict): from each module that PEFT injected it into (the model itself, the LLM, the tower)."""
+    result = {}
+    for scope in ("", *SCOPES["both"]):
+        target = model if scope == "" else getattr(model, scope)
+        if name not in (vars(target).get("peft_config") or {}):
+            continue
+        prefix = f"{scope}." if scope else ""
+        relative = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+        result.update({prefix + key: value for key, value in saved_form(target, name, relative).items()})
+    return result
+
+
 def _load_peft_tensors(model: nn.Module, scope: str, name: str, state: dict, source: str) -> None:
     """Put PEFT's saved tensors into the injected layers with PEFT's own loader (`set_peft_model_state_dict`, which
     puts the adapter name back into each key and maps the tensors PEFT saves under other names, such as DoRA's
     magnitude vector). First, every tensor must be one that PEFT saves for these layers (`get_peft_model_state_dict`
     of the fresh layers, which also leaves out what PEFT rebuilds from the config, such as AdaLoRA's `ranknum`):
     none missing, none left over, the same shapes."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from peft import set_peft_model_state_dict
 
     target = model if scope == "" else getattr(model, scope)
-    # This adapter's entries only: each PEFT layer holds one per adapter name (e.g. "...q_proj.lora_A.<name>.weight"),
-    # and PEFT knows only the adapters injected into this same module.
-    entries = tuple(f"{prefix}{name}" for prefix in peft_state_prefixes(target))
-    own = {
-        key: value
-        for key, value in target.state_dict().items()
-        if key in entries or key.startswith(tuple(f"{entry}." for entry in entries))
-    }
-    fits = get_peft_model_state_dict(target, state_dict=own, adapter_name=name, save_embedding_layers=False)
+    fits = saved_form(target, name, target.state_dict())
     missing = sorted(set(fits) - set(state))
     unexpected = sorted(set(state) - set(fits))
     if missing or unexpected:
