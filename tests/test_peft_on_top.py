@@ -20,7 +20,7 @@ from conftest import (
     tiny_qformer_config,
     toy_dataset,
 )
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -261,6 +261,18 @@ def test_get_adapter_state_dict_returns_the_tensors_as_peft_saves_them(
     fresh.load_state_dict(lavin.adapter_state_dict(), strict=False)  # LaVIN's own adapters, as they are
     fresh.load_adapter(tmp_path / "task", adapter_name="task")
     torch.testing.assert_close(logits(fresh, batch), expected)
+    # transformers' other form of load_adapter: the state dict with its config, no file.
+    config = lora(use_dora=True, target_modules=rf".*({scopes}).*\.(q_proj|v_proj)")
+    fresh.load_adapter(adapter_state_dict=state, peft_config=config, adapter_name="again")
+    fresh.set_adapter("again")
+    torch.testing.assert_close(logits(fresh, batch), expected)
+    assert config.inference_mode is False  # the caller's config is left as it was
+    for wrong in (
+        {"adapter_state_dict": state},
+        {"peft_model_id": tmp_path / "task", "adapter_state_dict": state},
+    ):
+        with pytest.raises(PeftOnTopError, match="adapter_state_dict together with its peft_config"):
+            fresh.load_adapter(**wrong, peft_config=None if "peft_model_id" not in wrong else config)
 
 
 SCOPES_OF = {"language_model": ["language_model"], "both": ["language_model", "vision_tower"]}
@@ -668,6 +680,17 @@ def test_load_adapter_of_a_lora_trained_on_the_bare_llm(lavin, tiny_backbones, p
     torch.testing.assert_close(
         state[a_key], load_file(tmp_path / "llm-lora" / "adapter_model.safetensors")[peft_key]
     )
+    # The same adapter from PEFT's state dict and config (transformers' load_adapter takes them too).
+    lavin.load_adapter(
+        adapter_state_dict=get_peft_model_state_dict(peft_llm),
+        peft_config=peft_llm.peft_config["default"],
+        adapter_name="from_state",
+    )
+    from_state = lavin.get_adapter_state_dict("from_state")
+    assert from_state.keys() == state.keys()
+    for key, value in state.items():
+        torch.testing.assert_close(from_state[key], value, msg=key)
+    lavin.delete_adapter("from_state")
     # Saved with our adapters and reloaded identically.
     batch = inputs(processor)
     expected = logits(lavin, batch)

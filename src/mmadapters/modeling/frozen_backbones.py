@@ -1085,7 +1085,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
 
     def load_adapter(
         self,
-        peft_model_id: str | os.PathLike,
+        peft_model_id: str | os.PathLike | None = None,
         adapter_name: str | None = None,
         on: str | None = None,
         revision: str | None = None,
@@ -1093,9 +1093,12 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         is_trainable: bool = False,
         adapter_kwargs: dict[str, Any] | None = None,
         load_config: Any = None,
+        peft_config: Any = None,
+        adapter_state_dict: dict[str, torch.Tensor] | None = None,
         **kwargs: Any,
     ) -> LoadStateDictInfo:
-        """Load a PEFT adapter (a folder or Hub repo that `PeftModel.save_pretrained` wrote) onto the model; see
+        """Load a PEFT adapter (a folder or Hub repo that `PeftModel.save_pretrained` wrote, or, as in transformers,
+        `adapter_state_dict` in PEFT's saved form with its `peft_config`) onto the model; see
         `mmadapters.modeling.peft_on_top.load_peft_adapter`. It is saved with our adapters by save_pretrained.
 
         `adapter_kwargs` (`revision`, `token`) as in transformers; transformers' loader calls this with them when
@@ -1109,11 +1112,21 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             raise TypeError(
                 f"load_adapter() got keyword argument(s) {sorted(kwargs)} (adapter_kwargs {unsupported}) that "
                 "mmadapters does not support here (supported: adapter_name, on, revision, token, is_trainable, "
-                f"adapter_kwargs with {list(PEFT_ADAPTER_KWARGS)})."
+                f"peft_config, adapter_state_dict, adapter_kwargs with {list(PEFT_ADAPTER_KWARGS)})."
             )
         revision = revision if revision is not None else adapter_kwargs.get("revision")
         token = token if token is not None else adapter_kwargs.get("token")
-        peft_on_top.load_peft_adapter(self, peft_model_id, adapter_name, on, revision, token, is_trainable)
+        peft_on_top.load_peft_adapter(
+            self,
+            peft_model_id,
+            adapter_name,
+            on,
+            revision,
+            token,
+            is_trainable,
+            peft_config,
+            adapter_state_dict,
+        )
         return LoadStateDictInfo(
             missing_keys=set(),
             unexpected_keys=set(),

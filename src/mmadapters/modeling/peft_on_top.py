@@ -407,14 +407,18 @@ def add_lora(
 
 def load_peft_adapter(
     model: nn.Module,
-    peft_model_id: str | os.PathLike,
+    peft_model_id: str | os.PathLike | None = None,
     adapter_name: str | None = None,
     on: str | None = None,
     revision: str | None = None,
     token: str | None = None,
     is_trainable: bool = False,
+    peft_config: Any = None,
+    adapter_state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Any:
-    """Load an adapter saved by PEFT (`PeftModel.save_pretrained`, a folder or Hub repo) onto `model`.
+    """Load an adapter saved by PEFT (`PeftModel.save_pretrained`, a folder or Hub repo) onto `model`, or, as in
+    transformers, one given as `adapter_state_dict` (PEFT's saved form, e.g. from `get_adapter_state_dict`) with its
+    `peft_config`. A `peft_config` given with a folder replaces the folder's.
 
     Where it goes: an adapter trained on one of our models (its tensor names start with `language_model.` or
     `vision_tower.`) goes where it was trained; any other adapter was trained on the bare LLM and goes into the
@@ -423,21 +427,33 @@ def load_peft_adapter(
     from peft import PeftConfig
 
     _check_our_model(model)
-    folder = _peft_folder(os.fspath(peft_model_id), revision, token)
-    if os.path.isfile(os.path.join(folder, "config.json")) and not os.path.isfile(
-        os.path.join(folder, PEFT_CONFIG_NAME)
+    if (peft_model_id is None) == (adapter_state_dict is None) or (
+        adapter_state_dict is not None and not peft_config
     ):
         raise PeftOnTopError(
-            f"'{peft_model_id}' is not a PEFT adapter (no adapter_config.json). An mmadapters checkpoint is loaded "
-            "with from_pretrained, not load_adapter."
+            "load_adapter takes peft_model_id (a folder or Hub repo that PeftModel.save_pretrained wrote), or "
+            "adapter_state_dict together with its peft_config; not both, not neither."
         )
-    peft_config = PeftConfig.from_pretrained(folder)
-    state = _read_peft_weights(folder)
+    if adapter_state_dict is not None:
+        source, state = "adapter_state_dict", dict(adapter_state_dict)
+    else:
+        source = str(peft_model_id)
+        folder = _peft_folder(os.fspath(peft_model_id), revision, token)
+        if os.path.isfile(os.path.join(folder, "config.json")) and not os.path.isfile(
+            os.path.join(folder, PEFT_CONFIG_NAME)
+        ):
+            raise PeftOnTopError(
+                f"'{peft_model_id}' is not a PEFT adapter (no adapter_config.json). An mmadapters checkpoint is "
+                "loaded with from_pretrained, not load_adapter."
+            )
+        peft_config = peft_config or PeftConfig.from_pretrained(folder)
+        state = _read_peft_weights(folder)
+    peft_config = copy.deepcopy(peft_config)  # the caller's config is left as it was
     state = {_strip_wrapper_prefix(key): value for key, value in state.items()}
     trained_on_ours = any(key.startswith(("language_model.", "vision_tower.")) for key in state)
     if trained_on_ours and on not in (None, ""):
         raise PeftOnTopError(
-            f"'{peft_model_id}' was trained on a whole {type(model).__name__} (its tensors name language_model / "
+            f"'{source}' was trained on a whole {type(model).__name__} (its tensors name language_model / "
             f"vision_tower): it goes back where it was trained; drop on={on!r}."
         )
     scope = "" if trained_on_ours else (on or "language_model")
@@ -445,7 +461,7 @@ def load_peft_adapter(
     peft_config.inference_mode = not is_trainable
     with _undone_on_failure(model, name):  # tensors that do not fit leave no adapter behind
         inject_peft_layers(model, peft_config, name, scope)
-        _load_peft_tensors(model, scope, name, state, str(peft_model_id))
+        _load_peft_tensors(model, scope, name, state, source)
     if not is_trainable:
         for _, layer in tuner_layers(model):
             if name in layer._all_available_adapter_names():
