@@ -93,6 +93,13 @@ FULL_WEIGHTS_NAMES = ("model.safetensors", "model.safetensors.index.json")
 
 # The attribute names of the two frozen backbones (also the first part of their state-dict keys).
 BACKBONE_MODULES = ("language_model", "vision_tower")
+# transformers' PEFT hotswap (load_adapter(hotswap=True), enable_peft_hotswap) replaces one adapter's weights in place
+# for compiled models; here each PEFT adapter loads under its own name, which a checkpoint records.
+HOTSWAP_REFUSED = (
+    "Hotswapping PEFT adapters is not supported by mmadapters models: load the new adapter under another name "
+    "(model.load_adapter(path, adapter_name='next')), switch with model.set_adapter('next') and free the old one "
+    "with model.delete_adapter(old_name)."
+)
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
@@ -1095,6 +1102,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         load_config: Any = None,
         peft_config: Any = None,
         adapter_state_dict: dict[str, torch.Tensor] | None = None,
+        hotswap: bool | str = "auto",
         **kwargs: Any,
     ) -> LoadStateDictInfo:
         """Load a PEFT adapter (a folder or Hub repo that `PeftModel.save_pretrained` wrote, or, as in transformers,
@@ -1106,6 +1114,8 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         weights (dtype, placement), which the adapter's layers take from the layers they wrap. Returns the
         adapter's loading report, as transformers does (`from_pretrained(..., output_loading_info=True)` of a full
         checkpoint returns it): empty, since a tensor without its place is refused, not reported."""
+        if hotswap is True:
+            raise peft_on_top.PeftOnTopError(HOTSWAP_REFUSED)
         adapter_kwargs = dict(adapter_kwargs or {})
         unsupported = sorted(set(adapter_kwargs) - set(PEFT_ADAPTER_KWARGS))
         if kwargs or unsupported:
@@ -1150,6 +1160,10 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         unknown = [name for name in names if name not in known]
         if unknown:
             raise peft_on_top.PeftOnTopError(f"No PEFT adapter named {unknown}: the model has {known}.")
+
+    def enable_peft_hotswap(self, target_rank: int = 128, check_compiled: str = "error") -> None:
+        """Refused: see `HOTSWAP_REFUSED` (transformers' version would only set a flag that nothing here reads)."""
+        raise peft_on_top.PeftOnTopError(HOTSWAP_REFUSED)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Make the named PEFT adapter(s) the active ones."""
