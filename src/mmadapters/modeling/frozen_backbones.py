@@ -1212,7 +1212,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         name = adapter_name or (self.active_adapters() or ["default"])[0]
         self._check_peft_adapter_names([name], "return")
         state = state_dict if state_dict is not None else self.state_dict()
-        return peft_on_top.adapter_state_dict(self, name, state)
+        return peft_on_top.peft_adapter_state_dict(self, name, state)
 
     def push_to_hub(
         self,

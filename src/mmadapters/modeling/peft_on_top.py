@@ -486,7 +486,7 @@ def saved_form(target: nn.Module, name: str, state: dict[str, torch.Tensor]) -> 
     return get_peft_model_state_dict(target, state_dict=own, adapter_name=name, save_embedding_layers=False)
 
 
-def adapter_state_dict(
+def peft_adapter_state_dict(
     model: nn.Module, name: str, state: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """PEFT adapter `name`'s tensors in PEFT's saved form (`saved_form`), keyed relative to `model` (`state` is
