@@ -428,7 +428,7 @@ def load_peft_adapter(
 
     _check_our_model(model)
     if (peft_model_id is None) == (adapter_state_dict is None) or (
-        adapter_state_dict is not None and not peft_config
+        adapter_state_dict is not None and peft_config is None
     ):
         raise PeftOnTopError(
             "load_adapter takes peft_model_id (a folder or Hub repo that PeftModel.save_pretrained wrote), or "
@@ -446,7 +446,7 @@ def load_peft_adapter(
                 f"'{peft_model_id}' is not a PEFT adapter (no adapter_config.json). An mmadapters checkpoint is "
                 "loaded with from_pretrained, not load_adapter."
             )
-        peft_config = peft_config or PeftConfig.from_pretrained(folder)
+        peft_config = PeftConfig.from_pretrained(folder) if peft_config is None else peft_config
         state = _read_peft_weights(folder)
     peft_config = copy.deepcopy(peft_config)  # the caller's config is left as it was
     state = {_strip_wrapper_prefix(key): value for key, value in state.items()}
