@@ -1303,7 +1303,8 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             saved_config = read_checkpoint_config(name, revision, subfolder, **hub_kwargs)
             check_checkpoint_kind(name, saved_config, cls.config_class.model_type)
         folder = resolve_checkpoint_folder(name, revision, subfolder, **hub_kwargs)
-        if is_peft_adapter_folder(folder) and not os.path.isfile(os.path.join(folder, "config.json")):
+        holds_peft_adapter = is_peft_adapter_folder(folder)
+        if holds_peft_adapter and not os.path.isfile(os.path.join(folder, "config.json")):
             # A PEFT adapter alone: its base model first (one of our checkpoints), then the adapter.
             base = peft_base_model(folder)
             base_config = base and read_checkpoint_config(
@@ -1326,12 +1327,13 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
                 **peft_adapter.transformers_keywords(),
                 **kwargs,
             )
-        if peft_adapter.path == name and not is_peft_adapter_folder(folder):
+        if peft_adapter.path == name and not holds_peft_adapter:
             peft_adapter.path = None  # transformers' Auto classes took our old adapter_config.json for PEFT's
-        if peft_adapter.path is None and is_peft_adapter_folder(folder):
+        if peft_adapter.path is None and holds_peft_adapter:
             peft_adapter.path = folder  # saved beside the model: transformers loads it too
         peft_adapter.refuse_name_without_adapter(name)
-        peft_adapter.refuse_taken_name(name, (read_checkpoint_config(folder) or {}).get("peft_adapters"))
+        if peft_adapter.path is not None:
+            peft_adapter.refuse_taken_name(name, (read_checkpoint_config(folder) or {}).get("peft_adapters"))
         if adapter_weights_file(folder) is None:
             incomplete = None if config_given else incomplete_checkpoint_message(name, folder)
             if incomplete:

@@ -121,10 +121,10 @@ class PeftAdapterToLoad:
         return keywords
 
     def refuse_taken_name(self, name: str, recorded: dict[str, Any] | None) -> None:
-        """Refuse, before loading, a PEFT adapter whose name the checkpoint's own PEFT adapters (`recorded`, from
-        its config.json) already use."""
+        """Refuse, before loading, the PEFT adapter at `path` when its name is one the checkpoint's own PEFT
+        adapters (`recorded`, from its config.json) already use."""
         taken = self.adapter_name or "default"
-        if self.path is not None and taken in (recorded or {}):
+        if taken in (recorded or {}):
             raise LoadingOptionError(
                 f"'{name}' holds a PEFT adapter named {taken!r} (recorded in its config.json), and the PEFT adapter "
                 f"at '{self.path}' would load under the same name. Pass adapter_name='another name' to load both, "
