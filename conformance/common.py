@@ -96,6 +96,9 @@ class FrozenBackbonesCommonTest:
     def test_generation_tester_mixin_inheritance(self):
         pass
 
-    @unittest.skip("No base model: the frozen LLM, the vision tower and the adapters hang off one class")
+    @unittest.skip(
+        "No base model module: the frozen LLM, the vision tower and the adapters hang off one class (base_model is "
+        "a view that runs the model without its LM head)"
+    )
     def test_model_base_model_prefix(self):
         pass

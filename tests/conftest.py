@@ -33,6 +33,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     SiglipVisionConfig,
+    T5Config,
+    T5ForConditionalGeneration,
     TrainingArguments,
 )
 
@@ -191,6 +193,29 @@ def save_tiny_llm(path, seed: int = 0, kind: str = "llama", tokenizer=None) -> s
     return str(path)
 
 
+def save_tiny_t5(path) -> str:
+    """A tiny T5 (an encoder-decoder LLM for CROME) with the tiny tokenizer."""
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    model = T5ForConditionalGeneration(config)
+    model.generation_config.decoder_start_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 def save_tiny_vision(path, seed: int = 0) -> str:
     torch.manual_seed(seed)
     config = tiny_vision_config()
@@ -210,6 +235,17 @@ def tiny_backbones(tmp_path_factory) -> tuple[str, str]:
     """Paths of a tiny Llama (with tokenizer) and a tiny CLIP vision tower (with image processor)."""
     root = tmp_path_factory.mktemp("backbones")
     return save_tiny_llm(root / "llm"), save_tiny_vision(root / "vision")
+
+
+@pytest.fixture(scope="session")
+def backbones_by_llm(tmp_path_factory) -> dict[str, str]:
+    """Paths of tiny backbones: a decoder-only ("llama") and an encoder-decoder ("t5") LLM, and a "vision" tower."""
+    root = tmp_path_factory.mktemp("backbones_by_llm")
+    return {
+        "llama": save_tiny_llm(root / "llama"),
+        "t5": save_tiny_t5(root / "t5"),
+        "vision": save_tiny_vision(root / "vision"),
+    }
 
 
 @pytest.fixture()

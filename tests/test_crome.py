@@ -13,8 +13,6 @@ import torch
 from conftest import (
     dropout_off,
     make_tokenizer,
-    save_tiny_llm,
-    save_tiny_vision,
     tiny_qformer_config,
     tiny_text_config,
 )
@@ -26,7 +24,6 @@ from transformers import (
     InstructBlipForConditionalGeneration,
     InstructBlipVisionConfig,
     T5Config,
-    T5ForConditionalGeneration,
 )
 
 from mmadapters import (
@@ -45,36 +42,9 @@ from mmadapters.modeling.transformers_compat import CACHE_KWARG, cache_of
 tiny_qformer = tiny_qformer_config
 
 
-def save_tiny_t5(path) -> str:
-    tokenizer = make_tokenizer()
-    torch.manual_seed(0)
-    config = T5Config(
-        vocab_size=len(tokenizer),
-        d_model=32,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_decoder_layers=2,
-        num_heads=4,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-    )
-    model = T5ForConditionalGeneration(config)
-    model.generation_config.decoder_start_token_id = tokenizer.pad_token_id
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
-def backbones(tmp_path_factory):
-    root = tmp_path_factory.mktemp("crome_backbones")
-    return {
-        "llama": save_tiny_llm(root / "llama"),
-        "t5": save_tiny_t5(root / "t5"),
-        "vision": save_tiny_vision(root / "vision"),
-    }
+def backbones(backbones_by_llm):
+    return backbones_by_llm
 
 
 def build(backbones, kind="llama", **kwargs):

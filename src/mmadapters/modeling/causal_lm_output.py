@@ -16,12 +16,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    BaseModelOutputWithPooling,
+    CausalLMOutputWithPast,
+)
 
 from .transformers_compat import cache_kwargs, cache_of
 
 # Keyword arguments of `forward` that belong to the loss, not to the LLM.
 LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
+# Keyword argument of `forward` with which `model.base_model` (multimodal_body.py) asks for the LLM decoder's final
+# hidden states instead of logits.
+LAST_HIDDEN_STATE_ONLY = "last_hidden_state_only"
 
 
 @dataclass
@@ -57,6 +64,16 @@ def supervised_positions(
 def next_token_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """The label each position's logit predicts: labels[:, t + 1] at position t, `ignore_index` at the end."""
     return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
+
+
+def last_hidden_state_output(
+    language_model: torch.nn.Module, inputs_embeds: torch.Tensor, forward_kwargs: dict[str, Any]
+) -> BaseModelOutputWithPast:
+    """Run the LLM without its head (a causal LM's `get_decoder()`, whose layers hold the adapters) on
+    `inputs_embeds`: its output as it is (`last_hidden_state` after the final norm, the cache, ...). What
+    `model.base_model` returns (multimodal_body.py)."""
+    forward_kwargs = {key: value for key, value in forward_kwargs.items() if key not in LOSS_KWARGS}
+    return language_model.get_decoder()(inputs_embeds=inputs_embeds, **forward_kwargs)
 
 
 def causal_lm_output(

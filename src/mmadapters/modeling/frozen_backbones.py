@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.compiler import is_compiling
 from transformers import GenerationConfig, PreTrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import LoadStateDictInfo
 from transformers.utils import logging
 
@@ -64,7 +65,12 @@ from .backbones import (
     resolve_checkpoint_folder,
     vision_config_of,
 )
-from .causal_lm_output import VisionLanguageCausalLMOutput, causal_lm_output
+from .causal_lm_output import (
+    LAST_HIDDEN_STATE_ONLY,
+    VisionLanguageCausalLMOutput,
+    causal_lm_output,
+    last_hidden_state_output,
+)
 from .frozen_backbones_config import changed_adapter_settings
 from .full_checkpoint_quantization import hand_quantization_to_backbones, scoped_quantization
 from .image_tokens import labels_without_image_tokens, vocabulary_size
@@ -84,6 +90,7 @@ from .loading import (
     split_device_map,
     take_loading_options,
 )
+from .multimodal_body import MultimodalBody
 from .transformers_compat import ACTIVATION_CHECKPOINTING_NAMES, cache_kwargs
 
 logger = logging.get_logger(__name__)
@@ -214,7 +221,8 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
     uninitialised memory of a meta-device build.
     """
 
-    # There is no separate "base model" module (LLaVA's `self.model`): the backbones hang off this class.
+    # There is no separate "base model" module (LLaVA's `self.model`): the backbones hang off this class (no weight
+    # name has a base-model prefix). `base_model` is a view that runs the model without its LM head.
     base_model_prefix = ""
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
@@ -672,10 +680,13 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         logits_to_keep: int | torch.Tensor,
         supervised_logits_only: bool,
         llm_kwargs: dict[str, Any],
-    ) -> VisionLanguageCausalLMOutput:
+    ) -> VisionLanguageCausalLMOutput | BaseModelOutputWithPast:
         """The decoder-only LLM on the prepared input embeddings (the end of both models' `forward`): logits and
         loss (`causal_lm_output`; `llm_kwargs` holds the attention mask, positions, cache, adapter and loss
-        keyword arguments), with the image outputs attached as transformers' vision-language models do."""
+        keyword arguments), with the image outputs attached as transformers' vision-language models do. For
+        `model.base_model(...)` (`last_hidden_state_only`): the LLM's decoder output, without the head."""
+        if llm_kwargs.pop(LAST_HIDDEN_STATE_ONLY, False):  # model.base_model(...)
+            return last_hidden_state_output(self.language_model, inputs_embeds, llm_kwargs)
         if labels is not None:
             self.check_labels(labels, inputs_embeds.shape[0], inputs_embeds.shape[1])
             labels = self._text_labels(labels, llm_kwargs.get("ignore_index", -100))
@@ -708,6 +719,13 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
 
     def get_decoder(self) -> nn.Module:
         return self.language_model.get_decoder()
+
+    @property
+    def base_model(self) -> MultimodalBody:
+        """The model without its LM head: `model.base_model(**inputs).last_hidden_state` are the LLM's final hidden
+        states with the images placed and the adapters applied (transformers' vision-language models' body, e.g.
+        LLaVA's `model.model`); see multimodal_body.py."""
+        return MultimodalBody(self)
 
     def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> nn.Embedding:
         """Resize the LLM's input embeddings and LM head (both stay frozen), and record the new size."""

@@ -1,0 +1,173 @@
+"""`model.base_model` (the model without its LM head) and TRL's SFTTrainer, which applies the head itself."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import (
+    tiny_qformer_config,
+    tiny_sample_inputs,
+    toy_dataset,
+)
+
+from mmadapters import (
+    CromeForConditionalGeneration,
+    CromeProcessor,
+    LavinForConditionalGeneration,
+    LavinProcessor,
+)
+from mmadapters.modeling.transformers_compat import cache_of
+from mmadapters.trainers import CromeTrainer, LavinTrainer, VisionLanguageCollator
+
+
+@pytest.fixture(scope="module")
+def backbones(backbones_by_llm):
+    return backbones_by_llm
+
+
+def build(backbones, kind: str, llm: str = "llama"):
+    """LaVIN or CROME (around the `llm` backbone) with adapters that change the output."""
+    torch.manual_seed(0)
+    if kind == "lavin":
+        model = LavinForConditionalGeneration.from_backbones(backbones[llm], backbones["vision"])
+        processor = LavinProcessor.from_backbones(backbones[llm], backbones["vision"])
+    else:
+        model = CromeForConditionalGeneration.from_backbones(
+            backbones[llm], backbones["vision"], qformer=tiny_qformer_config(), num_query_tokens=4
+        )
+        processor = CromeProcessor.from_backbones(
+            backbones[llm], backbones["vision"], num_image_tokens=model.config.num_image_tokens
+        )
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    return model.eval(), processor
+
+
+@pytest.mark.parametrize("kind", ["lavin", "crome"])
+def test_base_model_returns_the_hidden_states_the_lm_head_turns_into_the_logits(backbones, kind):
+    model, processor = build(backbones, kind)
+    inputs = tiny_sample_inputs(processor)
+    with torch.no_grad():
+        expected = model(**inputs)
+        body = model.base_model(**inputs)
+        cached = model.base_model(**inputs, use_cache=True)
+    assert body.last_hidden_state.shape == (*inputs["input_ids"].shape, model.config.text_config.hidden_size)
+    logits = model.get_output_embeddings()(body.last_hidden_state)
+    torch.testing.assert_close(logits, expected.logits, rtol=1e-5, atol=1e-5)
+    assert cache_of(cached).get_seq_length() == inputs["input_ids"].shape[1]
+    # transformers' lookups through base_model find what they found before
+    assert model.get_decoder() is model.language_model.get_decoder() and model.get_encoder() is model
+    assert isinstance(model.supports_tp_plan, bool) and isinstance(model.supports_pp_plan, bool)
+
+    with pytest.raises(ValueError, match="computes no loss: call the model itself with `labels`"):
+        model.base_model(**inputs, labels=inputs["input_ids"])
+
+
+def test_base_model_of_an_encoder_decoder_crome_is_refused(backbones):
+    model, processor = build(backbones, "crome", llm="t5")
+    with pytest.raises(ValueError, match=r"encoder-decoder \(t5\). Call the model itself"):
+        model.base_model(**tiny_sample_inputs(processor))
+
+
+# --- TRL's SFTTrainer ------------------------------------------------------------------------------------------
+
+
+def import_trl():
+    # `make setup` installs the `trl` extra; the lowest-pins venv has none (trl 1.16 needs accelerate >= 1.10).
+    return pytest.importorskip("trl", minversion="1.16", reason="needs the `trl` extra (trl >= 1.16)")
+
+
+def sft_config(output_dir, **overrides):
+    defaults = dict(
+        output_dir=str(output_dir),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        save_steps=2,
+        logging_steps=1,
+        use_cpu=True,
+        bf16=False,  # SFTConfig's default is bf16 autocast; float32 here, to compare losses closely
+        report_to=[],
+        seed=0,
+        data_seed=0,
+        # Our collator builds the batches from the raw rows (prompt, target, image or TRL's messages / images).
+        dataset_kwargs={"skip_prepare_dataset": True},
+        remove_unused_columns=False,  # the raw columns are the collator's input (our Trainers keep them anyway)
+    )
+    return import_trl().SFTConfig(**{**defaults, **overrides})
+
+
+@pytest.mark.parametrize("kind", ["lavin", "crome"])
+def test_sft_trainer_scores_our_models_as_their_own_loss_does(backbones, kind, tmp_path):
+    trl = import_trl()
+    model, processor = build(backbones, kind)
+    collator = VisionLanguageCollator(processor)
+    dataset = toy_dataset(tmp_path, n=8)
+    trainer = trl.SFTTrainer(
+        model=model,
+        args=sft_config(tmp_path / "run"),
+        train_dataset=dataset,
+        processing_class=processor,
+        data_collator=collator,
+    )
+    batch = collator([dataset[i] for i in range(4)])
+    with torch.no_grad():
+        own = model(**batch)  # the forward TRL wraps, without its fused head
+        fused = model(**batch, fused_lm_head=True)  # what SFTTrainer.compute_loss calls
+    torch.testing.assert_close(fused.loss, own.loss, rtol=1e-5, atol=1e-5)
+
+    before = {name: tensor.clone() for name, tensor in model.adapter_state_dict().items()}
+    trainer.train()
+    after = model.adapter_state_dict()
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+    # its checkpoints are adapter-only, and load back as the trained model
+    model.eval()
+    reloaded = type(model).from_pretrained(tmp_path / "run" / "checkpoint-4").eval()
+    inputs = tiny_sample_inputs(processor)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["lavin", "crome"])
+def test_our_trainer_mixed_with_sft_trainer_resumes_exactly(backbones, kind, tmp_path):
+    trl = import_trl()
+    base = LavinTrainer if kind == "lavin" else CromeTrainer
+    trainer_class = type("SFTOnOurTrainer", (base, trl.SFTTrainer), {})
+    dataset = toy_dataset(tmp_path, n=12)
+
+    def run(resume=None):
+        model, processor = build(backbones, kind)
+        model.train()
+        trainer = trainer_class(
+            model=model,
+            args=sft_config(tmp_path / "run"),
+            train_dataset=dataset,
+            processing_class=processor,
+            data_collator=VisionLanguageCollator(processor),
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return model.adapter_state_dict()
+
+    uninterrupted = run()
+    resumed = run(resume=str(tmp_path / "run" / "checkpoint-2"))
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_trls_vision_collator_is_refused_by_our_trainers(backbones, tmp_path):
+    trl = import_trl()
+    model, processor = build(backbones, "lavin")
+    trainer_class = type("SFTOnOurTrainer", (LavinTrainer, trl.SFTTrainer), {})
+    with pytest.raises(ValueError, match="image placeholders.*VisionLanguageCollator"):
+        trainer_class(
+            model=model,
+            args=sft_config(tmp_path / "run", dataset_kwargs=None),
+            train_dataset=toy_dataset(tmp_path, n=4).rename_column("prompt", "text"),
+            processing_class=processor,
+        )
+    assert not os.path.exists(tmp_path / "run" / "checkpoint-2")
