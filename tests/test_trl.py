@@ -11,6 +11,8 @@ from conftest import (
     tiny_sample_inputs,
     toy_dataset,
 )
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
 
 from mmadapters import (
     CromeForConditionalGeneration,
@@ -18,6 +20,7 @@ from mmadapters import (
     LavinForConditionalGeneration,
     LavinProcessor,
 )
+from mmadapters.checkpoint_files import ADAPTER_WEIGHTS_NAME
 from mmadapters.modeling.transformers_compat import cache_of
 from mmadapters.trainers import CromeTrainer, LavinTrainer, VisionLanguageCollator
 
@@ -157,6 +160,27 @@ def test_our_trainer_mixed_with_sft_trainer_resumes_exactly(backbones, kind, tmp
     resumed = run(resume=str(tmp_path / "run" / "checkpoint-2"))
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_our_trainer_mixed_with_sft_trainer_trains_a_lora_with_our_adapters(backbones, tmp_path):
+    trl = import_trl()
+    model, processor = build(backbones, "lavin")
+    trainer_class = type("SFTOnOurTrainer", (LavinTrainer, trl.SFTTrainer), {})
+    lora = LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)")
+    arguments = dict(
+        args=sft_config(tmp_path / "run", max_steps=2),
+        train_dataset=toy_dataset(tmp_path, n=8),
+        processing_class=processor,
+        data_collator=VisionLanguageCollator(processor),
+    )
+    with pytest.raises(ValueError, match=r"Pass model=get_peft_model\(model, peft_config\) instead"):
+        trainer_class(model=model, peft_config=lora, **arguments)
+
+    before = {name: tensor.clone() for name, tensor in model.adapter_state_dict().items()}
+    trainer_class(model=get_peft_model(model, lora), **arguments).train()
+    saved = load_file(str(tmp_path / "run" / "checkpoint-2" / ADAPTER_WEIGHTS_NAME))
+    assert any(not torch.equal(before[name], saved[name]) for name in before if "projector" in name)
+    assert any(name.endswith("lora_B.default.weight") and saved[name].abs().sum() > 0 for name in saved)
 
 
 def test_trls_vision_collator_is_refused_by_our_trainers(backbones, tmp_path):

@@ -167,6 +167,13 @@ class AdapterTrainer(Trainer):
     it."""
 
     def __init__(self, *args: Any, hub_license: str | None = None, **kwargs: Any) -> None:
+        if kwargs.get("peft_config") is not None:  # TRL's trainers take one
+            raise ValueError(
+                "peft_config=: TRL's trainers wrap the model with PEFT inside their __init__, after this Trainer has "
+                "taken it, so LaVIN's / CROME's own modules would stay frozen and be left out of the checkpoints. "
+                "Pass model=get_peft_model(model, peft_config) instead: the LoRA and our modules then train and save "
+                "together."
+            )
         args, kwargs, model = _model_argument(args, kwargs)
         args, kwargs = _finding_unused_parameters(args, kwargs)
         if model is not None:
