@@ -63,6 +63,11 @@ def test_base_model_returns_the_hidden_states_the_lm_head_turns_into_the_logits(
     logits = model.get_output_embeddings()(body.last_hidden_state)
     torch.testing.assert_close(logits, expected.logits, rtol=1e-5, atol=1e-5)
     assert cache_of(cached).get_seq_length() == inputs["input_ids"].shape[1]
+    # the towers and the module tree are the model's, as in transformers' bodies; the rest is the model's alone
+    body_view = model.base_model
+    assert body_view.vision_tower is model.vision_tower and body_view.language_model is model.language_model
+    assert dict(body_view.named_parameters()) == dict(model.named_parameters())
+    assert not hasattr(body_view, "generate") and not hasattr(body_view, "get_encoder")
     # transformers' lookups through base_model find what they found before
     assert model.get_decoder() is model.language_model.get_decoder() and model.get_encoder() is model
     assert isinstance(model.supports_tp_plan, bool) and isinstance(model.supports_pp_plan, bool)

@@ -30,15 +30,37 @@ class MultimodalBody:
     # transformers reads these of `base_model` (tensor and pipeline parallel plans): the body has none of its own.
     _tp_plan = None
     _pp_plan = None
+    # What code written for transformers' bodies reads of one besides calling it (its common model tests look for
+    # the towers by name and walk the module tree): the model's own, shared. Nothing else is passed through: the
+    # body does not answer for the whole model (`get_encoder`, `generate`, ...).
+    SHARED_ATTRIBUTES = (
+        "config",
+        "language_model",
+        "vision_tower",
+        "modules",
+        "named_modules",
+        "parameters",
+        "named_parameters",
+        "device",
+        "dtype",
+    )
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
+        self._model = model
+
+    def __getattr__(self, name: str) -> Any:
+        if name in MultimodalBody.SHARED_ATTRIBUTES:
+            return getattr(self._model, name)
+        raise AttributeError(
+            f"{type(self).__name__} (model.base_model) has no attribute {name!r}: it runs the model without its LM "
+            f"head and shares {', '.join(MultimodalBody.SHARED_ATTRIBUTES)}; use the model itself for the rest."
+        )
 
     def __call__(self, *args: Any, **kwargs: Any) -> BaseModelOutputWithPast | tuple:
-        if getattr(self.model, "is_encoder_decoder_llm", False):
+        if getattr(self._model, "is_encoder_decoder_llm", False):
             raise ValueError(
                 "base_model(...) returns a decoder-only LLM's final hidden states; this CROME's LLM is an "
-                f"encoder-decoder ({self.model.config.text_config.model_type}). Call the model itself: its output "
+                f"encoder-decoder ({self._model.config.text_config.model_type}). Call the model itself: its output "
                 "holds the decoder's logits and `encoder_last_hidden_state`."
             )
         if kwargs.get("labels") is not None:
@@ -47,7 +69,7 @@ class MultimodalBody:
                 "`labels`, or apply `model.get_output_embeddings()` to `last_hidden_state`."
             )
         kwargs.pop("labels", None)
-        return self.model(*args, **kwargs, **{LAST_HIDDEN_STATE_ONLY: True})
+        return self._model(*args, **kwargs, **{LAST_HIDDEN_STATE_ONLY: True})
 
     def __repr__(self) -> str:
-        return f"MultimodalBody({type(self.model).__name__})"
+        return f"MultimodalBody({type(self._model).__name__})"
