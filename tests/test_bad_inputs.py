@@ -108,7 +108,7 @@ def test_labels_may_be_the_input_ids_image_placeholders_are_not_predicted(tiny_b
     """`labels=input_ids` (a common first try) is a loss over the text: the image placeholder (past the LLM's
     vocabulary) is ignored at its positions, as LLaVA's training ignores image positions; before, an index error
     from inside the loss."""
-    from test_crome import save_tiny_t5
+    from conftest import save_tiny_t5
 
     from mmadapters import CromeForConditionalGeneration, CromeProcessor
 
@@ -136,7 +136,7 @@ def test_crome_labels_and_prompt_mask_of_another_shape_are_named(tiny_backbones,
     """CROME's labels (the whole sequence for a decoder-only LLM, the answer for T5) of another batch or length
     stopped inside the loss with torch's batch-size message; a prompt_mask longer than the sequence ran, cut
     silently, and one of another batch stopped in a tensor operation."""
-    from test_crome import save_tiny_t5
+    from conftest import save_tiny_t5
 
     text_model = save_tiny_t5(tmp_path / "t5") if kind == "crome-t5" else tiny_backbones[0]
     model = CromeForConditionalGeneration.from_backbones(text_model, tiny_backbones[1]).eval()
