@@ -110,6 +110,12 @@ def sft_config(output_dir, **overrides):
     return import_trl().SFTConfig(**{**defaults, **overrides})
 
 
+def sft_on(our_trainer):
+    """TRL's SFTTrainer mixed with one of ours, as the README shows:
+    `class LavinSFTTrainer(LavinTrainer, SFTTrainer)`."""
+    return type("SFTOnOurTrainer", (our_trainer, import_trl().SFTTrainer), {})
+
+
 @pytest.mark.parametrize("kind", ["lavin", "crome"])
 def test_sft_trainer_scores_our_models_as_their_own_loss_does(backbones, kind, tmp_path):
     trl = import_trl()
@@ -143,9 +149,7 @@ def test_sft_trainer_scores_our_models_as_their_own_loss_does(backbones, kind, t
 
 @pytest.mark.parametrize("kind", ["lavin", "crome"])
 def test_our_trainer_mixed_with_sft_trainer_resumes_exactly(backbones, kind, tmp_path):
-    trl = import_trl()
-    base = LavinTrainer if kind == "lavin" else CromeTrainer
-    trainer_class = type("SFTOnOurTrainer", (base, trl.SFTTrainer), {})
+    trainer_class = sft_on(LavinTrainer if kind == "lavin" else CromeTrainer)
     dataset = toy_dataset(tmp_path, n=12)
 
     def run(resume=None):
@@ -168,9 +172,8 @@ def test_our_trainer_mixed_with_sft_trainer_resumes_exactly(backbones, kind, tmp
 
 
 def test_our_trainer_mixed_with_sft_trainer_trains_a_lora_with_our_adapters(backbones, tmp_path):
-    trl = import_trl()
     model, processor = build(backbones, "lavin")
-    trainer_class = type("SFTOnOurTrainer", (LavinTrainer, trl.SFTTrainer), {})
+    trainer_class = sft_on(LavinTrainer)
     lora = LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)")
     arguments = dict(
         args=sft_config(tmp_path / "run", max_steps=2),
@@ -189,9 +192,8 @@ def test_our_trainer_mixed_with_sft_trainer_trains_a_lora_with_our_adapters(back
 
 
 def test_trls_vision_collator_is_refused_by_our_trainers(backbones, tmp_path):
-    trl = import_trl()
     model, processor = build(backbones, "lavin")
-    trainer_class = type("SFTOnOurTrainer", (LavinTrainer, trl.SFTTrainer), {})
+    trainer_class = sft_on(LavinTrainer)
     with pytest.raises(ValueError, match="image placeholders.*VisionLanguageCollator"):
         trainer_class(
             model=model,
