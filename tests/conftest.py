@@ -9,6 +9,9 @@ import os
 # huggingface.co with retries (about 23 s a call here, where it cannot be reached). Tests that talk to the local
 # test Hub server turn offline mode off for their duration (the `local_hub_online` fixture).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# transformers 5.25 turns Hub kernels on in every from_pretrained that does not say use_kernels (ours say False);
+# tests that load a bare backbone with transformers itself (as a reference) must not fetch kernels either.
+os.environ.setdefault("USE_HUB_KERNELS", "NO")
 # gradio (the demo's tests) reports usage to api.gradio.app unless told not to: nothing leaves the machine.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 

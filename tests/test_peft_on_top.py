@@ -278,26 +278,6 @@ def test_get_adapter_state_dict_returns_the_tensors_as_peft_saves_them(
 SCOPES_OF = {"language_model": ["language_model"], "both": ["language_model", "vision_tower"]}
 
 
-def test_hotswap_is_refused_with_the_way_to_switch_adapters(lavin, tiny_backbones, tmp_path):
-    """transformers' hotswap (enable_peft_hotswap, then load_adapter into an existing name) swaps an adapter's
-    weights in place; ours does not. enable_peft_hotswap only set a flag nothing read, and the load that followed
-    said the name was taken; both are refused with the way to switch adapters, and the model is unchanged."""
-    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_backbones[0]), lora()).save_pretrained(
-        tmp_path / "a"
-    )
-    lavin.load_adapter(tmp_path / "a")
-    for call in (
-        lambda: lavin.enable_peft_hotswap(target_rank=8),
-        lambda: lavin.load_adapter(tmp_path / "a", adapter_name="default", hotswap=True),
-    ):
-        with pytest.raises(PeftOnTopError, match=r"Hotswapping .* not supported.*set_adapter\('next'\)"):
-            call()
-    assert not hasattr(lavin, "_hotswap_enabled") and lavin.active_adapters() == ["default"]
-    lavin.load_adapter(tmp_path / "a", adapter_name="next", hotswap=False)
-    lavin.load_adapter(tmp_path / "a", adapter_name="third", hotswap="auto")
-    assert sorted(lavin.config.peft_adapters) == ["default", "next", "third"]
-
-
 def test_adapter_calls_know_the_adapters_of_a_get_peft_model_wrapper_not_yet_adopted(tiny_backbones):
     """The names come from the model's layers too: right after `get_peft_model` (before a Trainer adopts the
     wrapper and records it) the model's own adapter calls find PEFT's adapter."""

@@ -42,7 +42,7 @@ from ..checkpoint_files import (
 )
 from ..hub.names import looks_like_local_path
 from ..hub.remote_code import model_auto_map, write_loader
-from . import peft_on_top
+from . import peft_hotswap, peft_on_top
 from .backbone_watch import (
     BackboneChangedError,
     BackboneWatch,
@@ -100,13 +100,6 @@ FULL_WEIGHTS_NAMES = ("model.safetensors", "model.safetensors.index.json")
 
 # The attribute names of the two frozen backbones (also the first part of their state-dict keys).
 BACKBONE_MODULES = ("language_model", "vision_tower")
-# transformers' PEFT hotswap (load_adapter(hotswap=True), enable_peft_hotswap) replaces one adapter's weights in place
-# for compiled models; here each PEFT adapter loads under its own name, which a checkpoint records.
-HOTSWAP_REFUSED = (
-    "Hotswapping PEFT adapters is not supported by mmadapters models: load the new adapter under another name "
-    "(model.load_adapter(path, adapter_name='next')), switch with model.set_adapter('next') and free the old one "
-    "with model.delete_adapter(old_name)."
-)
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
@@ -1131,9 +1124,11 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         a full checkpoint comes with a PEFT adapter, and with `load_config`, its settings for the model's own
         weights (dtype, placement), which the adapter's layers take from the layers they wrap. Returns the
         adapter's loading report, as transformers does (`from_pretrained(..., output_loading_info=True)` of a full
-        checkpoint returns it): empty, since a tensor without its place is refused, not reported."""
-        if hotswap is True:
-            raise peft_on_top.PeftOnTopError(HOTSWAP_REFUSED)
+        checkpoint returns it): empty, since a tensor without its place is refused, not reported.
+
+        `hotswap` as in transformers: True replaces the weights and scalings of the loaded LoRA `adapter_name` in
+        place (a compiled model does not recompile); "auto" does so after `enable_peft_hotswap` where that name is
+        loaded. See `mmadapters.modeling.peft_hotswap`."""
         adapter_kwargs = dict(adapter_kwargs or {})
         unsupported = sorted(set(adapter_kwargs) - set(PEFT_ADAPTER_KWARGS))
         if kwargs or unsupported:
@@ -1144,17 +1139,17 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             )
         revision = revision if revision is not None else adapter_kwargs.get("revision")
         token = token if token is not None else adapter_kwargs.get("token")
-        peft_on_top.load_peft_adapter(
-            self,
-            peft_model_id,
-            adapter_name,
-            on,
-            revision,
-            token,
-            is_trainable,
-            peft_config,
-            adapter_state_dict,
+        name = adapter_name or "default"
+        swap = peft_hotswap.wants_hotswap(self, name, hotswap)
+        adapter = peft_on_top.read_peft_adapter(
+            self, peft_model_id, on, revision, token, peft_config, adapter_state_dict
         )
+        if swap:
+            peft_hotswap.hotswap_lora(self, adapter, name, is_trainable)
+        else:
+            peft_hotswap.check_before_padded_load(self, adapter)
+            peft_on_top.place_peft_adapter(self, adapter, name, is_trainable)
+            peft_hotswap.pad_loaded_adapter(self, name)
         return LoadStateDictInfo(
             missing_keys=set(),
             unexpected_keys=set(),
@@ -1180,8 +1175,11 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             raise peft_on_top.PeftOnTopError(f"No PEFT adapter named {unknown}: the model has {known}.")
 
     def enable_peft_hotswap(self, target_rank: int = 128, check_compiled: str = "error") -> None:
-        """Refused: see `HOTSWAP_REFUSED` (transformers' version would only set a flag that nothing here reads)."""
-        raise peft_on_top.PeftOnTopError(HOTSWAP_REFUSED)
+        """Make LoRA adapters hotswappable without recompiling a compiled model: every LoRA that `load_adapter`
+        loads from now on is padded to `target_rank` (the highest rank you will load) and `load_adapter(...,
+        hotswap="auto")` swaps into a loaded name. Call it before the first adapter is loaded, as in transformers
+        (`check_compiled`: "error", "warn" or "ignore" where adapters are loaded already)."""
+        peft_hotswap.enable_peft_hotswap(self, target_rank, check_compiled)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Make the named PEFT adapter(s) the active ones."""

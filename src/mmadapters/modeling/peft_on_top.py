@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 from collections.abc import Iterator
@@ -424,6 +425,45 @@ def load_peft_adapter(
     `vision_tower.`) goes where it was trained; any other adapter was trained on the bare LLM and goes into the
     LLM (`on` can say "vision_tower" for one trained on the bare vision tower). Every tensor must find its place.
     """
+    adapter = read_peft_adapter(model, peft_model_id, on, revision, token, peft_config, adapter_state_dict)
+    place_peft_adapter(model, adapter, adapter_name or "default", is_trainable)
+    return model
+
+
+def place_peft_adapter(model: nn.Module, adapter: PeftAdapter, name: str, is_trainable: bool) -> None:
+    """Inject the layers of an adapter read by `read_peft_adapter` and load its tensors into them (all or nothing)."""
+    adapter.config.inference_mode = not is_trainable
+    with _undone_on_failure(model, name):  # tensors that do not fit leave no adapter behind
+        inject_peft_layers(model, adapter.config, name, adapter.scope)
+        _load_peft_tensors(model, adapter.scope, name, adapter.state, adapter.source)
+    if not is_trainable:
+        for _, layer in tuner_layers(model):
+            if name in layer._all_available_adapter_names():
+                layer.set_adapter(layer.active_adapters, inference_mode=True)
+
+
+@dataclasses.dataclass
+class PeftAdapter:
+    """A PEFT adapter read from its files (or given as a state dict): where it came from (for messages), its config
+    (a copy: the caller's is left as it was), its tensors in PEFT's saved form (keys relative to the module it was
+    trained on) and where in our model that module is (`scope`: "" for one trained on our whole model)."""
+
+    source: str
+    config: Any
+    state: dict[str, torch.Tensor]
+    scope: str
+
+
+def read_peft_adapter(
+    model: nn.Module,
+    peft_model_id: str | os.PathLike | None,
+    on: str | None,
+    revision: str | None,
+    token: str | None,
+    peft_config: Any,
+    adapter_state_dict: dict[str, torch.Tensor] | None,
+) -> PeftAdapter:
+    """Read a PEFT adapter for `load_peft_adapter` (and a hotswap) and decide where in `model` it goes."""
     from peft import PeftConfig
 
     _check_our_model(model)
@@ -448,7 +488,6 @@ def load_peft_adapter(
             )
         peft_config = PeftConfig.from_pretrained(folder) if peft_config is None else peft_config
         state = _read_peft_weights(folder)
-    peft_config = copy.deepcopy(peft_config)  # the caller's config is left as it was
     state = {_strip_wrapper_prefix(key): value for key, value in state.items()}
     trained_on_ours = any(key.startswith(("language_model.", "vision_tower.")) for key in state)
     if trained_on_ours and on not in (None, ""):
@@ -457,16 +496,7 @@ def load_peft_adapter(
             f"vision_tower): it goes back where it was trained; drop on={on!r}."
         )
     scope = "" if trained_on_ours else (on or "language_model")
-    name = adapter_name or "default"
-    peft_config.inference_mode = not is_trainable
-    with _undone_on_failure(model, name):  # tensors that do not fit leave no adapter behind
-        inject_peft_layers(model, peft_config, name, scope)
-        _load_peft_tensors(model, scope, name, state, source)
-    if not is_trainable:
-        for _, layer in tuner_layers(model):
-            if name in layer._all_available_adapter_names():
-                layer.set_adapter(layer.active_adapters, inference_mode=True)
-    return model
+    return PeftAdapter(source, copy.deepcopy(peft_config), state, scope)
 
 
 def saved_form(target: nn.Module, name: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
