@@ -21,7 +21,7 @@ from conftest import (
     toy_dataset,
 )
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 import mmadapters
@@ -698,6 +698,46 @@ def test_load_adapter_of_a_lora_trained_on_the_bare_llm(lavin, tiny_backbones, p
     torch.testing.assert_close(
         logits(LavinForConditionalGeneration.from_pretrained(tmp_path / "ck"), batch), expected
     )
+
+
+def test_adapter_files_with_a_copy_of_the_llms_embeddings_load_when_it_is_the_backbones(
+    lavin, tiny_backbones, processor, tmp_path
+):
+    """PEFT writes the embedding matrices into the adapter file when the LoRA targets `embed_tokens` / `lm_head`
+    (`save_embedding_layers="auto"`, PEFT's default). Such a file was refused as "trained on another base model".
+    A copy equal to the backbone's weights is dropped (the backbones stay frozen); a different one (a resized
+    vocabulary, another base) is refused by name, and the model is left as it was."""
+    peft_llm = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_backbones[0]),
+        lora(target_modules=["embed_tokens", "q_proj"]),
+    )
+    randomize_trainable(peft_llm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT: "Setting `save_embedding_layers` to `True` ..."
+        peft_llm.save_pretrained(tmp_path / "with-embeddings")
+    saved = load_file(tmp_path / "with-embeddings" / "adapter_model.safetensors")
+    embedding_key = "base_model.model.model.embed_tokens.base_layer.weight"
+    assert embedding_key in saved
+    peft_llm.save_pretrained(tmp_path / "plain", save_embedding_layers=False)
+    torch.manual_seed(0)  # as the `lavin` fixture
+    reference = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+    reference.load_adapter(tmp_path / "plain")
+    batch = inputs(processor)
+    lavin.load_adapter(tmp_path / "with-embeddings")
+    torch.testing.assert_close(logits(lavin, batch), logits(reference, batch))
+
+    changed = dict(saved)
+    changed[embedding_key] = saved[embedding_key] + 1.0
+    os.makedirs(tmp_path / "resized")
+    shutil.copy(tmp_path / "plain" / "adapter_config.json", tmp_path / "resized")
+    save_file(changed, tmp_path / "resized" / "adapter_model.safetensors")
+    before = logits(lavin, batch)
+    with pytest.raises(
+        PeftOnTopError, match=r"model.embed_tokens.base_layer.weight .* differs from this backbone"
+    ):
+        lavin.load_adapter(tmp_path / "resized", adapter_name="resized")
+    assert list(lavin.config.peft_adapters) == ["default"]
+    torch.testing.assert_close(logits(lavin, batch), before)
 
 
 def peft_method_config(method: str, target_modules):

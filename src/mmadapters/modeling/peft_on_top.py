@@ -496,7 +496,41 @@ def read_peft_adapter(
             f"vision_tower): it goes back where it was trained; drop on={on!r}."
         )
     scope = "" if trained_on_ours else (on or "language_model")
+    if scope in ("", *SCOPES["both"]):
+        state = _without_backbone_copies(model if scope == "" else getattr(model, scope), state, source)
     return PeftAdapter(source, copy.deepcopy(peft_config), state, scope)
+
+
+def _without_backbone_copies(
+    target: nn.Module, state: dict[str, torch.Tensor], source: str
+) -> dict[str, torch.Tensor]:
+    """The adapter's tensors without the copies of base-model weights that PEFT writes beside them: with
+    `save_embedding_layers="auto"` (its default) the embedding matrices, when the adapter targets `embed_tokens` /
+    `lm_head` or the vocabulary was resized. The backbones stay frozen here, so a copy equal to the backbone's
+    weight is dropped and a different one (a resized vocabulary, another base model) refused by name."""
+
+    def plain(name: str) -> str:  # a weight's name as the unwrapped backbone has it
+        return name.replace(".base_layer.", ".")
+
+    backbone = {
+        plain(name): held for name, held in target.state_dict().items() if ".base_layer." not in plain(name)
+    }
+    kept = {}
+    for key, value in state.items():
+        held = backbone.get(plain(key))
+        if held is None or held.is_meta:
+            kept[key] = value
+        elif held.shape == value.shape and torch.equal(value.to(held.device, held.dtype), held):
+            continue
+        else:
+            raise PeftOnTopError(
+                f"The PEFT adapter '{source}' holds a copy of the base model's {key} that differs from this "
+                "backbone's (PEFT saves the embedding matrices with an adapter that targets embed_tokens / "
+                "lm_head, or after the vocabulary was resized). The backbones stay frozen here: load it onto the "
+                "base model it was trained on, or, if that model's embeddings were not changed, save the adapter "
+                "with save_embedding_layers=False."
+            )
+    return kept
 
 
 def saved_form(target: nn.Module, name: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
