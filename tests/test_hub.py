@@ -192,6 +192,43 @@ def test_a_peft_adapter_pushed_on_top_of_a_hub_checkpoint_loads_with_it(hub, tin
     assert not torch.equal(torch.load(tmp_path / "base.pt"), expected)  # the LoRA changed the model
 
 
+LOAD_ADAPTER_FROM_A_SUBFOLDER = """
+import os, sys
+from mmadapters import LavinForConditionalGeneration
+llm, vision, cache = sys.argv[1:4]
+model = LavinForConditionalGeneration.from_backbones(llm, vision)
+where = {"subfolder": "style", "cache_dir": cache}
+model.load_adapter("org/loras", adapter_kwargs=where)
+assert any(name == "adapter_model.safetensors" for _, _, names in os.walk(cache) for name in names), "cache_dir"
+try:  # nothing in this cache, and local_files_only: no download
+    model.load_adapter("org/loras", "b", adapter_kwargs={**where, "cache_dir": cache + "-empty"}, local_files_only=True)
+except Exception as error:
+    print("refused:", type(error).__name__)
+else:
+    raise SystemExit("local_files_only was not passed on")
+model.load_adapter("org/loras", "c", adapter_kwargs={**where, "local_files_only": True})  # from the cache
+print(sorted(model.config.peft_adapters))
+"""
+
+
+def test_load_adapter_takes_transformers_download_keywords(hub, tiny_backbones, tmp_path):
+    """One of several adapters in a Hub repo (`subfolder`), downloaded into `cache_dir`, and `local_files_only`
+    (as a keyword and in adapter_kwargs) reading the cache only, as transformers' load_adapter takes them."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    llm = AutoModelForCausalLM.from_pretrained(tiny_backbones[0])
+    get_peft_model(llm, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "style")
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    api.create_repo("org/loras")
+    api.upload_folder(repo_id="org/loras", folder_path=tmp_path / "style", path_in_repo="style")
+    result = run(
+        LOAD_ADAPTER_FROM_A_SUBFOLDER, *tiny_backbones, str(tmp_path / "cache"), env=hub_env(hub, tmp_path)
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "refused:" in result.stdout and "['c', 'default']" in result.stdout
+
+
 TRAIN_AND_PUSH = """
 import sys, json, torch
 from conftest import make_trainer, toy_dataset

@@ -740,6 +740,24 @@ def test_adapter_files_with_a_copy_of_the_llms_embeddings_load_when_it_is_the_ba
     torch.testing.assert_close(logits(lavin, batch), before)
 
 
+def test_load_adapter_takes_transformers_keywords_or_refuses_them(lavin, tiny_backbones, tmp_path):
+    """`local_files_only` and adapter_kwargs' `subfolder` (one of several adapters in a folder) as in transformers;
+    `low_cpu_mem_usage=True` and unknown keywords are refused, not dropped, and nothing is loaded."""
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_backbones[0]), lora()).save_pretrained(
+        tmp_path / "runs" / "style"
+    )
+    lavin.load_adapter(tmp_path / "runs", adapter_kwargs={"subfolder": "style"}, local_files_only=True)
+    assert list(lavin.config.peft_adapters) == ["default"]
+    for keywords, message in (
+        ({"low_cpu_mem_usage": True}, "low_cpu_mem_usage=True. is not supported"),
+        ({"adapter_kwargs": {"proxies": {}}}, r"adapter_kwargs \['proxies'\]"),
+        ({"device_map": "auto"}, r"keyword argument\(s\) \['device_map'\]"),
+    ):
+        with pytest.raises(TypeError, match=message):
+            lavin.load_adapter(tmp_path / "runs" / "style", adapter_name="other", **keywords)
+    assert list(lavin.config.peft_adapters) == ["default"]
+
+
 def peft_method_config(method: str, target_modules):
     """A PEFT config of `method` on `target_modules` (the attention projections; the input norms for LN tuning)."""
     import peft
@@ -958,10 +976,8 @@ def test_a_peft_adapter_trained_on_our_checkpoint_loads_as_transformers_loads_on
     torch.testing.assert_close(logits(in_subfolder, batch), expected)
     with pytest.raises(LoadingOptionError, match="adapter_name='task' names the PEFT adapter"):
         LavinForConditionalGeneration.from_pretrained(checkpoint, adapter_name="task")
-    with pytest.raises(LoadingOptionError, match=r"adapter_kwargs \['cache_dir'\] are not supported"):
-        AutoModelForImageTextToText.from_pretrained(
-            tmp_path / "lora", adapter_kwargs={"cache_dir": str(tmp_path)}
-        )
+    with pytest.raises(LoadingOptionError, match=r"adapter_kwargs \['proxies'\] are not supported"):
+        AutoModelForImageTextToText.from_pretrained(tmp_path / "lora", adapter_kwargs={"proxies": {}})
 
 
 def test_checkpoints_with_peft_file_names_still_load(lavin, processor, tmp_path):

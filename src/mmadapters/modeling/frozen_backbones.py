@@ -1114,13 +1114,16 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         peft_config: Any = None,
         adapter_state_dict: dict[str, torch.Tensor] | None = None,
         hotswap: bool | str = "auto",
+        low_cpu_mem_usage: bool = False,
+        local_files_only: bool = False,
         **kwargs: Any,
     ) -> LoadStateDictInfo:
         """Load a PEFT adapter (a folder or Hub repo that `PeftModel.save_pretrained` wrote, or, as in transformers,
         `adapter_state_dict` in PEFT's saved form with its `peft_config`) onto the model; see
         `mmadapters.modeling.peft_on_top.load_peft_adapter`. It is saved with our adapters by save_pretrained.
 
-        `adapter_kwargs` (`revision`, `token`) as in transformers; transformers' loader calls this with them when
+        `adapter_kwargs` (`revision`, `token`, `cache_dir`, `force_download`, `local_files_only`, `subfolder`) and
+        `local_files_only` as in transformers; transformers' loader calls this with them when
         a full checkpoint comes with a PEFT adapter, and with `load_config`, its settings for the model's own
         weights (dtype, placement), which the adapter's layers take from the layers they wrap. Returns the
         adapter's loading report, as transformers does (`from_pretrained(..., output_loading_info=True)` of a full
@@ -1135,14 +1138,24 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             raise TypeError(
                 f"load_adapter() got keyword argument(s) {sorted(kwargs)} (adapter_kwargs {unsupported}) that "
                 "mmadapters does not support here (supported: adapter_name, on, revision, token, is_trainable, "
-                f"peft_config, adapter_state_dict, adapter_kwargs with {list(PEFT_ADAPTER_KWARGS)})."
+                "peft_config, adapter_state_dict, hotswap, local_files_only, adapter_kwargs with "
+                f"{list(PEFT_ADAPTER_KWARGS)})."
             )
-        revision = revision if revision is not None else adapter_kwargs.get("revision")
-        token = token if token is not None else adapter_kwargs.get("token")
+        if low_cpu_mem_usage:
+            raise TypeError(
+                "load_adapter(low_cpu_mem_usage=True) is not supported: PEFT layers are created in memory and "
+                "filled from the file (they are a few megabytes); drop the keyword."
+            )
+        download = {
+            **adapter_kwargs,
+            "revision": revision if revision is not None else adapter_kwargs.get("revision"),
+            "token": token if token is not None else adapter_kwargs.get("token"),
+            "local_files_only": local_files_only or bool(adapter_kwargs.get("local_files_only")),
+        }
         name = adapter_name or "default"
         swap = peft_hotswap.wants_hotswap(self, name, hotswap)
         adapter = peft_on_top.read_peft_adapter(
-            self, peft_model_id, on, revision, token, peft_config, adapter_state_dict
+            self, peft_model_id, on, download, peft_config, adapter_state_dict
         )
         if swap:
             peft_hotswap.hotswap_lora(self, adapter, name, is_trainable)

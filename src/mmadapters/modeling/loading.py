@@ -83,8 +83,9 @@ class LoadingOptionError(MMAdaptersError, ValueError):
     """A loading keyword that our models cannot honour."""
 
 
-# transformers' `adapter_kwargs` that reach the adapter's download (the Auto classes set `revision` and `token`).
-PEFT_ADAPTER_KWARGS = ("revision", "token")
+# transformers' `adapter_kwargs` that reach the adapter's download (the Auto classes set `revision` and `token`);
+# `subfolder` is the adapter's folder inside the repo. huggingface_hub 1.0 dropped `proxies` (set HTTPS_PROXY).
+PEFT_ADAPTER_KWARGS = ("revision", "token", "cache_dir", "force_download", "local_files_only", "subfolder")
 
 
 @dataclass

@@ -425,7 +425,8 @@ def load_peft_adapter(
     `vision_tower.`) goes where it was trained; any other adapter was trained on the bare LLM and goes into the
     LLM (`on` can say "vision_tower" for one trained on the bare vision tower). Every tensor must find its place.
     """
-    adapter = read_peft_adapter(model, peft_model_id, on, revision, token, peft_config, adapter_state_dict)
+    download = {"revision": revision, "token": token}
+    adapter = read_peft_adapter(model, peft_model_id, on, download, peft_config, adapter_state_dict)
     place_peft_adapter(model, adapter, adapter_name or "default", is_trainable)
     return model
 
@@ -458,12 +459,12 @@ def read_peft_adapter(
     model: nn.Module,
     peft_model_id: str | os.PathLike | None,
     on: str | None,
-    revision: str | None,
-    token: str | None,
+    download: dict[str, Any],
     peft_config: Any,
     adapter_state_dict: dict[str, torch.Tensor] | None,
 ) -> PeftAdapter:
-    """Read a PEFT adapter for `load_peft_adapter` (and a hotswap) and decide where in `model` it goes."""
+    """Read a PEFT adapter for `load_peft_adapter` (and a hotswap) and decide where in `model` it goes. `download`:
+    the keywords of its download (see `_peft_folder`)."""
     from peft import PeftConfig
 
     _check_our_model(model)
@@ -478,7 +479,7 @@ def read_peft_adapter(
         source, state = "adapter_state_dict", dict(adapter_state_dict)
     else:
         source = str(peft_model_id)
-        folder = _peft_folder(os.fspath(peft_model_id), revision, token)
+        folder = _peft_folder(os.fspath(peft_model_id), download)
         if os.path.isfile(os.path.join(folder, "config.json")) and not os.path.isfile(
             os.path.join(folder, PEFT_CONFIG_NAME)
         ):
@@ -602,17 +603,23 @@ def _strip_wrapper_prefix(key: str) -> str:
     return key[len("base_model.model.") :] if key.startswith("base_model.model.") else key
 
 
-def _peft_folder(name: str, revision: str | None, token: str | None) -> str:
+def _peft_folder(name: str, download: dict[str, Any]) -> str:
+    """The local folder of a PEFT adapter: `name` itself, or a Hub repo's snapshot (the adapter's files only).
+    `download`: transformers' download keywords (revision, token, cache_dir, force_download, local_files_only) and
+    `subfolder`, the adapter's folder inside the repo or directory."""
+    download = dict(download)
+    subfolder = download.pop("subfolder", None) or ""
     if os.path.isdir(name):
-        return name
+        return os.path.join(name, subfolder)
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(
+    files = [PEFT_CONFIG_NAME, *PEFT_WEIGHTS_NAMES, "config.json"]
+    root = snapshot_download(
         name,
-        revision=revision,
-        token=token,
-        allow_patterns=[PEFT_CONFIG_NAME, *PEFT_WEIGHTS_NAMES, "config.json"],
+        allow_patterns=[f"{subfolder}/{file}" if subfolder else file for file in files],
+        **{key: value for key, value in download.items() if value is not None},
     )
+    return os.path.join(root, subfolder)
 
 
 def _read_peft_weights(folder: str) -> dict[str, torch.Tensor]:
