@@ -182,3 +182,55 @@ def test_a_lora_above_the_target_rank_is_refused_before_it_loads(backbones_by_ll
     with pytest.raises(PeftOnTopError, match="rank 4 .* above the target_rank 2"):
         model.load_adapter(loras["a"])
     assert not model.config.peft_adapters and not lora_tensors(model)
+
+
+def test_a_swap_by_peft_itself_on_a_peft_model_around_ours_is_saved_as_it_computes(
+    backbones_by_llm, tmp_path
+):
+    """PEFT's own `hotswap_adapter` on a PeftModel around LaVIN swaps weights and scalings without telling our
+    record: the checkpoint saved afterwards reloaded with the old alpha (other logits). A save now records each
+    LoRA layer's rank and scaling where they differ from the record."""
+    from peft.utils.hotswap import hotswap_adapter
+
+    import mmadapters
+
+    def peft_lavin(seed, lora_alpha):
+        model, processor = build(backbones_by_llm, "lavin")
+        config = LoraConfig(r=4, lora_alpha=lora_alpha, target_modules=r".*language_model.*\.(q_proj|v_proj)")
+        peft_model = get_peft_model(model, config)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, parameter in peft_model.named_parameters():
+                if "lora_" in name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+        return peft_model, processor
+
+    served, processor = peft_lavin(1, lora_alpha=8)
+    mmadapters.adopt_peft_model(served)
+    batch = tiny_sample_inputs(processor)
+    other, _ = peft_lavin(2, lora_alpha=16)
+    other.save_pretrained(tmp_path / "other")  # PEFT's own save (not adopted): an adapter file
+    hotswap_adapter(served, str(tmp_path / "other"), adapter_name="default", torch_device="cpu")
+    expected = logits(other, batch)
+    torch.testing.assert_close(logits(served, batch), expected)
+    assert_reloads_to(served.get_base_model(), batch, expected, tmp_path / "after")
+    assert served.get_base_model().config.peft_adapters["default"]["config"]["lora_alpha"] == 16
+
+
+def test_a_record_that_describes_its_layers_is_saved_as_written(backbones_by_llm, tmp_path):
+    """The check before a save changes nothing where the record builds the layers as they are (regex patterns
+    stay as the user wrote them)."""
+    model, processor = build(backbones_by_llm, "lavin")
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        rank_pattern={r"layers\.0\..*q_proj": 2},
+        alpha_pattern={r"layers\.1\..*v_proj": 2},
+    )
+    model.add_adapter(config)
+    written = dict(model.config.peft_adapters["default"]["config"])
+    assert_reloads_to(
+        model, tiny_sample_inputs(processor), logits(model, tiny_sample_inputs(processor)), tmp_path
+    )
+    assert model.config.peft_adapters["default"]["config"] == written

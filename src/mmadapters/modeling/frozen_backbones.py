@@ -1000,6 +1000,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             )
             adapter_only = False
         peft_on_top.sync_record(self)
+        peft_hotswap.record_lora_scalings(self)
         if adapter_only:
             self._refuse_changed_backbones(state_dict)
             adapter_state = {

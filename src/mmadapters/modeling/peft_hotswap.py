@@ -225,6 +225,21 @@ def hotswap_lora(model: nn.Module, adapter: PeftAdapter, adapter_name: str, is_t
     model._thaw_peft_layers()
 
 
+def record_lora_scalings(model: nn.Module) -> None:
+    """Before a save: bring the record of each LoRA adapter to its layers where they differ from what the record
+    would build (a rank or a scaling). PEFT's own `hotswap_adapter` on a PeftModel around ours changes a LoRA's
+    weights and scalings without telling the record; saved as it was, the checkpoint reloaded with the old alpha."""
+    for adapter_name, entry in (model.config.peft_adapters or {}).items():
+        values = entry["config"]
+        if values.get("peft_type") != "LORA":
+            continue
+        if any(
+            _described_differently(values, _name_where_injected(name, entry["on"]), layer, adapter_name)
+            for name, layer in _layers_holding(model, adapter_name)
+        ):
+            _record_layers_as_they_are(model, adapter_name, values)
+
+
 # --- helpers -----------------------------------------------------------------------------------------------------
 
 
@@ -327,9 +342,7 @@ def _record_layers_as_they_are(model: nn.Module, adapter_name: str, values: dict
     rslora = bool(values.get("use_rslora"))
     ranks, alphas = {}, {}
     for name, layer in _layers_holding(model, adapter_name):
-        down = layer.lora_A if adapter_name in layer.lora_A else layer.lora_embedding_A
-        item = down[adapter_name]
-        rank = (item.weight if isinstance(item, nn.Module) else item).shape[0]
+        rank = _rank_of(layer, adapter_name)
         scaling = float(layer.scaling[adapter_name])
         alpha = scaling * (math.sqrt(rank) if rslora else rank)
         alpha = round(alpha) if abs(alpha - round(alpha)) < 1e-9 else alpha
@@ -341,6 +354,26 @@ def _record_layers_as_they_are(model: nn.Module, adapter_name: str, values: dict
     values["rank_pattern"] = {re.escape(n): r for n, r in ranks.items() if r != values["r"]}
     values["alpha_pattern"] = {re.escape(n): a for n, a in alphas.items() if a != values["lora_alpha"]}
     model.config.peft_adapters[adapter_name] = {**entry, "config": values}
+
+
+def _described_differently(values: dict[str, Any], name: str, layer: nn.Module, adapter_name: str) -> bool:
+    """Whether the recorded config (`values`) would build this layer (`name` relative to where it was injected)
+    with another rank or scaling than it has."""
+    from peft.utils.other import get_pattern_key
+
+    rank_pattern, alpha_pattern = values.get("rank_pattern") or {}, values.get("alpha_pattern") or {}
+    rank = rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), values["r"])
+    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), values["lora_alpha"])
+    scaling = alpha / math.sqrt(rank) if values.get("use_rslora") else alpha / rank
+    return _rank_of(layer, adapter_name) != rank or not math.isclose(
+        float(layer.scaling[adapter_name]), scaling, rel_tol=1e-9
+    )
+
+
+def _rank_of(layer: nn.Module, adapter_name: str) -> int:
+    down = layer.lora_A if adapter_name in layer.lora_A else layer.lora_embedding_A
+    item = down[adapter_name]
+    return (item.weight if isinstance(item, nn.Module) else item).shape[0]
 
 
 def _name_where_injected(name: str, on: str) -> str:
