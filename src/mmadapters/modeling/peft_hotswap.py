@@ -85,8 +85,8 @@ def enable_peft_hotswap(model: nn.Module, target_rank: int, check_compiled: str)
         )
     if loaded and check_compiled == "warn":
         logger.warning(
-            f"enable_peft_hotswap after adapters were loaded: {loaded} keep their ranks; only an adapter of the "
-            "same rank swaps into them."
+            f"enable_peft_hotswap after adapters were loaded: {loaded} keep their ranks; only adapters of their "
+            "rank or lower swap into them."
         )
     setattr(model, TARGET_RANK_ATTRIBUTE, target_rank)
     setattr(model, CHECK_COMPILED_ATTRIBUTE, check_compiled)
@@ -202,8 +202,8 @@ def hotswap_lora(model: nn.Module, adapter: PeftAdapter, adapter_name: str, is_t
         if not _fits(value.shape, current[key].shape):
             raise PeftOnTopError(
                 f"'{adapter.source}' does not fit {adapter_name!r}: {key} is {tuple(value.shape)}, the layer holds "
-                f"{tuple(current[key].shape)}. A higher rank fits after model.enable_peft_hotswap(target_rank=...) "
-                "called before the first adapter is loaded."
+                f"{tuple(current[key].shape)}. A higher rank fits where the layers were padded: call "
+                "model.enable_peft_hotswap(target_rank=...) before the first load_adapter (add_adapter does not pad)."
             )
 
     # Checked: from here on nothing fails.
