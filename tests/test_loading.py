@@ -1364,3 +1364,50 @@ def test_every_way_of_building_or_loading_returns_the_whole_model_in_eval_mode(
         model = build()
         assert [name for name, module in model.named_modules() if module.training] == [], way
         assert all(module.training for module in model.train().modules()), way
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A loaded backbone belongs to one model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("second", ["lavin", "crome"])
+@pytest.mark.parametrize("first", ["lavin", "crome"])
+def test_a_loaded_backbone_that_another_model_holds_is_refused_before_it_is_touched(
+    tiny_backbones, checkpoint, inputs, first, second
+):
+    """Our models change their backbones in place (LaVIN's adapters are hooks on the layers; PEFT layers sit
+    inside): two LaVINs built on one loaded LLM each ran the other's adapters, both silently wrong. A backbone that
+    another live model holds is refused, the backbone left as it was; once that model is gone (a LaVIN's hooks
+    removed first), it can be used again."""
+    from mmadapters import BackboneInUseError
+
+    def build(kind, llm, vision):
+        if kind == "lavin":
+            return LavinForConditionalGeneration.from_backbones(llm, vision)
+        return CromeForConditionalGeneration.from_backbones(
+            llm, vision, qformer=tiny_qformer_config(), num_query_tokens=4
+        )
+
+    path, saved = checkpoint
+    expected = saved(**inputs).logits
+    held = build(first, AutoModelForCausalLM.from_pretrained(tiny_backbones[0]), tiny_backbones[1])
+    llm = held.language_model
+    attention = llm.config._attn_implementation
+    with pytest.raises(BackboneInUseError, match=f"already part of a {type(held).__name__}"):
+        build(second, llm, tiny_backbones[1])
+    with pytest.raises(BackboneInUseError, match="already part of"):
+        LavinForConditionalGeneration.from_pretrained(path, text_model=llm, attn_implementation="eager")
+    with pytest.raises(BackboneInUseError, match="vision backbone passed in is already part of"):
+        build(second, tiny_backbones[0], held.vision_tower)
+    assert llm.config._attn_implementation == attention, "the refused backbone was changed"
+    if first == "lavin":
+        other = build("lavin", AutoModelForCausalLM.from_pretrained(tiny_backbones[0]), tiny_backbones[1])
+        other_llm = other.language_model
+        del other  # deleted, but its adapters stay hooked into the LLM's layers
+        with pytest.raises(BackboneInUseError, match="still carries the adapter hooks of a LaVIN"):
+            build(second, other_llm, tiny_backbones[1])
+        held.remove_adapter_hooks()
+    del held
+    reused = LavinForConditionalGeneration.from_pretrained(path, text_model=llm)  # nobody holds it now
+    torch.testing.assert_close(reused(**inputs).logits, expected)

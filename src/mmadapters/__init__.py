@@ -7,6 +7,7 @@ Importing the package registers the models with the transformers Auto classes, s
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .modeling.adapters import CromeAdapterConfig, MMAdapterConfig
+from .modeling.backbone_holders import BackboneInUseError
 from .modeling.backbone_watch import BackboneChangedError
 from .modeling.backbones import BackboneMismatchError
 from .modeling.crome import CromeConfig, CromeForConditionalGeneration
@@ -29,6 +30,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "BackboneChangedError",
+    "BackboneInUseError",
     "BackboneMismatchError",
     "CromeAdapterConfig",
     "CromeConfig",

@@ -26,6 +26,7 @@ from transformers import (
 
 from ..errors import MMAdaptersError
 from ..hub.names import looks_like_local_path
+from .backbone_holders import refuse_backbone_in_use
 from .embedded import portable_name, resolve_backbone_name
 from .loading import BackboneLoadOptions, LoadingOptionError
 
@@ -269,6 +270,7 @@ def adopt_backbone(
     """An already loaded backbone: frozen, and recorded by the name it was loaded from (none for a model built
     from a config). A quantised one gets no fingerprint (its stored values are not its checkpoint's): the note
     in its reference says so."""
+    refuse_backbone_in_use(model, role)  # before anything below changes it
     if options.quantization[role] is not None:
         raise LoadingOptionError(
             f"The {role} backbone was passed as a loaded model: quantise it when you load it (its "

@@ -43,6 +43,7 @@ from ..checkpoint_files import (
 from ..hub.names import looks_like_local_path
 from ..hub.remote_code import model_auto_map, write_loader
 from . import peft_hotswap, peft_on_top
+from .backbone_holders import hold_backbones, refuse_backbone_in_use
 from .backbone_watch import (
     BackboneChangedError,
     BackboneWatch,
@@ -239,10 +240,14 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
                 f"{type(self).__name__} got unexpected keyword argument(s) {sorted(unexpected)}: they are neither "
                 f"loading options nor fields of {type(config).__name__}."
             )
+        for backbone, role in ((language_model, "text"), (vision_tower, "vision")):
+            if backbone is not None:  # a loaded backbone: not one that another of our models holds
+                refuse_backbone_in_use(backbone, role)
         super().__init__(config)
         # Built from the configs when not given (random weights; a full checkpoint then loads into them).
         self.language_model = language_model or build_text_backbone(config.text_config)
         self.vision_tower = vision_tower or build_vision_backbone(config.vision_config)
+        hold_backbones(self, self.language_model, self.vision_tower)
         freeze(self.language_model)
         freeze(self.vision_tower)
         # Our modules are float32 whatever the backbones' dtype: they train in it (as from_backbones builds them),

@@ -197,6 +197,19 @@ def inject_vision_adapters(layers: nn.ModuleList, adapters: list[MMAdapter]) -> 
     ]
 
 
+def modules_with_adapter_hooks(backbone: nn.Module) -> list[str]:
+    """Names of the modules in `backbone` that carry a LaVIN adapter's hook (of any model). torch lists a module's
+    hooks only in its `_forward_pre_hooks` / `_forward_hooks` dicts; they are read, never changed, here."""
+    found = []
+    for name, module in backbone.named_modules():
+        hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
+        if any(
+            isinstance(getattr(hook, "__self__", None), (DecoderLayerAdapters, MMAdapter)) for hook in hooks
+        ):
+            found.append(name)
+    return found
+
+
 def bind_replica_adapters(pairs: list[tuple[nn.Module, nn.Module]]) -> None:
     """On a DataParallel replica: tell each hooked module copy which adapter copy its hooks run (data_parallel.py).
 
