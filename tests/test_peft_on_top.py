@@ -1203,3 +1203,18 @@ def test_is_gradient_checkpointing_answers_without_a_deprecation_warning(lavin):
             if hasattr(module, "gradient_checkpointing"):
                 module.gradient_checkpointing = True
         assert lavin.is_gradient_checkpointing is True
+
+
+def test_a_peft_model_as_a_backbone_is_refused_with_the_way_to_bring_its_adapter(tiny_backbones, tmp_path):
+    """A PeftModel passed as the LLM stopped in os.fspath ("expected str, bytes or os.PathLike object"); the LLM
+    inside it, PEFT layers and all, was taken in silently (frozen, left out of the record) and the first save was
+    refused. Both are refused up front, naming load_adapter (the adapter then trains and saves with ours)."""
+    peft_llm = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_backbones[0]), lora())
+    peft_llm.save_pretrained(tmp_path / "llm-lora")
+    for backbone in (peft_llm, peft_llm.get_base_model()):
+        with pytest.raises(PeftOnTopError, match=r"PEFT .* model.load_adapter\("):
+            LavinForConditionalGeneration.from_backbones(backbone, tiny_backbones[1])
+    assert all(p.requires_grad for n, p in peft_llm.named_parameters() if "lora_" in n), "left as it was"
+    model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+    model.load_adapter(tmp_path / "llm-lora")  # the way the message names
+    assert model.config.peft_adapters

@@ -82,6 +82,7 @@ def load_text_backbone(
     """An LLM with its LM head from a Hub id / local path (real weights), a config object (random weights) or a
     loaded model: a causal LM, or a seq2seq LM (T5 family) when the config is encoder-decoder."""
     options = options or BackboneLoadOptions()
+    refuse_peft_backbone(spec, "text")
     if isinstance(spec, PreTrainedModel):
         check_text_only_llm(spec.config)
         return adopt_backbone(spec, "text", options, revision)
@@ -156,6 +157,7 @@ def load_vision_backbone(
     """A vision tower (e.g. CLIPVisionModel) from a Hub id / path (also of a full CLIP), a config object or a
     loaded model."""
     options = options or BackboneLoadOptions()
+    refuse_peft_backbone(spec, "vision")
     if isinstance(spec, PreTrainedModel):
         check_fixed_size_vision_tower(type(spec))
         return adopt_backbone(spec, "vision", options, revision)
@@ -262,6 +264,27 @@ def _place(model: PreTrainedModel, device_map: dict | None, options: BackboneLoa
     from accelerate import dispatch_model
 
     return dispatch_model(model, device_map=device_map, offload_dir=options.offload_folder)
+
+
+def refuse_peft_backbone(spec: Any, role: str) -> None:
+    """A PEFT model, or a backbone with PEFT layers inside (the model in a PeftModel), is not taken as a backbone:
+    its layers would stay frozen and out of our checkpoints (a save refuses layers it cannot rebuild). The message
+    names the way: the plain backbone, then `load_adapter`, which records the adapter; or a merged copy."""
+    if not isinstance(spec, nn.Module):
+        return
+    from peft import PeftModel
+
+    from .peft_on_top import PeftOnTopError, tuner_layers
+
+    if isinstance(spec, PeftModel) or tuner_layers(spec):
+        where = "" if role == "text" else ", on='vision_tower'"
+        raise PeftOnTopError(
+            f"The {role} backbone passed in is a PEFT model or holds PEFT layers: they would stay frozen and out of "
+            "the checkpoint. Build the model on the plain backbone (loaded again, or peft_model.unload()) and bring "
+            f"the adapter with model.load_adapter(folder{where}) (a folder PeftModel.save_pretrained wrote: the "
+            "adapter then trains and saves with ours), or merge it (peft_model.merge_and_unload()), save the "
+            "merged backbone to a folder and pass the folder."
+        )
 
 
 def adopt_backbone(
