@@ -1093,10 +1093,14 @@ def test_readme_lora_on_top_example_runs(tiny_backbones, tmp_path, monkeypatch):
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     llm = AutoModelForCausalLM.from_pretrained(tiny_backbones[0])
     get_peft_model(llm, lora()).save_pretrained(tmp_path / "chat-lora")
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_backbones[0]), lora(r=2)).save_pretrained(
+        tmp_path / "code-lora"
+    )
     for hub_id, local in (
         ("meta-llama/Llama-2-7b-hf", tiny_backbones[0]),
         ("openai/clip-vit-large-patch14", tiny_backbones[1]),
         ("you/llama-2-7b-chat-lora", str(tmp_path / "chat-lora")),
+        ("you/llama-2-7b-code-lora", str(tmp_path / "code-lora")),
     ):
         assert hub_id in code
         code = code.replace(f'"{hub_id}"', repr(local))
@@ -1107,6 +1111,9 @@ def test_readme_lora_on_top_example_runs(tiny_backbones, tmp_path, monkeypatch):
     assert lora_places(model) == ["language_model"]
     assert sorted(model.config.peft_adapters) == ["chat", "default"] and model.active_adapters() == ["chat"]
     assert (tmp_path / "lavin-lora" / "mmadapters_model.safetensors").is_file()
+    served = namespace["served"]  # rank 2 swapped into layers padded to 16, the saved record says so
+    assert {p.shape[0] for n, p in served.named_parameters() if ".lora_A." in n} == {16}
+    assert served.config.peft_adapters["default"]["config"]["r"] == 16
 
 
 def lavin_lite(tiny_backbones, tmp_path):
