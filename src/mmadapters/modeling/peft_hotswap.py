@@ -206,6 +206,10 @@ def hotswap_lora(model: nn.Module, adapter: PeftAdapter, adapter_name: str, is_t
                 "model.enable_peft_hotswap(target_rank=...) before the first load_adapter (add_adapter does not pad)."
             )
 
+    scalings = {
+        name: _scaling(adapter.config, name, adapter.scope, _rank_in(new_state, name)) for name in layers
+    }
+
     # Checked: from here on nothing fails.
     with torch.no_grad():
         for key, value in new_state.items():
@@ -213,11 +217,10 @@ def hotswap_lora(model: nn.Module, adapter: PeftAdapter, adapter_name: str, is_t
             parameter.zero_()
             parameter[tuple(slice(0, size) for size in value.shape)].copy_(value)
         for name, layer in layers.items():
-            scaling = _scaling(adapter.config, name, adapter.scope, _rank_in(new_state, name))
             if isinstance(layer.scaling[adapter_name], torch.Tensor):
-                layer.scaling[adapter_name].fill_(scaling)
+                layer.scaling[adapter_name].fill_(scalings[name])
             else:
-                layer.scaling[adapter_name] = scaling
+                layer.scaling[adapter_name] = scalings[name]
     values = peft_config_to_dict(loaded)
     values["use_rslora"] = bool(getattr(adapter.config, "use_rslora", False))
     values["inference_mode"] = not is_trainable
