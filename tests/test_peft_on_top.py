@@ -667,6 +667,49 @@ def test_all_linear_lora_on_our_own_layers_counts_in_generate_and_in_the_merge(l
     torch.testing.assert_close(merged_logits, text_logits, atol=1e-5, rtol=0)
 
 
+def test_generate_routes_with_the_peft_layers_as_they_are_after_every_switch(
+    lavin, processor, tiny_backbones, tmp_path
+):
+    """LaVIN's learned routing runs the modality token through the LLM, PEFT layers and all; generate keeps the
+    folded adapters across calls, keyed on our adapters' values. Switching the LLM's LoRA (set_adapter,
+    disable_adapters, a hotswap, LoRA weights that trained) left that key as it was: generate then routed as with
+    the previous LoRA, unlike forward. Each step: generate's first scores == forward's last logits."""
+    for seed, name in ((1, "a"), (2, "b")):
+        llm_lora = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(tiny_backbones[0]), lora(lora_alpha=4 * seed)
+        )
+        randomize_trainable(llm_lora, seed=seed)
+        llm_lora.save_pretrained(tmp_path / name)
+    randomize_trainable(lavin)  # our adapters and routers, so that the routing table matters
+    lavin.load_adapter(tmp_path / "a", adapter_name="a")
+    lavin.load_adapter(tmp_path / "b", adapter_name="b")
+    batch = inputs(processor)
+
+    def generate_matches_forward():
+        expected = logits(lavin, batch)[:, -1]
+        with torch.no_grad():
+            generated = lavin.generate(
+                **batch, max_new_tokens=1, do_sample=False, output_scores=True, return_dict_in_generate=True
+            )
+        torch.testing.assert_close(generated.scores[0], expected, atol=1e-5, rtol=0)
+        return expected
+
+    lavin.set_adapter("a")
+    with_a = generate_matches_forward()
+    lavin.set_adapter("b")
+    assert not torch.allclose(generate_matches_forward(), with_a)
+    lavin.disable_adapters()
+    generate_matches_forward()
+    lavin.enable_adapters()
+    lavin.load_adapter(tmp_path / "a", adapter_name="b", hotswap=True)
+    generate_matches_forward()
+    with torch.no_grad():  # the LoRA trained (our adapters did not)
+        for name, parameter in lavin.named_parameters():
+            if ".lora_B.b." in name:
+                parameter.mul_(1.5)
+    generate_matches_forward()
+
+
 def test_load_adapter_of_a_lora_trained_on_the_bare_llm(lavin, tiny_backbones, processor, tmp_path):
     llm = AutoModelForCausalLM.from_pretrained(tiny_backbones[0])
     peft_llm = get_peft_model(llm, lora())

@@ -700,6 +700,26 @@ def sync_record(model: nn.Module) -> None:
         entry["order"] = order  # the injection order (see in_injection_order)
 
 
+def peft_layers_state(module: nn.Module) -> tuple[list[torch.Tensor], tuple]:
+    """What the PEFT layers inside `module` compute with, for a cache key: their adapters' tensors (not the wrapped
+    base weights) and, per layer, the active, disabled and merged adapters and the scalings."""
+    tensors, state = [], []
+    for name, layer in tuner_layers(module):
+        for holder_name in layer.adapter_layer_names:
+            tensors.extend(getattr(layer, holder_name).parameters())
+        scaling = getattr(layer, "scaling", {})
+        state.append(
+            (
+                name,
+                tuple(layer.active_adapters),
+                bool(layer.disable_adapters),
+                tuple(layer.merged_adapters),
+                tuple((adapter, float(value)) for adapter, value in sorted(scaling.items())),
+            )
+        )
+    return tensors, tuple(state)
+
+
 def merge_peft_layers(module: nn.Module) -> int:
     """Merge every PEFT layer inside `module` into the weight it wraps (its active adapters) and put the plain
     layer back; returns how many were merged. A PEFT method that cannot merge raises PEFT's own error."""

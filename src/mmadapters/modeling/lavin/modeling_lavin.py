@@ -15,6 +15,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import TransformersKwargs, can_return_tuple
 
+from .. import peft_on_top
 from ..adapters import (
     FOLDED_ADAPTERS_KWARG,
     ROUTING_WEIGHTS_KWARG,
@@ -159,7 +160,7 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         # Index 1: the sample has an image; 0: text only. Its trajectory through the LLM sets the routing.
         self.modality_embedding = nn.Embedding(2, text_width)
         self._fold_cache: tuple[tuple, FoldedAdapters] | None = None  # see fold_llm_adapters
-        self._fold_direction: torch.Tensor | None = None
+        self._fold_directions: dict[tuple[int, torch.device], torch.Tensor] = {}  # see _fold_key
         # A plain attribute (not `config.mm_adapter_config`, which builds a dataclass: a torch.compile graph break).
         self.llm_routing = adapter_config.llm_routing
 
@@ -348,22 +349,30 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         return result
 
     def _fold_key(self) -> tuple:
-        """A cheap identity of the values the fold depends on (LLM adapters, modality embedding): their sum of
-        absolute values and their projection on a fixed random direction. Any update that changes the values
-        changes the key (a collision would need an update orthogonal to a random vector that also keeps the L1
-        norm); about a millisecond for LaVIN-7B's 2.6M LLM-side values."""
-        values = torch.cat(
-            [
-                p.detach().reshape(-1)
-                for p in (*self.llm_adapters.parameters(), self.modality_embedding.weight)
-            ]
-        )
-        direction = self._fold_direction
-        if direction is None or direction.shape != values.shape or direction.device != values.device:
-            generator = torch.Generator().manual_seed(0)
-            direction = torch.rand(len(values), generator=generator, dtype=torch.float64).to(values.device)
-            self._fold_direction = direction
-        return values.dtype, values.device, float(values.double() @ direction), float(values.abs().sum())
+        """A cheap identity of what the fold depends on: the values of the LLM adapters and the modality embedding
+        and, with learned routing (the routing table runs the modality token through the LLM), of the LLM's PEFT
+        layers with their state (active, disabled and merged adapters, scalings): a LoRA switched, hotswapped or
+        trained changes the table. Values count by their sum of absolute values and their projection on a fixed
+        random direction (a collision would need an update orthogonal to a random vector that also keeps the L1
+        norm), per device (a device map may split them); about a millisecond for LaVIN-7B's 2.6M LLM-side values."""
+        tensors = [*self.llm_adapters.parameters(), self.modality_embedding.weight]
+        peft_state: tuple = ()
+        if self.llm_routing == "learned":
+            peft_tensors, peft_state = peft_on_top.peft_layers_state(self.language_model)
+            tensors += peft_tensors
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for tensor in tensors:
+            by_device.setdefault(tensor.device, []).append(tensor.detach().reshape(-1).double())
+        key: list = [peft_state, tuple(sorted({str(tensor.dtype) for tensor in tensors}))]
+        for device, parts in by_device.items():
+            values = torch.cat(parts)
+            direction = self._fold_directions.get((len(values), device))
+            if direction is None:
+                generator = torch.Generator().manual_seed(0)
+                direction = torch.rand(len(values), generator=generator, dtype=torch.float64).to(device)
+                self._fold_directions[(len(values), device)] = direction
+            key.append((str(device), float(values @ direction), float(values.abs().sum())))
+        return tuple(key)
 
     def modality_of(self, input_ids: torch.LongTensor) -> torch.LongTensor:
         """1 for each sequence that holds image placeholder tokens, else 0."""
