@@ -393,9 +393,8 @@ def test_deepcopy_and_hook_removal(tiny_backbones):
         for parameter in model.llm_adapters.parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=randomize))
         assert (model(input_ids=ids).logits - with_adapters).abs().max() > 1e-3  # the hooks act
-        torch.testing.assert_close(
-            clone(input_ids=ids).logits, with_adapters
-        )  # the copy runs its own adapters
+        # the copy runs its own adapters
+        torch.testing.assert_close(clone(input_ids=ids).logits, with_adapters)
         model.remove_adapter_hooks()
         torch.testing.assert_close(
             model.language_model(input_ids=ids, position_ids=torch.arange(1, 5)[None]).logits, bare
