@@ -655,6 +655,13 @@ def test_all_linear_lora_on_our_own_layers_counts_in_generate_and_in_the_merge(l
             **batch, max_new_tokens=1, do_sample=False, output_scores=True, return_dict_in_generate=True
         )
     torch.testing.assert_close(generated.scores[0], expected, atol=1e-5, rtol=0)
+    model.disable_adapters()  # the LoRA on our own layers too: generate's kept fold must not be the one above
+    with torch.no_grad():
+        generated = model.generate(
+            **batch, max_new_tokens=1, do_sample=False, output_scores=True, return_dict_in_generate=True
+        )
+    torch.testing.assert_close(generated.scores[0], logits(model, batch)[:, -1], atol=1e-5, rtol=0)
+    model.enable_adapters()
 
     model.save_pretrained(tmp_path / "ck")
     reloaded = LavinForConditionalGeneration.from_pretrained(tmp_path / "ck")
@@ -708,6 +715,28 @@ def test_generate_routes_with_the_peft_layers_as_they_are_after_every_switch(
             if ".lora_B.b." in name:
                 parameter.mul_(1.5)
     generate_matches_forward()
+
+
+def test_generate_routes_with_a_lora_on_our_routers_as_it_is(tiny_backbones, processor):
+    """A LoRA on our own routers (nothing in the LLM) changes the learned routing table; disabling it between two
+    generate calls must change the kept fold (its values do not change, its state does)."""
+    torch.manual_seed(0)
+    model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+    peft_model = get_peft_model(
+        model, lora(target_modules=r".*llm_adapters.*router", init_lora_weights=False)
+    )
+    mmadapters.adopt_peft_model(peft_model)
+    randomize_trainable(model)
+    batch = inputs(processor)
+    for switch in (model.disable_adapters, model.enable_adapters):
+        with torch.no_grad():
+            model.generate(**batch, max_new_tokens=1, do_sample=False)  # folds and keeps the fold
+        switch()
+        with torch.no_grad():
+            generated = model.generate(
+                **batch, max_new_tokens=1, do_sample=False, output_scores=True, return_dict_in_generate=True
+            )
+        torch.testing.assert_close(generated.scores[0], logits(model, batch)[:, -1], atol=1e-5, rtol=0)
 
 
 def test_load_adapter_of_a_lora_trained_on_the_bare_llm(lavin, tiny_backbones, processor, tmp_path):

@@ -350,16 +350,19 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
 
     def _fold_key(self) -> tuple:
         """A cheap identity of what the fold depends on: the values of the LLM adapters and the modality embedding
-        and, with learned routing (the routing table runs the modality token through the LLM), of the LLM's PEFT
-        layers with their state (active, disabled and merged adapters, scalings): a LoRA switched, hotswapped or
-        trained changes the table. Values count by their sum of absolute values and their projection on a fixed
+        and, with learned routing (the routing table runs the modality token through the LLM and our routers), of
+        the PEFT layers there with their state (active, disabled and merged adapters, scalings): a LoRA switched,
+        hotswapped or trained changes the table. Values count by their sum of absolute values and their projection on a fixed
         random direction (a collision would need an update orthogonal to a random vector that also keeps the L1
         norm), per device (a device map may split them); about a millisecond for LaVIN-7B's 2.6M LLM-side values."""
         tensors = [*self.llm_adapters.parameters(), self.modality_embedding.weight]
         peft_state: tuple = ()
         if self.llm_routing == "learned":
-            peft_tensors, peft_state = peft_on_top.peft_layers_state(self.language_model)
-            tensors += peft_tensors
+            # PEFT layers on our routers (their tensors are among the adapters' parameters) and in the LLM
+            _, on_routers = peft_on_top.peft_layers_state(self.llm_adapters)
+            llm_tensors, in_llm = peft_on_top.peft_layers_state(self.language_model)
+            tensors += llm_tensors
+            peft_state = (on_routers, in_llm)
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for tensor in tensors:
             by_device.setdefault(tensor.device, []).append(tensor.detach().reshape(-1).double())
