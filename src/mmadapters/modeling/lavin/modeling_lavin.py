@@ -352,9 +352,10 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         """A cheap identity of what the fold depends on: the values of the LLM adapters and the modality embedding
         and, with learned routing (the routing table runs the modality token through the LLM and our routers), of
         the PEFT layers there with their state (active, disabled and merged adapters, scalings): a LoRA switched,
-        hotswapped or trained changes the table. Values count by their sum of absolute values and their projection on a fixed
-        random direction (a collision would need an update orthogonal to a random vector that also keeps the L1
-        norm), per device (a device map may split them); about a millisecond for LaVIN-7B's 2.6M LLM-side values."""
+        hotswapped or trained changes the table. Values count by their sum of absolute values and their
+        projection on a fixed random direction (a collision would need an update orthogonal to a random vector
+        that also keeps the L1 norm), per device (a device map may split them); about a millisecond for
+        LaVIN-7B's 2.6M LLM-side values."""
         tensors = [*self.llm_adapters.parameters(), self.modality_embedding.weight]
         peft_state: tuple = ()
         if self.llm_routing == "learned":
