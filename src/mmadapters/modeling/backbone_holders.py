@@ -37,12 +37,18 @@ def refuse_backbone_in_use(backbone: nn.Module, role: str) -> None:
         gc.collect()  # a model the caller dropped may only be waiting for the cycle collector
         holder = _holder(backbone)
     if holder is not None:
+        release = (
+            "call its remove_adapter_hooks() (its adapters are hooked into the layers), then delete it"
+            if hasattr(holder, "remove_adapter_hooks")
+            else "delete it"
+        )
         raise BackboneInUseError(
             f"The {role} backbone passed in is already part of a {type(holder).__name__} (a model changes its "
             "backbones in place: LaVIN hooks its adapters into the layers, PEFT layers go inside them, so two "
             "models on one backbone object would each run the other's adapters). Load the backbone again for "
-            "this model, or delete the other model first; to serve several adapter sets on one backbone, keep one "
-            "model and switch PEFT adapters on it (set_adapter, load_adapter(..., hotswap=True))."
+            f"this model, or free it from the other model first ({release}); to serve several adapter sets on "
+            "one backbone, keep one model and switch PEFT adapters on it (set_adapter, load_adapter(..., "
+            "hotswap=True))."
         )
     hooked = modules_with_adapter_hooks(backbone)
     if hooked:
