@@ -510,12 +510,12 @@ def _without_backbone_copies(
     `lm_head` or the vocabulary was resized. The backbones stay frozen here, so a copy equal to the backbone's
     weight is dropped and a different one (a resized vocabulary, another base model) refused by name."""
 
-    def plain(name: str) -> str:  # a weight's name as the unwrapped backbone has it
-        return name.replace(".base_layer.", ".")
+    def plain(name: str) -> str:  # a weight's name as the unwrapped backbone has it (PEFT layers may nest)
+        while ".base_layer." in name:
+            name = name.replace(".base_layer.", ".")
+        return name
 
-    backbone = {
-        plain(name): held for name, held in target.state_dict().items() if ".base_layer." not in plain(name)
-    }
+    backbone = {plain(name): held for name, held in target.state_dict().items()}
     kept = {}
     for key, value in state.items():
         held = backbone.get(plain(key))
