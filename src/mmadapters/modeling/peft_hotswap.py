@@ -206,8 +206,12 @@ def hotswap_lora(model: nn.Module, adapter: PeftAdapter, adapter_name: str, is_t
                 "model.enable_peft_hotswap(target_rank=...) before the first load_adapter (add_adapter does not pad)."
             )
 
+    new_values = peft_config_to_dict(adapter.config)
+    scope_prefix = f"{adapter.scope}." if adapter.scope else ""
+    # alpha_pattern is matched against a layer's name in the module the adapter was trained on
     scalings = {
-        name: _scaling(adapter.config, name, adapter.scope, _rank_in(new_state, name)) for name in layers
+        name: _scaling(new_values, name.removeprefix(scope_prefix), _rank_in(new_state, name))
+        for name in layers
     }
 
     # Checked: from here on nothing fails.
@@ -325,15 +329,19 @@ def _rank_in(state: dict[str, torch.Tensor], layer_name: str) -> int:
     raise PeftOnTopError(f"No LoRA down projection for {layer_name} in the adapter.")
 
 
-def _scaling(config: Any, layer_name: str, scope: str, rank: int) -> float:
-    """alpha / rank (alpha / sqrt(rank) with rsLoRA) as PEFT computes it for the layer, `alpha_pattern` matched
-    against the layer's name in the module the adapter was trained on."""
+def _pattern_value(pattern: dict[str, Any] | None, name: str, default: Any) -> Any:
+    """A LoRA config's `rank_pattern` / `alpha_pattern` entry for the layer `name`, matched as PEFT matches it."""
     from peft.utils.other import get_pattern_key
 
-    name = layer_name[len(scope) + 1 :] if scope else layer_name
-    alpha_pattern = getattr(config, "alpha_pattern", None) or {}
-    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), config.lora_alpha)
-    return alpha / math.sqrt(rank) if getattr(config, "use_rslora", False) else alpha / rank
+    pattern = pattern or {}
+    return pattern.get(get_pattern_key(pattern.keys(), name), default)
+
+
+def _scaling(values: dict[str, Any], name: str, rank: int) -> float:
+    """The scaling PEFT gives the layer `name` of a LoRA config (`values`, as a dict) at `rank`: alpha / rank, or
+    alpha / sqrt(rank) with rsLoRA, alpha taken from `alpha_pattern` where it names the layer."""
+    alpha = _pattern_value(values.get("alpha_pattern"), name, values["lora_alpha"])
+    return alpha / math.sqrt(rank) if values.get("use_rslora") else alpha / rank
 
 
 def _record_layers_as_they_are(model: nn.Module, adapter_name: str, values: dict[str, Any]) -> None:
@@ -362,14 +370,9 @@ def _record_layers_as_they_are(model: nn.Module, adapter_name: str, values: dict
 def _described_differently(values: dict[str, Any], name: str, layer: nn.Module, adapter_name: str) -> bool:
     """Whether the recorded config (`values`) would build this layer (`name` relative to where it was injected)
     with another rank or scaling than it has."""
-    from peft.utils.other import get_pattern_key
-
-    rank_pattern, alpha_pattern = values.get("rank_pattern") or {}, values.get("alpha_pattern") or {}
-    rank = rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), values["r"])
-    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), values["lora_alpha"])
-    scaling = alpha / math.sqrt(rank) if values.get("use_rslora") else alpha / rank
+    rank = _pattern_value(values.get("rank_pattern"), name, values["r"])
     return _rank_of(layer, adapter_name) != rank or not math.isclose(
-        float(layer.scaling[adapter_name]), scaling, rel_tol=1e-9
+        float(layer.scaling[adapter_name]), _scaling(values, name, rank), rel_tol=1e-9
     )
 
 
