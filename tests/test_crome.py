@@ -532,6 +532,50 @@ def test_bad_inputs(backbones):
         processor(text=[""])
 
 
+QFORMER_CASES = {
+    # Before: torch's "Sizes of tensors must match except in dimension 1" from inside the Q-Former's attention.
+    "one instruction per sample, not per image": (
+        lambda b: {
+            **b,
+            "qformer_input_ids": b["qformer_input_ids"].repeat(2, 1),
+            "qformer_attention_mask": None,
+        },
+        "qformer_input_ids has 2 rows but pixel_values 1 image",
+    ),
+    "a mask of another shape": (
+        lambda b: {**b, "qformer_attention_mask": b["qformer_attention_mask"][:, :-1]},
+        "qformer_attention_mask has shape",
+    ),
+    "float ids": (lambda b: {**b, "qformer_input_ids": b["qformer_input_ids"].float()}, "integer token ids"),
+    "1-D ids": (
+        lambda b: {**b, "qformer_input_ids": b["qformer_input_ids"][0], "qformer_attention_mask": None},
+        "must be 2-D \\(num_images, instruction length\\)",
+    ),
+    # Before: an IndexError from the Q-Former's word embeddings.
+    "ids outside the Q-Former vocabulary": (
+        lambda b: {**b, "qformer_input_ids": b["qformer_input_ids"] + 10_000},
+        "outside the Q-Former's vocabulary",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(QFORMER_CASES))
+def test_malformed_qformer_inputs_are_named(backbones, case):
+    model, processor = build(backbones)
+    batch = dict(processor(images=[image(0)], text="<image>\nwhat color?"))
+    change, message = QFORMER_CASES[case]
+    bad = change(batch)
+    with pytest.raises(ValueError, match=message):
+        model(**bad)
+    with pytest.raises(ValueError, match=message):
+        model.generate(**bad, max_new_tokens=2)
+    pixels = {
+        k: v for k, v in bad.items() if k in ("pixel_values", "qformer_input_ids", "qformer_attention_mask")
+    }
+    with pytest.raises(ValueError, match=message):
+        model.get_image_features(**pixels)
+
+
 @pytest.mark.parametrize(
     "option",
     [

@@ -32,7 +32,12 @@ from ..causal_lm_output import (
     image_features_output,
 )
 from ..frozen_backbones import FrozenBackbonesPreTrainedModel, adapter_settings
-from ..image_tokens import check_image_token_count, embed_text_tokens, refuse_images_without_pixels
+from ..image_tokens import (
+    check_image_token_count,
+    embed_text_tokens,
+    refuse_images_without_pixels,
+    vocabulary_size,
+)
 from ..transformers_compat import cache_kwargs, cache_of, pick_cache
 from .configuration_crome import STAGES, CromeConfig
 
@@ -253,6 +258,7 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
         vision-language models do: a `BaseModelOutputWithPooling` with the visual tokens as `pooler_output` and the
         vision tower's states (`output_hidden_states`, `output_attentions` reach the tower); a tuple with
         `return_dict=False` (default: `config.return_dict`)."""
+        self.check_qformer_inputs(pixel_values, qformer_input_ids, qformer_attention_mask)
         asked = kwargs.pop("output_hidden_states", None)
         asked = asked if asked is not None else self.config.vision_config.output_hidden_states
         outputs = self.vision_tower(
@@ -293,6 +299,46 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
             used = self.config.vision_feature_layer % len(output.hidden_states)
             output.hidden_states = tuple(h if i == used else None for i, h in enumerate(output.hidden_states))
         return output if self._return_dict(return_dict) else output.to_tuple()
+
+    def check_qformer_inputs(
+        self,
+        pixel_values: torch.Tensor,
+        qformer_input_ids: torch.LongTensor,
+        qformer_attention_mask: torch.Tensor | None,
+    ) -> None:
+        """Refuse an instruction the Q-Former cannot read, naming the argument (before: a size mismatch or an index
+        error from inside the Q-Former): one row of integer ids per image, a mask of the same shape, ids in the
+        Q-Former's vocabulary. Skipped while torch.compile traces, as `check_inputs`."""
+        if is_compiling():
+            return
+        if qformer_input_ids.dtype.is_floating_point or qformer_input_ids.dtype == torch.bool:
+            raise ValueError(
+                f"qformer_input_ids must hold integer token ids, got dtype {qformer_input_ids.dtype}."
+            )
+        if qformer_input_ids.dim() != 2:
+            raise ValueError(
+                f"qformer_input_ids must be 2-D (num_images, instruction length), got shape "
+                f"{tuple(qformer_input_ids.shape)}; CromeProcessor returns it so."
+            )
+        if qformer_input_ids.shape[0] != pixel_values.shape[0]:
+            raise ValueError(
+                f"qformer_input_ids has {qformer_input_ids.shape[0]} rows but pixel_values {pixel_values.shape[0]} "
+                "image(s): the Q-Former reads one instruction per image (the prompt of the sample the image belongs "
+                "to). Build both with CromeProcessor."
+            )
+        if qformer_attention_mask is not None and qformer_attention_mask.shape != qformer_input_ids.shape:
+            raise ValueError(
+                f"qformer_attention_mask has shape {tuple(qformer_attention_mask.shape)} but qformer_input_ids "
+                f"{tuple(qformer_input_ids.shape)}: they must be the same shape."
+            )
+        vocab_size = vocabulary_size(self.qformer.get_input_embeddings())
+        bad = (qformer_input_ids < 0) | (qformer_input_ids >= vocab_size)
+        if bad.any():
+            raise ValueError(
+                f"qformer_input_ids contain ids outside the Q-Former's vocabulary (0..{vocab_size - 1}): "
+                f"{qformer_input_ids[bad][:5].tolist()}. Tokenize the instruction with the processor's "
+                "qformer_tokenizer."
+            )
 
     def embed_inputs(
         self,
