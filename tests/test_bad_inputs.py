@@ -92,7 +92,40 @@ FORWARD_CASES = {
         "labels has shape \\(1, 13\\) but must be \\(2, 13\\)",
     ),
     "float labels": (lambda b: {**b, "labels": b["input_ids"].float()}, "labels must hold integer token ids"),
+    # Before: an IndexError from the mask functions of transformers.
+    "1-D attention mask": (
+        lambda b: {"input_ids": b["input_ids"][:1], "attention_mask": b["attention_mask"][0]},
+        "attention_mask must be 2-D \\(batch, sequence\\)",
+    ),
+    # Before: a size mismatch inside the LLM's rotary embedding.
+    "position ids of another length": (
+        lambda b: {**b, "position_ids": torch.arange(3)[None]},
+        "position_ids has shape \\(1, 3\\) but input_ids \\(2, 13\\)",
+    ),
+    # Before: "cannot reshape tensor of 0 elements" inside the LLM's attention.
+    "empty input_ids": (lambda b: {"input_ids": torch.zeros(1, 0, dtype=torch.long)}, "input_ids is empty"),
+    # LaVIN's routing inputs (before: size mismatches or IndexErrors inside the adapters).
+    "modality of another batch": (
+        lambda b: {**b, "modality": torch.tensor([1, 0, 1])},
+        "modality has shape \\(3,\\) but must be \\(2,\\)",
+    ),
+    "float modality": (lambda b: {**b, "modality": torch.tensor([0.5, 0.2])}, "modality must hold integers"),
+    "modality other than 0 or 1": (
+        lambda b: {**b, "modality": torch.tensor([2, 0])},
+        "0 \\(text only\\) or 1",
+    ),
+    "routing weights of another shape": (
+        lambda b: {**b, "routing_weights": torch.rand(2, 1, 1, 2)},
+        "routing_weights has shape \\(2, 1, 1, 2\\) but must be \\(2, 3, 1, 2\\)",
+    ),
 }
+
+GENERATE_CASES = (
+    "modality of another batch",
+    "float modality",
+    "modality other than 0 or 1",
+    "empty input_ids",
+)
 
 
 @pytest.mark.parametrize("case", sorted(FORWARD_CASES))
@@ -101,6 +134,25 @@ def test_forward_refuses_malformed_inputs(saved, case):
     make, message = FORWARD_CASES[case]
     with pytest.raises(ValueError, match=message):
         model(**make(batch))
+    if case in GENERATE_CASES:  # generate reads modality itself before the first forward
+        with pytest.raises(ValueError, match=message):
+            model.generate(**make(batch), max_new_tokens=2)
+
+
+def test_a_boolean_modality_routes_as_its_integers(saved, tiny_backbones, randomize_adapters):
+    """modality=tensor([True, False]) indexes the routing table as [1, 0] (not as a mask, which picks rows)."""
+    batch = saved[2]
+    model = randomize_adapters(LavinForConditionalGeneration.from_backbones(*tiny_backbones).eval())
+    as_text = model(**batch, modality=torch.tensor([0, 0])).logits
+    as_bool = model(**batch, modality=torch.tensor([True, False])).logits
+    as_long = model(**batch, modality=torch.tensor([1, 0])).logits
+    torch.testing.assert_close(as_bool, as_long, rtol=0, atol=0)
+    assert not torch.allclose(as_long[0], as_text[0])  # the routing matters for the image sample
+    generated = model.generate(
+        **batch, modality=torch.tensor([True, False]), max_new_tokens=3, do_sample=False
+    )
+    expected = model.generate(**batch, modality=torch.tensor([1, 0]), max_new_tokens=3, do_sample=False)
+    assert torch.equal(generated, expected)
 
 
 @pytest.mark.parametrize("kind", ["lavin", "crome", "crome-t5"])

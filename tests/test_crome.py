@@ -598,6 +598,19 @@ def test_encoder_decoder_refuses_decoder_only_options(backbones, option):
     assert model(**inputs).loss is not None
 
 
+@pytest.mark.parametrize("option", ["decoder_input_ids", "decoder_attention_mask"])
+def test_decoder_only_refuses_encoder_decoder_options(backbones, option):
+    """A decoder-only CROME has no decoder inputs apart from input_ids: refused before anything runs (they were
+    dropped silently, so a caller's teacher-forced decoder sequence was never read)."""
+    model, processor = build(backbones)
+    inputs = processor(images=[image(0)], text="<image>\nwhat?")
+    calls = []
+    model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+    with pytest.raises(ValueError, match=f"{option} apply to an encoder-decoder LLM.*decoder-only"):
+        model(**inputs, **{option: torch.ones(1, 2, dtype=torch.long)})
+    assert calls == []
+
+
 # --- InstructBLIP initialisation ------------------------------------------------------------------------------
 
 

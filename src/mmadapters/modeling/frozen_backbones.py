@@ -585,11 +585,13 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         attention_mask: torch.Tensor | None,
         pixel_values: torch.Tensor | None,
         past_length: int = 0,
+        position_ids: torch.Tensor | None = None,
     ) -> None:
         """Refuse malformed inputs with a message that names the argument, before any backbone runs: token ids that
-        are not a 2-D integer tensor, an attention mask of another batch size or length, images that are not
-        (num_images, channels, height, width) floats with the tower's channel count, a sequence longer than the
-        LLM's context. Skipped while torch.compile traces (checks on values would break the graph)."""
+        are not a non-empty 2-D integer tensor, an attention mask of another batch size or length (or neither 2-D
+        nor transformers' 4-D custom mask), positions of another length, images that are not (num_images, channels,
+        height, width) floats with the tower's channel count, a sequence longer than the LLM's context. Skipped
+        while torch.compile traces (checks on values would break the graph)."""
         if is_compiling():
             return
         if input_ids is not None:
@@ -599,6 +601,21 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
                 raise ValueError(
                     f"input_ids must be 2-D (batch, sequence), got shape {tuple(input_ids.shape)}; add a batch "
                     "dimension with input_ids[None] (the processor returns it so)."
+                )
+            if input_ids.numel() == 0:
+                raise ValueError(
+                    f"input_ids is empty (shape {tuple(input_ids.shape)}): give each sample at least one token."
+                )
+            if attention_mask is not None and attention_mask.dim() not in (2, 4):
+                raise ValueError(
+                    f"attention_mask must be 2-D (batch, sequence), as the processor returns it (or a 4-D custom "
+                    f"mask, as transformers' models take it), got shape {tuple(attention_mask.shape)}."
+                )
+            if position_ids is not None and position_ids.shape[-1] != input_ids.shape[1]:
+                raise ValueError(
+                    f"position_ids has shape {tuple(position_ids.shape)} but input_ids {tuple(input_ids.shape)}: "
+                    "one position per token of input_ids. Leave it out to have positions counted from the "
+                    "attention mask."
                 )
             if attention_mask is not None and attention_mask.dim() == 2:
                 expected = (input_ids.shape[0], past_length + input_ids.shape[1])

@@ -52,6 +52,26 @@ SOURCEABLE_MODULES = ("qformer", "query_tokens", "query_projection")
 INSTRUCTBLIP_PREFIXES = ("qformer.", "query_tokens", "language_projection.")
 
 
+def refuse_encoder_decoder_options(
+    decoder_input_ids: torch.Tensor | None, decoder_attention_mask: torch.Tensor | None
+) -> None:
+    """A decoder-only LLM reads its whole sequence from input_ids: the decoder inputs are refused, not dropped."""
+    given = [
+        name
+        for name, value in (
+            ("decoder_input_ids", decoder_input_ids),
+            ("decoder_attention_mask", decoder_attention_mask),
+        )
+        if value is not None
+    ]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} apply to an encoder-decoder LLM (T5); this CROME's LLM is decoder-only: put the "
+            "whole sequence (prompt and answer) in input_ids, with labels for the answer, as the processor builds "
+            "them. Leave them out."
+        )
+
+
 def refuse_decoder_only_options(
     position_ids: torch.Tensor | None, logits_to_keep: int | torch.Tensor, kwargs: dict[str, Any]
 ) -> None:
@@ -445,11 +465,17 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
         cache = pick_cache(cache, kwargs.pop("past_key_values", None), type(self).__name__)
         past_length = cache.get_seq_length() if cache is not None else 0
         self.check_inputs(
-            input_ids, attention_mask, pixel_values, 0 if self.is_encoder_decoder_llm else past_length
+            input_ids,
+            attention_mask,
+            pixel_values,
+            0 if self.is_encoder_decoder_llm else past_length,
+            position_ids=None if self.is_encoder_decoder_llm else position_ids,  # refused below for T5
         )
         if self.is_encoder_decoder_llm:
             refuse_decoder_only_options(position_ids, logits_to_keep, kwargs)
             past_length = 0  # the encoder input is always the whole prompt
+        else:
+            refuse_encoder_decoder_options(decoder_input_ids, decoder_attention_mask)
         inputs_embeds, image_outputs = self._embed_inputs(
             input_ids,
             pixel_values,

@@ -10,6 +10,7 @@ from typing import Any, Unpack
 
 import torch
 from torch import nn
+from torch.compiler import is_compiling
 from transformers import GenerationMixin
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -378,6 +379,39 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
             key.append((str(device), float(values @ direction), float(values.abs().sum())))
         return tuple(key)
 
+    def check_routing_inputs(
+        self, modality: torch.Tensor | None, routing_weights: torch.Tensor | None, batch: int
+    ) -> torch.LongTensor | None:
+        """Refuse a `modality` or `routing_weights` that cannot route this batch, naming the argument (before: a
+        size mismatch or an IndexError inside the adapters). Returns `modality` as integers: a boolean one would
+        index the routing table as a mask (picking rows) rather than by 0/1. Skipped while torch.compile traces."""
+        if modality is not None and modality.dtype == torch.bool:
+            modality = modality.long()
+        if is_compiling():
+            return modality
+        if modality is not None:
+            if modality.dtype.is_floating_point or modality.is_complex():
+                raise ValueError(
+                    f"modality must hold integers (1 = image sample, 0 = text only), got dtype {modality.dtype}."
+                )
+            if tuple(modality.shape) != (batch,):
+                raise ValueError(
+                    f"modality has shape {tuple(modality.shape)} but must be ({batch},): one entry per sample. "
+                    "Leave it out to have it read from the image tokens in input_ids."
+                )
+            if ((modality != 0) & (modality != 1)).any():
+                raise ValueError(
+                    f"modality must be 0 (text only) or 1 (image sample) for each sample, got {modality.tolist()}."
+                )
+        if routing_weights is not None:
+            expected = (batch, len(self.llm_adapters), len(self.llm_adapters[0].sites()), 2)
+            if tuple(routing_weights.shape) != expected:
+                raise ValueError(
+                    f"routing_weights has shape {tuple(routing_weights.shape)} but must be {expected} (batch, "
+                    "LLM layers, adapter sites, experts). Leave it out to have it computed from modality."
+                )
+        return modality
+
     def modality_of(self, input_ids: torch.LongTensor) -> torch.LongTensor:
         """1 for each sequence that holds image placeholder tokens, else 0."""
         return (input_ids == self.config.image_token_id).any(dim=-1).long()
@@ -421,7 +455,15 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         # torch marks the copies nn.DataParallel makes; their hooks must run their own adapters (data_parallel.py).
         if getattr(self, "_is_replica", False):
             bind_replica_adapters(self.own_layer_adapters())
-        self.check_inputs(input_ids, attention_mask, pixel_values, cache.get_seq_length() if cache else 0)
+        self.check_inputs(
+            input_ids,
+            attention_mask,
+            pixel_values,
+            cache.get_seq_length() if cache else 0,
+            position_ids=position_ids,
+        )
+        batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        modality = self.check_routing_inputs(modality, routing_weights, batch)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         prefill = cache is None or cache.get_seq_length() == 0
@@ -515,7 +557,15 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         if modality is None:
             if input_ids is None:
                 raise ValueError("generate needs input_ids, or `modality` with inputs_embeds.")
+            if not is_compiling() and input_ids.numel() == 0:
+                raise ValueError(
+                    f"input_ids is empty (shape {tuple(input_ids.shape)}): give each sample at least one token."
+                )
             modality = self.modality_of(input_ids)
+        else:
+            source = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+            batch = source.shape[0] if source is not None else modality.shape[0]
+            modality = self.check_routing_inputs(modality, None, batch)
         if not self.training and "routing_weights" not in kwargs:
             kwargs["folded_adapters"] = self.fold_llm_adapters()
         elif "routing_weights" not in kwargs:
