@@ -598,6 +598,20 @@ def test_encoder_decoder_refuses_decoder_only_options(backbones, option):
     assert model(**inputs).loss is not None
 
 
+@pytest.mark.parametrize(
+    "decoder_input_ids",
+    [torch.ones(3, 1, dtype=torch.long), torch.ones(1, dtype=torch.long), torch.ones(1, 1)],
+)
+def test_encoder_decoder_names_malformed_decoder_input_ids(backbones, decoder_input_ids):
+    """Before: a size mismatch from inside T5's attention (another batch), or an error from its embedding."""
+    model, processor = build(backbones, "t5")
+    inputs = processor(images=[image(0)], text="<image>\nwhat?")
+    with pytest.raises(ValueError, match="decoder_input_ids has shape .* but must be \\(1, answer length\\)"):
+        model(**inputs, decoder_input_ids=decoder_input_ids)
+    good = model(**inputs, decoder_input_ids=torch.zeros(1, 2, dtype=torch.long))
+    assert good.logits.shape[:2] == (1, 2)
+
+
 @pytest.mark.parametrize("option", ["decoder_input_ids", "decoder_attention_mask"])
 def test_decoder_only_refuses_encoder_decoder_options(backbones, option):
     """A decoder-only CROME has no decoder inputs apart from input_ids: refused before anything runs (they were

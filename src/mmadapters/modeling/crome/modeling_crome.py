@@ -509,6 +509,17 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
         if labels is not None:
             self.check_labels(labels, inputs_embeds.shape[0], None)
             labels = self._text_labels(labels, loss_kwargs.get("ignore_index", -100))
+        if decoder_input_ids is not None and not is_compiling():
+            batch = inputs_embeds.shape[0]
+            if (
+                decoder_input_ids.dtype.is_floating_point
+                or decoder_input_ids.dim() != 2
+                or len(decoder_input_ids) != batch
+            ):
+                raise ValueError(
+                    f"decoder_input_ids has shape {tuple(decoder_input_ids.shape)} and dtype {decoder_input_ids.dtype} "
+                    f"but must be ({batch}, answer length) integer token ids: the decoder's input for each sample."
+                )
         if labels is None and decoder_input_ids is None:  # score the first answer token
             start = self.language_model.config.decoder_start_token_id
             decoder_input_ids = torch.full((inputs_embeds.shape[0], 1), start, device=inputs_embeds.device)
