@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -107,6 +108,32 @@ def test_image_count_mismatch(processor):
 def test_empty_prompt(processor):
     with pytest.raises(ValueError, match="Prompt 1 is empty"):
         processor(text=["hello", "   "])
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        # Before: "'int' object is not iterable" and, for a list holding a non-string, "Prompt 1 is empty".
+        (dict(text=123), "text must be a string or a list of strings, got int"),
+        (dict(text=["hello", None]), "Prompt 1 is a NoneType, not a string"),
+        (dict(text=["hello", b"bytes"]), "Prompt 1 is a bytes, not a string"),
+        (dict(text="hello", answers=7), "answers must be a string or a list of strings, got int"),
+        (dict(text=["a", "b"], answers=["x", 7]), "Answer 1 is a int, not a string"),
+    ],
+)
+def test_text_and_answers_of_another_type_are_named(processor, call, message):
+    with pytest.raises(TypeError, match=message):
+        processor(**call)
+
+
+def test_text_and_answers_may_be_a_data_set_column(processor):
+    rows = datasets.Dataset.from_dict(
+        {"prompt": ["Image: N/A\nhello", "Image: N/A\nbye"], "target": ["a", "b"]}
+    )
+    from_column = processor(text=rows["prompt"], answers=rows["target"])
+    from_list = processor(text=list(rows["prompt"]), answers=list(rows["target"]))
+    assert torch.equal(from_column["input_ids"], from_list["input_ids"])
+    assert torch.equal(from_column["labels"], from_list["labels"])
 
 
 def test_over_long_prompt_raise_and_truncate(processor):

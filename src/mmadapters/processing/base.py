@@ -506,7 +506,7 @@ class AdapterProcessorMixin:
     def _check_answers(self, answers: str | list[str] | None, texts: list[str]) -> list[str] | None:
         if answers is None:
             return None
-        answer_list = [answers] if isinstance(answers, str) else list(answers)
+        answer_list = self._strings(answers, "answers", "Answer")
         if len(answer_list) != len(texts):
             raise ValueError(
                 f"Got {len(answer_list)} answers for {len(texts)} prompts; pass one answer per prompt."
@@ -516,11 +516,25 @@ class AdapterProcessorMixin:
     def _check_texts(self, text: str | list[str] | None) -> list[str]:
         if text is None:
             raise ValueError(f"{type(self).__name__} needs `text` (or use apply_chat_template).")
-        texts = [text] if isinstance(text, str) else list(text)
+        texts = self._strings(text, "text", "Prompt")
         for index, prompt in enumerate(texts):
-            if not isinstance(prompt, str) or not prompt.strip():
+            if not prompt.strip():
                 raise ValueError(f"Prompt {index} is empty; every sample needs some text.")
         return texts
+
+    @staticmethod
+    def _strings(value: Any, argument: str, item: str) -> list[str]:
+        """`value` (a string, or strings in a list, tuple or other iterable: a data set's column) as a list;
+        anything else is named."""
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, (bytes, dict)) or not hasattr(value, "__iter__"):
+            raise TypeError(f"{argument} must be a string or a list of strings, got {type(value).__name__}.")
+        strings = list(value)
+        for index, entry in enumerate(strings):
+            if not isinstance(entry, str):
+                raise TypeError(f"{item} {index} is a {type(entry).__name__}, not a string.")
+        return strings
 
     def _collect_images(self, images: Any, texts: list[str]) -> list[Any]:
         """Images as a flat list in placeholder order, checked against the `<image>` placeholders."""
