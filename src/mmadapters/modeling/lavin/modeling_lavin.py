@@ -557,10 +557,6 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         if modality is None:
             if input_ids is None:
                 raise ValueError("generate needs input_ids, or `modality` with inputs_embeds.")
-            if not is_compiling() and input_ids.numel() == 0:
-                raise ValueError(
-                    f"input_ids is empty (shape {tuple(input_ids.shape)}): give each sample at least one token."
-                )
             modality = self.modality_of(input_ids)
         else:
             source = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
