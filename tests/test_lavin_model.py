@@ -107,6 +107,29 @@ def test_batched_mixed_generation_equals_one_by_one(model, processor, randomize_
         assert no_cache[0].tolist() == alone[0].tolist()
 
 
+def test_generate_from_inputs_embeds_equals_generate_from_input_ids(model, processor, randomize_adapters):
+    """generate(inputs_embeds=..., modality=...) as transformers' decoder-only models take it (it returns the new
+    tokens only): text embeddings, and an image sample whose visual tokens the caller placed. Before: transformers
+    refused with "doesn't have its forwarding implemented" (the inputs_embeds parameter was missing from
+    prepare_inputs_for_generation's signature)."""
+    randomize_adapters(model, std=0.3)
+    batch = processor(
+        images=[[image(0)], []], text=["Image: <image>\nwhat color?", "Image: N/A\nthe capital of"]
+    )
+    kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    from_ids = model.generate(**batch, **kwargs)[:, batch["input_ids"].shape[1] :]
+    image_mask = batch["input_ids"] == model.config.image_token_id
+    embeds = model.get_input_embeddings()(batch["input_ids"].masked_fill(image_mask, 0))
+    with torch.no_grad():
+        features = model.get_image_features(batch["pixel_values"]).pooler_output
+        embeds[image_mask] = features.reshape(-1, embeds.shape[-1])
+    modality = image_mask.any(dim=-1).long()
+    from_embeds = model.generate(
+        inputs_embeds=embeds, attention_mask=batch["attention_mask"], modality=modality, **kwargs
+    )
+    assert from_embeds.tolist() == from_ids.tolist()
+
+
 def test_generate_runs_vision_tower_and_routing_once(model, processor):
     calls = {"vision": 0, "table": 0}
     model.vision_tower.register_forward_hook(lambda *args: calls.__setitem__("vision", calls["vision"] + 1))

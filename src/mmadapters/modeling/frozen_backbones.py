@@ -550,17 +550,23 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         input_ids: torch.LongTensor,
         cache: Any = None,
         past_key_values: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
         is_first_iteration: bool | None = False,
         **kwargs: Any,
     ) -> dict[str, Any]:
         """GenerationMixin's, except that the images are kept whenever the cache has not seen the prompt yet.
         GenerationMixin drops `pixel_values` outside "the first iteration", and an assistant model (assisted
         generation, `generate(..., assistant_model=...)`) runs even its first round as a later iteration: it would
-        see the image placeholders without their images. (Both names of the cache stay in the signature, which
-        generate reads to tell model keywords from typos.)"""
+        see the image placeholders without their images. (Both names of the cache, and `inputs_embeds`, stay in
+        the signature: generate reads it to tell model keywords from typos, and to allow generation from
+        embeddings.)"""
         cache = cache if cache is not None else past_key_values
         model_inputs = super().prepare_inputs_for_generation(
-            input_ids, is_first_iteration=is_first_iteration, **cache_kwargs(cache), **kwargs
+            input_ids,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **cache_kwargs(cache),
+            **kwargs,
         )
         if cache is None or cache.get_seq_length() == 0:
             for name in self.per_image_input_names:
