@@ -606,8 +606,11 @@ def test_encoder_decoder_names_malformed_decoder_input_ids(backbones, decoder_in
     """Before: a size mismatch from inside T5's attention (another batch), or an error from its embedding."""
     model, processor = build(backbones, "t5")
     inputs = processor(images=[image(0)], text="<image>\nwhat?")
+    calls = []
+    model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
     with pytest.raises(ValueError, match="decoder_input_ids has shape .* but must be \\(1, answer length\\)"):
         model(**inputs, decoder_input_ids=decoder_input_ids)
+    assert calls == []  # refused before anything ran
     good = model(**inputs, decoder_input_ids=torch.zeros(1, 2, dtype=torch.long))
     assert good.logits.shape[:2] == (1, 2)
 

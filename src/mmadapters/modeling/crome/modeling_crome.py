@@ -72,6 +72,21 @@ def refuse_encoder_decoder_options(
         )
 
 
+def check_decoder_input_ids(decoder_input_ids: torch.Tensor | None, batch: int) -> None:
+    """An encoder-decoder LLM's decoder input, named when it cannot be one (before: a size mismatch inside T5)."""
+    if decoder_input_ids is None or is_compiling():
+        return
+    if (
+        decoder_input_ids.dtype.is_floating_point
+        or decoder_input_ids.dim() != 2
+        or len(decoder_input_ids) != batch
+    ):
+        raise ValueError(
+            f"decoder_input_ids has shape {tuple(decoder_input_ids.shape)} and dtype {decoder_input_ids.dtype} but "
+            f"must be ({batch}, answer length) integer token ids: the decoder's input for each sample."
+        )
+
+
 def refuse_decoder_only_options(
     position_ids: torch.Tensor | None, logits_to_keep: int | torch.Tensor, kwargs: dict[str, Any]
 ) -> None:
@@ -473,6 +488,7 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
         )
         if self.is_encoder_decoder_llm:
             refuse_decoder_only_options(position_ids, logits_to_keep, kwargs)
+            check_decoder_input_ids(decoder_input_ids, input_ids.shape[0])
             past_length = 0  # the encoder input is always the whole prompt
         else:
             refuse_encoder_decoder_options(decoder_input_ids, decoder_attention_mask)
@@ -509,17 +525,6 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
         if labels is not None:
             self.check_labels(labels, inputs_embeds.shape[0], None)
             labels = self._text_labels(labels, loss_kwargs.get("ignore_index", -100))
-        if decoder_input_ids is not None and not is_compiling():
-            batch = inputs_embeds.shape[0]
-            if (
-                decoder_input_ids.dtype.is_floating_point
-                or decoder_input_ids.dim() != 2
-                or len(decoder_input_ids) != batch
-            ):
-                raise ValueError(
-                    f"decoder_input_ids has shape {tuple(decoder_input_ids.shape)} and dtype {decoder_input_ids.dtype} "
-                    f"but must be ({batch}, answer length) integer token ids: the decoder's input for each sample."
-                )
         if labels is None and decoder_input_ids is None:  # score the first answer token
             start = self.language_model.config.decoder_start_token_id
             decoder_input_ids = torch.full((inputs_embeds.shape[0], 1), start, device=inputs_embeds.device)
