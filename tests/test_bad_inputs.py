@@ -120,6 +120,8 @@ FORWARD_CASES = {
     ),
 }
 
+IMAGE_CASES = ("one-channel images", "integer images", "3-D images")  # also checked by get_image_features
+
 GENERATE_CASES = (
     "modality of another batch",
     "float modality",
@@ -134,6 +136,9 @@ def test_forward_refuses_malformed_inputs(saved, case):
     make, message = FORWARD_CASES[case]
     with pytest.raises(ValueError, match=message):
         model(**make(batch))
+    if case in IMAGE_CASES:  # before: the vision tower's own errors ("not enough values to unpack", a conv's)
+        with pytest.raises(ValueError, match=message):
+            model.get_image_features(make(batch)["pixel_values"])
     if case in GENERATE_CASES:  # generate reads modality itself before the first forward
         with pytest.raises(ValueError, match=message):
             model.generate(**make(batch), max_new_tokens=2)

@@ -576,6 +576,17 @@ def test_malformed_qformer_inputs_are_named(backbones, case):
         model.get_image_features(**pixels)
 
 
+def test_get_image_features_names_malformed_images(backbones):
+    """Before: the vision tower's "not enough values to unpack" was preceded by a misleading count of Q-Former rows
+    (a 3-D image was taken as 3 images)."""
+    model, _ = build(backbones)
+    instruction = torch.ones(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="pixel_values must be \\(num_images, 3, height, width\\)"):
+        model.get_image_features(torch.randn(3, 32, 32), instruction)
+    with pytest.raises(ValueError, match="pixel_values must be floating point"):
+        model.get_image_features(torch.ones(1, 3, 32, 32, dtype=torch.long), instruction)
+
+
 @pytest.mark.parametrize(
     "option",
     [

@@ -642,17 +642,24 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
                     "(overflow='truncate_left' with max_length)."
                 )
         if pixel_values is not None:
-            channels = getattr(self.config.vision_config, "num_channels", 3)
-            if pixel_values.dim() != 4 or pixel_values.shape[1] != channels:
-                raise ValueError(
-                    f"pixel_values must be (num_images, {channels}, height, width), got shape "
-                    f"{tuple(pixel_values.shape)}. Build them with the model's processor (it converts grayscale "
-                    "and RGBA images to RGB)."
-                )
-            if not pixel_values.dtype.is_floating_point:
-                raise ValueError(
-                    f"pixel_values must be floating point (normalised by the processor), got {pixel_values.dtype}."
-                )
+            self.check_pixel_values(pixel_values)
+
+    def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        """Refuse images that are not (num_images, channels, height, width) floats with the tower's channel count
+        (`forward` and `get_image_features` check them before the tower runs). Skipped while torch.compile traces."""
+        if is_compiling():
+            return
+        channels = getattr(self.config.vision_config, "num_channels", 3)
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != channels:
+            raise ValueError(
+                f"pixel_values must be (num_images, {channels}, height, width), got shape "
+                f"{tuple(pixel_values.shape)}. Build them with the model's processor (it converts grayscale "
+                "and RGBA images to RGB)."
+            )
+        if not pixel_values.dtype.is_floating_point:
+            raise ValueError(
+                f"pixel_values must be floating point (normalised by the processor), got {pixel_values.dtype}."
+            )
 
     def check_labels(self, labels: torch.Tensor, batch: int, length: int | None) -> None:
         """Refuse `labels` that cannot be scored against the inputs, naming both shapes (torch's cross entropy would

@@ -228,6 +228,7 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         The visual tokens: the CLS token after every k-th vision layer (taken from the hidden states, before any
         post-layernorm), whitened if that is on, through the projector. `image_tokens(pixel_values)` returns
         the tensor alone."""
+        self.check_pixel_values(pixel_values)
         if self.feature_whitening is None:
             features, vision_outputs = self._pooled_vision_features(pixel_values, **kwargs)
         else:
