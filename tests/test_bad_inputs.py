@@ -139,6 +139,8 @@ def test_forward_refuses_malformed_inputs(saved, case):
     if case in IMAGE_CASES:  # before: the vision tower's own errors ("not enough values to unpack", a conv's)
         with pytest.raises(ValueError, match=message):
             model.get_image_features(make(batch)["pixel_values"])
+        with pytest.raises(ValueError, match=message):
+            model.pooled_vision_features(make(batch)["pixel_values"])
     if case in GENERATE_CASES:  # generate reads modality itself before the first forward
         with pytest.raises(ValueError, match=message):
             model.generate(**make(batch), max_new_tokens=2)

@@ -228,7 +228,6 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         The visual tokens: the CLS token after every k-th vision layer (taken from the hidden states, before any
         post-layernorm), whitened if that is on, through the projector. `image_tokens(pixel_values)` returns
         the tensor alone."""
-        self.check_pixel_values(pixel_values)
         if self.feature_whitening is None:
             features, vision_outputs = self._pooled_vision_features(pixel_values, **kwargs)
         else:
@@ -252,6 +251,7 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         return self._pooled_vision_features(pixel_values)[0]
 
     def _pooled_vision_features(self, pixel_values: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        self.check_pixel_values(pixel_values)  # every path to the tower (features, whitening fit) comes here
         kwargs.pop("output_hidden_states", None)  # always on: the features are read from the hidden states
         # The tower casts the pixels to its patch embedding's dtype itself (as transformers' LLaVA relies on).
         outputs = self.vision_tower(pixel_values=pixel_values, output_hidden_states=True, **kwargs)
