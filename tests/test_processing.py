@@ -15,6 +15,7 @@ from mmadapters import (
     CromeProcessor,
     ImageTokenMismatchError,
     InvalidImageError,
+    InvalidTextError,
     LavinProcessor,
     PromptTooLongError,
 )
@@ -122,7 +123,7 @@ def test_empty_prompt(processor):
     ],
 )
 def test_text_and_answers_of_another_type_are_named(processor, call, message):
-    with pytest.raises(TypeError, match=message):
+    with pytest.raises(InvalidTextError, match=message):  # a TypeError, and one of ours: the CLI reports it
         processor(**call)
 
 

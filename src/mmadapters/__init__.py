@@ -15,7 +15,13 @@ from .modeling.embedded import embedded_backbones
 from .modeling.image_tokens import ImageTokenMismatchError
 from .modeling.lavin import LavinConfig, LavinForConditionalGeneration
 from .modeling.peft_on_top import PeftOnTopError, add_lora, adopt_peft_model
-from .processing import CromeProcessor, InvalidImageError, LavinProcessor, PromptTooLongError
+from .processing import (
+    CromeProcessor,
+    InvalidImageError,
+    InvalidTextError,
+    LavinProcessor,
+    PromptTooLongError,
+)
 
 AutoConfig.register("lavin", LavinConfig)
 AutoModel.register(LavinConfig, LavinForConditionalGeneration)
@@ -38,6 +44,7 @@ __all__ = [
     "CromeProcessor",
     "ImageTokenMismatchError",
     "InvalidImageError",
+    "InvalidTextError",
     "LavinConfig",
     "LavinForConditionalGeneration",
     "LavinProcessor",

@@ -37,7 +37,7 @@ from .inference_loading import (
 )
 from .library_logs import quiet_library_logs
 from .modeling.image_tokens import ImageTokenMismatchError
-from .processing import InvalidImageError, PromptTooLongError, load_image
+from .processing import InvalidImageError, InvalidTextError, PromptTooLongError, load_image
 from .validation import port_number, positive_float, positive_int
 
 MODEL_ENV = "MMADAPTERS_MODEL"
@@ -194,7 +194,7 @@ def build_conversation(
 # ------------------------------------------------------------------------------------------------
 
 # Errors that are the user's input, shown as a plain message in the chat.
-USER_ERRORS = (InvalidImageError, ImageTokenMismatchError, PromptTooLongError, ValueError)
+USER_ERRORS = (InvalidImageError, InvalidTextError, ImageTokenMismatchError, PromptTooLongError, ValueError)
 
 
 def _title(kind: str) -> str:

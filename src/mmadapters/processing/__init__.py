@@ -1,4 +1,4 @@
-from .base import IGNORE_INDEX, PromptTooLongError
+from .base import IGNORE_INDEX, InvalidTextError, PromptTooLongError
 from .images import InvalidImageError, load_image
 from .processing_crome import CromeProcessor
 from .processing_lavin import LavinProcessor
@@ -7,6 +7,7 @@ __all__ = [
     "CromeProcessor",
     "IGNORE_INDEX",
     "InvalidImageError",
+    "InvalidTextError",
     "LavinProcessor",
     "PromptTooLongError",
     "load_image",

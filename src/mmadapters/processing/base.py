@@ -130,6 +130,10 @@ class PromptTooLongError(MMAdaptersError, ValueError):
     """A prompt (plus answer) is longer than `max_length` and the overflow policy is "raise"."""
 
 
+class InvalidTextError(MMAdaptersError, TypeError):
+    """`text` or `answers` given to a processor is not a string or a list of strings (a number, a None row)."""
+
+
 def build_chat_template(tokenizer: Any, image_text: str, text_only_prefix: str) -> str:
     """Our message flattening in front of the LLM's own chat template (or a plain one)."""
     llm_template = tokenizer.chat_template
@@ -529,11 +533,13 @@ class AdapterProcessorMixin:
         if isinstance(value, str):
             return [value]
         if isinstance(value, (bytes, dict)) or not hasattr(value, "__iter__"):
-            raise TypeError(f"{argument} must be a string or a list of strings, got {type(value).__name__}.")
+            raise InvalidTextError(
+                f"{argument} must be a string or a list of strings, got {type(value).__name__}."
+            )
         strings = list(value)
         for index, entry in enumerate(strings):
             if not isinstance(entry, str):
-                raise TypeError(f"{item} {index} is a {type(entry).__name__}, not a string.")
+                raise InvalidTextError(f"{item} {index} is a {type(entry).__name__}, not a string.")
         return strings
 
     def _collect_images(self, images: Any, texts: list[str]) -> list[Any]:
