@@ -109,6 +109,8 @@ def test_image_count_mismatch(processor):
 def test_empty_prompt(processor):
     with pytest.raises(ValueError, match="Prompt 1 is empty"):
         processor(text=["hello", "   "])
+    with pytest.raises(ValueError, match="text is an empty list"):  # before: "max() arg is an empty sequence"
+        processor(text=[])
 
 
 @pytest.mark.parametrize(
@@ -116,10 +118,10 @@ def test_empty_prompt(processor):
     [
         # Before: "'int' object is not iterable" and, for a list holding a non-string, "Prompt 1 is empty".
         (dict(text=123), "text must be a string or a list of strings, got int"),
-        (dict(text=["hello", None]), "Prompt 1 is a NoneType, not a string"),
-        (dict(text=["hello", b"bytes"]), "Prompt 1 is a bytes, not a string"),
+        (dict(text=["hello", None]), "Prompt 1 is of type NoneType, not a string"),
+        (dict(text=["hello", b"bytes"]), "Prompt 1 is of type bytes, not a string"),
         (dict(text="hello", answers=7), "answers must be a string or a list of strings, got int"),
-        (dict(text=["a", "b"], answers=["x", 7]), "Answer 1 is a int, not a string"),
+        (dict(text=["a", "b"], answers=["x", 7]), "Answer 1 is of type int, not a string"),
     ],
 )
 def test_text_and_answers_of_another_type_are_named(processor, call, message):

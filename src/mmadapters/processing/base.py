@@ -521,6 +521,8 @@ class AdapterProcessorMixin:
         if text is None:
             raise ValueError(f"{type(self).__name__} needs `text` (or use apply_chat_template).")
         texts = self._strings(text, "text", "Prompt")
+        if not texts:
+            raise ValueError("text is an empty list: give at least one prompt.")
         for index, prompt in enumerate(texts):
             if not prompt.strip():
                 raise ValueError(f"Prompt {index} is empty; every sample needs some text.")
@@ -539,7 +541,7 @@ class AdapterProcessorMixin:
         strings = list(value)
         for index, entry in enumerate(strings):
             if not isinstance(entry, str):
-                raise InvalidTextError(f"{item} {index} is a {type(entry).__name__}, not a string.")
+                raise InvalidTextError(f"{item} {index} is of type {type(entry).__name__}, not a string.")
         return strings
 
     def _collect_images(self, images: Any, texts: list[str]) -> list[Any]:
