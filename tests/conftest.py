@@ -23,6 +23,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+import transformers
 import yaml
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -109,6 +110,18 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+# More decoder-only families, by config class and what a tiny one needs besides the common fields.
+MORE_LLM_FAMILIES = {
+    "phi3": ("Phi3Config", {}),
+    "granite": ("GraniteConfig", {}),
+    "glm4": ("Glm4Config", {"head_dim": 8}),
+    "gpt_oss": ("GptOssConfig", {"head_dim": 8, "num_local_experts": 2, "num_experts_per_tok": 1}),
+    "qwen3": ("Qwen3Config", {"head_dim": 8}),
+    # Llama 4's text model: transformers' get_decoder does not find its decoder; its MLP is `feed_forward`.
+    "llama4": ("Llama4TextConfig", {"head_dim": 8, "intermediate_size_mlp": 64, "num_local_experts": 2}),
+}
+
+
 def tiny_text_config(kind: str = "llama", vocab_size: int = 300, **overrides) -> LlamaConfig:
     common = dict(
         vocab_size=vocab_size,
@@ -128,6 +141,9 @@ def tiny_text_config(kind: str = "llama", vocab_size: int = 300, **overrides) ->
         from transformers import MixtralConfig
 
         return MixtralConfig(**{"num_local_experts": 4, "num_experts_per_tok": 2, **common})
+    if kind in MORE_LLM_FAMILIES:  # the README names them as LLMs LaVIN takes (test_adapters.py)
+        class_name, extra = MORE_LLM_FAMILIES[kind]
+        return getattr(transformers, class_name)(**{**extra, **common})
     if kind == "gemma3":  # norms around attention and MLP ("sandwich"): the MLP input has its own norm
         from transformers import Gemma3TextConfig
 

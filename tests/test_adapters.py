@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_text_config, tiny_vision_config
+from conftest import MORE_LLM_FAMILIES, tiny_text_config, tiny_vision_config
 from torch import nn
 from transformers import AutoModelForCausalLM, CLIPVisionConfig, LlamaConfig
 
@@ -192,6 +192,39 @@ def test_each_llm_adapter_gives_its_module_its_input(kind, randomize_adapters):
         model(input_ids=torch.tensor([[5, 6, 7, 8]]))
     for site in ("attn", "mlp"):
         torch.testing.assert_close(received[site], produced[site], msg=f"{kind}: the {site} input")
+
+
+@pytest.mark.parametrize("kind", sorted(MORE_LLM_FAMILIES))
+def test_more_llm_families_take_attention_site_adapters(kind, randomize_adapters):
+    """The LLM families the README names beyond Llama: self-attention receives the adapted states and the routing
+    weights reach every layer. Llama 4's text model: transformers' get_decoder returns the Llama4ForCausalLM itself
+    (its base model is not stored under base_model_prefix), the decoder is its `model` (before: "Cannot find the
+    decoder layers"); its MLP is called `feed_forward`, so placement="attn_mlp" is refused by name."""
+    from mmadapters.modeling.adapters import find_decoder_layers
+
+    model = LavinForConditionalGeneration.from_backbones(tiny_text_config(kind), tiny_vision_config()).eval()
+    randomize_adapters(model)
+    layer, adapter = find_decoder_layers(model.language_model)[1], model.llm_adapters[1].attn
+    received, produced = [], []
+    layer.self_attn.register_forward_pre_hook(
+        lambda m, args, kwargs: received.append(kwargs.get("hidden_states", *args[:1])), with_kwargs=True
+    )
+    adapter.register_forward_hook(lambda m, args, output: produced.append((args[0], output)))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        as_text = model(input_ids=ids, modality=torch.tensor([0])).logits
+        as_image = model(input_ids=ids, modality=torch.tensor([1])).logits
+    adapter_input, adapter_output = produced[-1]
+    torch.testing.assert_close(received[-1], adapter_output)  # self-attention receives the adapted states
+    assert not torch.allclose(adapter_input, adapter_output)
+    assert not torch.allclose(as_text, as_image)  # the routing weights reach the adapters through the layers
+    if kind == "llama4":
+        with pytest.raises(ValueError, match="has no `mlp`"):
+            LavinForConditionalGeneration.from_backbones(
+                tiny_text_config(kind),
+                tiny_vision_config(),
+                adapter_config=MMAdapterConfig(placement="attn_mlp"),
+            )
 
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])

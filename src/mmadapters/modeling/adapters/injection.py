@@ -145,6 +145,10 @@ class DecoderLayerAdapters(nn.Module):
 def find_decoder_layers(language_model: nn.Module, need_mlp: bool = False) -> nn.ModuleList:
     """The decoder layers of a causal LM (Llama, Mistral, Qwen2/3, SmolLM2, ...), checked for an input norm."""
     decoder = language_model.get_decoder() if hasattr(language_model, "get_decoder") else language_model
+    if getattr(decoder, "layers", None) is None:
+        # transformers' get_decoder returns the model itself where its base model is stored under another name than
+        # base_model_prefix (Llama 4's text model): the decoder is then the usual `model` attribute.
+        decoder = getattr(decoder, "model", decoder)
     layers = getattr(decoder, "layers", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise ValueError(
