@@ -639,6 +639,78 @@ def test_decoder_only_refuses_encoder_decoder_options(backbones, option):
     assert calls == []
 
 
+def vit_family_config(kind: str):
+    import transformers
+
+    common = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+    )
+    if kind == "dinov2_registers":  # CLS, then 4 register tokens, then the patches
+        return transformers.Dinov2WithRegistersConfig(num_register_tokens=4, **common)
+    if kind == "aimv2":  # no CLS token: the patches alone
+        return transformers.Aimv2VisionConfig(**common)
+    if kind == "siglip":  # no CLS token
+        return transformers.SiglipVisionConfig(**common)
+    if kind == "clip":  # CLS, then the patches
+        return transformers.CLIPVisionConfig(**common)
+    if kind == "ijepa":  # no CLS token either
+        return transformers.IJepaConfig(**common)
+    if kind == "deit":  # CLS and a distillation token, then the patches
+        return transformers.DeiTConfig(**common)
+    return transformers.Dinov2Config(**common)  # CLS, then the patches
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip", "dinov2", "dinov2_registers", "aimv2", "ijepa", "deit"])
+def test_patch_branch_reads_the_patches_of_towers_with_and_without_cls_and_registers(kind):
+    """The patch branch takes the tower's patch tokens, after its CLS and register tokens. Before: DINOv2 with
+    registers gave 4 tokens per image too many, and masked_scatter silently filled each image's placeholders
+    with the tokens of the images before it; AIMv2 (no CLS) lost a patch and stopped inside masked_scatter."""
+    torch.manual_seed(0)
+    model = CromeForConditionalGeneration.from_backbones(
+        tiny_text_config(),
+        vit_family_config(kind),
+        qformer=tiny_qformer_config(vocab_size=300),
+        num_query_tokens=4,
+    ).eval()
+    pixels, instruction = torch.randn(2, 3, 32, 32), torch.tensor([[1, 5], [1, 6]])
+    with torch.no_grad():
+        output = model.get_image_features(pixels, instruction, output_hidden_states=True)
+        tower_patches = output.hidden_states[model.config.vision_feature_layer][
+            :, -model.config.num_patches :
+        ]
+    tokens = output.pooler_output
+    assert tokens.shape[1] == model.config.num_image_tokens == 4 + 16
+    torch.testing.assert_close(tokens[:, 4:], model.patch_projection(tower_patches))
+    placeholders = [1] + [model.config.image_token_id] * model.config.num_image_tokens + [5, 6]
+    with torch.no_grad():
+        together = model(
+            input_ids=torch.tensor([placeholders] * 2), pixel_values=pixels, qformer_input_ids=instruction
+        ).logits
+        alone = model(
+            input_ids=torch.tensor([placeholders]), pixel_values=pixels[1:], qformer_input_ids=instruction[1:]
+        ).logits
+    torch.testing.assert_close(together[1], alone[0], rtol=1e-4, atol=1e-5)
+
+
+def test_images_of_another_size_than_the_towers_config_are_named():
+    """DINOv2 interpolates its position embeddings to any image size, so 64-pixel images give 64 patches where
+    the config (image_size=32, patch size 8) and the processor's placeholders count 16. Before: masked_scatter
+    silently took the first tokens."""
+    model = CromeForConditionalGeneration.from_backbones(
+        tiny_text_config(),
+        vit_family_config("dinov2"),
+        qformer=tiny_qformer_config(vocab_size=300),
+        num_query_tokens=4,
+    )
+    with pytest.raises(ValueError, match="65 tokens per image.*1 before the patches \\+ 16 patches.*32x32"):
+        model.get_image_features(torch.randn(1, 3, 64, 64), torch.tensor([[1, 5]]))
+
+
 # --- InstructBLIP initialisation ------------------------------------------------------------------------------
 
 

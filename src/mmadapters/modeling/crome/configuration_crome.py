@@ -14,6 +14,11 @@ from ..frozen_backbones_config import FrozenBackbonesConfig
 STAGES = ("pretrain", "instruct", "finetune")
 
 
+# Tokens before the patches in a vision tower's output, by model type, where it is not one CLS token (SigLIP towers,
+# of any model type with "siglip" in it, have none; register tokens are counted from the config).
+PREFIX_TOKENS = {"aimv2_vision_model": 0, "ijepa": 0, "deit": 2}
+
+
 @strict
 class CromeConfig(FrozenBackbonesConfig):
     r"""Configuration of [`CromeForConditionalGeneration`] (CROME, arXiv 2408.06610): a frozen vision tower, an
@@ -28,7 +33,7 @@ class CromeConfig(FrozenBackbonesConfig):
         qformer_config: an `InstructBlipQFormerConfig`; its `encoder_hidden_size` must equal the tower's width.
         adapter_config: a `CromeAdapterConfig` as a dict.
         num_query_tokens: learned Q-Former queries (32).
-        use_patch_branch: also pass the projected image patches (CLS dropped) to the adapter [ours, on].
+        use_patch_branch: also pass the projected image patches (the tokens before them dropped: CLS, registers) to the adapter [ours, on].
         vision_feature_layer: the vision hidden state the patch branch reads (-2: second-to-last layer).
         image_token_id: id of the image placeholder in `input_ids` (may lie past the LLM's embeddings).
         stages_used: training stages set so far (see `CromeForConditionalGeneration.set_stage`); an adapter-only
@@ -79,9 +84,13 @@ class CromeConfig(FrozenBackbonesConfig):
             raise ValueError(f"Unknown stage(s) {unknown}; stages are {STAGES}.")
 
     @property
-    def vision_has_cls(self) -> bool:
-        """SigLIP towers have no CLS token; CLIP and InstructBLIP towers put it first."""
-        return "siglip" not in self.vision_config.model_type
+    def num_prefix_tokens(self) -> int:
+        """Tokens the vision tower puts before its patches: the CLS token (CLIP, BLIP / InstructBLIP, ViT, DINOv2),
+        DeiT's distillation token and register tokens (DINOv2 with registers); SigLIP, AIMv2 and I-JEPA towers have
+        none. A tower of another layout is refused by the count check in `get_image_features`."""
+        model_type = self.vision_config.model_type
+        before = 0 if "siglip" in model_type else PREFIX_TOKENS.get(model_type, 1)
+        return before + int(getattr(self.vision_config, "num_register_tokens", 0) or 0)
 
     @property
     def num_patches(self) -> int:

@@ -324,8 +324,9 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
         ).last_hidden_state[:, : queries.shape[1]]
         tokens = [self.query_projection(query_output)]
         if self.patch_projection is not None:
-            patches = outputs.hidden_states[self.config.vision_feature_layer]
-            patches = patches[:, 1:] if self.config.vision_has_cls else patches
+            hidden = outputs.hidden_states[self.config.vision_feature_layer]
+            self.check_patch_count(hidden.shape[1])
+            patches = hidden[:, self.config.num_prefix_tokens :]
             weight = self.patch_projection.weight
             tokens.append(self.patch_projection(patches.to(weight.device, weight.dtype)))
         output = image_features_output(torch.cat(tokens, dim=1), outputs)
@@ -335,6 +336,21 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
             used = self.config.vision_feature_layer % len(output.hidden_states)
             output.hidden_states = tuple(h if i == used else None for i, h in enumerate(output.hidden_states))
         return output if self._return_dict(return_dict) else output.to_tuple()
+
+    def check_patch_count(self, num_tokens: int) -> None:
+        """The tower's output must be its prefix tokens then the patches the config counts: the processor expands
+        each <image> to that many placeholders. A tower that interpolates its position embeddings (DINOv2) takes
+        images of any size and returns another count, which would fill the placeholders with other images' tokens."""
+        prefix, patches = self.config.num_prefix_tokens, self.config.num_patches
+        if is_compiling() or num_tokens == prefix + patches:
+            return
+        size = self.config.vision_config.image_size
+        raise ValueError(
+            f"The vision tower returned {num_tokens} tokens per image, but CROME's patch branch expects {prefix} before "
+            f"the patches + {patches} patches (its config: image_size={size}, patch_size="
+            f"{self.config.vision_config.patch_size}). Give it {size}x{size} images (the processor resizes to the "
+            "tower's size: check its image processor's size), or build CROME with use_patch_branch=False."
+        )
 
     def check_qformer_inputs(
         self,
