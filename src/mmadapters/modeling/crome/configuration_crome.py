@@ -33,7 +33,8 @@ class CromeConfig(FrozenBackbonesConfig):
         qformer_config: an `InstructBlipQFormerConfig`; its `encoder_hidden_size` must equal the tower's width.
         adapter_config: a `CromeAdapterConfig` as a dict.
         num_query_tokens: learned Q-Former queries (32).
-        use_patch_branch: also pass the projected image patches (the tokens before them dropped: CLS, registers) to the adapter [ours, on].
+        use_patch_branch: also pass the projected image patches (without the tokens before them: CLS, registers)
+            to the adapter [ours, on].
         vision_feature_layer: the vision hidden state the patch branch reads (-2: second-to-last layer).
         image_token_id: id of the image placeholder in `input_ids` (may lie past the LLM's embeddings).
         stages_used: training stages set so far (see `CromeForConditionalGeneration.set_stage`); an adapter-only
