@@ -658,6 +658,8 @@ def vit_family_config(kind: str):
         return transformers.SiglipVisionConfig(**common)
     if kind == "clip":  # CLS, then the patches
         return transformers.CLIPVisionConfig(**common)
+    if kind == "vit":  # CLS, then the patches
+        return transformers.ViTConfig(**common)
     if kind == "ijepa":  # no CLS token either
         return transformers.IJepaConfig(**common)
     if kind == "deit":  # CLS and a distillation token, then the patches
@@ -665,7 +667,9 @@ def vit_family_config(kind: str):
     return transformers.Dinov2Config(**common)  # CLS, then the patches
 
 
-@pytest.mark.parametrize("kind", ["clip", "siglip", "dinov2", "dinov2_registers", "aimv2", "ijepa", "deit"])
+@pytest.mark.parametrize(
+    "kind", ["clip", "siglip", "vit", "dinov2", "dinov2_registers", "aimv2", "ijepa", "deit"]
+)
 def test_patch_branch_reads_the_patches_of_towers_with_and_without_cls_and_registers(kind):
     """The patch branch takes the tower's patch tokens, after its CLS and register tokens. Before: DINOv2 with
     registers gave 4 tokens per image too many, and masked_scatter silently filled each image's placeholders
