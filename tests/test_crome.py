@@ -658,6 +658,10 @@ def vit_family_config(kind: str):
         return transformers.SiglipVisionConfig(**common)
     if kind == "clip":  # CLS, then the patches
         return transformers.CLIPVisionConfig(**common)
+    if kind == "blip":  # CLS, then the patches (InstructBLIP's tower is a BLIP one)
+        return transformers.BlipVisionConfig(**common)
+    if kind == "metaclip2":  # CLS, then the patches
+        return transformers.MetaClip2VisionConfig(**common)
     if kind == "vit":  # CLS, then the patches
         return transformers.ViTConfig(**common)
     if kind == "ijepa":  # no CLS token either
@@ -668,7 +672,8 @@ def vit_family_config(kind: str):
 
 
 @pytest.mark.parametrize(
-    "kind", ["clip", "siglip", "vit", "dinov2", "dinov2_registers", "aimv2", "ijepa", "deit"]
+    "kind",
+    ["clip", "siglip", "blip", "metaclip2", "vit", "dinov2", "dinov2_registers", "aimv2", "ijepa", "deit"],
 )
 def test_patch_branch_reads_the_patches_of_towers_with_and_without_cls_and_registers(kind):
     """The patch branch takes the tower's patch tokens, after its CLS and register tokens. Before: DINOv2 with
