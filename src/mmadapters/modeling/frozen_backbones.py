@@ -135,6 +135,15 @@ def image_order_for_expansion(images_per_sample: list[int], expand_size: int) ->
     return order
 
 
+def check_token_ids(ids: torch.Tensor, name: str, layout: str, hint: str) -> None:
+    """Refuse token ids (`name`: input_ids, CROME's qformer_input_ids) that are not a 2-D (`layout`) integer tensor;
+    `hint` says how to build them."""
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer token ids, got dtype {ids.dtype}.")
+    if ids.dim() != 2:
+        raise ValueError(f"{name} must be 2-D ({layout}), got shape {tuple(ids.shape)}; {hint}")
+
+
 def check_adapter_only_save_options(options: dict[str, Any]) -> None:
     """Refuse, before anything is written, a `save_pretrained` option an adapter-only save cannot honour."""
     unknown = sorted(
@@ -601,13 +610,12 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         if is_compiling():
             return
         if input_ids is not None:
-            if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-                raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}.")
-            if input_ids.dim() != 2:
-                raise ValueError(
-                    f"input_ids must be 2-D (batch, sequence), got shape {tuple(input_ids.shape)}; add a batch "
-                    "dimension with input_ids[None] (the processor returns it so)."
-                )
+            check_token_ids(
+                input_ids,
+                "input_ids",
+                "batch, sequence",
+                "add a batch dimension with input_ids[None] (the processor returns it so).",
+            )
             if input_ids.numel() == 0:
                 raise ValueError(
                     f"input_ids is empty (shape {tuple(input_ids.shape)}): give each sample at least one token."

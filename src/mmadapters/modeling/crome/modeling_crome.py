@@ -31,7 +31,7 @@ from ..causal_lm_output import (
     VisionLanguageCausalLMOutput,
     image_features_output,
 )
-from ..frozen_backbones import FrozenBackbonesPreTrainedModel, adapter_settings
+from ..frozen_backbones import FrozenBackbonesPreTrainedModel, adapter_settings, check_token_ids
 from ..image_tokens import (
     check_image_token_count,
     embed_text_tokens,
@@ -363,15 +363,12 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
         Q-Former's vocabulary. Skipped while torch.compile traces, as `check_inputs`."""
         if is_compiling():
             return
-        if qformer_input_ids.dtype.is_floating_point or qformer_input_ids.dtype == torch.bool:
-            raise ValueError(
-                f"qformer_input_ids must hold integer token ids, got dtype {qformer_input_ids.dtype}."
-            )
-        if qformer_input_ids.dim() != 2:
-            raise ValueError(
-                f"qformer_input_ids must be 2-D (num_images, instruction length), got shape "
-                f"{tuple(qformer_input_ids.shape)}; CromeProcessor returns it so."
-            )
+        check_token_ids(
+            qformer_input_ids,
+            "qformer_input_ids",
+            "num_images, instruction length",
+            "CromeProcessor returns it so.",
+        )
         if qformer_input_ids.shape[0] != pixel_values.shape[0]:
             raise ValueError(
                 f"qformer_input_ids has {qformer_input_ids.shape[0]} rows but pixel_values {pixel_values.shape[0]} "
