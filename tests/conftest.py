@@ -30,13 +30,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     CLIPImageProcessorPil,
-    CLIPVisionConfig,
     CLIPVisionModel,
     LlamaConfig,
     MistralConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
-    SiglipVisionConfig,
     T5Config,
     T5ForConditionalGeneration,
     TrainingArguments,
@@ -151,6 +149,23 @@ def tiny_text_config(kind: str = "llama", vocab_size: int = 300, **overrides) ->
     return {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[kind](**common)
 
 
+# Vision towers by config class and what a tiny one needs besides the common fields; the comment says which tokens
+# come before the patches in the tower's output (CROME's patch branch skips them).
+VISION_FAMILIES = {
+    "clip": ("CLIPVisionConfig", {}),  # CLS
+    "siglip": ("SiglipVisionConfig", {}),  # none
+    "blip": ("BlipVisionConfig", {}),  # CLS
+    "instructblip": ("InstructBlipVisionConfig", {}),  # CLS
+    "metaclip2": ("MetaClip2VisionConfig", {}),  # CLS
+    "vit": ("ViTConfig", {}),  # CLS
+    "dinov2": ("Dinov2Config", {}),  # CLS
+    "dinov2_registers": ("Dinov2WithRegistersConfig", {"num_register_tokens": 4}),  # CLS, 4 registers
+    "aimv2": ("Aimv2VisionConfig", {}),  # none
+    "ijepa": ("IJepaConfig", {}),  # none
+    "deit": ("DeiTConfig", {}),  # CLS, distillation token
+}
+
+
 def tiny_vision_config(kind: str = "clip", **overrides):
     common = dict(
         hidden_size=32,
@@ -166,7 +181,8 @@ def tiny_vision_config(kind: str = "clip", **overrides):
 
         del common["image_size"]
         return Siglip2VisionConfig(num_patches=16, **common)
-    return CLIPVisionConfig(**common) if kind == "clip" else SiglipVisionConfig(**common)
+    class_name, extra = VISION_FAMILIES[kind]
+    return getattr(transformers, class_name)(**{**extra, **common})
 
 
 def tiny_qformer_config(vocab_size: int = 302, encoder_hidden_size: int = 32):

@@ -11,10 +11,12 @@ import warnings
 import pytest
 import torch
 from conftest import (
+    VISION_FAMILIES,
     dropout_off,
     make_tokenizer,
     tiny_qformer_config,
     tiny_text_config,
+    tiny_vision_config,
 )
 from transformers import (
     AutoModelForCausalLM,
@@ -639,41 +641,9 @@ def test_decoder_only_refuses_encoder_decoder_options(backbones, option):
     assert calls == []
 
 
-def vit_family_config(kind: str):
-    import transformers
-
-    common = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-    )
-    if kind == "dinov2_registers":  # CLS, then 4 register tokens, then the patches
-        return transformers.Dinov2WithRegistersConfig(num_register_tokens=4, **common)
-    if kind == "aimv2":  # no CLS token: the patches alone
-        return transformers.Aimv2VisionConfig(**common)
-    if kind == "siglip":  # no CLS token
-        return transformers.SiglipVisionConfig(**common)
-    if kind == "clip":  # CLS, then the patches
-        return transformers.CLIPVisionConfig(**common)
-    if kind == "blip":  # CLS, then the patches (InstructBLIP's tower is a BLIP one)
-        return transformers.BlipVisionConfig(**common)
-    if kind == "metaclip2":  # CLS, then the patches
-        return transformers.MetaClip2VisionConfig(**common)
-    if kind == "vit":  # CLS, then the patches
-        return transformers.ViTConfig(**common)
-    if kind == "ijepa":  # no CLS token either
-        return transformers.IJepaConfig(**common)
-    if kind == "deit":  # CLS and a distillation token, then the patches
-        return transformers.DeiTConfig(**common)
-    return transformers.Dinov2Config(**common)  # CLS, then the patches
-
-
 @pytest.mark.parametrize(
     "kind",
-    ["clip", "siglip", "blip", "metaclip2", "vit", "dinov2", "dinov2_registers", "aimv2", "ijepa", "deit"],
+    sorted(set(VISION_FAMILIES) - {"instructblip"}),  # InstructBLIP's tower: the InstructBLIP tests below
 )
 def test_patch_branch_reads_the_patches_of_towers_with_and_without_cls_and_registers(kind):
     """The patch branch takes the tower's patch tokens, after its CLS and register tokens. Before: DINOv2 with
@@ -682,7 +652,7 @@ def test_patch_branch_reads_the_patches_of_towers_with_and_without_cls_and_regis
     torch.manual_seed(0)
     model = CromeForConditionalGeneration.from_backbones(
         tiny_text_config(),
-        vit_family_config(kind),
+        tiny_vision_config(kind),
         qformer=tiny_qformer_config(vocab_size=300),
         num_query_tokens=4,
     ).eval()
@@ -712,7 +682,7 @@ def test_images_of_another_size_than_the_towers_config_are_named():
     silently took the first tokens."""
     model = CromeForConditionalGeneration.from_backbones(
         tiny_text_config(),
-        vit_family_config("dinov2"),
+        tiny_vision_config("dinov2"),
         qformer=tiny_qformer_config(vocab_size=300),
         num_query_tokens=4,
     )
@@ -727,14 +697,7 @@ def test_images_of_another_size_than_the_towers_config_are_named():
 def instructblip_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("instructblip")
     tokenizer = make_tokenizer()
-    vision = InstructBlipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-    )
+    vision = tiny_vision_config("instructblip", num_hidden_layers=3)
     config = InstructBlipConfig(
         vision_config=vision.to_dict(),
         qformer_config=tiny_qformer(vocab_size=len(tokenizer)).to_dict(),
