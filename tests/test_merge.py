@@ -291,3 +291,21 @@ def test_a_quantised_full_checkpoint_merges_as_its_adapter_only_checkpoint_does(
             for kind in ("lite", "full")
         }
     torch.testing.assert_close(logits["full"], logits["lite"], atol=1e-5, rtol=0)
+
+
+def test_merge_of_a_crome_checkpoint_says_there_is_nothing_to_fold(tiny_backbones, tmp_path, capsys):
+    """CROME's trained modules sit in front of the LLM: `merge` refuses it by saying so (it used to point at the
+    Auto classes, which load it but do not merge it), and writes nothing."""
+    from conftest import tiny_qformer_config
+
+    from mmadapters import CromeForConditionalGeneration
+
+    model = CromeForConditionalGeneration.from_backbones(
+        *tiny_backbones, qformer=tiny_qformer_config(vocab_size=302), num_query_tokens=4
+    )
+    model.save_pretrained(tmp_path / "crome")
+    assert main(["merge", str(tmp_path / "crome"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "CROME checkpoint" in err and "in front of the LLM" in err and "nothing to fold" in err
+    assert "mmadapters push" in err
+    assert not os.path.exists(tmp_path / "out")

@@ -34,6 +34,7 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel
 
 from ..atomic import atomic_directory, check_output_folder
+from ..checkpoint_files import CheckpointKindError
 from ..errors import MMAdaptersError
 from ..modeling.adapters.injection import find_decoder_layers
 from ..modeling.embedded import resolve_backbone_name
@@ -193,9 +194,19 @@ def merge_checkpoint(
     The tokenizer's chat template puts LaVIN's "Image: N/A" line in front of text-only conversations, as the
     adapters were trained with it."""
     check_output_folder(output_dir, (checkpoint, *(m for m in (text_model, vision_model) if m)), overwrite)
-    model = LavinForConditionalGeneration.from_pretrained(
-        checkpoint, text_model=text_model, vision_model=vision_model
-    )
+    try:
+        model = LavinForConditionalGeneration.from_pretrained(
+            checkpoint, text_model=text_model, vision_model=vision_model
+        )
+    except CheckpointKindError as error:
+        if error.found != "crome":
+            raise
+        raise MergeError(
+            f"'{os.fspath(checkpoint)}' is a CROME checkpoint: its Q-Former, projection and adapter sit in front of "
+            "the LLM, so there is nothing to fold into it (merge folds LaVIN's adapters, which sit inside the LLM; "
+            "a LoRA on a CROME's LLM saves and loads with the checkpoint). Share the adapter-only checkpoint as it "
+            "is: mmadapters push."
+        ) from error
     text_backbone = text_model or model.config.text_backbone["name_or_path"]
     text_revision = None if text_model else model.config.text_backbone.get("revision")
     language_model = merge_lavin_adapters(model, modality)
