@@ -163,6 +163,11 @@ VISION_FAMILIES = {
     "aimv2": ("Aimv2VisionConfig", {}),  # none
     "ijepa": ("IJepaConfig", {}),  # none
     "deit": ("DeiTConfig", {}),  # CLS, distillation token
+    # SigLIP-based towers of other model types: none
+    "idefics3": ("Idefics3VisionConfig", {}),
+    "smolvlm": ("SmolVLMVisionConfig", {}),
+    "phi4_multimodal": ("Phi4MultimodalVisionConfig", {}),
+    "janus": ("JanusVisionConfig", {}),
 }
 
 

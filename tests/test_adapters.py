@@ -8,7 +8,7 @@ from conftest import MORE_LLM_FAMILIES, tiny_text_config, tiny_vision_config
 from torch import nn
 from transformers import AutoModelForCausalLM, CLIPVisionConfig, LlamaConfig
 
-from mmadapters import LavinForConditionalGeneration, MMAdapterConfig
+from mmadapters import LavinConfig, LavinForConditionalGeneration, MMAdapterConfig
 from mmadapters.modeling.adapters import GroupedLinear, MMAdapter
 from mmadapters.modeling.paper_configs import llama_7b_config, llama_13b_config, vit_l14_config
 
@@ -225,6 +225,52 @@ def test_more_llm_families_take_attention_site_adapters(kind, randomize_adapters
                 tiny_vision_config(),
                 adapter_config=MMAdapterConfig(placement="attn_mlp"),
             )
+
+
+# Towers whose output has no CLS token before the patches (see mmadapters.modeling.vision_layout).
+TOWERS_WITHOUT_CLS = ["siglip", "idefics3", "smolvlm", "phi4_multimodal", "janus"]
+
+
+@pytest.mark.parametrize("kind", ["clip", "blip", "metaclip2", *TOWERS_WITHOUT_CLS])
+def test_lavin_reads_the_cls_token_or_the_mean_where_a_tower_has_none(kind):
+    """The visual features are each feature layer's CLS token, or the mean of its tokens where the tower has no
+    CLS token. Before: SigLIP-based towers of other model types (Idefics3 / SmolVLM, Phi-4-multimodal, Janus) were
+    read at their first token, which is a patch, and their vision adapters routed by it."""
+    torch.manual_seed(0)
+    model = LavinForConditionalGeneration.from_backbones(tiny_text_config(), tiny_vision_config(kind)).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        features = model.pooled_vision_features(pixels)
+        hidden = model.vision_tower(pixel_values=pixels, output_hidden_states=True).hidden_states
+    layers = model.config.vision_feature_layers
+    if kind in TOWERS_WITHOUT_CLS:
+        assert model.config.vision_feature_pooling == "mean"
+        assert model.vision_adapters[0].router_token == "mean"
+        expected = torch.stack([hidden[layer].mean(dim=1) for layer in layers], dim=1)
+    else:
+        assert model.config.vision_feature_pooling == "cls"
+        expected = torch.stack([hidden[layer][:, 0] for layer in layers], dim=1)
+    torch.testing.assert_close(features, expected)
+
+
+def test_cls_pooling_on_a_tower_without_cls_token_is_refused(monkeypatch):
+    """Asked for by name, refused when the config is built; on a tower the layout table does not know, at the first
+    image, before anything is read from a patch."""
+    with pytest.raises(ValueError, match="has no CLS token.*vision_feature_pooling='mean'"):
+        LavinConfig(
+            text_config=tiny_text_config(),
+            vision_config=tiny_vision_config("siglip"),
+            vision_feature_pooling="cls",
+        )
+    from mmadapters.modeling import vision_layout
+
+    monkeypatch.delitem(vision_layout.TOKENS_BEFORE_PATCHES, "idefics3_vision")
+    model = LavinForConditionalGeneration.from_backbones(tiny_text_config(), tiny_vision_config("idefics3"))
+    assert model.config.vision_feature_pooling == "cls"
+    with pytest.raises(
+        ValueError, match="16 tokens for 16 patches.*no CLS token.*vision_feature_pooling='mean'"
+    ):
+        model.image_tokens(torch.randn(1, 3, 32, 32))
 
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])

@@ -10,13 +10,9 @@ from transformers.configuration_utils import SubConfigSpec
 
 from ..adapters import CromeAdapterConfig
 from ..frozen_backbones_config import FrozenBackbonesConfig
+from ..vision_layout import tokens_before_patches
 
 STAGES = ("pretrain", "instruct", "finetune")
-
-
-# Tokens before the patches in a vision tower's output, by model type, where it is not one CLS token (SigLIP towers,
-# of any model type with "siglip" in it, have none; register tokens are counted from the config).
-PREFIX_TOKENS = {"aimv2_vision_model": 0, "ijepa": 0, "deit": 2}
 
 
 @strict
@@ -87,11 +83,10 @@ class CromeConfig(FrozenBackbonesConfig):
     @property
     def num_prefix_tokens(self) -> int:
         """Tokens the vision tower puts before its patches: the CLS token (CLIP, BLIP / InstructBLIP, ViT, DINOv2),
-        DeiT's distillation token and register tokens (DINOv2 with registers); SigLIP, AIMv2 and I-JEPA towers have
-        none. A tower of another layout is refused by the count check in `get_image_features`."""
-        model_type = self.vision_config.model_type
-        before = 0 if "siglip" in model_type else PREFIX_TOKENS.get(model_type, 1)
-        return before + int(getattr(self.vision_config, "num_register_tokens", 0) or 0)
+        DeiT's distillation token and register tokens (DINOv2 with registers); SigLIP and the towers built on it,
+        AIMv2 and I-JEPA have none (see `vision_layout`). A tower of another layout is refused by the count check
+        in `get_image_features`."""
+        return tokens_before_patches(self.vision_config)
 
     @property
     def num_patches(self) -> int:

@@ -11,6 +11,7 @@ from transformers.configuration_utils import SubConfigSpec
 from ..adapters import MMAdapterConfig
 from ..frozen_backbones_config import FrozenBackbonesConfig
 from ..paper_configs import VIT_L14
+from ..vision_layout import has_cls_token
 
 
 def default_vision_feature_layers(num_vision_layers: int) -> list[int]:
@@ -34,7 +35,7 @@ class LavinConfig(FrozenBackbonesConfig):
             every 4th layer (4, 8, ..., 24 for ViT-L: 6 tokens). Taken before any post-layernorm.
         vision_feature_pooling: "cls" (the first token; CLIP) or "mean" (mean of all tokens; towers without a
             CLS token such as SigLIP). Also how vision adapters pick their router input. Default: "mean" for
-            SigLIP-like towers, else "cls".
+            towers without a CLS token (`vision_layout.has_cls_token`: SigLIP and the towers built on it), else "cls".
         vision_feature_whitening: whiten the visual features (per feature layer, with statistics fitted by
             `fit_feature_whitening` on unlabeled images) before the projector. Not in the paper; for vision
             towers with badly conditioned features, such as the embedded seeded random one. Default False.
@@ -74,10 +75,16 @@ class LavinConfig(FrozenBackbonesConfig):
                 "the vision tower (layer k = output of the k-th encoder layer)."
             )
         if self.vision_feature_pooling is None:
-            self.vision_feature_pooling = "mean" if "siglip" in self.vision_config.model_type else "cls"
+            self.vision_feature_pooling = "cls" if has_cls_token(self.vision_config) else "mean"
         if self.vision_feature_pooling not in ("cls", "mean"):
             raise ValueError(
                 f"vision_feature_pooling must be 'cls' or 'mean', got {self.vision_feature_pooling!r}."
+            )
+        if self.vision_feature_pooling == "cls" and not has_cls_token(self.vision_config):
+            raise ValueError(
+                f"vision_feature_pooling='cls' reads each image's CLS token, but the vision tower "
+                f"({self.vision_config.model_type}) has no CLS token: its first token is a patch. Use "
+                "vision_feature_pooling='mean' (the default for this tower)."
             )
         if self.projector_hidden_size < 1:
             raise ValueError(

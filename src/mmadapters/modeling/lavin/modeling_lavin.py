@@ -257,10 +257,26 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         outputs = self.vision_tower(pixel_values=pixel_values, output_hidden_states=True, **kwargs)
         hidden_states = outputs.hidden_states  # (embeddings, layer 1, ..., layer N)
         if self.config.vision_feature_pooling == "cls":
+            self.check_cls_token(hidden_states[0].shape[1], pixel_values)
             pooled = [hidden_states[layer][:, 0] for layer in self.config.vision_feature_layers]
         else:
             pooled = [hidden_states[layer].mean(dim=1) for layer in self.config.vision_feature_layers]
         return torch.stack(pooled, dim=1), outputs
+
+    def check_cls_token(self, num_tokens: int, pixel_values: torch.Tensor) -> None:
+        """Refuse "cls" pooling on a tower whose output has no token before the patches (a layout the table in
+        `vision_layout` does not know): its first token is a patch, which the features and the vision adapters'
+        routing would silently read. Counted from the pixels, so towers that interpolate to other sizes pass."""
+        patch_size = getattr(self.config.vision_config, "patch_size", None)
+        if is_compiling() or not isinstance(patch_size, int):
+            return
+        num_patches = (pixel_values.shape[-2] // patch_size) * (pixel_values.shape[-1] // patch_size)
+        if num_tokens <= num_patches:
+            raise ValueError(
+                f"vision_feature_pooling='cls' reads each image's first token, but the vision tower "
+                f"({self.config.vision_config.model_type}) returned {num_tokens} tokens for {num_patches} patches: it "
+                "has no CLS token, so the first is a patch. Build LaVIN with vision_feature_pooling='mean'."
+            )
 
     @torch.no_grad()
     def fit_feature_whitening(
