@@ -166,6 +166,7 @@ VISION_FAMILIES = {
     # SigLIP-based towers of other model types: none
     "idefics3": ("Idefics3VisionConfig", {}),
     "smolvlm": ("SmolVLMVisionConfig", {}),
+    "granite_docling": ("GraniteDoclingVisionConfig", {}),
     "phi4_multimodal": ("Phi4MultimodalVisionConfig", {}),
     "janus": ("JanusVisionConfig", {}),
 }

@@ -228,7 +228,7 @@ def test_more_llm_families_take_attention_site_adapters(kind, randomize_adapters
 
 
 # Towers whose output has no CLS token before the patches (see mmadapters.modeling.vision_layout).
-TOWERS_WITHOUT_CLS = ["siglip", "idefics3", "smolvlm", "phi4_multimodal", "janus"]
+TOWERS_WITHOUT_CLS = ["siglip", "idefics3", "smolvlm", "granite_docling", "phi4_multimodal", "janus"]
 
 
 @pytest.mark.parametrize("kind", ["clip", "blip", "metaclip2", *TOWERS_WITHOUT_CLS])

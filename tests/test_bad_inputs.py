@@ -464,3 +464,30 @@ def test_a_backbone_of_the_wrong_kind_is_refused_before_it_loads(kind, role, tmp
         backbones = (backbone, tiny_vision_config()) if role == "text" else (tiny_text_config(), backbone)
         with pytest.raises(ValueError, match=message):
             model_class.from_backbones(*backbones)
+
+
+@pytest.mark.parametrize("kind", ["lavin", "crome"])
+@pytest.mark.parametrize("model_type", ["minicpm_ocr_vision", "paddleocr_vl_vision"])
+def test_a_tower_that_needs_its_patch_grid_is_refused_when_built(kind, model_type):
+    """MiniCPM-o/V and PaddleOCR-VL towers declare `target_sizes` / `grid_thw` optional but need them (they read
+    packed variable-resolution patches). Before: built, then an AttributeError ("'NoneType' object has no attribute
+    'device'") or an unpacking error from inside transformers at the first image."""
+    from transformers import AutoConfig
+
+    from mmadapters import CromeForConditionalGeneration, LavinForConditionalGeneration
+
+    config = AutoConfig.for_model(
+        model_type,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+    )
+    from conftest import tiny_text_config
+
+    model_class = LavinForConditionalGeneration if kind == "lavin" else CromeForConditionalGeneration
+    needs = "target_sizes" if model_type == "minicpm_ocr_vision" else "grid_thw"
+    with pytest.raises(ValueError, match=f"needs {needs} besides pixel values.*fixed"):
+        model_class.from_backbones(tiny_text_config(), config)

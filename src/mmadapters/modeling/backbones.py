@@ -203,6 +203,18 @@ def _vision_class_for(config: PreTrainedConfig) -> type[PreTrainedModel]:
     return model_class
 
 
+# Inputs that describe the patch grid of variable-resolution images. Some towers declare them optional but cannot
+# run without them (MiniCPM-o/V's `target_sizes`, PaddleOCR-VL's `grid_thw`): named, they are needed.
+PATCH_GRID_INPUTS = (
+    "grid_thw",
+    "image_grid_thw",
+    "target_sizes",
+    "tgt_sizes",
+    "spatial_shapes",
+    "merge_sizes",
+)
+
+
 def check_fixed_size_vision_tower(model_class: type[nn.Module]) -> None:
     """Refuse, before any weight loads, a vision tower whose forward needs more than pixel values: SigLIP2's
     NaFlex towers take variable-resolution patch sequences with `pixel_attention_mask` and `spatial_shapes`, and
@@ -212,7 +224,7 @@ def check_fixed_size_vision_tower(model_class: type[nn.Module]) -> None:
         p.name
         for p in parameters
         if p.name not in ("self", "pixel_values")
-        and p.default is inspect.Parameter.empty
+        and (p.default is inspect.Parameter.empty or p.name in PATCH_GRID_INPUTS)
         and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     ]
     if required:

@@ -17,9 +17,10 @@ from transformers import PretrainedConfig
 TOKENS_BEFORE_PATCHES = {
     "aimv2_vision_model": 0,
     "ijepa": 0,
-    # SigLIP-based towers of other model types (Idefics3 / SmolVLM / Aria, Phi-4-multimodal, Janus)
+    # SigLIP-based towers of other model types (Idefics3 / SmolVLM / Aria, Granite Docling, Phi-4-multimodal, Janus)
     "idefics3_vision": 0,
     "smolvlm_vision": 0,
+    "granite_docling_vision": 0,
     "phi4_multimodal_vision": 0,
     "janus_vision_model": 0,
     "deit": 2,  # CLS and the distillation token
