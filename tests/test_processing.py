@@ -421,3 +421,30 @@ def test_official_preprocessing(tiny_backbones):
     torch.testing.assert_close(
         out["pixel_values"][0, :, 0, 0], torch.tensor(white, dtype=torch.float32), atol=1e-3, rtol=0
     )
+
+
+def test_a_tower_whose_image_processor_tiles_images_gets_one_resized_image(tiny_backbones, tmp_path):
+    """SmolVLM / Idefics3 towers ship an image processor that splits each image into tiles (5-D pixel values):
+    LaVIN feeds one fixed-size image per <image>, so the processor resizes to the tower's resolution with the
+    shipped processor's statistics. Before: the processor returned the tiles and the model refused its own
+    processor's output ("pixel_values must be (num_images, 3, height, width)")."""
+    from conftest import tiny_vision_config
+    from transformers import Idefics3ImageProcessorPil
+
+    from mmadapters import LavinForConditionalGeneration
+    from mmadapters.modeling.backbones import build_vision_backbone
+
+    tower = tmp_path / "tower"
+    build_vision_backbone(tiny_vision_config("idefics3")).save_pretrained(tower)
+    Idefics3ImageProcessorPil(
+        size={"longest_edge": 64},
+        max_image_size={"longest_edge": 32},
+        image_mean=[0.25] * 3,
+        image_std=[0.5] * 3,
+    ).save_pretrained(tower)
+    processor = LavinProcessor.from_backbones(tiny_backbones[0], str(tower))
+    white = processor(images=[rgb((70, 50), (255, 255, 255))], text="Image: <image>\nwhat?")
+    assert white["pixel_values"].shape == (1, 3, 32, 32)
+    torch.testing.assert_close(white["pixel_values"], torch.full((1, 3, 32, 32), 1.5))  # (1 - 0.25) / 0.5
+    model = LavinForConditionalGeneration.from_backbones(tiny_backbones[0], str(tower))
+    assert model(**white).logits.shape[:2] == white["input_ids"].shape

@@ -170,13 +170,37 @@ def image_processor_for(
     mean: list[float] = CLIP_MEAN,
     std: list[float] = CLIP_STD,
 ) -> Any:
-    """The vision backbone's own image processor when it ships one, else resize-only at its resolution."""
+    """The vision backbone's own image processor when it ships one that gives one image per image, else resize-only
+    at its resolution (with the shipped processor's statistics: an image processor that splits images into tiles,
+    as SmolVLM's / Idefics3's do, normalises as its tower was trained, but LaVIN feeds one fixed-size image)."""
     if not isinstance(vision_model, PreTrainedConfig):
         try:
-            return AutoImageProcessor.from_pretrained(vision_model)
+            shipped = AutoImageProcessor.from_pretrained(vision_model)
         except (OSError, ValueError):
-            vision_model = AutoConfig.from_pretrained(vision_model)
+            shipped = None
+        if shipped is not None and gives_one_image_per_image(shipped):
+            return shipped
+        if shipped is not None:
+            mean, std = (
+                getattr(shipped, "image_mean", None) or mean,
+                getattr(shipped, "image_std", None) or std,
+            )
+        vision_model = AutoConfig.from_pretrained(vision_model)
     return resize_only_image_processor(vision_config_of(vision_model).image_size, mean, std)
+
+
+def gives_one_image_per_image(image_processor: Any) -> bool:
+    """Whether `image_processor` turns one image into one (3, height, width) image, measured on a small blank one
+    (tiling processors return (1, tiles, 3, height, width))."""
+    try:
+        pixel_values = image_processor(images=[np.zeros((24, 40, 3), dtype=np.uint8)], return_tensors="pt")
+    except (
+        ValueError,
+        TypeError,
+    ):  # one that cannot take a plain RGB array cannot serve the processors either
+        return False
+    pixel_values = pixel_values["pixel_values"]
+    return pixel_values.dim() == 4 and tuple(pixel_values.shape[:2]) == (1, 3)
 
 
 def has_saved_processor(folder: str) -> bool:

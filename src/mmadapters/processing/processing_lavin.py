@@ -91,8 +91,9 @@ class LavinProcessor(AdapterProcessorMixin, ProcessorMixin):
     ) -> LavinProcessor:
         """The processor for a LaVIN built on these backbones (the same arguments as the model's).
 
-        The image processor is the vision backbone's own when it ships one, else CLIP-style settings at the
-        tower's resolution. `official_preprocessing=True` uses the official LaVIN settings instead (224x224
+        The image processor is the vision backbone's own when it ships one that gives one image per image, else
+        CLIP-style settings at the tower's resolution (with the shipped one's statistics where it tiles images, as
+        SmolVLM's does). `official_preprocessing=True` uses the official LaVIN settings instead (224x224
         bicubic, no crop, ImageNet statistics; the
         tower's own resolution for towers other than ViT-L/14 at 224), which converted official checkpoints need.
         """
