@@ -170,6 +170,8 @@ VISION_FAMILIES = {
     "phi4_multimodal": ("Phi4MultimodalVisionConfig", {}),
     "janus": ("JanusVisionConfig", {}),
 }
+# Only the towers this transformers release has (Granite Docling's is newer than the lowest pinned release).
+VISION_FAMILIES = {kind: entry for kind, entry in VISION_FAMILIES.items() if hasattr(transformers, entry[0])}
 
 
 def tiny_vision_config(kind: str = "clip", **overrides):

@@ -473,9 +473,12 @@ def test_a_tower_that_needs_its_patch_grid_is_refused_when_built(kind, model_typ
     packed variable-resolution patches). Before: built, then an AttributeError ("'NoneType' object has no attribute
     'device'") or an unpacking error from inside transformers at the first image."""
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     from mmadapters import CromeForConditionalGeneration, LavinForConditionalGeneration
 
+    if model_type not in CONFIG_MAPPING_NAMES:
+        pytest.skip(f"this transformers release has no {model_type}")
     config = AutoConfig.for_model(
         model_type,
         hidden_size=32,
