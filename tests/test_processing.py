@@ -448,3 +448,27 @@ def test_a_tower_whose_image_processor_tiles_images_gets_one_resized_image(tiny_
     torch.testing.assert_close(white["pixel_values"], torch.full((1, 3, 32, 32), 1.5))  # (1 - 0.25) / 0.5
     model = LavinForConditionalGeneration.from_backbones(tiny_backbones[0], str(tower))
     assert model(**white).logits.shape[:2] == white["input_ids"].shape
+
+
+def test_crome_normalises_images_with_the_towers_own_statistics(tiny_backbones, tmp_path):
+    """CROME resizes to the tower's resolution (its patch count fixes the placeholders) with the statistics of the
+    image processor the tower ships: SigLIP's 0.5 / 0.5 here. Before: always CLIP's, so a SigLIP or DINOv2 tower
+    saw images off the distribution it was trained on. A tower given as a config has no image processor: CLIP's."""
+    from conftest import tiny_vision_config
+    from transformers import SiglipImageProcessorPil
+
+    from mmadapters.modeling.backbones import build_vision_backbone
+
+    tower = tmp_path / "siglip"
+    build_vision_backbone(tiny_vision_config("siglip")).save_pretrained(tower)
+    SiglipImageProcessorPil(size={"height": 48, "width": 48}).save_pretrained(tower)
+    white = rgb((70, 50), (255, 255, 255))
+    processor = CromeProcessor.from_backbones(tiny_backbones[0], str(tower))
+    pixels = processor(images=[white], text="<image>\nwhat?")["pixel_values"]
+    torch.testing.assert_close(pixels, torch.ones(1, 3, 32, 32))  # (1 - 0.5) / 0.5, at the config's 32 pixels
+    from_config = CromeProcessor.from_backbones(tiny_backbones[0], tiny_vision_config("siglip"))
+    clip_white = (1.0 - torch.tensor([0.48145466, 0.4578275, 0.40821073])) / torch.tensor(
+        [0.26862954, 0.26130258, 0.27577711]
+    )
+    pixels = from_config(images=[white], text="<image>\nwhat?")["pixel_values"]
+    torch.testing.assert_close(pixels[0, :, 0, 0], clip_white, atol=1e-3, rtol=0)

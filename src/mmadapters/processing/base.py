@@ -173,20 +173,31 @@ def image_processor_for(
     """The vision backbone's own image processor when it ships one that gives one image per image, else resize-only
     at its resolution (with the shipped processor's statistics: an image processor that splits images into tiles,
     as SmolVLM's / Idefics3's do, normalises as its tower was trained, but LaVIN feeds one fixed-size image)."""
+    shipped = shipped_image_processor(vision_model)
+    if shipped is not None and gives_one_image_per_image(shipped):
+        return shipped
     if not isinstance(vision_model, PreTrainedConfig):
-        try:
-            shipped = AutoImageProcessor.from_pretrained(vision_model)
-        except (OSError, ValueError):
-            shipped = None
-        if shipped is not None and gives_one_image_per_image(shipped):
-            return shipped
-        if shipped is not None:
-            mean, std = (
-                getattr(shipped, "image_mean", None) or mean,
-                getattr(shipped, "image_std", None) or std,
-            )
         vision_model = AutoConfig.from_pretrained(vision_model)
+    mean, std = image_statistics(shipped, mean, std)
     return resize_only_image_processor(vision_config_of(vision_model).image_size, mean, std)
+
+
+def shipped_image_processor(vision_model: str | os.PathLike | PreTrainedConfig) -> Any | None:
+    """The image processor the vision backbone ships (None: none, or the backbone is given as a config)."""
+    if isinstance(vision_model, PreTrainedConfig):
+        return None
+    try:
+        return AutoImageProcessor.from_pretrained(vision_model)
+    except (OSError, ValueError):
+        return None
+
+
+def image_statistics(image_processor: Any | None, mean: list[float], std: list[float]) -> tuple[list, list]:
+    """The normalisation `image_processor` applies (the tower was trained with it), else `mean` / `std`."""
+    return (
+        getattr(image_processor, "image_mean", None) or mean,
+        getattr(image_processor, "image_std", None) or std,
+    )
 
 
 def gives_one_image_per_image(image_processor: Any) -> bool:

@@ -22,7 +22,9 @@ from .base import (
     AdapterProcessorMixin,
     CheckedInputs,
     build_chat_template,
+    image_statistics,
     resize_only_image_processor,
+    shipped_image_processor,
 )
 from .images import DEFAULT_MAX_IMAGE_PIXELS
 
@@ -31,7 +33,8 @@ class CromeProcessor(AdapterProcessorMixin, ProcessorMixin):
     """Turns images and text into CROME inputs.
 
     Args:
-        image_processor: resize to 224 (bicubic, no crop) with CLIP statistics by default.
+        image_processor: resize to the tower's resolution (bicubic, no crop) with the statistics of the image
+            processor the tower ships, else CLIP's (`from_backbones`).
         tokenizer: the LLM's tokenizer (`<image>` is added as a special token; the LLM is not resized).
         qformer_tokenizer: the Q-Former's tokenizer (InstructBLIP's BERT tokenizer, or the LLM's for a fresh
             Q-Former).
@@ -93,8 +96,11 @@ class CromeProcessor(AdapterProcessorMixin, ProcessorMixin):
         if num_image_tokens is None:
             num_image_tokens = 32 + (vision_config.image_size // vision_config.patch_size) ** 2
         text_config = AutoConfig.from_pretrained(text_model, revision=revision)
+        # Resized to the tower's resolution (its patch count fixes the placeholders), normalised as the tower was
+        # trained: with the statistics of the image processor it ships, else CLIP's (InstructBLIP's too).
+        mean, std = image_statistics(shipped_image_processor(vision_model), CLIP_MEAN, CLIP_STD)
         return cls(
-            image_processor=resize_only_image_processor(vision_config.image_size, CLIP_MEAN, CLIP_STD),
+            image_processor=resize_only_image_processor(vision_config.image_size, mean, std),
             tokenizer=tokenizer,
             qformer_tokenizer=qformer_tokenizer,
             num_image_tokens=num_image_tokens,
