@@ -494,3 +494,32 @@ def test_a_tower_that_needs_its_patch_grid_is_refused_when_built(kind, model_typ
     needs = "target_sizes" if model_type == "minicpm_ocr_vision" else "grid_thw"
     with pytest.raises(ValueError, match=f"needs {needs} besides pixel values.*fixed"):
         model_class.from_backbones(tiny_text_config(), config)
+
+
+@pytest.mark.parametrize("kind", ["lavin", "crome"])
+@pytest.mark.parametrize("role", ["text", "vision"])
+def test_a_backbone_checkpoint_that_lacks_the_towers_weights_is_refused(kind, role, tmp_path):
+    """A checkpoint whose weights do not fill the backbone: a full SmolVLM given as the vision tower (its tower's
+    weights sit under `model.vision_model.`), a bare LlamaModel without its LM head given as the LLM. Before:
+    transformers printed a load report and initialised what it did not find at random, and the frozen backbone
+    stayed random for good."""
+    from conftest import make_tokenizer, tiny_qformer_config, tiny_text_config, tiny_vision_config
+    from transformers import LlamaModel, SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    from mmadapters import CromeForConditionalGeneration, LavinForConditionalGeneration
+
+    text = tiny_text_config(tie_word_embeddings=False)
+    if role == "vision":
+        config = SmolVLMConfig(
+            vision_config=tiny_vision_config("smolvlm").to_dict(), text_config=text.to_dict(), scale_factor=2
+        )
+        SmolVLMForConditionalGeneration(config).save_pretrained(tmp_path / "backbone")
+        backbones, missing = (text, str(tmp_path / "backbone")), "embeddings.patch_embedding.weight"
+    else:
+        LlamaModel(text).save_pretrained(tmp_path / "backbone")
+        make_tokenizer().save_pretrained(tmp_path / "backbone")
+        backbones, missing = (str(tmp_path / "backbone"), tiny_vision_config()), "lm_head.weight"
+    model_class = LavinForConditionalGeneration if kind == "lavin" else CromeForConditionalGeneration
+    extra = {} if kind == "lavin" else {"qformer": tiny_qformer_config(), "num_query_tokens": 4}
+    with pytest.raises(ValueError, match=f"{role} backbone.*does not hold.*{re.escape(missing)}"):
+        model_class.from_backbones(*backbones, **extra)

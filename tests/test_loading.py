@@ -25,6 +25,7 @@ from conftest import (
 from transformers import AutoModelForCausalLM, CLIPVisionModel
 
 from mmadapters import (
+    BackboneWeightsMissingError,
     CromeForConditionalGeneration,
     LavinConfig,
     LavinForConditionalGeneration,
@@ -193,13 +194,19 @@ def test_output_loading_info_reports_the_backbones_loading_under_their_names_in_
         tmp_path / "adapters", output_loading_info=False
     ).config
 
-    weights = load_file(llm_folder / "model.safetensors")  # the LLM's folder loses its final norm
-    del weights["model.norm.weight"]
+    weights = load_file(llm_folder / "model.safetensors")  # the LLM's folder gains a tensor it does not use
+    weights["model.extra.weight"] = torch.zeros(2)
     save_file(weights, llm_folder / "model.safetensors", metadata={"format": "pt"})
     loaded, info = LavinForConditionalGeneration.from_pretrained(
         tmp_path / "adapters", output_loading_info=True, ignore_backbone_mismatch=True
     )
-    assert info == {**empty, "missing_keys": {"language_model.model.norm.weight"}}
+    assert info == {**empty, "unexpected_keys": {"language_model.model.extra.weight"}}
+    del weights["model.norm.weight"]  # and loses its final norm: refused, not reported (it would stay random)
+    save_file(weights, llm_folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(BackboneWeightsMissingError, match="model.norm.weight would be random"):
+        LavinForConditionalGeneration.from_pretrained(
+            tmp_path / "adapters", output_loading_info=True, ignore_backbone_mismatch=True
+        )
     with pytest.raises(LoadingOptionError, match="from_backbones does not take `output_loading_info`"):
         LavinForConditionalGeneration.from_backbones(*tiny_backbones, output_loading_info=True)
 

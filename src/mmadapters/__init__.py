@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Aut
 from .modeling.adapters import CromeAdapterConfig, MMAdapterConfig
 from .modeling.backbone_holders import BackboneInUseError
 from .modeling.backbone_watch import BackboneChangedError
-from .modeling.backbones import BackboneMismatchError
+from .modeling.backbones import BackboneMismatchError, BackboneWeightsMissingError
 from .modeling.crome import CromeConfig, CromeForConditionalGeneration
 from .modeling.embedded import embedded_backbones
 from .modeling.image_tokens import ImageTokenMismatchError
@@ -38,6 +38,7 @@ __all__ = [
     "BackboneChangedError",
     "BackboneInUseError",
     "BackboneMismatchError",
+    "BackboneWeightsMissingError",
     "CromeAdapterConfig",
     "CromeConfig",
     "CromeForConditionalGeneration",

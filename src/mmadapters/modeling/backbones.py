@@ -43,6 +43,10 @@ class BackboneNotFoundError(MMAdaptersError, OSError):
     """A backbone named by a checkpoint or by the caller cannot be found locally or on the Hub."""
 
 
+class BackboneWeightsMissingError(MMAdaptersError, ValueError):
+    """A backbone checkpoint does not hold every weight of the backbone built from its config."""
+
+
 @dataclass
 class BackboneReference:
     """Where a backbone came from and what its weights looked like: written into `config.json`.
@@ -107,15 +111,33 @@ def _from_weights(
     **extra: Any,
 ) -> PreTrainedModel:
     """`model_class.from_pretrained` of the `role` backbone with this call's options (and its loading info kept,
-    when asked for)."""
-    loaded = model_class.from_pretrained(
+    when asked for). A checkpoint that does not fill the backbone is refused (see `refuse_missing_weights`)."""
+    model, loading_info = model_class.from_pretrained(
         name,
         revision=revision,
         dtype=backbone_dtype(options.dtype[role]),
+        output_loading_info=True,
         **extra,
         **options.for_backbone(role, device_map),
     )
-    return options.loaded(role, loaded)
+    refuse_missing_weights(role, name, model_class, loading_info["missing_keys"])
+    options.keep_loading_info(role, loading_info)
+    return model
+
+
+def refuse_missing_weights(role: str, name: str, model_class: type, missing_keys: Any) -> None:
+    """Refuse a backbone whose checkpoint lacks some of its weights: transformers initialises those at random and
+    only reports it, and a frozen backbone would keep them random for good (a full vision-language checkpoint given
+    as the vision tower, whose tower sits under its own prefix; a bare decoder without its LM head as the LLM)."""
+    missing = sorted(missing_keys)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise BackboneWeightsMissingError(
+            f"The {role} backbone '{name}' does not hold every weight of {model_class.__name__}: {shown} would be "
+            "random (and stay so: backbones are frozen). Pass a checkpoint of that model itself: for the vision "
+            "tower of a full vision-language model, save the tower alone (e.g. `model.model.vision_model"
+            ".save_pretrained(dir)`) or load it yourself and pass the model; for an LLM, its causal LM with the LM head."
+        )
 
 
 def build_text_backbone(config: PreTrainedConfig) -> PreTrainedModel:

@@ -170,12 +170,10 @@ class BackboneLoadOptions:
         }
         return {name: value for name, value in asked.items() if value is not None}
 
-    def loaded(self, role: str, result: Any) -> Any:
-        """The model a backbone's `from_pretrained` returned, its loading info kept when it was asked for."""
-        if self.loading_info is None:
-            return result
-        model, self.loading_info[role] = result
-        return model
+    def keep_loading_info(self, role: str, loading_info: dict) -> None:
+        """Keep a backbone's loading info when `output_loading_info=True` asked for it."""
+        if self.loading_info is not None:
+            self.loading_info[role] = loading_info
 
     def composite_loading_info(self, prefixes: dict[str, str]) -> dict[str, Any]:
         """transformers' loading info of the whole model: each backbone's, under its name in the model
@@ -218,8 +216,6 @@ class BackboneLoadOptions:
         # fetches them from the Hub while loading): they replace the layers our adapters hook into.
         kwargs = {"use_kernels": False, **self.pass_through}
         kwargs.update(self.implementations(role))
-        if self.loading_info is not None:
-            kwargs["output_loading_info"] = True  # its answer goes through `loaded`
         if self.quantization[role] is not None:
             kwargs["quantization_config"] = self.quantization[role]
         if device_map is not None:
