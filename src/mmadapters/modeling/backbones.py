@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -196,11 +199,43 @@ def load_vision_backbone(
     key_mapping = (
         {r"^vision_model\.": ""} if full_config.model_type in ("instructblip", "blip-2", "blip") else None
     )
-    model = _from_weights(
-        _vision_class_for(config), "vision", name, revision, options, device_map, key_mapping=key_mapping
-    )
+    model_class = _vision_class_for(config)
+    with other_halves_unreported(model_class, full_config is not config):
+        model = _from_weights(
+            model_class, "vision", name, revision, options, device_map, key_mapping=key_mapping
+        )
     freeze(model)
     return model, _reference(name, revision, model)
+
+
+class _LoadReportOf(logging.Filter):
+    """Drops transformers' load report of one model class."""
+
+    def __init__(self, class_name: str) -> None:
+        super().__init__()
+        self.marker = f"{class_name} LOAD REPORT"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.marker not in record.getMessage()
+
+
+@contextmanager
+def other_halves_unreported(model_class: type, from_full_checkpoint: bool) -> Iterator[None]:
+    """While the vision half of a full checkpoint (CLIP, SigLIP, BLIP, InstructBLIP) loads, transformers' load report
+    of the tower's class is not logged: it lists the text half, the Q-Former, ... as UNEXPECTED, which is what
+    loading the vision half means (a screen of lines at every load of LaVIN's paper tower, a full CLIP). What the
+    report would say that matters, a weight the checkpoint lacks, is refused by `refuse_missing_weights`; the whole
+    report stays available with `output_loading_info=True`."""
+    if not from_full_checkpoint:
+        yield
+        return
+    report_logger = logging.getLogger("transformers.modeling_utils")  # where transformers logs it
+    drop = _LoadReportOf(model_class.__name__)
+    report_logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        report_logger.removeFilter(drop)
 
 
 def _vision_class_for(config: PreTrainedConfig) -> type[PreTrainedModel]:
