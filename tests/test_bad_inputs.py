@@ -523,3 +523,44 @@ def test_a_backbone_checkpoint_that_lacks_the_towers_weights_is_refused(kind, ro
     extra = {} if kind == "lavin" else {"qformer": tiny_qformer_config(), "num_query_tokens": 4}
     with pytest.raises(ValueError, match=f"{role} backbone.*does not hold.*{re.escape(missing)}"):
         model_class.from_backbones(*backbones, **extra)
+
+
+@pytest.mark.parametrize("kind", ["lavin", "crome"])
+@pytest.mark.parametrize("tower", ["clip", "siglip", "blip"])
+def test_images_of_another_size_than_a_fixed_size_tower_takes_are_named(kind, tower):
+    """Towers that only interpolate their position embeddings when asked (`interpolate_pos_encoding`) take images of
+    their config's size. Before: SigLIP and BLIP towers stopped inside torch ("The size of tensor a (64) must match
+    the size of tensor b (16)"). Asked to interpolate, LaVIN's features run; a tower that takes any size itself
+    (Idefics3's) is not refused."""
+    from conftest import tiny_qformer_config, tiny_text_config, tiny_vision_config
+
+    from mmadapters import CromeForConditionalGeneration, LavinForConditionalGeneration
+
+    if kind == "lavin":
+        model = LavinForConditionalGeneration.from_backbones(tiny_text_config(), tiny_vision_config(tower))
+        features = lambda pixels, **kw: model.get_image_features(pixels, **kw)  # noqa: E731
+    else:
+        model = CromeForConditionalGeneration.from_backbones(
+            tiny_text_config(),
+            tiny_vision_config(tower),
+            qformer=tiny_qformer_config(300),
+            num_query_tokens=4,
+        )
+        features = lambda pixels, **kw: model.get_image_features(pixels, torch.tensor([[1, 5]]), **kw)  # noqa: E731
+    message = "pixel_values hold 64x48 images, but the vision tower .* takes 32x32.*processor"
+    with pytest.raises(ValueError, match=message):
+        features(torch.randn(1, 3, 64, 48))
+    ids = torch.tensor([[1] + [model.config.image_token_id] * model.config.num_image_tokens + [5]])
+    with pytest.raises(ValueError, match=message):
+        model(input_ids=ids, pixel_values=torch.randn(1, 3, 64, 48))
+    if kind == "lavin" and tower == "siglip":
+        assert features(torch.randn(1, 3, 64, 48), interpolate_pos_encoding=True).pooler_output.shape == (
+            1,
+            2,
+            32,
+        )
+    if kind == "lavin" and tower == "clip":
+        idefics3 = LavinForConditionalGeneration.from_backbones(
+            tiny_text_config(), tiny_vision_config("idefics3")
+        )
+        assert idefics3.image_tokens(torch.randn(1, 3, 64, 48)).shape == (1, 2, 32)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import inspect
 import os
 from typing import Any, Self
 
@@ -652,9 +654,10 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         if pixel_values is not None:
             self.check_pixel_values(pixel_values)
 
-    def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
-        """Refuse images that are not (num_images, channels, height, width) floats with the tower's channel count
-        (`forward` and `get_image_features` check them before the tower runs). Skipped while torch.compile traces."""
+    def check_pixel_values(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> None:
+        """Refuse images that are not (num_images, channels, height, width) floats with the tower's channel count,
+        or not of the size a fixed-size tower takes (`forward` and `get_image_features` check them before the tower
+        runs). Skipped while torch.compile traces."""
         if is_compiling():
             return
         channels = getattr(self.config.vision_config, "num_channels", 3)
@@ -668,6 +671,27 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             raise ValueError(
                 f"pixel_values must be floating point (normalised by the processor), got {pixel_values.dtype}."
             )
+        size = getattr(self.config.vision_config, "image_size", None)
+        height, width = pixel_values.shape[-2:]
+        if (
+            self._tower_takes_its_config_size
+            and not interpolate_pos_encoding
+            and (height, width) != (size, size)
+        ):
+            raise ValueError(
+                f"pixel_values hold {height}x{width} images, but the vision tower "
+                f"({self.config.vision_config.model_type}) takes {size}x{size} (its config's image_size; it "
+                "interpolates its position embeddings only when asked). Build them with the model's processor, "
+                "which resizes to that size."
+            )
+
+    @functools.cached_property
+    def _tower_takes_its_config_size(self) -> bool:
+        """Whether the vision tower takes images of its config's size only: towers with an `interpolate_pos_encoding`
+        switch (CLIP, SigLIP, BLIP, ViT) do unless it is on; others take any size themselves (DINOv2, Idefics3)."""
+        size = getattr(self.config.vision_config, "image_size", None)
+        forward = inspect.signature(type(self.vision_tower).forward).parameters
+        return isinstance(size, int) and "interpolate_pos_encoding" in forward
 
     def check_labels(self, labels: torch.Tensor, batch: int, length: int | None) -> None:
         """Refuse `labels` that cannot be scored against the inputs, naming both shapes (torch's cross entropy would

@@ -293,7 +293,7 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
         vision-language models do: a `BaseModelOutputWithPooling` with the visual tokens as `pooler_output` and the
         vision tower's states (`output_hidden_states`, `output_attentions` reach the tower); a tuple with
         `return_dict=False` (default: `config.return_dict`)."""
-        self.check_pixel_values(pixel_values)
+        self.check_pixel_values(pixel_values, kwargs.get("interpolate_pos_encoding", False))
         self.check_qformer_inputs(pixel_values, qformer_input_ids, qformer_attention_mask)
         asked = kwargs.pop("output_hidden_states", None)
         asked = asked if asked is not None else self.config.vision_config.output_hidden_states

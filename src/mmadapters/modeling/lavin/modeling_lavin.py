@@ -251,7 +251,8 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         return self._pooled_vision_features(pixel_values)[0]
 
     def _pooled_vision_features(self, pixel_values: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, Any]:
-        self.check_pixel_values(pixel_values)  # every path to the tower (features, whitening fit) comes here
+        # every path to the tower (features, whitening fit) comes here
+        self.check_pixel_values(pixel_values, kwargs.get("interpolate_pos_encoding", False))
         kwargs.pop("output_hidden_states", None)  # always on: the features are read from the hidden states
         # The tower casts the pixels to its patch embedding's dtype itself (as transformers' LLaVA relies on).
         outputs = self.vision_tower(pixel_values=pixel_values, output_hidden_states=True, **kwargs)
