@@ -564,3 +564,25 @@ def test_images_of_another_size_than_a_fixed_size_tower_takes_are_named(kind, to
             tiny_text_config(), tiny_vision_config("idefics3")
         )
         assert idefics3.image_tokens(torch.randn(1, 3, 64, 48)).shape == (1, 2, 32)
+
+
+@pytest.mark.parametrize("kind", ["lavin", "crome"])
+@pytest.mark.parametrize("given", ["CLIPTextConfig", "BertConfig"])
+def test_a_text_encoder_given_as_the_vision_tower_is_refused_when_built(kind, given):
+    """A model that reads no pixels (CLIP's text half, BERT) given as the vision tower. Before: LaVIN and CROME were
+    built around CLIP's text encoder (CROME around BERT too) and stopped at the first image inside the tower."""
+    import transformers
+    from conftest import tiny_qformer_config, tiny_text_config
+
+    from mmadapters import CromeForConditionalGeneration, LavinForConditionalGeneration
+
+    config = getattr(transformers, given)(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2
+    )
+    model_class = LavinForConditionalGeneration if kind == "lavin" else CromeForConditionalGeneration
+    extra = {} if kind == "lavin" else {"qformer": tiny_qformer_config(), "num_query_tokens": 4}
+    with pytest.raises(ValueError, match="is not a vision tower: its forward takes no pixel_values"):
+        model_class.from_backbones(tiny_text_config(), config, **extra)
+    model = getattr(transformers, given.replace("Config", "Model"))(config)
+    with pytest.raises(ValueError, match="is not a vision tower: its forward takes no pixel_values"):
+        model_class.from_backbones(tiny_text_config(), model, **extra)

@@ -141,6 +141,30 @@ def test_full_checkpoint_round_trip(trained, tmp_path):
         torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "lost", ["language_model.model.layers.0.input_layernorm.weight", "vision_tower.post_layernorm.bias"]
+)
+def test_a_full_checkpoint_that_lost_a_backbone_weight_is_refused(trained, tmp_path, lost):
+    """A full checkpoint (model.safetensors) without one of its backbones' weights (a copy that was cut, a file
+    edited by hand). Before: transformers initialised it at random, only printing a load report, and the frozen
+    backbone stayed so. (A module of ours it lacks gets its initialisation, as in transformers: see
+    test_loading.py::test_missing_adapter_tensor_in_full_checkpoint_gets_its_initialisation.)"""
+    from safetensors.torch import load_file, save_file
+
+    from mmadapters.checkpoint_files import MissingWeightsError
+
+    model, _ = trained
+    model.save_pretrained(tmp_path, adapter_only=False)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights[lost]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    for output_loading_info in (False, True):
+        with pytest.raises(
+            MissingWeightsError, match=f"does not hold every weight.*{re.escape(lost)}.*random"
+        ):
+            LavinForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=output_loading_info)
+
+
 def test_config_built_model_saves_every_weight_and_reloads_identically(tmp_path, randomize_adapters):
     # Backbones built from config objects cannot be found again by name: save_pretrained writes every weight
     # (as any transformers model would) instead of refusing, and the reload is exact.

@@ -6,6 +6,7 @@ Importing the package registers the models with the transformers Auto classes, s
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
+from .checkpoint_files import MissingWeightsError
 from .modeling.adapters import CromeAdapterConfig, MMAdapterConfig
 from .modeling.backbone_holders import BackboneInUseError
 from .modeling.backbone_watch import BackboneChangedError
@@ -50,6 +51,7 @@ __all__ = [
     "LavinForConditionalGeneration",
     "LavinProcessor",
     "MMAdapterConfig",
+    "MissingWeightsError",
     "PeftOnTopError",
     "PromptTooLongError",
     "add_lora",

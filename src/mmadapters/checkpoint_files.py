@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from .errors import MMAdaptersError
 from .method_names import METHOD_NAMES
@@ -117,6 +117,27 @@ class CheckpointKindError(MMAdaptersError, ValueError):
         self.found = found
 
 
+class MissingWeightsError(MMAdaptersError, ValueError):
+    """A checkpoint does not hold every weight of the model it builds: transformers would initialise the rest at
+    random and only report it."""
+
+
+def refuse_missing_weights(
+    what: str,
+    model_class: type,
+    missing_keys: Iterable[str],
+    fix: str,
+    error_class: type[MissingWeightsError] = MissingWeightsError,
+) -> None:
+    """Refuse a load whose checkpoint (`what` names it) lacks some of `model_class`'s weights, naming the first few."""
+    missing = sorted(missing_keys)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise error_class(
+            f"{what} does not hold every weight of {model_class.__name__}: {shown} would be random. {fix}"
+        )
+
+
 def check_checkpoint_kind(name: str, config: dict | None, model_type: str) -> None:
     """Refuse a checkpoint whose config.json (`config`, None: none) is of another model type than `model_type`.
 
@@ -180,6 +201,8 @@ __all__ = [
     "FULL_WEIGHTS_NAMES",
     "adapter_weights_file",
     "incomplete_checkpoint_message",
+    "MissingWeightsError",
+    "refuse_missing_weights",
     "is_peft_adapter_folder",
     "not_our_checkpoint_message",
     "peft_base_model",

@@ -27,6 +27,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from ..checkpoint_files import MissingWeightsError, refuse_missing_weights
 from ..errors import MMAdaptersError
 from ..hub.names import looks_like_local_path
 from .backbone_holders import refuse_backbone_in_use
@@ -46,7 +47,7 @@ class BackboneNotFoundError(MMAdaptersError, OSError):
     """A backbone named by a checkpoint or by the caller cannot be found locally or on the Hub."""
 
 
-class BackboneWeightsMissingError(MMAdaptersError, ValueError):
+class BackboneWeightsMissingError(MissingWeightsError):
     """A backbone checkpoint does not hold every weight of the backbone built from its config."""
 
 
@@ -114,7 +115,7 @@ def _from_weights(
     **extra: Any,
 ) -> PreTrainedModel:
     """`model_class.from_pretrained` of the `role` backbone with this call's options (and its loading info kept,
-    when asked for). A checkpoint that does not fill the backbone is refused (see `refuse_missing_weights`)."""
+    when asked for). A checkpoint that does not fill the backbone is refused (`refuse_missing_backbone_weights`)."""
     model, loading_info = model_class.from_pretrained(
         name,
         revision=revision,
@@ -123,24 +124,25 @@ def _from_weights(
         **extra,
         **options.for_backbone(role, device_map),
     )
-    refuse_missing_weights(role, name, model_class, loading_info["missing_keys"])
+    refuse_missing_backbone_weights(role, name, model_class, loading_info["missing_keys"])
     options.keep_loading_info(role, loading_info)
     return model
 
 
-def refuse_missing_weights(role: str, name: str, model_class: type, missing_keys: Any) -> None:
+def refuse_missing_backbone_weights(role: str, name: str, model_class: type, missing_keys: Any) -> None:
     """Refuse a backbone whose checkpoint lacks some of its weights: transformers initialises those at random and
     only reports it, and a frozen backbone would keep them random for good (a full vision-language checkpoint given
     as the vision tower, whose tower sits under its own prefix; a bare decoder without its LM head as the LLM)."""
-    missing = sorted(missing_keys)
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise BackboneWeightsMissingError(
-            f"The {role} backbone '{name}' does not hold every weight of {model_class.__name__}: {shown} would be "
-            "random (and stay so: backbones are frozen). Pass a checkpoint of that model itself: for the vision "
-            "tower of a full vision-language model, save the tower alone (e.g. `model.model.vision_model"
-            ".save_pretrained(dir)`) or load it yourself and pass the model; for an LLM, its causal LM with the LM head."
-        )
+    refuse_missing_weights(
+        f"The {role} backbone '{name}'",
+        model_class,
+        missing_keys,
+        "Backbones are frozen, so they would stay so. Pass a checkpoint of that model itself: for the vision "
+        "tower of a full vision-language model, save the tower alone (e.g. "
+        "`model.model.vision_model.save_pretrained(dir)`) or load it yourself and pass the model; for an LLM, its "
+        "causal LM with the LM head.",
+        BackboneWeightsMissingError,
+    )
 
 
 def build_text_backbone(config: PreTrainedConfig) -> PreTrainedModel:
@@ -224,8 +226,8 @@ def other_halves_unreported(model_class: type, from_full_checkpoint: bool) -> It
     """While the vision half of a full checkpoint (CLIP, SigLIP, BLIP, InstructBLIP) loads, transformers' load report
     of the tower's class is not logged: it lists the text half, the Q-Former, ... as UNEXPECTED, which is what
     loading the vision half means (a screen of lines at every load of LaVIN's paper tower, a full CLIP). What the
-    report would say that matters, a weight the checkpoint lacks, is refused by `refuse_missing_weights`; the whole
-    report stays available with `output_loading_info=True`."""
+    report would say that matters, a weight the checkpoint lacks, is refused (`refuse_missing_backbone_weights`);
+    the whole report stays available with `output_loading_info=True`."""
     if not from_full_checkpoint:
         yield
         return
@@ -273,10 +275,17 @@ PATCH_GRID_INPUTS = (
 
 
 def check_fixed_size_vision_tower(model_class: type[nn.Module]) -> None:
-    """Refuse, before any weight loads, a vision tower whose forward needs more than pixel values: SigLIP2's
-    NaFlex towers take variable-resolution patch sequences with `pixel_attention_mask` and `spatial_shapes`, and
-    both models feed fixed-size images (the processors resize them) to a CLIP/SigLIP/BLIP-style tower."""
+    """Refuse, before any weight loads, a model that reads no pixels (a text encoder), and a vision tower whose
+    forward needs more than pixel values: SigLIP2's NaFlex towers take variable-resolution patch sequences with
+    `pixel_attention_mask` and `spatial_shapes`, and both models feed fixed-size images (the processors resize them)
+    to a CLIP/SigLIP/BLIP-style tower."""
     parameters = inspect.signature(model_class.forward).parameters.values()
+    if "pixel_values" not in {p.name for p in parameters}:
+        raise ValueError(
+            f"{model_class.__name__} is not a vision tower: its forward takes no pixel_values (a text encoder such as "
+            "CLIP's text half or BERT?). Pass a vision tower, e.g. openai/clip-vit-large-patch14 or a CLIP, SigLIP or "
+            "BLIP vision config."
+        )
     required = [
         p.name
         for p in parameters

@@ -40,6 +40,7 @@ from ..checkpoint_files import (
     is_peft_adapter_folder,
     not_our_checkpoint_message,
     peft_base_model,
+    refuse_missing_weights,
     replaced_by_adapter_save,
 )
 from ..hub.names import looks_like_local_path
@@ -1522,8 +1523,19 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
                 setattr(config, key, kwargs.pop(key))
         if changed:
             kwargs["config"] = config
-        loaded = super().from_pretrained(folder, *model_args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        # The loading info is always read (and returned when output_loading_info=True asks for it): a backbone weight
+        # the checkpoint lacks is refused, as transformers would initialise it at random and the frozen backbone would
+        # stay so. A module of ours it lacks gets its initialisation (the identity adapter), as in transformers.
+        asked_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(folder, *model_args, output_loading_info=True, **kwargs)
+        refuse_missing_weights(
+            f"The checkpoint '{folder}'",
+            cls,
+            [key for key in loading_info["missing_keys"] if key.split(".")[0] in BACKBONE_MODULES],
+            "Backbones are frozen, so they would stay so. It is incomplete or was edited (a copy that stopped, a "
+            "file changed by hand): save it again with save_pretrained(..., adapter_only=False), or copy it again.",
+        )
+        loaded = (model, loading_info) if asked_info else model
         if record is not None:
             model.config.backbone_quantization = record
             hand_quantization_to_backbones(model, record)
