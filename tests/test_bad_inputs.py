@@ -586,3 +586,15 @@ def test_a_text_encoder_given_as_the_vision_tower_is_refused_when_built(kind, gi
     model = getattr(transformers, given.replace("Config", "Model"))(config)
     with pytest.raises(ValueError, match="is not a vision tower: its forward takes no pixel_values"):
         model_class.from_backbones(tiny_text_config(), model, **extra)
+
+
+def test_a_model_without_a_language_modelling_head_given_as_the_llm_is_named_briefly():
+    """A vision tower's config given as the LLM. Before: transformers' "Unrecognized configuration class ... for this
+    kind of AutoModel", followed by every one of its hundreds of config classes."""
+    from conftest import tiny_vision_config
+
+    from mmadapters import LavinForConditionalGeneration
+
+    with pytest.raises(ValueError, match="CLIPVisionConfig is not the config of a language model") as raised:
+        LavinForConditionalGeneration.from_backbones(tiny_vision_config(), tiny_vision_config())
+    assert len(str(raised.value)) < 400

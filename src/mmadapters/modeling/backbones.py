@@ -26,6 +26,10 @@ from transformers import (
     PreTrainedConfig,
     PreTrainedModel,
 )
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING,
+    MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING,
+)
 
 from ..checkpoint_files import MissingWeightsError, refuse_missing_weights
 from ..errors import MMAdaptersError
@@ -160,7 +164,17 @@ def build_vision_backbone(config: PreTrainedConfig) -> PreTrainedModel:
 
 def _text_class_for(config: PreTrainedConfig) -> type:
     check_text_only_llm(config)
-    return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    seq2seq = getattr(config, "is_encoder_decoder", False)
+    auto_class = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    if type(config) not in (
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING if seq2seq else MODEL_FOR_CAUSAL_LM_MAPPING
+    ):
+        # transformers' own message lists every config class it knows (hundreds).
+        raise ValueError(
+            f"{type(config).__name__} is not the config of a language model: transformers has no {auto_class.__name__} "
+            "for it. Pass a causal LM (Llama, Mistral, Qwen, ...) or a T5-family LLM as the text backbone."
+        )
+    return auto_class
 
 
 def check_text_only_llm(config: PreTrainedConfig) -> None:
