@@ -172,7 +172,12 @@ def _text_class_for(config: PreTrainedConfig) -> type:
         # transformers' own message lists every config class it knows (hundreds).
         raise ValueError(
             f"{type(config).__name__} is not the config of a language model: transformers has no {auto_class.__name__} "
-            "for it. Pass a causal LM (Llama, Mistral, Qwen, ...) or a T5-family LLM as the text backbone."
+            "for it. Pass a causal LM (Llama, Mistral, Qwen, ...) or a T5-family LLM as the text backbone"
+            + (
+                " (a vision tower? the order is text_model, vision_model)."
+                if hasattr(config, "image_size")
+                else "."
+            )
         )
     return auto_class
 
@@ -297,8 +302,8 @@ def check_fixed_size_vision_tower(model_class: type[nn.Module]) -> None:
     if "pixel_values" not in {p.name for p in parameters}:
         raise ValueError(
             f"{model_class.__name__} is not a vision tower: its forward takes no pixel_values (a text encoder such as "
-            "CLIP's text half or BERT?). Pass a vision tower, e.g. openai/clip-vit-large-patch14 or a CLIP, SigLIP or "
-            "BLIP vision config."
+            "CLIP's text half or BERT, or the LLM? the order is text_model, vision_model). Pass a vision tower, e.g. "
+            "openai/clip-vit-large-patch14 or a CLIP, SigLIP or BLIP vision config."
         )
     required = [
         p.name
