@@ -472,3 +472,26 @@ def test_crome_normalises_images_with_the_towers_own_statistics(tiny_backbones, 
     )
     pixels = from_config(images=[white], text="<image>\nwhat?")["pixel_values"]
     torch.testing.assert_close(pixels[0, :, 0, 0], clip_white, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("processor_class", [LavinProcessor, CromeProcessor])
+def test_processor_backbones_in_the_other_order_or_without_a_tokenizer_are_named(
+    tiny_backbones, tmp_path, processor_class
+):
+    """Before: "Couldn't instantiate the backend tokenizer ... You need to have sentencepiece or tiktoken installed"
+    for backbones given in the other order, and for an LLM folder without its tokenizer."""
+    import shutil
+
+    llm, vision = tiny_backbones
+    with pytest.raises(
+        ValueError, match="not the config of a language model.*the order is text_model, vision_model"
+    ):
+        processor_class.from_backbones(vision, llm)
+    bare = tmp_path / "llm"
+    shutil.copytree(
+        llm, bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json", "chat_template*")
+    )
+    with pytest.raises(
+        ValueError, match=f"No tokenizer could be loaded from '{re.escape(str(bare))}'.*its tokenizer"
+    ):
+        processor_class.from_backbones(str(bare), vision)

@@ -99,12 +99,12 @@ def load_text_backbone(
         check_text_only_llm(spec.config)
         return adopt_backbone(spec, "text", options, revision)
     if isinstance(spec, PreTrainedConfig):
-        model = _text_class_for(spec).from_config(spec, **_from_config_kwargs("text", options))
+        model = text_model_class(spec).from_config(spec, **_from_config_kwargs("text", options))
         return _place(model, device_map, options), None
     name = resolve_backbone_name(os.fspath(spec))
     revision = resolve_hub_revision(name, revision, options.hub_kwargs())
     config = _backbone_config(name, revision, options, "text")
-    model = _from_weights(_text_class_for(config), "text", name, revision, options, device_map)
+    model = _from_weights(text_model_class(config), "text", name, revision, options, device_map)
     freeze(model)
     return model, _reference(name, revision, model)
 
@@ -152,7 +152,7 @@ def refuse_missing_backbone_weights(role: str, name: str, model_class: type, mis
 def build_text_backbone(config: PreTrainedConfig) -> PreTrainedModel:
     """An LLM with random weights from its config, in torch's current default dtype (transformers sets it while
     loading a full checkpoint with `dtype=`)."""
-    return _text_class_for(config).from_config(config, dtype=torch.get_default_dtype())
+    return text_model_class(config).from_config(config, dtype=torch.get_default_dtype())
 
 
 def build_vision_backbone(config: PreTrainedConfig) -> PreTrainedModel:
@@ -162,7 +162,8 @@ def build_vision_backbone(config: PreTrainedConfig) -> PreTrainedModel:
     )
 
 
-def _text_class_for(config: PreTrainedConfig) -> type:
+def text_model_class(config: PreTrainedConfig) -> type:
+    """The Auto class that loads this LLM (causal or seq2seq LM); a config of anything else is refused."""
     check_text_only_llm(config)
     seq2seq = getattr(config, "is_encoder_decoder", False)
     auto_class = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM

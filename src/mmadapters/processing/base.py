@@ -14,6 +14,7 @@ from transformers import (
     CONFIG_MAPPING,
     AutoConfig,
     AutoImageProcessor,
+    AutoTokenizer,
     BatchFeature,
     CLIPImageProcessorPil,
     GenerationConfig,
@@ -24,7 +25,13 @@ from ..atomic import atomic_directory
 from ..checkpoint_files import check_checkpoint_kind
 from ..errors import MMAdaptersError
 from ..hub.remote_code import processor_auto_map, write_loader
-from ..modeling.backbones import IMAGE_TOKEN, add_image_token, read_checkpoint_config, vision_config_of
+from ..modeling.backbones import (
+    IMAGE_TOKEN,
+    add_image_token,
+    read_checkpoint_config,
+    text_model_class,
+    vision_config_of,
+)
 from ..modeling.image_tokens import ImageTokenMismatchError, check_num_image_tokens
 from ..validation import check_positive_int
 from .images import load_image
@@ -180,6 +187,21 @@ def image_processor_for(
         vision_model = AutoConfig.from_pretrained(vision_model)
     mean, std = image_statistics(shipped, mean, std)
     return resize_only_image_processor(vision_config_of(vision_model).image_size, mean, std)
+
+
+def llm_tokenizer(text_model: str | os.PathLike, revision: str | None = None) -> Any:
+    """The LLM's tokenizer, from its folder or Hub repo; a text backbone that is no language model (backbones given
+    in the other order) and a folder without a tokenizer are named (transformers' message for both suggests
+    installing sentencepiece)."""
+    text_model_class(AutoConfig.from_pretrained(text_model, revision=revision))
+    try:
+        return AutoTokenizer.from_pretrained(text_model, revision=revision)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0]
+        raise ValueError(
+            f"No tokenizer could be loaded from '{text_model}': the LLM's folder or Hub repo must hold its tokenizer "
+            f"(tokenizer.json / tokenizer_config.json). transformers said: {reason}"
+        ) from error
 
 
 def shipped_image_processor(vision_model: str | os.PathLike | PreTrainedConfig) -> Any | None:

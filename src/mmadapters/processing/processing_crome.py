@@ -23,6 +23,7 @@ from .base import (
     CheckedInputs,
     build_chat_template,
     image_statistics,
+    llm_tokenizer,
     resize_only_image_processor,
     shipped_image_processor,
 )
@@ -82,9 +83,9 @@ class CromeProcessor(AdapterProcessorMixin, ProcessorMixin):
         vision_model = resolve_backbone_name(vision_model) if isinstance(vision_model, str) else vision_model
         if isinstance(text_model, PreTrainedConfig):
             raise ValueError("CromeProcessor needs a tokenizer: pass the LLM as a Hub id or a local folder.")
-        tokenizer = AutoTokenizer.from_pretrained(text_model, revision=revision)
+        tokenizer = llm_tokenizer(text_model, revision)
         if qformer_tokenizer is None:
-            qformer_tokenizer = AutoTokenizer.from_pretrained(text_model, revision=revision)
+            qformer_tokenizer = llm_tokenizer(text_model, revision)
         elif isinstance(qformer_tokenizer, (str, os.PathLike)):
             qformer_tokenizer = AutoTokenizer.from_pretrained(qformer_tokenizer)
         vision_config = (

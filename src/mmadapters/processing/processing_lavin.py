@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig, ProcessorMixin
+from transformers import AutoConfig, PreTrainedConfig, ProcessorMixin
 
 from ..modeling.backbones import vision_config_of
 from ..modeling.embedded import resolve_backbone_name
@@ -32,6 +32,7 @@ from .base import (
     CheckedInputs,
     build_chat_template,
     image_processor_for,
+    llm_tokenizer,
     official_instruction_chat_template,
     resize_only_image_processor,
 )
@@ -101,7 +102,7 @@ class LavinProcessor(AdapterProcessorMixin, ProcessorMixin):
         vision_model = resolve_backbone_name(vision_model) if isinstance(vision_model, str) else vision_model
         if isinstance(text_model, PreTrainedConfig):
             raise ValueError("LavinProcessor needs a tokenizer: pass the LLM as a Hub id or a local folder.")
-        tokenizer = AutoTokenizer.from_pretrained(text_model, revision=revision)
+        tokenizer = llm_tokenizer(text_model, revision)
         vision_config = vision_config_of(
             vision_model
             if isinstance(vision_model, PreTrainedConfig)
