@@ -10,7 +10,7 @@ short table below); a tower of another layout is caught by a count check at its 
 
 from __future__ import annotations
 
-from transformers import PretrainedConfig
+from transformers import PreTrainedConfig
 
 # Tokens before the patches, by model type, where it is not one CLS token. Any model type with "siglip" in it has
 # none; register tokens are counted from the config (`num_register_tokens`).
@@ -27,13 +27,13 @@ TOKENS_BEFORE_PATCHES = {
 }
 
 
-def tokens_before_patches(vision_config: PretrainedConfig) -> int:
+def tokens_before_patches(vision_config: PreTrainedConfig) -> int:
     """How many tokens come before the patches in the output of a tower of this config."""
     model_type = vision_config.model_type
     before = 0 if "siglip" in model_type else TOKENS_BEFORE_PATCHES.get(model_type, 1)
     return before + int(getattr(vision_config, "num_register_tokens", 0) or 0)
 
 
-def has_cls_token(vision_config: PretrainedConfig) -> bool:
+def has_cls_token(vision_config: PreTrainedConfig) -> bool:
     """Whether a tower of this config puts a CLS token first (towers with registers put it before them)."""
     return tokens_before_patches(vision_config) > 0
