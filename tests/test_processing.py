@@ -472,6 +472,11 @@ def test_crome_normalises_images_with_the_towers_own_statistics(tiny_backbones, 
     )
     pixels = from_config(images=[white], text="<image>\nwhat?")["pixel_values"]
     torch.testing.assert_close(pixels[0, :, 0, 0], clip_white, atol=1e-3, rtol=0)
+    SiglipImageProcessorPil(do_normalize=False).save_pretrained(tower)  # a tower trained on pixels in [0, 1]
+    unnormalised = CromeProcessor.from_backbones(tiny_backbones[0], str(tower))
+    black = rgb((70, 50), (0, 0, 0))  # 0, where SigLIP's normalisation gives -1
+    pixels = unnormalised(images=[black], text="<image>")["pixel_values"]
+    torch.testing.assert_close(pixels, torch.zeros(1, 3, 32, 32))
 
 
 @pytest.mark.parametrize("processor_class", [LavinProcessor, CromeProcessor])

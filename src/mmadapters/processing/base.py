@@ -216,6 +216,8 @@ def shipped_image_processor(vision_model: str | os.PathLike | PreTrainedConfig) 
 
 def image_statistics(image_processor: Any | None, mean: list[float], std: list[float]) -> tuple[list, list]:
     """The normalisation `image_processor` applies (the tower was trained with it), else `mean` / `std`."""
+    if getattr(image_processor, "do_normalize", True) is False:  # pixels in [0, 1], as the tower was trained
+        return [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
     return (
         getattr(image_processor, "image_mean", None) or mean,
         getattr(image_processor, "image_std", None) or std,
