@@ -500,3 +500,29 @@ def test_processor_backbones_in_the_other_order_or_without_a_tokenizer_are_named
         ValueError, match=f"No tokenizer could be loaded from '{re.escape(str(bare))}'.*its tokenizer"
     ):
         processor_class.from_backbones(str(bare), vision)
+
+
+def test_a_shipped_image_processor_of_another_size_than_the_tower_is_replaced(tiny_backbones, tmp_path):
+    """A tower whose shipped image processor crops to another size than its config's image_size (a CLIP tower at 32
+    pixels with a 48-pixel processor here): LaVIN's processor resizes to the tower's size with the shipped statistics.
+    Before: it kept the shipped one, and every image was refused by the model (or, for a SigLIP tower, stopped
+    inside torch)."""
+    import shutil
+
+    from transformers import CLIPImageProcessorPil
+
+    from mmadapters import LavinForConditionalGeneration
+
+    tower = tmp_path / "tower"
+    shutil.copytree(tiny_backbones[1], tower)
+    CLIPImageProcessorPil(
+        size={"shortest_edge": 48},
+        crop_size={"height": 48, "width": 48},
+        image_mean=[0.25] * 3,
+        image_std=[0.5] * 3,
+    ).save_pretrained(tower)
+    processor = LavinProcessor.from_backbones(tiny_backbones[0], str(tower))
+    white = processor(images=[rgb((70, 50), (255, 255, 255))], text="Image: <image>\nwhat?")
+    torch.testing.assert_close(white["pixel_values"], torch.full((1, 3, 32, 32), 1.5))
+    model = LavinForConditionalGeneration.from_backbones(tiny_backbones[0], str(tower))
+    assert model(**white).logits.shape[:2] == white["input_ids"].shape

@@ -177,16 +177,28 @@ def image_processor_for(
     mean: list[float] = CLIP_MEAN,
     std: list[float] = CLIP_STD,
 ) -> Any:
-    """The vision backbone's own image processor when it ships one that gives one image per image, else resize-only
-    at its resolution (with the shipped processor's statistics: an image processor that splits images into tiles,
-    as SmolVLM's / Idefics3's do, normalises as its tower was trained, but LaVIN feeds one fixed-size image)."""
+    """The vision backbone's own image processor when it ships one that gives one image of the tower's size per
+    image, else resize-only at the tower's resolution with the shipped processor's statistics (the tower was trained
+    with them): SmolVLM's / Idefics3's processors split images into tiles, and a processor may crop to another size
+    than the tower's config takes, but LaVIN feeds one image of that size."""
     shipped = shipped_image_processor(vision_model)
-    if shipped is not None and gives_one_image_per_image(shipped):
-        return shipped
     if not isinstance(vision_model, PreTrainedConfig):
         vision_model = AutoConfig.from_pretrained(vision_model)
+    size = vision_config_of(vision_model).image_size
+    if shipped is not None and output_shape_of(shipped) == (1, 3, size, size):
+        return shipped
     mean, std = image_statistics(shipped, mean, std)
-    return resize_only_image_processor(vision_config_of(vision_model).image_size, mean, std)
+    return resize_only_image_processor(size, mean, std)
+
+
+def output_shape_of(image_processor: Any) -> tuple[int, ...] | None:
+    """The shape of `image_processor`'s pixel values for one small blank image (None: it cannot take one), e.g.
+    (1, 3, 224, 224); tiling processors return (1, tiles, 3, height, width)."""
+    try:
+        pixel_values = image_processor(images=[np.zeros((24, 40, 3), dtype=np.uint8)], return_tensors="pt")
+    except (ValueError, TypeError):
+        return None  # one that cannot take a plain RGB array cannot serve the processors either
+    return tuple(pixel_values["pixel_values"].shape)
 
 
 def llm_tokenizer(text_model: str | os.PathLike, revision: str | None = None) -> Any:
@@ -222,20 +234,6 @@ def image_statistics(image_processor: Any | None, mean: list[float], std: list[f
         getattr(image_processor, "image_mean", None) or mean,
         getattr(image_processor, "image_std", None) or std,
     )
-
-
-def gives_one_image_per_image(image_processor: Any) -> bool:
-    """Whether `image_processor` turns one image into one (3, height, width) image, measured on a small blank one
-    (tiling processors return (1, tiles, 3, height, width))."""
-    try:
-        pixel_values = image_processor(images=[np.zeros((24, 40, 3), dtype=np.uint8)], return_tensors="pt")
-    except (
-        ValueError,
-        TypeError,
-    ):  # one that cannot take a plain RGB array cannot serve the processors either
-        return False
-    pixel_values = pixel_values["pixel_values"]
-    return pixel_values.dim() == 4 and tuple(pixel_values.shape[:2]) == (1, 3)
 
 
 def has_saved_processor(folder: str) -> bool:
