@@ -90,6 +90,35 @@ class FrozenBackbonesCommonTest:
             )
         return inputs_dict
 
+    def test_model_weights_reload_no_missing_tied_weights(self):
+        """Replaces transformers' test of the same name, which nukes every weight in model.safetensors and expects each
+        to be reported as missing. Ours: a full checkpoint without its backbones' weights is refused (frozen backbones
+        would stay random; MissingWeightsError names them), and one with the backbones but without our modules'
+        weights reports exactly those as missing, as transformers does (they get their initialisation)."""
+        import os
+        import tempfile
+
+        from safetensors.torch import load_file, save_file
+
+        from mmadapters import MissingWeightsError
+
+        for model_class in self.all_model_classes:
+            config, _ = self.model_tester.prepare_config_and_inputs_for_common()
+            model = model_class(config)
+            with tempfile.TemporaryDirectory() as tmp_dir:
+                model.save_pretrained(tmp_dir)
+                weights_file = os.path.join(tmp_dir, "model.safetensors")
+                weights = load_file(weights_file)
+                save_file({"tensor": torch.tensor([1, 2])}, weights_file, metadata={"format": "pt"})
+                with self.assertRaisesRegex(MissingWeightsError, "language_model\\..*would be random"):
+                    model_class.from_pretrained(tmp_dir, output_loading_info=True)
+                backbones = ("language_model.", "vision_tower.")
+                kept = {name: tensor for name, tensor in weights.items() if name.startswith(backbones)}
+                save_file(kept, weights_file, metadata={"format": "pt"})
+                reloaded, infos = model_class.from_pretrained(tmp_dir, output_loading_info=True)
+                ours = {name for name in reloaded.state_dict() if not name.startswith(backbones)}
+                self.assertEqual(set(infos["missing_keys"]), ours)
+
     # Not applicable, each with the reason (also listed in the README, "Conformance"):
 
     @unittest.skip("GenerationTesterMixin is not in the transformers sdist; generate is tested in tests/")
