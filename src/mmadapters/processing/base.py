@@ -30,7 +30,6 @@ from ..modeling.backbones import (
     add_image_token,
     read_checkpoint_config,
     text_model_class,
-    vision_config_of,
 )
 from ..modeling.image_tokens import ImageTokenMismatchError, check_num_image_tokens
 from ..validation import check_positive_int
@@ -174,17 +173,16 @@ def resize_only_image_processor(size: int, mean: list[float], std: list[float]) 
 
 def image_processor_for(
     vision_model: str | os.PathLike | PreTrainedConfig,
+    vision_config: PreTrainedConfig,
     mean: list[float] = CLIP_MEAN,
     std: list[float] = CLIP_STD,
 ) -> Any:
     """The vision backbone's own image processor when it ships one that gives one image of the tower's size per
     image, else resize-only at the tower's resolution with the shipped processor's statistics (the tower was trained
     with them): SmolVLM's / Idefics3's processors split images into tiles, and a processor may crop to another size
-    than the tower's config takes, but LaVIN feeds one image of that size."""
+    than the tower's config takes, but LaVIN feeds one image of that size. `vision_config`: the tower's config."""
     shipped = shipped_image_processor(vision_model)
-    if not isinstance(vision_model, PreTrainedConfig):
-        vision_model = AutoConfig.from_pretrained(vision_model)
-    size = vision_config_of(vision_model).image_size
+    size = vision_config.image_size
     if shipped is not None and output_shape_of(shipped) == (1, 3, size, size):
         return shipped
     mean, std = image_statistics(shipped, mean, std)
@@ -201,11 +199,13 @@ def output_shape_of(image_processor: Any) -> tuple[int, ...] | None:
     return tuple(pixel_values["pixel_values"].shape)
 
 
-def llm_tokenizer(text_model: str | os.PathLike, revision: str | None = None) -> Any:
-    """The LLM's tokenizer, from its folder or Hub repo; a text backbone that is no language model (backbones given
-    in the other order) and a folder without a tokenizer are named (transformers' message for both suggests
-    installing sentencepiece)."""
-    text_model_class(AutoConfig.from_pretrained(text_model, revision=revision))
+def llm_tokenizer(
+    text_model: str | os.PathLike, text_config: PreTrainedConfig, revision: str | None = None
+) -> Any:
+    """The LLM's tokenizer, from its folder or Hub repo (`text_config`: its config); a text backbone that is no
+    language model (backbones given in the other order) and a folder without a tokenizer are named (transformers'
+    message for both suggests installing sentencepiece)."""
+    text_model_class(text_config)
     try:
         return AutoTokenizer.from_pretrained(text_model, revision=revision)
     except (OSError, ValueError) as error:

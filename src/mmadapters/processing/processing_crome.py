@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig, ProcessorMixin
 
-from ..modeling.backbones import IMAGE_TOKEN
+from ..modeling.backbones import IMAGE_TOKEN, vision_config_of
 from ..modeling.embedded import resolve_backbone_name
 from ..validation import check_bool, check_positive_int
 from .base import (
@@ -83,20 +83,19 @@ class CromeProcessor(AdapterProcessorMixin, ProcessorMixin):
         vision_model = resolve_backbone_name(vision_model) if isinstance(vision_model, str) else vision_model
         if isinstance(text_model, PreTrainedConfig):
             raise ValueError("CromeProcessor needs a tokenizer: pass the LLM as a Hub id or a local folder.")
-        tokenizer = llm_tokenizer(text_model, revision)
+        text_config = AutoConfig.from_pretrained(text_model, revision=revision)
+        tokenizer = llm_tokenizer(text_model, text_config, revision)
         if qformer_tokenizer is None:
-            qformer_tokenizer = llm_tokenizer(text_model, revision)
+            qformer_tokenizer = llm_tokenizer(text_model, text_config, revision)
         elif isinstance(qformer_tokenizer, (str, os.PathLike)):
             qformer_tokenizer = AutoTokenizer.from_pretrained(qformer_tokenizer)
-        vision_config = (
+        vision_config = vision_config_of(
             vision_model
             if isinstance(vision_model, PreTrainedConfig)
             else AutoConfig.from_pretrained(vision_model)
         )
-        vision_config = getattr(vision_config, "vision_config", None) or vision_config
         if num_image_tokens is None:
             num_image_tokens = 32 + (vision_config.image_size // vision_config.patch_size) ** 2
-        text_config = AutoConfig.from_pretrained(text_model, revision=revision)
         # Resized to the tower's resolution (its patch count fixes the placeholders), normalised as the tower was
         # trained: with the statistics of the image processor it ships, else CLIP's (InstructBLIP's too).
         mean, std = image_statistics(shipped_image_processor(vision_model), CLIP_MEAN, CLIP_STD)

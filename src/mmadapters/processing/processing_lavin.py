@@ -102,7 +102,9 @@ class LavinProcessor(AdapterProcessorMixin, ProcessorMixin):
         vision_model = resolve_backbone_name(vision_model) if isinstance(vision_model, str) else vision_model
         if isinstance(text_model, PreTrainedConfig):
             raise ValueError("LavinProcessor needs a tokenizer: pass the LLM as a Hub id or a local folder.")
-        tokenizer = llm_tokenizer(text_model, revision)
+        tokenizer = llm_tokenizer(
+            text_model, AutoConfig.from_pretrained(text_model, revision=revision), revision
+        )
         vision_config = vision_config_of(
             vision_model
             if isinstance(vision_model, PreTrainedConfig)
@@ -114,7 +116,7 @@ class LavinProcessor(AdapterProcessorMixin, ProcessorMixin):
                 vision_config.image_size, IMAGENET_MEAN, IMAGENET_STD
             )
         else:
-            image_processor = image_processor_for(vision_model)
+            image_processor = image_processor_for(vision_model, vision_config)
         if num_image_tokens is None:
             num_image_tokens = len(default_vision_feature_layers(vision_config.num_hidden_layers))
         return cls(
