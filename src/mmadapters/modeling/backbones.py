@@ -12,7 +12,7 @@ import hashlib
 import inspect
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -133,7 +133,9 @@ def _from_weights(
     return model
 
 
-def refuse_missing_backbone_weights(role: str, name: str, model_class: type, missing_keys: Any) -> None:
+def refuse_missing_backbone_weights(
+    role: str, name: str, model_class: type, missing_keys: Iterable[str]
+) -> None:
     """Refuse a backbone whose checkpoint lacks some of its weights: transformers initialises those at random and
     only reports it, and a frozen backbone would keep them random for good (a full vision-language checkpoint given
     as the vision tower, whose tower sits under its own prefix; a bare decoder without its LM head as the LLM)."""

@@ -672,13 +672,9 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             raise ValueError(
                 f"pixel_values must be floating point (normalised by the processor), got {pixel_values.dtype}."
             )
-        size = getattr(self.config.vision_config, "image_size", None)
+        size = self._fixed_image_size
         height, width = pixel_values.shape[-2:]
-        if (
-            self._tower_takes_its_config_size
-            and not interpolate_pos_encoding
-            and (height, width) != (size, size)
-        ):
+        if size is not None and not interpolate_pos_encoding and (height, width) != (size, size):
             raise ValueError(
                 f"pixel_values hold {height}x{width} images, but the vision tower "
                 f"({self.config.vision_config.model_type}) takes {size}x{size} (its config's image_size; it "
@@ -687,12 +683,13 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             )
 
     @functools.cached_property
-    def _tower_takes_its_config_size(self) -> bool:
-        """Whether the vision tower takes images of its config's size only: towers with an `interpolate_pos_encoding`
-        switch (CLIP, SigLIP, BLIP, ViT) do unless it is on; others take any size themselves (DINOv2, Idefics3)."""
+    def _fixed_image_size(self) -> int | None:
+        """The image size the vision tower takes, None where it takes any: towers with an `interpolate_pos_encoding`
+        switch (CLIP, SigLIP, BLIP, ViT) take their config's size unless it is on; others take any size themselves
+        (DINOv2, Idefics3)."""
         size = getattr(self.config.vision_config, "image_size", None)
         forward = inspect.signature(type(self.vision_tower).forward).parameters
-        return isinstance(size, int) and "interpolate_pos_encoding" in forward
+        return size if isinstance(size, int) and "interpolate_pos_encoding" in forward else None
 
     def check_labels(self, labels: torch.Tensor, batch: int, length: int | None) -> None:
         """Refuse `labels` that cannot be scored against the inputs, naming both shapes (torch's cross entropy would
