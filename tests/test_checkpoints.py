@@ -6,6 +6,7 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 from conftest import save_tiny_llm, tiny_sample_inputs, tiny_text_config, tiny_vision_config
@@ -335,6 +336,55 @@ def test_processor_rebuilt_from_backbones_when_not_saved(trained, tmp_path):
             tmp_path, max_length=77, overflow="truncate_left", max_image_pixels=5000
         )
         assert (options.max_length, options.overflow, options.max_image_pixels) == (77, "truncate_left", 5000)
+
+
+def test_a_rebuilt_processor_takes_the_settings_a_saved_one_takes(trained, tmp_path):
+    """A folder without processor files gets its processor rebuilt from the backbones: image-processor and tokenizer
+    settings given to from_pretrained apply to it as to a saved processor (they were dropped), and the model's
+    loading keywords that transformers' pipeline passes to the processor too are ignored by both, as transformers'
+    processors ignore them. `padding_side`: the processors pad each call themselves (left for generate); "right" at
+    load time is refused with the call keyword to use (it was dropped), "left" (TRL passes it) is accepted."""
+    model, processor = trained
+    model.save_pretrained(tmp_path / "rebuilt")
+    model.save_pretrained(tmp_path / "saved", processor=processor)
+    settings = dict(
+        size={"height": 48, "width": 48},
+        image_mean=[0.25, 0.5, 0.75],
+        model_max_length=33,
+        truncation_side="left",
+        dtype=torch.bfloat16,
+        attn_implementation="eager",
+        trust_remote_code=True,
+        local_files_only=True,
+    )
+    image = np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8)
+    pixel_values = []
+    for loader in (AutoProcessor, LavinProcessor):
+        for folder in ("saved", "rebuilt"):
+            loaded = loader.from_pretrained(tmp_path / folder, **settings)
+            assert (loaded.tokenizer.model_max_length, loaded.tokenizer.truncation_side) == (33, "left"), (
+                folder
+            )
+            pixel_values.append(loaded(images=[image], text="Image: <image>\nwhat?")["pixel_values"])
+            with pytest.raises(ValueError, match=r"padding_side='right'.*processor\(\.\.\., padding_side="):
+                loader.from_pretrained(tmp_path / folder, padding_side="right")
+            assert (
+                loader.from_pretrained(tmp_path / folder, padding_side="left").tokenizer.padding_side
+                == "left"
+            )
+    assert pixel_values[0].shape == (1, 3, 48, 48)
+    for other in pixel_values[1:]:
+        torch.testing.assert_close(other, pixel_values[0])
+
+
+def test_a_checkpoint_without_processor_files_or_backbone_names_is_named(tmp_path):
+    """A model built from config objects names no backbone to rebuild its processor from (was transformers' error
+    about a tokenizer it could not find)."""
+    from conftest import tiny_model_from_configs
+
+    tiny_model_from_configs("lavin").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="holds no processor files.*names no backbone.*processor=processor"):
+        LavinProcessor.from_pretrained(tmp_path)
 
 
 def test_a_processor_for_another_number_of_visual_tokens_is_refused_clearly(trained, tmp_path):

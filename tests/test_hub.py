@@ -229,6 +229,47 @@ def test_load_adapter_takes_transformers_download_keywords(hub, tiny_backbones, 
     assert "refused:" in result.stdout and "['c', 'default']" in result.stdout
 
 
+PRIVATE_BACKBONES = """
+import sys
+import torch
+from conftest import tiny_sample_inputs
+from transformers import AutoProcessor
+from mmadapters import CromeProcessor, LavinForConditionalGeneration, LavinProcessor
+token, folder = sys.argv[1:3]
+model = LavinForConditionalGeneration.from_backbones("org/tiny-llm", "org/tiny-vision", token=token)
+processor = LavinProcessor.from_backbones("org/tiny-llm", "org/tiny-vision", token=token)
+assert CromeProcessor.from_backbones("org/tiny-llm", "org/tiny-vision", token=token).num_image_tokens == 32 + 16
+model.push_to_hub("me/no-processor", token=token, license="apache-2.0")  # no processor files
+model.save_pretrained(folder)
+expected = tiny_sample_inputs(processor)
+for rebuilt in (
+    AutoProcessor.from_pretrained("me/no-processor", token=token),
+    LavinProcessor.from_pretrained(folder, token=token),
+    LavinProcessor.from_model(model, token=token),
+):
+    assert type(rebuilt) is LavinProcessor
+    got = tiny_sample_inputs(rebuilt)
+    assert all(torch.equal(got[name], expected[name]) for name in expected)
+print("ok")
+"""
+
+
+def test_processors_load_private_backbones_with_the_token_given(hub, tiny_backbones, tmp_path):
+    """The processors take the Hub keywords the models take (`token`, `cache_dir`, ...) for their backbones' files
+    (they were dropped: a private or gated LLM such as LaVIN's LLaMA failed), and a Hub checkpoint pushed without
+    processor files gets its processor rebuilt from its backbones, as a local folder does (the model card's
+    `AutoProcessor.from_pretrained(repo)` failed for it)."""
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    for repo_id, folder in (("org/tiny-llm", tiny_backbones[0]), ("org/tiny-vision", tiny_backbones[1])):
+        api.create_repo(repo_id, private=True)
+        upload_plain(hub, repo_id, folder)
+    env = {name: value for name, value in hub_env(hub, tmp_path).items() if name != "HF_TOKEN"}
+    result = run(PRIVATE_BACKBONES, TOKEN, str(tmp_path / "local"), env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "ok"
+    assert TOKEN not in result.stdout + result.stderr
+
+
 TRAIN_AND_PUSH = """
 import sys, json, torch
 from conftest import make_trainer, toy_dataset

@@ -480,6 +480,19 @@ def test_crome_normalises_images_with_the_towers_own_statistics(tiny_backbones, 
 
 
 @pytest.mark.parametrize("processor_class", [LavinProcessor, CromeProcessor])
+def test_keywords_the_processors_do_not_take_are_refused(tiny_backbones, processor_class):
+    """A keyword that is no option of the processor (a misspelt one, the model's `num_query_tokens`) was dropped
+    silently by from_backbones and by the constructor; now it is refused with what they take."""
+    with pytest.raises(TypeError, match=r"\['num_query_tokens'\].*max_length.*token"):
+        processor_class.from_backbones(*tiny_backbones, num_query_tokens=4)
+    built = processor_class.from_backbones(*tiny_backbones, max_length=40, overflow="truncate_left")
+    assert (built.max_length, built.overflow) == (40, "truncate_left")
+    parts = {name: getattr(built, name) for name in built.get_attributes()}
+    with pytest.raises(TypeError, match="bogus"):
+        processor_class(**parts, bogus=1)
+
+
+@pytest.mark.parametrize("processor_class", [LavinProcessor, CromeProcessor])
 def test_processor_backbones_in_the_other_order_or_without_a_tokenizer_are_named(
     tiny_backbones, tmp_path, processor_class
 ):

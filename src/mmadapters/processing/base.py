@@ -20,6 +20,7 @@ from transformers import (
     GenerationConfig,
     PreTrainedConfig,
 )
+from transformers.utils import cached_file
 
 from ..atomic import atomic_directory
 from ..checkpoint_files import check_checkpoint_kind
@@ -30,8 +31,11 @@ from ..modeling.backbones import (
     add_image_token,
     read_checkpoint_config,
     text_model_class,
+    vision_config_of,
 )
+from ..modeling.embedded import resolve_backbone_name
 from ..modeling.image_tokens import ImageTokenMismatchError, check_num_image_tokens
+from ..modeling.loading import HUB_KEYWORDS
 from ..validation import check_positive_int
 from .images import load_image
 
@@ -172,16 +176,15 @@ def resize_only_image_processor(size: int, mean: list[float], std: list[float]) 
 
 
 def image_processor_for(
-    vision_model: str | os.PathLike | PreTrainedConfig,
+    shipped: Any | None,
     vision_config: PreTrainedConfig,
     mean: list[float] = CLIP_MEAN,
     std: list[float] = CLIP_STD,
 ) -> Any:
-    """The vision backbone's own image processor when it ships one that gives one image of the tower's size per
-    image, else resize-only at the tower's resolution with the shipped processor's statistics (the tower was trained
-    with them): SmolVLM's / Idefics3's processors split images into tiles, and a processor may crop to another size
-    than the tower's config takes, but LaVIN feeds one image of that size. `vision_config`: the tower's config."""
-    shipped = shipped_image_processor(vision_model)
+    """The image processor the vision backbone ships (`shipped`, None: none) when it gives one image of the tower's
+    size per image, else resize-only at the tower's resolution with the shipped processor's statistics (the tower was
+    trained with them): SmolVLM's / Idefics3's processors split images into tiles, and a processor may crop to another
+    size than the tower's config takes, but LaVIN feeds one image of that size. `vision_config`: the tower's config."""
     size = vision_config.image_size
     if shipped is not None and output_shape_of(shipped) == (1, 3, size, size):
         return shipped
@@ -200,14 +203,17 @@ def output_shape_of(image_processor: Any) -> tuple[int, ...] | None:
 
 
 def llm_tokenizer(
-    text_model: str | os.PathLike, text_config: PreTrainedConfig, revision: str | None = None
+    text_model: str | os.PathLike,
+    text_config: PreTrainedConfig,
+    revision: str | None = None,
+    **hub_kwargs: Any,
 ) -> Any:
-    """The LLM's tokenizer, from its folder or Hub repo (`text_config`: its config); a text backbone that is no
-    language model (backbones given in the other order) and a folder without a tokenizer are named (transformers'
-    message for both suggests installing sentencepiece)."""
+    """The LLM's tokenizer, from its folder or Hub repo (`text_config`: its config; `hub_kwargs`: `token`,
+    `cache_dir`, ...); a text backbone that is no language model (backbones given in the other order) and a folder
+    without a tokenizer are named (transformers' message for both suggests installing sentencepiece)."""
     text_model_class(text_config)
     try:
-        return AutoTokenizer.from_pretrained(text_model, revision=revision)
+        return AutoTokenizer.from_pretrained(text_model, revision=revision, **hub_kwargs)
     except (OSError, ValueError) as error:
         reason = str(error).strip().splitlines()[0]
         raise ValueError(
@@ -216,14 +222,84 @@ def llm_tokenizer(
         ) from error
 
 
-def shipped_image_processor(vision_model: str | os.PathLike | PreTrainedConfig) -> Any | None:
+def shipped_image_processor(
+    vision_model: str | os.PathLike | PreTrainedConfig, revision: str | None = None, **hub_kwargs: Any
+) -> Any | None:
     """The image processor the vision backbone ships (None: none, or the backbone is given as a config)."""
     if isinstance(vision_model, PreTrainedConfig):
         return None
     try:
-        return AutoImageProcessor.from_pretrained(vision_model)
+        return AutoImageProcessor.from_pretrained(vision_model, revision=revision, **hub_kwargs)
     except (OSError, ValueError):
         return None
+
+
+@dataclass
+class ProcessorBackbones:
+    """What a processor is built from: the LLM (its folder or Hub id, config and tokenizer) and the vision tower
+    (its config, and the image processor it ships: None when it ships none or is given as a config)."""
+
+    text_model: str | os.PathLike
+    text_config: PreTrainedConfig
+    tokenizer: Any
+    vision_config: PreTrainedConfig
+    shipped_image_processor: Any | None
+
+
+def read_processor_backbones(
+    processor_name: str,
+    text_model: str | os.PathLike,
+    vision_model: str | os.PathLike | PreTrainedConfig,
+    revision: str | None,
+    vision_revision: str | None,
+    hub_kwargs: dict[str, Any],
+) -> ProcessorBackbones:
+    """Read the backbones' configs, the LLM's tokenizer and the tower's shipped image processor, each config once,
+    every file at the backbone's revision with the Hub keywords given (a private or gated LLM needs `token`)."""
+    text_model = resolve_backbone_name(text_model) if isinstance(text_model, str) else text_model
+    vision_model = resolve_backbone_name(vision_model) if isinstance(vision_model, str) else vision_model
+    if isinstance(text_model, PreTrainedConfig):
+        raise ValueError(f"{processor_name} needs a tokenizer: pass the LLM as a Hub id or a local folder.")
+    text_config = AutoConfig.from_pretrained(text_model, revision=revision, **hub_kwargs)
+    if isinstance(vision_model, PreTrainedConfig):
+        vision_config = vision_config_of(vision_model)
+    else:
+        vision_config = vision_config_of(
+            AutoConfig.from_pretrained(vision_model, revision=vision_revision, **hub_kwargs)
+        )
+    return ProcessorBackbones(
+        text_model=text_model,
+        text_config=text_config,
+        tokenizer=llm_tokenizer(text_model, text_config, revision, **hub_kwargs),
+        vision_config=vision_config,
+        shipped_image_processor=shipped_image_processor(vision_model, vision_revision, **hub_kwargs),
+    )
+
+
+def processor_options(processor_class: type) -> list[str]:
+    """The options a processor's constructor takes besides its tokenizers and image processor."""
+    components = set(processor_class.get_attributes())
+    return [
+        name
+        for name in inspect.signature(processor_class.__init__).parameters
+        if name not in components | {"self"}
+    ]
+
+
+def take_processor_keywords(
+    processor_class: type, kwargs: dict[str, Any], where: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split `from_backbones` keywords into the processor's options and the Hub keywords (`token`, `cache_dir`,
+    ...); any other keyword is refused (it used to be dropped)."""
+    hub_kwargs = {name: kwargs.pop(name) for name in HUB_KEYWORDS if name in kwargs}
+    options = processor_options(processor_class)
+    unknown = sorted(set(kwargs) - set(options))
+    if unknown:
+        raise TypeError(
+            f"{where} got unexpected keyword argument(s) {unknown}; it takes the processor's options "
+            f"({', '.join(options)}) and the Hub keywords ({', '.join(HUB_KEYWORDS)})."
+        )
+    return kwargs, hub_kwargs
 
 
 def image_statistics(image_processor: Any | None, mean: list[float], std: list[float]) -> tuple[list, list]:
@@ -236,11 +312,70 @@ def image_statistics(image_processor: Any | None, mean: list[float], std: list[f
     )
 
 
-def has_saved_processor(folder: str) -> bool:
+PROCESSOR_FILES = ("processor_config.json", "tokenizer_config.json", "tokenizer.json")
+
+
+def has_saved_processor(
+    name_or_path: str, revision: str | None = None, subfolder: str = "", **hub_kwargs: Any
+) -> bool:
+    """Whether a checkpoint folder or Hub repo holds processor or tokenizer files."""
+    if os.path.isdir(name_or_path):
+        return any(os.path.isfile(os.path.join(name_or_path, subfolder, name)) for name in PROCESSOR_FILES)
     return any(
-        os.path.isfile(os.path.join(folder, name))
-        for name in ("processor_config.json", "tokenizer_config.json", "tokenizer.json")
+        cached_file(
+            name_or_path,
+            name,
+            revision=revision,
+            subfolder=subfolder,
+            _raise_exceptions_for_missing_entries=False,  # None for a file the repo does not hold
+            **hub_kwargs,
+        )
+        is not None
+        for name in PROCESSOR_FILES
     )
+
+
+# Tokenizer settings that a processor's `from_pretrained` applies to a tokenizer it rebuilds from the backbones, as
+# transformers' tokenizers take them at load time.
+TOKENIZER_SETTINGS = (
+    "model_max_length",
+    "truncation_side",
+    "clean_up_tokenization_spaces",
+    "split_special_tokens",
+)
+
+
+def apply_load_settings(processor: Any, settings: dict[str, Any]) -> None:
+    """Apply the settings given to `from_pretrained` to a processor rebuilt from its backbones, as transformers
+    applies them to a saved processor's parts: image-processor settings (its `valid_kwargs`: `size`, `image_mean`,
+    ...) through the image processor's `from_dict`, `TOKENIZER_SETTINGS` to each tokenizer. Other keywords are the
+    model's loading keywords (`dtype`, `attn_implementation`, ...), which transformers' pipeline passes to the
+    processor too and which transformers' processors ignore."""
+    image_processor = processor.image_processor
+    image_settings = {
+        k: v for k, v in settings.items() if k in type(image_processor).valid_kwargs.__annotations__
+    }
+    if image_settings:
+        processor.image_processor = type(image_processor).from_dict(
+            image_processor.to_dict(), **image_settings
+        )
+    for attribute in processor.get_attributes():
+        if attribute.endswith("tokenizer"):
+            for name in TOKENIZER_SETTINGS:
+                if name in settings:
+                    setattr(getattr(processor, attribute), name, settings[name])
+
+
+def check_padding_side_at_load(kwargs: dict[str, Any]) -> None:
+    """`padding_side` given to `from_pretrained`: the processors pad each call themselves (left without answers,
+    ready for generate; right with answers) and keep the tokenizer's side left for transformers' pipeline. "left"
+    (what TRL passes) is what they do; "right" would be dropped, so it is refused with the call keyword to use."""
+    padding_side = kwargs.pop("padding_side", "left")
+    if padding_side != "left":
+        raise ValueError(
+            f"padding_side={padding_side!r} at load time is not supported: the processor pads each call itself (left "
+            "for generate, right with answers=). Pass it per call: processor(..., padding_side='right')."
+        )
 
 
 def check_overflow_policy(overflow: str) -> str:
@@ -463,37 +598,54 @@ class AdapterProcessorMixin:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
-        """Load a saved processor; for an adapter-only checkpoint saved without one, rebuild it from the
-        backbones named in its config.json (the processor's own options given here, e.g. `max_length`, apply
-        to it as they do to a saved one)."""
-        folder = os.fspath(pretrained_model_name_or_path)
-        hub_kwargs = {k: kwargs[k] for k in ("token", "cache_dir", "local_files_only") if k in kwargs}
-        config = read_checkpoint_config(
-            folder, kwargs.get("revision"), kwargs.get("subfolder") or "", **hub_kwargs
-        )
-        check_checkpoint_kind(folder, config, cls.model_type)
+        """Load a saved processor; for an adapter-only checkpoint saved without one (a folder or Hub repo without
+        processor files), rebuild it from the backbones named in its config.json (the processor's own options given
+        here, e.g. `max_length`, apply to it as they do to a saved one; the Hub keywords reach the backbones' files
+        too)."""
+        name = os.fspath(pretrained_model_name_or_path)
+        hub_kwargs = {k: kwargs[k] for k in HUB_KEYWORDS if k in kwargs}
+        revision, subfolder = kwargs.get("revision"), kwargs.get("subfolder") or ""
+        config = read_checkpoint_config(name, revision, subfolder, **hub_kwargs)
+        check_checkpoint_kind(name, config, cls.model_type)
+        check_padding_side_at_load(kwargs)
+        if config is None:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        model_config = CONFIG_MAPPING[config["model_type"]].from_dict(config)
         # num_image_tokens is the model's count: refused if another (a processor saved alone takes it as given).
-        if config is not None and "num_image_tokens" in kwargs:
-            recorded = CONFIG_MAPPING[config["model_type"]].from_dict(config).num_image_tokens
-            check_num_image_tokens(kwargs.pop("num_image_tokens"), recorded, f"the model of '{folder}'")
-        if (
-            os.path.isdir(folder)
-            and not has_saved_processor(folder)
-            and os.path.isfile(f"{folder}/config.json")
-        ):
-            options = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
-            rebuilt = cls._from_recorded_backbones(
-                AutoConfig.from_pretrained(folder), **{k: v for k, v in kwargs.items() if k in options}
+        if "num_image_tokens" in kwargs:
+            check_num_image_tokens(
+                kwargs.pop("num_image_tokens"), model_config.num_image_tokens, f"the model of '{name}'"
             )
-            if rebuilt is not None:
-                return rebuilt
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if has_saved_processor(name, revision, subfolder, **hub_kwargs):
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return cls._rebuilt_for(name, model_config, kwargs)
 
     @classmethod
-    def from_model(cls, model: Any) -> Any:
+    def _rebuilt_for(cls, name: str, config: Any, kwargs: dict[str, Any]) -> Any:
+        """The processor of checkpoint `name` (its config: `config`), which holds no processor files, rebuilt from
+        the backbones its config names, with the processor's options, the Hub keywords and the settings of its parts
+        given here (`apply_load_settings`)."""
+        options = processor_options(cls)
+        rebuilt = cls._from_recorded_backbones(
+            config,
+            **{k: v for k, v in kwargs.items() if k in options},
+            **{k: kwargs[k] for k in HUB_KEYWORDS if k in kwargs},
+        )
+        if rebuilt is None:
+            raise ValueError(
+                f"'{name}' holds no processor files, and its config.json names no backbone folders or Hub ids to "
+                "rebuild its processor from (the model was built from config objects). Save the processor with the "
+                "model: model.save_pretrained(folder, processor=processor)."
+            )
+        apply_load_settings(rebuilt, {k: v for k, v in kwargs.items() if k not in options})
+        return rebuilt
+
+    @classmethod
+    def from_model(cls, model: Any, **kwargs: Any) -> Any:
         """The processor for `model`: built from the backbones its config names (tokenizer with the image token,
-        the tower's image processor) and its number of visual tokens."""
-        processor = cls._from_recorded_backbones(model.config)
+        the tower's image processor) and its number of visual tokens. `kwargs`: the processor's options and the
+        Hub keywords (`token`, ...), as `from_backbones` takes them."""
+        processor = cls._from_recorded_backbones(model.config, **kwargs)
         if processor is None:
             raise ValueError(
                 "This model's backbones were built from config objects, so no tokenizer can be found for them: build "
@@ -502,16 +654,19 @@ class AdapterProcessorMixin:
         return processor
 
     @classmethod
-    def _from_recorded_backbones(cls, config: Any, **options: Any) -> Any:
-        """A processor built from the backbones a model config records (at the LLM's recorded revision), or None
+    def _from_recorded_backbones(cls, config: Any, **kwargs: Any) -> Any:
+        """A processor built from the backbones a model config records (at their recorded revisions), or None
         when it names none."""
-        text = (config.text_backbone or {}).get("name_or_path")
-        vision = (config.vision_backbone or {}).get("name_or_path")
-        if not (text and vision):
+        text, vision = config.text_backbone or {}, config.vision_backbone or {}
+        if not (text.get("name_or_path") and vision.get("name_or_path")):
             return None
-        revision = (config.text_backbone or {}).get("revision")
         return cls.from_backbones(
-            text, vision, num_image_tokens=config.num_image_tokens, revision=revision, **options
+            text["name_or_path"],
+            vision["name_or_path"],
+            num_image_tokens=config.num_image_tokens,
+            revision=text.get("revision"),
+            vision_revision=vision.get("revision"),
+            **kwargs,
         )
 
     def save_pretrained(

@@ -10,10 +10,9 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig, ProcessorMixin
+from transformers import AutoTokenizer, PreTrainedConfig, ProcessorMixin
 
-from ..modeling.backbones import IMAGE_TOKEN, vision_config_of
-from ..modeling.embedded import resolve_backbone_name
+from ..modeling.backbones import IMAGE_TOKEN
 from ..validation import check_bool, check_positive_int
 from .base import (
     CLIP_MEAN,
@@ -24,8 +23,9 @@ from .base import (
     build_chat_template,
     image_statistics,
     llm_tokenizer,
+    read_processor_backbones,
     resize_only_image_processor,
-    shipped_image_processor,
+    take_processor_keywords,
 )
 from .images import DEFAULT_MAX_IMAGE_PIXELS
 
@@ -59,7 +59,6 @@ class CromeProcessor(AdapterProcessorMixin, ProcessorMixin):
         overflow: Literal["raise", "truncate_left", "truncate_right"] = "raise",
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         qformer_max_length: int = 128,
-        **kwargs: Any,
     ) -> None:
         self._init_adapter_inputs(tokenizer, num_image_tokens, max_length, overflow, max_image_pixels)
         self.encoder_decoder = check_bool(encoder_decoder, "encoder_decoder")
@@ -75,37 +74,34 @@ class CromeProcessor(AdapterProcessorMixin, ProcessorMixin):
         qformer_tokenizer: Any = None,
         num_image_tokens: int | None = None,
         revision: str | None = None,
+        vision_revision: str | None = None,
         **kwargs: Any,
     ) -> CromeProcessor:
         """The processor for a CROME built on these backbones. `num_image_tokens` defaults to 32 queries plus the
         tower's patches (the default patch branch); pass `model.config.num_image_tokens` when in doubt."""
-        text_model = resolve_backbone_name(text_model) if isinstance(text_model, str) else text_model
-        vision_model = resolve_backbone_name(vision_model) if isinstance(vision_model, str) else vision_model
-        if isinstance(text_model, PreTrainedConfig):
-            raise ValueError("CromeProcessor needs a tokenizer: pass the LLM as a Hub id or a local folder.")
-        text_config = AutoConfig.from_pretrained(text_model, revision=revision)
-        tokenizer = llm_tokenizer(text_model, text_config, revision)
-        if qformer_tokenizer is None:
-            qformer_tokenizer = llm_tokenizer(text_model, text_config, revision)
-        elif isinstance(qformer_tokenizer, (str, os.PathLike)):
-            qformer_tokenizer = AutoTokenizer.from_pretrained(qformer_tokenizer)
-        vision_config = vision_config_of(
-            vision_model
-            if isinstance(vision_model, PreTrainedConfig)
-            else AutoConfig.from_pretrained(vision_model)
+        options, hub_kwargs = take_processor_keywords(cls, kwargs, "CromeProcessor.from_backbones")
+        backbones = read_processor_backbones(
+            "CromeProcessor", text_model, vision_model, revision, vision_revision, hub_kwargs
         )
+        if qformer_tokenizer is None:
+            qformer_tokenizer = llm_tokenizer(
+                backbones.text_model, backbones.text_config, revision, **hub_kwargs
+            )
+        elif isinstance(qformer_tokenizer, (str, os.PathLike)):
+            qformer_tokenizer = AutoTokenizer.from_pretrained(qformer_tokenizer, **hub_kwargs)
+        vision_config = backbones.vision_config
         if num_image_tokens is None:
             num_image_tokens = 32 + (vision_config.image_size // vision_config.patch_size) ** 2
         # Resized to the tower's resolution (its patch count fixes the placeholders), normalised as the tower was
         # trained: with the statistics of the image processor it ships, else CLIP's (InstructBLIP's too).
-        mean, std = image_statistics(shipped_image_processor(vision_model), CLIP_MEAN, CLIP_STD)
+        mean, std = image_statistics(backbones.shipped_image_processor, CLIP_MEAN, CLIP_STD)
         return cls(
             image_processor=resize_only_image_processor(vision_config.image_size, mean, std),
-            tokenizer=tokenizer,
+            tokenizer=backbones.tokenizer,
             qformer_tokenizer=qformer_tokenizer,
             num_image_tokens=num_image_tokens,
-            encoder_decoder=bool(getattr(text_config, "is_encoder_decoder", False)),
-            **kwargs,
+            encoder_decoder=bool(getattr(backbones.text_config, "is_encoder_decoder", False)),
+            **options,
         )
 
     @property

@@ -18,10 +18,8 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from transformers import AutoConfig, PreTrainedConfig, ProcessorMixin
+from transformers import PreTrainedConfig, ProcessorMixin
 
-from ..modeling.backbones import vision_config_of
-from ..modeling.embedded import resolve_backbone_name
 from ..modeling.lavin.configuration_lavin import default_vision_feature_layers
 from ..validation import check_bool
 from .base import (
@@ -32,9 +30,10 @@ from .base import (
     CheckedInputs,
     build_chat_template,
     image_processor_for,
-    llm_tokenizer,
     official_instruction_chat_template,
+    read_processor_backbones,
     resize_only_image_processor,
+    take_processor_keywords,
 )
 from .images import DEFAULT_MAX_IMAGE_PIXELS
 
@@ -71,7 +70,6 @@ class LavinProcessor(AdapterProcessorMixin, ProcessorMixin):
         overflow: Literal["raise", "truncate_left", "truncate_right"] = "raise",
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         official_tokenization: bool = False,
-        **kwargs: Any,
     ) -> None:
         self._init_adapter_inputs(tokenizer, num_image_tokens, max_length, overflow, max_image_pixels)
         self.official_tokenization = check_bool(official_tokenization, "official_tokenization")
@@ -88,6 +86,7 @@ class LavinProcessor(AdapterProcessorMixin, ProcessorMixin):
         num_image_tokens: int | None = None,
         official_preprocessing: bool = False,
         revision: str | None = None,
+        vision_revision: str | None = None,
         **kwargs: Any,
     ) -> LavinProcessor:
         """The processor for a LaVIN built on these backbones (the same arguments as the model's).
@@ -98,29 +97,25 @@ class LavinProcessor(AdapterProcessorMixin, ProcessorMixin):
         bicubic, no crop, ImageNet statistics; the
         tower's own resolution for towers other than ViT-L/14 at 224), which converted official checkpoints need.
         """
-        text_model = resolve_backbone_name(text_model) if isinstance(text_model, str) else text_model
-        vision_model = resolve_backbone_name(vision_model) if isinstance(vision_model, str) else vision_model
-        if isinstance(text_model, PreTrainedConfig):
-            raise ValueError("LavinProcessor needs a tokenizer: pass the LLM as a Hub id or a local folder.")
-        tokenizer = llm_tokenizer(
-            text_model, AutoConfig.from_pretrained(text_model, revision=revision), revision
+        options, hub_kwargs = take_processor_keywords(cls, kwargs, "LavinProcessor.from_backbones")
+        backbones = read_processor_backbones(
+            "LavinProcessor", text_model, vision_model, revision, vision_revision, hub_kwargs
         )
-        vision_config = vision_config_of(
-            vision_model
-            if isinstance(vision_model, PreTrainedConfig)
-            else AutoConfig.from_pretrained(vision_model)
-        )
+        vision_config = backbones.vision_config
         if official_preprocessing:
             # 224x224 for the official ViT-L/14; the tower's own resolution for other towers.
             image_processor = resize_only_image_processor(
                 vision_config.image_size, IMAGENET_MEAN, IMAGENET_STD
             )
         else:
-            image_processor = image_processor_for(vision_model, vision_config)
+            image_processor = image_processor_for(backbones.shipped_image_processor, vision_config)
         if num_image_tokens is None:
             num_image_tokens = len(default_vision_feature_layers(vision_config.num_hidden_layers))
         return cls(
-            image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=num_image_tokens, **kwargs
+            image_processor=image_processor,
+            tokenizer=backbones.tokenizer,
+            num_image_tokens=num_image_tokens,
+            **options,
         )
 
     @property
