@@ -54,6 +54,11 @@ def local_hub_online(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
 
 
+# Deprecations raised by a library's own calls below ours, not by a call of ours: transformers 5.24 passes
+# create_block_mask(_compile=True) (flex attention), which torch 2.13 deprecates.
+UPSTREAM_DEPRECATIONS = ("_compile flag on create_block_mask",)
+
+
 @pytest.fixture(autouse=True)
 def no_deprecated_calls_from_mmadapters():
     """A FutureWarning or DeprecationWarning raised while mmadapters code is on the stack fails the test where it
@@ -64,7 +69,9 @@ def no_deprecated_calls_from_mmadapters():
         show = warnings.showwarning
 
         def check(message, category, filename, lineno, file=None, line=None):
-            if issubclass(category, (FutureWarning, DeprecationWarning)):
+            if issubclass(category, (FutureWarning, DeprecationWarning)) and not str(message).startswith(
+                UPSTREAM_DEPRECATIONS
+            ):
                 ours = [f for f in traceback.extract_stack() if f.filename.startswith(MMADAPTERS_SOURCE)]
                 if ours:
                     raise AssertionError(

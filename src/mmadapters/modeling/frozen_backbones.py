@@ -233,7 +233,11 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
+    # No attention of its own: each backbone's support for an implementation is checked by transformers when it is set
+    # on that backbone (a T5 LLM refuses flash attention itself), so the composite takes every kind.
     _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
     _supports_attention_backend = True
     _skip_keys_device_placement = ["past_key_values", "cache"]
     # Inputs with one row per image, not per sample (see `_expand_inputs_for_generation`).

@@ -89,7 +89,6 @@ class LavinProjector(nn.Module):
 
 class LavinPreTrainedModel(FrozenBackbonesPreTrainedModel):
     config: LavinConfig
-    _supports_flash_attn = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
