@@ -234,11 +234,15 @@ import sys
 import torch
 from conftest import tiny_sample_inputs
 from transformers import AutoProcessor
-from mmadapters import CromeProcessor, LavinForConditionalGeneration, LavinProcessor
+from mmadapters import CromeForConditionalGeneration, CromeProcessor, LavinForConditionalGeneration, LavinProcessor
 token, folder = sys.argv[1:3]
 model = LavinForConditionalGeneration.from_backbones("org/tiny-llm", "org/tiny-vision", token=token)
 processor = LavinProcessor.from_backbones("org/tiny-llm", "org/tiny-vision", token=token)
-assert CromeProcessor.from_backbones("org/tiny-llm", "org/tiny-vision", token=token).num_image_tokens == 32 + 16
+assert model.config.image_token_id == processor.image_token_id  # the tokenizer's, read with the token
+crome = CromeForConditionalGeneration.from_backbones("org/tiny-llm", "org/tiny-vision", num_query_tokens=4, token=token)
+crome_processor = CromeProcessor.from_model(crome, token=token)
+assert crome.config.image_token_id == crome_processor.image_token_id
+crome(**tiny_sample_inputs(crome_processor))
 model.push_to_hub("me/no-processor", token=token, license="apache-2.0")  # no processor files
 model.save_pretrained(folder)
 expected = tiny_sample_inputs(processor)
@@ -256,11 +260,23 @@ print("ok")
 
 def test_processors_load_private_backbones_with_the_token_given(hub, tiny_backbones, tmp_path):
     """The processors take the Hub keywords the models take (`token`, `cache_dir`, ...) for their backbones' files
-    (they were dropped: a private or gated LLM such as LaVIN's LLaMA failed), and a Hub checkpoint pushed without
+    (they were dropped: a private or gated LLM such as LaVIN's LLaMA failed), the models read the LLM's tokenizer
+    with them too (CROME failed; LaVIN gave the image token another id than the processor's), and a Hub checkpoint
+    pushed without
     processor files gets its processor rebuilt from its backbones, as a local folder does (the model card's
     `AutoProcessor.from_pretrained(repo)` failed for it)."""
+    from conftest import make_tokenizer, tiny_text_config
+    from transformers import AutoModelForCausalLM
+
+    # An LLM whose vocabulary is larger than its tokenizer (as Qwen's): the image token's id comes from the tokenizer,
+    # which only the token can read (the model used the first id past the vocabulary when it could not).
+    tokenizer = make_tokenizer()
+    AutoModelForCausalLM.from_config(tiny_text_config(vocab_size=len(tokenizer) + 6)).save_pretrained(
+        tmp_path / "llm"
+    )
+    tokenizer.save_pretrained(tmp_path / "llm")
     api = HfApi(endpoint=hub.url, token=TOKEN)
-    for repo_id, folder in (("org/tiny-llm", tiny_backbones[0]), ("org/tiny-vision", tiny_backbones[1])):
+    for repo_id, folder in (("org/tiny-llm", tmp_path / "llm"), ("org/tiny-vision", tiny_backbones[1])):
         api.create_repo(repo_id, private=True)
         upload_plain(hub, repo_id, folder)
     env = {name: value for name, value in hub_env(hub, tmp_path).items() if name != "HF_TOKEN"}

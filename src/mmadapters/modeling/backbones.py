@@ -458,6 +458,8 @@ class LoadedBackbones:
     vision_ref: BackboneReference | None
     attention: dict[str, str | None] = field(default_factory=dict)
     experts: dict[str, str | None] = field(default_factory=dict)
+    # The Hub keywords the backbones loaded with (`token`, ...): the LLM's tokenizer is read with them too.
+    hub_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def config_kwargs(self) -> dict[str, Any]:
         """The composite-config fields that describe the backbones."""
@@ -468,7 +470,9 @@ class LoadedBackbones:
             "vision_backbone": self.vision_ref.to_dict() if self.vision_ref else None,
         }
         if self.text_ref is not None:
-            token_id = image_token_id_or_none(self.text_ref.name_or_path, self.text_ref.revision)
+            token_id = image_token_id_or_none(
+                self.text_ref.name_or_path, self.text_ref.revision, **self.hub_kwargs
+            )
             if token_id is not None:
                 kwargs["image_token_id"] = token_id
         return kwargs
@@ -498,7 +502,8 @@ def load_backbones(
         "text_config": getattr(language_model.config, "_experts_implementation", None),
         "vision_config": getattr(vision_tower.config, "_experts_implementation", None),
     }
-    return LoadedBackbones(language_model, vision_tower, text_ref, vision_ref, attention, experts)
+    hub_kwargs = options.hub_kwargs() if options is not None else {}
+    return LoadedBackbones(language_model, vision_tower, text_ref, vision_ref, attention, experts, hub_kwargs)
 
 
 def freeze(module: nn.Module) -> None:
@@ -574,25 +579,27 @@ def add_image_token(tokenizer: Any) -> int:
     return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
 
-def tokenizer_for(text_model: str, revision: str | None = None) -> Any:
-    """The tokenizer of `text_model`, with the image placeholder registered."""
+def tokenizer_for(text_model: str, revision: str | None = None, **hub_kwargs: Any) -> Any:
+    """The tokenizer of `text_model`, with the image placeholder registered (`hub_kwargs`: `token`, ...)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_backbone_name(text_model), revision=revision)
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_backbone_name(text_model), revision=revision, **hub_kwargs
+    )
     add_image_token(tokenizer)
     return tokenizer
 
 
-def image_token_id_for(text_model: str, revision: str | None = None) -> int:
+def image_token_id_for(text_model: str, revision: str | None = None, **hub_kwargs: Any) -> int:
     """The id the image placeholder gets in the tokenizer of `text_model`."""
-    return tokenizer_for(text_model, revision).convert_tokens_to_ids(IMAGE_TOKEN)
+    return tokenizer_for(text_model, revision, **hub_kwargs).convert_tokens_to_ids(IMAGE_TOKEN)
 
 
-def image_token_id_or_none(text_model: str, revision: str | None = None) -> int | None:
+def image_token_id_or_none(text_model: str, revision: str | None = None, **hub_kwargs: Any) -> int | None:
     """`image_token_id_for`, or None when the backbone has no tokenizer to read (a loaded model whose name is
     not a folder or a reachable Hub repo): the config then uses the first id past the vocabulary."""
     try:
-        return image_token_id_for(text_model, revision)
+        return image_token_id_for(text_model, revision, **hub_kwargs)
     except (OSError, ValueError, TypeError):
         return None
 

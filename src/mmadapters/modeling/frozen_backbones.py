@@ -293,10 +293,15 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def _composite_config(
-        cls, text_ref: BackboneReference | None, adapter_config: Any, fields: dict[str, Any]
+        cls,
+        text_ref: BackboneReference | None,
+        adapter_config: Any,
+        fields: dict[str, Any],
+        hub_kwargs: dict[str, Any] | None = None,
     ) -> PreTrainedConfig:
         """The model's config: `fields` holds the config fields (`text_config`, `vision_config`, the backbone
-        records and the caller's), `text_ref` the LLM's record (None: built from a config object)."""
+        records and the caller's), `text_ref` the LLM's record (None: built from a config object), `hub_kwargs`
+        the Hub keywords for the LLM's files it reads (CROME's fresh Q-Former takes its tokenizer's length)."""
         raise NotImplementedError
 
     def load_referenced_weights(self, checkpoint: str, ignore_backbone_mismatch: bool) -> None:
@@ -864,7 +869,10 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             text_model, vision_model, options, text_revision, vision_revision, device_maps
         )
         config = cls._composite_config(
-            backbones.text_ref, adapter_config, {**backbones.config_kwargs(), **fields}
+            backbones.text_ref,
+            adapter_config,
+            {**backbones.config_kwargs(), **fields},
+            backbones.hub_kwargs,
         )
         backbones.restore_implementations(config)
         config.backbone_quantization = _quantization_record(backbones.language_model, backbones.vision_tower)

@@ -167,13 +167,18 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
         text_ref: BackboneReference | None,
         adapter_config: CromeAdapterConfig | None,
         fields: dict[str, Any],
+        hub_kwargs: dict[str, Any] | None = None,
     ) -> CromeConfig:
         from transformers import InstructBlipQFormerConfig
 
         if fields.get("qformer_config") is None:
             # A fresh Q-Former reads the instruction with the LLM's tokenizer [ours] (InstructBLIP's uses BERT's:
             # `convert.from_instructblip` brings it along).
-            vocab_size = len(tokenizer_for(text_ref.name_or_path, text_ref.revision)) if text_ref else 30522
+            vocab_size = (
+                len(tokenizer_for(text_ref.name_or_path, text_ref.revision, **(hub_kwargs or {})))
+                if text_ref
+                else 30522
+            )
             fields["qformer_config"] = InstructBlipQFormerConfig(
                 encoder_hidden_size=fields["vision_config"].hidden_size, vocab_size=vocab_size
             )

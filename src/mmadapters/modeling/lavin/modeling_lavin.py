@@ -174,6 +174,7 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         text_ref: BackboneReference | None,
         adapter_config: MMAdapterConfig | None,
         fields: dict[str, Any],
+        hub_kwargs: dict[str, Any] | None = None,
     ) -> LavinConfig:
         return LavinConfig(
             adapter_config=adapter_settings(adapter_config, MMAdapterConfig, text_ref), **fields
