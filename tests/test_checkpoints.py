@@ -377,6 +377,40 @@ def test_a_rebuilt_processor_takes_the_settings_a_saved_one_takes(trained, tmp_p
         torch.testing.assert_close(other, pixel_values[0])
 
 
+def test_a_rebuilt_processor_takes_the_backbones_where_they_are_now(tiny_backbones, tmp_path):
+    """A checkpoint without processor files whose backbone folders moved: the processor's from_pretrained takes
+    `text_model=` / `vision_model=` as the model's does (and `mmadapters eval` / `chat` pass them on), and without
+    them names the missing folder and the keyword (it was "Repo id must be in the form 'repo_name'", from inside
+    huggingface_hub). A saved processor reads no backbone: the keywords change nothing there."""
+    import shutil
+
+    from mmadapters.inference_loading import load_for_inference
+    from mmadapters.modeling.backbones import BackboneNotFoundError
+
+    llm, vision = (
+        shutil.copytree(tiny_backbones[0], tmp_path / "llm"),
+        shutil.copytree(tiny_backbones[1], tmp_path / "vision"),
+    )
+    model = LavinForConditionalGeneration.from_backbones(str(llm), str(vision))
+    model.save_pretrained(tmp_path / "rebuilt")
+    model.save_pretrained(tmp_path / "saved", processor=LavinProcessor.from_backbones(str(llm), str(vision)))
+    expected = tiny_sample_inputs(LavinProcessor.from_backbones(*tiny_backbones))
+    moved = {"text_model": str(tmp_path / "llm-moved"), "vision_model": str(tmp_path / "vision-moved")}
+    shutil.move(llm, moved["text_model"])
+    shutil.move(vision, moved["vision_model"])
+    for loader in (AutoProcessor, LavinProcessor):
+        with pytest.raises(
+            BackboneNotFoundError, match=r"text backbone folder .*llm does not exist.*text_model="
+        ):
+            loader.from_pretrained(tmp_path / "rebuilt")
+        for folder in ("rebuilt", "saved"):
+            got = tiny_sample_inputs(loader.from_pretrained(tmp_path / folder, **moved))
+            assert all(torch.equal(got[key], expected[key]) for key in expected), folder
+    _, processor = load_for_inference(str(tmp_path / "rebuilt"), **moved)
+    got = tiny_sample_inputs(processor)
+    assert all(torch.equal(got[key], expected[key]) for key in expected)
+
+
 def test_a_checkpoint_without_processor_files_or_backbone_names_is_named(tmp_path):
     """A model built from config objects names no backbone to rebuild its processor from (was transformers' error
     about a tokenizer it could not find)."""

@@ -62,8 +62,12 @@ def load_for_inference(
         **{key: value for key, value in backbones.items() if value},
         **({"ignore_backbone_mismatch": True} if ignore_backbone_mismatch else {}),
     )
-    # The processor is the checkpoint's: `name` may be a PEFT adapter folder, loaded on the checkpoint it names.
-    return model.eval(), AutoProcessor.from_pretrained(model.name_or_path or name)
+    # The processor is the checkpoint's: `name` may be a PEFT adapter folder, loaded on the checkpoint it names. The
+    # backbones given are where a processor the checkpoint does not hold is rebuilt from.
+    processor = AutoProcessor.from_pretrained(
+        model.name_or_path or name, **{key: value for key, value in backbones.items() if value}
+    )
+    return model.eval(), processor
 
 
 def inputs_on_model_device(inputs: Any, model: Any) -> Any:

@@ -103,7 +103,7 @@ def load_text_backbone(
         return _place(model, device_map, options), None
     name = resolve_backbone_name(os.fspath(spec))
     revision = resolve_hub_revision(name, revision, options.hub_kwargs())
-    config = _backbone_config(name, revision, options, "text")
+    config = backbone_config(name, revision, "text", options.hub_kwargs())
     model = _from_weights(text_model_class(config), "text", name, revision, options, device_map)
     freeze(model)
     return model, _reference(name, revision, model)
@@ -216,7 +216,7 @@ def load_vision_backbone(
         return _place(model, device_map, options), None
     name = resolve_backbone_name(os.fspath(spec))
     revision = resolve_hub_revision(name, revision, options.hub_kwargs())
-    full_config = _backbone_config(name, revision, options, "vision")
+    full_config = backbone_config(name, revision, "vision", options.hub_kwargs())
     config = vision_config_of(full_config)
     # The vision-only class of the config (CLIPVisionModel, SiglipVisionModel, ...) also loads the vision
     # half of a full CLIP/SigLIP checkpoint; BLIP/BLIP-2/InstructBLIP checkpoints keep it under `vision_model.`.
@@ -324,10 +324,11 @@ def check_fixed_size_vision_tower(model_class: type[nn.Module]) -> None:
         )
 
 
-def _backbone_config(
-    name: str, revision: str | None, options: BackboneLoadOptions, role: str
+def backbone_config(
+    name: str, revision: str | None, role: str, hub_kwargs: dict[str, Any]
 ) -> PreTrainedConfig:
-    """The backbone's config, with a clear message when the folder or Hub repo cannot be found."""
+    """The config of the `role` ("text" / "vision") backbone `name`, with a clear message when the folder or Hub
+    repo cannot be found (the models and the processors read backbones through it)."""
     if looks_like_local_path(name) and not os.path.isdir(name):
         raise BackboneNotFoundError(
             f"The {role} backbone folder {name} does not exist (a checkpoint names the backbones it was trained on "
@@ -335,7 +336,7 @@ def _backbone_config(
             "copy of that backbone, or its Hub id."
         )
     try:
-        return AutoConfig.from_pretrained(name, revision=revision, **options.hub_kwargs())
+        return AutoConfig.from_pretrained(name, revision=revision, **hub_kwargs)
     except OSError as error:
         raise BackboneNotFoundError(
             f"The {role} backbone '{name}' cannot be loaded: no such local folder, and the Hub repo cannot be "

@@ -1716,14 +1716,15 @@ def adapter_settings(adapter_config: Any, config_class: type, text_ref: Backbone
 
 def _config_of(spec: BackboneSpec, options: BackboneLoadOptions, revision: str | None, role: str) -> Any:
     """A backbone's config without loading its weights (to plan a device map)."""
-    from .backbones import _backbone_config, resolve_hub_revision
+    from .backbones import backbone_config, resolve_hub_revision
 
     if isinstance(spec, PreTrainedConfig):
         return spec
     if isinstance(spec, PreTrainedModel):
         return spec.config
     name = os.fspath(spec)
-    return _backbone_config(name, resolve_hub_revision(name, revision, options.hub_kwargs()), options, role)
+    hub_kwargs = options.hub_kwargs()
+    return backbone_config(name, resolve_hub_revision(name, revision, hub_kwargs), role, hub_kwargs)
 
 
 def _quantization_record(language_model: nn.Module, vision_tower: nn.Module) -> dict | None:

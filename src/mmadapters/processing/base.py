@@ -12,7 +12,6 @@ import numpy as np
 import torch
 from transformers import (
     CONFIG_MAPPING,
-    AutoConfig,
     AutoImageProcessor,
     AutoTokenizer,
     BatchFeature,
@@ -29,6 +28,7 @@ from ..hub.remote_code import processor_auto_map, write_loader
 from ..modeling.backbones import (
     IMAGE_TOKEN,
     add_image_token,
+    backbone_config,
     read_checkpoint_config,
     text_model_class,
     vision_config_of,
@@ -260,13 +260,11 @@ def read_processor_backbones(
     vision_model = resolve_backbone_name(vision_model) if isinstance(vision_model, str) else vision_model
     if isinstance(text_model, PreTrainedConfig):
         raise ValueError(f"{processor_name} needs a tokenizer: pass the LLM as a Hub id or a local folder.")
-    text_config = AutoConfig.from_pretrained(text_model, revision=revision, **hub_kwargs)
+    text_config = backbone_config(text_model, revision, "text", hub_kwargs)
     if isinstance(vision_model, PreTrainedConfig):
         vision_config = vision_config_of(vision_model)
     else:
-        vision_config = vision_config_of(
-            AutoConfig.from_pretrained(vision_model, revision=vision_revision, **hub_kwargs)
-        )
+        vision_config = vision_config_of(backbone_config(vision_model, vision_revision, "vision", hub_kwargs))
     return ProcessorBackbones(
         text_model=text_model,
         text_config=text_config,
@@ -603,6 +601,9 @@ class AdapterProcessorMixin:
         here, e.g. `max_length`, apply to it as they do to a saved one; the Hub keywords reach the backbones' files
         too)."""
         name = os.fspath(pretrained_model_name_or_path)
+        # Where the backbones are, when not where the checkpoint names them (as the model's from_pretrained takes
+        # it): what a rebuilt processor reads; a saved processor reads no backbone.
+        overrides = {role: kwargs.pop(f"{role}_model", None) for role in ("text", "vision")}
         hub_kwargs = {k: kwargs[k] for k in HUB_KEYWORDS if k in kwargs}
         revision, subfolder = kwargs.get("revision"), kwargs.get("subfolder") or ""
         config = read_checkpoint_config(name, revision, subfolder, **hub_kwargs)
@@ -618,16 +619,19 @@ class AdapterProcessorMixin:
             )
         if has_saved_processor(name, revision, subfolder, **hub_kwargs):
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        return cls._rebuilt_for(name, model_config, kwargs)
+        return cls._rebuilt_for(name, model_config, kwargs, overrides)
 
     @classmethod
-    def _rebuilt_for(cls, name: str, config: Any, kwargs: dict[str, Any]) -> Any:
+    def _rebuilt_for(
+        cls, name: str, config: Any, kwargs: dict[str, Any], overrides: dict[str, str | None]
+    ) -> Any:
         """The processor of checkpoint `name` (its config: `config`), which holds no processor files, rebuilt from
-        the backbones its config names, with the processor's options, the Hub keywords and the settings of its parts
-        given here (`apply_load_settings`)."""
+        the backbones its config names (or `overrides`, by role), with the processor's options, the Hub keywords
+        and the settings of its parts given here (`apply_load_settings`)."""
         options = processor_options(cls)
         rebuilt = cls._from_recorded_backbones(
             config,
+            overrides,
             **{k: v for k, v in kwargs.items() if k in options},
             **{k: kwargs[k] for k in HUB_KEYWORDS if k in kwargs},
         )
@@ -645,7 +649,7 @@ class AdapterProcessorMixin:
         """The processor for `model`: built from the backbones its config names (tokenizer with the image token,
         the tower's image processor) and its number of visual tokens. `kwargs`: the processor's options and the
         Hub keywords (`token`, ...), as `from_backbones` takes them."""
-        processor = cls._from_recorded_backbones(model.config, **kwargs)
+        processor = cls._from_recorded_backbones(model.config, {}, **kwargs)
         if processor is None:
             raise ValueError(
                 "This model's backbones were built from config objects, so no tokenizer can be found for them: build "
@@ -654,18 +658,25 @@ class AdapterProcessorMixin:
         return processor
 
     @classmethod
-    def _from_recorded_backbones(cls, config: Any, **kwargs: Any) -> Any:
-        """A processor built from the backbones a model config records (at their recorded revisions), or None
-        when it names none."""
-        text, vision = config.text_backbone or {}, config.vision_backbone or {}
-        if not (text.get("name_or_path") and vision.get("name_or_path")):
-            return None
+    def _from_recorded_backbones(cls, config: Any, overrides: dict[str, str | None], **kwargs: Any) -> Any:
+        """A processor built from the backbones a model config records (at their recorded revisions), or from the
+        ones `overrides` names by role ("text", "vision"; at their latest revision, as the model's from_pretrained
+        takes them); None when neither names both."""
+        sources = {}
+        for role in ("text", "vision"):
+            recorded = getattr(config, f"{role}_backbone") or {}
+            if overrides.get(role) is not None:
+                sources[role] = (os.fspath(overrides[role]), None)
+            elif recorded.get("name_or_path"):
+                sources[role] = (recorded["name_or_path"], recorded.get("revision"))
+            else:
+                return None
         return cls.from_backbones(
-            text["name_or_path"],
-            vision["name_or_path"],
+            sources["text"][0],
+            sources["vision"][0],
             num_image_tokens=config.num_image_tokens,
-            revision=text.get("revision"),
-            vision_revision=vision.get("revision"),
+            revision=sources["text"][1],
+            vision_revision=sources["vision"][1],
             **kwargs,
         )
 
