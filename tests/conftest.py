@@ -385,8 +385,7 @@ def make_trainer(model, processor, dataset, output_dir, max_steps=6, training=No
         model=model,
         args=args,
         train_dataset=dataset,
-        processing_class=processor,
-        **{"data_collator": VisionLanguageCollator(processor), **kwargs},
+        **{"processing_class": processor, "data_collator": VisionLanguageCollator(processor), **kwargs},
     )
 
 

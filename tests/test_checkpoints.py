@@ -411,6 +411,55 @@ def test_a_rebuilt_processor_takes_the_backbones_where_they_are_now(tiny_backbon
     assert all(torch.equal(got[key], expected[key]) for key in expected)
 
 
+def test_a_processor_that_does_not_fit_the_model_is_refused_before_anything_is_written(
+    trained, tiny_backbones, tmp_path
+):
+    """`save_pretrained(processor=...)` (and so `push_to_hub` and the Trainers' checkpoints) saved any processor
+    with the model: the other method's, a bare tokenizer, one expanding `<image>` to another number of visual tokens,
+    or one built on another LLM's tokenizer (the image placeholder gets another id). Each loaded back as the
+    checkpoint's processor and built inputs the model refused, or, for a tokenizer, no processor at all. Refused
+    now, before anything is written, and when a Trainer is given one."""
+    from conftest import make_tokenizer, make_trainer, toy_dataset
+
+    from mmadapters import CromeProcessor
+    from mmadapters.modeling.image_tokens import NumImageTokensError
+
+    model, processor = trained
+    other_tokenizer = make_tokenizer()
+    other_tokenizer.add_tokens(["<extra>"])
+    other_llm = save_tiny_llm(tmp_path / "other-llm", tokenizer=other_tokenizer)
+    count = model.config.num_image_tokens
+    cases = [
+        (
+            CromeProcessor.from_backbones(*tiny_backbones),
+            ValueError,
+            r"CromeProcessor is not a processor of LaVIN",
+        ),
+        (processor.tokenizer, ValueError, r"is not a processor of LaVIN.*LavinProcessor.from_model\(model\)"),
+        (
+            LavinProcessor.from_backbones(*tiny_backbones, num_image_tokens=count + 1),
+            NumImageTokensError,
+            f"expands each <image> to {count + 1} visual tokens, but this model makes {count}",
+        ),
+        (
+            LavinProcessor.from_backbones(other_llm, tiny_backbones[1]),
+            ValueError,
+            r"gives the image placeholder id 301, but this model's is 300: it was built for another LLM",
+        ),
+    ]
+    (tmp_path / "data").mkdir()
+    for bad, error, message in cases:
+        with pytest.raises(error, match=message):
+            model.save_pretrained(tmp_path / "out", processor=bad)
+        assert not (tmp_path / "out").exists()
+        with pytest.raises(error, match=message):
+            make_trainer(
+                model, processor, toy_dataset(tmp_path / "data", n=4), tmp_path / "run", processing_class=bad
+            )
+    model.save_pretrained(tmp_path / "out", processor=processor)
+    assert isinstance(AutoProcessor.from_pretrained(tmp_path / "out"), LavinProcessor)
+
+
 def test_a_checkpoint_without_processor_files_or_backbone_names_is_named(tmp_path):
     """A model built from config objects names no backbone to rebuild its processor from (was transformers' error
     about a tokenizer it could not find)."""

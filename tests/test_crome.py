@@ -1007,3 +1007,15 @@ def test_flex_attention_is_taken_as_transformers_models_take_it(
         assert flex.vision_tower.config._attn_implementation == "flex_attention"
         with torch.no_grad():
             torch.testing.assert_close(flex(**inputs).logits[real], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_processor_for_the_other_kind_of_llm_is_refused_when_saving(backbones, tmp_path):
+    """A T5 CROME saved with a processor built on a decoder-only LLM (same tokenizer, same visual tokens) lays
+    answers out as a decoder-only LLM takes them: refused before anything is written (it was saved)."""
+    model, _ = build(backbones, "t5")
+    decoder_only = CromeProcessor.from_backbones(
+        backbones["llama"], backbones["vision"], num_image_tokens=model.config.num_image_tokens
+    )
+    with pytest.raises(ValueError, match="for a decoder-only LLM, but this model's is encoder-decoder"):
+        model.save_pretrained(tmp_path / "out", processor=decoder_only)
+    assert not (tmp_path / "out").exists()

@@ -532,8 +532,9 @@ def test_model_init_models_are_taken_as_given_models_are(tiny_backbones, tmp_pat
         lavin = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
         return get_peft_model(lavin, LoraConfig(r=2, target_modules=r".*language_model.*\.q_proj"))
 
+    lavin_processor = LavinProcessor.from_backbones(*tiny_backbones)  # (this test gave it CROME's before)
     trainer = make_trainer(
-        None, processor, dataset, tmp_path / "lavin", max_steps=1, model_init=lavin_with_lora
+        None, lavin_processor, dataset, tmp_path / "lavin", max_steps=1, model_init=lavin_with_lora
     )
     assert isinstance(trainer.model, LavinForConditionalGeneration)
     trains = {name.split(".")[0] for name, p in trainer.model.named_parameters() if p.requires_grad}

@@ -45,6 +45,7 @@ from ..checkpoint_files import (
 )
 from ..hub.names import looks_like_local_path
 from ..hub.remote_code import model_auto_map, write_loader
+from ..method_names import METHOD_NAMES
 from . import peft_hotswap, peft_on_top
 from .backbone_holders import hold_backbones, refuse_backbone_in_use
 from .backbone_watch import (
@@ -77,7 +78,7 @@ from .causal_lm_output import (
 )
 from .frozen_backbones_config import changed_adapter_settings
 from .full_checkpoint_quantization import hand_quantization_to_backbones, scoped_quantization
-from .image_tokens import labels_without_image_tokens, vocabulary_size
+from .image_tokens import NumImageTokensError, labels_without_image_tokens, vocabulary_size
 from .loading import (
     PEFT_ADAPTER_KWARGS,
     ROLES,
@@ -1061,6 +1062,8 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
                 "(or `mmadapters push FOLDER REPO_ID`), which uploads the checkpoint with a generated model card."
             )
         self.check_save_directory(save_directory)
+        if processor is not None:
+            self.check_processor(processor)
         referenced = self.backbones_are_referenced()
         shard_limit = None
         if adapter_only and referenced:
@@ -1116,6 +1119,35 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             write_loader(staging)
             if processor is not None:
                 processor.save_pretrained(staging)
+
+    def check_processor(self, processor: Any) -> None:
+        """Refuse, before anything is saved with it, a processor that does not build this model's inputs: another
+        method's (or a bare tokenizer: no processor would load from the folder), one that expands `<image>` to
+        another number of visual tokens, one whose tokenizer gives the image placeholder another id (built on another
+        LLM's tokenizer), or one for the other kind of LLM (decoder-only / encoder-decoder)."""
+        processor_name = type(self).__name__.replace("ForConditionalGeneration", "Processor")
+        how = f"Build it with {processor_name}.from_model(model), or from_backbones with this model's backbones."
+        if getattr(processor, "model_type", None) != self.config.model_type:
+            method = METHOD_NAMES[self.config.model_type].name
+            raise ValueError(
+                f"{type(processor).__name__} is not a processor of {method} ({processor_name}). {how}"
+            )
+        if processor.num_image_tokens != self.config.num_image_tokens:
+            raise NumImageTokensError(
+                f"The processor expands each <image> to {processor.num_image_tokens} visual tokens, but this model "
+                f"makes {self.config.num_image_tokens} per image. {how}"
+            )
+        if processor.image_token_id != self.config.image_token_id:
+            raise ValueError(
+                f"The processor's tokenizer gives the image placeholder id {processor.image_token_id}, but this "
+                f"model's is {self.config.image_token_id}: it was built for another LLM. {how}"
+            )
+        encoder_decoder = bool(getattr(self.config.text_config, "is_encoder_decoder", False))
+        if getattr(processor, "encoder_decoder", encoder_decoder) != encoder_decoder:
+            raise ValueError(
+                f"The processor lays out inputs for {'a decoder-only' if encoder_decoder else 'an encoder-decoder'} "
+                f"LLM, but this model's is {'encoder-decoder' if encoder_decoder else 'decoder-only'}. {how}"
+            )
 
     def check_save_directory(self, save_directory: str | os.PathLike) -> None:
         """Refuse, before anything is written, to save into the folder a backbone was loaded from: the save would
