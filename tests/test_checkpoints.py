@@ -418,11 +418,12 @@ def test_a_processor_that_does_not_fit_the_model_is_refused_before_anything_is_w
     with the model: the other method's, a bare tokenizer, one expanding `<image>` to another number of visual tokens,
     or one built on another LLM's tokenizer (the image placeholder gets another id). Each loaded back as the
     checkpoint's processor and built inputs the model refused, or, for a tokenizer, no processor at all. Refused
-    now, before anything is written, and when a Trainer is given one."""
+    now, before anything is written, and when a Trainer is given one (as processing_class or in its collator)."""
     from conftest import make_tokenizer, make_trainer, toy_dataset
 
     from mmadapters import CromeProcessor
     from mmadapters.modeling.image_tokens import NumImageTokensError
+    from mmadapters.trainers import VisionLanguageCollator
 
     model, processor = trained
     other_tokenizer = make_tokenizer()
@@ -452,10 +453,14 @@ def test_a_processor_that_does_not_fit_the_model_is_refused_before_anything_is_w
         with pytest.raises(error, match=message):
             model.save_pretrained(tmp_path / "out", processor=bad)
         assert not (tmp_path / "out").exists()
+        dataset = toy_dataset(tmp_path / "data", n=4)
         with pytest.raises(error, match=message):
-            make_trainer(
-                model, processor, toy_dataset(tmp_path / "data", n=4), tmp_path / "run", processing_class=bad
-            )
+            make_trainer(model, processor, dataset, tmp_path / "run", processing_class=bad)
+        if isinstance(bad, LavinProcessor):  # a LaVIN processor of another count or LLM, in the collator
+            with pytest.raises(error, match=message):
+                make_trainer(
+                    model, processor, dataset, tmp_path / "run", data_collator=VisionLanguageCollator(bad)
+                )
     model.save_pretrained(tmp_path / "out", processor=processor)
     assert isinstance(AutoProcessor.from_pretrained(tmp_path / "out"), LavinProcessor)
 

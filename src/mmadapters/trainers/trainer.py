@@ -187,10 +187,11 @@ class AdapterTrainer(Trainer):
         trained = self._unwrapped()
         if hasattr(trained, "check_save_directory"):  # the final save_model writes output_dir itself
             trained.check_save_directory(self.args.output_dir)
-        if self.processing_class is not None and hasattr(
-            trained, "check_processor"
-        ):  # saved in every checkpoint
-            trained.check_processor(self.processing_class)
+        if hasattr(trained, "check_processor"):
+            if self.processing_class is not None:  # saved in every checkpoint
+                trained.check_processor(self.processing_class)
+            if isinstance(self.data_collator, VisionLanguageCollator):  # builds every batch
+                trained.check_processor(self.data_collator.processor)
         state = self.accelerator.state
         check_sharded_saving(
             state.deepspeed_plugin.deepspeed_config if self.is_deepspeed_enabled else None,
