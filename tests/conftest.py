@@ -266,6 +266,37 @@ def save_tiny_t5(path) -> str:
     return str(path)
 
 
+def word_level_tokenizer() -> PreTrainedTokenizerFast:
+    """A tokenizer whose ids differ from the tiny LLM's (InstructBLIP's Q-Former reads BERT's, not the LLM's)."""
+    words = sorted({word for line in CORPUS for word in line.replace(".", " ").replace("?", " ").split()})
+    vocab = {token: index for index, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]"
+    )
+
+
+def save_tiny_instructblip(path) -> str:
+    """A tiny InstructBLIP checkpoint (random weights) whose Q-Former tokenizer, in `qformer_tokenizer/` as
+    transformers' InstructBlipProcessor saves it, is not the LLM's (`word_level_tokenizer`)."""
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
+
+    qformer_tokenizer = word_level_tokenizer()
+    llm_vocabulary = len(make_tokenizer())
+    config = InstructBlipConfig(
+        vision_config=tiny_vision_config("instructblip", num_hidden_layers=3).to_dict(),
+        qformer_config=tiny_qformer_config(vocab_size=len(qformer_tokenizer)).to_dict(),
+        text_config=tiny_text_config(vocab_size=llm_vocabulary + 1).to_dict(),
+        num_query_tokens=4,
+        image_token_index=llm_vocabulary,
+    )
+    torch.manual_seed(0)
+    InstructBlipForConditionalGeneration(config).save_pretrained(path)
+    qformer_tokenizer.save_pretrained(os.path.join(path, "qformer_tokenizer"))
+    return str(path)
+
+
 def save_tiny_vision(path, seed: int = 0) -> str:
     torch.manual_seed(seed)
     config = tiny_vision_config()

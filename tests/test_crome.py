@@ -14,6 +14,7 @@ from conftest import (
     VISION_FAMILIES,
     dropout_off,
     make_tokenizer,
+    save_tiny_instructblip,
     tiny_qformer_config,
     tiny_text_config,
     tiny_vision_config,
@@ -1019,3 +1020,31 @@ def test_a_processor_for_the_other_kind_of_llm_is_refused_when_saving(backbones,
     with pytest.raises(ValueError, match="for a decoder-only LLM, but this model's is encoder-decoder"):
         model.save_pretrained(tmp_path / "out", processor=decoder_only)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def instructblip_with_its_own_qformer_tokenizer(tmp_path_factory):
+    return save_tiny_instructblip(tmp_path_factory.mktemp("instructblip-own-tokenizer"))
+
+
+def test_a_crome_from_instructblip_rebuilds_its_qformer_tokenizer(
+    backbones, instructblip_with_its_own_qformer_tokenizer, tmp_path
+):
+    """A CROME converted from InstructBLIP and saved without its processor: the rebuilt processor tokenized the
+    Q-Former's instruction with the LLM's tokenizer (the Q-Former read ids of another vocabulary); it now takes
+    InstructBLIP's Q-Former tokenizer, as the converter's processor does. A processor whose Q-Former tokenizer
+    does not fit the Q-Former's vocabulary is refused when saving."""
+    path = instructblip_with_its_own_qformer_tokenizer
+    model, processor = from_instructblip(path, text_model=backbones["llama"])
+    model.save_pretrained(tmp_path / "ckpt")
+    rebuilt = CromeProcessor.from_pretrained(tmp_path / "ckpt")
+    text = "<image>\nwhat color is the shape?"
+    expected, got = processor(images=[image(0)], text=text), rebuilt(images=[image(0)], text=text)
+    assert all(torch.equal(got[key], expected[key]) for key in expected)
+    llm_tokenized = CromeProcessor.from_backbones(
+        backbones["llama"], path, num_image_tokens=model.config.num_image_tokens
+    )
+    with pytest.raises(
+        ValueError, match=r"Q-Former tokenizer has \d+ tokens, more than the Q-Former's vocabulary"
+    ):
+        model.save_pretrained(tmp_path / "out", processor=llm_tokenized)

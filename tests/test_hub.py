@@ -286,6 +286,62 @@ def test_processors_load_private_backbones_with_the_token_given(hub, tiny_backbo
     assert TOKEN not in result.stdout + result.stderr
 
 
+CROME_FROM_A_HUB_INSTRUCTBLIP = """
+import sys, json, torch
+from conftest import tiny_sample_inputs
+from mmadapters.convert import from_instructblip
+llm, folder, out = sys.argv[1:4]
+model, processor = from_instructblip("Salesforce/instructblip-tiny", text_model=llm)
+model.save_pretrained(folder)  # without its processor: rebuilt from the records where it is loaded
+inputs = tiny_sample_inputs(processor)
+torch.save({"inputs": dict(inputs), "logits": model.eval()(**inputs).logits}, out)
+print(json.dumps(model.config.vision_backbone))
+"""
+
+LOAD_CROME_ELSEWHERE = """
+import sys, torch
+from conftest import tiny_sample_inputs
+from mmadapters import CromeForConditionalGeneration, CromeProcessor
+folder, out = sys.argv[1:3]
+model = CromeForConditionalGeneration.from_pretrained(folder).eval()
+inputs = tiny_sample_inputs(CromeProcessor.from_pretrained(folder))
+torch.save({"inputs": dict(inputs), "logits": model(**inputs).logits}, out)
+"""
+
+
+def test_crome_from_a_hub_instructblip_records_the_repo_and_loads_on_another_machine(
+    hub, tiny_backbones, tmp_path
+):
+    """from_instructblip("org/repo") recorded the vision backbone as the local Hub-cache folder it was read from,
+    so the checkpoint did not load elsewhere (and a push needed --allow-local-backbones); it records the repo id,
+    pinned to the commit, and a machine with another cache loads the checkpoint and rebuilds its processor, with
+    InstructBLIP's Q-Former tokenizer, to the same inputs and logits."""
+    from conftest import save_tiny_instructblip
+
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    api.create_repo("Salesforce/instructblip-tiny")
+    commit = api.upload_folder(
+        repo_id="Salesforce/instructblip-tiny", folder_path=save_tiny_instructblip(tmp_path / "instructblip")
+    ).oid
+    env = hub_env(hub, tmp_path)
+    built = run(
+        CROME_FROM_A_HUB_INSTRUCTBLIP,
+        tiny_backbones[0],
+        str(tmp_path / "ckpt"),
+        str(tmp_path / "a.pt"),
+        env=env,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    recorded = json.loads(built.stdout.strip().splitlines()[-1])
+    assert (recorded["name_or_path"], recorded["revision"]) == ("Salesforce/instructblip-tiny", commit)
+    elsewhere = {**env, "HF_HOME": str(tmp_path / "another-machine")}
+    loaded = run(LOAD_CROME_ELSEWHERE, str(tmp_path / "ckpt"), str(tmp_path / "b.pt"), env=elsewhere)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    a, b = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
+    assert all(torch.equal(a["inputs"][key], b["inputs"][key]) for key in a["inputs"])
+    torch.testing.assert_close(a["logits"], b["logits"], rtol=0, atol=0)
+
+
 TRAIN_AND_PUSH = """
 import sys, json, torch
 from conftest import make_trainer, toy_dataset

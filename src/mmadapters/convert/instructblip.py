@@ -15,9 +15,10 @@ import torch
 from transformers import InstructBlipConfig
 
 from ..modeling.adapters import CromeAdapterConfig
-from ..modeling.backbones import BackboneSpec, fingerprint, resolve_checkpoint_folder
+from ..modeling.backbones import BackboneSpec, fingerprint, resolve_checkpoint_folder, resolve_hub_revision
 from ..modeling.crome import CromeForConditionalGeneration
 from ..processing import CromeProcessor
+from ..processing.processing_crome import instructblip_qformer_tokenizer
 
 
 def from_instructblip(
@@ -33,11 +34,16 @@ def from_instructblip(
     Returns the model and its processor (with InstructBLIP's Q-Former tokenizer).
     """
     name = os.fspath(path_or_id)
+    # A Hub checkpoint is pinned to the commit read now and named by its repo id in the records (its tower is
+    # CROME's vision backbone; its Q-Former is read again from it at load): the Hub cache folder it is read from
+    # here exists on this machine only.
+    revision = resolve_hub_revision(name, revision)
     folder = resolve_checkpoint_folder(name, revision)
     source_config = InstructBlipConfig.from_pretrained(folder)
     model = CromeForConditionalGeneration.from_backbones(
         text_model,
-        folder,
+        name,
+        vision_revision=revision,
         qformer=source_config.qformer_config,
         adapter_config=adapter_config,
         dtype=dtype,
@@ -51,11 +57,11 @@ def from_instructblip(
         "modules": modules,
         "fingerprint": fingerprint(model.qformer),
     }
-    qformer_tokenizer = os.path.join(folder, "qformer_tokenizer")
     processor = CromeProcessor.from_backbones(
         text_model,
-        folder,
-        qformer_tokenizer=qformer_tokenizer if os.path.isdir(qformer_tokenizer) else None,
+        name,
+        vision_revision=revision,
+        qformer_tokenizer=instructblip_qformer_tokenizer(folder),
         num_image_tokens=model.config.num_image_tokens,
     )
     return model, processor

@@ -11,8 +11,10 @@ import os
 from typing import Any, Literal
 
 from transformers import AutoTokenizer, PreTrainedConfig, ProcessorMixin
+from transformers.utils import cached_file
 
 from ..modeling.backbones import IMAGE_TOKEN
+from ..modeling.loading import HUB_KEYWORDS
 from ..validation import check_bool, check_positive_int
 from .base import (
     CLIP_MEAN,
@@ -28,6 +30,29 @@ from .base import (
     take_processor_keywords,
 )
 from .images import DEFAULT_MAX_IMAGE_PIXELS
+
+
+def instructblip_qformer_tokenizer(
+    name_or_path: str, revision: str | None = None, **hub_kwargs: Any
+) -> Any | None:
+    """The Q-Former tokenizer an InstructBLIP checkpoint (folder or Hub repo) ships in its `qformer_tokenizer/`
+    folder, as transformers' InstructBlipProcessor saves it (BERT's); None when it ships none."""
+    if os.path.isdir(name_or_path):
+        folder = os.path.join(name_or_path, "qformer_tokenizer")
+        return AutoTokenizer.from_pretrained(folder) if os.path.isdir(folder) else None
+    shipped = cached_file(
+        name_or_path,
+        "tokenizer_config.json",
+        subfolder="qformer_tokenizer",
+        revision=revision,
+        _raise_exceptions_for_missing_entries=False,  # None when the repo holds no such file
+        **hub_kwargs,
+    )
+    if shipped is None:
+        return None
+    return AutoTokenizer.from_pretrained(
+        name_or_path, subfolder="qformer_tokenizer", revision=revision, **hub_kwargs
+    )
 
 
 class CromeProcessor(AdapterProcessorMixin, ProcessorMixin):
@@ -103,6 +128,20 @@ class CromeProcessor(AdapterProcessorMixin, ProcessorMixin):
             encoder_decoder=bool(getattr(backbones.text_config, "is_encoder_decoder", False)),
             **options,
         )
+
+    @classmethod
+    def _from_recorded_backbones(cls, config: Any, overrides: dict[str, str | None], **kwargs: Any) -> Any:
+        """As for every processor; a Q-Former taken from InstructBLIP (`config.qformer_source`) reads the
+        instruction with the Q-Former tokenizer of that checkpoint, as `from_instructblip`'s processor does (the
+        LLM's tokenizer gives ids of another vocabulary)."""
+        source = getattr(config, "qformer_source", None)
+        if source and kwargs.get("qformer_tokenizer") is None:
+            kwargs["qformer_tokenizer"] = instructblip_qformer_tokenizer(
+                source["name_or_path"],
+                source.get("revision"),
+                **{k: kwargs[k] for k in HUB_KEYWORDS if k in kwargs},
+            )
+        return super()._from_recorded_backbones(config, overrides, **kwargs)
 
     @property
     def model_input_names(self) -> list[str]:

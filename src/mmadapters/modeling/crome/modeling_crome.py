@@ -342,6 +342,19 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
             output.hidden_states = tuple(h if i == used else None for i, h in enumerate(output.hidden_states))
         return output if self._return_dict(return_dict) else output.to_tuple()
 
+    def check_processor(self, processor: Any) -> None:
+        """`FrozenBackbonesPreTrainedModel.check_processor`, and a Q-Former tokenizer that fits the Q-Former's
+        vocabulary (one with more tokens is not the one it was trained with: the LLM's, for a Q-Former taken from
+        InstructBLIP, which reads BERT's)."""
+        super().check_processor(processor)
+        tokens, vocabulary = len(processor.qformer_tokenizer), self.config.qformer_config.vocab_size
+        if tokens > vocabulary:
+            raise ValueError(
+                f"The processor's Q-Former tokenizer has {tokens} tokens, more than the Q-Former's vocabulary "
+                f"({vocabulary}): it is not the tokenizer the Q-Former reads (from_instructblip's processor takes "
+                "InstructBLIP's). Build it with CromeProcessor.from_model(model)."
+            )
+
     def check_patch_count(self, num_tokens: int) -> None:
         """The tower's output must be its prefix tokens then the patches the config counts: the processor expands
         each <image> to that many placeholders. A tower that interpolates its position embeddings (DINOv2) takes
