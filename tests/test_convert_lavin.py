@@ -18,7 +18,7 @@ from conftest import save_llm_with_width, save_tiny_llm
 from torch import nn
 from transformers import AutoModelForCausalLM, CLIPVisionModel
 
-from mmadapters import LavinForConditionalGeneration
+from mmadapters import LavinForConditionalGeneration, LavinProcessor
 from mmadapters.cli import main
 from mmadapters.convert.lavin_official import OfficialCheckpointError, convert_official_lavin
 
@@ -207,6 +207,29 @@ def test_convert_lavin_cli_writes_a_loadable_checkpoint(official, tiny_backbones
     with torch.no_grad():
         expected = official_logits(reference, llm, vision, model, inputs)
         torch.testing.assert_close(model(**inputs).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_a_converted_checkpoint_saved_without_its_processor_gets_the_official_one_back(
+    official, tiny_backbones, tmp_path
+):
+    """The official preprocessing (ImageNet statistics, no crop) and tokenisation that a converted checkpoint needs
+    are recorded in its config (`official_processing`): a processor rebuilt for it (saved without one, or
+    `from_model`) was the default one, with other pixel values and token ids, and nothing said so."""
+    from transformers import AutoProcessor
+
+    model, processor, _ = convert_official_lavin(official[3], *tiny_backbones)
+    assert model.config.official_processing is True
+    model.save_pretrained(tmp_path / "without-processor")
+    expected = sample_batch(model, processor)
+    for rebuilt in (
+        AutoProcessor.from_pretrained(tmp_path / "without-processor"),
+        LavinProcessor.from_model(
+            LavinForConditionalGeneration.from_pretrained(tmp_path / "without-processor")
+        ),
+    ):
+        assert rebuilt.official_tokenization
+        got = sample_batch(model, rebuilt)
+        assert all(torch.equal(got[key], expected[key]) for key in expected)
 
 
 class Payload:

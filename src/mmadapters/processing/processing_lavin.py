@@ -118,6 +118,15 @@ class LavinProcessor(AdapterProcessorMixin, ProcessorMixin):
             **options,
         )
 
+    @classmethod
+    def _from_recorded_backbones(cls, config: Any, overrides: dict[str, str | None], **kwargs: Any) -> Any:
+        """As for every processor; a checkpoint converted from the official code (`config.official_processing`)
+        gets the official preprocessing and tokenisation, as `convert_official_lavin`'s processor has them."""
+        if getattr(config, "official_processing", False):
+            kwargs.setdefault("official_preprocessing", True)
+            kwargs.setdefault("official_tokenization", True)
+        return super()._from_recorded_backbones(config, overrides, **kwargs)
+
     @property
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "pixel_values"]

@@ -40,6 +40,10 @@ class LavinConfig(FrozenBackbonesConfig):
             `fit_feature_whitening` on unlabeled images) before the projector. Not in the paper; for vision
             towers with badly conditioned features, such as the embedded seeded random one. Default False.
         projector_hidden_size: width of the SiLU projector's hidden layer (128 in the paper).
+        official_processing: the checkpoint was converted from the official LaVIN code (`convert-lavin`): its
+            inputs are built as the official code builds them (`LavinProcessor(official_preprocessing=True,
+            official_tokenization=True)`), and a processor rebuilt for it from its backbones (a checkpoint saved
+            without its processor, `LavinProcessor.from_model`) is built so too. Default False.
     """
 
     model_type = "lavin"
@@ -58,6 +62,7 @@ class LavinConfig(FrozenBackbonesConfig):
     vision_feature_pooling: Literal["cls", "mean"] | None = None
     vision_feature_whitening: bool = False
     projector_hidden_size: int = 128
+    official_processing: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
