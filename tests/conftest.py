@@ -54,9 +54,10 @@ def local_hub_online(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
 
 
-# Deprecations raised by a library's own calls below ours, not by a call of ours: transformers 5.24 passes
-# create_block_mask(_compile=True) (flex attention), which torch 2.13 deprecates.
-UPSTREAM_DEPRECATIONS = ("_compile flag on create_block_mask",)
+# Deprecations raised by a library's own calls below ours, not by a call of ours (flex attention): transformers 5.24
+# passes create_block_mask(_compile=True), which torch 2.13 deprecates, and transformers 5.20's flex attention
+# imports a module that uses torch.jit.script_method (we use no torch.jit).
+UPSTREAM_DEPRECATIONS = ("_compile flag on create_block_mask", "`torch.jit.script_method` is deprecated")
 
 
 @pytest.fixture(autouse=True)
