@@ -213,6 +213,13 @@ def test_from_checkpoint_honours_the_backbone_and_adapter_keys_or_refuses_them(
     config = json.loads((stage_one / "config.json").read_text())
     config["text_backbone"]["name_or_path"] = str(tmp_path / "gone")  # trained on another machine's folder
     (stage_one / "config.json").write_text(json.dumps(config))
+    # Saved without its processor: it is rebuilt from the backbones where the recipe says they are (it was rebuilt
+    # from the recorded folder, which is gone).
+    for saved in stage_one.iterdir():
+        if saved.name.startswith(
+            ("tokenizer", "processor", "preprocessor", "chat_template", "special_tokens")
+        ):
+            saved.unlink()
     moved_llm = shutil.copytree(tiny_backbones[0], tmp_path / "llm-here")
 
     def recipe(**overrides):

@@ -335,9 +335,10 @@ def _build_model_and_processor(recipe: dict[str, Any]) -> tuple[Any, Any]:
                 f"`from_checkpoint` {recipe['from_checkpoint']} is a {error.found} checkpoint, but the recipe says "
                 f"`model: {recipe['model']}`: set `model: {error.found}`."
             ) from None
-        # The checkpoint's processor (`from_checkpoint` may be a PEFT adapter folder, loaded on the one it names).
+        # The checkpoint's processor (`from_checkpoint` may be a PEFT adapter folder, loaded on the one it names;
+        # the recipe's backbones are where one the checkpoint does not hold is rebuilt from).
         processor_source = model.name_or_path or recipe["from_checkpoint"]
-        return model.train(), chosen.processor_class.from_pretrained(processor_source)
+        return model.train(), chosen.processor_class.from_pretrained(processor_source, **backbones)
     text_model, vision_model = resolve_backbones(recipe)
     adapter = recipe.get("adapter") or {}
     if recipe.get("init_from"):  # CROME: the Q-Former from an InstructBLIP checkpoint
