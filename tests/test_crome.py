@@ -18,6 +18,7 @@ from conftest import (
     tiny_qformer_config,
     tiny_text_config,
     tiny_vision_config,
+    word_level_tokenizer,
 )
 from transformers import (
     AutoModelForCausalLM,
@@ -1048,3 +1049,13 @@ def test_a_crome_from_instructblip_rebuilds_its_qformer_tokenizer(
         ValueError, match=r"Q-Former tokenizer has \d+ tokens, more than the Q-Former's vocabulary"
     ):
         model.save_pretrained(tmp_path / "out", processor=llm_tokenized)
+
+
+def test_an_instructblip_checkpoint_given_as_the_qformer_tokenizer_gives_its_qformer_tokenizer(
+    backbones, instructblip_with_its_own_qformer_tokenizer
+):
+    """`qformer_tokenizer=` naming an InstructBLIP checkpoint took the tokenizer at its root (its LLM's), not the
+    Q-Former's in its `qformer_tokenizer/` folder."""
+    path = instructblip_with_its_own_qformer_tokenizer
+    processor = CromeProcessor.from_backbones(backbones["llama"], path, qformer_tokenizer=path)
+    assert processor.qformer_tokenizer.get_vocab() == word_level_tokenizer().get_vocab()

@@ -103,7 +103,9 @@ class CromeProcessor(AdapterProcessorMixin, ProcessorMixin):
         **kwargs: Any,
     ) -> CromeProcessor:
         """The processor for a CROME built on these backbones. `num_image_tokens` defaults to 32 queries plus the
-        tower's patches (the default patch branch); pass `model.config.num_image_tokens` when in doubt."""
+        tower's patches (the default patch branch); pass `model.config.num_image_tokens` when in doubt.
+        `qformer_tokenizer`: a tokenizer, its folder or Hub id, or an InstructBLIP checkpoint (the tokenizer in its
+        `qformer_tokenizer/` folder); default: the LLM's (a fresh Q-Former's)."""
         options, hub_kwargs = take_processor_keywords(cls, kwargs, "CromeProcessor.from_backbones")
         backbones = read_processor_backbones(
             "CromeProcessor", text_model, vision_model, revision, vision_revision, hub_kwargs
@@ -113,7 +115,11 @@ class CromeProcessor(AdapterProcessorMixin, ProcessorMixin):
                 backbones.text_model, backbones.text_config, revision, **hub_kwargs
             )
         elif isinstance(qformer_tokenizer, (str, os.PathLike)):
-            qformer_tokenizer = AutoTokenizer.from_pretrained(qformer_tokenizer, **hub_kwargs)
+            # A tokenizer's folder or repo, or an InstructBLIP checkpoint (its Q-Former's tokenizer, not its LLM's).
+            name = os.fspath(qformer_tokenizer)
+            qformer_tokenizer = instructblip_qformer_tokenizer(
+                name, **hub_kwargs
+            ) or AutoTokenizer.from_pretrained(name, **hub_kwargs)
         vision_config = backbones.vision_config
         if num_image_tokens is None:
             num_image_tokens = 32 + (vision_config.image_size // vision_config.patch_size) ** 2
