@@ -350,9 +350,8 @@ def apply_load_settings(processor: Any, settings: dict[str, Any]) -> None:
     model's loading keywords (`dtype`, `attn_implementation`, ...), which transformers' pipeline passes to the
     processor too and which transformers' processors ignore."""
     image_processor = processor.image_processor
-    image_settings = {
-        k: v for k, v in settings.items() if k in type(image_processor).valid_kwargs.__annotations__
-    }
+    valid = getattr(getattr(type(image_processor), "valid_kwargs", None), "__annotations__", {})
+    image_settings = {k: v for k, v in settings.items() if k in valid}
     if image_settings:
         processor.image_processor = type(image_processor).from_dict(
             image_processor.to_dict(), **image_settings
