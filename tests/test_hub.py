@@ -244,9 +244,12 @@ crome_processor = CromeProcessor.from_model(crome, token=token)
 assert crome.config.image_token_id == crome_processor.image_token_id
 crome(**tiny_sample_inputs(crome_processor))
 model.push_to_hub("me/no-processor", token=token, license="apache-2.0")  # no processor files
+model.push_to_hub("me/with-processor", token=token, license="apache-2.0")
+processor.push_to_hub("me/with-processor", token=token)  # transformers' way: the processor pushed on its own
 model.save_pretrained(folder)
 expected = tiny_sample_inputs(processor)
 for rebuilt in (
+    AutoProcessor.from_pretrained("me/with-processor", token=token),
     AutoProcessor.from_pretrained("me/no-processor", token=token),
     LavinProcessor.from_pretrained(folder, token=token),
     LavinProcessor.from_model(model, token=token),
