@@ -255,9 +255,8 @@ def convert_official_lavin(
     if report.unmapped or report.missing:
         raise OfficialCheckpointError(f"The checkpoint does not map onto this model.\n{report.summary()}")
     model.load_adapter_state_dict(converted, source=os.fspath(checkpoint))
-    model.config.official_processing = (
-        True  # a processor rebuilt for the checkpoint follows the official code
-    )
+    # A processor rebuilt for the checkpoint (saved without its processor) follows the official code too.
+    model.config.official_processing = True
     processor = LavinProcessor.from_backbones(
         text_model,
         vision_model,

@@ -117,9 +117,8 @@ class CromeProcessor(AdapterProcessorMixin, ProcessorMixin):
         elif isinstance(qformer_tokenizer, (str, os.PathLike)):
             # A tokenizer's folder or repo, or an InstructBLIP checkpoint (its Q-Former's tokenizer, not its LLM's).
             name = os.fspath(qformer_tokenizer)
-            qformer_tokenizer = instructblip_qformer_tokenizer(
-                name, **hub_kwargs
-            ) or AutoTokenizer.from_pretrained(name, **hub_kwargs)
+            instructblips = instructblip_qformer_tokenizer(name, **hub_kwargs)
+            qformer_tokenizer = instructblips or AutoTokenizer.from_pretrained(name, **hub_kwargs)
         vision_config = backbones.vision_config
         if num_image_tokens is None:
             num_image_tokens = 32 + (vision_config.image_size // vision_config.patch_size) ** 2
