@@ -293,8 +293,8 @@ CROME_FROM_A_HUB_INSTRUCTBLIP = """
 import sys, json, torch
 from conftest import tiny_sample_inputs
 from mmadapters.convert import from_instructblip
-llm, folder, out = sys.argv[1:4]
-model, processor = from_instructblip("Salesforce/instructblip-tiny", text_model=llm)
+llm, folder, out, token = sys.argv[1:5]
+model, processor = from_instructblip("Salesforce/instructblip-tiny", text_model=llm, token=token)
 model.save_pretrained(folder)  # without its processor: rebuilt from the records where it is loaded
 inputs = tiny_sample_inputs(processor)
 torch.save({"inputs": dict(inputs), "logits": model.eval()(**inputs).logits}, out)
@@ -305,9 +305,9 @@ LOAD_CROME_ELSEWHERE = """
 import sys, torch
 from conftest import tiny_sample_inputs
 from mmadapters import CromeForConditionalGeneration, CromeProcessor
-folder, out = sys.argv[1:3]
-model = CromeForConditionalGeneration.from_pretrained(folder).eval()
-inputs = tiny_sample_inputs(CromeProcessor.from_pretrained(folder))
+folder, out, token = sys.argv[1:4]
+model = CromeForConditionalGeneration.from_pretrained(folder, token=token).eval()
+inputs = tiny_sample_inputs(CromeProcessor.from_pretrained(folder, token=token))
 torch.save({"inputs": dict(inputs), "logits": model(**inputs).logits}, out)
 """
 
@@ -318,27 +318,30 @@ def test_crome_from_a_hub_instructblip_records_the_repo_and_loads_on_another_mac
     """from_instructblip("org/repo") recorded the vision backbone as the local Hub-cache folder it was read from,
     so the checkpoint did not load elsewhere (and a push needed --allow-local-backbones); it records the repo id,
     pinned to the commit, and a machine with another cache loads the checkpoint and rebuilds its processor, with
-    InstructBLIP's Q-Former tokenizer, to the same inputs and logits."""
+    InstructBLIP's Q-Former tokenizer, to the same inputs and logits. A private InstructBLIP is read with the `token`
+    given to from_instructblip and to from_pretrained (the conversion and the load of the Q-Former it references
+    read it without)."""
     from conftest import save_tiny_instructblip
 
     api = HfApi(endpoint=hub.url, token=TOKEN)
-    api.create_repo("Salesforce/instructblip-tiny")
+    api.create_repo("Salesforce/instructblip-tiny", private=True)  # read with the token given, not HF_TOKEN
     commit = api.upload_folder(
         repo_id="Salesforce/instructblip-tiny", folder_path=save_tiny_instructblip(tmp_path / "instructblip")
     ).oid
-    env = hub_env(hub, tmp_path)
+    env = {name: value for name, value in hub_env(hub, tmp_path).items() if name != "HF_TOKEN"}
     built = run(
         CROME_FROM_A_HUB_INSTRUCTBLIP,
         tiny_backbones[0],
         str(tmp_path / "ckpt"),
         str(tmp_path / "a.pt"),
+        TOKEN,
         env=env,
     )
     assert built.returncode == 0, built.stderr[-3000:]
     recorded = json.loads(built.stdout.strip().splitlines()[-1])
     assert (recorded["name_or_path"], recorded["revision"]) == ("Salesforce/instructblip-tiny", commit)
     elsewhere = {**env, "HF_HOME": str(tmp_path / "another-machine")}
-    loaded = run(LOAD_CROME_ELSEWHERE, str(tmp_path / "ckpt"), str(tmp_path / "b.pt"), env=elsewhere)
+    loaded = run(LOAD_CROME_ELSEWHERE, str(tmp_path / "ckpt"), str(tmp_path / "b.pt"), TOKEN, env=elsewhere)
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     a, b = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
     assert all(torch.equal(a["inputs"][key], b["inputs"][key]) for key in a["inputs"])

@@ -17,6 +17,7 @@ from transformers import InstructBlipConfig
 from ..modeling.adapters import CromeAdapterConfig
 from ..modeling.backbones import BackboneSpec, fingerprint, resolve_checkpoint_folder, resolve_hub_revision
 from ..modeling.crome import CromeForConditionalGeneration
+from ..modeling.loading import HUB_KEYWORDS
 from ..processing import CromeProcessor
 from ..processing.processing_crome import instructblip_qformer_tokenizer
 
@@ -31,14 +32,16 @@ def from_instructblip(
 ) -> tuple[CromeForConditionalGeneration, CromeProcessor]:
     """CROME around `text_model`, with vision tower, Q-Former and query tokens from an InstructBLIP checkpoint.
 
-    Returns the model and its processor (with InstructBLIP's Q-Former tokenizer).
+    Returns the model and its processor (with InstructBLIP's Q-Former tokenizer). `config_kwargs`: what
+    `from_backbones` takes; its Hub keywords (`token`, ...) reach the InstructBLIP checkpoint's files too.
     """
     name = os.fspath(path_or_id)
+    hub_kwargs = {k: config_kwargs[k] for k in HUB_KEYWORDS if k in config_kwargs}
     # A Hub checkpoint is pinned to the commit read now and named by its repo id in the records (its tower is
     # CROME's vision backbone; its Q-Former is read again from it at load): the Hub cache folder it is read from
     # here exists on this machine only.
-    revision = resolve_hub_revision(name, revision)
-    folder = resolve_checkpoint_folder(name, revision)
+    revision = resolve_hub_revision(name, revision, hub_kwargs)
+    folder = resolve_checkpoint_folder(name, revision, **hub_kwargs)
     source_config = InstructBlipConfig.from_pretrained(folder)
     model = CromeForConditionalGeneration.from_backbones(
         text_model,
@@ -63,5 +66,6 @@ def from_instructblip(
         vision_revision=revision,
         qformer_tokenizer=instructblip_qformer_tokenizer(folder),
         num_image_tokens=model.config.num_image_tokens,
+        **hub_kwargs,
     )
     return model, processor

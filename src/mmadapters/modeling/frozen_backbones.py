@@ -305,8 +305,11 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         the Hub keywords for the LLM's files it reads (CROME's fresh Q-Former takes its tokenizer's length)."""
         raise NotImplementedError
 
-    def load_referenced_weights(self, checkpoint: str, ignore_backbone_mismatch: bool) -> None:
-        """Load trainable-side weights that the checkpoint references instead of storing (none by default)."""
+    def load_referenced_weights(
+        self, checkpoint: str, ignore_backbone_mismatch: bool, hub_kwargs: dict[str, Any] | None = None
+    ) -> None:
+        """Load trainable-side weights that the checkpoint references instead of storing (none by default), with the
+        Hub keywords of the load (`hub_kwargs`: `token`, ...)."""
 
     def restore_trainable_side(self) -> None:
         """Make our modules trainable again (after something froze them, e.g. `peft.get_peft_model`)."""
@@ -1682,7 +1685,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         # reloads the model as it was saved, as transformers does for a quantised model).
         config.backbone_quantization = _quantization_record(loaded["text"], loaded["vision"])
         model = cls(config, language_model=loaded["text"], vision_tower=loaded["vision"])
-        model.load_referenced_weights(name, ignore_backbone_mismatch)
+        model.load_referenced_weights(name, ignore_backbone_mismatch, options.hub_kwargs())
         model.load_adapter_state_dict(adapter_tensors, source=name)
         if generation_config is not None:
             model.generation_config = generation_config

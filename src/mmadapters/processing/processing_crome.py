@@ -13,7 +13,7 @@ from typing import Any, Literal
 from transformers import AutoTokenizer, PreTrainedConfig, ProcessorMixin
 from transformers.utils import cached_file
 
-from ..modeling.backbones import IMAGE_TOKEN
+from ..modeling.backbones import IMAGE_TOKEN, resolve_checkpoint_folder
 from ..modeling.loading import HUB_KEYWORDS
 from ..validation import check_bool, check_positive_int
 from .base import (
@@ -50,9 +50,10 @@ def instructblip_qformer_tokenizer(
     )
     if shipped is None:
         return None
-    return AutoTokenizer.from_pretrained(
-        name_or_path, subfolder="qformer_tokenizer", revision=revision, **hub_kwargs
-    )
+    # Downloaded with the Hub keywords, then read from the local folder: transformers 5.20's AutoTokenizer does not
+    # pass `token` on for a file in a subfolder of a private repo.
+    folder = resolve_checkpoint_folder(name_or_path, revision, subfolder="qformer_tokenizer", **hub_kwargs)
+    return AutoTokenizer.from_pretrained(folder)
 
 
 class CromeProcessor(AdapterProcessorMixin, ProcessorMixin):

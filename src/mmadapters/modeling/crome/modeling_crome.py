@@ -263,13 +263,17 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
                     taken.append("query_projection")
         return taken
 
-    def load_referenced_weights(self, checkpoint: str, ignore_backbone_mismatch: bool) -> None:
+    def load_referenced_weights(
+        self, checkpoint: str, ignore_backbone_mismatch: bool, hub_kwargs: dict[str, Any] | None = None
+    ) -> None:
         """Modules initialised from InstructBLIP and never trained are not stored in adapter-only checkpoints:
         read them again from the InstructBLIP checkpoint named in `config.qformer_source`."""
         source = self.config.qformer_source
         if not source:
             return
-        folder = resolve_checkpoint_folder(source["name_or_path"], source.get("revision"))
+        folder = resolve_checkpoint_folder(
+            source["name_or_path"], source.get("revision"), **(hub_kwargs or {})
+        )
         self.load_instructblip_weights(folder, tuple(source["modules"]))
         if not ignore_backbone_mismatch and not fingerprints_match(
             source.get("fingerprint"), fingerprint(self.qformer)
