@@ -539,3 +539,36 @@ def test_a_shipped_image_processor_of_another_size_than_the_tower_is_replaced(ti
     torch.testing.assert_close(white["pixel_values"], torch.full((1, 3, 32, 32), 1.5))
     model = LavinForConditionalGeneration.from_backbones(tiny_backbones[0], str(tower))
     assert model(**white).logits.shape[:2] == white["input_ids"].shape
+
+
+def test_the_processors_read_each_backbone_file_once(tiny_backbones, monkeypatch):
+    """CROME's fresh Q-Former tokenizer was a second read of the LLM's tokenizer files (now a copy taken before
+    `<image>` is added to the LLM's), and LaVIN's official preprocessing read the tower's image processor it then
+    replaced."""
+    import copy
+
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    reads = []
+    read_tokenizer, read_image_processor = AutoTokenizer.from_pretrained, AutoImageProcessor.from_pretrained
+    monkeypatch.setattr(
+        AutoTokenizer, "from_pretrained", lambda *a, **k: reads.append("tokenizer") or read_tokenizer(*a, **k)
+    )
+    monkeypatch.setattr(
+        AutoImageProcessor,
+        "from_pretrained",
+        lambda *a, **k: reads.append("image processor") or read_image_processor(*a, **k),
+    )
+    crome = CromeProcessor.from_backbones(*tiny_backbones)
+    assert reads.count("tokenizer") == 1
+    llm = read_tokenizer(tiny_backbones[0])
+    assert crome.qformer_tokenizer.get_vocab() == llm.get_vocab()  # the LLM's, without `<image>`
+    assert crome.image_token not in crome.qformer_tokenizer.get_vocab()
+    text = ["what colour?", "a longer question about the shape"]
+    assert crome.qformer_tokenizer(text)["input_ids"] == copy.deepcopy(llm)(text)["input_ids"]
+    reads.clear()
+    LavinProcessor.from_backbones(*tiny_backbones, official_preprocessing=True)
+    assert reads == ["tokenizer"]
+    reads.clear()
+    LavinProcessor.from_backbones(*tiny_backbones)
+    assert sorted(reads) == ["image processor", "tokenizer"]

@@ -253,9 +253,11 @@ def read_processor_backbones(
     revision: str | None,
     vision_revision: str | None,
     hub_kwargs: dict[str, Any],
+    read_shipped_image_processor: bool = True,
 ) -> ProcessorBackbones:
-    """Read the backbones' configs, the LLM's tokenizer and the tower's shipped image processor, each config once,
-    every file at the backbone's revision with the Hub keywords given (a private or gated LLM needs `token`)."""
+    """Read the backbones' configs, the LLM's tokenizer and the tower's shipped image processor (unless the
+    processor will not use it: `read_shipped_image_processor=False`), each file once, at the backbone's revision
+    with the Hub keywords given (a private or gated LLM needs `token`)."""
     text_model = resolve_backbone_name(text_model) if isinstance(text_model, str) else text_model
     vision_model = resolve_backbone_name(vision_model) if isinstance(vision_model, str) else vision_model
     if isinstance(text_model, PreTrainedConfig):
@@ -270,7 +272,11 @@ def read_processor_backbones(
         text_config=text_config,
         tokenizer=llm_tokenizer(text_model, text_config, revision, **hub_kwargs),
         vision_config=vision_config,
-        shipped_image_processor=shipped_image_processor(vision_model, vision_revision, **hub_kwargs),
+        shipped_image_processor=(
+            shipped_image_processor(vision_model, vision_revision, **hub_kwargs)
+            if read_shipped_image_processor
+            else None
+        ),
     )
 
 

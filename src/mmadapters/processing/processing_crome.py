@@ -7,6 +7,7 @@ instruction of its sample as Q-Former input (`qformer_input_ids`).
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any, Literal
 
@@ -24,7 +25,6 @@ from .base import (
     CheckedInputs,
     build_chat_template,
     image_statistics,
-    llm_tokenizer,
     read_processor_backbones,
     resize_only_image_processor,
     take_processor_keywords,
@@ -112,9 +112,9 @@ class CromeProcessor(AdapterProcessorMixin, ProcessorMixin):
             "CromeProcessor", text_model, vision_model, revision, vision_revision, hub_kwargs
         )
         if qformer_tokenizer is None:
-            qformer_tokenizer = llm_tokenizer(
-                backbones.text_model, backbones.text_config, revision, **hub_kwargs
-            )
+            # A fresh Q-Former reads the LLM's tokenizer: a copy taken before the processor adds `<image>` to the
+            # LLM's (the Q-Former's vocabulary has no such token), rather than a second read of its files.
+            qformer_tokenizer = copy.deepcopy(backbones.tokenizer)
         elif isinstance(qformer_tokenizer, (str, os.PathLike)):
             # A tokenizer's folder or repo, or an InstructBLIP checkpoint (its Q-Former's tokenizer, not its LLM's).
             name = os.fspath(qformer_tokenizer)

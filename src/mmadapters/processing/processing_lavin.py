@@ -99,7 +99,13 @@ class LavinProcessor(AdapterProcessorMixin, ProcessorMixin):
         """
         options, hub_kwargs = take_processor_keywords(cls, kwargs, "LavinProcessor.from_backbones")
         backbones = read_processor_backbones(
-            "LavinProcessor", text_model, vision_model, revision, vision_revision, hub_kwargs
+            "LavinProcessor",
+            text_model,
+            vision_model,
+            revision,
+            vision_revision,
+            hub_kwargs,
+            read_shipped_image_processor=not official_preprocessing,  # the official settings replace it
         )
         vision_config = backbones.vision_config
         if official_preprocessing:
