@@ -448,6 +448,28 @@ def test_trainer_pushes_to_the_branch_hub_revision_names(hub, tiny_backbones, tm
         assert on_dev[f"checkpoint-2/{name}"] == (saved / name).read_bytes()
 
 
+LOAD_TWICE_THE_SECOND_FORCED = """
+import sys
+from mmadapters import LavinForConditionalGeneration
+LavinForConditionalGeneration.from_pretrained(sys.argv[1])
+LavinForConditionalGeneration.from_pretrained(sys.argv[1])  # from the cache
+LavinForConditionalGeneration.from_pretrained(sys.argv[1], force_download=True)
+"""
+
+
+def test_force_download_downloads_the_checkpoint_again(hub, checkpoint, tmp_path):
+    """`from_pretrained(repo, force_download=True)` (what users pass to mend a broken cache) reached the
+    backbones only: the checkpoint's own files came from the cache."""
+    upload_plain(hub, "me/lavin", checkpoint[1])
+    loaded = run(LOAD_TWICE_THE_SECOND_FORCED, "me/lavin", env=hub_env(hub, tmp_path))
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    downloads = [path for method, path in hub.requests if method == "GET" and "/resolve/" in path]
+    weights = [path for path in downloads if path.endswith("/mmadapters_model.safetensors")]
+    assert len(weights) == 2, downloads  # the first load and the forced one
+    configs = [path for path in downloads if path.endswith("/config.json")]
+    assert len(configs) >= 2, downloads
+
+
 def test_a_backbone_repo_given_as_a_checkpoint_is_refused_without_downloading_its_weights(
     hub, tiny_backbones, tmp_path
 ):

@@ -1436,7 +1436,9 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
                 f"No checkpoint folder at {name}. Pass the folder that save_pretrained wrote, or a Hub repo id "
                 "(namespace/name)."
             )
-        hub_kwargs = {k: kwargs[k] for k in ("token", "cache_dir", "local_files_only") if k in kwargs}
+        # The checkpoint's own files are read with the Hub keywords too (`force_download` mends a broken cache).
+        checkpoint_download = ("token", "cache_dir", "local_files_only", "force_download")
+        hub_kwargs = {k: kwargs[k] for k in checkpoint_download if k in kwargs}
         # `subfolder`: where the checkpoint lies in the folder or repo (a Trainer push's last-checkpoint/); the
         # backbones are found from its config.json.
         subfolder = kwargs.pop("subfolder", "") or ""
