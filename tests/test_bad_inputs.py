@@ -467,6 +467,51 @@ def test_a_backbone_of_the_wrong_kind_is_refused_before_it_loads(kind, role, tmp
 
 
 @pytest.mark.parametrize("kind", ["lavin", "crome"])
+def test_an_llm_that_routes_by_token_id_is_refused_before_it_loads(kind):
+    """DeepSeek-V4's first layers route each token to experts by its token id (hash MoE): image features, given
+    as embeddings, have none. Before: built, then transformers' router failed at the first forward with
+    "'NoneType' object has no attribute 'reshape'". The same LLM with hidden-state routing works."""
+    from conftest import tiny_vision_config
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    from mmadapters import CromeForConditionalGeneration, LavinForConditionalGeneration
+
+    if "deepseek_v4" not in CONFIG_MAPPING_NAMES:
+        pytest.skip("this transformers release has no DeepSeek-V4")
+    from transformers import DeepseekV4Config
+
+    def tiny_deepseek_v4(mlp_layer_types):
+        return DeepseekV4Config(
+            vocab_size=300,
+            hidden_size=64,
+            moe_intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+            q_lora_rank=16,
+            o_lora_rank=16,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            index_n_heads=2,
+            index_head_dim=16,
+            max_position_embeddings=128,
+            mlp_layer_types=mlp_layer_types,
+        )
+
+    model_class = LavinForConditionalGeneration if kind == "lavin" else CromeForConditionalGeneration
+    extra = {"num_query_tokens": 4} if kind == "crome" else {}
+    with pytest.raises(ValueError, match=r"routes the tokens of layers \[0\] to experts by token id"):
+        model_class.from_backbones(tiny_deepseek_v4(["hash_moe", "moe"]), tiny_vision_config(), **extra)
+    model = model_class.from_backbones(tiny_deepseek_v4(["moe", "moe"]), tiny_vision_config(), **extra)
+    ids = torch.tensor([[1] + [model.config.image_token_id] * model.config.num_image_tokens + [5, 6, 7]])
+    inputs = {"input_ids": ids, "pixel_values": torch.randn(1, 3, 32, 32), "labels": ids}
+    if kind == "crome":
+        inputs.update(qformer_input_ids=torch.tensor([[1, 2, 3]]), prompt_mask=torch.ones_like(ids))
+    assert torch.isfinite(model(**inputs).loss)
+
+
+@pytest.mark.parametrize("kind", ["lavin", "crome"])
 @pytest.mark.parametrize("model_type", ["minicpm_ocr_vision", "paddleocr_vl_vision"])
 def test_a_tower_that_needs_its_patch_grid_is_refused_when_built(kind, model_type):
     """MiniCPM-o/V and PaddleOCR-VL towers declare `target_sizes` / `grid_thw` optional but need them (they read

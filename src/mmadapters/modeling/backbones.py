@@ -96,7 +96,7 @@ def load_text_backbone(
     options = options or BackboneLoadOptions()
     refuse_peft_backbone(spec, "text")
     if isinstance(spec, PreTrainedModel):
-        check_text_only_llm(spec.config)
+        check_llm_backbone(spec.config)
         return adopt_backbone(spec, "text", options, revision)
     if isinstance(spec, PreTrainedConfig):
         model = text_model_class(spec).from_config(spec, **_from_config_kwargs("text", options))
@@ -166,7 +166,7 @@ def build_vision_backbone(config: PreTrainedConfig) -> PreTrainedModel:
 
 def text_model_class(config: PreTrainedConfig) -> type:
     """The Auto class that loads this LLM (causal or seq2seq LM); a config of anything else is refused."""
-    check_text_only_llm(config)
+    check_llm_backbone(config)
     seq2seq = getattr(config, "is_encoder_decoder", False)
     auto_class = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
     if type(config) not in (
@@ -183,6 +183,28 @@ def text_model_class(config: PreTrainedConfig) -> type:
             )
         )
     return auto_class
+
+
+def check_llm_backbone(config: PreTrainedConfig) -> None:
+    """Refuse, before any weight loads, an LLM that LaVIN and CROME cannot put images into (both give the LLM its
+    inputs as embeddings, image features in place of the placeholders)."""
+    check_text_only_llm(config)
+    check_routing_without_token_ids(config)
+
+
+def check_routing_without_token_ids(config: PreTrainedConfig) -> None:
+    """Refuse an LLM whose layers pick their experts by token id (DeepSeek-V4's hash-routed MoE layers,
+    `mlp_layer_types` "hash_moe"): image features have no token id, and transformers stopped inside the router
+    with "'NoneType' object has no attribute 'reshape'"."""
+    hashed = [
+        i for i, kind in enumerate(getattr(config, "mlp_layer_types", None) or ()) if kind == "hash_moe"
+    ]
+    if hashed:
+        raise ValueError(
+            f"{type(config).__name__} routes the tokens of layers {hashed} to experts by token id "
+            "(mlp_layer_types 'hash_moe'), and LaVIN and CROME give the LLM image features as embeddings, which "
+            "have no token id. Pass an LLM whose layers route by the hidden states (mlp_layer_types 'moe')."
+        )
 
 
 def check_text_only_llm(config: PreTrainedConfig) -> None:
