@@ -227,6 +227,69 @@ def test_more_llm_families_take_attention_site_adapters(kind, randomize_adapters
             )
 
 
+@pytest.mark.parametrize("kind", ["lavin", "crome"])
+def test_an_llm_with_per_layer_token_embeddings_reads_them_from_the_ids(kind, randomize_adapters):
+    """Gemma 4 (and Gemma 3n) give each decoder layer an embedding of the token id besides the input embeddings.
+    Given embeddings alone, as our models give them, the LLM recovers the ids by matching its embedding table,
+    which fails at the visual tokens: both models stopped at the first image with transformers' "the
+    `inputs_embeds` you provided do not exactly match the embedding weights". The ids are looked up as
+    transformers' Gemma 4 vision-language model does (the pad token at the placeholders): a text-only sequence
+    runs as on the bare LLM, the text before an image is unchanged by it, and cached generation equals a greedy
+    loop without cache; LaVIN's learned routing runs its modality token through the LLM the same way."""
+    from transformers import Gemma4TextConfig
+
+    from mmadapters import CromeForConditionalGeneration
+
+    config = Gemma4TextConfig(
+        vocab_size=300,
+        vocab_size_per_layer_input=300,
+        hidden_size=32,
+        hidden_size_per_layer_input=8,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=16,
+        pad_token_id=0,
+    )
+    if kind == "lavin":
+        model = LavinForConditionalGeneration.from_backbones(
+            config, tiny_vision_config(), adapter_config=MMAdapterConfig(llm_routing="learned")
+        )
+    else:
+        model = CromeForConditionalGeneration.from_backbones(config, tiny_vision_config(), num_query_tokens=4)
+    model.eval()
+    text = torch.tensor([[1, 5, 6, 7, 8]])
+    with torch.no_grad():  # at initialisation the text path is the bare LLM's
+        torch.testing.assert_close(model(input_ids=text).logits, model.language_model(input_ids=text).logits)
+    randomize_adapters(model)
+    placeholders = [model.config.image_token_id] * model.config.num_image_tokens
+    ids = torch.tensor([[1, 5, 6, *placeholders, 7, 8]])
+    inputs = {"input_ids": ids, "pixel_values": torch.randn(1, 3, 32, 32)}
+    if kind == "crome":
+        inputs.update(qformer_input_ids=torch.tensor([[1, 2, 3]]), prompt_mask=torch.ones_like(ids))
+    with torch.no_grad():
+        with_image = model(**inputs).logits
+        prefix = model(input_ids=ids[:, :3], **({"prompt_mask": torch.ones(1, 3)} if kind == "crome" else {}))
+    assert torch.isfinite(with_image).all()
+    if kind == "lavin":  # LaVIN routes the whole sequence by its modality: the prefix alone is text-only
+        prefix = model(input_ids=ids[:, :3], modality=torch.tensor([1]))
+    torch.testing.assert_close(with_image[:, :3], prefix.logits)
+    generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    greedy = ids
+    for _ in range(3):
+        step = {**inputs, "input_ids": greedy}
+        if kind == "crome":
+            step["prompt_mask"] = torch.ones_like(greedy)
+        with torch.no_grad():
+            logits = model(**step, use_cache=False).logits
+        greedy = torch.cat([greedy, logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(generated, greedy)
+
+
 # Towers whose output has no CLS token before the patches (see mmadapters.modeling.vision_layout).
 TOWERS_WITHOUT_CLS = [
     kind

@@ -35,6 +35,7 @@ from ..backbones import BackboneReference
 from ..causal_lm_output import VisionLanguageCausalLMOutput, image_features_output
 from ..frozen_backbones import FrozenBackbonesPreTrainedModel, adapter_settings
 from ..image_tokens import check_image_token_count, embed_text_tokens, refuse_images_without_pixels
+from ..per_layer_embeddings import pad_per_layer_inputs, per_layer_inputs, takes_per_layer_inputs
 from ..transformers_compat import cache_kwargs, pick_cache
 from .configuration_lavin import LavinConfig
 from .feature_whitening import VisualFeatureWhitening
@@ -335,8 +336,14 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         position_ids = torch.zeros(2, 1, dtype=torch.long, device=tokens.device)
         # Every adapter routes itself by the modality token; the weights are collected per thread (call_state).
         # One token per modality: never worth checkpointing (a recomputation would also re-run this pass).
+        # An LLM with per-layer token embeddings (Gemma 3n / 4) reads the pad token's for the modality token.
+        token_inputs = (
+            {"per_layer_inputs": pad_per_layer_inputs(self.language_model, 2, 1, tokens.device)}
+            if takes_per_layer_inputs(self.language_model)
+            else {}
+        )
         with recording_routing() as recorded, activation_checkpointing_paused(decoder):
-            decoder(inputs_embeds=tokens, position_ids=position_ids, use_cache=False)
+            decoder(inputs_embeds=tokens, position_ids=position_ids, use_cache=False, **token_inputs)
         # Adapters may sit on several devices (a split device map): gather the weights where the tokens are.
         weights = torch.stack([recorded[id(adapter)].to(tokens.device) for adapter in adapters], dim=1)
         return weights.view(2, num_layers, sites, 2)
@@ -507,6 +514,12 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
 
         if position_ids is None:
             position_ids = self._text_position_ids(inputs_embeds, attention_mask, cache)
+        if (
+            input_ids is not None
+            and "per_layer_inputs" not in kwargs
+            and takes_per_layer_inputs(self.language_model)
+        ):
+            kwargs["per_layer_inputs"] = per_layer_inputs(self.language_model, input_ids, image_mask)
         llm_kwargs = dict(
             attention_mask=attention_mask,
             position_ids=position_ids + 1,  # position 0 belongs to the modality token
