@@ -467,6 +467,34 @@ def test_a_backbone_of_the_wrong_kind_is_refused_before_it_loads(kind, role, tmp
 
 
 @pytest.mark.parametrize("kind", ["lavin", "crome"])
+def test_an_llm_with_a_cache_of_its_own_is_refused_before_it_loads(kind):
+    """The original MiniMax keeps the state of its linear-attention layers in a cache it makes itself. Before: built
+    and trained, then `generate` stopped inside transformers ("MiniMax uses cache of its own and is not compatible
+    with `cache` of type DynamicCache")."""
+    from conftest import tiny_vision_config
+    from transformers import MiniMaxConfig
+
+    from mmadapters import CromeForConditionalGeneration, LavinForConditionalGeneration
+
+    config = MiniMaxConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+        layer_types=["linear_attention", "full_attention"],
+        max_position_embeddings=128,
+    )
+    model_class = LavinForConditionalGeneration if kind == "lavin" else CromeForConditionalGeneration
+    with pytest.raises(ValueError, match="MiniMaxForCausalLM keeps its state in a cache of its own"):
+        model_class.from_backbones(config, tiny_vision_config())
+
+
+@pytest.mark.parametrize("kind", ["lavin", "crome"])
 def test_an_llm_that_routes_by_token_id_is_refused_before_it_loads(kind):
     """DeepSeek-V4's first layers route each token to experts by its token id (hash MoE): image features, given
     as embeddings, have none. Before: built, then transformers' router failed at the first forward with

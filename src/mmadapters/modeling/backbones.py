@@ -190,6 +190,7 @@ def check_llm_backbone(config: PreTrainedConfig) -> None:
     inputs as embeddings, image features in place of the placeholders)."""
     check_text_only_llm(config)
     check_routing_without_token_ids(config)
+    check_default_cache(config)
 
 
 def check_routing_without_token_ids(config: PreTrainedConfig) -> None:
@@ -204,6 +205,19 @@ def check_routing_without_token_ids(config: PreTrainedConfig) -> None:
             f"{type(config).__name__} routes the tokens of layers {hashed} to experts by token id "
             "(mlp_layer_types 'hash_moe'), and LaVIN and CROME give the LLM image features as embeddings, which "
             "have no token id. Pass an LLM whose layers route by the hidden states (mlp_layer_types 'moe')."
+        )
+
+
+def check_default_cache(config: PreTrainedConfig) -> None:
+    """Refuse an LLM whose cache transformers cannot make (the original MiniMax, whose linear-attention layers keep
+    their state in a cache of its own): our models generate with the cache transformers makes and count the tokens
+    it has seen from it, and transformers stopped at the first `generate` ("uses cache of its own")."""
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if model_class is not None and not model_class._supports_default_dynamic_cache():
+        raise ValueError(
+            f"{model_class.__name__} keeps its state in a cache of its own, which LaVIN and CROME cannot generate "
+            "with (they generate with transformers' DynamicCache). Pass an LLM that uses it (Llama, Mistral, Qwen, "
+            "MiniMax-M2, ...)."
         )
 
 
