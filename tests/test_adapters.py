@@ -290,6 +290,87 @@ def test_an_llm_with_per_layer_token_embeddings_reads_them_from_the_ids(kind, ra
     assert torch.equal(generated, greedy)
 
 
+def tiny_hybrid_llm_config():
+    """Qwen3.5's text model: a linear-attention (Gated DeltaNet, `linear_attn`) layer, then a self-attention one."""
+    from transformers import Qwen3_5TextConfig
+
+    return Qwen3_5TextConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        linear_conv_kernel_dim=4,
+        layer_types=["linear_attention", "full_attention"],
+        max_position_embeddings=128,
+    )
+
+
+def test_a_hybrid_llm_takes_adapters_before_its_linear_attention_too(randomize_adapters, tmp_path):
+    """Hybrid LLMs (Qwen3.5, Qwen3-Next) replace self-attention by linear attention (`linear_attn`)
+    in some layers. Before: refused by name when the first layer was a linear one ("has no `self_attn`"), and an
+    AttributeError from inside the model's construction when a later one was. The attention-site adapter sits in
+    front of whichever token mixer the layer has (ours: the paper's LLaMA has self-attention only): it starts as
+    the identity, routes in every layer, and cached generation equals a greedy loop; merged export is refused
+    (those projections can take no constant term)."""
+    from mmadapters.convert.merge import MergeError, merge_lavin_adapters
+    from mmadapters.modeling.adapters import find_decoder_layers
+
+    model = LavinForConditionalGeneration.from_backbones(
+        tiny_hybrid_llm_config(), tiny_vision_config()
+    ).eval()
+    text = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=text).logits, model.language_model(input_ids=text).logits)
+    randomize_adapters(model)
+    received = []
+    for layer, mixer in zip(
+        find_decoder_layers(model.language_model), ("linear_attn", "self_attn"), strict=True
+    ):
+        getattr(layer, mixer).register_forward_pre_hook(
+            lambda m, args, kwargs: received.append(kwargs.get("hidden_states", *args[:1])), with_kwargs=True
+        )
+    produced = []
+    for adapters in model.llm_adapters:
+        adapters.attn.register_forward_hook(lambda m, args, output: produced.append(output))
+    with torch.no_grad():
+        as_text = model(input_ids=text, modality=torch.tensor([0])).logits
+        as_image = model(input_ids=text, modality=torch.tensor([1])).logits
+    # Both token mixers receive what their adapter made (the routing-table pass included).
+    assert len(received) >= 4 and all(
+        torch.equal(got, made) for got, made in zip(received, produced, strict=True)
+    )
+    assert not torch.allclose(as_text, as_image)
+    ids = torch.tensor([[1, 5, *[model.config.image_token_id] * model.config.num_image_tokens, 7, 8]])
+    inputs = {"input_ids": ids, "pixel_values": torch.randn(1, 3, 32, 32)}
+    generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    greedy = ids
+    for _ in range(3):
+        with torch.no_grad():
+            logits = model(**{**inputs, "input_ids": greedy}, use_cache=False).logits
+        greedy = torch.cat([greedy, logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(generated, greedy)
+    with pytest.raises(MergeError, match=r"Decoder layers \[0\] of Qwen3_5ForCausalLM use linear attention"):
+        merge_lavin_adapters(model)
+    with torch.no_grad():  # refused before anything changed
+        torch.testing.assert_close(model(input_ids=text, modality=torch.tensor([0])).logits, as_text)
+
+
+def test_a_decoder_layer_without_a_token_mixer_is_named_wherever_it_is():
+    """Only the first decoder layer was checked: a later layer without self-attention stopped the construction with
+    an AttributeError."""
+    llm = AutoModelForCausalLM.from_config(tiny_text_config())
+    del llm.model.layers[2].self_attn
+    with pytest.raises(ValueError, match=r"LlamaDecoderLayer \(decoder layer 2\) has no `self_attn`"):
+        LavinForConditionalGeneration.from_backbones(llm, tiny_vision_config())
+
+
 # Towers whose output has no CLS token before the patches (see mmadapters.modeling.vision_layout).
 TOWERS_WITHOUT_CLS = [
     kind

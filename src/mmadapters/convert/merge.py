@@ -64,6 +64,7 @@ def merge_lavin_adapters(
     `model` is consumed). The returned model has no adapter hooks and saves as a plain checkpoint."""
     if modality not in MODALITIES:
         raise MergeError(f"modality must be 'text' or 'image', got {modality!r}")
+    _refuse_linear_attention(model.language_model)
     model.eval()
     _dequantize(model.language_model)
     # PEFT layers first: on the LLM, and on the LLM adapters' own linear layers where
@@ -94,6 +95,23 @@ def merge_lavin_adapters(
 
     model.remove_adapter_hooks()
     return language_model
+
+
+def _refuse_linear_attention(language_model: PreTrainedModel) -> None:
+    """Refuse, before anything changes, a hybrid LLM (Qwen3.5, Qwen3-Next): the adapters in front of its
+    linear-attention layers would fold into projections that have no bias and no config flag to add one."""
+    layers = find_decoder_layers(language_model)
+    linear = [
+        index
+        for index, layer in enumerate(layers)
+        if not isinstance(getattr(layer, "self_attn", None), nn.Module)
+    ]
+    if linear:
+        raise MergeError(
+            f"Decoder layers {linear} of {type(language_model).__name__} use linear attention (`linear_attn`): the "
+            "adapter in front of it has a constant term that its projections cannot take (no bias, and no config "
+            "option to add one); keep this model unmerged."
+        )
 
 
 def _untie_weights_under_peft_layers(language_model: PreTrainedModel) -> None:

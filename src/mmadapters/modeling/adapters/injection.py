@@ -9,9 +9,11 @@ Where the adapters sit (LAVIN.md section 2):
     vision: x + Attn(Adapter(layer_norm1(x)))            every encoder layer
 
 LLM side: the attention-site adapter transforms the normed hidden states as they enter self-attention (a
-forward pre-hook on `self_attn`, which receives the layer's keyword arguments). That is where the routing
-weights arrive: the LaVIN model passes `mm_routing_weights` (batch, layers, sites, 2) to the LLM forward and
-transformers hands extra keyword arguments to every decoder layer and its `self_attn`. The hook runs inside
+forward pre-hook on `self_attn`, which receives the layer's keyword arguments), or, in the linear-attention layers
+of hybrid LLMs (Qwen3.5, Qwen3-Next: `linear_attn`), the token mixer that takes its place (ours: the
+paper's LLaMA has self-attention only). That is where the routing weights arrive: the LaVIN model passes
+`mm_routing_weights` (batch, layers, sites, 2) to the LLM forward and transformers hands extra keyword arguments
+to every decoder layer and its token mixer. The hook runs inside
 the layer's forward, so a gradient-checkpointed layer recomputes it with the same arguments. The MLP-site
 adapter transforms what enters the MLP (a forward pre-hook on `mlp`): the normed hidden states whatever the norm
 is called (`post_attention_layernorm` in Llama; Gemma 2/3, OLMo 2, ... apply that one to the attention output and
@@ -33,6 +35,18 @@ from .mm_adapter import MMAdapter
 # (generation only) the adapters folded per modality with each sequence's modality.
 ROUTING_WEIGHTS_KWARG = "mm_routing_weights"
 FOLDED_ADAPTERS_KWARG = "mm_folded_adapters"
+
+
+# The token mixers an attention-site adapter sits in front of, by the name decoder layers give them.
+TOKEN_MIXERS = ("self_attn", "linear_attn")
+
+
+def token_mixer(layer: nn.Module) -> nn.Module | None:
+    """The decoder layer's self-attention, or the linear attention of a hybrid LLM's other layers."""
+    for name in TOKEN_MIXERS:
+        if isinstance(module := getattr(layer, name, None), nn.Module):
+            return module
+    return None
 
 
 class FoldedAdapters:
@@ -80,7 +94,7 @@ class DecoderLayerAdapters(nn.Module):
         return [self.attn] if self.mlp is None else [self.attn, self.mlp]
 
     def attention_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """Forward pre-hook on `self_attn`: adapt its input hidden states with this layer's routing weights.
+        """Forward pre-hook on the token mixer: adapt its input hidden states with this layer's routing weights.
 
         No routing weights in the arguments means "route by your own first token" (used to run the
         modality token alone when the routing table is computed).
@@ -155,12 +169,17 @@ def find_decoder_layers(language_model: nn.Module, need_mlp: bool = False) -> nn
             f"Cannot find the decoder layers of {type(language_model).__name__}: LaVIN's adapters need a decoder "
             "with a `layers` list (Llama, Mistral, Qwen2, ... style)."
         )
-    needed = ["input_layernorm", "self_attn"] + (["mlp"] if need_mlp else [])
-    for name in needed:
-        if not isinstance(getattr(layers[0], name, None), nn.Module):
+    # Every layer: hybrid LLMs mix layer kinds, and one without these stopped the first forward.
+    for index, layer in enumerate(layers):
+        needed = {"input_layernorm": getattr(layer, "input_layernorm", None), "self_attn": token_mixer(layer)}
+        if need_mlp:
+            needed["mlp"] = getattr(layer, "mlp", None)
+        missing = [name for name, module in needed.items() if not isinstance(module, nn.Module)]
+        if missing:
             raise ValueError(
-                f"{type(layers[0]).__name__} has no `{name}`: LaVIN's MM-Adapter sits on the norm before "
-                "self-attention (and before the MLP for placement='attn_mlp'); this architecture is not supported."
+                f"{type(layer).__name__} (decoder layer {index}) has no `{missing[0]}`: LaVIN's MM-Adapter sits on "
+                "the norm before self-attention (or before a hybrid LLM's `linear_attn`; and before the MLP for "
+                "placement='attn_mlp'); this architecture is not supported."
             )
     return layers
 
@@ -184,7 +203,7 @@ def inject_decoder_adapters(layers: nn.ModuleList, adapters: nn.ModuleList) -> l
     handles = []
     for layer, layer_adapters in zip(layers, adapters, strict=True):
         handles.append(
-            layer.self_attn.register_forward_pre_hook(layer_adapters.attention_pre_hook, with_kwargs=True)
+            token_mixer(layer).register_forward_pre_hook(layer_adapters.attention_pre_hook, with_kwargs=True)
         )
         if layer_adapters.mlp is not None:
             handles.append(layer.mlp.register_forward_pre_hook(layer_adapters.mlp_pre_hook, with_kwargs=True))
@@ -222,7 +241,7 @@ def bind_replica_adapters(pairs: list[tuple[nn.Module, nn.Module]]) -> None:
     """
     for adapter, layer in pairs:
         if isinstance(adapter, DecoderLayerAdapters):
-            hooked = [layer.self_attn, layer.mlp]
+            hooked = [token_mixer(layer), layer.mlp]
         else:
             hooked = [layer.layer_norm1]
         for module in hooked:
