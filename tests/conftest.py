@@ -128,6 +128,66 @@ MORE_LLM_FAMILIES = {
 }
 
 
+# LLMs whose layers differ from Llama's in what the tests around them check (not in MORE_LLM_FAMILIES): their
+# settings here replace the common ones.
+OTHER_LLM_FAMILIES = {
+    # Gemma 4 with per-layer token embeddings (PLE)
+    "gemma4_ple": (
+        "Gemma4TextConfig",
+        {
+            "head_dim": 8,
+            "num_hidden_layers": 2,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "sliding_window": 16,
+            "vocab_size_per_layer_input": 300,
+            "hidden_size_per_layer_input": 8,
+            "pad_token_id": 0,
+        },
+    ),
+    # Qwen3.5's text model: a linear-attention layer (Gated DeltaNet, `linear_attn`), then a self-attention one
+    "qwen3_5": (
+        "Qwen3_5TextConfig",
+        {
+            "head_dim": 8,
+            "num_hidden_layers": 2,
+            "layer_types": ["linear_attention", "full_attention"],
+            "linear_num_key_heads": 2,
+            "linear_num_value_heads": 4,
+            "linear_key_head_dim": 8,
+            "linear_value_head_dim": 8,
+            "linear_conv_kernel_dim": 4,
+        },
+    ),
+    # the original MiniMax: linear attention whose state lives in a cache of its own
+    "minimax": (
+        "MiniMaxConfig",
+        {
+            "head_dim": 8,
+            "num_hidden_layers": 2,
+            "layer_types": ["linear_attention", "full_attention"],
+            "num_local_experts": 2,
+            "num_experts_per_tok": 1,
+        },
+    ),
+    # DeepSeek-V4: MoE layers routed by token id ("hash_moe") or by the hidden states ("moe")
+    "deepseek_v4": (
+        "DeepseekV4Config",
+        {
+            "head_dim": 16,
+            "num_hidden_layers": 2,
+            "num_key_value_heads": 1,
+            "moe_intermediate_size": 32,
+            "q_lora_rank": 16,
+            "o_lora_rank": 16,
+            "n_routed_experts": 4,
+            "num_experts_per_tok": 2,
+            "index_n_heads": 2,
+            "index_head_dim": 16,
+        },
+    ),
+}
+
+
 def tiny_text_config(kind: str = "llama", vocab_size: int = 300, **overrides) -> LlamaConfig:
     common = dict(
         vocab_size=vocab_size,
@@ -142,6 +202,9 @@ def tiny_text_config(kind: str = "llama", vocab_size: int = 300, **overrides) ->
         pad_token_id=3,
         tie_word_embeddings=False,
     )
+    if kind in OTHER_LLM_FAMILIES:
+        class_name, extra = OTHER_LLM_FAMILIES[kind]
+        return getattr(transformers, class_name)(**{**common, **extra, **overrides})
     common.update(overrides)
     if kind == "mixtral":  # mixture of experts
         from transformers import MixtralConfig
@@ -363,6 +426,20 @@ def tiny_sample_inputs(processor):
     return processor(
         images=[[image], []], text=["Image: <image>\nwhat color is it?", "Image: N/A\nthe capital of"]
     )
+
+
+def greedy_without_cache(model, inputs, steps: int) -> torch.Tensor:
+    """`steps` tokens chosen greedily after `inputs`, each by a forward over the whole sequence without a cache:
+    what cached greedy generation must give (a CROME `prompt_mask` grows with the sequence)."""
+    ids = inputs["input_ids"]
+    for _ in range(steps):
+        step = {**inputs, "input_ids": ids}
+        if "prompt_mask" in inputs:
+            step["prompt_mask"] = torch.ones_like(ids)
+        with torch.no_grad():
+            logits = model(**step, use_cache=False).logits
+        ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
+    return ids
 
 
 # --- training helpers ------------------------------------------------------------------------------------------

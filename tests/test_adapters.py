@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MORE_LLM_FAMILIES, VISION_FAMILIES, tiny_text_config, tiny_vision_config
+from conftest import (
+    MORE_LLM_FAMILIES,
+    VISION_FAMILIES,
+    greedy_without_cache,
+    tiny_text_config,
+    tiny_vision_config,
+)
 from torch import nn
 from transformers import AutoModelForCausalLM, CLIPVisionConfig, LlamaConfig
 
@@ -236,25 +242,9 @@ def test_an_llm_with_per_layer_token_embeddings_reads_them_from_the_ids(kind, ra
     transformers' Gemma 4 vision-language model does (the pad token at the placeholders): a text-only sequence
     runs as on the bare LLM, the text before an image is unchanged by it, and cached generation equals a greedy
     loop without cache; LaVIN's learned routing runs its modality token through the LLM the same way."""
-    from transformers import Gemma4TextConfig
-
     from mmadapters import CromeForConditionalGeneration
 
-    config = Gemma4TextConfig(
-        vocab_size=300,
-        vocab_size_per_layer_input=300,
-        hidden_size=32,
-        hidden_size_per_layer_input=8,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=128,
-        layer_types=["sliding_attention", "full_attention"],
-        sliding_window=16,
-        pad_token_id=0,
-    )
+    config = tiny_text_config("gemma4_ple")
     if kind == "lavin":
         model = LavinForConditionalGeneration.from_backbones(
             config, tiny_vision_config(), adapter_config=MMAdapterConfig(llm_routing="learned")
@@ -279,37 +269,7 @@ def test_an_llm_with_per_layer_token_embeddings_reads_them_from_the_ids(kind, ra
         prefix = model(input_ids=ids[:, :3], modality=torch.tensor([1]))
     torch.testing.assert_close(with_image[:, :3], prefix.logits)
     generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    greedy = ids
-    for _ in range(3):
-        step = {**inputs, "input_ids": greedy}
-        if kind == "crome":
-            step["prompt_mask"] = torch.ones_like(greedy)
-        with torch.no_grad():
-            logits = model(**step, use_cache=False).logits
-        greedy = torch.cat([greedy, logits[:, -1:].argmax(-1)], dim=1)
-    assert torch.equal(generated, greedy)
-
-
-def tiny_hybrid_llm_config():
-    """Qwen3.5's text model: a linear-attention (Gated DeltaNet, `linear_attn`) layer, then a self-attention one."""
-    from transformers import Qwen3_5TextConfig
-
-    return Qwen3_5TextConfig(
-        vocab_size=300,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
-        linear_key_head_dim=8,
-        linear_value_head_dim=8,
-        linear_conv_kernel_dim=4,
-        layer_types=["linear_attention", "full_attention"],
-        max_position_embeddings=128,
-    )
+    assert torch.equal(generated, greedy_without_cache(model, inputs, 3))
 
 
 def test_a_hybrid_llm_takes_adapters_before_its_linear_attention_too(randomize_adapters, tmp_path):
@@ -323,7 +283,7 @@ def test_a_hybrid_llm_takes_adapters_before_its_linear_attention_too(randomize_a
     from mmadapters.modeling.adapters import find_decoder_layers
 
     model = LavinForConditionalGeneration.from_backbones(
-        tiny_hybrid_llm_config(), tiny_vision_config()
+        tiny_text_config("qwen3_5"), tiny_vision_config()
     ).eval()
     text = torch.tensor([[1, 5, 6, 7]])
     with torch.no_grad():
@@ -350,12 +310,7 @@ def test_a_hybrid_llm_takes_adapters_before_its_linear_attention_too(randomize_a
     ids = torch.tensor([[1, 5, *[model.config.image_token_id] * model.config.num_image_tokens, 7, 8]])
     inputs = {"input_ids": ids, "pixel_values": torch.randn(1, 3, 32, 32)}
     generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    greedy = ids
-    for _ in range(3):
-        with torch.no_grad():
-            logits = model(**{**inputs, "input_ids": greedy}, use_cache=False).logits
-        greedy = torch.cat([greedy, logits[:, -1:].argmax(-1)], dim=1)
-    assert torch.equal(generated, greedy)
+    assert torch.equal(generated, greedy_without_cache(model, inputs, 3))
     with pytest.raises(MergeError, match=r"Decoder layers \[0\] of Qwen3_5ForCausalLM use linear attention"):
         merge_lavin_adapters(model)
     with torch.no_grad():  # refused before anything changed

@@ -471,24 +471,11 @@ def test_an_llm_with_a_cache_of_its_own_is_refused_before_it_loads(kind):
     """The original MiniMax keeps the state of its linear-attention layers in a cache it makes itself. Before: built
     and trained, then `generate` stopped inside transformers ("MiniMax uses cache of its own and is not compatible
     with `cache` of type DynamicCache")."""
-    from conftest import tiny_vision_config
-    from transformers import MiniMaxConfig
+    from conftest import tiny_text_config, tiny_vision_config
 
     from mmadapters import CromeForConditionalGeneration, LavinForConditionalGeneration
 
-    config = MiniMaxConfig(
-        vocab_size=300,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_local_experts=2,
-        num_experts_per_tok=1,
-        layer_types=["linear_attention", "full_attention"],
-        max_position_embeddings=128,
-    )
+    config = tiny_text_config("minimax")
     model_class = LavinForConditionalGeneration if kind == "lavin" else CromeForConditionalGeneration
     with pytest.raises(ValueError, match="MiniMaxForCausalLM keeps its state in a cache of its own"):
         model_class.from_backbones(config, tiny_vision_config())
@@ -499,33 +486,12 @@ def test_an_llm_that_routes_by_token_id_is_refused_before_it_loads(kind):
     """DeepSeek-V4's first layers route each token to experts by its token id (hash MoE): image features, given
     as embeddings, have none. Before: built, then transformers' router failed at the first forward with
     "'NoneType' object has no attribute 'reshape'". The same LLM with hidden-state routing works."""
-    from conftest import tiny_vision_config
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from conftest import tiny_text_config, tiny_vision_config
 
     from mmadapters import CromeForConditionalGeneration, LavinForConditionalGeneration
 
-    if "deepseek_v4" not in CONFIG_MAPPING_NAMES:
-        pytest.skip("this transformers release has no DeepSeek-V4")
-    from transformers import DeepseekV4Config
-
     def tiny_deepseek_v4(mlp_layer_types):
-        return DeepseekV4Config(
-            vocab_size=300,
-            hidden_size=64,
-            moe_intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=1,
-            head_dim=16,
-            q_lora_rank=16,
-            o_lora_rank=16,
-            n_routed_experts=4,
-            num_experts_per_tok=2,
-            index_n_heads=2,
-            index_head_dim=16,
-            max_position_embeddings=128,
-            mlp_layer_types=mlp_layer_types,
-        )
+        return tiny_text_config("deepseek_v4", mlp_layer_types=mlp_layer_types)
 
     model_class = LavinForConditionalGeneration if kind == "lavin" else CromeForConditionalGeneration
     extra = {"num_query_tokens": 4} if kind == "crome" else {}
