@@ -467,6 +467,40 @@ def test_a_backbone_of_the_wrong_kind_is_refused_before_it_loads(kind, role, tmp
 
 
 @pytest.mark.parametrize("kind", ["lavin", "crome"])
+def test_a_convolutional_tower_is_refused_before_it_loads(kind, tmp_path, monkeypatch):
+    """ConvNeXt, EfficientNet, FocalNet and ALIGN's towers give feature maps, not patch tokens: their configs have
+    no `hidden_size`. Before: the tower loaded, then the model's construction stopped with an AttributeError
+    ("'ConvNextConfig' object has no attribute 'hidden_size'"), and the processors with another."""
+    from conftest import save_tiny_llm, tiny_text_config
+    from transformers import ConvNextConfig, ConvNextModel
+
+    from mmadapters import (
+        CromeForConditionalGeneration,
+        CromeProcessor,
+        LavinForConditionalGeneration,
+        LavinProcessor,
+    )
+
+    config = ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], image_size=32)
+    tower = ConvNextModel(config)
+    tower.save_pretrained(tmp_path / "tower")
+    save_tiny_llm(tmp_path / "llm")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the tower's weights were loaded before the refusal")
+
+    monkeypatch.setattr(ConvNextModel, "from_pretrained", never)
+    model_class = LavinForConditionalGeneration if kind == "lavin" else CromeForConditionalGeneration
+    processor_class = LavinProcessor if kind == "lavin" else CromeProcessor
+    message = "ConvNextConfig has no hidden_size.*: LaVIN and CROME read the patch tokens of a ViT-style"
+    for backbone in (config, str(tmp_path / "tower"), tower):
+        with pytest.raises(ValueError, match=message):
+            model_class.from_backbones(tiny_text_config(), backbone)
+    with pytest.raises(ValueError, match=message):
+        processor_class.from_backbones(str(tmp_path / "llm"), str(tmp_path / "tower"))
+
+
+@pytest.mark.parametrize("kind", ["lavin", "crome"])
 def test_an_llm_with_a_cache_of_its_own_is_refused_before_it_loads(kind):
     """The original MiniMax keeps the state of its linear-attention layers in a cache it makes itself. Before: built
     and trained, then `generate` stopped inside transformers ("MiniMax uses cache of its own and is not compatible

@@ -248,6 +248,7 @@ def load_vision_backbone(
     refuse_peft_backbone(spec, "vision")
     if isinstance(spec, PreTrainedModel):
         check_fixed_size_vision_tower(type(spec))
+        check_patch_token_tower(vision_config_of(spec.config))
         return adopt_backbone(spec, "vision", options, revision)
     if isinstance(spec, PreTrainedConfig):
         config = vision_config_of(spec)
@@ -305,6 +306,7 @@ def _vision_class_for(config: PreTrainedConfig) -> type[PreTrainedModel]:
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
+    check_patch_token_tower(config)
     model_class = MODEL_MAPPING.get(type(config), None)
     if model_class is None:
         # Some vision towers have no Auto mapping of their own (BLIP, BLIP-2, InstructBLIP, MetaCLIP 2 in
@@ -321,6 +323,23 @@ def _vision_class_for(config: PreTrainedConfig) -> type[PreTrainedModel]:
         )
     check_fixed_size_vision_tower(model_class)
     return model_class
+
+
+def check_patch_token_tower(config: PreTrainedConfig) -> None:
+    """Refuse, before any weight loads, a tower whose config has no token width and layer count (`hidden_size`,
+    `num_hidden_layers`): both models read a ViT-style tower's patch tokens. Convolutional towers (ConvNeXt,
+    EfficientNet, FocalNet, ALIGN's) stopped the construction with an AttributeError."""
+    missing = [
+        name
+        for name in ("hidden_size", "num_hidden_layers")
+        if not isinstance(getattr(config, name, None), int)
+    ]
+    if missing:
+        raise ValueError(
+            f"{type(config).__name__} has no {' or '.join(missing)}: LaVIN and CROME read the patch tokens of a "
+            "ViT-style vision tower (CLIP, SigLIP, BLIP, DINOv2, ...), not a convolutional one's feature maps. Pass "
+            "such a tower, e.g. openai/clip-vit-large-patch14."
+        )
 
 
 # Inputs that describe the patch grid of variable-resolution images. Some towers declare them optional but cannot

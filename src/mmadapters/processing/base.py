@@ -29,6 +29,7 @@ from ..modeling.backbones import (
     IMAGE_TOKEN,
     add_image_token,
     backbone_config,
+    check_patch_token_tower,
     read_checkpoint_config,
     text_model_class,
     vision_config_of,
@@ -267,6 +268,7 @@ def read_processor_backbones(
         vision_config = vision_config_of(vision_model)
     else:
         vision_config = vision_config_of(backbone_config(vision_model, vision_revision, "vision", hub_kwargs))
+    check_patch_token_tower(vision_config)  # its resolution and patch count size the images
     return ProcessorBackbones(
         text_model=text_model,
         text_config=text_config,
