@@ -1059,3 +1059,41 @@ def test_an_instructblip_checkpoint_given_as_the_qformer_tokenizer_gives_its_qfo
     path = instructblip_with_its_own_qformer_tokenizer
     processor = CromeProcessor.from_backbones(backbones["llama"], path, qformer_tokenizer=path)
     assert processor.qformer_tokenizer.get_vocab() == word_level_tokenizer().get_vocab()
+
+
+def test_a_tower_that_gives_its_sizes_as_pairs_builds_crome_and_its_processor(tmp_path):
+    """InternVL's vision tower gives `image_size` and `patch_size` as (height, width) pairs: CROME stopped
+    computing its patch count ("unsupported operand type(s) for //: 'tuple' and 'tuple'"). Square pairs count as
+    one side; the processor resizes to it and the model takes its inputs. Pairs of unequal sides are refused."""
+    from conftest import save_tiny_llm, tiny_sample_inputs
+    from transformers import InternVLVisionConfig, InternVLVisionModel
+
+    config = InternVLVisionConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=(32, 32),
+        patch_size=(8, 8),
+    )
+    InternVLVisionModel(config).save_pretrained(tmp_path / "tower")
+    llm = save_tiny_llm(tmp_path / "llm")
+    model = CromeForConditionalGeneration.from_backbones(
+        llm, str(tmp_path / "tower"), num_query_tokens=4
+    ).eval()
+    assert model.config.num_image_tokens == 4 + 16
+    processor = CromeProcessor.from_model(model)
+    inputs = tiny_sample_inputs(processor)
+    assert inputs["pixel_values"].shape[-2:] == (32, 32)
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()
+    oblong = InternVLVisionConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=(32, 64),
+        patch_size=(8, 8),
+    )
+    with pytest.raises(ValueError, match=r"image_size is \(32, 64\): LaVIN and CROME feed it square images"):
+        CromeForConditionalGeneration.from_backbones(llm, oblong, num_query_tokens=4)

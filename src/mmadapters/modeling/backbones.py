@@ -37,6 +37,7 @@ from ..hub.names import looks_like_local_path
 from .backbone_holders import refuse_backbone_in_use
 from .embedded import portable_name, resolve_backbone_name
 from .loading import BackboneLoadOptions, LoadingOptionError
+from .vision_layout import square_side
 
 # How many tensors the fingerprint samples values from, and which flat positions.
 _FINGERPRINT_TENSORS = 16
@@ -340,6 +341,9 @@ def check_patch_token_tower(config: PreTrainedConfig) -> None:
             "ViT-style vision tower (CLIP, SigLIP, BLIP, DINOv2, ...), not a convolutional one's feature maps. Pass "
             "such a tower, e.g. openai/clip-vit-large-patch14."
         )
+    for name in ("image_size", "patch_size"):  # square images and patches (sides given as a pair too)
+        if getattr(config, name, None) is not None:
+            square_side(config, name)
 
 
 # Inputs that describe the patch grid of variable-resolution images. Some towers declare them optional but cannot

@@ -97,6 +97,7 @@ from .loading import (
 )
 from .multimodal_body import MultimodalBody
 from .transformers_compat import ACTIVATION_CHECKPOINTING_NAMES, cache_kwargs
+from .vision_layout import square_side
 
 logger = logging.get_logger(__name__)
 
@@ -700,9 +701,14 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         """The image size the vision tower takes, None where it takes any: towers with an `interpolate_pos_encoding`
         switch (CLIP, SigLIP, BLIP, ViT) take their config's size unless it is on; others take any size themselves
         (DINOv2, Idefics3)."""
-        size = getattr(self.config.vision_config, "image_size", None)
+        if getattr(self.config.vision_config, "image_size", None) is None:
+            return None
         forward = inspect.signature(type(self.vision_tower).forward).parameters
-        return size if isinstance(size, int) and "interpolate_pos_encoding" in forward else None
+        return (
+            square_side(self.config.vision_config, "image_size")
+            if "interpolate_pos_encoding" in forward
+            else None
+        )
 
     def check_labels(self, labels: torch.Tensor, batch: int, length: int | None) -> None:
         """Refuse `labels` that cannot be scored against the inputs, naming both shapes (torch's cross entropy would

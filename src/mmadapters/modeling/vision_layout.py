@@ -37,3 +37,22 @@ def tokens_before_patches(vision_config: PreTrainedConfig) -> int:
 def has_cls_token(vision_config: PreTrainedConfig) -> bool:
     """Whether a tower of this config puts a CLS token first (towers with registers put it before them)."""
     return tokens_before_patches(vision_config) > 0
+
+
+def square_side(vision_config: PreTrainedConfig, name: str) -> int:
+    """The tower's `image_size` or `patch_size` as one side: an int, or a pair of equal sides (InternVL's tower
+    gives (448, 448)). Both models feed square images; a tower of other sides is refused."""
+    value = getattr(vision_config, name)
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise ValueError(
+                f"The vision tower's {name} is {tuple(value)}: LaVIN and CROME feed it square images (the processors "
+                "resize to one side). Pass a tower of square images and patches."
+            )
+        value = value[0]
+    return int(value)
+
+
+def num_patches(vision_config: PreTrainedConfig) -> int:
+    """Patches per image at the tower's resolution."""
+    return (square_side(vision_config, "image_size") // square_side(vision_config, "patch_size")) ** 2

@@ -37,6 +37,7 @@ from ..modeling.backbones import (
 from ..modeling.embedded import resolve_backbone_name
 from ..modeling.image_tokens import ImageTokenMismatchError, check_num_image_tokens
 from ..modeling.loading import HUB_KEYWORDS
+from ..modeling.vision_layout import square_side
 from ..validation import check_positive_int
 from .images import load_image
 
@@ -186,7 +187,7 @@ def image_processor_for(
     size per image, else resize-only at the tower's resolution with the shipped processor's statistics (the tower was
     trained with them): SmolVLM's / Idefics3's processors split images into tiles, and a processor may crop to another
     size than the tower's config takes, but LaVIN feeds one image of that size. `vision_config`: the tower's config."""
-    size = vision_config.image_size
+    size = square_side(vision_config, "image_size")
     if shipped is not None and output_shape_of(shipped) == (1, 3, size, size):
         return shipped
     mean, std = image_statistics(shipped, mean, std)

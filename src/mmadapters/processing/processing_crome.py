@@ -16,6 +16,7 @@ from transformers.utils import cached_file
 
 from ..modeling.backbones import IMAGE_TOKEN, resolve_checkpoint_folder
 from ..modeling.loading import HUB_KEYWORDS
+from ..modeling.vision_layout import num_patches, square_side
 from ..validation import check_bool, check_positive_int
 from .base import (
     CLIP_MEAN,
@@ -122,12 +123,12 @@ class CromeProcessor(AdapterProcessorMixin, ProcessorMixin):
             qformer_tokenizer = instructblips or AutoTokenizer.from_pretrained(name, **hub_kwargs)
         vision_config = backbones.vision_config
         if num_image_tokens is None:
-            num_image_tokens = 32 + (vision_config.image_size // vision_config.patch_size) ** 2
+            num_image_tokens = 32 + num_patches(vision_config)
         # Resized to the tower's resolution (its patch count fixes the placeholders), normalised as the tower was
         # trained: with the statistics of the image processor it ships, else CLIP's (InstructBLIP's too).
         mean, std = image_statistics(backbones.shipped_image_processor, CLIP_MEAN, CLIP_STD)
         return cls(
-            image_processor=resize_only_image_processor(vision_config.image_size, mean, std),
+            image_processor=resize_only_image_processor(square_side(vision_config, "image_size"), mean, std),
             tokenizer=backbones.tokenizer,
             qformer_tokenizer=qformer_tokenizer,
             num_image_tokens=num_image_tokens,

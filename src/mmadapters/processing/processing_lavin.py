@@ -21,6 +21,7 @@ from typing import Any, Literal
 from transformers import PreTrainedConfig, ProcessorMixin
 
 from ..modeling.lavin.configuration_lavin import default_vision_feature_layers
+from ..modeling.vision_layout import square_side
 from ..validation import check_bool
 from .base import (
     IGNORE_INDEX,
@@ -111,7 +112,7 @@ class LavinProcessor(AdapterProcessorMixin, ProcessorMixin):
         if official_preprocessing:
             # 224x224 for the official ViT-L/14; the tower's own resolution for other towers.
             image_processor = resize_only_image_processor(
-                vision_config.image_size, IMAGENET_MEAN, IMAGENET_STD
+                square_side(vision_config, "image_size"), IMAGENET_MEAN, IMAGENET_STD
             )
         else:
             image_processor = image_processor_for(backbones.shipped_image_processor, vision_config)

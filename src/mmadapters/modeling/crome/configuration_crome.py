@@ -10,7 +10,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 from ..adapters import CromeAdapterConfig
 from ..frozen_backbones_config import FrozenBackbonesConfig
-from ..vision_layout import tokens_before_patches
+from ..vision_layout import num_patches, tokens_before_patches
 
 STAGES = ("pretrain", "instruct", "finetune")
 
@@ -90,7 +90,7 @@ class CromeConfig(FrozenBackbonesConfig):
 
     @property
     def num_patches(self) -> int:
-        return (self.vision_config.image_size // self.vision_config.patch_size) ** 2
+        return num_patches(self.vision_config)
 
     @property
     def num_image_tokens(self) -> int:

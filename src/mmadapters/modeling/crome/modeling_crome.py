@@ -40,6 +40,7 @@ from ..image_tokens import (
 )
 from ..per_layer_embeddings import per_layer_inputs, takes_per_layer_inputs
 from ..transformers_compat import cache_kwargs, cache_of, pick_cache
+from ..vision_layout import square_side
 from .configuration_crome import STAGES, CromeConfig
 
 # What trains in each stage (CROME.md section 3); everything else is frozen.
@@ -367,7 +368,7 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
         prefix, patches = self.config.num_prefix_tokens, self.config.num_patches
         if is_compiling() or num_tokens == prefix + patches:
             return
-        size = self.config.vision_config.image_size
+        size = square_side(self.config.vision_config, "image_size")
         raise ValueError(
             f"The vision tower returned {num_tokens} tokens per image, but CROME's patch branch expects {prefix} before "
             f"the patches + {patches} patches (its config: image_size={size}, patch_size="
