@@ -540,11 +540,13 @@ def test_an_llm_that_routes_by_token_id_is_refused_before_it_loads(kind):
 
 
 @pytest.mark.parametrize("kind", ["lavin", "crome"])
-@pytest.mark.parametrize("model_type", ["minicpm_ocr_vision", "paddleocr_vl_vision"])
+@pytest.mark.parametrize("model_type", ["minicpm_ocr_vision", "paddleocr_vl_vision", "pixtral"])
 def test_a_tower_that_needs_its_patch_grid_is_refused_when_built(kind, model_type):
     """MiniCPM-o/V and PaddleOCR-VL towers declare `target_sizes` / `grid_thw` optional but need them (they read
     packed variable-resolution patches). Before: built, then an AttributeError ("'NoneType' object has no attribute
-    'device'") or an unpacking error from inside transformers at the first image."""
+    'device'") or an unpacking error from inside transformers at the first image. Pixtral's tower packs the patches
+    of every image of a batch into one sequence (`image_sizes`): CROME stopped at a batch of two images with torch's
+    "Sizes of tensors must match"."""
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
@@ -564,7 +566,7 @@ def test_a_tower_that_needs_its_patch_grid_is_refused_when_built(kind, model_typ
     from conftest import tiny_text_config
 
     model_class = LavinForConditionalGeneration if kind == "lavin" else CromeForConditionalGeneration
-    needs = "target_sizes" if model_type == "minicpm_ocr_vision" else "grid_thw"
+    needs = {"minicpm_ocr_vision": "target_sizes", "pixtral": "image_sizes"}.get(model_type, "grid_thw")
     with pytest.raises(ValueError, match=f"needs {needs} besides pixel values.*fixed"):
         model_class.from_backbones(tiny_text_config(), config)
 

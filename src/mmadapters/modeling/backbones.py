@@ -347,9 +347,11 @@ def check_patch_token_tower(config: PreTrainedConfig) -> None:
 
 
 # Inputs that describe the patch grid of variable-resolution images. Some towers declare them optional but cannot
-# run without them (MiniCPM-o/V's `target_sizes`, PaddleOCR-VL's `grid_thw`): named, they are needed.
+# run without them (MiniCPM-o/V's `target_sizes`, PaddleOCR-VL's `grid_thw`), or pack every image of a batch into one
+# sequence by them (Pixtral's `image_sizes`): named, they are needed.
 PATCH_GRID_INPUTS = (
     "grid_thw",
+    "image_sizes",
     "image_grid_thw",
     "target_sizes",
     "tgt_sizes",
