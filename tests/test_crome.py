@@ -1068,15 +1068,17 @@ def test_a_tower_that_gives_its_sizes_as_pairs_builds_crome_and_its_processor(tm
     from conftest import save_tiny_llm, tiny_sample_inputs
     from transformers import InternVLVisionConfig, InternVLVisionModel
 
-    config = InternVLVisionConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        image_size=(32, 32),
-        patch_size=(8, 8),
-    )
-    InternVLVisionModel(config).save_pretrained(tmp_path / "tower")
+    def tiny_internvl_tower(image_size):
+        return InternVLVisionConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            image_size=image_size,
+            patch_size=(8, 8),
+        )
+
+    InternVLVisionModel(tiny_internvl_tower((32, 32))).save_pretrained(tmp_path / "tower")
     llm = save_tiny_llm(tmp_path / "llm")
     model = CromeForConditionalGeneration.from_backbones(
         llm, str(tmp_path / "tower"), num_query_tokens=4
@@ -1087,13 +1089,6 @@ def test_a_tower_that_gives_its_sizes_as_pairs_builds_crome_and_its_processor(tm
     assert inputs["pixel_values"].shape[-2:] == (32, 32)
     with torch.no_grad():
         assert torch.isfinite(model(**inputs).logits).all()
-    oblong = InternVLVisionConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        image_size=(32, 64),
-        patch_size=(8, 8),
-    )
+    oblong = tiny_internvl_tower((32, 64))
     with pytest.raises(ValueError, match=r"image_size is \(32, 64\): LaVIN and CROME feed it square images"):
         CromeForConditionalGeneration.from_backbones(llm, oblong, num_query_tokens=4)

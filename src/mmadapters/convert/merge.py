@@ -64,18 +64,19 @@ def merge_lavin_adapters(
     `model` is consumed). The returned model has no adapter hooks and saves as a plain checkpoint."""
     if modality not in MODALITIES:
         raise MergeError(f"modality must be 'text' or 'image', got {modality!r}")
-    _refuse_linear_attention(model.language_model)
-    model.eval()
-    _dequantize(model.language_model)
-    # PEFT layers first: on the LLM, and on the LLM adapters' own linear layers where
-    # get_peft_model(target_modules="all-linear") put them, so that the routing and the fold below see them.
-    _untie_weights_under_peft_layers(model.language_model)
-    merge_peft_layers(model.language_model)
-    merge_peft_layers(model.llm_adapters)
-    table = model.compute_routing_table()[MODALITIES[modality]]  # (layers, sites, 2)
     language_model = model.language_model
     site_names = ["attn"] + (["mlp"] if model.llm_adapters[0].mlp is not None else [])
+    # The decoder layers stay the same modules below (dequantizing and merging PEFT layers replace what is inside).
     layers = find_decoder_layers(language_model, need_mlp="mlp" in site_names)
+    _refuse_linear_attention(language_model, layers)
+    model.eval()
+    _dequantize(language_model)
+    # PEFT layers first: on the LLM, and on the LLM adapters' own linear layers where
+    # get_peft_model(target_modules="all-linear") put them, so that the routing and the fold below see them.
+    _untie_weights_under_peft_layers(language_model)
+    merge_peft_layers(language_model)
+    merge_peft_layers(model.llm_adapters)
+    table = model.compute_routing_table()[MODALITIES[modality]]  # (layers, sites, 2)
     _enable_biases(language_model, layers, site_names)
 
     for index, (layer, adapters) in enumerate(zip(layers, model.llm_adapters, strict=True)):
@@ -97,10 +98,9 @@ def merge_lavin_adapters(
     return language_model
 
 
-def _refuse_linear_attention(language_model: PreTrainedModel) -> None:
+def _refuse_linear_attention(language_model: PreTrainedModel, layers: nn.ModuleList) -> None:
     """Refuse, before anything changes, a hybrid LLM (Qwen3.5, Qwen3-Next): the adapters in front of its
     linear-attention layers would fold into projections that have no bias and no config flag to add one."""
-    layers = find_decoder_layers(language_model)
     linear = [
         index
         for index, layer in enumerate(layers)

@@ -214,9 +214,8 @@ def check_default_cache(config: PreTrainedConfig) -> None:
     their state in a cache of its own): our models generate with the cache transformers makes and count the tokens
     it has seen from it, and transformers stopped at the first `generate` ("uses cache of its own")."""
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
-    supports_dynamic_cache = getattr(
-        model_class, "_supports_default_dynamic_cache", None
-    )  # GenerationMixin's
+    # GenerationMixin's classmethod; an LLM class without it generates nothing we could run anyway.
+    supports_dynamic_cache = getattr(model_class, "_supports_default_dynamic_cache", None)
     if supports_dynamic_cache is not None and not supports_dynamic_cache():
         raise ValueError(
             f"{model_class.__name__} keeps its state in a cache of its own, which LaVIN and CROME cannot generate "

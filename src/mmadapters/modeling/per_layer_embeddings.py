@@ -21,13 +21,33 @@ def takes_per_layer_inputs(language_model: nn.Module) -> bool:
     )
 
 
+def add_per_layer_inputs(
+    language_model: nn.Module,
+    llm_kwargs: dict,
+    input_ids: torch.LongTensor | None,
+    image_mask: torch.Tensor,
+) -> None:
+    """Give the LLM's keyword arguments `per_layer_inputs` where the LLM reads them, the ids are known and none were
+    given (both models call this before running the LLM)."""
+    if (
+        input_ids is not None
+        and "per_layer_inputs" not in llm_kwargs
+        and takes_per_layer_inputs(language_model)
+    ):
+        llm_kwargs["per_layer_inputs"] = per_layer_inputs(language_model, input_ids, image_mask)
+
+
+def _pad_id(config: object) -> int:
+    return config.pad_token_id if config.pad_token_id is not None else 0
+
+
 def per_layer_inputs(
     language_model: nn.Module, input_ids: torch.LongTensor, image_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The per-layer token embeddings of `input_ids` (batch, length, layers, width), the pad token's at the image
     placeholders (`image_mask`) and at ids outside the per-layer vocabulary."""
     config = language_model.config
-    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    pad = _pad_id(config)
     limit = getattr(config, "vocab_size_per_layer_input", None) or config.vocab_size
     keep = (input_ids >= 0) & (input_ids < limit)
     if image_mask is not None:
@@ -46,6 +66,5 @@ def pad_per_layer_inputs(
 ) -> torch.Tensor:
     """The pad token's per-layer embeddings for a (batch, length) run of tokens that have no id (LaVIN's modality
     token, which the routing table runs through the LLM)."""
-    pad = language_model.config.pad_token_id
-    ids = torch.full((batch, length), pad if pad is not None else 0, dtype=torch.long, device=device)
+    ids = torch.full((batch, length), _pad_id(language_model.config), dtype=torch.long, device=device)
     return per_layer_inputs(language_model, ids)

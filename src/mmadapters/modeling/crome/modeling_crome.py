@@ -38,7 +38,7 @@ from ..image_tokens import (
     refuse_images_without_pixels,
     vocabulary_size,
 )
-from ..per_layer_embeddings import per_layer_inputs, takes_per_layer_inputs
+from ..per_layer_embeddings import add_per_layer_inputs
 from ..transformers_compat import cache_kwargs, cache_of, pick_cache
 from ..vision_layout import square_side
 from .configuration_crome import STAGES, CromeConfig
@@ -546,9 +546,9 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
                 inputs_embeds, labels, decoder_input_ids, decoder_attention_mask, llm_kwargs
             )
         llm_kwargs["position_ids"] = position_ids
-        if "per_layer_inputs" not in llm_kwargs and takes_per_layer_inputs(self.language_model):
-            image_mask = input_ids == self.config.image_token_id
-            llm_kwargs["per_layer_inputs"] = per_layer_inputs(self.language_model, input_ids, image_mask)
+        add_per_layer_inputs(
+            self.language_model, llm_kwargs, input_ids, input_ids == self.config.image_token_id
+        )
         return self._decoder_only_output(
             inputs_embeds, image_outputs, labels, logits_to_keep, supervised_logits_only, llm_kwargs
         )

@@ -35,7 +35,7 @@ from ..backbones import BackboneReference
 from ..causal_lm_output import VisionLanguageCausalLMOutput, image_features_output
 from ..frozen_backbones import FrozenBackbonesPreTrainedModel, adapter_settings
 from ..image_tokens import check_image_token_count, embed_text_tokens, refuse_images_without_pixels
-from ..per_layer_embeddings import pad_per_layer_inputs, per_layer_inputs, takes_per_layer_inputs
+from ..per_layer_embeddings import add_per_layer_inputs, pad_per_layer_inputs, takes_per_layer_inputs
 from ..transformers_compat import cache_kwargs, pick_cache
 from .configuration_lavin import LavinConfig
 from .feature_whitening import VisualFeatureWhitening
@@ -514,12 +514,7 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
 
         if position_ids is None:
             position_ids = self._text_position_ids(inputs_embeds, attention_mask, cache)
-        if (
-            input_ids is not None
-            and "per_layer_inputs" not in kwargs
-            and takes_per_layer_inputs(self.language_model)
-        ):
-            kwargs["per_layer_inputs"] = per_layer_inputs(self.language_model, input_ids, image_mask)
+        add_per_layer_inputs(self.language_model, kwargs, input_ids, image_mask)
         llm_kwargs = dict(
             attention_mask=attention_mask,
             position_ids=position_ids + 1,  # position 0 belongs to the modality token
