@@ -113,3 +113,58 @@ def test_push_to_hub_takes_transformers_keywords(tiny_backbones, monkeypatch):
     seen.clear()
     model.push_to_hub("org/lavin", max_shard_size="1GB", allow_local_backbones=True, license="apache-2.0")
     assert "mmadapters_model.safetensors" in seen["files"]  # one adapter file fits one shard
+
+
+def test_processes_launched_together_set_the_embedded_backbones_up_once(tmp_path, monkeypatch):
+    """Several processes started at once (torchrun, accelerate launch) each found no embedded backbones, each built
+    them, and one's rename replaced the folder another was already reading from. Now one builds and the others
+    wait for its copy (threads here: the lock is a file lock, which holds between threads as between processes)."""
+    import threading
+    import time
+
+    from mmadapters.modeling import embedded
+
+    builds = []
+
+    def slow_build(folder):
+        builds.append(folder.name)
+        time.sleep(0.3)
+        (folder / "model.safetensors").write_bytes(b"weights")
+
+    monkeypatch.setattr(embedded, "_convert_smollm2", slow_build)
+    monkeypatch.setattr(embedded, "_build_vision_tower", slow_build)
+    monkeypatch.setenv("MMADAPTERS_CACHE", str(tmp_path / "cache"))
+    results, errors = [], []
+
+    def set_up():
+        try:
+            results.append(embedded_backbones())
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=set_up) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(builds) == 2, builds  # each backbone built once, by whichever process came first
+    assert len(set(results)) == 1
+    assert all(
+        (tmp_path / "cache" / folder / "model.safetensors").is_file() for folder in (SMOLLM2_DIR, VISION_DIR)
+    )
+
+
+def test_embedded_cache_location_and_an_unwritable_one(tmp_path, monkeypatch):
+    from mmadapters.modeling.embedded import cache_dir
+
+    monkeypatch.delenv("MMADAPTERS_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "mmadapters"  # where huggingface_hub puts its own cache too
+    monkeypatch.setenv("MMADAPTERS_CACHE", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"
+
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("MMADAPTERS_CACHE", str(tmp_path / "a-file" / "cache"))
+    with pytest.raises(OSError, match="cannot be created.*set MMADAPTERS_CACHE to a writable folder"):
+        embedded_backbones()

