@@ -572,3 +572,24 @@ def test_the_processors_read_each_backbone_file_once(tiny_backbones, monkeypatch
     reads.clear()
     LavinProcessor.from_backbones(*tiny_backbones)
     assert sorted(reads) == ["image processor", "tokenizer"]
+
+
+def test_a_data_set_image_column_with_missing_images(processor):
+    """`images=[None, image]` (a data set's image column, some rows without an image) is one entry per sample:
+    before, the None counted as an image ("Got 2 image(s) but the text holds 1"), and datasets' lazy Column was
+    refused as an image of type Column."""
+    rows = datasets.Dataset.from_dict(
+        {"image": [None, rgb(), None], "prompt": ["Image: N/A\na", "Image: <image>\nb", "Image: N/A\nc"]}
+    ).cast_column("image", datasets.Image())
+    expected = processor(images=[[], [rgb()], []], text=list(rows["prompt"]))
+    for images in (rows["image"], [None, rgb(), None], (None, [rgb()], None)):
+        out = processor(images=images, text=rows["prompt"])
+        assert torch.equal(out["input_ids"], expected["input_ids"])
+        assert torch.equal(out["pixel_values"], expected["pixel_values"])
+    # The image in the wrong sample is named, never moved to another sample's placeholder.
+    with pytest.raises(
+        ImageTokenMismatchError, match=r"Images per sample \[1, 0, 0\] do not match .* \[0, 1, 0\]"
+    ):
+        processor(images=[rgb(), None, None], text=rows["prompt"])
+    with pytest.raises(ImageTokenMismatchError, match="one entry per prompt, but it has 2 entries for 3"):
+        processor(images=[None, rgb()], text=rows["prompt"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -463,7 +464,7 @@ class AdapterProcessorMixin:
 
         Args:
             images: None, a flat list of images consumed in placeholder order, or one list per sample (empty for
-                text-only samples). Each image: a PIL image, a path, an http(s) URL, bytes, or a uint8 array or
+                text-only samples), or one entry per sample with None for the text-only ones. Each image: a PIL image, a path, an http(s) URL, bytes, or a uint8 array or
                 tensor ((H, W[, C]) or (C, H, W)); a 4-D array or tensor is a flat list of images.
             text: one prompt or a batch; each needs one `<image>` placeholder per image it uses.
             answers: for training: one answer per prompt; `labels` then supervise only the answer and EOS (-100
@@ -778,6 +779,10 @@ class AdapterProcessorMixin:
     def _collect_images(self, images: Any, texts: list[str]) -> list[Any]:
         """Images as a flat list in placeholder order, checked against the `<image>` placeholders."""
         placeholders = [t.count(IMAGE_TOKEN) for t in texts]
+        if isinstance(images, Sequence) and not isinstance(images, (str, bytes)):
+            images = list(images)  # a data set's column (datasets' Column) is the list it holds
+        if isinstance(images, list) and any(item is None for item in images):
+            images = self._one_list_per_sample(images, texts)
         if images is None:
             flat = []
         elif (
@@ -805,6 +810,22 @@ class AdapterProcessorMixin:
                 "{'type': 'image'} content parts."
             )
         return flat
+
+    @staticmethod
+    def _one_list_per_sample(images: list | tuple, texts: list[str]) -> list[list[Any]]:
+        """A list holding None is one entry per sample, None for a sample without an image (a data set's image
+        column with missing images): `[None, image]` is `[[], [image]]`. Read as a flat list, its None would count
+        as an image and the images would shift to other samples' placeholders."""
+        if len(images) != len(texts):
+            raise ImageTokenMismatchError(
+                f"images holds None (a sample without an image), so it is read as one entry per prompt, but it has "
+                f"{len(images)} entries for {len(texts)} prompt(s): give one entry per prompt (None, an image, or a "
+                "list of images)."
+            )
+        return [
+            [] if item is None else list(item) if isinstance(item, (list, tuple)) else [item]
+            for item in images
+        ]
 
     def _pixel_values(self, flat_images: list[Any]) -> torch.Tensor | None:
         if not flat_images:
