@@ -159,7 +159,16 @@ def test_quickstart_at_reduced_size(tmp_path):
         feature_whitening=False,
         vision_adapters=True,
     )
+    # An earlier run's checkpoint and summary in the same folder are kept, not overwritten (they were before).
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "mmadapters_model.safetensors").write_bytes(b"earlier weights")
+    (tmp_path / "quickstart_summary.json").write_text('{"earlier": true}')
     summary = run_quickstart(tmp_path, settings, log=lambda *_: None)
+    [kept] = tmp_path.glob("checkpoint.*")
+    assert (kept / "mmadapters_model.safetensors").read_bytes() == b"earlier weights"
+    assert json.loads(
+        (tmp_path / f"quickstart_summary.{kept.name.removeprefix('checkpoint.')}.json").read_text()
+    )
     saved = json.loads((tmp_path / "quickstart_summary.json").read_text())
     for key in (
         "accuracy_before",
@@ -190,6 +199,23 @@ def test_quickstart_at_reduced_size(tmp_path):
         "saving",
     }
     assert os.path.isfile(os.path.join(saved["checkpoint_dir"], "eval_results.json"))  # for the model card
+
+
+def test_a_rerun_keeps_each_earlier_quickstart_checkpoint(tmp_path):
+    from mmadapters.quickstart import keep_earlier_run
+
+    assert keep_earlier_run(tmp_path, log=lambda *_: None) is None  # nothing to keep
+    kept = []
+    for run in range(3):  # saved within one second: the names still differ
+        (tmp_path / "checkpoint").mkdir()
+        (tmp_path / "checkpoint" / "weights").write_text(str(run))
+        (tmp_path / "quickstart_summary.json").write_text(str(run))
+        kept.append(keep_earlier_run(tmp_path, log=lambda *_: None))
+    assert not (tmp_path / "checkpoint").exists() and not (tmp_path / "quickstart_summary.json").exists()
+    assert [(folder / "weights").read_text() for folder in kept] == ["0", "1", "2"]
+    for run, folder in enumerate(kept):
+        label = folder.name.removeprefix("checkpoint.")
+        assert (tmp_path / f"quickstart_summary.{label}.json").read_text() == str(run)
 
 
 def test_quickstart_defaults_and_bad_settings_stop_before_anything_loads(tmp_path):

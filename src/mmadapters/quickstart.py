@@ -194,6 +194,30 @@ def accuracy_line(result: dict[str, Any]) -> str:
     return f"      accuracy {result['accuracy']:.3f} ({by_type})"
 
 
+def keep_earlier_run(output_dir: Path, log: Any = print) -> Path | None:
+    """Move an earlier run's `checkpoint/` and `quickstart_summary.json` in `output_dir` aside, to
+    `checkpoint.<time it was saved>/` and `quickstart_summary.<same time>.json`, rather than overwrite them: a
+    rerun (with other flags, another seed) must not lose what the earlier run trained. Done when the new checkpoint
+    is ready to be saved, so an interrupted rerun leaves the earlier one where it was. Returns where it went."""
+    checkpoint = output_dir / "checkpoint"
+    if not checkpoint.exists():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(checkpoint.stat().st_mtime))
+    label, count = stamp, 1
+    while (output_dir / f"checkpoint.{label}").exists() or (
+        output_dir / f"quickstart_summary.{label}.json"
+    ).exists():
+        count += 1
+        label = f"{stamp}-{count}"
+    kept = output_dir / f"checkpoint.{label}"
+    checkpoint.rename(kept)
+    summary = output_dir / "quickstart_summary.json"
+    if summary.exists():
+        summary.rename(output_dir / f"quickstart_summary.{label}.json")
+    log(f"      the earlier run's checkpoint is kept in {kept}")
+    return kept
+
+
 def run_quickstart(
     output_dir: str | os.PathLike, settings: QuickstartSettings | None = None, log: Any = print
 ) -> dict[str, Any]:
@@ -350,6 +374,7 @@ def run_quickstart(
 
     step("saving", "[6/6] Saving the adapter-only checkpoint...")
     checkpoint = output_dir / "checkpoint"
+    keep_earlier_run(output_dir, log)
     model.save_pretrained(checkpoint, processor=processor)
     write_eval_results(
         str(checkpoint), f"easy-vqa test ({settings.prompt_format} answers)", after, "mmadapters quickstart"
