@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from mmadapters.cli import main
 
@@ -156,3 +157,103 @@ def test_load_best_model_at_end_restores_the_best_checkpoints_adapters(tiny_back
     assert any(not torch.equal(saved[name], last[name]) for name in saved)
     for name, tensor in saved.items():
         torch.testing.assert_close(live[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def rescue_setup(tmp_path, tiny_backbones, **training):
+    """A LavinTrainer over the toy data in order (4 rows a step, a checkpoint every 3 steps) on a model initialised
+    under seed 0."""
+    from conftest import make_trainer, toy_dataset
+
+    from mmadapters import LavinForConditionalGeneration, LavinProcessor
+
+    data = tmp_path / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    dataset = toy_dataset(str(data))
+    torch.manual_seed(0)
+    model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+    processor = LavinProcessor.from_backbones(*tiny_backbones)
+    settings = dict(
+        train_sampling_strategy="sequential", save_steps=3, lr_scheduler_type="constant", **training
+    )
+    return dataset, lambda **kwargs: make_trainer(
+        model, processor, dataset, tmp_path / "run", **kwargs, training=settings
+    )
+
+
+def test_an_error_during_training_saves_the_steps_since_the_last_checkpoint(tiny_backbones, tmp_path):
+    """An unreadable image in step 6's batch (read as step 5 begins; checkpoints every 3 steps) stopped the run and
+    lost step 4; now the run writes checkpoint-4 as it stops, says so in the error, and resuming from it after the
+    image is mended ends where an uninterrupted run ends."""
+    from mmadapters import InvalidImageError
+
+    dataset, trainer_for = rescue_setup(tmp_path / "uninterrupted", tiny_backbones)
+    trainer_for().train()
+    uninterrupted = load_file(
+        tmp_path / "uninterrupted" / "run" / "checkpoint-6" / "mmadapters_model.safetensors"
+    )
+
+    dataset, trainer_for = rescue_setup(tmp_path, tiny_backbones)
+    # Step 6 reads rows 20-23, collated as step 5 begins (accelerate reads one batch ahead).
+    bad = dataset[21]["image"]
+    good_bytes = open(bad, "rb").read()
+    with open(bad, "wb") as f:
+        f.write(b"not a png")
+    with pytest.raises(InvalidImageError) as stopped:
+        trainer_for().train()
+    notes = "\n".join(getattr(stopped.value, "__notes__", []))
+    assert "stopped after step 4" in notes and str(tmp_path / "run" / "checkpoint-4") in notes
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint-3", "checkpoint-4"]
+
+    with open(bad, "wb") as f:
+        f.write(good_bytes)
+    dataset, trainer_for = rescue_setup(tmp_path, tiny_backbones)
+    trainer_for().train(resume_from_checkpoint=True)  # takes checkpoint-4, the last complete one
+    assert_same(load_file(tmp_path / "run" / "checkpoint-6" / "mmadapters_model.safetensors"), uninterrupted)
+
+
+class InterruptAt(TrainerCallback):
+    """Ctrl-C at the end of step `step`, or just after its optimizer step (before the Trainer counts it)."""
+
+    def __init__(self, event, step):
+        self.event, self.step = event, step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.event == "step_end" and state.global_step == self.step:
+            raise KeyboardInterrupt
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.event == "optimizer_step" and state.global_step + 1 == self.step:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_saves_the_progress_but_not_in_the_middle_of_an_optimizer_step(tiny_backbones, tmp_path):
+    _, trainer_for = rescue_setup(tmp_path, tiny_backbones)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        trainer_for(callbacks=[InterruptAt("step_end", 2)]).train()
+    assert "checkpoint-2" in "\n".join(stopped.value.__notes__)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint-2"]
+
+    # Stopped after the optimizer changed the weights of step 5 but before the step was counted: a checkpoint-4
+    # would hold step 5's weights; none is written, and the note says why.
+    shutil.rmtree(tmp_path / "run")
+    _, trainer_for = rescue_setup(tmp_path, tiny_backbones)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        trainer_for(callbacks=[InterruptAt("optimizer_step", 5)]).train()
+    assert "during optimizer step 5" in "\n".join(stopped.value.__notes__)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint-3"]
+
+
+def test_the_cli_prints_where_a_failed_run_saved_its_progress(tmp_path, monkeypatch, capsys):
+    from mmadapters import recipes
+
+    def stopped(*args, **kwargs):
+        error = ValueError("The image 3 cannot be read.")
+        error.add_note(
+            "mmadapters: training stopped after step 4; its progress is saved in run/checkpoint-4."
+        )
+        raise error
+
+    monkeypatch.setattr(recipes, "train_from_recipe", stopped)
+    assert main(["train", str(tmp_path / "recipe.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "error: The image 3 cannot be read." in err and "saved in run/checkpoint-4" in err

@@ -492,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     # carry a message that says what to do: one line, not a traceback.
     except (MMAdaptersError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
+        for note in getattr(error, "__notes__", []):  # e.g. where a failed training run saved its progress
+            print(note, file=sys.stderr)
         return 2
     return 0
 

@@ -7,6 +7,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from transformers import TrainerCallback
+
 from ..checkpoint_files import ADAPTER_WEIGHTS_NAME, adapter_weights_file
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -80,3 +82,22 @@ def check_sharded_saving(deepspeed_config: dict | None, fsdp_state_dict_type: st
             "the adapters would not be saved. Use fsdp_state_dict_type: FULL_STATE_DICT (recipes/accelerate/"
             "fsdp-gpus.yaml does)."
         )
+
+
+class StepBoundary(TrainerCallback):
+    """Whether training is between optimizer steps, where the weights, optimizer and schedule are all those of
+    `state.global_step`: a checkpoint written after an error there holds a state a run can resume from. From the
+    optimizer step until `global_step` counts it, the weights are ahead of the count (whatever other callbacks do
+    meanwhile: the count is what tells)."""
+
+    def __init__(self) -> None:
+        self.optimizer_step_began_at: int | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.optimizer_step_began_at = None
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.optimizer_step_began_at = state.global_step
+
+    def between_steps(self, state: Any) -> bool:
+        return self.optimizer_step_began_at is None or state.global_step > self.optimizer_step_began_at

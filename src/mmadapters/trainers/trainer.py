@@ -1,6 +1,7 @@
 """`transformers.Trainer` subclasses for our adapter models.
 
-What they add to the Trainer: adapter-only checkpoints (and `resume_from_checkpoint` from them), a report of
+What they add to the Trainer: adapter-only checkpoints (and `resume_from_checkpoint` from them), a checkpoint of
+the steps done when an error or Ctrl-C stops training (`_save_progress_after`), a report of
 what trains at the start, LaVIN's weight-decay groups (none on biases and 1-D parameters),
 LaVIN's routing weights in the logs (per modality), CROME's stages, and training steps that compute logits only
 where a token is supervised.
@@ -26,7 +27,13 @@ from ..modeling.causal_lm_output import next_token_labels, supervised_positions
 from ..modeling.crome import CromeForConditionalGeneration
 from ..modeling.lavin import LavinForConditionalGeneration
 from ..modeling.peft_on_top import adopt_peft_model
-from .checkpoints import check_sharded_saving, find_last_checkpoint
+from .checkpoints import (
+    CHECKPOINT_PREFIX,
+    StepBoundary,
+    check_sharded_saving,
+    checkpoint_is_complete,
+    find_last_checkpoint,
+)
 from .collator import VisionLanguageCollator
 
 logger = logging.getLogger(__name__)
@@ -197,6 +204,8 @@ class AdapterTrainer(Trainer):
             state.deepspeed_plugin.deepspeed_config if self.is_deepspeed_enabled else None,
             str(state.fsdp_plugin.state_dict_type) if self.is_fsdp_enabled else None,
         )
+        self._step_boundary = StepBoundary()
+        self.add_callback(self._step_boundary)
 
     def _take_model(self, model: Any) -> Any:
         """Check and prepare the model this Trainer trains (given, or built by `model_init`); see CromeTrainer."""
@@ -227,7 +236,49 @@ class AdapterTrainer(Trainer):
                 100 * report["total"] / total,
                 lines,
             )
-        return super().train(*args, **kwargs)
+        try:
+            return super().train(*args, **kwargs)
+        except (
+            BaseException
+        ) as error:  # KeyboardInterrupt too: Ctrl-C must not lose the steps since the last save
+            self._save_progress_after(error)
+            raise
+
+    def _save_progress_after(self, error: BaseException) -> None:
+        """After an error or an interrupt during training (an unreadable image at step 5,000, Ctrl-C), write a
+        checkpoint of the steps done since the last one, as a regular `checkpoint-N` that `resume_from_checkpoint`
+        continues from, and add a note to the error that says where it is. Not written when nothing is new, in a
+        multi-process run (the other processes cannot join a save after one of them failed), or when the error
+        came during an optimizer step (the weights would be ahead of the step count); the note then says so."""
+        step = self.state.global_step
+        folder = os.path.join(self.args.output_dir, f"{CHECKPOINT_PREFIX}{step}")
+        if step == 0 or (os.path.isdir(folder) and checkpoint_is_complete(folder) is None):
+            return
+        if self.args.world_size > 1:
+            error.add_note(
+                f"mmadapters: the steps since the last checkpoint were not saved: in a run of {self.args.world_size} "
+                "processes the others cannot join a save after one failed. Resume from the last checkpoint."
+            )
+            return
+        if not self._step_boundary.between_steps(self.state):
+            error.add_note(
+                f"mmadapters: training stopped during optimizer step {step + 1}, so its progress was not saved (the "
+                "weights were partly updated). Resume from the last checkpoint."
+            )
+            return
+        push_to_hub = self.args.push_to_hub
+        self.args.push_to_hub = False  # a rescue stays local: no upload while the run is failing
+        try:
+            self._save_checkpoint(self.model_wrapped, trial=None)
+        except Exception as save_error:  # noqa: BLE001 - the training error is the one to raise
+            error.add_note(f"mmadapters: saving the progress of step {step} failed too: {save_error}")
+            return
+        finally:
+            self.args.push_to_hub = push_to_hub
+        error.add_note(
+            f"mmadapters: training stopped after step {step}; its progress is saved in {folder}. Continue with "
+            "trainer.train(resume_from_checkpoint=True) (mmadapters train RECIPE --resume)."
+        )
 
     def compute_loss(
         self,
