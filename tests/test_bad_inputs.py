@@ -345,6 +345,11 @@ RECIPE_CASES = {
     "training.per_device_train_batch_size": (0, "must be at least 1"),
     "training.learning_rate": (-1.0, "must be positive"),
     "training.learning_rate ": ("fast", "must be a number"),
+    # PyYAML reads `adam_epsilon: 1e-8` as text (YAML 1.1 numbers need a dot and a signed exponent)
+    "training.adam_epsilon": (
+        "1e-8",
+        "must be a number, got '1e-8' \\(str\\): YAML reads 1e-8 as text, write 1.0e-8",
+    ),
     "training.bf16": ("yes", "must be true or false"),
     "training.made_up": (1, "unknown field\\(s\\) \\['made_up'\\]"),
     "adapter.r": ("eight", "MMAdapterConfig.r must be an integer"),

@@ -146,7 +146,7 @@ def recipe_errors(recipe: dict[str, Any]) -> list[str]:
     from transformers import TrainingArguments
 
     from .methods import method
-    from .validation import type_errors
+    from .validation import type_errors, yaml_number
 
     errors = []
     for key in ("text_model", "vision_model", "init_from", "from_checkpoint", "output_dir"):
@@ -203,7 +203,10 @@ def recipe_errors(recipe: dict[str, Any]) -> list[str]:
         errors.append(f"`training` has unknown field(s) {unknown}: use TrainingArguments fields")
     given = {k: v for k, v in training.items() if k in known and not (k == "bf16" and v == "auto")}
     typed = type_errors(TrainingArguments, given)
-    errors.extend(f"`training.{name}` {message}" for name, message in typed.items())
+    for name, message in typed.items():
+        written = yaml_number(given[name]) if isinstance(given[name], str) else None
+        hint = f": YAML reads {given[name]} as text, write {written}" if written else ""
+        errors.append(f"`training.{name}` {message}{hint}")
     for key, (check, wanted) in TRAINING_RANGES.items():
         if key in training and key not in typed and not check(training[key]):
             errors.append(f"`training.{key}` must be {wanted}, got {training[key]!r}")

@@ -57,6 +57,23 @@ def type_errors(fields_of: type, values: dict[str, Any]) -> dict[str, str]:
     return errors
 
 
+def yaml_number(text: str) -> str | None:
+    """How to write `text` (a number in exponent notation, `1e-4`, `1.5e4`) so that YAML reads a number
+    (`1.0e-4`, `1.5e+4`): PyYAML follows YAML 1.1, where the mantissa's dot and the exponent's sign are required.
+    None for any other text."""
+    mantissa, marker, exponent = text.strip().lower().partition("e")
+    try:
+        float(text)
+    except ValueError:
+        return None
+    if not marker:
+        return None
+    dot = "" if "." in mantissa else ".0"
+    sign = "" if exponent.startswith(("+", "-")) else "+"
+    written = f"{mantissa}{dot}e{sign}{exponent}"
+    return None if written == text.strip().lower() else written
+
+
 def check_positive_int(value: Any, name: str, optional: bool = False) -> Any:
     """`value` if it is an integer >= 1 (or None, where `optional`); else a ValueError naming `name`: a setting read
     from a file (processor_config.json) is checked where it is read, not met later as a comparison error."""
