@@ -242,6 +242,15 @@ def test_ctrl_c_saves_the_progress_but_not_in_the_middle_of_an_optimizer_step(ti
     assert "during optimizer step 5" in "\n".join(stopped.value.__notes__)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint-3"]
 
+    # A hyperparameter search stops (prunes) trials on purpose: no rescue there.
+    shutil.rmtree(tmp_path / "run")
+    _, trainer_for = rescue_setup(tmp_path, tiny_backbones)
+    trainer = trainer_for(callbacks=[InterruptAt("step_end", 2)])
+    trainer.hp_search_backend = "optuna"  # what hyperparameter_search() sets
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
+
 
 def test_the_cli_prints_where_a_failed_run_saved_its_progress(tmp_path, monkeypatch, capsys):
     from mmadapters import recipes

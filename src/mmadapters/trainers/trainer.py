@@ -249,10 +249,13 @@ class AdapterTrainer(Trainer):
         checkpoint of the steps done since the last one, as a regular `checkpoint-N` that `resume_from_checkpoint`
         continues from, and add a note to the error that says where it is. Not written when nothing is new, in a
         multi-process run (the other processes cannot join a save after one of them failed), or when the error
-        came during an optimizer step (the weights would be ahead of the step count); the note then says so."""
+        came during an optimizer step (the weights would be ahead of the step count); the note then says so. Nor in
+        a hyperparameter search, which stops (prunes) trials on purpose."""
         step = self.state.global_step
         folder = os.path.join(self.args.output_dir, f"{CHECKPOINT_PREFIX}{step}")
         if step == 0 or (os.path.isdir(folder) and checkpoint_is_complete(folder) is None):
+            return
+        if self.hp_search_backend is not None:  # a hyperparameter search stops (prunes) trials on purpose
             return
         if self.args.world_size > 1:
             error.add_note(
