@@ -226,30 +226,30 @@ class InterruptAt(TrainerCallback):
             raise KeyboardInterrupt
 
 
-def test_ctrl_c_saves_the_progress_but_not_in_the_middle_of_an_optimizer_step(tiny_backbones, tmp_path):
+def interrupted_run(tmp_path, tiny_backbones, event, step, hp_search_backend=None):
+    """(the KeyboardInterrupt's notes, the checkpoints left) of a fresh run stopped by Ctrl-C at `event` of `step`."""
+    shutil.rmtree(tmp_path / "run", ignore_errors=True)
     _, trainer_for = rescue_setup(tmp_path, tiny_backbones)
+    trainer = trainer_for(callbacks=[InterruptAt(event, step)])
+    trainer.hp_search_backend = hp_search_backend  # what hyperparameter_search() sets
     with pytest.raises(KeyboardInterrupt) as stopped:
-        trainer_for(callbacks=[InterruptAt("step_end", 2)]).train()
-    assert "checkpoint-2" in "\n".join(stopped.value.__notes__)
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint-2"]
+        trainer.train()
+    notes = "\n".join(getattr(stopped.value, "__notes__", []))
+    return notes, sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*"))
+
+
+def test_ctrl_c_saves_the_progress_but_not_in_the_middle_of_an_optimizer_step(tiny_backbones, tmp_path):
+    notes, checkpoints = interrupted_run(tmp_path, tiny_backbones, "step_end", 2)
+    assert "checkpoint-2" in notes and checkpoints == ["checkpoint-2"]
 
     # Stopped after the optimizer changed the weights of step 5 but before the step was counted: a checkpoint-4
     # would hold step 5's weights; none is written, and the note says why.
-    shutil.rmtree(tmp_path / "run")
-    _, trainer_for = rescue_setup(tmp_path, tiny_backbones)
-    with pytest.raises(KeyboardInterrupt) as stopped:
-        trainer_for(callbacks=[InterruptAt("optimizer_step", 5)]).train()
-    assert "during optimizer step 5" in "\n".join(stopped.value.__notes__)
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint-3"]
+    notes, checkpoints = interrupted_run(tmp_path, tiny_backbones, "optimizer_step", 5)
+    assert "during optimizer step 5" in notes and checkpoints == ["checkpoint-3"]
 
     # A hyperparameter search stops (prunes) trials on purpose: no rescue there.
-    shutil.rmtree(tmp_path / "run")
-    _, trainer_for = rescue_setup(tmp_path, tiny_backbones)
-    trainer = trainer_for(callbacks=[InterruptAt("step_end", 2)])
-    trainer.hp_search_backend = "optuna"  # what hyperparameter_search() sets
-    with pytest.raises(KeyboardInterrupt):
-        trainer.train()
-    assert not list((tmp_path / "run").glob("checkpoint-*"))
+    notes, checkpoints = interrupted_run(tmp_path, tiny_backbones, "step_end", 2, hp_search_backend="optuna")
+    assert notes == "" and checkpoints == []
 
 
 def test_the_cli_prints_where_a_failed_run_saved_its_progress(tmp_path, monkeypatch, capsys):
