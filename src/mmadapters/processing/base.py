@@ -464,8 +464,9 @@ class AdapterProcessorMixin:
 
         Args:
             images: None, a flat list of images consumed in placeholder order, or one list per sample (empty for
-                text-only samples), or one entry per sample with None for the text-only ones. Each image: a PIL image, a path, an http(s) URL, bytes, or a uint8 array or
-                tensor ((H, W[, C]) or (C, H, W)); a 4-D array or tensor is a flat list of images.
+                text-only samples), or one entry per sample with None for the text-only ones (a data set's image
+                column). Each image: a PIL image, a path, an http(s) URL, bytes, or a uint8 array or tensor
+                ((H, W[, C]) or (C, H, W)); a 4-D array or tensor is a flat list of images.
             text: one prompt or a batch; each needs one `<image>` placeholder per image it uses.
             answers: for training: one answer per prompt; `labels` then supervise only the answer and EOS (-100
                 elsewhere) and batches are right-padded; without answers they are left-padded, ready for
@@ -812,7 +813,7 @@ class AdapterProcessorMixin:
         return flat
 
     @staticmethod
-    def _one_list_per_sample(images: list | tuple, texts: list[str]) -> list[list[Any]]:
+    def _one_list_per_sample(images: list, texts: list[str]) -> list[list[Any]]:
         """A list holding None is one entry per sample, None for a sample without an image (a data set's image
         column with missing images): `[None, image]` is `[[], [image]]`. Read as a flat list, its None would count
         as an image and the images would shift to other samples' placeholders."""

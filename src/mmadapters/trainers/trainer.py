@@ -238,9 +238,8 @@ class AdapterTrainer(Trainer):
             )
         try:
             return super().train(*args, **kwargs)
-        except (
-            BaseException
-        ) as error:  # KeyboardInterrupt too: Ctrl-C must not lose the steps since the last save
+        # BaseException: KeyboardInterrupt too, Ctrl-C must not lose the steps since the last save.
+        except BaseException as error:
             self._save_progress_after(error)
             raise
 
