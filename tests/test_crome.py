@@ -555,6 +555,16 @@ QFORMER_CASES = {
         lambda b: {**b, "qformer_input_ids": b["qformer_input_ids"][0], "qformer_attention_mask": None},
         "must be 2-D \\(num_images, instruction length\\)",
     ),
+    # Before: an IndexError from the Q-Former's position embeddings (a processor built with a qformer_max_length
+    # beyond them).
+    "longer than the Q-Former's positions": (
+        lambda b: {
+            **b,
+            "qformer_input_ids": torch.ones(1, 200, dtype=torch.long),
+            "qformer_attention_mask": torch.ones(1, 200, dtype=torch.long),
+        },
+        "200 tokens long, but the Q-Former reads at most 128 \\(its max_position_embeddings\\)",
+    ),
     # Before: an IndexError from the Q-Former's word embeddings.
     "ids outside the Q-Former vocabulary": (
         lambda b: {**b, "qformer_input_ids": b["qformer_input_ids"] + 10_000},
@@ -578,6 +588,21 @@ def test_malformed_qformer_inputs_are_named(backbones, case):
     }
     with pytest.raises(ValueError, match=message):
         model.get_image_features(**pixels)
+
+
+def test_a_processor_whose_instructions_outgrow_the_qformer_is_refused_before_training(backbones, tmp_path):
+    """A Trainer (or a save) given a processor that cuts instructions beyond the Q-Former's positions: before, the
+    run stopped inside the Q-Former at the first long sample."""
+    model, _ = build(backbones)
+    processor = CromeProcessor.from_backbones(
+        backbones["llama"],
+        backbones["vision"],
+        num_image_tokens=model.config.num_image_tokens,
+        qformer_max_length=300,
+    )
+    with pytest.raises(ValueError, match="qformer_max_length=300 tokens, but the Q-Former reads at most 128"):
+        model.save_pretrained(tmp_path / "ckpt", processor=processor)
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_get_image_features_names_malformed_images(backbones):

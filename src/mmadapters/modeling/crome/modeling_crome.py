@@ -351,8 +351,16 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
     def check_processor(self, processor: Any) -> None:
         """`FrozenBackbonesPreTrainedModel.check_processor`, and a Q-Former tokenizer that fits the Q-Former's
         vocabulary (one with more tokens is not the one it was trained with: the LLM's, for a Q-Former taken from
-        InstructBLIP, which reads BERT's)."""
+        InstructBLIP, which reads BERT's) and a `qformer_max_length` within its positions (a longer instruction
+        stopped inside the Q-Former at the first long sample)."""
         super().check_processor(processor)
+        positions = self.config.qformer_config.max_position_embeddings
+        if processor.qformer_max_length > positions:
+            raise ValueError(
+                f"The processor cuts instructions at qformer_max_length={processor.qformer_max_length} tokens, but "
+                f"the Q-Former reads at most {positions} (its max_position_embeddings): build the processor with "
+                f"qformer_max_length={positions} or less."
+            )
         tokens, vocabulary = len(processor.qformer_tokenizer), self.config.qformer_config.vocab_size
         if tokens > vocabulary:
             raise ValueError(
@@ -383,8 +391,9 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
         qformer_attention_mask: torch.Tensor | None,
     ) -> None:
         """Refuse an instruction the Q-Former cannot read, naming the argument (before: a size mismatch or an index
-        error from inside the Q-Former): one row of integer ids per image, a mask of the same shape, ids in the
-        Q-Former's vocabulary. Skipped while torch.compile traces, as `check_inputs`."""
+        error from inside the Q-Former): one row of integer ids per image, a mask of the same shape, no longer than
+        the Q-Former's positions, ids in the Q-Former's vocabulary. Skipped while torch.compile traces, as
+        `check_inputs`."""
         if is_compiling():
             return
         check_token_ids(
@@ -403,6 +412,13 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"qformer_attention_mask has shape {tuple(qformer_attention_mask.shape)} but qformer_input_ids "
                 f"{tuple(qformer_input_ids.shape)}: they must be the same shape."
+            )
+        positions = self.config.qformer_config.max_position_embeddings
+        if qformer_input_ids.shape[1] > positions:
+            raise ValueError(
+                f"qformer_input_ids are {qformer_input_ids.shape[1]} tokens long, but the Q-Former reads at most "
+                f"{positions} (its max_position_embeddings). Build the processor with qformer_max_length={positions} "
+                "or less."
             )
         vocab_size = vocabulary_size(self.qformer.get_input_embeddings())
         bad = (qformer_input_ids < 0) | (qformer_input_ids >= vocab_size)
