@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -202,3 +203,45 @@ def test_trls_vision_collator_is_refused_by_our_trainers(backbones, tmp_path):
             processing_class=processor,
         )
     assert not os.path.exists(tmp_path / "run" / "checkpoint-2")
+
+
+@pytest.mark.parametrize("kind", ["lavin", "crome"])
+def test_dpo_trainer_reloads_its_reference_model_from_our_checkpoint(backbones, kind, tmp_path):
+    """TRL's DPOTrainer, given a model without `ref_model`, loads the reference again from the model's checkpoint
+    by the class `config.json` names (`architectures`, which transformers' saves write): our adapter-only saves
+    did not write it, and the DPOTrainer stopped with "'NoneType' object is not subscriptable"."""
+    import datasets
+    from PIL import Image
+
+    trl = import_trl()
+    model, processor = build(backbones, kind)
+    model.save_pretrained(tmp_path / "ckpt", processor=processor)
+    saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert saved["architectures"] == [type(model).__name__]
+
+    model = type(model).from_pretrained(tmp_path / "ckpt")
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color?"}]}]
+    rows = {
+        "images": [[Image.new("RGB", (32, 32), "red")]] * 4,
+        "prompt": [turn] * 4,
+        "chosen": [[{"role": "assistant", "content": [{"type": "text", "text": "red"}]}]] * 4,
+        "rejected": [[{"role": "assistant", "content": [{"type": "text", "text": "blue"}]}]] * 4,
+    }
+    config = trl.DPOConfig(
+        output_dir=str(tmp_path / "dpo"),
+        max_steps=1,
+        per_device_train_batch_size=2,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        bf16=False,  # DPOConfig's default autocasts the reference's forward to bfloat16
+    )
+    trainer = trl.DPOTrainer(
+        model=model, args=config, train_dataset=datasets.Dataset.from_dict(rows), processing_class=processor
+    )
+    assert type(trainer.ref_model) is type(model)
+    reference = trainer.ref_model
+    with torch.no_grad():  # the reference is the checkpoint's model
+        inputs = tiny_sample_inputs(processor)
+        torch.testing.assert_close(reference(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+    trainer.train()

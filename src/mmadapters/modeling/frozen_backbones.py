@@ -1100,6 +1100,9 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             peft_on_top.check_full_checkpoint_can_rebuild(self)
         # The remote-code loader: the checkpoint loads with trust_remote_code=True and no `import mmadapters`.
         self.config.auto_map = model_auto_map(type(self.config), type(self))
+        # As transformers' save writes it (a full save does so itself): TRL reloads a reference model by it, and
+        # the Hub and serving tools read it.
+        self.config.architectures = [type(self).__name__]
         folder = os.fspath(save_directory)
         replaces = replaced_by_adapter_save(folder) if os.path.isdir(folder) else None
         # Written into a staging folder and swapped in: a kill at any moment leaves the old or the new checkpoint.
