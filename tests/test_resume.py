@@ -252,6 +252,24 @@ def test_ctrl_c_saves_the_progress_but_not_in_the_middle_of_an_optimizer_step(ti
     assert notes == "" and checkpoints == []
 
 
+def test_a_multi_process_run_that_stops_says_its_last_steps_were_not_saved(
+    tiny_backbones, tmp_path, monkeypatch
+):
+    """The other processes cannot join a save after one failed (a collective save would hang): no rescue there,
+    and the error says so. The Trainer is told it is one of two processes only after its run."""
+    from transformers import TrainingArguments
+
+    _, trainer_for = rescue_setup(tmp_path, tiny_backbones)
+    trainer = trainer_for(max_steps=4)
+    trainer.train()
+    shutil.rmtree(tmp_path / "run" / "checkpoint-4")  # as if step 4 were done but not saved
+    monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
+    error = RuntimeError("NCCL timeout")
+    trainer._save_progress_after(error)
+    assert "in a run of 2 processes the others cannot join a save" in error.__notes__[0]
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-3"]
+
+
 def test_the_cli_prints_where_a_failed_run_saved_its_progress(tmp_path, monkeypatch, capsys):
     from mmadapters import recipes
 
