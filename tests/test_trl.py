@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -205,13 +206,40 @@ def test_trls_vision_collator_is_refused_by_our_trainers(backbones, tmp_path):
     assert not os.path.exists(tmp_path / "run" / "checkpoint-2")
 
 
+def preference_rows(n: int = 4):
+    """TRL's conversational preference rows: one image and a question, a chosen and a rejected answer."""
+    import datasets
+    from PIL import Image
+
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color?"}]}]
+    return datasets.Dataset.from_dict(
+        {
+            "images": [[Image.new("RGB", (32, 32), "red")]] * n,
+            "prompt": [turn] * n,
+            "chosen": [[{"role": "assistant", "content": [{"type": "text", "text": "red"}]}]] * n,
+            "rejected": [[{"role": "assistant", "content": [{"type": "text", "text": "blue"}]}]] * n,
+        }
+    )
+
+
+def dpo_config(trl, output_dir, **overrides):
+    settings = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=2,
+        use_cpu=True,
+        report_to=[],
+        seed=0,
+        bf16=False,  # DPOConfig's default autocasts the forward to bfloat16
+        **overrides,
+    )
+    return trl.DPOConfig(**settings)
+
+
 @pytest.mark.parametrize("kind", ["lavin", "crome"])
 def test_dpo_trainer_reloads_its_reference_model_from_our_checkpoint(backbones, kind, tmp_path):
     """TRL's DPOTrainer, given a model without `ref_model`, loads the reference again from the model's checkpoint
     by the class `config.json` names (`architectures`, which transformers' saves write): our adapter-only saves
     did not write it, and the DPOTrainer stopped with "'NoneType' object is not subscriptable"."""
-    import datasets
-    from PIL import Image
 
     trl = import_trl()
     model, processor = build(backbones, kind)
@@ -220,24 +248,11 @@ def test_dpo_trainer_reloads_its_reference_model_from_our_checkpoint(backbones, 
     assert saved["architectures"] == [type(model).__name__]
 
     model = type(model).from_pretrained(tmp_path / "ckpt")
-    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color?"}]}]
-    rows = {
-        "images": [[Image.new("RGB", (32, 32), "red")]] * 4,
-        "prompt": [turn] * 4,
-        "chosen": [[{"role": "assistant", "content": [{"type": "text", "text": "red"}]}]] * 4,
-        "rejected": [[{"role": "assistant", "content": [{"type": "text", "text": "blue"}]}]] * 4,
-    }
-    config = trl.DPOConfig(
-        output_dir=str(tmp_path / "dpo"),
-        max_steps=1,
-        per_device_train_batch_size=2,
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        bf16=False,  # DPOConfig's default autocasts the reference's forward to bfloat16
-    )
     trainer = trl.DPOTrainer(
-        model=model, args=config, train_dataset=datasets.Dataset.from_dict(rows), processing_class=processor
+        model=model,
+        args=dpo_config(trl, tmp_path / "dpo", max_steps=1, save_strategy="no"),
+        train_dataset=preference_rows(),
+        processing_class=processor,
     )
     assert type(trainer.ref_model) is type(model)
     reference = trainer.ref_model
@@ -245,3 +260,33 @@ def test_dpo_trainer_reloads_its_reference_model_from_our_checkpoint(backbones, 
         inputs = tiny_sample_inputs(processor)
         torch.testing.assert_close(reference(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
     trainer.train()
+
+
+def test_dpo_mixed_with_our_trainer_resumes_exactly(backbones, tmp_path):
+    """`class LavinDPOTrainer(LavinTrainer, DPOTrainer)`: adapter-only checkpoints that resume to the weights of an
+    uninterrupted run, as the SFTTrainer mix does."""
+    trl = import_trl()
+
+    class LavinDPOTrainer(LavinTrainer, trl.DPOTrainer):
+        pass
+
+    model, processor = build(backbones, "lavin")
+    model.save_pretrained(tmp_path / "ckpt", processor=processor)
+
+    def run(output, **train_kwargs):
+        trainer = LavinDPOTrainer(
+            model=LavinForConditionalGeneration.from_pretrained(tmp_path / "ckpt"),
+            args=dpo_config(trl, tmp_path / output, max_steps=4, save_steps=2, learning_rate=5e-3),
+            train_dataset=preference_rows(8),
+            processing_class=processor,
+        )
+        trainer.train(**train_kwargs)
+        return load_file(tmp_path / output / "checkpoint-4" / ADAPTER_WEIGHTS_NAME)
+
+    uninterrupted = run("full")
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    resumed = run("resumed", resume_from_checkpoint=True)
+    before = LavinForConditionalGeneration.from_pretrained(tmp_path / "ckpt").adapter_state_dict()
+    assert any(not torch.equal(before[name], uninterrupted[name]) for name in before)  # DPO trained them
+    for name in uninterrupted:
+        torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=1e-5, atol=1e-6, msg=name)
