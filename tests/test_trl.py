@@ -259,6 +259,20 @@ def test_dpo_trainer_reloads_its_reference_model_from_our_checkpoint(backbones, 
     with torch.no_grad():  # the reference is the checkpoint's model
         inputs = tiny_sample_inputs(processor)
         torch.testing.assert_close(reference(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+
+    # DPO scores an answer by its log-probability under TRL's fused LM head (on `base_model`): it equals the one
+    # the model's own logits give, answer tokens and EOS only.
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    with torch.no_grad():
+        fused = model(**inputs, labels=labels, fused_lm_head=True, use_cache=False).log_probs
+        trl_scores = fused[:, -(labels.shape[1] - 1) :].sum(1)
+        log_probs = model(**inputs, use_cache=False).logits[:, :-1].log_softmax(-1)
+        targets = labels[:, 1:]
+        picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        own_scores = (picked * (targets != -100)).sum(1)
+    torch.testing.assert_close(trl_scores, own_scores, rtol=1e-5, atol=1e-5)
     trainer.train()
 
 
