@@ -66,9 +66,45 @@ def test_apply_chat_template_tokenized_with_image(processor, tmp_path):
     chat = [
         {"role": "user", "content": [{"type": "image", "path": str(path)}, {"type": "text", "text": "what?"}]}
     ]
-    out = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)
+    out = processor.apply_chat_template(
+        chat, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
     assert out["pixel_values"].shape[0] == 1
     assert (out["input_ids"] == processor.image_token_id).sum() == processor.num_image_tokens
+
+
+@pytest.mark.parametrize("processor_class", [LavinProcessor, CromeProcessor])
+def test_tokenized_chat_template_without_return_tensors_gives_unpadded_rows(tiny_backbones, processor_class):
+    """As transformers' processors: plain lists, one unpadded row per conversation. TRL's GRPO reads each row as a
+    whole prompt: our padded batch put a shorter prompt's padding inside it (23 pad tokens in this one)."""
+    options = {"num_image_tokens": 4} if processor_class is CromeProcessor else {}
+    processor = processor_class.from_backbones(*tiny_backbones, **options)
+    short = [
+        {"role": "user", "content": [{"type": "image", "image": rgb()}, {"type": "text", "text": "color?"}]}
+    ]
+    long = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": rgb()},
+                {"type": "text", "text": "what is the color of the shape in this image please?"},
+            ],
+        }
+    ]
+    kwargs = dict(add_generation_prompt=True, tokenize=True, return_dict=True)
+    rows = processor.apply_chat_template([short, long], **kwargs)
+    batch = processor.apply_chat_template([short, long], **kwargs, return_tensors="pt")
+    assert set(rows) == set(batch)
+    for name, value in batch.items():
+        if name == "pixel_values":
+            np.testing.assert_array_equal(np.stack(rows[name]), value.numpy())
+            continue
+        mask = batch["qformer_attention_mask" if name.startswith("qformer_") else "attention_mask"].bool()
+        assert rows[name] == [row[keep].tolist() for row, keep in zip(value, mask, strict=True)], name
+    assert len(rows["input_ids"][0]) < len(rows["input_ids"][1])
+    assert processor.tokenizer.pad_token_id not in rows["input_ids"][0]
+    ids = processor.apply_chat_template(short, add_generation_prompt=True, tokenize=True)  # return_dict=False
+    assert ids == rows["input_ids"][:1]
 
 
 def test_mixed_batch_left_padding(processor):

@@ -304,3 +304,45 @@ def test_dpo_mixed_with_our_trainer_resumes_exactly(backbones, tmp_path):
     assert any(not torch.equal(before[name], uninterrupted[name]) for name in before)  # DPO trained them
     for name in uninterrupted:
         torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["lavin", "crome"])
+def test_grpo_trainer_trains_lavin_and_stops_crome_with_our_message(backbones, kind, tmp_path):
+    """TRL's GRPOTrainer generates with the model (images included) and scores the completions with the fused LM
+    head, as DPO does. It passes a fixed set of image inputs to the forward, without CROME's Q-Former instruction
+    (as for transformers' InstructBLIP): CROME stops at the first step with our message, not inside the Q-Former."""
+    import datasets
+    from PIL import Image
+
+    trl = import_trl()
+    model, processor = build(backbones, kind)
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color?"}]}]
+    rows = datasets.Dataset.from_dict(
+        {"image": [Image.new("RGB", (32, 32), "red")] * 4, "prompt": [turn] * 4}
+    )
+    config = trl.GRPOConfig(
+        output_dir=str(tmp_path / "grpo"),
+        per_device_train_batch_size=2,
+        num_generations=2,
+        max_completion_length=4,
+        max_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        report_to=[],
+        bf16=False,
+    )
+    trainer = trl.GRPOTrainer(
+        model=model,
+        reward_funcs=lambda completions, **kwargs: [float(len(str(c))) for c in completions],
+        args=config,
+        train_dataset=rows,
+        processing_class=processor,
+    )
+    if kind == "crome":
+        with pytest.raises(
+            ValueError, match="CROME's Q-Former reads the instruction: pass qformer_input_ids"
+        ):
+            trainer.train()
+        return
+    trainer.train()
+    assert trainer.state.global_step == 1

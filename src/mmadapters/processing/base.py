@@ -373,6 +373,20 @@ def apply_load_settings(processor: Any, settings: dict[str, Any]) -> None:
                     setattr(getattr(processor, attribute), name, settings[name])
 
 
+def unpadded_rows(batch: BatchFeature) -> BatchFeature:
+    """A padded batch as plain lists, one row per sample without its padding (each token-level field cut where
+    its attention mask is 0: `qformer_*` fields by `qformer_attention_mask`, the others by `attention_mask`), one
+    array per image for `pixel_values`: what transformers' processors return without `return_tensors`."""
+    rows = {}
+    for name, value in batch.items():
+        if name == "pixel_values":
+            rows[name] = list(value.numpy())
+            continue
+        mask = batch["qformer_attention_mask" if name.startswith("qformer_") else "attention_mask"].bool()
+        rows[name] = [row[keep].tolist() for row, keep in zip(value, mask, strict=True)]
+    return BatchFeature(data=rows)
+
+
 def check_padding_side_at_load(kwargs: dict[str, Any]) -> None:
     """`padding_side` given to `from_pretrained`: the processors pad each call themselves (left without answers,
     ready for generate; right with answers) and keep the tokenizer's side left for transformers' pipeline. "left"
@@ -719,14 +733,24 @@ class AdapterProcessorMixin:
     def apply_chat_template(self, conversation: Any, *args: Any, **kwargs: Any) -> Any:
         """`ProcessorMixin.apply_chat_template`. `return_assistant_tokens_mask=True` is refused up front: the
         labels of a training sample come from the processor's `answers=` (or `VisionLanguageCollator`, which also
-        takes TRL's `messages` rows), not from `{% generation %}` markers, which no chat template here has."""
+        takes TRL's `messages` rows), not from `{% generation %}` markers, which no chat template here has.
+
+        With `tokenize=True` and no `return_tensors`, the result is what transformers' processors give there: plain
+        lists, one unpadded row per conversation (TRL's GRPO and RLOO read each row as one whole prompt; our padded
+        tensors put the padding of a shorter prompt inside it). `return_tensors="pt"` gives a padded batch."""
         if kwargs.get("return_assistant_tokens_mask"):
             raise TypeError(
                 "apply_chat_template(return_assistant_tokens_mask=True) is not supported: build training samples "
                 "with processor(images=..., text=prompt, answers=answer) or VisionLanguageCollator (prompt/target "
                 "rows, or TRL's messages rows, whose last assistant turn is supervised)."
             )
-        return super().apply_chat_template(conversation, *args, **kwargs)
+        if args or not kwargs.get("tokenize") or "return_tensors" in kwargs:
+            return super().apply_chat_template(conversation, *args, **kwargs)
+        batch = super().apply_chat_template(
+            conversation, **{**kwargs, "return_dict": True, "return_tensors": "pt"}
+        )
+        rows = unpadded_rows(batch)
+        return rows if kwargs.get("return_dict") else rows["input_ids"]
 
     @classmethod
     def register_for_auto_class(cls, auto_class: Any = "AutoProcessor") -> None:
