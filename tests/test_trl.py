@@ -222,17 +222,18 @@ def preference_rows(n: int = 4):
     )
 
 
-def dpo_config(trl, output_dir, **overrides):
+def rl_config(config_class, output_dir, **overrides):
+    """A TRL DPOConfig / GRPOConfig for a short CPU run, in float32."""
     settings = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=2,
         use_cpu=True,
         report_to=[],
         seed=0,
-        bf16=False,  # DPOConfig's default autocasts the forward to bfloat16
+        bf16=False,  # TRL's default autocasts the forward to bfloat16
         **overrides,
     )
-    return trl.DPOConfig(**settings)
+    return config_class(**settings)
 
 
 @pytest.mark.parametrize("kind", ["lavin", "crome"])
@@ -250,7 +251,7 @@ def test_dpo_trainer_reloads_its_reference_model_from_our_checkpoint(backbones, 
     model = type(model).from_pretrained(tmp_path / "ckpt")
     trainer = trl.DPOTrainer(
         model=model,
-        args=dpo_config(trl, tmp_path / "dpo", max_steps=1, save_strategy="no"),
+        args=rl_config(trl.DPOConfig, tmp_path / "dpo", max_steps=1, save_strategy="no"),
         train_dataset=preference_rows(),
         processing_class=processor,
     )
@@ -290,7 +291,7 @@ def test_dpo_mixed_with_our_trainer_resumes_exactly(backbones, tmp_path):
     def run(output, **train_kwargs):
         trainer = LavinDPOTrainer(
             model=LavinForConditionalGeneration.from_pretrained(tmp_path / "ckpt"),
-            args=dpo_config(trl, tmp_path / output, max_steps=4, save_steps=2, learning_rate=5e-3),
+            args=rl_config(trl.DPOConfig, tmp_path / output, max_steps=4, save_steps=2, learning_rate=5e-3),
             train_dataset=preference_rows(8),
             processing_class=processor,
         )
@@ -320,16 +321,13 @@ def test_grpo_trainer_trains_lavin_and_stops_crome_with_our_message(backbones, k
     rows = datasets.Dataset.from_dict(
         {"image": [Image.new("RGB", (32, 32), "red")] * 4, "prompt": [turn] * 4}
     )
-    config = trl.GRPOConfig(
-        output_dir=str(tmp_path / "grpo"),
-        per_device_train_batch_size=2,
+    config = rl_config(
+        trl.GRPOConfig,
+        tmp_path / "grpo",
         num_generations=2,
         max_completion_length=4,
         max_steps=1,
         save_strategy="no",
-        use_cpu=True,
-        report_to=[],
-        bf16=False,
     )
     trainer = trl.GRPOTrainer(
         model=model,
