@@ -735,7 +735,7 @@ class AdapterProcessorMixin:
         labels of a training sample come from the processor's `answers=` (or `VisionLanguageCollator`, which also
         takes TRL's `messages` rows), not from `{% generation %}` markers, which no chat template here has.
 
-        With `tokenize=True` and no `return_tensors`, the result is what transformers' processors give there: plain
+        With `tokenize=True` and no `return_tensors` (or transformers' "auto"), the result is what transformers' processors give there: plain
         lists, one unpadded row per conversation (TRL's GRPO and RLOO read each row as one whole prompt; our padded
         tensors put the padding of a shorter prompt inside it). `return_tensors="pt"` gives a padded batch."""
         if kwargs.get("return_assistant_tokens_mask"):
@@ -744,7 +744,7 @@ class AdapterProcessorMixin:
                 "with processor(images=..., text=prompt, answers=answer) or VisionLanguageCollator (prompt/target "
                 "rows, or TRL's messages rows, whose last assistant turn is supervised)."
             )
-        if args or not kwargs.get("tokenize") or "return_tensors" in kwargs:
+        if args or not kwargs.get("tokenize") or kwargs.get("return_tensors", "auto") != "auto":
             return super().apply_chat_template(conversation, *args, **kwargs)
         batch = super().apply_chat_template(
             conversation, **{**kwargs, "return_dict": True, "return_tensors": "pt"}
