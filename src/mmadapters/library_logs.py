@@ -3,7 +3,8 @@ itself never touches logging configuration): `quiet_library_logs()` is called by
 `launch` and the scripts in benchmarks/ and experiments/.
 
 bitsandbytes, when installed, tries at import on CPUs with AVX512-BF16 to fetch an optional faster 4-bit kernel
-from the Hub (`kernels`); offline it logs a warning and uses its own kernel. MMADAPTERS_VERBOSE=1 keeps them.
+from the Hub (`kernels`); offline it logs a warning and uses its own kernel. With `kernels` installed (transformers
+5.25 requires it), `kernels` itself logs that it skips the publisher check offline. MMADAPTERS_VERBOSE=1 keeps them.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 
-QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub")
 
 
 def quiet_library_logs() -> None:
