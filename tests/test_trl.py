@@ -241,7 +241,6 @@ def test_dpo_trainer_reloads_its_reference_model_from_our_checkpoint(backbones, 
     """TRL's DPOTrainer, given a model without `ref_model`, loads the reference again from the model's checkpoint
     by the class `config.json` names (`architectures`, which transformers' saves write): our adapter-only saves
     did not write it, and the DPOTrainer stopped with "'NoneType' object is not subscriptable"."""
-
     trl = import_trl()
     model, processor = build(backbones, kind)
     model.save_pretrained(tmp_path / "ckpt", processor=processor)

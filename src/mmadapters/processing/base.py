@@ -735,9 +735,10 @@ class AdapterProcessorMixin:
         labels of a training sample come from the processor's `answers=` (or `VisionLanguageCollator`, which also
         takes TRL's `messages` rows), not from `{% generation %}` markers, which no chat template here has.
 
-        With `tokenize=True` and no `return_tensors` (or transformers' "auto"), the result is what transformers' processors give there: plain
-        lists, one unpadded row per conversation (TRL's GRPO and RLOO read each row as one whole prompt; our padded
-        tensors put the padding of a shorter prompt inside it). `return_tensors="pt"` gives a padded batch."""
+        With `tokenize=True` and no `return_tensors` (or transformers' "auto"), the result is what transformers'
+        processors give there: plain lists, one unpadded row per conversation (TRL's GRPO and RLOO read each row as
+        one whole prompt; our padded tensors put the padding of a shorter prompt inside it). `return_tensors="pt"`
+        gives a padded batch."""
         if kwargs.get("return_assistant_tokens_mask"):
             raise TypeError(
                 "apply_chat_template(return_assistant_tokens_mask=True) is not supported: build training samples "
