@@ -1,8 +1,10 @@
 """Resume: `mmadapters train RECIPE --resume`, the recipe's `training.resume_from_checkpoint`, incomplete
-checkpoints skipped, earlier checkpoints never silently overwritten, seeded initialisation."""
+checkpoints skipped, earlier checkpoints never silently overwritten, seeded initialisation; progress saved when a
+run stops; `mmadapters quickstart --resume`."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -284,3 +286,114 @@ def test_the_cli_prints_where_a_failed_run_saved_its_progress(tmp_path, monkeypa
     assert main(["train", str(tmp_path / "recipe.yaml")]) == 2
     err = capsys.readouterr().err
     assert "error: The image 3 cannot be read." in err and "saved in run/checkpoint-4" in err
+
+
+def test_the_cli_says_where_an_interrupted_run_saved_its_progress_without_a_traceback(
+    tmp_path, monkeypatch, capsys
+):
+    from mmadapters import quickstart
+
+    def interrupted(*args, **kwargs):
+        interrupt = KeyboardInterrupt()
+        interrupt.add_note(
+            "mmadapters: training stopped after step 4; its progress is saved in q/checkpoint-4."
+        )
+        raise interrupt
+
+    monkeypatch.setattr(quickstart, "run_quickstart", interrupted)
+    assert main(["quickstart", "--output-dir", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "interrupted",
+        "mmadapters: training stopped after step 4; its progress is saved in q/checkpoint-4.",
+    ]
+
+
+def fake_training_checkpoint(folder, step, settings):
+    """A complete `checkpoint-<step>` (what checkpoint_is_complete reads) and the quickstart's settings record."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    checkpoint = folder / f"checkpoint-{step}"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    save_file({"w": torch.zeros(1)}, checkpoint / "mmadapters_model.safetensors")
+    (folder / "quickstart_settings.json").write_text(json.dumps(asdict(settings)))
+    return checkpoint
+
+
+def test_quickstart_resume_checks_before_anything_loads(tmp_path):
+    from mmadapters.quickstart import QuickstartSettings, checkpoint_to_resume, run_quickstart
+
+    settings = QuickstartSettings(train_steps=16, bf16=False)
+    with pytest.raises(ValueError, match="Nothing to resume in .*without --resume to start over"):
+        run_quickstart(tmp_path / "none", settings, log=lambda *_: None, resume=True)
+    assert not (tmp_path / "none").exists()
+
+    checkpoint = fake_training_checkpoint(tmp_path / "trainer", 3, settings)
+    assert checkpoint_to_resume(tmp_path, settings) == str(checkpoint)
+    with pytest.raises(ValueError, match=r"other settings: train_steps 16 \(now 20\), seed 0 \(now 1\)"):
+        run_quickstart(tmp_path, QuickstartSettings(train_steps=20, seed=1, bf16=False), resume=True)
+    (tmp_path / "trainer" / "quickstart_settings.json").unlink()  # not a quickstart run's folder
+    with pytest.raises(ValueError, match="Nothing to resume"):
+        checkpoint_to_resume(tmp_path, settings)
+
+
+def test_a_new_quickstart_run_keeps_an_interrupted_runs_checkpoints(tmp_path):
+    from mmadapters.quickstart import QuickstartSettings, keep_interrupted_run
+
+    assert keep_interrupted_run(tmp_path, log=lambda *_: None) is None
+    (tmp_path / "trainer").mkdir()  # a run stopped before its first save: its settings record goes
+    (tmp_path / "trainer" / "quickstart_settings.json").write_text("{}")
+    assert keep_interrupted_run(tmp_path, log=lambda *_: None) is None and not (tmp_path / "trainer").exists()
+    kept = []
+    for step in (3, 5):
+        fake_training_checkpoint(tmp_path / "trainer", step, QuickstartSettings())
+        kept.append(keep_interrupted_run(tmp_path, log=lambda *_: None))
+    assert not (tmp_path / "trainer").exists() and kept[0] != kept[1]
+    assert [sorted(p.name for p in folder.glob("checkpoint-*")) for folder in kept] == [
+        ["checkpoint-3"],
+        ["checkpoint-5"],
+    ]
+
+
+@pytest.mark.integration
+def test_an_interrupted_quickstart_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    """Ctrl-C at step 3 of 16 (checkpoints every 2 steps): the quickstart saves step 3 and says to continue with
+    `mmadapters quickstart --resume`; resumed, it ends with the uninterrupted run's adapters, and a finished run
+    leaves no training checkpoints behind (its result is checkpoint/)."""
+    from mmadapters import trainers
+    from mmadapters.quickstart import QuickstartSettings, run_quickstart
+
+    settings = QuickstartSettings(
+        train_steps=16,
+        batch_size=2,
+        num_test=4,
+        eval_batch_size=4,
+        text_max_new_tokens=2,
+        feature_whitening=False,
+        bf16=False,
+    )
+    quiet = dict(log=lambda *_: None)
+    run_quickstart(tmp_path / "uninterrupted", settings, **quiet)
+    uninterrupted = load_file(tmp_path / "uninterrupted" / "checkpoint" / "mmadapters_model.safetensors")
+    assert not (tmp_path / "uninterrupted" / "trainer").exists()
+
+    class InterruptedTrainer(trainers.LavinTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, callbacks=[InterruptAt("step_end", 3)], **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainers, "LavinTrainer", InterruptedTrainer)
+        with pytest.raises(KeyboardInterrupt) as stopped:
+            run_quickstart(tmp_path / "run", settings, **quiet)
+    notes = "\n".join(stopped.value.__notes__)
+    assert "stopped after step 3" in notes and "mmadapters quickstart --resume (with the same flags)" in notes
+    assert sorted(p.name for p in (tmp_path / "run" / "trainer").glob("checkpoint-*")) == ["checkpoint-3"]
+    assert not (tmp_path / "run" / "checkpoint").exists()
+
+    summary = run_quickstart(tmp_path / "run", settings, **quiet, resume=True)
+    assert summary["resumed_from"] == str(tmp_path / "run" / "trainer" / "checkpoint-3")
+    assert_same(load_file(tmp_path / "run" / "checkpoint" / "mmadapters_model.safetensors"), uninterrupted)
+    assert not (tmp_path / "run" / "trainer").exists()

@@ -31,7 +31,7 @@ def _quickstart(args: argparse.Namespace) -> None:
     from .quickstart import QuickstartSettings, run_quickstart
 
     settings = dataclass_from_arguments(QuickstartSettings, args)
-    summary = run_quickstart(args.output_dir, settings)
+    summary = run_quickstart(args.output_dir, settings, resume=args.resume)
     checkpoint = summary["checkpoint_dir"]
     eval_command = f"mmadapters eval {checkpoint} --prompt-format {settings.prompt_format}"
     print(
@@ -326,6 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument(
         "--output-dir", default="quickstart_output", help="where the checkpoint and summary go"
     )
+    quick.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run in the output folder from its last training checkpoint (same flags)",
+    )
     add_dataclass_arguments(quick, QuickstartSettings)
     quick.set_defaults(run=_quickstart)
 
@@ -491,11 +496,19 @@ def main(argv: list[str] | None = None) -> int:
     # Our errors (all MMAdaptersError) and the ValueError / FileNotFoundError that transformers-style checks raise
     # carry a message that says what to do: one line, not a traceback.
     except (MMAdaptersError, FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        for note in getattr(error, "__notes__", []):  # e.g. where a failed training run saved its progress
-            print(note, file=sys.stderr)
+        _print_stop(f"error: {error}", error)
         return 2
+    except KeyboardInterrupt as interrupt:  # Ctrl-C: where the progress went, not a traceback
+        _print_stop("interrupted", interrupt)
+        return 130
     return 0
+
+
+def _print_stop(message: str, error: BaseException) -> None:
+    """Why a command stopped, and its notes (e.g. where a stopped training run saved its progress)."""
+    print(message, file=sys.stderr)
+    for note in getattr(error, "__notes__", []):
+        print(note, file=sys.stderr)
 
 
 if __name__ == "__main__":

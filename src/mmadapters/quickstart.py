@@ -139,7 +139,11 @@ def training_arguments(output_dir: str, settings: QuickstartSettings, **override
         weight_decay=0.0,
         adam_beta2=0.95,
         logging_steps=max(1, settings.train_steps // 10),
-        save_strategy="no",
+        # A checkpoint every eighth of the run (adapters and optimizer state, a few megabytes; only the last kept):
+        # a run killed where no error handler runs (out of memory, a closed laptop) continues with --resume.
+        save_strategy="steps",
+        save_steps=max(1, settings.train_steps // 8),
+        save_total_limit=1,
         use_cpu=True,
         report_to=[],
         remove_unused_columns=False,
@@ -202,7 +206,7 @@ def keep_earlier_run(output_dir: Path, log: Any = print) -> Path | None:
     checkpoint = output_dir / "checkpoint"
     if not checkpoint.exists():
         return None
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(checkpoint.stat().st_mtime))
+    stamp = _stamp_of(checkpoint)
     label, count = stamp, 1
     while (output_dir / f"checkpoint.{label}").exists() or (
         output_dir / f"quickstart_summary.{label}.json"
@@ -218,10 +222,84 @@ def keep_earlier_run(output_dir: Path, log: Any = print) -> Path | None:
     return kept
 
 
+# Inside the output folder: the training run's checkpoints (removed when the run has finished and saved
+# `checkpoint/`) and the settings they were trained with, which `--resume` checks.
+TRAINER_FOLDER = "trainer"
+SETTINGS_RECORD = "quickstart_settings.json"
+RESUME_COMMAND = "mmadapters quickstart --resume"
+
+
+def _stamp_of(path: Path) -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+
+
+def keep_interrupted_run(output_dir: Path, log: Any = print) -> Path | None:
+    """Move an interrupted run's training checkpoints (`trainer/`) aside to `trainer.<time>/` before a new run
+    trains, rather than let the new run's checkpoints replace them; returns where they went."""
+    trainer_dir = output_dir / TRAINER_FOLDER
+    if not any(trainer_dir.glob("checkpoint-*")):  # stopped before its first save: nothing trained to keep
+        remove_training_checkpoints(output_dir)
+        return None
+    stamp = _stamp_of(trainer_dir)
+    kept, count = output_dir / f"{TRAINER_FOLDER}.{stamp}", 1
+    while kept.exists():
+        count += 1
+        kept = output_dir / f"{TRAINER_FOLDER}.{stamp}-{count}"
+    trainer_dir.rename(kept)
+    log(
+        f"      an interrupted run's training checkpoints are kept in {kept} ({RESUME_COMMAND} continues a run)"
+    )
+    return kept
+
+
+def checkpoint_to_resume(output_dir: Path, settings: QuickstartSettings) -> str:
+    """The last complete training checkpoint of the interrupted run in `output_dir`, after checking that it was
+    trained with these settings (a resumed run must continue the same run)."""
+    from .trainers.checkpoints import find_last_checkpoint
+
+    trainer_dir = output_dir / TRAINER_FOLDER
+    checkpoint = find_last_checkpoint(trainer_dir)
+    record = trainer_dir / SETTINGS_RECORD
+    if checkpoint is None or not record.is_file():
+        raise ValueError(
+            f"Nothing to resume in {output_dir}: no complete training checkpoint in {trainer_dir} (a finished run "
+            "removes its own). Run the quickstart without --resume to start over."
+        )
+    recorded = json.loads(record.read_text())
+    changed = {
+        name: (recorded.get(name), value)
+        for name, value in asdict(settings).items()
+        if recorded.get(name) != value
+    }
+    if changed:
+        differences = ", ".join(f"{name} {old!r} (now {new!r})" for name, (old, new) in changed.items())
+        raise ValueError(
+            f"The run in {trainer_dir} was trained with other settings: {differences}. Resume with its flags, or "
+            "run without --resume to start over (its checkpoints are then kept aside)."
+        )
+    return checkpoint
+
+
+def remove_training_checkpoints(output_dir: Path) -> None:
+    """After the final save: the run's training checkpoints only served to resume it."""
+    import shutil
+
+    trainer_dir = output_dir / TRAINER_FOLDER
+    for path in trainer_dir.glob("checkpoint-*"):
+        shutil.rmtree(path)
+    (trainer_dir / SETTINGS_RECORD).unlink(missing_ok=True)
+    if trainer_dir.is_dir() and not any(trainer_dir.iterdir()):
+        trainer_dir.rmdir()
+
+
 def run_quickstart(
-    output_dir: str | os.PathLike, settings: QuickstartSettings | None = None, log: Any = print
+    output_dir: str | os.PathLike,
+    settings: QuickstartSettings | None = None,
+    log: Any = print,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run the quickstart; returns (and writes) the summary."""
+    """Run the quickstart; returns (and writes) the summary. `resume`: continue the interrupted run in
+    `output_dir` from its last training checkpoint (same settings; the evaluations before training run again)."""
     import datasets
 
     from .checkpoint_files import ADAPTER_WEIGHTS_NAME
@@ -248,6 +326,7 @@ def run_quickstart(
             "(> 0), or set text_fraction to 0."
         )
     output_dir = Path(output_dir)
+    resume_from = checkpoint_to_resume(output_dir, settings) if resume else None
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     # When each step began: the summary's stage_seconds (where the time goes).
@@ -333,7 +412,14 @@ def run_quickstart(
         row
     ) in rows:  # batches of similar length: the long text-only targets would otherwise pad whole batches
         row["length"] = len(processor.tokenizer(row["prompt"] + row["target"])["input_ids"])
-    args = training_arguments(str(output_dir / "trainer"), settings)
+    trainer_dir = output_dir / TRAINER_FOLDER
+    if resume_from is None:
+        keep_interrupted_run(output_dir, log)
+        trainer_dir.mkdir(exist_ok=True)
+        (trainer_dir / SETTINGS_RECORD).write_text(json.dumps(asdict(settings), indent=2) + "\n")
+    else:
+        log(f"      resuming the interrupted run from {resume_from}")
+    args = training_arguments(str(trainer_dir), settings)
     trainer = LavinTrainer(
         model=model,
         args=args,
@@ -342,7 +428,8 @@ def run_quickstart(
         processing_class=processor,
         text_distillation=settings.text_distillation,
     )
-    train_output = trainer.train()
+    trainer.resume_hint = f"{RESUME_COMMAND} (with the same flags)"
+    train_output = trainer.train(resume_from_checkpoint=resume_from)
     # With bf16, accelerate wrapped the model's forward in autocast for training and leaves it so; unwrap it, so that
     # the evaluations below run in float32 like those before training (and like a reloaded checkpoint).
     model = trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
@@ -376,6 +463,7 @@ def run_quickstart(
     checkpoint = output_dir / "checkpoint"
     keep_earlier_run(output_dir, log)
     model.save_pretrained(checkpoint, processor=processor)
+    remove_training_checkpoints(output_dir)
     write_eval_results(
         str(checkpoint), f"easy-vqa test ({settings.prompt_format} answers)", after, "mmadapters quickstart"
     )
@@ -398,6 +486,7 @@ def run_quickstart(
             for q, a, b in zip(HELD_OUT_QUESTIONS, new_answers, old_answers, strict=True)
         ],
         "train_loss": round(train_output.training_loss, 4),
+        "resumed_from": resume_from,
         "trainable_parameters": trainable,
         "adapter_bytes": (checkpoint / ADAPTER_WEIGHTS_NAME).stat().st_size,
         "wall_seconds": round(time.perf_counter() - start, 1),

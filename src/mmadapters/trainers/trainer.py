@@ -173,6 +173,10 @@ class AdapterTrainer(Trainer):
     (see `mmadapters.hub.trainer_push`); `hub_license`: the card's license when the backbones' cards do not settle
     it."""
 
+    # How the error note of an interrupted run (`_save_progress_after`) says to continue; a program that runs this
+    # Trainer for its users (the quickstart) names its own command.
+    resume_hint = "trainer.train(resume_from_checkpoint=True) (mmadapters train RECIPE --resume)"
+
     def __init__(self, *args: Any, hub_license: str | None = None, **kwargs: Any) -> None:
         if kwargs.get("peft_config") is not None:  # TRL's trainers take one
             raise ValueError(
@@ -279,7 +283,7 @@ class AdapterTrainer(Trainer):
             self.args.push_to_hub = push_to_hub
         error.add_note(
             f"mmadapters: training stopped after step {step}; its progress is saved in {folder}. Continue with "
-            "trainer.train(resume_from_checkpoint=True) (mmadapters train RECIPE --resume)."
+            f"{self.resume_hint}."
         )
 
     def compute_loss(
