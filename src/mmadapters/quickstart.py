@@ -408,9 +408,8 @@ def run_quickstart(
     ]
     rows = [{"prompt": r["prompt"], "target": r["target"], "image": r["image"]} for r in train] + text_rows
     random.Random(settings.seed).shuffle(rows)
-    for (
-        row
-    ) in rows:  # batches of similar length: the long text-only targets would otherwise pad whole batches
+    # Batches of similar length: the long text-only targets would otherwise pad whole batches.
+    for row in rows:
         row["length"] = len(processor.tokenizer(row["prompt"] + row["target"])["input_ids"])
     trainer_dir = output_dir / TRAINER_FOLDER
     if resume_from is None:
