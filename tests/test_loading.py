@@ -444,12 +444,15 @@ def test_both_checkpoint_kinds_reload_in_the_asked_or_saved_dtype_with_our_modul
     for a full one; our modules are float32 either way, loaded exactly. Before: the full checkpoint's loader built
     our modules in the backbones' dtype (saved float32 weights rounded to bfloat16, then trained in it), a CROME
     model reported the dtype of its float32 query tokens (so its full checkpoint recorded float32), and "auto" of
-    an adapter-only checkpoint took each backbone source's own dtype."""
+    an adapter-only checkpoint took each backbone source's own dtype. `config.dtype` is the dtype the weights are
+    in, as transformers' from_pretrained and save record it (it was None for our models, and null in config.json)."""
     torch.manual_seed(0)
     model = model_class.from_backbones(*tiny_backbones, dtype=torch.bfloat16)
-    assert model.dtype == model.language_model.dtype == torch.bfloat16
+    assert model.dtype == model.language_model.dtype == model.config.dtype == torch.bfloat16
     model.save_pretrained(tmp_path / "adapters")
     model.save_pretrained(tmp_path / "full", adapter_only=False)
+    for folder in ("adapters", "full"):
+        assert json.loads((tmp_path / folder / "config.json").read_text())["dtype"] == "bfloat16", folder
     own = {
         name: parameter
         for name, parameter in model.named_parameters()
@@ -468,6 +471,7 @@ def test_both_checkpoint_kinds_reload_in_the_asked_or_saved_dtype_with_our_modul
                 folder,
                 dtype,
             )
+            assert loaded.config.dtype == expected, (folder, dtype)
             loaded_own = dict(loaded.named_parameters())
             for name, parameter in own.items():
                 assert loaded_own[name].dtype == torch.float32, (folder, dtype, name)

@@ -279,6 +279,9 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             torch.set_default_dtype(default_dtype)
         self.post_init()
         self.restore_trainable_side()  # what the method trains now (e.g. CROME: the current stage's modules)
+        # The dtype the weights are in, as transformers' from_pretrained records it (serving and evaluation tools read
+        # it); the sub-configs hold each backbone's own.
+        self.config.dtype = self.dtype
 
     # ------------------------------------------------------------------------------------------------
     # What subclasses say
@@ -1123,6 +1126,9 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
                 finally:
                     self.config.backbone_quantization = loaded_quantization
             else:
+                self.config.dtype = (
+                    self.dtype
+                )  # as transformers' save records it: the dtype the weights are in now
                 self.config.save_pretrained(staging)
                 self.generation_config.save_pretrained(staging)
                 save_file(
