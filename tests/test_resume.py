@@ -291,21 +291,40 @@ def test_the_cli_prints_where_a_failed_run_saved_its_progress(tmp_path, monkeypa
 def test_the_cli_says_where_an_interrupted_run_saved_its_progress_without_a_traceback(
     tmp_path, monkeypatch, capsys
 ):
+    """...and the command that continues it is this command line with --resume, runnable as it is."""
+    import shlex
+    import sys
+
     from mmadapters import quickstart
 
-    def interrupted(*args, **kwargs):
+    commands = []
+    note = "mmadapters: training stopped after step 4; its progress is saved in q/checkpoint-4."
+
+    def interrupted(*args, resume_command, **kwargs):
+        commands.append(resume_command)
         interrupt = KeyboardInterrupt()
-        interrupt.add_note(
-            "mmadapters: training stopped after step 4; its progress is saved in q/checkpoint-4."
-        )
+        interrupt.add_note(note)
         raise interrupt
 
     monkeypatch.setattr(quickstart, "run_quickstart", interrupted)
-    assert main(["quickstart", "--output-dir", str(tmp_path)]) == 130
-    err = capsys.readouterr().err
-    assert err.splitlines() == [
-        "interrupted",
-        "mmadapters: training stopped after step 4; its progress is saved in q/checkpoint-4.",
+    folder = str(tmp_path / "my output")
+    assert main(["quickstart", "--output-dir", folder, "--seed", "3"]) == 130
+    assert capsys.readouterr().err.splitlines() == ["", "interrupted", note]
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/mmadapters"])  # the console script
+    assert main(["quickstart", "--resume", "--output-dir", folder]) == 130
+    assert [shlex.split(command) for command in commands] == [
+        [
+            sys.executable,
+            "-m",
+            "mmadapters.cli",
+            "quickstart",
+            "--output-dir",
+            folder,
+            "--seed",
+            "3",
+            "--resume",
+        ],
+        ["/venv/bin/mmadapters", "quickstart", "--output-dir", folder, "--resume"],
     ]
 
 

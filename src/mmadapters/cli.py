@@ -31,7 +31,9 @@ def _quickstart(args: argparse.Namespace) -> None:
     from .quickstart import QuickstartSettings, run_quickstart
 
     settings = dataclass_from_arguments(QuickstartSettings, args)
-    summary = run_quickstart(args.output_dir, settings, resume=args.resume)
+    summary = run_quickstart(
+        args.output_dir, settings, resume=args.resume, resume_command=_command_line(args, "--resume")
+    )
     checkpoint = summary["checkpoint_dir"]
     eval_command = f"mmadapters eval {checkpoint} --prompt-format {settings.prompt_format}"
     print(
@@ -43,6 +45,20 @@ def _quickstart(args: argparse.Namespace) -> None:
         f"text-only answers are unchanged. Next: `mmadapters chat {checkpoint}`, "
         f"`mmadapters demo {checkpoint}` (browser chat), `{eval_command}`."
     )
+
+
+def _command_line(args: argparse.Namespace, *extra: str) -> str:
+    """This command as it was run, plus `extra` (e.g. the one that resumes a stopped run with the same flags)."""
+    import shlex
+
+    # Run as the `mmadapters` script (e.g. .venv/bin/mmadapters from `make quickstart`): that path; else the module.
+    program = (
+        [sys.argv[0]]
+        if os.path.basename(sys.argv[0]) == "mmadapters"
+        else [sys.executable, "-m", "mmadapters.cli"]
+    )
+    given = [word for word in args.argv if word not in extra]
+    return shlex.join([*program, *given, *extra])
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -490,7 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     quiet_library_logs()
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         args.run(args)
     # Our errors (all MMAdaptersError) and the ValueError / FileNotFoundError that transformers-style checks raise
@@ -499,7 +517,9 @@ def main(argv: list[str] | None = None) -> int:
         _print_stop(f"error: {error}", error)
         return 2
     except KeyboardInterrupt as interrupt:  # Ctrl-C: where the progress went, not a traceback
-        _print_stop("interrupted", interrupt)
+        _print_stop(
+            "\ninterrupted", interrupt
+        )  # on a line of its own: Ctrl-C lands mid-line (a progress bar)
         return 130
     return 0
 

@@ -297,9 +297,12 @@ def run_quickstart(
     settings: QuickstartSettings | None = None,
     log: Any = print,
     resume: bool = False,
+    resume_command: str | None = None,
 ) -> dict[str, Any]:
     """Run the quickstart; returns (and writes) the summary. `resume`: continue the interrupted run in
-    `output_dir` from its last training checkpoint (same settings; the evaluations before training run again)."""
+    `output_dir` from its last training checkpoint (same settings; the evaluations before training run again).
+    `resume_command`: the command that does so, for the message of a run that stops (the CLI gives its own
+    command line with --resume)."""
     import datasets
 
     from .checkpoint_files import ADAPTER_WEIGHTS_NAME
@@ -427,7 +430,7 @@ def run_quickstart(
         processing_class=processor,
         text_distillation=settings.text_distillation,
     )
-    trainer.resume_hint = f"{RESUME_COMMAND} (with the same flags)"
+    trainer.resume_hint = resume_command or f"{RESUME_COMMAND} (with the same flags)"
     train_output = trainer.train(resume_from_checkpoint=resume_from)
     # With bf16, accelerate wrapped the model's forward in autocast for training and leaves it so; unwrap it, so that
     # the evaluations below run in float32 like those before training (and like a reloaded checkpoint).

@@ -244,8 +244,18 @@ class AdapterTrainer(Trainer):
             return super().train(*args, **kwargs)
         # BaseException: KeyboardInterrupt too, Ctrl-C must not lose the steps since the last save.
         except BaseException as error:
+            self._close_progress_bar()
             self._save_progress_after(error)
             raise
+
+    def _close_progress_bar(self) -> None:
+        """Close the training progress bar of a run that stopped (transformers closes it only at the end of a run):
+        else it prints itself again at the interpreter's exit, after the error message."""
+        for callback in self.callback_handler.callbacks:
+            bar = getattr(callback, "training_bar", None)
+            if bar is not None:
+                bar.close()
+                callback.training_bar = None
 
     def _save_progress_after(self, error: BaseException) -> None:
         """After an error or an interrupt during training (an unreadable image at step 5,000, Ctrl-C), write a
