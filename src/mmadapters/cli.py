@@ -517,9 +517,8 @@ def main(argv: list[str] | None = None) -> int:
         _print_stop(f"error: {error}", error)
         return 2
     except KeyboardInterrupt as interrupt:  # Ctrl-C: where the progress went, not a traceback
-        _print_stop(
-            "\ninterrupted", interrupt
-        )  # on a line of its own: Ctrl-C lands mid-line (a progress bar)
+        # On a line of its own: Ctrl-C lands mid-line (in a progress bar).
+        _print_stop("\ninterrupted", interrupt)
         return 130
     return 0
 

@@ -1126,9 +1126,8 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
                 finally:
                     self.config.backbone_quantization = loaded_quantization
             else:
-                self.config.dtype = (
-                    self.dtype
-                )  # as transformers' save records it: the dtype the weights are in now
+                # As transformers' save records it: the dtype the weights are in now.
+                self.config.dtype = self.dtype
                 self.config.save_pretrained(staging)
                 self.generation_config.save_pretrained(staging)
                 save_file(
