@@ -12,6 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 from mmadapters.cli import main
 
@@ -231,11 +232,14 @@ class InterruptAt(TrainerCallback):
 def interrupted_run(tmp_path, tiny_backbones, event, step, hp_search_backend=None):
     """(the KeyboardInterrupt's notes, the checkpoints left) of a fresh run stopped by Ctrl-C at `event` of `step`."""
     shutil.rmtree(tmp_path / "run", ignore_errors=True)
-    _, trainer_for = rescue_setup(tmp_path, tiny_backbones)
+    _, trainer_for = rescue_setup(tmp_path, tiny_backbones, disable_tqdm=False)
     trainer = trainer_for(callbacks=[InterruptAt(event, step)])
     trainer.hp_search_backend = hp_search_backend  # what hyperparameter_search() sets
     with pytest.raises(KeyboardInterrupt) as stopped:
         trainer.train()
+    # The progress bar is closed as the run stops (left open, it printed itself again at exit, after the message).
+    [progress] = [c for c in trainer.callback_handler.callbacks if isinstance(c, ProgressCallback)]
+    assert progress.training_bar is None
     notes = "\n".join(getattr(stopped.value, "__notes__", []))
     return notes, sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*"))
 
