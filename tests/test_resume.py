@@ -81,6 +81,29 @@ def test_cli_kill_and_resume_equals_an_uninterrupted_run(tiny_backbones, tmp_pat
     assert_same(final_weights(tmp_path), uninterrupted)
 
 
+def test_a_stopped_recipe_run_says_which_command_continues_it(tiny_backbones, tmp_path, capsys, monkeypatch):
+    from mmadapters.trainers import LavinTrainer
+
+    training_step = LavinTrainer.training_step
+
+    def interrupted_at_step_5(self, *args, **kwargs):
+        if self.state.global_step == 4:
+            raise KeyboardInterrupt
+        return training_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(LavinTrainer, "training_step", interrupted_at_step_5)
+    recipe = write_recipe(tmp_path, tiny_backbones, name="my recipe.yaml")
+    assert main(["train", str(recipe)]) == 130
+    err = capsys.readouterr().err
+    assert (
+        f"saved in {tmp_path / 'run' / 'checkpoint-4'}. Continue with mmadapters train '{recipe}' --resume."
+        in err
+    )
+    monkeypatch.undo()
+    assert main(["train", str(recipe), "--resume"]) == 0
+    assert "Resuming from" in capsys.readouterr().out
+
+
 def test_recipe_resume_key_is_honoured(tiny_backbones, tmp_path, capsys):
     assert main(["train", str(write_recipe(tmp_path, tiny_backbones, max_steps=3))]) == 0
     recipe = write_recipe(

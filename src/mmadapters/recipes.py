@@ -35,6 +35,7 @@ checkpoint and (through the Trainer) logs.
 from __future__ import annotations
 
 import os
+import shlex
 from typing import Any
 
 import torch
@@ -480,6 +481,7 @@ def train_from_recipe(
         hub_license=recipe.get("hub_license"),
     )
     trainer = method(recipe["model"]).trainer(recipe, **kwargs)
+    trainer.resume_hint = f"mmadapters train {shlex.quote(os.fspath(path))} --resume"
     if checkpoint is not None:
         log(f"Resuming from {checkpoint}.")
     trainer.train(resume_from_checkpoint=checkpoint)
