@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -341,5 +342,122 @@ def test_grpo_trainer_trains_lavin_and_stops_crome_with_our_message(backbones, k
         ):
             trainer.train()
         return
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+
+@pytest.mark.parametrize("trainer_name", ["DPOTrainer", "KTOTrainer", "RLOOTrainer"])
+def test_trl_reference_of_a_model_never_saved_is_asked_for_by_name(backbones, trainer_name, tmp_path):
+    """TRL's DPO, KTO and RLOO trainers (GRPO with beta > 0) build their reference model again from the checkpoint
+    the model was loaded from (`config._name_or_path`). A model built with `from_backbones` has none: TRL stopped
+    with "Repo id must use alphanumeric chars ... ''". Mixed with ours, the error says what to do, before training."""
+    import datasets
+    from PIL import Image
+
+    trl = import_trl()
+    trl_class = getattr(trl, trainer_name)
+
+    class Mixed(LavinTrainer, trl_class):
+        pass
+
+    model, processor = build(backbones, "lavin")
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color?"}]}]
+    answer = [{"role": "assistant", "content": [{"type": "text", "text": "red"}]}]
+    image = Image.new("RGB", (32, 32), "red")
+    if trainer_name == "DPOTrainer":
+        config, rows, extra = trl.DPOConfig, preference_rows(), {}
+    elif trainer_name == "KTOTrainer":
+        rows = datasets.Dataset.from_dict(
+            {
+                "images": [[image]] * 4,
+                "prompt": [turn] * 4,
+                "completion": [answer] * 4,
+                "label": [True, False] * 2,
+            }
+        )
+        config, extra = trl.KTOConfig, {}
+    else:
+        rows = datasets.Dataset.from_dict({"image": [image] * 4, "prompt": [turn] * 4})
+        config = trl.RLOOConfig
+        extra = {"reward_funcs": lambda completions, **kwargs: [1.0] * len(completions)}
+    settings = {"num_generations": 2, "max_completion_length": 4} if trainer_name == "RLOOTrainer" else {}
+    with pytest.raises(ValueError, match="built with from_backbones and never saved") as caught:
+        Mixed(
+            model=model,
+            args=rl_config(config, tmp_path / "run", max_steps=1, **settings),
+            train_dataset=rows,
+            processing_class=processor,
+            **extra,
+        )
+    message = str(caught.value)
+    assert trainer_name in message and "from_pretrained" in message
+    if trainer_name != "RLOOTrainer":  # RLOO takes no ref_model
+        assert "ref_model=copy.deepcopy(model)" in message
+    assert not os.path.exists(tmp_path / "run" / "checkpoint-1")
+
+
+@pytest.mark.parametrize("kind", ["lavin", "crome"])
+def test_kto_trainer_trains_our_models(backbones, kind, tmp_path):
+    """TRL's KTOTrainer (unpaired preferences) scores completions as DPO does; with ref_model given, a step trains."""
+    import datasets
+    from PIL import Image
+
+    trl = import_trl()
+    model, processor = build(backbones, kind)
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color?"}]}]
+    rows = datasets.Dataset.from_dict(
+        {
+            "images": [[Image.new("RGB", (32, 32), "red")]] * 4,
+            "prompt": [turn] * 4,
+            "completion": [[{"role": "assistant", "content": [{"type": "text", "text": "red"}]}]] * 4,
+            "label": [True, False] * 2,
+        }
+    )
+    trainer = trl.KTOTrainer(
+        model=model,
+        ref_model=copy.deepcopy(model),
+        args=rl_config(trl.KTOConfig, tmp_path / "kto", max_steps=1, save_strategy="no", learning_rate=1e-2),
+        train_dataset=rows,
+        processing_class=processor,
+    )
+    trainer.train()
+    assert trainer.state.global_step == 1
+    assert any(not torch.equal(p, before[name]) for name, p in model.named_parameters() if name in before)
+
+
+def test_rloo_trainer_builds_its_reference_from_our_checkpoint(backbones, tmp_path):
+    """TRL's RLOOTrainer generates with the images and, with beta > 0, loads its reference model again from the
+    checkpoint the model was loaded from: our class, with the checkpoint's weights."""
+    import datasets
+    from PIL import Image
+
+    trl = import_trl()
+    model, processor = build(backbones, "lavin")
+    model.save_pretrained(tmp_path / "ckpt", processor=processor)
+    model = LavinForConditionalGeneration.from_pretrained(tmp_path / "ckpt")
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color?"}]}]
+    rows = datasets.Dataset.from_dict(
+        {"image": [Image.new("RGB", (32, 32), "red")] * 4, "prompt": [turn] * 4}
+    )
+    config = rl_config(
+        trl.RLOOConfig,
+        tmp_path / "rloo",
+        num_generations=2,
+        max_completion_length=4,
+        max_steps=1,
+        save_strategy="no",
+    )
+    trainer = trl.RLOOTrainer(
+        model=model,
+        reward_funcs=lambda completions, **kwargs: [float(len(str(c))) for c in completions],
+        args=config,
+        train_dataset=rows,
+        processing_class=processor,
+    )
+    assert type(trainer.ref_model) is LavinForConditionalGeneration
+    with torch.no_grad():
+        inputs = tiny_sample_inputs(processor)
+        torch.testing.assert_close(trainer.ref_model(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
     trainer.train()
     assert trainer.state.global_step == 1

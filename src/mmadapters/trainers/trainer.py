@@ -10,6 +10,7 @@ where a token is supervised.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -162,6 +163,30 @@ def refuse_trl_vision_collator(collator: Any) -> None:
         )
 
 
+def reference_from_a_checkpoint_error(trainer_class: type, model: Any) -> ValueError | None:
+    """The error to raise instead of TRL's OSError when TRL's trainer could not build its reference model because the
+    model was never saved: TRL's DPO, KTO and RLOO trainers (GRPO with `beta` > 0), given no reference, load it again
+    from the checkpoint the model came from (`config._name_or_path`). A model built with `from_backbones` has none,
+    and TRL stopped with "Repo id must use alphanumeric chars ... ''"."""
+    trl_classes = [kind for kind in trainer_class.__mro__ if kind.__module__.startswith("trl.")]
+    config = getattr(model, "config", None)
+    if not trl_classes or config is None or getattr(config, "_name_or_path", None):
+        return None
+    name = trl_classes[0].__name__
+    takes_reference = "ref_model" in inspect.signature(trl_classes[0].__init__).parameters
+    return ValueError(
+        f"TRL's {name} builds its reference model again from the checkpoint the model was loaded from, and this "
+        f"{type(model).__name__} was built with from_backbones and never saved. Save it and load it with "
+        f"{type(model).__name__}.from_pretrained(folder) before creating the Trainer (the reference is then that "
+        "checkpoint)"
+        + (
+            ", or pass ref_model=copy.deepcopy(model)."
+            if takes_reference
+            else ", or set beta=0.0 (no reference)."
+        )
+    )
+
+
 class AdapterTrainer(Trainer):
     """Trainer for models with frozen backbones and an adapter side that saves on its own.
 
@@ -192,7 +217,13 @@ class AdapterTrainer(Trainer):
         self.hub_license = hub_license  # read by init_hf_repo, which transformers' __init__ calls
         # id(data set) -> (data set, data set with a length column): counted once, not at every evaluation
         self._counted_datasets: dict[int, tuple[Any, Any]] = {}
-        super().__init__(*args, **kwargs)
+        try:
+            super().__init__(*args, **kwargs)
+        except OSError as error:
+            clearer = reference_from_a_checkpoint_error(type(self), model)
+            if clearer is not None:
+                raise clearer from error
+            raise
         refuse_data_parallel(self.args.n_gpu, self.model)
         refuse_trl_vision_collator(self.data_collator)
         trained = self._unwrapped()
