@@ -482,3 +482,36 @@ def test_every_mmadapters_error_is_one_cli_line(tmp_path, capsys):
     output.unlink()
     assert main([*command, "--text-model", other_llm, "--ignore-backbone-mismatch"]) == 0
     assert json.loads(output.read_text())["count"] == 2
+
+
+def test_chat_outgrowing_the_llm_context_says_so_and_goes_on(tiny_backbones, tmp_path, capsys, monkeypatch):
+    """A conversation longer than the LLM's context (256 positions here) ended the chat with the model's error, the
+    conversation lost; like the demo, the chat now refuses that question (its image too), caps each answer to the
+    room left, and goes on: /reset starts again."""
+    import io
+
+    from PIL import Image
+
+    from mmadapters import LavinProcessor
+
+    model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+    model.save_pretrained(tmp_path / "ckpt", processor=LavinProcessor.from_backbones(*tiny_backbones))
+    image = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(image)
+    question = "tell me more about the picture please and all the details of the colours and shapes"
+    lines = [f"/image {image}", question] + [question] * 12 + [f"/image {image}", question, "/reset"]
+    lines += [
+        "what is <image> here?",
+        "hi",
+        "/quit",
+    ]  # a placeholder typed by hand: said, and the chat goes on
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
+    assert main(["chat", str(tmp_path / "ckpt"), "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    refusals = [i for i, line in enumerate(out) if "fills the model's context" in line]
+    assert refusals and "/reset" in out[refusals[0]]
+    cleared = out.index("(conversation cleared)")
+    assert cleared > refusals[-1]
+    assert out[cleared + 1].startswith("error: Got 0 image(s) but the text holds 1 `<image>` placeholder(s)")
+    assert cleared + 2 < len(out)  # "hi" was answered after it
+    assert [line.startswith("error:") for line in out].count(True) == 1

@@ -27,8 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MMAdaptersError
+from .evaluation.generate import context_room
 from .hub import SPACE_SETTINGS_NAME
 from .inference_loading import (
+    USER_ERRORS,
     add_inference_arguments,
     inference_keywords,
     inputs_on_model_device,
@@ -36,8 +38,7 @@ from .inference_loading import (
     loading_options,
 )
 from .library_logs import quiet_library_logs
-from .modeling.image_tokens import ImageTokenMismatchError
-from .processing import InvalidImageError, InvalidTextError, PromptTooLongError, load_image
+from .processing import load_image
 from .validation import port_number, positive_float, positive_int
 
 MODEL_ENV = "MMADAPTERS_MODEL"
@@ -193,22 +194,11 @@ def build_conversation(
 # The chat function
 # ------------------------------------------------------------------------------------------------
 
-# Errors that are the user's input, shown as a plain message in the chat.
-USER_ERRORS = (InvalidImageError, InvalidTextError, ImageTokenMismatchError, PromptTooLongError, ValueError)
-
 
 def _title(kind: str) -> str:
     from .methods import METHODS
 
     return METHODS[kind].title if kind in METHODS else kind
-
-
-def context_room(model: Any, prompt_length: int) -> int | None:
-    """How many tokens the LLM's context has left after a prompt (None if the LLM states no limit)."""
-    limit = getattr(model.config.text_config, "max_position_embeddings", None)
-    if limit is None or getattr(model, "is_encoder_decoder_llm", False):
-        return None
-    return limit - model._position_offset() - prompt_length  # LaVIN's modality token takes position 0
 
 
 def make_chat_fn(model: Any, processor: Any, limits: DemoLimits):

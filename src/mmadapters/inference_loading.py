@@ -23,8 +23,14 @@ from typing import Any
 import torch
 
 from .hub import check_checkpoint_name
+from .modeling.image_tokens import ImageTokenMismatchError
+from .processing import InvalidImageError, InvalidTextError, PromptTooLongError
 
 INFERENCE_DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+# Errors that are the user's input (an image, a question), shown as a plain message in the chats (`mmadapters
+# chat`, the demo), which then go on.
+USER_ERRORS = (InvalidImageError, InvalidTextError, ImageTokenMismatchError, PromptTooLongError, ValueError)
 
 
 def inference_dtype(value: str) -> str:

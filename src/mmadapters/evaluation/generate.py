@@ -18,6 +18,15 @@ def answer_tokens(model: Any, input_ids: torch.Tensor, output: torch.Tensor) -> 
     return output[:, input_ids.shape[1] :]
 
 
+def context_room(model: Any, prompt_length: int) -> int | None:
+    """How many tokens the LLM's context has left after a prompt (None if the LLM states no limit): the chats
+    refuse a conversation that fills it and cap each answer to it."""
+    limit = getattr(model.config.text_config, "max_position_embeddings", None)
+    if limit is None or getattr(model, "is_encoder_decoder_llm", False):
+        return None
+    return limit - model._position_offset() - prompt_length  # LaVIN's modality token takes position 0
+
+
 def progress_bar(
     description: str, total: int | None = None, unit: str = "question", leave: bool = True
 ) -> tuple[Any, Callable[[int, int], None]]:
