@@ -237,6 +237,28 @@ def rl_config(config_class, output_dir, **overrides):
     return config_class(**settings)
 
 
+def generating_trainer(trl_class, config_class, model, processor, output_dir):
+    """TRL's GRPOTrainer or RLOOTrainer for one step on image questions: two completions of 4 tokens per prompt,
+    rewarded by their length."""
+    import datasets
+    from PIL import Image
+
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color?"}]}]
+    rows = datasets.Dataset.from_dict(
+        {"image": [Image.new("RGB", (32, 32), "red")] * 4, "prompt": [turn] * 4}
+    )
+    config = rl_config(
+        config_class, output_dir, num_generations=2, max_completion_length=4, max_steps=1, save_strategy="no"
+    )
+    return trl_class(
+        model=model,
+        reward_funcs=lambda completions, **kwargs: [float(len(str(c))) for c in completions],
+        args=config,
+        train_dataset=rows,
+        processing_class=processor,
+    )
+
+
 @pytest.mark.parametrize("kind", ["lavin", "crome"])
 def test_dpo_trainer_reloads_its_reference_model_from_our_checkpoint(backbones, kind, tmp_path):
     """TRL's DPOTrainer, given a model without `ref_model`, loads the reference again from the model's checkpoint
@@ -312,30 +334,9 @@ def test_grpo_trainer_trains_lavin_and_stops_crome_with_our_message(backbones, k
     """TRL's GRPOTrainer generates with the model (images included) and scores the completions with the fused LM
     head, as DPO does. It passes a fixed set of image inputs to the forward, without CROME's Q-Former instruction
     (as for transformers' InstructBLIP): CROME stops at the first step with our message, not inside the Q-Former."""
-    import datasets
-    from PIL import Image
-
     trl = import_trl()
     model, processor = build(backbones, kind)
-    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color?"}]}]
-    rows = datasets.Dataset.from_dict(
-        {"image": [Image.new("RGB", (32, 32), "red")] * 4, "prompt": [turn] * 4}
-    )
-    config = rl_config(
-        trl.GRPOConfig,
-        tmp_path / "grpo",
-        num_generations=2,
-        max_completion_length=4,
-        max_steps=1,
-        save_strategy="no",
-    )
-    trainer = trl.GRPOTrainer(
-        model=model,
-        reward_funcs=lambda completions, **kwargs: [float(len(str(c))) for c in completions],
-        args=config,
-        train_dataset=rows,
-        processing_class=processor,
-    )
+    trainer = generating_trainer(trl.GRPOTrainer, trl.GRPOConfig, model, processor, tmp_path / "grpo")
     if kind == "crome":
         with pytest.raises(
             ValueError, match="CROME's Q-Former reads the instruction: pass qformer_input_ids"
@@ -351,9 +352,6 @@ def test_trl_reference_of_a_model_never_saved_is_asked_for_by_name(backbones, tr
     """TRL's DPO, KTO and RLOO trainers (GRPO with beta > 0) build their reference model again from the checkpoint
     the model was loaded from (`config._name_or_path`). A model built with `from_backbones` has none: TRL stopped
     with "Repo id must use alphanumeric chars ... ''". Mixed with ours, the error says what to do, before training."""
-    import datasets
-    from PIL import Image
-
     trl = import_trl()
     trl_class = getattr(trl, trainer_name)
 
@@ -361,34 +359,18 @@ def test_trl_reference_of_a_model_never_saved_is_asked_for_by_name(backbones, tr
         pass
 
     model, processor = build(backbones, "lavin")
-    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color?"}]}]
-    answer = [{"role": "assistant", "content": [{"type": "text", "text": "red"}]}]
-    image = Image.new("RGB", (32, 32), "red")
-    if trainer_name == "DPOTrainer":
-        config, rows, extra = trl.DPOConfig, preference_rows(), {}
-    elif trainer_name == "KTOTrainer":
-        rows = datasets.Dataset.from_dict(
-            {
-                "images": [[image]] * 4,
-                "prompt": [turn] * 4,
-                "completion": [answer] * 4,
-                "label": [True, False] * 2,
-            }
-        )
-        config, extra = trl.KTOConfig, {}
-    else:
-        rows = datasets.Dataset.from_dict({"image": [image] * 4, "prompt": [turn] * 4})
-        config = trl.RLOOConfig
-        extra = {"reward_funcs": lambda completions, **kwargs: [1.0] * len(completions)}
-    settings = {"num_generations": 2, "max_completion_length": 4} if trainer_name == "RLOOTrainer" else {}
     with pytest.raises(ValueError, match="built with from_backbones and never saved") as caught:
-        Mixed(
-            model=model,
-            args=rl_config(config, tmp_path / "run", max_steps=1, **settings),
-            train_dataset=rows,
-            processing_class=processor,
-            **extra,
-        )
+        if trainer_name == "RLOOTrainer":
+            generating_trainer(Mixed, trl.RLOOConfig, model, processor, tmp_path / "run")
+        else:
+            config = trl.DPOConfig if trainer_name == "DPOTrainer" else trl.KTOConfig
+            rows = preference_rows() if trainer_name == "DPOTrainer" else unpaired_preference_rows()
+            Mixed(
+                model=model,
+                args=rl_config(config, tmp_path / "run", max_steps=1),
+                train_dataset=rows,
+                processing_class=processor,
+            )
     message = str(caught.value)
     assert trainer_name in message and "from_pretrained" in message
     if trainer_name != "RLOOTrainer":  # RLOO takes no ref_model
@@ -396,29 +378,33 @@ def test_trl_reference_of_a_model_never_saved_is_asked_for_by_name(backbones, tr
     assert not os.path.exists(tmp_path / "run" / "checkpoint-1")
 
 
-@pytest.mark.parametrize("kind", ["lavin", "crome"])
-def test_kto_trainer_trains_our_models(backbones, kind, tmp_path):
-    """TRL's KTOTrainer (unpaired preferences) scores completions as DPO does; with ref_model given, a step trains."""
+def unpaired_preference_rows(n: int = 4):
+    """TRL's conversational rows for KTO: one image and a question, an answer labelled desirable or not."""
     import datasets
     from PIL import Image
 
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color?"}]}]
+    return datasets.Dataset.from_dict(
+        {
+            "images": [[Image.new("RGB", (32, 32), "red")]] * n,
+            "prompt": [turn] * n,
+            "completion": [[{"role": "assistant", "content": [{"type": "text", "text": "red"}]}]] * n,
+            "label": [True, False] * (n // 2),
+        }
+    )
+
+
+@pytest.mark.parametrize("kind", ["lavin", "crome"])
+def test_kto_trainer_trains_our_models(backbones, kind, tmp_path):
+    """TRL's KTOTrainer (unpaired preferences) scores completions as DPO does; with ref_model given, a step trains."""
     trl = import_trl()
     model, processor = build(backbones, kind)
     before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color?"}]}]
-    rows = datasets.Dataset.from_dict(
-        {
-            "images": [[Image.new("RGB", (32, 32), "red")]] * 4,
-            "prompt": [turn] * 4,
-            "completion": [[{"role": "assistant", "content": [{"type": "text", "text": "red"}]}]] * 4,
-            "label": [True, False] * 2,
-        }
-    )
     trainer = trl.KTOTrainer(
         model=model,
         ref_model=copy.deepcopy(model),
         args=rl_config(trl.KTOConfig, tmp_path / "kto", max_steps=1, save_strategy="no", learning_rate=1e-2),
-        train_dataset=rows,
+        train_dataset=unpaired_preference_rows(),
         processing_class=processor,
     )
     trainer.train()
@@ -429,32 +415,11 @@ def test_kto_trainer_trains_our_models(backbones, kind, tmp_path):
 def test_rloo_trainer_builds_its_reference_from_our_checkpoint(backbones, tmp_path):
     """TRL's RLOOTrainer generates with the images and, with beta > 0, loads its reference model again from the
     checkpoint the model was loaded from: our class, with the checkpoint's weights."""
-    import datasets
-    from PIL import Image
-
     trl = import_trl()
     model, processor = build(backbones, "lavin")
     model.save_pretrained(tmp_path / "ckpt", processor=processor)
     model = LavinForConditionalGeneration.from_pretrained(tmp_path / "ckpt")
-    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color?"}]}]
-    rows = datasets.Dataset.from_dict(
-        {"image": [Image.new("RGB", (32, 32), "red")] * 4, "prompt": [turn] * 4}
-    )
-    config = rl_config(
-        trl.RLOOConfig,
-        tmp_path / "rloo",
-        num_generations=2,
-        max_completion_length=4,
-        max_steps=1,
-        save_strategy="no",
-    )
-    trainer = trl.RLOOTrainer(
-        model=model,
-        reward_funcs=lambda completions, **kwargs: [float(len(str(c))) for c in completions],
-        args=config,
-        train_dataset=rows,
-        processing_class=processor,
-    )
+    trainer = generating_trainer(trl.RLOOTrainer, trl.RLOOConfig, model, processor, tmp_path / "rloo")
     assert type(trainer.ref_model) is LavinForConditionalGeneration
     with torch.no_grad():
         inputs = tiny_sample_inputs(processor)

@@ -157,7 +157,7 @@ def _input_lines():
 
 def _chat(args: argparse.Namespace) -> None:
     """Terminal chat: `/image PATH` (a file or an http(s) URL) attaches an image to the next question, `/reset` forgets, `/quit` ends."""
-    from .evaluation.generate import answer_tokens, context_room
+    from .evaluation.generate import ContextFullError, answer_length, answer_tokens
     from .processing import InvalidImageError, load_image
 
     model, processor = load_for_inference(args.checkpoint, **inference_keywords(args))
@@ -192,23 +192,18 @@ def _chat(args: argparse.Namespace) -> None:
             content.insert(0, {"type": "image"})
             question_images = [*images, pending_image]
         question = [*messages, {"role": "user", "content": content}]
+        # As in the demo, a question the chat cannot ask is said and the chat goes on without it.
         try:
             prompt = processor.apply_chat_template(question, add_generation_prompt=True)
             inputs = inputs_on_model_device(processor(images=question_images or None, text=prompt), model)
-        except USER_ERRORS as error:  # e.g. "<image>" typed in the question: said, and the chat goes on
+            max_new_tokens = answer_length(model, inputs["input_ids"].shape[1], args.max_new_tokens)
+        except ContextFullError as error:
+            print(f"{error}: /reset starts over (the question was not asked).")
+            continue
+        except USER_ERRORS as error:  # e.g. "<image>" typed in the question
             print(f"error: {error}")
             continue
-        # As in the demo: a conversation that fills the LLM's context is refused (the chat goes on without this
-        # question) and each answer is capped to the room left, rather than the model's error ending the chat.
-        room = context_room(model, inputs["input_ids"].shape[1])
-        if room is not None and room < 1:
-            print(
-                f"The conversation is {inputs['input_ids'].shape[1]} tokens long and fills the model's context: "
-                "/reset starts over (the question was not asked)."
-            )
-            continue
         messages, images, pending_image = question, question_images, None
-        max_new_tokens = args.max_new_tokens if room is None else min(args.max_new_tokens, room)
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         answer = processor.decode(
             answer_tokens(model, inputs["input_ids"], output)[0], skip_special_tokens=True

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MMAdaptersError
-from .evaluation.generate import context_room
+from .evaluation.generate import ContextFullError, answer_length
 from .hub import SPACE_SETTINGS_NAME
 from .inference_loading import (
     USER_ERRORS,
@@ -216,21 +216,14 @@ def make_chat_fn(model: Any, processor: Any, limits: DemoLimits):
             messages, images = build_conversation(message, history or [], limits.max_image_pixels)
             prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
             inputs = inputs_on_model_device(processor(images=images or None, text=prompt), model)
+            asked = max(1, min(int(max_new_tokens), limits.max_new_tokens))
+            max_new_tokens = answer_length(model, inputs["input_ids"].shape[1], asked)
+        except ContextFullError as error:
+            yield f"{ERROR_MARK} {error}: clear the chat and start again with a shorter question."
+            return
         except USER_ERRORS as error:
             yield f"{ERROR_MARK} {error}"
             return
-        max_new_tokens = max(1, min(int(max_new_tokens), limits.max_new_tokens))
-        # Refused at once when the conversation leaves no room in the LLM's context (no long doomed generation);
-        # otherwise the answer is capped to the room left.
-        room = context_room(model, inputs["input_ids"].shape[1])
-        if room is not None and room < 1:
-            yield (
-                f"{ERROR_MARK} The conversation is {inputs['input_ids'].shape[1]} tokens long and fills the model's "
-                "context: clear the chat and start again with a shorter question."
-            )
-            return
-        if room is not None:
-            max_new_tokens = min(max_new_tokens, room)
         sampling = {"do_sample": False}
         if temperature and temperature > 0:
             sampling = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p)}

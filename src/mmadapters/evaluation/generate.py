@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ..errors import MMAdaptersError
 from ..inference_loading import inputs_on_model_device
 
 
@@ -18,13 +19,24 @@ def answer_tokens(model: Any, input_ids: torch.Tensor, output: torch.Tensor) -> 
     return output[:, input_ids.shape[1] :]
 
 
-def context_room(model: Any, prompt_length: int) -> int | None:
-    """How many tokens the LLM's context has left after a prompt (None if the LLM states no limit): the chats
-    refuse a conversation that fills it and cap each answer to it."""
+class ContextFullError(MMAdaptersError, ValueError):
+    """A conversation that leaves no room for an answer in the LLM's context."""
+
+
+def answer_length(model: Any, prompt_length: int, max_new_tokens: int) -> int:
+    """`max_new_tokens` capped to the room the LLM's context has left after the prompt, for the chats (`mmadapters
+    chat`, the demo); a `ContextFullError` when there is none: refused at once rather than the model's error after
+    a doomed generation. Uncapped when the LLM states no limit (and for an encoder-decoder LLM, whose answer has
+    positions of its own)."""
     limit = getattr(model.config.text_config, "max_position_embeddings", None)
     if limit is None or getattr(model, "is_encoder_decoder_llm", False):
-        return None
-    return limit - model._position_offset() - prompt_length  # LaVIN's modality token takes position 0
+        return max_new_tokens
+    room = limit - model._position_offset() - prompt_length  # LaVIN's modality token takes position 0
+    if room < 1:
+        raise ContextFullError(
+            f"The conversation is {prompt_length} tokens long and fills the model's context ({limit} positions)"
+        )
+    return min(max_new_tokens, room)
 
 
 def progress_bar(
