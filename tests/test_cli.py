@@ -45,11 +45,23 @@ def test_train_eval_and_chat_commands(tiny_backbones, tmp_path, capsys, monkeypa
     monkeypatch.setattr(
         sys,
         "stdin",
-        io.StringIO(f"/image {image}\nwhat color?\nand now?\n/image {tmp_path}/missing.png\n/quit\n"),
+        io.StringIO(
+            f"/image {image}\nwhat color?\nand now?\n/image {tmp_path}/missing.png\n/imgae {image}\n/image\n"
+            f"{image} is a path, not a command\n/quit\n"
+        ),
     )
     assert main(["chat", str(final), "--max-new-tokens", "3"]) == 0
-    out = capsys.readouterr().out
-    assert "attached" in out and "does not exist" in out  # a bad image is a message, not a crash
+    out = capsys.readouterr().out.splitlines()
+    assert any("attached" in line for line in out)
+    # a bad image is a message, not a crash; a mistyped command is said, not sent as a question; /image without a
+    # path likewise; a line that starts with a path is a question (answered after the last error)
+    errors = [line for line in out if line.startswith("error:")]
+    assert len(errors) == 3 and "does not exist" in errors[0]
+    assert errors[1:] == [
+        "error: unknown command /imgae: /image PATH, /reset or /quit",
+        "error: /image needs a file path or URL: /image PATH",
+    ]
+    assert out.index(errors[-1]) < len(out) - 1
 
 
 def test_recipe_with_feature_whitening_fits_it_on_the_training_images(tiny_backbones, tmp_path, capsys):

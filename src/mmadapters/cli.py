@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from typing import Any
 
@@ -172,19 +173,28 @@ def _chat(args: argparse.Namespace) -> None:
         line = line.strip()
         if not line:
             continue
-        if line in ("/quit", "/exit"):
+        command, _, rest = line.partition(" ")
+        if command in ("/quit", "/exit"):
             break
-        if line == "/reset":
+        if command == "/reset":
             messages, images, pending_image = [], [], None
             print("(conversation cleared)")
             continue
-        if line.startswith("/image"):
-            path = line[len("/image") :].strip()
+        if command == "/image":
+            path = rest.strip()
+            if not path:
+                print("error: /image needs a file path or URL: /image PATH")
+                continue
             try:
                 pending_image = load_image(path, processor.max_image_pixels, what="image")
                 print(f"(image {path} attached to the next question)")
             except InvalidImageError as error:
                 print(f"error: {error}")
+            continue
+        if re.fullmatch(
+            r"/[A-Za-z]+", command
+        ):  # a mistyped command is not sent as a question ("/tmp/x.png" is)
+            print(f"error: unknown command {command}: /image PATH, /reset or /quit")
             continue
         content = [{"type": "text", "text": line}]
         question_images = images
