@@ -191,9 +191,8 @@ def _chat(args: argparse.Namespace) -> None:
             except InvalidImageError as error:
                 print(f"error: {error}")
             continue
-        if re.fullmatch(
-            r"/[A-Za-z]+", command
-        ):  # a mistyped command is not sent as a question ("/tmp/x.png" is)
+        # A mistyped command is not sent as a question ("/tmp/x.png ..." is one).
+        if re.fullmatch(r"/[A-Za-z]+", command):
             print(f"error: unknown command {command}: /image PATH, /reset or /quit")
             continue
         content = [{"type": "text", "text": line}]
