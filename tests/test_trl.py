@@ -347,35 +347,87 @@ def test_grpo_trainer_trains_lavin_and_stops_crome_with_our_message(backbones, k
     assert trainer.state.global_step == 1
 
 
-@pytest.mark.parametrize("trainer_name", ["DPOTrainer", "KTOTrainer", "RLOOTrainer"])
-def test_trl_reference_of_a_model_never_saved_is_asked_for_by_name(backbones, trainer_name, tmp_path):
-    """TRL's DPO, KTO and RLOO trainers (GRPO with beta > 0) build their reference model again from the checkpoint
-    the model was loaded from (`config._name_or_path`). A model built with `from_backbones` has none: TRL stopped
-    with "Repo id must use alphanumeric chars ... ''". Mixed with ours, the error says what to do, before training."""
+@pytest.mark.parametrize("case", ["RLOOTrainer", "DPOTrainer with sync_ref_model"])
+def test_trl_reference_of_a_model_never_saved_is_asked_for_by_name(backbones, case, tmp_path):
+    """TRL's RLOO trainer (GRPO with beta > 0), and DPO / KTO where our Trainers do not give them the reference
+    (`sync_ref_model`, sharded training), build their reference model again from the checkpoint the model was loaded
+    from (`config._name_or_path`). A model built with `from_backbones` has none: TRL stopped with "Repo id must use
+    alphanumeric chars ... ''". Mixed with ours, the error says what to do, before training."""
     trl = import_trl()
-    trl_class = getattr(trl, trainer_name)
+    trl_class = trl.RLOOTrainer if case == "RLOOTrainer" else trl.DPOTrainer
 
     class Mixed(LavinTrainer, trl_class):
         pass
 
     model, processor = build(backbones, "lavin")
     with pytest.raises(ValueError, match="built with from_backbones and never saved") as caught:
-        if trainer_name == "RLOOTrainer":
+        if case == "RLOOTrainer":
             generating_trainer(Mixed, trl.RLOOConfig, model, processor, tmp_path / "run")
         else:
-            config = trl.DPOConfig if trainer_name == "DPOTrainer" else trl.KTOConfig
-            rows = preference_rows() if trainer_name == "DPOTrainer" else unpaired_preference_rows()
             Mixed(
                 model=model,
-                args=rl_config(config, tmp_path / "run", max_steps=1),
-                train_dataset=rows,
+                args=rl_config(trl.DPOConfig, tmp_path / "run", max_steps=1, sync_ref_model=True),
+                train_dataset=preference_rows(),
                 processing_class=processor,
             )
     message = str(caught.value)
-    assert trainer_name in message and "from_pretrained" in message
-    if trainer_name != "RLOOTrainer":  # RLOO takes no ref_model
+    assert trl_class.__name__ in message and "from_pretrained" in message
+    if case == "RLOOTrainer":  # RLOO takes no ref_model
+        assert "beta=0.0" in message
+    else:
         assert "ref_model=copy.deepcopy(model)" in message
     assert not os.path.exists(tmp_path / "run" / "checkpoint-1")
+
+
+@pytest.mark.parametrize("case", ["DPO lavin", "DPO crome", "KTO lavin"])
+def test_preference_trainers_mixed_with_ours_take_the_model_with_its_starting_weights_as_reference(
+    backbones, case, tmp_path
+):
+    """Mixed with ours, TRL's DPO / KTO given no ref_model use the model being trained, run with the trainable
+    weights it had when the Trainer was created, as the reference (reference.py): no second copy of the backbones
+    (TRL loaded one from the checkpoint, or stopped for a model built with from_backbones). Training equals training
+    against a separate copy of the starting model, step for step."""
+    trl = import_trl()
+    method, kind = case.split()
+    trl_class, config_class = getattr(trl, f"{method}Trainer"), getattr(trl, f"{method}Config")
+    rows = preference_rows(8) if method == "DPO" else unpaired_preference_rows(8)
+
+    class Mixed(CromeTrainer if kind == "crome" else LavinTrainer, trl_class):
+        pass
+
+    def run(output, separate_reference):
+        model, processor = build(backbones, kind)
+        start = copy.deepcopy(model)
+        trainer = Mixed(
+            model=model,
+            args=rl_config(
+                config_class, tmp_path / output, max_steps=3, save_strategy="no", learning_rate=1e-2
+            ),
+            train_dataset=rows,
+            processing_class=processor,
+            **({"ref_model": copy.deepcopy(model)} if separate_reference else {}),
+        )
+        trainer.train()
+        trained = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+        logs = [
+            {k: v for k, v in entry.items() if "runtime" not in k and "per_second" not in k}
+            for entry in trainer.state.log_history
+        ]
+        return trainer, model, start, processor, trained, logs
+
+    trainer, model, start, processor, trained, logs = run("shared", separate_reference=False)
+    assert sum(p.numel() for p in trainer.ref_model.parameters()) == 0  # no copy of the backbones
+    model.train()
+    with torch.no_grad():  # the reference is the starting model; the model keeps its trained weights and mode
+        inputs = tiny_sample_inputs(processor)
+        torch.testing.assert_close(trainer.ref_model(**inputs).logits, start(**inputs).logits, rtol=0, atol=0)
+    assert model.training
+    assert all(torch.equal(p, trained[name]) for name, p in model.named_parameters() if name in trained)
+    assert any(not torch.equal(p, dict(start.named_parameters())[name]) for name, p in trained.items())
+    _, _, _, _, trained_against_copy, logs_against_copy = run("separate", separate_reference=True)
+    assert logs == logs_against_copy
+    for name, value in trained_against_copy.items():
+        torch.testing.assert_close(trained[name], value, rtol=0, atol=0, msg=name)
 
 
 def unpaired_preference_rows(n: int = 4):

@@ -10,7 +10,6 @@ where a token is supervised.
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,6 +35,7 @@ from .checkpoints import (
     find_last_checkpoint,
 )
 from .collator import VisionLanguageCollator
+from .reference import InitialWeightsReference, shares_the_policy_safely, trl_class_taking_a_reference
 
 logger = logging.getLogger(__name__)
 TRAINING_ARGS_NAME = "training_args.bin"
@@ -165,15 +165,16 @@ def refuse_trl_vision_collator(collator: Any) -> None:
 
 def reference_from_a_checkpoint_error(trainer_class: type, model: Any) -> ValueError | None:
     """The error to raise instead of TRL's OSError when TRL's trainer could not build its reference model because the
-    model was never saved: TRL's DPO, KTO and RLOO trainers (GRPO with `beta` > 0), given no reference, load it again
-    from the checkpoint the model came from (`config._name_or_path`). A model built with `from_backbones` has none,
-    and TRL stopped with "Repo id must use alphanumeric chars ... ''"."""
+    model was never saved: TRL's RLOO trainer (GRPO with `beta` > 0), and DPO / KTO where the mix leaves the reference
+    to TRL (see `shares_the_policy_safely`), load it again from the checkpoint the model came from
+    (`config._name_or_path`). A model built with `from_backbones` has none, and TRL stopped with "Repo id must use
+    alphanumeric chars ... ''"."""
     trl_classes = [kind for kind in trainer_class.__mro__ if kind.__module__.startswith("trl.")]
     config = getattr(model, "config", None)
     if not trl_classes or config is None or getattr(config, "_name_or_path", None):
         return None
     name = trl_classes[0].__name__
-    takes_reference = "ref_model" in inspect.signature(trl_classes[0].__init__).parameters
+    takes_reference = trl_class_taking_a_reference(trainer_class) is not None
     return ValueError(
         f"TRL's {name} builds its reference model again from the checkpoint the model was loaded from, and this "
         f"{type(model).__name__} was built with from_backbones and never saved. Save it and load it with "
@@ -193,6 +194,9 @@ class AdapterTrainer(Trainer):
     A `peft.PeftModel` around LaVIN or CROME (`get_peft_model(model, LoraConfig(...))`) is accepted: the Trainer
     trains the model inside it, LoRA and our adapters together, and every checkpoint holds both (one folder that
     `from_pretrained` loads back).
+
+    Mixed with TRL's DPOTrainer or KTOTrainer and given no `ref_model`, the reference is the model itself with its
+    starting trainable weights (`InitialWeightsReference`), not a second copy of the backbones.
 
     `TrainingArguments(push_to_hub=True)` and `push_to_hub()` push adapter-only checkpoints with our model card
     (see `mmadapters.hub.trainer_push`); `hub_license`: the card's license when the backbones' cards do not settle
@@ -214,6 +218,15 @@ class AdapterTrainer(Trainer):
         args, kwargs = _finding_unused_parameters(args, kwargs)
         if model is not None:
             self._take_model(model)
+            # TRL's DPO / KTO given no reference: the model itself with its starting trainable weights (reference.py)
+            training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+            if (
+                trl_class_taking_a_reference(type(self)) is not None
+                and kwargs.get("ref_model") is None
+                and len(args) < 2
+                and shares_the_policy_safely(training_args)
+            ):
+                kwargs["ref_model"] = InitialWeightsReference(model)
         self.hub_license = hub_license  # read by init_hf_repo, which transformers' __init__ calls
         # id(data set) -> (data set, data set with a length column): counted once, not at every evaluation
         self._counted_datasets: dict[int, tuple[Any, Any]] = {}
