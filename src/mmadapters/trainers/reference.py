@@ -59,6 +59,8 @@ class InitialWeightsReference(nn.Module):
     @contextlib.contextmanager
     def initial_weights(self) -> Iterator[None]:
         """The policy with its initial trainable weights and in evaluation mode, inside the block."""
+        # Kept where the weights are (the Trainer moves the model to its device after this was built).
+        self._initial = [(p, initial.to(p.device)) for p, initial in self._initial]
         trained = [p.data.clone() for p, _ in self._initial]
         training = self.policy.training
         with torch.no_grad():
