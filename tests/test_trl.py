@@ -347,14 +347,19 @@ def test_grpo_trainer_trains_lavin_and_stops_crome_with_our_message(backbones, k
     assert trainer.state.global_step == 1
 
 
-@pytest.mark.parametrize("case", ["RLOOTrainer", "DPOTrainer with sync_ref_model"])
-def test_trl_reference_of_a_model_never_saved_is_asked_for_by_name(backbones, case, tmp_path):
-    """TRL's RLOO trainer (GRPO with beta > 0), and DPO / KTO where our Trainers do not give them the reference
-    (`sync_ref_model`, sharded training), build their reference model again from the checkpoint the model was loaded
-    from (`config._name_or_path`). A model built with `from_backbones` has none: TRL stopped with "Repo id must use
-    alphanumeric chars ... ''". Mixed with ours, the error says what to do, before training."""
+@pytest.mark.parametrize(
+    "case", ["RLOOTrainer", "DPOTrainer with sync_ref_model", "SFTTrainer without processor"]
+)
+def test_trl_lookups_in_the_checkpoint_of_a_model_never_saved_are_asked_for_by_name(
+    backbones, case, tmp_path
+):
+    """TRL's trainers load what they are not given from the checkpoint the model was loaded from
+    (`config._name_or_path`): the processor without `processing_class`; the reference model of RLOO (GRPO with
+    beta > 0), and of DPO / KTO where our Trainers do not give it (`sync_ref_model`, sharded training). A model built
+    with `from_backbones` has none: TRL stopped with "Repo id must use alphanumeric chars ... ''". Mixed with ours,
+    the error says what to pass, before training."""
     trl = import_trl()
-    trl_class = trl.RLOOTrainer if case == "RLOOTrainer" else trl.DPOTrainer
+    trl_class = {"R": trl.RLOOTrainer, "D": trl.DPOTrainer, "S": trl.SFTTrainer}[case[0]]
 
     class Mixed(LavinTrainer, trl_class):
         pass
@@ -363,19 +368,28 @@ def test_trl_reference_of_a_model_never_saved_is_asked_for_by_name(backbones, ca
     with pytest.raises(ValueError, match="built with from_backbones and never saved") as caught:
         if case == "RLOOTrainer":
             generating_trainer(Mixed, trl.RLOOConfig, model, processor, tmp_path / "run")
-        else:
+        elif case.startswith("DPO"):
             Mixed(
                 model=model,
                 args=rl_config(trl.DPOConfig, tmp_path / "run", max_steps=1, sync_ref_model=True),
                 train_dataset=preference_rows(),
                 processing_class=processor,
             )
+        else:
+            Mixed(
+                model=model,
+                args=sft_config(tmp_path / "run"),
+                train_dataset=toy_dataset(tmp_path, n=4),
+                data_collator=VisionLanguageCollator(processor),
+            )
     message = str(caught.value)
-    assert trl_class.__name__ in message and "from_pretrained" in message
-    if case == "RLOOTrainer":  # RLOO takes no ref_model
-        assert "beta=0.0" in message
-    else:
-        assert "ref_model=copy.deepcopy(model)" in message
+    assert trl_class.__name__ in message and "from_pretrained(folder)" in message
+    expected = {
+        "R": "its reference model (or set beta=0.0 for none)",
+        "D": "its reference model (pass ref_model=copy.deepcopy(model))",
+        "S": "its processor (pass processing_class=processor)",
+    }
+    assert expected[case[0]] in message
     assert not os.path.exists(tmp_path / "run" / "checkpoint-1")
 
 

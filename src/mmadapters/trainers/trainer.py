@@ -163,28 +163,31 @@ def refuse_trl_vision_collator(collator: Any) -> None:
         )
 
 
-def reference_from_a_checkpoint_error(trainer_class: type, model: Any) -> ValueError | None:
-    """The error to raise instead of TRL's OSError when TRL's trainer could not build its reference model because the
-    model was never saved: TRL's RLOO trainer (GRPO with `beta` > 0), and DPO / KTO where the mix leaves the reference
-    to TRL (see `shares_the_policy_safely`), load it again from the checkpoint the model came from
-    (`config._name_or_path`). A model built with `from_backbones` has none, and TRL stopped with "Repo id must use
-    alphanumeric chars ... ''"."""
+def unsaved_model_error(
+    trainer_class: type, model: Any, training_args: Any, processor_given: bool
+) -> Exception | None:
+    """The error to raise instead of TRL's OSError when a TRL trainer looked for what it was not given in the
+    checkpoint the model was loaded from (`config._name_or_path`), and the model was built with `from_backbones` and
+    never saved, so there is none: TRL stopped with "Repo id must use alphanumeric chars ... ''". TRL's trainers
+    load the processor from there when given no `processing_class`, and the reference model of DPO / KTO (where the
+    mix leaves it to TRL: see `shares_the_policy_safely`) and of RLOO / GRPO with `beta` > 0."""
     trl_classes = [kind for kind in trainer_class.__mro__ if kind.__module__.startswith("trl.")]
     config = getattr(model, "config", None)
     if not trl_classes or config is None or getattr(config, "_name_or_path", None):
         return None
-    name = trl_classes[0].__name__
+    name, model_name = trl_classes[0].__name__, type(model).__name__
     takes_reference = trl_class_taking_a_reference(trainer_class) is not None
+    if not processor_given:
+        needs = "its processor (pass processing_class=processor)"
+    elif takes_reference or getattr(training_args, "beta", 0.0):
+        remedy = "pass ref_model=copy.deepcopy(model)" if takes_reference else "or set beta=0.0 for none"
+        needs = f"its reference model ({remedy})"
+    else:
+        return None  # not one of the lookups above: TRL's own error stands
     return ValueError(
-        f"TRL's {name} builds its reference model again from the checkpoint the model was loaded from, and this "
-        f"{type(model).__name__} was built with from_backbones and never saved. Save it and load it with "
-        f"{type(model).__name__}.from_pretrained(folder) before creating the Trainer (the reference is then that "
-        "checkpoint)"
-        + (
-            ", or pass ref_model=copy.deepcopy(model)."
-            if takes_reference
-            else ", or set beta=0.0 (no reference)."
-        )
+        f"TRL's {name} loads {needs} from the checkpoint the model was loaded from, and this {model_name} was built "
+        f"with from_backbones and never saved. Pass it as said, or save the model and load it with "
+        f"{model_name}.from_pretrained(folder) before creating the Trainer (then that checkpoint is used)."
     )
 
 
@@ -219,12 +222,11 @@ class AdapterTrainer(Trainer):
         if model is not None:
             self._take_model(model)
             # TRL's DPO / KTO given no reference: the model itself with its starting trainable weights (reference.py)
-            training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
             if (
                 trl_class_taking_a_reference(type(self)) is not None
                 and kwargs.get("ref_model") is None
                 and len(args) < 2
-                and shares_the_policy_safely(training_args)
+                and shares_the_policy_safely(kwargs.get("args"))
             ):
                 kwargs["ref_model"] = InitialWeightsReference(model)
         self.hub_license = hub_license  # read by init_hf_repo, which transformers' __init__ calls
@@ -233,7 +235,8 @@ class AdapterTrainer(Trainer):
         try:
             super().__init__(*args, **kwargs)
         except OSError as error:
-            clearer = reference_from_a_checkpoint_error(type(self), model)
+            processor_given = kwargs.get("processing_class") is not None
+            clearer = unsaved_model_error(type(self), model, kwargs.get("args"), processor_given)
             if clearer is not None:
                 raise clearer from error
             raise
