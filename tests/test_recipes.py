@@ -110,6 +110,15 @@ def test_bf16_takes_true_false_or_auto(tiny_backbones, tmp_path, capsys):
         ({"eval_data": {"name": "mnist"}}, "`eval_data.name` must be one of"),
         ({"eval_data": {"name": "easy_vqa", "limit": 0}}, "`eval_data.limit` must be a positive integer"),
         ({"hub_license": 2.0}, "`hub_license` must be a Hub license identifier"),
+        # a misspelt key or TrainingArguments field: the closest known name is suggested
+        (
+            {"trainig": {"max_steps": 1}},
+            "unknown key(s) ['trainig'] (did you mean 'training' for 'trainig'?)",
+        ),
+        (
+            {"training": {"max_steps": 1, "learning_rat": 1.0e-3, "num_train_epoch": 2}},
+            "(did you mean 'learning_rate' for 'learning_rat', 'num_train_epochs' for 'num_train_epoch'?)",
+        ),
         (
             {"training": {"max_steps": 2, "push_to_hub": True, "hub_model_id": "me/run"}},
             "text backbone is a path on this machine",

@@ -34,6 +34,7 @@ checkpoint and (through the Trainer) logs.
 
 from __future__ import annotations
 
+import difflib
 import os
 import shlex
 from typing import Any
@@ -81,6 +82,17 @@ class RecipeError(MMAdaptersError, ValueError):
     """A recipe that cannot run: the message says which key is wrong and how to fix it."""
 
 
+def closest_names(unknown: list[str], known: Any) -> str:
+    """A hint for misspelt names, `(did you mean 'training' for 'trainig'?)`, for the unknown names close to a known
+    one; empty when none is."""
+    hints = []
+    for name in unknown:
+        match = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
+        if match:
+            hints.append(f"{match[0]!r} for {name!r}")
+    return f" (did you mean {', '.join(hints)}?)" if hints else ""
+
+
 def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     import yaml
 
@@ -99,7 +111,10 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
         raise RecipeError(f"Recipe {path} must be a mapping of keys {sorted(RECIPE_KEYS)}.")
     unknown = sorted(set(recipe) - RECIPE_KEYS)
     if unknown:
-        raise RecipeError(f"Recipe {path}: unknown key(s) {unknown}; known keys are {sorted(RECIPE_KEYS)}.")
+        raise RecipeError(
+            f"Recipe {path}: unknown key(s) {unknown}{closest_names(unknown, RECIPE_KEYS)}; known keys are "
+            f"{sorted(RECIPE_KEYS)}."
+        )
     from .methods import METHODS
 
     if recipe.get("model") not in METHODS:
@@ -201,7 +216,9 @@ def recipe_errors(recipe: dict[str, Any]) -> list[str]:
     known = {field.name for field in dataclasses.fields(TrainingArguments)}
     unknown = sorted(set(training) - known - {"resume_from_checkpoint"})
     if unknown:
-        errors.append(f"`training` has unknown field(s) {unknown}: use TrainingArguments fields")
+        errors.append(
+            f"`training` has unknown field(s) {unknown}{closest_names(unknown, known)}: use TrainingArguments fields"
+        )
     given = {k: v for k, v in training.items() if k in known and not (k == "bf16" and v == "auto")}
     typed = type_errors(TrainingArguments, given)
     for name, message in typed.items():
