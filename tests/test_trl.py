@@ -207,20 +207,26 @@ def test_trls_vision_collator_is_refused_by_our_trainers(backbones, tmp_path):
     assert not os.path.exists(tmp_path / "run" / "checkpoint-2")
 
 
-def preference_rows(n: int = 4):
-    """TRL's conversational preference rows: one image and a question, a chosen and a rejected answer."""
+# TRL's conversational rows: a question about one image, and answers as assistant turns.
+QUESTION = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color?"}]}]
+
+
+def answer(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
+
+
+def image_question_rows(n: int, **columns):
+    """`n` rows of a red image and QUESTION (`images`, `prompt`), plus `columns`."""
     import datasets
     from PIL import Image
 
-    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color?"}]}]
-    return datasets.Dataset.from_dict(
-        {
-            "images": [[Image.new("RGB", (32, 32), "red")]] * n,
-            "prompt": [turn] * n,
-            "chosen": [[{"role": "assistant", "content": [{"type": "text", "text": "red"}]}]] * n,
-            "rejected": [[{"role": "assistant", "content": [{"type": "text", "text": "blue"}]}]] * n,
-        }
-    )
+    images = [[Image.new("RGB", (32, 32), "red")]] * n
+    return datasets.Dataset.from_dict({"images": images, "prompt": [QUESTION] * n, **columns})
+
+
+def preference_rows(n: int = 4):
+    """DPO's preference rows: a chosen and a rejected answer."""
+    return image_question_rows(n, chosen=[answer("red")] * n, rejected=[answer("blue")] * n)
 
 
 def rl_config(config_class, output_dir, **overrides):
@@ -243,9 +249,9 @@ def generating_trainer(trl_class, config_class, model, processor, output_dir):
     import datasets
     from PIL import Image
 
-    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color?"}]}]
+    # the single-image `image` column (TRL's GRPO / RLOO examples)
     rows = datasets.Dataset.from_dict(
-        {"image": [Image.new("RGB", (32, 32), "red")] * 4, "prompt": [turn] * 4}
+        {"image": [Image.new("RGB", (32, 32), "red")] * 4, "prompt": [QUESTION] * 4}
     )
     config = rl_config(
         config_class, output_dir, num_generations=2, max_completion_length=4, max_steps=1, save_strategy="no"
@@ -445,19 +451,8 @@ def test_preference_trainers_mixed_with_ours_take_the_model_with_its_starting_we
 
 
 def unpaired_preference_rows(n: int = 4):
-    """TRL's conversational rows for KTO: one image and a question, an answer labelled desirable or not."""
-    import datasets
-    from PIL import Image
-
-    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color?"}]}]
-    return datasets.Dataset.from_dict(
-        {
-            "images": [[Image.new("RGB", (32, 32), "red")]] * n,
-            "prompt": [turn] * n,
-            "completion": [[{"role": "assistant", "content": [{"type": "text", "text": "red"}]}]] * n,
-            "label": [True, False] * (n // 2),
-        }
-    )
+    """KTO's rows: an answer labelled desirable or not."""
+    return image_question_rows(n, completion=[answer("red")] * n, label=[True, False] * (n // 2))
 
 
 @pytest.mark.parametrize("kind", ["lavin", "crome"])
