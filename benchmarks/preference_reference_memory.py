@@ -1,5 +1,5 @@
-"""Memory of the DPO / KTO reference model: a separate copy (what TRL loads) vs the model itself with its starting
-trainable weights (what our Trainers give TRL, `mmadapters/trainers/reference.py`), at the paper's sizes.
+"""Memory of the DPO / KTO / RLOO / GRPO reference model: a separate copy (what TRL loads) vs the model itself with
+its starting trainable weights (what our Trainers give TRL, `mmadapters/trainers/reference.py`), at the paper's sizes.
 
 Built on the meta device (instant, no weights): the bytes are the tensors' sizes, backbones in bfloat16 as a 7B
 model is trained on a GPU, our modules in the dtype `from_backbones` gives them.

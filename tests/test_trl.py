@@ -243,9 +243,9 @@ def rl_config(config_class, output_dir, **overrides):
     return config_class(**settings)
 
 
-def generating_trainer(trl_class, config_class, model, processor, output_dir):
-    """TRL's GRPOTrainer or RLOOTrainer for one step on image questions: two completions of 4 tokens per prompt,
-    rewarded by their length."""
+def generating_trainer(trl_class, config_class, model, processor, output_dir, **overrides):
+    """TRL's GRPOTrainer or RLOOTrainer for one step (unless `overrides` say otherwise) on image questions: two
+    completions of 4 tokens per prompt, rewarded by their length."""
     import datasets
     from PIL import Image
 
@@ -253,9 +253,8 @@ def generating_trainer(trl_class, config_class, model, processor, output_dir):
     rows = datasets.Dataset.from_dict(
         {"image": [Image.new("RGB", (32, 32), "red")] * 4, "prompt": [QUESTION] * 4}
     )
-    config = rl_config(
-        config_class, output_dir, num_generations=2, max_completion_length=4, max_steps=1, save_strategy="no"
-    )
+    settings = dict(num_generations=2, max_completion_length=4, max_steps=1, save_strategy="no")
+    config = rl_config(config_class, output_dir, **{**settings, **overrides})
     return trl_class(
         model=model,
         reward_funcs=lambda completions, **kwargs: [float(len(str(c))) for c in completions],
@@ -354,14 +353,15 @@ def test_grpo_trainer_trains_lavin_and_stops_crome_with_our_message(backbones, k
 
 
 @pytest.mark.parametrize(
-    "case", ["RLOOTrainer", "DPOTrainer with sync_ref_model", "SFTTrainer without processor"]
+    "case",
+    ["RLOOTrainer with sync_ref_model", "DPOTrainer with sync_ref_model", "SFTTrainer without processor"],
 )
 def test_trl_lookups_in_the_checkpoint_of_a_model_never_saved_are_asked_for_by_name(
     backbones, case, tmp_path
 ):
     """TRL's trainers load what they are not given from the checkpoint the model was loaded from
-    (`config._name_or_path`): the processor without `processing_class`; the reference model of RLOO (GRPO with
-    beta > 0), and of DPO / KTO where our Trainers do not give it (`sync_ref_model`, sharded training). A model built
+    (`config._name_or_path`): the processor without `processing_class`; the reference model of DPO / KTO / RLOO /
+    GRPO with beta > 0 where our Trainers do not give it (`sync_ref_model`, sharded training). A model built
     with `from_backbones` has none: TRL stopped with "Repo id must use alphanumeric chars ... ''". Mixed with ours,
     the error says what to pass, before training."""
     trl = import_trl()
@@ -372,8 +372,8 @@ def test_trl_lookups_in_the_checkpoint_of_a_model_never_saved_are_asked_for_by_n
 
     model, processor = build(backbones, "lavin")
     with pytest.raises(ValueError, match="built with from_backbones and never saved") as caught:
-        if case == "RLOOTrainer":
-            generating_trainer(Mixed, trl.RLOOConfig, model, processor, tmp_path / "run")
+        if case.startswith("RLOO"):
+            generating_trainer(Mixed, trl.RLOOConfig, model, processor, tmp_path / "run", sync_ref_model=True)
         elif case.startswith("DPO"):
             Mixed(
                 model=model,
@@ -447,6 +447,60 @@ def test_preference_trainers_mixed_with_ours_take_the_model_with_its_starting_we
     _, _, _, _, trained_against_copy, logs_against_copy = run("separate", separate_reference=True)
     assert logs == logs_against_copy
     for name, value in trained_against_copy.items():
+        torch.testing.assert_close(trained[name], value, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("method", ["RLOO", "GRPO"])
+def test_online_trainers_mixed_with_ours_take_the_model_with_its_starting_weights_as_reference(
+    backbones, method, tmp_path, monkeypatch
+):
+    """RLOO and GRPO take no ref_model: with beta > 0 TRL loads the reference again from the model's checkpoint
+    (a second copy of the backbones), or stops for a model built with from_backbones. Mixed with ours, the reference
+    is the model with its starting trainable weights (reference.py); training equals training against TRL's own
+    reference loaded from the checkpoint, step for step, once the KL term is in play."""
+    trl = import_trl()
+    trl_class, config_class = getattr(trl, f"{method}Trainer"), getattr(trl, f"{method}Config")
+
+    class Mixed(LavinTrainer, trl_class):
+        pass
+
+    model, processor = build(backbones, "lavin")  # never saved: TRL alone would stop
+    start = copy.deepcopy(model)
+    settings = dict(beta=0.5, max_steps=3, learning_rate=1e-2, logging_steps=1)
+    trainer = generating_trainer(Mixed, config_class, model, processor, tmp_path / "new", **settings)
+    assert sum(p.numel() for p in trainer.ref_model.parameters()) == 0  # no copy of the backbones
+    trainer.train()
+    with torch.no_grad():
+        inputs = tiny_sample_inputs(processor)
+        torch.testing.assert_close(trainer.ref_model(**inputs).logits, start(**inputs).logits, rtol=0, atol=0)
+    assert model.training
+
+    def run(output):
+        """Train the starting model, loaded from a checkpoint; return the trained weights and the logs."""
+        start.save_pretrained(tmp_path / "ckpt", processor=processor)
+        loaded = LavinForConditionalGeneration.from_pretrained(tmp_path / "ckpt")
+        trainer = generating_trainer(Mixed, config_class, loaded, processor, tmp_path / output, **settings)
+        trainer.train()
+        trained = {name: p.detach().clone() for name, p in loaded.named_parameters() if p.requires_grad}
+        logs = [
+            {
+                k: v
+                for k, v in entry.items()
+                if "runtime" not in k and "per_second" not in k and "time" not in k
+            }
+            for entry in trainer.state.log_history
+        ]
+        return trainer, trained, logs
+
+    shared, trained, logs = run("shared")
+    assert sum(p.numel() for p in shared.ref_model.parameters()) == 0
+    with monkeypatch.context() as patched:  # TRL's own reference: loaded from the checkpoint
+        patched.setattr("mmadapters.trainers.trainer.shares_the_policy_safely", lambda training_args: False)
+        loaded, trained_against_loaded, logs_against_loaded = run("loaded")
+    assert type(loaded.ref_model) is LavinForConditionalGeneration
+    assert logs[-2]["kl"] != 0  # the reference counted in the last step
+    assert logs == logs_against_loaded
+    for name, value in trained_against_loaded.items():
         torch.testing.assert_close(trained[name], value, rtol=0, atol=0, msg=name)
 
 

@@ -1,7 +1,8 @@
-"""The reference model of TRL's preference trainers (DPO, KTO) mixed with ours, without a second copy of the backbones.
+"""The reference model of TRL's trainers mixed with ours, without a second copy of the backbones.
 
-Given no `ref_model`, TRL loads the whole model again from the checkpoint it came from (for a 7B LLM, 13 GB more in
-bfloat16), or stops when there is none (a model built with `from_backbones`). Here only the adapters train, so the
+Given no `ref_model`, TRL's DPO and KTO load the whole model again from the checkpoint it came from (for a 7B LLM,
+13 GB more in bfloat16), or stop when there is none (a model built with `from_backbones`); RLOO and GRPO, which take
+no `ref_model`, do the same whenever `beta` > 0 (RLOO's default is 0.05). Here only the adapters train, so the
 reference is the model being trained, run with the trainable weights it had when the Trainer was created: those
 few megabytes are all that is copied. During the reference's forward the trained weights are set aside and put
 back exactly afterwards (through `.data`, which autograd does not track: the policy's graph of the same step sees
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -82,6 +84,44 @@ def trl_class_taking_a_reference(trainer_class: type) -> type | None:
         if kind.__module__.startswith("trl.") and "ref_model" in inspect.signature(kind.__init__).parameters:
             return kind
     return None
+
+
+def trl_class_loading_its_reference(trainer_class: type, training_args: Any) -> type | None:
+    """The TRL trainer among `trainer_class`'s bases that takes no `ref_model` but loads its reference itself with
+    TRL's `create_model_from_path` because `training_args.beta` is not 0 (RLOO, GRPO), if any."""
+    if not getattr(training_args, "beta", 0.0):
+        return None
+    for kind in trainer_class.__mro__:
+        module = sys.modules.get(kind.__module__)
+        if (
+            kind.__module__.startswith("trl.")
+            and hasattr(module, "create_model_from_path")
+            and "ref_model" not in inspect.signature(kind.__init__).parameters
+        ):
+            return kind
+    return None
+
+
+@contextlib.contextmanager
+def reference_instead_of_loading(trl_class: type, policy: nn.Module) -> Iterator[None]:
+    """Inside the block, where `trl_class`'s `__init__` loads its reference from the policy's checkpoint, it gets
+    `InitialWeightsReference(policy)` instead; TRL then treats it as its own (dropout off, fused LM head, device
+    placement). RLOO and GRPO take no `ref_model`, so this is the one place to give it. Other models the function
+    loads (a policy given by name) are loaded as before."""
+    module = sys.modules[trl_class.__module__]
+    load = module.create_model_from_path
+    policy_id = getattr(policy.config, "_name_or_path", "")
+
+    def load_or_share(model_id: Any, *args: Any, **kwargs: Any) -> nn.Module:
+        if model_id == policy_id:
+            return InitialWeightsReference(policy)
+        return load(model_id, *args, **kwargs)
+
+    module.create_model_from_path = load_or_share
+    try:
+        yield
+    finally:
+        module.create_model_from_path = load
 
 
 def shares_the_policy_safely(training_args: Any) -> bool:

@@ -9,6 +9,7 @@ where a token is supervised.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -35,7 +36,13 @@ from .checkpoints import (
     find_last_checkpoint,
 )
 from .collator import VisionLanguageCollator
-from .reference import InitialWeightsReference, shares_the_policy_safely, trl_class_taking_a_reference
+from .reference import (
+    InitialWeightsReference,
+    reference_instead_of_loading,
+    shares_the_policy_safely,
+    trl_class_loading_its_reference,
+    trl_class_taking_a_reference,
+)
 
 logger = logging.getLogger(__name__)
 TRAINING_ARGS_NAME = "training_args.bin"
@@ -198,8 +205,9 @@ class AdapterTrainer(Trainer):
     trains the model inside it, LoRA and our adapters together, and every checkpoint holds both (one folder that
     `from_pretrained` loads back).
 
-    Mixed with TRL's DPOTrainer or KTOTrainer and given no `ref_model`, the reference is the model itself with its
-    starting trainable weights (`InitialWeightsReference`), not a second copy of the backbones.
+    Mixed with TRL's DPOTrainer or KTOTrainer and given no `ref_model`, or with RLOOTrainer or GRPOTrainer and `beta`
+    > 0, the reference is the model itself with its starting trainable weights (`InitialWeightsReference`), not a
+    second copy of the backbones loaded from the checkpoint.
 
     `TrainingArguments(push_to_hub=True)` and `push_to_hub()` push adapter-only checkpoints with our model card
     (see `mmadapters.hub.trainer_push`); `hub_license`: the card's license when the backbones' cards do not settle
@@ -219,21 +227,24 @@ class AdapterTrainer(Trainer):
             )
         args, kwargs, model = _model_argument(args, kwargs)
         args, kwargs = _finding_unused_parameters(args, kwargs)
+        # TRL's trainers given no reference: the model itself with its starting trainable weights (reference.py)
+        sharing_reference = contextlib.nullcontext()
         if model is not None:
             self._take_model(model)
-            # TRL's DPO / KTO given no reference: the model itself with its starting trainable weights (reference.py)
-            if (
-                trl_class_taking_a_reference(type(self)) is not None
-                and kwargs.get("ref_model") is None
-                and len(args) < 2
-                and shares_the_policy_safely(kwargs.get("args"))
-            ):
-                kwargs["ref_model"] = InitialWeightsReference(model)
+            training_args = kwargs.get("args")
+            if shares_the_policy_safely(training_args):
+                takes_reference = trl_class_taking_a_reference(type(self)) is not None  # DPO, KTO
+                if takes_reference and kwargs.get("ref_model") is None and len(args) < 2:
+                    kwargs["ref_model"] = InitialWeightsReference(model)
+                loads_reference = trl_class_loading_its_reference(type(self), training_args)  # RLOO, GRPO
+                if loads_reference is not None:
+                    sharing_reference = reference_instead_of_loading(loads_reference, model)
         self.hub_license = hub_license  # read by init_hf_repo, which transformers' __init__ calls
         # id(data set) -> (data set, data set with a length column): counted once, not at every evaluation
         self._counted_datasets: dict[int, tuple[Any, Any]] = {}
         try:
-            super().__init__(*args, **kwargs)
+            with sharing_reference:
+                super().__init__(*args, **kwargs)
         except OSError as error:
             processor_given = kwargs.get("processing_class") is not None
             clearer = unsaved_model_error(type(self), model, kwargs.get("args"), processor_given)
