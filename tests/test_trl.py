@@ -352,6 +352,26 @@ def test_grpo_trainer_trains_lavin_and_stops_crome_with_our_message(backbones, k
     assert trainer.state.global_step == 1
 
 
+@pytest.mark.parametrize("method", ["GRPO", "RLOO"])
+def test_online_trainers_mixed_with_crome_trainer_are_refused_before_anything_runs(
+    backbones, method, tmp_path
+):
+    """TRL's GRPO and RLOO hand the model a fixed set of image inputs, without CROME's Q-Former instruction: GRPO
+    stopped at the first step, after generating, and RLOO with TRL's own TypeError ('prompt_mask'). Mixed with
+    CromeTrainer they are refused when the Trainer is created, saying what trains CROME."""
+    trl = import_trl()
+    trl_class, config_class = getattr(trl, f"{method}Trainer"), getattr(trl, f"{method}Config")
+
+    class Mixed(CromeTrainer, trl_class):
+        pass
+
+    model, processor = build(backbones, "crome")
+    with pytest.raises(ValueError, match=f"TRL's {method}Trainer hands the model a fixed set") as caught:
+        generating_trainer(Mixed, config_class, model, processor, tmp_path / "run")
+    assert "qformer_input_ids" in str(caught.value) and "LavinTrainer" in str(caught.value)
+    assert not os.path.exists(tmp_path / "run")
+
+
 @pytest.mark.parametrize(
     "case",
     ["RLOOTrainer with sync_ref_model", "DPOTrainer with sync_ref_model", "SFTTrainer without processor"],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -634,5 +635,26 @@ class CromeTrainer(AdapterTrainer):
             raise TypeError(
                 f"CromeTrainer trains a CromeForConditionalGeneration, got {type(model).__name__}."
             )
+        refuse_trl_trainer_without_qformer_inputs(type(self))
         model.set_stage(self.stage)
         return model
+
+
+def refuse_trl_trainer_without_qformer_inputs(trainer_class: type) -> None:
+    """Refuse, before anything runs, a TRL trainer that hands the model a fixed set of image inputs (GRPO, RLOO:
+    `_get_per_token_logps_and_entropies` names each one it passes on), since those leave out CROME's Q-Former
+    instruction: GRPO stopped at the first step, after generating, and RLOO with a TypeError of its own."""
+    for kind in trainer_class.__mro__:
+        scoring = kind.__dict__.get("_get_per_token_logps_and_entropies")
+        if kind.__module__.startswith("trl.") and scoring is not None:
+            passed_on = inspect.signature(scoring).parameters
+            if "qformer_input_ids" not in passed_on and not any(
+                parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in passed_on.values()
+            ):
+                raise ValueError(
+                    f"TRL's {kind.__name__} hands the model a fixed set of image inputs (pixel_values, "
+                    "image_grid_thw, ...), not the Q-Former instruction (qformer_input_ids) nor the prompt_mask that "
+                    "CROME reads, so it cannot train CROME. Train CROME with CromeTrainer or its mixes with TRL's "
+                    "SFTTrainer, DPOTrainer or KTOTrainer; LaVIN trains under "
+                    f"{kind.__name__} (class LavinRLTrainer(LavinTrainer, {kind.__name__}))."
+                )
