@@ -3,7 +3,6 @@ modules) or refused with a message; loaded backbones; device maps; quantised bac
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import inspect
 import json
@@ -84,6 +83,40 @@ def test_unknown_keywords_raise_type_error(tiny_backbones, checkpoint, tmp_path)
         LavinForConditionalGeneration.from_pretrained(tmp_path / "full", made_up=1)
 
 
+def test_misspelt_keywords_are_answered_with_the_closest_known_name(tiny_backbones, checkpoint, tmp_path):
+    """A misspelt loading keyword or config field gets the name it is close to; a field of the adapter config
+    given as a keyword is shown how to pass it (adapter_config=)."""
+    model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+    model.save_pretrained(tmp_path / "full", adapter_only=False)
+    loaders = {
+        "from_backbones()": lambda **kw: LavinForConditionalGeneration.from_backbones(*tiny_backbones, **kw),
+        "from_pretrained()": lambda **kw: LavinForConditionalGeneration.from_pretrained(checkpoint[0], **kw),
+        "LavinForConditionalGeneration": lambda **kw: LavinForConditionalGeneration.from_pretrained(
+            tmp_path / "full", **kw
+        ),
+    }
+    for where, load in loaders.items():
+        with pytest.raises(
+            TypeError, match=rf"{re.escape(where)} got .*\(did you mean 'device_map' for 'device_mapp'\?\)"
+        ):
+            load(device_mapp="auto")
+        with pytest.raises(
+            TypeError, match=r"did you mean 'vision_feature_layers' for 'vision_feature_layer'\?"
+        ):
+            load(vision_feature_layer=[-2])
+        with pytest.raises(TypeError, match="did you mean") as caught:
+            load(attn_implmentation="sdpa", dtyp="bfloat16")
+        assert "'attn_implementation' for 'attn_implmentation'" in str(caught.value)
+        assert "'dtype' for 'dtyp'" in str(caught.value)
+        with pytest.raises(TypeError) as caught:
+            load(r=4)
+        assert "['r']: fields of MMAdapterConfig: pass adapter_config={'r': ...}." in str(caught.value)
+        assert "did you mean" not in str(caught.value)
+    with pytest.raises(TypeError, match="did you mean 'safe_serialization' for 'safe_serialisation'"):
+        model.save_pretrained(tmp_path / "adapters", safe_serialisation=True)
+    assert not (tmp_path / "adapters").exists()
+
+
 @pytest.mark.parametrize("keyword", ["gguf_file", "tp_plan", "key_mapping", "use_kernels"])
 def test_unsupported_keywords_are_refused_with_the_reason(tiny_backbones, checkpoint, keyword):
     with pytest.raises(LoadingOptionError, match=f"does not support `{keyword}`"):
@@ -103,10 +136,9 @@ def test_every_keyword_of_transformers_from_pretrained_is_honoured_or_refused():
     read = set(re.findall(r'kwargs\.pop\(\s*"(\w+)"', inspect.getsource(PreTrainedModel.from_pretrained)))
     parameters = inspect.signature(PreTrainedModel.from_pretrained).parameters
     read |= {name for name, p in parameters.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-    placed = {*loading.PASS_THROUGH, *loading.NO_EFFECT, *loading.INTERNAL, *loading.REFUSED}
-    # Read into BackboneLoadOptions: its fields, and transformers' names for three of them.
-    placed |= {f.name for f in dataclasses.fields(loading.BackboneLoadOptions)}
-    placed |= {"torch_dtype", "quantization_config", "output_loading_info"}
+    # Every keyword the "did you mean" of an unknown one compares with (PASS_THROUGH, NO_EFFECT, REFUSED, the ones
+    # read into BackboneLoadOptions), and transformers' internal ones.
+    placed = loading.loading_keyword_names() | set(loading.INTERNAL)
     # Read by our from_pretrained itself.
     placed |= {"pretrained_model_name_or_path", "config", "revision", "generation_config"}
     assert read - placed == set()

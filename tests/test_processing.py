@@ -225,6 +225,8 @@ def test_call_keywords_honoured_or_refused(processor):
         processor(text=text, do_sample=False)
     with pytest.raises(ValueError, match="overflow must be one of"):
         processor(text=text, overflow="cut")
+    with pytest.raises(TypeError, match=r"\['max_lenght'\] \(did you mean 'max_length' for 'max_lenght'\?\)"):
+        processor(text=text, max_lenght=8)
 
 
 @pytest.mark.parametrize("processor_class", [LavinProcessor, CromeProcessor])
@@ -521,6 +523,8 @@ def test_keywords_the_processors_do_not_take_are_refused(tiny_backbones, process
     silently by from_backbones and by the constructor; now it is refused with what they take."""
     with pytest.raises(TypeError, match=r"\['num_query_tokens'\].*max_length.*token"):
         processor_class.from_backbones(*tiny_backbones, num_query_tokens=4)
+    with pytest.raises(TypeError, match=r"\(did you mean 'overflow' for 'overflw', 'token' for 'tokn'\?\)"):
+        processor_class.from_backbones(*tiny_backbones, overflw="truncate_left", tokn="x")
     built = processor_class.from_backbones(*tiny_backbones, max_length=40, overflow="truncate_left")
     assert (built.max_length, built.overflow) == (40, "truncate_left")
     parts = {name: getattr(built, name) for name in built.get_attributes()}

@@ -34,14 +34,13 @@ checkpoint and (through the Trainer) logs.
 
 from __future__ import annotations
 
-import difflib
 import os
 import shlex
 from typing import Any
 
 import torch
 
-from .errors import MMAdaptersError
+from .errors import MMAdaptersError, closest_names
 from .inference_loading import INFERENCE_DTYPES, loading_options
 from .precision import native_bfloat16
 
@@ -80,17 +79,6 @@ def is_main_process() -> bool:
 
 class RecipeError(MMAdaptersError, ValueError):
     """A recipe that cannot run: the message says which key is wrong and how to fix it."""
-
-
-def closest_names(unknown: list[str], known: Any) -> str:
-    """A hint for misspelt names, `(did you mean 'training' for 'trainig'?)`, for the unknown names close to a known
-    one; empty when none is."""
-    hints = []
-    for name in unknown:
-        match = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
-        if match:
-            hints.append(f"{match[0]!r} for {name!r}")
-    return f" (did you mean {', '.join(hints)}?)" if hints else ""
 
 
 def load_recipe(path: str | os.PathLike) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from ..checkpoint_files import (
     refuse_missing_weights,
     replaced_by_adapter_save,
 )
+from ..errors import closest_names
 from ..hub.names import looks_like_local_path
 from ..hub.remote_code import model_auto_map, write_loader
 from ..method_names import METHOD_NAMES
@@ -87,6 +88,7 @@ from .loading import (
     PeftAdapterToLoad,
     compute_device_map,
     execution_device,
+    loading_keyword_names,
     main_device_of,
     move_own_modules,
     normalize_device_map,
@@ -149,13 +151,40 @@ def check_token_ids(ids: torch.Tensor, name: str, layout: str, hint: str) -> Non
         raise ValueError(f"{name} must be 2-D ({layout}), got shape {tuple(ids.shape)}; {hint}")
 
 
+def unexpected_keywords_error(where: str, unexpected: Any, config_class: type) -> TypeError:
+    """The TypeError for keywords that are neither loading keywords nor fields of `config_class` (transformers
+    raises one too), with the closest known name of a misspelt one, and how to set a field of the adapter config."""
+    unexpected = sorted(unexpected)
+    config_fields = {field.name for field in dataclasses.fields(config_class)}
+    known = loading_keyword_names() | config_fields | {"adapter_config", "generation_config", "config"}
+    for method in (
+        FrozenBackbonesPreTrainedModel.from_pretrained,
+        FrozenBackbonesPreTrainedModel.from_backbones,
+    ):
+        known |= set(inspect.signature(method).parameters) - {"kwargs", "model_args"}
+    message = (
+        f"{where} got unexpected keyword argument(s) {unexpected}{closest_names(unexpected, known)}: they are "
+        f"neither loading options nor fields of {config_class.__name__}."
+    )
+    adapter_class = config_class.adapter_config_class
+    adapter_fields = {field.name for field in dataclasses.fields(adapter_class)}
+    settings = [name for name in unexpected if name in adapter_fields]
+    if settings:
+        given = ", ".join(f"{name!r}: ..." for name in settings)
+        message += f" {settings}: fields of {adapter_class.__name__}: pass adapter_config={{{given}}}."
+    return TypeError(message)
+
+
 def check_adapter_only_save_options(options: dict[str, Any]) -> None:
     """Refuse, before anything is written, a `save_pretrained` option an adapter-only save cannot honour."""
     unknown = sorted(
         set(options) - set(ADAPTER_ONLY_SAVE_DEFAULTS) - set(ADAPTER_ONLY_SAVE_OPTIONS_ANY_VALUE)
     )
     if unknown:
-        raise TypeError(f"save_pretrained() got unexpected keyword argument(s) {unknown}.")
+        known = set(ADAPTER_ONLY_SAVE_DEFAULTS) | set(ADAPTER_ONLY_SAVE_OPTIONS_ANY_VALUE)
+        raise TypeError(
+            f"save_pretrained() got unexpected keyword argument(s) {unknown}{closest_names(unknown, known)}."
+        )
     changed = sorted(
         name
         for name, value in options.items()
@@ -254,10 +283,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
     ) -> None:
         if unexpected:
             # transformers' loader of a full checkpoint passes the keywords it does not know on to here
-            raise TypeError(
-                f"{type(self).__name__} got unexpected keyword argument(s) {sorted(unexpected)}: they are neither "
-                f"loading options nor fields of {type(config).__name__}."
-            )
+            raise unexpected_keywords_error(type(self).__name__, unexpected, type(config))
         for backbone, role in ((language_model, "text"), (vision_tower, "vision")):
             if backbone is not None:  # a loaded backbone: not one that another of our models holds
                 refuse_backbone_in_use(backbone, role)
@@ -907,10 +933,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         allowed = {f.name for f in dataclasses.fields(cls.config_class)}
         fields = {k: kwargs.pop(k) for k in list(kwargs) if k in allowed}
         if kwargs:
-            raise TypeError(
-                f"{where}() got unexpected keyword argument(s) {sorted(kwargs)}: they are neither loading "
-                f"options of from_pretrained nor fields of {cls.config_class.__name__}."
-            )
+            raise unexpected_keywords_error(f"{where}()", kwargs, cls.config_class)
         return fields
 
     @classmethod
@@ -1660,10 +1683,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
                 given_config or folder, return_unused_kwargs=True, **kwargs
             )
         if unused:
-            raise TypeError(
-                f"{where}() got unexpected keyword argument(s) {sorted(unused)}: they are neither loading options "
-                f"nor fields of {cls.config_class.__name__}."
-            )
+            raise unexpected_keywords_error(f"{where}()", unused, cls.config_class)
         if adapter_settings is not None:
             config = copy.deepcopy(config)
             config.adapter_config = changed_adapter_settings(config, adapter_settings, f"'{name}'")

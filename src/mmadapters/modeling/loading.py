@@ -244,6 +244,27 @@ def whole_model_disk_offload_supported() -> bool:
     return Version(accelerate.__version__) >= Version("1.15")
 
 
+# The keywords `take_loading_options` reads itself (besides PASS_THROUGH, NO_EFFECT, INTERNAL and REFUSED).
+TAKEN = (
+    "dtype",
+    "torch_dtype",
+    "attn_implementation",
+    "experts_implementation",
+    "quantization_config",
+    "device_map",
+    "max_memory",
+    "offload_folder",
+    "offload_buffers",
+    "output_loading_info",
+)
+
+
+def loading_keyword_names() -> set[str]:
+    """Every loading keyword of `from_pretrained` / `from_backbones`, taken or refused: what a misspelt keyword is
+    compared with for the error's "did you mean"."""
+    return set(TAKEN + PASS_THROUGH + NO_EFFECT) | set(REFUSED)
+
+
 def take_loading_options(kwargs: dict[str, Any], where: str) -> BackboneLoadOptions:
     """Pop every loading keyword from `kwargs` into options (refusing the unsupported ones with the reason);
     what is left in `kwargs` is for the caller to handle (config fields) or refuse."""

@@ -24,7 +24,7 @@ from transformers.utils import cached_file
 
 from ..atomic import atomic_directory
 from ..checkpoint_files import check_checkpoint_kind
-from ..errors import MMAdaptersError
+from ..errors import MMAdaptersError, closest_names
 from ..hub.remote_code import processor_auto_map, write_loader
 from ..modeling.backbones import (
     IMAGE_TOKEN,
@@ -304,7 +304,8 @@ def take_processor_keywords(
     unknown = sorted(set(kwargs) - set(options))
     if unknown:
         raise TypeError(
-            f"{where} got unexpected keyword argument(s) {unknown}; it takes the processor's options "
+            f"{where} got unexpected keyword argument(s) {unknown}{closest_names(unknown, [*options, *HUB_KEYWORDS])}; "
+            "it takes the processor's options "
             f"({', '.join(options)}) and the Hub keywords ({', '.join(HUB_KEYWORDS)})."
         )
     return kwargs, hub_kwargs
@@ -612,9 +613,10 @@ class AdapterProcessorMixin:
                     "Generation options belong to generate(); in a pipeline pass them as "
                     "generate_kwargs={...} (or max_new_tokens=...)."
                 )
+            known = accepted + list(self.call_options)
             raise TypeError(
-                f"{name}() got unsupported keyword argument(s) {unknown}; it takes "
-                f"{', '.join(accepted + list(self.call_options))}. {hint}"
+                f"{name}() got unsupported keyword argument(s) {unknown}{closest_names(unknown, known)}; it takes "
+                f"{', '.join(known)}. {hint}"
             )
         return kwargs
 
