@@ -326,6 +326,21 @@ def test_quickstart_command_on_its_defaults_is_quiet_and_saves_what_it_describes
     )
 
 
+def test_version_names_the_package_and_the_libraries_it_runs_on(capsys):
+    """`mmadapters --version` prints what a bug report needs and exits 0."""
+    from importlib.metadata import version
+
+    import mmadapters
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["--version"])
+    assert stopped.value.code == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"mmadapters {mmadapters.__version__} (Python {sys.version.split()[0]}, ")
+    for name in ("torch", "transformers", "peft", "accelerate", "huggingface_hub"):
+        assert f"{name} {version(name)}" in line
+
+
 def test_first_sentence_is_the_answer():
     from mmadapters.quickstart import first_sentence
 

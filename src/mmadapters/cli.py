@@ -348,11 +348,41 @@ def _add_overwrite_flag(command: argparse.ArgumentParser) -> None:
     )
 
 
+def version_line() -> str:
+    """`mmadapters 0.2.0 (Python 3.11.9, torch 2.13.0, transformers 5.25.0, ...)`: the installed versions, read from
+    the package metadata (nothing is imported), "not installed" for an optional one that is not."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    libraries = []
+    for name in ("torch", "transformers", "peft", "accelerate", "huggingface_hub", "trl", "bitsandbytes"):
+        try:
+            libraries.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            libraries.append(f"{name} not installed")
+    return f"mmadapters {__version__} (Python {sys.version.split()[0]}, {', '.join(libraries)})"
+
+
+class PrintVersion(argparse.Action):
+    """`--version`: argparse's own version action wraps the line at the terminal's width; this prints it whole."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        print(version_line())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .quickstart import QuickstartSettings  # its defaults are the quickstart flags' defaults
 
     parser = argparse.ArgumentParser(
         prog="mmadapters", description="Multimodal adapters for Hugging Face models."
+    )
+    parser.add_argument(
+        "--version",
+        action=PrintVersion,
+        nargs=0,
+        help="print the versions of mmadapters and of the libraries it runs on (for bug reports), then exit",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
