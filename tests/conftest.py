@@ -60,9 +60,6 @@ def local_hub_online(monkeypatch):
 UPSTREAM_DEPRECATIONS = (
     "_compile flag on create_block_mask",
     "`torch.jit.script_method` is deprecated",
-    # TRL 1.16's DPOTrainer turns activation checkpointing off around its reference pass by the old name, from inside
-    # the compute_loss our Trainers hand on to it
-    "`gradient_checkpointing_disable` is deprecated",
 )
 
 

@@ -1271,8 +1271,9 @@ def test_peft_kbit_preparation_then_training_with_checkpointing_trains_lora_and_
 
 
 def test_is_gradient_checkpointing_answers_without_a_deprecation_warning(lavin):
-    """PEFT's get_peft_model reads `is_gradient_checkpointing`, which transformers 5.24 deprecated: our models
-    answer it quietly, and correctly."""
+    """PEFT's get_peft_model reads `is_gradient_checkpointing` and TRL (DPO's reference pass, GRPO's and RLOO's
+    generation) calls `gradient_checkpointing_disable`, names transformers 5.24 deprecated: our models answer them
+    quietly, and correctly."""
     import warnings
 
     with warnings.catch_warnings():
@@ -1282,6 +1283,13 @@ def test_is_gradient_checkpointing_answers_without_a_deprecation_warning(lavin):
             if hasattr(module, "gradient_checkpointing"):
                 module.gradient_checkpointing = True
         assert lavin.is_gradient_checkpointing is True
+        lavin.gradient_checkpointing_disable()
+        assert lavin.is_gradient_checkpointing is False
+        lavin.gradient_checkpointing_enable()
+        assert lavin.is_gradient_checkpointing is True
+        if hasattr(lavin, "activation_checkpointing_disable"):  # transformers >= 5.24
+            lavin.activation_checkpointing_disable()
+            assert lavin.is_gradient_checkpointing is False
 
 
 def test_a_peft_model_as_a_backbone_is_refused_with_the_way_to_bring_its_adapter(tiny_backbones, tmp_path):

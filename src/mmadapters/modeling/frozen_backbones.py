@@ -540,6 +540,14 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             return self._activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
         return super().gradient_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
+    def gradient_checkpointing_disable(self) -> None:
+        """Turn off activation checkpointing. transformers 5.24 deprecated this name for
+        `activation_checkpointing_disable` (which calls this override), but TRL (1.16: DPO's reference pass, GRPO's
+        and RLOO's generation) still calls it: done here without the deprecation warning."""
+        if ACTIVATION_CHECKPOINTING_NAMES:  # the method under this name is transformers' deprecated alias
+            return self._activation_checkpointing_disable()
+        return super().gradient_checkpointing_disable()
+
     def placeholder_mask(
         self,
         input_ids: torch.Tensor | None,

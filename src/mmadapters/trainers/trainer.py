@@ -177,8 +177,8 @@ def unsaved_model_error(
     """The error to raise instead of TRL's OSError when a TRL trainer looked for what it was not given in the
     checkpoint the model was loaded from (`config._name_or_path`), and the model was built with `from_backbones` and
     never saved, so there is none: TRL stopped with "Repo id must use alphanumeric chars ... ''". TRL's trainers
-    load the processor from there when given no `processing_class`, and the reference model of DPO / KTO (where the
-    mix leaves it to TRL: see `shares_the_policy_safely`) and of RLOO / GRPO with `beta` > 0."""
+    load the processor from there when given no `processing_class`, and the reference model of DPO / KTO, and of
+    RLOO / GRPO with `beta` > 0, where the mix leaves it to TRL (see `shares_the_policy_safely`)."""
     trl_classes = [kind for kind in trainer_class.__mro__ if kind.__module__.startswith("trl.")]
     config = getattr(model, "config", None)
     if not trl_classes or config is None or getattr(config, "_name_or_path", None):
