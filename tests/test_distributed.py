@@ -130,6 +130,19 @@ def test_ddp_with_activation_checkpointing_trains_through_batches_without_images
     assert completed.stdout.count("trained") == 2
 
 
+def test_dpo_mixed_with_our_trainer_shares_its_reference_under_ddp(tiny_backbones, tmp_path):
+    """Under DDP (2 processes), TRL's DPOTrainer mixed with ours and given no ref_model trains against the model
+    with its starting trainable weights exactly as against a separate copy of the starting model (the policy is
+    wrapped in DistributedDataParallel; the reference pass runs the unwrapped model, its weights swapped in and
+    back)."""
+    pytest.importorskip("trl")
+    script = str(ROOT / "tests" / "distributed" / "dpo_shared_reference.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    completed = run([*command, "--master_port", str(free_port()), script, *tiny_backbones], tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.count("equal") == 2
+
+
 def test_shipped_launch_configs_are_valid():
     cpu = yaml.safe_load((ROOT / "recipes" / "accelerate" / "cpu-2-processes.yaml").read_text())
     assert cpu["distributed_type"] == "MULTI_GPU" and cpu["num_processes"] == 2
