@@ -469,6 +469,24 @@ def test_gradient_accumulation_matches_a_large_batch(tiny_backbones, processor, 
         torch.testing.assert_close(results[0][name], results[1][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_trainer_arguments_may_be_given_by_position(tiny_backbones, processor, tmp_path):
+    """transformers' `Trainer(model, args, data_collator, train_dataset, ...)` by position: read as by name (DDP's
+    unused-parameter detection set on a copy of the arguments, the model taken); too many, or one given twice, is
+    refused by name."""
+    model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to=[], max_steps=1)
+    collator = VisionLanguageCollator(processor)
+    trainer = LavinTrainer(model, args, collator, toy_dataset(tmp_path, n=4))
+    assert trainer.model is model and trainer.data_collator is collator
+    assert trainer.args.ddp_find_unused_parameters is True and args.ddp_find_unused_parameters is None
+    trainer.train()
+    assert trainer.state.global_step == 1
+    with pytest.raises(TypeError, match=r"got multiple values for argument\(s\) \['args'\]"):
+        LavinTrainer(model, args, args=args)
+    with pytest.raises(TypeError, match="LavinTrainer\\(\\) takes at most .* positional arguments"):
+        LavinTrainer(model, *([None] * 40))
+
+
 def test_crome_trainer_honours_the_stage(tmp_path):
     from conftest import save_tiny_llm, save_tiny_vision
 

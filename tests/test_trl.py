@@ -524,6 +524,41 @@ def test_online_trainers_mixed_with_ours_take_the_model_with_its_starting_weight
         torch.testing.assert_close(trained[name], value, rtol=0, atol=0, msg=name)
 
 
+def test_trl_trainer_arguments_given_by_position_are_read_in_that_trainers_order(backbones, tmp_path):
+    """TRL's trainers take other arguments second (`GRPOTrainer(model, reward_funcs, args)`, `DPOTrainer(model,
+    ref_model, args)`) than transformers' Trainer (`args`): mixed with ours, the reward function was taken for the
+    training arguments (AttributeError 'ddp_find_unused_parameters'), and a ref_model of None given by position
+    left the reference to TRL. Both are now read by the mixed-in trainer's own order."""
+    trl = import_trl()
+    import datasets
+    from PIL import Image
+
+    class GRPOMix(LavinTrainer, trl.GRPOTrainer):
+        pass
+
+    class DPOMix(LavinTrainer, trl.DPOTrainer):
+        pass
+
+    model, processor = build(backbones, "lavin")
+    rows = datasets.Dataset.from_dict(
+        {"image": [Image.new("RGB", (32, 32), "red")] * 4, "prompt": [QUESTION] * 4}
+    )
+    config = rl_config(
+        trl.GRPOConfig, tmp_path / "grpo", num_generations=2, max_completion_length=4, max_steps=1, beta=0.1
+    )
+    grpo = GRPOMix(
+        model, lambda completions, **kwargs: [1.0] * len(completions), config, rows, None, processor
+    )
+    assert sum(p.numel() for p in grpo.ref_model.parameters()) == 0  # the shared reference
+    assert grpo.args.ddp_find_unused_parameters is True and config.ddp_find_unused_parameters is None
+    grpo.train()
+    assert grpo.state.global_step == 1
+    dpo_config = rl_config(trl.DPOConfig, tmp_path / "dpo", max_steps=1)
+    dpo = DPOMix(model, None, dpo_config, train_dataset=preference_rows(), processing_class=processor)
+    assert sum(p.numel() for p in dpo.ref_model.parameters()) == 0
+    assert dpo.args.ddp_find_unused_parameters is True
+
+
 def unpaired_preference_rows(n: int = 4):
     """KTO's rows: an answer labelled desirable or not."""
     return image_question_rows(n, completion=[answer("red")] * n, label=[True, False] * (n // 2))

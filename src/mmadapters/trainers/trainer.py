@@ -96,19 +96,27 @@ def logit_targets(model: torch.nn.Module, labels: torch.Tensor, supervised_logit
     return targets[:, supervised_positions(labels)] if supervised_logits_only else targets
 
 
-def _model_argument(args: tuple, kwargs: dict) -> tuple[tuple, dict, Any]:
-    """The Trainer's `model` argument (positional or keyword), with a PeftModel around one of our models replaced
-    by the model itself (its PEFT layers recorded, our modules training again; see `adopt_peft_model`)."""
-    if "model" in kwargs:
-        kwargs = {**kwargs, "model": adopt_peft_model(kwargs["model"])}
-        return args, kwargs, kwargs["model"]
-    if args:
-        args = (adopt_peft_model(args[0]), *args[1:])
-        return args, kwargs, args[0]
-    return args, kwargs, None
+def _positional_as_keywords(trainer_class: type, args: tuple, kwargs: dict) -> dict:
+    """The Trainer's arguments, all by name: positional ones named by the `__init__` they go to, transformers'
+    Trainer's or, in a mix, the TRL trainer's, whose orders differ (`GRPOTrainer(model, reward_funcs, args)`,
+    `DPOTrainer(model, ref_model, args)`), so that what is looked up below is found wherever it was given."""
+    after_ours = trainer_class.__mro__[trainer_class.__mro__.index(AdapterTrainer) + 1 :]
+    init = next(kind.__dict__["__init__"] for kind in after_ours if "__init__" in kind.__dict__)
+    parameters = list(inspect.signature(init).parameters.values())[1:]  # without self
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if len(args) > len(parameters) or any(p.kind not in positional for p in parameters[: len(args)]):
+        raise TypeError(
+            f"{trainer_class.__name__}() takes at most {len(parameters)} positional arguments "
+            f"({', '.join(p.name for p in parameters if p.kind in positional)}), got {len(args)}."
+        )
+    named = {parameter.name: value for parameter, value in zip(parameters, args, strict=False)}
+    given_twice = sorted(set(named) & set(kwargs))
+    if given_twice:
+        raise TypeError(f"{trainer_class.__name__}() got multiple values for argument(s) {given_twice}.")
+    return {**named, **kwargs}
 
 
-def _finding_unused_parameters(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def _finding_unused_parameters(kwargs: dict) -> dict:
     """The Trainer's arguments with DDP's unused-parameter detection on, unless the user set
     `ddp_find_unused_parameters` (in a copy: the caller's TrainingArguments are not changed).
 
@@ -117,22 +125,20 @@ def _finding_unused_parameters(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     transformers turns the detection off under activation checkpointing, which breaks *reentrant* checkpointing;
     ours is non-reentrant (transformers' default; LaVIN refuses the other), so it stays on, unless reentrant
     checkpointing is asked for."""
-    training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+    training_args = kwargs.get("args")
     if training_args is None or training_args.ddp_find_unused_parameters is not None:
-        return args, kwargs
+        return kwargs
     checkpointing = (
         getattr(training_args, "activation_checkpointing_kwargs", None)
         or getattr(training_args, "gradient_checkpointing_kwargs", None)
         or {}
     )
     if checkpointing.get("use_reentrant"):
-        return args, kwargs
+        return kwargs
     # A shallow copy: TrainingArguments.__post_init__ must not run again (dataclasses.replace would).
     copied = copy.copy(training_args)
     copied.ddp_find_unused_parameters = True
-    if "args" in kwargs:
-        return args, {**kwargs, "args": copied}
-    return (args[0], copied, *args[2:]), kwargs
+    return {**kwargs, "args": copied}
 
 
 def refuse_data_parallel(n_gpu: int, model: Any) -> None:
@@ -219,6 +225,7 @@ class AdapterTrainer(Trainer):
     resume_hint = "trainer.train(resume_from_checkpoint=True) (mmadapters train RECIPE --resume)"
 
     def __init__(self, *args: Any, hub_license: str | None = None, **kwargs: Any) -> None:
+        kwargs = _positional_as_keywords(type(self), args, kwargs)
         if kwargs.get("peft_config") is not None:  # TRL's trainers take one
             raise ValueError(
                 "peft_config=: TRL's trainers wrap the model with PEFT inside their __init__, after this Trainer has "
@@ -226,8 +233,9 @@ class AdapterTrainer(Trainer):
                 "Pass model=get_peft_model(model, peft_config) instead: the LoRA and our modules then train and save "
                 "together."
             )
-        args, kwargs, model = _model_argument(args, kwargs)
-        args, kwargs = _finding_unused_parameters(args, kwargs)
+        # A PeftModel around one of ours: the model itself (its PEFT layers recorded, our modules training again)
+        model = kwargs["model"] = adopt_peft_model(kwargs.get("model"))
+        kwargs = _finding_unused_parameters(kwargs)
         # TRL's trainers given no reference: the model itself with its starting trainable weights (reference.py)
         sharing_reference = contextlib.nullcontext()
         if model is not None:
@@ -235,7 +243,7 @@ class AdapterTrainer(Trainer):
             training_args = kwargs.get("args")
             if shares_the_policy_safely(training_args):
                 takes_reference = trl_class_taking_a_reference(type(self)) is not None  # DPO, KTO
-                if takes_reference and kwargs.get("ref_model") is None and len(args) < 2:
+                if takes_reference and kwargs.get("ref_model") is None:
                     kwargs["ref_model"] = InitialWeightsReference(model)
                 loads_reference = trl_class_loading_its_reference(type(self), training_args)  # RLOO, GRPO
                 if loads_reference is not None:
@@ -245,7 +253,7 @@ class AdapterTrainer(Trainer):
         self._counted_datasets: dict[int, tuple[Any, Any]] = {}
         try:
             with sharing_reference:
-                super().__init__(*args, **kwargs)
+                super().__init__(**kwargs)
         except OSError as error:
             processor_given = kwargs.get("processing_class") is not None
             clearer = unsaved_model_error(type(self), model, kwargs.get("args"), processor_given)
