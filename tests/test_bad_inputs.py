@@ -505,6 +505,40 @@ def test_a_convolutional_tower_is_refused_before_it_loads(kind, tmp_path, monkey
         processor_class.from_backbones(str(tmp_path / "llm"), str(tmp_path / "tower"))
 
 
+@pytest.mark.parametrize("tower", ["sam", "vitdet"])
+def test_a_tower_that_ends_in_a_feature_map_is_named_before_the_qformer_reads_it(tower):
+    """SAM's (and SAM-HQ's, PP-FormulaNet's) vision encoder and ViTDet have a hidden_size and layers, but return a
+    feature map (images, channels, height, width), not patch tokens. LaVIN refuses them (no CLIP-style layers to put
+    its adapters in); CROME stopped inside the Q-Former with a matrix-shape error from torch."""
+    from conftest import tiny_qformer_config, tiny_text_config
+    from transformers import SamVisionConfig, VitDetConfig
+
+    from mmadapters import CromeForConditionalGeneration, LavinForConditionalGeneration
+
+    sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+    if tower == "sam":
+        config = SamVisionConfig(
+            **sizes, output_channels=16, image_size=64, patch_size=16, mlp_dim=64, global_attn_indexes=[1]
+        )
+    else:
+        config = VitDetConfig(
+            **sizes, intermediate_size=64, image_size=32, pretrain_image_size=32, patch_size=8
+        )
+    with pytest.raises(ValueError, match="Cannot find CLIP/SigLIP-style encoder layers"):
+        LavinForConditionalGeneration.from_backbones(tiny_text_config(), config)
+    model = CromeForConditionalGeneration.from_backbones(
+        tiny_text_config(), config, qformer=tiny_qformer_config(), num_query_tokens=4
+    )
+    side = config.image_size
+    input_ids = torch.tensor([[1, 2] + [model.config.image_token_id] * model.config.num_image_tokens])
+    with pytest.raises(ValueError, match=r"returned an output of shape \(1, \d+, 4, 4\), a feature map"):
+        model(
+            input_ids=input_ids,
+            pixel_values=torch.zeros(1, 3, side, side),
+            qformer_input_ids=torch.tensor([[1]]),
+        )
+
+
 @pytest.mark.parametrize("kind", ["lavin", "crome"])
 def test_an_llm_with_a_cache_of_its_own_is_refused_before_it_loads(kind):
     """The original MiniMax keeps the state of its linear-attention layers in a cache it makes itself. Before: built

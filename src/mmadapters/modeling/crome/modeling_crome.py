@@ -313,6 +313,7 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
             output_hidden_states=bool(asked) or self.config.use_patch_branch,
             **kwargs,
         )
+        self.check_tower_output(outputs.last_hidden_state)
         qformer_dtype = self.query_tokens.dtype
         image_embeds = outputs.last_hidden_state.to(self.query_tokens.device, qformer_dtype)
         num_images = image_embeds.shape[0]
@@ -368,6 +369,20 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
                 f"({vocabulary}): it is not the tokenizer the Q-Former reads (from_instructblip's processor takes "
                 "InstructBLIP's). Build it with CromeProcessor.from_model(model)."
             )
+
+    def check_tower_output(self, last_hidden_state: torch.Tensor) -> None:
+        """The Q-Former cross-attends to a sequence of tokens per image, (images, tokens, width). Towers that end in
+        a feature map, (images, channels, height, width), pass the config checks (they have a `hidden_size` and
+        layers) but stopped inside the Q-Former with a matrix-shape error: SAM's and SAM-HQ's vision encoders,
+        ViTDet, PP-FormulaNet's."""
+        if last_hidden_state.dim() == 3:
+            return
+        raise ValueError(
+            f"The vision tower {type(self.vision_tower).__name__} returned an output of shape "
+            f"{tuple(last_hidden_state.shape)}, a feature map (images, channels, height, width), not a sequence of "
+            "patch tokens (images, tokens, width), which CROME's Q-Former reads. Pass a ViT-style tower that returns "
+            "tokens (CLIP, SigLIP, BLIP / InstructBLIP, DINOv2, ...)."
+        )
 
     def check_patch_count(self, num_tokens: int) -> None:
         """The tower's output must be its prefix tokens then the patches the config counts: the processor expands
