@@ -540,6 +540,36 @@ def test_a_tower_that_ends_in_a_feature_map_is_named_before_the_qformer_reads_it
 
 
 @pytest.mark.parametrize("kind", ["lavin", "crome"])
+def test_a_tower_that_reads_pre_cut_patches_is_refused_when_built(kind):
+    """Molmo2's vision tower embeds patches with a linear layer: it reads images already cut into flattened patches
+    (Molmo2's processor cuts them). Both models feed it whole images: CROME stopped at the first image with a
+    matrix-shape error, LaVIN with a message about its layers."""
+    import transformers
+    from conftest import tiny_qformer_config, tiny_text_config
+
+    from mmadapters import CromeForConditionalGeneration, LavinForConditionalGeneration
+
+    if not hasattr(transformers, "Molmo2VisionConfig"):
+        pytest.skip("this transformers release has no Molmo2")
+    config = transformers.Molmo2VisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        image_size=[32, 32],
+        patch_size=8,
+    )
+    extra = {} if kind == "lavin" else dict(qformer=tiny_qformer_config(), num_query_tokens=4)
+    model_class = LavinForConditionalGeneration if kind == "lavin" else CromeForConditionalGeneration
+    with pytest.raises(
+        ValueError, match=r"Molmo2VisionModel embeds patches with a linear layer \(patch_embedding\)"
+    ):
+        model_class.from_backbones(tiny_text_config(), config, **extra)
+
+
+@pytest.mark.parametrize("kind", ["lavin", "crome"])
 def test_an_llm_with_a_cache_of_its_own_is_refused_before_it_loads(kind):
     """The original MiniMax keeps the state of its linear-attention layers in a cache it makes itself. Before: built
     and trained, then `generate` stopped inside transformers ("MiniMax uses cache of its own and is not compatible

@@ -359,6 +359,23 @@ PATCH_GRID_INPUTS = (
 )
 
 
+def check_patch_embedding_reads_images(tower: nn.Module) -> None:
+    """Refuse a tower whose patch embedding is a linear layer: it reads images already cut into flattened patches,
+    (images, patches, channels x patch x patch), as Molmo2's tower does (its processor cuts them), while both
+    models feed whole images (images, channels, height, width). It stopped with a matrix-shape error at the first
+    image. The first module named like a patch embedding decides (CLIP's `patch_embedding` is a convolution, ViT's
+    `patch_embeddings` a module around one)."""
+    for name, module in tower.named_modules():
+        if "patch_embed" in name.rsplit(".", 1)[-1]:
+            if isinstance(module, nn.Linear):
+                raise ValueError(
+                    f"The vision tower {type(tower).__name__} embeds patches with a linear layer ({name}): it reads "
+                    "images already cut into flattened patches, while LaVIN and CROME feed it whole images. Use a "
+                    "tower that embeds images with a convolution (CLIP, SigLIP, BLIP, DINOv2, ...)."
+                )
+            return
+
+
 def check_fixed_size_vision_tower(model_class: type[nn.Module]) -> None:
     """Refuse, before any weight loads, a model that reads no pixels (a text encoder), and a vision tower whose
     forward needs more than pixel values: SigLIP2's NaFlex towers take variable-resolution patch sequences with

@@ -62,6 +62,7 @@ from .backbones import (
     build_text_backbone,
     build_vision_backbone,
     check_backbone,
+    check_patch_embedding_reads_images,
     freeze,
     is_quantized,
     load_backbones,
@@ -291,6 +292,7 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         # Built from the configs when not given (random weights; a full checkpoint then loads into them).
         self.language_model = language_model or build_text_backbone(config.text_config)
         self.vision_tower = vision_tower or build_vision_backbone(config.vision_config)
+        check_patch_embedding_reads_images(self.vision_tower)
         hold_backbones(self, self.language_model, self.vision_tower)
         freeze(self.language_model)
         freeze(self.vision_tower)
