@@ -494,7 +494,8 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
         if pixel_values is not None:
             if qformer_input_ids is None:
                 raise ValueError(
-                    "CROME's Q-Former reads the instruction: pass qformer_input_ids with pixel_values."
+                    "CROME's Q-Former reads the instruction: pass qformer_input_ids with pixel_values (CromeProcessor "
+                    "makes them; TRL's GRPOTrainer and RLOOTrainer leave them out, so they cannot train CROME)."
                 )
             check_image_token_count(
                 image_mask, pixel_values.shape[0], self.config.num_image_tokens, "CromeProcessor"
