@@ -86,18 +86,18 @@ def trl_class_taking_a_reference(trainer_class: type) -> type | None:
     return None
 
 
+# TRL's trainers that take no `ref_model` and load their reference model themselves when `beta` > 0. (Others have a
+# `beta` of another meaning, such as the distillation trainer's, and load other models with the same function.)
+LOADING_THEIR_REFERENCE = ("GRPOTrainer", "RLOOTrainer")
+
+
 def trl_class_loading_its_reference(trainer_class: type, training_args: Any) -> type | None:
-    """The TRL trainer among `trainer_class`'s bases that takes no `ref_model` but loads its reference itself with
-    TRL's `create_model_from_path` because `training_args.beta` is not 0 (RLOO, GRPO), if any."""
+    """The TRL trainer among `trainer_class`'s bases that loads its reference itself (RLOO, GRPO) because
+    `training_args.beta` is not 0, if any."""
     if not getattr(training_args, "beta", 0.0):
         return None
     for kind in trainer_class.__mro__:
-        module = sys.modules.get(kind.__module__)
-        if (
-            kind.__module__.startswith("trl.")
-            and hasattr(module, "create_model_from_path")
-            and "ref_model" not in inspect.signature(kind.__init__).parameters
-        ):
+        if kind.__module__.startswith("trl.") and kind.__name__ in LOADING_THEIR_REFERENCE:
             return kind
     return None
 
@@ -109,7 +109,10 @@ def reference_instead_of_loading(trl_class: type, policy: nn.Module) -> Iterator
     placement). RLOO and GRPO take no `ref_model`, so this is the one place to give it. Other models the function
     loads (a policy given by name) are loaded as before."""
     module = sys.modules[trl_class.__module__]
-    load = module.create_model_from_path
+    load = getattr(module, "create_model_from_path", None)
+    if load is None:  # a TRL release that loads it otherwise: left to TRL (tests/test_trl.py would say)
+        yield
+        return
     policy_id = getattr(policy.config, "_name_or_path", "")
 
     def load_or_share(model_id: Any, *args: Any, **kwargs: Any) -> nn.Module:
