@@ -8,6 +8,7 @@ import tempfile
 
 import datasets
 import torch
+from cpu_run import CPU_RUN
 from PIL import Image
 from transformers import TrainingArguments
 
@@ -36,16 +37,7 @@ torch.manual_seed(0)
 model = LavinForConditionalGeneration.from_backbones(text_model, vision_model)
 processor = LavinProcessor.from_backbones(text_model, vision_model)
 enable_activation_checkpointing(model)  # non-reentrant, transformers' default
-arguments = TrainingArguments(
-    output_dir=tempfile.mkdtemp(),
-    per_device_train_batch_size=2,
-    max_steps=4,
-    use_cpu=True,
-    report_to=[],
-    save_strategy="no",
-    dataloader_num_workers=0,
-    seed=0,
-)
+arguments = TrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=4, **CPU_RUN)
 trainer = InOrderTrainer(
     model=model,
     args=arguments,

@@ -9,6 +9,7 @@ import tempfile
 
 import datasets
 import torch
+from cpu_run import CPU_RUN
 from PIL import Image
 from trl import DPOConfig, DPOTrainer
 
@@ -48,17 +49,7 @@ def train(separate_reference: bool) -> tuple[dict, dict, list]:
                 parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.2)
     start = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     arguments = DPOConfig(
-        output_dir=tempfile.mkdtemp(),
-        per_device_train_batch_size=2,
-        max_steps=3,
-        learning_rate=1e-2,
-        logging_steps=1,
-        use_cpu=True,
-        bf16=False,
-        report_to=[],
-        save_strategy="no",
-        dataloader_num_workers=0,
-        seed=0,
+        output_dir=tempfile.mkdtemp(), max_steps=3, learning_rate=1e-2, logging_steps=1, bf16=False, **CPU_RUN
     )
     trainer = LavinDPOTrainer(
         model=model,
