@@ -352,6 +352,30 @@ def test_grpo_trainer_trains_lavin_and_stops_crome_with_our_message(backbones, k
     assert trainer.state.global_step == 1
 
 
+def test_our_trainers_take_the_collators_processor_when_given_no_processing_class(backbones, tmp_path):
+    """Given our collator and no `processing_class`, our Trainers (and their TRL mixes) take the collator's
+    processor: every checkpoint holds it with its settings, and TRL's SFTTrainer no longer looks for one in the
+    checkpoint of a model never saved (it stopped: "pass processing_class=processor")."""
+    trl = import_trl()
+
+    class LavinSFTTrainer(LavinTrainer, trl.SFTTrainer):
+        pass
+
+    for trainer_class in (LavinTrainer, LavinSFTTrainer):
+        model, _ = build(backbones, "lavin")
+        processor = LavinProcessor.from_backbones(backbones["llama"], backbones["vision"], max_length=48)
+        output = tmp_path / trainer_class.__name__
+        trainer = trainer_class(
+            model=model,
+            args=sft_config(output, max_steps=1, save_steps=1),
+            train_dataset=toy_dataset(tmp_path, n=4),
+            data_collator=VisionLanguageCollator(processor),
+        )
+        assert trainer.processing_class is processor
+        trainer.train()
+        assert LavinProcessor.from_pretrained(output / "checkpoint-1").max_length == 48
+
+
 @pytest.mark.parametrize("method", ["GRPO", "RLOO"])
 def test_online_trainers_mixed_with_crome_trainer_are_refused_before_anything_runs(
     backbones, method, tmp_path
@@ -401,13 +425,8 @@ def test_trl_lookups_in_the_checkpoint_of_a_model_never_saved_are_asked_for_by_n
                 train_dataset=preference_rows(),
                 processing_class=processor,
             )
-        else:
-            Mixed(
-                model=model,
-                args=sft_config(tmp_path / "run"),
-                train_dataset=toy_dataset(tmp_path, n=4),
-                data_collator=VisionLanguageCollator(processor),
-            )
+        else:  # no processor at all (with our collator, the Trainer takes the collator's: see below)
+            Mixed(model=model, args=sft_config(tmp_path / "run"), train_dataset=toy_dataset(tmp_path, n=4))
     message = str(caught.value)
     assert trl_class.__name__ in message and "from_pretrained(folder)" in message
     expected = {

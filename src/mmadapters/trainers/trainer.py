@@ -235,6 +235,11 @@ class AdapterTrainer(Trainer):
             )
         # A PeftModel around one of ours: the model itself (its PEFT layers recorded, our modules training again)
         model = kwargs["model"] = adopt_peft_model(kwargs.get("model"))
+        collator = kwargs.get("data_collator")
+        if kwargs.get("processing_class") is None and isinstance(collator, VisionLanguageCollator):
+            # The collator's processor: saved in every checkpoint with its settings, and what TRL's trainers read
+            # (given none, they load one from the model's checkpoint, which a model never saved does not have).
+            kwargs["processing_class"] = collator.processor
         kwargs = _finding_unused_parameters(kwargs)
         # TRL's trainers given no reference: the model itself with its starting trainable weights (reference.py)
         sharing_reference = contextlib.nullcontext()
