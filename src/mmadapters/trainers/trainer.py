@@ -212,6 +212,10 @@ class AdapterTrainer(Trainer):
     trains the model inside it, LoRA and our adapters together, and every checkpoint holds both (one folder that
     `from_pretrained` loads back).
 
+    Given our collator and no `processing_class`, the collator's processor is taken as the processing class (saved
+    in every checkpoint). Positional arguments are read in the order of the `__init__` they go to (a TRL trainer's,
+    in a mix).
+
     Mixed with TRL's DPOTrainer or KTOTrainer and given no `ref_model`, or with RLOOTrainer or GRPOTrainer and `beta`
     > 0, the reference is the model itself with its starting trainable weights (`InitialWeightsReference`), not a
     second copy of the backbones loaded from the checkpoint.
