@@ -243,23 +243,35 @@ def rl_config(config_class, output_dir, **overrides):
     return config_class(**settings)
 
 
-def generating_trainer(trl_class, config_class, model, processor, output_dir, **overrides):
-    """TRL's GRPOTrainer or RLOOTrainer for one step (unless `overrides` say otherwise) on image questions: two
-    completions of 4 tokens per prompt, rewarded by their length."""
+def prompt_rows(n: int = 4):
+    """`n` prompts of QUESTION about a red image, in the single-image `image` column (TRL's GRPO / RLOO examples)."""
     import datasets
     from PIL import Image
 
-    # the single-image `image` column (TRL's GRPO / RLOO examples)
-    rows = datasets.Dataset.from_dict(
-        {"image": [Image.new("RGB", (32, 32), "red")] * 4, "prompt": [QUESTION] * 4}
+    return datasets.Dataset.from_dict(
+        {"image": [Image.new("RGB", (32, 32), "red")] * n, "prompt": [QUESTION] * n}
     )
+
+
+def comparable_logs(trainer) -> list[dict]:
+    """The Trainer's logs without the timings, which differ from run to run."""
+    timings = ("runtime", "per_second", "time")
+    return [
+        {key: value for key, value in entry.items() if not any(word in key for word in timings)}
+        for entry in trainer.state.log_history
+    ]
+
+
+def generating_trainer(trl_class, config_class, model, processor, output_dir, **overrides):
+    """TRL's GRPOTrainer or RLOOTrainer for one step (unless `overrides` say otherwise) on image questions: two
+    completions of 4 tokens per prompt, rewarded by their length."""
     settings = dict(num_generations=2, max_completion_length=4, max_steps=1, save_strategy="no")
     config = rl_config(config_class, output_dir, **{**settings, **overrides})
     return trl_class(
         model=model,
         reward_funcs=lambda completions, **kwargs: [float(len(str(c))) for c in completions],
         args=config,
-        train_dataset=rows,
+        train_dataset=prompt_rows(),
         processing_class=processor,
     )
 
@@ -468,11 +480,7 @@ def test_preference_trainers_mixed_with_ours_take_the_model_with_its_starting_we
         )
         trainer.train()
         trained = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-        logs = [
-            {k: v for k, v in entry.items() if "runtime" not in k and "per_second" not in k}
-            for entry in trainer.state.log_history
-        ]
-        return trainer, model, start, processor, trained, logs
+        return trainer, model, start, processor, trained, comparable_logs(trainer)
 
     trainer, model, start, processor, trained, logs = run("shared", separate_reference=False)
     assert sum(p.numel() for p in trainer.ref_model.parameters()) == 0  # no copy of the backbones
@@ -521,15 +529,7 @@ def test_online_trainers_mixed_with_ours_take_the_model_with_its_starting_weight
         trainer = generating_trainer(Mixed, config_class, loaded, processor, tmp_path / output, **settings)
         trainer.train()
         trained = {name: p.detach().clone() for name, p in loaded.named_parameters() if p.requires_grad}
-        logs = [
-            {
-                k: v
-                for k, v in entry.items()
-                if "runtime" not in k and "per_second" not in k and "time" not in k
-            }
-            for entry in trainer.state.log_history
-        ]
-        return trainer, trained, logs
+        return trainer, trained, comparable_logs(trainer)
 
     shared, trained, logs = run("shared")
     assert sum(p.numel() for p in shared.ref_model.parameters()) == 0
@@ -549,8 +549,6 @@ def test_trl_trainer_arguments_given_by_position_are_read_in_that_trainers_order
     training arguments (AttributeError 'ddp_find_unused_parameters'), and a ref_model of None given by position
     left the reference to TRL. Both are now read by the mixed-in trainer's own order."""
     trl = import_trl()
-    import datasets
-    from PIL import Image
 
     class GRPOMix(LavinTrainer, trl.GRPOTrainer):
         pass
@@ -559,14 +557,11 @@ def test_trl_trainer_arguments_given_by_position_are_read_in_that_trainers_order
         pass
 
     model, processor = build(backbones, "lavin")
-    rows = datasets.Dataset.from_dict(
-        {"image": [Image.new("RGB", (32, 32), "red")] * 4, "prompt": [QUESTION] * 4}
-    )
     config = rl_config(
         trl.GRPOConfig, tmp_path / "grpo", num_generations=2, max_completion_length=4, max_steps=1, beta=0.1
     )
     grpo = GRPOMix(
-        model, lambda completions, **kwargs: [1.0] * len(completions), config, rows, None, processor
+        model, lambda completions, **kwargs: [1.0] * len(completions), config, prompt_rows(), None, processor
     )
     assert sum(p.numel() for p in grpo.ref_model.parameters()) == 0  # the shared reference
     assert grpo.args.ddp_find_unused_parameters is True and config.ddp_find_unused_parameters is None
