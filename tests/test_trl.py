@@ -543,6 +543,31 @@ def test_online_trainers_mixed_with_ours_take_the_model_with_its_starting_weight
         torch.testing.assert_close(trained[name], value, rtol=0, atol=0, msg=name)
 
 
+def test_the_shared_reference_of_a_lora_on_top_is_the_starting_lora_and_adapters(backbones, tmp_path):
+    """GRPO (beta > 0) mixed with ours, on `get_peft_model(model, LoraConfig(...))`: the reference is the model with
+    the LoRA and our adapters as they were when the Trainer was created (TRL alone keeps a copy of the starting LoRA
+    for its reference but would run our adapters as they are trained), while both go on training."""
+    trl = import_trl()
+
+    class Mixed(LavinTrainer, trl.GRPOTrainer):
+        pass
+
+    model, processor = build(backbones, "lavin")
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    start = copy.deepcopy(peft_model)
+    settings = dict(beta=0.5, max_steps=2, learning_rate=1e-2)
+    trainer = generating_trainer(Mixed, trl.GRPOConfig, peft_model, processor, tmp_path / "run", **settings)
+    assert sum(p.numel() for p in trainer.ref_model.parameters()) == 0
+    trainer.train()
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    initial = dict(start.get_base_model().named_parameters())
+    assert any("lora_" in name and not torch.equal(p, initial[name]) for name, p in trained.items())
+    assert any("llm_adapters" in name and not torch.equal(p, initial[name]) for name, p in trained.items())
+    with torch.no_grad():
+        inputs = tiny_sample_inputs(processor)
+        torch.testing.assert_close(trainer.ref_model(**inputs).logits, start(**inputs).logits, rtol=0, atol=0)
+
+
 def test_trl_trainer_arguments_given_by_position_are_read_in_that_trainers_order(backbones, tmp_path):
     """TRL's trainers take other arguments second (`GRPOTrainer(model, reward_funcs, args)`, `DPOTrainer(model,
     ref_model, args)`) than transformers' Trainer (`args`): mixed with ours, the reward function was taken for the
