@@ -142,6 +142,10 @@ def test_every_keyword_of_transformers_from_pretrained_is_honoured_or_refused():
     # Read by our from_pretrained itself.
     placed |= {"pretrained_model_name_or_path", "config", "revision", "generation_config"}
     assert read - placed == set()
+    # The names listed as read by take_loading_options are the ones it takes (the list is written beside the code).
+    taken = {name: None for name in loading.TAKEN}
+    loading.take_loading_options(taken, "from_pretrained")
+    assert taken == {}
 
 
 def test_weight_loading_keywords_reach_both_backbones(tiny_backbones, checkpoint, monkeypatch):
