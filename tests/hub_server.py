@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -320,6 +321,37 @@ class HubHandler(BaseHTTPRequestHandler):
         self._json(
             200, {"commitUrl": f"{self.server.url}/{repo_id}/commit/{sha}", "commitOid": sha, "success": True}
         )
+
+
+def upload_plain(server: HubServer, repo_id: str, folder: str, token: str | None = None) -> str:
+    """Upload a folder (subfolders too) as a Hub repo with plain client calls; returns the commit sha."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    api = HfApi(endpoint=server.url, token=token or server.token)
+    api.create_repo(repo_id, exist_ok=True)
+    operations = [
+        CommitOperationAdd(
+            path_in_repo=os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/"),
+            path_or_fileobj=os.path.join(root, name),
+        )
+        for root, _, names in sorted(os.walk(folder))
+        for name in sorted(names)
+    ]
+    return api.create_commit(repo_id, operations=operations, commit_message="upload").oid
+
+
+def client_env(server: HubServer, home: str | os.PathLike) -> dict[str, str]:
+    """The environment of a process that uses the server as its Hub, as a user on another machine would (HF_ENDPOINT;
+    the test suite itself runs offline); `home` becomes its HF_HOME (its own download cache)."""
+    return {
+        **os.environ,
+        "HF_ENDPOINT": server.url,
+        "HF_TOKEN": server.token or "",
+        "HF_HOME": str(home),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_OFFLINE": "0",
+        "PYTHONPATH": os.path.dirname(os.path.abspath(__file__)),
+    }
 
 
 if __name__ == "__main__":

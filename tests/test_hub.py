@@ -15,8 +15,8 @@ import sys
 import pytest
 import torch
 from conftest import save_tiny_llm, write_recipe
-from hub_server import HubServer
-from huggingface_hub import CommitOperationAdd, HfApi
+from hub_server import HubServer, client_env, upload_plain
+from huggingface_hub import HfApi
 from safetensors.torch import load_file
 
 from mmadapters import LavinForConditionalGeneration, LavinProcessor
@@ -32,27 +32,8 @@ def hub(local_hub_online):
     server.stop()
 
 
-def upload_plain(server: HubServer, repo_id: str, folder: str) -> str:
-    """Upload a backbone folder as a Hub repo (plain client calls); returns the commit sha."""
-    api = HfApi(endpoint=server.url, token=TOKEN)
-    api.create_repo(repo_id, exist_ok=True)
-    operations = [
-        CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name))
-        for name in sorted(os.listdir(folder))
-    ]
-    return api.create_commit(repo_id, operations=operations, commit_message="upload").oid
-
-
 def hub_env(server: HubServer, tmp_path) -> dict:
-    return {
-        **os.environ,
-        "HF_ENDPOINT": server.url,
-        "HF_TOKEN": TOKEN,
-        "HF_HOME": str(tmp_path / "hf_home"),
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "HF_HUB_OFFLINE": "0",  # the suite is offline; these processes talk to the local test server
-        "PYTHONPATH": os.path.dirname(__file__),
-    }
+    return client_env(server, tmp_path / "hf_home")
 
 
 BUILD_AND_SAVE = """

@@ -126,3 +126,31 @@ def test_inputs_stay_in_place_when_the_models_first_weights_are_offloaded(checkp
     inputs = processor(text=["Image: N/A\nhello"])
     offloaded = SimpleNamespace(device=torch.device("meta"))
     assert inputs_on_model_device(inputs, offloaded)["input_ids"].device == torch.device("cpu")
+
+
+ANSWER_WITHOUT_PEFT = """
+import sys
+import numpy as np
+from transformers import AutoModelForImageTextToText, AutoProcessor
+import mmadapters
+model = AutoModelForImageTextToText.from_pretrained(sys.argv[1])
+processor = AutoProcessor.from_pretrained(sys.argv[1])
+image = np.zeros((32, 32, 3), dtype=np.uint8)
+for images, text in (([image], "<image>\\nWhat is shown?"), (None, "Say hello")):
+    model.generate(**processor(images=images, text=text), max_new_tokens=3, do_sample=False)
+print(sorted(name for name in ("peft", "bitsandbytes") if name in sys.modules))
+"""
+
+
+def test_answering_imports_neither_peft_nor_bitsandbytes(checkpoint):
+    # A model without PEFT layers has nothing of PEFT's to look for, and importing PEFT imports bitsandbytes, which on
+    # a CPU tries to fetch a kernel from the Hub and logs its failure: inference (chat, eval, the demo, a pipeline)
+    # stays clear of both.
+    import subprocess
+
+    ran = subprocess.run(
+        [sys.executable, "-c", ANSWER_WITHOUT_PEFT, checkpoint], capture_output=True, text=True, check=False
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert ran.stdout.strip().splitlines()[-1] == "[]"
+    assert "bitsandbytes" not in ran.stderr

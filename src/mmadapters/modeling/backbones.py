@@ -451,11 +451,11 @@ def refuse_peft_backbone(spec: Any, role: str) -> None:
     """A PEFT model, or a backbone with PEFT layers inside (the model in a PeftModel), is not taken as a backbone:
     its layers would stay frozen and out of our checkpoints (a save refuses layers it cannot rebuild). The message
     names the way: the plain backbone, then `load_adapter`, which records the adapter; or a merged copy."""
-    if not isinstance(spec, nn.Module):
+    from .peft_on_top import PeftOnTopError, peft_imported, tuner_layers
+
+    if not isinstance(spec, nn.Module) or not peft_imported():
         return
     from peft import PeftModel
-
-    from .peft_on_top import PeftOnTopError, tuner_layers
 
     if isinstance(spec, PeftModel) or tuner_layers(spec):
         where = "" if role == "text" else ", on='vision_tower'"

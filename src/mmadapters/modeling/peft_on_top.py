@@ -28,6 +28,7 @@ import copy
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -53,15 +54,19 @@ class PeftOnTopError(MMAdaptersError, ValueError):
     """A PEFT adapter that cannot be added, loaded or saved as asked."""
 
 
-def _tuner_layer_class() -> type:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return BaseTunerLayer
+def peft_imported() -> bool:
+    """Whether PEFT is imported. Until it is, no PEFT layer or PeftModel can exist, so the checks that look for them
+    answer without importing it: importing PEFT imports bitsandbytes, which on a CPU tries to fetch a kernel from the
+    Hub and logs its failure, in the middle of a generate that uses neither."""
+    return "peft" in sys.modules
 
 
 def tuner_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
     """(qualified name, layer) of every PEFT layer inside `module`."""
-    base = _tuner_layer_class()
+    if not peft_imported():
+        return []
+    from peft.tuners.tuners_utils import BaseTunerLayer as base
+
     return [(name, sub) for name, sub in module.named_modules() if isinstance(sub, base)]
 
 
@@ -644,6 +649,8 @@ def adopt_peft_model(peft_model: Any) -> Any:
     From then on the PeftModel's `save_pretrained` and `push_to_hub` are the inner model's: PEFT's own would write
     the PEFT layers alone and drop our modules, which now train beside them. Its checkpoint holds both and loads
     with `from_pretrained` (not with `PeftModel.from_pretrained`, which finds no adapter_config.json and says so)."""
+    if not peft_imported():
+        return peft_model
     from peft import PeftModel
 
     if not isinstance(peft_model, PeftModel):
@@ -723,6 +730,8 @@ def peft_layers_state(module: nn.Module) -> tuple[list[torch.Tensor], tuple]:
 def merge_peft_layers(module: nn.Module) -> int:
     """Merge every PEFT layer inside `module` into the weight it wraps (its active adapters) and put the plain
     layer back; returns how many were merged. A PEFT method that cannot merge raises PEFT's own error."""
+    if not peft_imported():
+        return 0
     from peft.utils.other import AuxiliaryTrainingWrapper
 
     merged = 0

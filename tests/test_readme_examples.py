@@ -1,0 +1,154 @@
+"""The README's Python examples run as written: each block runs in its own process against a local Hub server
+(tests/hub_server.py) that holds tiny random stand-ins at the Hub ids the README names (meta-llama/Llama-2-7b-hf,
+openai/clip-vit-large-patch14, Salesforce/instructblip-vicuna-7b, lmsys/vicuna-7b-v1.5, the `you/...` LoRAs and
+checkpoints), with the licenses of the real repos. The code is the README's, character for character, except the
+sizes of the training example (steps, batch, data limits), scaled down for the test."""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import save_image, save_tiny_instructblip, save_tiny_llm, save_tiny_vision
+from hub_server import HubServer, client_env, upload_plain
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from mmadapters.checkpoint_files import ADAPTER_WEIGHTS_NAME
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+TOKEN = "hf_readme_examples_token_0123456789"
+LLAMA, CLIP = "meta-llama/Llama-2-7b-hf", "openai/clip-vit-large-patch14"
+
+
+def readme_block(containing: str) -> str:
+    """The one ```python block of the README that contains `containing`."""
+    blocks = re.findall(r"^```python\n(.*?)^```", README.read_text(), re.S | re.M)
+    found = [block for block in blocks if containing in block]
+    assert len(found) == 1, f"{len(found)} README python blocks contain {containing!r}"
+    return found[0]
+
+
+def scaled(code: str, replacements: dict[str, str]) -> str:
+    """`code` with each size replaced; each must be there exactly once (a README edit that moves one fails here)."""
+    for old, new in replacements.items():
+        assert code.count(old) == 1, f"{old!r} is not in the README block once"
+        code = code.replace(old, new)
+    return code
+
+
+def with_license(folder: str, destination: Path, license: str) -> str:
+    """A copy of a backbone folder with a model card that states its license, as the real repo's card does."""
+    shutil.copytree(folder, destination)
+    (destination / "README.md").write_text(f"---\nlicense: {license}\n---\n# tiny stand-in\n")
+    return str(destination)
+
+
+def save_bare_llm_lora(llm: str, folder: Path, seed: int) -> str:
+    """A LoRA for the bare LLM (random weights), as PEFT saves it, naming the LLM's Hub id as its base."""
+    peft_model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(llm), LoraConfig(r=8, target_modules=["q_proj", "v_proj"])
+    )
+    for name, parameter in peft_model.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.3, generator=torch.Generator().manual_seed(seed))
+    peft_model.peft_config["default"].base_model_name_or_path = LLAMA
+    peft_model.save_pretrained(folder, save_embedding_layers=False)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def readme_hub(tmp_path_factory):
+    """The local Hub with the README's repos; yields (server, working folder holding photo.jpg)."""
+    import huggingface_hub.constants
+
+    root = tmp_path_factory.mktemp("readme_hub")
+    saved = huggingface_hub.constants.HF_HUB_OFFLINE
+    huggingface_hub.constants.HF_HUB_OFFLINE = False  # the uploads below talk to the local server
+    server = HubServer(token=TOKEN).start()
+    llm, vision = save_tiny_llm(root / "llm"), save_tiny_vision(root / "vision")
+    upload_plain(server, LLAMA, with_license(llm, root / "llama-card", "llama2"))
+    upload_plain(server, CLIP, with_license(vision, root / "clip-card", "mit"))
+    upload_plain(server, "lmsys/vicuna-7b-v1.5", with_license(llm, root / "vicuna-card", "llama2"))
+    upload_plain(server, "Salesforce/instructblip-vicuna-7b", save_tiny_instructblip(root / "instructblip"))
+    for seed, name in enumerate(("chat", "code")):
+        upload_plain(server, f"you/llama-2-7b-{name}-lora", save_bare_llm_lora(llm, root / name, seed))
+    work = root / "work"
+    work.mkdir()
+    shutil.copy(save_image(root, "photo.jpg", (200, 30, 30)), work / "photo.jpg")
+    yield server, work
+    huggingface_hub.constants.HF_HUB_OFFLINE = saved
+    server.stop()
+
+
+def run_readme_code(readme_hub, code: str) -> subprocess.CompletedProcess:
+    server, work = readme_hub
+    ran = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=work,
+        env=client_env(server, work.parent / "hf_home"),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    assert ran.returncode == 0, ran.stderr[-4000:]
+    return ran
+
+
+# Block "Using it": builds LaVIN around Hub backbones, renders the chat, answers about photo.jpg. Then the training
+# and sharing blocks go on with its `model` and `processor`, as a reader does.
+USING_IT = "adapter_config=MMAdapterConfig(temperature=10.0)"
+TRAINING = "trainer = LavinTrainer("
+SHARING = 'model.push_to_hub("you/lavin-easy-vqa"'
+
+
+def test_the_first_example_then_training_then_sharing_run_as_written(readme_hub):
+    training = scaled(
+        readme_block(TRAINING),
+        {
+            "limit=4800": "limit=8",
+            "max_steps=150": "max_steps=2",
+            "per_device_train_batch_size=32": "per_device_train_batch_size=4",
+            "limit=1000": "limit=4",
+        },
+    )
+    code = "\n".join([readme_block(USING_IT), training, readme_block(SHARING), "print(type(model).__name__)"])
+    ran = run_readme_code(readme_hub, code)
+    assert "'accuracy'" in ran.stdout  # evaluate_easy_vqa's result was printed
+    assert ran.stdout.rstrip().endswith(
+        "LavinForConditionalGeneration"
+    )  # the Auto class loaded the pushed repo
+    server, _ = readme_hub
+    pushed = server.repos["you/lavin-easy-vqa"].commits[-1][1]
+    assert ADAPTER_WEIGHTS_NAME in pushed and "model.safetensors" not in pushed, sorted(
+        pushed
+    )  # adapter-only
+    assert b"license: llama2" in pushed["README.md"]
+
+
+def test_the_loading_examples_run_as_written(readme_hub):
+    push_checkpoint = (
+        "from mmadapters import LavinForConditionalGeneration, LavinProcessor\n"
+        f"model = LavinForConditionalGeneration.from_backbones({LLAMA!r}, {CLIP!r})\n"
+        f"processor = LavinProcessor.from_backbones({LLAMA!r}, {CLIP!r})\n"
+        'model.push_to_hub("you/lavin-scienceqa", processor=processor, license="llama2")\n'
+    )
+    run_readme_code(readme_hub, push_checkpoint)
+    ran = run_readme_code(readme_hub, readme_block('device_map="auto", max_memory='))
+    assert "{" in ran.stdout  # hf_device_map was printed
+
+
+def test_the_peft_examples_run_as_written(readme_hub):
+    run_readme_code(readme_hub, readme_block("mmadapters.add_lora(model"))
+
+
+def test_the_crome_example_runs_as_written(readme_hub):
+    ran = run_readme_code(readme_hub, readme_block("from_instructblip(") + "\nprint(loss.item())")
+    assert math.isfinite(float(ran.stdout.split()[-1]))  # the training batch gave a loss
