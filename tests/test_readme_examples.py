@@ -152,3 +152,61 @@ def test_the_peft_examples_run_as_written(readme_hub):
 def test_the_crome_example_runs_as_written(readme_hub):
     ran = run_readme_code(readme_hub, readme_block("from_instructblip(") + "\nprint(loss.item())")
     assert math.isfinite(float(ran.stdout.split()[-1]))  # the training batch gave a loss
+
+
+def readme_command_lines() -> list[str]:
+    """Every `mmadapters ...` command of the README: the lines of its bash blocks (comments taken off) and the inline
+    ones in backticks."""
+    text = README.read_text()
+    lines = [
+        line.split("  #")[0]
+        for block in re.findall(r"^```bash\n(.*?)^```", text, re.S | re.M)
+        for line in block.splitlines()
+        if line.startswith("mmadapters ")
+    ]
+    lines += re.findall(r"`(mmadapters [^`]*)`", text)
+    return sorted({" ".join(line.split()) for line in lines})
+
+
+def command_flags(command: str) -> set[str]:
+    """The option strings of `mmadapters COMMAND` (argparse would also take a prefix of one: the README may not)."""
+    from mmadapters.cli import build_parser
+
+    parser = build_parser()._subparsers._group_actions[0].choices[command]
+    return {option for action in parser._actions for option in action.option_strings}
+
+
+def test_every_command_line_of_the_readme_parses():
+    import shlex
+
+    from mmadapters.cli import build_parser
+
+    lines = readme_command_lines()
+    assert len(lines) > 20, lines
+    commands = build_parser()._subparsers._group_actions[0].choices
+    # The quickstart's synopsis: "[--llm-routing modality|learned]", "[--[no-]bf16]": each flag it names must exist.
+    synopsis = [line for line in lines if "[--[no-]" in line]
+    assert len(synopsis) == 1 and synopsis[0].startswith("mmadapters quickstart ["), synopsis
+    named = set()
+    for flag in re.findall(r"--(?:\[no-\])?[a-z0-9-]+", synopsis[0]):
+        named |= {flag.replace("[no-]", ""), flag.replace("[no-]", "no-")} if "[no-]" in flag else {flag}
+    unknown = named - command_flags("quickstart")
+    assert not unknown, f"the README names unknown quickstart flags: {unknown}"
+    assert len(named) > 15
+    for line in set(lines) - set(synopsis):
+        line = re.sub(r"\[(--[^\]]*)\]", r"\1", line)  # "[--private]": an optional flag
+        words = shlex.split(re.sub(r"([\w.-]+)(\|[\w.-]+)+", r"\1", line))[1:]  # "open|describe": one of them
+        if len(words) == 1 and not words[0].startswith(
+            "-"
+        ):  # a command named in a sentence: "`mmadapters push`"
+            assert words[0] in commands, line
+            continue
+        if words[0] in commands:
+            unknown = {word.split("=")[0] for word in words if word.startswith("--")} - command_flags(
+                words[0]
+            )
+            assert not unknown, f"the README's `{line}` names unknown flags: {unknown}"
+        try:
+            build_parser().parse_args(words)
+        except SystemExit as stop:  # -h and --version print and exit 0; an unknown flag exits 2
+            assert stop.code == 0, f"the README's `{line}` does not parse"
