@@ -288,7 +288,7 @@ def test_push_space(tmp_path, local_hub_online):
         assert "sdk: gradio" in readme and "models:\n- org/lavin" in readme
         assert "examples/red_triangle.png" in files and "app.py" in files
         assert "org/lavin-space" not in server.repos  # a Space, not a model repo
-        assert files["requirements.txt"].decode().splitlines()[-1] == "mmadapters[demo]>=0.1"
+        assert files["requirements.txt"].decode().splitlines()[-1] == "mmadapters[demo]>=0.2"
 
         # A model trained on quantised backbones (LaVIN-lite) needs bitsandbytes in the Space: the quant extra.
         from huggingface_hub import HfApi
@@ -307,7 +307,7 @@ def test_push_space(tmp_path, local_hub_online):
             endpoint=server.url,
         )
         files = server.spaces["org/lite-space"].commits[-1][1]
-        assert files["requirements.txt"].decode().splitlines()[-1] == "mmadapters[demo,quant]>=0.1"
+        assert files["requirements.txt"].decode().splitlines()[-1] == "mmadapters[demo,quant]>=0.2"
     finally:
         server.stop()
 
@@ -456,3 +456,15 @@ def test_backbones_from_flags_or_a_space_setting(tiny_backbones, monkeypatch):
         None, "lavin", text_model=args.text_model, vision_model=args.vision_model
     )
     assert model.config.text_backbone["name_or_path"] == text_model and text_model in description
+
+
+def test_the_spaces_require_the_mmadapters_release_their_files_belong_to():
+    # A Space installs mmadapters from PyPI: an older release cannot read this release's checkpoints
+    # (mmadapters_model.safetensors, from 0.2) nor run its app.py; bumping the version bumps the floor.
+    import mmadapters
+
+    release = ".".join(mmadapters.__version__.split(".")[:2])
+    for kind in ("lavin", "crome"):
+        with open(os.path.join(REPO, "spaces", kind, "requirements.txt")) as f:
+            requirement = [line for line in f.read().splitlines() if line.startswith("mmadapters")]
+        assert requirement == [f"mmadapters[demo]>={release}"], (kind, requirement)
