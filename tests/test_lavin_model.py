@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+import types
+
 import pytest
 import torch
-from conftest import dropout_off, tiny_text_config, tiny_vision_config
+from conftest import dropout_off, tiny_sample_inputs, tiny_text_config, tiny_vision_config
 from transformers import AutoModelForCausalLM
 
 from mmadapters import ImageTokenMismatchError, LavinForConditionalGeneration, LavinProcessor
@@ -181,6 +185,43 @@ def test_loss_supervises_only_the_answer(model, processor):
         logits[0, :-1][labels[0, 1:] != -100], labels[0, 1:][labels[0, 1:] != -100]
     )
     torch.testing.assert_close(model(**inputs).loss, expected)
+
+
+def test_a_forward_put_on_the_model_ignores_placeholder_labels_and_a_copy_runs_its_own_weights(
+    model, processor, randomize_adapters
+):
+    # What TRL's fused LM head and accelerate's device hooks do: a forward assigned to the model. Labels given to it
+    # lose their image placeholders before it runs (the model's own forward ignores them; a head computing the
+    # loss itself would score them as a token), and a deepcopy of the model runs the copy's weights.
+    randomize_adapters(model)
+    inputs = tiny_sample_inputs(processor)
+    seen = []
+
+    def loss_of_its_own(*args, labels=None, **kwargs):
+        seen.append(labels)
+        return type(model).forward(model, *args, **kwargs)
+
+    model.forward = loss_of_its_own
+    labels = inputs["input_ids"].clone()
+    model(**inputs, labels=labels)
+    placeholders = inputs["input_ids"] == model.config.image_token_id
+    assert placeholders.any() and (seen[0][placeholders] == -100).all()
+    assert torch.equal(seen[0][~placeholders], labels[~placeholders])
+
+    # accelerate's kinds: a partial (device hooks), a method whose __func__ it wraps again (mixed precision)
+    for forward in (
+        functools.partial(type(model).forward, model),
+        types.MethodType(type(model).forward, model),
+    ):
+        model.forward = forward
+        assert isinstance(model.forward, type(forward))
+        copied = copy.deepcopy(model)
+        with torch.no_grad():
+            for parameter in copied.parameters():
+                if parameter.requires_grad:
+                    parameter.normal_()
+            assert not torch.equal(copied(**inputs).logits, model(**inputs).logits)
+            torch.testing.assert_close(copied(**inputs).logits, type(copied).forward(copied, **inputs).logits)
 
 
 def test_image_token_mismatch_is_a_clear_error(model, processor):

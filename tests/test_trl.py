@@ -194,17 +194,59 @@ def test_our_trainer_mixed_with_sft_trainer_trains_a_lora_with_our_adapters(back
     assert any(name.endswith("lora_B.default.weight") and saved[name].abs().sum() > 0 for name in saved)
 
 
-def test_trls_vision_collator_is_refused_by_our_trainers(backbones, tmp_path):
+@pytest.mark.parametrize("kind", ["lavin", "crome"])
+def test_plain_sft_trainer_with_trls_vision_collator_ignores_the_image_placeholders_as_the_model_does(
+    backbones, kind, tmp_path
+):
+    # TRL's vision collator (what plain SFTTrainer builds for image rows) labels every token, the image placeholders
+    # included; TRL's fused head (model.forward replaced by SFTTrainer) scored them as a vocabulary entry. The model
+    # ignores them in labels it is given, under any forward put on it: the fused loss equals the model's own.
+    trl = import_trl()
+    model, processor = build(backbones, kind)
+    rows = conversation_rows(4)
+    trainer = trl.SFTTrainer(
+        model=model,
+        args=sft_config(tmp_path / "run", dataset_kwargs=None, remove_unused_columns=True),
+        train_dataset=rows,
+        processing_class=processor,
+    )
+    assert type(trainer.data_collator).__name__ == "DataCollatorForVisionLanguageModeling"
+    batch = trainer.data_collator([rows[i] for i in range(2)])
+    placeholders = batch["input_ids"] == model.config.image_token_id
+    assert (batch["labels"][placeholders] == model.config.image_token_id).all()  # TRL labels them
+    with torch.no_grad():
+        fused = model(**batch, fused_lm_head=True).loss
+        own = model(**batch).loss
+    torch.testing.assert_close(fused, own, rtol=1e-5, atol=1e-5)
+
+
+def test_trls_vision_collator_trains_our_trainer_mixed_with_sft_and_its_checkpoints_reload(
+    backbones, tmp_path
+):
     model, processor = build(backbones, "lavin")
-    trainer_class = sft_on(LavinTrainer)
-    with pytest.raises(ValueError, match="image placeholders.*VisionLanguageCollator"):
-        trainer_class(
-            model=model,
-            args=sft_config(tmp_path / "run", dataset_kwargs=None),
-            train_dataset=toy_dataset(tmp_path, n=4).rename_column("prompt", "text"),
-            processing_class=processor,
-        )
-    assert not os.path.exists(tmp_path / "run" / "checkpoint-2")
+    trainer = sft_on(LavinTrainer)(
+        model=model,
+        args=sft_config(tmp_path / "run", dataset_kwargs=None, remove_unused_columns=True, max_steps=2),
+        train_dataset=conversation_rows(8),
+        processing_class=processor,
+    )
+    assert type(trainer.data_collator).__name__ == "DataCollatorForVisionLanguageModeling"
+    before = {name: tensor.clone() for name, tensor in model.adapter_state_dict().items()}
+    trainer.train()
+    after = model.adapter_state_dict()
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+    reloaded = type(model).from_pretrained(tmp_path / "run" / "checkpoint-2").eval()
+    inputs = tiny_sample_inputs(processor)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, model.eval()(**inputs).logits, rtol=0, atol=0)
+
+
+def conversation_rows(n: int):
+    """`n` conversations in TRL's language-modeling form (`messages` with the answer as the last turn, `images`)."""
+    rows = image_question_rows(n, completion=[answer("red")] * n).rename_column("prompt", "messages")
+    return rows.map(
+        lambda row: {"messages": row["messages"] + row["completion"]}, remove_columns=["completion"]
+    )
 
 
 # TRL's conversational rows: a question about one image, and answers as assistant turns.

@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import inspect
 import os
+import types
 from typing import Any, Self
 
 import torch
@@ -250,6 +251,23 @@ def bitsandbytes_mark(name: str, parameter_class: str) -> property:
     return property(read, check)
 
 
+def forward_ignoring_placeholder_labels(model: Any, forward: Any, *args: Any, **kwargs: Any) -> Any:
+    """`forward(*args, **kwargs)` with the image placeholders in `labels` ignored (`_text_labels`)."""
+    if kwargs.get("labels") is not None:
+        kwargs["labels"] = model._text_labels(kwargs["labels"], kwargs.get("ignore_index", -100))
+    return forward(*args, **kwargs)
+
+
+def method_ignoring_placeholder_labels(function: Any) -> Any:
+    """A forward function (`function(model, ...)`) that ignores the image placeholders in `labels` first."""
+
+    @functools.wraps(function)
+    def forward(model: Any, *args: Any, **kwargs: Any) -> Any:
+        return forward_ignoring_placeholder_labels(model, functools.partial(function, model), *args, **kwargs)
+
+    return forward
+
+
 class FrozenBackbonesPreTrainedModel(PreTrainedModel):
     """Base class of models made of a frozen `language_model`, a frozen `vision_tower` and trainable modules.
 
@@ -310,6 +328,21 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         # The dtype the weights are in, as transformers' from_pretrained records it (serving and evaluation tools read
         # it); the sub-configs hold each backbone's own.
         self.config.dtype = self.dtype
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A forward put on the model from outside still ignores the image placeholders in `labels`, as the model's own
+        # forward does: TRL's SFT / DPO / GRPO trainers put their fused LM head there, which computes the loss itself,
+        # and TRL's vision collator labels every token, placeholders (ids outside the LLM's vocabulary) included
+        # (accelerate's device hooks and mixed-precision wrapper go there too). A method stays a method bound to the
+        # model (accelerate reads `model.forward.__func__`), anything else becomes a partial: no closure holds the
+        # model, so a deepcopy of the model rebinds either to the copy.
+        if name == "forward" and isinstance(value, types.MethodType) and value.__self__ is self:
+            value = types.MethodType(method_ignoring_placeholder_labels(value.__func__), self)
+        elif name == "forward" and callable(value) and not isinstance(value, nn.Module):
+            value = functools.update_wrapper(
+                functools.partial(forward_ignoring_placeholder_labels, self, value), value
+            )
+        super().__setattr__(name, value)
 
     # ------------------------------------------------------------------------------------------------
     # What subclasses say

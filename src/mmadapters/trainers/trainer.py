@@ -161,22 +161,6 @@ def refuse_data_parallel(n_gpu: int, model: Any) -> None:
         )
 
 
-def refuse_trl_vision_collator(collator: Any) -> None:
-    """Refuse TRL's vision collator (what `SFTTrainer` builds for image data when given no collator, also when
-    mixed with our Trainers). It labels every token of the batch, the image placeholders included: their id lies
-    outside the LLM's vocabulary (its head has no row for it), and TRL's loss clamps such labels to the last
-    vocabulary entry, training the model to predict that token before each image. Our collator labels the
-    answers only."""
-    kind = type(collator)
-    if kind.__module__.startswith("trl.") and kind.__name__ == "DataCollatorForVisionLanguageModeling":
-        raise ValueError(
-            "TRL's DataCollatorForVisionLanguageModeling labels the image placeholders, whose id is outside the "
-            "LLM's vocabulary (TRL's loss would score them as its last token). Pass "
-            "data_collator=VisionLanguageCollator(processor) (it reads TRL's messages / images rows too) and "
-            "SFTConfig(dataset_kwargs={'skip_prepare_dataset': True})."
-        )
-
-
 def unsaved_model_error(
     trainer_class: type, model: Any, training_args: Any, processor_given: bool
 ) -> Exception | None:
@@ -270,7 +254,6 @@ class AdapterTrainer(Trainer):
                 raise clearer from error
             raise
         refuse_data_parallel(self.args.n_gpu, self.model)
-        refuse_trl_vision_collator(self.data_collator)
         trained = self._unwrapped()
         if hasattr(trained, "check_save_directory"):  # the final save_model writes output_dir itself
             trained.check_save_directory(self.args.output_dir)
