@@ -310,6 +310,24 @@ def save_tiny_llm(path, seed: int = 0, kind: str = "llama", tokenizer=None) -> s
     return str(path)
 
 
+def save_bare_llm_lora(llm: str, folder, seed: int, base_model: str | None = None, **config) -> str:
+    """A LoRA trained (here: given random weights) on the bare LLM at `llm`, saved by PEFT; `base_model` is the
+    base it names (default: `llm`), `config` LoraConfig fields over r=4, alpha 8 on q_proj / v_proj."""
+    from peft import LoraConfig, get_peft_model
+
+    config = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], **config}
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(llm), LoraConfig(**config))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    if base_model is not None:
+        peft_model.peft_config["default"].base_model_name_or_path = base_model
+    peft_model.save_pretrained(folder, save_embedding_layers=False)
+    return str(folder)
+
+
 def save_tiny_t5(path) -> str:
     """A tiny T5 (an encoder-decoder LLM for CROME) with the tiny tokenizer."""
     tokenizer = make_tokenizer()

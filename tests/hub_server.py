@@ -340,6 +340,16 @@ def upload_plain(server: HubServer, repo_id: str, folder: str, token: str | None
     return api.create_commit(repo_id, operations=operations, commit_message="upload").oid
 
 
+def with_license(folder: str, destination: str | os.PathLike, license: str) -> str:
+    """A copy of a model folder with a model card that states its license, as a real repo's card does."""
+    import shutil
+
+    shutil.copytree(folder, destination)
+    with open(os.path.join(destination, "README.md"), "w") as f:
+        f.write(f"---\nlicense: {license}\n---\n# tiny stand-in\n")
+    return str(destination)
+
+
 def client_env(server: HubServer, home: str | os.PathLike) -> dict[str, str]:
     """The environment of a process that uses the server as its Hub, as a user on another machine would (HF_ENDPOINT;
     the test suite itself runs offline); `home` becomes its HF_HOME (its own download cache)."""

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 from conftest import save_tiny_llm, write_recipe
-from hub_server import HubServer, client_env, upload_plain
+from hub_server import HubServer, client_env, upload_plain, with_license
 from huggingface_hub import HfApi
 from safetensors.torch import load_file
 
@@ -885,13 +885,9 @@ def test_card_snippet_runs_as_written_and_the_license_comes_from_the_backbones_c
     hub, tiny_backbones, tmp_path
 ):
     import re
-    import shutil
 
     for repo_id, folder in (("org/tiny-llm", tiny_backbones[0]), ("org/tiny-vision", tiny_backbones[1])):
-        copy = tmp_path / repo_id.split("/")[1]
-        shutil.copytree(folder, copy)
-        (copy / "README.md").write_text("---\nlicense: mit\n---\n# tiny\n")
-        upload_plain(hub, repo_id, str(copy))
+        upload_plain(hub, repo_id, with_license(folder, tmp_path / repo_id.split("/")[1], "mit"))
     env = hub_env(hub, tmp_path)
     folder = tmp_path / "lavin"
     built = run(BUILD_AND_SAVE, str(folder), str(tmp_path / "expected.pt"), env=env)

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_qformer_config, tiny_sample_inputs
+from conftest import save_bare_llm_lora, tiny_qformer_config, tiny_sample_inputs
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
 
 from mmadapters import (
     CromeForConditionalGeneration,
@@ -32,21 +31,6 @@ def build(backbones, kind: str):
     return model, CromeProcessor.from_backbones(llm, vision, num_image_tokens=model.config.num_image_tokens)
 
 
-def save_lora(backbones, folder, seed: int, **config) -> str:
-    """A LoRA trained (here: given random weights) on the bare LLM, saved by PEFT."""
-    config = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], **config}
-    peft_model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(backbones["llama"]), LoraConfig(**config)
-    )
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if "lora_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
-    peft_model.save_pretrained(folder, save_embedding_layers=False)
-    return str(folder)
-
-
 def logits(model, batch):
     model.eval()
     with torch.no_grad():
@@ -66,10 +50,14 @@ def lora_tensors(model):
 def loras(backbones_by_llm, tmp_path_factory):
     root = tmp_path_factory.mktemp("loras")
     return {
-        "a": save_lora(backbones_by_llm, root / "a", seed=1),
-        "b": save_lora(backbones_by_llm, root / "b", seed=2, lora_alpha=16),  # same rank, another alpha
-        "low": save_lora(backbones_by_llm, root / "low", seed=3, r=2, lora_alpha=3),
-        "high": save_lora(backbones_by_llm, root / "high", seed=4, r=8, lora_alpha=8, use_rslora=True),
+        "a": save_bare_llm_lora(backbones_by_llm["llama"], root / "a", seed=1),
+        "b": save_bare_llm_lora(
+            backbones_by_llm["llama"], root / "b", seed=2, lora_alpha=16
+        ),  # same rank, another alpha
+        "low": save_bare_llm_lora(backbones_by_llm["llama"], root / "low", seed=3, r=2, lora_alpha=3),
+        "high": save_bare_llm_lora(
+            backbones_by_llm["llama"], root / "high", seed=4, r=8, lora_alpha=8, use_rslora=True
+        ),
     }
 
 
@@ -153,8 +141,10 @@ def test_hotswap_refusals_say_why_and_change_nothing(backbones_by_llm, loras, tm
     assert not model.config.peft_adapters
     model.load_adapter(loras["a"])
     expected, record = logits(model, batch), dict(model.config.peft_adapters)
-    other_targets = save_lora(backbones_by_llm, tmp_path / "k", seed=5, target_modules=["k_proj", "v_proj"])
-    dropout = save_lora(backbones_by_llm, tmp_path / "d", seed=6, lora_dropout=0.1)
+    other_targets = save_bare_llm_lora(
+        backbones_by_llm["llama"], tmp_path / "k", seed=5, target_modules=["k_proj", "v_proj"]
+    )
+    dropout = save_bare_llm_lora(backbones_by_llm["llama"], tmp_path / "d", seed=6, lora_dropout=0.1)
     for path, message in (
         (loras["high"], r"lora_A.weight is \(8, 32\), the layer holds \(4, 32\).*enable_peft_hotswap"),
         (other_targets, "adapts other layers than 'default'"),

@@ -14,11 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import save_image, save_tiny_instructblip, save_tiny_llm, save_tiny_vision
-from hub_server import HubServer, client_env, upload_plain
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
+from conftest import save_bare_llm_lora, save_image, save_tiny_instructblip, save_tiny_llm, save_tiny_vision
+from hub_server import HubServer, client_env, upload_plain, with_license
 
 from mmadapters.checkpoint_files import ADAPTER_WEIGHTS_NAME
 
@@ -43,26 +40,6 @@ def scaled(code: str, replacements: dict[str, str]) -> str:
     return code
 
 
-def with_license(folder: str, destination: Path, license: str) -> str:
-    """A copy of a backbone folder with a model card that states its license, as the real repo's card does."""
-    shutil.copytree(folder, destination)
-    (destination / "README.md").write_text(f"---\nlicense: {license}\n---\n# tiny stand-in\n")
-    return str(destination)
-
-
-def save_bare_llm_lora(llm: str, folder: Path, seed: int) -> str:
-    """A LoRA for the bare LLM (random weights), as PEFT saves it, naming the LLM's Hub id as its base."""
-    peft_model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(llm), LoraConfig(r=8, target_modules=["q_proj", "v_proj"])
-    )
-    for name, parameter in peft_model.named_parameters():
-        if "lora_B" in name:
-            parameter.data.normal_(0, 0.3, generator=torch.Generator().manual_seed(seed))
-    peft_model.peft_config["default"].base_model_name_or_path = LLAMA
-    peft_model.save_pretrained(folder, save_embedding_layers=False)
-    return str(folder)
-
-
 @pytest.fixture(scope="module")
 def readme_hub(tmp_path_factory):
     """The local Hub with the README's repos; yields (server, working folder holding photo.jpg)."""
@@ -72,19 +49,24 @@ def readme_hub(tmp_path_factory):
     saved = huggingface_hub.constants.HF_HUB_OFFLINE
     huggingface_hub.constants.HF_HUB_OFFLINE = False  # the uploads below talk to the local server
     server = HubServer(token=TOKEN).start()
-    llm, vision = save_tiny_llm(root / "llm"), save_tiny_vision(root / "vision")
-    upload_plain(server, LLAMA, with_license(llm, root / "llama-card", "llama2"))
-    upload_plain(server, CLIP, with_license(vision, root / "clip-card", "mit"))
-    upload_plain(server, "lmsys/vicuna-7b-v1.5", with_license(llm, root / "vicuna-card", "llama2"))
-    upload_plain(server, "Salesforce/instructblip-vicuna-7b", save_tiny_instructblip(root / "instructblip"))
-    for seed, name in enumerate(("chat", "code")):
-        upload_plain(server, f"you/llama-2-7b-{name}-lora", save_bare_llm_lora(llm, root / name, seed))
-    work = root / "work"
-    work.mkdir()
-    shutil.copy(save_image(root, "photo.jpg", (200, 30, 30)), work / "photo.jpg")
-    yield server, work
-    huggingface_hub.constants.HF_HUB_OFFLINE = saved
-    server.stop()
+    try:
+        llm, vision = save_tiny_llm(root / "llm"), save_tiny_vision(root / "vision")
+        upload_plain(server, LLAMA, with_license(llm, root / "llama-card", "llama2"))
+        upload_plain(server, CLIP, with_license(vision, root / "clip-card", "mit"))
+        upload_plain(server, "lmsys/vicuna-7b-v1.5", with_license(llm, root / "vicuna-card", "llama2"))
+        upload_plain(
+            server, "Salesforce/instructblip-vicuna-7b", save_tiny_instructblip(root / "instructblip")
+        )
+        for seed, name in enumerate(("chat", "code")):
+            lora = save_bare_llm_lora(llm, root / name, seed, base_model=LLAMA, r=8, lora_alpha=16)
+            upload_plain(server, f"you/llama-2-7b-{name}-lora", lora)
+        work = root / "work"
+        work.mkdir()
+        shutil.copy(save_image(root, "photo.jpg", (200, 30, 30)), work / "photo.jpg")
+        yield server, work
+    finally:  # the rest of the suite runs offline, also when a setup step above failed
+        huggingface_hub.constants.HF_HUB_OFFLINE = saved
+        server.stop()
 
 
 def run_readme_code(readme_hub, code: str) -> subprocess.CompletedProcess:
