@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers.utils import PaddingStrategy
 
 from mmadapters import (
     CromeProcessor,
@@ -105,6 +106,9 @@ def test_tokenized_chat_template_without_return_tensors_gives_unpadded_rows(tiny
     assert processor.tokenizer.pad_token_id not in rows["input_ids"][0]
     ids = processor.apply_chat_template(short, add_generation_prompt=True, tokenize=True)  # return_dict=False
     assert ids == rows["input_ids"][:1]
+    fixed = processor.apply_chat_template([short, long], **kwargs, padding="max_length", max_length=64)
+    assert [len(row) for row in fixed["input_ids"]] == [64, 64]
+    assert [sum(mask) for mask in fixed["attention_mask"]] == [len(row) for row in rows["input_ids"]]
 
 
 def test_mixed_batch_left_padding(processor):
@@ -208,8 +212,8 @@ def test_call_keywords_honoured_or_refused(processor):
         np.stack(plain_values["pixel_values"]),
         processor(images=[rgb()], text="Image: <image>\nwhat?")["pixel_values"].numpy(),
     )
-    with pytest.raises(ValueError, match="pads each batch to its longest sample"):
-        processor(text=text, padding="max_length")
+    with pytest.raises(ValueError, match="padding='middle' is not supported"):
+        processor(text=text, padding="middle")
     with pytest.raises(ValueError, match="always returns attention_mask"):
         processor(text=text, return_attention_mask=False)
     chat = [{"role": "user", "content": [{"type": "text", "text": "hello"}]}]
@@ -287,6 +291,67 @@ def test_padding_side_pad_to_multiple_of_and_truncation_are_honoured(tiny_backbo
         processor(text=text[1], truncation=True, overflow="raise")
     with pytest.raises(ValueError, match="only_second"):
         processor(text=text[1], truncation="only_second")
+
+
+@pytest.mark.parametrize("processor_class", [LavinProcessor, CromeProcessor])
+@pytest.mark.parametrize("answers", [None, ["red", "a long answer here"]])
+def test_padding_max_length_and_no_padding_are_honoured(tiny_backbones, processor_class, answers):
+    """transformers' `padding="max_length"` (static shapes: every sample padded to max_length) and `padding=False`
+    (rows as they are) work as a tokenizer's do: the same tokens as the default padding, placed differently. They
+    used to be refused."""
+    processor = processor_class.from_backbones(*tiny_backbones)
+    text = ["Image: <image>\nwhat color?", "Image: N/A\na much longer prompt than the first one"]
+    images = [[rgb()], []]
+    plain = processor(images=images, text=text, answers=answers)
+    longest = plain["input_ids"].shape[1]
+    fixed = processor(images=images, text=text, answers=answers, padding="max_length", max_length=longest + 7)
+    assert fixed["input_ids"].shape == (2, longest + 7)
+    side = "right" if answers else "left"
+    for name, values in plain.items():
+        if name == "pixel_values" or name.startswith("qformer_"):
+            torch.testing.assert_close(fixed[name], values)
+            continue
+        keep = fixed["attention_mask"].bool()
+        assert torch.equal(fixed[name][keep], values[plain["attention_mask"].bool()]), name
+    padded_end = fixed["attention_mask"][:, -1 if side == "right" else 0]
+    assert not padded_end.any()
+    # As transformers' tokenizers: max_length rounded up to pad_to_multiple_of; the processor's own max_length.
+    rounded = processor(
+        images=images, text=text, padding="max_length", max_length=longest + 1, pad_to_multiple_of=8
+    )
+    assert rounded["input_ids"].shape[1] == -(-(longest + 1) // 8) * 8
+    processor.max_length = longest + 3
+    assert (
+        processor(images=images, text=text, padding=PaddingStrategy.MAX_LENGTH)["input_ids"].shape[1]
+        == longest + 3
+    )
+    processor.max_length = None
+    processor.tokenizer.model_max_length = int(1e30)  # what a tokenizer without a limit says
+    with pytest.raises(ValueError, match="padding='max_length' needs a length: pass max_length="):
+        processor(images=images, text=text, padding="max_length")
+
+    rows = processor(images=images, text=text, answers=answers, padding=False, return_tensors=None)
+    assert rows["input_ids"] == [
+        row[keep].tolist()
+        for row, keep in zip(plain["input_ids"], plain["attention_mask"].bool(), strict=True)
+    ]
+    assert all(set(mask) == {1} for mask in rows["attention_mask"])
+    if processor_class is CromeProcessor:
+        assert rows["qformer_input_ids"] == [
+            row[keep].tolist()
+            for row, keep in zip(
+                plain["qformer_input_ids"], plain["qformer_attention_mask"].bool(), strict=True
+            )
+        ]
+    with pytest.raises(
+        ValueError, match="padding=False left the batch's input_ids rows of different lengths"
+    ):
+        processor(images=images, text=text, padding="do_not_pad")
+    single = processor(images=[rgb()], text=text[0], answers=answers and answers[0], padding=False)
+    assert torch.equal(
+        single["input_ids"],
+        processor(images=[rgb()], text=text[0], answers=answers and answers[0])["input_ids"],
+    )
 
 
 def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:

@@ -20,7 +20,7 @@ from transformers import (
     GenerationConfig,
     PreTrainedConfig,
 )
-from transformers.utils import cached_file
+from transformers.utils import PaddingStrategy, cached_file
 
 from ..atomic import atomic_directory
 from ..checkpoint_files import check_checkpoint_kind
@@ -374,18 +374,16 @@ def apply_load_settings(processor: Any, settings: dict[str, Any]) -> None:
                     setattr(getattr(processor, attribute), name, settings[name])
 
 
-def unpadded_rows(batch: BatchFeature) -> BatchFeature:
-    """A padded batch as plain lists, one row per sample without its padding (each token-level field cut where
-    its attention mask is 0: `qformer_*` fields by `qformer_attention_mask`, the others by `attention_mask`), one
-    array per image for `pixel_values`: what transformers' processors return without `return_tensors`."""
-    rows = {}
-    for name, value in batch.items():
-        if name == "pixel_values":
-            rows[name] = list(value.numpy())
-            continue
-        mask = batch["qformer_attention_mask" if name.startswith("qformer_") else "attention_mask"].bool()
-        rows[name] = [row[keep].tolist() for row, keep in zip(value, mask, strict=True)]
-    return BatchFeature(data=rows)
+def _check_rows_stack(data: dict[str, Any]) -> None:
+    """Rows of one field that differ in length cannot become one tensor (padding=False on a batch of unequal
+    samples): say so, rather than torch's "expected sequence of length"."""
+    for name, rows in data.items():
+        if isinstance(rows, list) and rows and isinstance(rows[0], list) and len({len(r) for r in rows}) > 1:
+            raise ValueError(
+                f"padding=False left the batch's {name} rows of different lengths "
+                f"({sorted({len(r) for r in rows})}), which cannot become one tensor: pass padding=True, or "
+                "return_tensors=None for plain lists."
+            )
 
 
 def check_padding_side_at_load(kwargs: dict[str, Any]) -> None:
@@ -406,14 +404,24 @@ def check_overflow_policy(overflow: str) -> str:
     return overflow
 
 
-def _padding_keywords(kwargs: dict[str, Any]) -> tuple[str | None, int | None]:
-    """transformers' `padding_side` and `pad_to_multiple_of`, taken out of a processor call's keywords."""
+def _padding_keywords(kwargs: dict[str, Any]) -> tuple[str, str | None, int | None]:
+    """transformers' `padding` (as one of "longest", "max_length", "do_not_pad"), `padding_side` and
+    `pad_to_multiple_of`, taken out of a processor call's keywords."""
+    padding = kwargs.pop("padding", True)
+    try:
+        strategy = PaddingStrategy({True: "longest", False: "do_not_pad"}.get(padding, padding)).value
+    except (ValueError, TypeError):
+        raise ValueError(
+            f"padding={padding!r} is not supported: pass True / 'longest' (the batch's longest sample, the "
+            "default), 'max_length' (every sample to max_length) or False / 'do_not_pad'."
+        ) from None
     padding_side = kwargs.pop("padding_side", None)
     if padding_side not in (None, "left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right'; got {padding_side!r}.")
-    return padding_side, check_positive_int(
+    pad_to_multiple_of = check_positive_int(
         kwargs.pop("pad_to_multiple_of", None), "pad_to_multiple_of", optional=True
     )
+    return strategy, padding_side, pad_to_multiple_of
 
 
 # sample_lengths encodes this many samples at a time (each chunk is padded to its longest sample).
@@ -432,6 +440,7 @@ class CheckedInputs:
     overflow: str
     padding_side: str | None = None  # None: ours (left for generation, right with answers)
     pad_to_multiple_of: int | None = None
+    padding: str = "longest"  # or "max_length" (every row to max_length), "do_not_pad" (rows as they are)
 
     def pads_left(self) -> bool:
         return self.answers is None if self.padding_side is None else self.padding_side == "left"
@@ -489,7 +498,8 @@ class AdapterProcessorMixin:
             max_length, overflow: override the processor's length limit and overflow policy for this call.
             **kwargs: the method's own keywords (`call_options`; CROME: `instructions`, what the Q-Former reads).
                 Of transformers' processor keywords, `padding` (True / "longest": the batch is padded to its
-                longest sample), `padding_side` ("left" / "right"; default: left without answers, right with
+                longest sample, the default; "max_length": every sample to `max_length`; False / "do_not_pad": no
+                padding, so unequal samples need `return_tensors=None`), `padding_side` ("left" / "right"; default: left without answers, right with
                 them), `pad_to_multiple_of`, `truncation` (True / "longest_first" / "only_first": cut at
                 `max_length` on the tokenizer's `truncation_side`, never through an image; False: never cut, as
                 overflow="raise"), `return_attention_mask=True` and `videos` / `audio` left None are accepted;
@@ -497,7 +507,7 @@ class AdapterProcessorMixin:
         Returns:
             `BatchFeature` with input_ids, attention_mask, [labels], [pixel_values], and the method's own fields.
         """
-        padding_side, pad_to_multiple_of = _padding_keywords(kwargs)
+        padding, padding_side, pad_to_multiple_of = _padding_keywords(kwargs)
         overflow = self._overflow_for(kwargs.pop("truncation", None), overflow)
         options = self._check_call_options(kwargs)
         texts = self._check_texts(text)
@@ -510,9 +520,17 @@ class AdapterProcessorMixin:
             overflow=overflow,
             padding_side=padding_side,
             pad_to_multiple_of=pad_to_multiple_of,
+            padding=padding,
         )
+        if padding == "max_length" and inputs.max_length is None:
+            raise ValueError(
+                f"padding='max_length' needs a length: pass max_length= (neither {type(self).__name__} nor its "
+                "tokenizer has one)."
+            )
         pixel_values = self._pixel_values(inputs.images)  # bad images are refused before any tokenising
         data = self._model_inputs(inputs, **options)
+        if return_tensors is not None:
+            _check_rows_stack(data)
         if pixel_values is not None:
             # return_tensors=None: plain values throughout, as transformers' processors give (one array per image)
             data["pixel_values"] = pixel_values if return_tensors is not None else list(pixel_values.numpy())
@@ -591,12 +609,6 @@ class AdapterProcessorMixin:
         for modality in ("videos", "audio"):
             if kwargs.pop(modality, None) is not None:
                 raise ValueError(f"{name} takes images and text; got {modality}.")
-        padding = kwargs.pop("padding", True)
-        if padding not in (True, "longest"):
-            raise ValueError(
-                f"{name} pads each batch to its longest sample (padding=True); got padding={padding!r}. For a "
-                "length limit pass max_length (and overflow='truncate_left' or 'truncate_right' to cut)."
-            )
         if kwargs.pop("return_attention_mask", True) is not True:
             raise ValueError(
                 f"{name} always returns attention_mask; return_attention_mask=False is not supported."
@@ -749,10 +761,11 @@ class AdapterProcessorMixin:
             )
         if args or not kwargs.get("tokenize") or kwargs.get("return_tensors", "auto") != "auto":
             return super().apply_chat_template(conversation, *args, **kwargs)
-        batch = super().apply_chat_template(
-            conversation, **{**kwargs, "return_dict": True, "return_tensors": "pt"}
+        # transformers' default there: no padding (padding="max_length" given here pads the lists as asked)
+        rows = super().apply_chat_template(
+            conversation,
+            **{"padding": False, **kwargs, "return_dict": True, "return_tensors": None},
         )
-        rows = unpadded_rows(batch)
         return rows if kwargs.get("return_dict") else rows["input_ids"]
 
     @classmethod
@@ -895,10 +908,15 @@ class AdapterProcessorMixin:
     def _pad(
         self, rows: dict[str, list[list[int]]], fills: dict[str, int], inputs: CheckedInputs
     ) -> dict[str, list[list[int]]]:
-        """Pad every row of every field to the longest `input_ids` row (rounded up to `pad_to_multiple_of`), on the
-        call's side; adds `attention_mask`."""
+        """Pad every row of every field to the longest `input_ids` row (or to `max_length` with
+        padding="max_length"; rounded up to `pad_to_multiple_of`), on the call's side, or not at all with
+        padding="do_not_pad"; adds `attention_mask`."""
+        if inputs.padding == "do_not_pad":
+            return {**rows, "attention_mask": [[1] * len(ids) for ids in rows["input_ids"]]}
         left = inputs.pads_left()
         longest = max(len(ids) for ids in rows["input_ids"])
+        if inputs.padding == "max_length" and inputs.max_length is not None:
+            longest = inputs.max_length  # no row is longer: _fit_length cut or refused those
         if inputs.pad_to_multiple_of:
             longest = -(-longest // inputs.pad_to_multiple_of) * inputs.pad_to_multiple_of
         padded: dict[str, list[list[int]]] = {name: [] for name in (*rows, "attention_mask")}

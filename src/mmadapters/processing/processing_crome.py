@@ -216,12 +216,14 @@ class CromeProcessor(AdapterProcessorMixin, ProcessorMixin):
         data = self._pad(rows, fills, inputs)
         if decoder_labels:
             longest = max(len(labels) for labels in decoder_labels)
+            if inputs.padding == "do_not_pad":
+                longest = 0  # each row as it is
             data["labels"] = [labels + [IGNORE_INDEX] * (longest - len(labels)) for labels in decoder_labels]
         if inputs.images:
             owners = [index for index, t in enumerate(texts) for _ in range(t.count(IMAGE_TOKEN))]
             qformer = self.qformer_tokenizer(
                 [instruction_list[owner] for owner in owners],
-                padding=True,
+                padding=inputs.padding != "do_not_pad",  # the Q-Former's own length: its longest instruction
                 truncation=True,
                 max_length=self.qformer_max_length,
             )
