@@ -63,6 +63,11 @@ def test_collator_masks_prompt_image_and_padding(processor, tmp_path):
     for name in ("input_ids", "labels", "attention_mask"):
         assert torch.equal(rounded[name][:, :width], batch[name])
     assert not rounded["attention_mask"][:, width:].any() and (rounded["labels"][:, width:] == -100).all()
+    # padding="max_length": every batch as wide as max_length (static shapes), the same tokens and labels
+    fixed = VisionLanguageCollator(processor, max_length=width + 5, padding="max_length")(examples)
+    assert fixed["input_ids"].shape[1] == width + 5
+    for name in ("input_ids", "labels", "attention_mask"):
+        assert torch.equal(fixed[name][:, :width], batch[name])
 
 
 def test_collator_truncation_policy(processor):

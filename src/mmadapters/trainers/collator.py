@@ -40,6 +40,9 @@ class VisionLanguageCollator:
     # False: text-only samples keep their tokens but get no labels (-100), for a loss of their own such as
     # LavinTrainer's `text_distillation` (the quickstart's default; see QuickstartSettings.text_answer_loss).
     supervise_text_only: bool = True
+    # transformers' collators' `padding`: True / "longest" (each batch to its longest sample), "max_length" (every
+    # batch to `max_length`: static shapes, e.g. for XLA or torch.compile without recompiles).
+    padding: bool | str = True
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         examples = [
@@ -61,6 +64,7 @@ class VisionLanguageCollator:
             max_length=self.max_length,
             overflow=self.overflow,
             pad_to_multiple_of=self.pad_to_multiple_of,
+            padding=self.padding,
         )
         if not self.supervise_text_only and "labels" in batch:
             text_only = torch.tensor([not sample_images for sample_images in images])
