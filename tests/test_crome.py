@@ -24,9 +24,12 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoProcessor,
+    EncoderRepetitionPenaltyLogitsProcessor,
+    GenerationConfig,
     InstructBlipConfig,
     InstructBlipForConditionalGeneration,
     InstructBlipVisionConfig,
+    LogitsProcessorList,
     T5Config,
 )
 
@@ -402,6 +405,40 @@ def test_beam_search_keeps_each_samples_images(backbones, kind, randomize_adapte
         rows = slice(2 * i, 2 * i + 2)
         assert batched.sequences[rows, -4:].tolist() == alone.sequences[:, -4:].tolist()
         torch.testing.assert_close(batched.sequences_scores[rows], alone.sequences_scores, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["lavin", "llama", "t5"])
+def test_prompt_reading_generation_options_skip_the_image_placeholders(backbones, kind, randomize_adapters):
+    """generate's `encoder_repetition_penalty` and `encoder_no_repeat_ngram_size` index the logits with the prompt's
+    ids, image placeholders (outside the vocabulary) included: both stopped with torch's "index ... is out of
+    bounds". They now treat the prompt's text tokens as transformers does and skip the placeholders: the penalty
+    equals transformers' given the prompt's text tokens alone, and no generated bigram repeats one of the prompt's
+    (the prompt ends with the token that precedes its image, a space, whose successor is a placeholder). A CROME around T5
+    refuses them (its LLM gets embeddings, not ids)."""
+    model, processor = build_with_active_adapters(backbones, kind, randomize_adapters)
+    inputs = processor(images=[image(0)], text="what is <image> here? what is ")
+    if kind == "t5":
+        # its LLM gets embeddings: transformers has no prompt ids and ignored the option (a warning); now refused
+        for option in (dict(encoder_repetition_penalty=3.0), dict(encoder_no_repeat_ngram_size=2)):
+            with pytest.raises(ValueError, match="not supported by a CROME around an encoder-decoder LLM"):
+                model.generate(**inputs, **option)
+            with pytest.raises(ValueError, match=f"{next(iter(option))} is not supported"):
+                model.generate(**inputs, generation_config=GenerationConfig(**option))
+        assert model.generate(**inputs, max_new_tokens=2, encoder_repetition_penalty=1.0).shape[1] > 1
+        return
+    ids = inputs["input_ids"]
+    text_ids = ids[ids != processor.image_token_id][None]
+    greedy = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    penalised = model.generate(**inputs, encoder_repetition_penalty=3.0, **greedy)
+    by_hand = LogitsProcessorList([EncoderRepetitionPenaltyLogitsProcessor(3.0, text_ids)])
+    assert torch.equal(penalised, model.generate(**inputs, logits_processor=by_hand, **greedy))
+    assert not torch.equal(penalised, model.generate(**inputs, **greedy))  # the penalty changes the answer
+
+    sequence = model.generate(**inputs, encoder_no_repeat_ngram_size=2, **greedy)[0].tolist()
+    prompt = ids[0].tolist()
+    prompt_bigrams = set(zip(prompt[:-1], prompt[1:], strict=True))
+    generated = set(zip(sequence[len(prompt) - 1 : -1], sequence[len(prompt) :], strict=True))
+    assert len(sequence) == len(prompt) + 6 and not generated & prompt_bigrams
 
 
 @pytest.mark.parametrize("kind", ["lavin", "llama", "t5"])

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.compiler import is_compiling
-from transformers import GenerationConfig, PreTrainedConfig, PreTrainedModel
+from transformers import GenerationConfig, LogitsProcessorList, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import LoadStateDictInfo
 from transformers.utils import logging
@@ -100,6 +100,7 @@ from .loading import (
     take_loading_options,
 )
 from .multimodal_body import MultimodalBody
+from .prompt_logits_processors import placeholder_safe
 from .transformers_compat import ACTIVATION_CHECKPOINTING_NAMES, cache_kwargs
 from .vision_layout import square_side
 
@@ -671,6 +672,18 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
                 if name not in model_inputs and kwargs.get(name) is not None:
                     model_inputs[name] = kwargs[name]
         return model_inputs
+
+    def _get_logits_processor(
+        self, *args: Any, encoder_input_ids: torch.LongTensor | None = None, **kwargs: Any
+    ) -> LogitsProcessorList:
+        """GenerationMixin's, with the processors that index the logits by the prompt's ids
+        (`encoder_repetition_penalty`, `encoder_no_repeat_ngram_size`) kept clear of the image placeholders, whose
+        id lies outside the vocabulary (see prompt_logits_processors.py; they stopped with an IndexError)."""
+        vocab_size = self.config.get_text_config().vocab_size
+        if isinstance(encoder_input_ids, torch.Tensor) and encoder_input_ids.dim() == 2:
+            encoder_input_ids = encoder_input_ids.clamp(max=vocab_size)
+        processors = super()._get_logits_processor(*args, encoder_input_ids=encoder_input_ids, **kwargs)
+        return placeholder_safe(processors, vocab_size)
 
     def check_assistant_model(self, assistant_model: Any) -> None:
         """Assisted generation hands every model input (the images included) to the assistant's own `generate`:

@@ -647,6 +647,7 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
                     "assistant_model works with a decoder-only LLM; this CROME's LLM is an encoder-decoder "
                     f"({self.config.text_config.model_type}). Use generate(..., prompt_lookup_num_tokens=10) instead."
                 )
+            refuse_prompt_reading_options(kwargs, self.language_model.generation_config)
             inputs_embeds = self.embed_inputs(
                 input_ids, pixel_values, qformer_input_ids, qformer_attention_mask, prompt_mask
             )
@@ -661,6 +662,30 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
             prompt_mask=prompt_mask,
             attention_mask=attention_mask,
             **kwargs,
+        )
+
+
+def refuse_prompt_reading_options(kwargs: dict[str, Any], default_config: Any) -> None:
+    """`encoder_repetition_penalty` / `encoder_no_repeat_ngram_size` read the encoder's token ids; an encoder-decoder
+    CROME hands its LLM embedded inputs (images placed), so transformers would ignore them with a warning."""
+    config = kwargs.get("generation_config") or default_config
+    penalty = kwargs.get("encoder_repetition_penalty", getattr(config, "encoder_repetition_penalty", None))
+    ngram_size = kwargs.get(
+        "encoder_no_repeat_ngram_size", getattr(config, "encoder_no_repeat_ngram_size", None)
+    )
+    asked = [
+        name
+        for name, value, off in (
+            ("encoder_repetition_penalty", penalty, 1.0),
+            ("encoder_no_repeat_ngram_size", ngram_size, 0),
+        )
+        if value not in (None, off)
+    ]
+    if asked:
+        raise ValueError(
+            f"{', '.join(asked)} is not supported by a CROME around an encoder-decoder LLM: its LLM receives "
+            "embedded inputs (the images placed in them), so transformers has no prompt token ids to read and would "
+            "ignore it. Use repetition_penalty / no_repeat_ngram_size, or a decoder-only LLM."
         )
 
 
