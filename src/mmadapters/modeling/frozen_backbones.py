@@ -685,6 +685,17 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         processors = super()._get_logits_processor(*args, encoder_input_ids=encoder_input_ids, **kwargs)
         return placeholder_safe(processors, vocab_size)
 
+    def init_continuous_batching(self, *args: Any, **kwargs: Any) -> Any:
+        """Refused: transformers' continuous batching (`generate_batch`, `init_continuous_batching`) feeds the model
+        bare token lists through a paged KV cache. It takes no images, and the models' forward (routing, visual
+        tokens) does not run on that cache: each request failed with only a log line and an empty answer."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not support transformers' continuous batching (generate_batch / "
+            "init_continuous_batching): it takes token lists without images and runs a paged cache the adapters do "
+            "not run on. Use generate() on a padded batch from the processor (batches may mix image and text-only "
+            "samples)."
+        )
+
     def check_assistant_model(self, assistant_model: Any) -> None:
         """Assisted generation hands every model input (the images included) to the assistant's own `generate`:
         only a model of the same class can take them. transformers would stop inside the assistant's `generate`
