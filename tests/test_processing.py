@@ -354,6 +354,18 @@ def test_padding_max_length_and_no_padding_are_honoured(tiny_backbones, processo
     )
 
 
+def test_an_encoder_decoder_crome_pads_its_decoder_targets_as_asked(backbones_by_llm):
+    """A T5 CROME's labels are the decoder's targets, a sequence of their own: padded to the longest answer, and
+    left as they are with padding=False."""
+    processor = CromeProcessor.from_backbones(backbones_by_llm["t5"], backbones_by_llm["vision"])
+    text, answers = ["<image>\nwhat color?", "hello there"], ["red", "a much longer answer"]
+    images = [[rgb()], []]
+    padded = processor(images=images, text=text, answers=answers)
+    rows = processor(images=images, text=text, answers=answers, padding=False, return_tensors=None)
+    assert rows["labels"] == [[t for t in row if t != -100] for row in padded["labels"].tolist()]
+    assert len(rows["labels"][0]) < len(rows["labels"][1]) == padded["labels"].shape[1]
+
+
 def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt)

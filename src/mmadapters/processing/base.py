@@ -499,8 +499,8 @@ class AdapterProcessorMixin:
             **kwargs: the method's own keywords (`call_options`; CROME: `instructions`, what the Q-Former reads).
                 Of transformers' processor keywords, `padding` (True / "longest": the batch is padded to its
                 longest sample, the default; "max_length": every sample to `max_length`; False / "do_not_pad": no
-                padding, so unequal samples need `return_tensors=None`), `padding_side` ("left" / "right"; default: left without answers, right with
-                them), `pad_to_multiple_of`, `truncation` (True / "longest_first" / "only_first": cut at
+                padding, so unequal samples need `return_tensors=None`), `padding_side` ("left" / "right";
+                default: left without answers, right with them), `pad_to_multiple_of`, `truncation` (True / "longest_first" / "only_first": cut at
                 `max_length` on the tokenizer's `truncation_side`, never through an image; False: never cut, as
                 overflow="raise"), `return_attention_mask=True` and `videos` / `audio` left None are accepted;
                 anything else is refused.

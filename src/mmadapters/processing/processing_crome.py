@@ -214,10 +214,10 @@ class CromeProcessor(AdapterProcessorMixin, ProcessorMixin):
 
         fills = {"input_ids": self._pad_id(), "prompt_mask": 0, "labels": IGNORE_INDEX}
         data = self._pad(rows, fills, inputs)
-        if decoder_labels:
+        if decoder_labels and inputs.padding == "do_not_pad":
+            data["labels"] = decoder_labels
+        elif decoder_labels:  # the decoder's targets: padded to the longest answer (their own length)
             longest = max(len(labels) for labels in decoder_labels)
-            if inputs.padding == "do_not_pad":
-                longest = 0  # each row as it is
             data["labels"] = [labels + [IGNORE_INDEX] * (longest - len(labels)) for labels in decoder_labels]
         if inputs.images:
             owners = [index for index, t in enumerate(texts) for _ in range(t.count(IMAGE_TOKEN))]
