@@ -742,3 +742,20 @@ def test_a_model_without_a_language_modelling_head_given_as_the_llm_is_named_bri
     with pytest.raises(ValueError, match="CLIPVisionConfig is not the config of a language model") as raised:
         LavinForConditionalGeneration.from_backbones(tiny_vision_config(), tiny_vision_config())
     assert len(str(raised.value)) < 400 and "the order is text_model, vision_model" in str(raised.value)
+
+
+@pytest.mark.parametrize("kind", ["lavin", "crome"])
+def test_a_model_config_with_its_backbone_configs_in_the_other_order_is_named(kind):
+    """`LavinConfig(text_config=vision, vision_config=text)` (or CROME's). Before: "AttributeError: 'CLIPVisionConfig'
+    object has no attribute 'vocab_size'"."""
+    from conftest import tiny_qformer_config, tiny_text_config, tiny_vision_config
+
+    from mmadapters import CromeConfig, LavinConfig
+
+    config_class, extra = (
+        (LavinConfig, {}) if kind == "lavin" else (CromeConfig, {"qformer_config": tiny_qformer_config()})
+    )
+    expected = r"text_config is a CLIPVisionConfig, which has no vocabulary \(a vision tower's\? the order is text_config"
+    for text_config in (tiny_vision_config(), tiny_vision_config().to_dict()):
+        with pytest.raises(ValueError, match=expected):
+            config_class(text_config=text_config, vision_config=tiny_text_config(), **extra)

@@ -82,6 +82,23 @@ def check_records(config: Any) -> None:
         )
 
 
+def llm_vocabulary_size(text_config: Any) -> int:
+    """The LLM's vocabulary size (an image placeholder's id is one past it by default). A `text_config` of something
+    else (a vision tower's: the configs given in the other order) is named here; it met an AttributeError."""
+    vocab_size = getattr(text_config, "vocab_size", None)
+    if not isinstance(vocab_size, int):
+        swapped = (
+            " (a vision tower's? the order is text_config, vision_config)"
+            if hasattr(text_config, "image_size")
+            else ""
+        )
+        raise ValueError(
+            f"text_config is a {type(text_config).__name__}, which has no vocabulary{swapped}: it must be the LLM's "
+            "config (a causal LM such as Llama, Mistral or Qwen, or a T5-family LLM)."
+        )
+    return vocab_size
+
+
 @strict
 class FrozenBackbonesConfig(PreTrainedConfig):
     r"""Base of [`LavinConfig`] and [`CromeConfig`]: two frozen backbones and an adapter side.
@@ -128,7 +145,7 @@ class FrozenBackbonesConfig(PreTrainedConfig):
         # Validate and normalise the adapter settings (unknown fields raise a clear error here, early).
         self.adapter_config = self.adapter_config_class.from_dict(self.adapter_config or {}).to_dict()
         if self.image_token_id is None:
-            self.image_token_id = self.text_config.vocab_size
+            self.image_token_id = llm_vocabulary_size(self.text_config)
         if self.image_token_id < 0:
             raise ValueError(f"image_token_id must be a non-negative integer, got {self.image_token_id}.")
         # Output embeddings are tied (or not) inside the LLM itself; follow it, as LLaVA does.
