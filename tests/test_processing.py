@@ -306,6 +306,13 @@ def test_padding_max_length_and_no_padding_are_honoured(tiny_backbones, processo
     longest = plain["input_ids"].shape[1]
     fixed = processor(images=images, text=text, answers=answers, padding="max_length", max_length=longest + 7)
     assert fixed["input_ids"].shape == (2, longest + 7)
+    if processor_class is CromeProcessor:  # the Q-Former's instructions: to their own limit
+        assert fixed["qformer_input_ids"].shape == (1, processor.qformer_max_length)
+        assert fixed["qformer_attention_mask"].sum() == plain["qformer_attention_mask"].sum()
+        processor.qformer_max_length = plain["qformer_input_ids"].shape[1]  # the rest compares the two
+        fixed = processor(
+            images=images, text=text, answers=answers, padding="max_length", max_length=longest + 7
+        )
     side = "right" if answers else "left"
     for name, values in plain.items():
         if name == "pixel_values" or name.startswith("qformer_"):

@@ -223,7 +223,8 @@ class CromeProcessor(AdapterProcessorMixin, ProcessorMixin):
             owners = [index for index, t in enumerate(texts) for _ in range(t.count(IMAGE_TOKEN))]
             qformer = self.qformer_tokenizer(
                 [instruction_list[owner] for owner in owners],
-                padding=inputs.padding != "do_not_pad",  # the Q-Former's own length: its longest instruction
+                # the Q-Former's own length: its longest instruction, or qformer_max_length (static shapes)
+                padding={"longest": True, "max_length": "max_length", "do_not_pad": False}[inputs.padding],
                 truncation=True,
                 max_length=self.qformer_max_length,
             )
