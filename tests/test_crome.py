@@ -666,6 +666,29 @@ def test_get_image_features_names_malformed_images(backbones):
         model.get_image_features(torch.ones(1, 3, 32, 32, dtype=torch.long), instruction)
 
 
+@pytest.mark.parametrize("kind", ["lavin", "llama"])
+def test_logits_to_keep_that_drops_labelled_positions_is_refused_with_labels(
+    backbones, kind, randomize_adapters
+):
+    """The loss needs a logit for every labelled position: transformers' loss stopped with torch's "Expected input
+    batch_size (2) to match target batch_size (26)". Without labels, or keeping every position, it is honoured."""
+    model, processor = build_with_active_adapters(backbones, kind, randomize_adapters)
+    batch = processor(
+        images=[[image(0)], []], text=["<image>\nwhat color?", "hello there"], answers=["red", "blue"]
+    )
+    length = batch["input_ids"].shape[1]
+    with torch.no_grad():
+        full = model(**batch)
+        for keep in (1, torch.tensor([0, 1])):
+            with pytest.raises(
+                ValueError, match="logits_to_keep=.* with labels: .*supervised_logits_only=True"
+            ):
+                model(**batch, logits_to_keep=keep)
+        torch.testing.assert_close(model(**batch, logits_to_keep=length).loss, full.loss)
+        last = model(**{k: v for k, v in batch.items() if k != "labels"}, logits_to_keep=1).logits
+    torch.testing.assert_close(last, full.logits[:, -1:])
+
+
 @pytest.mark.parametrize(
     "option",
     [

@@ -76,6 +76,18 @@ def last_hidden_state_output(
     return language_model.get_decoder()(inputs_embeds=inputs_embeds, **forward_kwargs)
 
 
+def refuse_partial_logits_with_labels(logits_to_keep: int | torch.Tensor, length: int) -> None:
+    """`logits_to_keep` that drops positions, given with labels: the loss needs a logit for every labelled position,
+    and transformers' loss stopped with torch's "Expected input batch_size (2) to match target batch_size (26)"."""
+    if isinstance(logits_to_keep, int) and (logits_to_keep == 0 or logits_to_keep >= length):
+        return
+    raise ValueError(
+        f"logits_to_keep={logits_to_keep!r} with labels: the loss needs the logits of every labelled position. Leave "
+        "logits_to_keep out, or pass supervised_logits_only=True (logits only where the next token is supervised; "
+        "the same loss)."
+    )
+
+
 def causal_lm_output(
     language_model: torch.nn.Module,
     loss_function: Callable[..., torch.Tensor],
@@ -101,6 +113,8 @@ def causal_lm_output(
         else:
             positions = supervised_positions(labels, ignore_index)
         logits_to_keep = positions
+    elif labels is not None or shift_labels is not None:
+        refuse_partial_logits_with_labels(logits_to_keep, inputs_embeds.shape[1])
     outputs = language_model(inputs_embeds=inputs_embeds, logits_to_keep=logits_to_keep, **forward_kwargs)
     loss = None
     if labels is not None or shift_labels is not None:
