@@ -666,6 +666,29 @@ def test_get_image_features_names_malformed_images(backbones):
         model.get_image_features(torch.ones(1, 3, 32, 32, dtype=torch.long), instruction)
 
 
+@pytest.mark.parametrize("kind", ["lavin", "llama", "t5"])
+def test_other_models_image_inputs_are_refused_not_dropped(backbones, kind, randomize_adapters):
+    """Keywords of other vision-language models (LLaVA's `vision_feature_layer`, other processors' `image_sizes`) and
+    the other method's inputs (CROME's Q-Former instruction given to LaVIN, LaVIN's `modality` to CROME) went on to
+    the LLM, which ignored them: the answer came without them. Given as None (as TRL passes absent ones), taken."""
+    model, processor = build_with_active_adapters(backbones, kind, randomize_adapters)
+    inputs = processor(images=[image(0)], text="<image>\nwhat color?")
+    other_method = (
+        {"modality": torch.ones(1, dtype=torch.long)}
+        if kind != "lavin"
+        else {"prompt_mask": inputs["attention_mask"]}
+    )
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        for given in ({"vision_feature_layer": -2}, {"image_sizes": torch.tensor([[32, 32]])}, other_method):
+            name = next(iter(given))
+            with pytest.raises(TypeError, match=f"does not take {name}: .*Processor.from_model"):
+                model(**inputs, **given)
+            with pytest.raises((TypeError, ValueError), match=name):  # generate: transformers' check or ours
+                model.generate(**inputs, **given, max_new_tokens=2)
+        torch.testing.assert_close(model(**inputs, image_sizes=None, vision_feature_layer=None).logits, plain)
+
+
 @pytest.mark.parametrize("kind", ["lavin", "llama"])
 def test_logits_to_keep_that_drops_labelled_positions_is_refused_with_labels(
     backbones, kind, randomize_adapters

@@ -252,6 +252,49 @@ def bitsandbytes_mark(name: str, parameter_class: str) -> property:
     return property(read, check)
 
 
+# Image keywords of other vision-language models' forward: our forward passes unknown keywords on to the LLM (as
+# LLaVA's does), which ignores them, so these were dropped without a word.
+FIXED_FEATURES = "the visual features come from the vision tower layers the model was built with (its config)"
+OTHER_PROCESSOR = "inputs of another model's processor"
+OTHER_MODELS_INPUTS = {
+    "vision_feature_layer": FIXED_FEATURES,
+    "vision_feature_select_strategy": FIXED_FEATURES,
+    "image_sizes": OTHER_PROCESSOR,
+    "image_grid_thw": OTHER_PROCESSOR,
+    "pixel_attention_mask": OTHER_PROCESSOR,
+    "image_attention_mask": OTHER_PROCESSOR,
+    "aspect_ratio_ids": OTHER_PROCESSOR,
+    "aspect_ratio_mask": OTHER_PROCESSOR,
+    "pixel_values_videos": "the model takes images and text",
+    "video_grid_thw": "the model takes images and text",
+    "input_features": "the model takes images and text",
+}
+# Each method's own forward inputs, which the other method's forward does not take.
+LAVIN_INPUTS = ("modality", "routing_weights", "folded_adapters")
+CROME_INPUTS = ("qformer_input_ids", "qformer_attention_mask", "prompt_mask")
+
+
+def refuse_other_models_inputs(
+    model_name: str, kwargs: dict[str, Any], other_method: tuple[str, ...]
+) -> None:
+    """Refuse keywords (given a value) that belong to another model: other vision-language models' image inputs, or
+    the other method's own inputs (`other_method`: CROME's Q-Former inputs given to LaVIN, LaVIN's routing to
+    CROME). Before, the LLM ignored them and the answer came without them."""
+    given = sorted(
+        name
+        for name in kwargs
+        if kwargs[name] is not None and (name in OTHER_MODELS_INPUTS or name in other_method)
+    )
+    if not given:
+        return
+    reasons = sorted({OTHER_MODELS_INPUTS.get(name, "inputs of the other method's model") for name in given})
+    processor = model_name.replace("ForConditionalGeneration", "Processor")
+    raise TypeError(
+        f"{model_name} does not take {', '.join(given)}: {'; '.join(reasons)}. Its processor builds what it takes "
+        f"({processor}.from_model(model), or AutoProcessor of its checkpoint)."
+    )
+
+
 def forward_ignoring_placeholder_labels(model: Any, forward: Any, *args: Any, **kwargs: Any) -> Any:
     """`forward(*args, **kwargs)` with the image placeholders in `labels` ignored (`_text_labels`)."""
     if kwargs.get("labels") is not None:

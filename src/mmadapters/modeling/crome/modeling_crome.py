@@ -31,7 +31,13 @@ from ..causal_lm_output import (
     VisionLanguageCausalLMOutput,
     image_features_output,
 )
-from ..frozen_backbones import FrozenBackbonesPreTrainedModel, adapter_settings, check_token_ids
+from ..frozen_backbones import (
+    LAVIN_INPUTS,
+    FrozenBackbonesPreTrainedModel,
+    adapter_settings,
+    check_token_ids,
+    refuse_other_models_inputs,
+)
 from ..image_tokens import (
     check_image_token_count,
     embed_text_tokens,
@@ -548,6 +554,7 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
             raise ValueError("CROME needs input_ids (the processor's output).")
         refuse_inputs_embeds(kwargs.pop("inputs_embeds", None))
         cache = pick_cache(cache, kwargs.pop("past_key_values", None), type(self).__name__)
+        refuse_other_models_inputs(type(self).__name__, kwargs, LAVIN_INPUTS)
         past_length = cache.get_seq_length() if cache is not None else 0
         self.check_inputs(
             input_ids,

@@ -33,7 +33,12 @@ from ..adapters.call_state import recording_routing
 from ..adapters.injection import bind_replica_adapters
 from ..backbones import BackboneReference
 from ..causal_lm_output import VisionLanguageCausalLMOutput, image_features_output
-from ..frozen_backbones import FrozenBackbonesPreTrainedModel, adapter_settings
+from ..frozen_backbones import (
+    CROME_INPUTS,
+    FrozenBackbonesPreTrainedModel,
+    adapter_settings,
+    refuse_other_models_inputs,
+)
 from ..image_tokens import check_image_token_count, embed_text_tokens, refuse_images_without_pixels
 from ..per_layer_embeddings import add_per_layer_inputs, pad_per_layer_inputs, takes_per_layer_inputs
 from ..transformers_compat import cache_kwargs, pick_cache
@@ -474,6 +479,7 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
             takes them the same way: `use_cache` goes to the LLM, `return_dict=False` returns a tuple).
         """
         cache = pick_cache(cache, kwargs.pop("past_key_values", None), type(self).__name__)
+        refuse_other_models_inputs(type(self).__name__, kwargs, CROME_INPUTS)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         self.check_adapters_attached()
