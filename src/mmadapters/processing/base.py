@@ -374,6 +374,24 @@ def apply_load_settings(processor: Any, settings: dict[str, Any]) -> None:
                     setattr(getattr(processor, attribute), name, settings[name])
 
 
+def plain_rows(batch: BatchFeature, keep_padding: bool = False) -> BatchFeature:
+    """A padded batch as plain lists, one row per sample, without its padding unless `keep_padding` (each
+    token-level field cut where its attention mask is 0: `qformer_*` fields by `qformer_attention_mask`, the others
+    by `attention_mask`), one array per image for `pixel_values`: what transformers' processors return without
+    `return_tensors`."""
+    rows = {}
+    for name, value in batch.items():
+        if name == "pixel_values":
+            rows[name] = list(value.numpy())
+            continue
+        if keep_padding:
+            rows[name] = value.tolist()
+            continue
+        mask = batch["qformer_attention_mask" if name.startswith("qformer_") else "attention_mask"].bool()
+        rows[name] = [row[keep].tolist() for row, keep in zip(value, mask, strict=True)]
+    return BatchFeature(data=rows)
+
+
 def _check_rows_stack(data: dict[str, Any]) -> None:
     """Rows of one field that differ in length cannot become one tensor (padding=False on a batch of unequal
     samples): say so, rather than torch's "expected sequence of length"."""
@@ -761,11 +779,18 @@ class AdapterProcessorMixin:
             )
         if args or not kwargs.get("tokenize") or kwargs.get("return_tensors", "auto") != "auto":
             return super().apply_chat_template(conversation, *args, **kwargs)
-        # transformers' default there: no padding (padding="max_length" given here pads the lists as asked)
-        rows = super().apply_chat_template(
-            conversation,
-            **{"padding": False, **kwargs, "return_dict": True, "return_tensors": None},
-        )
+        # transformers' default there is no padding; padding given (padding="max_length") pads the lists as asked.
+        # The batch is built as tensors and cut back into rows: transformers before 5.24 would not pass
+        # return_tensors=None on to the processor call.
+        call_kwargs = {**kwargs, "return_dict": True, "return_tensors": "pt"}
+        processor_kwargs = dict(call_kwargs.pop("processor_kwargs", None) or {})
+        padding = call_kwargs.pop("padding", processor_kwargs.pop("padding", False))
+        keep_padding = padding not in (False, "do_not_pad")
+        if keep_padding:
+            call_kwargs["padding"] = padding
+        if processor_kwargs:
+            call_kwargs["processor_kwargs"] = processor_kwargs
+        rows = plain_rows(super().apply_chat_template(conversation, **call_kwargs), keep_padding)
         return rows if kwargs.get("return_dict") else rows["input_ids"]
 
     @classmethod
