@@ -108,6 +108,12 @@ def test_tokenized_chat_template_without_return_tensors_gives_unpadded_rows(tiny
     assert ids == rows["input_ids"][:1]
     fixed = processor.apply_chat_template([short, long], **kwargs, padding="max_length", max_length=64)
     assert [len(row) for row in fixed["input_ids"]] == [64, 64]
+    in_dict = {"padding": "max_length", "max_length": 64}
+    from_dict = processor.apply_chat_template([short, long], **kwargs, processor_kwargs=in_dict)
+    assert (
+        from_dict["input_ids"] == fixed["input_ids"]
+        and from_dict["attention_mask"] == fixed["attention_mask"]
+    )
     assert [sum(mask) for mask in fixed["attention_mask"]] == [len(row) for row in rows["input_ids"]]
 
 

@@ -780,14 +780,15 @@ class AdapterProcessorMixin:
         if args or not kwargs.get("tokenize") or kwargs.get("return_tensors", "auto") != "auto":
             return super().apply_chat_template(conversation, *args, **kwargs)
         # transformers' default there is no padding; padding given (padding="max_length") pads the lists as asked.
-        # The batch is built as tensors and cut back into rows: transformers before 5.24 would not pass
-        # return_tensors=None on to the processor call.
+        # The batch is built as tensors and cut back into rows: transformers 5.20 does not pass return_tensors=None
+        # on to the processor call. `padding` stays where it was given (keywords or `processor_kwargs`).
         call_kwargs = {**kwargs, "return_dict": True, "return_tensors": "pt"}
-        processor_kwargs = dict(call_kwargs.pop("processor_kwargs", None) or {})
-        padding = call_kwargs.pop("padding", processor_kwargs.pop("padding", False))
+        processor_kwargs = dict(kwargs.get("processor_kwargs") or {})
+        given_in = processor_kwargs if "padding" in processor_kwargs else call_kwargs
+        padding = given_in.pop("padding", False)
         keep_padding = padding not in (False, "do_not_pad")
         if keep_padding:
-            call_kwargs["padding"] = padding
+            given_in["padding"] = padding
         if processor_kwargs:
             call_kwargs["processor_kwargs"] = processor_kwargs
         rows = plain_rows(super().apply_chat_template(conversation, **call_kwargs), keep_padding)
