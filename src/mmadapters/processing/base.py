@@ -547,7 +547,7 @@ class AdapterProcessorMixin:
             )
         pixel_values = self._pixel_values(inputs.images)  # bad images are refused before any tokenising
         data = self._model_inputs(inputs, **options)
-        if return_tensors is not None:
+        if return_tensors is not None and padding == "do_not_pad":  # the only way rows differ in length
             _check_rows_stack(data)
         if pixel_values is not None:
             # return_tensors=None: plain values throughout, as transformers' processors give (one array per image)
