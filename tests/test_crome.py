@@ -441,6 +441,51 @@ def test_prompt_reading_generation_options_skip_the_image_placeholders(backbones
     assert len(sequence) == len(prompt) + 6 and not generated & prompt_bigrams
 
 
+@pytest.mark.parametrize("kind", ["lavin", "llama", "t5"])
+def test_token_healing_is_refused_up_front(backbones, kind, randomize_adapters):
+    """transformers' token healing decodes the prompts to text and tokenizes them again: the image placeholders
+    (outside the vocabulary) were dropped, and generation stopped on the image count (LaVIN), on a prompt_mask /
+    attention_mask of the old length (CROME) or in torch's reshape (T5 CROME). Refused, as an option or in a
+    generation config."""
+    model, processor = build_with_active_adapters(backbones, kind, randomize_adapters)
+    inputs = processor(images=[[image(0)], []], text=["what is <image> here?", "the capital of"])
+    with pytest.raises(ValueError, match=r"token_healing is not supported by [\w -]+: it"):
+        model.generate(**inputs, max_new_tokens=2, token_healing=True, tokenizer=processor.tokenizer)
+    config = GenerationConfig(max_new_tokens=2, token_healing=True)
+    with pytest.raises(ValueError, match="token_healing is not supported"):
+        model.generate(**inputs, generation_config=config, tokenizer=processor.tokenizer)
+    assert model.generate(**inputs, max_new_tokens=2, token_healing=False).shape[0] == 2
+
+
+@pytest.mark.parametrize("kind", ["lavin", "llama", "t5"])
+def test_negative_prompt_guidance(backbones, kind, randomize_adapters):
+    """Classifier-free guidance with `negative_prompt_ids`: a decoder-only model's first scores equal transformers'
+    formula on its own forward passes (the prompt with its image, and the negative prompt as text); a T5 CROME
+    refuses it (transformers stopped with "You must specify exactly one of input_ids or inputs_embeds")."""
+    model, processor = build_with_active_adapters(backbones, kind, randomize_adapters)
+    inputs = processor(images=[[image(0)], []], text=["what is <image> here?", "the capital of"])
+    negative = processor.tokenizer(["nothing at all", "nothing at all"], return_tensors="pt").input_ids
+    if kind == "t5":
+        with pytest.raises(
+            ValueError, match="negative_prompt_ids is not supported by a CROME around an encoder"
+        ):
+            model.generate(**inputs, negative_prompt_ids=negative, guidance_scale=1.5)
+        return
+    out = model.generate(
+        **inputs,
+        negative_prompt_ids=negative,
+        guidance_scale=1.5,
+        max_new_tokens=1,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    with torch.no_grad():
+        conditional = model(**inputs).logits[:, -1].log_softmax(-1)
+        unconditional = model(input_ids=negative).logits[:, -1].log_softmax(-1)
+    torch.testing.assert_close(out.scores[0], 1.5 * (conditional - unconditional) + unconditional)
+
+
 @pytest.mark.parametrize("kind", ["lavin", "llama"])
 def test_continuous_batching_is_refused_up_front(backbones, kind, randomize_adapters):
     """transformers' continuous batching runs bare token lists through a paged cache: the models' forward failed on

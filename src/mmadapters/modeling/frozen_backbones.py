@@ -178,6 +178,13 @@ def unexpected_keywords_error(where: str, unexpected: Any, config_class: type) -
     return TypeError(message)
 
 
+def token_healing_refusal(model_name: str) -> str:
+    return (
+        f"token_healing is not supported by {model_name}: it decodes the prompts to text and tokenizes them again, "
+        "which drops the image placeholders (their id lies outside the vocabulary). Generate without it."
+    )
+
+
 def check_adapter_only_save_options(options: dict[str, Any]) -> None:
     """Refuse, before anything is written, a `save_pretrained` option an adapter-only save cannot honour."""
     unknown = sorted(
@@ -727,6 +734,12 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             encoder_input_ids = encoder_input_ids.clamp(max=vocab_size)
         processors = super()._get_logits_processor(*args, encoder_input_ids=encoder_input_ids, **kwargs)
         return placeholder_safe(processors, vocab_size)
+
+    def heal_tokens(self, input_ids: torch.LongTensor, tokenizer: Any = None) -> torch.LongTensor:
+        """Refused: transformers' token healing (`generate(token_healing=True)`) decodes the prompts to text and
+        tokenizes them again, which drops the image placeholders (outside the vocabulary) and leaves the inputs
+        that follow `input_ids` (attention_mask, CROME's prompt_mask) at the old length."""
+        raise ValueError(token_healing_refusal(type(self).__name__))
 
     def init_continuous_batching(self, *args: Any, **kwargs: Any) -> Any:
         """Refused: transformers' continuous batching (`generate_batch`, `init_continuous_batching`) feeds the model

@@ -654,7 +654,7 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
                     "assistant_model works with a decoder-only LLM; this CROME's LLM is an encoder-decoder "
                     f"({self.config.text_config.model_type}). Use generate(..., prompt_lookup_num_tokens=10) instead."
                 )
-            refuse_prompt_reading_options(kwargs, self.language_model.generation_config)
+            refuse_options_needing_prompt_ids(kwargs, self.language_model.generation_config)
             inputs_embeds = self.embed_inputs(
                 input_ids, pixel_values, qformer_input_ids, qformer_attention_mask, prompt_mask
             )
@@ -672,27 +672,33 @@ class CromeForConditionalGeneration(CromePreTrainedModel, GenerationMixin):
         )
 
 
-def refuse_prompt_reading_options(kwargs: dict[str, Any], default_config: Any) -> None:
-    """`encoder_repetition_penalty` / `encoder_no_repeat_ngram_size` read the encoder's token ids; an encoder-decoder
-    CROME hands its LLM embedded inputs (images placed), so transformers would ignore them with a warning."""
+def refuse_options_needing_prompt_ids(kwargs: dict[str, Any], default_config: Any) -> None:
+    """An encoder-decoder CROME hands its LLM embedded inputs (the images placed), not token ids. The generate
+    options that read the prompt's ids were ignored by transformers with a warning (`encoder_repetition_penalty`,
+    `encoder_no_repeat_ngram_size`) or stopped inside it (`token_healing`: torch's reshape error; a negative prompt
+    for classifier-free guidance: "You must specify exactly one of input_ids or inputs_embeds")."""
     config = kwargs.get("generation_config") or default_config
     penalty = kwargs.get("encoder_repetition_penalty", getattr(config, "encoder_repetition_penalty", None))
     ngram_size = kwargs.get(
         "encoder_no_repeat_ngram_size", getattr(config, "encoder_no_repeat_ngram_size", None)
     )
+    healing = kwargs.get("token_healing", getattr(config, "token_healing", None))
     asked = [
         name
         for name, value, off in (
             ("encoder_repetition_penalty", penalty, 1.0),
             ("encoder_no_repeat_ngram_size", ngram_size, 0),
+            ("token_healing", healing, False),
+            ("negative_prompt_ids", kwargs.get("negative_prompt_ids"), None),
         )
         if value not in (None, off)
     ]
     if asked:
         raise ValueError(
             f"{', '.join(asked)} is not supported by a CROME around an encoder-decoder LLM: its LLM receives "
-            "embedded inputs (the images placed in them), so transformers has no prompt token ids to read and would "
-            "ignore it. Use repetition_penalty / no_repeat_ngram_size, or a decoder-only LLM."
+            "embedded inputs (the images placed in them): it has no prompt token ids to read. Use "
+            "repetition_penalty / no_repeat_ngram_size (or guidance_scale without a negative prompt), or a "
+            "decoder-only LLM."
         )
 
 
