@@ -61,6 +61,39 @@ def test_chat_template_image_and_text_only(processor):
     )
 
 
+@pytest.mark.parametrize("processor_class", [LavinProcessor, CromeProcessor])
+def test_named_chat_templates_of_the_llm_are_kept(tiny_backbones, processor_class, tmp_path):
+    """An LLM whose tokenizer has several named chat templates (Command-R's and Hermes' "default", "tool_use",
+    "rag") keeps them all behind our message flattening: `apply_chat_template(chat, chat_template="tool_use")` picks
+    one by name, as transformers' processors do, and a save keeps them. Before, only "default" was kept, and the
+    name "tool_use" was rendered as if it were a template: the prompt was the text "tool_use"."""
+    llm, vision = tiny_backbones
+    built = processor_class.from_backbones(llm, vision)
+    tokenizer = built.tokenizer
+    tokenizer.chat_template = {
+        "default": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}",
+        "tool_use": "TOOLS {{ tools | length }}|{% for m in messages %}{{ m['content'] }}|{% endfor %}",
+    }
+    kwargs = {"qformer_tokenizer": built.qformer_tokenizer} if processor_class is CromeProcessor else {}
+    processor = processor_class(
+        built.image_processor, tokenizer, num_image_tokens=built.num_image_tokens, **kwargs
+    )
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color?"}]}]
+    image_text = "Image: <image>\n" if processor_class is LavinProcessor else "<image>\n"
+    tools = [
+        {"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}}}
+    ]
+    assert processor.apply_chat_template(chat) == f"user: {image_text}what color?\n"
+    assert processor.apply_chat_template(chat, chat_template="tool_use", tools=tools) == (
+        f"TOOLS 1|{image_text}what color?|"
+    )
+    processor.save_pretrained(tmp_path / "saved")
+    reloaded = processor_class.from_pretrained(tmp_path / "saved")
+    assert reloaded.apply_chat_template(chat, chat_template="tool_use", tools=tools) == (
+        f"TOOLS 1|{image_text}what color?|"
+    )
+
+
 def test_apply_chat_template_tokenized_with_image(processor, tmp_path):
     path = tmp_path / "red.png"
     rgb().save(path)

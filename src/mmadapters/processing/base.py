@@ -147,11 +147,15 @@ class InvalidTextError(MMAdaptersError, TypeError):
     """`text` or `answers` given to a processor is not a string or a list of strings (a number, a None row)."""
 
 
-def build_chat_template(tokenizer: Any, image_text: str, text_only_prefix: str) -> str:
-    """Our message flattening in front of the LLM's own chat template (or a plain one)."""
+def build_chat_template(tokenizer: Any, image_text: str, text_only_prefix: str) -> str | dict[str, str]:
+    """Our message flattening in front of the LLM's own chat template (or a plain one). An LLM with several named
+    templates (Command-R's and Hermes' "default", "tool_use", "rag") keeps them all, each behind the flattening, so
+    that `apply_chat_template(..., chat_template="tool_use")` picks one by name as in transformers; the first one
+    is also "default" when none has that name (transformers' processors need one)."""
     llm_template = tokenizer.chat_template
-    if isinstance(llm_template, dict):
-        llm_template = llm_template.get("default") or next(iter(llm_template.values()))
+    if isinstance(llm_template, dict) and llm_template:
+        named = {name: _flattening_then(image_text, text_only_prefix, t) for name, t in llm_template.items()}
+        return {"default": next(iter(named.values())), **named}
     return _flattening_then(image_text, text_only_prefix, llm_template or _PLAIN_TEMPLATE)
 
 

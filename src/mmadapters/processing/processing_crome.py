@@ -79,7 +79,7 @@ class CromeProcessor(AdapterProcessorMixin, ProcessorMixin):
         image_processor: Any = None,
         tokenizer: Any = None,
         qformer_tokenizer: Any = None,
-        chat_template: str | None = None,
+        chat_template: str | dict[str, str] | None = None,
         num_image_tokens: int = 32,
         encoder_decoder: bool = False,
         max_length: int | None = None,

@@ -49,7 +49,8 @@ class LavinProcessor(AdapterProcessorMixin, ProcessorMixin):
     Args:
         image_processor: the vision tower's image processor.
         tokenizer: the LLM's tokenizer (the `<image>` special token is added to it; the LLM is not resized).
-        chat_template: default: the LLM's chat template behind LaVIN's "Image: ..." flattening.
+        chat_template: default: the LLM's chat template behind LaVIN's "Image: ..." flattening (each of them, by
+            name, for an LLM with several).
         num_image_tokens: visual tokens per image (the model's `config.num_image_tokens`, 6 for ViT-L/14).
         max_length: longest accepted sequence in tokens (None: the tokenizer's model_max_length if sane).
         overflow: what to do with a longer sequence: "raise" (default), "truncate_left" (drop the oldest
@@ -65,7 +66,7 @@ class LavinProcessor(AdapterProcessorMixin, ProcessorMixin):
         self,
         image_processor: Any = None,
         tokenizer: Any = None,
-        chat_template: str | None = None,
+        chat_template: str | dict[str, str] | None = None,
         num_image_tokens: int = 6,
         max_length: int | None = None,
         overflow: Literal["raise", "truncate_left", "truncate_right"] = "raise",
