@@ -178,13 +178,6 @@ def unexpected_keywords_error(where: str, unexpected: Any, config_class: type) -
     return TypeError(message)
 
 
-def token_healing_refusal(model_name: str) -> str:
-    return (
-        f"token_healing is not supported by {model_name}: it decodes the prompts to text and tokenizes them again, "
-        "which drops the image placeholders (their id lies outside the vocabulary). Generate without it."
-    )
-
-
 def check_adapter_only_save_options(options: dict[str, Any]) -> None:
     """Refuse, before anything is written, a `save_pretrained` option an adapter-only save cannot honour."""
     unknown = sorted(
@@ -739,7 +732,11 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
         """Refused: transformers' token healing (`generate(token_healing=True)`) decodes the prompts to text and
         tokenizes them again, which drops the image placeholders (outside the vocabulary) and leaves the inputs
         that follow `input_ids` (attention_mask, CROME's prompt_mask) at the old length."""
-        raise ValueError(token_healing_refusal(type(self).__name__))
+        raise ValueError(
+            f"token_healing is not supported by {type(self).__name__}: it decodes the prompts to text and tokenizes "
+            "them again, which drops the image placeholders (their id lies outside the vocabulary). Generate "
+            "without it."
+        )
 
     def init_continuous_batching(self, *args: Any, **kwargs: Any) -> Any:
         """Refused: transformers' continuous batching (`generate_batch`, `init_continuous_batching`) feeds the model
