@@ -21,6 +21,12 @@ from mmadapters import (
     PromptTooLongError,
 )
 from mmadapters.processing import load_image
+from mmadapters.processing.base import (
+    CONTROL_MARK_END,
+    CONTROL_MARK_START,
+    special_tokens_around,
+    takes_sanitized_text,
+)
 
 
 @pytest.fixture()
@@ -92,6 +98,64 @@ def test_named_chat_templates_of_the_llm_are_kept(tiny_backbones, processor_clas
     assert reloaded.apply_chat_template(chat, chat_template="tool_use", tools=tools) == (
         f"TOOLS 1|{image_text}what color?|"
     )
+
+
+@pytest.mark.parametrize("processor_class", [LavinProcessor, CromeProcessor])
+def test_sanitize_control_tokens_keeps_the_users_control_tokens_as_text(tiny_backbones, processor_class):
+    """transformers' `apply_chat_template(..., sanitize_control_tokens=True)` marks the control tokens in the user's
+    own text and asks the processor to encode them as text: a user's "<image>" is then no second image and a user's
+    "</s>" no end of turn. Our processors refused the keyword (TypeError). Now the template's placeholder is the
+    one image, the user's `<image>` and `</s>` are plain tokens, and the rest is encoded as without sanitizing. A
+    transformers release whose processors do not mark (5.20) gets a clear refusal."""
+    processor = processor_class.from_backbones(*tiny_backbones)
+    image = {"type": "image", "image": rgb()}
+    question = [{"role": "user", "content": [image, {"type": "text", "text": "what <image> is </s> here?"}]}]
+    kwargs = dict(tokenize=True, return_dict=True, return_tensors="pt", add_generation_prompt=True)
+    if not takes_sanitized_text():
+        with pytest.raises(TypeError, match="sanitize_control_tokens needs a transformers release"):
+            processor.apply_chat_template(question, sanitize_control_tokens=True, **kwargs)
+        return
+    from transformers.utils import chat_template_utils
+
+    assert (CONTROL_MARK_START, CONTROL_MARK_END) == (
+        chat_template_utils._CONTROL_TOKEN_START,
+        chat_template_utils._CONTROL_TOKEN_END,
+    )
+    with pytest.raises(ImageTokenMismatchError):  # unsanitized, the user's "<image>" asks for a second image
+        processor.apply_chat_template(question, **kwargs)
+    out = processor.apply_chat_template(question, sanitize_control_tokens=True, **kwargs)
+    ids = out["input_ids"][0]
+    tokenizer = processor.tokenizer
+    image_tokens = ids == processor.image_token_id
+    assert int(image_tokens.sum()) == processor.num_image_tokens  # the template's placeholder only
+    # the user's "<image>" and "</s>" are plain tokens: the text reads as written, with one "</s>" fewer as a token
+    plain = processor.apply_chat_template(question, tokenize=False, add_generation_prompt=True)
+    bos = tokenizer.bos_token if ids[0] == tokenizer.bos_token_id else ""
+    assert tokenizer.decode(ids[~image_tokens]) == bos + plain.replace("<image>", "", 1)
+    assert int((ids == tokenizer.eos_token_id).sum()) == plain.count("</s>") - 1
+    if processor_class is CromeProcessor:  # the Q-Former reads the user's text as written
+        instruction = processor.qformer_tokenizer.decode(
+            out["qformer_input_ids"][0], skip_special_tokens=False
+        )
+        assert CONTROL_MARK_START not in instruction and "what" in instruction
+        assert out["prompt_mask"][0].tolist() == (ids != processor.image_token_id).long().tolist()
+
+
+@pytest.mark.parametrize("template", ["<s> $A", "$A </s>", "<s> $A </s>", "$A"])
+def test_special_tokens_around_a_text_are_found_on_either_side(template):
+    """What a sanitized prompt gets around it (transformers' tokenizer adds no special tokens to marked text):
+    the tokenizer's own BOS before (Llama) and EOS after (T5)."""
+    from conftest import make_tokenizer
+    from tokenizers import processors
+
+    tokenizer = make_tokenizer()
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in ("<s>", "</s>")}
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=list(ids.items())
+    )
+    before, after = special_tokens_around(tokenizer)
+    assert before == ([ids["<s>"]] if template.startswith("<s>") else [])
+    assert after == ([ids["</s>"]] if template.endswith("</s>") else [])
 
 
 def test_apply_chat_template_tokenized_with_image(processor, tmp_path):

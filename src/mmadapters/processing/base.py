@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ from transformers import (
     CLIPImageProcessorPil,
     GenerationConfig,
     PreTrainedConfig,
+    ProcessorMixin,
 )
 from transformers.utils import PaddingStrategy, cached_file
 
@@ -426,6 +428,41 @@ def check_overflow_policy(overflow: str) -> str:
     return overflow
 
 
+# transformers' markers around each control token found in the user's own text by `apply_chat_template(...,
+# sanitize_control_tokens=True)` (`mark_control_tokens`), which then hands the marked prompt to the processor with
+# `sanitize_control_tokens=True`. A marked `<image>` is the user's text, not a placeholder. (Private names there;
+# tests/test_processing.py checks that they still match.)
+CONTROL_MARK_START, CONTROL_MARK_END = "\U000f0000", "\U000f0001"
+_UNMARKED_IMAGE_TOKEN = re.compile(f"(?<!{CONTROL_MARK_START}){re.escape(IMAGE_TOKEN)}")
+
+
+def placeholders_in(text: str, sanitized: bool) -> int:
+    """How many image placeholders `text` holds (with `sanitized`, those the user wrote do not count)."""
+    return len(_UNMARKED_IMAGE_TOKEN.findall(text)) if sanitized else text.count(IMAGE_TOKEN)
+
+
+def without_placeholders(text: str, sanitized: bool) -> str:
+    """`text` without its image placeholders; with `sanitized`, the user's own `<image>` and other control tokens
+    stay, as text without transformers' marks."""
+    if not sanitized:
+        return text.replace(IMAGE_TOKEN, "")
+    return _UNMARKED_IMAGE_TOKEN.sub("", text).replace(CONTROL_MARK_START, "").replace(CONTROL_MARK_END, "")
+
+
+def takes_sanitized_text() -> bool:
+    """Whether transformers' processors mark the user's control tokens (`apply_chat_template(...,
+    sanitize_control_tokens=True)`) and their tokenizers encode marked text; 5.25 does, 5.20 does not."""
+    return "sanitize_control_tokens" in inspect.signature(ProcessorMixin.apply_chat_template).parameters
+
+
+def special_tokens_around(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a text (Llama: BOS before; T5: EOS after)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    start = next(i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain)
+    return full[:start], full[start + len(plain) :]
+
+
 def _padding_keywords(kwargs: dict[str, Any]) -> tuple[str, str | None, int | None]:
     """transformers' `padding` (as one of "longest", "max_length", "do_not_pad"), `padding_side` and
     `pad_to_multiple_of`, taken out of a processor call's keywords."""
@@ -463,6 +500,9 @@ class CheckedInputs:
     padding_side: str | None = None  # None: ours (left for generation, right with answers)
     pad_to_multiple_of: int | None = None
     padding: str = "longest"  # or "max_length" (every row to max_length), "do_not_pad" (rows as they are)
+    sanitized: bool = (
+        False  # the texts' control tokens written by the user are marked (sanitize_control_tokens)
+    )
 
     def pads_left(self) -> bool:
         return self.answers is None if self.padding_side is None else self.padding_side == "left"
@@ -524,25 +564,29 @@ class AdapterProcessorMixin:
                 padding, so unequal samples need `return_tensors=None`), `padding_side` ("left" / "right";
                 default: left without answers, right with them), `pad_to_multiple_of`, `truncation` (True / "longest_first" / "only_first": cut at
                 `max_length` on the tokenizer's `truncation_side`, never through an image; False: never cut, as
-                overflow="raise"), `return_attention_mask=True` and `videos` / `audio` left None are accepted;
-                anything else is refused.
+                overflow="raise"), `sanitize_control_tokens` (set by `apply_chat_template(...,
+                sanitize_control_tokens=True)`: the control tokens the user wrote, `<image>` included, are text),
+                `return_attention_mask=True` and `videos` / `audio` left None are accepted; anything else is
+                refused.
         Returns:
             `BatchFeature` with input_ids, attention_mask, [labels], [pixel_values], and the method's own fields.
         """
         padding, padding_side, pad_to_multiple_of = _padding_keywords(kwargs)
         overflow = self._overflow_for(kwargs.pop("truncation", None), overflow)
+        sanitized = self._check_sanitized(kwargs.pop("sanitize_control_tokens", False))
         options = self._check_call_options(kwargs)
         texts = self._check_texts(text)
         inputs = CheckedInputs(
             texts=texts,
             answers=self._check_answers(answers, texts),
-            images=self._collect_images(images, texts),
+            images=self._collect_images(images, texts, sanitized),
             add_special_tokens=add_special_tokens,
             max_length=self._max_length(max_length),
             overflow=overflow,
             padding_side=padding_side,
             pad_to_multiple_of=pad_to_multiple_of,
             padding=padding,
+            sanitized=sanitized,
         )
         if padding == "max_length" and inputs.max_length is None:
             raise ValueError(
@@ -623,6 +667,33 @@ class AdapterProcessorMixin:
                 "which end is cut)."
             )
         return check_overflow_policy(overflow or asked)
+
+    def _check_sanitized(self, sanitized: Any) -> bool:
+        """`sanitize_control_tokens`: honoured where transformers marks the user's control tokens (see
+        `takes_sanitized_text`); refused elsewhere, and with LaVIN's official tokenization (its own encoding)."""
+        if not sanitized:
+            return False
+        if not takes_sanitized_text():
+            raise TypeError(
+                "sanitize_control_tokens needs a transformers release whose processors' apply_chat_template takes it "
+                "(5.25 does; this one does not mark the user's control tokens). Upgrade transformers, or leave it out."
+            )
+        if getattr(self, "official_tokenization", False):
+            raise ValueError(
+                "sanitize_control_tokens is not supported with official_tokenization=True (LaVIN's own piecewise "
+                "encoding of its fixed layout); leave one of them out."
+            )
+        return True
+
+    def _tokenize(self, texts: list[str], add_special_tokens: bool, sanitized: bool) -> list[list[int]]:
+        """The token ids of prompts (placeholders expanded). Sanitized text is encoded by transformers' tokenizer,
+        which turns each marked control token into plain text; it adds no special tokens to such text, so they are
+        put around it here as the tokenizer puts them around plain text."""
+        if not sanitized:
+            return self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+        before, after = special_tokens_around(self.tokenizer) if add_special_tokens else ([], [])
+        ids = self.tokenizer(texts, add_special_tokens=False, sanitize_control_tokens=True)["input_ids"]
+        return [before + row + after for row in ids]
 
     def _check_call_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The method's own keywords out of `kwargs`; transformers' keywords that match what we do are accepted,
@@ -847,9 +918,9 @@ class AdapterProcessorMixin:
                 raise InvalidTextError(f"{item} {index} is of type {type(entry).__name__}, not a string.")
         return strings
 
-    def _collect_images(self, images: Any, texts: list[str]) -> list[Any]:
+    def _collect_images(self, images: Any, texts: list[str], sanitized: bool = False) -> list[Any]:
         """Images as a flat list in placeholder order, checked against the `<image>` placeholders."""
-        placeholders = [t.count(IMAGE_TOKEN) for t in texts]
+        placeholders = [placeholders_in(t, sanitized) for t in texts]
         if isinstance(images, Sequence) and not isinstance(images, (str, bytes)):
             images = list(images)  # a data set's column (datasets' Column) is the list it holds
         if isinstance(images, list) and any(item is None for item in images):
@@ -906,8 +977,10 @@ class AdapterProcessorMixin:
         ]
         return self.image_processor(loaded, return_tensors="pt")["pixel_values"]
 
-    def _expand_image_tokens(self, texts: list[str]) -> list[str]:
-        return [t.replace(IMAGE_TOKEN, IMAGE_TOKEN * self.num_image_tokens) for t in texts]
+    def _expand_image_tokens(self, texts: list[str], sanitized: bool = False) -> list[str]:
+        """Each placeholder as `num_image_tokens` image tokens (with `sanitized`, not those the user wrote)."""
+        pattern = _UNMARKED_IMAGE_TOKEN if sanitized else re.compile(re.escape(IMAGE_TOKEN))
+        return [pattern.sub(IMAGE_TOKEN * self.num_image_tokens, t) for t in texts]
 
     def _max_length(self, max_length: int | None) -> int | None:
         check_positive_int(max_length, "max_length", optional=True)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from transformers import AutoTokenizer, PreTrainedConfig, ProcessorMixin
 from transformers.utils import cached_file
 
-from ..modeling.backbones import IMAGE_TOKEN, resolve_checkpoint_folder
+from ..modeling.backbones import resolve_checkpoint_folder
 from ..modeling.loading import HUB_KEYWORDS
 from ..modeling.vision_layout import num_patches, square_side
 from ..validation import check_bool, check_positive_int
@@ -26,9 +26,11 @@ from .base import (
     CheckedInputs,
     build_chat_template,
     image_statistics,
+    placeholders_in,
     read_processor_backbones,
     resize_only_image_processor,
     take_processor_keywords,
+    without_placeholders,
 )
 from .images import DEFAULT_MAX_IMAGE_PIXELS
 
@@ -176,7 +178,7 @@ class CromeProcessor(AdapterProcessorMixin, ProcessorMixin):
         """
         texts, answer_list, overflow = inputs.texts, inputs.answers, inputs.overflow
         if instructions is None:
-            instruction_list = [t.replace(IMAGE_TOKEN, "").strip() for t in texts]
+            instruction_list = [without_placeholders(t, inputs.sanitized).strip() for t in texts]
         elif isinstance(instructions, str):
             instruction_list = [instructions] * len(texts)
         else:
@@ -186,9 +188,9 @@ class CromeProcessor(AdapterProcessorMixin, ProcessorMixin):
                     f"instructions: one string for every sample, or a list of {len(texts)} strings (one per "
                     f"prompt); got {instructions!r:.200}."
                 )
-        prompt_ids = self.tokenizer(
-            self._expand_image_tokens(texts), add_special_tokens=inputs.add_special_tokens
-        )["input_ids"]
+        prompt_ids = self._tokenize(
+            self._expand_image_tokens(texts, inputs.sanitized), inputs.add_special_tokens, inputs.sanitized
+        )
 
         rows: dict[str, list[list[int]]] = {"input_ids": [], "prompt_mask": []}
         decoder_labels = []
@@ -220,7 +222,9 @@ class CromeProcessor(AdapterProcessorMixin, ProcessorMixin):
             longest = max(len(labels) for labels in decoder_labels)
             data["labels"] = [labels + [IGNORE_INDEX] * (longest - len(labels)) for labels in decoder_labels]
         if inputs.images:
-            owners = [index for index, t in enumerate(texts) for _ in range(t.count(IMAGE_TOKEN))]
+            owners = [
+                index for index, t in enumerate(texts) for _ in range(placeholders_in(t, inputs.sanitized))
+            ]
             qformer = self.qformer_tokenizer(
                 [instruction_list[owner] for owner in owners],
                 # the Q-Former's own length: its longest instruction, or qformer_max_length (static shapes)

@@ -150,7 +150,7 @@ class LavinProcessor(AdapterProcessorMixin, ProcessorMixin):
             if self.official_tokenization:
                 ids, labels = self._official_ids(index, text, answer, inputs.add_special_tokens)
             else:
-                ids, labels = self._joint_ids(text, answer, inputs.add_special_tokens)
+                ids, labels = self._joint_ids(text, answer, inputs.add_special_tokens, inputs.sanitized)
             ids, labels = self._fit_length(index, ids, labels, inputs.max_length, inputs.overflow)
             rows["input_ids"].append(ids)
             if labels is not None:
@@ -158,12 +158,10 @@ class LavinProcessor(AdapterProcessorMixin, ProcessorMixin):
         return self._pad(rows, {"input_ids": self._pad_id(), "labels": IGNORE_INDEX}, inputs)
 
     def _joint_ids(
-        self, text: str, answer: str | None, add_special_tokens: bool
+        self, text: str, answer: str | None, add_special_tokens: bool, sanitized: bool
     ) -> tuple[list[int], list[int] | None]:
         """The prompt tokenised in one piece (placeholders expanded), the answer and EOS after it."""
-        ids = self.tokenizer(self._expand_image_tokens([text])[0], add_special_tokens=add_special_tokens)[
-            "input_ids"
-        ]
+        ids = self._tokenize(self._expand_image_tokens([text], sanitized), add_special_tokens, sanitized)[0]
         if answer is None:
             return ids, None
         answer_ids = self._answer_ids(answer)
