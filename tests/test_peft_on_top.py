@@ -772,6 +772,33 @@ def test_load_adapter_of_a_lora_trained_on_the_bare_llm(lavin, tiny_backbones, p
     )
 
 
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
+def test_peft_from_pretrained_with_an_adapter_of_the_bare_llm_is_refused_with_the_way_that_works(
+    lavin, tiny_backbones, processor, tmp_path, low_cpu_mem_usage
+):
+    """`PeftModel.from_pretrained(model, folder)` with a LoRA trained on the bare LLM: PEFT looked for tensors named
+    after the bare LLM (`model.layers.0...`) in the whole model, only warned "Found missing adapter keys" and left
+    the new LoRA at its start (B = 0: the adapter silently did nothing). Refused, naming `load_adapter`; the model
+    computes as before. An adapter trained on the model itself (`get_peft_model`) still loads that way."""
+    peft_llm = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_backbones[0]), lora())
+    randomize_trainable(peft_llm)
+    peft_llm.save_pretrained(tmp_path / "llm-lora")
+    batch = inputs(processor)
+    before = logits(lavin, batch)
+    with pytest.raises(PeftOnTopError, match=r"model\.layers\.0\.self_attn\.q_proj\.lora_A.*load_adapter"):
+        PeftModel.from_pretrained(lavin, tmp_path / "llm-lora", low_cpu_mem_usage=low_cpu_mem_usage)
+    torch.testing.assert_close(logits(lavin, batch), before)
+
+    torch.manual_seed(0)
+    own = get_peft_model(LavinForConditionalGeneration.from_backbones(*tiny_backbones), lora())
+    randomize_trainable(own)
+    own.save_pretrained(tmp_path / "lavin-lora")
+    torch.manual_seed(0)
+    fresh = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+    reloaded = PeftModel.from_pretrained(fresh, tmp_path / "lavin-lora", low_cpu_mem_usage=low_cpu_mem_usage)
+    torch.testing.assert_close(logits(reloaded.eval(), batch), logits(own.eval(), batch))
+
+
 def test_adapter_files_with_a_copy_of_the_llms_embeddings_load_when_it_is_the_backbones(
     lavin, tiny_backbones, processor, tmp_path
 ):

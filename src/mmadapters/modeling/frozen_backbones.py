@@ -1442,6 +1442,13 @@ class FrozenBackbonesPreTrainedModel(PreTrainedModel):
             skipped_pp_keys=set(),
         )
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """nn.Module's, after a check that the PEFT tensors in `state_dict` name modules of this model (an adapter
+        trained on the bare LLM, given to `PeftModel.from_pretrained`, is refused with the way that works; see
+        `peft_on_top.refuse_peft_tensors_of_another_model`)."""
+        peft_on_top.refuse_peft_tensors_of_another_model(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def _check_peft_adapter_names(self, names: list[str], action: str) -> None:
         """Refuse, before anything changes, a PEFT adapter call on a model without PEFT adapters or with names it
         does not hold, as transformers does (its methods raise ValueError there) rather than do nothing. Known: the

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from ..checkpoint_files import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAMES
+from ..checkpoint_files import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAMES, is_peft_tensor_name
 from ..errors import MMAdaptersError
 
 logger = logging.get_logger(__name__)
@@ -52,6 +52,45 @@ SCOPES = {
 
 class PeftOnTopError(MMAdaptersError, ValueError):
     """A PEFT adapter that cannot be added, loaded or saved as asked."""
+
+
+def refuse_peft_tensors_of_another_model(model: nn.Module, state_dict: dict[str, Any], prefix: str) -> None:
+    """Called as `model` loads a state dict (torch's `_load_from_state_dict`, with `prefix` its place in the module
+    being loaded): PEFT layers' tensors named after modules the model does not have belong to an adapter of another
+    model. `PeftModel.from_pretrained(model, folder)` with an adapter trained on the bare LLM (tensors named
+    `model.layers.0...`) got only PEFT's "Found missing adapter keys" warning, and its new LoRA stayed at its start
+    (doing nothing)."""
+    own = set(model._modules) | set(model._parameters) | set(model._buffers)
+    foreign = sorted(
+        key[len(prefix) :]
+        for key in state_dict
+        if key.startswith(prefix)
+        and key[len(prefix) :].split(".", 1)[0] not in own
+        and is_peft_tensor_name(key)
+    )
+    if not foreign:
+        return
+    # PEFT has already wrapped the layers for the adapter. Created on the meta device (low_cpu_mem_usage=True), they
+    # hold nothing and leave the model unable to run or save: taken out again. Otherwise they sit at PEFT's start,
+    # which changes no output, as after PEFT's own failed loads.
+    recorded = set(getattr(model.config, "peft_adapters", None) or {})
+    for name in sorted(adapter_names_in(model) - recorded):
+        tensors = [
+            p for key, p in model.named_parameters() if is_peft_tensor_name(key) and f".{name}." in key
+        ]
+        if tensors and all(p.is_meta for p in tensors):
+            _take_out(model, name, set())
+            held = vars(model).get("peft_config")
+            if held is not None:
+                held.pop(name, None)
+                if not held:
+                    del model.peft_config
+    raise PeftOnTopError(
+        f"The adapter's tensors name modules {type(model).__name__} does not have ({foreign[0]}, ... "
+        f"{len(foreign)} in all): it was trained on another model, such as the bare LLM or vision tower. Load it "
+        "with model.load_adapter(folder) (it goes into the LLM; on='vision_tower' for one of the bare tower). "
+        "PeftModel.from_pretrained(model, folder) takes adapters trained on this model (get_peft_model)."
+    )
 
 
 def peft_imported() -> bool:
