@@ -15,6 +15,7 @@ from conftest import write_recipe
 
 from mmadapters import LavinForConditionalGeneration
 from mmadapters.cli import main
+from mmadapters.processing.base import takes_sanitized_text
 from mmadapters.recipes import RecipeError, load_recipe
 
 
@@ -539,6 +540,13 @@ def test_chat_outgrowing_the_llm_context_says_so_and_goes_on(tiny_backbones, tmp
     assert refusals and "/reset" in out[refusals[0]]
     cleared = out.index("(conversation cleared)")
     assert cleared > refusals[-1]
-    assert out[cleared + 1].startswith("error: Got 0 image(s) but the text holds 1 `<image>` placeholder(s)")
+    if (
+        takes_sanitized_text()
+    ):  # transformers >= 5.25: typed control tokens are text, and the question is answered
+        assert not any(line.startswith("error:") for line in out[cleared:])
+    else:
+        assert out[cleared + 1].startswith(
+            "error: Got 0 image(s) but the text holds 1 `<image>` placeholder(s)"
+        )
+        assert [line.startswith("error:") for line in out].count(True) == 1
     assert cleared + 2 < len(out)  # "hi" was answered after it
-    assert [line.startswith("error:") for line in out].count(True) == 1

@@ -20,6 +20,7 @@ from mmadapters import LavinForConditionalGeneration, LavinProcessor
 from mmadapters.demo import DemoLimits, build_conversation, make_chat_fn, resolve_model_name
 from mmadapters.hub import push_space
 from mmadapters.processing import InvalidImageError, load_image
+from mmadapters.processing.base import takes_sanitized_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(REPO, "spaces", "lavin", "examples", "red_triangle.png")
@@ -160,7 +161,8 @@ def test_browser_uploads_an_image_and_sees_the_answer(app, tmp_path):
 
 
 class RecordingProcessor:
-    """Wraps a processor and keeps what the chat function asked of it."""
+    """Wraps a processor and keeps the model inputs the chat function built with it (by the chat template and a
+    processor call, or by a tokenized chat template: transformers >= 5.25, the typed text sanitized)."""
 
     def __init__(self, processor):
         self.processor = processor
@@ -168,7 +170,10 @@ class RecordingProcessor:
         self.calls = []
 
     def apply_chat_template(self, messages, **kwargs):
-        return self.processor.apply_chat_template(messages, **kwargs)
+        outputs = self.processor.apply_chat_template(messages, **kwargs)
+        if kwargs.get("tokenize"):
+            self.calls.append({"messages": messages, "kwargs": kwargs, "outputs": outputs})
+        return outputs
 
     def __call__(self, images=None, text=None):
         outputs = self.processor(images=images, text=text)
@@ -213,11 +218,40 @@ def test_multi_turn_history_with_an_image_reaches_the_model(checkpoint, tmp_path
         {"role": "assistant", "content": [{"type": "text", "text": "ok"}]},
         {"role": "user", "content": [{"type": "text", "text": "and which shape?"}]},
     ]
-    assert call["text"] == processor.apply_chat_template(expected_messages, add_generation_prompt=True)
-    assert call["text"].count("<image>") == 1 and "Image: <image>" in call["text"]
-    expected = processor(images=[load_image(str(blue))], text=call["text"])
+    prompt = processor.apply_chat_template(expected_messages, add_generation_prompt=True)
+    assert prompt.count("<image>") == 1 and "Image: <image>" in prompt
+    if (
+        takes_sanitized_text()
+    ):  # the typed text encoded as text: the same inputs, as no control token was typed
+        assert call["kwargs"]["sanitize_control_tokens"] is True
+    else:
+        assert call["text"] == prompt
+    expected = processor(images=[load_image(str(blue))], text=prompt)
     assert torch.equal(call["outputs"]["pixel_values"], expected["pixel_values"])
     assert torch.equal(call["outputs"]["input_ids"], expected["input_ids"])
+
+
+def test_control_tokens_typed_into_the_demo_are_text(checkpoint, tmp_path):
+    """A `<image>` typed into a question asked for a second image ("⚠️ ... placeholder"), and a typed `</s>` ended
+    the user's turn. With transformers >= 5.25 the typed text is sanitized: the question is answered, the inputs
+    hold the uploaded image's tokens only, and the typed `</s>` is text."""
+    model = LavinForConditionalGeneration.from_pretrained(checkpoint)
+    processor = LavinProcessor.from_pretrained(checkpoint)
+    recorder = RecordingProcessor(processor)
+    chat = make_chat_fn(model, recorder, DemoLimits(max_new_tokens=4))
+    blue = tmp_path / "blue.png"
+    Image.new("RGB", (40, 30), (0, 0, 255)).save(blue)
+    question = "is <image> or </s> here?"
+    answers = list(chat({"text": question, "files": [str(blue)]}, [], 4, 0.0, 0.9))
+    if not takes_sanitized_text():
+        assert answers[-1].startswith("⚠️") and "placeholder" in answers[-1]
+        return
+    assert answers and not answers[-1].startswith("⚠️")
+    ids = recorder.calls[-1]["outputs"]["input_ids"][0]
+    assert int((ids == processor.image_token_id).sum()) == processor.num_image_tokens
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert int((ids == processor.tokenizer.eos_token_id).sum()) == prompt.count("</s>") - 1
 
 
 def test_limits_and_user_errors(checkpoint, tmp_path):

@@ -158,7 +158,7 @@ def _input_lines():
 
 def _chat(args: argparse.Namespace) -> None:
     """Terminal chat: `/image PATH` (a file or an http(s) URL) attaches an image to the next question, `/reset` forgets, `/quit` ends."""
-    from .evaluation.generate import ContextFullError, answer_length, answer_tokens
+    from .evaluation.generate import ContextFullError, answer_length, answer_tokens, chat_inputs
     from .processing import InvalidImageError, load_image
 
     model, processor = load_for_inference(args.checkpoint, **inference_keywords(args))
@@ -203,13 +203,12 @@ def _chat(args: argparse.Namespace) -> None:
         question = [*messages, {"role": "user", "content": content}]
         # As in the demo, a question the chat cannot ask is said and the chat goes on without it.
         try:
-            prompt = processor.apply_chat_template(question, add_generation_prompt=True)
-            inputs = inputs_on_model_device(processor(images=question_images or None, text=prompt), model)
+            inputs = inputs_on_model_device(chat_inputs(processor, question, question_images), model)
             max_new_tokens = answer_length(model, inputs["input_ids"].shape[1], args.max_new_tokens)
         except ContextFullError as error:
             print(f"{error}: /reset starts over (the question was not asked).")
             continue
-        except USER_ERRORS as error:  # e.g. "<image>" typed in the question
+        except USER_ERRORS as error:  # e.g. "<image>" typed in the question (transformers < 5.25)
             print(f"error: {error}")
             continue
         messages, images, pending_image = question, question_images, None

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MMAdaptersError
-from .evaluation.generate import ContextFullError, answer_length
+from .evaluation.generate import ContextFullError, answer_length, chat_inputs
 from .hub import SPACE_SETTINGS_NAME
 from .inference_loading import (
     USER_ERRORS,
@@ -214,8 +214,7 @@ def make_chat_fn(model: Any, processor: Any, limits: DemoLimits):
     ) -> Iterator[str]:
         try:
             messages, images = build_conversation(message, history or [], limits.max_image_pixels)
-            prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-            inputs = inputs_on_model_device(processor(images=images or None, text=prompt), model)
+            inputs = inputs_on_model_device(chat_inputs(processor, messages, images), model)
             asked = max(1, min(int(max_new_tokens), limits.max_new_tokens))
             max_new_tokens = answer_length(model, inputs["input_ids"].shape[1], asked)
         except ContextFullError as error:

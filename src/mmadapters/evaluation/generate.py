@@ -9,6 +9,7 @@ import torch
 
 from ..errors import MMAdaptersError
 from ..inference_loading import inputs_on_model_device
+from ..processing.base import takes_sanitized_text
 
 
 def answer_tokens(model: Any, input_ids: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
@@ -17,6 +18,37 @@ def answer_tokens(model: Any, input_ids: torch.Tensor, output: torch.Tensor) -> 
     if getattr(model.config.get_text_config(), "is_encoder_decoder", False):
         return output
     return output[:, input_ids.shape[1] :]
+
+
+def chat_inputs(processor: Any, messages: list[dict], images: Sequence[Any]) -> Any:
+    """The model inputs of a conversation people type (the demo, `mmadapters chat`): the processor's chat template
+    with the generation prompt, and `images` for the conversation's image parts, in order. Where transformers can
+    (5.25: `sanitize_control_tokens`), the control tokens typed in the text are plain text: a `<image>` is no
+    placeholder (it asked for an image that was not there) and a `</s>` or a role marker ends no turn."""
+    if not takes_sanitized_text():
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        return processor(images=list(images) or None, text=prompt)
+    remaining = iter(images)
+    with_images = [
+        {
+            **message,
+            "content": [
+                {**part, "image": next(remaining)} if part.get("type") == "image" else part
+                for part in message["content"]
+            ],
+        }
+        if isinstance(message["content"], list)
+        else message
+        for message in messages
+    ]
+    return processor.apply_chat_template(
+        with_images,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        sanitize_control_tokens=True,
+    )
 
 
 class ContextFullError(MMAdaptersError, ValueError):
