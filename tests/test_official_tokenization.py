@@ -170,3 +170,10 @@ def test_prompts_outside_the_official_layout_are_refused(processor):
         processor(text=["Question: hi"])
     with pytest.raises(ValueError, match="official layout"):
         processor(text=["Image: N/A\nQuestion: hi"])
+
+
+def test_sanitized_text_is_refused_with_the_official_tokenization(processor):
+    """`sanitize_control_tokens` (set by transformers' apply_chat_template) with LaVIN's official piecewise encoding
+    of its fixed layout is refused by name (it takes no marked text), as transformers releases without it are."""
+    with pytest.raises((ValueError, TypeError), match="sanitize_control_tokens"):
+        processor(text="Image: N/A Instruction: hi\nResponse: ", sanitize_control_tokens=True)
