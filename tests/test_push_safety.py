@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from mmadapters import LavinForConditionalGeneration, LavinProcessor
 from mmadapters.hub import push_folder
-from mmadapters.hub.push import PushError
+from mmadapters.hub.push import PushError, is_checkpoint_file
 
 TOKEN = "hf_PLANTEDplantedPLANTEDtoken0123456789"
 
@@ -36,6 +36,27 @@ def plan(folder):
 
 def test_a_clean_checkpoint_plans_its_own_files(checkpoint):
     assert {"config.json", "mmadapters_model.safetensors", "README.md"} <= plan(checkpoint)
+
+
+def test_a_processor_with_named_chat_templates_pushes_them_all(tiny_backbones, tmp_path):
+    """A processor keeps an LLM's named chat templates (tool_use, ...); transformers saves the ones besides the
+    default in `additional_chat_templates/`, which the push refused as "not part of a checkpoint" (and a Trainer's
+    push left out)."""
+    processor = LavinProcessor.from_backbones(*tiny_backbones)
+    processor.chat_template = {"default": processor.chat_template, "tool_use": processor.chat_template}
+    model = LavinForConditionalGeneration.from_backbones(*tiny_backbones)
+    model.save_pretrained(tmp_path / "ckpt", processor=processor)
+    saved = {
+        os.path.relpath(os.path.join(root, name), tmp_path / "ckpt")
+        for root, _, names in os.walk(tmp_path / "ckpt")
+        for name in names
+    }
+    extra = {path for path in saved if path.startswith("additional_chat_templates/")}
+    assert extra and extra <= plan(tmp_path / "ckpt")
+    assert is_checkpoint_file("additional_chat_templates/tool_use.jinja")
+    assert not is_checkpoint_file("logs/tool_use.jinja") and not is_checkpoint_file(
+        "additional_chat_templates/x.bin"
+    )
 
 
 def test_a_checkpoint_with_lora_on_top_pushes_with_its_lora(tiny_backbones, tmp_path):

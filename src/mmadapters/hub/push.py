@@ -65,6 +65,7 @@ ALLOWED_CHECKPOINT_FILES = (
     "added_tokens.json",
     "chat_template.jinja",
     "chat_template.json",
+    "additional_chat_templates/*.jinja",  # a processor's named chat templates besides the default (tool_use, ...)
     "vocab.json",
     "vocab.txt",
     "merges.txt",
@@ -141,8 +142,8 @@ def _matches(path: str, patterns: tuple[str, ...]) -> bool:
 
 def is_checkpoint_file(path: str) -> bool:
     """A file (path in the folder) that a checkpoint or its Trainer state is made of: at the top level, or in the
-    Q-Former tokenizer's folder."""
-    top_level = "/" not in path or path.startswith("qformer_tokenizer/")
+    Q-Former tokenizer's folder or the named chat templates' folder."""
+    top_level = "/" not in path or path.startswith(("qformer_tokenizer/", "additional_chat_templates/"))
     return top_level and _matches(path, ALLOWED_CHECKPOINT_FILES + TRAINER_STATE_FILES)
 
 
