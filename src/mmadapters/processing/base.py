@@ -459,7 +459,10 @@ def special_tokens_around(tokenizer: Any) -> tuple[list[int], list[int]]:
     """The special tokens the tokenizer puts before and after a text (Llama: BOS before; T5: EOS after)."""
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     full = tokenizer("a", add_special_tokens=True)["input_ids"]
-    start = next(i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain)
+    starts = [i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain]
+    start = (
+        starts[0] if starts else len(full) - len(plain)
+    )  # the text encoded otherwise: specials taken as before it
     return full[:start], full[start + len(plain) :]
 
 
@@ -500,9 +503,8 @@ class CheckedInputs:
     padding_side: str | None = None  # None: ours (left for generation, right with answers)
     pad_to_multiple_of: int | None = None
     padding: str = "longest"  # or "max_length" (every row to max_length), "do_not_pad" (rows as they are)
-    sanitized: bool = (
-        False  # the texts' control tokens written by the user are marked (sanitize_control_tokens)
-    )
+    # the control tokens the user wrote are marked in the texts (`sanitize_control_tokens`)
+    sanitized: bool = False
 
     def pads_left(self) -> bool:
         return self.answers is None if self.padding_side is None else self.padding_side == "left"
