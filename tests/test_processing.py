@@ -562,6 +562,41 @@ def test_image_urls_are_downloaded_and_checked_like_files(processor, tmp_path):
         server.shutdown()
 
 
+def test_base64_images_load_as_in_transformers_chat_content(processor, tmp_path):
+    """transformers' chat content `{"type": "image", "base64": ...}` and data URLs (`data:image/png;base64,...`,
+    what OpenAI-style clients send) reached our image loader as strings and were read as missing files. They load
+    as transformers' `load_image` loads them; a string that is neither a file nor a base64 image says so."""
+    import base64
+    import io
+
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 16, 3), dtype=np.uint8))
+    picture.save(tmp_path / "picture.png")
+    encoded = base64.b64encode((tmp_path / "picture.png").read_bytes()).decode()
+    expected = np.asarray(load_image(str(tmp_path / "picture.png")))
+    for given in (encoded, f"data:image/png;base64,{encoded}", encoded[:40] + "\n" + encoded[40:]):
+        assert np.array_equal(np.asarray(load_image(given)), expected)
+    chat = [
+        {"role": "user", "content": [{"type": "image", "base64": encoded}, {"type": "text", "text": "what?"}]}
+    ]
+    out = processor.apply_chat_template(chat, tokenize=True, return_dict=True, return_tensors="pt")
+    by_path = processor(images=[str(tmp_path / "picture.png")], text="Image: <image>\nwhat?")
+    torch.testing.assert_close(out["pixel_values"], by_path["pixel_values"])
+    for missing in ("photo.jpg", "abcd", base64.b64encode(b"not an image at all").decode()):
+        with pytest.raises(
+            InvalidImageError, match="does not exist or is not a file, nor a base64-encoded image"
+        ):
+            load_image(missing)
+    with pytest.raises(InvalidImageError, match="data URL .* base64"):
+        load_image("data:image/png,rawbytes")
+    with pytest.raises(InvalidImageError, match="base64 payload does not decode"):
+        load_image(f"data:image/png;base64,{encoded[:40]}!!")
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    truncated = base64.b64encode(buffer.getvalue()[:60]).decode()
+    with pytest.raises(InvalidImageError, match="corrupt or truncated|not a readable image"):
+        load_image(f"data:image/png;base64,{truncated}")
+
+
 def test_transparency_is_composited_on_white():
     transparent = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
     assert load_image(transparent).getpixel((0, 0)) == (255, 255, 255)

@@ -553,8 +553,8 @@ class AdapterProcessorMixin:
         Args:
             images: None, a flat list of images consumed in placeholder order, or one list per sample (empty for
                 text-only samples), or one entry per sample with None for the text-only ones (a data set's image
-                column). Each image: a PIL image, a path, an http(s) URL, bytes, or a uint8 array or tensor
-                ((H, W[, C]) or (C, H, W)); a 4-D array or tensor is a flat list of images.
+                column). Each image: a PIL image, a path, an http(s) URL, base64 (or a data URL), bytes, or a
+                uint8 array or tensor ((H, W[, C]) or (C, H, W)); a 4-D array or tensor is a flat list of images.
             text: one prompt or a batch; each needs one `<image>` placeholder per image it uses.
             answers: for training: one answer per prompt; `labels` then supervise only the answer and EOS (-100
                 elsewhere) and batches are right-padded; without answers they are left-padded, ready for

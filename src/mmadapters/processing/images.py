@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import os
 import urllib.request
@@ -30,8 +32,8 @@ class InvalidImageError(MMAdaptersError, ValueError):
 def load_image(image: Any, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, what: str = "image") -> Image.Image:
     """Open and validate one image; return it as RGB.
 
-    Accepts a PIL image, a path, an http(s) URL, raw bytes, a `datasets` image dict ({"bytes", "path"}), or a
-    uint8 array or tensor ((H, W), (H, W, C) or (C, H, W)). Grayscale, RGBA/LA (composited on white), palette,
+    Accepts a PIL image, a path, an http(s) URL, a base64 string or `data:image/...;base64,` URL, raw bytes, a
+    `datasets` image dict ({"bytes", "path"}), or a uint8 array or tensor ((H, W), (H, W, C) or (C, H, W)). Grayscale, RGBA/LA (composited on white), palette,
     CMYK and 16-bit images are converted; EXIF rotation is applied. Refuses unreadable or truncated files, more
     than `max_pixels` pixels (checked from the header, before decoding: decompression bombs are never decoded)
     and aspect ratios beyond 1:50.
@@ -73,9 +75,15 @@ def _open(image: Any, label: str) -> Image.Image:
         image = image.get("bytes") or image.get("path")
     if isinstance(image, str) and image.startswith(("http://", "https://")):
         image = _download(image, label)
+    elif isinstance(image, str) and image.startswith("data:"):
+        image = _data_url_bytes(image, label)
+    elif isinstance(image, str) and not os.path.isfile(image):
+        image = _base64_image_bytes(image) or image  # a missing file is said below
     if isinstance(image, (str, os.PathLike)):
         if not os.path.isfile(image):
-            raise InvalidImageError(f"The {label} does not exist or is not a file.")
+            raise InvalidImageError(
+                f"The {label} does not exist or is not a file, nor a base64-encoded image."
+            )
         source: Any = os.fspath(image)
     elif isinstance(image, (bytes, bytearray)):
         source = io.BytesIO(image)
@@ -94,6 +102,40 @@ def _open(image: Any, label: str) -> Image.Image:
         raise InvalidImageError(
             f"The {label} is not a readable image ({error}). Supported: the formats Pillow reads (PNG, JPEG, ...)."
         ) from error
+
+
+def _data_url_bytes(url: str, label: str) -> bytes:
+    """The image in a `data:image/...;base64,` URL (what OpenAI-style clients send), as transformers' `load_image`
+    reads it."""
+    header, _, payload = url.partition(",")
+    if not header.endswith(";base64"):
+        raise InvalidImageError(
+            f"The {label} is a data URL that is not base64-encoded: give `data:image/png;base64,...`."
+        )
+    try:
+        return base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise InvalidImageError(
+            f"The {label} is a data URL whose base64 payload does not decode ({error})."
+        ) from None
+
+
+def _base64_image_bytes(text: str) -> bytes | None:
+    """The image a string holds as bare base64 (transformers' chat content `{"type": "image", "base64": ...}`), or
+    None when it is not base64 or the bytes are no image Pillow recognises (then it was meant as a path)."""
+    try:
+        data = base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError:
+        return data  # an image: refused with the reason where it is opened again
+    except (OSError, SyntaxError, ValueError):
+        return None
+    return data
 
 
 def _download(url: str, label: str) -> bytes:
