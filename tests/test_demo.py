@@ -181,14 +181,19 @@ class RecordingProcessor:
         return outputs
 
 
-@pytest.mark.parametrize("style", ["typed", "path-dict", "tuple"])
-def test_multi_turn_history_with_an_image_reaches_the_model(checkpoint, tmp_path, style):
+def recorded_chat(checkpoint, tmp_path):
+    """The demo's chat function on the checkpoint, its processor wrapped in a RecordingProcessor, and a blue image."""
     model = LavinForConditionalGeneration.from_pretrained(checkpoint)
     processor = LavinProcessor.from_pretrained(checkpoint)
     recorder = RecordingProcessor(processor)
-    chat = make_chat_fn(model, recorder, DemoLimits(max_new_tokens=4))
     blue = tmp_path / "blue.png"
     Image.new("RGB", (40, 30), (0, 0, 255)).save(blue)
+    return processor, recorder, make_chat_fn(model, recorder, DemoLimits(max_new_tokens=4)), blue
+
+
+@pytest.mark.parametrize("style", ["typed", "path-dict", "tuple"])
+def test_multi_turn_history_with_an_image_reaches_the_model(checkpoint, tmp_path, style):
+    processor, recorder, chat, blue = recorded_chat(checkpoint, tmp_path)
     image_part = {
         "typed": {"type": "file", "file": {"path": str(blue)}},
         "path-dict": {"path": str(blue)},
@@ -235,12 +240,7 @@ def test_control_tokens_typed_into_the_demo_are_text(checkpoint, tmp_path):
     """A `<image>` typed into a question asked for a second image ("⚠️ ... placeholder"), and a typed `</s>` ended
     the user's turn. With transformers >= 5.25 the typed text is sanitized: the question is answered, the inputs
     hold the uploaded image's tokens only, and the typed `</s>` is text."""
-    model = LavinForConditionalGeneration.from_pretrained(checkpoint)
-    processor = LavinProcessor.from_pretrained(checkpoint)
-    recorder = RecordingProcessor(processor)
-    chat = make_chat_fn(model, recorder, DemoLimits(max_new_tokens=4))
-    blue = tmp_path / "blue.png"
-    Image.new("RGB", (40, 30), (0, 0, 255)).save(blue)
+    processor, recorder, chat, blue = recorded_chat(checkpoint, tmp_path)
     question = "is <image> or </s> here?"
     answers = list(chat({"text": question, "files": [str(blue)]}, [], 4, 0.0, 0.9))
     if not takes_sanitized_text():
