@@ -31,9 +31,8 @@ class SpareColumnLogitsProcessor(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         width = scores.shape[-1]
-        spare = max(
-            width, self.vocab_size
-        )  # the spare column's index (the prompt ids were clamped to vocab_size)
+        # the spare column's index (the prompt ids were clamped to vocab_size)
+        spare = max(width, self.vocab_size)
         padded = functional.pad(scores, (0, spare + 1 - width))
         return self.processor(input_ids.clamp(max=spare), padded)[..., :width]
 

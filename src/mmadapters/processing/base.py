@@ -460,9 +460,8 @@ def special_tokens_around(tokenizer: Any) -> tuple[list[int], list[int]]:
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     full = tokenizer("a", add_special_tokens=True)["input_ids"]
     starts = [i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain]
-    start = (
-        starts[0] if starts else len(full) - len(plain)
-    )  # the text encoded otherwise: specials taken as before it
+    # a tokenizer that encodes the text otherwise with its specials: they are taken as standing before it
+    start = starts[0] if starts else len(full) - len(plain)
     return full[:start], full[start + len(plain) :]
 
 

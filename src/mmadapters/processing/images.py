@@ -33,10 +33,10 @@ def load_image(image: Any, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, what: str
     """Open and validate one image; return it as RGB.
 
     Accepts a PIL image, a path, an http(s) URL, a base64 string or `data:image/...;base64,` URL, raw bytes, a
-    `datasets` image dict ({"bytes", "path"}), or a uint8 array or tensor ((H, W), (H, W, C) or (C, H, W)). Grayscale, RGBA/LA (composited on white), palette,
-    CMYK and 16-bit images are converted; EXIF rotation is applied. Refuses unreadable or truncated files, more
-    than `max_pixels` pixels (checked from the header, before decoding: decompression bombs are never decoded)
-    and aspect ratios beyond 1:50.
+    `datasets` image dict ({"bytes", "path"}), or a uint8 array or tensor ((H, W), (H, W, C) or (C, H, W)).
+    Grayscale, RGBA/LA (composited on white), palette, CMYK and 16-bit images are converted; EXIF rotation is
+    applied. Refuses unreadable or truncated files, more than `max_pixels` pixels (checked from the header, before
+    decoding: decompression bombs are never decoded) and aspect ratios beyond 1:50.
     """
     label = f"{what} {str(image)[:200]!r}" if isinstance(image, (str, os.PathLike)) else what
     pil = _open(image, label)
